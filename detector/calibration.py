@@ -1,0 +1,55 @@
+"""Thresholds for a target false-alarm (inspection) rate, from scores of normal scans.
+
+The decision rule everywhere is: INSPECT when score >= threshold. A threshold for rate r is the
+smallest one whose share of normal scores at or above it is <= r.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+DEFAULT_RATES = (0.01, 0.005, 0.001)
+
+
+def _scores(normal_scores: Iterable[float]) -> np.ndarray:
+    s = np.sort(np.asarray(list(normal_scores), dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("no normal scores to calibrate on")
+    if not np.isfinite(s).all():
+        raise ValueError("normal scores contain NaN or infinity")
+    return s
+
+
+def false_alarm_rate(normal_scores: Iterable[float], threshold: float) -> float:
+    """Share of normal scans that would be inspected at this threshold."""
+    s = _scores(normal_scores)
+    return float(np.mean(s >= threshold))
+
+
+def threshold_for_rate(normal_scores: Iterable[float], rate: float) -> float:
+    """Smallest threshold whose false-alarm rate on the normal scores is <= rate."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"false-alarm rate must be in [0, 1], got {rate}")
+    s = _scores(normal_scores)
+    n = s.size
+    allowed = int(np.floor(rate * n + 1e-9))  # normal scans allowed at or above the threshold
+    if allowed >= n:
+        return float(s[0])
+    # everything strictly above s[n-1-allowed] may be flagged: threshold just above that value,
+    # capped at 1 so a saturated score (1.0) can always still be inspected
+    t = float(np.nextafter(s[n - 1 - allowed], np.inf))
+    return min(t, 1.0) if s[-1] <= 1.0 else t
+
+
+def threshold_table(normal_scores: Iterable[float], rates: Iterable[float] = DEFAULT_RATES) -> list[dict]:
+    """One row per target rate: threshold, rate achieved on these scores, and whether the
+    validation set is large enough to resolve the rate (n * rate >= 1)."""
+    s = _scores(normal_scores)
+    rows = []
+    for r in rates:
+        t = threshold_for_rate(s, r)
+        rows.append({"false_alarm_rate": float(r), "threshold": t,
+                     "achieved_rate": float(np.mean(s >= t)), "n_normal": int(s.size),
+                     "resolvable": bool(s.size * r >= 1)})
+    return rows

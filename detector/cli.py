@@ -1,0 +1,155 @@
+"""The `detector` command: one verb per job, each with an example in its --help.
+
+Verb modules are imported only when their verb runs, so `detector --help` and the torch-free
+verbs (score, eval, serve, audit) start fast and never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from detector import __version__
+
+Builder = Callable[[argparse.ArgumentParser], None]
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="folder for the data, run, model and report")
+    p.add_argument("--config", default=None, help="training config (default: configs/quick.yaml)")
+    p.add_argument("--count", type=int, default=None, help="synthetic training scans (default from the demo)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output folder (images/, masks/, manifest.csv)")
+    p.add_argument("--count", type=int, required=True, help="number of scans")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anomaly-fraction", type=float, default=0.5, help="share of scans with an anomaly")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--height", type=int, default=None, help="scan height in px (default: vehicle-dependent, 600-800)")
+    p.add_argument("--split", default=None, help="write this value in the manifest's split column")
+
+
+def _train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--data", default=None, help="dataset folder (manifest.csv or normal/ + anomalous/)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
+    p.add_argument("--accelerator", default=None, help="auto, cpu, gpu (overrides the config)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_epochs=5")
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="RUN/best.ckpt")
+    p.add_argument("--out", required=True, help="model.onnx")
+    p.add_argument("--int8", action="store_true", help="static INT8 (QDQ) quantization")
+    p.add_argument("--calibration", default=None, help="dataset folder for INT8 calibration and drift")
+    p.add_argument("--opset", type=int, default=20)
+
+
+def _score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="folder (recursive), glob, file list (.txt) or manifest.csv")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="results.csv")
+    p.add_argument("--jsonl", default=None, help="also write results as JSON lines")
+    p.add_argument("--overlays", default=None, help="folder for overlay PNGs")
+    p.add_argument("--overlays-flagged", action="store_true", help="overlays only for INSPECT")
+    p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags)")
+    p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads")
+    p.add_argument("--no-resume", action="store_true", help="rescore files already in --out")
+
+
+def _eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="results.csv from `detector score`")
+    p.add_argument("--truth", required=True, help="dataset folder or manifest.csv with labels")
+    p.add_argument("--out", required=True, help="folder for metrics.json, roc.png, report.html")
+
+
+def _serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--audit", default="audit.sqlite")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-upload-mb", type=float, default=64.0)
+    p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    p.add_argument("--concurrency", type=int, default=1, help="scans inferred at once")
+    p.add_argument("--deadline-ms", type=float, default=10000.0)
+
+
+def _audit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["export"])
+    p.add_argument("--audit", default="audit.sqlite")
+    p.add_argument("--since", default=None, help="ISO time, e.g. 2026-11-28T00:00")
+    p.add_argument("--out", required=True, help="audit.csv")
+
+
+# verb -> (module with main(args) -> int, builder, one-line help, example)
+VERBS: dict[str, tuple[str, Builder, str, str]] = {
+    "demo": ("detector.demo", _demo, "synth -> train -> export -> score -> eval, small, on the CPU",
+             "detector demo --out runs/demo"),
+    "synth": ("detector.synth.dataset", _synth, "generate synthetic dual-energy truck scans",
+              "detector synth data/synth --count 200 --seed 1 --anomaly-fraction 0.5"),
+    "train": ("detector.train", _train, "train the anomaly network on labelled scans",
+              "detector train --config configs/quick.yaml --data data/synth --out runs/quick"),
+    "export": ("detector.export", _export, "export a checkpoint to one ONNX bundle",
+               "detector export runs/quick/best.ckpt --out model.onnx"),
+    "score": ("detector.score", _score, "score a folder of scans -> results CSV (+ overlays)",
+              "detector score scans/ --model model.onnx --out results.csv --overlays overlays/"),
+    "eval": ("detector.evaluate", _eval, "metrics, ROC and an HTML report from scored results",
+             "detector eval results.csv --truth data/test --out report/"),
+    "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",
+              "detector serve --model model.onnx --port 8080"),
+    "audit": ("detector.audit", _audit, "export the audit log of served decisions",
+              "detector audit export --since 2026-11-01 --out audit.csv"),
+}
+
+
+def _top_help() -> str:
+    lines = [f"detector {__version__}: anomaly detection in cargo X-ray scans", "",
+             "usage: detector VERB [options]   (detector VERB --help for each)", "", "verbs:"]
+    for verb, (_, _, text, example) in VERBS.items():
+        lines.append(f"  {verb:<7} {text}")
+        lines.append(f"          e.g. {example}")
+    lines += ["", "Start here: detector demo"]
+    return "\n".join(lines)
+
+
+def build_parser(verb: str) -> argparse.ArgumentParser:
+    """The argument parser of one verb (used by main and by tests)."""
+    _, builder, text, example = VERBS[verb]
+    p = argparse.ArgumentParser(prog=f"detector {verb}", description=text,
+                                epilog=f"example:\n  {example}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    builder(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"detector: unknown verb {verb!r}\n\n{_top_help()}", file=sys.stderr)
+        return 2
+    args = build_parser(verb).parse_args(rest)
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Read, validate and write X-ray scans as attenuation images (the core's one way in).
+
+Every format becomes a `Scan`: float32 attenuation (C, H, W) = -ln(clip(I / I0, 1e-6, 1)),
+C = 1 (single energy) or 2 (high, low). Bad input of any kind raises `ScanError` naming the file
+and the reason; image sizes are checked from the header before any pixels are decoded.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import tifffile
+
+SCAN_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".npz", ".dcm", ".dcs", ".jpg", ".jpeg")
+DEFAULT_PITCH_MM = 5.0
+DEFAULT_MAX_PIXELS = int(os.environ.get("DETECTOR_MAX_PIXELS", 40_000_000))  # per channel
+MIN_SIDE = 16
+MIN_TRANSMISSION = 1e-6
+AIR_ROWS = 8  # top rows used to estimate the open-beam I0
+
+
+class ScanError(ValueError):
+    """Bad scan input: `.path` is the file (or name), `.reason` says what is wrong."""
+
+    def __init__(self, path: Any, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ScanWarning(UserWarning):
+    """A scan was readable but converted (e.g. RGB rendering to one channel)."""
+
+
+@dataclass
+class Scan:
+    """One scan in the attenuation domain, with what is needed to write it back losslessly."""
+
+    attenuation: np.ndarray  # float32 (C, H, W)
+    pitch_mm: float = DEFAULT_PITCH_MM
+    energies: tuple[str, ...] = ("single",)
+    i0: tuple[float, ...] = (65535.0,)
+    source: str | None = None
+    counts: np.ndarray | None = None  # original integer pixels (C, H, W)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.attenuation.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.attenuation.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.attenuation.shape[2])
+
+
+# ---------------------------------------------------------------- conversions
+
+def counts_to_attenuation(counts: np.ndarray, i0: float | tuple[float, ...]) -> np.ndarray:
+    """Beer-Lambert: A = -ln(clip(I / I0, 1e-6, 1)) per channel, float32 (C, H, W)."""
+    counts = np.asarray(counts)
+    if counts.ndim == 2:
+        counts = counts[None]
+    i0s = np.broadcast_to(np.asarray(i0, dtype=np.float64).reshape(-1), (counts.shape[0],))
+    out = np.empty(counts.shape, dtype=np.float32)
+    for c in range(counts.shape[0]):
+        t = counts[c].astype(np.float32) * np.float32(1.0 / i0s[c])
+        np.clip(t, MIN_TRANSMISSION, 1.0, out=t)
+        np.log(t, out=t)
+        np.negative(t, out=out[c])
+    return out
+
+
+def attenuation_to_counts(att: np.ndarray, i0: float | tuple[float, ...], dtype=np.uint16) -> np.ndarray:
+    """Inverse of counts_to_attenuation: I = I0 * exp(-A), rounded and clipped to the dtype."""
+    att = np.asarray(att, dtype=np.float64)
+    if att.ndim == 2:
+        att = att[None]
+    i0s = np.broadcast_to(np.asarray(i0, dtype=np.float64).reshape(-1), (att.shape[0],))
+    hi = np.iinfo(dtype).max
+    counts = np.rint(i0s[:, None, None] * np.exp(-att))
+    return np.clip(counts, 0, hi).astype(dtype)
+
+
+def estimate_i0(counts: np.ndarray, dtype_max: float) -> tuple[float, ...]:
+    """Open-beam I0 per channel from the air above the vehicle (top rows), else the dtype max.
+
+    The top rows count as air when they are bright (above half the range) and flat (robust spread
+    under 5 %); their median is then the open-beam reading.
+    """
+    out = []
+    for ch in counts:
+        top = ch[: max(1, min(AIR_ROWS, ch.shape[0] // 10 or 1))].astype(np.float64)
+        med = float(np.median(top))
+        mad = float(np.median(np.abs(top - med)))
+        if med > 0.5 * dtype_max and mad < 0.05 * med:
+            out.append(med)
+        else:
+            out.append(float(dtype_max))
+    return tuple(out)
+
+
+def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None = None,
+                     pitch_mm: float | None = None, energies: tuple[str, ...] | None = None,
+                     source: str | None = None, meta: dict | None = None,
+                     max_pixels: int | None = None) -> Scan:
+    """Validate integer (or [0,1] float transmission) pixels and build a Scan."""
+    src = source or "<array>"
+    counts = np.asarray(counts)
+    if counts.ndim == 2:
+        counts = counts[None]
+    if counts.ndim != 3:
+        raise ScanError(src, f"expected a 2-D image or (C, H, W) stack, got shape {counts.shape}")
+    _check_shape(src, counts.shape[0], counts.shape[1], counts.shape[2], max_pixels)
+    if counts.dtype in (np.uint8, np.uint16):
+        dtype_max = float(np.iinfo(counts.dtype).max)
+    elif counts.dtype.kind == "f":
+        if not np.isfinite(counts).all():
+            raise ScanError(src, "pixel values contain NaN or infinity")
+        if counts.min() < 0 or counts.max() > 1:
+            raise ScanError(src, f"float pixels must be transmissions in [0, 1], got "
+                                 f"[{counts.min():.3g}, {counts.max():.3g}]")
+        dtype_max = 1.0
+    else:
+        raise ScanError(src, f"unsupported pixel type {counts.dtype}; expected uint8 or uint16 counts "
+                             "(or float transmission in [0, 1])")
+    if i0 is None:
+        i0 = estimate_i0(counts, dtype_max)
+    i0 = tuple(float(v) for v in np.broadcast_to(np.asarray(i0, dtype=np.float64).reshape(-1),
+                                                  (counts.shape[0],)))
+    if not all(math.isfinite(v) and v > 0 for v in i0):
+        raise ScanError(src, f"invalid I0 {i0}")
+    if energies is None:
+        energies = ("high", "low") if counts.shape[0] == 2 else ("single",)
+    if len(energies) != counts.shape[0]:
+        raise ScanError(src, f"{len(energies)} energy names for {counts.shape[0]} channels")
+    att = counts_to_attenuation(counts, i0)
+    return Scan(attenuation=att, pitch_mm=float(pitch_mm or DEFAULT_PITCH_MM), energies=tuple(energies),
+                i0=i0, source=source, counts=counts if counts.dtype.kind == "u" else None,
+                meta=dict(meta or {}))
+
+
+def _check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> None:
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if h == 0 or w == 0 or c == 0:
+        raise ScanError(src, f"zero-size image ({c}x{h}x{w})")
+    if c > 2:
+        raise ScanError(src, f"{c} energies/channels; at most 2 (high, low) are supported")
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ScanError(src, f"image too small ({h}x{w} px; at least {MIN_SIDE} px per side)")
+    if h * w > limit:
+        raise ScanError(src, f"image too large ({h}x{w} = {h * w / 1e6:.1f} Mpx > limit "
+                             f"{limit / 1e6:.1f} Mpx; set DETECTOR_MAX_PIXELS to allow)")
+
+
+# ---------------------------------------------------------------- reading
+
+def _sniff(head: bytes, suffix: str) -> str:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"PK\x03\x04"):
+        return "npz"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if suffix in (".dcm", ".dcs"):
+        return "dicom"
+    return "unknown"
+
+
+def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan:
+    """Read any supported scan file into a Scan; raise ScanError on any bad input."""
+    p = Path(path)
+    if not p.exists():
+        raise ScanError(p, "file not found")
+    if not p.is_file():
+        raise ScanError(p, "not a regular file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ScanError(p, f"cannot read file ({exc.strerror or exc})") from exc
+    return read_scan_bytes(data, str(p), max_pixels=max_pixels)
+
+
+def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None) -> Scan:
+    """Read a scan from its file bytes (`name` gives the suffix and the name in errors)."""
+    if len(data) == 0:
+        raise ScanError(name, "empty file (0 bytes)")
+    kind = _sniff(data[:132], Path(name).suffix.lower())
+    readers = {"png": _read_png, "jpeg": _read_jpeg, "tiff": _read_tiff, "npy": _read_npy,
+               "npz": _read_npz, "dicom": _read_dicom}
+    if kind not in readers:
+        raise ScanError(name, "not a supported scan format (PNG, TIFF, NPY/NPZ, DICOM/DICOS, JPEG)")
+    try:
+        counts, info = readers[kind](data, name, max_pixels)
+    except ScanError:
+        raise
+    except MemoryError as exc:
+        raise ScanError(name, "image too large to decode in memory") from exc
+    except Exception as exc:  # any decoder failure on corrupt bytes is bad input, never a crash
+        raise ScanError(name, f"corrupt or truncated {kind.upper()} ({type(exc).__name__}: {exc})") from exc
+    return scan_from_counts(counts, source=name, max_pixels=max_pixels, **info)
+
+
+def _png_size(data: bytes, name: str) -> tuple[int, int, int, int]:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise ScanError(name, "truncated PNG header")
+    w, h, depth, color = struct.unpack(">IIBB", data[16:26])
+    return h, w, depth, color
+
+
+def _decode_image(data: bytes, name: str, kind: str) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ScanError(name, f"corrupt or truncated {kind} (decoder returned nothing)")
+    return img
+
+
+def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
+    """8-bit/16-bit grey stays; RGB(A) renderings become luminance with a warning."""
+    if img.ndim == 2:
+        return img
+    if img.ndim == 3 and img.shape[2] in (3, 4):
+        warnings.warn(f"{name}: colour image converted to one grey channel (luminance); "
+                      "raw 16-bit scans are better input", ScanWarning, stacklevel=3)
+        code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        return cv2.cvtColor(img, code)
+    if img.ndim == 3 and img.shape[2] == 2:
+        return np.moveaxis(img, -1, 0)
+    raise ScanError(name, f"unsupported image layout {img.shape}")
+
+
+def _read_png(data: bytes, name: str, max_pixels: int | None):
+    h, w, depth, color = _png_size(data, name)
+    _check_shape(name, 1, h, w, max_pixels)
+    if depth not in (1, 2, 4, 8, 16):
+        raise ScanError(name, f"invalid PNG bit depth {depth}")
+    img = _decode_image(data, name, "PNG")
+    if img.shape[:2] != (h, w):
+        raise ScanError(name, "corrupt PNG (decoded size differs from header)")
+    return _to_one_channel(img, name), {}
+
+
+def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return h, w
+        i += 2 + seg
+    raise ScanError(name, "truncated JPEG (no frame header)")
+
+
+def _read_jpeg(data: bytes, name: str, max_pixels: int | None):
+    h, w = _jpeg_size(data, name)
+    _check_shape(name, 1, h, w, max_pixels)
+    img = _decode_image(data, name, "JPEG")
+    return _to_one_channel(img, name), {}
+
+
+def _read_tiff(data: bytes, name: str, max_pixels: int | None):
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        pages = tif.pages
+        if len(pages) == 0:
+            raise ScanError(name, "TIFF has no pages")
+        first = pages[0]
+        shape = tuple(first.shape)
+        n_pages = len(pages)
+        if n_pages > 2:
+            raise ScanError(name, f"{n_pages} pages; at most 2 energies (high, low) are supported")
+        h, w = shape[0], shape[1] if len(shape) > 1 else 0
+        c = n_pages * (shape[2] if len(shape) == 3 else 1)
+        _check_shape(name, c, h, w, max_pixels)
+        arrays = []
+        for page in pages:
+            if tuple(page.shape) != shape:
+                raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
+            arrays.append(page.asarray())
+        info = _tiff_info(first, name)
+    if len(arrays) == 2:
+        counts = np.stack(arrays)
+    else:
+        img = arrays[0]
+        if img.ndim == 3 and img.shape[2] == 2:  # (H, W, 2): high, low
+            counts = np.moveaxis(img, -1, 0)
+        elif img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
+            counts = _to_one_channel(img[..., ::-1].copy(), name)  # TIFF RGB -> BGR for OpenCV
+        elif img.ndim == 2:
+            counts = img
+        else:
+            raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
+    return counts, info
+
+
+def _tiff_info(page: Any, name: str) -> dict:
+    """I0, pitch and energy names from our JSON description, else the resolution tags."""
+    info: dict = {}
+    desc = page.description or ""
+    if desc.startswith("{"):
+        try:
+            d = json.loads(desc)
+        except ValueError:
+            d = {}
+        d = d.get("detector", d) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            if d.get("i0") is not None:
+                info["i0"] = tuple(float(v) for v in np.ravel(d["i0"]))
+            if d.get("pitch_mm"):
+                info["pitch_mm"] = float(d["pitch_mm"])
+            if d.get("energies"):
+                info["energies"] = tuple(str(e) for e in d["energies"])
+    if "pitch_mm" not in info:
+        tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+        if tag is not None and unit is not None and int(unit.value) in (2, 3):
+            num, den = tag.value
+            if num and den:
+                per_unit = num / den
+                mm_per_unit = 25.4 if int(unit.value) == 2 else 10.0
+                pitch = mm_per_unit / per_unit
+                if 0.05 <= pitch <= 50:
+                    info["pitch_mm"] = pitch
+    return info
+
+
+def _read_npy(data: bytes, name: str, max_pixels: int | None):
+    f = io.BytesIO(data)
+    _check_npy_header(f, name, max_pixels)
+    f.seek(0)
+    arr = np.load(f, allow_pickle=False)
+    return np.ascontiguousarray(arr), {}
+
+
+def _check_npy_header(f: Any, name: str, max_pixels: int | None) -> None:
+    """Size and dtype checks from the .npy header alone, before any pixel is read."""
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ScanError(name, "NumPy file holds Python objects; refusing to unpickle")
+    shape = tuple(shape)
+    if len(shape) == 2:
+        _check_shape(name, 1, shape[0], shape[1], max_pixels)
+    elif len(shape) == 3:
+        _check_shape(name, shape[0], shape[1], shape[2], max_pixels)
+    else:
+        raise ScanError(name, f"expected a 2-D image or (C, H, W) stack, got shape {shape}")
+
+
+def _read_npz(data: bytes, name: str, max_pixels: int | None):
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if "counts" not in z:
+            raise ScanError(name, "NPZ scan needs a 'counts' array (optional 'i0', 'pitch_mm')")
+        with z.zip.open("counts.npy") as f:
+            _check_npy_header(f, name, max_pixels)
+        counts = z["counts"]
+        info: dict = {}
+        if "i0" in z:
+            info["i0"] = tuple(float(v) for v in np.ravel(z["i0"]))
+        if "pitch_mm" in z:
+            info["pitch_mm"] = float(z["pitch_mm"])
+    return counts, info
+
+
+def _read_dicom(data: bytes, name: str, max_pixels: int | None):
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise ScanError(name, "DICOM/DICOS needs pydicom: pip install 'detector[dicom]'") from exc
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, force=True, defer_size=None)
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    _check_shape(name, frames, rows, cols, max_pixels)
+    arr = ds.pixel_array
+    info: dict = {}
+    spacing = getattr(ds, "ImagerPixelSpacing", None) or getattr(ds, "PixelSpacing", None)
+    if spacing:
+        info["pitch_mm"] = float(spacing[0])
+    return np.asarray(arr), info
+
+
+# ---------------------------------------------------------------- writing
+
+def write_scan(path: str | os.PathLike, scan: Scan | np.ndarray, *, i0: float | tuple[float, ...] | None = None,
+               pitch_mm: float | None = None, energies: tuple[str, ...] | None = None) -> Path:
+    """Write a scan losslessly: .tif/.tiff (one uint16 page per energy + JSON metadata),
+    .png (one channel), .npy (counts) or .npz (counts, i0, pitch_mm)."""
+    p = Path(path)
+    if isinstance(scan, Scan):
+        counts = scan.counts if scan.counts is not None else attenuation_to_counts(scan.attenuation, scan.i0)
+        i0 = scan.i0 if i0 is None else i0
+        pitch_mm = scan.pitch_mm if pitch_mm is None else pitch_mm
+        energies = scan.energies if energies is None else energies
+    else:
+        counts = np.asarray(scan)
+    if counts.ndim == 2:
+        counts = counts[None]
+    if counts.dtype not in (np.uint8, np.uint16):
+        raise ScanError(p, f"write_scan needs uint8/uint16 counts, got {counts.dtype}")
+    suffix = p.suffix.lower()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "detector-scan", "i0": None if i0 is None else list(np.ravel(np.asarray(i0, float))),
+            "pitch_mm": pitch_mm, "energies": list(energies) if energies else None}
+    if suffix in (".tif", ".tiff"):
+        with tifffile.TiffWriter(p) as tw:
+            for c in range(counts.shape[0]):
+                tw.write(counts[c], photometric="minisblack", compression="zlib",
+                         description=json.dumps({"detector": meta}) if c == 0 else None,
+                         metadata=None)
+    elif suffix == ".png":
+        if counts.shape[0] != 1:
+            raise ScanError(p, "PNG holds one energy; write dual-energy scans as .tiff")
+        if not cv2.imwrite(str(p), counts[0]):
+            raise ScanError(p, "OpenCV could not write the PNG")
+    elif suffix == ".npy":
+        np.save(p, counts if counts.shape[0] > 1 else counts[0])
+    elif suffix == ".npz":
+        extra = {k: np.asarray(v) for k, v in (("i0", meta["i0"]), ("pitch_mm", pitch_mm)) if v is not None}
+        np.savez_compressed(p, counts=counts, **extra)
+    else:
+        raise ScanError(p, f"cannot write {suffix!r}; use .tiff, .png, .npy or .npz")
+    return p
