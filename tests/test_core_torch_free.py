@@ -1,0 +1,30 @@
+"""The station core imports with torch, torchvision, lightning and albumentations unimportable."""
+import subprocess
+import sys
+
+CORE = ["detector.scan", "detector.preprocess", "detector.calibration", "detector.bundle",
+        "detector.physics", "detector.tip", "detector.synth", "detector.runtime", "detector.policy",
+        "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
+        "detector.serve", "detector.audit", "detector.cli"]
+
+
+def test_core_modules_import_without_torch():
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'albumentations'):\n"
+        "    sys.modules[m] = None\n"
+        f"import importlib\nfor m in {CORE!r}:\n    importlib.import_module(m)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_cli_help_lists_every_verb_with_an_example():
+    out = subprocess.run([sys.executable, "-m", "detector.cli", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    for verb in ("demo", "synth", "train", "export", "score", "eval", "serve", "audit"):
+        assert f"  {verb} " in out.stdout
+    assert out.stdout.count("e.g. detector") == 8

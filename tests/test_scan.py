@@ -1,0 +1,281 @@
+"""Readers round-trip 16-bit values exactly, agree across formats, and refuse bad input clearly."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import warnings
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detector.scan import (
+    Scan, ScanError, ScanWarning, attenuation_to_counts, counts_to_attenuation, estimate_i0,
+    read_scan, read_scan_bytes, scan_from_counts, write_scan,
+)
+
+I0 = 53000
+
+
+def make_counts(channels: int = 2, h: int = 64, w: int = 160, seed: int = 0) -> np.ndarray:
+    """Air on top (open beam ~I0), cargo below with varied transmission."""
+    rng = np.random.default_rng(seed)
+    att = np.zeros((channels, h, w))
+    att[:, 12:, :] = rng.uniform(0.2, 6.0, size=(channels, h - 12, w))
+    counts = rng.poisson(I0 * np.exp(-att)).astype(np.uint16)
+    counts[:, :8, :] = I0  # flat open beam
+    return counts
+
+
+@pytest.mark.parametrize("suffix", [".tiff", ".npy", ".npz"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_roundtrip_exact_16bit(tmp_path, suffix, channels):
+    counts = make_counts(channels)
+    path = write_scan(tmp_path / f"s{suffix}", counts, i0=(I0,) * channels, pitch_mm=4.0)
+    scan = read_scan(path)
+    assert scan.counts.dtype == np.uint16
+    np.testing.assert_array_equal(scan.counts, counts)
+    assert scan.channels == channels and scan.attenuation.dtype == np.float32
+    # rewrite the Scan itself: bytes-identical pixels again
+    again = read_scan(write_scan(tmp_path / f"t{suffix}", scan))
+    np.testing.assert_array_equal(again.counts, counts)
+
+
+def test_png_roundtrip_8_and_16_bit(tmp_path):
+    c16 = make_counts(1)
+    c8 = (c16 // 256).astype(np.uint8)
+    for counts in (c16, c8):
+        scan = read_scan(write_scan(tmp_path / f"s{counts.dtype}.png", counts))
+        np.testing.assert_array_equal(scan.counts, counts)
+        assert scan.counts.dtype == counts.dtype
+
+
+def test_same_attenuation_in_every_format(tmp_path):
+    """The same single-energy scan gives the same attenuation from PNG, TIFF, NPY, NPZ, (H,W,2) TIFF."""
+    counts = make_counts(1)
+    ref = None
+    for suffix in (".png", ".tiff", ".npy", ".npz"):
+        scan = read_scan(write_scan(tmp_path / f"s{suffix}", counts))  # no I0 given: estimated from air
+        assert scan.i0 == (float(I0),)
+        if ref is None:
+            ref = scan.attenuation
+        np.testing.assert_array_equal(scan.attenuation, ref)
+    # dual energy: multi-page TIFF == (H, W, 2) TIFF == (2, H, W) npy
+    dual = make_counts(2, seed=3)
+    tifffile.imwrite(tmp_path / "hw2.tiff", np.moveaxis(dual, 0, -1), photometric="minisblack",
+                     planarconfig="contig")
+    a = read_scan(tmp_path / "hw2.tiff").attenuation
+    b = read_scan(write_scan(tmp_path / "pages.tiff", dual)).attenuation
+    c = read_scan(write_scan(tmp_path / "d.npy", dual)).attenuation
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(b, c)
+
+
+def test_attenuation_physics_and_i0():
+    counts = np.full((1, 40, 40), I0, dtype=np.uint16)
+    counts[0, 20:] = int(I0 * np.exp(-2.0))
+    scan = scan_from_counts(counts)
+    assert scan.i0 == (float(I0),)  # estimated from the air rows
+    assert abs(float(scan.attenuation[0, 0, 0])) < 1e-6
+    assert scan.attenuation[0, 30, 5] == pytest.approx(2.0, abs=1e-3)
+    # without bright flat air rows, I0 falls back to the dtype maximum
+    dark = np.full((1, 40, 40), 1000, dtype=np.uint16)
+    assert estimate_i0(dark, 65535.0) == (65535.0,)
+    # metadata I0 wins over the estimate; counts above I0 clip to attenuation 0
+    s2 = scan_from_counts(counts, i0=40000)
+    assert s2.attenuation.min() == 0.0
+    np.testing.assert_array_equal(attenuation_to_counts(counts_to_attenuation(counts, I0), I0), counts)
+
+
+def test_tiff_metadata_pitch_energies(tmp_path):
+    counts = make_counts(2)
+    scan = read_scan(write_scan(tmp_path / "m.tiff", counts, i0=(50000, 51000), pitch_mm=3.5,
+                                energies=("6MV", "4MV")))
+    assert scan.i0 == (50000.0, 51000.0)
+    assert scan.pitch_mm == 3.5
+    assert scan.energies == ("6MV", "4MV")
+    assert scan.source.endswith("m.tiff")
+
+
+def test_rgb_rendering_becomes_one_channel_with_warning(tmp_path):
+    rgb = np.zeros((50, 80, 3), dtype=np.uint8)
+    rgb[..., 1] = 200
+    cv2.imwrite(str(tmp_path / "bag.png"), rgb)
+    cv2.imwrite(str(tmp_path / "bag.jpg"), rgb)
+    for name in ("bag.png", "bag.jpg"):
+        with pytest.warns(ScanWarning, match="grey"):
+            scan = read_scan(tmp_path / name)
+        assert scan.channels == 1 and scan.counts.dtype == np.uint8
+
+
+def test_dicom_reads_when_pydicom_installed(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    counts = make_counts(1)[0]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "s.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = counts.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.ImagerPixelSpacing = [4.0, 4.0]
+    ds.PixelData = counts.tobytes()
+    ds.save_as(str(tmp_path / "s.dcm"), enforce_file_format=True)
+    scan = read_scan(tmp_path / "s.dcm")
+    np.testing.assert_array_equal(scan.counts[0], counts)
+    assert scan.pitch_mm == 4.0
+    del pydicom
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+
+def _png_header_only(h: int, w: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def _tiff_bytes(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _npy_header(descr: str, shape: tuple) -> bytes:
+    """A valid .npy header with no pixel data behind it (what a bomb or a pickle would start with)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _good_png() -> bytes:
+    ok, enc = cv2.imencode(".png", make_counts(1)[0])
+    return enc.tobytes()
+
+
+BAD_INPUTS = {
+    "empty.png": (b"", "empty file"),
+    "text.tiff": (b"this is not an image at all", "not a supported scan format"),
+    "truncated.png": (_good_png()[:200], "corrupt or truncated"),
+    "truncated.tiff": (_tiff_bytes(make_counts(1)[0])[:300], "corrupt or truncated"),
+    "zero.npy": (_npy_bytes(np.zeros((0, 10), np.uint16)), "zero-size"),
+    "tiny.npy": (_npy_bytes(np.zeros((4, 4), np.uint16)), "too small"),
+    "nan.npy": (_npy_bytes(np.full((32, 32), np.nan, np.float32)), "NaN"),
+    "inf.npy": (_npy_bytes(np.full((32, 32), np.inf, np.float64)), "NaN or infinity"),
+    "int16.npy": (_npy_bytes(np.zeros((32, 32), np.int16)), "unsupported pixel type"),
+    "int32.tiff": (_tiff_bytes(np.zeros((32, 32), np.int32)), "unsupported pixel type"),
+    "float_range.npy": (_npy_bytes(np.full((32, 32), 7.0, np.float32)), "transmissions in [0, 1]"),
+    "three_energies.tiff": (_tiff_bytes(np.zeros((3, 32, 32), np.uint16), photometric="minisblack"), "at most 2"),
+    "three_channels.npy": (_npy_bytes(np.zeros((3, 32, 32), np.uint16)), "at most 2"),
+    "4d.npy": (_npy_bytes(np.zeros((1, 1, 32, 32), np.uint16)), "expected a 2-D image"),
+    "bomb.png": (_png_header_only(100_000, 100_000), "too large"),
+    "bomb.npy": (_npy_header("<u2", (60000, 60000)), "too large"),
+    "object.npy": (_npy_header("|O", (32, 32)), "Python objects"),
+    "npz_no_counts.npz": (None, "needs a 'counts' array"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_raises_clear_error(tmp_path, name):
+    data, reason = BAD_INPUTS[name]
+    if data is None:
+        buf = io.BytesIO()
+        np.savez(buf, other=np.zeros((32, 32), np.uint16))
+        data = buf.getvalue()
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ScanError) as err:
+        read_scan(path)
+    assert err.value.path == str(path)
+    assert reason in err.value.reason
+    assert str(path) in str(err.value)
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(ScanError, match="file not found"):
+        read_scan(tmp_path / "nope.tiff")
+    with pytest.raises(ScanError, match="not a regular file"):
+        read_scan(tmp_path)
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    path = write_scan(tmp_path / "s.tiff", make_counts(2))
+    with pytest.raises(ScanError, match="too large"):
+        read_scan(path, max_pixels=1000)
+    assert read_scan(path, max_pixels=10**6).width == 160
+
+
+def test_tiff_pages_of_different_size(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "mixed.tiff") as tw:
+        tw.write(np.zeros((32, 32), np.uint16))
+        tw.write(np.zeros((40, 32), np.uint16))
+    with pytest.raises(ScanError, match="differ in size"):
+        read_scan(tmp_path / "mixed.tiff")
+
+
+def test_write_rejects_float_and_multichannel_png(tmp_path):
+    with pytest.raises(ScanError):
+        write_scan(tmp_path / "f.tiff", np.zeros((32, 32), np.float32))
+    with pytest.raises(ScanError, match="PNG holds one energy"):
+        write_scan(tmp_path / "d.png", make_counts(2))
+
+
+# ---------------------------------------------------------------- property-based: mutated bytes
+
+def _valid_files() -> dict[str, bytes]:
+    counts = make_counts(2, h=32, w=48)
+    buf = io.BytesIO()
+    np.savez(buf, counts=counts, i0=np.array([I0, I0]))
+    tiff = io.BytesIO()
+    with tifffile.TiffWriter(tiff) as tw:
+        for c in counts:
+            tw.write(c, description=json.dumps({"detector": {"i0": [I0, I0]}}))
+    ok, png = cv2.imencode(".png", counts[0])
+    ok2, jpg = cv2.imencode(".jpg", (counts[0] // 256).astype(np.uint8))
+    return {"s.tiff": tiff.getvalue(), "s.png": png.tobytes(), "s.npy": _npy_bytes(counts),
+            "s.npz": buf.getvalue(), "s.jpg": jpg.tobytes()}
+
+
+VALID = _valid_files()
+
+
+@settings(max_examples=250, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(VALID)), data=st.data())
+def test_mutated_bytes_read_or_clear_error(name, data):
+    raw = bytearray(VALID[name])
+    n_mut = data.draw(st.integers(1, 8))
+    for _ in range(n_mut):
+        op = data.draw(st.sampled_from(["flip", "truncate", "insert"]))
+        if op == "flip" and raw:
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+        elif op == "truncate" and raw:
+            raw = raw[: data.draw(st.integers(0, len(raw)))]
+        else:
+            i = data.draw(st.integers(0, len(raw)))
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            scan = read_scan_bytes(bytes(raw), name, max_pixels=4_000_000)
+        except ScanError as err:
+            assert err.reason and err.path == name
+            return
+    assert isinstance(scan, Scan)
+    assert scan.attenuation.dtype == np.float32 and np.isfinite(scan.attenuation).all()
+    assert 1 <= scan.channels <= 2
