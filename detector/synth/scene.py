@@ -1,0 +1,142 @@
+"""One synthetic scan in memory: vehicle + cargo -> attenuation -> TIP anomaly -> linac counts.
+
+Three independent random streams per scan (scene, anomaly, detector), all derived from the
+scan's SeedSequence, so the same seed renders the same vehicle with or without an anomaly and
+the result never depends on which worker made it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detector import physics, tip
+from detector.synth import cargo as cargo_mod
+from detector.synth import threats, vehicles
+from detector.synth.render import Canvas, DetectorModel, detect, resample_columns, speed_resample
+
+ANOMALY_TYPES = ("firearm", "narcotics", "false_wall", "shielded_block", "small_metal",
+                 "in_chassis", "in_tyre", "in_fuel_tank", "low_contrast")
+VEHICLE_CARGOS = {"tanker": ("liquid_bulk",),
+                  "flatbed": ("machinery", "vehicles", "palletised", "bulk_sacks", "liquid_drums")}
+
+
+@dataclass
+class SynthScan:
+    """A generated scan: uint16 counts (2, H, W) and its ground truth."""
+    counts: np.ndarray
+    i0: float
+    pitch_mm: float
+    mask: np.ndarray
+    boxes: list = field(default_factory=list)
+    anomaly_type: str = "none"
+    cargo: str = ""
+    vehicle: str = ""
+
+    @property
+    def label(self) -> int:
+        return int(self.anomaly_type != "none")
+
+
+def _seq(seed) -> np.random.SeedSequence:
+    return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
+
+
+def _stream(ss: np.random.SeedSequence, k: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(ss.entropy, spawn_key=tuple(ss.spawn_key) + (k,)))
+
+
+def build_scene(rng: np.random.Generator, height: int | None = None, vehicle: str | None = None,
+                cargo: str | None = None) -> tuple[Canvas, str, str]:
+    """Draw a vehicle with its cargo on a canvas sized for it (air above and around)."""
+    vehicle = vehicle or str(rng.choice(vehicles.VEHICLES))
+    P = vehicles.plan(rng, vehicle)
+    choices = VEHICLE_CARGOS.get(vehicle, cargo_mod.CARGOS)
+    cargo = cargo or str(rng.choice(choices))
+    air, below = rng.uniform(15, 45), 2.0
+    lead, tail = rng.uniform(40, 200), rng.uniform(40, 200)
+    extent = P.top + air + below
+    pitch = 5.0 if height is None else extent * 10.0 / height
+    s = 10.0 / pitch
+    H = int(height or round(extent * s))
+    W = int(round((P.length + lead + tail) * s))
+    cv = Canvas(H, W, pitch, ground_row=H - below * s)
+    cv.ox = lead
+    bay = vehicles.draw(cv, P, rng)
+    if cargo != "liquid_bulk":
+        cargo_mod.fill(cv, bay, cargo, rng)
+    return cv, vehicle, cargo
+
+
+def _threat_for(kind: str, rng: np.random.Generator, pitch: float) -> tip.Threat:
+    """The threat object of an anomaly type (placement types carry packages of narcotics)."""
+    if kind in tip.THREAT_KINDS:
+        return tip.make_threat(rng, kind, pitch)
+    if kind == "low_contrast":
+        return tip.make_threat(rng, str(rng.choice(["narcotics", "firearm", "small_metal"])), pitch)
+    rows, cols = {"in_chassis": (1, int(rng.integers(1, 4))), "in_tyre": (int(rng.integers(2, 5)), 1),
+                  "in_fuel_tank": (int(rng.integers(2, 5)), int(rng.integers(1, 3)))}[kind]
+    att = threats.narcotics(rng, pitch, rows=rows, cols=cols).attenuation()
+    if kind == "in_fuel_tank":           # the packages displace diesel: only the difference is added
+        net = [1 - d / c for d, c in zip(physics.material("diesel").mu, physics.material("cocaine").mu)]
+        att = att * np.array(net, np.float32)[:, None, None]
+    elif kind == "in_chassis":
+        att = att * 0.5                  # flattened packages in the rail's C-channel
+    return tip.Threat(att, att.max(axis=0) >= tip.MIN_ATT * 0.5, kind)
+
+
+def _region_for(kind: str, cv: Canvas, att: np.ndarray) -> np.ndarray:
+    name = {"in_chassis": "chassis", "in_tyre": "tyre", "in_fuel_tank": "fuel_tank"}.get(kind, "cargo")
+    region = cv.regions.get(name)
+    solid = tip.cargo_region(att)
+    if region is None or not region.any():
+        region = solid
+    elif name == "cargo" and (region & solid).sum() > 400:
+        region = region & solid          # open loads: not in the air above them
+    if kind == "low_contrast":           # behind the densest cargo
+        a = att[0][region]
+        dense = region & (att[0] > np.percentile(a, 75)) if a.size else region
+        region = dense if dense.sum() > 400 else region
+    return region
+
+
+def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Generator):
+    """TIP the anomaly into the scene's attenuation; falls back to smaller threats if none fits."""
+    for attempt in range(6):
+        threat = _threat_for(kind if attempt < 4 else "small_metal", rng, cv.pitch_mm)
+        try:
+            return tip.project(att, threat, rng, region=_region_for(kind, cv, att), min_inside=0.9)
+        except ValueError:
+            continue
+    return tip.project(att, tip.make_threat(rng, "small_metal", cv.pitch_mm), rng)
+
+
+def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = None,
+                  vehicle: str | None = None, cargo: str | None = None,
+                  detector: DetectorModel | None = None) -> SynthScan:
+    """Generate one scan. `anomaly`: None/False (normal), True (random type) or a name from
+    ANOMALY_TYPES. `height` fixes the image height (the pitch then follows the vehicle)."""
+    ss = _seq(seed)
+    scene_rng, anom_rng, det_rng = _stream(ss, 0), _stream(ss, 1), _stream(ss, 2)
+    cv, vehicle, cargo = build_scene(scene_rng, height, vehicle, cargo)
+    flip = scene_rng.random() < 0.5
+    att = cv.attenuation()
+    mask = np.zeros(att.shape[1:], bool)
+    kind = "none"
+    if anomaly:
+        kind = str(anom_rng.choice(ANOMALY_TYPES)) if anomaly is True else str(anomaly)
+        if kind not in ANOMALY_TYPES:
+            raise ValueError(f"unknown anomaly {kind!r}; known: {', '.join(ANOMALY_TYPES)}")
+        att, mask, _ = insert_anomaly(att, cv, kind, anom_rng)
+    if flip:
+        att, mask = att[:, :, ::-1], mask[:, ::-1]
+    m = detector or DetectorModel()
+    src = speed_resample(att.shape[2], det_rng, m.speed_var)
+    att = resample_columns(att, src)
+    mask = mask[:, np.rint(src).astype(np.int64)]
+    counts = detect(np.ascontiguousarray(att), det_rng, m)
+    boxes = []
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        boxes = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]]
+    return SynthScan(counts, float(m.i0), float(cv.pitch_mm), np.ascontiguousarray(mask), boxes, kind, cargo, vehicle)

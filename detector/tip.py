@@ -1,0 +1,144 @@
+"""Threat image projection (TIP) in the attenuation domain (numpy + opencv, no torch).
+
+Inserting an object behind/inside cargo multiplies transmissions, i.e. adds its attenuation
+(Beer-Lambert). Used by the synthetic generator and as a training augmentation on crops.
+Boxes are (x0, y0, x1, y1) in pixels with x1/y1 exclusive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+THREAT_KINDS = ("firearm", "narcotics", "false_wall", "shielded_block", "small_metal")
+MIN_ATT = 0.01  # a threat pixel adds at least this much attenuation (else it is outside the mask)
+
+
+@dataclass
+class Threat:
+    """An object to insert: its own attenuation (C,h,w), zero outside `mask`, and its kind."""
+    attenuation: np.ndarray
+    mask: np.ndarray
+    kind: str
+
+    def __post_init__(self):
+        self.attenuation = np.asarray(self.attenuation, np.float32)
+        if self.attenuation.ndim == 2:
+            self.attenuation = self.attenuation[None]
+        self.mask = np.asarray(self.mask, bool)
+        if self.attenuation.shape[1:] != self.mask.shape:
+            raise ValueError(f"threat attenuation {self.attenuation.shape} and mask {self.mask.shape} differ")
+        self.attenuation = np.where(self.mask[None], np.maximum(self.attenuation, 0), 0).astype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape
+
+
+def make_threat(rng: np.random.Generator, kind: str | None = None, pitch_mm: float = 5.0,
+                channels: int = 2) -> Threat:
+    """A parametric threat from the synthetic threat library (physical sizes, dual-energy values)."""
+    from detector.synth.threats import build_threat  # lazy: synth imports this module
+    kind = kind or str(rng.choice(THREAT_KINDS))
+    if kind not in THREAT_KINDS:
+        raise ValueError(f"unknown threat kind {kind!r}; known: {', '.join(THREAT_KINDS)}")
+    att = build_threat(rng, kind, pitch_mm)
+    if channels == 1:
+        att = att[:1]
+    return Threat(att, att.max(axis=0) >= MIN_ATT, kind)
+
+
+def _smooth_fill(att: np.ndarray, known: np.ndarray, sigma: float) -> np.ndarray:
+    """Fill unknown pixels by normalised Gaussian convolution of the known ones (background estimate)."""
+    w = known.astype(np.float32)
+    num = cv2.GaussianBlur(att * w, (0, 0), sigma)
+    den = cv2.GaussianBlur(w, (0, 0), sigma)
+    return np.where(known, att, num / np.maximum(den, 1e-6))
+
+
+def threat_from_scan(attenuation: np.ndarray, mask: np.ndarray, background: np.ndarray | None = None,
+                     kind: str = "custom") -> Threat:
+    """Cut an object out of a scan with its mask; subtract the local background so that only the
+    object's own attenuation is kept (then it can be projected into other scans)."""
+    att = np.asarray(attenuation, np.float32)
+    if att.ndim == 2:
+        att = att[None]
+    mask = np.asarray(mask, bool)
+    if mask.shape != att.shape[1:] or not mask.any():
+        raise ValueError("mask must have the scan's (H, W) shape and mark at least one pixel")
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    pad = max(4, (max(y1 - y0, x1 - x0)) // 2)
+    Y0, Y1 = max(0, y0 - pad), min(att.shape[1], y1 + pad)
+    X0, X1 = max(0, x0 - pad), min(att.shape[2], x1 + pad)
+    crop, m = att[:, Y0:Y1, X0:X1], mask[Y0:Y1, X0:X1]
+    if background is None:
+        sigma = max(2.0, pad / 2)
+        bg = np.stack([_smooth_fill(c, ~m, sigma) for c in crop])
+    else:
+        bg = np.asarray(background, np.float32)
+        bg = (bg[None] if bg.ndim == 2 else bg)[:, Y0:Y1, X0:X1]
+    own = np.clip(crop - bg, 0, None)[:, y0 - Y0:y1 - Y0, x0 - X0:x1 - X0]
+    m = m[y0 - Y0:y1 - Y0, x0 - X0:x1 - X0]
+    return Threat(own, m & (own.max(axis=0) > 0), kind)
+
+
+def cargo_region(attenuation: np.ndarray, min_att: float = 0.08, close_px: int = 15) -> np.ndarray:
+    """(H, W) bool: inside the vehicle/cargo (closed silhouette of attenuating matter), not air."""
+    att = np.asarray(attenuation, np.float32)
+    a = att.mean(axis=0) if att.ndim == 3 else att
+    solid = (cv2.GaussianBlur(a, (0, 0), 2.0) > min_att).astype(np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_RECT, (close_px, close_px))
+    solid = cv2.morphologyEx(solid, cv2.MORPH_CLOSE, k)
+    solid = cv2.erode(solid, cv2.getStructuringElement(cv2.MORPH_RECT, (5, 5)))
+    return solid.astype(bool)
+
+
+def project(attenuation: np.ndarray, threat: Threat, rng: np.random.Generator,
+            at: tuple[int, int] | None = None, region: np.ndarray | None = None,
+            tries: int = 300, min_inside: float = 0.98
+            ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """Add the threat's attenuation (multiply transmissions) at `at` = (x0, y0) top-left, or at a
+    random place whose region covers the threat's mask. Returns (new attenuation, mask, box).
+    Raises ValueError if nothing fits."""
+    att = np.asarray(attenuation, np.float32)
+    squeeze = att.ndim == 2
+    if squeeze:
+        att = att[None]
+    C, H, W = att.shape
+    t_att = threat.attenuation
+    if t_att.shape[0] != C:
+        if t_att.shape[0] == 2 and C == 1:
+            t_att = t_att[:1]          # single-energy scan: keep the high energy
+        else:
+            raise ValueError(f"threat has {t_att.shape[0]} channels, scan has {C}")
+    h, w = threat.shape
+    if h > H or w > W:
+        raise ValueError(f"threat {h}x{w} larger than the scan {H}x{W}")
+    if at is None:
+        region = cargo_region(att) if region is None else np.asarray(region, bool)
+        ys, xs = np.nonzero(region)
+        if len(ys) == 0:
+            raise ValueError("no cargo region to place the threat in")
+        n_mask = threat.mask.sum()
+        for _ in range(tries):
+            i = rng.integers(len(ys))
+            y0 = int(np.clip(ys[i] - h // 2, 0, H - h))
+            x0 = int(np.clip(xs[i] - w // 2, 0, W - w))
+            inside = region[y0:y0 + h, x0:x0 + w][threat.mask].sum()
+            if inside >= min_inside * n_mask:
+                break
+        else:
+            raise ValueError(f"no place in the region fits a {h}x{w} {threat.kind}")
+    else:
+        x0, y0 = int(at[0]), int(at[1])
+        if not (0 <= x0 <= W - w and 0 <= y0 <= H - h):
+            raise ValueError(f"threat at {at} with size {w}x{h} leaves the {W}x{H} scan")
+    out = att.copy()
+    out[:, y0:y0 + h, x0:x0 + w] += t_att
+    mask = np.zeros((H, W), bool)
+    mask[y0:y0 + h, x0:x0 + w] = threat.mask
+    ys, xs = np.nonzero(threat.mask)
+    box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+    return (out[0] if squeeze else out), mask, box

@@ -1,0 +1,106 @@
+"""Synthetic scans: determinism, masks/boxes on their anomaly, dataset writer and the CLI."""
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from detector import physics
+from detector.synth import ANOMALY_TYPES, CARGOS, VEHICLES, generate_scan
+from detector.synth.dataset import MANIFEST_COLUMNS, write_dataset
+
+H = 160  # small scans keep the tests fast (the pitch follows: ~25 mm)
+
+
+def test_default_scan_is_a_realistic_size_with_air_on_top():
+    s = generate_scan(11, vehicle="tractor_20ft")
+    assert s.counts.dtype == np.uint16 and s.counts.shape[0] == 2 and s.pitch_mm == 5.0
+    assert 600 <= s.counts.shape[1] <= 850 and 1500 <= s.counts.shape[2] <= 3000
+    top = s.counts[:, 2:8].astype(float)
+    assert abs(np.median(top) - 53000) < 1500                  # open beam near I0
+    att = physics.attenuation_from_counts(s.counts, s.i0)
+    assert att[0].max() > 5                                    # dense parts (wheels, engine)
+
+
+def test_same_seed_same_scan_different_seed_differs():
+    a, b = generate_scan(5, anomaly=True, height=H), generate_scan(5, anomaly=True, height=H)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.boxes == b.boxes and a.anomaly_type == b.anomaly_type
+    c = generate_scan(6, anomaly=True, height=H)
+    assert c.counts.shape != a.counts.shape or not np.array_equal(c.counts, a.counts)
+
+
+@pytest.mark.parametrize("kind", ANOMALY_TYPES)
+def test_mask_and_box_lie_on_the_anomaly(kind):
+    seed = 100 + ANOMALY_TYPES.index(kind)
+    with_a = generate_scan(seed, anomaly=kind, height=240)
+    without = generate_scan(seed, anomaly=None, height=240)
+    assert with_a.anomaly_type == kind and without.anomaly_type == "none" and not without.mask.any()
+    m = with_a.mask
+    assert m.any() and len(with_a.boxes) == 1
+    x0, y0, x1, y1 = with_a.boxes[0]
+    ys, xs = np.nonzero(m)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+    a1 = physics.attenuation_from_counts(with_a.counts, with_a.i0)
+    a0 = physics.attenuation_from_counts(without.counts, without.i0)
+    diff = (a1 - a0).sum(axis=0)
+    near = cv2.dilate(m.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert np.abs(diff[~near]).max() == 0                      # added nowhere else
+    assert diff[m].mean() > 0.005                              # and really added on the mask
+
+
+def test_all_vehicles_and_cargos_render():
+    for i, v in enumerate(VEHICLES):
+        s = generate_scan(i, vehicle=v, height=H)
+        assert s.vehicle == v and s.counts.shape[1] == H
+    for i, c in enumerate(CARGOS):
+        s = generate_scan(i, vehicle="tractor_40ft", cargo=c, height=H)
+        assert s.cargo == c
+    with pytest.raises(ValueError):
+        generate_scan(0, anomaly="teleporter", height=H)
+
+
+def _read(root):
+    with open(root / "manifest.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_dataset_manifest_and_independent_of_workers(tmp_path):
+    one = write_dataset(tmp_path / "w1", 4, seed=7, anomaly_fraction=0.5, workers=1, height=H, split="train", progress=False)
+    two = write_dataset(tmp_path / "w2", 4, seed=7, anomaly_fraction=0.5, workers=2, height=H, split="train", progress=False)
+    assert one == two
+    from detector.scan import read_scan
+    for r in _read(tmp_path / "w1"):
+        a, b = read_scan(tmp_path / "w1" / r["path"]), read_scan(tmp_path / "w2" / r["path"])
+        np.testing.assert_array_equal(a.counts, b.counts)
+    rows = _read(tmp_path / "w1")
+    assert tuple(rows[0].keys()) == MANIFEST_COLUMNS
+    assert sum(int(r["label"]) for r in rows) == 2
+    for r in rows:
+        scan = read_scan(tmp_path / "w1" / r["path"])
+        mask = cv2.imread(str(tmp_path / "w1" / r["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (scan.height, scan.width) and set(np.unique(mask)) <= {0, 255}
+        assert scan.channels == 2 and scan.i0 == (53000.0, 53000.0) and scan.pitch_mm > 15
+        boxes = json.loads(r["boxes"])
+        assert r["split"] == "train" and r["vehicle"] in VEHICLES
+        if r["label"] == "1":
+            assert r["anomaly_type"] in ANOMALY_TYPES and len(boxes) == 1 and mask.any()
+            x0, y0, x1, y1 = boxes[0]
+            assert mask[y0:y1, x0:x1].any() and not mask[:, :x0].any() and not mask[:y0].any()
+        else:
+            assert r["anomaly_type"] == "none" and boxes == [] and not mask.any()
+
+
+def test_cli_synth_writes_a_small_dataset(tmp_path, capsys):
+    from detector.cli import main
+    out = tmp_path / "ds"
+    rc = main(["synth", str(out), "--count", "2", "--seed", "3", "--anomaly-fraction", "1",
+               "--height", str(H), "--workers", "1"])
+    assert rc == 0
+    rows = _read(out)
+    assert len(rows) == 2 and all(r["label"] == "1" for r in rows)
+    assert all((out / r["path"]).exists() and (out / r["mask"]).exists() for r in rows)
+    text = capsys.readouterr().out
+    assert "2 scans (2 anomalous)" in text and f"detector train --data {out}" in text
