@@ -138,8 +138,10 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
                              "(or float transmission in [0, 1])")
     if i0 is None:
         i0 = estimate_i0(counts, dtype_max)
-    i0 = tuple(float(v) for v in np.broadcast_to(np.asarray(i0, dtype=np.float64).reshape(-1),
-                                                  (counts.shape[0],)))
+    i0_arr = np.asarray(i0, dtype=np.float64).reshape(-1)
+    if i0_arr.size not in (1, counts.shape[0]):
+        raise ScanError(src, f"{i0_arr.size} I0 values for {counts.shape[0]} channel(s)")
+    i0 = tuple(float(v) for v in np.broadcast_to(i0_arr, (counts.shape[0],)))
     if not all(math.isfinite(v) and v > 0 for v in i0):
         raise ScanError(src, f"invalid I0 {i0}")
     if energies is None:

@@ -279,3 +279,27 @@ def test_mutated_bytes_read_or_clear_error(name, data):
     assert isinstance(scan, Scan)
     assert scan.attenuation.dtype == np.float32 and np.isfinite(scan.attenuation).all()
     assert 1 <= scan.channels <= 2
+
+
+# ---------------------------------------------------------------- committed samples
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+def test_committed_samples_agree_across_formats():
+    """The same truck in every committed format gives the same pixels (and attenuation where
+    the file carries I0)."""
+    ref = read_scan(SAMPLES / "truck_firearm.tiff")
+    assert ref.channels == 2 and ref.counts.dtype == np.uint16
+    for name in ("truck_firearm.npz", "truck_firearm.npy", "truck_firearm_hw2.tiff"):
+        s = read_scan(SAMPLES / name)
+        np.testing.assert_array_equal(s.counts, ref.counts)
+    np.testing.assert_array_equal(read_scan(SAMPLES / "truck_firearm.npz").attenuation, ref.attenuation)
+    for name in ("truck_firearm_high16.png", "truck_firearm_high.dcm"):
+        s = read_scan(SAMPLES / name)
+        assert s.channels == 1
+        np.testing.assert_array_equal(s.counts[0], ref.counts[0])
+    assert read_scan(SAMPLES / "truck_firearm_high.dcm").pitch_mm == pytest.approx(ref.pitch_mm)
+    assert read_scan(SAMPLES / "truck_firearm_high8.png").counts.dtype == np.uint8
+    with pytest.warns(ScanWarning):
+        assert read_scan(SAMPLES / "truck_firearm_pseudocolour.jpg").channels == 1
