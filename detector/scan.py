@@ -286,7 +286,15 @@ def _read_jpeg(data: bytes, name: str, max_pixels: int | None):
 
 
 def _read_tiff(data: bytes, name: str, max_pixels: int | None):
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+    buf = io.BytesIO(data)
+    try:
+        return _read_tiff_buffer(buf, name, max_pixels)
+    finally:
+        buf.close()  # tifffile leaves a reference cycle: free the buffer's copy of the file now
+
+
+def _read_tiff_buffer(buf: io.BytesIO, name: str, max_pixels: int | None):
+    with tifffile.TiffFile(buf) as tif:
         pages = tif.pages
         if len(pages) == 0:
             raise ScanError(name, "TIFF has no pages")

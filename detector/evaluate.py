@@ -1,0 +1,277 @@
+"""The `eval` verb: results CSV + truth (dataset folder or manifest) -> metrics.json, plots, report.html.
+
+Results are matched to truth by resolved path (falling back to the truth's relative path as a
+suffix, so results scored elsewhere still match). Rows whose scoring failed count as INSPECT
+(fail-closed) and are listed. Operating points follow detector.calibration: INSPECT when
+score >= threshold.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from detector import metrics as M
+
+CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
+N_THUMBS = 6
+
+
+@dataclass
+class Truth:
+    path: Path
+    rel: str
+    label: int
+    boxes: list = field(default_factory=list)
+    mask: Path | None = None
+    anomaly_type: str | None = None
+    cargo: str | None = None
+
+
+@dataclass
+class Result:
+    path: str
+    score: float
+    decision: str
+    threshold: float | None
+    regions: list
+    error: str
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error) or not math.isfinite(self.score)
+
+
+def _none(v: str | None) -> str | None:
+    v = (v or "").strip()
+    return v or None
+
+
+def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
+    """Truth rows from a manifest.csv, a folder with one, or a normal/ + anomalous/ folder."""
+    src = Path(src)
+    manifest = src / "manifest.csv" if src.is_dir() else src
+    if manifest.is_file():
+        root = manifest.parent
+        with open(manifest, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"path", "label"} <= set(rows[0]):
+            raise ValueError(f"{manifest}: needs columns path,label")
+        out = []
+        for r in rows:
+            cargo = next((_none(r.get(c)) for c in CARGO_COLUMNS if _none(r.get(c))), None)
+            label = int(float(r["label"]))
+            out.append(Truth((root / r["path"]).resolve(), r["path"], label,
+                             json.loads(r["boxes"]) if _none(r.get("boxes")) else [],
+                             (root / r["mask"]).resolve() if _none(r.get("mask")) else None,
+                             (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo))
+        return out, manifest
+    if src.is_dir() and ((src / "normal").is_dir() or (src / "anomalous").is_dir()):
+        from detector.scan import SCAN_SUFFIXES
+        out = []
+        for label, sub in ((0, "normal"), (1, "anomalous")):
+            for p in sorted((src / sub).glob("*")) if (src / sub).is_dir() else []:
+                if p.suffix.lower() in SCAN_SUFFIXES:
+                    mask = src / "masks" / f"{p.stem}.png"
+                    out.append(Truth(p.resolve(), f"{sub}/{p.name}", label,
+                                     mask=mask.resolve() if label and mask.is_file() else None,
+                                     anomaly_type="anomaly" if label else None))
+        return out, src
+    raise FileNotFoundError(f"{src}: no manifest.csv and no normal/ + anomalous/ folders")
+
+
+def load_results(path: str | Path) -> list[Result]:
+    """Rows of a results CSV written by `detector score`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "score", "decision", "error"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: not a results CSV (missing {sorted(missing)})")
+        out = []
+        for r in reader:
+            if not r.get("path"):
+                continue
+            score = float(r["score"]) if _none(r.get("score")) else float("nan")
+            out.append(Result(r["path"], score, (r.get("decision") or "INSPECT").strip(),
+                              float(r["threshold"]) if _none(r.get("threshold")) else None,
+                              json.loads(r["regions"]) if _none(r.get("regions")) else [],
+                              (r.get("error") or "").strip()))
+    return out
+
+
+def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple[list[tuple[Result, Truth]], list[Result], list[Truth]]:
+    """Pairs by resolved path (then by the truth's relative path as a path suffix);
+    also the results without truth and the truth without results."""
+    by_path = {str(t.path): t for t in truth}
+    by_rel = {Path(t.rel).as_posix(): t for t in truth}
+    pairs, orphans, used = [], [], set()
+    for r in results:
+        p = Path(r.path)
+        cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
+        t = next((by_path[str(c.resolve())] for c in cands if str(c.resolve()) in by_path), None)
+        if t is None:
+            parts = p.as_posix().split("/")
+            t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
+        if t is None or id(t) in used:
+            orphans.append(r)
+            continue
+        used.add(id(t))
+        pairs.append((r, t))
+    return pairs, orphans, [t for t in truth if id(t) not in used]
+
+
+def _truth_boxes(t: Truth) -> list:
+    if t.boxes:
+        return [list(b) for b in t.boxes]
+    if t.mask is not None and t.mask.is_file():
+        import cv2
+        m = cv2.imread(str(t.mask), cv2.IMREAD_GRAYSCALE)
+        return M.mask_boxes(m) if m is not None else []
+    return []
+
+
+def _group(pairs, key) -> dict:
+    """Metrics per value of key(truth): counts, AUROC, recorded decision rates, detection at 1%."""
+    out = {}
+    for value in sorted({key(t) for _, t in pairs if key(t)}):
+        sub = [(r, t) for r, t in pairs if key(t) == value]
+        y = np.array([t.label for _, t in sub])
+        s = np.array([r.score for r, _ in sub])
+        f = np.array([r.failed for r, _ in sub])
+        summ = M.summary(y, np.where(f, 0.0, s), f, [r.decision for r, _ in sub])
+        out[value] = {"n": summ["n"], "n_normal": summ["n_normal"], "n_anomalous": summ["n_anomalous"],
+                      "auroc": summ["auroc"], "ap": summ["ap"],
+                      "detection_rate": summ["decisions"]["detection_rate"],
+                      "false_alarm_rate": summ["decisions"]["false_alarm_rate"]}
+    return out
+
+
+def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Path, thumbs: bool = True) -> dict:
+    """Compute metrics, write metrics.json, roc.png, hist.png and report.html; return the metrics."""
+    from detector import report
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = load_results(results_path)
+    truth, truth_file = load_truth(truth_src)
+    pairs, orphans, missing = match(results, truth, Path(results_path).resolve().parent)
+    if not pairs:
+        raise ValueError(f"no result in {results_path} matches a scan of {truth_file}")
+    y = np.array([t.label for _, t in pairs])
+    f = np.array([r.failed for r, _ in pairs])
+    s = np.where(f, 0.0, np.array([r.score for r, _ in pairs]))
+    overall = M.summary(y, s, f, [r.decision for r, _ in pairs])
+    notes = []
+    if orphans:
+        notes.append(f"{len(orphans)} result rows have no truth and were left out")
+    if missing:
+        notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out")
+    if f.any():
+        notes.append(f"{int(f.sum())} scans failed to score: counted as INSPECT (fail-closed)")
+
+    # operating threshold of the 1% false-alarm point, applied per group
+    t1 = overall["detection_at_far"][0]["threshold"]
+    by_type = _group(pairs, lambda t: t.anomaly_type)
+    for k, v in by_type.items():  # each anomaly type against all normals
+        sub = [(r, t) for r, t in pairs if t.label == 0 or t.anomaly_type == k]
+        yy = np.array([t.label for _, t in sub])
+        ff = np.array([r.failed for r, _ in sub])
+        ss = np.where(ff, 0.0, np.array([r.score for r, _ in sub]))
+        v.update(n=len(sub), n_normal=int((yy == 0).sum()), auroc=M.auroc(yy, ss, ff),
+                 ap=M.average_precision(yy, ss, ff),
+                 detection_at_1pct=None if t1 is None else M.rates_at(yy, ss, t1, ff)[0])
+    by_cargo = _group(pairs, lambda t: t.cargo)
+    for k, v in by_cargo.items():
+        sub = [(r, t) for r, t in pairs if t.cargo == k]
+        ff = np.array([r.failed for r, _ in sub])
+        ss = np.where(ff, 0.0, np.array([r.score for r, _ in sub]))
+        v["detection_at_1pct"] = None if t1 is None else M.rates_at([t.label for _, t in sub], ss, t1, ff)[0]
+
+    ious, loc_rows = [], []
+    for r, t in pairs:
+        if t.label == 1 and not r.failed and r.decision != "RELEASE":
+            boxes = _truth_boxes(t)
+            v = M.best_iou(r.regions, boxes)
+            ious.append(v)
+            if v is not None:
+                loc_rows.append({"path": r.path, "iou": v})
+    loc = M.localisation(ious)
+    loc["truth_from"] = "manifest boxes, else connected components of the mask"
+    if loc["n"] == 0:
+        notes.append("no detected anomaly has a true box or mask: localisation not measured")
+
+    m = {"results": str(results_path), "truth": str(truth_file), "overall": overall, "localisation": loc,
+         "by_anomaly_type": by_type, "by_cargo": by_cargo, "notes": notes,
+         "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
+         "unmatched_results": len(orphans), "unscored_truth": len(missing)}
+    (out_dir / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
+
+    images = {}
+    curves = {}
+    pts = M.roc_points(y, s, f)
+    if pts is not None:
+        curves[f"all (AUROC {overall['auroc']:.3f})"] = pts
+        for k in by_type if len(by_type) > 1 else []:
+            sel = (y == 0) | np.array([t.anomaly_type == k for _, t in pairs])
+            p = M.roc_points(y[sel], s[sel], f[sel])
+            if p is not None:
+                curves[f"{k} ({by_type[k]['auroc']:.3f})"] = p
+        marks = [(row["achieved_rate"], row["detection_rate"], f"{row['false_alarm_rate']:.1%} FA")
+                 for row in overall["detection_at_far"] if row["detection_rate"] is not None]
+        images["roc"] = report.plot_roc(curves, out_dir / "roc.png", marks)
+    thr = [r.threshold for r, _ in pairs if r.threshold is not None]
+    lines = [(float(np.median(thr)), "model threshold")] if thr else []
+    images["histogram"] = report.plot_histogram(s[(y == 0) & ~f], s[(y == 1) & ~f], out_dir / "hist.png", lines)
+
+    sections = {}
+    if thumbs:
+        misses = sorted([(r, t) for r, t in pairs if t.label == 1 and not r.failed and r.decision == "RELEASE"],
+                        key=lambda p: p[0].score)[:N_THUMBS]
+        alarms = sorted([(r, t) for r, t in pairs if t.label == 0 and not r.failed and r.decision != "RELEASE"],
+                        key=lambda p: -p[0].score)[:N_THUMBS]
+        sections["Worst misses (anomalous, released, lowest scores)"] = [_thumb(r, t) for r, t in misses]
+        sections["Worst false alarms (normal, inspected, highest scores)"] = [_thumb(r, t) for r, t in alarms]
+    report.html_report(out_dir / "report.html", m, images, sections)
+    return m
+
+
+def _thumb(r: Result, t: Truth):
+    """A rendered scan with predicted (red) and true (green) boxes, and its caption."""
+    from detector import report
+    from detector.scan import read_scan
+    cap = f"{Path(r.path).name}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
+        + (f", cargo {t.cargo}" if t.cargo else "")
+    try:
+        scan = read_scan(t.path)
+    except Exception as e:
+        return np.full((60, 400, 3), 200, np.uint8), f"{cap} (could not render: {e})"
+    img = report.render(scan.attenuation, regions=r.regions, truth_boxes=_truth_boxes(t),
+                        banner=report.verdict_banner(r.decision, r.score, r.threshold), flagged=r.decision != "RELEASE",
+                        max_w=1200, max_h=360)
+    return img, cap
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def main(args) -> int:
+    """CLI entry: evaluate and print a one-line summary."""
+    try:
+        m = evaluate(args.results, args.truth, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"detector eval: {e}", file=sys.stderr)
+        return 2
+    o = m["overall"]
+    d1 = o["detection_at_far"][0]["detection_rate"]
+    auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.4f}"
+    for note in o["notes"] + m["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
+          f"AUROC {auroc}, detection {_pct(d1)} at 1% false alarms, localisation {_pct(m['localisation']['hit_rate'])} "
+          f"(IoU>=0.1) -> {args.out}/ (metrics.json, roc.png, hist.png, report.html)")
+    return 0

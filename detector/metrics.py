@@ -1,0 +1,188 @@
+"""Evaluation metrics: AUROC, AP, detection at a fixed false-alarm rate, localisation.
+
+Conventions shared with detector.calibration: label 1 = anomalous; a scan is INSPECTed when
+score >= threshold; the threshold for a false-alarm rate r is calibration.threshold_for_rate on the
+normal scores. Scans whose scoring failed are fail-closed: always INSPECT, whatever the threshold
+(`failed` masks below), so they count as alarms on normals and as detections on anomalies.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from detector.calibration import threshold_for_rate
+
+FAR_TARGETS = (0.01, 0.005, 0.001)
+DETECTION_TARGETS = (0.90, 0.95)
+IOU_HIT = 0.1  # the localisation hit criterion reported as primary (IoU > 0 is reported too)
+
+Box = Sequence[float]
+
+
+def _arrays(labels, scores, failed=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    f = np.zeros(y.shape, bool) if failed is None else np.asarray(failed, dtype=bool).ravel()
+    if not (y.shape == s.shape == f.shape):
+        raise ValueError(f"labels, scores and failed differ in length: {y.size}, {s.size}, {f.size}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (normal) or 1 (anomalous)")
+    if not np.isfinite(s[~f]).all():
+        raise ValueError("scores of scored rows contain NaN or infinity")
+    return y, s, f
+
+
+def _ranked(s: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Scores with failed rows placed above every real score (fail-closed), for ranking metrics."""
+    out = s.copy()
+    top = float(np.max(s[~f])) if (~f).any() else 0.0
+    out[f] = max(top, 1.0) + 1.0
+    return out
+
+
+def auroc(labels, scores, failed=None) -> float | None:
+    """Area under the ROC curve (scikit-learn); None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+    y, s, f = _arrays(labels, scores, failed)
+    if len(np.unique(y)) < 2:
+        return None
+    return float(roc_auc_score(y, _ranked(s, f)))
+
+
+def average_precision(labels, scores, failed=None) -> float | None:
+    """Average precision (scikit-learn); None without any anomalous scan."""
+    from sklearn.metrics import average_precision_score
+    y, s, f = _arrays(labels, scores, failed)
+    if not (y == 1).any():
+        return None
+    return float(average_precision_score(y, _ranked(s, f)))
+
+
+def roc_points(labels, scores, failed=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(false-alarm rates, detection rates) of the ROC curve; None for a single class."""
+    from sklearn.metrics import roc_curve
+    y, s, f = _arrays(labels, scores, failed)
+    if len(np.unique(y)) < 2:
+        return None
+    far, det, _ = roc_curve(y, _ranked(s, f))
+    return far, det
+
+
+def threshold_at_far(labels, scores, rate: float, failed=None) -> float | None:
+    """calibration.threshold_for_rate on the normals, counting failed normals as alarms at any
+    threshold; None when there are no normals or the failures alone exceed the rate."""
+    y, s, f = _arrays(labels, scores, failed)
+    normal = y == 0
+    n, n_fail = int(normal.sum()), int((normal & f).sum())
+    if n == 0:
+        return None
+    allowed = int(math.floor(rate * n + 1e-9)) - n_fail  # alarms left for the scored normals
+    ok = s[normal & ~f]
+    if allowed < 0:
+        return None
+    if ok.size == 0:
+        return 0.0
+    return threshold_for_rate(ok, rate if n_fail == 0 else min(1.0, allowed / ok.size))
+
+
+def rates_at(labels, scores, threshold: float, failed=None) -> tuple[float | None, float | None]:
+    """(detection rate, false-alarm rate) when INSPECT is score >= threshold or failed."""
+    y, s, f = _arrays(labels, scores, failed)
+    flagged = f | (s >= threshold)
+    det = float(flagged[y == 1].mean()) if (y == 1).any() else None
+    far = float(flagged[y == 0].mean()) if (y == 0).any() else None
+    return det, far
+
+
+def detection_at_far(labels, scores, rate: float, failed=None) -> dict:
+    """Detection rate at the threshold chosen for false-alarm rate `rate` on these normals."""
+    t = threshold_at_far(labels, scores, rate, failed)
+    y = np.asarray(labels).ravel()
+    row = {"false_alarm_rate": rate, "threshold": t, "detection_rate": None, "achieved_rate": None,
+           "resolvable": bool((y == 0).sum() * rate >= 1)}
+    if t is not None:
+        row["detection_rate"], row["achieved_rate"] = rates_at(labels, scores, t, failed)
+    return row
+
+
+def far_at_detection(labels, scores, target: float, failed=None) -> dict:
+    """False-alarm rate at the highest threshold that still detects >= target of the anomalies."""
+    y, s, f = _arrays(labels, scores, failed)
+    row = {"detection_rate": target, "threshold": None, "false_alarm_rate": None, "achieved_detection": None}
+    anom = y == 1
+    if not anom.any() or not (~anom).any():
+        return row
+    need = int(math.ceil(target * anom.sum() - 1e-9)) - int((anom & f).sum())  # beyond failures
+    ok = np.sort(s[anom & ~f])[::-1]
+    t = float(ok[need - 1]) if need > 0 else (float(np.nextafter(ok[0], np.inf)) if ok.size else 1.0)
+    det, far = rates_at(y, s, t, f)
+    row.update(threshold=t, false_alarm_rate=far, achieved_detection=det)
+    return row
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two [x0, y0, x1, y1] boxes (x1, y1 exclusive)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def mask_boxes(mask: np.ndarray) -> list[list[int]]:
+    """Bounding boxes [x0, y0, x1, y1] of the connected components of a truth mask."""
+    import cv2
+    n, _, stats, _ = cv2.connectedComponentsWithStats((np.asarray(mask) > 0).astype(np.uint8), connectivity=8)
+    return [[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h, _ in stats[1:n]]
+
+
+def best_iou(regions: Iterable[dict], truth_boxes: Sequence[Box]) -> float | None:
+    """IoU of the highest-scoring predicted region with its best-matching true box
+    (0 when there is no region); None when there is no true box."""
+    truth_boxes = list(truth_boxes)
+    if not truth_boxes:
+        return None
+    regions = list(regions)
+    if not regions:
+        return 0.0
+    best = max(regions, key=lambda r: r["score"])
+    return max(iou(best["box"], t) for t in truth_boxes)
+
+
+def localisation(ious: Iterable[float | None], hit: float = IOU_HIT) -> dict:
+    """Share of detected anomalies whose best region overlaps the truth: IoU >= hit (primary)
+    and IoU > 0 (any overlap). Entries of None (no truth box) are left out."""
+    v = np.asarray([x for x in ious if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"n": 0, "criterion": f"iou>={hit}", "hit_rate": None, "overlap_rate": None, "mean_iou": None}
+    return {"n": int(v.size), "criterion": f"iou>={hit}", "hit_rate": float((v >= hit).mean()),
+            "overlap_rate": float((v > 0).mean()), "mean_iou": float(v.mean())}
+
+
+def summary(labels, scores, failed=None, decisions: Sequence[str] | None = None) -> dict:
+    """The standard metric block: counts, AUROC, AP, detection at 1/0.5/0.1% false alarms,
+    false alarms at 90/95% detection, and the rates of the recorded decisions when given."""
+    y, s, f = _arrays(labels, scores, failed)
+    n_norm, n_anom = int((y == 0).sum()), int((y == 1).sum())
+    out: dict = {"n": int(y.size), "n_normal": n_norm, "n_anomalous": n_anom, "n_failed": int(f.sum()),
+                 "auroc": auroc(y, s, f), "ap": average_precision(y, s, f), "notes": []}
+    if out["auroc"] is None:
+        only = "normal" if n_anom == 0 else "anomalous"
+        out["notes"].append(f"only {only} scans in the truth: AUROC undefined (null)")
+    out["detection_at_far"] = [detection_at_far(y, s, r, f) for r in FAR_TARGETS]
+    out["far_at_detection"] = [far_at_detection(y, s, d, f) for d in DETECTION_TARGETS]
+    for row in out["detection_at_far"]:
+        if n_norm and not row["resolvable"]:
+            out["notes"].append(f"{n_norm} normal scans cannot resolve a {row['false_alarm_rate']:.1%} "
+                                "false-alarm rate (fewer than one alarm allowed)")
+    if decisions is not None:
+        flagged = np.asarray([d != "RELEASE" for d in decisions]) | f  # fail-closed
+        out["decisions"] = {
+            "inspected": int(flagged.sum()),
+            "detection_rate": float(flagged[y == 1].mean()) if n_anom else None,
+            "false_alarm_rate": float(flagged[y == 0].mean()) if n_norm else None,
+            "tp": int((flagged & (y == 1)).sum()), "fn": int((~flagged & (y == 1)).sum()),
+            "fp": int((flagged & (y == 0)).sum()), "tn": int((~flagged & (y == 0)).sum())}
+    return out

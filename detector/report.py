@@ -1,0 +1,247 @@
+"""Pictures for people: windowed scan views, overlays, ROC/histogram plots, the HTML report.
+
+Scans are shown like a radiograph viewer: the high-energy attenuation (already a log of the
+transmission) windowed between robust percentiles, air bright and dense cargo dark. Drawing uses
+OpenCV (fast enough for one overlay per scan); plots use matplotlib with the Agg backend.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
+MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
+
+
+def window(att: np.ndarray, floor: float = 2.0, k: float = 20.0) -> np.ndarray:
+    """uint8 greyscale of one attenuation channel (H, W), like a radiograph viewer: attenuation
+    (the log of the transmission) windowed from the air level to the densest material, then a log
+    curve so thin walls and light cargo keep their contrast next to wheels and engine blocks."""
+    a = np.asarray(att, dtype=np.float32)
+    sample = a[:: max(1, a.shape[0] // 256), :: max(1, a.shape[1] // 512)]
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    hi = max(float(hi), lo + floor)
+    v = np.log1p(k * np.clip((a - lo) / (hi - lo), 0.0, 1.0)) / np.log1p(k)
+    return (255.0 * (1.0 - v)).astype(np.uint8)  # air bright, dense dark
+
+
+def fit_scale(h: int, w: int, max_w: int = MAX_WIDTH, max_h: int = MAX_HEIGHT) -> float:
+    """Factor (<= 1) that fits an h x w scan in the display box, keeping the aspect ratio."""
+    return min(1.0, max_w / max(w, 1), max_h / max(h, 1))
+
+
+def scan_view(att: np.ndarray, scale: float) -> np.ndarray:
+    """BGR uint8 view of the scan's first (high-energy) channel, resized by `scale`."""
+    ch = att[0] if att.ndim == 3 else att
+    if scale < 1.0:
+        ch = cv2.resize(ch, (max(1, round(ch.shape[1] * scale)), max(1, round(ch.shape[0] * scale))),
+                        interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(window(ch), cv2.COLOR_GRAY2BGR)
+
+
+def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str | None = None) -> None:
+    x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
+    t = max(1, round(min(img.shape[:2]) / 250))
+    cv2.rectangle(img, (x0, y0), (max(x0 + 1, x1 - 1), max(y0 + 1, y1 - 1)), color, t, cv2.LINE_AA)
+    if label:
+        fs = max(0.45, img.shape[1] / 2400)
+        cv2.putText(img, label, (x0, max(int(14 * fs), y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, fs, color,
+                    max(1, round(fs)), cv2.LINE_AA)
+
+
+def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
+    bar = np.full((28, img.shape[1], 3), (30, 30, 200) if flagged else (60, 60, 60), np.uint8)
+    cv2.putText(bar, text, (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.vstack([bar, img])
+
+
+def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray | None = None,
+           truth_boxes: Iterable[Sequence[float]] = (), banner: str | None = None, flagged: bool = False,
+           max_w: int = MAX_WIDTH, max_h: int = MAX_HEIGHT) -> np.ndarray:
+    """BGR picture of a scan: windowed greyscale, heatmap blended in colour where it is high,
+    predicted regions (red, with score), true boxes (green), and an optional banner on top."""
+    h, w = att.shape[-2:]
+    scale = fit_scale(h, w, max_w, max_h)
+    img = scan_view(att, scale)
+    if heatmap is not None and np.size(heatmap):
+        hm = np.asarray(heatmap, np.float32).squeeze()
+        hm = cv2.resize(hm, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+        # red (0.5) to yellow (1): bright enough to show over dark, dense cargo
+        colour = cv2.applyColorMap((255 * np.clip(hm, 0, 1)).astype(np.uint8), cv2.COLORMAP_AUTUMN)
+        alpha = (0.6 * np.clip((hm - 0.2) / 0.6, 0, 1))[..., None]  # only confident cells tint the scan
+        img = (img * (1 - alpha) + colour * alpha).astype(np.uint8)
+    for b in truth_boxes:
+        _box(img, b, scale, GREEN)
+    for r in regions:
+        _box(img, r["box"], scale, RED, f"{r['score']:.2f}")
+    return _banner(img, banner, flagged) if banner else img
+
+
+def verdict_banner(decision: str, score: float | None, threshold: float | None, extra: str = "") -> str:
+    """One line: decision, score and threshold (and a reason or a name)."""
+    s = "-" if score is None or score != score else f"{score:.3f}"
+    t = "-" if threshold is None or threshold != threshold else f"{threshold:.3f}"
+    return f"{decision}  score {s}  threshold {t}" + (f"  {extra}" if extra else "")
+
+
+def write_png(path: str | Path, img: np.ndarray) -> Path:
+    """Write an image, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), img):
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def png_data_uri(img_or_path) -> str:
+    """data: URI of a PNG (from a BGR array or a file), for a self-contained HTML page."""
+    if isinstance(img_or_path, np.ndarray):
+        ok, buf = cv2.imencode(".png", img_or_path)
+        data = buf.tobytes()
+    else:
+        data = Path(img_or_path).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
+             marks: Sequence[tuple[float, float, str]] = ()) -> Path:
+    """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    for name, (far, det) in curves.items():
+        ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=name, drawstyle="steps-post")
+    for far, det, label in marks:
+        ax.plot([max(far, 1e-4)], [det], "o", ms=5)
+        ax.annotate(label, (max(far, 1e-4), det), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false-alarm rate (normal scans inspected)")
+    ax.set_ylabel("detection rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("ROC")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_histogram(normal: np.ndarray, anomalous: np.ndarray, path: str | Path,
+                   thresholds: Sequence[tuple[float, str]] = ()) -> Path:
+    """Score histograms of normal and anomalous scans, with threshold lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    bins = np.linspace(0, 1, 41)
+    if len(normal):
+        ax.hist(np.clip(normal, 0, 1), bins=bins, alpha=0.6, label=f"normal (n={len(normal)})", color="tab:blue")
+    if len(anomalous):
+        ax.hist(np.clip(anomalous, 0, 1), bins=bins, alpha=0.6, label=f"anomalous (n={len(anomalous)})",
+                color="tab:red")
+    for t, label in thresholds:
+        ax.axvline(t, color="k", ls="--", lw=1)
+        ax.text(t, ax.get_ylim()[1] * 0.95, " " + label, fontsize=8, va="top")
+    if len(normal) + len(anomalous) > 200:  # long tails matter at low false-alarm rates
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.8)
+    ax.set_xlabel("score")
+    ax.set_ylabel("scans")
+    ax.legend(fontsize=8)
+    ax.set_title("Score distribution")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.3g}"
+    return html.escape(str(v))
+
+
+def _table(rows: Sequence[dict], cols: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f0f0f0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+.thumbs figure{display:inline-block;margin:6px;vertical-align:top}.thumbs img{max-width:680px;border:1px solid #999}
+figcaption{font-size:12px;max-width:680px;word-break:break-all}.note{color:#a60}code{font-size:12px}"""
+
+
+def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
+                thumbs: dict[str, list[tuple[np.ndarray, str]]], title: str = "detector evaluation") -> Path:
+    """Write a self-contained HTML page: metric tables, plots and thumbnails, all inlined."""
+    m = metrics
+    ov = m["overall"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p>results: <code>{html.escape(str(m.get('results', '')))}</code> &middot; truth: "
+             f"<code>{html.escape(str(m.get('truth', '')))}</code></p>"]
+    parts.append("<h2>Summary</h2>" + _table([{
+        "scans": ov["n"], "normal": ov["n_normal"], "anomalous": ov["n_anomalous"], "failed": ov["n_failed"],
+        "AUROC": ov["auroc"], "AP": ov["ap"]}], ["scans", "normal", "anomalous", "failed", "AUROC", "AP"]))
+    for note in ov.get("notes", []) + m.get("notes", []):
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    parts.append("<h2>Detection at a fixed false-alarm rate</h2>" + _table(
+        ov["detection_at_far"], ["false_alarm_rate", "threshold", "detection_rate", "achieved_rate", "resolvable"]))
+    parts.append("<h2>False alarms at a fixed detection rate</h2>" + _table(
+        ov["far_at_detection"], ["detection_rate", "threshold", "false_alarm_rate", "achieved_detection"]))
+    if "decisions" in ov:
+        parts.append("<h2>Recorded decisions (as scored; failures count as INSPECT)</h2>" + _table(
+            [ov["decisions"]], ["inspected", "detection_rate", "false_alarm_rate", "tp", "fn", "fp", "tn"]))
+    loc = m.get("localisation")
+    if loc:
+        parts.append("<h2>Localisation</h2><p>Detected anomalies whose best region overlaps a true box "
+                     f"(hit: {html.escape(loc['criterion'])}; overlap: IoU &gt; 0).</p>"
+                     + _table([loc], ["n", "criterion", "hit_rate", "overlap_rate", "mean_iou"]))
+    for key, name in (("by_anomaly_type", "anomaly type"), ("by_cargo", "cargo class")):
+        if m.get(key):
+            rows = [{name: k, **v} for k, v in m[key].items()]
+            parts.append(f"<h2>By {name}</h2>" + _table(
+                rows, [name, "n", "n_normal", "n_anomalous", "auroc", "detection_at_1pct", "detection_rate",
+                       "false_alarm_rate"]))
+    if m.get("failures"):
+        parts.append(f"<h2>Failed scans ({len(m['failures'])}, counted as INSPECT)</h2>"
+                     + _table(m["failures"][:100], ["path", "label", "error"]))
+    parts.append("<h2>Plots</h2>" + "".join(
+        f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
+    for section, items in thumbs.items():
+        parts.append(f"<h2>{html.escape(section)}</h2>")
+        if not items:
+            parts.append("<p>none</p>")
+            continue
+        parts.append("<div class='thumbs'>" + "".join(
+            f"<figure><img src='{png_data_uri(img)}'><figcaption>{html.escape(cap)}</figcaption></figure>"
+            for img, cap in items) + "</div>")
+    parts.append("<h2>metrics.json</h2><pre>" + html.escape(json.dumps(m, indent=1)[:20000]) + "</pre>")
+    parts.append("</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,326 @@
+"""The `score` verb: stream a folder (glob, list, manifest) of scans through the model -> results CSV.
+
+Decoding runs in a few threads ahead of inference through a bounded window of pending reads, so
+memory stays flat whatever the number of files: at most `workers + 2` decoded scans wait at once and
+no heatmap outlives its row. Every input file gets exactly one row, failures included (decision
+INSPECT, fail-closed, with the reason). Rows are flushed as they are written, which makes a run
+resumable: re-running skips the paths already in the output.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
+
+COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
+SKIP_DIRS = {"masks"}  # dataset folders keep truth masks (PNG) beside the scans
+
+
+@dataclass
+class Item:
+    """One file to score, with the routing inputs a manifest may carry."""
+    path: Path
+    tier: str | None = None
+    risk_flags: list[str] = field(default_factory=list)
+
+
+def _flags(text: str | None) -> list[str]:
+    text = (text or "").strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        return [str(f) for f in json.loads(text)]
+    return [f.strip() for f in text.replace(";", ",").replace("|", ",").split(",") if f.strip()]
+
+
+def read_manifest(path: Path) -> list[Item]:
+    """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "path" not in rows[0]:
+        raise ValueError(f"{path}: manifest has no 'path' column")
+    return [Item((path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None,
+                 _flags(r.get("risk_flags"))) for r in rows if (r.get("path") or "").strip()]
+
+
+def discover(src: str) -> tuple[list[Item], str]:
+    """The files named by SRC and a word on how they were found. SRC: a folder (its manifest.csv
+    when present, else every scan file below it, skipping masks/), a glob, a .txt list or a .csv."""
+    p = Path(src)
+    if p.is_dir():
+        if (p / "manifest.csv").is_file():
+            return read_manifest(p / "manifest.csv"), f"{p / 'manifest.csv'}"
+        files = []
+        for root, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+            files += [Path(root, n) for n in sorted(names)
+                      if not n.startswith(".") and Path(n).suffix.lower() in SCAN_SUFFIXES]
+        return [Item(f.resolve()) for f in files], f"folder {p}"
+    if p.suffix.lower() == ".csv" and p.is_file():
+        return read_manifest(p), f"manifest {p}"
+    if p.suffix.lower() == ".txt" and p.is_file():
+        items = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                q = Path(line)
+                if not q.is_absolute() and not q.exists():
+                    q = p.parent / q  # relative to the list when not relative to the working dir
+                items.append(Item(q.resolve()))
+        return items, f"list {p}"
+    if p.is_file():
+        return [Item(p.resolve())], f"file {p}"
+    if glob.has_magic(src):
+        files = sorted(Path(f) for f in glob.glob(src, recursive=True) if Path(f).is_file())
+        return [Item(f.resolve()) for f in files], f"glob {src}"
+    raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
+
+
+def done_paths(out: Path) -> set[str]:
+    """Paths already in a results CSV (complete rows only), for resuming."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return set()
+    with open(out, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return set()
+        if tuple(header) != COLUMNS:
+            raise ValueError(f"{out}: not a results CSV (header {header}); use --no-resume or another --out")
+        return {row[0] for row in reader if len(row) == len(COLUMNS)}
+
+
+def _open_append(path: Path, header: Iterable[str] | None):
+    """Open for appending, mending a last line cut off by a crash; write the header if new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.exists() or path.stat().st_size == 0
+    if not fresh:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                with open(path, "ab") as g:
+                    g.write(b"\n")
+    f = open(path, "a", newline="", encoding="utf-8")
+    if fresh and header is not None:
+        csv.writer(f).writerow(header)
+        f.flush()
+    return f
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ScanError) and getattr(e, "reason", None):
+        return str(e.reason)
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, (ScanError, ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
+def _load(item: Item) -> tuple[Item, Any, str | None, float]:
+    t0 = time.perf_counter()
+    try:
+        scan = read_scan(item.path)
+        scan.counts = None  # the raw counts are only for lossless write-back: free them early
+        return item, scan, None, (time.perf_counter() - t0) * 1e3
+    except Exception as e:  # any bad file becomes a failed row, never a crash
+        return item, None, _reason(e), (time.perf_counter() - t0) * 1e3
+
+
+def _load_policy(path: str, inspector):
+    """detector.policy's Policy from YAML, bound to the model's calibration (tier -> threshold)."""
+    from detector.policy import load_policy
+    policy = load_policy(path)
+    policy.bind(inspector)
+    return policy
+
+
+def _decide(policy, score: float | None, item: Item, error: str | None) -> tuple[str, float | None, str]:
+    """(decision, threshold, reason) from the policy for this item's tier and risk flags."""
+    d = policy.decide(score, item.tier, item.risk_flags, **({"error": error} if error else {}))
+    return d if isinstance(d, tuple) else (d.decision, d.threshold, d.reason)
+
+
+def _overlay_name(path: Path, root: Path | None) -> Path:
+    try:
+        rel = path.relative_to(root) if root else Path(path.name)
+    except ValueError:
+        rel = Path(path.name)
+    return rel.with_suffix(".png")
+
+
+def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
+    """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run)."""
+    from detector import report
+    try:
+        regions = [{"box": list(r.box), "score": float(r.score)} for r in verdict.regions]
+        img = report.render(scan.attenuation, regions=regions, heatmap=verdict.heatmap,
+                            banner=report.verdict_banner(decision, verdict.score, threshold, dest.stem),
+                            flagged=decision != "RELEASE")
+        report.write_png(dest, img)
+        return None
+    except Exception as e:
+        return f"overlay {dest}: {_reason(e)}"
+
+
+def _csv_fields(row: dict) -> list[str]:
+    """A result row in the CSV contract's column order and formats."""
+    return [row["path"], "" if row["score"] is None else f"{row['score']:.6f}", row["decision"],
+            "" if row["threshold"] is None else f"{row['threshold']:.6f}",
+            json.dumps(row["regions"], separators=(",", ":")), f"{row['latency_ms']:.1f}",
+            row["error"].replace("\n", " ")]
+
+
+@dataclass
+class Counts:
+    scanned: int = 0
+    flagged: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    overlay_errors: list[str] = field(default_factory=list)
+
+
+def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None = None,
+                overlays: Path | None = None, overlays_flagged: bool = False, policy=None,
+                threshold: float | None = None, workers: int = 2, progress: bool = True,
+                on_row: Callable[[dict], None] | None = None) -> Counts:
+    """Score items in order, appending one row per item to `out` (and `jsonl`), as they finish."""
+    from tqdm import tqdm
+    counts = Counts()
+    root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
+    files = ExitStack()
+    f = files.enter_context(_open_append(out, COLUMNS))
+    writer = csv.writer(f)
+    fj = files.enter_context(_open_append(jsonl, None)) if jsonl else None
+    depth = workers + 2  # decoded scans waiting for inference: bounds memory
+    pending: deque[Future] = deque()
+    drawing: deque[Future] = deque()
+    todo = iter(items)
+    bar = tqdm(total=len(items), unit="scan", disable=None if progress else True, file=sys.stderr)
+    with files, ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="overlay") as painter:
+        def fill() -> None:
+            while len(pending) < depth:
+                item = next(todo, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(_load, item))
+
+        fill()
+        while pending:
+            item, scan, error, load_ms = pending.popleft().result()
+            fill()
+            verdict, decision, thr = None, "INSPECT", threshold
+            t0 = time.perf_counter()
+            if scan is not None:
+                try:
+                    verdict = inspector.inspect(scan, threshold=threshold)
+                    decision, thr, why = verdict.decision, verdict.threshold, verdict.reason
+                    if policy is not None:
+                        decision, thr, why = _decide(policy, verdict.score, item, None)
+                except Exception as e:  # fail-closed: the row says why
+                    error, verdict = _reason(e), None
+            if error and policy is not None:  # INSPECT regardless; the row still shows the tier's threshold
+                try:
+                    thr = _decide(policy, None, item, error)[1]
+                except Exception:
+                    pass
+            infer_ms = (time.perf_counter() - t0) * 1e3
+            regions = [] if verdict is None else [
+                {"box": [int(v) for v in r.box], "score": round(float(r.score), 4)} for r in verdict.regions]
+            row = {"path": str(item.path), "score": None if verdict is None else float(verdict.score),
+                   "decision": decision if error is None else "INSPECT", "threshold": thr,
+                   "regions": regions, "latency_ms": load_ms + infer_ms, "error": error or ""}
+            writer.writerow(_csv_fields(row))
+            f.flush()
+            if fj:
+                extra = {"tier": item.tier, "risk_flags": item.risk_flags,
+                         "reason": error or (why if verdict is not None else None)}
+                if verdict is not None:
+                    extra.update(timings_ms=getattr(verdict, "timings_ms", None),
+                                 model_sha256=getattr(verdict, "model_sha256", None))
+                fj.write(json.dumps({**row, **extra}, default=str) + "\n")
+                fj.flush()
+            counts.scanned += 1
+            counts.flagged += row["decision"] != "RELEASE"
+            if error:
+                counts.failed += 1
+                counts.failures.append(f"{item.path}: {error}")
+            elif overlays and (row["decision"] != "RELEASE" or not overlays_flagged):
+                while len(drawing) >= 2:  # bound the scans waiting to be drawn
+                    _note(counts, drawing.popleft().result())
+                drawing.append(painter.submit(_write_overlay, overlays / _overlay_name(item.path, root),
+                                              scan, verdict, row["decision"], thr))
+            if on_row:
+                on_row(row)
+            del scan, verdict
+            bar.update(1)
+        for d in drawing:
+            _note(counts, d.result())
+    bar.close()
+    return counts
+
+
+def _note(counts: Counts, overlay_error: str | None) -> None:
+    if overlay_error:
+        counts.overlay_errors.append(overlay_error)
+
+
+def main(args) -> int:
+    """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
+    from detector.runtime import Inspector
+    out = Path(args.out)
+    try:
+        items, how = discover(args.src)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"detector score: {e}", file=sys.stderr)
+        return 2
+    if not items:
+        print(f"detector score: no scan files ({', '.join(SCAN_SUFFIXES)}) in {how}", file=sys.stderr)
+        return 1
+    if getattr(args, "no_resume", False):
+        for p in (out, Path(args.jsonl) if args.jsonl else None):
+            if p and p.exists():
+                p.unlink()
+    try:
+        done = done_paths(out)
+    except ValueError as e:
+        print(f"detector score: {e}", file=sys.stderr)
+        return 2
+    todo = [i for i in items if str(i.path) not in done]
+    if done:
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
+    try:
+        inspector = Inspector(args.model, threads=args.threads)
+        policy = _load_policy(args.policy, inspector) if args.policy else None
+    except Exception as e:
+        print(f"detector score: {e}", file=sys.stderr)
+        return 2
+    workers = args.workers or max(1, min(4, (os.cpu_count() or 2) - 1))
+    t0 = time.perf_counter()
+    c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
+                    overlays=Path(args.overlays) if args.overlays else None,
+                    overlays_flagged=args.overlays_flagged, policy=policy, threshold=args.threshold,
+                    workers=workers)
+    dt = time.perf_counter() - t0
+    for line in c.failures[:10]:
+        print(f"failed: {line}", file=sys.stderr)
+    if len(c.failures) > 10:
+        print(f"... and {len(c.failures) - 10} more failures (see the error column)", file=sys.stderr)
+    for line in c.overlay_errors[:5]:
+        print(f"warning: {line}", file=sys.stderr)
+    where = f"{out}" + (f", {args.jsonl}" if args.jsonl else "") + (f", overlays in {args.overlays}" if args.overlays else "")
+    print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}, "
+          f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
+    src = Path(args.src)
+    truth = args.src if (src / "manifest.csv").is_file() or src.suffix.lower() == ".csv" else "DATA"
+    print(f"next: detector eval {out} --truth {truth} --out report/")
+    return 1 if todo and c.scanned == c.failed else 0

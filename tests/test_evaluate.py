@@ -1,0 +1,100 @@
+"""`detector eval` on a crafted results table with hand-computed metrics."""
+import csv
+import json
+import re
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+from detector import evaluate
+from detector.scan import write_scan
+
+COLS = ["path", "score", "decision", "threshold", "regions", "latency_ms", "error"]
+TRUE_BOX = [5, 5, 15, 15]
+# name, label, score, anomaly_type, cargo, best region
+ROWS = [("n0", 0, 0.1, "", "wood", None), ("n1", 0, 0.2, "", "wood", None),
+        ("n2", 0, 0.3, "", "metal", None), ("n3", 0, 0.4, "", "metal", None),
+        ("a0", 1, 0.35, "cash", "wood", [40, 20, 50, 30]),
+        ("a1", 1, 0.5, "cash", "metal", [0, 0, 10, 10]),  # IoU 1/7 with TRUE_BOX: a hit
+        ("a2", 1, 0.6, "drugs", "wood", [14, 14, 25, 25])]  # IoU 1/220: overlap but no hit
+THRESHOLD = 0.38
+
+
+def _dataset(tmp_path, failed=()):
+    data = tmp_path / "data"
+    counts = np.full((2, 40, 120), 50000, np.uint16)
+    counts[:, 5:15, 5:15] = 3000
+    data.mkdir()
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "boxes", "anomaly_type", "cargo_class"])
+        for name, label, _, kind, cargo, _ in ROWS:
+            write_scan(data / "images" / f"{name}.tiff", counts, i0=(60000.0, 60000.0))
+            w.writerow([f"images/{name}.tiff", label, json.dumps([TRUE_BOX]) if label else "", kind, cargo])
+    res = tmp_path / "results.csv"
+    with open(res, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLS)
+        for name, label, score, _, _, box in ROWS:
+            path = str((data / "images" / f"{name}.tiff").resolve())
+            if name in failed:
+                w.writerow([path, "", "INSPECT", "", "[]", "1.0", "truncated TIFF"])
+                continue
+            regions = [{"box": box, "score": score}, {"box": [100, 0, 110, 10], "score": score / 2}] if box else []
+            w.writerow([path, score, "INSPECT" if score >= THRESHOLD else "RELEASE", THRESHOLD,
+                        json.dumps(regions), "12.0", ""])
+    return data, res
+
+
+def test_eval_metrics_match_hand_computed(tmp_path):
+    data, res = _dataset(tmp_path)
+    out = tmp_path / "report"
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    o = m["overall"]
+    assert (o["n"], o["n_normal"], o["n_anomalous"], o["n_failed"]) == (7, 4, 3, 0)
+    assert o["auroc"] == pytest.approx(11 / 12) and o["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
+    assert o["detection_at_far"][0]["false_alarm_rate"] == 0.01
+    assert o["detection_at_far"][0]["detection_rate"] == pytest.approx(2 / 3)
+    assert o["far_at_detection"][0]["false_alarm_rate"] == 0.25  # 90% of 3 -> all 3 -> 0.4 alarms
+    assert o["decisions"] == {"inspected": 3, "detection_rate": pytest.approx(2 / 3), "false_alarm_rate": 0.25,
+                              "tp": 2, "fn": 1, "fp": 1, "tn": 3}
+    loc = m["localisation"]
+    assert loc["n"] == 2 and loc["hit_rate"] == 0.5 and loc["overlap_rate"] == 1.0 and loc["criterion"] == "iou>=0.1"
+    assert m["by_anomaly_type"]["cash"]["n"] == 6 and m["by_anomaly_type"]["cash"]["auroc"] == pytest.approx(7 / 8)
+    assert m["by_anomaly_type"]["drugs"]["auroc"] == 1.0
+    metal = m["by_cargo"]["metal"]  # n2 0.3, n3 0.4 vs a1 0.5
+    assert metal["auroc"] == 1.0 and metal["false_alarm_rate"] == 0.5 and metal["detection_rate"] == 1.0
+    html = (out / "report.html").read_text()
+    srcs = re.findall(r"src='([^']*)'", html)
+    # roc + histogram + one miss (a0) + one false alarm (n3), all inlined
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "a0.tiff" in html and "n3.tiff" in html and (out / "roc.png").is_file()
+
+
+def test_eval_failures_fail_closed_and_single_class(tmp_path):
+    data, res = _dataset(tmp_path, failed=("n0", "a0"))
+    m = evaluate.evaluate(res, data / "manifest.csv", tmp_path / "r1", thumbs=False)
+    assert "Failed scans (2, counted as INSPECT)" in (tmp_path / "r1" / "report.html").read_text()
+    assert m["overall"]["n_failed"] == 2 and {f["error"] for f in m["failures"]} == {"truncated TIFF"}
+    assert m["overall"]["decisions"]["tp"] == 3 and m["overall"]["decisions"]["fp"] == 2
+    # only the normal rows: AUROC undefined, reported as null with a note
+    lines = res.read_text().splitlines()
+    res.write_text("\n".join(lines[:5]) + "\n")
+    m = evaluate.evaluate(res, data, tmp_path / "r2", thumbs=False)
+    assert m["overall"]["auroc"] is None and any("undefined" in n for n in m["overall"]["notes"])
+    assert m["unscored_truth"] == 3
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["overall"]["auroc"] is None
+
+
+def test_plain_layout_and_relative_paths(tmp_path):
+    counts = np.full((2, 20, 40), 50000, np.uint16)
+    for sub in ("normal", "anomalous"):
+        write_scan(tmp_path / "ds" / sub / f"{sub}1.tiff", counts)
+    res = tmp_path / "elsewhere" / "results.csv"
+    res.parent.mkdir()
+    res.write_text(",".join(COLS) + "\n/other/machine/normal/normal1.tiff,0.2,RELEASE,0.5,[],1,\n"
+                   "/other/machine/anomalous/anomalous1.tiff,0.7,INSPECT,0.5,[],1,\n")
+    m = evaluate.evaluate(res, tmp_path / "ds", tmp_path / "r", thumbs=False)
+    assert m["overall"]["auroc"] == 1.0 and m["unmatched_results"] == 0

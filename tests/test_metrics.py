@@ -1,0 +1,79 @@
+"""Metrics against hand-computed values on a small crafted table."""
+import math
+
+import numpy as np
+import pytest
+
+from detector import calibration
+from detector import metrics as M
+
+NORMAL = [0.1, 0.2, 0.3, 0.4]
+ANOM = [0.35, 0.5, 0.6]
+Y = [0] * 4 + [1] * 3
+S = NORMAL + ANOM
+
+
+def test_auroc_ap_by_hand():
+    assert M.auroc(Y, S) == pytest.approx(11 / 12)  # 11 of 12 anomalous-normal pairs ranked right
+    # ranking A A N A N N N: precision 1, 1, 3/4 at the three anomalies
+    assert M.average_precision(Y, S) == pytest.approx((1 + 1 + 0.75) / 3)
+
+
+def test_detection_at_far_matches_calibration():
+    row = M.detection_at_far(Y, S, 0.25)  # one of four normals may alarm: 0.4
+    assert row["threshold"] == calibration.threshold_for_rate(NORMAL, 0.25)
+    assert 0.3 < row["threshold"] < 0.35
+    assert row["achieved_rate"] == 0.25 and row["detection_rate"] == 1.0
+    row = M.detection_at_far(Y, S, 0.01)  # no normal may alarm: threshold just above 0.4
+    assert 0.4 < row["threshold"] < 0.5
+    assert row["detection_rate"] == pytest.approx(2 / 3) and row["achieved_rate"] == 0.0
+    assert row["resolvable"] is False
+
+
+def test_far_at_detection():
+    row = M.far_at_detection(Y, S, 0.9)  # all 3 anomalies needed -> threshold 0.35 -> 0.4 alarms
+    assert row["threshold"] == 0.35 and row["false_alarm_rate"] == 0.25 and row["achieved_detection"] == 1.0
+    row = M.far_at_detection(Y, S, 0.6)  # 2 of 3 -> threshold 0.5 -> no false alarm
+    assert row["threshold"] == 0.5 and row["false_alarm_rate"] == 0.0
+
+
+def test_failures_are_fail_closed():
+    y = Y[:4] + [0] + Y[4:] + [1]
+    s = NORMAL + [math.nan] + ANOM + [math.nan]
+    f = [False] * 4 + [True] + [False] * 3 + [True]
+    # failed rows rank above everything; the two failed rows tie: (3 + 4 + 4 + 4.5) / 20
+    assert M.auroc(y, s, f) == pytest.approx(15.5 / 20)
+    row = M.detection_at_far(y, s, 0.2, f)  # the failed normal uses the one allowed alarm
+    assert 0.4 < row["threshold"] < 0.5
+    assert row["achieved_rate"] == pytest.approx(0.2) and row["detection_rate"] == pytest.approx(3 / 4)
+    assert M.detection_at_far(y, s, 0.1, f)["threshold"] is None  # failures alone exceed 10%
+    out = M.summary(y, s, f, ["RELEASE"] * 4 + ["INSPECT"] + ["RELEASE", "INSPECT", "INSPECT", "INSPECT"])
+    assert out["n_failed"] == 2
+    assert out["decisions"] == {"inspected": 4, "detection_rate": 0.75, "false_alarm_rate": 0.2,
+                                "tp": 3, "fn": 1, "fp": 1, "tn": 4}
+
+
+def test_single_class_is_graceful():
+    out = M.summary([0, 0, 0], [0.1, 0.2, 0.3])
+    assert out["auroc"] is None and out["ap"] is None
+    assert any("AUROC undefined" in n for n in out["notes"])
+    assert out["far_at_detection"][0]["false_alarm_rate"] is None
+    assert M.summary([1, 1], [0.1, 0.9])["detection_at_far"][0]["detection_rate"] is None
+
+
+def test_iou_and_localisation():
+    assert M.iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
+    assert M.iou([0, 0, 10, 10], [9, 9, 20, 20]) == pytest.approx(1 / 220)
+    assert M.iou([0, 0, 10, 10], [50, 50, 60, 60]) == 0.0
+    regions = [{"box": [50, 50, 60, 60], "score": 0.2}, {"box": [0, 0, 10, 10], "score": 0.9}]
+    assert M.best_iou(regions, [[5, 5, 15, 15], [100, 100, 110, 110]]) == pytest.approx(1 / 7)  # best region only
+    assert M.best_iou([], [[0, 0, 1, 1]]) == 0.0 and M.best_iou(regions, []) is None
+    loc = M.localisation([1 / 7, 1 / 220, 0.0, None])
+    assert loc["n"] == 3 and loc["hit_rate"] == pytest.approx(1 / 3) and loc["overlap_rate"] == pytest.approx(2 / 3)
+
+
+def test_mask_boxes():
+    m = np.zeros((20, 30), np.uint8)
+    m[2:5, 3:9] = 255
+    m[10:20, 20:30] = 255
+    assert sorted(M.mask_boxes(m)) == [[3, 2, 9, 5], [20, 10, 30, 20]]

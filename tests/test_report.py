@@ -1,0 +1,51 @@
+"""Scan views, overlays, plots and the self-contained HTML report."""
+import re
+
+import cv2
+import numpy as np
+
+from detector import report
+
+
+def _att(h=60, w=200):
+    att = np.full((2, h, w), 0.05, np.float32)  # mostly air
+    att[:, 20:50, 40:120] = 2.0  # cargo
+    att[:, 30:40, 60:70] = 5.0  # a dense block
+    return att
+
+
+def test_window_air_bright_dense_dark():
+    v = report.window(_att()[0])
+    assert v.dtype == np.uint8
+    assert v[5, 5] > 200 and v[35, 65] < 30 and v[5, 5] > v[25, 45] > v[35, 65]
+
+
+def test_render_boxes_banner_and_downscale():
+    img = report.render(_att(), regions=[{"box": [60, 30, 70, 40], "score": 0.9}],
+                        heatmap=np.ones((6, 20), np.float32) * 0.9,
+                        banner="INSPECT score 0.900 threshold 0.500", flagged=True)
+    assert img.shape == (60 + 28, 200, 3)
+    b, g, r = img[5, 100]  # banner pixel: red when flagged
+    assert r > 150 and b < 100
+    long = report.render(np.zeros((1, 1000, 10000), np.float32), banner="RELEASE", flagged=False)
+    assert long.shape[1] <= report.MAX_WIDTH and long.shape[0] <= report.MAX_HEIGHT + 28
+    assert abs(long.shape[1] / (long.shape[0] - 28) - 10) < 0.2  # aspect kept
+    plain = report.render(_att(), truth_boxes=[[60, 30, 70, 40]])
+    b, g, r = (int(v) for v in plain[30, 65])  # the top edge of the true box is green
+    assert plain.shape == (60, 200, 3) and g > r + 80 and g > b + 80
+
+
+def test_plots_and_html_self_contained(tmp_path):
+    roc = report.plot_roc({"all": (np.array([0, 0, 0.5, 1]), np.array([0, 0.5, 1, 1]))}, tmp_path / "roc.png",
+                          [(0.01, 0.5, "1% FA")])
+    hist = report.plot_histogram(np.random.rand(50), np.random.rand(20), tmp_path / "hist.png", [(0.5, "t")])
+    assert cv2.imread(str(roc)).shape[0] > 200 and cv2.imread(str(hist)) is not None
+    overall = {"n": 3, "n_normal": 2, "n_anomalous": 1, "n_failed": 0, "auroc": 0.5, "ap": 0.5, "notes": ["a note"],
+               "detection_at_far": [], "far_at_detection": []}
+    thumb = report.render(_att())
+    page = report.html_report(tmp_path / "r.html", {"overall": overall}, {"roc": roc, "hist": hist},
+                              {"Worst misses": [(thumb, "x.tiff <b>")], "Worst false alarms": []})
+    text = page.read_text()
+    srcs = re.findall(r"src='([^']*)'", text)
+    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "x.tiff &lt;b&gt;" in text and "a note" in text and "<link" not in text

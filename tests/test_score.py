@@ -1,0 +1,200 @@
+"""`detector score`: one row per file (failures included), fail-closed, resumable, streaming."""
+import csv
+import json
+import shutil
+from argparse import Namespace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from detector import score
+from detector.scan import write_scan
+
+
+def _args(src, model, out, **kw):
+    base = dict(src=str(src), model=str(model), out=str(out), jsonl=None, overlays=None, overlays_flagged=False,
+                policy=None, threshold=None, threads=1, workers=2, no_resume=False)
+    return Namespace(**{**base, **kw})
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == score.COLUMNS
+        return {r["path"].rsplit("/", 1)[-1]: r for r in reader}
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, normal_scan_path, anomalous_scan_path):
+    d = tmp_path / "scans"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(normal_scan_path, d / "good_normal.tiff")
+    shutil.copy(anomalous_scan_path, d / "sub" / "good_anomalous.tiff")
+    data = (d / "good_normal.tiff").read_bytes()
+    (d / "corrupt.tiff").write_bytes(data[: len(data) // 3])  # truncated
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.png").write_text("not an image at all\n")
+    write_scan(d / "single.png", np.full((64, 256), 40000, np.uint16))  # 1 energy for a 2-energy model
+    (d / "readme.txt").write_text("ignored: not a scan suffix")
+    return d
+
+
+def test_every_file_gets_a_row_and_failures_fail_closed(mixed_folder, heuristic_model, tmp_path, capsys):
+    out, ov = tmp_path / "results.csv", tmp_path / "overlays"
+    rc = score.main(_args(mixed_folder, heuristic_model, out, overlays=str(ov), jsonl=str(tmp_path / "r.jsonl")))
+    assert rc == 0
+    rows = _rows(out)
+    assert set(rows) == {"good_normal.tiff", "good_anomalous.tiff", "corrupt.tiff", "empty.png", "notes.png",
+                         "single.png"}
+    for name in ("corrupt.tiff", "empty.png", "notes.png", "single.png"):
+        assert rows[name]["decision"] == "INSPECT" and rows[name]["error"], name
+        assert rows[name]["score"] == "" and rows[name]["regions"] == "[]"
+    assert "energ" in rows["single.png"]["error"].lower() or "channel" in rows["single.png"]["error"].lower()
+    good, bad = rows["good_normal.tiff"], rows["good_anomalous.tiff"]
+    for r in (good, bad):
+        assert r["error"] == "" and 0.0 <= float(r["score"]) <= 1.0 and float(r["latency_ms"]) > 0
+        assert r["decision"] == ("INSPECT" if float(r["score"]) >= float(r["threshold"]) else "RELEASE")
+    assert float(bad["score"]) > float(good["score"])
+    assert bad["decision"] == "INSPECT" and good["decision"] == "RELEASE"
+    regions = json.loads(bad["regions"])
+    assert regions and all(len(x["box"]) == 4 and 0 <= x["score"] <= 1 for x in regions)
+    assert sorted(p.relative_to(ov).as_posix() for p in ov.rglob("*.png")) == ["good_normal.png",
+                                                                              "sub/good_anomalous.png"]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 6
+    text = capsys.readouterr().out
+    assert "scanned 6" in text and "failed 4" in text and "detector eval" in text
+
+
+def test_nothing_scored_exits_nonzero(tmp_path, heuristic_model):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.tiff").write_bytes(b"II*\x00garbage")
+    (d / "b.png").write_bytes(b"")
+    out = tmp_path / "r.csv"
+    assert score.main(_args(d, heuristic_model, out)) == 1
+    assert {r["error"] != "" for r in _rows(out).values()} == {True} and len(_rows(out)) == 2
+
+
+class Counting:
+    """Wraps an Inspector and counts inference calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def inspect(self, scan, threshold=None):
+        self.calls += 1
+        return self.inner.inspect(scan, threshold=threshold)
+
+
+def test_resume_skips_done_files(tmp_path, heuristic_model, normal_scan_path, anomalous_scan_path, monkeypatch):
+    from detector import runtime
+    d = tmp_path / "scans"
+    d.mkdir()
+    for i in range(3):
+        shutil.copy(normal_scan_path, d / f"n{i}.tiff")
+    out = tmp_path / "results.csv"
+    real, made = runtime.Inspector, []
+
+    def counting(*a, **k):
+        made.append(Counting(real(*a, **k)))
+        return made[-1]
+    monkeypatch.setattr(runtime, "Inspector", counting)
+    assert score.main(_args(d, heuristic_model, out)) == 0
+    first = out.read_bytes()
+    shutil.copy(anomalous_scan_path, d / "new.tiff")
+    assert score.main(_args(d, heuristic_model, out)) == 0
+    assert [m.calls for m in made] == [3, 1]
+    assert out.read_bytes().startswith(first) and len(_rows(out)) == 4  # old rows untouched
+    assert score.main(_args(d, heuristic_model, out)) == 0 and made[-1].calls == 0
+    assert score.main(_args(d, heuristic_model, out, no_resume=True)) == 0 and made[-1].calls == 4
+    assert len(_rows(out)) == 4
+
+
+def test_inference_error_is_a_failed_row(tmp_path, normal_scan_path):
+    class Broken:
+        def inspect(self, scan, threshold=None):
+            raise RuntimeError("onnxruntime fell over")
+    items = [score.Item(normal_scan_path)]
+    c = score.score_items(items, Broken(), tmp_path / "r.csv", progress=False)
+    row = _rows(tmp_path / "r.csv")[normal_scan_path.name]
+    assert (c.scanned, c.failed) == (1, 1)
+    assert row["decision"] == "INSPECT" and row["error"] == "RuntimeError: onnxruntime fell over"
+
+
+def test_policy_decides_with_manifest_tier_and_flags(tmp_path, normal_scan_path):
+    class Fixed:
+        def inspect(self, scan, threshold=None):
+            return SimpleNamespace(score=0.2, decision="RELEASE", threshold=0.5, reason="below", regions=[],
+                                   heatmap=None)
+
+    class Pol:
+        def __init__(self):
+            self.seen = []
+
+        def decide(self, s, tier, flags):
+            self.seen.append((tier, flags))
+            return ("INSPECT", 0.1, "high risk") if "watchlist" in flags else ("RELEASE", 0.5, "ok")
+    m = tmp_path / "manifest.csv"
+    shutil.copy(normal_scan_path, tmp_path / "a.tiff")
+    shutil.copy(normal_scan_path, tmp_path / "b.tiff")
+    m.write_text('path,label,tier,risk_flags\na.tiff,0,white,\nb.tiff,0,high,"watchlist;late"\n')
+    items, _ = score.discover(str(m))
+    pol = Pol()
+    score.score_items(items, Fixed(), tmp_path / "r.csv", policy=pol, progress=False)
+    rows = _rows(tmp_path / "r.csv")
+    assert pol.seen == [("white", []), ("high", ["watchlist", "late"])]
+    assert (rows["a.tiff"]["decision"], rows["b.tiff"]["decision"]) == ("RELEASE", "INSPECT")
+    assert rows["b.tiff"]["threshold"] == "0.100000"
+
+
+def test_discover_sources(tmp_path):
+    d = tmp_path / "ds"
+    for rel in ("normal/a.tiff", "anomalous/b.tiff", "masks/b.png", "x/c.npy", ".hidden/d.tiff"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(b"x")
+    names = lambda items: sorted(i.path.name for i in items)
+    assert names(score.discover(str(d))[0]) == ["a.tiff", "b.tiff", "c.npy"]  # no masks, no hidden
+    assert names(score.discover(str(d / "**" / "*.tiff"))[0]) == ["a.tiff", "b.tiff"]
+    lst = tmp_path / "list.txt"
+    lst.write_text("ds/normal/a.tiff\n# comment\n\n" + str(d / "x" / "c.npy") + "\n")
+    items, _ = score.discover(str(lst))
+    assert names(items) == ["a.tiff", "c.npy"] and all(i.path.is_absolute() for i in items)
+    with pytest.raises(FileNotFoundError):
+        score.discover(str(tmp_path / "nope"))
+
+
+def test_policy_file_tiers_and_risk_flags(tmp_path, heuristic_model, normal_scan_path):
+    pol = tmp_path / "policy.yaml"
+    pol.write_text("tiers:\n  standard: 0.01\n  high_risk: 0.5\ndefault_tier: standard\nrisk_flags:\n  force: [intel_hit]\n")
+    for name in ("a", "b", "c"):
+        shutil.copy(normal_scan_path, tmp_path / f"{name}.tiff")
+    (tmp_path / "bad.tiff").write_bytes(b"")
+    m = tmp_path / "manifest.csv"
+    m.write_text("path,label,tier,risk_flags\na.tiff,0,,\nb.tiff,0,high_risk,\nc.tiff,0,standard,intel_hit\n"
+                 "bad.tiff,0,high_risk,\n")
+    out = tmp_path / "r.csv"
+    assert score.main(_args(m, heuristic_model, out, policy=str(pol))) == 0
+    rows = _rows(out)
+    t_std, t_high = float(rows["a.tiff"]["threshold"]), float(rows["b.tiff"]["threshold"])
+    assert t_high < t_std  # a higher inspection rate means a lower threshold
+    assert rows["a.tiff"]["decision"] == rows["b.tiff"]["decision"] == "RELEASE"
+    assert rows["c.tiff"]["decision"] == "INSPECT" and rows["c.tiff"]["error"] == ""  # forced by the flag
+    assert rows["bad.tiff"]["decision"] == "INSPECT" and float(rows["bad.tiff"]["threshold"]) == t_high
+
+
+def test_overlays_only_flagged_and_png_readable(tmp_path, heuristic_model, normal_scan_path, anomalous_scan_path):
+    import cv2
+    d = tmp_path / "s"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "n.tiff")
+    shutil.copy(anomalous_scan_path, d / "a.tiff")
+    lst = tmp_path / "list.txt"
+    lst.write_text("s/n.tiff\ns/a.tiff\n")  # relative to the list's folder
+    ov = tmp_path / "ov"
+    assert score.main(_args(lst, heuristic_model, tmp_path / "r.csv", overlays=str(ov), overlays_flagged=True)) == 0
+    assert [p.name for p in ov.rglob("*.png")] == ["a.png"]
+    img = cv2.imread(str(ov / "a.png"))
+    assert img.shape[1] == 600 and img.shape[0] == 200 + 28  # scan size plus the banner
+    b, g, r = (int(v) for v in img[5, 300])
+    assert r > 150 and b < 100  # red banner: flagged
