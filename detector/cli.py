@@ -46,6 +46,8 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="model.onnx")
     p.add_argument("--int8", action="store_true", help="static INT8 (QDQ) quantization")
     p.add_argument("--calibration", default=None, help="dataset folder for INT8 calibration and drift")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="refuse INT8 if detection at 1%% false alarms drops more than this many points")
     p.add_argument("--opset", type=int, default=20)
 
 
@@ -70,22 +72,28 @@ def _eval(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model", required=True, help="model.onnx bundle")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--audit", default="audit.sqlite")
-    p.add_argument("--policy", default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-upload-mb", type=float, default=64.0)
+    p.add_argument("--audit", default="audit.sqlite", help="SQLite audit log of every verdict")
+    p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags); "
+                                                  "default: the model's calibrated threshold")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per scan (default cores/concurrency)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="larger uploads get 413")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
     p.add_argument("--concurrency", type=int, default=1, help="scans inferred at once")
-    p.add_argument("--deadline-ms", type=float, default=10000.0)
+    p.add_argument("--deadline-ms", type=float, default=10000.0, help="per-request deadline; past it: INSPECT")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn log level")
+    p.epilog = ("env DETECTOR_TOKEN: when set, requests need 'Authorization: Bearer <token>'.\n"
+                "example:\n  detector serve --model model.onnx --port 8080 --policy configs/policy.yaml\n"
+                "  curl -F scan=@truck.tiff -F 'meta={\"tier\":\"standard\"}' http://127.0.0.1:8080/v1/inspect")
 
 
 def _audit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["export"])
-    p.add_argument("--audit", default="audit.sqlite")
-    p.add_argument("--since", default=None, help="ISO time, e.g. 2026-11-28T00:00")
+    p.add_argument("action", choices=["export"], help="export: write the audit log as CSV")
+    p.add_argument("--audit", default="audit.sqlite", help="audit database written by `detector serve`")
+    p.add_argument("--since", default=None, help="ISO date/time, UTC if no zone, e.g. 2026-11-28T00:00")
     p.add_argument("--out", required=True, help="audit.csv")
 
 

@@ -1,0 +1,193 @@
+"""Load test of `detector serve` on loopback: throughput, latency percentiles, decisions, server RSS.
+
+Starts the server (or targets --url), runs N client threads for a bounded time posting scans, and
+prints requests/s, p50/p95/p99 latency, status and decision counts, and the server's resident
+memory after warm-up and at the end (it must not grow under steady load).
+
+    .venv/bin/python benchmarks/serve_load.py --duration 15
+    .venv/bin/python benchmarks/serve_load.py --model model.onnx --scan a.tiff --scan b.tiff --clients 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_inputs(work: Path, height: int, width: int) -> tuple[Path, list[Path]]:
+    """The torch-free heuristic test bundle and a normal + an anomalous scan of the given size."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_heuristic_bundle, write_test_scan
+    model = make_heuristic_bundle(work / "heuristic.onnx")
+    scans = [write_test_scan(work / "normal.tiff", height=height, width=width, seed=1),
+             write_test_scan(work / "anomalous.tiff", height=height, width=width, dense=True, seed=2)]
+    return model, scans
+
+
+def start_server(args, model: Path, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--port", str(port),
+           "--audit", str(work / "audit.sqlite"), "--concurrency", str(args.concurrency),
+           "--max-queue", str(args.max_queue)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.policy:
+        cmd += ["--policy", args.policy]
+    proc = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {(work / 'server.log').read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("server not ready in 60 s")
+
+
+def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds: float, token: str | None):
+    """Each client posts the payloads round-robin until time is up; returns (latencies s, codes, decisions)."""
+    lat: list[float] = []
+    codes: Counter = Counter()
+    decisions: Counter = Counter()
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=60, headers=headers) as c:
+            k = i
+            while time.monotonic() < end:
+                name, data = payloads[k % len(payloads)]
+                k += 1
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(url + "/v1/inspect", files={"scan": (name, data)})
+                except httpx.HTTPError as e:
+                    with lock:
+                        codes[type(e).__name__] += 1
+                    continue
+                dt = time.perf_counter() - t0
+                with lock:
+                    codes[r.status_code] += 1
+                    if r.status_code == 200:
+                        lat.append(dt)
+                        decisions[r.json()["decision"]] += 1
+                    elif r.status_code == 429:
+                        time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, codes, decisions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="bundle (default: the torch-free heuristic test bundle)")
+    ap.add_argument("--scan", action="append", default=None, help="scan file(s) to post (default: generated)")
+    ap.add_argument("--height", type=int, default=600, help="generated scan height")
+    ap.add_argument("--width", type=int, default=2000, help="generated scan width")
+    ap.add_argument("--url", default=None, help="target a running server instead of starting one")
+    ap.add_argument("--pid", type=int, default=None, help="with --url: server pid for RSS")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the start RSS")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--policy", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (generated model, scans, audit log)")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    model, scans = (Path(args.model) if args.model else None), [Path(s) for s in args.scan or []]
+    if not args.url and (model is None or not scans):
+        gen_model, gen_scans = make_inputs(work, args.height, args.width)
+        model, scans = model or gen_model, scans or gen_scans
+    payloads = [(p.name, p.read_bytes()) for p in scans]
+    token = os.environ.get("DETECTOR_TOKEN")
+    proc, url, pid = None, args.url, args.pid
+    if not url:
+        proc, url = start_server(args, model, work)
+        pid = proc.pid
+    try:
+        run_load(url, payloads, args.clients, args.warmup, token)
+        time.sleep(1.0)  # idle RSS: in-flight scans (uploads, decoded arrays) are not counted
+        rss0 = rss_mb(pid) if pid else float("nan")
+        samples: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:  # RSS every tenth of the run, to tell a plateau from a leak
+            while pid and not done.wait(args.duration / 10):
+                samples.append(rss_mb(pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        lat, codes, decisions = run_load(url, payloads, args.clients, args.duration, token)
+        wall = time.monotonic() - t0
+        done.set()
+        time.sleep(1.0)
+        rss1 = rss_mb(pid) if pid else float("nan")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ms = np.asarray(lat) * 1000.0
+    sizes = ", ".join(f"{n} {len(d) / 1e6:.2f} MB" for n, d in payloads)
+    print(f"serve_load: {args.clients} clients x {args.duration:g} s on {url} "
+          f"(concurrency {args.concurrency}, max-queue {args.max_queue}, cpus {os.cpu_count()}); scans: {sizes}")
+    if ms.size:
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        print(f"  {ms.size / wall:.1f} verdicts/s   latency ms p50 {p50:.1f}  p95 {p95:.1f}  p99 {p99:.1f}  "
+              f"max {ms.max():.1f}")
+    print(f"  status {dict(codes)}   decisions {dict(decisions)}")
+    if pid:
+        print(f"  server RSS idle after warm-up {rss0:.1f} MB, idle at end {rss1:.1f} MB ({rss1 - rss0:+.1f} MB); "
+              f"under load: {' '.join(f'{v:.0f}' for v in samples)}")
+    if args.keep:
+        print(f"  work dir {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Routing policy: risk tiers with their own false-alarm rates, risk flags that force inspection.
+
+A tier's threshold is derived from the model's own calibration (the normal validation scores in
+the bundle metadata), so one policy file works for every model and any rate, not only the three
+pre-computed ones. Decisions fail closed: an error, a missing score or an unknown tier never
+loosens routing. Every Decision says why in words an officer can read.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from detector.calibration import threshold_for_rate
+
+ANY = "any"
+
+
+class PolicyError(ValueError):
+    """A policy file (or its binding to a model) is unusable; names the file and the reason."""
+
+    def __init__(self, path: Any, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One routing answer: RELEASE or INSPECT, the threshold and tier applied, and why."""
+
+    decision: str
+    threshold: float | None
+    tier: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"decision": self.decision, "threshold": self.threshold, "tier": self.tier, "reason": self.reason}
+
+
+@dataclass
+class Policy:
+    """Tiers (name -> target false-alarm rate, None = the model's default), the default tier for
+    requests without one, and the risk flags that force INSPECT ("any" = every flag)."""
+
+    tiers: dict[str, float | None] = field(default_factory=lambda: {"default": None})
+    default_tier: str | None = None
+    force_flags: str | list[str] = ANY
+    source: str = "<built-in>"
+    thresholds: dict[str, float] = field(default_factory=dict)   # filled by bind()
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise PolicyError(self.source, "no tiers defined")
+        for name, rate in self.tiers.items():
+            if not isinstance(name, str) or not name:
+                raise PolicyError(self.source, f"tier names must be non-empty strings, got {name!r}")
+            if rate is not None and not (isinstance(rate, (int, float)) and 0.0 <= float(rate) <= 1.0):
+                raise PolicyError(self.source, f"tier {name!r}: false_alarm_rate must be in [0, 1], got {rate!r}")
+        if self.default_tier is None:
+            self.default_tier = next(iter(self.tiers))
+        if self.default_tier not in self.tiers:
+            raise PolicyError(self.source, f"default_tier {self.default_tier!r} is not one of {list(self.tiers)}")
+        if isinstance(self.force_flags, str):
+            if self.force_flags.lower() != ANY:
+                raise PolicyError(self.source, f"risk_flags.force must be 'any' or a list, got {self.force_flags!r}")
+            self.force_flags = ANY
+        else:
+            self.force_flags = [str(f) for f in self.force_flags]
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "Policy":
+        """Build from the YAML structure (see configs/policy.yaml)."""
+        if not isinstance(d, dict) or not isinstance(d.get("tiers"), dict):
+            raise PolicyError(source, "expected a mapping with a 'tiers' mapping (name: false_alarm_rate)")
+        tiers: dict[str, float | None] = {}
+        for name, v in d["tiers"].items():
+            rate = v.get("false_alarm_rate") if isinstance(v, dict) else v
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))):
+                raise PolicyError(source, f"tier {name!r}: false_alarm_rate must be a number, got {rate!r}")
+            tiers[str(name)] = None if rate is None else float(rate)
+        flags = d.get("risk_flags", {}) or {}
+        force = flags.get("force", ANY) if isinstance(flags, dict) else flags
+        if force is None:
+            force = []
+        if not isinstance(force, (str, list)):
+            raise PolicyError(source, f"risk_flags.force must be 'any' or a list, got {force!r}")
+        return cls(tiers=tiers, default_tier=d.get("default_tier"), force_flags=force, source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Policy":
+        """Read a policy file; raises PolicyError naming the file on any problem."""
+        try:
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise PolicyError(path, f"cannot read policy file ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            raise PolicyError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(d, source=str(path))
+
+    # ------------------------------------------------------------ binding to a model
+
+    def bind(self, model: Any) -> dict[str, float]:
+        """Derive each tier's threshold from a model's calibration (an Inspector or its metadata
+        dict); returns and keeps {tier: threshold}. A tier without a rate uses the model's default."""
+        meta = model if isinstance(model, dict) else getattr(model, "metadata", None)
+        if not isinstance(meta, dict):
+            raise PolicyError(self.source, f"bind() needs an Inspector or a metadata dict, got {type(model).__name__}")
+        scores = meta.get("normal_scores") or []
+        out: dict[str, float] = {}
+        for name, rate in self.tiers.items():
+            if rate is None:
+                out[name] = _default_threshold(model, meta, self.source)
+            elif scores:
+                out[name] = float(threshold_for_rate(scores, rate))
+            else:
+                out[name] = _table_threshold(meta, rate, name, self.source)
+        self.thresholds = out
+        return dict(out)
+
+    def rate(self, tier: str) -> float | None:
+        return self.tiers.get(tier)
+
+    @property
+    def strictest(self) -> str:
+        """The tier with the lowest threshold (the most inspections); needs bind()."""
+        self._need_bound()
+        return min(self.thresholds, key=lambda t: (self.thresholds[t], t))
+
+    def _need_bound(self) -> None:
+        if not self.thresholds:
+            raise PolicyError(self.source, "policy is not bound to a model: call policy.bind(inspector) first")
+
+    # ------------------------------------------------------------ deciding
+
+    def resolve_tier(self, tier: str | None) -> tuple[str, str]:
+        """(tier applied, note): no tier -> the default tier; an unknown one -> the strictest."""
+        self._need_bound()
+        if tier is None or (isinstance(tier, str) and not tier.strip()):
+            return str(self.default_tier), ""
+        tier = str(tier).strip()
+        if tier in self.thresholds:
+            return tier, ""
+        strict = self.strictest
+        return strict, f"unknown tier {tier!r} -> strictest tier {strict!r}; "
+
+    def forcing_flags(self, risk_flags: Iterable[str] | str | None) -> list[str]:
+        flags = parse_flags(risk_flags)
+        if self.force_flags == ANY:
+            return flags
+        return [f for f in flags if f in self.force_flags]
+
+    def decide(self, score: float | None, tier: str | None = None,
+               risk_flags: Iterable[str] | str | None = None, error: str | None = None) -> Decision:
+        """Route one scan: error, forcing risk flag or score >= tier threshold -> INSPECT."""
+        applied, note = self.resolve_tier(tier)
+        thr = self.thresholds[applied]
+        if error:
+            return Decision("INSPECT", thr, applied, f"{note}error: {error}")
+        try:
+            forcing = self.forcing_flags(risk_flags)
+        except ValueError as e:
+            return Decision("INSPECT", thr, applied, f"{note}error: unreadable risk flags ({e})")
+        if forcing:
+            return Decision("INSPECT", thr, applied, f"{note}risk flag {', '.join(forcing)} forces inspection")
+        if score is None or not isinstance(score, (int, float)) or not math.isfinite(score):
+            return Decision("INSPECT", thr, applied, f"{note}error: no valid score ({score!r})")
+        rate = self.tiers[applied]
+        at = "the model's default rate" if rate is None else f"false-alarm rate {rate:g}"
+        if score >= thr:
+            return Decision("INSPECT", thr, applied,
+                            f"{note}score {score:.4f} >= threshold {thr:.4f} of tier {applied} at {at}")
+        return Decision("RELEASE", thr, applied,
+                        f"{note}score {score:.4f} < threshold {thr:.4f} of tier {applied} at {at}")
+
+    def describe(self) -> str:
+        """One line per tier for logs: name, rate, threshold."""
+        rows = []
+        for name, rate in self.tiers.items():
+            thr = self.thresholds.get(name)
+            rows.append(f"{name}: rate {'default' if rate is None else f'{rate:g}'}"
+                        + ("" if thr is None else f", threshold {thr:.4f}"))
+        return "; ".join(rows)
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """The policy in a file, or (None) one tier 'default' at the model's calibrated threshold."""
+    return Policy() if path is None else Policy.from_yaml(path)
+
+
+def parse_flags(value: Iterable[str] | str | None) -> list[str]:
+    """Risk flags from a list, a JSON list string or 'a,b' / 'a;b' text; empty -> []."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"bad JSON list {text[:40]!r}: {e.msg}") from None
+        else:
+            value = text.replace(";", ",").replace("|", ",").split(",")
+    if not isinstance(value, (list, tuple, set)):
+        raise ValueError(f"expected a list of flags, got {type(value).__name__}")
+    return [str(f).strip() for f in value if str(f).strip()]
+
+
+def _default_threshold(model: Any, meta: dict, source: str) -> float:
+    thr = getattr(model, "threshold", None)
+    if isinstance(thr, (int, float)):
+        return float(thr)
+    try:
+        from detector.bundle import default_threshold
+        return float(default_threshold(meta)[0])
+    except Exception as e:
+        raise PolicyError(source, f"model metadata has no usable default threshold ({e})") from None
+
+
+def _table_threshold(meta: dict, rate: float, tier: str, source: str) -> float:
+    for row in meta.get("thresholds") or []:
+        if abs(float(row.get("false_alarm_rate", -1)) - rate) < 1e-12:
+            return float(row["threshold"])
+    raise PolicyError(source, f"tier {tier!r}: model has no normal_scores and no threshold for rate {rate:g}")

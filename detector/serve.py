@@ -1,0 +1,409 @@
+"""Station HTTP service: POST a scan, get a fail-closed routing verdict, every verdict audited.
+
+FastAPI + uvicorn because both are maintained and widely deployed, parse multipart uploads
+asynchronously (spooling big files to disk instead of memory), and publish an OpenAPI schema
+(/docs, /openapi.json) that station integrators can generate clients from. Inference runs in a
+thread pool behind a bounded queue so the event loop keeps answering health checks and 429s.
+
+Fail-closed contract (DESIGN.md "HTTP"): any failure answers 200 with decision INSPECT and the
+reason; the only non-200 answers are 401 (token), 413 (too large) and 429 (queue full, retry).
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import hashlib
+import hmac
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.datastructures import UploadFile
+
+from detector.audit import AuditLog
+from detector.policy import Policy, PolicyError, load_policy, parse_flags
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_ENV = "DETECTOR_TOKEN"
+
+
+@dataclass
+class ServeConfig:
+    """Everything `detector serve` needs; token None = no authentication."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    audit: str = "audit.sqlite"
+    policy: str | None = None
+    threads: int | None = None
+    max_upload_mb: float = 64.0
+    max_queue: int = 8
+    concurrency: int = 1
+    deadline_ms: float = 10000.0
+    token: str | None = None
+
+
+class UploadTooLarge(Exception):
+    """The request body passed the size limit while it was being received."""
+
+
+@dataclass
+class Metrics:
+    """Prometheus counters kept by hand (updated on the event loop only, so no lock)."""
+
+    requests: dict[str, int] = field(default_factory=dict)      # status code -> count
+    decisions: dict[str, int] = field(default_factory=lambda: {"RELEASE": 0, "INSPECT": 0})
+    errors: int = 0
+    audit_failures: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def request(self, code: int) -> None:
+        self.requests[str(code)] = self.requests.get(str(code), 0) + 1
+
+    def verdict(self, decision: str, error: bool, seconds: float) -> None:
+        self.decisions[decision] = self.decisions.get(decision, 0) + 1
+        self.errors += bool(error)
+        for i, b in enumerate(LATENCY_BUCKETS):
+            self.buckets[i] += seconds <= b
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def render(self, svc: "Service") -> str:
+        esc = lambda s: str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")  # noqa: E731
+        out = ["# HELP detector_requests_total Inspection requests by HTTP status.",
+               "# TYPE detector_requests_total counter"]
+        out += [f'detector_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]
+        out += ["# HELP detector_decisions_total Verdicts by routing decision.",
+                "# TYPE detector_decisions_total counter"]
+        out += [f'detector_decisions_total{{decision="{d}"}} {n}' for d, n in sorted(self.decisions.items())]
+        out += ["# HELP detector_errors_total Verdicts forced to INSPECT by an error (bad scan, timeout, ...).",
+                "# TYPE detector_errors_total counter", f"detector_errors_total {self.errors}",
+                "# HELP detector_audit_failures_total Verdicts whose audit row could not be written.",
+                "# TYPE detector_audit_failures_total counter", f"detector_audit_failures_total {self.audit_failures}",
+                "# HELP detector_inspect_latency_seconds Time from request to verdict.",
+                "# TYPE detector_inspect_latency_seconds histogram"]
+        out += [f'detector_inspect_latency_seconds_bucket{{le="{b:g}"}} {n}' for b, n in zip(LATENCY_BUCKETS, self.buckets)]
+        out += [f'detector_inspect_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+                f"detector_inspect_latency_seconds_sum {self.latency_sum:.6f}",
+                f"detector_inspect_latency_seconds_count {self.latency_count}",
+                "# HELP detector_queue_requests Requests admitted and not yet answered (queued + running).",
+                "# TYPE detector_queue_requests gauge", f"detector_queue_requests {svc.admitted}",
+                "# HELP detector_ready 1 when the model is loaded and warmed.",
+                "# TYPE detector_ready gauge", f"detector_ready {int(svc.ready)}",
+                "# HELP detector_model_info The served model bundle.", "# TYPE detector_model_info gauge",
+                f'detector_model_info{{sha256="{esc(svc.model_sha256)}",version="{esc(svc.model_version)}"}} 1']
+        return "\n".join(out) + "\n"
+
+
+class Service:
+    """The loaded model, policy and audit log, plus admission control for /v1/inspect."""
+
+    def __init__(self, cfg: ServeConfig, inspector: Any, policy: Policy, audit: AuditLog):
+        self.cfg, self.inspector, self.policy, self.audit = cfg, inspector, policy, audit
+        self.model_sha256 = str(inspector.model_sha256)
+        meta = inspector.metadata
+        self.model_version = str(meta.get("model_version") or meta.get("created") or meta.get("package_version") or "")
+        self.max_bytes = int(cfg.max_upload_mb * 1024 * 1024)
+        self.capacity = max(1, cfg.concurrency) + max(0, cfg.max_queue)
+        self.admitted = 0
+        self.ready = False
+        self._served_at_trim = -1
+        self.metrics = Metrics()
+        self.slots = asyncio.Semaphore(max(1, cfg.concurrency))
+        self.pool = ThreadPoolExecutor(max(1, cfg.concurrency), thread_name_prefix="infer")
+        self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")  # one writer, off the loop
+
+    def warm(self) -> None:
+        """Run a scan-sized dummy through the full path so the first truck pays no start-up cost."""
+        from detector.scan import scan_from_counts
+        counts = np.full((int(self.inspector.channels), 256, 1024), 30000, np.uint16)
+        self.inspector.inspect_safe(scan_from_counts(counts, i0=53000.0, source="<warm-up>"))
+        self.ready = True
+
+    def authorised(self, request: Request) -> bool:
+        if not self.cfg.token:
+            return True
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.cfg.token.encode())
+
+    async def handle(self, request: Request) -> JSONResponse:
+        """Admission (401/413/429), then a verdict that is audited before it is answered."""
+        t0 = time.perf_counter()
+        if not self.authorised(request):
+            return self._reject(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            return self._reject(413, f"upload of {int(length)} bytes exceeds the {self.cfg.max_upload_mb:g} MB limit")
+        if self.admitted >= self.capacity:
+            return self._reject(429, f"queue full ({self.capacity} requests admitted); retry shortly",
+                                {"Retry-After": "1"})
+        self.admitted += 1
+        rid = uuid.uuid4().hex
+        try:
+            return await self._verdict(request, rid, t0)
+        except UploadTooLarge:
+            return self._reject(413, f"upload exceeds the {self.cfg.max_upload_mb:g} MB limit")
+        except Exception as e:  # fail closed: still a verdict, still audited
+            return await self._answer(rid, t0, {}, None, None, None, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self.admitted -= 1
+
+    def _reject(self, code: int, why: str, headers: dict | None = None) -> JSONResponse:
+        self.metrics.request(code)
+        return JSONResponse({"detail": why}, status_code=code, headers=headers)
+
+    async def _verdict(self, request: Request, rid: str, t0: float) -> JSONResponse:
+        error, meta, data, name = None, {}, None, "scan"
+        try:
+            form = await Request(request.scope, _limited(request.receive, self.max_bytes)).form(
+                max_files=2, max_fields=4)
+        except UploadTooLarge:
+            raise
+        except Exception as e:
+            form, error = None, f"unreadable multipart form ({type(e).__name__}: {e})"
+        if form is not None:
+            upload = form.get("scan")
+            if isinstance(upload, UploadFile):
+                data, name = await upload.read(), upload.filename or "scan"
+            else:
+                error = "no file in form field 'scan'"
+            meta, meta_error = _parse_meta(form.get("meta"))
+            error = error or meta_error
+            await form.close()  # delete spooled temp files now, not at garbage collection
+        verdict, sha = None, None
+        if data is not None:
+            verdict, sha, timeout = await self._infer(data, name, meta.get("tier"), t0)
+            error = error or timeout or getattr(verdict, "error", None)
+        return await self._answer(rid, t0, meta, verdict, sha, (name, len(data) if data is not None else None), error)
+
+    async def _infer(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None, str | None]:
+        """Run inspect_safe in the pool under the deadline; the slot is held until the thread ends."""
+        budget_s = self.cfg.deadline_ms / 1000.0
+        thr = self.policy.thresholds[self.policy.resolve_tier(tier)[0]]  # the tier decide() will apply
+        try:
+            await asyncio.wait_for(self.slots.acquire(), max(0.0, budget_s - (time.perf_counter() - t0)))
+        except asyncio.TimeoutError:
+            return None, _sha(data), f"deadline of {self.cfg.deadline_ms:g} ms exceeded while queued"
+        left_ms = max(1.0, self.cfg.deadline_ms - (time.perf_counter() - t0) * 1000.0)
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, _run, self.inspector, data, name, left_ms, thr)
+        try:
+            # inspect_safe enforces the deadline itself; the grace covers stages it cannot interrupt
+            verdict, sha = await asyncio.wait_for(asyncio.shield(fut), left_ms / 1000.0 + 1.0)
+        except asyncio.TimeoutError:
+            fut.add_done_callback(lambda _: self.slots.release())
+            return None, None, f"deadline of {self.cfg.deadline_ms:g} ms exceeded (inference still running)"
+        self.slots.release()
+        return verdict, sha, None
+
+    async def _answer(self, rid: str, t0: float, meta: dict, verdict: Any, sha: str | None,
+                      file: tuple[str, int | None] | None, error: str | None) -> JSONResponse:
+        """Decide by policy, commit the audit row, then (and only then) answer."""
+        score = None if verdict is None else _finite(verdict.score)
+        try:
+            d = self.policy.decide(score, meta.get("tier"), meta.get("risk_flags"), error=error)
+            decision, thr, tier, reason = d.decision, d.threshold, d.tier, d.reason
+        except Exception as e:
+            decision, thr, tier, reason = "INSPECT", None, str(meta.get("tier") or ""), f"error: policy failed ({e})"
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        try:
+            flags = parse_flags(meta.get("risk_flags"))
+        except ValueError:
+            flags = [str(meta.get("risk_flags"))]
+        body = {"decision": decision, "score": score, "threshold": thr, "tier": tier, "reason": reason,
+                "regions": [] if verdict is None else [r.to_dict() for r in verdict.regions],
+                "model_sha256": self.model_sha256, "request_id": rid, "latency_ms": round(latency_ms, 3)}
+        record = {"request_id": rid, "vehicle_id": _text(meta.get("vehicle_id")),
+                  "container_id": _text(meta.get("container_id")), "file_name": file[0] if file else None,
+                  "file_bytes": file[1] if file else None, "file_sha256": sha, "model_sha256": self.model_sha256,
+                  "model_version": self.model_version, "score": score, "threshold": thr, "tier": tier,
+                  "decision": decision, "reason": reason, "latency_ms": latency_ms, "risk_flags": json.dumps(flags)}
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self.audit.write, record)
+        except Exception as e:  # the verdict stands (INSPECT), but say the audit is broken
+            self.metrics.audit_failures += 1
+            print(f"detector serve: audit write failed for {rid}: {e}", file=sys.stderr)
+            body.update(decision="INSPECT", reason=f"{reason}; audit write failed ({e})")
+        self.metrics.request(200)
+        self.metrics.verdict(body["decision"], bool(error), latency_ms / 1000.0)
+        return JSONResponse(body, headers={"X-Request-ID": rid})
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (f"served {m.latency_count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
+                f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors) -> audit {self.cfg.audit}")
+
+    async def trim_when_idle(self, every_s: float = 0.5) -> None:
+        """Background task: after traffic, once the queue is empty, return freed heap to the OS."""
+        while True:
+            await asyncio.sleep(every_s)
+            served = self.metrics.latency_count
+            if self.admitted == 0 and served != self._served_at_trim:
+                self._served_at_trim = served
+                await asyncio.get_running_loop().run_in_executor(self.audit_pool, _trim_heap)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.audit_pool.shutdown(wait=True)
+        self.audit.close()
+
+
+def _libc() -> Any:
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _trim_heap() -> None:
+    # glibc keeps freed scan buffers (MBs each, freed across many threads) in its arenas; handing
+    # them back when the queue drains keeps a long-running station's RSS flat
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> tuple[Any, str]:
+    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold), _sha(data)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _text(v: Any) -> str | None:
+    return None if v is None else str(v)[:200]
+
+
+def _parse_meta(raw: Any) -> tuple[dict, str | None]:
+    """The optional `meta` JSON object; a bad one yields ({}, reason) and the scan is inspected."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}, None
+    if not isinstance(raw, str):
+        return {}, "form field 'meta' must be a JSON string, not a file"
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return {}, f"form field 'meta' is not valid JSON ({e.msg})"
+    if not isinstance(meta, dict):
+        return {}, f"form field 'meta' must be a JSON object, got {type(meta).__name__}"
+    return meta, None
+
+
+def _limited(receive: Any, limit: int) -> Any:
+    """Wrap an ASGI receive so the body is counted as it arrives and cut off past `limit`."""
+    seen = 0
+
+    async def wrapped() -> dict:
+        nonlocal seen
+        msg = await receive()
+        if msg.get("type") == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                raise UploadTooLarge(seen)
+        return msg
+
+    return wrapped
+
+
+def create_app(svc: Service) -> FastAPI:
+    """The ASGI app around a Service (warm-up runs after start, so /healthz answers at once)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.get_running_loop().run_in_executor(svc.pool, svc.warm)
+        trimmer = asyncio.create_task(svc.trim_when_idle())
+        yield
+        trimmer.cancel()
+        await asyncio.gather(task, trimmer, return_exceptions=True)
+        svc.close()
+        # here, not after uvicorn.run: uvicorn re-raises SIGTERM/SIGINT once shut down
+        print(svc.summary(), flush=True)
+
+    app = FastAPI(title="detector", summary="Cargo X-ray anomaly routing (fail-closed)", lifespan=lifespan)
+
+    @app.exception_handler(Exception)
+    async def fail_closed(request: Request, exc: Exception) -> JSONResponse:
+        # last resort: a client must never read a 5xx as "no verdict, release"
+        print(f"detector serve: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return JSONResponse({"decision": "INSPECT", "score": None, "threshold": None, "tier": None,
+                             "reason": f"internal error: {type(exc).__name__}", "regions": [],
+                             "model_sha256": svc.model_sha256, "request_id": None, "latency_ms": None})
+
+    @app.post("/v1/inspect", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["scan"], "properties": {
+            "scan": {"type": "string", "format": "binary", "description": "TIFF/PNG/NPY/DICOS scan file"},
+            "meta": {"type": "string", "description": 'JSON: {"vehicle_id","container_id","tier","risk_flags"}'}}}}}}})
+    async def inspect(request: Request) -> JSONResponse:
+        """Route one scan: RELEASE or INSPECT with the reason (always INSPECT on any failure)."""
+        return await svc.handle(request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        body = {"ready": svc.ready, "model_sha256": svc.model_sha256, "tiers": svc.policy.thresholds}
+        return JSONResponse(body, status_code=200 if svc.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> PlainTextResponse:
+        if not svc.authorised(request):
+            return PlainTextResponse("missing or wrong bearer token\n", status_code=401)
+        return PlainTextResponse(svc.metrics.render(svc), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def build_service(cfg: ServeConfig) -> Service:
+    """Load model, policy and audit log; raises with a clear message if any is unusable."""
+    from detector.runtime import Inspector
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, cfg.concurrency))
+    inspector = Inspector(cfg.model, threads=threads)
+    policy = load_policy(cfg.policy)
+    policy.bind(inspector)
+    return Service(cfg, inspector, policy, AuditLog(cfg.audit))
+
+
+def main(args) -> int:
+    """CLI entry: `detector serve --model model.onnx [--host] [--port] [--audit] [--policy] ...`."""
+    import uvicorn
+    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, audit=args.audit, policy=args.policy,
+                      threads=args.threads, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+                      concurrency=args.concurrency, deadline_ms=args.deadline_ms,
+                      token=os.environ.get(TOKEN_ENV) or None)
+    try:
+        svc = build_service(cfg)
+    except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
+        print(f"detector serve: {e}", file=sys.stderr)
+        return 2
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
+        print(f"detector serve: warning: listening on {cfg.host} without a token (set {TOKEN_ENV})", file=sys.stderr)
+    print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
+          f"audit {cfg.audit}, http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),
+                access_log=False)
+    return 0

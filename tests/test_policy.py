@@ -1,0 +1,119 @@
+"""Routing policy: tier thresholds from calibration, risk flags, fallbacks, reasons."""
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import NORMAL_SCORES
+
+from detector.calibration import threshold_for_rate
+from detector.policy import Decision, Policy, PolicyError, load_policy, parse_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+META = {"normal_scores": NORMAL_SCORES}
+
+
+@pytest.fixture
+def policy() -> Policy:
+    p = Policy.from_yaml(ROOT / "configs" / "policy.yaml")
+    p.bind(META)
+    return p
+
+
+def test_shipped_policy_thresholds_follow_calibration(policy):
+    assert list(policy.tiers) == ["whitelist", "standard", "high_risk"] and policy.default_tier == "standard"
+    for tier, rate in policy.tiers.items():
+        assert policy.thresholds[tier] == threshold_for_rate(NORMAL_SCORES, rate)
+    assert policy.thresholds["whitelist"] > policy.thresholds["standard"] > policy.thresholds["high_risk"]
+    assert policy.strictest == "high_risk"
+
+
+def test_any_rate_not_only_precomputed(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("tiers:\n  a: {false_alarm_rate: 0.37}\n  b: 0.2\n")
+    p = Policy.from_yaml(f)
+    thr = p.bind(META)
+    assert thr == {"a": threshold_for_rate(NORMAL_SCORES, 0.37), "b": threshold_for_rate(NORMAL_SCORES, 0.2)}
+    assert p.default_tier == "a"  # first tier when none is named
+    s = np.asarray(NORMAL_SCORES)
+    assert np.mean(s >= thr["a"]) <= 0.37 and np.mean(s >= thr["b"]) <= 0.2
+
+
+def test_decide_score_vs_tier_threshold(policy):
+    t = policy.thresholds
+    score = (t["standard"] + t["high_risk"]) / 2
+    rel = policy.decide(score, "standard", [])
+    assert isinstance(rel, Decision) and rel.decision == "RELEASE" and rel.tier == "standard"
+    assert rel.threshold == t["standard"] and "threshold" in rel.reason and "0.01" in rel.reason
+    ins = policy.decide(score, "high_risk", [])
+    assert ins.decision == "INSPECT" and "high_risk" in ins.reason and "0.05" in ins.reason
+    assert policy.decide(t["standard"], "standard").decision == "INSPECT"  # score == threshold inspects
+
+
+def test_default_and_unknown_tier(policy):
+    score = (policy.thresholds["standard"] + policy.thresholds["high_risk"]) / 2
+    assert policy.decide(score, None).tier == "standard"
+    assert policy.decide(score, "  ").tier == "standard"
+    d = policy.decide(score, "gold-card")
+    assert d.tier == "high_risk" and d.decision == "INSPECT" and "unknown tier 'gold-card'" in d.reason
+
+
+def test_risk_flags_any_and_list(policy, tmp_path):
+    d = policy.decide(0.0, "whitelist", ["anything"])
+    assert d.decision == "INSPECT" and "risk flag anything" in d.reason
+    f = tmp_path / "p.yaml"
+    f.write_text("tiers: {standard: 0.01}\nrisk_flags: {force: [intel_hit]}\n")
+    p = Policy.from_yaml(f)
+    p.bind(META)
+    assert p.decide(0.0, None, ["late"]).decision == "RELEASE"
+    assert p.decide(0.0, None, "late;intel_hit").decision == "INSPECT"
+    assert p.decide(0.0, None, '["intel_hit"]').reason.startswith("risk flag intel_hit")
+
+
+def test_errors_and_bad_scores_inspect(policy):
+    d = policy.decide(0.0, "whitelist", error="scan.tiff: truncated")
+    assert d.decision == "INSPECT" and d.reason == "error: scan.tiff: truncated"
+    for bad in (None, math.nan, math.inf):
+        assert policy.decide(bad, "whitelist").decision == "INSPECT"
+    assert policy.decide(0.0, "whitelist", "[not json").decision == "INSPECT"
+
+
+def test_unbound_and_invalid_policies(tmp_path):
+    with pytest.raises(PolicyError, match="bind"):
+        Policy().decide(0.1)
+    cases = {"rate.yaml": "tiers: {a: 1.5}\n", "default.yaml": "tiers: {a: 0.1}\ndefault_tier: b\n",
+             "notiers.yaml": "risk_flags: {force: any}\n", "yaml.yaml": "tiers: [\n",
+             "force.yaml": "tiers: {a: 0.1}\nrisk_flags: {force: some}\n", "type.yaml": "tiers: {a: high}\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PolicyError, match=name):
+            Policy.from_yaml(tmp_path / name)
+    with pytest.raises(PolicyError, match="cannot read"):
+        Policy.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_model_default_and_table_fallback():
+    p = load_policy(None)  # no file: one tier at the model's (possibly overridden) threshold
+    assert p.bind(SimpleNamespace(metadata=META, threshold=0.123)) == {"default": 0.123}
+    table = {"thresholds": [{"false_alarm_rate": 0.01, "threshold": 0.7}], "normal_scores": []}
+    q = Policy(tiers={"std": 0.01, "odd": 0.02})
+    with pytest.raises(PolicyError, match="odd"):
+        q.bind(table)
+    q = Policy(tiers={"std": 0.01})
+    assert q.bind(table) == {"std": 0.7}
+
+
+def test_bind_to_real_inspector(heuristic_model):
+    from detector.runtime import Inspector
+    p = Policy(tiers={"a": 0.01, "b": None})
+    thr = p.bind(Inspector(heuristic_model, threads=1))
+    assert thr["a"] == threshold_for_rate(NORMAL_SCORES, 0.01) and thr["b"] == pytest.approx(thr["a"])
+
+
+def test_parse_flags():
+    assert parse_flags(None) == [] and parse_flags("") == [] and parse_flags([]) == []
+    assert parse_flags("a, b;c|d") == ["a", "b", "c", "d"]
+    assert parse_flags('["x", " y "]') == ["x", "y"]
+    with pytest.raises(ValueError):
+        parse_flags({"a": 1})

@@ -1,0 +1,295 @@
+"""The station HTTP service, run as a real process on loopback (plus a few in-process ASGI checks)."""
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from conftest import I0, NORMAL_SCORES, make_scan_counts
+
+from detector.calibration import threshold_for_rate
+from detector.scan import write_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-test-token"
+RATES = {"whitelist": 0.001, "standard": 0.01, "high_risk": 0.5}
+POLICY = """tiers:
+  whitelist: 0.001
+  standard: 0.01
+  high_risk: 0.5
+default_tier: standard
+risk_flags:
+  force: [intel_hit, manifest_mismatch]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m detector.cli serve` on a free loopback port; always killed by stop()."""
+
+    def __init__(self, model: Path, workdir: Path, *extra: str, token: str | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.audit = workdir / "audit.sqlite"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("DETECTOR_TOKEN", None)
+        if token:
+            env["DETECTOR_TOKEN"] = token
+        self.log = open(workdir / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--port", str(self.port),
+             "--audit", str(self.audit), "--threads", "1", *extra],
+            cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready(workdir)
+
+    def _wait_ready(self, workdir: Path, timeout: float = 30.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                self.log.flush()
+                raise RuntimeError(f"server exited {self.proc.returncode}: "
+                                   f"{(workdir / f'server-{self.port}.log').read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server not ready in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def _moderate_scan(path: Path, att: float = 2.0) -> Path:
+    """A scan whose heuristic score (~0.31) lies between the standard and high_risk thresholds."""
+    c = make_scan_counts(seed=5).astype(np.float64)
+    block = np.stack([I0 * np.exp(-att * r) * np.ones((60, 96)) for r in (1.0, 1.3)])
+    c[:, 80:140, 240:336] = np.random.default_rng(7).poisson(block)
+    return write_scan(path, c.astype(np.uint16), i0=(I0, I0), pitch_mm=5.0, energies=("high", "low"))
+
+
+@pytest.fixture(scope="module")
+def server(heuristic_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    (work / "policy.yaml").write_text(POLICY)
+    srv = Server(heuristic_model, work, "--policy", str(work / "policy.yaml"), "--max-upload-mb", "1",
+                 token=TOKEN)
+    yield srv
+    srv.stop()
+
+
+def _post(srv, path: Path | None = None, meta=None, token=TOKEN, data: bytes | None = None, name=None):
+    files = {"scan": (name or (path.name if path else "scan.tiff"), data if data is not None else path.read_bytes())}
+    form = {} if meta is None else {"meta": meta if isinstance(meta, str) else json.dumps(meta)}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(srv.url + "/v1/inspect", files=files, data=form, headers=headers, timeout=30)
+
+
+def test_normal_released_anomalous_inspected(server, heuristic_model, normal_scan_path, anomalous_scan_path):
+    sha = hashlib.sha256(Path(heuristic_model).read_bytes()).hexdigest()
+    r = _post(server, normal_scan_path, {"vehicle_id": "V-1", "container_id": "C-1"})
+    assert r.status_code == 200
+    v = r.json()
+    assert set(v) >= {"decision", "score", "threshold", "tier", "reason", "regions", "model_sha256",
+                      "request_id", "latency_ms"}
+    assert v["decision"] == "RELEASE" and v["tier"] == "standard" and v["model_sha256"] == sha
+    assert v["threshold"] == pytest.approx(threshold_for_rate(NORMAL_SCORES, 0.01))
+    assert v["score"] < v["threshold"] and "standard" in v["reason"]
+    a = _post(server, anomalous_scan_path).json()
+    assert a["decision"] == "INSPECT" and a["score"] >= a["threshold"] and a["regions"]
+    assert a["request_id"] != v["request_id"]
+
+
+def test_tiers_route_the_same_score_differently(server, tmp_path):
+    scan = _moderate_scan(tmp_path / "moderate.tiff")
+    got = {t: _post(server, scan, {"tier": t}).json() for t in RATES}
+    assert len({g["score"] for g in got.values()}) == 1
+    for t, g in got.items():
+        assert g["tier"] == t and g["threshold"] == pytest.approx(threshold_for_rate(NORMAL_SCORES, RATES[t]))
+    assert got["whitelist"]["decision"] == got["standard"]["decision"] == "RELEASE"
+    assert got["high_risk"]["decision"] == "INSPECT" and "high_risk" in got["high_risk"]["reason"]
+
+
+def test_unknown_tier_gets_strictest(server, tmp_path):
+    v = _post(server, _moderate_scan(tmp_path / "m.tiff"), {"tier": "vip-no-check"}).json()
+    assert v["tier"] == "high_risk" and v["decision"] == "INSPECT"
+    assert "unknown tier 'vip-no-check'" in v["reason"]
+
+
+def test_risk_flag_forces_inspection(server, normal_scan_path):
+    v = _post(server, normal_scan_path, {"tier": "whitelist", "risk_flags": ["intel_hit"]}).json()
+    assert v["decision"] == "INSPECT" and "intel_hit" in v["reason"]
+    other = _post(server, normal_scan_path, {"tier": "whitelist", "risk_flags": ["late_arrival"]}).json()
+    assert other["decision"] == "RELEASE"  # not in the policy's forcing list
+
+
+def test_failures_are_inspect_with_reason(server, normal_scan_path):
+    corrupt = normal_scan_path.read_bytes()[:3000]
+    v = _post(server, data=corrupt, name="truncated.tiff")
+    assert v.status_code == 200 and v.json()["decision"] == "INSPECT"
+    assert v.json()["score"] is None and "truncated.tiff" in v.json()["reason"]
+    bad_meta = _post(server, normal_scan_path, "{not json").json()
+    assert bad_meta["decision"] == "INSPECT" and "meta" in bad_meta["reason"]
+    no_file = httpx.post(server.url + "/v1/inspect", data={"meta": "{}"},
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert no_file.status_code == 200 and no_file.json()["decision"] == "INSPECT"
+    assert "scan" in no_file.json()["reason"]
+
+
+def test_token_required(server, normal_scan_path):
+    assert _post(server, normal_scan_path, token="wrong").status_code == 401
+    assert _post(server, normal_scan_path, token=None).status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_oversized_upload_413(server):
+    big = os.urandom(1_300_000)  # limit is 1 MB
+    assert _post(server, data=big, name="big.tiff").status_code == 413
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"scan\"; filename=\"big.tiff\"\r\n"
+                b"Content-Type: application/octet-stream\r\n\r\n")
+        yield body
+        for _ in range(20):
+            yield b"\0" * 65536
+
+    r = httpx.post(server.url + "/v1/inspect", content=chunks(), timeout=10,
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert r.status_code == 413
+
+
+def test_metrics_and_audit_rows(server, normal_scan_path, tmp_path):
+    rid = _post(server, normal_scan_path, {"vehicle_id": "V-77"}).json()["request_id"]
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    for name in ("detector_requests_total", 'detector_decisions_total{decision="RELEASE"}', "detector_errors_total",
+                 "detector_inspect_latency_seconds_bucket", "detector_model_info{sha256="):
+        assert name in text
+    out = tmp_path / "audit.csv"
+    res = subprocess.run([sys.executable, "-m", "detector.cli", "audit", "export", "--audit", str(server.audit),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and "exported" in res.stdout
+    rows = {r.split(",")[1]: r for r in out.read_text().splitlines()[1:]}
+    assert rid in rows and "V-77" in rows[rid] and "RELEASE" in rows[rid]
+
+
+def test_kill9_under_load_keeps_every_answered_verdict(heuristic_model, normal_scan_path, tmp_path):
+    srv = Server(heuristic_model, tmp_path, "--max-queue", "2")
+    answered: list[str] = []
+    codes: list[int] = []
+    stop = threading.Event()
+    data = normal_scan_path.read_bytes()
+
+    def client() -> None:
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(srv.url + "/v1/inspect", files={"scan": ("n.tiff", data)})
+                except httpx.HTTPError:
+                    continue
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    answered.append(r.json()["request_id"])
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2.5)
+        srv.proc.kill()  # SIGKILL mid-load: no shutdown hooks, no final flush
+        srv.proc.wait()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+        srv.stop()
+    assert len(answered) >= 5, codes
+    again = Server(heuristic_model, tmp_path, "--max-queue", "2")  # restarts on the same audit log
+    try:
+        assert httpx.post(again.url + "/v1/inspect", files={"scan": ("n.tiff", data)}).status_code == 200
+    finally:
+        again.stop()
+    db = sqlite3.connect(str(tmp_path / "audit.sqlite"))
+    logged = {r[0] for r in db.execute("SELECT request_id FROM verdicts")}
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    missing = [r for r in answered if r not in logged]
+    assert not missing, f"{len(missing)} of {len(answered)} answered verdicts not in the audit log"
+
+
+# ---------------------------------------------------------------- in-process: queue, deadline, crashes
+
+class _FakeInspector:
+    """Stands in for Inspector: sleeps `delay` s, then answers a fixed score (or raises)."""
+
+    def __init__(self, delay: float = 0.0, score: float = 0.2, boom: bool = False):
+        self.delay, self.score, self.boom = delay, score, boom
+        self.model_sha256, self.channels, self.threshold = "f" * 64, 2, 0.5
+        self.metadata = {"normal_scores": list(np.linspace(0, 1, 101)), "created": "test"}
+
+    def inspect_safe(self, src, deadline_ms=None, threshold=None):
+        if self.boom:
+            raise RuntimeError("kaboom")
+        time.sleep(self.delay)
+        return SimpleNamespace(score=self.score, regions=[], error=None)
+
+
+def _service(tmp_path, inspector, **cfg):
+    from detector.audit import AuditLog
+    from detector.policy import Policy
+    from detector.serve import ServeConfig, Service
+    policy = Policy()
+    policy.bind(inspector)
+    svc = Service(ServeConfig(model="fake.onnx", **cfg), inspector, policy, AuditLog(tmp_path / "a.sqlite"))
+    svc.ready = True
+    return svc
+
+
+async def _burst(svc, n: int) -> list[httpx.Response]:
+    from detector.serve import create_app
+    transport = httpx.ASGITransport(app=create_app(svc))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        return await asyncio.gather(*[c.post("/v1/inspect", files={"scan": ("x.npy", b"123")}) for _ in range(n)])
+
+
+def test_queue_full_gives_429(tmp_path):
+    svc = _service(tmp_path, _FakeInspector(delay=0.3), concurrency=1, max_queue=1)
+    codes = sorted(r.status_code for r in asyncio.run(_burst(svc, 5)))
+    assert codes == [200, 200, 429, 429, 429]
+    assert svc.audit.count() == 2
+
+
+def test_deadline_and_internal_errors_fail_closed(tmp_path):
+    slow = _service(tmp_path, _FakeInspector(delay=1.5), deadline_ms=100)
+    r = asyncio.run(_burst(slow, 1))[0]
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT" and "deadline" in r.json()["reason"]
+    boom = _service(tmp_path / "b", _FakeInspector(boom=True))
+    r = asyncio.run(_burst(boom, 1))[0]
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT" and "kaboom" in r.json()["reason"]
+    assert boom.audit.count() == 1
