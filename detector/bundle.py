@@ -1,0 +1,160 @@
+"""The model bundle's metadata: one JSON document under the ONNX `metadata_props` key "detector".
+
+Thresholds, preprocessing constants and provenance travel inside the .onnx file, so a station
+needs nothing else and can re-threshold without re-export. Reading uses onnxruntime only (core);
+attaching uses the onnx package (training side, imported lazily).
+"""
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector import __version__
+
+METADATA_KEY = "detector"
+SCHEMA_VERSION = 1
+SCORE_METHODS = ("topk_mean_logit",)
+REQUIRED = ("schema_version", "channels", "energies", "pitch_mm", "preprocessing", "stride", "score",
+            "thresholds", "default_false_alarm_rate", "normal_scores")
+PREPROCESSING_KEYS = ("model_pitch_mm", "clip_max", "scale", "pad_multiple")
+
+
+class BundleError(ValueError):
+    """A model file that is not a valid detector bundle; names the file and the reason."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = str(path) if path is not None else "<model>"
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _json_safe(obj: Any) -> Any:
+    """numpy scalars/arrays, tuples and Paths -> plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def make_metadata(**fields: Any) -> dict:
+    """Metadata dict with schema version, package version and creation time filled in, JSON-safe."""
+    meta = {"schema_version": SCHEMA_VERSION, "package_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    meta.update(fields)
+    if "normal_scores" in meta and meta["normal_scores"] is not None:
+        meta["normal_scores"] = sorted(float(s) for s in meta["normal_scores"])
+    meta.setdefault("default_false_alarm_rate", 0.01)
+    return _json_safe(meta)
+
+
+def attach_metadata(model_proto: Any, meta: dict) -> Any:
+    """Validate `meta` and store it as JSON under metadata_props["detector"] (replacing any old one)."""
+    validate_metadata(meta, "<metadata to attach>")
+    text = json.dumps(_json_safe(meta), sort_keys=True)
+    keep = [p for p in model_proto.metadata_props if p.key != METADATA_KEY]
+    del model_proto.metadata_props[:]
+    for p in keep:
+        model_proto.metadata_props.add(key=p.key, value=p.value)
+    model_proto.metadata_props.add(key=METADATA_KEY, value=text)
+    return model_proto
+
+
+def parse_metadata(custom: dict[str, str], path: str | Path | None, validate: bool = True) -> dict:
+    """The bundle metadata from an onnxruntime custom_metadata_map; BundleError if absent or bad."""
+    if METADATA_KEY not in custom:
+        raise BundleError(path, f"no {METADATA_KEY!r} metadata: not a detector model bundle "
+                                f"(a foreign ONNX file? export one with `detector export`)")
+    try:
+        meta = json.loads(custom[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise BundleError(path, f"metadata {METADATA_KEY!r} is not valid JSON ({e})") from None
+    if validate:
+        validate_metadata(meta, path)
+    return meta
+
+
+def read_metadata(path: str | Path, validate: bool = True) -> dict:
+    """Read (and by default validate) the metadata of a bundle with onnxruntime only."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(path, "model file not found")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own pybind types
+        raise BundleError(path, f"not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+    return parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
+
+
+def _need(cond: bool, path: Any, reason: str) -> None:
+    if not cond:
+        raise BundleError(path, f"invalid {METADATA_KEY!r} metadata: {reason}")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
+    """Check schema version and every field a station relies on; BundleError naming the first problem."""
+    _need(isinstance(meta, dict), path, f"expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(path, f"metadata schema_version {version!r} is not supported (this detector "
+                                f"{__version__} reads version {SCHEMA_VERSION}); re-export the model")
+    missing = [k for k in REQUIRED if k not in meta]
+    _need(not missing, path, f"missing field(s) {', '.join(missing)}")
+    ch = meta["channels"]
+    _need(ch in (1, 2) and not isinstance(ch, bool), path, f"channels must be 1 or 2, got {ch!r}")
+    _need(isinstance(meta["energies"], list) and len(meta["energies"]) == ch, path,
+          f"energies {meta['energies']!r} must list {ch} name(s)")
+    _need(_is_num(meta["pitch_mm"]) and meta["pitch_mm"] > 0, path, f"pitch_mm {meta['pitch_mm']!r} must be > 0")
+    pre = meta["preprocessing"]
+    _need(isinstance(pre, dict), path, "preprocessing must be an object")
+    for k in PREPROCESSING_KEYS:
+        _need(k in pre, path, f"preprocessing lacks {k!r}")
+    _need(isinstance(meta["stride"], int) and meta["stride"] >= 1, path, f"stride {meta['stride']!r} must be an int >= 1")
+    score = meta["score"]
+    _need(isinstance(score, dict) and score.get("method") in SCORE_METHODS, path,
+          f"score method must be one of {SCORE_METHODS}, got {score!r}")
+    _need(isinstance(score.get("k"), int) and score["k"] >= 1, path, f"score k must be an int >= 1, got {score.get('k')!r}")
+    rows = meta["thresholds"]
+    _need(isinstance(rows, list) and len(rows) > 0, path, "thresholds must be a non-empty list")
+    for r in rows:
+        _need(isinstance(r, dict) and _is_num(r.get("threshold")) and _is_num(r.get("false_alarm_rate")),
+              path, f"threshold row {r!r} needs numeric threshold and false_alarm_rate")
+    _need(_is_num(meta["default_false_alarm_rate"]) and 0 < meta["default_false_alarm_rate"] < 1, path,
+          f"default_false_alarm_rate {meta['default_false_alarm_rate']!r} must be in (0, 1)")
+    ns = meta["normal_scores"]
+    _need(isinstance(ns, list) and all(_is_num(s) for s in ns), path, "normal_scores must be a list of numbers")
+    return meta
+
+
+def default_threshold(meta: dict) -> tuple[float, float]:
+    """(threshold, false-alarm rate) for the bundle's default rate: its table row, else derived."""
+    rate = float(meta["default_false_alarm_rate"])
+    for r in meta["thresholds"]:
+        if abs(float(r["false_alarm_rate"]) - rate) < 1e-12:
+            return float(r["threshold"]), rate
+    if meta["normal_scores"]:
+        from detector.calibration import threshold_for_rate
+        return float(threshold_for_rate(np.asarray(meta["normal_scores"]), rate)), rate
+    r = meta["thresholds"][0]
+    return float(r["threshold"]), float(r["false_alarm_rate"])

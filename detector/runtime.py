@@ -1,0 +1,314 @@
+"""Torch-free station inference: scan -> preprocess -> ONNX -> score, regions, routing decision.
+
+Only numpy, OpenCV, onnxruntime and core detector modules are imported, so a scanning station
+installs no training stack. Preprocessing is `detector.preprocess.prepare`, the very function
+training used. One Inspector serves concurrent calls: onnxruntime's `run` is thread-safe and all
+per-call state is local.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from detector.bundle import BundleError, default_threshold, parse_metadata
+from detector.calibration import false_alarm_rate
+from detector.calibration import threshold_for_rate as _threshold_for_rate
+from detector.preprocess import Preprocessing, prepare
+from detector.scan import Scan, ScanError, read_scan, read_scan_bytes, scan_from_counts
+
+Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
+EPS = 1e-6
+
+
+class InspectionError(RuntimeError):
+    """Inference itself failed (model run, deadline); the scan may be fine."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A suspicious area: box (x0, y0, x1, y1) in scan pixels and its peak heatmap probability."""
+
+    box: tuple[int, int, int, int]
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"box": [int(v) for v in self.box], "score": round(float(self.score), 4)}
+
+
+@dataclass
+class Verdict:
+    """The routing answer for one scan; `reason` says why in words an officer can read."""
+
+    score: float
+    decision: str
+    threshold: float
+    regions: list[Region] = field(default_factory=list)
+    reason: str = ""
+    heatmap: np.ndarray | None = None
+    heatmap_scale_yx: tuple[float, float] = (1.0, 1.0)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    source: str | None = None
+    model_sha256: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary without the heatmap (NaN score of a failure -> None)."""
+        score = None if self.score is None or not math.isfinite(self.score) else round(float(self.score), 6)
+        return {"score": score, "decision": self.decision, "threshold": float(self.threshold),
+                "regions": [r.to_dict() for r in self.regions], "reason": self.reason,
+                "heatmap_scale_yx": [float(v) for v in self.heatmap_scale_yx],
+                "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+                "latency_ms": round(self.latency_ms, 3), "source": self.source,
+                "model_sha256": self.model_sha256, "error": self.error}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), EPS, 1 - EPS)
+    return np.log(p / (1 - p))
+
+
+def topk_mean_logit_score(heatmap: np.ndarray, k: int) -> float:
+    """sigmoid(mean of the k largest heatmap logits): the score rule the network uses."""
+    flat = _logit(heatmap.reshape(-1))
+    k = max(1, min(int(k), flat.size))
+    top = np.partition(flat, flat.size - k)[flat.size - k:]
+    return float(1.0 / (1.0 + math.exp(-float(top.mean()))))
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+class Inspector:
+    """Loads one bundle, validates it, and turns scans into Verdicts (see DESIGN.md "Routing")."""
+
+    def __init__(self, model_path: str | os.PathLike, threads: int | None = None,
+                 threshold: float | None = None, *, max_width: int = 2048, tile_overlap: int = 256,
+                 region_threshold: float = 0.5, max_regions: int = 10, warmup: bool = True):
+        self.path = Path(model_path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise BundleError(self.path, f"cannot read model file ({e.strerror or e})") from None
+        self.model_sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            self.session = ort.InferenceSession(data, _session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BundleError(self.path, f"not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        self.channels = int(self.metadata["channels"])
+        self.stride = int(self.metadata["stride"])
+        self.score_k = int(self.metadata["score"]["k"])
+        self.pre = Preprocessing.from_dict(self.metadata["preprocessing"])
+        self._check_graph()
+        self.default_threshold, self.default_rate = default_threshold(self.metadata)
+        self.threshold = _valid_threshold(threshold) if threshold is not None else self.default_threshold
+        self.region_threshold = float(region_threshold)
+        self.max_regions = int(max_regions)
+        # tile widths/starts are multiples of m so the pixel and heatmap grids stay aligned
+        m = self.pre.pad_multiple * self.stride // math.gcd(self.pre.pad_multiple, self.stride)
+        self.tile_overlap = max(2 * m, int(math.ceil(tile_overlap / (2 * m))) * 2 * m)
+        self.max_width = max(2 * self.tile_overlap, int(max_width) // m * m)
+        if warmup:  # a typical 640x2400 px scan at 5 mm: the first real call then runs at full speed
+            h, w = (-(-v // m) * m for v in (320, min(1216, self.max_width)))
+            self._run(np.zeros((self.channels, h, w), np.float32), None)
+
+    def _check_graph(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "scan" not in inputs or not {"heatmap", "score"} <= outputs:
+            raise BundleError(self.path, f"graph must have input 'scan' and outputs 'heatmap', 'score'; has "
+                                         f"inputs {sorted(inputs)} outputs {sorted(outputs)}")
+        shape = inputs["scan"].shape
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != self.channels):
+            raise BundleError(self.path, f"input 'scan' has shape {shape}, metadata says {self.channels} channel(s)")
+
+    # ------------------------------------------------------------ public API
+
+    def threshold_for_rate(self, rate: float) -> float:
+        """Threshold for a target false-alarm rate, from the bundle's normal validation scores."""
+        scores = self.metadata.get("normal_scores") or []
+        if not scores:
+            raise BundleError(self.path, "bundle has no normal_scores to derive thresholds from")
+        return float(_threshold_for_rate(scores, rate))
+
+    def inspect(self, src: Source, threshold: float | None = None) -> Verdict:
+        """Inspect one scan; raises ScanError (bad input) or InspectionError (inference failed)."""
+        return self._inspect(src, threshold, deadline=None)
+
+    def inspect_safe(self, src: Source, deadline_ms: float | None = None,
+                     threshold: float | None = None) -> Verdict:
+        """Fail-closed inspect: any error or a deadline overrun gives INSPECT with the reason; never raises."""
+        t0 = time.perf_counter()
+        deadline = None if deadline_ms is None else t0 + deadline_ms / 1000.0
+        try:
+            return self._inspect(src, threshold, deadline=deadline, t0=t0)
+        except Exception as e:  # fail closed: the truck goes to manual inspection
+            reason = str(e) if isinstance(e, (ScanError, BundleError, InspectionError)) else f"{type(e).__name__}: {e}"
+            try:
+                thr = self.threshold if threshold is None else _valid_threshold(threshold)
+            except (TypeError, ValueError, InspectionError):
+                thr = self.threshold
+            return Verdict(score=float("nan"), decision="INSPECT", threshold=thr,
+                           reason=f"fail-closed: {reason}", error=reason,
+                           latency_ms=(time.perf_counter() - t0) * 1000.0,
+                           source=_source_name(src), model_sha256=self.model_sha256)
+
+    # ------------------------------------------------------------ stages
+
+    def _read(self, src: Source) -> Scan:
+        if isinstance(src, Scan):
+            return src
+        if isinstance(src, (str, os.PathLike)):
+            return read_scan(src)
+        if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], (bytes, bytearray, memoryview)):
+            return read_scan_bytes(bytes(src[0]), str(src[1]))
+        if isinstance(src, (bytes, bytearray)):
+            return read_scan_bytes(bytes(src), "<bytes>")
+        if isinstance(src, np.ndarray):
+            return scan_from_counts(src)
+        raise ScanError(repr(src)[:60], "expected a path, a Scan, (bytes, name) or a counts array")
+
+    def _inspect(self, src: Source, threshold: float | None, deadline: float | None,
+                 t0: float | None = None) -> Verdict:
+        t0 = time.perf_counter() if t0 is None else t0
+        timings: dict[str, float] = {}
+        scan = self._read(src)
+        t1 = time.perf_counter()
+        timings["read"] = (t1 - t0) * 1000.0
+        _check_deadline(deadline, t0, "read")
+        prepared = prepare(scan, self.pre, self.channels)
+        t2 = time.perf_counter()
+        timings["preprocess"] = (t2 - t1) * 1000.0
+        _check_deadline(deadline, t0, "preprocess")
+        heatmap, score = self._infer(prepared.x, deadline, t0)
+        t3 = time.perf_counter()
+        timings["infer"] = (t3 - t2) * 1000.0
+        _check_deadline(deadline, t0, "inference")
+        if not math.isfinite(score) or not np.isfinite(heatmap).all():
+            raise InspectionError(f"model produced a non-finite output for {scan.source or '<scan>'}")
+        hv, wv = (-(-prepared.valid_hw[0] // self.stride), -(-prepared.valid_hw[1] // self.stride))
+        heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
+        cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
+        regions = self._regions(heatmap, cell_yx, scan.height, scan.width)
+        thr = self.threshold if threshold is None else _valid_threshold(threshold)
+        decision = "INSPECT" if score >= thr else "RELEASE"
+        d = 2  # enough digits that "0.62 < 0.62" never appears
+        while d < 9 and f"{score:.{d}f}" == f"{thr:.{d}f}" and score != thr:
+            d += 1
+        reason = (f"score {score:.{d}f} {'>=' if decision == 'INSPECT' else '<'} threshold {thr:.{d}f} "
+                  f"({self._rate_text(thr)})")
+        t4 = time.perf_counter()
+        timings["postprocess"] = (t4 - t3) * 1000.0
+        _check_deadline(deadline, t0, "postprocess")
+        return Verdict(score=score, decision=decision, threshold=thr, regions=regions, reason=reason,
+                       heatmap=heatmap, heatmap_scale_yx=cell_yx, timings_ms=timings,
+                       latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256)
+
+    def _rate_text(self, thr: float) -> str:
+        if abs(thr - self.default_threshold) < 1e-12:
+            return f"{self.default_rate * 100:g}% false-alarm rate"
+        scores = self.metadata.get("normal_scores") or []
+        if scores:
+            return f"custom threshold: {false_alarm_rate(scores, thr) * 100:.2g}% false alarms on validation"
+        return "custom threshold"
+
+    def _run(self, x: np.ndarray, run_options: ort.RunOptions | None) -> tuple[np.ndarray, float]:
+        try:
+            heatmap, score = self.session.run(["heatmap", "score"], {"scan": x[None]}, run_options)
+        except Exception as e:
+            if run_options is not None and run_options.terminate:
+                raise InspectionError("deadline exceeded during inference (run terminated)") from None
+            raise InspectionError(f"model run failed on input {tuple(x.shape)}: {str(e).splitlines()[0][:200]}") from None
+        return heatmap[0, 0], float(score[0])
+
+    def _infer(self, x: np.ndarray, deadline: float | None, t0: float) -> tuple[np.ndarray, float]:
+        """Whole scan in one run, or width tiles with overlap stitched by max (bounded memory)."""
+        opts, timer = None, None
+        if deadline is not None:
+            opts = ort.RunOptions()
+            timer = threading.Timer(max(0.0, deadline - time.perf_counter()), _terminate, (opts,))
+            timer.daemon = True
+            timer.start()
+        try:
+            width = x.shape[-1]
+            if width <= self.max_width:
+                return self._run(x, opts)
+            s, tw, half = self.stride, self.max_width, self.tile_overlap // 2
+            step = tw - self.tile_overlap
+            starts = list(range(0, width - tw, step)) + [width - tw]
+            stitched = np.zeros((x.shape[-2] // s, width // s), np.float32)
+            for i, a in enumerate(starts):
+                _check_deadline(deadline, t0, f"{i} of {len(starts)} tiles")
+                hm, _ = self._run(np.ascontiguousarray(x[:, :, a:a + tw]), opts)
+                lo = 0 if i == 0 else half                  # trust tile centres: borders lack context
+                hi = tw if i == len(starts) - 1 else tw - half
+                np.maximum(stitched[:, (a + lo) // s:(a + hi) // s], hm[:, lo // s:hi // s],
+                           out=stitched[:, (a + lo) // s:(a + hi) // s])
+            return stitched, topk_mean_logit_score(stitched, self.score_k)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _regions(self, heatmap: np.ndarray, cell_yx: tuple[float, float], h: int, w: int) -> list[Region]:
+        """Connected components above the region threshold -> boxes in scan pixels, best first."""
+        mask = (heatmap >= self.region_threshold).astype(np.uint8)
+        if not mask.any():
+            return []
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        out = []
+        for i in range(1, n):
+            x, y, bw, bh = (int(v) for v in stats[i, :4])
+            peak = float(heatmap[labels == i].max())
+            box = (int(x * cell_yx[1]), int(y * cell_yx[0]),
+                   min(w, int(math.ceil((x + bw) * cell_yx[1]))), min(h, int(math.ceil((y + bh) * cell_yx[0]))))
+            out.append(Region(box=box, score=peak))
+        out.sort(key=lambda r: -r.score)
+        return out[: self.max_regions]
+
+
+def _valid_threshold(t: Any) -> float:
+    """A NaN threshold would RELEASE everything (score >= NaN is False): refuse it."""
+    t = float(t)
+    if not math.isfinite(t):
+        raise InspectionError(f"threshold must be a finite number, got {t}")
+    return t
+
+
+def _terminate(opts: ort.RunOptions) -> None:
+    opts.terminate = True
+
+
+def _check_deadline(deadline: float | None, t0: float, stage: str) -> None:
+    if deadline is not None:
+        now = time.perf_counter()
+        if now > deadline:
+            raise InspectionError(f"deadline exceeded after {stage} ({(now - t0) * 1000:.1f} ms > "
+                                  f"{(deadline - t0) * 1000:.1f} ms)")
+
+
+def _source_name(src: Any) -> str | None:
+    if isinstance(src, Scan):
+        return src.source
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, tuple) and len(src) == 2:
+        return str(src[1])
+    return None

@@ -1,0 +1,87 @@
+"""Bundle metadata: round trip, and clear errors for foreign, tampered or outdated files."""
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from detector.bundle import (METADATA_KEY, SCHEMA_VERSION, BundleError, attach_metadata, default_threshold,
+                             make_metadata, read_metadata, validate_metadata)
+
+
+def _with_props(src, dst, value):
+    """Copy a bundle, replacing its detector metadata text (None: remove it)."""
+    m = onnx.load(str(src))
+    keep = [(p.key, p.value) for p in m.metadata_props if p.key != METADATA_KEY]
+    del m.metadata_props[:]
+    for k, v in keep:
+        m.metadata_props.add(key=k, value=v)
+    if value is not None:
+        m.metadata_props.add(key=METADATA_KEY, value=value)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_round_trip_carries_thresholds_and_preprocessing(heuristic_model):
+    meta = read_metadata(heuristic_model)
+    assert meta["schema_version"] == SCHEMA_VERSION and meta["channels"] == 2 and meta["stride"] == 8
+    assert meta["preprocessing"]["model_pitch_mm"] == meta["pitch_mm"] == 10.0
+    assert meta["normal_scores"] == sorted(meta["normal_scores"]) and len(meta["normal_scores"]) == 300
+    thr, rate = default_threshold(meta)
+    assert rate == 0.01 and sum(s >= thr for s in meta["normal_scores"]) / 300 <= 0.01
+    assert meta["package_version"] and meta["created"]
+
+
+def test_foreign_onnx_file_is_refused(tmp_path):
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "f.onnx"))
+    with pytest.raises(BundleError, match="not a detector model bundle") as e:
+        read_metadata(tmp_path / "f.onnx")
+    assert "f.onnx" in str(e.value)
+
+
+def test_not_onnx_and_missing_file(tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"definitely not protobuf")
+    with pytest.raises(BundleError, match="not a loadable ONNX model"):
+        read_metadata(tmp_path / "x.onnx")
+    with pytest.raises(BundleError, match="not found"):
+        read_metadata(tmp_path / "missing.onnx")
+
+
+def test_tampered_json_and_old_schema(heuristic_model, tmp_path):
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_metadata(_with_props(heuristic_model, tmp_path / "t.onnx", '{"schema_version": 1, "chan'))
+    meta = read_metadata(heuristic_model)
+    old = _with_props(heuristic_model, tmp_path / "o.onnx", json.dumps({**meta, "schema_version": 0}))
+    with pytest.raises(BundleError, match="schema_version 0 is not supported"):
+        read_metadata(old)
+    assert read_metadata(old, validate=False)["schema_version"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"thresholds": None}, "missing field"),
+    ({"channels": 3}, "channels must be 1 or 2"),
+    ({"energies": ["high"]}, "energies"),
+    ({"stride": 0}, "stride"),
+    ({"score": {"method": "max"}}, "score method"),
+    ({"preprocessing": {"scale": 3.0}}, "preprocessing lacks"),
+    ({"thresholds": [{"threshold": "high"}]}, "threshold row"),
+])
+def test_validate_names_the_problem(heuristic_model, change, message):
+    meta = read_metadata(heuristic_model)
+    meta.update(change)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    with pytest.raises(BundleError, match=message):
+        validate_metadata(meta, "m.onnx")
+
+
+def test_attach_replaces_and_refuses_invalid(heuristic_model):
+    m = onnx.load(str(heuristic_model))
+    meta = read_metadata(heuristic_model)
+    attach_metadata(m, make_metadata(**{**meta, "default_false_alarm_rate": 0.005}))
+    props = [p for p in m.metadata_props if p.key == METADATA_KEY]
+    assert len(props) == 1 and json.loads(props[0].value)["default_false_alarm_rate"] == 0.005
+    with pytest.raises(BundleError, match="missing field"):
+        attach_metadata(m, make_metadata(channels=2))

@@ -1,0 +1,163 @@
+"""Station runtime: decisions, regions, fail-closed paths, tiling, threads, and no torch."""
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import write_test_scan
+
+from detector.bundle import BundleError
+from detector.runtime import InspectionError, Inspector, topk_mean_logit_score
+from detector.scan import ScanError, read_scan
+
+
+@pytest.fixture(scope="module")
+def inspector(heuristic_model):
+    return Inspector(heuristic_model, threads=1)
+
+
+@pytest.fixture(scope="module")
+def wide_anomalous(scan_dir):
+    """200x1800 px: 100x900 model px, so it runs whole or as 256-px tiles."""
+    return write_test_scan(scan_dir / "wide.tiff", width=1800, dense=True, seed=7)
+
+
+def test_known_inputs_route_as_expected(inspector, normal_scan_path, anomalous_scan_path):
+    ok, bad = inspector.inspect(normal_scan_path), inspector.inspect(anomalous_scan_path)
+    assert ok.decision == "RELEASE" and not ok.regions and ok.score < ok.threshold
+    assert bad.decision == "INSPECT" and bad.score > 0.9 and bad.threshold == pytest.approx(inspector.threshold)
+    assert bad.reason.startswith(f"score {bad.score:.2f} >= threshold") and "1% false-alarm rate" in bad.reason
+    assert "<" in ok.reason
+    (x0, y0, x1, y1) = bad.regions[0].box  # the dense block sits at x 260..340, y 70..130 of 200x600
+    assert x0 <= 260 + 16 and x1 >= 340 - 16 and y0 <= 70 + 16 and y1 >= 130 - 16
+    assert x1 - x0 < 160 and y1 - y0 < 120 and bad.regions[0].score > 0.9
+    assert set(bad.timings_ms) == {"read", "preprocess", "infer", "postprocess"}
+    assert bad.latency_ms >= sum(bad.timings_ms.values()) * 0.99
+    assert bad.heatmap.shape == (13, 38) and bad.heatmap_scale_yx == pytest.approx((16.0, 16.0 * 600 / 600))
+    assert bad.model_sha256 == inspector.model_sha256 and len(bad.model_sha256) == 64
+    d = bad.to_dict()
+    assert json.loads(json.dumps(d))["regions"][0]["box"] == list(bad.regions[0].box) and "heatmap" not in d
+
+
+def test_every_source_kind_gives_the_same_verdict(inspector, anomalous_scan_path):
+    scores = [inspector.inspect(s).score for s in (anomalous_scan_path, str(anomalous_scan_path),
+                                                    read_scan(anomalous_scan_path),
+                                                    (anomalous_scan_path.read_bytes(), "upload.tiff"))]
+    assert max(scores) - min(scores) < 1e-6
+
+
+def test_channels(heuristic_model, heuristic_model_1ch, normal_scan_1ch_path, anomalous_scan_path, inspector):
+    with pytest.raises(ScanError, match="1 energy channel.*needs 2"):
+        inspector.inspect(normal_scan_1ch_path)
+    v = inspector.inspect_safe(normal_scan_1ch_path)
+    assert v.decision == "INSPECT" and "needs 2" in v.reason and v.error and np.isnan(v.score)
+    one = Inspector(heuristic_model_1ch, threads=1)
+    assert one.channels == 1 and one.inspect(anomalous_scan_path).decision == "INSPECT"  # keeps high energy
+    assert one.inspect(normal_scan_1ch_path).decision == "RELEASE"
+
+
+def test_fail_closed_never_raises(inspector, normal_scan_path, tmp_path):
+    data = normal_scan_path.read_bytes()
+    (tmp_path / "cut.tiff").write_bytes(data[: len(data) // 3])
+    cases = {tmp_path / "cut.tiff": "corrupt or truncated", tmp_path / "nope.tiff": "file not found",
+             (b"", "empty.png"): "empty file", None: "expected a path"}
+    for src, why in cases.items():
+        v = inspector.inspect_safe(src)
+        assert v.decision == "INSPECT" and why in v.reason and v.reason.startswith("fail-closed"), (src, v.reason)
+        assert json.loads(json.dumps(v.to_dict()))["score"] is None
+    with pytest.raises(ScanError, match="corrupt or truncated"):
+        inspector.inspect(tmp_path / "cut.tiff")
+
+
+def test_deadline_overrun_inspects(inspector, anomalous_scan_path, normal_scan_path):
+    v = inspector.inspect_safe(normal_scan_path, deadline_ms=0.001)
+    assert v.decision == "INSPECT" and "deadline exceeded" in v.reason
+    assert inspector.inspect_safe(normal_scan_path, deadline_ms=60_000).decision == "RELEASE"
+    tiled = Inspector(inspector.path, threads=1, max_width=256, tile_overlap=64, warmup=False)
+    x = np.zeros((2, 128, 1024), np.float32)
+    with pytest.raises(InspectionError, match="deadline exceeded after 0 of"):
+        tiled._infer(x, time.perf_counter() - 1, time.perf_counter())
+
+
+def test_tiling_matches_whole_scan(heuristic_model, wide_anomalous, inspector):
+    tiled = Inspector(heuristic_model, threads=1, max_width=256, tile_overlap=64)
+    assert tiled.max_width == 256
+    a, b = inspector.inspect(wide_anomalous), tiled.inspect(wide_anomalous)
+    assert a.heatmap.shape == b.heatmap.shape == (13, 113)
+    assert np.abs(a.heatmap - b.heatmap).max() < 1e-5 and abs(a.score - b.score) < 1e-5
+    assert [r.box for r in a.regions] == [r.box for r in b.regions] and b.decision == "INSPECT"
+
+
+def test_topk_rule_matches_max_for_k1():
+    hm = np.array([[0.1, 0.7], [0.95, 0.2]], np.float32)
+    assert topk_mean_logit_score(hm, 1) == pytest.approx(0.95, abs=1e-6)
+    lg = np.log(np.array([0.95, 0.7]) / (1 - np.array([0.95, 0.7])))
+    assert topk_mean_logit_score(hm, 2) == pytest.approx(1 / (1 + np.exp(-lg.mean())), abs=1e-6)
+
+
+def test_thresholds(inspector, anomalous_scan_path):
+    assert inspector.threshold_for_rate(0.01) == pytest.approx(inspector.threshold)
+    assert inspector.threshold_for_rate(0.1) < inspector.threshold
+    v = inspector.inspect(anomalous_scan_path, threshold=1.0)
+    assert v.decision == "RELEASE" and v.threshold == 1.0 and "custom threshold" in v.reason
+    assert v.reason.startswith(f"score {v.score:.5f} < threshold 1.00000")  # digits until they differ
+    v = inspector.inspect_safe(anomalous_scan_path, threshold=float("nan"))
+    assert v.decision == "INSPECT" and "finite" in v.reason  # NaN would otherwise release everything
+    assert json.loads(json.dumps(v.to_dict(), allow_nan=False))["threshold"] == inspector.threshold
+    strict = Inspector(inspector.path, threads=1, threshold=0.0, warmup=False)
+    assert strict.threshold == 0.0 and strict.inspect(anomalous_scan_path).decision == "INSPECT"
+
+
+def test_concurrent_calls_agree(inspector, normal_scan_path, anomalous_scan_path):
+    srcs = [normal_scan_path, anomalous_scan_path] * 6
+    expected = {p: inspector.inspect(p).score for p in srcs[:2]}
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(inspector.inspect, srcs))
+    assert all(v.score == pytest.approx(expected[p], abs=1e-6) for p, v in zip(srcs, got))
+
+
+def test_bad_bundles_are_refused_on_load(tmp_path, heuristic_model):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(BundleError, match="not a loadable ONNX model"):
+        Inspector(tmp_path / "bad.onnx")
+    with pytest.raises(BundleError, match="cannot read model file"):
+        Inspector(tmp_path / "missing.onnx")
+    import onnx
+
+    m = onnx.load(str(heuristic_model))
+    m.metadata_props[0].value = m.metadata_props[0].value.replace('"channels": 2', '"channels": 1')
+    m.metadata_props[0].value = m.metadata_props[0].value.replace('"energies": ["high", "low"]', '"energies": ["x"]')
+    onnx.save(m, str(tmp_path / "mismatch.onnx"))
+    with pytest.raises(BundleError, match="metadata says 1 channel"):
+        Inspector(tmp_path / "mismatch.onnx")
+
+
+def test_runtime_works_with_torch_unimportable(tmp_path, heuristic_model, anomalous_scan_path, normal_scan_path):
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'albumentations', 'onnx'):\n"
+        "    sys.modules[m] = None\n"
+        "from detector.runtime import Inspector\n"
+        f"ins = Inspector({str(heuristic_model)!r}, threads=1)\n"
+        f"print(ins.inspect({str(anomalous_scan_path)!r}).decision, ins.inspect({str(normal_scan_path)!r}).decision)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["INSPECT", "RELEASE"]
+
+
+def test_regions_are_ranked_and_capped(tmp_path, heuristic_model):
+    from conftest import I0, make_scan_counts
+    from detector.scan import write_scan
+
+    counts = make_scan_counts(width=1200, dense=True, seed=9)  # block 1 (attenuation 4.6) at x 560..640
+    counts[:, 80:130, 100:180] = (I0 * np.exp(-2.6 * np.array([1.0, 1.3])))[:, None, None]  # fainter block 2
+    path = write_scan(tmp_path / "two.tiff", counts, i0=(I0, I0), pitch_mm=5.0)
+    v = Inspector(heuristic_model, threads=1, warmup=False).inspect(path)
+    assert len(v.regions) == 2 and v.regions[0].score > v.regions[1].score > 0.5
+    assert v.regions[0].box[0] > 500 and v.regions[1].box[0] < 200
+    capped = Inspector(heuristic_model, threads=1, max_regions=1, warmup=False).inspect(path)
+    assert [r.box for r in capped.regions] == [v.regions[0].box]
