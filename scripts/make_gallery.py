@@ -6,6 +6,7 @@ Usage: python scripts/make_gallery.py [--out docs/gallery.png] [--seed 0] [--col
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import cv2
@@ -21,11 +22,13 @@ CASES = [("tractor_40ft", "palletised", "narcotics"), ("tractor_20ft", "machiner
          ("tractor_20ft", "bulk_sacks", "in_chassis"), ("tractor_20ft", "empty", "small_metal")]
 
 
-def view(counts: np.ndarray, i0: float, window: tuple[float, float] = (0.0, 7.0)) -> np.ndarray:
-    """uint8 greyscale of the high-energy attenuation: air white, window in attenuation units."""
-    a = attenuation_from_counts(counts[0], i0)
-    x = np.clip((a - window[0]) / (window[1] - window[0]), 0, 1) ** 0.6
-    return (255 * (1 - x)).astype(np.uint8)
+def view(counts: np.ndarray, i0: float, a_max: float = 10.0, knee: float = 0.12) -> np.ndarray:
+    """uint8 greyscale like a radiograph viewer's log window: grey ~ log(1 + A / knee) of the
+    high-energy attenuation A = -ln(I / I0), air white, A >= a_max black (thin sheets stay visible,
+    dense parts keep their structure and noise)."""
+    a = np.clip(attenuation_from_counts(counts[0], i0), 0, a_max)
+    x = np.log1p(a / knee) / np.log1p(a_max / knee)
+    return (255 * (1 - x) + 0.5).astype(np.uint8)
 
 
 def tile(seed: int, vehicle: str, cargo: str | None, anomaly: str | None, width: int) -> np.ndarray:
@@ -54,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [np.hstack(tiles[i:i + a.cols]) for i in range(0, len(tiles), a.cols)]
     rows[-1] = np.hstack([rows[-1], np.full((rows[-1].shape[0], rows[0].shape[1] - rows[-1].shape[1], 3), 40, np.uint8)])
     grid = np.vstack(rows)
+    grid &= 0xFE                         # 7-bit grey: invisible, but the noisy PNG stays < 1 MB
     cv2.imwrite(a.out, grid, [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    print(f"gallery: {len(tiles)} scans -> {a.out} ({grid.shape[1]}x{grid.shape[0]})")
+    size = os.path.getsize(a.out)
+    print(f"gallery: {len(tiles)} scans -> {a.out} ({grid.shape[1]}x{grid.shape[0]}, {size / 1e6:.2f} MB)")
+    if size > 1_000_000:
+        print("warning: the gallery is over 1 MB; use a smaller --tile-width")
     return 0
 
 

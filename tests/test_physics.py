@@ -56,3 +56,31 @@ def test_counts_roundtrip_and_open_beam():
 def test_unknown_material_names_the_known_ones():
     with pytest.raises(KeyError, match="steel"):
         physics.material("unobtainium")
+
+
+def test_canvas_draws_only_its_roi_and_clips_at_the_border():
+    """A shape half outside the canvas adds exactly the visible part of the same shape drawn whole."""
+    big = Canvas(100, 200, 5.0, ground_row=99)
+    small = Canvas(100, 100, 5.0, ground_row=99)
+    small.ox = -50.0                                           # small shows columns 100..199 of big
+    for cv in (big, small):
+        cv.ellipse("steel", 48.0, 25.0, 10.0, 8.0, 6.0, profile="ball", angle=20)
+        cv.rect("water", 45.0, 5.0, 60.0, 12.3, 30.0)
+        cv.poly("plastic", [(40, 30), (60, 30), (55, 45)], 10.0)
+    np.testing.assert_allclose(small.attenuation(), big.attenuation()[:, :, 100:], atol=1e-5)
+    assert big.attenuation()[:, :, :90].max() > 0 and small.attenuation().max() > 0
+    # a block's total attenuation is mu * depth * area, whatever its sub-pixel position
+    cv = Canvas(50, 50, 5.0, ground_row=49)
+    cv.rect("steel", 3.13, 4.27, 13.13, 9.27, 2.0)
+    area_px = (10 * 2) * (5 * 2)
+    np.testing.assert_allclose(cv.attenuation().sum(axis=(1, 2)), physics.attenuation("steel", 2.0) * area_px, rtol=1e-4)
+
+
+def test_fast_normal_noise_is_standard_normal_and_deterministic():
+    from detector.synth.render import normal_noise
+    z = normal_noise(np.random.default_rng(3), (400, 500))
+    assert z.dtype == np.float32 and z.shape == (400, 500)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01 and 3.5 < z.max() < 4.5
+    assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.003      # Gaussian tails, not uniform
+    np.testing.assert_array_equal(z, normal_noise(np.random.default_rng(3), (400, 500)))
+    assert not np.array_equal(z, normal_noise(np.random.default_rng(4), (400, 500)))

@@ -23,6 +23,37 @@ def test_default_scan_is_a_realistic_size_with_air_on_top():
     assert att[0].max() > 5                                    # dense parts (wheels, engine)
 
 
+@pytest.mark.parametrize("vehicle", VEHICLES)
+def test_every_vehicle_fits_the_scanner_field_at_about_5_mm(vehicle):
+    for seed in range(3):
+        s = generate_scan(seed, vehicle=vehicle)
+        _, h, w = s.counts.shape
+        assert 600 <= h <= 850 and 1500 <= w <= 3000, (vehicle, h, w)
+        assert 5.0 <= s.pitch_mm <= 5.6                        # only long/tall rigs are squeezed a little
+        assert (s.mask.shape == (h, w)) and not s.mask.any()
+
+
+@pytest.mark.parametrize("kind", ["in_tyre", "in_chassis", "in_fuel_tank"])
+def test_hidden_in_vehicle_part_lies_wholly_inside_that_part(kind):
+    from detector.synth.scene import PLACED, _stream, build_scene, insert_anomaly
+    for seed in range(6):
+        ss = np.random.SeedSequence(seed)
+        cv, _, _ = build_scene(_stream(ss, 0), height=300, vehicle=str(VEHICLES[seed % len(VEHICLES)]))
+        att = cv.attenuation().copy()
+        new, mask, box = insert_anomaly(att, cv, kind, _stream(ss, 1))
+        part = cv.regions[PLACED[kind]]
+        assert mask.any() and not (mask & ~part).any(), (kind, seed)
+        if kind == "in_tyre":                                  # inside the tyre's disc, not its box corners
+            n, lab = cv2.connectedComponents(part.astype(np.uint8))
+            k = np.bincount(lab[mask]).argmax()
+            ys, xs = np.nonzero(lab == k)
+            r = (xs.max() - xs.min() + 1) / 2
+            cy, cx = (ys.max() + ys.min()) / 2, (xs.max() + xs.min()) / 2
+            my, mx = np.nonzero(mask)
+            assert (np.hypot(my - cy, mx - cx) <= r + 1).all()
+        assert (new - att)[:, ~mask].max() == 0 and (new - att)[:, mask].max() > 0
+
+
 def test_same_seed_same_scan_different_seed_differs():
     a, b = generate_scan(5, anomaly=True, height=H), generate_scan(5, anomaly=True, height=H)
     np.testing.assert_array_equal(a.counts, b.counts)

@@ -67,6 +67,8 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
             bar.update()
     else:
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":      # workers fork with numpy/cv2/synth imported
+            ctx.set_forkserver_preload(["detector.synth.scene", "detector.scan"])
         with ctx.Pool(workers) as pool:
             for r in pool.imap_unordered(_work, jobs, chunksize=1):
                 rows.append(r)

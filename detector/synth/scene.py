@@ -17,6 +17,7 @@ from detector.synth.render import Canvas, DetectorModel, detect, resample_column
 
 ANOMALY_TYPES = ("firearm", "narcotics", "false_wall", "shielded_block", "small_metal",
                  "in_chassis", "in_tyre", "in_fuel_tank", "low_contrast")
+PITCH_MM, MAX_H, MAX_W = 5.0, 850, 3000   # default pitch; image size at most 850 x 3000 px
 VEHICLE_CARGOS = {"tanker": ("liquid_bulk",),
                   "flatbed": ("machinery", "vehicles", "palletised", "bulk_sacks", "liquid_drums")}
 
@@ -53,13 +54,16 @@ def build_scene(rng: np.random.Generator, height: int | None = None, vehicle: st
     P = vehicles.plan(rng, vehicle)
     choices = VEHICLE_CARGOS.get(vehicle, cargo_mod.CARGOS)
     cargo = cargo or str(rng.choice(choices))
-    air, below = rng.uniform(15, 45), 2.0
-    lead, tail = rng.uniform(40, 200), rng.uniform(40, 200)
-    extent = P.top + air + below
-    pitch = 5.0 if height is None else extent * 10.0 / height
+    air, below = rng.uniform(8, 25), 2.0
+    lead, tail = rng.uniform(10, 60), rng.uniform(10, 60)
+    extent, total = P.top + air + below, P.length + lead + tail
+    if height is None:                   # 5 mm unless the scanner's field (MAX_H x MAX_W px) is exceeded
+        pitch = max(PITCH_MM, extent * 10.0 / MAX_H, total * 10.0 / MAX_W)
+    else:
+        pitch = extent * 10.0 / height
     s = 10.0 / pitch
-    H = int(height or round(extent * s))
-    W = int(round((P.length + lead + tail) * s))
+    H = int(height or min(round(extent * s), MAX_H))
+    W = min(int(round(total * s)), MAX_W if height is None else 10 ** 6)
     cv = Canvas(H, W, pitch, ground_row=H - below * s)
     cv.ox = lead
     bay = vehicles.draw(cv, P, rng)
@@ -85,10 +89,12 @@ def _threat_for(kind: str, rng: np.random.Generator, pitch: float) -> tip.Threat
     return tip.Threat(att, att.max(axis=0) >= tip.MIN_ATT * 0.5, kind)
 
 
-def _region_for(kind: str, cv: Canvas, att: np.ndarray) -> np.ndarray:
-    name = {"in_chassis": "chassis", "in_tyre": "tyre", "in_fuel_tank": "fuel_tank"}.get(kind, "cargo")
+PLACED = {"in_chassis": "chassis", "in_tyre": "tyre", "in_fuel_tank": "fuel_tank"}
+
+
+def _region_for(kind: str, cv: Canvas, att: np.ndarray, solid: np.ndarray) -> np.ndarray:
+    name = PLACED.get(kind, "cargo")
     region = cv.regions.get(name)
-    solid = tip.cargo_region(att)
     if region is None or not region.any():
         region = solid
     elif name == "cargo" and (region & solid).sum() > 400:
@@ -101,11 +107,14 @@ def _region_for(kind: str, cv: Canvas, att: np.ndarray) -> np.ndarray:
 
 
 def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Generator):
-    """TIP the anomaly into the scene's attenuation; falls back to smaller threats if none fits."""
+    """TIP the anomaly into the scene's attenuation; falls back to smaller threats if none fits.
+    Anomalies hidden in a vehicle part (tyre, chassis, fuel tank) lie wholly inside that part."""
+    region = _region_for(kind, cv, att, tip.cargo_region(att))
+    inside = 1.0 if kind in PLACED else 0.9
     for attempt in range(6):
         threat = _threat_for(kind if attempt < 4 else "small_metal", rng, cv.pitch_mm)
         try:
-            return tip.project(att, threat, rng, region=_region_for(kind, cv, att), min_inside=0.9)
+            return tip.project(att, threat, rng, region=region, min_inside=inside)
         except ValueError:
             continue
     return tip.project(att, tip.make_threat(rng, "small_metal", cv.pitch_mm), rng)
@@ -128,15 +137,16 @@ def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = 
         if kind not in ANOMALY_TYPES:
             raise ValueError(f"unknown anomaly {kind!r}; known: {', '.join(ANOMALY_TYPES)}")
         att, mask, _ = insert_anomaly(att, cv, kind, anom_rng)
-    if flip:
-        att, mask = att[:, :, ::-1], mask[:, ::-1]
     m = detector or DetectorModel()
-    src = speed_resample(att.shape[2], det_rng, m.speed_var)
+    W = att.shape[2]
+    src = speed_resample(W, det_rng, m.speed_var)
+    if flip:                             # driving the other way: read the columns backwards
+        src = (W - 1) - src
     att = resample_columns(att, src)
-    mask = mask[:, np.rint(src).astype(np.int64)]
-    counts = detect(np.ascontiguousarray(att), det_rng, m)
+    mask = np.ascontiguousarray(mask[:, np.rint(src).astype(np.int64)])
+    counts = detect(att, det_rng, m)
     boxes = []
     if mask.any():
         ys, xs = np.nonzero(mask)
         boxes = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]]
-    return SynthScan(counts, float(m.i0), float(cv.pitch_mm), np.ascontiguousarray(mask), boxes, kind, cargo, vehicle)
+    return SynthScan(counts, float(m.i0), float(cv.pitch_mm), mask, boxes, kind, cargo, vehicle)

@@ -95,7 +95,6 @@ def shielded_block(rng: np.random.Generator, pitch_mm: float) -> Canvas:
     o = PAD_CM
     cv.rect(mat, o, o, o + W, o + H, D)
     cv.rect(mat, o + wall, o + wall, o + W - wall, o + H - wall, -(D - 2 * wall))
-    cv.maps[mat] = np.maximum(cv.maps[mat], 0)
     return cv
 
 
