@@ -19,8 +19,8 @@ class Preprocessing:
     """Constants of the model's input; stored in the bundle metadata."""
 
     model_pitch_mm: float = 10.0  # the network sees 10 mm pixels (half a 5 mm scan's resolution)
-    clip_max: float = 10.0        # attenuation above this (transmission < 4.5e-5) is saturated anyway
-    scale: float = 3.0            # divide so typical cargo lands in [0, ~2]
+    clip_max: float = 12.0        # beyond this (transmission < 6e-6) only noise is left
+    scale: float = 4.0            # divide so typical cargo lands in [0, ~2]
     pad_multiple: int = 32        # the network's total stride
 
     def to_dict(self) -> dict:

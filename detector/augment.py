@@ -1,0 +1,138 @@
+"""Augmentations for radiographs, applied to attenuation crops (H, W, C float32, before normalize).
+
+Scanner physics, not photo tricks: trucks are scanned either way round (horizontal flip), pitch and
+magnification vary a little (scale), dose varies (Poisson noise in the transmission domain), detector
+rows have their own gain and each linac pulse its own intensity (row offsets, column stripes), and the
+focal spot blurs. TIP inserts threats into normal crops on the fly so normal traffic alone can train.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from detector import tip
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: float = 0.5            # probability of a flip along the truck
+    scale: float = 0.1            # +- relative scale (pitch) jitter
+    scale_p: float = 0.3
+    noise_p: float = 0.3          # dose change: Poisson noise at a random open-beam count
+    photons: tuple[float, float] = (2e5, 2e6)  # open-beam photons per model pixel; dense cargo (A~8) keeps counts
+    stripes_p: float = 0.3        # row gain and column (pulse) stripes
+    stripes_sigma: float = 0.02   # attenuation offset std of one row / column
+    blur_p: float = 0.2
+    tip_rate: float = 0.0         # share of normal crops that get a TIP threat (normal-only mode sets it)
+    tip_kinds: tuple[str, ...] = ()  # empty = all kinds of detector.tip
+
+
+class DoseNoise(A.ImageOnlyTransform):
+    """Photon noise at a random dose: counts ~ Poisson(N0 * exp(-A)), back to attenuation."""
+
+    def __init__(self, photons: tuple[float, float] = (2e5, 2e6), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.photons = tuple(photons)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        lo, hi = np.log(self.photons[0]), np.log(self.photons[1])
+        return {"n0": float(np.exp(self.random_generator.uniform(lo, hi))),
+                "seed": int(self.random_generator.integers(2**31))}
+
+    def apply(self, img: np.ndarray, n0: float = 1e4, seed: int = 0, **params: Any) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        counts = rng.poisson(n0 * np.exp(-img.astype(np.float64)))
+        return (-np.log(np.maximum(counts, 1) / n0)).astype(np.float32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("photons",)
+
+
+class Stripes(A.ImageOnlyTransform):
+    """Per-row detector gain and per-column (pulse) intensity: additive attenuation offsets."""
+
+    def __init__(self, sigma: float = 0.02, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.sigma = sigma
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        g = self.random_generator
+        return {"rows": g.normal(0, self.sigma, (h, 1, 1)).astype(np.float32),
+                "cols": g.normal(0, self.sigma, (1, w, 1)).astype(np.float32)}
+
+    def apply(self, img: np.ndarray, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+              **params: Any) -> np.ndarray:
+        return np.maximum(img + rows + cols, 0).astype(np.float32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("sigma",)
+
+
+class TIP(A.DualTransform):
+    """Threat image projection: add a library threat's attenuation inside the cargo and mark its mask.
+
+    Applied only where the mask is empty (normal crops); `pitch_mm` is the crop's pitch so threats keep
+    their physical size.
+    """
+
+    def __init__(self, pitch_mm: float = 10.0, kinds: tuple[str, ...] = (), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.pitch_mm = pitch_mm
+        self.kinds = tuple(kinds)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        img, mask = data["image"], data.get("mask")
+        if mask is not None and np.any(mask):
+            return {"add": None}
+        rng = np.random.default_rng(int(self.random_generator.integers(2**31)))
+        att = np.moveaxis(img, -1, 0)
+        region = tip.cargo_region(att)
+        if region.sum() < 16:                      # no cargo (air, small 8-bit images): anywhere
+            region = np.ones(att.shape[1:], bool)
+        for _ in range(5):
+            kind = str(rng.choice(self.kinds)) if self.kinds else None
+            threat = tip.make_threat(rng, kind, pitch_mm=self.pitch_mm, channels=att.shape[0])
+            try:
+                new, m, _ = tip.project(att, threat, rng, region=region, min_inside=0.9)
+            except ValueError:
+                continue
+            return {"add": np.moveaxis(new - att, 0, -1), "tip_mask": m}
+        return {"add": None}
+
+    def apply(self, img: np.ndarray, add: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        return img if add is None else (img + add).astype(np.float32)
+
+    def apply_to_mask(self, mask: np.ndarray, add: np.ndarray | None = None,
+                      tip_mask: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        if add is None:
+            return mask
+        out = mask.copy()
+        out[tip_mask] = 1
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("pitch_mm", "kinds")
+
+
+def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None) -> A.Compose:
+    """The training augmentation; TIP first (on the clean crop), then the scanner effects."""
+    ts: list[A.BasicTransform] = []
+    if cfg.tip_rate > 0:
+        ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate))
+    if cfg.enabled:
+        ts += [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.Affine(scale=(1 - cfg.scale, 1 + cfg.scale), keep_ratio=True, interpolation=cv2.INTER_LINEAR,
+                     mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                     fill_mask=0, p=cfg.scale_p),
+            Stripes(sigma=cfg.stripes_sigma, p=cfg.stripes_p),
+            DoseNoise(photons=cfg.photons, p=cfg.noise_p),
+            A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.0), p=cfg.blur_p),
+        ]
+    return A.Compose(ts, seed=seed)

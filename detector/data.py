@@ -1,0 +1,361 @@
+"""Datasets: manifests or normal/ + anomalous/ folders -> cached model-pitch scans -> crops / whole scans.
+
+Each scan is read (detector.scan.read_scan) and resampled to the model's pitch
+(detector.preprocess.to_model_pitch) once, then stored as .npy in a cache folder that every worker
+memory-maps, so RAM holds each scan once (page cache) however many workers run.
+Training draws random crops, oversampling crops that contain an anomaly; validation/test use whole
+scans padded to multiples of 32, exactly as detector.preprocess.prepare does at the station.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from detector.augment import AugmentConfig, train_pipeline
+from detector.preprocess import Preprocessing, normalize, pad_to_multiple, select_channels, to_model_pitch
+from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+
+
+STRUCTURE_ATTENUATION = 0.3  # above this a pixel is vehicle or cargo, not air
+
+@dataclass
+class DataConfig:
+    crop: int = 192                 # training crop side in model pixels (multiple of 32)
+    crops_per_epoch: int = 2000
+    anomaly_crop_fraction: float = 0.5  # share of crops centred on a known anomaly (when masks exist)
+    air_crop_fraction: float = 0.1  # share of other crops taken anywhere; the rest lie on the vehicle
+    batch_size: int = 16
+    val_batch_size: int = 1         # whole scans differ in size; 1 avoids padding waste
+    workers: int = 2
+    val_fraction: float = 0.15      # used only when the manifest has no split column
+    test_fraction: float = 0.15
+    seed: int = 0
+    normal_only: bool = False       # drop anomalous training scans; anomalies come from TIP alone
+    channels: int | None = None     # None: from the data (the first scan)
+    cache_dir: str | None = None    # default RUN/cache
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class Record:
+    path: str
+    label: int
+    mask: str | None = None
+    boxes: list | None = None
+    anomaly_type: str = ""
+    split: str = ""
+
+
+def _records_from_manifest(root: Path) -> list[Record]:
+    out = []
+    with open(root / "manifest.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ScanError(root / "manifest.csv", "manifest needs columns path,label")
+        for i, row in enumerate(reader):
+            try:
+                label = int(float(row["label"]))
+            except (TypeError, ValueError):
+                raise ScanError(root / "manifest.csv", f"row {i + 2}: label {row['label']!r} is not 0/1") from None
+            boxes = json.loads(row["boxes"]) if (row.get("boxes") or "").strip() else None
+            split = _SPLIT_ALIASES.get((row.get("split") or "").strip().lower(), "")
+            out.append(Record(str(root / row["path"]), label, str(root / row["mask"]) if row.get("mask") else None,
+                              boxes or None, row.get("anomaly_type") or "", split))
+    return out
+
+
+def _records_from_folders(root: Path) -> list[Record]:
+    out = []
+    for label, sub in ((0, "normal"), (1, "anomalous")):
+        for p in sorted((root / sub).rglob("*")):
+            if p.suffix.lower() in SCAN_SUFFIXES and p.is_file():
+                m = root / "masks" / f"{p.stem}.png"
+                out.append(Record(str(p), label, str(m) if label and m.exists() else None))
+    return out
+
+
+def load_records(data_dir: str | os.PathLike) -> list[Record]:
+    """All records of a dataset folder (manifest.csv, else normal/ + anomalous/)."""
+    root = Path(data_dir)
+    if (root / "manifest.csv").exists():
+        recs = _records_from_manifest(root)
+    elif (root / "normal").is_dir() or (root / "anomalous").is_dir():
+        recs = _records_from_folders(root)
+    else:
+        raise ScanError(root, "no manifest.csv and no normal/ or anomalous/ folder")
+    if not recs:
+        raise ScanError(root, "dataset has no scans")
+    return recs
+
+
+def split_records(recs: list[Record], val_fraction: float, test_fraction: float, seed: int
+                  ) -> dict[str, list[Record]]:
+    """Manifest split column when present, else a seeded split stratified by label."""
+    if any(r.split for r in recs):
+        return {s: [r for r in recs if (r.split or "train") == s] for s in SPLITS}
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for label in (0, 1):
+        group = [r for r in recs if r.label == label]
+        idx = rng.permutation(len(group))
+        n_val = int(round(len(group) * val_fraction)) if len(group) > 2 else 0
+        n_test = int(round(len(group) * test_fraction)) if len(group) > 2 else 0
+        for j, i in enumerate(idx):
+            out["val" if j < n_val else "test" if j < n_val + n_test else "train"].append(group[i])
+    return out
+
+
+def fingerprint(recs: list[Record]) -> str:
+    """Hash of the manifest rows and file sizes: identifies the data a model was trained on."""
+    h = hashlib.sha256()
+    for r in sorted(recs, key=lambda r: r.path):
+        size = os.path.getsize(r.path) if os.path.exists(r.path) else -1
+        h.update(f"{Path(r.path).name},{r.label},{r.split},{r.boxes},{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
+    """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only."""
+    if rec.mask and os.path.exists(rec.mask):
+        m = cv2.imread(rec.mask, cv2.IMREAD_GRAYSCALE)
+        if m is None:
+            raise ScanError(rec.mask, "unreadable mask PNG")
+        if m.shape != shape:
+            raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {shape[1]}x{shape[0]}")
+        return (m > 127).astype(np.float32)
+    if rec.boxes:
+        m = np.zeros(shape, np.float32)
+        for x0, y0, x1, y1 in rec.boxes:
+            m[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1
+        return m
+    return None if rec.label else np.zeros(shape, np.float32)
+
+
+def _save(path: Path, a: np.ndarray) -> None:
+    """Atomic .npy write: DDP ranks may build the same cache entry at once."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, a)
+    tmp.replace(path)
+
+
+class ScanCache:
+    """Model-pitch attenuation (+ mask) of each record, computed once and memory-mapped from .npy."""
+
+    def __init__(self, folder: str | os.PathLike, pre: Preprocessing, channels: int | None = None) -> None:
+        self.folder, self.pre, self.channels = Path(folder), pre, channels
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, rec: Record) -> str:
+        st = os.stat(rec.path)
+        s = f"{rec.path}|{st.st_size}|{st.st_mtime_ns}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
+        return hashlib.sha1(s.encode()).hexdigest()[:20]
+
+    def build(self, rec: Record) -> dict[str, Any]:
+        """Read, resample and store one record (no-op when cached); returns its meta."""
+        key = self._key(rec)
+        meta_path = self.folder / f"{key}.json"
+        if meta_path.exists():
+            return json.loads(meta_path.read_text())
+        scan = read_scan(rec.path)
+        att = scan.attenuation if self.channels is None else select_channels(scan.attenuation, self.channels,
+                                                                             scan.source)
+        att = to_model_pitch(att, scan.pitch_mm, self.pre)
+        mask = _scan_mask(rec, (scan.height, scan.width))
+        _save(self.folder / f"{key}.att.npy", att.astype(np.float32))
+        meta: dict[str, Any] = {"key": key, "shape": list(att.shape), "has_mask": mask is not None,
+                                "pitch_mm": scan.pitch_mm, "energies": list(scan.energies), "centres": []}
+        if mask is not None:
+            # INTER_AREA then a low threshold: an anomaly a quarter-pixel wide at model pitch stays visible
+            mm = (to_model_pitch(mask, scan.pitch_mm, self.pre) > 0.25).astype(np.uint8)
+            _save(self.folder / f"{key}.mask.npy", mm)
+            ys, xs = np.nonzero(mm)
+            if len(ys):
+                sel = np.linspace(0, len(ys) - 1, min(len(ys), 64)).astype(int)
+                meta["centres"] = [[int(ys[i]), int(xs[i])] for i in sel]
+        tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(meta_path)  # meta last: a crashed build is redone
+        return meta
+
+    def load(self, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        att = np.load(self.folder / f"{meta['key']}.att.npy", mmap_mode="r")
+        mask = np.load(self.folder / f"{meta['key']}.mask.npy", mmap_mode="r") if meta["has_mask"] else None
+        return att, mask
+
+
+class CropDataset(Dataset):
+    """Random training crops: x (C,S,S) normalised, mask (1,S,S), pixel weight, label."""
+
+    def __init__(self, cache: ScanCache, recs: list[Record], metas: list[dict], cfg: DataConfig,
+                 pre: Preprocessing) -> None:
+        self.cache, self.recs, self.metas, self.cfg, self.pre = cache, recs, metas, cfg, pre
+        self.pos = [i for i, m in enumerate(metas) if m["centres"]]
+        self.pipeline = train_pipeline(cfg.augment, pre.model_pitch_mm)
+        self._rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return self.cfg.crops_per_epoch
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is None:  # one stream per worker process (persistent workers keep it across epochs)
+            seed = torch.initial_seed() % 2**32
+            self._rng = np.random.default_rng([self.cfg.seed, seed])
+            self.pipeline.set_random_seed(int(seed % 2**31))
+        return self._rng
+
+    def crop(self, i: int, rng: np.random.Generator, centred: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+        """An (S,S,C) attenuation crop (zero-padded air if the scan is smaller), its mask, has_mask."""
+        att, mask = self.cache.load(self.metas[i])
+        s = self.cfg.crop
+        _, h, w = att.shape
+        if centred:
+            cy, cx = self.metas[i]["centres"][rng.integers(len(self.metas[i]["centres"]))]
+            j = s // 3
+            y0, x0 = cy - s // 2 + rng.integers(-j, j + 1), cx - s // 2 + rng.integers(-j, j + 1)
+        else:  # negatives mostly on the vehicle: air crops teach nothing, engines and wheels do
+            for _ in range(8):
+                y0, x0 = rng.integers(0, max(1, h - s + 1)), rng.integers(0, max(1, w - s + 1))
+                if rng.random() < self.cfg.air_crop_fraction:
+                    break
+                patch = np.asarray(att[0, y0:y0 + s:4, x0:x0 + s:4])
+                if patch.size and float(np.mean(patch > STRUCTURE_ATTENUATION)) > 0.25:
+                    break
+        y0, x0 = int(np.clip(y0, 0, max(0, h - s))), int(np.clip(x0, 0, max(0, w - s)))
+        out = np.zeros((s, s, att.shape[0]), np.float32)
+        a = np.asarray(att[:, y0:y0 + s, x0:x0 + s])
+        out[:a.shape[1], :a.shape[2]] = np.moveaxis(a, 0, -1)
+        m = np.zeros((s, s), np.uint8)
+        if mask is not None:
+            mm = np.asarray(mask[y0:y0 + s, x0:x0 + s])
+            m[:mm.shape[0], :mm.shape[1]] = mm
+        return out, m, mask is not None
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        rng = self._generator()
+        centred = bool(self.pos) and rng.random() < self.cfg.anomaly_crop_fraction
+        i = int(self.pos[rng.integers(len(self.pos))]) if centred else int(rng.integers(len(self.metas)))
+        img, m, has_mask = self.crop(i, rng, centred)
+        label = self.recs[i].label
+        if has_mask or label == 0:
+            r = self.pipeline(image=img, mask=m)
+            img, m = r["image"], r["mask"]
+            label = int(m.any())
+        else:  # label-only anomalous: no pixel target, the MIL loss uses the label
+            img = self.pipeline(image=img, mask=np.ones_like(m))["image"]  # non-empty mask: TIP skips it
+        x = normalize(np.moveaxis(img, -1, 0), self.pre)
+        return {"x": torch.from_numpy(np.ascontiguousarray(x)),
+                "mask": torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None],
+                "pixel_weight": torch.tensor(1.0 if (has_mask or self.recs[i].label == 0) else 0.0),
+                "label": torch.tensor(float(label))}
+
+
+class ScanDataset(Dataset):
+    """Whole scans for validation/test: x padded to multiples of 32 (like prepare), mask, label."""
+
+    def __init__(self, cache: ScanCache, recs: list[Record], metas: list[dict], pre: Preprocessing) -> None:
+        self.cache, self.recs, self.metas, self.pre = cache, recs, metas, pre
+
+    def __len__(self) -> int:
+        return len(self.recs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        att, mask = self.cache.load(self.metas[i])
+        x = pad_to_multiple(normalize(np.asarray(att), self.pre), self.pre.pad_multiple)
+        m = np.zeros(x.shape[1:], np.float32)
+        if mask is not None:
+            m[:mask.shape[0], :mask.shape[1]] = mask
+        return {"x": torch.from_numpy(x), "mask": torch.from_numpy(m)[None], "label": float(self.recs[i].label),
+                "has_mask": mask is not None, "valid_hw": torch.tensor(att.shape[1:]),
+                "anomaly_type": self.recs[i].anomaly_type, "index": i}
+
+
+def _pad_collate(items: list[dict]) -> dict[str, Any]:
+    """Stack whole scans of different sizes by padding with air (0)."""
+    H = max(it["x"].shape[1] for it in items)
+    W = max(it["x"].shape[2] for it in items)
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        v = [it[k] for it in items]
+        if k in ("x", "mask"):
+            out[k] = torch.stack([torch.nn.functional.pad(t, (0, W - t.shape[2], 0, H - t.shape[1])) for t in v])
+        elif isinstance(v[0], torch.Tensor):
+            out[k] = torch.stack(v)
+        elif isinstance(v[0], (int, float, bool)):
+            out[k] = torch.tensor(v)
+        else:
+            out[k] = v
+    return out
+
+
+class ScanDataModule(L.LightningDataModule):
+    """Splits, the scan cache and the loaders (persistent workers)."""
+
+    def __init__(self, data_dir: str | os.PathLike, cfg: DataConfig, pre: Preprocessing,
+                 cache_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.data_dir, self.cfg, self.pre = Path(data_dir), cfg, pre
+        self.records = load_records(data_dir)
+        self.splits = split_records(self.records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        if cfg.normal_only:
+            self.splits["train"] = [r for r in self.splits["train"] if r.label == 0]
+        if not self.splits["train"]:
+            raise ScanError(data_dir, "no training scans after splitting")
+        if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
+            self.splits["val"] = list(self.splits["train"])
+        self.cache = ScanCache(cache_dir, pre, cfg.channels)
+        self.metas: dict[str, list[dict]] = {}
+        self.channels = cfg.channels
+        self.energies: list[str] = []
+
+    def prepare_data(self) -> None:
+        from tqdm import tqdm
+        todo = [r for s in SPLITS for r in self.splits[s]]
+        for r in tqdm(todo, desc="caching scans", leave=False, disable=len(todo) < 20):
+            self.cache.build(r)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.metas:
+            return
+        for s in SPLITS:
+            self.metas[s] = [self.cache.build(r) for r in self.splits[s]]
+        first = self.metas["train"][0]
+        chans = {m["shape"][0] for s in SPLITS for m in self.metas[s]}
+        if len(chans) > 1:
+            raise ScanError(self.data_dir, f"scans have different channel counts {sorted(chans)}; "
+                                           "set data.channels=1 to use the high energy of all")
+        self.channels = first["shape"][0]
+        self.energies = first["energies"][: self.channels]
+        if self.cfg.normal_only:  # TIP is then the only source of anomalies: half the crops get one
+            self.cfg.augment.tip_rate = max(self.cfg.augment.tip_rate, 0.5)
+
+    def _loader(self, ds: Dataset, batch: int, shuffle: bool, collate=None) -> DataLoader:
+        w = self.cfg.workers
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=w, persistent_workers=w > 0,
+                          collate_fn=collate, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        ds = CropDataset(self.cache, self.splits["train"], self.metas["train"], self.cfg, self.pre)
+        return self._loader(ds, self.cfg.batch_size, False)
+
+    def val_dataloader(self) -> DataLoader:
+        ds = ScanDataset(self.cache, self.splits["val"], self.metas["val"], self.pre)
+        return self._loader(ds, self.cfg.val_batch_size, False, _pad_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        ds = ScanDataset(self.cache, self.splits["test"], self.metas["test"], self.pre)
+        return self._loader(ds, self.cfg.val_batch_size, False, _pad_collate)

@@ -1,0 +1,159 @@
+"""AnomalyNet: a truncated torchvision backbone + a light FPN decoder -> anomaly heatmap + scan score.
+
+The station runs this on 2 CPU cores, so the backbone is cut at `backbone_stride` (16 by default:
+resnet18 without layer4) and the decoder is a narrow FPN to stride 8. Weights are never downloaded:
+`weights` may name a local torchvision state_dict file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+BACKBONES = ("resnet18", "resnet34", "mobilenet_v3_large", "efficientnet_b0")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    in_channels: int = 2
+    stride: int = 8              # heatmap stride: 4 or 8
+    backbone_stride: int = 16    # deepest backbone stage used: 16 or 32
+    decoder_channels: int = 64
+    topk: int = 16               # score = sigmoid(mean of the top-k heatmap logits)
+    weights: str | None = None   # optional LOCAL torchvision state_dict (never downloaded)
+    prior: float = 0.01          # initial heatmap probability (bias of the last conv)
+    stage_blocks: int = 0        # resnets: keep only the first N blocks of each stage (0 = all); halves FLOPs at 1
+
+
+def _first_conv(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the first conv and its attribute name."""
+    if name.startswith("resnet"):
+        return model, "conv1"
+    return model.features[0], "0"
+
+
+def _adapt_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
+    """Replace the RGB stem conv by one taking `in_channels`, keeping (averaged) weights."""
+    parent, attr = _first_conv(model, name)
+    old = getattr(parent, attr)
+    if isinstance(old, nn.Sequential):  # mobilenet/efficientnet: Conv2dNormActivation
+        parent, attr, old = old, "0", old[0]
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    bias=old.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.mean(1, keepdim=True).expand(-1, in_channels, -1, -1) * 3 / in_channels)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    setattr(parent, attr, new)
+
+
+def _blocks(model: nn.Module, name: str, stage_blocks: int = 0) -> list[nn.Module]:
+    """The backbone as a flat list of sequential blocks (classifier dropped)."""
+    if name.startswith("resnet"):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+        if stage_blocks:
+            layers = [nn.Sequential(*list(layer)[:stage_blocks]) for layer in layers]
+        return [stem, *layers]
+    return list(model.features)
+
+
+class Backbone(nn.Module):
+    """Runs the blocks up to `max_stride` and returns the last feature map of each stride >= 4."""
+
+    def __init__(self, name: str, in_channels: int, max_stride: int, weights: str | None,
+                 stage_blocks: int = 0) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+        net = getattr(torchvision.models, name)(weights=None)
+        if weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            net.load_state_dict(state.get("state_dict", state), strict=False)
+        _adapt_first_conv(net, name, in_channels)
+        blocks = _blocks(net, name, stage_blocks)
+        # find each block's output stride and channels with a dummy pass
+        x, strides, chans = torch.zeros(1, in_channels, 64, 64), [], []
+        net.eval()
+        with torch.no_grad():
+            for b in blocks:
+                x = b(x)
+                strides.append(64 // x.shape[-1])
+                chans.append(x.shape[1])
+        net.train()  # the dummy pass ran in eval mode; Lightning keeps submodule modes as found
+        keep = [i for i, s in enumerate(strides) if s <= max_stride]
+        self.blocks = nn.ModuleList(blocks[: keep[-1] + 1])
+        last = {strides[i]: i for i in keep if strides[i] >= 4}  # last block of each stride
+        self.taps = sorted(last.values())
+        self.tap_strides = [strides[i] for i in self.taps]
+        self.tap_channels = [chans[i] for i in self.taps]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            if i in self.taps:
+                feats.append(x)
+        return feats
+
+
+class AnomalyNet(nn.Module):
+    """Backbone + FPN decoder; forward -> (heatmap probs (N,1,H/s,W/s), score (N,))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.stride not in (4, 8):
+            raise ValueError(f"model.stride must be 4 or 8, got {cfg.stride}")
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stride, cfg.weights, cfg.stage_blocks)
+        used = [(s, c) for s, c in zip(self.backbone.tap_strides, self.backbone.tap_channels) if s >= cfg.stride]
+        self.n_skip = len(self.backbone.taps) - len(used)
+        d = cfg.decoder_channels
+        self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for _, c in used)
+        self.head = nn.Sequential(
+            nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True),
+            nn.Conv2d(d, 1, 1))
+        nn.init.constant_(self.head[-1].bias, float(torch.logit(torch.tensor(cfg.prior))))
+
+    @property
+    def stride(self) -> int:
+        return self.cfg.stride
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Heatmap logits (N,1,H/s,W/s); H and W must be multiples of 32."""
+        feats = self.backbone(x)[self.n_skip:]
+        p = self.lateral[-1](feats[-1])
+        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            p = F.interpolate(p, scale_factor=2.0, mode="nearest") + lat(f)
+        return self.head(p)
+
+    def score_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """sigmoid(mean of the top-k logits): a few confident cells flag the scan (ONNX: TopK)."""
+        flat = logits.flatten(1)
+        k = min(self.cfg.topk, flat.shape[1])
+        return torch.sigmoid(flat.topk(k, dim=1).values.mean(1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.logits(x)
+        return torch.sigmoid(z), self.score_from_logits(z)
+
+
+def build_model(cfg: ModelConfig | dict) -> AnomalyNet:
+    """AnomalyNet from a ModelConfig (or its dict)."""
+    if isinstance(cfg, dict):
+        cfg = ModelConfig(**cfg)
+    return AnomalyNet(cfg)
+
+
+def count_flops(model: nn.Module, channels: int, height: int, width: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one (channels, height, width) input."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, channels, height, width))
+    return float(fc.get_total_flops())

@@ -1,0 +1,370 @@
+"""Training: config tree, LightningModule (pixel + MIL losses), calibration on validation, checkpoints.
+
+`detector train --config configs/quick.yaml --data DIR --out RUN key=value ...` writes RUN/best.ckpt,
+RUN/last.ckpt, RUN/config.yaml, RUN/metrics.json and CSV/TensorBoard logs. Every validation
+calibrates thresholds on the normal validation scores (detector.calibration), so each checkpoint
+carries what the ONNX bundle needs; `load_checkpoint` returns it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from detector import metrics
+from detector.calibration import threshold_table
+from detector.data import DataConfig, ScanDataModule, fingerprint
+from detector.model import AnomalyNet, ModelConfig, build_model
+from detector.preprocess import Preprocessing
+
+CALIBRATION_RATES = (0.01, 0.005, 0.001)
+
+
+@dataclass
+class LossConfig:
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.75     # weight of positive cells (anomalies are rare)
+    dice_weight: float = 0.5
+    mil_weight: float = 0.5       # image-level BCE on the top-k score (the only loss for label-only scans)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.02
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    accelerator: str = "auto"
+    devices: Any = "auto"         # e.g. 4 -> DDP over 4 GPUs (strategy auto)
+    strategy: str = "auto"
+    precision: str = "auto"       # auto: bf16-mixed on a GPU that supports it, else 32-true
+    patience: int = 8             # early stopping on the selection metric (epochs)
+    log_every_n_steps: int = 10
+    threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
+    test: bool = True             # evaluate the best checkpoint on the test split after fitting
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------- config: YAML + dotted overrides
+def _build(cls: type, d: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(sorted(where + k for k in unknown))}")
+    kw = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = _build(t, v, f"{where}{k}.")
+        elif isinstance(v, list) and "tuple" in str(t):
+            v = tuple(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Config tree -> plain dict (tuples as lists, YAML/JSON-safe)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from YAML (or defaults) with `a.b=c` overrides (values parsed as YAML)."""
+    d = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} is not key=value")
+        key, val = ov.split("=", 1)
+        node = d
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return _build(Config, d)
+
+
+# ---------------------------------------------------------------- losses
+def focal_loss(z: torch.Tensor, t: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+    """Per-cell binary focal loss on logits."""
+    bce = F.binary_cross_entropy_with_logits(z, t, reduction="none")
+    p = torch.sigmoid(z)
+    pt = p * t + (1 - p) * (1 - t)
+    a = alpha * t + (1 - alpha) * (1 - t)
+    return a * (1 - pt) ** gamma * bce
+
+
+def dice_loss(z: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Soft dice over the batch's supervised samples (w: (N,) 0/1)."""
+    p = torch.sigmoid(z) * w.view(-1, 1, 1, 1)
+    t = t * w.view(-1, 1, 1, 1)
+    return 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+
+
+def topk_logit(z: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the top-k logits per sample (the score before the sigmoid), optionally inside `valid`."""
+    flat = z.float().flatten(1)
+    if valid is not None:
+        flat = flat.masked_fill(~valid.flatten(1), -1e4)
+    k = min(k, flat.shape[1])
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+# ---------------------------------------------------------------- the LightningModule
+class AnomalyModule(L.LightningModule):
+    """AnomalyNet + losses + validation metrics and calibration."""
+
+    def __init__(self, config: dict, info: dict | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = _build(Config, config)
+        self.model: AnomalyNet = build_model(self.cfg.model)
+        self.info = dict(info or {})
+        self._val: list[dict] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(x)
+
+    def training_step(self, batch: dict, _: int) -> torch.Tensor:
+        c, s = self.cfg.loss, self.model.stride
+        z = self.model.logits(batch["x"])
+        target = F.max_pool2d(batch["mask"], s)          # a cell is positive if any pixel is
+        w = batch["pixel_weight"]
+        focal = focal_loss(z.float(), target, c.focal_gamma, c.focal_alpha).mean((1, 2, 3))
+        pix = (focal * w).sum() / w.sum().clamp(min=1) * 10  # x10: focal values are small
+        dice = dice_loss(z.float(), target, w)
+        mil = F.binary_cross_entropy_with_logits(topk_logit(z, self.cfg.model.topk), batch["label"])
+        loss = pix + c.dice_weight * dice + c.mil_weight * mil
+        self.log_dict({"train/loss": loss, "train/pixel": pix, "train/dice": dice, "train/mil": mil},
+                      prog_bar=False, on_step=True, on_epoch=True, batch_size=len(w))
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def _scan_outputs(self, batch: dict) -> list[dict]:
+        s = self.model.stride
+        z = self.model.logits(batch["x"]).float()
+        N, _, h, w = z.shape
+        hv = (batch["valid_hw"][:, 0] + s - 1) // s
+        wv = (batch["valid_hw"][:, 1] + s - 1) // s
+        ys = torch.arange(h, device=z.device).view(1, h, 1)
+        xs = torch.arange(w, device=z.device).view(1, 1, w)
+        valid = ((ys < hv.view(-1, 1, 1)) & (xs < wv.view(-1, 1, 1)))[:, None]
+        score = torch.sigmoid(topk_logit(z, self.cfg.model.topk, valid))
+        target = F.max_pool2d(batch["mask"], s, ceil_mode=True)[..., :h, :w]
+        near = F.max_pool2d(target, 3, stride=1, padding=1)  # one cell of slack around the anomaly
+        top = z.masked_fill(~valid, -1e4).flatten(1).argmax(1)
+        out = []
+        for i in range(N):
+            hit = None
+            if batch["has_mask"][i] and target[i].sum() > 0:
+                hit = bool(near[i].flatten()[top[i]] > 0)
+            out.append({"score": float(score[i]), "label": int(batch["label"][i]), "hit": hit,
+                        "type": batch["anomaly_type"][i], "index": int(batch["index"][i])})
+        return out
+
+    def validation_step(self, batch: dict, _: int) -> None:
+        self._val.extend(self._scan_outputs(batch))
+
+    def test_step(self, batch: dict, _: int) -> None:
+        self._val.extend(self._scan_outputs(batch))
+
+    def _gather(self) -> list[dict]:
+        rows, self._val = self._val, []
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+            parts: list[Any] = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, rows)
+            rows = list({r["index"]: r for p in parts for r in p}.values())  # drop sampler padding
+        return rows
+
+    def on_validation_epoch_end(self) -> None:
+        rows = self._gather()
+        if self.trainer.sanity_checking or not rows:
+            return
+        m = evaluate_rows(rows)
+        normal = sorted(r["score"] for r in rows if r["label"] == 0)
+        self.info.update({"thresholds": threshold_table(normal, CALIBRATION_RATES) if normal else [],
+                          "normal_scores": [round(float(v), 6) for v in normal], "validation": m})
+        self.log_dict({"val/auroc": m["auroc"] or 0.0, "val/ap": m["ap"] or 0.0,
+                       "val/det_at_1pct": m["det_at_1pct"] or 0.0, "val/select": m["select"]},
+                      prog_bar=True, sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = evaluate_rows(self._gather())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["detector_info"] = json.loads(json.dumps(self.info))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.info.update(checkpoint.get("detector_info", {}))
+
+    def configure_optimizers(self) -> dict:
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = max(1, int(total * o.warmup_fraction))
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def evaluate_rows(rows: list[dict]) -> dict:
+    """AUROC, AP, detection at 1% / 0.1% false alarms, localisation and per-type detection."""
+    y = np.array([r["label"] for r in rows])
+    s = np.array([r["score"] for r in rows])
+    both = (y == 0).any() and (y == 1).any()
+    det1 = metrics.detection_at_far(y, s, 0.01)["detection_rate"] if both else None
+    det01 = metrics.detection_at_far(y, s, 0.001)["detection_rate"] if both else None
+    auroc = metrics.auroc(y, s) if both else None
+    hits = [r["hit"] for r in rows if r["hit"] is not None]
+    per_type: dict[str, dict] = {}
+    if both:
+        t1 = metrics.threshold_at_far(y, s, 0.01)
+        for kind in sorted({r["type"] for r in rows if r["label"] == 1}):
+            ks = [r["score"] for r in rows if r["label"] == 1 and r["type"] == kind]
+            per_type[kind or "unknown"] = {"n": len(ks), "det_at_1pct": float(np.mean(np.array(ks) >= t1))}
+    return {"n": len(rows), "n_normal": int((y == 0).sum()), "n_anomalous": int((y == 1).sum()),
+            "auroc": auroc, "ap": metrics.average_precision(y, s) if both else None,
+            "det_at_1pct": det1, "det_at_0.1pct": det01,
+            "top_region_hit": float(np.mean(hits)) if hits else None, "n_localised": len(hits),
+            "per_type": per_type,
+            # checkpoint selection: detection at 1% first, AUROC breaks ties; no anomalies -> low normal scores
+            "select": (det1 or 0.0) + 1e-3 * (auroc or 0.0) - (0.0 if both else float(np.mean(s)) * 1e-3)}
+
+
+# ---------------------------------------------------------------- fit
+def _precision(p: str) -> str:
+    if p != "auto":
+        return p
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def run_training(config: Config | str | Path | None, data_dir: str | Path, out_dir: str | Path | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
+                 accelerator: str | None = None, quiet: bool = False) -> dict:
+    """Fit, calibrate on validation, write RUN/{best,last}.ckpt, config.yaml, metrics.json; return metrics."""
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    if isinstance(config, Config) and overrides:
+        cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
+    if accelerator:
+        cfg.trainer.accelerator = accelerator
+    out = Path(out_dir or f"runs/{cfg.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.trainer.threads)
+    t0 = time.time()
+    dm = ScanDataModule(data_dir, cfg.data, cfg.preprocessing, cfg.data.cache_dir or out / "cache")
+    dm.prepare_data()
+    dm.setup("fit")
+    cfg.model.in_channels = dm.channels
+    cfg.data.channels = dm.channels
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
+            "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
+            "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
+            "validation": {}, "train_config": to_dict(cfg), "data_fingerprint": fingerprint(dm.records)}
+    module = AnomalyModule(to_dict(cfg), info)
+
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/select", mode="max", save_last=True,
+                           enable_version_counter=False, auto_insert_metric_name=False)
+    callbacks = [ckpt, EarlyStopping("val/select", mode="max", patience=cfg.trainer.patience),
+                 LearningRateMonitor("step")]
+    trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
+                        devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+                        precision=_precision(cfg.trainer.precision), callbacks=callbacks,
+                        logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")],
+                        log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
+                        enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if not trainer.is_global_zero:
+        return {}
+    best = Path(ckpt.best_model_path or out / "last.ckpt")
+    _, best_info = load_checkpoint(best)
+    result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
+              "train_time_s": round(time.time() - t0, 1), "validation": best_info["validation"],
+              "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
+              "data_fingerprint": info["data_fingerprint"]}
+    if cfg.trainer.test and dm.splits["test"]:
+        tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
+                           enable_progress_bar=not quiet, enable_model_summary=False)
+        tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+        result["test"] = module.test_metrics
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
+
+
+def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
+    """(AnomalyNet in eval mode on the CPU, info dict with everything the ONNX bundle's metadata needs)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ck["hyper_parameters"]
+    cfg = _build(Config, hp["config"])
+    model = build_model(cfg.model)
+    state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    info = dict(hp.get("info") or {})
+    info.update(ck.get("detector_info", {}))
+    info.setdefault("train_config", hp["config"])
+    return model.eval(), info
+
+
+def main(args) -> int:
+    """The `train` verb."""
+    res = run_training(args.config, args.data or "data/synth", args.out, args.overrides or [],
+                       resume=args.resume, accelerator=args.accelerator)
+    if not res:
+        return 0
+    v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs): val AUROC {fmt(v.get('auroc'))}"
+          f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
+    run = Path(res["best_checkpoint"]).parent
+    print(f"next: detector export {run}/best.ckpt --out {run}/model.onnx", file=sys.stdout)
+    return 0

@@ -1,0 +1,62 @@
+"""Augmentations keep masks aligned; TIP inserts threats at the configured rate."""
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+
+from detector.augment import TIP, AugmentConfig, DoseNoise, Stripes, train_pipeline
+
+
+def _scene(rng):
+    img = np.full((96, 128, 2), 0.8, np.float32) + rng.random((96, 128, 2)).astype(np.float32) * 0.1
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:34, 70:90] = 1
+    img[mask == 1] += 3.0
+    return img, mask
+
+
+def test_masks_stay_aligned_through_the_pipeline():
+    rng = np.random.default_rng(0)
+    cfg = AugmentConfig(hflip=0.5, scale_p=1.0, noise_p=1.0, stripes_p=1.0, blur_p=0.0)
+    pipe = train_pipeline(cfg, 10.0, seed=3)
+    flipped = 0
+    for _ in range(12):
+        img, mask = _scene(rng)
+        r = pipe(image=img, mask=mask)
+        out, m = r["image"], r["mask"]
+        assert out.shape == img.shape and out.dtype == np.float32 and m.shape == mask.shape
+        assert m.sum() > 0.6 * mask.sum()
+        inside, outside = out[m == 1].mean(), out[(m == 0) & (out.sum(-1) > 0)].mean()
+        assert inside > outside + 1.5          # the dense object is where the mask says
+        flipped += m[:, :64].sum() > m[:, 64:].sum()
+    assert 0 < flipped < 12                    # horizontal flips happen, both ways
+
+
+def test_dose_noise_and_stripes_change_only_the_image():
+    rng = np.random.default_rng(1)
+    img, mask = _scene(rng)
+    r = A.Compose([Stripes(sigma=0.05, p=1), DoseNoise(photons=(1e3, 1e3), p=1)], seed=0)(image=img, mask=mask)
+    assert np.array_equal(r["mask"], mask)
+    d = r["image"] - img
+    assert 0.01 < d.std() < 0.5 and abs(d[mask == 0].mean()) < 0.1
+    assert r["image"].min() >= 0
+
+
+def test_tip_rate_and_mask_matches_inserted_attenuation():
+    img = np.full((128, 128, 2), 1.0, np.float32)
+    pipe = A.Compose([TIP(pitch_mm=10.0, p=0.3)], seed=0)
+    n, hits = 200, 0
+    for _ in range(n):
+        r = pipe(image=img, mask=np.zeros((128, 128), np.uint8))
+        if r["mask"].any():
+            hits += 1
+            added = (r["image"] - img).max(-1)
+            assert (added[r["mask"] == 1] > 0).all() and np.allclose(added[r["mask"] == 0], 0)
+    assert abs(hits / n - 0.3) < 0.08
+
+
+def test_tip_skips_crops_that_already_have_an_anomaly():
+    rng = np.random.default_rng(2)
+    img, mask = _scene(rng)
+    r = A.Compose([TIP(pitch_mm=10.0, p=1.0)], seed=0)(image=img, mask=mask)
+    assert np.array_equal(r["image"], img) and np.array_equal(r["mask"], mask)

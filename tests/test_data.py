@@ -1,0 +1,78 @@
+"""Datasets: manifests and folders, splits, cached model-pitch scans, anomaly crops, whole-scan padding."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from detector.data import (CropDataset, DataConfig, Record, ScanCache, ScanDataModule, ScanDataset,
+                           load_records, split_records)
+from detector.preprocess import Preprocessing
+from detector.scan import ScanError, attenuation_to_counts, write_scan
+from test_train import write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
+
+
+def test_stratified_split_is_seeded_and_keeps_both_labels():
+    recs = [Record(f"s{i}", i % 4 == 0) for i in range(100)]
+    a = split_records(recs, 0.2, 0.2, seed=1)
+    b = split_records(recs, 0.2, 0.2, seed=1)
+    assert [r.path for r in a["val"]] == [r.path for r in b["val"]]
+    assert sum(len(v) for v in a.values()) == 100
+    for s in ("train", "val", "test"):
+        assert 0 < sum(r.label for r in a[s]) < len(a[s])
+
+
+def test_manifest_split_column_boxes_and_bad_rows(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    recs = load_records(root)
+    assert {r.split for r in recs} == {"train", "val"}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.csv").write_text("path,label\nx.tiff,maybe\n")
+    with pytest.raises(ScanError, match="label"):
+        load_records(tmp_path / "bad")
+    with pytest.raises(ScanError):
+        load_records(tmp_path / "empty_nothing")
+
+
+def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
+    att = np.full((2, 60, 100), 1.0, np.float32)
+    att[:, 10:13, 50:53] += 3
+    write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4, 5e4), pitch_mm=5.0)
+    rec = Record(str(tmp_path / "a.tiff"), 1, boxes=[[50, 10, 53, 13]])
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    meta = cache.build(rec)
+    a, m = cache.load(meta)
+    assert a.shape == (2, 30, 50) and m.shape == (30, 50)
+    ys, xs = np.nonzero(m)
+    assert len(ys) >= 1 and 4 <= ys.min() <= 6 and 24 <= xs.min() <= 26  # 3 px at 5 mm -> kept at 10 mm
+    assert cache.build(rec) == meta  # cached
+
+
+def test_crops_oversample_anomalies_and_val_pads_to_32(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    cfg = DataConfig(crop=32, crops_per_epoch=40, anomaly_crop_fraction=0.8, workers=0)
+    cfg.augment.enabled = False
+    pre = Preprocessing()
+    dm = ScanDataModule(root, cfg, pre, tmp_path / "cache")
+    dm.setup()
+    ds = CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+    items = [ds[i] for i in range(40)]
+    assert items[0]["x"].shape == (2, 32, 32) and items[0]["mask"].shape == (1, 32, 32)
+    pos = sum(float(it["label"]) for it in items)
+    assert pos >= 20                                       # ~80 % + random hits
+    for it in items:                                       # labels follow the crop's mask
+        assert float(it["label"]) == float(it["mask"].sum() > 0)
+    val = ScanDataset(dm.cache, dm.splits["val"], dm.metas["val"], pre)
+    v = val[0]
+    assert v["x"].shape[1] % 32 == 0 and v["x"].shape[2] % 32 == 0
+    assert tuple(v["valid_hw"].tolist()) == tuple(dm.metas["val"][0]["shape"][1:])
+    assert dm.channels == 2
+
+
+def test_normal_only_drops_anomalous_training_scans_and_enables_tip(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    cfg = DataConfig(normal_only=True, workers=0)
+    dm = ScanDataModule(root, cfg, Preprocessing(), tmp_path / "cache")
+    dm.setup()
+    assert all(r.label == 0 for r in dm.splits["train"]) and cfg.augment.tip_rate > 0

@@ -1,0 +1,87 @@
+"""AnomalyNet: every backbone and channel count, odd sizes via padding, FLOP budget, a tiny overfit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detector.model import BACKBONES, ModelConfig, build_model, count_flops
+from detector.preprocess import pad_to_multiple
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier stalls when other processes share the cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_forward_backward_odd_size(backbone, channels):
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(backbone=backbone, in_channels=channels, decoder_channels=16, topk=4))
+    x = torch.from_numpy(pad_to_multiple(np.random.rand(channels, 21, 45).astype(np.float32), 32))[None]
+    assert x.shape[-2:] == (32, 64)
+    heat, score = m(x)
+    heat, score = heat.detach(), score.detach()
+    assert heat.shape == (1, 1, 4, 8) and score.shape == (1,)
+    assert 0 <= float(score) <= 1 and float(heat.min()) >= 0 and float(heat.max()) <= 1
+    m.logits(x).mean().backward()
+    first = next(c for c in m.backbone.modules() if isinstance(c, torch.nn.Conv2d))
+    assert first.in_channels == channels and first.weight.grad is not None
+    assert all(p.grad is not None for p in m.lateral.parameters())
+
+
+def test_stride4_and_score_is_topk_mean():
+    m = build_model(ModelConfig(in_channels=1, stride=4, decoder_channels=8, topk=3)).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        heat, score = m(x)
+        z = m.logits(x)
+    assert heat.shape == (2, 1, 16, 16)
+    ref = torch.sigmoid(z.flatten(1).topk(3, 1).values.mean(1))
+    assert torch.allclose(score, ref)
+
+
+def test_default_flops_within_station_budget():
+    from detector.train import load_config
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "default.yaml")
+    m = build_model(cfg.model)
+    # a 640x2400 px scan at 5 mm -> 320x1200 at the 10 mm model pitch, padded to 320x1216
+    gflop = count_flops(m, cfg.model.in_channels, 320, 1216) / 1e9
+    assert gflop <= 15.0, gflop
+
+
+def test_tiny_model_overfits_a_few_crops():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(in_channels=1, decoder_channels=8, stage_blocks=1, topk=4))
+    x = torch.rand(6, 1, 32, 64) * 0.3
+    y = torch.tensor([0, 1, 0, 1, 0, 1], dtype=torch.float32)
+    x[y == 1, :, 8:20, 30:42] += 1.5
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        z = m.logits(x)
+        s = z.flatten(1).topk(4, 1).values.mean(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(s, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    m.eval()
+    with torch.no_grad():
+        _, score = m(x)
+    assert losses[-1] < 0.3 * losses[0]
+    assert float(score[y == 1].min()) > float(score[y == 0].max())
+
+
+def test_built_model_starts_in_train_mode():
+    # Lightning keeps submodule modes as found: a BatchNorm left in eval mode would never adapt
+    m = build_model(ModelConfig(backbone="mobilenet_v3_large", in_channels=1, decoder_channels=8))
+    assert all(mod.training for mod in m.modules())

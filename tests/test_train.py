@@ -1,0 +1,126 @@
+"""End-to-end training on tiny synthetic scans; config loading; calibration; load_checkpoint."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detector.calibration import false_alarm_rate, threshold_table
+from detector.scan import attenuation_to_counts, write_scan
+
+I0 = 53000.0
+TINY = ["model.decoder_channels=16", "model.stage_blocks=1", "model.topk=4", "data.crop=64",
+        "data.crops_per_epoch=32", "data.batch_size=8", "data.workers=0", "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1", "data.augment.noise_p=0.5"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier stalls when other processes share the cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_scan(rng: np.random.Generator, h: int, w: int, anomaly: bool, channels: int = 2):
+    """Cargo-like attenuation (smooth blobs) plus, if anomalous, a dense block; returns (att, mask)."""
+    base = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 6) * 2.0 + 0.3
+    mask = np.zeros((h, w), np.uint8)
+    if anomaly:
+        s = int(rng.integers(10, 18))
+        y, x = int(rng.integers(4, h - s - 4)), int(rng.integers(4, w - s - 4))
+        base[y:y + s, x:x + s] += 2.5
+        mask[y:y + s, x:x + s] = 255
+    att = np.stack([base, base * 1.3][:channels])
+    return att, mask
+
+
+def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90, 190))) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        h, w = sizes[i % len(sizes)]
+        att, mask = make_scan(rng, h, w, bool(label))
+        p = write_scan(root / "images" / f"s{i}.tiff", attenuation_to_counts(att, I0), i0=(I0, I0),
+                       pitch_mm=5.0, energies=("high", "low"))
+        row = {"path": f"images/{p.name}", "label": label, "mask": "", "boxes": "", "anomaly_type": "",
+               "split": ["train", "train", "train", "train", "val", "val"][i % 6] if n >= 6 else ""}
+        if label:
+            (root / "masks").mkdir(exist_ok=True)
+            cv2.imwrite(str(root / "masks" / f"s{i}.png"), mask)
+            row["mask"], row["anomaly_type"] = f"masks/s{i}.png", "block"
+        rows.append(row)
+    with open(root / "manifest.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    return root
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    from detector.train import load_config
+    y = tmp_path / "c.yaml"
+    y.write_text("name: x\nmodel: {backbone: resnet34}\n")
+    cfg = load_config(y, ["model.topk=3", "data.augment.photons=[1000, 2000]"])
+    assert (cfg.name, cfg.model.backbone, cfg.model.topk, cfg.data.augment.photons) == ("x", "resnet34", 3, (1000, 2000))
+    with pytest.raises(ValueError, match="model.nope"):
+        load_config(y, ["model.nope=1"])
+
+
+def test_calibration_hits_target_and_works_without_anomalies():
+    from detector.train import evaluate_rows
+    normal = np.random.default_rng(0).random(1000)
+    rows = threshold_table(normal, (0.01, 0.001))
+    assert false_alarm_rate(normal, rows[0]["threshold"]) <= 0.01
+    assert false_alarm_rate(normal, rows[0]["threshold"]) >= 0.008
+    m = evaluate_rows([{"score": float(s), "label": 0, "hit": None, "type": "", "index": i}
+                       for i, s in enumerate(normal)])
+    assert m["auroc"] is None and m["det_at_1pct"] is None and m["n_normal"] == 1000
+
+
+def test_train_end_to_end_and_load_checkpoint(tmp_path):
+    from detector.train import load_checkpoint, run_training
+    data = write_dataset(tmp_path / "data")
+    res = run_training(None, data, tmp_path / "run", TINY, quiet=True)
+    run = tmp_path / "run"
+    for f in ("best.ckpt", "last.ckpt", "metrics.json", "config.yaml"):
+        assert (run / f).exists(), f
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["thresholds"] and m["thresholds"][0]["false_alarm_rate"] == 0.01
+    assert m["normal_scores"] == sorted(m["normal_scores"]) and len(m["normal_scores"]) == 2
+    model, info = load_checkpoint(run / "best.ckpt")
+    for k in ("channels", "energies", "preprocessing", "stride", "score", "thresholds", "normal_scores",
+              "validation", "train_config", "data_fingerprint"):
+        assert k in info, k
+    assert info["channels"] == 2 and info["score"] == {"method": "topk_mean_logit", "k": 4}
+    import torch
+    heat, score = model(torch.zeros(1, 2, 64, 96))
+    assert heat.shape == (1, 1, 8, 12) and score.shape == (1,)
+    assert res["validation"]["n"] == 4
+
+
+def test_plain_folder_rgb_8bit_trains(tmp_path):
+    from detector.train import load_checkpoint, run_training
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        sub = "anomalous" if i % 2 else "normal"
+        h, w = (100, 130) if i % 3 else (120, 90)
+        img = (200 - 120 * cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 5)).astype(np.uint8)
+        if i % 2:
+            img[30:50, 30:50] = 20
+        rgb = np.stack([img, img, np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)], -1)
+        (tmp_path / "d" / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "d" / sub / f"b{i}.png"), rgb)
+    res = run_training(None, tmp_path / "d", tmp_path / "run", [*TINY, "trainer.max_epochs=1",
+                                                                 "data.val_fraction=0.25", "data.test_fraction=0"],
+                       quiet=True)
+    _, info = load_checkpoint(res["best_checkpoint"])
+    assert info["channels"] == 1
+    assert res["validation"]["n_anomalous"] >= 1 and res["validation"]["auroc"] is not None
