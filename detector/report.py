@@ -134,12 +134,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("ROC")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_histogram(normal: np.ndarray, anomalous: np.ndarray, path: str | Path,
@@ -163,6 +158,11 @@ def plot_histogram(normal: np.ndarray, anomalous: np.ndarray, path: str | Path,
     ax.set_ylabel("scans")
     ax.legend(fontsize=8)
     ax.set_title("Score distribution")
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str | Path) -> Path:
+    """Lay out, write and close a figure (closing keeps long batch runs from piling up figures)."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
