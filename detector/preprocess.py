@@ -57,11 +57,10 @@ def to_model_pitch(att: np.ndarray, pitch_mm: float, pre: Preprocessing,
         return np.ascontiguousarray(att, dtype=np.float32)
     if att.ndim == 2:
         return cv2.resize(att.astype(np.float32, copy=False), (mw, mh), interpolation=interpolation)
-    hwc = np.ascontiguousarray(np.moveaxis(att.astype(np.float32, copy=False), 0, -1))
-    out = cv2.resize(hwc, (mw, mh), interpolation=interpolation)
-    if out.ndim == 2:
-        out = out[..., None]
-    return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+    out = np.empty((att.shape[0], mh, mw), np.float32)
+    for c in range(att.shape[0]):  # per plane: no (C,H,W) <-> (H,W,C) copies of the full scan
+        out[c] = cv2.resize(att[c].astype(np.float32, copy=False), (mw, mh), interpolation=interpolation)
+    return out
 
 
 def normalize(att: np.ndarray, pre: Preprocessing) -> np.ndarray:

@@ -64,7 +64,7 @@ class UploadTooLarge(Exception):
 class Metrics:
     """Prometheus counters kept by hand (updated on the event loop only, so no lock)."""
 
-    requests: dict[str, int] = field(default_factory=dict)      # status code -> count
+    by_status: dict[str, int] = field(default_factory=dict)      # status code -> count
     decisions: dict[str, int] = field(default_factory=lambda: {"RELEASE": 0, "INSPECT": 0})
     errors: int = 0
     audit_failures: int = 0
@@ -73,7 +73,7 @@ class Metrics:
     latency_count: int = 0
 
     def request(self, code: int) -> None:
-        self.requests[str(code)] = self.requests.get(str(code), 0) + 1
+        self.by_status[str(code)] = self.by_status.get(str(code), 0) + 1
 
     def verdict(self, decision: str, error: bool, seconds: float) -> None:
         self.decisions[decision] = self.decisions.get(decision, 0) + 1
@@ -87,7 +87,7 @@ class Metrics:
         esc = lambda s: str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")  # noqa: E731
         out = ["# HELP detector_requests_total Inspection requests by HTTP status.",
                "# TYPE detector_requests_total counter"]
-        out += [f'detector_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]
+        out += [f'detector_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.by_status.items())]
         out += ["# HELP detector_decisions_total Verdicts by routing decision.",
                 "# TYPE detector_decisions_total counter"]
         out += [f'detector_decisions_total{{decision="{d}"}} {n}' for d, n in sorted(self.decisions.items())]
