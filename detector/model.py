@@ -27,6 +27,8 @@ class ModelConfig:
     weights: str | None = None   # optional LOCAL torchvision state_dict (never downloaded)
     prior: float = 0.01          # initial heatmap probability (bias of the last conv)
     stage_blocks: int = 0        # resnets: keep only the first N blocks of each stage (0 = all); halves FLOPs at 1
+    context_dilations: tuple[int, ...] = ()  # dilated 3x3 branches on the deepest map (e.g. 2, 4, 8): metres of
+                                             # context for a few % FLOPs (a wheel hub vs a steel block in cargo)
 
 
 def _first_conv(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -101,6 +103,23 @@ class Backbone(nn.Module):
         return feats
 
 
+class Context(nn.Module):
+    """Parallel dilated 3x3 convs (ASPP-like, no pooling so any size exports), concatenated and projected."""
+
+    def __init__(self, channels: int, out: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        mid = max(32, channels // 4)
+        self.reduce = nn.Sequential(nn.Conv2d(channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(mid, mid, 3, padding=d, dilation=d, bias=False), nn.BatchNorm2d(mid),
+                          nn.ReLU(inplace=True)) for d in dilations)
+        self.project = nn.Conv2d(mid * (len(dilations) + 1), out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.reduce(x)
+        return self.project(torch.cat([r, *(b(r) for b in self.branches)], 1))
+
+
 class AnomalyNet(nn.Module):
     """Backbone + FPN decoder; forward -> (heatmap probs (N,1,H/s,W/s), score (N,))."""
 
@@ -114,6 +133,8 @@ class AnomalyNet(nn.Module):
         self.n_skip = len(self.backbone.taps) - len(used)
         d = cfg.decoder_channels
         self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for _, c in used)
+        if cfg.context_dilations:  # the deepest lateral becomes the context block
+            self.lateral[-1] = Context(used[-1][1], d, tuple(cfg.context_dilations))
         self.head = nn.Sequential(
             nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True),
             nn.Conv2d(d, 1, 1))
@@ -145,7 +166,7 @@ class AnomalyNet(nn.Module):
 def build_model(cfg: ModelConfig | dict) -> AnomalyNet:
     """AnomalyNet from a ModelConfig (or its dict)."""
     if isinstance(cfg, dict):
-        cfg = ModelConfig(**cfg)
+        cfg = ModelConfig(**{**cfg, "context_dilations": tuple(cfg.get("context_dilations") or ())})
     return AnomalyNet(cfg)
 
 

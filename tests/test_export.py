@@ -20,7 +20,8 @@ from detector.preprocess import Preprocessing, prepare  # noqa: E402
 from detector.runtime import Inspector  # noqa: E402
 from detector.scan import read_scan  # noqa: E402
 
-CFG = ModelConfig(backbone="resnet18", in_channels=2, decoder_channels=16, topk=4)
+CFG = ModelConfig(backbone="resnet18", in_channels=2, decoder_channels=16, topk=4, stage_blocks=1,
+                  context_dilations=(2, 4))  # the default architecture, narrower
 
 
 def _info(cfg=CFG):
