@@ -39,6 +39,8 @@ class DataConfig:
     crops_per_epoch: int = 2000
     anomaly_crop_fraction: float = 0.5  # share of crops centred on a known anomaly (when masks exist)
     air_crop_fraction: float = 0.1  # share of other crops taken anywhere; the rest lie on the vehicle
+    hard_negative_fraction: float = 0.5  # share of other crops centred on mined hard negatives (once mined)
+    mine_share: float = 0.25        # share of training scans mined for hard negatives after each epoch (0 = off)
     batch_size: int = 16
     val_batch_size: int = 1         # whole scans differ in size; 1 avoids padding waste
     workers: int = 2
@@ -202,11 +204,33 @@ class CropDataset(Dataset):
     """Random training crops: x (C,S,S) normalised, mask (1,S,S), pixel weight, label."""
 
     def __init__(self, cache: ScanCache, recs: list[Record], metas: list[dict], cfg: DataConfig,
-                 pre: Preprocessing) -> None:
+                 pre: Preprocessing, hard_negative_file: str | os.PathLike | None = None) -> None:
         self.cache, self.recs, self.metas, self.cfg, self.pre = cache, recs, metas, cfg, pre
+        self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
         self.pos = [i for i, m in enumerate(metas) if m["centres"]]
         self.pipeline = train_pipeline(cfg.augment, pre.model_pitch_mm)
         self._rng: np.random.Generator | None = None
+        self._index = {m["key"]: i for i, m in enumerate(metas)}
+        self._hard: list[tuple[int, int, int]] = []   # (scan index, y, x) at model pitch
+        self._hard_mtime = 0
+
+    def _hard_negatives(self) -> list[tuple[int, int, int]]:
+        """The miner's latest cells (its file is rewritten each epoch by another process)."""
+        path = self.hard_negative_file
+        if path is None:
+            return self._hard
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return self._hard
+        if mtime != self._hard_mtime:
+            try:
+                found = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return self._hard   # being replaced: keep the previous list
+            self._hard = [(self._index[k], y, x) for k, cells in found.items() if k in self._index for y, x in cells]
+            self._hard_mtime = mtime
+        return self._hard
 
     def __len__(self) -> int:
         return self.cfg.crops_per_epoch
@@ -218,8 +242,10 @@ class CropDataset(Dataset):
             self.pipeline.set_random_seed(int(seed % 2**31))
         return self._rng
 
-    def crop(self, i: int, rng: np.random.Generator, centred: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-        """An (S,S,C) attenuation crop (zero-padded air if the scan is smaller), its mask, has_mask."""
+    def crop(self, i: int, rng: np.random.Generator, centred: bool, hard: tuple[int, int] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """An (S,S,C) attenuation crop (zero-padded air if the scan is smaller), its mask, has_mask.
+        centred: around a known anomaly; hard: around this (y, x); else random, mostly on the vehicle."""
         att, mask = self.cache.load(self.metas[i])
         s = self.cfg.crop
         _, h, w = att.shape
@@ -227,6 +253,9 @@ class CropDataset(Dataset):
             cy, cx = self.metas[i]["centres"][rng.integers(len(self.metas[i]["centres"]))]
             j = s // 3
             y0, x0 = cy - s // 2 + rng.integers(-j, j + 1), cx - s // 2 + rng.integers(-j, j + 1)
+        elif hard is not None:  # a cell where the model fired on normal structure
+            j = s // 4
+            y0, x0 = hard[0] - s // 2 + rng.integers(-j, j + 1), hard[1] - s // 2 + rng.integers(-j, j + 1)
         else:  # negatives mostly on the vehicle: air crops teach nothing, engines and wheels do
             for _ in range(8):
                 y0, x0 = rng.integers(0, max(1, h - s + 1)), rng.integers(0, max(1, w - s + 1))
@@ -248,8 +277,17 @@ class CropDataset(Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         rng = self._generator()
         centred = bool(self.pos) and rng.random() < self.cfg.anomaly_crop_fraction
-        i = int(self.pos[rng.integers(len(self.pos))]) if centred else int(rng.integers(len(self.metas)))
-        img, m, has_mask = self.crop(i, rng, centred)
+        hard = None
+        if centred:
+            i = int(self.pos[rng.integers(len(self.pos))])
+        else:
+            cells = self._hard_negatives() if self.cfg.hard_negative_fraction > 0 else []
+            if cells and rng.random() < self.cfg.hard_negative_fraction:
+                i, y, x = cells[rng.integers(len(cells))]
+                hard = (y, x)
+            else:
+                i = int(rng.integers(len(self.metas)))
+        img, m, has_mask = self.crop(i, rng, centred, hard)
         label = self.recs[i].label
         if has_mask or label == 0:
             r = self.pipeline(image=img, mask=m)
@@ -306,9 +344,10 @@ class ScanDataModule(L.LightningDataModule):
     """Splits, the scan cache and the loaders (persistent workers)."""
 
     def __init__(self, data_dir: str | os.PathLike, cfg: DataConfig, pre: Preprocessing,
-                 cache_dir: str | os.PathLike) -> None:
+                 cache_dir: str | os.PathLike, hard_negative_file: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.data_dir, self.cfg, self.pre = Path(data_dir), cfg, pre
+        self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
         self.records = load_records(data_dir)
         self.splits = split_records(self.records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if cfg.normal_only:
@@ -349,7 +388,8 @@ class ScanDataModule(L.LightningDataModule):
                           collate_fn=collate, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        ds = CropDataset(self.cache, self.splits["train"], self.metas["train"], self.cfg, self.pre)
+        ds = CropDataset(self.cache, self.splits["train"], self.metas["train"], self.cfg, self.pre,
+                         self.hard_negative_file)
         return self._loader(ds, self.cfg.batch_size, False)
 
     def val_dataloader(self) -> DataLoader:

@@ -124,3 +124,23 @@ def test_plain_folder_rgb_8bit_trains(tmp_path):
     _, info = load_checkpoint(res["best_checkpoint"])
     assert info["channels"] == 1
     assert res["validation"]["n_anomalous"] >= 1 and res["validation"]["auroc"] is not None
+
+
+def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
+    import torch
+
+    from detector.train import dice_loss, pixel_loss
+    z = torch.full((2, 1, 16, 16), -4.0)
+    t = torch.zeros(2, 1, 16, 16)
+    t[0, 0, 3, 3] = 1                      # a 1-cell threat
+    t[1, 0, 2:12, 2:12] = 1                # a 100-cell false wall
+    z[t > 0] = -1.0                        # the same (poor) prediction on every anomalous cell
+    w = torch.ones(2)
+    each = [float(pixel_loss(z[i:i + 1], t[i:i + 1], w[:1], 2.0, 0.75)) for i in range(2)]
+    assert each[0] == pytest.approx(each[1], rel=0.05)  # per anomaly, not per pixel
+    assert float(pixel_loss(z, t, w, 2.0, 0.75)) == pytest.approx(sum(each) / 2, rel=1e-5)
+    z_good = torch.where(t > 0, torch.tensor(4.0), torch.tensor(-4.0))
+    assert float(pixel_loss(z_good, t, w, 2.0, 0.75)) < 0.01 * float(pixel_loss(z, t, w, 2.0, 0.75))
+    # dice ignores negative crops and unsupervised samples
+    assert float(dice_loss(z, t, torch.tensor([1.0, 0.0]))) == pytest.approx(float(dice_loss(z[:1], t[:1], w[:1])))
+    assert float(dice_loss(z, torch.zeros_like(t), w)) == 0.0
