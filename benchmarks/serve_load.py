@@ -2,10 +2,13 @@
 
 Starts the server (or targets --url), runs N client threads for a bounded time posting scans, and
 prints requests/s, p50/p95/p99 latency, status and decision counts, and the server's resident
-memory after warm-up and at the end (it must not grow under steady load).
+memory after warm-up and at the end (it must not grow under steady load). With --kill-after S it is
+the crash test instead: SIGKILL the server S s into the load, restart it on the same audit log, and
+count how many answered verdicts have their row (all must) and whether SQLite's integrity check passes.
 
     .venv/bin/python benchmarks/serve_load.py --duration 15
     .venv/bin/python benchmarks/serve_load.py --model model.onnx --scan a.tiff --scan b.tiff --clients 8
+    .venv/bin/python benchmarks/serve_load.py --model model.onnx --kill-after 20   # crash test
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -77,8 +81,11 @@ def start_server(args, model: Path, work: Path) -> tuple[subprocess.Popen, str]:
     sys.exit("server not ready in 60 s")
 
 
-def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds: float, token: str | None):
-    """Each client posts the payloads round-robin until time is up; returns (latencies s, codes, decisions)."""
+def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds: float, token: str | None,
+             ids: list[str] | None = None):
+    """Each client posts the payloads round-robin until time is up; returns (latencies s, codes, decisions).
+
+    ids, when given, collects the request_id of every answered verdict (for the crash test)."""
     lat: list[float] = []
     codes: Counter = Counter()
     decisions: Counter = Counter()
@@ -98,13 +105,17 @@ def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds:
                 except httpx.HTTPError as e:
                     with lock:
                         codes[type(e).__name__] += 1
+                    time.sleep(0.05)  # server gone (crash test): do not spin
                     continue
                 dt = time.perf_counter() - t0
                 with lock:
                     codes[r.status_code] += 1
                     if r.status_code == 200:
                         lat.append(dt)
-                        decisions[r.json()["decision"]] += 1
+                        body = r.json()
+                        decisions[body["decision"]] += 1
+                        if ids is not None:
+                            ids.append(body["request_id"])
                     elif r.status_code == 429:
                         time.sleep(0.05)
 
@@ -114,6 +125,35 @@ def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds:
     for t in threads:
         t.join()
     return lat, codes, decisions
+
+
+def crash_test(args, model: Path, payloads: list[tuple[str, bytes]], work: Path, token: str | None) -> None:
+    """kill -9 mid-load, restart on the same audit log: every answered verdict must have its row."""
+    proc, url = start_server(args, model, work)
+    answered: list[str] = []
+    killer = threading.Timer(args.kill_after, proc.kill)  # SIGKILL: no shutdown hook, no final flush
+    killer.start()
+    _, codes, _ = run_load(url, payloads, args.clients, args.kill_after + 2.0, token, answered)
+    proc.wait()
+    proc2, url2 = start_server(args, model, work)  # a station restarting on its audit log
+    try:
+        r = httpx.post(url2 + "/v1/inspect", files={"scan": payloads[0]},
+                       headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60)
+        after = r.status_code
+    finally:
+        proc2.terminate()
+        proc2.wait(10)
+    db = sqlite3.connect(str(work / "audit.sqlite"))
+    integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+    logged = {row[0] for row in db.execute("SELECT request_id FROM verdicts")}
+    db.close()
+    found = sum(rid in logged for rid in answered)
+    print(f"crash test: {args.clients} clients, server killed -9 after {args.kill_after:g} s of load; "
+          f"client outcomes {dict(codes)}")
+    print(f"  {len(answered)} verdicts answered before the kill, {found}/{len(answered)} in the audit log after "
+          f"restart ({len(logged)} rows in all); integrity_check {integrity}; restarted server answered {after}")
+    if found != len(answered) or integrity != "ok":
+        sys.exit(1)
 
 
 def main() -> None:
@@ -131,6 +171,8 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--policy", default=None)
+    ap.add_argument("--kill-after", type=float, default=None,
+                    help="crash test: SIGKILL the server this many seconds into the load, then count audit rows")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (generated model, scans, audit log)")
     args = ap.parse_args()
 
@@ -141,6 +183,13 @@ def main() -> None:
         model, scans = model or gen_model, scans or gen_scans
     payloads = [(p.name, p.read_bytes()) for p in scans]
     token = os.environ.get("DETECTOR_TOKEN")
+    if args.kill_after is not None:
+        if args.url:
+            sys.exit("--kill-after needs a server this script starts (no --url)")
+        crash_test(args, model, payloads, work, token)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     proc, url, pid = None, args.url, args.pid
     if not url:
         proc, url = start_server(args, model, work)
