@@ -1,4 +1,5 @@
-"""Training throughput (crops/s) of a config's network on this CPU, and on a GPU in bf16 if present.
+"""Training throughput (crops/s) of a config's network on this CPU (fp32, and bf16 autocast where the CPU
+has native bf16: what `precision: auto` then trains in), and on a GPU in bf16 if present.
 
     .venv/bin/python benchmarks/train_speed.py [--config configs/default.yaml] [--steps 10]
 
@@ -11,15 +12,15 @@ import time
 
 import torch
 
-from detector.model import build_model, count_flops
-from detector.train import load_config
+from detector.model import build_model, count_flops, nhwc
+from detector.train import cpu_has_native_bf16, load_config, resolve_precision
 
 
 def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, steps: int, device: str,
                 bf16: bool) -> float:
-    model = model.to(device).train()
+    model = model.to(device, memory_format=torch.channels_last).train()  # as AnomalyModule trains it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.rand(batch, channels, crop, crop, device=device)
+    x = nhwc(torch.rand(batch, channels, crop, crop, device=device))
     t = torch.zeros(batch, 1, crop // model.stride, crop // model.stride, device=device)
     t0 = 0.0
     for i in range(steps + 2):
@@ -55,9 +56,13 @@ def main() -> None:
           f"backbone_stride={cfg.model.backbone_stride} decoder={cfg.model.decoder_channels}: "
           f"{gflop:.2f} GFLOP forward on 640x2400 px @5 mm (320x1216 @10 mm), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    cpu = crops_per_s(model, d.batch_size, d.crop, c, a.steps, "cpu", False)
-    print(f"CPU ({torch.get_num_threads()} threads): {cpu:.1f} crops/s ({d.crop}px, batch {d.batch_size}, fp32)"
-          f" -> {d.crops_per_epoch / cpu / 60:.1f} min per epoch of {d.crops_per_epoch} crops")
+    used = resolve_precision(cfg.trainer.precision, "cpu")
+    for bf16 in (False, True) if cpu_has_native_bf16() else (False,):
+        cpu = crops_per_s(model, d.batch_size, d.crop, c, a.steps, "cpu", bf16)
+        name = "bf16-mixed" if bf16 else "32-true"
+        print(f"CPU ({torch.get_num_threads()} threads): {cpu:.1f} crops/s ({d.crop}px, batch {d.batch_size}, {name}"
+              f"{', what training uses' if name == used else ''}) -> {d.crops_per_epoch / cpu / 60:.1f} min per "
+              f"epoch of {d.crops_per_epoch} crops")
     if torch.cuda.is_available():
         gpu = crops_per_s(build_model(cfg.model), 64, d.crop, c, a.steps * 3, "cuda", True)
         print(f"GPU {torch.cuda.get_device_name()}: {gpu:.0f} crops/s ({d.crop}px, batch 64, bf16)")

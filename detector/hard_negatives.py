@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from detector.model import nhwc
 from detector.preprocess import normalize, pad_to_multiple
 
 
@@ -63,7 +64,7 @@ class HardNegativeMiner(L.Callback):
             for i in todo:
                 att, mask = dm.cache.load(metas[i])
                 x = pad_to_multiple(normalize(np.asarray(att), pre), pre.pad_multiple)
-                z = model.logits(torch.from_numpy(x)[None].to(module.device))[0, 0].float().cpu().numpy()
+                z = model.logits(nhwc(torch.from_numpy(x)[None].to(module.device)))[0, 0].float().cpu().numpy()
                 h, w = -(-att.shape[1] // s), -(-att.shape[2] // s)
                 z = z[:h, :w]
                 exclude = None

@@ -163,6 +163,11 @@ class AnomalyNet(nn.Module):
         return torch.sigmoid(z), self.score_from_logits(z)
 
 
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """A tensor in channels-last layout: oneDNN's fast conv layout, for a model moved to channels-last."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def build_model(cfg: ModelConfig | dict) -> AnomalyNet:
     """AnomalyNet from a ModelConfig (or its dict)."""
     if isinstance(cfg, dict):

@@ -27,7 +27,7 @@ from detector import metrics
 from detector.calibration import threshold_table
 from detector.data import DataConfig, ScanDataModule, fingerprint
 from detector.hard_negatives import HardNegativeMiner
-from detector.model import AnomalyNet, ModelConfig, build_model
+from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
 from detector.preprocess import Preprocessing
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
@@ -55,8 +55,9 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"         # e.g. 4 -> DDP over 4 GPUs (strategy auto)
     strategy: str = "auto"
-    precision: str = "auto"       # auto: bf16-mixed on a GPU that supports it, else 32-true
-    patience: int = 8             # early stopping on the selection metric (epochs)
+    precision: str = "auto"       # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true
+    patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs)
+    val_every: int = 1            # validate (and checkpoint) every N epochs: full-scan validation costs time
     log_every_n_steps: int = 10
     threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
     test: bool = True             # evaluate the best checkpoint on the test split after fitting
@@ -109,7 +110,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(val)
-    return _build(Config, d)
+    cfg = _build(Config, d)
+    t = cfg.trainer
+    if not 1 <= t.val_every <= t.max_epochs:  # else no validation: no best checkpoint, no thresholds
+        raise ValueError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
+                         f"got {t.val_every}")
+    return cfg
 
 
 # ---------------------------------------------------------------- losses
@@ -157,7 +163,8 @@ class AnomalyModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = _build(Config, config)
-        self.model: AnomalyNet = build_model(self.cfg.model)
+        # channels-last (NHWC): oneDNN's fast conv layout; +27 % training crops/s in bf16 on this CPU
+        self.model: AnomalyNet = build_model(self.cfg.model).to(memory_format=torch.channels_last)
         self.info = dict(info or {})
         self._val: list[dict] = []
 
@@ -166,7 +173,7 @@ class AnomalyModule(L.LightningModule):
 
     def training_step(self, batch: dict, _: int) -> torch.Tensor:
         c, s = self.cfg.loss, self.model.stride
-        z = self.model.logits(batch["x"])
+        z = self.model.logits(nhwc(batch["x"]))
         target = F.max_pool2d(batch["mask"], s)          # a cell is positive if any pixel is
         w = batch["pixel_weight"]
         pix = pixel_loss(z.float(), target, w, c.focal_gamma, c.focal_alpha)
@@ -180,7 +187,7 @@ class AnomalyModule(L.LightningModule):
 
     def _scan_outputs(self, batch: dict) -> list[dict]:
         s = self.model.stride
-        z = self.model.logits(batch["x"]).float()
+        z = self.model.logits(nhwc(batch["x"])).float().contiguous()
         N, _, h, w = z.shape
         hv = (batch["valid_hw"][:, 0] + s - 1) // s
         wv = (batch["valid_hw"][:, 1] + s - 1) // s
@@ -226,6 +233,7 @@ class AnomalyModule(L.LightningModule):
         self.log_dict({"val/auroc": m["auroc"] or 0.0, "val/ap": m["ap"] or 0.0,
                        "val/det_at_1pct": m["det_at_1pct"] or 0.0, "val/select": m["select"]},
                       prog_bar=True, sync_dist=False)
+        self.log("val/progress", m["progress"], prog_bar=False, sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics = evaluate_rows(self._gather())
@@ -273,21 +281,24 @@ def evaluate_rows(rows: list[dict]) -> dict:
             "top_region_hit": float(np.mean(hits)) if hits else None, "n_localised": len(hits),
             "per_type": per_type,
             # checkpoint selection: detection at 1% first, AUROC breaks ties; no anomalies -> low normal scores
-            "select": (det1 or 0.0) + 1e-3 * (auroc or 0.0) - (0.0 if both else float(np.mean(s)) * 1e-3)}
+            "select": (det1 or 0.0) + 1e-3 * (auroc or 0.0) - (0.0 if both else float(np.mean(s)) * 1e-3),
+            # early stopping: AUROC moves smoothly while detection at 1% of a small validation set jumps in
+            # steps and plateaus for many epochs (it stopped a still-improving run at epoch 11)
+            "progress": auroc if both else -float(np.mean(s))}
 
 
 # ---------------------------------------------------------------- fit
-def _precision(p: str, accelerator: str = "auto") -> str:
+def resolve_precision(p: str, accelerator: str = "auto") -> str:
     """auto: bf16-mixed on a bf16 GPU, or on a CPU with native bf16 (AVX512-BF16/AMX: ~2x the fp32
     training speed measured on a 2-core Zen 4), else 32-true."""
     if p != "auto":
         return p
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if _cpu_has_native_bf16() else "32-true"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """True on x86 CPUs with avx512_bf16 or amx_bf16 (elsewhere bf16 is emulated and slower)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -330,15 +341,16 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/select", mode="max", save_last=True,
                            enable_version_counter=False, auto_insert_metric_name=False)
-    callbacks = [ckpt, EarlyStopping("val/select", mode="max", patience=cfg.trainer.patience),
+    callbacks = [ckpt, EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience),
                  LearningRateMonitor("step")]
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
         callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))
     trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
                         devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-                        precision=_precision(cfg.trainer.precision, cfg.trainer.accelerator), callbacks=callbacks,
+                        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator), callbacks=callbacks,
                         logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")],
                         log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=cfg.trainer.val_every,
                         enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if not trainer.is_global_zero:

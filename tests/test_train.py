@@ -72,6 +72,9 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     assert (cfg.name, cfg.model.backbone, cfg.model.topk, cfg.data.augment.photons) == ("x", "resnet34", 3, (1000, 2000))
     with pytest.raises(ValueError, match="model.nope"):
         load_config(y, ["model.nope=1"])
+    assert load_config(y, ["trainer.val_every=2"]).trainer.val_every == 2
+    with pytest.raises(ValueError, match="val_every"):  # would never validate: no checkpoint, no thresholds
+        load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"])
 
 
 def test_calibration_hits_target_and_works_without_anomalies():
