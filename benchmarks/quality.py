@@ -1,7 +1,7 @@
 """Quality of a training config on synthetic scans: train/val/test generated here, test from other seeds.
 
     .venv/bin/python benchmarks/quality.py --config configs/quick.yaml [--train 160 --val 60 --test 100]
-    .venv/bin/python benchmarks/quality.py --config configs/default.yaml --train 480 --val 150 --test 300
+    .venv/bin/python benchmarks/quality.py --config configs/default.yaml --train 1200 --val 100 --test 200
     .venv/bin/python benchmarks/quality.py --normal-only ...   # no anomalous training scans: TIP only
 
 Prints AUROC, AP, detection at 1 % and 0.1 % false alarms, per anomaly type, how often the top heatmap

@@ -56,7 +56,7 @@ class TrainerConfig:
     devices: Any = "auto"         # e.g. 4 -> DDP over 4 GPUs (strategy auto)
     strategy: str = "auto"
     precision: str = "auto"       # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true
-    patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs)
+    patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs; 0 = off)
     val_every: int = 1            # validate (and checkpoint) every N epochs: full-scan validation costs time
     log_every_n_steps: int = 10
     threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
@@ -341,8 +341,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/select", mode="max", save_last=True,
                            enable_version_counter=False, auto_insert_metric_name=False)
-    callbacks = [ckpt, EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience),
-                 LearningRateMonitor("step")]
+    callbacks = [ckpt, LearningRateMonitor("step")]
+    if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
+        callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
         callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))
     trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
