@@ -25,6 +25,8 @@ class AugmentConfig:
     scale_p: float = 0.3
     noise_p: float = 0.3          # dose change: Poisson noise at a random open-beam count
     photons: tuple[float, float] = (2e5, 2e6)  # open-beam photons per model pixel; dense cargo (A~8) keeps counts
+    thickness: float = 0.0        # +- relative path-length jitter (0 = off): denser/thinner loads, same materials
+    thickness_p: float = 0.3
     stripes_p: float = 0.3        # row gain and column (pulse) stripes
     stripes_sigma: float = 0.02   # attenuation offset std of one row / column
     blur_p: float = 0.2
@@ -51,6 +53,24 @@ class DoseNoise(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("photons",)
+
+
+class Thickness(A.ImageOnlyTransform):
+    """Every path length scaled by one factor: a denser or thinner load of the same materials.
+    Both energies scale alike, so the dual-energy ratio (the material signature) is kept."""
+
+    def __init__(self, limit: float = 0.15, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.limit = limit
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        return {"factor": float(self.random_generator.uniform(1 - self.limit, 1 + self.limit))}
+
+    def apply(self, img: np.ndarray, factor: float = 1.0, **params: Any) -> np.ndarray:
+        return (img * factor).astype(np.float32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("limit",)
 
 
 class Stripes(A.ImageOnlyTransform):
@@ -131,6 +151,7 @@ def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None)
             A.Affine(scale=(1 - cfg.scale, 1 + cfg.scale), keep_ratio=True, interpolation=cv2.INTER_LINEAR,
                      mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0,
                      fill_mask=0, p=cfg.scale_p),
+            *([Thickness(limit=cfg.thickness, p=cfg.thickness_p)] if cfg.thickness > 0 else []),
             Stripes(sigma=cfg.stripes_sigma, p=cfg.stripes_p),
             DoseNoise(photons=cfg.photons, p=cfg.noise_p),
             A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.0), p=cfg.blur_p),

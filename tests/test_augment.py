@@ -4,7 +4,7 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
-from detector.augment import TIP, AugmentConfig, DoseNoise, Stripes, train_pipeline
+from detector.augment import TIP, AugmentConfig, DoseNoise, Stripes, Thickness, train_pipeline
 
 
 def _scene(rng):
@@ -40,6 +40,24 @@ def test_dose_noise_and_stripes_change_only_the_image():
     d = r["image"] - img
     assert 0.01 < d.std() < 0.5 and abs(d[mask == 0].mean()) < 0.1
     assert r["image"].min() >= 0
+
+
+def test_thickness_scales_both_energies_alike_and_keeps_the_material_ratio():
+    rng = np.random.default_rng(4)
+    img, mask = _scene(rng)
+    img[..., 1] *= 1.4                         # low energy attenuates more: a material signature
+    pipe = A.Compose([Thickness(limit=0.2, p=1)], seed=0)
+    factors = []
+    for _ in range(30):
+        r = pipe(image=img, mask=mask)
+        assert np.array_equal(r["mask"], mask)
+        f = r["image"][..., 0] / img[..., 0]
+        assert np.allclose(f, f.flat[0], rtol=1e-5)          # one factor for the whole crop
+        assert np.allclose(r["image"][..., 1] / r["image"][..., 0], img[..., 1] / img[..., 0], rtol=1e-5)
+        factors.append(f.flat[0])
+    assert 0.8 <= min(factors) < 0.95 and 1.05 < max(factors) <= 1.2
+    assert len(train_pipeline(AugmentConfig(thickness=0.15), 10.0).transforms) > \
+        len(train_pipeline(AugmentConfig(thickness=0.0), 10.0).transforms)
 
 
 def test_tip_rate_and_mask_matches_inserted_attenuation():
