@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from detector.augment import AugmentConfig, train_pipeline
 from detector.preprocess import Preprocessing, normalize, pad_to_multiple, select_channels, to_model_pitch
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
+from detector.synth.stream import SynthPool
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -41,6 +42,9 @@ class DataConfig:
     air_crop_fraction: float = 0.1  # share of other crops taken anywhere; the rest lie on the vehicle
     hard_negative_fraction: float = 0.5  # share of other crops centred on mined hard negatives (once mined)
     mine_share: float = 0.25        # share of training scans mined for hard negatives after each epoch (0 = off)
+    synth_per_epoch: int = 0        # fresh synthetic scans per epoch, made in memory by the loader workers (0 = off)
+    synth_share: float = 0.5        # share of training crops cut from those scans (when synth_per_epoch > 0)
+    synth_pool: int = 24            # on-the-fly scans each worker holds (~3 MB each at 10 mm)
     batch_size: int = 16
     val_batch_size: int = 1         # whole scans differ in size; 1 avoids padding waste
     workers: int = 2
@@ -213,6 +217,8 @@ class CropDataset(Dataset):
         self._index = {m["key"]: i for i, m in enumerate(metas)}
         self._hard: list[tuple[int, int, int]] = []   # (scan index, y, x) at model pitch
         self._hard_mtime = 0
+        self._pool: SynthPool | None = None
+        self.channels = metas[0]["shape"][0] if metas else None
 
     def _hard_negatives(self) -> list[tuple[int, int, int]]:
         """The miner's latest cells (its file is rewritten each epoch by another process)."""
@@ -240,17 +246,28 @@ class CropDataset(Dataset):
             seed = torch.initial_seed() % 2**32
             self._rng = np.random.default_rng([self.cfg.seed, seed])
             self.pipeline.set_random_seed(int(seed % 2**31))
+            if self.cfg.synth_per_epoch > 0:
+                per_scan = round(self.cfg.crops_per_epoch * self.cfg.synth_share / self.cfg.synth_per_epoch)
+                self._pool = SynthPool(self.cfg.synth_pool, per_scan, self.pre, self.channels,
+                                       [self.cfg.seed, 0x5EED, seed],
+                                       anomaly_fraction=0.0 if self.cfg.normal_only else 0.5)  # TIP only
         return self._rng
 
     def crop(self, i: int, rng: np.random.Generator, centred: bool, hard: tuple[int, int] | None = None
              ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """An (S,S,C) attenuation crop (zero-padded air if the scan is smaller), its mask, has_mask.
+        """An (S,S,C) attenuation crop of training scan i, its mask, has_mask.
         centred: around a known anomaly; hard: around this (y, x); else random, mostly on the vehicle."""
         att, mask = self.cache.load(self.metas[i])
+        img, m = self.cut(att, mask, rng, self.metas[i]["centres"] if centred else None, hard)
+        return img, m, mask is not None
+
+    def cut(self, att: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
+            centres: list | None = None, hard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """An (S,S,C) crop of a (C,h,w) scan (zero-padded air if smaller) and its (S,S) mask."""
         s = self.cfg.crop
         _, h, w = att.shape
-        if centred:
-            cy, cx = self.metas[i]["centres"][rng.integers(len(self.metas[i]["centres"]))]
+        if centres:
+            cy, cx = centres[rng.integers(len(centres))]
             j = s // 3
             y0, x0 = cy - s // 2 + rng.integers(-j, j + 1), cx - s // 2 + rng.integers(-j, j + 1)
         elif hard is not None:  # a cell where the model fired on normal structure
@@ -272,10 +289,29 @@ class CropDataset(Dataset):
         if mask is not None:
             mm = np.asarray(mask[y0:y0 + s, x0:x0 + s])
             m[:mm.shape[0], :mm.shape[1]] = mm
-        return out, m, mask is not None
+        return out, m
+
+    def _sample(self, x: np.ndarray, m: np.ndarray, supervised: bool, label: int) -> dict[str, torch.Tensor]:
+        """Augment one crop and make the training sample."""
+        if supervised:
+            r = self.pipeline(image=x, mask=m)
+            x, m = r["image"], r["mask"]
+            label = int(m.any())
+        else:  # label-only anomalous: no pixel target, the MIL loss uses the label
+            x = self.pipeline(image=x, mask=np.ones_like(m))["image"]  # non-empty mask: TIP skips it
+        x = normalize(np.moveaxis(x, -1, 0), self.pre)
+        return {"x": torch.from_numpy(np.ascontiguousarray(x)),
+                "mask": torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None],
+                "pixel_weight": torch.tensor(1.0 if supervised else 0.0),
+                "label": torch.tensor(float(label))}
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         rng = self._generator()
+        if self._pool is not None and rng.random() < self.cfg.synth_share:   # a fresh synthetic truck
+            positive = rng.random() < self.cfg.anomaly_crop_fraction
+            ps = self._pool.draw(rng, positive)
+            img, m = self.cut(ps.att, ps.mask, rng, ps.centres if positive else None)
+            return self._sample(img, m, True, int(m.any()))
         centred = bool(self.pos) and rng.random() < self.cfg.anomaly_crop_fraction
         hard = None
         if centred:
@@ -289,17 +325,7 @@ class CropDataset(Dataset):
                 i = int(rng.integers(len(self.metas)))
         img, m, has_mask = self.crop(i, rng, centred, hard)
         label = self.recs[i].label
-        if has_mask or label == 0:
-            r = self.pipeline(image=img, mask=m)
-            img, m = r["image"], r["mask"]
-            label = int(m.any())
-        else:  # label-only anomalous: no pixel target, the MIL loss uses the label
-            img = self.pipeline(image=img, mask=np.ones_like(m))["image"]  # non-empty mask: TIP skips it
-        x = normalize(np.moveaxis(img, -1, 0), self.pre)
-        return {"x": torch.from_numpy(np.ascontiguousarray(x)),
-                "mask": torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None],
-                "pixel_weight": torch.tensor(1.0 if (has_mask or self.recs[i].label == 0) else 0.0),
-                "label": torch.tensor(float(label))}
+        return self._sample(img, m, has_mask or label == 0, label)
 
 
 class ScanDataset(Dataset):

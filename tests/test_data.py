@@ -10,6 +10,7 @@ from detector.data import (CropDataset, DataConfig, Record, ScanCache, ScanDataM
                            load_records, split_records)
 from detector.preprocess import Preprocessing
 from detector.scan import ScanError, attenuation_to_counts, write_scan
+from detector.synth.stream import SynthPool
 from test_train import write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
 
 
@@ -76,3 +77,33 @@ def test_normal_only_drops_anomalous_training_scans_and_enables_tip(tmp_path):
     dm = ScanDataModule(root, cfg, Preprocessing(), tmp_path / "cache")
     dm.setup()
     assert all(r.label == 0 for r in dm.splits["train"]) and cfg.augment.tip_rate > 0
+
+
+def test_on_the_fly_synthetic_scans_renew_and_their_masks_mark_the_anomaly(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    cfg = DataConfig(crop=64, crops_per_epoch=60, anomaly_crop_fraction=0.5, workers=0,
+                     synth_per_epoch=10, synth_share=1.0, synth_pool=3)
+    cfg.augment.enabled = False
+    pre = Preprocessing()
+    dm = ScanDataModule(root, cfg, pre, tmp_path / "cache")
+    dm.setup()
+    ds = CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+    items = [ds[i] for i in range(60)]
+    pool = ds._pool
+    assert pool is not None and pool.crops_per_scan == 6
+    assert pool.made == 3 + 10                           # 3 to fill the pool, one new truck every 6 crops
+    assert all(p.att.shape[0] == 2 and p.att.shape[1:] == p.mask.shape for p in pool.scans)
+    for it in items:
+        assert it["x"].shape == (2, 64, 64) and float(it["label"]) == float(it["mask"].sum() > 0)
+    positives = [it for it in items if it["label"] > 0]
+    assert len(positives) >= 8       # ~half the crops ask for an anomaly (when the small pool holds one)
+    # the mask marks added attenuation: the masked pixels are denser than the crop on average
+    assert np.mean([float(it["x"][0][it["mask"][0] > 0].mean() > it["x"][0].mean()) for it in positives]) > 0.8
+    cfg.normal_only = True                               # normal-only: fresh trucks are clean, TIP adds threats
+    ds3 = CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+    ds3[0]
+    assert ds3._pool.anomaly_fraction == 0 and not any(p.centres for p in ds3._pool.scans)
+    # two workers (other torch seeds) make other trucks
+    other = SynthPool(1, 1, pre, 2, [0, 0x5EED, 12345])
+    assert other.draw(np.random.default_rng(0), False).att.shape != pool.scans[-1].att.shape or \
+        not np.array_equal(other.scans[0].att, pool.scans[-1].att)

@@ -1,0 +1,70 @@
+"""Synthetic training scans generated on the fly, in memory: more distinct trucks than a disk holds.
+
+Each training-loader worker keeps a small pool of scans at the model's pitch and replaces one with a
+freshly generated scan every few crops, so an epoch sees `per_epoch` new vehicles and nothing is
+written to disk (2,400 stored scans already take ~25 GB as TIFF + cache). The scans come from the same
+generator and the same counts -> attenuation -> model-pitch path as `detector synth` + training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.preprocess import Preprocessing, select_channels, to_model_pitch
+from detector.scan import scan_from_counts
+
+MASK_KEEP = 0.25  # as ScanCache: a quarter-pixel anomaly at model pitch stays in the mask
+
+
+@dataclass
+class PoolScan:
+    """One in-memory training scan at model pitch."""
+    att: np.ndarray                 # (C, h, w) float32 attenuation
+    mask: np.ndarray                # (h, w) uint8
+    centres: list[tuple[int, int]]  # anomaly pixels to centre positive crops on (empty if normal)
+
+
+def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool, pre: Preprocessing,
+                   channels: int | None = None) -> PoolScan:
+    """Generate one synthetic scan and bring it to model pitch exactly as the scan cache does."""
+    from detector.synth.scene import generate_scan
+
+    s = generate_scan(seed, anomaly=anomalous)
+    scan = scan_from_counts(s.counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
+    att = scan.attenuation if channels is None else select_channels(scan.attenuation, channels, "synthetic")
+    att = to_model_pitch(att, scan.pitch_mm, pre).astype(np.float32)
+    mask = (to_model_pitch(s.mask.astype(np.float32), scan.pitch_mm, pre) > MASK_KEEP).astype(np.uint8)
+    ys, xs = np.nonzero(mask)
+    sel = np.linspace(0, len(ys) - 1, min(len(ys), 64)).astype(int) if len(ys) else []
+    return PoolScan(att, mask, [(int(ys[i]), int(xs[i])) for i in sel])
+
+
+class SynthPool:
+    """A worker's pool of on-the-fly scans; `draw` returns one and renews the pool as crops are taken."""
+
+    def __init__(self, size: int, crops_per_scan: int, pre: Preprocessing, channels: int | None,
+                 entropy: list[int], anomaly_fraction: float = 0.5) -> None:
+        self.size, self.crops_per_scan = max(1, size), max(1, crops_per_scan)
+        self.pre, self.channels, self.anomaly_fraction = pre, channels, anomaly_fraction
+        self.entropy = entropy        # distinct per worker and run: never the seeds of a stored test set
+        self.scans: list[PoolScan] = []
+        self.made = 0
+        self._taken = 0
+
+    def _new(self, rng: np.random.Generator) -> PoolScan:
+        seed = np.random.SeedSequence(self.entropy, spawn_key=(self.made,))
+        self.made += 1
+        return make_pool_scan(seed, bool(rng.random() < self.anomaly_fraction), self.pre, self.channels)
+
+    def draw(self, rng: np.random.Generator, positive: bool) -> PoolScan:
+        """A pool scan (an anomalous one if `positive` and the pool has any); fills/renews the pool."""
+        while len(self.scans) < self.size:
+            self.scans.append(self._new(rng))
+        self._taken += 1
+        if self._taken % self.crops_per_scan == 0:   # oldest out, a new truck in
+            self.scans.pop(0)
+            self.scans.append(self._new(rng))
+        pool = [s for s in self.scans if s.centres] if positive else self.scans
+        pool = pool or self.scans
+        return pool[int(rng.integers(len(pool)))]
