@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--anomaly-fraction", type=float, default=0.5)
     ap.add_argument("--normal-only", action="store_true", help="train on normal scans only (TIP anomalies)")
     ap.add_argument("--work", default="runs/quality")
+    ap.add_argument("--run", help="run folder name under --work (default: the config's name)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     work = Path(a.work)
@@ -58,13 +59,13 @@ def main() -> None:
                      {"train": a.train, "val": a.val, "test": a.test}, a.seed, a.anomaly_fraction)
     t_data = time.time() - t0
     ov = [*a.overrides, *(["data.normal_only=true"] if a.normal_only else [])]
-    run = work / (Path(a.config).stem + ("_normal_only" if a.normal_only else ""))
+    run = work / (a.run or Path(a.config).stem + ("_normal_only" if a.normal_only else ""))
     t1 = time.time()
     res = run_training(a.config, data, run, ov)
     t_train = time.time() - t1
     t = res.get("test") or {}
     f = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    print(f"\n== {a.config}{' (normal-only, TIP)' if a.normal_only else ''}: test {t.get('n')} scans "
+    print(f"\n== {a.config} {' '.join(a.overrides)}{' (normal-only, TIP)' if a.normal_only else ''}: test {t.get('n')} scans "
           f"({t.get('n_anomalous')} anomalous), seeds disjoint from training")
     print(f"AUROC {f(t.get('auroc'))}  AP {f(t.get('ap'))}  det@1% {f(t.get('det_at_1pct'))}  "
           f"det@0.1% {f(t.get('det_at_0.1pct'))}  top-region hit {f(t.get('top_region_hit'))} "
