@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from detector.augment import AugmentConfig, train_pipeline
 from detector.preprocess import Preprocessing, normalize, pad_to_multiple, select_channels, to_model_pitch
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
-from detector.synth.stream import SynthPool
+from detector.synth.stream import MASK_KEEP, SynthPool, mask_centres
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -187,12 +187,9 @@ class ScanCache:
                                 "pitch_mm": scan.pitch_mm, "energies": list(scan.energies), "centres": []}
         if mask is not None:
             # INTER_AREA then a low threshold: an anomaly a quarter-pixel wide at model pitch stays visible
-            mm = (to_model_pitch(mask, scan.pitch_mm, self.pre) > 0.25).astype(np.uint8)
+            mm = (to_model_pitch(mask, scan.pitch_mm, self.pre) > MASK_KEEP).astype(np.uint8)
             _save(self.folder / f"{key}.mask.npy", mm)
-            ys, xs = np.nonzero(mm)
-            if len(ys):
-                sel = np.linspace(0, len(ys) - 1, min(len(ys), 64)).astype(int)
-                meta["centres"] = [[int(ys[i]), int(xs[i])] for i in sel]
+            meta["centres"] = [list(c) for c in mask_centres(mm)]
         tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(meta))
         tmp.replace(meta_path)  # meta last: a crashed build is redone

@@ -35,9 +35,14 @@ def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool, pre: Preproces
     att = scan.attenuation if channels is None else select_channels(scan.attenuation, channels, "synthetic")
     att = to_model_pitch(att, scan.pitch_mm, pre).astype(np.float32)
     mask = (to_model_pitch(s.mask.astype(np.float32), scan.pitch_mm, pre) > MASK_KEEP).astype(np.uint8)
+    return PoolScan(att, mask, mask_centres(mask))
+
+
+def mask_centres(mask: np.ndarray, n: int = 64) -> list[tuple[int, int]]:
+    """Up to n anomaly pixels spread over a model-pitch mask: where positive crops are centred."""
     ys, xs = np.nonzero(mask)
-    sel = np.linspace(0, len(ys) - 1, min(len(ys), 64)).astype(int) if len(ys) else []
-    return PoolScan(att, mask, [(int(ys[i]), int(xs[i])) for i in sel])
+    sel = np.linspace(0, len(ys) - 1, min(len(ys), n)).astype(int) if len(ys) else []
+    return [(int(ys[i]), int(xs[i])) for i in sel]
 
 
 class SynthPool:
