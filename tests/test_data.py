@@ -51,14 +51,18 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
     assert cache.build(rec) == meta  # cached
 
 
-def test_crops_oversample_anomalies_and_val_pads_to_32(tmp_path):
-    root = write_dataset(tmp_path / "d", n=6)
-    cfg = DataConfig(crop=32, crops_per_epoch=40, anomaly_crop_fraction=0.8, workers=0)
+def _crop_dataset(tmp_path, cfg: DataConfig):
+    """(datamodule, training CropDataset, preprocessing) on a small written dataset, no augmentation."""
     cfg.augment.enabled = False
     pre = Preprocessing()
-    dm = ScanDataModule(root, cfg, pre, tmp_path / "cache")
+    dm = ScanDataModule(write_dataset(tmp_path / "d", n=6), cfg, pre, tmp_path / "cache")
     dm.setup()
-    ds = CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+    return dm, CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre), pre
+
+
+def test_crops_oversample_anomalies_and_val_pads_to_32(tmp_path):
+    cfg = DataConfig(crop=32, crops_per_epoch=40, anomaly_crop_fraction=0.8, workers=0)
+    dm, ds, pre = _crop_dataset(tmp_path, cfg)
     items = [ds[i] for i in range(40)]
     assert items[0]["x"].shape == (2, 32, 32) and items[0]["mask"].shape == (1, 32, 32)
     pos = sum(float(it["label"]) for it in items)
@@ -82,14 +86,9 @@ def test_normal_only_drops_anomalous_training_scans_and_enables_tip(tmp_path):
 
 def test_on_the_fly_synthetic_scans_renew_and_their_masks_mark_the_anomaly(tmp_path):
     torch.manual_seed(0)                                 # the worker seed the pool's trucks derive from
-    root = write_dataset(tmp_path / "d", n=6)
     cfg = DataConfig(crop=64, crops_per_epoch=60, anomaly_crop_fraction=0.5, workers=0,
                      synth_per_epoch=10, synth_share=1.0, synth_pool=3)
-    cfg.augment.enabled = False
-    pre = Preprocessing()
-    dm = ScanDataModule(root, cfg, pre, tmp_path / "cache")
-    dm.setup()
-    ds = CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+    dm, ds, pre = _crop_dataset(tmp_path, cfg)
     items = [ds[i] for i in range(60)]
     pool = ds._pool
     assert pool is not None and pool.crops_per_scan == 6
