@@ -339,9 +339,13 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
 
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/select", mode="max", save_last=True,
+    ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/select", mode="max",
                            enable_version_counter=False, auto_insert_metric_name=False)
-    callbacks = [ckpt, LearningRateMonitor("step")]
+    # last.ckpt = the state after every epoch (resume, and the annealed end of the schedule): Lightning's
+    # own save_last writes only when `best` is saved, so its "last" was the best epoch, not the last
+    last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+    callbacks = [ckpt, last, LearningRateMonitor("step")]
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
         callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
