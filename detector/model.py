@@ -26,7 +26,8 @@ class ModelConfig:
     topk: int = 16               # score = sigmoid(mean of the top-k heatmap logits)
     weights: str | None = None   # optional LOCAL torchvision state_dict (never downloaded)
     prior: float = 0.01          # initial heatmap probability (bias of the last conv)
-    stage_blocks: int = 0        # resnets: keep only the first N blocks of each stage (0 = all); halves FLOPs at 1
+    stage_blocks: int | tuple[int, ...] = 0  # resnets: keep the first N blocks of each stage (0 = all; halves
+                                             # FLOPs at 1), or one N per stage, e.g. (1, 1, 2, 1)
     context_dilations: tuple[int, ...] = ()  # dilated 3x3 branches on the deepest map (e.g. 2, 4, 8): metres of
                                              # context for a few % FLOPs (a wheel hub vs a steel block in cargo)
 
@@ -53,13 +54,15 @@ def _adapt_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
     setattr(parent, attr, new)
 
 
-def _blocks(model: nn.Module, name: str, stage_blocks: int = 0) -> list[nn.Module]:
+def _blocks(model: nn.Module, name: str, stage_blocks: int | tuple[int, ...] = 0) -> list[nn.Module]:
     """The backbone as a flat list of sequential blocks (classifier dropped)."""
     if name.startswith("resnet"):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         layers = [model.layer1, model.layer2, model.layer3, model.layer4]
-        if stage_blocks:
-            layers = [nn.Sequential(*list(layer)[:stage_blocks]) for layer in layers]
+        keep = (stage_blocks,) * 4 if isinstance(stage_blocks, int) else tuple(stage_blocks)
+        if len(keep) != 4 or any(n < 0 for n in keep):
+            raise ValueError(f"model.stage_blocks must be one count or 4 counts >= 0, got {stage_blocks!r}")
+        layers = [nn.Sequential(*list(layer)[:n]) if n else layer for layer, n in zip(layers, keep)]
         return [stem, *layers]
     return list(model.features)
 
@@ -68,7 +71,7 @@ class Backbone(nn.Module):
     """Runs the blocks up to `max_stride` and returns the last feature map of each stride >= 4."""
 
     def __init__(self, name: str, in_channels: int, max_stride: int, weights: str | None,
-                 stage_blocks: int = 0) -> None:
+                 stage_blocks: int | tuple[int, ...] = 0) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
@@ -171,7 +174,9 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 def build_model(cfg: ModelConfig | dict) -> AnomalyNet:
     """AnomalyNet from a ModelConfig (or its dict)."""
     if isinstance(cfg, dict):
-        cfg = ModelConfig(**{**cfg, "context_dilations": tuple(cfg.get("context_dilations") or ())})
+        blocks = cfg.get("stage_blocks", 0)
+        cfg = ModelConfig(**{**cfg, "context_dilations": tuple(cfg.get("context_dilations") or ()),
+                             "stage_blocks": blocks if isinstance(blocks, int) else tuple(blocks)})
     return AnomalyNet(cfg)
 
 

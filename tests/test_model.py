@@ -87,3 +87,14 @@ def test_built_model_starts_in_train_mode():
     # Lightning keeps submodule modes as found: a BatchNorm left in eval mode would never adapt
     m = build_model(ModelConfig(backbone="mobilenet_v3_large", in_channels=1, decoder_channels=8))
     assert all(mod.training for mod in m.modules())
+
+
+def test_stage_blocks_per_stage_and_bad_counts():
+    m = build_model({"in_channels": 2, "decoder_channels": 8, "stage_blocks": [1, 1, 2, 1], "backbone_stride": 16})
+    layers = list(m.backbone.blocks)[1:]               # stem, layer1, layer2, layer3 (layer4 cut at stride 16)
+    assert [len(layer) for layer in layers] == [1, 1, 2]
+    heat, _ = m(torch.zeros(1, 2, 64, 96))
+    assert heat.shape == (1, 1, 8, 12)
+    for bad in ([1, 2], [1, 1, -1, 1]):
+        with pytest.raises(ValueError, match="stage_blocks"):
+            build_model({"in_channels": 2, "stage_blocks": bad})
