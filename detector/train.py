@@ -1,12 +1,14 @@
 """Training: config tree, LightningModule (pixel + MIL losses), calibration on validation, checkpoints.
 
 `detector train --config configs/quick.yaml --data DIR --out RUN key=value ...` writes RUN/best.ckpt,
-RUN/last.ckpt, RUN/config.yaml, RUN/metrics.json and CSV/TensorBoard logs. Every validation
-calibrates thresholds on the normal validation scores (detector.calibration), so each checkpoint
-carries what the ONNX bundle needs; `load_checkpoint` returns it.
+RUN/last.ckpt, RUN/config.yaml, RUN/metrics.json (+ RUN/test_scores.csv with a test split) and
+CSV/TensorBoard logs. Every validation calibrates thresholds on the normal validation scores
+(detector.calibration), so each checkpoint carries what the ONNX bundle needs; `load_checkpoint`
+returns it.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -236,7 +238,8 @@ class AnomalyModule(L.LightningModule):
         self.log("val/progress", m["progress"], prog_bar=False, sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = evaluate_rows(self._gather())
+        self.test_rows = self._gather()
+        self.test_metrics = evaluate_rows(self.test_rows)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["detector_info"] = json.loads(json.dumps(self.info))
@@ -371,8 +374,19 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                            enable_progress_bar=not quiet, enable_model_summary=False)
         tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
         result["test"] = module.test_metrics
+        write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def write_test_scores(path: Path, rows: list[dict], records: list) -> None:
+    """RUN/test_scores.csv: one row per test scan (path, label, type, score, top region on the anomaly)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "anomaly_type", "score", "top_region_hit"])
+        for r in sorted(rows, key=lambda r: r["index"]):
+            hit = "" if r["hit"] is None else int(r["hit"])
+            w.writerow([records[r["index"]].path, r["label"], r["type"], f"{r['score']:.6f}", hit])
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:

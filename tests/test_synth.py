@@ -82,6 +82,14 @@ def test_mask_and_box_lie_on_the_anomaly(kind):
     assert diff[m].mean() > 0.005                              # and really added on the mask
 
 
+@pytest.mark.parametrize("kind", ANOMALY_TYPES)
+def test_visibility_is_positive_for_an_anomaly_and_nan_without(kind):
+    from detector.synth.visibility import anomaly_visibility, band_of
+    v = anomaly_visibility(200 + ANOMALY_TYPES.index(kind), anomaly=kind, height=240)
+    assert np.isfinite(v) and v > 0 and band_of(v) != "n/a"
+    assert np.isnan(anomaly_visibility(200, anomaly=None, height=240))
+
+
 def test_all_vehicles_and_cargos_render():
     for i, v in enumerate(VEHICLES):
         s = generate_scan(i, vehicle=v, height=H)

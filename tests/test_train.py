@@ -41,7 +41,7 @@ def make_scan(rng: np.random.Generator, h: int, w: int, anomaly: bool, channels:
     return att, mask
 
 
-def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90, 190))) -> Path:
+def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90, 190)), n_test: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -56,6 +56,8 @@ def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90,
             (root / "masks").mkdir(exist_ok=True)
             cv2.imwrite(str(root / "masks" / f"s{i}.png"), mask)
             row["mask"], row["anomaly_type"] = f"masks/s{i}.png", "block"
+        if i < n_test:
+            row["split"] = "test"
         rows.append(row)
     with open(root / "manifest.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -90,7 +92,7 @@ def test_calibration_hits_target_and_works_without_anomalies():
 
 def test_train_end_to_end_and_load_checkpoint(tmp_path):
     from detector.train import load_checkpoint, run_training
-    data = write_dataset(tmp_path / "data")
+    data = write_dataset(tmp_path / "data", n_test=2)
     # patience 0 = early stopping off: all epochs run even when validation AUROC stalls
     # validation every 2nd epoch: the third epoch is trained after the last validation
     res = run_training(None, data, tmp_path / "run", [*TINY, "trainer.max_epochs=3", "trainer.patience=0",
@@ -115,6 +117,10 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     heat, score = model(torch.zeros(1, 2, 64, 96))
     assert heat.shape == (1, 1, 8, 12) and score.shape == (1,)
     assert res["validation"]["n"] == 4
+    scored = list(csv.DictReader(open(run / "test_scores.csv", newline="")))   # one row per test scan
+    assert len(scored) == res["test"]["n"] > 0
+    assert {r["label"] for r in scored} <= {"0", "1"} and all(0 <= float(r["score"]) <= 1 for r in scored)
+    assert all((data / r["path"]).exists() or Path(r["path"]).exists() for r in scored)
 
 
 def test_plain_folder_rgb_8bit_trains(tmp_path):
