@@ -32,6 +32,8 @@ class AugmentConfig:
     blur_p: float = 0.2
     tip_rate: float = 0.0         # share of normal crops that get a TIP threat (normal-only mode sets it)
     tip_kinds: tuple[str, ...] = ()  # empty = all kinds of detector.tip
+    tip_scale: tuple[float, float] = (1.0, 1.0)  # threat attenuation x U(lo, hi): thinner threats, or packages
+                                                 # displacing fuel (the net is ~0.2-0.4 of cocaine's); 1,1 = off
 
 
 class DoseNoise(A.ImageOnlyTransform):
@@ -98,19 +100,27 @@ class TIP(A.DualTransform):
     """Threat image projection: add a library threat's attenuation inside the cargo and mark its mask.
 
     Applied only where the mask is empty (normal crops); `pitch_mm` is the crop's pitch so threats keep
-    their physical size.
+    their physical size. `scale` = (lo, hi): the threat's attenuation times U(lo, hi) (a thinner object of
+    the same materials: the dual-energy ratio is kept), its mask unchanged.
     """
 
-    def __init__(self, pitch_mm: float = 10.0, kinds: tuple[str, ...] = (), p: float = 0.5) -> None:
+    def __init__(self, pitch_mm: float = 10.0, kinds: tuple[str, ...] = (), p: float = 0.5,
+                 scale: tuple[float, float] = (1.0, 1.0)) -> None:
         super().__init__(p=p)
         self.pitch_mm = pitch_mm
         self.kinds = tuple(kinds)
+        lo, hi = (float(v) for v in scale)
+        if not 0 < lo <= hi:
+            raise ValueError(f"TIP scale must be 0 < lo <= hi, got {scale!r}")
+        self.scale = (lo, hi)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         img, mask = data["image"], data.get("mask")
         if mask is not None and np.any(mask):
             return {"add": None}
-        rng = np.random.default_rng(int(self.random_generator.integers(2**31)))
+        seed = int(self.random_generator.integers(2**31))
+        rng = np.random.default_rng(seed)
+        scale_rng = np.random.default_rng([seed, 1])   # own stream: the scale never moves the threat
         att = np.moveaxis(img, -1, 0)
         region = tip.cargo_region(att)
         if region.sum() < 16:                      # no cargo (air, small 8-bit images): anywhere
@@ -118,6 +128,8 @@ class TIP(A.DualTransform):
         for _ in range(5):
             kind = str(rng.choice(self.kinds)) if self.kinds else None
             threat = tip.make_threat(rng, kind, pitch_mm=self.pitch_mm, channels=att.shape[0])
+            if self.scale != (1.0, 1.0):
+                threat = tip.Threat(threat.attenuation * scale_rng.uniform(*self.scale), threat.mask, threat.kind)
             try:
                 new, m, _ = tip.project(att, threat, rng, region=region, min_inside=0.9)
             except ValueError:
@@ -137,14 +149,14 @@ class TIP(A.DualTransform):
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("pitch_mm", "kinds")
+        return ("pitch_mm", "kinds", "scale")
 
 
 def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None) -> A.Compose:
     """The training augmentation; TIP first (on the clean crop), then the scanner effects."""
     ts: list[A.BasicTransform] = []
     if cfg.tip_rate > 0:
-        ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate))
+        ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate, scale=cfg.tip_scale))
     if cfg.enabled:
         ts += [
             A.HorizontalFlip(p=cfg.hflip),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import albumentations as A
 import numpy as np
+import pytest
 
 from detector.augment import TIP, AugmentConfig, DoseNoise, Stripes, Thickness, train_pipeline
 
@@ -71,6 +72,18 @@ def test_tip_rate_and_mask_matches_inserted_attenuation():
             added = (r["image"] - img).max(-1)
             assert (added[r["mask"] == 1] > 0).all() and np.allclose(added[r["mask"] == 0], 0)
     assert abs(hits / n - 0.3) < 0.08
+
+
+def test_tip_scale_makes_the_same_threat_fainter():
+    rng = np.random.default_rng(3)
+    img, _ = _scene(rng)
+    empty = np.zeros(img.shape[:2], np.uint8)
+    full = A.Compose([TIP(pitch_mm=10.0, p=1.0)], seed=4)(image=img, mask=empty)
+    faint = A.Compose([TIP(pitch_mm=10.0, p=1.0, scale=(0.3, 0.3))], seed=4)(image=img, mask=empty)
+    assert full["mask"].any() and np.array_equal(full["mask"], faint["mask"])     # same threat, same place
+    np.testing.assert_allclose(faint["image"] - img, 0.3 * (full["image"] - img), atol=1e-5)
+    with pytest.raises(ValueError, match="scale"):
+        TIP(scale=(0.0, 1.0))
 
 
 def test_tip_skips_crops_that_already_have_an_anomaly():
