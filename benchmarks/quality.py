@@ -70,6 +70,17 @@ def by_visibility(scores_csv: Path, cache: Path) -> dict:
             "n_visible": int(((y == 1) & (v >= 1)).sum())}
 
 
+def intervals(scores_csv: Path) -> dict:
+    """95 % bootstrap intervals of AUROC and detection at 1 %: how much of a difference between two runs
+    another test set of this size could undo."""
+    rows = list(csv.DictReader(open(scores_csv, newline="")))
+    y = np.array([int(r["label"]) for r in rows])
+    s = np.array([float(r["score"]) for r in rows])
+    det1 = lambda yy, ss: metrics.detection_at_far(yy, ss, 0.01)["detection_rate"]  # noqa: E731
+    return {"auroc": metrics.bootstrap_interval(y, s, metrics.auroc),
+            "det_at_1pct": metrics.bootstrap_interval(y, s, det1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quick.yaml")
@@ -100,6 +111,10 @@ def main() -> None:
     print(f"AUROC {f(t.get('auroc'))}  AP {f(t.get('ap'))}  det@1% {f(t.get('det_at_1pct'))}  "
           f"det@0.1% {f(t.get('det_at_0.1pct'))}  top-region hit {f(t.get('top_region_hit'))} "
           f"(of {t.get('n_localised')})")
+    ci = intervals(run / "test_scores.csv")
+    if ci["auroc"] and ci["det_at_1pct"]:
+        print(f"95 % intervals over resampled test sets: AUROC [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}]  "
+              f"det@1% [{ci['det_at_1pct'][0]:.3f}, {ci['det_at_1pct'][1]:.3f}]")
     for kind, v in (t.get("per_type") or {}).items():
         print(f"  {kind:<16} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
     vis = by_visibility(run / "test_scores.csv", data / "test" / "visibility.json")
@@ -111,7 +126,7 @@ def main() -> None:
     print(f"data {t_data:.0f}s, training {t_train:.0f}s ({res['epochs']} epochs), run {run}")
     (run / "quality.json").write_text(json.dumps({"test": t, "validation": res["validation"], "data_s": t_data,
                                                    "train_s": t_train, "normal_only": a.normal_only,
-                                                   "visibility": vis}, indent=2))
+                                                   "visibility": vis, "intervals": ci}, indent=2))
 
 
 if __name__ == "__main__":

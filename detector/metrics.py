@@ -107,6 +107,27 @@ def detection_at_far(labels, scores, rate: float, failed=None) -> dict:
     return row
 
 
+def bootstrap_interval(labels, scores, metric, n: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of `metric(labels, scores)` over test sets resampled within each class (so
+    each keeps the normal/anomalous counts): how far the figure would move on another test set of the
+    same size. None without both classes."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    groups = [np.flatnonzero(y == c) for c in (0, 1)]
+    if any(len(g) == 0 for g in groups):
+        return None
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        pick = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        v = metric(y[pick], s[pick])
+        if v is not None:
+            vals.append(v)
+    lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def far_at_detection(labels, scores, target: float, failed=None) -> dict:
     """False-alarm rate at the highest threshold that still detects >= target of the anomalies."""
     y, s, f = _arrays(labels, scores, failed)

@@ -77,3 +77,18 @@ def test_mask_boxes():
     m[2:5, 3:9] = 255
     m[10:20, 20:30] = 255
     assert sorted(M.mask_boxes(m)) == [[3, 2, 9, 5], [20, 10, 30, 20]]
+
+
+def test_bootstrap_interval_covers_the_true_auroc_and_narrows_with_more_scans():
+    from detector.metrics import auroc, bootstrap_interval
+    rng = np.random.default_rng(0)
+    true = 0.8556                                   # P(N(1.5, 1) > N(0, 1)) = Phi(1.5 / sqrt(2))
+    widths = []
+    for n in (200, 800):
+        y = np.r_[np.zeros(n), np.ones(n)]
+        s = np.r_[rng.normal(0, 1, n), rng.normal(1.5, 1, n)]
+        lo, hi = bootstrap_interval(y, s, auroc, n=300)
+        assert lo < true < hi and lo <= auroc(y, s) <= hi
+        widths.append(hi - lo)
+    assert 0.35 < widths[1] / widths[0] < 0.7            # ~1/sqrt(4)
+    assert bootstrap_interval(np.zeros(5), np.arange(5.0), auroc) is None
