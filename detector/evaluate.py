@@ -165,6 +165,10 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     f = np.array([r.failed for r, _ in pairs])
     s = np.where(f, 0.0, np.array([r.score for r, _ in pairs]))
     overall = M.summary(y, s, f, [r.decision for r, _ in pairs])
+    ok = ~f  # intervals over the scored rows: how far another test set of this size could move the figures
+    det1 = lambda yy, ss: M.detection_at_far(yy, ss, 0.01)["detection_rate"]  # noqa: E731
+    overall["intervals"] = {"level": 0.95, "auroc": M.bootstrap_interval(y[ok], s[ok], M.auroc),
+                            "detection_at_1pct": M.bootstrap_interval(y[ok], s[ok], det1)}
     notes = []
     if orphans:
         notes.append(f"{len(orphans)} result rows have no truth and were left out")
@@ -269,6 +273,9 @@ def main(args) -> int:
     o = m["overall"]
     d1 = o["detection_at_far"][0]["detection_rate"]
     auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.4f}"
+    ci = o["intervals"]["auroc"]
+    if ci:
+        auroc += f" (95% {ci[0]:.3f}-{ci[1]:.3f})"
     for note in o["notes"] + m["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "

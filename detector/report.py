@@ -203,9 +203,14 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>results: <code>{html.escape(str(m.get('results', '')))}</code> &middot; truth: "
              f"<code>{html.escape(str(m.get('truth', '')))}</code></p>"]
+    ci = ov.get("intervals") or {}
+    span = lambda v: "n/a" if not v else f"{v[0]:.3f} - {v[1]:.3f}"  # noqa: E731
     parts.append("<h2>Summary</h2>" + _table([{
         "scans": ov["n"], "normal": ov["n_normal"], "anomalous": ov["n_anomalous"], "failed": ov["n_failed"],
-        "AUROC": ov["auroc"], "AP": ov["ap"]}], ["scans", "normal", "anomalous", "failed", "AUROC", "AP"]))
+        "AUROC": ov["auroc"], "AUROC 95% interval": span(ci.get("auroc")), "AP": ov["ap"],
+        "detection at 1%, 95% interval": span(ci.get("detection_at_1pct"))}],
+        ["scans", "normal", "anomalous", "failed", "AUROC", "AUROC 95% interval", "AP",
+         "detection at 1%, 95% interval"]))
     for note in ov.get("notes", []) + m.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
     parts.append("<h2>Detection at a fixed false-alarm rate</h2>" + _table(

@@ -55,6 +55,8 @@ def test_eval_metrics_match_hand_computed(tmp_path):
     o = m["overall"]
     assert (o["n"], o["n_normal"], o["n_anomalous"], o["n_failed"]) == (7, 4, 3, 0)
     assert o["auroc"] == pytest.approx(11 / 12) and o["ap"] == pytest.approx((1 + 1 + 0.75) / 3)
+    lo, hi = o["intervals"]["auroc"]                 # 7 scans: a wide interval around the figure
+    assert lo <= 11 / 12 <= hi <= 1.0 and hi - lo > 0.1 and o["intervals"]["level"] == 0.95
     assert o["detection_at_far"][0]["false_alarm_rate"] == 0.01
     assert o["detection_at_far"][0]["detection_rate"] == pytest.approx(2 / 3)
     assert o["far_at_detection"][0]["false_alarm_rate"] == 0.25  # 90% of 3 -> all 3 -> 0.4 alarms
@@ -84,6 +86,7 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
     res.write_text("\n".join(lines[:5]) + "\n")
     m = evaluate.evaluate(res, data, tmp_path / "r2", thumbs=False)
     assert m["overall"]["auroc"] is None and any("undefined" in n for n in m["overall"]["notes"])
+    assert m["overall"]["intervals"]["auroc"] is None
     assert m["unscored_truth"] == 3
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["overall"]["auroc"] is None
 
