@@ -44,10 +44,10 @@ def make_data(root: Path, n: dict[str, int], seed: int, fraction: float) -> Path
     return root
 
 
-def by_visibility(scores_csv: Path, cache: Path) -> dict:
+def by_visibility(rows: list[dict], cache: Path) -> dict:
     """Detection at the test set's 1 % false-alarm threshold per visibility band of the anomaly, and
-    AUROC / detection counting only the anomalies at visibility >= 1 (the ones contrast can show)."""
-    rows = list(csv.DictReader(open(scores_csv, newline="")))
+    AUROC / detection counting only the anomalies at visibility >= 1 (the ones contrast can show).
+    `rows`: RUN/test_scores.csv."""
     vis = json.loads(cache.read_text()) if cache.exists() else {}
     for r in rows:
         name = Path(r["path"]).stem                       # s{seed}_{index}: the generator's own seed
@@ -68,17 +68,6 @@ def by_visibility(scores_csv: Path, cache: Path) -> dict:
     return {"bands": bands, "visible_auroc": metrics.auroc(y[keep], s[keep]),
             "visible_det_at_1pct": metrics.detection_at_far(y[keep], s[keep], 0.01)["detection_rate"],
             "n_visible": int(((y == 1) & (v >= 1)).sum())}
-
-
-def intervals(scores_csv: Path) -> dict:
-    """95 % bootstrap intervals of AUROC and detection at 1 %: how much of a difference between two runs
-    another test set of this size could undo."""
-    rows = list(csv.DictReader(open(scores_csv, newline="")))
-    y = np.array([int(r["label"]) for r in rows])
-    s = np.array([float(r["score"]) for r in rows])
-    det1 = lambda yy, ss: metrics.detection_at_far(yy, ss, 0.01)["detection_rate"]  # noqa: E731
-    return {"auroc": metrics.bootstrap_interval(y, s, metrics.auroc),
-            "det_at_1pct": metrics.bootstrap_interval(y, s, det1)}
 
 
 def main() -> None:
@@ -111,13 +100,15 @@ def main() -> None:
     print(f"AUROC {f(t.get('auroc'))}  AP {f(t.get('ap'))}  det@1% {f(t.get('det_at_1pct'))}  "
           f"det@0.1% {f(t.get('det_at_0.1pct'))}  top-region hit {f(t.get('top_region_hit'))} "
           f"(of {t.get('n_localised')})")
-    ci = intervals(run / "test_scores.csv")
-    if ci["auroc"] and ci["det_at_1pct"]:
+    rows = list(csv.DictReader(open(run / "test_scores.csv", newline="")))
+    # 95 % intervals: how much of a difference between two runs another test set of this size could undo
+    ci = metrics.intervals([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
+    if ci["auroc"] and ci["detection_at_1pct"]:
         print(f"95 % intervals over resampled test sets: AUROC [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}]  "
-              f"det@1% [{ci['det_at_1pct'][0]:.3f}, {ci['det_at_1pct'][1]:.3f}]")
+              f"det@1% [{ci['detection_at_1pct'][0]:.3f}, {ci['detection_at_1pct'][1]:.3f}]")
     for kind, v in (t.get("per_type") or {}).items():
         print(f"  {kind:<16} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
-    vis = by_visibility(run / "test_scores.csv", data / "test" / "visibility.json")
+    vis = by_visibility(rows, data / "test" / "visibility.json")
     print("visibility = added attenuation / local clutter (detector.synth.visibility):")
     for band, v in vis["bands"].items():
         print(f"  visibility {band:<6} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")

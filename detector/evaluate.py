@@ -165,10 +165,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     f = np.array([r.failed for r, _ in pairs])
     s = np.where(f, 0.0, np.array([r.score for r, _ in pairs]))
     overall = M.summary(y, s, f, [r.decision for r, _ in pairs])
-    ok = ~f  # intervals over the scored rows: how far another test set of this size could move the figures
-    det1 = lambda yy, ss: M.detection_at_far(yy, ss, 0.01)["detection_rate"]  # noqa: E731
-    overall["intervals"] = {"level": 0.95, "auroc": M.bootstrap_interval(y[ok], s[ok], M.auroc),
-                            "detection_at_1pct": M.bootstrap_interval(y[ok], s[ok], det1)}
+    # over the scored rows: how far another test set of this size could move the figures
+    overall["intervals"] = M.intervals(y[~f], s[~f])
     notes = []
     if orphans:
         notes.append(f"{len(orphans)} result rows have no truth and were left out")

@@ -128,6 +128,13 @@ def bootstrap_interval(labels, scores, metric, n: int = 1000, level: float = 0.9
     return float(lo), float(hi)
 
 
+def intervals(labels, scores, level: float = 0.95) -> dict:
+    """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms."""
+    det1 = lambda y, s: detection_at_far(y, s, 0.01)["detection_rate"]  # noqa: E731
+    return {"level": level, "auroc": bootstrap_interval(labels, scores, auroc, level=level),
+            "detection_at_1pct": bootstrap_interval(labels, scores, det1, level=level)}
+
+
 def far_at_detection(labels, scores, target: float, failed=None) -> dict:
     """False-alarm rate at the highest threshold that still detects >= target of the anomalies."""
     y, s, f = _arrays(labels, scores, failed)
