@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/quality.py --normal-only ...   # no anomalous training scans: TIP only
 
 Prints AUROC, AP, detection at 1 % and 0.1 % false alarms, per anomaly type, how often the top heatmap
-region hits the anomaly, and the data and training times.
+region hits the anomaly, and the data and training times. Two runs on the same data (same --train/--val/
+--test/--seed, different --run and overrides): benchmarks/compare_runs.py tells whether they really differ.
 """
 from __future__ import annotations
 

@@ -107,6 +107,14 @@ def detection_at_far(labels, scores, rate: float, failed=None) -> dict:
     return row
 
 
+def _class_resamples(y: np.ndarray, n: int, seed: int):
+    """n index arrays of test sets resampled with replacement within each class (counts kept)."""
+    groups = [np.flatnonzero(y == c) for c in (0, 1)]
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.concatenate([rng.choice(g, len(g)) for g in groups])
+
+
 def bootstrap_interval(labels, scores, metric, n: int = 1000, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float] | None:
     """Percentile interval of `metric(labels, scores)` over test sets resampled within each class (so
@@ -114,13 +122,10 @@ def bootstrap_interval(labels, scores, metric, n: int = 1000, level: float = 0.9
     same size. None without both classes."""
     y = np.asarray(labels, dtype=np.int64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
-    groups = [np.flatnonzero(y == c) for c in (0, 1)]
-    if any(len(g) == 0 for g in groups):
+    if not ((y == 0).any() and (y == 1).any()):
         return None
-    rng = np.random.default_rng(seed)
     vals = []
-    for _ in range(n):
-        pick = np.concatenate([rng.choice(g, len(g)) for g in groups])
+    for pick in _class_resamples(y, n, seed):
         v = metric(y[pick], s[pick])
         if v is not None:
             vals.append(v)
@@ -133,6 +138,28 @@ def intervals(labels, scores, level: float = 0.95) -> dict:
     det1 = lambda y, s: detection_at_far(y, s, 0.01)["detection_rate"]  # noqa: E731
     return {"level": level, "auroc": bootstrap_interval(labels, scores, auroc, level=level),
             "detection_at_1pct": bootstrap_interval(labels, scores, det1, level=level)}
+
+
+def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> dict | None:
+    """metric(B) - metric(A) of two models scored on the same scans, over the same resampled test sets:
+    pairing cancels the test set's own luck, so it separates configs that unpaired intervals cannot.
+    Returns {difference, low, high, p_better (share of resamples where B beats A)}; None without both classes."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    a = np.asarray(scores_a, dtype=np.float64).ravel()
+    b = np.asarray(scores_b, dtype=np.float64).ravel()
+    if not len(y) == len(a) == len(b):
+        raise ValueError(f"labels and both score lists must have one value per scan: {len(y)}, {len(a)}, {len(b)}")
+    if not ((y == 0).any() and (y == 1).any()):
+        return None
+    d = []
+    for pick in _class_resamples(y, n, seed):
+        ma, mb = metric(y[pick], a[pick]), metric(y[pick], b[pick])
+        if ma is not None and mb is not None:
+            d.append(mb - ma)
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": float(metric(y, b) - metric(y, a)), "low": float(lo), "high": float(hi),
+            "p_better": float(np.mean(np.array(d) > 0))}
 
 
 def far_at_detection(labels, scores, target: float, failed=None) -> dict:

@@ -92,3 +92,23 @@ def test_bootstrap_interval_covers_the_true_auroc_and_narrows_with_more_scans():
         widths.append(hi - lo)
     assert 0.35 < widths[1] / widths[0] < 0.7            # ~1/sqrt(4)
     assert bootstrap_interval(np.zeros(5), np.arange(5.0), auroc) is None
+
+
+def test_paired_difference_separates_models_that_unpaired_intervals_cannot():
+    from detector.metrics import auroc, bootstrap_interval, paired_difference
+    rng = np.random.default_rng(1)
+    n = 150
+    y = np.r_[np.zeros(n), np.ones(n)]
+    a = np.r_[rng.normal(0, 1, n), rng.normal(1.5, 1, n)]       # true AUROC 0.856
+    b = a + 0.3 * y                                              # same scans, anomalies 0.3 higher: 0.887
+    la, ha = bootstrap_interval(y, a, auroc, n=300)
+    lb, hb = bootstrap_interval(y, b, auroc, n=300)
+    assert lb < ha                                               # unpaired intervals overlap
+    d = paired_difference(y, a, b, auroc, n=300)
+    assert 0 < d["low"] <= d["difference"] <= d["high"] and d["p_better"] == 1.0
+    assert d["difference"] == pytest.approx(auroc(y, b) - auroc(y, a))
+    same = paired_difference(y, a, a, auroc, n=50)
+    assert same["difference"] == same["low"] == same["high"] == 0.0 and same["p_better"] == 0.0
+    with pytest.raises(ValueError, match="one value per scan"):
+        paired_difference(y, a, b[:-1], auroc)
+    assert paired_difference(np.zeros(4), np.arange(4.0), np.arange(4.0), auroc) is None
