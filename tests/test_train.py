@@ -122,6 +122,24 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     assert all((data / r["path"]).exists() or Path(r["path"]).exists() for r in scored)
 
 
+def test_ema_weights_are_validated_checkpointed_and_loaded(tmp_path):
+    """trainer.ema_decay: best.ckpt's state_dict is the average (what load_checkpoint and export see);
+    the live weights travel beside it for resuming."""
+    import torch
+    from detector.train import load_checkpoint, run_training
+    data = write_dataset(tmp_path / "data")
+    run_training(None, data, tmp_path / "run", [*TINY, "trainer.max_epochs=2", "trainer.patience=0",
+                                                "trainer.ema_decay=0.9"], quiet=True)
+    ck = torch.load(tmp_path / "run" / "best.ckpt", map_location="cpu", weights_only=False)
+    avg, live = ck["state_dict"], ck["current_model_state"]
+    key = "model.head.0.weight"
+    assert avg.keys() == live.keys() and not torch.equal(avg[key], live[key])
+    model, _ = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert torch.equal(model.state_dict()["head.0.weight"], avg[key])
+    with pytest.raises(ValueError, match="ema_decay"):
+        run_training(None, data, tmp_path / "bad", [*TINY, "trainer.ema_decay=1.0"], quiet=True)
+
+
 def test_plain_folder_rgb_8bit_trains(tmp_path):
     from detector.train import load_checkpoint, run_training
     rng = np.random.default_rng(1)
