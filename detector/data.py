@@ -152,11 +152,17 @@ def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
     return None if rec.label else np.zeros(shape, np.float32)
 
 
-def _save(path: Path, a: np.ndarray) -> None:
-    """Atomic .npy write: DDP ranks may build the same cache entry at once."""
+def _save(path: Path, a: np.ndarray, source: str) -> None:
+    """Atomic .npy write: DDP ranks may build the same cache entry at once. A failed write (a full disk)
+    leaves no partial file and names the cache, the scan and the way out."""
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, a)
-    tmp.replace(path)
+    try:
+        np.save(tmp, a)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path}: cannot write the scan cache entry of {source} ({e}); the cache needs ~{a.nbytes / 1e6:.0f} "
+                      f"MB per scan like it: free disk space or point data.cache_dir at a larger disk") from e
 
 
 class ScanCache:
@@ -182,13 +188,13 @@ class ScanCache:
                                                                              scan.source)
         att = to_model_pitch(att, scan.pitch_mm, self.pre)
         mask = _scan_mask(rec, (scan.height, scan.width))
-        _save(self.folder / f"{key}.att.npy", att.astype(np.float32))
+        _save(self.folder / f"{key}.att.npy", att.astype(np.float32), rec.path)
         meta: dict[str, Any] = {"key": key, "shape": list(att.shape), "has_mask": mask is not None,
                                 "pitch_mm": scan.pitch_mm, "energies": list(scan.energies), "centres": []}
         if mask is not None:
             # INTER_AREA then a low threshold: an anomaly a quarter-pixel wide at model pitch stays visible
             mm = (to_model_pitch(mask, scan.pitch_mm, self.pre) > MASK_KEEP).astype(np.uint8)
-            _save(self.folder / f"{key}.mask.npy", mm)
+            _save(self.folder / f"{key}.mask.npy", mm, rec.path)
             meta["centres"] = [list(c) for c in mask_centres(mm)]
         tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(meta))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,23 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
     ys, xs = np.nonzero(m)
     assert len(ys) >= 1 and 4 <= ys.min() <= 6 and 24 <= xs.min() <= 26  # 3 px at 5 mm -> kept at 10 mm
     assert cache.build(rec) == meta  # cached
+
+
+def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tmp_path, monkeypatch):
+    att = np.full((2, 40, 60), 1.0, np.float32)
+    write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4, 5e4), pitch_mm=5.0)
+    rec = Record(str(tmp_path / "a.tiff"), 0)
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+
+    def full(file, arr, *a, **k):
+        Path(file).write_bytes(b"\x93NUMPY partial")           # what a write cut short leaves
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(OSError, match=r"a\.tiff.*No space left.*data\.cache_dir"):
+        cache.build(rec)
+    assert list((tmp_path / "cache").iterdir()) == []          # no partial .npy, no meta: rebuilt next time
+    monkeypatch.undo()
+    assert cache.load(cache.build(rec))[0].shape == (2, 20, 30)
 
 
 def _crop_dataset(tmp_path, cfg: DataConfig):
