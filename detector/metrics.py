@@ -133,11 +133,15 @@ def bootstrap_interval(labels, scores, metric, n: int = 1000, level: float = 0.9
     return float(lo), float(hi)
 
 
+def detection_at_1pct(labels, scores) -> float | None:
+    """Detection rate at 1 % false alarms: the headline figure beside AUROC."""
+    return detection_at_far(labels, scores, 0.01)["detection_rate"]
+
+
 def intervals(labels, scores, level: float = 0.95) -> dict:
     """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms."""
-    det1 = lambda y, s: detection_at_far(y, s, 0.01)["detection_rate"]  # noqa: E731
     return {"level": level, "auroc": bootstrap_interval(labels, scores, auroc, level=level),
-            "detection_at_1pct": bootstrap_interval(labels, scores, det1, level=level)}
+            "detection_at_1pct": bootstrap_interval(labels, scores, detection_at_1pct, level=level)}
 
 
 def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: float = 0.95,

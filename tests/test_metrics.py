@@ -101,8 +101,8 @@ def test_paired_difference_separates_models_that_unpaired_intervals_cannot():
     y = np.r_[np.zeros(n), np.ones(n)]
     a = np.r_[rng.normal(0, 1, n), rng.normal(1.5, 1, n)]       # true AUROC 0.856
     b = a + 0.3 * y                                              # same scans, anomalies 0.3 higher: 0.887
-    la, ha = bootstrap_interval(y, a, auroc, n=300)
-    lb, hb = bootstrap_interval(y, b, auroc, n=300)
+    _, ha = bootstrap_interval(y, a, auroc, n=300)
+    lb, _ = bootstrap_interval(y, b, auroc, n=300)
     assert lb < ha                                               # unpaired intervals overlap
     d = paired_difference(y, a, b, auroc, n=300)
     assert 0 < d["low"] <= d["difference"] <= d["high"] and d["p_better"] == 1.0
