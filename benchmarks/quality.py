@@ -67,7 +67,7 @@ def by_visibility(rows: list[dict], cache: Path) -> dict:
             bands[band_of(lo)] = {"n": int(sel.sum()), "det_at_1pct": float(np.mean(s[sel] >= t1))}
     keep = (y == 0) | (v >= 1)
     return {"bands": bands, "visible_auroc": metrics.auroc(y[keep], s[keep]),
-            "visible_det_at_1pct": metrics.detection_at_far(y[keep], s[keep], 0.01)["detection_rate"],
+            "visible_det_at_1pct": metrics.detection_at_1pct(y[keep], s[keep]),
             "n_visible": int(((y == 1) & (v >= 1)).sum())}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from detector.preprocess import Preprocessing, to_model_pitch
 from detector.scan import scan_from_counts
+from detector.synth.stream import MASK_KEEP
 
 BANDS = (0.0, 0.5, 1.0, 2.0, float("inf"))
 
@@ -33,7 +34,7 @@ def anomaly_visibility(seed, anomaly: bool | str = True, pre: Preprocessing | No
     with_a = generate_scan(seed, anomaly=anomaly, height=height)
     clean = generate_scan(seed, anomaly=False, height=height)
     a, c = _att(with_a, pre), _att(clean, pre)
-    m = to_model_pitch(with_a.mask.astype(np.float32), with_a.pitch_mm, pre) > 0.25
+    m = to_model_pitch(with_a.mask.astype(np.float32), with_a.pitch_mm, pre) > MASK_KEEP
     if not m.any() or a.shape != c.shape:
         return float("nan")
     signal = float((a - c)[m].mean())
