@@ -63,7 +63,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
     ema_decay: float = 0.0        # > 0 (e.g. 0.999): validate, checkpoint and export an EMA of the weights (0 = off;
-                                  # no gain measured with the default 28-epoch cosine schedule, see default.yaml)
+                                  # no gain measured with a 28-epoch cosine schedule, see default.yaml)
     test: bool = True             # evaluate the best checkpoint on the test split after fitting
 
 
