@@ -8,7 +8,7 @@ focal spot blurs. TIP inserts threats into normal crops on the fly so normal tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import albumentations as A
 import cv2
@@ -34,6 +34,8 @@ class AugmentConfig:
     tip_kinds: tuple[str, ...] = ()  # empty = all kinds of detector.tip
     tip_scale: tuple[float, float] = (1.0, 1.0)  # threat attenuation x U(lo, hi): thinner threats, or packages
                                                  # displacing fuel (the net is ~0.2-0.4 of cocaine's); 1,1 = off
+    tip_conceal: float = 0.0      # share of TIP threats that are packages hidden in vehicle parts / dense matter
+    tip_conceal_scale: tuple[float, float] = (0.25, 1.0)  # their net attenuation: displacing diesel .. in air
 
 
 class DoseNoise(A.ImageOnlyTransform):
@@ -101,18 +103,24 @@ class TIP(A.DualTransform):
 
     Applied only where the mask is empty (normal crops); `pitch_mm` is the crop's pitch so threats keep
     their physical size. `scale` = (lo, hi): the threat's attenuation times U(lo, hi) (a thinner object of
-    the same materials: the dual-energy ratio is kept), its mask unchanged.
+    the same materials: the dual-energy ratio is kept), its mask unchanged. `conceal`: the share of
+    threats that are instead wrapped packages hidden in the vehicle (`tip.make_package`, net attenuation
+    x U(conceal_scale)), placed half the time in the denser half of the crop (tyres, tanks, engine, dense
+    loads): a TIP library holds free-standing threats, so without these a model trained on cleared
+    traffic never sees a package in a fuel tank or a tyre.
     """
 
     def __init__(self, pitch_mm: float = 10.0, kinds: tuple[str, ...] = (), p: float = 0.5,
-                 scale: tuple[float, float] = (1.0, 1.0)) -> None:
+                 scale: tuple[float, float] = (1.0, 1.0), conceal: float = 0.0,
+                 conceal_scale: tuple[float, float] = (0.25, 1.0)) -> None:
         super().__init__(p=p)
         self.pitch_mm = pitch_mm
         self.kinds = tuple(kinds)
-        lo, hi = (float(v) for v in scale)
-        if not 0 < lo <= hi:
-            raise ValueError(f"TIP scale must be 0 < lo <= hi, got {scale!r}")
-        self.scale = (lo, hi)
+        self.scale = _check_range(scale, "scale")
+        self.conceal = float(conceal)
+        if not 0 <= self.conceal <= 1:
+            raise ValueError(f"TIP conceal must be a share in [0, 1], got {conceal!r}")
+        self.conceal_scale = _check_range(conceal_scale, "conceal_scale")
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         img, mask = data["image"], data.get("mask")
@@ -125,17 +133,21 @@ class TIP(A.DualTransform):
         region = tip.cargo_region(att)
         if region.sum() < 16:                      # no cargo (air, small 8-bit images): anywhere
             region = np.ones(att.shape[1:], bool)
-        for _ in range(5):
-            kind = str(rng.choice(self.kinds)) if self.kinds else None
-            threat = tip.make_threat(rng, kind, pitch_mm=self.pitch_mm, channels=att.shape[0])
+        conceal_rng = np.random.default_rng([seed, 2])  # own stream: conceal=0 leaves the rest unchanged
+        if self.conceal > 0 and conceal_rng.random() < self.conceal:
+            dense = tip.dense_region(att, region)
+            if conceal_rng.random() < 0.5 and dense.sum() >= 16:
+                region = dense
+            return _insert(att, region, conceal_rng, lambda: tip.make_package(
+                conceal_rng, self.pitch_mm, att.shape[0], conceal_rng.uniform(*self.conceal_scale)))
+
+        def threat() -> tip.Threat:
+            t = tip.make_threat(rng, str(rng.choice(self.kinds)) if self.kinds else None,
+                                pitch_mm=self.pitch_mm, channels=att.shape[0])
             if self.scale != (1.0, 1.0):
-                threat = tip.Threat(threat.attenuation * scale_rng.uniform(*self.scale), threat.mask, threat.kind)
-            try:
-                new, m, _ = tip.project(att, threat, rng, region=region, min_inside=0.9)
-            except ValueError:
-                continue
-            return {"add": np.moveaxis(new - att, 0, -1), "tip_mask": m}
-        return {"add": None}
+                t = tip.Threat(t.attenuation * scale_rng.uniform(*self.scale), t.mask, t.kind)
+            return t
+        return _insert(att, region, rng, threat)
 
     def apply(self, img: np.ndarray, add: np.ndarray | None = None, **params: Any) -> np.ndarray:
         return img if add is None else (img + add).astype(np.float32)
@@ -149,14 +161,34 @@ class TIP(A.DualTransform):
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("pitch_mm", "kinds", "scale")
+        return ("pitch_mm", "kinds", "scale", "conceal", "conceal_scale")
+
+
+def _insert(att: np.ndarray, region: np.ndarray, rng: np.random.Generator,
+            make: Callable[[], tip.Threat], tries: int = 5) -> dict[str, Any]:
+    """Project a threat from `make` into the region (a new one if it does not fit): TIP's params."""
+    for _ in range(tries):
+        try:
+            new, m, _ = tip.project(att, make(), rng, region=region, min_inside=0.9)
+        except ValueError:
+            continue
+        return {"add": np.moveaxis(new - att, 0, -1), "tip_mask": m}
+    return {"add": None}
+
+
+def _check_range(r: tuple[float, float], name: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in r)
+    if not 0 < lo <= hi:
+        raise ValueError(f"TIP {name} must be 0 < lo <= hi, got {r!r}")
+    return lo, hi
 
 
 def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None) -> A.Compose:
     """The training augmentation; TIP first (on the clean crop), then the scanner effects."""
     ts: list[A.BasicTransform] = []
     if cfg.tip_rate > 0:
-        ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate, scale=cfg.tip_scale))
+        ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate, scale=cfg.tip_scale,
+                      conceal=cfg.tip_conceal, conceal_scale=cfg.tip_conceal_scale))
     if cfg.enabled:
         ts += [
             A.HorizontalFlip(p=cfg.hflip),

@@ -49,6 +49,26 @@ def make_threat(rng: np.random.Generator, kind: str | None = None, pitch_mm: flo
     return Threat(att, att.max(axis=0) >= MIN_ATT, kind)
 
 
+def make_package(rng: np.random.Generator, pitch_mm: float = 5.0, channels: int = 2,
+                 contrast: float = 1.0) -> Threat:
+    """Wrapped bricks stacked to fit a vehicle part (fuel tank, tyre, chassis rail): kind "package".
+    `contrast` scales the net attenuation (packages displacing diesel add only ~0.3 of their own)."""
+    from detector.synth.threats import narcotics  # lazy: synth imports this module
+    cv = narcotics(rng, pitch_mm, rows=int(rng.integers(1, 6)), cols=int(rng.integers(1, 4)))
+    att = cv.attenuation()
+    mask = att.max(axis=0) >= MIN_ATT
+    att = np.clip(att, 0, None) * np.float32(contrast)
+    return Threat(att[:1] if channels == 1 else att, mask, "package")
+
+
+def dense_region(attenuation: np.ndarray, region: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """The denser half of `region` (smoothed attenuation >= its median): vehicle parts, dense loads."""
+    att = np.asarray(attenuation, np.float32)
+    a = cv2.GaussianBlur(att.mean(axis=0) if att.ndim == 3 else att, (0, 0), sigma)
+    vals = a[region]
+    return region & (a >= np.median(vals)) if vals.size else region
+
+
 def _smooth_fill(att: np.ndarray, known: np.ndarray, sigma: float) -> np.ndarray:
     """Fill unknown pixels by normalised Gaussian convolution of the known ones (background estimate)."""
     w = known.astype(np.float32)

@@ -91,3 +91,45 @@ def test_tip_skips_crops_that_already_have_an_anomaly():
     img, mask = _scene(rng)
     r = A.Compose([TIP(pitch_mm=10.0, p=1.0)], seed=0)(image=img, mask=mask)
     assert np.array_equal(r["image"], img) and np.array_equal(r["mask"], mask)
+
+
+def test_concealed_packages_go_to_the_dense_half_with_their_net_contrast():
+    img = np.repeat(np.linspace(1.0, 1.5, 128, dtype=np.float32)[None, :, None], 128, 0).repeat(2, 2)
+    img[:, :64] += 4.0                          # a dense vehicle part on the left, light cargo on the right
+    empty = np.zeros(img.shape[:2], np.uint8)
+    pipe = A.Compose([TIP(pitch_mm=10.0, p=1.0, conceal=1.0)], seed=0)
+    plain = A.Compose([TIP(pitch_mm=10.0, p=1.0)], seed=0)
+    in_dense, plain_dense, n = 0, 0, 60
+    for _ in range(n):
+        m = pipe(image=img, mask=empty)["mask"].astype(bool)
+        in_dense += m[:, :64].sum() > m[:, 64:].sum()
+        m = plain(image=img, mask=empty)["mask"].astype(bool)
+        plain_dense += m[:, :64].sum() > m[:, 64:].sum()
+    assert in_dense / n > 0.62 and in_dense > plain_dense + 6   # half placed in the dense half, half anywhere
+    full = A.Compose([TIP(pitch_mm=10.0, p=1.0, conceal=1.0, conceal_scale=(1.0, 1.0))], seed=5)(image=img, mask=empty)
+    net = A.Compose([TIP(pitch_mm=10.0, p=1.0, conceal=1.0, conceal_scale=(0.3, 0.3))], seed=5)(image=img, mask=empty)
+    assert full["mask"].any() and np.array_equal(full["mask"], net["mask"])      # same package, same place
+    np.testing.assert_allclose(net["image"] - img, 0.3 * (full["image"] - img), atol=1e-5)
+    with pytest.raises(ValueError, match="conceal"):
+        TIP(conceal=1.5)
+    with pytest.raises(ValueError, match="conceal_scale"):
+        TIP(conceal=0.5, conceal_scale=(0.0, 1.0))
+    tip_t = train_pipeline(AugmentConfig(tip_rate=0.5, tip_conceal=0.4, tip_conceal_scale=(0.3, 0.6)), 10.0).transforms[0]
+    assert isinstance(tip_t, TIP) and tip_t.conceal == 0.4 and tip_t.conceal_scale == (0.3, 0.6)
+
+
+def test_package_threat_and_dense_region():
+    from detector import tip
+    rng = np.random.default_rng(0)
+    full = tip.make_package(np.random.default_rng(1), pitch_mm=10.0)
+    faint = tip.make_package(np.random.default_rng(1), pitch_mm=10.0, contrast=0.25)
+    assert full.kind == "package" and full.attenuation.shape[0] == 2 and full.mask.sum() > 20
+    np.testing.assert_allclose(faint.attenuation, 0.25 * full.attenuation, rtol=1e-6)
+    assert np.array_equal(faint.mask, full.mask)                                  # fainter, same extent
+    assert tip.make_package(rng, pitch_mm=10.0, channels=1).attenuation.shape[0] == 1
+    att = np.repeat(np.linspace(1.0, 1.5, 80, dtype=np.float32)[None, None], 60, 1).repeat(2, 0)
+    att[:, :, 50:] += 3.0
+    region = np.ones((60, 80), bool)
+    region[:, :10] = False
+    dense = tip.dense_region(att, region)
+    assert dense[:, 55:].all() and not dense[:, :40].any() and not (dense & ~region).any()
