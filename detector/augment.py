@@ -34,8 +34,7 @@ class AugmentConfig:
     tip_kinds: tuple[str, ...] = ()  # empty = all kinds of detector.tip
     tip_scale: tuple[float, float] = (1.0, 1.0)  # threat attenuation x U(lo, hi): thinner threats, or packages
                                                  # displacing fuel (the net is ~0.2-0.4 of cocaine's); 1,1 = off
-    tip_conceal: float | None = None  # share of TIP threats that are packages hidden in vehicle parts / dense
-                                      # matter; None: 0.4 in normal-only mode, else 0
+    tip_conceal: float = 0.0      # share of TIP threats that are packages hidden in vehicle parts / dense matter
     tip_conceal_scale: tuple[float, float] = (0.25, 1.0)  # their net attenuation: displacing diesel .. in air
 
 
@@ -189,7 +188,7 @@ def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None)
     ts: list[A.BasicTransform] = []
     if cfg.tip_rate > 0:
         ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate, scale=cfg.tip_scale,
-                      conceal=cfg.tip_conceal or 0.0, conceal_scale=cfg.tip_conceal_scale))
+                      conceal=cfg.tip_conceal, conceal_scale=cfg.tip_conceal_scale))
     if cfg.enabled:
         ts += [
             A.HorizontalFlip(p=cfg.hflip),

@@ -408,11 +408,8 @@ class ScanDataModule(L.LightningDataModule):
                                            "set data.channels=1 to use the high energy of all")
         self.channels = first["shape"][0]
         self.energies = first["energies"][: self.channels]
-        aug = self.cfg.augment
         if self.cfg.normal_only:  # TIP is then the only source of anomalies: half the crops get one
-            aug.tip_rate = max(aug.tip_rate, 0.5)
-        if aug.tip_conceal is None:  # unset: packages hidden in the vehicle only where nothing else shows them
-            aug.tip_conceal = 0.4 if self.cfg.normal_only else 0.0
+            self.cfg.augment.tip_rate = max(self.cfg.augment.tip_rate, 0.5)
 
     def _loader(self, ds: Dataset, batch: int, shuffle: bool, collate=None) -> DataLoader:
         w = self.cfg.workers
