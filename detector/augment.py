@@ -135,9 +135,9 @@ class TIP(A.DualTransform):
             region = np.ones(att.shape[1:], bool)
         conceal_rng = np.random.default_rng([seed, 2])  # own stream: conceal=0 leaves the rest unchanged
         if self.conceal > 0 and conceal_rng.random() < self.conceal:
-            dense = tip.dense_region(att, region)
-            if conceal_rng.random() < 0.5 and dense.sum() >= 16:
-                region = dense
+            if conceal_rng.random() < 0.5:          # the dense half only when drawn: a blur per crop
+                dense = tip.dense_region(att, region)
+                region = dense if dense.sum() >= 16 else region
             return _insert(att, region, conceal_rng, lambda: tip.make_package(
                 conceal_rng, self.pitch_mm, att.shape[0], conceal_rng.uniform(*self.conceal_scale)))
 

@@ -56,8 +56,8 @@ def make_package(rng: np.random.Generator, pitch_mm: float = 5.0, channels: int 
     from detector.synth.threats import narcotics  # lazy: synth imports this module
     cv = narcotics(rng, pitch_mm, rows=int(rng.integers(1, 6)), cols=int(rng.integers(1, 4)))
     att = cv.attenuation()
-    mask = att.max(axis=0) >= MIN_ATT
-    att = np.clip(att, 0, None) * np.float32(contrast)
+    mask = att.max(axis=0) >= MIN_ATT            # the full-contrast extent; Threat clips negatives
+    att = att * np.float32(contrast)
     return Threat(att[:1] if channels == 1 else att, mask, "package")
 
 
