@@ -94,6 +94,8 @@ def main() -> None:
     run = work / (a.run or Path(a.config).stem + ("_normal_only" if a.normal_only else ""))
     t1 = time.time()
     res = run_training(a.config, data, run, ov)
+    if not res:   # a DDP worker process (trainer.cpu_processes > 1): rank 0 reports
+        return
     t_train = time.time() - t1
     t = res.get("test") or {}
     f = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731

@@ -247,6 +247,9 @@ class CropDataset(Dataset):
     def _generator(self) -> np.random.Generator:
         if self._rng is None:  # one stream per worker process (persistent workers keep it across epochs)
             seed = torch.initial_seed() % 2**32
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            if rank and torch.utils.data.get_worker_info() is None:  # DDP, no loader workers: ranks share a seed
+                seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
             self._rng = np.random.default_rng([self.cfg.seed, seed])
             self.pipeline.set_random_seed(int(seed % 2**31))
             if self.cfg.synth_per_epoch > 0:

@@ -40,7 +40,8 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 class HardNegativeMiner(L.Callback):
-    """Every epoch: mine `share` of the training scans (rotating) and rewrite the hard-negative file."""
+    """Every epoch: mine `share` of the training scans (rotating) and rewrite the hard-negative file.
+    Under DDP each rank mines its slice of the scans and the ranks exchange what they found."""
 
     def __init__(self, share: float = 0.25, per_scan: int = 8, min_prob: float = 0.05) -> None:
         self.share, self.per_scan = share, per_scan
@@ -50,12 +51,14 @@ class HardNegativeMiner(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        if not trainer.is_global_zero or dm is None or dm.hard_negative_file is None or self.share <= 0:
+        if dm is None or dm.hard_negative_file is None or self.share <= 0:
             return
         metas, pre = dm.metas["train"], dm.pre
         n = max(1, int(round(len(metas) * self.share)))
         todo = [(self._offset + j) % len(metas) for j in range(min(n, len(metas)))]
         self._offset = (self._offset + n) % len(metas)
+        todo = todo[trainer.global_rank::trainer.world_size]
+        found: dict[str, list[tuple[int, int]]] = {}
         model, s = module.model, module.model.stride
         was_training = model.training
         model.eval()
@@ -73,8 +76,15 @@ class HardNegativeMiner(L.Callback):
                     cells = F.max_pool2d(m, s, ceil_mode=True)
                     exclude = (F.max_pool2d(cells, 5, 1, 2)[0, 0].numpy() > 0)[:h, :w]
                 cells = hottest_cells(z, exclude, self.per_scan, self.min_logit)
-                self.found[metas[i]["key"]] = [(y * s + s // 2, x * s + s // 2) for y, x in cells]
+                found[metas[i]["key"]] = [(y * s + s // 2, x * s + s // 2) for y, x in cells]
         model.train(was_training)
-        write_atomic(dm.hard_negative_file, {k: v for k, v in self.found.items() if v})
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+            parts: list = [None] * trainer.world_size
+            dist.all_gather_object(parts, found)
+            found = {k: v for part in parts for k, v in part.items()}
+        self.found.update(found)
+        if trainer.is_global_zero:   # the crop workers of every rank read this one file
+            write_atomic(dm.hard_negative_file, {k: v for k, v in self.found.items() if v})
         hot = sum(len(v) for v in self.found.values())
-        module.log("train/hard_negatives", float(hot), on_epoch=True, on_step=False)
+        module.log("train/hard_negatives", float(hot), on_epoch=True, on_step=False, sync_dist=True)

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from detector.calibration import false_alarm_rate, threshold_table
 from detector.scan import attenuation_to_counts, write_scan
@@ -178,3 +182,42 @@ def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
     # dice ignores negative crops and unsupervised samples
     assert float(dice_loss(z, t, torch.tensor([1.0, 0.0]))) == pytest.approx(float(dice_loss(z[:1], t[:1], w[:1])))
     assert float(dice_loss(z, torch.zeros_like(t), w)) == 0.0
+
+
+def test_cpu_processes_split_the_cores_and_the_batch():
+    from detector.train import load_config, resolve_cpu_processes
+    cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
+    assert resolve_cpu_processes(cfg) == 12
+    t = cfg.trainer
+    assert (t.devices, t.strategy, t.threads) == (2, "ddp", max(1, (os.cpu_count() or 2) // 2))
+    one = load_config(None, ["trainer.accelerator=cpu", "data.batch_size=24"])
+    assert resolve_cpu_processes(one) == 24 and one.trainer.devices == "auto"
+    gpu = load_config(None, ["trainer.accelerator=gpu", "trainer.cpu_processes=2", "data.batch_size=24"])
+    assert resolve_cpu_processes(gpu) == 24 and gpu.trainer.strategy == "auto"   # a GPU run is left alone
+    with pytest.raises(ValueError, match="multiple of trainer.cpu_processes"):
+        resolve_cpu_processes(load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2",
+                                                 "data.batch_size=7"]))
+
+
+def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_path):
+    """Lightning DDP (the multi-GPU path) run on two CPU processes: optimiser steps as one process with
+    the whole batch, hard negatives mined by both ranks, 5 test scans (uneven over 2 ranks) scored once."""
+    import torch
+    data = write_dataset(tmp_path / "data", n_test=5)
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.cpu_processes=2", "trainer.patience=0", "data.mine_share=1.0",
+            "model.prior=0.5"]   # prior 0.5: the young net fires on every scan, so each mined scan has cells
+    p = subprocess.run([sys.executable, "-m", "detector.cli", "train", "--data", str(data), "--out", str(run), *args],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "Starting with 2 processes" in p.stdout + p.stderr
+    m = json.loads((run / "metrics.json").read_text())
+    scored = list(csv.DictReader(open(run / "test_scores.csv", newline="")))
+    assert m["test"]["n"] == len(scored) == len({r["path"] for r in scored}) == 5
+    assert m["validation"]["n"] == 3 and m["thresholds"]
+    last = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2 * 32 // 8      # 2 epochs of 32 crops in global batches of 8 (4 per rank)
+    hard = json.loads((run / "hard_negatives.json").read_text())
+    assert len(hard) == 4                           # all 4 training scans: each rank mined 2, one file
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["cpu_processes"] == 2 and saved["data"]["batch_size"] == 8
