@@ -348,7 +348,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
-    saved = to_dict(cfg)                      # as the user wrote it (global batch, cpu_processes)
+    asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -363,8 +363,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                         cfg.data.cache_dir or out / "cache", hard_file)
     dm.prepare_data()
     dm.setup("fit")
-    cfg.model.in_channels = saved["model"]["in_channels"] = dm.channels
-    cfg.data.channels = saved["data"]["channels"] = dm.channels
+    cfg.model.in_channels = dm.channels
+    cfg.data.channels = dm.channels
+    saved = {**to_dict(cfg), "trainer": asked}
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
             "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
