@@ -61,7 +61,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "auto"       # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true
     patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs; 0 = off)
-    val_every: int = 1            # validate (and checkpoint) every N epochs: full-scan validation costs time
+    val_every: int = 1            # validate (and checkpoint) every N epochs and after the last: it costs time
     log_every_n_steps: int = 10
     threads: int = 0              # torch intra-op threads on CPU (0 = torch default; per process with cpu_processes)
     cpu_processes: int = 1        # on a CPU: DDP over this many processes, each with its share of the cores and
@@ -272,6 +272,15 @@ class AnomalyModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class ValidateLastEpoch(L.Callback):
+    """With `val_every` > 1, still validate after the final epoch: the annealed end of the cosine schedule
+    is usually the best checkpoint (Lightning alone skips it when val_every does not divide max_epochs)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+
 def evaluate_rows(rows: list[dict]) -> dict:
     """AUROC, AP, detection at 1% / 0.1% false alarms, localisation and per-type detection."""
     y = np.array([r["label"] for r in rows])
@@ -381,7 +390,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     # own save_last writes only when `best` is saved, so its "last" was the best epoch, not the last
     last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
-    callbacks = [ckpt, last, LearningRateMonitor("step")]
+    callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch()]
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
         callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:

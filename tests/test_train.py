@@ -98,7 +98,7 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     from detector.train import load_checkpoint, run_training
     data = write_dataset(tmp_path / "data", n_test=2)
     # patience 0 = early stopping off: all epochs run even when validation AUROC stalls
-    # validation every 2nd epoch: the third epoch is trained after the last validation
+    # validation every 2nd epoch and after the last: epochs 2 and 3 are validated, epoch 1 is not
     res = run_training(None, data, tmp_path / "run", [*TINY, "trainer.max_epochs=3", "trainer.patience=0",
                                                       "trainer.val_every=2"], quiet=True)
     run = tmp_path / "run"
@@ -107,8 +107,10 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
         assert (run / f).exists(), f
     import torch
     best, last = (torch.load(run / f, map_location="cpu", weights_only=False) for f in ("best.ckpt", "last.ckpt"))
-    assert last["epoch"] == 2 and best["epoch"] == 1              # last = after the final epoch, not the best
-    assert last["global_step"] == 1.5 * best["global_step"] > 0
+    validated = {int(r["epoch"]) for r in csv.DictReader(open(run / "logs" / "metrics.csv")) if r["val/select"]}
+    assert validated == {1, 2}                       # 3 % 2 != 0: Lightning alone would skip the final epoch
+    assert last["epoch"] == 2 and best["epoch"] in validated
+    assert last["global_step"] == 3 * 4 and best["global_step"] == 4 * (best["epoch"] + 1)  # 32 crops / 8
     m = json.loads((run / "metrics.json").read_text())
     assert m["thresholds"] and m["thresholds"][0]["false_alarm_rate"] == 0.01
     assert m["normal_scores"] == sorted(m["normal_scores"]) and len(m["normal_scores"]) == 2
