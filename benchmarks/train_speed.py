@@ -4,6 +4,13 @@ has native bf16: what `precision: auto` then trains in), and on a GPU in bf16 if
     .venv/bin/python benchmarks/train_speed.py [--config configs/default.yaml] [--steps 10]
 
 Also prints the forward FLOPs on a full 640x2400 px scan at 5 mm (320x1216 model px at 10 mm).
+
+With --data, times the whole training pipeline instead (crop loaders, fresh synthetic trucks, DDP
+processes, validation, hard-negative mining) for a few epochs on that folder: what an epoch of the
+config really costs on this machine, to compare layouts (trainer.cpu_processes, data.workers, ...):
+
+    .venv/bin/python benchmarks/train_speed.py --data runs/quality/data_s100_1200_100_600 --epochs 4 \
+        data.cache_dir=runs/quality/data_s100_1200_100_600/cache data.workers=0
 """
 from __future__ import annotations
 
@@ -39,13 +46,36 @@ def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, st
     return batch * steps / (time.perf_counter() - t0)
 
 
+def pipeline(a: argparse.Namespace) -> None:
+    """Train a.epochs epochs of the config on a.data (no test) and print the seconds per epoch."""
+    import tempfile
+
+    from detector.train import run_training
+
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
+        ov = [*a.overrides, f"trainer.max_epochs={a.epochs}", "trainer.test=false", "trainer.patience=0"]
+        res = run_training(a.config, a.data, tmp, ov, quiet=True)
+    if not res:   # a DDP worker process: rank 0 reports
+        return
+    cfg = load_config(a.config, ov)
+    s = res["epoch_s"]
+    steady = sorted(s[1:] or s)[len(s[1:] or s) // 2]   # median without the first (pool fill, warm-up)
+    print(f"{cfg.name} {' '.join(a.overrides)}: {len(s)} epochs of {cfg.data.crops_per_epoch} crops, "
+          f"{steady:.1f} s per epoch after the first ({s[0]:.1f} s), {cfg.data.crops_per_epoch / steady:.0f} "
+          f"crops/s with loading, validation every {cfg.trainer.val_every} and mining; per epoch {s}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--data", help="a scan folder: time whole training epochs on it instead")
+    ap.add_argument("--epochs", type=int, default=4, help="with --data: epochs to time")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if a.data:
+        return pipeline(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.config, a.overrides)

@@ -281,6 +281,26 @@ class ValidateLastEpoch(L.Callback):
             trainer.check_val_every_n_epoch = 1
 
 
+class EpochTimer(L.Callback):
+    """Wall seconds of each epoch, start to start (training, validation and hard-negative mining):
+    RUN/metrics.json `epoch_s`, to see what a layout (processes, loader workers, val_every) costs."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        now = time.time()
+        if self._start is not None:
+            self.seconds.append(round(now - self._start, 2))
+        self._start = now
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._start is not None:
+            self.seconds.append(round(time.time() - self._start, 2))
+            self._start = None
+
+
 def evaluate_rows(rows: list[dict]) -> dict:
     """AUROC, AP, detection at 1% / 0.1% false alarms, localisation and per-type detection."""
     y = np.array([r["label"] for r in rows])
@@ -390,7 +410,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     # own save_last writes only when `best` is saved, so its "last" was the best epoch, not the last
     last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
-    callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch()]
+    timer = EpochTimer()
+    callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(), timer]
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
         callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
@@ -421,7 +442,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         return {}
     _, best_info = load_checkpoint(best)
     result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
-              "train_time_s": train_s, "validation": best_info["validation"],
+              "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
               "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
               "data_fingerprint": info["data_fingerprint"]}
     if tested:

@@ -103,6 +103,7 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
                                                       "trainer.val_every=2"], quiet=True)
     run = tmp_path / "run"
     assert res["epochs"] == 3
+    assert len(res["epoch_s"]) == 3 and 0 < sum(res["epoch_s"]) <= res["train_time_s"]
     for f in ("best.ckpt", "last.ckpt", "metrics.json", "config.yaml"):
         assert (run / f).exists(), f
     import torch
