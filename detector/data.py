@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
-from detector.preprocess import Preprocessing, normalize, pad_to_multiple, select_channels, to_model_pitch
+from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, to_model_pitch
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
 from detector.synth.stream import MASK_KEEP, SynthPool, mask_centres
 
@@ -175,6 +175,7 @@ class ScanCache:
     def _key(self, rec: Record) -> str:
         st = os.stat(rec.path)
         s = f"{rec.path}|{st.st_size}|{st.st_mtime_ns}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
+        s += "|rows" if self.pre.repair_rows else ""   # caches made without the row repair stay valid
         return hashlib.sha1(s.encode()).hexdigest()[:20]
 
     def build(self, rec: Record) -> dict[str, Any]:
@@ -184,9 +185,7 @@ class ScanCache:
         if meta_path.exists():
             return json.loads(meta_path.read_text())
         scan = read_scan(rec.path)
-        att = scan.attenuation if self.channels is None else select_channels(scan.attenuation, self.channels,
-                                                                             scan.source)
-        att = to_model_pitch(att, scan.pitch_mm, self.pre)
+        att = model_attenuation(scan.attenuation, scan.pitch_mm, self.pre, self.channels, scan.source)
         mask = _scan_mask(rec, (scan.height, scan.width))
         _save(self.folder / f"{key}.att.npy", att.astype(np.float32), rec.path)
         meta: dict[str, Any] = {"key": key, "shape": list(att.shape), "has_mask": mask is not None,

@@ -22,14 +22,17 @@ class Preprocessing:
     clip_max: float = 12.0        # beyond this (transmission < 6e-6) only noise is left
     scale: float = 4.0            # divide so typical cargo lands in [0, ~2]
     pad_multiple: int = 32        # the network's total stride
+    repair_rows: bool = True      # mend dead and hot detector rows (find_bad_rows) before resampling
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        """From a bundle's or checkpoint's metadata; one without `repair_rows` predates the row repair,
+        so its model was trained (and runs) without it."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{"repair_rows": False, **{k: v for k, v in d.items() if k in names}})
 
 
 @dataclass
@@ -63,6 +66,56 @@ def to_model_pitch(att: np.ndarray, pitch_mm: float, pre: Preprocessing,
     return out
 
 
+AIR = 0.05     # attenuation below this: air (transmission > 95 %)
+DENSE = 1.2    # above this (transmission < 30 %) in both neighbours, a hot detector row's cap shows
+
+
+def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: int = 48) -> np.ndarray:
+    """(C, H) bool: detector rows that are dead or hot in each energy of a (C, H, W) attenuation scan.
+
+    A line scanner's detector row is one image row along the whole truck. A dead row reads far too
+    much attenuation where its neighbours see air (a real thin plate ends where the truck ends); a
+    hot row is capped: one flat value wherever its neighbours see more than that
+    (judged once dead rows are mended, else a dead row's neighbours look hot). Decided from every
+    `step`-th column (a bad row spans them all) and only on rows with enough air / dense columns."""
+    a = np.array(np.asarray(att)[:, :, ::step], np.float32)
+    bad = np.zeros(a.shape[:2], bool)
+    if a.shape[1] < 3:
+        return bad
+    row, ref = a[:, 1:-1], 0.5 * (a[:, :-2] + a[:, 2:])   # each inner row and its neighbours' mean
+    air = ref < AIR
+    n_air = air.sum(-1)
+    bad[:, 1:-1] = (n_air >= min_air) & ((air & (row - ref > 0.5)).sum(-1) >= 0.8 * n_air)
+    a = _mend_rows(a, bad)
+    row, floor = a[:, 1:-1], np.minimum(a[:, :-2], a[:, 2:])   # a hot row dips below both neighbours
+    dense = floor > DENSE
+    n = dense.sum(-1)
+    mean = (row * dense).sum(-1) / np.maximum(n, 1)
+    spread = np.sqrt(np.maximum((row * row * dense).sum(-1) / np.maximum(n, 1) - mean * mean, 0))
+    bad[:, 1:-1] |= (n >= min_dense) & ((dense & (row < floor - 0.3)).sum(-1) >= 0.8 * n) & (spread < 0.05)
+    return bad
+
+
+def _mend_rows(a: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Rows flagged in `bad` (C, H) of a (C, H, W) array, in place: linear between the nearest good rows."""
+    for c, y in zip(*np.nonzero(bad)):
+        good = np.nonzero(~bad[c])[0]
+        lo, hi = good[good < y], good[good > y]
+        if len(lo) and len(hi):
+            w = (y - lo[-1]) / (hi[0] - lo[-1])
+            a[c, y] = (1 - w) * a[c, lo[-1]] + w * a[c, hi[0]]
+        elif len(lo) or len(hi):
+            a[c, y] = a[c, lo[-1] if len(lo) else hi[0]]
+    return a
+
+
+def repair_bad_rows(att: np.ndarray) -> np.ndarray:
+    """(C, H, W) attenuation with dead and hot detector rows (`find_bad_rows`) replaced by linear
+    interpolation between the nearest good rows above and below; the input itself if there are none."""
+    bad = find_bad_rows(att)
+    return _mend_rows(np.array(att, np.float32), bad) if bad.any() else att
+
+
 def normalize(att: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """Clip attenuation to [0, clip_max] and divide by scale (float32)."""
     x = np.clip(att, 0.0, pre.clip_max).astype(np.float32, copy=False)
@@ -90,10 +143,21 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, ph), (0, pw)))
 
 
+def model_attenuation(att: np.ndarray, pitch_mm: float, pre: Preprocessing, channels: int | None = None,
+                      source: str | None = None) -> np.ndarray:
+    """(C, H, W) scan attenuation -> the model's energies (`channels`, None: all), bad detector rows
+    mended (pre.repair_rows), at the model's pitch: one path for the station, the training cache and
+    the in-memory synthetic trucks."""
+    if channels is not None:
+        att = select_channels(att, channels, source)
+    if pre.repair_rows:
+        att = repair_bad_rows(att)
+    return to_model_pitch(att, pitch_mm, pre)
+
+
 def prepare(scan: Scan, pre: Preprocessing, channels: int) -> Prepared:
     """Scan -> padded, normalised model input at the model's pitch."""
-    att = select_channels(scan.attenuation, channels, scan.source)
-    att = to_model_pitch(att, scan.pitch_mm, pre)
+    att = model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, scan.source)
     x = pad_to_multiple(normalize(att, pre), pre.pad_multiple)
     h, w = att.shape[-2:]
     return Prepared(x=x, valid_hw=(h, w), scale_yx=(scan.height / h, scan.width / w))

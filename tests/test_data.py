@@ -50,6 +50,8 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
     ys, xs = np.nonzero(m)
     assert len(ys) >= 1 and 4 <= ys.min() <= 6 and 24 <= xs.min() <= 26  # 3 px at 5 mm -> kept at 10 mm
     assert cache.build(rec) == meta  # cached
+    raw = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0, repair_rows=False))
+    assert raw.build(rec)["key"] != meta["key"]   # a cache made with other preprocessing is not reused
 
 
 def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from detector.preprocess import Preprocessing, model_size, normalize, prepare, select_channels, to_model_pitch
-from detector.scan import ScanError, scan_from_counts
+from detector.preprocess import (Preprocessing, find_bad_rows, model_size, normalize, prepare, repair_bad_rows,
+                                  select_channels, to_model_pitch)
+from detector.scan import ScanError, counts_to_attenuation, scan_from_counts
 
 
 def test_to_model_pitch_halves_and_preserves_mean():
@@ -36,8 +37,64 @@ def test_prepare_pads_with_air_and_reports_scale():
 
 
 def test_prepare_round_trip_dict():
-    pre = Preprocessing(model_pitch_mm=7.5, clip_max=9.0, scale=2.5, pad_multiple=16)
+    pre = Preprocessing(model_pitch_mm=7.5, clip_max=9.0, scale=2.5, pad_multiple=16, repair_rows=False)
     assert Preprocessing.from_dict({**pre.to_dict(), "unknown": 1}) == pre
+    assert Preprocessing().repair_rows and Preprocessing.from_dict(Preprocessing().to_dict()).repair_rows
+    old = {k: v for k, v in Preprocessing().to_dict().items() if k != "repair_rows"}
+    assert not Preprocessing.from_dict(old).repair_rows   # a bundle from before the repair runs without it
+
+
+I0 = 50000.0
+
+
+def truck_with_bad_rows(dead: int = 70, hot: int = 60, hot_level: float = 0.5):
+    """Clean and measured (2, 120, 400) attenuation of a truck-like scene: air around it, light cargo,
+    a dense block, a thin roof plate that ends with the truck; a dead and a hot detector row."""
+    from detector.synth.render import DetectorModel, detect
+
+    clean = np.zeros((2, 120, 400), np.float32)
+    clean[:, 30:110, 60:340] = 0.6                       # cargo
+    clean[:, 50:95, 100:300] = [[[3.0]], [[3.6]]]        # dense block (low energy attenuates more)
+    clean[:, 30, 60:340] = 2.0                           # roof plate seen edge-on: one row, truck length
+    counts = detect(clean, np.random.default_rng(0), DetectorModel(i0=I0, dead_rows=0, hot_rows=0, psf_sigma=0))
+    counts = counts.astype(np.float64)
+    counts[:, dead] *= 0.02                              # as detector.synth.render.detect makes them
+    counts[:, hot] = np.maximum(counts[:, hot], hot_level * I0)
+    return clean, counts_to_attenuation(np.rint(counts).astype(np.uint16), I0)
+
+
+def test_dead_and_hot_detector_rows_are_found_and_mended():
+    clean, att = truck_with_bad_rows()
+    bad = find_bad_rows(att)
+    assert bad.shape == (2, 120)
+    assert [np.nonzero(b)[0].tolist() for b in bad] == [[60, 70], [60, 70]]   # not the roof plate (row 30)
+    fixed = repair_bad_rows(att)
+    for y in (60, 70):
+        assert np.abs(att[:, y] - clean[:, y]).mean() > 0.3
+        assert np.abs(fixed[:, y] - clean[:, y]).mean() < 0.05
+    keep = np.ones(120, bool)
+    keep[[60, 70]] = False
+    np.testing.assert_array_equal(fixed[:, keep], att[:, keep])                # nothing else touched
+    quiet = np.delete(att, [60, 70], axis=1)
+    assert not find_bad_rows(quiet).any() and repair_bad_rows(quiet) is quiet
+
+
+def test_synthetic_trucks_without_bad_rows_have_none_found():
+    from detector.synth.render import DetectorModel
+    from detector.synth.scene import generate_scan
+
+    for seed in range(6):   # real structure (tanks, rails, roofs, wheels) is never taken for a bad row
+        s = generate_scan(seed, anomaly=bool(seed % 2), detector=DetectorModel(dead_rows=0, hot_rows=0))
+        assert not find_bad_rows(counts_to_attenuation(s.counts, s.i0)).any(), seed
+
+
+def test_prepare_mends_bad_rows_only_when_asked():
+    _, att = truck_with_bad_rows()
+    counts = np.rint(I0 * np.exp(-att)).astype(np.uint16)
+    scan = scan_from_counts(counts, i0=I0, pitch_mm=10.0)     # model pitch: rows are not averaged away
+    on, off = prepare(scan, Preprocessing(), 2).x, prepare(scan, Preprocessing(repair_rows=False), 2).x
+    assert np.abs(off[:, 70] - on[:, 70]).max() > 0.5
+    np.testing.assert_array_equal(on[:, :60], off[:, :60])
 
 
 def test_select_channels():

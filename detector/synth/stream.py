@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.preprocess import Preprocessing, select_channels, to_model_pitch
+from detector.preprocess import Preprocessing, model_attenuation, to_model_pitch
 from detector.scan import scan_from_counts
 
 MASK_KEEP = 0.25  # as ScanCache: a quarter-pixel anomaly at model pitch stays in the mask
@@ -32,8 +32,7 @@ def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool, pre: Preproces
 
     s = generate_scan(seed, anomaly=anomalous)
     scan = scan_from_counts(s.counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
-    att = scan.attenuation if channels is None else select_channels(scan.attenuation, channels, "synthetic")
-    att = to_model_pitch(att, scan.pitch_mm, pre).astype(np.float32)
+    att = model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, "synthetic").astype(np.float32)
     mask = (to_model_pitch(s.mask.astype(np.float32), scan.pitch_mm, pre) > MASK_KEEP).astype(np.uint8)
     return PoolScan(att, mask, mask_centres(mask))
 
