@@ -84,15 +84,18 @@ def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: 
         return bad
     row, ref = a[:, 1:-1], 0.5 * (a[:, :-2] + a[:, 2:])   # each inner row and its neighbours' mean
     air = ref < AIR
-    n_air = air.sum(-1)
-    bad[:, 1:-1] = (n_air >= min_air) & ((air & (row - ref > 0.5)).sum(-1) >= 0.8 * n_air)
+    n_air = np.count_nonzero(air, axis=-1)
+    bad[:, 1:-1] = (n_air >= min_air) & (np.count_nonzero(air & (row - ref > 0.5), axis=-1) >= 0.8 * n_air)
     a = _mend_rows(a, bad)
     row, floor = a[:, 1:-1], np.minimum(a[:, :-2], a[:, 2:])   # a hot row dips below both neighbours
     dense = floor > DENSE
-    n = dense.sum(-1)
-    mean = (row * dense).sum(-1) / np.maximum(n, 1)
-    spread = np.sqrt(np.maximum((row * row * dense).sum(-1) / np.maximum(n, 1) - mean * mean, 0))
-    bad[:, 1:-1] |= (n >= min_dense) & ((dense & (row < floor - 0.3)).sum(-1) >= 0.8 * n) & (spread < 0.05)
+    n = np.count_nonzero(dense, axis=-1)
+    dips = (n >= min_dense) & (np.count_nonzero(dense & (row < floor - 0.3), axis=-1) >= 0.8 * n)
+    for c, y in zip(*np.nonzero(dips)):     # few rows: is the row one flat value there (a cap)?
+        r, d = row[c, y], dense[c, y]
+        mean = (r * d).sum() / n[c, y]
+        if np.sqrt(max((r * r * d).sum() / n[c, y] - mean * mean, 0)) < 0.05:
+            bad[c, y + 1] = True
     return bad
 
 
