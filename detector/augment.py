@@ -7,10 +7,12 @@ focal spot blurs. TIP inserts threats into normal crops on the fly so normal tra
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import albumentations as A
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # no network at run time: else each import asks PyPI
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 

@@ -8,6 +8,22 @@ import pytest
 from detector.augment import TIP, AugmentConfig, DoseNoise, Stripes, Thickness, train_pipeline
 
 
+def test_importing_the_training_side_opens_no_network_connection():
+    """albumentations asks PyPI for its latest version on import unless told not to: an air-gapped
+    site would wait on it in every loader process."""
+    import os
+    import subprocess
+    import sys
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise SystemExit(f'network call {a[:2]}')\n"
+            "socket.getaddrinfo = socket.create_connection = refuse\n"
+            "import detector.augment\n"
+            "print('quiet')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"})
+    assert p.returncode == 0 and p.stdout.strip() == "quiet", p.stdout + p.stderr[-1500:]
+
+
 def _scene(rng):
     img = np.full((96, 128, 2), 0.8, np.float32) + rng.random((96, 128, 2)).astype(np.float32) * 0.1
     mask = np.zeros((96, 128), np.uint8)
