@@ -208,8 +208,9 @@ def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_pa
     import torch
     data = write_dataset(tmp_path / "data", n_test=5)
     run = tmp_path / "run"
-    args = [*TINY, "trainer.cpu_processes=2", "trainer.patience=0", "data.mine_share=1.0",
-            "model.prior=0.5"]   # prior 0.5: the young net fires on every scan, so each mined scan has cells
+    args = [*TINY, "trainer.accelerator=cpu", "trainer.cpu_processes=2", "trainer.patience=0",  # a GPU would
+            "data.mine_share=1.0", "model.prior=0.5"]   # take it (one process); prior 0.5: the young net fires
+                                                        # on every scan, so each mined scan has cells
     p = subprocess.run([sys.executable, "-m", "detector.cli", "train", "--data", str(data), "--out", str(run), *args],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
