@@ -70,22 +70,22 @@ AIR = 0.05     # attenuation below this: air (transmission > 95 %)
 DENSE = 1.2    # above this (transmission < 30 %) in both neighbours, a hot detector row's cap shows
 
 
-def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: int = 48) -> np.ndarray:
+def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: int = 48,
+                  max_run: int = 32) -> np.ndarray:
     """(C, H) bool: detector rows that are dead or hot in each energy of a (C, H, W) attenuation scan.
 
-    A line scanner's detector row is one image row along the whole truck. A dead row reads far too
-    much attenuation where its neighbours see air (a real thin plate ends where the truck ends); a
-    hot row is capped: one flat value wherever its neighbours see more than that
-    (judged once dead rows are mended, else a dead row's neighbours look hot). Decided from every
-    `step`-th column (a bad row spans them all) and only on rows with enough air / dense columns."""
+    A line scanner's detector row is one image row along the whole truck. A dead row, or a run of up
+    to `max_run` adjacent ones (a failed detector board), reads far too much attenuation where the
+    good rows just outside it see air (a real thin plate ends where the truck ends); a hot row is
+    capped: one flat value wherever its neighbours see more than that (judged once dead rows are
+    mended, else a dead row's neighbours look hot). Decided from every `step`-th column (a bad row
+    spans them all) and only on rows with enough air / dense columns."""
     a = np.array(np.asarray(att)[:, :, ::step], np.float32)
     bad = np.zeros(a.shape[:2], bool)
     if a.shape[1] < 3:
         return bad
-    row, ref = a[:, 1:-1], 0.5 * (a[:, :-2] + a[:, 2:])   # each inner row and its neighbours' mean
-    air = ref < AIR
-    n_air = np.count_nonzero(air, axis=-1)
-    bad[:, 1:-1] = (n_air >= min_air) & (np.count_nonzero(air & (row - ref > 0.5), axis=-1) >= 0.8 * n_air)
+    for c, y0, y1 in _dead_runs(a, min_air, max_run):
+        bad[c, y0:y1 + 1] = True
     a = _mend_rows(a, bad)
     row, floor = a[:, 1:-1], np.minimum(a[:, :-2], a[:, 2:])   # a hot row dips below both neighbours
     dense = floor > DENSE
@@ -97,6 +97,33 @@ def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: 
         if np.sqrt(max((r * r * d).sum() / n[c, y] - mean * mean, 0)) < 0.05:
             bad[c, y + 1] = True
     return bad
+
+
+def _steps(a: np.ndarray, other: np.ndarray, min_air: int) -> np.ndarray:
+    """(C, n) bool: rows of `a` that read > 0.5 more than the rows `other` in >= 80 % of the columns
+    (at least min_air) where `other` sees air: where a dead run can begin (other: the row above)."""
+    air = other < AIR
+    n = np.count_nonzero(air, axis=-1)
+    return (n >= min_air) & (np.count_nonzero(air & (a - other > 0.5), axis=-1) >= 0.8 * n)
+
+
+def _dead_runs(a: np.ndarray, min_air: int, max_run: int) -> list[tuple[int, int, int]]:
+    """(channel, first, last) of each run of inner rows of `a` (C, H, W') that all read > 0.5 more than
+    the mean of the two rows bounding the run in >= 80 % of the columns where that mean is air. Runs
+    start where a row steps up from air above and end where one steps down to air below: few rows."""
+    starts, ends = _steps(a[:, 1:], a[:, :-1], min_air), _steps(a[:, :-1], a[:, 1:], min_air)
+    runs = []
+    for c in range(a.shape[0]):
+        last = np.nonzero(ends[c])[0]                          # rows y with air below
+        for y0 in np.nonzero(starts[c])[0] + 1:                # rows y with air above
+            for y1 in last[(last >= y0) & (last < min(y0 + max_run, a.shape[1] - 1))]:   # nearest end first
+                ref = 0.5 * (a[c, y0 - 1] + a[c, y1 + 1])
+                air = ref < AIR
+                n = np.count_nonzero(air)
+                if n >= min_air and np.count_nonzero(air & (a[c, y0:y1 + 1].min(0) - ref > 0.5)) >= 0.8 * n:
+                    runs.append((c, int(y0), int(y1)))
+                    break
+    return runs
 
 
 def _mend_rows(a: np.ndarray, bad: np.ndarray) -> np.ndarray:

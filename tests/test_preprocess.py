@@ -47,7 +47,7 @@ def test_prepare_round_trip_dict():
 I0 = 50000.0
 
 
-def truck_with_bad_rows(dead: int = 70, hot: int = 60, hot_level: float = 0.5):
+def truck_with_bad_rows(dead: int | slice = 70, hot: int = 60, hot_level: float = 0.5):
     """Clean and measured (2, 120, 400) attenuation of a truck-like scene: air around it, light cargo,
     a dense block, a thin roof plate that ends with the truck; a dead and a hot detector row."""
     from detector.synth.render import DetectorModel, detect
@@ -77,6 +77,17 @@ def test_dead_and_hot_detector_rows_are_found_and_mended():
     np.testing.assert_array_equal(fixed[:, keep], att[:, keep])                # nothing else touched
     quiet = np.delete(att, [60, 70], axis=1)
     assert not find_bad_rows(quiet).any() and repair_bad_rows(quiet) is quiet
+
+
+@pytest.mark.parametrize("first, count", [(70, 2), (64, 16)])
+def test_runs_of_adjacent_dead_rows_a_failed_board_are_found_and_mended(first, count):
+    clean, att = truck_with_bad_rows(dead=slice(first, first + count), hot=90)
+    bad = find_bad_rows(att)
+    want = [*range(first, first + count), 90]
+    assert [np.nonzero(b)[0].tolist() for b in bad] == [want, want]
+    fixed = repair_bad_rows(att)
+    assert np.abs(fixed[:, first:first + count] - clean[:, first:first + count]).mean() < 0.05
+    assert np.abs(att[:, first:first + count] - clean[:, first:first + count]).mean() > 3
 
 
 def test_synthetic_trucks_without_bad_rows_have_none_found():
