@@ -94,8 +94,12 @@ def main() -> None:
               f"{', what training uses' if name == used else ''}) -> {d.crops_per_epoch / cpu / 60:.1f} min per "
               f"epoch of {d.crops_per_epoch} crops")
     if torch.cuda.is_available():
-        gpu = crops_per_s(build_model(cfg.model), 64, d.crop, c, a.steps * 3, "cuda", True)
-        print(f"GPU {torch.cuda.get_device_name()}: {gpu:.0f} crops/s ({d.crop}px, batch 64, bf16)")
+        for batch in (d.batch_size, 64, 256):
+            for bf16 in (True, False):
+                gpu = crops_per_s(build_model(cfg.model), batch, d.crop, c, a.steps * 3, "cuda", bf16)
+                print(f"GPU {torch.cuda.get_device_name()}: {gpu:.0f} crops/s ({d.crop}px, batch {batch}, "
+                      f"{'bf16-mixed, what training uses' if bf16 else '32-true'}) -> "
+                      f"{d.crops_per_epoch / gpu:.1f} s of network per epoch of {d.crops_per_epoch} crops")
     else:
         print("GPU: none available")
 
