@@ -89,8 +89,8 @@ def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: 
     a = _mend_rows(a, bad)
     row, floor = a[:, 1:-1], np.minimum(a[:, :-2], a[:, 2:])   # a hot row dips below both neighbours
     dense = floor > DENSE
-    n = np.count_nonzero(dense, axis=-1)
-    dips = (n >= min_dense) & (np.count_nonzero(dense & (row < floor - 0.3), axis=-1) >= 0.8 * n)
+    n = _count_per_row(dense)
+    dips = (n >= min_dense) & (_count_per_row(dense & (row < floor - 0.3)) >= 0.8 * n)
     for c, y in zip(*np.nonzero(dips)):     # few rows: is the row one flat value there (a cap)?
         r, d = row[c, y], dense[c, y]
         mean = (r * d).sum() / n[c, y]
@@ -99,28 +99,33 @@ def find_bad_rows(att: np.ndarray, step: int = 4, min_air: int = 16, min_dense: 
     return bad
 
 
-def _steps(a: np.ndarray, other: np.ndarray, min_air: int) -> np.ndarray:
-    """(C, n) bool: rows of `a` that read > 0.5 more than the rows `other` in >= 80 % of the columns
-    (at least min_air) where `other` sees air: where a dead run can begin (other: the row above)."""
-    air = other < AIR
-    n = np.count_nonzero(air, axis=-1)
-    return (n >= min_air) & (np.count_nonzero(air & (a - other > 0.5), axis=-1) >= 0.8 * n)
+def _count_per_row(b: np.ndarray) -> np.ndarray:
+    """True values along the last axis of a bool array: a uint8 sum, ~8x faster than np.count_nonzero."""
+    return b.view(np.uint8).sum(-1, dtype=np.uint16 if b.shape[-1] < 65536 else np.uint32)
 
 
 def _dead_runs(a: np.ndarray, min_air: int, max_run: int) -> list[tuple[int, int, int]]:
     """(channel, first, last) of each run of inner rows of `a` (C, H, W') that all read > 0.5 more than
     the mean of the two rows bounding the run in >= 80 % of the columns where that mean is air. Runs
-    start where a row steps up from air above and end where one steps down to air below: few rows."""
-    starts, ends = _steps(a[:, 1:], a[:, :-1], min_air), _steps(a[:, :-1], a[:, 1:], min_air)
+    start where a row steps up from air above and end where one steps down to air below (each in
+    >= 80 % of at least min_air such columns): few rows, so the runs are checked one by one."""
+    air, d = a < AIR, a[:, 1:] - a[:, :-1]                  # d[y]: row y+1 minus row y
+
+    def steps(air_side: np.ndarray, stepped: np.ndarray) -> np.ndarray:
+        n = _count_per_row(air_side)
+        return (n >= min_air) & (_count_per_row(air_side & stepped) >= 0.8 * n)
+
+    starts = steps(air[:, :-1], d > 0.5)    # starts[y]: row y+1 over air above
+    ends = steps(air[:, 1:], d < -0.5)      # ends[y]: row y over air below
     runs = []
     for c in range(a.shape[0]):
-        last = np.nonzero(ends[c])[0]                          # rows y with air below
-        for y0 in np.nonzero(starts[c])[0] + 1:                # rows y with air above
+        last = np.nonzero(ends[c])[0]
+        for y0 in np.nonzero(starts[c])[0] + 1:
             for y1 in last[(last >= y0) & (last < min(y0 + max_run, a.shape[1] - 1))]:   # nearest end first
                 ref = 0.5 * (a[c, y0 - 1] + a[c, y1 + 1])
-                air = ref < AIR
-                n = np.count_nonzero(air)
-                if n >= min_air and np.count_nonzero(air & (a[c, y0:y1 + 1].min(0) - ref > 0.5)) >= 0.8 * n:
+                ref_air = ref < AIR
+                n = np.count_nonzero(ref_air)
+                if n >= min_air and np.count_nonzero(ref_air & (a[c, y0:y1 + 1].min(0) - ref > 0.5)) >= 0.8 * n:
                     runs.append((c, int(y0), int(y1)))
                     break
     return runs
