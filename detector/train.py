@@ -366,6 +366,24 @@ def resolve_cpu_processes(cfg: Config) -> int:
     return cfg.data.batch_size // n
 
 
+def resolve_workers(cfg: Config) -> int:
+    """data.workers, with "auto" resolved: 1 on a CPU (its cores also train; 1 per process measured best on
+    2 cores), on GPUs each training process's share of the cores less two (the process itself, a spare):
+    a GPU trains faster than loaders cut crops (H200, 16 cores, 14 workers: the default's epoch 7 s, 1.3 s
+    of it the network)."""
+    w, t = cfg.data.workers, cfg.trainer
+    if w != "auto":
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"data.workers must be a number >= 0 or auto, got {w!r}")
+        return w
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return 1
+    d = t.devices
+    n = d if isinstance(d, int) and d > 0 else len(d) if isinstance(d, (list, tuple)) else torch.cuda.device_count()
+    return max(1, min(16, (os.cpu_count() or 2) // max(1, n) - 2))
+
+
 def run_training(config: Config | str | Path | None, data_dir: str | Path, out_dir: str | Path | None = None,
                  overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
                  accelerator: str | None = None, quiet: bool = False) -> dict:
@@ -388,8 +406,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     hard_file = out / "hard_negatives.json"
     if resume is None:
         hard_file.unlink(missing_ok=True)  # a previous run's cells belong to a previous model
-    dm = ScanDataModule(data_dir, dataclasses.replace(cfg.data, batch_size=batch), cfg.preprocessing,
-                        cfg.data.cache_dir or out / "cache", hard_file)
+    data = dataclasses.replace(cfg.data, batch_size=batch, workers=resolve_workers(cfg))
+    dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file)
     dm.prepare_data()
     dm.setup("fit")
     cfg.model.in_channels = dm.channels

@@ -187,6 +187,20 @@ def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
     assert float(dice_loss(z, torch.zeros_like(t), w)) == 0.0
 
 
+def test_auto_loader_workers_one_on_a_cpu_the_spare_cores_per_gpu(monkeypatch):
+    from detector.train import load_config, resolve_workers
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert load_config(None, []).data.workers == "auto"
+    assert resolve_workers(load_config(None, ["trainer.accelerator=cpu"])) == 1
+    assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=1"])) == 16   # cap
+    assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=2"])) == 14   # 32/2-2
+    assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=[0,1,2,3]"])) == 6
+    assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "data.workers=3"])) == 3
+    for bad in ("many", "-1", "true"):
+        with pytest.raises(ValueError, match="data.workers"):
+            resolve_workers(load_config(None, [f"data.workers={bad}"]))
+
+
 def test_cpu_processes_split_the_cores_and_the_batch():
     from detector.train import load_config, resolve_cpu_processes
     cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
