@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
-from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, to_model_pitch
+from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
-from detector.synth.stream import MASK_KEEP, SynthPool, mask_centres
+from detector.synth.stream import SynthPool, mask_centres, model_mask
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -192,8 +192,7 @@ class ScanCache:
         meta: dict[str, Any] = {"key": key, "shape": list(att.shape), "has_mask": mask is not None,
                                 "pitch_mm": scan.pitch_mm, "energies": list(scan.energies), "centres": []}
         if mask is not None:
-            # INTER_AREA then a low threshold: an anomaly a quarter-pixel wide at model pitch stays visible
-            mm = (to_model_pitch(mask, scan.pitch_mm, self.pre) > MASK_KEEP).astype(np.uint8)
+            mm = model_mask(mask, scan.pitch_mm, self.pre)
             _save(self.folder / f"{key}.mask.npy", mm, rec.path)
             meta["centres"] = [list(c) for c in mask_centres(mm)]
         tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")

@@ -14,7 +14,7 @@ import numpy as np
 from detector.preprocess import Preprocessing, model_attenuation, to_model_pitch
 from detector.scan import scan_from_counts
 
-MASK_KEEP = 0.25  # as ScanCache: a quarter-pixel anomaly at model pitch stays in the mask
+MASK_KEEP = 0.25  # model_mask: a quarter-pixel anomaly at model pitch stays in the mask
 
 
 @dataclass
@@ -33,8 +33,14 @@ def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool, pre: Preproces
     s = generate_scan(seed, anomaly=anomalous)
     scan = scan_from_counts(s.counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
     att = model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, "synthetic").astype(np.float32)
-    mask = (to_model_pitch(s.mask.astype(np.float32), scan.pitch_mm, pre) > MASK_KEEP).astype(np.uint8)
+    mask = model_mask(s.mask, scan.pitch_mm, pre)
     return PoolScan(att, mask, mask_centres(mask))
+
+
+def model_mask(mask: np.ndarray, pitch_mm: float, pre: Preprocessing) -> np.ndarray:
+    """(H, W) anomaly mask -> 0/1 uint8 at the model's pitch: INTER_AREA, then a low threshold, so an
+    anomaly a quarter-pixel wide at model pitch stays in the mask (one path for cache and pool)."""
+    return (to_model_pitch(mask.astype(np.float32, copy=False), pitch_mm, pre) > MASK_KEEP).astype(np.uint8)
 
 
 def mask_centres(mask: np.ndarray, n: int = 64) -> list[tuple[int, int]]:
