@@ -187,11 +187,17 @@ def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
     assert float(dice_loss(z, torch.zeros_like(t), w)) == 0.0
 
 
-def test_auto_loader_workers_one_on_a_cpu_the_spare_cores_per_gpu(monkeypatch):
-    from detector.train import load_config, resolve_workers
+def test_auto_loader_workers_a_few_per_cpu_process_the_spare_cores_per_gpu(monkeypatch):
+    from detector.train import load_config, resolve_cpu_processes, resolve_workers
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     assert load_config(None, []).data.workers == "auto"
-    assert resolve_workers(load_config(None, ["trainer.accelerator=cpu"])) == 1
+    assert resolve_workers(load_config(None, ["trainer.accelerator=cpu"])) == 8           # 32 cores / 4
+    cpu2 = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
+    resolve_cpu_processes(cpu2)
+    assert resolve_workers(cpu2) == 4                                                       # 16 cores each
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert resolve_workers(cpu2) == 1 and resolve_workers(load_config(None, ["trainer.accelerator=cpu"])) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
     assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=1"])) == 16   # cap
     assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=2"])) == 14   # 32/2-2
     assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=[0,1,2,3]"])) == 6
