@@ -97,8 +97,9 @@ def main() -> None:
         for batch in (d.batch_size, 64, 256):
             for bf16 in (True, False):
                 gpu = crops_per_s(build_model(cfg.model), batch, d.crop, c, a.steps * 3, "cuda", bf16)
-                print(f"GPU {torch.cuda.get_device_name()}: {gpu:.0f} crops/s ({d.crop}px, batch {batch}, "
-                      f"{'bf16-mixed, what training uses' if bf16 else '32-true'}) -> "
+                name = ("bf16-mixed" if bf16 else "32-true") + (", what training uses" if bf16 and
+                                                                 batch == d.batch_size else "")
+                print(f"GPU {torch.cuda.get_device_name()}: {gpu:.0f} crops/s ({d.crop}px, batch {batch}, {name}) -> "
                       f"{d.crops_per_epoch / gpu:.1f} s of network per epoch of {d.crops_per_epoch} crops")
     else:
         print("GPU: none available")
