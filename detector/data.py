@@ -371,6 +371,16 @@ def _pad_collate(items: list[dict]) -> dict[str, Any]:
     return out
 
 
+def auto_workers(on_gpu: bool, processes: int = 1) -> int:
+    """Crop loader processes per training process for `data.workers: auto`. On a CPU its cores also
+    train: a quarter of its cores load, at least 1 (1 per process measured best on 2 cores; a loader
+    core cuts ~190 crops/s, a core trains 25-130, without and with bf16 units). On GPUs its share of
+    the cores less two (itself, a spare), at most 16: a GPU outruns the loaders (H200, 16 cores,
+    14 loaders: a default epoch 6.5 s, 1.3 s of it the network)."""
+    cores = (os.cpu_count() or 2) // max(1, processes)
+    return max(1, min(16, cores - 2)) if on_gpu else max(1, cores // 4)
+
+
 class ScanDataModule(L.LightningDataModule):
     """Splits, the scan cache and the loaders (persistent workers)."""
 
@@ -422,7 +432,7 @@ class ScanDataModule(L.LightningDataModule):
             self.cfg.augment.tip_rate = max(self.cfg.augment.tip_rate, 0.5)
 
     def _loader(self, ds: Dataset, batch: int, shuffle: bool, collate=None) -> DataLoader:
-        w = self.cfg.workers
+        w = self.cfg.workers if self.cfg.workers != "auto" else auto_workers(torch.cuda.is_available())
         return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=w, persistent_workers=w > 0,
                           collate_fn=collate, pin_memory=torch.cuda.is_available())
 

@@ -29,7 +29,7 @@ import yaml
 
 from detector import metrics
 from detector.calibration import threshold_table
-from detector.data import DataConfig, ScanDataModule, fingerprint
+from detector.data import DataConfig, ScanDataModule, auto_workers, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
 from detector.preprocess import Preprocessing
@@ -367,12 +367,8 @@ def resolve_cpu_processes(cfg: Config) -> int:
 
 
 def resolve_workers(cfg: Config) -> int:
-    """data.workers, with "auto" resolved per training process. On a CPU its cores also train: a
-    quarter of its cores load, at least 1 (1 per process measured best on 2 cores; a loader core cuts
-    ~190 crops/s, a core trains 25-130, without and with bf16 units). On GPUs each process's share of
-    the cores less two (itself, a spare): a GPU outruns the loaders (H200, 16 cores, 14 loaders: a
-    default epoch 6.5 s, 1.3 s of it the network). Call after resolve_cpu_processes (it sets the CPU
-    process count)."""
+    """data.workers, checked, with "auto" resolved (`data.auto_workers`) for this run's accelerator and
+    process count. Call after resolve_cpu_processes (it sets the CPU process count)."""
     w, t = cfg.data.workers, cfg.trainer
     if w != "auto":
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
@@ -381,9 +377,9 @@ def resolve_workers(cfg: Config) -> int:
     d = t.devices
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     if not on_gpu:
-        return max(1, (os.cpu_count() or 1) // (d if isinstance(d, int) and d > 0 else 1) // 4)
+        return auto_workers(False, d if isinstance(d, int) and d > 0 else 1)
     n = d if isinstance(d, int) and d > 0 else len(d) if isinstance(d, (list, tuple)) else torch.cuda.device_count()
-    return max(1, min(16, (os.cpu_count() or 2) // max(1, n) - 2))
+    return auto_workers(True, n)
 
 
 def run_training(config: Config | str | Path | None, data_dir: str | Path, out_dir: str | Path | None = None,

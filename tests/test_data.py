@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,15 @@ def test_caching_in_threads_matches_one_by_one_and_a_truncated_scan_stops_it_by_
     dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache2")
     with pytest.raises(ScanError, match=r"s7\.tiff"):
         dm.prepare_data()
+
+
+def test_a_datamodule_made_outside_training_resolves_auto_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    dm = ScanDataModule(write_dataset(tmp_path / "d", n=6), DataConfig(crop=32, crops_per_epoch=8), Preprocessing(),
+                        tmp_path / "cache")
+    dm.prepare_data()
+    dm.setup()
+    assert dm.cfg.workers == "auto" and dm.train_dataloader().num_workers == (6 if torch.cuda.is_available() else 2)
 
 
 def _crop_dataset(tmp_path, cfg: DataConfig):
