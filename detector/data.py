@@ -47,7 +47,7 @@ class DataConfig:
     synth_pool: int = 24            # on-the-fly scans each worker holds (~3 MB each at 10 mm)
     batch_size: int = 16
     val_batch_size: int = 1         # whole scans differ in size; 1 avoids padding waste
-    workers: int | str = "auto"     # crop loader processes per training process; "auto": train.resolve_workers
+    workers: int | str = "auto"     # crop loader processes per training process; "auto": auto_workers
     val_fraction: float = 0.15      # used only when the manifest has no split column
     test_fraction: float = 0.15
     seed: int = 0
