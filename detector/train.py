@@ -329,12 +329,18 @@ def evaluate_rows(rows: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- fit
+def uses_cuda(accelerator: str) -> bool:
+    """Whether `trainer.accelerator` means CUDA GPUs: asked for by name, or `auto` with one present
+    (the one rule for precision, CPU processes and loader workers)."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(p: str, accelerator: str = "auto") -> str:
     """auto: bf16-mixed on a bf16 GPU, or on a CPU with native bf16 (AVX512-BF16/AMX: ~2x the fp32
     training speed measured on a 2-core Zen 4), else 32-true."""
     if p != "auto":
         return p
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+    if uses_cuda(accelerator) and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
@@ -355,7 +361,7 @@ def resolve_cpu_processes(cfg: Config) -> int:
     2-thread process (small convolutions scale poorly over threads; the crop loaders overlap better).
     Returns the per-process batch size; leaves GPU runs alone."""
     t, n = cfg.trainer, cfg.trainer.cpu_processes
-    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    on_cpu = t.accelerator in ("cpu", "auto") and not uses_cuda(t.accelerator)
     if n <= 1 or not on_cpu:
         return cfg.data.batch_size
     if cfg.data.batch_size % n:
@@ -375,8 +381,7 @@ def resolve_workers(cfg: Config) -> int:
             raise ValueError(f"data.workers must be a number >= 0 or auto, got {w!r}")
         return w
     d = t.devices
-    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-    if not on_gpu:
+    if not uses_cuda(t.accelerator):
         return auto_workers(False, d if isinstance(d, int) and d > 0 else 1)
     n = d if isinstance(d, int) and d > 0 else len(d) if isinstance(d, (list, tuple)) else torch.cuda.device_count()
     return auto_workers(True, n)

@@ -207,6 +207,21 @@ def test_auto_loader_workers_a_few_per_cpu_process_the_spare_cores_per_gpu(monke
             resolve_workers(load_config(None, [f"data.workers={bad}"]))
 
 
+def test_auto_accelerator_follows_cuda_in_every_rule(monkeypatch):
+    """`auto` means the GPU rules when CUDA is present and the CPU ones when not, for processes and loaders alike."""
+    import torch
+
+    from detector.train import load_config, resolve_cpu_processes, resolve_workers, uses_cuda
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        cfg = load_config(None, ["trainer.cpu_processes=2", "data.batch_size=24"])
+        assert uses_cuda("auto") is cuda and uses_cuda("gpu") and not uses_cuda("cpu")
+        assert resolve_cpu_processes(cfg) == (24 if cuda else 12)
+        assert cfg.trainer.devices == ("auto" if cuda else 2)
+        assert resolve_workers(cfg) == (16 if cuda else 4)
+
+
 def test_cpu_processes_split_the_cores_and_the_batch():
     from detector.train import load_config, resolve_cpu_processes
     cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
