@@ -32,7 +32,7 @@ def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool, pre: Preproces
 
     s = generate_scan(seed, anomaly=anomalous)
     scan = scan_from_counts(s.counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
-    att = model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, "synthetic").astype(np.float32)
+    att = model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, "synthetic").astype(np.float32, copy=False)
     mask = model_mask(s.mask, scan.pitch_mm, pre)
     return PoolScan(att, mask, mask_centres(mask))
 
