@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import yaml
 
 from detector import metrics
+from detector.callbacks import EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table
 from detector.data import DataConfig, ScanDataModule, auto_workers, fingerprint
 from detector.hard_negatives import HardNegativeMiner
@@ -69,6 +70,8 @@ class TrainerConfig:
     ema_decay: float = 0.0        # > 0 (e.g. 0.999): validate, checkpoint and export an EMA of the weights (0 = off;
                                   # no gain measured with a 28-epoch cosine schedule, see default.yaml)
     test: bool = True             # evaluate the best checkpoint on the test split after fitting
+    max_minutes: float = 0.0      # > 0: fit training (data caching included, test excluded) into this wall time:
+                                  # fewer epochs on a slower machine, the cosine schedule shortened to match
 
 
 @dataclass
@@ -125,6 +128,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                          f"got {t.val_every}")
     if not 0 <= t.ema_decay < 1:
         raise ValueError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not t.max_minutes >= 0:
+        raise ValueError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
     return cfg
 
 
@@ -177,6 +182,7 @@ class AnomalyModule(L.LightningModule):
         self.model: AnomalyNet = build_model(self.cfg.model).to(memory_format=torch.channels_last)
         self.info = dict(info or {})
         self._val: list[dict] = []
+        self.schedule_epochs: int | None = None   # epochs the LR schedule spans (None: trainer.max_epochs)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(x)
@@ -259,46 +265,19 @@ class AnomalyModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = max(1, int(total * o.warmup_fraction))
+        max_epochs = max(1, int(self.trainer.max_epochs))
+        per_epoch = max(1, int(self.trainer.estimated_stepping_batches)) / max_epochs
+        warm = max(1, int(round(per_epoch * max_epochs) * o.warmup_fraction))
 
-        def lr_at(step: int) -> float:
+        def lr_at(step: int) -> float:   # cosine over schedule_epochs: a TimeBudget may shorten the run
             if step < warm:
                 return (step + 1) / warm
+            total = max(warm + 1, round(per_epoch * (self.schedule_epochs or max_epochs)))
             t = min(1.0, (step - warm) / max(1, total - warm))
             return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class ValidateLastEpoch(L.Callback):
-    """With `val_every` > 1, still validate after the final epoch: the annealed end of the cosine schedule
-    is usually the best checkpoint (Lightning alone skips it when val_every does not divide max_epochs)."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
-            trainer.check_val_every_n_epoch = 1
-
-
-class EpochTimer(L.Callback):
-    """Wall seconds of each epoch, start to start (training, validation and hard-negative mining):
-    RUN/metrics.json `epoch_s`, to see what a layout (processes, loader workers, val_every) costs."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start: float | None = None
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        now = time.time()
-        if self._start is not None:
-            self.seconds.append(round(now - self._start, 2))
-        self._start = now
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self._start is not None:
-            self.seconds.append(round(time.time() - self._start, 2))
-            self._start = None
 
 
 def evaluate_rows(rows: list[dict]) -> dict:
@@ -432,7 +411,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     timer = EpochTimer()
-    callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(), timer]
+    callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(cfg.trainer.val_every), timer]
+    if cfg.trainer.max_minutes > 0:
+        callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
         callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:

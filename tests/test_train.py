@@ -147,6 +147,34 @@ def test_ema_weights_are_validated_checkpointed_and_loaded(tmp_path):
         run_training(None, data, tmp_path / "bad", [*TINY, "trainer.ema_decay=1.0"], quiet=True)
 
 
+def test_plan_epochs_fits_the_budget_and_announces_the_last_epoch_ahead():
+    from detector.callbacks import plan_epochs
+    assert plan_epochs(done=1, committed=60, max_epochs=60, left_s=39 * 60.0, epoch_s=60.0) == 40
+    assert plan_epochs(done=1, committed=60, max_epochs=60, left_s=1e6, epoch_s=60.0) == 60   # never more
+    assert plan_epochs(done=5, committed=60, max_epochs=60, left_s=10.0, epoch_s=60.0) == 6   # one more: last
+    assert plan_epochs(done=6, committed=6, max_epochs=60, left_s=-30.0, epoch_s=60.0) == 6   # it ran: stop
+    assert plan_epochs(done=6, committed=6, max_epochs=60, left_s=1e6, epoch_s=60.0) == 6     # announced: final
+
+
+def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(tmp_path):
+    """trainer.max_minutes far below one epoch: 2 of 6 epochs (the last one announced after the first),
+    the cosine schedule shortened to end there, the final epoch validated, and a resume keeps the plan."""
+    from detector.train import run_training
+    data = write_dataset(tmp_path / "data")
+    ov = [*TINY, "trainer.max_epochs=6", "trainer.patience=0", "trainer.val_every=4", "trainer.max_minutes=0.0001",
+          "trainer.test=false"]
+    res = run_training(None, data, tmp_path / "run", ov, quiet=True)
+    assert res["epochs"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    assert {int(r["epoch"]) for r in rows if r["val/select"]} == {1}   # 2 % 4 != 0, validated as the last
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    assert len(lrs) == 2 * 4 and lrs[-1] < 0.1 * max(lrs)             # annealed over 8 steps, not 24
+    again = run_training(None, data, tmp_path / "run", ov, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
+    assert again["epochs"] == 2
+    with pytest.raises(ValueError, match="max_minutes"):
+        run_training(None, data, tmp_path / "bad", [*TINY, "trainer.max_minutes=-1"], quiet=True)
+
+
 def test_plain_folder_rgb_8bit_trains(tmp_path):
     from detector.train import load_checkpoint, run_training
     rng = np.random.default_rng(1)
@@ -244,8 +272,9 @@ def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_pa
     data = write_dataset(tmp_path / "data", n_test=5)
     run = tmp_path / "run"
     args = [*TINY, "trainer.accelerator=cpu", "trainer.cpu_processes=2", "trainer.patience=0",  # a GPU would
-            "data.mine_share=1.0", "model.prior=0.5"]   # take it (one process); prior 0.5: the young net fires
-                                                        # on every scan, so each mined scan has cells
+            "data.mine_share=1.0", "model.prior=0.5",   # take it (one process); prior 0.5: the young net fires
+            "trainer.max_epochs=3", "trainer.max_minutes=0.0001"]  # on every scan, so each mined scan has
+    # cells; the time budget cuts 3 epochs to 2 on rank 0's clock, broadcast: both ranks must stop together
     p = subprocess.run([sys.executable, "-m", "detector.cli", "train", "--data", str(data), "--out", str(run), *args],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -256,6 +285,7 @@ def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_pa
     assert m["validation"]["n"] == 3 and m["thresholds"]
     last = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2 * 32 // 8      # 2 epochs of 32 crops in global batches of 8 (4 per rank)
+    assert m["epochs"] == 2 and "time budget" in p.stdout
     hard = json.loads((run / "hard_negatives.json").read_text())
     assert len(hard) == 4                           # all 4 training scans: each rank mined 2, one file
     saved = yaml.safe_load((run / "config.yaml").read_text())

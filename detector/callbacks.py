@@ -1,0 +1,98 @@
+"""Lightning callbacks of a training run: validate the final epoch, time each epoch, fit a time budget."""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+
+
+class ValidateLastEpoch(L.Callback):
+    """With `val_every` > 1, still validate after the final epoch: the annealed end of the cosine schedule
+    is usually the best checkpoint (Lightning alone skips it when val_every does not divide max_epochs).
+    Follows max_epochs when a TimeBudget changes it."""
+
+    def __init__(self, val_every: int) -> None:
+        self.val_every = val_every
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+        trainer.check_val_every_n_epoch = 1 if last else self.val_every
+
+
+class EpochTimer(L.Callback):
+    """Wall seconds of each epoch, start to start (training, validation and hard-negative mining):
+    RUN/metrics.json `epoch_s`, to see what a layout (processes, loader workers, val_every) costs."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        now = time.time()
+        if self._start is not None:
+            self.seconds.append(round(now - self._start, 2))
+        self._start = now
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._start is not None:
+            self.seconds.append(round(time.time() - self._start, 2))
+            self._start = None
+
+
+def plan_epochs(done: int, committed: int, max_epochs: int, left_s: float, epoch_s: float) -> int:
+    """How many epochs the run should have in all, `done` finished and `left_s` seconds of budget left at
+    `epoch_s` each. Never below `done` + 1 unless the previous plan (`committed`) ended here: the final
+    epoch is always announced one epoch ahead, so it is validated and the schedule anneals into it."""
+    if committed <= done:
+        return done
+    fits = done + max(0, math.floor(left_s / max(epoch_s, 1e-9)))
+    return max(done + 1, min(max_epochs, fits))
+
+
+class TimeBudget(L.Callback):
+    """Fit training into `minutes` of wall time (counted from `started`, the run's start: data caching
+    included) by planning the epoch count after each epoch from the measured epoch time; the cosine
+    schedule follows the plan (module.schedule_epochs), so a cut run still anneals. Never adds epochs
+    beyond the config's max_epochs. Rank 0's clock decides and is broadcast, so DDP ranks agree."""
+
+    def __init__(self, minutes: float, started: float) -> None:
+        self.budget_s = minutes * 60.0
+        self.started = started
+        self.spent_before = 0.0          # seconds used by the run before a resume
+        self.fit_start = started
+        self.fit_epochs_start = 0
+        self.max_epochs = 0
+        self.plans: list[int] = []
+
+    def _elapsed(self) -> float:
+        return self.spent_before + time.time() - self.started
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.max_epochs = self.max_epochs or int(trainer.max_epochs)
+        self.fit_start, self.fit_epochs_start = time.time(), trainer.current_epoch
+        if self.plans:                   # resumed: the plan the run had reached, not the config's count
+            trainer.fit_loop.max_epochs = self.plans[-1]
+        module.schedule_epochs = int(trainer.max_epochs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        epoch_s = (time.time() - self.fit_start) / max(1, done - self.fit_epochs_start)
+        planned = plan_epochs(done, int(trainer.max_epochs), self.max_epochs,
+                              self.budget_s - self._elapsed(), epoch_s)
+        planned = int(trainer.strategy.broadcast(planned, src=0))
+        if planned < self.max_epochs and all(p == self.max_epochs for p in self.plans) and trainer.is_global_zero:
+            print(f"\ntime budget {self.budget_s / 60:g} min (trainer.max_minutes): about {planned} of "
+                  f"{self.max_epochs} epochs fit at {epoch_s:.0f} s each; the schedule follows", flush=True)
+        trainer.fit_loop.max_epochs = planned
+        module.schedule_epochs = planned
+        module.log("trainer/planned_epochs", float(planned), on_epoch=True, sync_dist=False)
+        self.plans.append(planned)
+
+    def state_dict(self) -> dict:
+        return {"spent_s": self._elapsed(), "max_epochs": self.max_epochs, "plans": self.plans}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spent_before = float(state["spent_s"])
+        self.max_epochs = int(state["max_epochs"])
+        self.plans = list(state["plans"])
