@@ -444,6 +444,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         return {}
     _, best_info = load_checkpoint(best)
     result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
+              "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
               "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
               "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
               "data_fingerprint": info["data_fingerprint"]}
@@ -496,7 +497,8 @@ def main(args) -> int:
         return 0
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs): val AUROC {fmt(v.get('auroc'))}"
+    cut = f" of {res['max_epochs']}: time budget {res['max_minutes']:g} min" if res["epochs"] < res["max_epochs"] else ""
+    print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
           f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
     run = Path(res["best_checkpoint"]).parent
     print(f"next: detector export {run}/best.ckpt --out {run}/model.onnx", file=sys.stdout)

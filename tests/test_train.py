@@ -285,7 +285,7 @@ def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_pa
     assert m["validation"]["n"] == 3 and m["thresholds"]
     last = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2 * 32 // 8      # 2 epochs of 32 crops in global batches of 8 (4 per rank)
-    assert m["epochs"] == 2 and "time budget" in p.stdout
+    assert m["epochs"] == 2 and "time budget" in p.stdout and "(2 epochs of 3: time budget 0.0001 min)" in p.stdout
     hard = json.loads((run / "hard_negatives.json").read_text())
     assert len(hard) == 4                           # all 4 training scans: each rank mined 2, one file
     saved = yaml.safe_load((run / "config.yaml").read_text())
