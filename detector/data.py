@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
+from detector.hard_types import WatchedJson
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
 from detector.synth.stream import SynthPool, mask_centres, model_mask
@@ -45,6 +46,10 @@ class DataConfig:
     synth_per_epoch: int = 0        # fresh synthetic scans per epoch, made in memory by the loader workers (0 = off)
     synth_share: float = 0.5        # share of training crops cut from those scans (when synth_per_epoch > 0)
     synth_pool: int = 24            # on-the-fly scans each worker holds (~3 MB each at 10 mm)
+    synth_anomaly_fraction: float = 0.5  # share of those fresh trucks that carry an anomaly (0 in normal-only)
+    hard_types: float = 0.0         # > 0: this share of the anomaly sampling follows each anomaly type's hardness
+                                    # on the last validations (detector.hard_types); 0 = types as they come
+                                    # (0.5 measured worse on the synthetic default: configs/default.yaml)
     batch_size: int = 16
     val_batch_size: int = 1         # whole scans differ in size; 1 avoids padding waste
     workers: int | str = "auto"     # crop loader processes per training process; "auto": auto_workers
@@ -210,7 +215,8 @@ class CropDataset(Dataset):
     """Random training crops: x (C,S,S) normalised, mask (1,S,S), pixel weight, label."""
 
     def __init__(self, cache: ScanCache, recs: list[Record], metas: list[dict], cfg: DataConfig,
-                 pre: Preprocessing, hard_negative_file: str | os.PathLike | None = None) -> None:
+                 pre: Preprocessing, hard_negative_file: str | os.PathLike | None = None,
+                 hard_types_file: str | os.PathLike | None = None) -> None:
         self.cache, self.recs, self.metas, self.cfg, self.pre = cache, recs, metas, cfg, pre
         self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
         self.pos = [i for i, m in enumerate(metas) if m["centres"]]
@@ -218,27 +224,36 @@ class CropDataset(Dataset):
         self._rng: np.random.Generator | None = None
         self._index = {m["key"]: i for i, m in enumerate(metas)}
         self._hard: list[tuple[int, int, int]] = []   # (scan index, y, x) at model pitch
-        self._hard_mtime = 0
+        self._hard_file = WatchedJson(self.hard_negative_file)
+        self._types_file = WatchedJson(hard_types_file if cfg.hard_types > 0 else None)
+        self._type_w: dict[str, float] = {}
+        self._pos_cum: np.ndarray | None = None      # cumulative sampling weights of self.pos (None: uniform)
         self._pool: SynthPool | None = None
         self.channels = metas[0]["shape"][0] if metas else None
 
     def _hard_negatives(self) -> list[tuple[int, int, int]]:
         """The miner's latest cells (its file is rewritten each epoch by another process)."""
-        path = self.hard_negative_file
-        if path is None:
-            return self._hard
-        try:
-            mtime = path.stat().st_mtime_ns
-        except OSError:
-            return self._hard
-        if mtime != self._hard_mtime:
-            try:
-                found = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return self._hard   # being replaced: keep the previous list
+        changed, found = self._hard_file.read()
+        if changed:
             self._hard = [(self._index[k], y, x) for k, cells in found.items() if k in self._index for y, x in cells]
-            self._hard_mtime = mtime
         return self._hard
+
+    def _type_weights(self) -> dict[str, float]:
+        """The latest per-type sampling weights (RUN/hard_types.json, rewritten after each validation)."""
+        changed, data = self._types_file.read()
+        if changed and isinstance(data, dict):
+            self._type_w = {str(k): float(v) for k, v in (data.get("weights") or {}).items()}
+            w = np.array([self._type_w.get(self.recs[i].anomaly_type, 1.0) for i in self.pos], np.float64)
+            self._pos_cum = np.cumsum(w) if self._type_w and w.sum() > 0 else None
+        return self._type_w
+
+    def _positive(self, rng: np.random.Generator) -> int:
+        """A training scan with a known anomaly, drawn by its type's weight once hard types are known."""
+        self._type_weights()
+        if self._pos_cum is None:
+            return int(self.pos[rng.integers(len(self.pos))])
+        j = int(np.searchsorted(self._pos_cum, rng.random() * self._pos_cum[-1], side="right"))
+        return int(self.pos[min(j, len(self.pos) - 1)])
 
     def __len__(self) -> int:
         return self.cfg.crops_per_epoch
@@ -254,8 +269,9 @@ class CropDataset(Dataset):
             if self.cfg.synth_per_epoch > 0:
                 per_scan = round(self.cfg.crops_per_epoch * self.cfg.synth_share / self.cfg.synth_per_epoch)
                 self._pool = SynthPool(self.cfg.synth_pool, per_scan, self.pre, self.channels,
-                                       [self.cfg.seed, 0x5EED, seed],
-                                       anomaly_fraction=0.0 if self.cfg.normal_only else 0.5)  # TIP only
+                                       [self.cfg.seed, 0x5EED, seed],   # normal-only: TIP adds the threats
+                                       anomaly_fraction=0.0 if self.cfg.normal_only else self.cfg.synth_anomaly_fraction,
+                                       kind_weights=self._type_weights if self.cfg.hard_types > 0 else None)
         return self._rng
 
     def crop(self, i: int, rng: np.random.Generator, centred: bool, hard: tuple[int, int] | None = None
@@ -320,7 +336,7 @@ class CropDataset(Dataset):
         centred = bool(self.pos) and rng.random() < self.cfg.anomaly_crop_fraction
         hard = None
         if centred:
-            i = int(self.pos[rng.integers(len(self.pos))])
+            i = self._positive(rng)
         else:
             cells = self._hard_negatives() if self.cfg.hard_negative_fraction > 0 else []
             if cells and rng.random() < self.cfg.hard_negative_fraction:
@@ -385,10 +401,12 @@ class ScanDataModule(L.LightningDataModule):
     """Splits, the scan cache and the loaders (persistent workers)."""
 
     def __init__(self, data_dir: str | os.PathLike, cfg: DataConfig, pre: Preprocessing,
-                 cache_dir: str | os.PathLike, hard_negative_file: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike, hard_negative_file: str | os.PathLike | None = None,
+                 hard_types_file: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.data_dir, self.cfg, self.pre = Path(data_dir), cfg, pre
         self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
+        self.hard_types_file = Path(hard_types_file) if hard_types_file else None
         self.records = load_records(data_dir)
         self.splits = split_records(self.records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if cfg.normal_only:
@@ -438,7 +456,7 @@ class ScanDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = CropDataset(self.cache, self.splits["train"], self.metas["train"], self.cfg, self.pre,
-                         self.hard_negative_file)
+                         self.hard_negative_file, self.hard_types_file)
         return self._loader(ds, self.cfg.batch_size, False)
 
     def val_dataloader(self) -> DataLoader:

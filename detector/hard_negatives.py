@@ -8,15 +8,12 @@ processes) re-read (RUN/hard_negatives.json); CropDataset then centres part of i
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from detector.hard_types import write_atomic
 from detector.model import nhwc
 from detector.preprocess import normalize, pad_to_multiple
 
@@ -31,12 +28,6 @@ def hottest_cells(logits: np.ndarray, exclude: np.ndarray | None, k: int, min_lo
     ys, xs = np.nonzero(cand)
     order = np.argsort(-logits[ys, xs])[:k]
     return [(int(ys[i]), int(xs[i])) for i in order]
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
 
 
 class HardNegativeMiner(L.Callback):

@@ -32,6 +32,7 @@ from detector.callbacks import EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table
 from detector.data import DataConfig, ScanDataModule, auto_workers, fingerprint
 from detector.hard_negatives import HardNegativeMiner
+from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
 from detector.preprocess import Preprocessing
 
@@ -130,6 +131,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ValueError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not t.max_minutes >= 0:
         raise ValueError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
+    for key in ("hard_types", "synth_anomaly_fraction"):
+        v = getattr(cfg.data, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"data.{key} must be a share in [0, 1], got {v!r}")
     return cfg
 
 
@@ -183,6 +188,7 @@ class AnomalyModule(L.LightningModule):
         self.info = dict(info or {})
         self._val: list[dict] = []
         self.schedule_epochs: int | None = None   # epochs the LR schedule spans (None: trainer.max_epochs)
+        self._hardness: dict[str, float] = {}     # per anomaly type, smoothed over validations (hard_types)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(x)
@@ -251,6 +257,18 @@ class AnomalyModule(L.LightningModule):
                        "val/det_at_1pct": m["det_at_1pct"] or 0.0, "val/select": m["select"]},
                       prog_bar=True, sync_dist=True)
         self.log("val/progress", m["progress"], prog_bar=False, sync_dist=True)
+        self._write_hard_types(rows)
+
+    def _write_hard_types(self, rows: list[dict]) -> None:
+        """RUN/hard_types.json: per-type hardness on this validation (smoothed) and the crop workers'
+        sampling weights (data.hard_types > 0 only; rank 0 writes, every rank's workers read)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        path, share = getattr(dm, "hard_types_file", None), self.cfg.data.hard_types
+        if path is None or share <= 0:
+            return
+        self._hardness = smooth(self._hardness, type_hardness(rows))
+        if self.trainer.is_global_zero and self._hardness:
+            write_atomic(path, {"hardness": self._hardness, "weights": type_weights(self._hardness, share)})
 
     def on_test_epoch_end(self) -> None:
         self.test_rows = self._gather()
@@ -385,11 +403,13 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     if cfg.trainer.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.trainer.threads)
     t0 = time.time()
-    hard_file = out / "hard_negatives.json"
-    if resume is None:
-        hard_file.unlink(missing_ok=True)  # a previous run's cells belong to a previous model
+    hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
+    if resume is None:   # a previous run's cells and type weights belong to a previous model
+        hard_file.unlink(missing_ok=True)
+        types_file.unlink(missing_ok=True)
     data = dataclasses.replace(cfg.data, batch_size=batch, workers=resolve_workers(cfg))
-    dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file)
+    dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
+                        types_file)
     dm.prepare_data()
     dm.setup("fit")
     cfg.model.in_channels = dm.channels

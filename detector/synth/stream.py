@@ -8,9 +8,11 @@ generator and the same counts -> attenuation -> model-pitch path as `detector sy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
+from detector.hard_types import draw_kind
 from detector.preprocess import Preprocessing, model_attenuation, to_model_pitch
 from detector.scan import scan_from_counts
 
@@ -25,9 +27,10 @@ class PoolScan:
     centres: list[tuple[int, int]]  # anomaly pixels to centre positive crops on (empty if normal)
 
 
-def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool, pre: Preprocessing,
+def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool | str, pre: Preprocessing,
                    channels: int | None = None) -> PoolScan:
-    """Generate one synthetic scan and bring it to model pitch exactly as the scan cache does."""
+    """Generate one synthetic scan and bring it to model pitch exactly as the scan cache does.
+    `anomalous`: False, True (a random type) or an anomaly type's name."""
     from detector.synth.scene import generate_scan
 
     s = generate_scan(seed, anomaly=anomalous)
@@ -51,12 +54,15 @@ def mask_centres(mask: np.ndarray, n: int = 64) -> list[tuple[int, int]]:
 
 
 class SynthPool:
-    """A worker's pool of on-the-fly scans; `draw` returns one and renews the pool as crops are taken."""
+    """A worker's pool of on-the-fly scans; `draw` returns one and renews the pool as crops are taken.
+    `kind_weights`, if given, returns the current sampling weight per anomaly type (empty: uniform)."""
 
     def __init__(self, size: int, crops_per_scan: int, pre: Preprocessing, channels: int | None,
-                 entropy: list[int], anomaly_fraction: float = 0.5) -> None:
+                 entropy: list[int], anomaly_fraction: float = 0.5,
+                 kind_weights: Callable[[], dict[str, float]] | None = None) -> None:
         self.size, self.crops_per_scan = max(1, size), max(1, crops_per_scan)
         self.pre, self.channels, self.anomaly_fraction = pre, channels, anomaly_fraction
+        self.kind_weights = kind_weights
         self.entropy = entropy        # distinct per worker and run: never the seeds of a stored test set
         self.scans: list[PoolScan] = []
         self.made = 0
@@ -65,7 +71,12 @@ class SynthPool:
     def _new(self, rng: np.random.Generator) -> PoolScan:
         seed = np.random.SeedSequence(self.entropy, spawn_key=(self.made,))
         self.made += 1
-        return make_pool_scan(seed, bool(rng.random() < self.anomaly_fraction), self.pre, self.channels)
+        anomaly: bool | str = bool(rng.random() < self.anomaly_fraction)
+        weights = self.kind_weights() if anomaly and self.kind_weights else None
+        if weights:   # the types the model finds hardest come more often (detector.hard_types)
+            from detector.synth.scene import ANOMALY_TYPES
+            anomaly = draw_kind(rng, ANOMALY_TYPES, weights)
+        return make_pool_scan(seed, anomaly, self.pre, self.channels)
 
     def draw(self, rng: np.random.Generator, positive: bool) -> PoolScan:
         """A pool scan (an anomalous one if `positive` and the pool has any); fills/renews the pool."""
