@@ -86,7 +86,8 @@ class TimeBudget(L.Callback):
                   f"{self.max_epochs} epochs fit at {epoch_s:.0f} s each; the schedule follows", flush=True)
         trainer.fit_loop.max_epochs = planned
         module.schedule_epochs = planned
-        module.log("trainer/planned_epochs", float(planned), on_epoch=True, sync_dist=False)
+        # every rank holds the broadcast plan: syncing averages equal values (and silences Lightning's warning)
+        module.log("trainer/planned_epochs", float(planned), on_epoch=True, sync_dist=True)
         self.plans.append(planned)
 
     def state_dict(self) -> dict:
