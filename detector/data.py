@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
-from detector.hard_types import WatchedJson
+from detector.hard_types import WatchedJson, write_atomic
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
 from detector.synth.stream import SynthPool, mask_centres, model_mask
@@ -200,9 +200,7 @@ class ScanCache:
             mm = model_mask(mask, scan.pitch_mm, self.pre)
             _save(self.folder / f"{key}.mask.npy", mm, rec.path)
             meta["centres"] = [list(c) for c in mask_centres(mm)]
-        tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(meta_path)  # meta last: a crashed build is redone
+        write_atomic(meta_path, meta)  # meta last: a crashed build is redone
         return meta
 
     def load(self, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
