@@ -282,9 +282,13 @@ class CropDataset(Dataset):
 
     def cut(self, att: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
             centres: list | None = None, hard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """An (S,S,C) crop of a (C,h,w) scan (zero-padded air if smaller) and its (S,S) mask."""
+        """An (S,S,C) crop of a (C,h,w) scan and its (S,S) mask, cut from the scan as the station pads it
+        (air below and right up to a multiple of pad_multiple): the image's bottom edge, where tyres meet
+        it, then falls mid-cell as it does at the station, not always on a cell border (top false alarms)."""
         s = self.cfg.crop
-        _, h, w = att.shape
+        _, h0, w0 = att.shape
+        pm = max(1, int(self.pre.pad_multiple))
+        h, w = h0 + (-h0) % pm, w0 + (-w0) % pm
         if centres:
             cy, cx = centres[rng.integers(len(centres))]
             j = s // 3

@@ -121,6 +121,29 @@ def test_crops_oversample_anomalies_and_val_pads_to_32(tmp_path):
     assert dm.channels == 2
 
 
+def test_crops_reach_into_the_padding_the_station_adds(tmp_path):
+    """The station pads a scan with air to a multiple of 32 below and right; crops are cut from the scan so
+    padded, so the bottom edge (where tyres meet it) also lands mid-cell in training, never past the pad."""
+    _, ds, pre = _crop_dataset(tmp_path, DataConfig(crop=64, crops_per_epoch=10, workers=0))
+    assert pre.pad_multiple == 32
+    h0, w0 = 100, 300                                   # the station pads this to 128 x 320
+    att = np.broadcast_to(np.arange(1, h0 + 1, dtype=np.float32)[None, :, None], (2, h0, w0)).copy()
+    rng = np.random.default_rng(0)
+    tops, widths = [], []
+    for centres in ([(h0 - 1, 150)], [(50, w0 - 1)], None):
+        for _ in range(100):
+            out, _ = ds.cut(att, None, rng, centres=centres)
+            col = out[:, 0, 0]
+            n = int((col > 0).sum())                    # real rows first, then only air
+            assert (col[:n] > 0).all() and not (col[n:] > 0).any()
+            assert n == 64 or col[n - 1] == h0          # air only below the image's last row
+            tops.append(int(col[0]) - 1)
+            widths.append(int((out[0, :, 0] > 0).sum()))   # real columns in the crop's first row
+    assert max(tops) == 128 - 64                        # the crop may end where the station's padding ends
+    assert any(h0 - 64 < t for t in tops)               # the bottom edge inside the crop (it used to be its border)
+    assert min(widths) == w0 - (320 - 64)               # right: up to the 20 px the station pads there
+
+
 def test_normal_only_drops_anomalous_training_scans_and_enables_tip(tmp_path):
     root = write_dataset(tmp_path / "d", n=6)
     cfg = DataConfig(normal_only=True, workers=0)

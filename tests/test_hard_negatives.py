@@ -6,6 +6,7 @@ import json
 import numpy as np
 
 from detector.hard_negatives import hottest_cells
+from detector.preprocess import pad_to_multiple
 
 
 def test_hottest_cells_are_local_maxima_above_threshold_outside_exclusion():
@@ -53,10 +54,11 @@ def test_training_mines_cells_off_the_anomalies_and_crops_use_them(tmp_path):
     i, y, x = cells[0]
     att, _ = dm.cache.load(dm.metas["train"][i])
     crop, _, _ = ds.crop(i, rng, centred=False, hard=(y, x))
-    S, H, W = cfg.data.crop, att.shape[1], att.shape[2]
+    padded = pad_to_multiple(np.asarray(att), cfg.preprocessing.pad_multiple)   # crops come from the scan as
+    S, H, W = cfg.data.crop, padded.shape[1], padded.shape[2]                      # the station pads it
     assert crop.shape == (S, S, att.shape[0])
     windows = [(y0, x0) for y0 in range(max(1, H - S + 1)) for x0 in range(max(1, W - S + 1))
                if y0 <= y < y0 + S and x0 <= x < x0 + S
-               and np.array_equal(np.moveaxis(np.asarray(att[:, y0:y0 + S, x0:x0 + S]), 0, -1),
+               and np.array_equal(np.moveaxis(padded[:, y0:y0 + S, x0:x0 + S], 0, -1),
                                   crop[:min(S, H), :min(S, W)])]
-    assert windows, "the crop is not a window of its scan around the mined cell"
+    assert windows, "the crop is not a window of its (station-padded) scan around the mined cell"
