@@ -17,6 +17,9 @@ import cv2
 import numpy as np
 
 from detector import tip
+from detector.synth.render import normal_noise
+
+GAUSS_COUNTS = 100.0  # DoseNoise: above this many counts a Gaussian draw stands in for the Poisson one
 
 
 @dataclass
@@ -54,8 +57,14 @@ class DoseNoise(A.ImageOnlyTransform):
 
     def apply(self, img: np.ndarray, n0: float = 1e4, seed: int = 0, **params: Any) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        counts = rng.poisson(n0 * np.exp(-img.astype(np.float64)))
-        return (-np.log(np.maximum(counts, 1) / n0)).astype(np.float32)
+        lam = np.float32(n0) * np.exp(-img.astype(np.float32))
+        # Poisson(lam) ~ N(lam, lam) rounded where lam >= GAUSS_COUNTS: 4x faster than numpy's Poisson
+        # sampler over a whole crop; the few low-count pixels (dense cargo) keep the exact draw
+        counts = np.rint(lam + np.sqrt(lam) * normal_noise(rng, lam.shape))
+        low = lam < GAUSS_COUNTS
+        if low.any():
+            counts[low] = rng.poisson(lam[low].astype(np.float64))
+        return (-np.log(np.maximum(counts, 1) / np.float32(n0))).astype(np.float32)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("photons",)

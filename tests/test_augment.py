@@ -59,6 +59,23 @@ def test_dose_noise_and_stripes_change_only_the_image():
     assert r["image"].min() >= 0
 
 
+def test_dose_noise_has_the_poisson_mean_and_spread_at_high_and_low_counts():
+    """The Gaussian stand-in (>= GAUSS_COUNTS counts) and the exact low-count draw both give the
+    attenuation noise of Poisson photon counts: sd ~ 1/sqrt(counts), and the upward bias at few counts."""
+    from detector.augment import GAUSS_COUNTS
+    n0 = 2e5
+    for a in (0.5, 4.0, 7.0, 9.0, 11.0):                # 121k .. 3.3 counts: both paths
+        img = np.full((300, 300, 1), a, np.float32)
+        out = DoseNoise().apply(img, n0=n0, seed=3)
+        lam = n0 * np.exp(-a)
+        ref = -np.log(np.maximum(np.random.default_rng(4).poisson(lam, img.shape), 1) / n0)
+        assert (lam >= GAUSS_COUNTS) == (a < 7.6)
+        assert abs(out.std() / ref.std() - 1) < 0.02, a
+        assert abs(out.mean() - ref.mean()) < 4 * ref.std() / 300 + 1e-6, a
+        if lam > 100:
+            assert abs(out.std() * np.sqrt(lam) - 1) < 0.02, a
+
+
 def test_thickness_scales_both_energies_alike_and_keeps_the_material_ratio():
     rng = np.random.default_rng(4)
     img, mask = _scene(rng)
