@@ -1,0 +1,60 @@
+"""Where a trained run fires on clean test trucks: each one's hottest heatmap cell, the highest-scoring
+first, and how many sit on the image's bottom edge (where the tyres meet it; a padding artefact until
+training crops were cut from the station-padded scan).
+
+    .venv/bin/python benchmarks/false_alarms.py runs/quality/default [--top 10]
+
+Reads RUN/best.ckpt and RUN/test_scores.csv (written by benchmarks/quality.py) and rescans the clean trucks.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.model import nhwc
+from detector.preprocess import Preprocessing, prepare
+from detector.scan import read_scan
+from detector.train import load_checkpoint
+
+EDGE_ROWS = 2  # cell rows above the bottom edge counted as "on the edge"
+
+
+def hottest_cells(run: Path) -> list[dict]:
+    """Each clean test truck of the run: its score, hottest cell (scan px) and cell rows above the bottom."""
+    model, info = load_checkpoint(run / "best.ckpt")
+    model = model.eval().to(memory_format=torch.channels_last)
+    pre, s = Preprocessing.from_dict(info["preprocessing"]), model.stride
+    out = []
+    with open(run / "test_scores.csv", newline="") as f:
+        clean = [r for r in csv.DictReader(f) if r["label"] == "0"]
+    for r in clean:
+        scan = read_scan(r["path"])
+        p = prepare(scan, pre, info["channels"])
+        with torch.no_grad():
+            z = model.logits(nhwc(torch.from_numpy(p.x)[None]))[0, 0].float().numpy()
+        hc, wc = -(-p.valid_hw[0] // s), -(-p.valid_hw[1] // s)
+        y, x = np.unravel_index(int(np.argmax(z[:hc, :wc])), (hc, wc))
+        out.append({"path": r["path"], "score": float(r["score"]), "rows_above_bottom": hc - 1 - int(y),
+                    "y": int((y + 0.5) * s * p.scale_yx[0]), "x": int((x + 0.5) * s * p.scale_yx[1])})
+    return sorted(out, key=lambda d: -d["score"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--top", type=int, default=10)
+    a = ap.parse_args()
+    rows = hottest_cells(a.run)
+    for d in rows[: a.top]:
+        print(f"{d['score']:.3f}  {d['path']}  hottest cell at y={d['y']} x={d['x']} (scan px), "
+              f"{d['rows_above_bottom']} cell rows above the bottom edge")
+    edge = sum(d["rows_above_bottom"] < EDGE_ROWS for d in rows)
+    print(f"{a.run}: clean trucks whose hottest cell is in the bottom {EDGE_ROWS} cell rows: {edge} of {len(rows)}")
+
+
+if __name__ == "__main__":
+    main()
