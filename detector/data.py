@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
-from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple
+from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
 from detector.synth.stream import SynthPool, mask_centres, model_mask
 
@@ -286,9 +286,7 @@ class CropDataset(Dataset):
         (air below and right up to a multiple of pad_multiple): the image's bottom edge, where tyres meet
         it, then falls mid-cell as it does at the station, not always on a cell border (top false alarms)."""
         s = self.cfg.crop
-        _, h0, w0 = att.shape
-        pm = max(1, int(self.pre.pad_multiple))
-        h, w = h0 + (-h0) % pm, w0 + (-w0) % pm
+        h, w = padded_size(att.shape[1], att.shape[2], self.pre.pad_multiple)
         if centres:
             cy, cx = centres[rng.integers(len(centres))]
             j = s // 3

@@ -169,13 +169,18 @@ def select_channels(att: np.ndarray, channels: int, source: str | None = None) -
                                         + (" (a dual-energy high+low scan)" if channels == 2 else ""))
 
 
+def padded_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+    """(H, W) of an (h, w) scan after pad_to_multiple: the size the network sees at the station."""
+    return h + (-h) % multiple, w + (-w) % multiple
+
+
 def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     """Pad (C, H, W) at the bottom/right with zeros (air) to multiples of `multiple`."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
+    H, W = padded_size(h, w, multiple)
+    if (H, W) == (h, w):
         return np.ascontiguousarray(x)
-    return np.pad(x, ((0, 0), (0, ph), (0, pw)))
+    return np.pad(x, ((0, 0), (0, H - h), (0, W - w)))
 
 
 def model_attenuation(att: np.ndarray, pitch_mm: float, pre: Preprocessing, channels: int | None = None,
