@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,6 +47,15 @@ def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, st
     return batch * steps / (time.perf_counter() - t0)
 
 
+def cpu_description() -> str:
+    """This CPU's model name and bf16 units: the same 2-core machine has come up on AMD Zen 4 (AVX512-BF16)
+    and on Intel Xeon (AMX) hosts on different days, at different speeds for the same code."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in text.split()]
+    return f"{name} ({', '.join(units) or 'no native bf16'})"
+
+
 def pipeline(a: argparse.Namespace) -> None:
     """Train a.epochs epochs of the config on a.data (no test) and print the seconds per epoch."""
     import tempfile
@@ -60,6 +70,7 @@ def pipeline(a: argparse.Namespace) -> None:
     cfg = load_config(a.config, ov)
     s = res["epoch_s"]
     steady = sorted(s[1:] or s)[len(s[1:] or s) // 2]   # median without the first (pool fill, warm-up)
+    print(f"CPU: {cpu_description()}")
     print(f"{cfg.name} {' '.join(a.overrides)}: {len(s)} epochs of {cfg.data.crops_per_epoch} crops, "
           f"{steady:.1f} s per epoch after the first ({s[0]:.1f} s), {cfg.data.crops_per_epoch / steady:.0f} "
           f"crops/s with loading, validation every {cfg.trainer.val_every} and mining; per epoch {s}")
@@ -86,6 +97,7 @@ def main() -> None:
           f"backbone_stride={cfg.model.backbone_stride} decoder={cfg.model.decoder_channels}: "
           f"{gflop:.2f} GFLOP forward on 640x2400 px @5 mm (320x1216 @10 mm), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    print(f"CPU: {cpu_description()}")
     used = resolve_precision(cfg.trainer.precision, "cpu")
     for bf16 in (False, True) if cpu_has_native_bf16() else (False,):
         cpu = crops_per_s(model, d.batch_size, d.crop, c, a.steps, "cpu", bf16)
