@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from detector.model import build_model, count_flops, nhwc
-from detector.train import cpu_has_native_bf16, load_config, resolve_precision
+from detector.train import cpu_flags, cpu_has_native_bf16, load_config, resolve_precision
 
 
 def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, steps: int, device: str,
@@ -50,9 +50,9 @@ def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, st
 def cpu_description() -> str:
     """This CPU's model name and bf16 units: the same 2-core machine has come up on AMD Zen 4 (AVX512-BF16)
     and on Intel Xeon (AMX) hosts on different days, at different speeds for the same code."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
-    units = [f for f in ("amx_bf16", "avx512_bf16") if f in text.split()]
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags()]
     return f"{name} ({', '.join(units) or 'no native bf16'})"
 
 

@@ -347,13 +347,17 @@ def resolve_precision(p: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_native_bf16() -> bool:
     """True on x86 CPUs with avx512_bf16 or amx_bf16 (elsewhere bf16 is emulated and slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.backends.mkldnn.is_available()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.backends.mkldnn.is_available()
 
 
 def resolve_cpu_processes(cfg: Config) -> int:
