@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from detector.model import nhwc
-from detector.preprocess import Preprocessing, prepare
+from detector.preprocess import Preprocessing, prepare, valid_cells
 from detector.scan import read_scan
 from detector.train import load_checkpoint
 
@@ -36,7 +36,7 @@ def hottest_cells(run: Path) -> list[dict]:
         p = prepare(scan, pre, info["channels"])
         with torch.no_grad():
             z = model.logits(nhwc(torch.from_numpy(p.x)[None]))[0, 0].float().numpy()
-        hc, wc = -(-p.valid_hw[0] // s), -(-p.valid_hw[1] // s)
+        hc, wc = valid_cells(*p.valid_hw, s)
         y, x = np.unravel_index(int(np.argmax(z[:hc, :wc])), (hc, wc))
         out.append({"path": r["path"], "score": float(r["score"]), "rows_above_bottom": hc - 1 - int(y),
                     "y": int((y + 0.5) * s * p.scale_yx[0]), "x": int((x + 0.5) * s * p.scale_yx[1])})

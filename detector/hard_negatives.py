@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from detector.hard_types import write_atomic
 from detector.model import nhwc
-from detector.preprocess import normalize, pad_to_multiple
+from detector.preprocess import normalize, pad_to_multiple, valid_cells
 
 
 def hottest_cells(logits: np.ndarray, exclude: np.ndarray | None, k: int, min_logit: float) -> list[tuple[int, int]]:
@@ -59,7 +59,7 @@ class HardNegativeMiner(L.Callback):
                 att, mask = dm.cache.load(metas[i])
                 x = pad_to_multiple(normalize(np.asarray(att), pre), pre.pad_multiple)
                 z = model.logits(nhwc(torch.from_numpy(x)[None].to(module.device)))[0, 0].float().cpu().numpy()
-                h, w = -(-att.shape[1] // s), -(-att.shape[2] // s)
+                h, w = valid_cells(att.shape[1], att.shape[2], s)
                 z = z[:h, :w]
                 exclude = None
                 if mask is not None and np.any(mask):

@@ -174,6 +174,11 @@ def padded_size(h: int, w: int, multiple: int) -> tuple[int, int]:
     return h + (-h) % multiple, w + (-w) % multiple
 
 
+def valid_cells(h: int, w: int, stride: int) -> tuple[int, int]:
+    """Heatmap cells (rows, columns) that cover an (h, w) model-pitch scan; the rest lie over the padding."""
+    return -(-h // stride), -(-w // stride)
+
+
 def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     """Pad (C, H, W) at the bottom/right with zeros (air) to multiples of `multiple`."""
     h, w = x.shape[-2:]

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from detector.bundle import BundleError, default_threshold, parse_metadata
 from detector.calibration import false_alarm_rate
 from detector.calibration import threshold_for_rate as _threshold_for_rate
-from detector.preprocess import Preprocessing, prepare
+from detector.preprocess import Preprocessing, prepare, valid_cells
 from detector.scan import Scan, ScanError, read_scan, read_scan_bytes, scan_from_counts
 
 Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
@@ -204,7 +204,7 @@ class Inspector:
         _check_deadline(deadline, t0, "inference")
         if not math.isfinite(score) or not np.isfinite(heatmap).all():
             raise InspectionError(f"model produced a non-finite output for {scan.source or '<scan>'}")
-        hv, wv = (-(-prepared.valid_hw[0] // self.stride), -(-prepared.valid_hw[1] // self.stride))
+        hv, wv = valid_cells(*prepared.valid_hw, self.stride)
         heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
         regions = self._regions(heatmap, cell_yx, scan.height, scan.width)
