@@ -56,8 +56,8 @@ def main() -> None:
         verdict = "B better" if d["low"] > 0 else "A better" if d["high"] < 0 else "no measurable difference"
         print(f"{name:<7} A {fn(y, score_a):.4f}  B {fn(y, score_b):.4f}  B-A {d['difference']:+.4f} "
               f"(95 % {d['low']:+.4f} to {d['high']:+.4f}, B ahead in {d['p_better']:.0%} of resamples): {verdict}")
-    # the same misses in both: the hard anomalies are hard for this kind of model (neither a longer run nor
-    # an ensemble of the two will find them); different misses: the runs differ by luck more than by design
+    # the same misses in both: those anomalies are hard for this kind of model (a longer run or an ensemble of
+    # the two is unlikely to find them); different misses: the runs differ by luck more than by design
     miss_a = (y == 1) & (score_a < metrics.threshold_at_far(y, score_a, 0.01))
     miss_b = (y == 1) & (score_b < metrics.threshold_at_far(y, score_b, 0.01))
     print(f"missed at 1 %: A {miss_a.sum()}, B {miss_b.sum()}, both {(miss_a & miss_b).sum()} "
