@@ -154,6 +154,7 @@ class _Reader:
 def quantize_int8(fp32_path: str | Path, out: str | Path, paths: list[Path], pre: Preprocessing,
                   channels: int) -> Path:
     """Static QDQ quantization: uint8 activations, per-channel int8 weights, MinMax calibration."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -165,8 +166,26 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, paths: list[Path], pre
         quantize_static(str(pre_path), str(out), _Reader(paths, pre, channels),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=input_mix_nodes(onnx.load(str(pre_path))))
     return Path(out)
+
+
+def input_mix_nodes(proto) -> list[str]:
+    """Names of the nodes between the graph input and the first Conv (model.MaterialInput's mix): they stay
+    fp32 in INT8, since 8-bit inputs would erase the few-% difference of the two energies it amplifies."""
+    nodes = list(proto.graph.node)
+    first = next((n for n in nodes if n.op_type == "Conv"), None)
+    if first is None:
+        return []
+    producers = {o: n for n in nodes for o in n.output}
+    names, todo = set(), [first.input[0]]
+    while todo:
+        n = producers.get(todo.pop())
+        if n is not None and n.name not in names:
+            names.add(n.name)
+            todo.extend(n.input)
+    return sorted(names)
 
 
 def int8_drift(fp32_bundle: Path, int8_bundle: Path, items: list[tuple[Path, int | None]]) -> dict:

@@ -30,6 +30,9 @@ class ModelConfig:
                                              # FLOPs at 1), or one N per stage, e.g. (1, 1, 2, 1)
     context_dilations: tuple[int, ...] = ()  # dilated 3x3 branches on the deepest map (e.g. 2, 4, 8): metres of
                                              # context for a few % FLOPs (a wheel hub vs a steel block in cargo)
+    material_gain: float = 0.0   # > 0 with 2 energies: the network sees (high, gain * (high - R_mid * low)), the
+                                 # material signal amplified to the scale of the attenuation (MaterialInput);
+                                 # ignored with 1 channel
 
 
 def _first_conv(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -123,6 +126,30 @@ class Context(nn.Module):
         return self.project(torch.cat([r, *(b(r) for b in self.branches)], 1))
 
 
+class MaterialInput(nn.Module):
+    """Dual-energy input in a material basis: (high, gain * (high - R_mid * low)), a fixed invertible mix.
+
+    The second channel is gain * A_low * (R - R_mid) with R = A_high / A_low, which is ~0.69 for organic
+    matter and ~0.78 for steel whatever the thickness (detector.physics); R_mid lies between the two, so
+    its sign says organic or metal, and an organic package in a steel rail pulls it down where the rail
+    alone pushes it up. In the raw pair that signal is a few-% difference of two nearly equal channels,
+    which the first conv learns slowly; here it has a channel of its own at the scale of the first. Nothing
+    is lost (the mix is invertible), and it runs inside the exported graph: the station still sends the
+    preprocessed (high, low) attenuation."""
+
+    def __init__(self, gain: float, r_mid: float | None = None) -> None:
+        super().__init__()
+        if r_mid is None:
+            from detector.physics import material
+            r = [material(m).mu[0] / material(m).mu[1] for m in ("cocaine", "steel")]
+            r_mid = sum(r) / 2
+        self.gain, self.r_mid = float(gain), float(r_mid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        high, low = x[:, :1], x[:, 1:2]
+        return torch.cat([high, (high - low * self.r_mid) * self.gain], 1)
+
+
 class AnomalyNet(nn.Module):
     """Backbone + FPN decoder; forward -> (heatmap probs (N,1,H/s,W/s), score (N,))."""
 
@@ -131,6 +158,10 @@ class AnomalyNet(nn.Module):
         if cfg.stride not in (4, 8):
             raise ValueError(f"model.stride must be 4 or 8, got {cfg.stride}")
         self.cfg = cfg
+        if cfg.material_gain < 0:
+            raise ValueError(f"model.material_gain must be >= 0, got {cfg.material_gain}")
+        # single-energy data (one channel, 8-bit images) has no material signal: the raw input is used
+        self.material = MaterialInput(cfg.material_gain) if cfg.material_gain and cfg.in_channels == 2 else None
         self.backbone = Backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stride, cfg.weights, cfg.stage_blocks)
         used = [(s, c) for s, c in zip(self.backbone.tap_strides, self.backbone.tap_channels) if s >= cfg.stride]
         self.n_skip = len(self.backbone.taps) - len(used)
@@ -149,6 +180,8 @@ class AnomalyNet(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Heatmap logits (N,1,H/s,W/s); H and W must be multiples of 32."""
+        if self.material is not None:
+            x = self.material(x)
         feats = self.backbone(x)[self.n_skip:]
         p = self.lateral[-1](feats[-1])
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):

@@ -98,3 +98,41 @@ def test_stage_blocks_per_stage_and_bad_counts():
     for bad in ([1, 2], [1, 1, -1, 1]):
         with pytest.raises(ValueError, match="stage_blocks"):
             build_model({"in_channels": 2, "stage_blocks": bad})
+
+
+def test_material_input_separates_organic_from_metal_at_any_thickness():
+    from detector import physics
+    from detector.model import MaterialInput
+    mix = MaterialInput(10.0)
+    for cm in (2.0, 10.0, 40.0):
+        x = {m: torch.tensor(physics.attenuation(m, cm) / 4, dtype=torch.float32).view(1, 2, 1, 1)
+             for m in ("cocaine", "plastic", "diesel", "rubber", "steel", "copper", "lead")}
+        out = {m: mix(v).flatten() for m, v in x.items()}
+        assert all(torch.equal(out[m][0], x[m].flatten()[0]) for m in out)   # channel 0: the high energy as is
+        assert all(out[m][1] < 0 for m in ("cocaine", "plastic", "diesel", "rubber"))
+        assert all(out[m][1] > 0 for m in ("steel", "copper", "lead"))
+    # a package in a steel rail: the rail alone vs rail + package differ far more in the material channel
+    rail, pkg = physics.attenuation("steel", 8.0), physics.attenuation("cocaine", 10.0)
+    a, b = (mix(torch.tensor(v / 4, dtype=torch.float32).view(1, 2, 1, 1)).flatten() for v in (rail, rail + pkg))
+    assert abs(float(b[1] - a[1])) / float(a[1]) > abs(float(b[0] - a[0])) / float(a[0])
+    # invertible: (high, low) comes back from the two channels
+    x = torch.rand(1, 2, 4, 4)
+    y = mix(x)
+    low = (y[:, :1] - y[:, 1:] / mix.gain) / mix.r_mid
+    assert torch.allclose(low, x[:, 1:], atol=1e-5)
+
+
+def test_material_gain_is_part_of_the_network_and_off_for_one_channel():
+    torch.manual_seed(0)
+    cfg = dict(decoder_channels=8, topk=2, stage_blocks=1, backbone_stride=16)
+    two = build_model(ModelConfig(in_channels=2, material_gain=10.0, **cfg)).eval()
+    one = build_model(ModelConfig(in_channels=1, material_gain=10.0, **cfg)).eval()
+    assert two.material is not None and one.material is None
+    x = torch.rand(1, 2, 64, 64)
+    with torch.no_grad():
+        z = two.logits(x)
+        two.material = None                                   # the same weights on the raw pair differ
+        assert not torch.allclose(z, two.logits(x))
+    assert one(torch.rand(1, 1, 64, 64))[0].shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match="material_gain"):
+        build_model(ModelConfig(in_channels=2, material_gain=-1.0, **cfg))
