@@ -90,6 +90,16 @@ def test_visibility_is_positive_for_an_anomaly_and_nan_without(kind):
     assert np.isnan(anomaly_visibility(200, anomaly=None, height=240))
 
 
+def test_visibility_on_another_image_of_the_energies():
+    from detector.synth.visibility import anomaly_visibility
+    seed = 200 + ANOMALY_TYPES.index("shielded_block")
+    high = anomaly_visibility(seed, anomaly="shielded_block", height=240)
+    assert anomaly_visibility(seed, anomaly="shielded_block", height=240, image=lambda a: a[0]) == high
+    # lead stands out of organic and steel clutter in the material image (high - R_mid * low) too
+    mat = anomaly_visibility(seed, anomaly="shielded_block", height=240, image=lambda a: a[0] - 0.733 * a[1])
+    assert np.isfinite(mat) and mat > 1 and mat != high
+
+
 def test_all_vehicles_and_cargos_render():
     for i, v in enumerate(VEHICLES):
         s = generate_scan(i, vehicle=v, height=H)

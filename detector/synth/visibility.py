@@ -9,6 +9,8 @@ contrast alone; quality figures are reported per band of it.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import cv2
 import numpy as np
 
@@ -19,25 +21,32 @@ from detector.synth.stream import MASK_KEEP
 BANDS = (0.0, 0.5, 1.0, 2.0, float("inf"))
 
 
-def _att(s, pre: Preprocessing) -> np.ndarray:
+def high_energy(att: np.ndarray) -> np.ndarray:
+    """The image visibility is measured on by default: the high-energy attenuation."""
+    return att[0]
+
+
+def _att(s, pre: Preprocessing, image: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     scan = scan_from_counts(s.counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
-    return to_model_pitch(scan.attenuation[0], scan.pitch_mm, pre)
+    return to_model_pitch(image(scan.attenuation), scan.pitch_mm, pre)
 
 
 def anomaly_visibility(seed, anomaly: bool | str = True, pre: Preprocessing | None = None,
-                       height: int | None = None, margin: int = 16, sigma: float = 4.0) -> float:
+                       height: int | None = None, margin: int = 16, sigma: float = 4.0,
+                       image: Callable[[np.ndarray], np.ndarray] = high_energy) -> float:
     """Visibility of the anomaly of the scan generated from `seed` and `anomaly` as `generate_scan`
-    takes them (nan if it has none)."""
+    takes them (nan if it has none). `image` maps the (2, H, W) attenuation to the 2-D image measured
+    (the high energy; benchmarks/material_visibility.py passes a dual-energy material image)."""
     from detector.synth.scene import generate_scan
 
     pre = pre or Preprocessing()
     with_a = generate_scan(seed, anomaly=anomaly, height=height)
     clean = generate_scan(seed, anomaly=False, height=height)
-    a, c = _att(with_a, pre), _att(clean, pre)
+    a, c = _att(with_a, pre, image), _att(clean, pre, image)
     m = to_model_pitch(with_a.mask.astype(np.float32), with_a.pitch_mm, pre) > MASK_KEEP
     if not m.any() or a.shape != c.shape:
         return float("nan")
-    signal = float((a - c)[m].mean())
+    signal = abs(float((a - c)[m].mean()))   # a material image may go down where matter is added
     ys, xs = np.nonzero(m)
     y0, y1 = max(0, ys.min() - margin), min(c.shape[0], ys.max() + margin + 1)
     x0, x1 = max(0, xs.min() - margin), min(c.shape[1], xs.max() + margin + 1)
