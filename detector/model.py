@@ -135,7 +135,8 @@ class MaterialInput(nn.Module):
     alone pushes it up. In the raw pair that signal is a few-% difference of two nearly equal channels,
     which the first conv learns slowly; here it has a channel of its own at the scale of the first. Nothing
     is lost (the mix is invertible), and it runs inside the exported graph: the station still sends the
-    preprocessed (high, low) attenuation."""
+    preprocessed (high, low) attenuation. Off by default: on the synthetic scans it measured no better, the
+    difference of two noisy energies hiding as much as it shows (configs/default.yaml)."""
 
     def __init__(self, gain: float, r_mid: float | None = None) -> None:
         super().__init__()
