@@ -15,11 +15,12 @@ import multiprocessing as mp
 
 import numpy as np
 
+from detector.model import MaterialInput
 from detector.synth.dataset import scan_seed
 from detector.synth.scene import ANOMALY_TYPES
 from detector.synth.visibility import anomaly_visibility
 
-R_MID = None   # set in main from model.MaterialInput (the training side's constant)
+R_MID = MaterialInput(1.0).r_mid   # the network's constant, between organic matter and steel
 
 
 def material(att: np.ndarray) -> np.ndarray:
@@ -33,13 +34,10 @@ def both(args: tuple[int, int, str]) -> tuple[str, float, float]:
 
 
 def main() -> None:
-    global R_MID
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-type", type=int, default=8, help="anomalous scans per type")
     ap.add_argument("--test-seed", type=int, default=2100, help="seed of the scans (quality.py's test set: 2100)")
     a = ap.parse_args()
-    from detector.model import MaterialInput
-    R_MID = MaterialInput(1.0).r_mid
     jobs = [(a.test_seed, 100_000 + 1000 * t + i, kind) for t, kind in enumerate(ANOMALY_TYPES)
             for i in range(a.per_type)]
     ctx = mp.get_context("fork")
