@@ -36,7 +36,7 @@ def both(args: tuple[int, int, str]) -> tuple[str, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-type", type=int, default=8, help="anomalous scans per type")
-    ap.add_argument("--test-seed", type=int, default=2100, help="seed of the scans (quality.py's test set: 2100)")
+    ap.add_argument("--test-seed", type=int, default=2100, help="seed the scans are drawn from (quality.py's test seed; other indices than its test scans)")
     a = ap.parse_args()
     jobs = [(a.test_seed, 100_000 + 1000 * t + i, kind) for t, kind in enumerate(ANOMALY_TYPES)
             for i in range(a.per_type)]

@@ -141,9 +141,8 @@ class MaterialInput(nn.Module):
     def __init__(self, gain: float, r_mid: float | None = None) -> None:
         super().__init__()
         if r_mid is None:
-            from detector.physics import material
-            r = [material(m).mu[0] / material(m).mu[1] for m in ("cocaine", "steel")]
-            r_mid = sum(r) / 2
+            from detector.physics import dual_energy_ratio, material
+            r_mid = float(sum(dual_energy_ratio(*material(m).mu) for m in ("cocaine", "steel")) / 2)
         self.gain, self.r_mid = float(gain), float(r_mid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
