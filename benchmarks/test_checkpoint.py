@@ -1,0 +1,57 @@
+"""Test another checkpoint of a finished run (e.g. last.ckpt beside the best.ckpt that training tested) on the
+run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py.
+
+    .venv/bin/python benchmarks/test_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
+        [--checkpoint last.ckpt]
+    .venv/bin/python benchmarks/compare_runs.py runs/quality/default runs/quality/default/test_scores_last.csv
+
+This is how the checkpoint-selection rule was measured: on 50 validation anomalies the strictly best epoch
+was often an earlier one that tested worse than the last (configs/default.yaml, trainer.select_se).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from detector.data import ScanDataModule
+from detector.train import AnomalyModule, load_config, write_test_scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path, help="a training run folder (config.yaml, *.ckpt)")
+    ap.add_argument("data", type=Path, help="the data folder the run trained on (its manifest's test split)")
+    ap.add_argument("--checkpoint", default="last.ckpt")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.run / "config.yaml", [])
+    dm = ScanDataModule(a.data, dataclasses.replace(cfg.data, workers=0), cfg.preprocessing,
+                        cfg.data.cache_dir or a.run / "cache")
+    dm.prepare_data()
+    dm.setup("test")
+    if not dm.splits["test"]:
+        raise SystemExit(f"{a.data}: no test split in its manifest")
+    module = AnomalyModule.load_from_checkpoint(a.run / a.checkpoint, map_location="cpu")
+    tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=True, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        tester.test(module, datamodule=dm, verbose=False)
+    m, epoch = module.test_metrics, torch.load(a.run / a.checkpoint, map_location="cpu", weights_only=False)["epoch"]
+    out = a.run / f"test_scores_{Path(a.checkpoint).stem}.csv"
+    write_test_scores(out, module.test_rows, dm.splits["test"])
+    print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} test scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
+          f"det@1% {m['det_at_1pct']:.4f}  det@0.1% {m['det_at_0.1pct']:.4f}  "
+          f"top-region hit {m['top_region_hit']:.4f}")
+    print(f"scores: {out}\nnext: python benchmarks/compare_runs.py {a.run} {out}")
+
+
+if __name__ == "__main__":
+    main()
