@@ -345,7 +345,7 @@ def within_noise(select: float, top: float, n_anomalous: int, se: float) -> bool
     0.1 (5 anomalies) on 50. Such a later epoch becomes best.ckpt: on a small validation set the highest
     detection at 1 % false alarms is mostly luck (its threshold is the top normal score or two), and picking
     it picked an earlier, less annealed epoch that tested worse than the last one (configs/default.yaml)."""
-    tolerance = se * math.sqrt(0.5 / n_anomalous) if n_anomalous > 0 and se > 0 else 0.0
+    tolerance = se * math.sqrt(0.5 / n_anomalous) if n_anomalous > 0 else 0.0
     return select >= top - tolerance
 
 

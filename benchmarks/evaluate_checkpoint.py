@@ -1,7 +1,7 @@
 """Test another checkpoint of a finished run (e.g. last.ckpt beside the best.ckpt that training tested) on the
 run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py.
 
-    .venv/bin/python benchmarks/test_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
+    .venv/bin/python benchmarks/evaluate_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
         [--checkpoint last.ckpt]
     .venv/bin/python benchmarks/compare_runs.py runs/quality/default runs/quality/default/test_scores_last.csv
 
