@@ -131,11 +131,11 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
         assert (run / f).exists(), f
     import torch
     best, last = (torch.load(run / f, map_location="cpu", weights_only=False) for f in ("best.ckpt", "last.ckpt"))
-    validated = {int(r["epoch"]) for r in csv.DictReader(open(run / "logs" / "metrics.csv")) if r["val/select"]}
+    logged = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    validated = {int(r["epoch"]) for r in logged if r["val/select"]}
     assert validated == {1, 2}                       # 3 % 2 != 0: Lightning alone would skip the final epoch
     assert last["epoch"] == 2 and best["epoch"] in validated
-    choice = {int(r["epoch"]): float(r["val/choice"]) for r in csv.DictReader(open(run / "logs" / "metrics.csv"))
-              if r.get("val/choice")}
+    choice = {int(r["epoch"]): float(r["val/choice"]) for r in logged if r.get("val/choice")}
     assert best["epoch"] == max(e for e, c in choice.items() if c >= 0)   # the latest epoch within noise
     assert last["global_step"] == 3 * 4 and best["global_step"] == 4 * (best["epoch"] + 1)  # 32 crops / 8
     m = json.loads((run / "metrics.json").read_text())
