@@ -47,9 +47,11 @@ class DataConfig:
     synth_share: float = 0.5        # share of training crops cut from those scans (when synth_per_epoch > 0)
     synth_pool: int = 24            # on-the-fly scans each worker holds (~3 MB each at 10 mm)
     synth_anomaly_fraction: float = 0.5  # share of those fresh trucks that carry an anomaly (0 in normal-only)
+    synth_twin_fraction: float = 0.0  # share of the negative crops from fresh trucks cut from an anomalous
+                                      # truck's twin (same truck and noise, no anomaly) where the anomaly was
     hard_types: float = 0.0         # > 0: this share of the anomaly sampling follows each anomaly type's hardness
                                     # on the last validations (detector.hard_types); 0 = types as they come
-                                    # (0.5 measured worse on the synthetic default: configs/default.yaml)
+                                    # (0.5 measured worse on the synthetic default: docs/experiments.md)
     batch_size: int = 16
     val_batch_size: int = 1         # whole scans differ in size; 1 avoids padding waste
     workers: int | str = "auto"     # crop loader processes per training process; "auto": auto_workers
@@ -269,7 +271,8 @@ class CropDataset(Dataset):
                 self._pool = SynthPool(self.cfg.synth_pool, per_scan, self.pre, self.channels,
                                        [self.cfg.seed, 0x5EED, seed],   # normal-only: TIP adds the threats
                                        anomaly_fraction=0.0 if self.cfg.normal_only else self.cfg.synth_anomaly_fraction,
-                                       kind_weights=self._type_weights if self.cfg.hard_types > 0 else None)
+                                       kind_weights=self._type_weights if self.cfg.hard_types > 0 else None,
+                                       twin_fraction=self.cfg.synth_twin_fraction)
         return self._rng
 
     def crop(self, i: int, rng: np.random.Generator, centred: bool, hard: tuple[int, int] | None = None
@@ -331,7 +334,7 @@ class CropDataset(Dataset):
         if self._pool is not None and rng.random() < self.cfg.synth_share:   # a fresh synthetic truck
             positive = rng.random() < self.cfg.anomaly_crop_fraction
             ps = self._pool.draw(rng, positive)
-            img, m = self.cut(ps.att, ps.mask, rng, ps.centres if positive else None)
+            img, m = self.cut(ps.att, ps.mask, rng, ps.centres)
             return self._sample(img, m, True, int(m.any()))
         centred = bool(self.pos) and rng.random() < self.cfg.anomaly_crop_fraction
         hard = None

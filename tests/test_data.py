@@ -181,3 +181,26 @@ def test_on_the_fly_synthetic_scans_renew_and_their_masks_mark_the_anomaly(tmp_p
     other = SynthPool(1, 1, pre, 2, [0, 0x5EED, 12345])
     assert other.draw(np.random.default_rng(0), False).att.shape != pool.scans[-1].att.shape or \
         not np.array_equal(other.scans[0].att, pool.scans[-1].att)
+
+
+def test_pool_twins_are_negatives_cut_where_the_anomaly_was_in_the_same_truck_without_it(tmp_path):
+    pre, entropy = Preprocessing(), [0, 0x5EED, 9]
+    pool = SynthPool(2, 100, pre, 2, entropy, anomaly_fraction=1.0, twin_fraction=1.0)
+    rng = np.random.default_rng(0)
+    pos, neg = pool.draw(rng, True), pool.draw(rng, False)
+    assert pos.centres and pos.mask.any() and pos.twin is not None
+    assert neg.centres and not neg.mask.any()            # centred where an anomaly was, with nothing to find
+    k = next(i for i, s in enumerate(pool.scans) if s.twin is neg.att)
+    clean = make_pool_scan(np.random.SeedSequence(entropy, spawn_key=(k,)), False, pre, 2)
+    np.testing.assert_array_equal(neg.att, clean.att)    # the same truck and noise, no anomaly
+    assert neg.centres == pool.scans[k].centres
+    plain = SynthPool(2, 100, pre, 2, entropy, anomaly_fraction=1.0)
+    assert plain.draw(rng, True).twin is None and not plain.draw(rng, False).centres  # off: random negatives
+    # in the crop dataset every negative crop from fresh trucks is then a twin: labelled normal
+    torch.manual_seed(0)
+    cfg = DataConfig(crop=64, crops_per_epoch=12, anomaly_crop_fraction=0.0, workers=0, synth_per_epoch=4,
+                     synth_share=1.0, synth_pool=2, synth_anomaly_fraction=1.0, synth_twin_fraction=1.0)
+    _, ds, _ = _crop_dataset(tmp_path, cfg)
+    items = [ds[i] for i in range(12)]
+    assert all(float(it["label"]) == 0 and float(it["mask"].sum()) == 0 for it in items)
+    assert all(s.twin is not None for s in ds._pool.scans)

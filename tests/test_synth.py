@@ -82,6 +82,14 @@ def test_mask_and_box_lie_on_the_anomaly(kind):
     assert diff[m].mean() > 0.005                              # and really added on the mask
 
 
+def test_twin_is_the_same_scan_without_its_anomaly():
+    s = generate_scan(7, anomaly="small_metal", height=H, twin=True)
+    np.testing.assert_array_equal(s.counts, generate_scan(7, anomaly="small_metal", height=H).counts)
+    np.testing.assert_array_equal(s.twin_counts, generate_scan(7, anomaly=None, height=H).counts)  # same noise too
+    assert (s.counts != s.twin_counts).any()
+    assert generate_scan(7, anomaly=None, height=H, twin=True).twin_counts is None
+
+
 @pytest.mark.parametrize("kind", ANOMALY_TYPES)
 def test_visibility_is_positive_for_an_anomaly_and_nan_without(kind):
     from detector.synth.visibility import anomaly_visibility, band_of

@@ -6,6 +6,7 @@ the result never depends on which worker made it.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ class SynthScan:
     anomaly_type: str = "none"
     cargo: str = ""
     vehicle: str = ""
+    twin_counts: np.ndarray | None = None   # generate_scan(twin=True): the same scan without its anomaly
 
     @property
     def label(self) -> int:
@@ -122,9 +124,10 @@ def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Genera
 
 def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = None,
                   vehicle: str | None = None, cargo: str | None = None,
-                  detector: DetectorModel | None = None) -> SynthScan:
+                  detector: DetectorModel | None = None, twin: bool = False) -> SynthScan:
     """Generate one scan. `anomaly`: None/False (normal), True (random type) or a name from
-    ANOMALY_TYPES. `height` fixes the image height (the pitch then follows the vehicle)."""
+    ANOMALY_TYPES. `height` fixes the image height (the pitch then follows the vehicle).
+    `twin`: also render its twin, the same vehicle, cargo and detector noise without the anomaly."""
     ss = _seq(seed)
     scene_rng, anom_rng, det_rng = _stream(ss, 0), _stream(ss, 1), _stream(ss, 2)
     cv, vehicle, cargo = build_scene(scene_rng, height, vehicle, cargo)
@@ -132,6 +135,7 @@ def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = 
     att = cv.attenuation()
     mask = np.zeros(att.shape[1:], bool)
     kind = "none"
+    clean = att
     if anomaly:
         kind = str(anom_rng.choice(ANOMALY_TYPES)) if anomaly is True else str(anomaly)
         if kind not in ANOMALY_TYPES:
@@ -144,9 +148,13 @@ def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = 
         src = (W - 1) - src
     att = resample_columns(att, src)
     mask = np.ascontiguousarray(mask[:, np.rint(src).astype(np.int64)])
+    twin_rng = copy.deepcopy(det_rng) if twin and kind != "none" else None
     counts = detect(att, det_rng, m)
+    twin_counts = None
+    if twin_rng is not None:             # the same noise draws: the two differ by the anomaly alone
+        twin_counts = detect(resample_columns(clean, src), twin_rng, m)
     boxes = []
     if mask.any():
         ys, xs = np.nonzero(mask)
         boxes = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]]
-    return SynthScan(counts, float(m.i0), float(cv.pitch_mm), mask, boxes, kind, cargo, vehicle)
+    return SynthScan(counts, float(m.i0), float(cv.pitch_mm), mask, boxes, kind, cargo, vehicle, twin_counts)

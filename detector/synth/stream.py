@@ -25,19 +25,26 @@ class PoolScan:
     att: np.ndarray                 # (C, h, w) float32 attenuation
     mask: np.ndarray                # (h, w) uint8
     centres: list[tuple[int, int]]  # anomaly pixels to centre positive crops on (empty if normal)
+    twin: np.ndarray | None = None  # (C, h, w) the same scan without its anomaly (make_pool_scan(twin=True))
 
 
 def make_pool_scan(seed: np.random.SeedSequence, anomalous: bool | str, pre: Preprocessing,
-                   channels: int | None = None) -> PoolScan:
+                   channels: int | None = None, twin: bool = False) -> PoolScan:
     """Generate one synthetic scan and bring it to model pitch exactly as the scan cache does.
-    `anomalous`: False, True (a random type) or an anomaly type's name."""
+    `anomalous`: False, True (a random type) or an anomaly type's name. `twin`: keep an anomalous scan's
+    twin too (the same truck and noise without the anomaly)."""
     from detector.synth.scene import generate_scan
 
-    s = generate_scan(seed, anomaly=anomalous)
-    scan = scan_from_counts(s.counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
-    att = model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, "synthetic").astype(np.float32, copy=False)
-    mask = model_mask(s.mask, scan.pitch_mm, pre)
-    return PoolScan(att, mask, mask_centres(mask))
+    s = generate_scan(seed, anomaly=anomalous, twin=twin)
+
+    def model_att(counts: np.ndarray) -> np.ndarray:
+        scan = scan_from_counts(counts, i0=(s.i0, s.i0), pitch_mm=s.pitch_mm, energies=("high", "low"))
+        return model_attenuation(scan.attenuation, scan.pitch_mm, pre, channels, "synthetic").astype(
+            np.float32, copy=False)
+
+    mask = model_mask(s.mask, s.pitch_mm, pre)
+    twin_att = model_att(s.twin_counts) if s.twin_counts is not None else None
+    return PoolScan(model_att(s.counts), mask, mask_centres(mask), twin_att)
 
 
 def model_mask(mask: np.ndarray, pitch_mm: float, pre: Preprocessing) -> np.ndarray:
@@ -55,14 +62,16 @@ def mask_centres(mask: np.ndarray, n: int = 64) -> list[tuple[int, int]]:
 
 class SynthPool:
     """A worker's pool of on-the-fly scans; `draw` returns one and renews the pool as crops are taken.
-    `kind_weights`, if given, returns the current sampling weight per anomaly type (empty: uniform)."""
+    `kind_weights`, if given, returns the current sampling weight per anomaly type (empty: uniform).
+    `twin_fraction`: share of negative draws that are an anomalous scan's twin, cut where its anomaly was."""
 
     def __init__(self, size: int, crops_per_scan: int, pre: Preprocessing, channels: int | None,
                  entropy: list[int], anomaly_fraction: float = 0.5,
-                 kind_weights: Callable[[], dict[str, float]] | None = None) -> None:
+                 kind_weights: Callable[[], dict[str, float]] | None = None, twin_fraction: float = 0.0) -> None:
         self.size, self.crops_per_scan = max(1, size), max(1, crops_per_scan)
         self.pre, self.channels, self.anomaly_fraction = pre, channels, anomaly_fraction
         self.kind_weights = kind_weights
+        self.twin_fraction = twin_fraction
         self.entropy = entropy        # distinct per worker and run: never the seeds of a stored test set
         self.scans: list[PoolScan] = []
         self.made = 0
@@ -76,16 +85,25 @@ class SynthPool:
         if weights:   # the types the model finds hardest come more often (detector.hard_types)
             from detector.synth.scene import ANOMALY_TYPES
             anomaly = draw_kind(rng, ANOMALY_TYPES, weights)
-        return make_pool_scan(seed, anomaly, self.pre, self.channels)
+        return make_pool_scan(seed, anomaly, self.pre, self.channels, twin=self.twin_fraction > 0)
 
     def draw(self, rng: np.random.Generator, positive: bool) -> PoolScan:
-        """A pool scan (an anomalous one if `positive` and the pool has any); fills/renews the pool."""
+        """A pool scan to cut a crop from, centred on `centres` if it has any: an anomalous one if `positive`
+        (and the pool has any); if not, now and then an anomalous scan's twin with the anomaly's centres and
+        an empty mask (same context, no threat: context alone must not predict one), else a scan to crop at
+        random (centres empty). Fills and renews the pool."""
         while len(self.scans) < self.size:
             self.scans.append(self._new(rng))
         self._taken += 1
         if self._taken % self.crops_per_scan == 0:   # oldest out, a new truck in
             self.scans.pop(0)
             self.scans.append(self._new(rng))
+        if not positive and self.twin_fraction > 0 and rng.random() < self.twin_fraction:
+            twins = [s for s in self.scans if s.twin is not None]
+            if twins:
+                s = twins[int(rng.integers(len(twins)))]
+                return PoolScan(s.twin, np.zeros_like(s.mask), s.centres)
         pool = [s for s in self.scans if s.centres] if positive else self.scans
         pool = pool or self.scans
-        return pool[int(rng.integers(len(pool)))]
+        s = pool[int(rng.integers(len(pool)))]
+        return s if positive else PoolScan(s.att, s.mask, [])
