@@ -6,7 +6,7 @@ run's test split, and write its scores beside RUN/test_scores.csv for benchmarks
     .venv/bin/python benchmarks/compare_runs.py runs/quality/default runs/quality/default/test_scores_last.csv
 
 This is how the checkpoint-selection rule was measured: on 50 validation anomalies the strictly best epoch
-was often an earlier one that tested worse than the last (configs/default.yaml, trainer.select_se).
+was often an earlier one that tested worse than the last (docs/experiments.md, trainer.select_se).
 """
 from __future__ import annotations
 

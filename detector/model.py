@@ -136,7 +136,7 @@ class MaterialInput(nn.Module):
     which the first conv learns slowly; here it has a channel of its own at the scale of the first. Nothing
     is lost (the mix is invertible), and it runs inside the exported graph: the station still sends the
     preprocessed (high, low) attenuation. Off by default: on the synthetic scans it measured no better, the
-    difference of two noisy energies hiding as much as it shows (configs/default.yaml)."""
+    difference of two noisy energies hiding as much as it shows (docs/experiments.md)."""
 
     def __init__(self, gain: float, r_mid: float | None = None) -> None:
         super().__init__()

@@ -69,7 +69,7 @@ class TrainerConfig:
     cpu_processes: int = 1        # on a CPU: DDP over this many processes, each with its share of the cores and
                                   # of data.batch_size (same optimiser steps); ignored on a GPU
     ema_decay: float = 0.0        # > 0 (e.g. 0.999): validate, checkpoint and export an EMA of the weights (0 = off;
-                                  # no gain measured with a 28-epoch cosine schedule, see default.yaml)
+                                  # no gain measured with a 28-epoch cosine schedule: docs/experiments.md)
     test: bool = True             # evaluate the best checkpoint on the test split after fitting
     select_se: float = 1.0        # best.ckpt: the latest validated epoch whose detection at 1 % is within this many
                                   # standard errors of the best so far (within_noise; 0 = strictly the best)
@@ -344,7 +344,7 @@ def within_noise(select: float, top: float, n_anomalous: int, se: float) -> bool
     being that of a difference of two detection rates near 50 % on n validation anomalies, sqrt(0.5 / n):
     0.1 (5 anomalies) on 50. Such a later epoch becomes best.ckpt: on a small validation set the highest
     detection at 1 % false alarms is mostly luck (its threshold is the top normal score or two), and picking
-    it picked an earlier, less annealed epoch that tested worse than the last one (configs/default.yaml)."""
+    it picked an earlier, less annealed epoch that tested worse than the last one (docs/experiments.md)."""
     tolerance = se * math.sqrt(0.5 / n_anomalous) if n_anomalous > 0 else 0.0
     return select >= top - tolerance
 

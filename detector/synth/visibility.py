@@ -1,8 +1,7 @@
 """How visible a synthetic anomaly is: its added attenuation over the clutter of the scan around it.
 
 A generated anomalous scan is rendered again from the same seed without its anomaly (the scene,
-vehicle and cargo come from their own random streams, so only the anomaly and the quantum noise
-differ). Both are brought to the model's pitch; visibility = mean attenuation the anomaly adds
+vehicle, cargo and detector noise come from their own random streams, so only the anomaly differs). Both are brought to the model's pitch; visibility = mean attenuation the anomaly adds
 (high energy, over its mask) / std of the high-passed clean scan in a window around it (structure
 edges + noise at the object's scale). Below ~1 an officer cannot tell it from the clutter by
 contrast alone; quality figures are reported per band of it.
