@@ -80,7 +80,7 @@ def test_positive_crops_are_drawn_by_their_type_weight(tmp_path):
 
 def test_fresh_trucks_take_their_anomaly_type_from_the_weights(monkeypatch):
     asked = []
-    monkeypatch.setattr(stream, "make_pool_scan", lambda seed, anomaly, pre, ch: asked.append(anomaly) or
+    monkeypatch.setattr(stream, "make_pool_scan", lambda seed, anomaly, pre, ch, twin=False: asked.append(anomaly) or
                         stream.PoolScan(np.zeros((2, 4, 4), np.float32), np.zeros((4, 4), np.uint8), []))
     only = {k: 0.0 for k in ("firearm", "narcotics", "false_wall", "shielded_block", "in_chassis", "in_tyre",
                              "in_fuel_tank", "low_contrast")}   # every type but small_metal weighs 0
