@@ -23,6 +23,15 @@ from detector.train import load_checkpoint
 EDGE_ROWS = 2  # cell rows above the bottom edge counted as "on the edge"
 
 
+def cell_logits(model: torch.nn.Module, scan, pre: Preprocessing, channels: int) -> tuple[np.ndarray, tuple]:
+    """A scan's heatmap logits over its valid (unpadded) cells, and the scan pixels per model pixel (y, x)."""
+    p = prepare(scan, pre, channels)
+    with torch.no_grad():
+        z = model.logits(nhwc(torch.from_numpy(p.x)[None]))[0, 0].float().numpy()
+    hc, wc = valid_cells(*p.valid_hw, model.stride)
+    return z[:hc, :wc], p.scale_yx
+
+
 def hottest_cells(run: Path) -> list[dict]:
     """Each clean test truck of the run: its score, hottest cell (scan px) and cell rows above the bottom."""
     model, info = load_checkpoint(run / "best.ckpt")
@@ -32,14 +41,11 @@ def hottest_cells(run: Path) -> list[dict]:
     with open(run / "test_scores.csv", newline="") as f:
         clean = [r for r in csv.DictReader(f) if r["label"] == "0"]
     for r in clean:
-        scan = read_scan(r["path"])
-        p = prepare(scan, pre, info["channels"])
-        with torch.no_grad():
-            z = model.logits(nhwc(torch.from_numpy(p.x)[None]))[0, 0].float().numpy()
-        hc, wc = valid_cells(*p.valid_hw, s)
-        y, x = np.unravel_index(int(np.argmax(z[:hc, :wc])), (hc, wc))
+        z, scale = cell_logits(model, read_scan(r["path"]), pre, info["channels"])
+        hc, wc = z.shape
+        y, x = np.unravel_index(int(np.argmax(z)), (hc, wc))
         out.append({"path": r["path"], "score": float(r["score"]), "rows_above_bottom": hc - 1 - int(y),
-                    "y": int((y + 0.5) * s * p.scale_yx[0]), "x": int((x + 0.5) * s * p.scale_yx[1])})
+                    "y": int((y + 0.5) * s * scale[0]), "x": int((x + 0.5) * s * scale[1])})
     return sorted(out, key=lambda d: -d["score"])
 
 

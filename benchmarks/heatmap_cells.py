@@ -23,10 +23,10 @@ import torch
 
 from detector import metrics
 from detector.evaluate import load_truth
-from detector.model import nhwc
-from detector.preprocess import Preprocessing, prepare, valid_cells
+from detector.preprocess import Preprocessing
 from detector.scan import read_scan
 from detector.train import load_checkpoint
+from false_alarms import cell_logits  # benchmarks/ is on sys.path when this script runs
 
 TOPK = (1, 2, 4, 8, 16)
 
@@ -44,17 +44,14 @@ def scan_cells(run: Path, data: Path, checkpoint: str = "best.ckpt") -> list[dic
         t = truth.get(Path(r["path"]).resolve())
         if t is None:
             raise SystemExit(f"{r['path']}: not in {data}'s manifest")
-        p = prepare(read_scan(t.path), pre, info["channels"])
-        with torch.no_grad():
-            z = model.logits(nhwc(torch.from_numpy(p.x)[None]))[0, 0].float().numpy()
-        hc, wc = valid_cells(*p.valid_hw, s)
-        z = z[:hc, :wc]
+        z, scale = cell_logits(model, read_scan(t.path), pre, info["channels"])
+        hc, wc = z.shape
         d = {"label": t.label, "type": t.anomaly_type or "none", "cargo": t.cargo or "",
              "top": np.sort(z.ravel())[::-1][:max(TOPK)], "own": np.nan}
         if t.label and t.mask is not None:
             ys, xs = np.nonzero(cv2.imread(str(t.mask), cv2.IMREAD_GRAYSCALE))
-            cy = np.minimum((ys / (s * p.scale_yx[0])).astype(int), hc - 1)
-            cx = np.minimum((xs / (s * p.scale_yx[1])).astype(int), wc - 1)
+            cy = np.minimum((ys / (s * scale[0])).astype(int), hc - 1)
+            cx = np.minimum((xs / (s * scale[1])).astype(int), wc - 1)
             d["own"] = float(z[cy, cx].max()) if len(ys) else np.nan
         out.append(d)
     return out
