@@ -35,6 +35,41 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 
 STRUCTURE_ATTENUATION = 0.3  # above this a pixel is vehicle or cargo, not air
 
+
+def single_threaded_worker() -> None:
+    """In a DataLoader worker process, run OpenCV on one thread: the workers are the parallelism, and
+    each one's OpenCV would otherwise start a thread per core (14 workers x 16 threads on a 16-core GPU
+    host; on 2 cores its threads compete with the training processes). A no-op in the main process.
+    Forked workers already start on one thread (see _fork_with_single_threaded_opencv); this call acts
+    only in spawned ones, whose OpenCV thread pool is fresh and safe to resize."""
+    if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+_threads_before_fork: list[int] = []
+
+
+def _opencv_to_one_thread() -> None:
+    _threads_before_fork.append(cv2.getNumThreads())
+    cv2.setNumThreads(1)
+
+
+def _opencv_threads_back() -> None:
+    if _threads_before_fork:
+        cv2.setNumThreads(_threads_before_fork.pop())
+
+
+def _fork_with_single_threaded_opencv() -> None:
+    """Every fork (DataLoader workers) inherits OpenCV on one thread. Resizing OpenCV's pthreads pool
+    inside a forked child deadlocks once the parent's pool has run (its threads do not survive fork),
+    so the parent drops to one thread just before the fork and takes its threads back just after."""
+    os.register_at_fork(before=_opencv_to_one_thread, after_in_parent=_opencv_threads_back,
+                        after_in_child=_threads_before_fork.clear)
+
+
+_fork_with_single_threaded_opencv()
+
+
 @dataclass
 class DataConfig:
     crop: int = 192                 # training crop side in model pixels (multiple of 32)
@@ -260,6 +295,7 @@ class CropDataset(Dataset):
 
     def _generator(self) -> np.random.Generator:
         if self._rng is None:  # one stream per worker process (persistent workers keep it across epochs)
+            single_threaded_worker()
             seed = torch.initial_seed() % 2**32
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             if rank and torch.utils.data.get_worker_info() is None:  # DDP, no loader workers: ranks share a seed
@@ -362,6 +398,7 @@ class ScanDataset(Dataset):
         return len(self.recs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        single_threaded_worker()
         att, mask = self.cache.load(self.metas[i])
         x = pad_to_multiple(normalize(np.asarray(att), self.pre), self.pre.pad_multiple)
         m = np.zeros(x.shape[1:], np.float32)

@@ -5,6 +5,7 @@ import csv
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -119,6 +120,36 @@ def test_crops_oversample_anomalies_and_val_pads_to_32(tmp_path):
     assert v["x"].shape[1] % 32 == 0 and v["x"].shape[2] % 32 == 0
     assert tuple(v["valid_hw"].tolist()) == tuple(dm.metas["val"][0]["shape"][1:])
     assert dm.channels == 2
+
+
+class _CropThreads(CropDataset):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "cv2_threads": cv2.getNumThreads()}
+
+
+class _ScanThreads(ScanDataset):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "cv2_threads": cv2.getNumThreads()}
+
+
+def test_loader_workers_run_opencv_on_one_thread_and_leave_the_main_process_alone(tmp_path):
+    """Workers are the parallelism: an OpenCV thread per core in each would oversubscribe the machine.
+    The main process runs OpenCV's thread pool first: resizing that pool inside a forked worker deadlocks
+    (the loader's timeout turns such a hang into a failure)."""
+    cfg = DataConfig(crop=32, crops_per_epoch=4, workers=0)
+    dm, _, pre = _crop_dataset(tmp_path, cfg)
+    cv2.setNumThreads(2)
+    before = cv2.getNumThreads()
+    img = np.random.default_rng(0).random((1024, 1024), np.float32)
+    for _ in range(3):
+        cv2.GaussianBlur(cv2.resize(img, (1500, 1500)), (0, 0), 3)
+    crops = _CropThreads(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+    scans = _ScanThreads(dm.cache, dm.splits["val"], dm.metas["val"], pre)
+    for ds in (crops, scans):
+        items = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, timeout=60))
+        assert items and all(it["cv2_threads"] == 1 for it in items)
+    crops[0], scans[0]                                     # in this process: untouched
+    assert cv2.getNumThreads() == before
 
 
 def test_crops_reach_into_the_padding_the_station_adds(tmp_path):
