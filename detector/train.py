@@ -299,12 +299,14 @@ class AnomalyModule(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         max_epochs = max(1, int(self.trainer.max_epochs))
         per_epoch = max(1, int(self.trainer.estimated_stepping_batches)) / max_epochs
-        warm = max(1, int(round(per_epoch * max_epochs) * o.warmup_fraction))
 
-        def lr_at(step: int) -> float:   # cosine over schedule_epochs: a TimeBudget may shorten the run
+        def lr_at(step: int) -> float:
+            # warmup and cosine span the planned run: a TimeBudget re-plans it after each epoch, so with a
+            # generous max_epochs the budget, not the epoch count, sets the schedule on any machine
+            total = max(2, round(per_epoch * (self.schedule_epochs or max_epochs)))
+            warm = max(1, round(total * o.warmup_fraction))
             if step < warm:
                 return (step + 1) / warm
-            total = max(warm + 1, round(per_epoch * (self.schedule_epochs or max_epochs)))
             t = min(1.0, (step - warm) / max(1, total - warm))
             return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 

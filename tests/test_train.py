@@ -183,18 +183,20 @@ def test_plan_epochs_fits_the_budget_and_announces_the_last_epoch_ahead():
 
 
 def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(tmp_path):
-    """trainer.max_minutes far below one epoch: 2 of 6 epochs (the last one announced after the first),
-    the cosine schedule shortened to end there, the final epoch validated, and a resume keeps the plan."""
+    """trainer.max_minutes far below one epoch: 2 of 60 epochs (the last one announced after the first),
+    warmup and cosine schedule shortened to end there, the final epoch validated, and a resume keeps the plan."""
     from detector.train import run_training
     data = write_dataset(tmp_path / "data")
-    ov = [*TINY, "trainer.max_epochs=6", "trainer.patience=0", "trainer.val_every=4", "trainer.max_minutes=0.0001",
+    ov = [*TINY, "trainer.max_epochs=60", "trainer.patience=0", "trainer.val_every=4", "trainer.max_minutes=0.0001",
           "trainer.test=false"]
     res = run_training(None, data, tmp_path / "run", ov, quiet=True)
     assert res["epochs"] == 2
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
     assert {int(r["epoch"]) for r in rows if r["val/select"]} == {1}   # 2 % 4 != 0, validated as the last
     lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
-    assert len(lrs) == 2 * 4 and lrs[-1] < 0.1 * max(lrs)             # annealed over 8 steps, not 24
+    from detector.train import OptimConfig
+    lr = OptimConfig().lr
+    assert len(lrs) == 2 * 4 and lrs[-1] < 0.1 * lr < 0.4 * lr < max(lrs)  # warmed and annealed in 8 steps, not 240
     again = run_training(None, data, tmp_path / "run", ov, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
     assert again["epochs"] == 2
     with pytest.raises(ValueError, match="max_minutes"):
