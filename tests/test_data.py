@@ -138,18 +138,21 @@ def test_loader_workers_run_opencv_on_one_thread_and_leave_the_main_process_alon
     (the loader's timeout turns such a hang into a failure)."""
     cfg = DataConfig(crop=32, crops_per_epoch=4, workers=0)
     dm, _, pre = _crop_dataset(tmp_path, cfg)
+    saved = cv2.getNumThreads()
     cv2.setNumThreads(2)
-    before = cv2.getNumThreads()
-    img = np.random.default_rng(0).random((1024, 1024), np.float32)
-    for _ in range(3):
-        cv2.GaussianBlur(cv2.resize(img, (1500, 1500)), (0, 0), 3)
-    crops = _CropThreads(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
-    scans = _ScanThreads(dm.cache, dm.splits["val"], dm.metas["val"], pre)
-    for ds in (crops, scans):
-        items = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, timeout=60))
-        assert items and all(it["cv2_threads"] == 1 for it in items)
-    crops[0], scans[0]                                     # in this process: untouched
-    assert cv2.getNumThreads() == before
+    try:
+        img = np.random.default_rng(0).random((1024, 1024), np.float32)
+        for _ in range(3):
+            cv2.GaussianBlur(cv2.resize(img, (1500, 1500)), (0, 0), 3)
+        crops = _CropThreads(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+        scans = _ScanThreads(dm.cache, dm.splits["val"], dm.metas["val"], pre)
+        for ds in (crops, scans):
+            items = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, timeout=60))
+            assert items and all(it["cv2_threads"] == 1 for it in items)
+        crops[0], scans[0]                                 # in this process: untouched
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(saved)
 
 
 def test_crops_reach_into_the_padding_the_station_adds(tmp_path):
