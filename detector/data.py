@@ -40,7 +40,7 @@ def single_threaded_worker() -> None:
     """In a DataLoader worker process, run OpenCV on one thread: the workers are the parallelism, and
     each one's OpenCV would otherwise start a thread per core (14 workers x 16 threads on a 16-core GPU
     host; on 2 cores its threads compete with the training processes). A no-op in the main process.
-    Forked workers already start on one thread (see _fork_with_single_threaded_opencv); this call acts
+    Forked workers already start on one thread (the os.register_at_fork hooks below); this call acts
     only in spawned ones, whose OpenCV thread pool is fresh and safe to resize."""
     if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
@@ -59,15 +59,11 @@ def _opencv_threads_back() -> None:
         cv2.setNumThreads(_threads_before_fork.pop())
 
 
-def _fork_with_single_threaded_opencv() -> None:
-    """Every fork (DataLoader workers) inherits OpenCV on one thread. Resizing OpenCV's pthreads pool
-    inside a forked child deadlocks once the parent's pool has run (its threads do not survive fork),
-    so the parent drops to one thread just before the fork and takes its threads back just after."""
-    os.register_at_fork(before=_opencv_to_one_thread, after_in_parent=_opencv_threads_back,
-                        after_in_child=_threads_before_fork.clear)
-
-
-_fork_with_single_threaded_opencv()
+# Every fork (DataLoader workers) inherits OpenCV on one thread. Resizing OpenCV's pthreads pool inside a
+# forked child deadlocks once the parent's pool has run (its threads do not survive fork), so the parent
+# drops to one thread just before the fork and takes its threads back just after.
+os.register_at_fork(before=_opencv_to_one_thread, after_in_parent=_opencv_threads_back,
+                    after_in_child=_threads_before_fork.clear)
 
 
 @dataclass
