@@ -8,9 +8,11 @@ returns it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -429,6 +431,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
     out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        _warn_if_replacing(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.trainer.threads)
@@ -470,23 +474,24 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
     if cfg.trainer.ema_decay > 0:  # validation, best/last.ckpt's state_dict and the test use the average
         callbacks.append(EMAWeightAveraging(decay=cfg.trainer.ema_decay))
-    trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
-                        devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-                        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator), callbacks=callbacks,
-                        logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")],
-                        log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
-                        check_val_every_n_epoch=cfg.trainer.val_every,
-                        enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    with _lightning_noise_off():
+        trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
+                            devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+                            precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator), callbacks=callbacks,
+                            logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")],
+                            log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
+                            check_val_every_n_epoch=cfg.trainer.val_every,
+                            enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
     best = Path(ckpt.best_model_path or out / "last.ckpt")
     train_s = round(time.time() - t0, 1)
     tested = bool(cfg.trainer.test and dm.splits["test"])
     if tested:  # every rank takes part (DDP: a share of the scans each)
-        tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                           strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
-                           enable_progress_bar=not quiet, enable_model_summary=False)
-        with warnings.catch_warnings():  # the sampler's repeated scans are dropped by index in _gather, and
+        with _lightning_noise_off():  # the sampler's repeated scans are dropped by index in _gather, and
             # the checkpoint's callbacks are left out on purpose (EMA would reload the raw weights)
+            tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                               strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=not quiet, enable_model_summary=False)
             warnings.filterwarnings("ignore", "Using `DistributedSampler` with the dataloaders. During `trainer.test")
             warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`, callbacks used to create")
             tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
@@ -503,6 +508,43 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's advert for its cloud logging service (printed on every fit): this tool never uses
+    the network, and a station engineer should not be pointed at a cloud platform."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage().lower()
+
+
+@contextlib.contextmanager
+def _lightning_noise_off():
+    """Silence what Lightning prints on every run and that asks nothing of the user: "checkpoint directory
+    not empty" (RUN always holds config.yaml by then; an earlier run's checkpoints get their own warning,
+    _warn_if_replacing), a torch-version deprecation inside Lightning, the model summary's bf16 notice, the
+    advert. Other warnings pass."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    advert = _NoAdverts()
+    log.addFilter(advert)
+    try:
+        with warnings.catch_warnings():
+            for text in (r"Checkpoint directory .* exists and is not empty", r"`isinstance\(treespec, LeafSpec\)`",
+                         r"Precision .* is not supported by the model summary"):
+                warnings.filterwarnings("ignore", text)
+            yield
+    finally:
+        log.removeFilter(advert)
+
+
+def _warn_if_replacing(out: Path) -> None:
+    """A new run into a folder that holds an earlier run's checkpoints replaces them: say so, and how to continue
+    that run instead (rank 0 only: DDP re-runs the command once per extra process)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+    old = [f for f in ("best.ckpt", "last.ckpt") if (out / f).exists()]
+    if old:
+        rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
+                       f"(--resume {out / 'last.ckpt'} continues that run instead)")
 
 
 def write_test_scores(path: Path, rows: list[dict], records: list) -> None:

@@ -197,10 +197,37 @@ def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(
     from detector.train import OptimConfig
     lr = OptimConfig().lr
     assert len(lrs) == 2 * 4 and lrs[-1] < 0.1 * lr < 0.4 * lr < max(lrs)  # warmed and annealed in 8 steps, not 240
-    again = run_training(None, data, tmp_path / "run", ov, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
+    import warnings
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        again = run_training(None, data, tmp_path / "run", ov, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
     assert again["epochs"] == 2
+    assert not any("earlier run" in str(w.message) for w in said)   # resuming continues, it replaces nothing
     with pytest.raises(ValueError, match="max_minutes"):
         run_training(None, data, tmp_path / "bad", [*TINY, "trainer.max_minutes=-1"], quiet=True)
+
+
+def test_only_a_run_that_replaces_an_earlier_runs_checkpoints_is_warned(tmp_path, recwarn, caplog):
+    """Lightning's "directory not empty" fired on every run (RUN holds config.yaml before fitting); what
+    deserves a warning is a new run replacing an earlier run's checkpoints, and it names --resume. Lightning's
+    per-run noise (a deprecation inside it, its cloud-logging advert) is gone; its other messages stay."""
+    import logging
+    import warnings
+    from detector.train import run_training
+    data = write_dataset(tmp_path / "data")
+    ov = [*TINY, "trainer.max_epochs=1", "trainer.test=false"]
+    with caplog.at_level(logging.INFO):
+        run_training(None, data, tmp_path / "run", ov, quiet=True)
+    said = [str(w.message) for w in recwarn]
+    assert not any(t in m for m in said for t in ("Checkpoint directory", "earlier run", "LeafSpec")), said
+    assert "litlogger" not in caplog.text.lower() and "max_epochs=1` reached" in caplog.text
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        run_training(None, data, tmp_path / "run", ov, quiet=True)
+    replacing = [str(w.message) for w in again if "earlier run" in str(w.message)]
+    assert len(replacing) == 1 and "best.ckpt and last.ckpt" in replacing[0]
+    assert f"--resume {tmp_path / 'run' / 'last.ckpt'}" in replacing[0]
+    assert not any("Checkpoint directory" in str(w.message) for w in again)   # the logs' own warning may stay
 
 
 def test_plain_folder_rgb_8bit_trains(tmp_path):
