@@ -428,7 +428,7 @@ def auto_workers(on_gpu: bool, processes: int = 1) -> int:
     train: a quarter of its cores load, at least 1 (1 per process measured best on 2 cores; a loader
     core cuts ~190 crops/s, a core trains 25-130, without and with bf16 units). On GPUs its share of
     the cores less two (itself, a spare), at most 16: a GPU outruns the loaders (H200, 16 cores,
-    14 loaders: a default epoch 6.5 s, 1.3 s of it the network)."""
+    14 loaders: a default epoch 5.9 s, ~1.3 s of it the network)."""
     cores = (os.cpu_count() or 2) // max(1, processes)
     return max(1, min(16, cores - 2)) if on_gpu else max(1, cores // 4)
 
