@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -487,13 +488,13 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     train_s = round(time.time() - t0, 1)
     tested = bool(cfg.trainer.test and dm.splits["test"])
     if tested:  # every rank takes part (DDP: a share of the scans each)
-        with _lightning_noise_off():  # the sampler's repeated scans are dropped by index in _gather, and
-            # the checkpoint's callbacks are left out on purpose (EMA would reload the raw weights)
+        # the sampler's repeated scans are dropped by index in _gather, and the checkpoint's callbacks are
+        # left out on purpose (EMA would reload the raw weights)
+        with _lightning_noise_off("Using `DistributedSampler` with the dataloaders. During `trainer.test",
+                                  "Be aware that when using `ckpt_path`, callbacks used to create"):
             tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                                strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
                                enable_progress_bar=not quiet, enable_model_summary=False)
-            warnings.filterwarnings("ignore", "Using `DistributedSampler` with the dataloaders. During `trainer.test")
-            warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`, callbacks used to create")
             tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
     if not trainer.is_global_zero:
         return {}
@@ -519,18 +520,18 @@ class _NoAdverts(logging.Filter):
 
 
 @contextlib.contextmanager
-def _lightning_noise_off():
+def _lightning_noise_off(*also: str):
     """Silence what Lightning prints on every run and that asks nothing of the user: "checkpoint directory
     not empty" (RUN always holds config.yaml by then; an earlier run's checkpoints get their own warning,
     _warn_if_replacing), a torch-version deprecation inside Lightning, the model summary's bf16 notice, the
-    advert. Other warnings pass."""
+    advert, and the warnings that start with `also`. Other warnings pass."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     advert = _NoAdverts()
     log.addFilter(advert)
     try:
         with warnings.catch_warnings():
             for text in (r"Checkpoint directory .* exists and is not empty", r"`isinstance\(treespec, LeafSpec\)`",
-                         r"Precision .* is not supported by the model summary"):
+                         r"Precision .* is not supported by the model summary", *map(re.escape, also)):
                 warnings.filterwarnings("ignore", text)
             yield
     finally:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -197,7 +199,6 @@ def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(
     from detector.train import OptimConfig
     lr = OptimConfig().lr
     assert len(lrs) == 2 * 4 and lrs[-1] < 0.1 * lr < 0.4 * lr < max(lrs)  # warmed and annealed in 8 steps, not 240
-    import warnings
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         again = run_training(None, data, tmp_path / "run", ov, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
@@ -211,8 +212,6 @@ def test_only_a_run_that_replaces_an_earlier_runs_checkpoints_is_warned(tmp_path
     """Lightning's "directory not empty" fired on every run (RUN holds config.yaml before fitting); what
     deserves a warning is a new run replacing an earlier run's checkpoints, and it names --resume. Lightning's
     per-run noise (a deprecation inside it, its cloud-logging advert) is gone; its other messages stay."""
-    import logging
-    import warnings
     from detector.train import run_training
     data = write_dataset(tmp_path / "data")
     ov = [*TINY, "trainer.max_epochs=1", "trainer.test=false"]
