@@ -93,7 +93,7 @@ def main() -> None:
     c, d = cfg.model.in_channels, cfg.data
     model = build_model(cfg.model)
     gflop = count_flops(model, c, 320, 1216) / 1e9
-    print(f"{cfg.name}: {cfg.model.backbone} stage_blocks={cfg.model.stage_blocks} "
+    print(f"{cfg.name}: {cfg.model.backbone} width={cfg.model.width} stage_blocks={cfg.model.stage_blocks} "
           f"backbone_stride={cfg.model.backbone_stride} decoder={cfg.model.decoder_channels}: "
           f"{gflop:.2f} GFLOP forward on 640x2400 px @5 mm (320x1216 @10 mm), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")

@@ -30,6 +30,8 @@ class ModelConfig:
                                              # FLOPs at 1), or one N per stage, e.g. (1, 1, 2, 1)
     context_dilations: tuple[int, ...] = ()  # dilated 3x3 branches on the deepest map (e.g. 2, 4, 8): metres of
                                              # context for a few % FLOPs (a wheel hub vs a steel block in cargo)
+    width: int = 64              # resnets: channels of the first stage, doubled per stage (64 = torchvision's);
+                                 # 32 quarters the FLOPs of every stage. Not with `weights` (shapes differ)
     material_gain: float = 0.0   # > 0 with 2 energies: the network sees (high, gain * (high - R_mid * low)), the
                                  # material signal amplified to the scale of the attenuation (MaterialInput);
                                  # ignored with 1 channel
@@ -57,6 +59,23 @@ def _adapt_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
     setattr(parent, attr, new)
 
 
+def _narrow_resnet(model: nn.Module, width: int) -> None:
+    """Rebuild a torchvision ResNet with `width` stem channels (2x per stage), same blocks and init."""
+    counts = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+    block = type(model.layer1[0])
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    for i, n in enumerate(counts):
+        setattr(model, f"layer{i + 1}", model._make_layer(block, width * 2 ** i, n, stride=1 if i == 0 else 2))
+    for m in model.modules():  # torchvision's ResNet initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _blocks(model: nn.Module, name: str, stage_blocks: int | tuple[int, ...] = 0) -> list[nn.Module]:
     """The backbone as a flat list of sequential blocks (classifier dropped)."""
     if name.startswith("resnet"):
@@ -74,11 +93,16 @@ class Backbone(nn.Module):
     """Runs the blocks up to `max_stride` and returns the last feature map of each stride >= 4."""
 
     def __init__(self, name: str, in_channels: int, max_stride: int, weights: str | None,
-                 stage_blocks: int | tuple[int, ...] = 0) -> None:
+                 stage_blocks: int | tuple[int, ...] = 0, width: int = 64) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+        if width != 64 and (not name.startswith("resnet") or width < 8 or weights):
+            raise ValueError(f"model.width={width}: only resnets take a width (>= 8), and not with model.weights "
+                             f"(a torchvision state_dict has width 64)")
         net = getattr(torchvision.models, name)(weights=None)
+        if width != 64:
+            _narrow_resnet(net, width)
         if weights:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             net.load_state_dict(state.get("state_dict", state), strict=False)
@@ -162,7 +186,8 @@ class AnomalyNet(nn.Module):
             raise ValueError(f"model.material_gain must be >= 0, got {cfg.material_gain}")
         # single-energy data (one channel, 8-bit images) has no material signal: the raw input is used
         self.material = MaterialInput(cfg.material_gain) if cfg.material_gain and cfg.in_channels == 2 else None
-        self.backbone = Backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stride, cfg.weights, cfg.stage_blocks)
+        self.backbone = Backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stride, cfg.weights, cfg.stage_blocks,
+                                 cfg.width)
         used = [(s, c) for s, c in zip(self.backbone.tap_strides, self.backbone.tap_channels) if s >= cfg.stride]
         self.n_skip = len(self.backbone.taps) - len(used)
         d = cfg.decoder_channels

@@ -136,3 +136,29 @@ def test_material_gain_is_part_of_the_network_and_off_for_one_channel():
     assert one(torch.rand(1, 1, 64, 64))[0].shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match="material_gain"):
         build_model(ModelConfig(in_channels=2, material_gain=-1.0, **cfg))
+
+
+def test_width_scales_every_stage_and_quarters_the_flops():
+    cfg = dict(in_channels=2, decoder_channels=16, topk=4, stage_blocks=1, backbone_stride=16,
+               context_dilations=(2, 4))
+    wide, narrow = build_model(ModelConfig(**cfg)), build_model(ModelConfig(width=32, **cfg))
+    assert wide.backbone.tap_channels == [64, 128, 256] and narrow.backbone.tap_channels == [32, 64, 128]
+    assert wide.backbone.tap_strides == narrow.backbone.tap_strides == [4, 8, 16]
+    ratio = count_flops(narrow, 2, 320, 1216) / count_flops(wide, 2, 320, 1216)
+    assert 0.2 < ratio < 0.35, ratio
+    # torchvision's initialisation on the rebuilt stages (a default-init conv would have a far smaller spread)
+    conv = narrow.backbone.blocks[2][0].conv1
+    assert abs(float(conv.weight.std()) - (2 / (conv.out_channels * 9)) ** 0.5) < 0.02
+    narrow.train()
+    x = torch.from_numpy(pad_to_multiple(np.random.rand(2, 37, 75).astype(np.float32), 32))[None]
+    narrow.logits(x).mean().backward()
+    assert all(p.grad is not None for p in narrow.backbone.parameters())
+
+
+def test_width_only_for_resnets_without_weights(tmp_path):
+    with pytest.raises(ValueError, match="width"):
+        build_model(ModelConfig(backbone="efficientnet_b0", in_channels=1, width=32))
+    weights = tmp_path / "resnet18.pt"
+    weights.write_bytes(b"")   # never read: the width check comes first
+    with pytest.raises(ValueError, match="width"):
+        build_model(ModelConfig(in_channels=1, width=32, weights=str(weights)))
