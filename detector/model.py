@@ -31,7 +31,7 @@ class ModelConfig:
     context_dilations: tuple[int, ...] = ()  # dilated 3x3 branches on the deepest map (e.g. 2, 4, 8): metres of
                                              # context for a few % FLOPs (a wheel hub vs a steel block in cargo)
     width: int = 64              # resnets: channels of the first stage, doubled per stage (64 = torchvision's);
-                                 # 32 quarters the FLOPs of every stage. Not with `weights` (shapes differ)
+                                 # 32 quarters the FLOPs of every stage but the stem (halved). Not with `weights`
     material_gain: float = 0.0   # > 0 with 2 energies: the network sees (high, gain * (high - R_mid * low)), the
                                  # material signal amplified to the scale of the attenuation (MaterialInput);
                                  # ignored with 1 channel
