@@ -158,7 +158,7 @@ def test_loader_workers_run_opencv_on_one_thread_and_leave_the_main_process_alon
 
 
 _FAULTS = """
-import resource, sys
+import resource
 import numpy as np
 from detector.data import keep_freed_memory
 
