@@ -1,9 +1,12 @@
 """Test another checkpoint of a finished run (e.g. last.ckpt beside the best.ckpt that training tested) on the
-run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py.
+run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py. `--split train`
+scores the scans the run trained on instead: the gap to the test figures is how much of what it learnt is memorised.
 
     .venv/bin/python benchmarks/evaluate_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
         [--checkpoint last.ckpt]
     .venv/bin/python benchmarks/compare_runs.py runs/quality/default runs/quality/default/test_scores_last.csv
+    .venv/bin/python benchmarks/evaluate_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
+        --checkpoint best.ckpt --split train
 
 This is how the checkpoint-selection rule was measured: on 50 validation anomalies the strictly best epoch
 was often an earlier one that tested worse than the last (docs/experiments.md, trainer.select_se).
@@ -25,9 +28,11 @@ from detector.train import AnomalyModule, load_config, write_test_scores
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path, help="a training run folder (config.yaml, *.ckpt)")
-    ap.add_argument("data", type=Path, help="the data folder the run trained on (its manifest's test split)")
+    ap.add_argument("data", type=Path, help="the data folder the run trained on (its manifest's splits)")
     ap.add_argument("--checkpoint", default="last.ckpt")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--split", choices=("test", "val", "train"), default="test",
+                    help="the split to score (train: the scans the run learnt from)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -36,8 +41,9 @@ def main() -> None:
                         cfg.data.cache_dir or a.run / "cache")
     dm.prepare_data()
     dm.setup("test")
-    if not dm.splits["test"]:
-        raise SystemExit(f"{a.data}: no test split in its manifest")
+    if not dm.splits[a.split]:
+        raise SystemExit(f"{a.data}: no {a.split} split in its manifest")
+    dm.splits["test"], dm.metas["test"] = dm.splits[a.split], dm.metas[a.split]   # the test loop runs it
     module = AnomalyModule.load_from_checkpoint(a.run / a.checkpoint, map_location="cpu")
     tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                        enable_progress_bar=True, enable_model_summary=False)
@@ -45,12 +51,14 @@ def main() -> None:
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         tester.test(module, datamodule=dm, verbose=False)
     m, epoch = module.test_metrics, torch.load(a.run / a.checkpoint, map_location="cpu", weights_only=False)["epoch"]
-    out = a.run / f"test_scores_{Path(a.checkpoint).stem}.csv"
+    out = a.run / f"{a.split}_scores_{Path(a.checkpoint).stem}.csv"
     write_test_scores(out, module.test_rows, dm.splits["test"])
-    print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} test scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
+    print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} {a.split} scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
           f"det@1% {m['det_at_1pct']:.4f}  det@0.1% {m['det_at_0.1pct']:.4f}  "
           f"top-region hit {m['top_region_hit']:.4f}")
-    print(f"scores: {out}\nnext: python benchmarks/compare_runs.py {a.run} {out}")
+    print(f"scores: {out}")
+    if a.split == "test":
+        print(f"next: python benchmarks/compare_runs.py {a.run} {out}")
 
 
 if __name__ == "__main__":
