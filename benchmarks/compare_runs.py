@@ -10,7 +10,11 @@ two default-sized runs came out +-0.023, each run's own interval +-0.03. Differe
 a reason to change a config.
 The interval covers the test set, not the training seed: a CPU rerun with the same seed reproduces
 the scores, and two seeds of the default differed by 0.002-0.003 AUROC (2026-11-29), so a candidate
-worth keeping should also win with a second seed (`seed=1 data.seed=1` on both runs).
+worth keeping should also win with a second seed (`seed=1 data.seed=1` on both runs):
+
+    .venv/bin/python benchmarks/compare_runs.py A B --seed-pair A_seed1 B_seed1
+
+prints each pair, then the difference averaged over the pairs, all resampled on the same test sets.
 """
 from __future__ import annotations
 
@@ -36,26 +40,49 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_a", type=Path, help="baseline run folder (or its test_scores.csv)")
     ap.add_argument("run_b", type=Path, help="candidate run folder (or its test_scores.csv)")
+    ap.add_argument("--seed-pair", nargs=2, type=Path, action="append", default=[], metavar=("A2", "B2"),
+                    help="the same two configs trained with another seed (repeatable): also prints the "
+                         "difference averaged over all pairs")
     ap.add_argument("--resamples", type=int, default=2000)
     a = ap.parse_args()
-    sa, sb = read_scores(a.run_a), read_scores(a.run_b)
-    keys = sorted(set(sa) & set(sb))
+    pairs = [(a.run_a, a.run_b), *a.seed_pair]
+    runs = [(read_scores(ra), read_scores(rb)) for ra, rb in pairs]
+    keys = sorted(set.intersection(*(set(s) for pair in runs for s in pair)))
     if not keys:
-        raise SystemExit("the two runs share no test scans: compare runs tested on the same data")
-    if any(sa[k][0] != sb[k][0] for k in keys):
+        raise SystemExit("the runs share no test scans: compare runs tested on the same data")
+    labels = {tuple(s[k][0] for pair in runs for s in pair) for k in keys}
+    if any(len(set(row)) > 1 for row in labels):
         raise SystemExit("the runs disagree on labels of the same scans: not the same test set")
-    if len(keys) < max(len(sa), len(sb)):
-        print(f"note: comparing the {len(keys)} scans both runs scored ({len(sa)} in A, {len(sb)} in B)")
-    y = np.array([sa[k][0] for k in keys])
-    score_a, score_b = np.array([sa[k][1] for k in keys]), np.array([sb[k][1] for k in keys])
+    most = max(len(s) for pair in runs for s in pair)
+    if len(keys) < most:
+        print(f"note: comparing the {len(keys)} scans every run scored (up to {most} in one)")
+    y = np.array([runs[0][0][k][0] for k in keys])
+    score_a = np.array([[sa[k][1] for k in keys] for sa, _ in runs])
+    score_b = np.array([[sb[k][1] for k in keys] for _, sb in runs])
     print(f"{len(keys)} test scans ({int(y.sum())} anomalous)")
+    for i, (ra, rb) in enumerate(pairs):
+        if len(pairs) > 1:
+            print(f"pair {i + 1}: A {ra}  B {rb}")
+        compare(y, score_a[i], score_b[i], a.resamples)
+    if len(pairs) > 1:
+        print(f"averaged over the {len(pairs)} pairs (the same resampled test sets for each):")
+        compare(y, score_a, score_b, a.resamples)
+
+
+def compare(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, resamples: int) -> None:
+    """Prints B - A for AUROC and detection at 1 %; 2-D scores (one row per seed pair) print the mean over rows."""
+    two_d = score_a.ndim == 2
     for name, fn in (("AUROC", metrics.auroc), ("det@1%", metrics.detection_at_1pct)):
-        d = metrics.paired_difference(y, score_a, score_b, fn, n=a.resamples)
+        d = metrics.paired_difference(y, score_a, score_b, fn, n=resamples)
         if d is None:
             raise SystemExit("the test scans need both normal and anomalous ones")
         verdict = "B better" if d["low"] > 0 else "A better" if d["high"] < 0 else "no measurable difference"
-        print(f"{name:<7} A {fn(y, score_a):.4f}  B {fn(y, score_b):.4f}  B-A {d['difference']:+.4f} "
+        fa = np.mean([fn(y, s) for s in score_a]) if two_d else fn(y, score_a)
+        fb = np.mean([fn(y, s) for s in score_b]) if two_d else fn(y, score_b)
+        print(f"{name:<7} A {fa:.4f}  B {fb:.4f}  B-A {d['difference']:+.4f} "
               f"(95 % {d['low']:+.4f} to {d['high']:+.4f}, B ahead in {d['p_better']:.0%} of resamples): {verdict}")
+    if two_d:
+        return
     # the same misses in both: those anomalies are hard for this kind of model (a longer run or an ensemble of
     # the two is unlikely to find them); different misses: the runs differ by luck more than by design
     miss_a = (y == 1) & (score_a < metrics.threshold_at_far(y, score_a, 0.01))

@@ -148,21 +148,30 @@ def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: 
                       seed: int = 0) -> dict | None:
     """metric(B) - metric(A) of two models scored on the same scans, over the same resampled test sets:
     pairing cancels the test set's own luck, so it separates configs that unpaired intervals cannot.
-    Returns {difference, low, high, p_better (share of resamples where B beats A)}; None without both classes."""
+    2-D scores (one row per training seed, row i of A paired with row i of B) give the mean difference over
+    the seeds, every pair resampled alike: one seed's luck weighs less. Returns {difference, low, high,
+    p_better (share of resamples where B beats A)}; None without both classes."""
     y = np.asarray(labels, dtype=np.int64).ravel()
-    a = np.asarray(scores_a, dtype=np.float64).ravel()
-    b = np.asarray(scores_b, dtype=np.float64).ravel()
-    if not len(y) == len(a) == len(b):
-        raise ValueError(f"labels and both score lists must have one value per scan: {len(y)}, {len(a)}, {len(b)}")
+    a = np.atleast_2d(np.asarray(scores_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(scores_b, dtype=np.float64))
+    if a.ndim != 2 or a.shape != b.shape or a.shape[1] != len(y):
+        raise ValueError(f"labels and both score lists must have one value per scan: {len(y)}, "
+                         f"{a.shape[-1]}, {b.shape[-1]} (seed rows {a.shape[0]}, {b.shape[0]})")
     if not ((y == 0).any() and (y == 1).any()):
         return None
-    d = []
-    for pick in _class_resamples(y, n, seed):
-        ma, mb = metric(y[pick], a[pick]), metric(y[pick], b[pick])
-        if ma is not None and mb is not None:
-            d.append(mb - ma)
+
+    def mean_difference(pick: np.ndarray) -> float | None:
+        diffs = []
+        for ra, rb in zip(a, b):
+            ma, mb = metric(y[pick], ra[pick]), metric(y[pick], rb[pick])
+            if ma is None or mb is None:
+                return None
+            diffs.append(mb - ma)
+        return float(np.mean(diffs))
+
+    d = [v for v in (mean_difference(pick) for pick in _class_resamples(y, n, seed)) if v is not None]
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
-    return {"difference": float(metric(y, b) - metric(y, a)), "low": float(lo), "high": float(hi),
+    return {"difference": mean_difference(np.arange(len(y))), "low": float(lo), "high": float(hi),
             "p_better": float(np.mean(np.array(d) > 0))}
 
 

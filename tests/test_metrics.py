@@ -112,3 +112,22 @@ def test_paired_difference_separates_models_that_unpaired_intervals_cannot():
     with pytest.raises(ValueError, match="one value per scan"):
         paired_difference(y, a, b[:-1], auroc)
     assert paired_difference(np.zeros(4), np.arange(4.0), np.arange(4.0), auroc) is None
+
+
+def test_paired_difference_over_seeds_is_the_mean_of_the_pairs():
+    from detector.metrics import auroc, paired_difference
+    rng = np.random.default_rng(2)
+    n = 120
+    y = np.r_[np.zeros(n), np.ones(n)]
+    a0, a1 = (np.r_[rng.normal(0, 1, n), rng.normal(1.2, 1, n)] for _ in range(2))
+    b0, b1 = a0 + 0.4 * y, a1 - 0.1 * y                       # one seed clearly better, the other worse
+    pooled = paired_difference(y, [a0, a1], [b0, b1], auroc, n=200)
+    d0, d1 = auroc(y, b0) - auroc(y, a0), auroc(y, b1) - auroc(y, a1)
+    assert d0 > 0 > d1
+    assert pooled["difference"] == pytest.approx((d0 + d1) / 2)
+    assert pooled["low"] <= pooled["difference"] <= pooled["high"]
+    # every resample moves both pairs alike: the pooled interval is not the first pair's
+    first = paired_difference(y, a0, b0, auroc, n=200)
+    assert pooled["high"] < first["high"]
+    with pytest.raises(ValueError, match="seed rows 2, 1"):
+        paired_difference(y, [a0, a1], [b0], auroc)
