@@ -50,8 +50,7 @@ def main() -> None:
     keys = sorted(set.intersection(*(set(s) for pair in runs for s in pair)))
     if not keys:
         raise SystemExit("the runs share no test scans: compare runs tested on the same data")
-    labels = {tuple(s[k][0] for pair in runs for s in pair) for k in keys}
-    if any(len(set(row)) > 1 for row in labels):
+    if any(len({s[k][0] for pair in runs for s in pair}) > 1 for k in keys):
         raise SystemExit("the runs disagree on labels of the same scans: not the same test set")
     most = max(len(s) for pair in runs for s in pair)
     if len(keys) < most:
@@ -71,17 +70,15 @@ def main() -> None:
 
 def compare(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, resamples: int) -> None:
     """Prints B - A for AUROC and detection at 1 %; 2-D scores (one row per seed pair) print the mean over rows."""
-    two_d = score_a.ndim == 2
     for name, fn in (("AUROC", metrics.auroc), ("det@1%", metrics.detection_at_1pct)):
         d = metrics.paired_difference(y, score_a, score_b, fn, n=resamples)
         if d is None:
             raise SystemExit("the test scans need both normal and anomalous ones")
         verdict = "B better" if d["low"] > 0 else "A better" if d["high"] < 0 else "no measurable difference"
-        fa = np.mean([fn(y, s) for s in score_a]) if two_d else fn(y, score_a)
-        fb = np.mean([fn(y, s) for s in score_b]) if two_d else fn(y, score_b)
+        fa, fb = (np.mean([fn(y, row) for row in np.atleast_2d(s)]) for s in (score_a, score_b))
         print(f"{name:<7} A {fa:.4f}  B {fb:.4f}  B-A {d['difference']:+.4f} "
               f"(95 % {d['low']:+.4f} to {d['high']:+.4f}, B ahead in {d['p_better']:.0%} of resamples): {verdict}")
-    if two_d:
+    if score_a.ndim == 2:
         return
     # the same misses in both: those anomalies are hard for this kind of model (a longer run or an ensemble of
     # the two is unlikely to find them); different misses: the runs differ by luck more than by design
