@@ -17,9 +17,9 @@ worth keeping should also win with a second seed (`seed=1 data.seed=1` on both r
 prints each pair, then the difference averaged over the pairs, all resampled on the same test sets.
 Resampling one test set cannot show that set's own quirks: on 300 clean scans detection at 0.1 % hangs on the
 single highest clean score. Before keeping a candidate that won on a test set earlier choices were made on,
-score both on new scans (benchmarks/evaluate_checkpoint.py on a folder from quality.make_data with another
-seed and a few training scans, which the data module needs) and compare those: a three-seed detection lead
-of +0.03 / +0.07 reversed that way (docs/experiments.md).
+score both on new scans (benchmarks/evaluate_checkpoint.py on a folder of test scans from quality.make_data
+with another seed) and compare those: a three-seed detection lead of +0.03 / +0.07 reversed that way
+(docs/experiments.md).
 """
 from __future__ import annotations
 

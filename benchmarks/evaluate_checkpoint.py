@@ -1,6 +1,8 @@
 """Test another checkpoint of a finished run (e.g. last.ckpt beside the best.ckpt that training tested) on the
 run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py. `--split train`
 scores the scans the run trained on instead: the gap to the test figures is how much of what it learnt is memorised.
+The data folder may also hold test scans only (e.g. quality.make_data with a new seed and {"test": 600}): new scans
+that no earlier choice was made on, the check a candidate should pass before it is kept (docs/experiments.md).
 
     .venv/bin/python benchmarks/evaluate_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
         [--checkpoint last.ckpt]
@@ -38,7 +40,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.run / "config.yaml", [])
     dm = ScanDataModule(a.data, dataclasses.replace(cfg.data, workers=0), cfg.preprocessing,
-                        cfg.data.cache_dir or a.run / "cache")
+                        cfg.data.cache_dir or a.run / "cache", require_train=a.split != "test")
     dm.prepare_data()
     dm.setup("test")
     if not dm.splits[a.split]:

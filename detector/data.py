@@ -464,7 +464,8 @@ class ScanDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str | os.PathLike, cfg: DataConfig, pre: Preprocessing,
                  cache_dir: str | os.PathLike, hard_negative_file: str | os.PathLike | None = None,
-                 hard_types_file: str | os.PathLike | None = None) -> None:
+                 hard_types_file: str | os.PathLike | None = None, require_train: bool = True) -> None:
+        """require_train=False: a folder of held-out scans only, for scoring a trained model on new data."""
         super().__init__()
         self.data_dir, self.cfg, self.pre = Path(data_dir), cfg, pre
         self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
@@ -473,7 +474,7 @@ class ScanDataModule(L.LightningDataModule):
         self.splits = split_records(self.records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if cfg.normal_only:
             self.splits["train"] = [r for r in self.splits["train"] if r.label == 0]
-        if not self.splits["train"]:
+        if require_train and not self.splits["train"]:
             raise ScanError(data_dir, "no training scans after splitting")
         if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
             self.splits["val"] = list(self.splits["train"])
@@ -501,7 +502,7 @@ class ScanDataModule(L.LightningDataModule):
             return
         for s in SPLITS:
             self.metas[s] = [self.cache.build(r) for r in self.splits[s]]
-        first = self.metas["train"][0]
+        first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder
         chans = {m["shape"][0] for s in SPLITS for m in self.metas[s]}
         if len(chans) > 1:
             raise ScanError(self.data_dir, f"scans have different channel counts {sorted(chans)}; "

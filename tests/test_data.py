@@ -90,6 +90,16 @@ def test_caching_in_threads_matches_one_by_one_and_a_truncated_scan_stops_it_by_
         dm.prepare_data()
 
 
+def test_a_folder_of_test_scans_only_loads_for_scoring_but_not_for_training(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6, n_test=6)
+    with pytest.raises(ScanError, match="no training scans"):
+        ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache", require_train=False)
+    assert len(dm.splits["test"]) == 6 and not dm.splits["train"]
+    dm.setup("test")
+    assert dm.channels == 2 and len(dm.test_dataloader().dataset) == 6
+
+
 def test_a_datamodule_made_outside_training_resolves_auto_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     dm = ScanDataModule(write_dataset(tmp_path / "d", n=6), DataConfig(crop=32, crops_per_epoch=8), Preprocessing(),
