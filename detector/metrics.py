@@ -138,6 +138,11 @@ def detection_at_1pct(labels, scores) -> float | None:
     return detection_at_far(labels, scores, 0.01)["detection_rate"]
 
 
+def detection_at_01pct(labels, scores) -> float | None:
+    """Detection rate at 0.1 % false alarms, the station's strictest calibrated threshold."""
+    return detection_at_far(labels, scores, 0.001)["detection_rate"]
+
+
 def intervals(labels, scores, level: float = 0.95) -> dict:
     """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms."""
     return {"level": level, "auroc": bootstrap_interval(labels, scores, auroc, level=level),

@@ -324,7 +324,7 @@ def evaluate_rows(rows: list[dict]) -> dict:
     s = np.array([r["score"] for r in rows])
     both = (y == 0).any() and (y == 1).any()
     det1 = metrics.detection_at_1pct(y, s) if both else None
-    det01 = metrics.detection_at_far(y, s, 0.001)["detection_rate"] if both else None
+    det01 = metrics.detection_at_01pct(y, s) if both else None
     auroc = metrics.auroc(y, s) if both else None
     hits = [r["hit"] for r in rows if r["hit"] is not None]
     per_type: dict[str, dict] = {}
