@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from detector import metrics
-from detector.synth.dataset import scan_seed, write_dataset
-from detector.synth.visibility import BANDS, anomaly_visibility, band_of
+from detector.synth.dataset import write_dataset
+from detector.synth.visibility import BANDS, band_of, generator_visibility
 from detector.train import run_training
 
 
@@ -47,23 +45,11 @@ def make_data(root: Path, n: dict[str, int], seed: int, fraction: float) -> Path
     return root
 
 
-def _visibility(name: str) -> float:
-    """Visibility of the anomaly in test scan `name` (s{seed}_{index}: the generator's own seed)."""
-    seed, index = name[1:].split("_")
-    return anomaly_visibility(scan_seed(int(seed), int(index)))
-
-
 def by_visibility(rows: list[dict], cache: Path) -> dict:
     """Detection at the test set's 1 % false-alarm threshold per visibility band of the anomaly, and
     AUROC / detection counting only the anomalies at visibility >= 1 (the ones contrast can show).
     `rows`: RUN/test_scores.csv."""
-    vis = json.loads(cache.read_text()) if cache.exists() else {}
-    todo = [Path(r["path"]).stem for r in rows if r["label"] == "1" and Path(r["path"]).stem not in vis]
-    if todo:   # each re-generates its scan (~0.2 s): one process per core
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(len(todo), os.cpu_count() or 1)) as pool:
-            vis.update(zip(todo, pool.map(_visibility, todo)))
-    cache.write_text(json.dumps(vis))
+    vis = generator_visibility([Path(r["path"]).stem for r in rows if r["label"] == "1"], cache)
     y = np.array([int(r["label"]) for r in rows])
     s = np.array([float(r["score"]) for r in rows])
     v = np.array([vis.get(Path(r["path"]).stem, np.nan) for r in rows])

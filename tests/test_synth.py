@@ -161,3 +161,24 @@ def test_cli_synth_writes_a_small_dataset(tmp_path, capsys):
     assert all((out / r["path"]).exists() and (out / r["mask"]).exists() for r in rows)
     text = capsys.readouterr().out
     assert "2 scans (2 anomalous)" in text and f"detector train --data {out}" in text
+
+
+def test_visibility_is_the_added_signal_over_the_high_passed_clutter():
+    from detector.synth.visibility import visibility_of
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0, 1, (200, 200)).astype(np.float32)   # white clutter: its high-pass keeps ~all of it
+    m = np.zeros_like(clean, bool)
+    m[90:110, 90:110] = True
+    v = visibility_of(clean + 2 * m, clean, m)
+    assert 1.9 < v < 2.3 and abs(visibility_of(clean + 4 * m, clean, m) - 2 * v) < 1e-4
+    assert np.isnan(visibility_of(clean, clean, np.zeros_like(m)))
+
+
+def test_generator_visibility_regenerates_generator_scans_by_name_and_caches(tmp_path):
+    from detector.synth.dataset import scan_seed
+    from detector.synth.visibility import anomaly_visibility, generator_visibility
+    cache = tmp_path / "vis.json"
+    got = generator_visibility(["s5_000003", "my_own_scan"], cache)
+    assert set(got) == {"s5_000003"}                      # a name the generator did not write is skipped
+    assert got["s5_000003"] == pytest.approx(anomaly_visibility(scan_seed(5, 3)))
+    assert json.loads(cache.read_text()) == got

@@ -8,6 +8,11 @@ contrast alone; quality figures are reported per band of it.
 """
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
+import os
+import re
+from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -15,6 +20,7 @@ import numpy as np
 
 from detector.preprocess import Preprocessing, to_model_pitch
 from detector.scan import scan_from_counts
+from detector.synth.dataset import scan_seed
 from detector.synth.stream import MASK_KEEP
 
 BANDS = (0.0, 0.5, 1.0, 2.0, float("inf"))
@@ -43,6 +49,12 @@ def anomaly_visibility(seed, anomaly: bool | str = True, pre: Preprocessing | No
     clean = generate_scan(seed, anomaly=False, height=height)
     a, c = _att(with_a, pre, image), _att(clean, pre, image)
     m = to_model_pitch(with_a.mask.astype(np.float32), with_a.pitch_mm, pre) > MASK_KEEP
+    return visibility_of(a, c, m, margin, sigma)
+
+
+def visibility_of(a: np.ndarray, c: np.ndarray, m: np.ndarray, margin: int = 16, sigma: float = 4.0) -> float:
+    """Visibility from model-pitch 2-D images: `a` with the anomaly, `c` its clean twin, `m` the anomaly's
+    mask (nan if the mask is empty or the shapes differ). The in-memory training trucks use it directly."""
     if not m.any() or a.shape != c.shape:
         return float("nan")
     signal = abs(float((a - c)[m].mean()))   # a material image may go down where matter is added
@@ -60,3 +72,28 @@ def band_of(v: float) -> str:
         if lo <= v < hi:
             return f">={lo:g}" if hi == float("inf") else f"{lo:g}-{hi:g}"
     return "n/a"
+
+
+def _generator_seed(stem: str) -> tuple[int, int] | None:
+    """(seed, index) of a scan the generator wrote as s{seed}_{index}, else None."""
+    m = re.fullmatch(r"s(\d+)_(\d+)", stem)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _of_stem(stem: str) -> float:
+    seed, index = _generator_seed(stem)
+    return anomaly_visibility(scan_seed(seed, index))
+
+
+def generator_visibility(stems: list[str], cache: Path) -> dict[str, float]:
+    """Visibility of the anomalous generator scans named in `stems` (s{seed}_{index}; other names are
+    skipped), cached in the JSON file `cache`. Each re-generates its scan twice (~0.25 s): one process per core."""
+    vis = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = sorted({s for s in stems if s not in vis and _generator_seed(s)})
+    if todo:
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(len(todo), os.cpu_count() or 1)) as pool:
+            vis.update(zip(todo, pool.map(_of_stem, todo)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(vis))
+    return {s: vis[s] for s in stems if s in vis}
