@@ -21,6 +21,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
@@ -106,6 +107,9 @@ class DataConfig:
     synth_anomaly_fraction: float = 0.5  # share of those fresh trucks that carry an anomaly (0 in normal-only)
     synth_twin_fraction: float = 0.0  # share of the negative crops from fresh trucks cut from an anomalous
                                       # truck's twin (same truck and noise, no anomaly) where the anomaly was
+    min_visibility: float = 0.0     # synthetic training scans only: anomalies fainter than this (detector.synth.
+                                    # visibility: added attenuation / local clutter) are not taught as anomalies:
+                                    # a fresh truck's becomes its clean twin, a stored generator scan is left out
     hard_types: float = 0.0         # > 0: this share of the anomaly sampling follows each anomaly type's hardness
                                     # on the last validations (detector.hard_types); 0 = types as they come
                                     # (0.5 measured worse on the synthetic default: docs/experiments.md)
@@ -330,7 +334,8 @@ class CropDataset(Dataset):
                                        [self.cfg.seed, 0x5EED, seed],   # normal-only: TIP adds the threats
                                        anomaly_fraction=0.0 if self.cfg.normal_only else self.cfg.synth_anomaly_fraction,
                                        kind_weights=self._type_weights if self.cfg.hard_types > 0 else None,
-                                       twin_fraction=self.cfg.synth_twin_fraction)
+                                       twin_fraction=self.cfg.synth_twin_fraction,
+                                       min_visibility=self.cfg.min_visibility)
         return self._rng
 
     def crop(self, i: int, rng: np.random.Generator, centred: bool, hard: tuple[int, int] | None = None
@@ -479,6 +484,7 @@ class ScanDataModule(L.LightningDataModule):
         if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
             self.splits["val"] = list(self.splits["train"])
         self.cache = ScanCache(cache_dir, pre, cfg.channels)
+        self.visibility_file = Path(cache_dir) / "train_visibility.json"   # min_visibility
         self.metas: dict[str, list[dict]] = {}
         self.channels = cfg.channels
         self.energies: list[str] = []
@@ -487,6 +493,8 @@ class ScanDataModule(L.LightningDataModule):
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm import tqdm
+        if self.cfg.min_visibility > 0:
+            self._faint_training_anomalies()
         todo = [r for s in SPLITS for r in self.splits[s]]
         # threads: decoding and resampling release the GIL (1.7x on 2 cores); the first error stops the build
         pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
@@ -497,9 +505,23 @@ class ScanDataModule(L.LightningDataModule):
         finally:
             pool.shutdown(cancel_futures=True)
 
+    def _faint_training_anomalies(self) -> set[str]:
+        """Stems of the anomalous generator-made training scans fainter than data.min_visibility (computed
+        once per cache folder on the first process, read from it by the others)."""
+        from detector.synth.visibility import generator_visibility
+
+        stems = [Path(r.path).stem for r in self.splits["train"] if r.label == 1]
+        vis = generator_visibility(stems, self.visibility_file)
+        return {k for k, v in vis.items() if v < self.cfg.min_visibility}
+
     def setup(self, stage: str | None = None) -> None:
         if self.metas:
             return
+        if self.cfg.min_visibility > 0:   # not taught as anomalies, and not clean either: left out
+            faint = self._faint_training_anomalies()
+            self.splits["train"] = [r for r in self.splits["train"] if Path(r.path).stem not in faint]
+            rank_zero_info(f"data.min_visibility={self.cfg.min_visibility:g}: {len(faint)} faint training "
+                           f"anomalies left out")
         for s in SPLITS:
             self.metas[s] = [self.cache.build(r) for r in self.splits[s]]
         first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder

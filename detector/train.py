@@ -141,6 +141,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         v = getattr(cfg.data, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ValueError(f"data.{key} must be a share in [0, 1], got {v!r}")
+    v = cfg.data.min_visibility
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"data.min_visibility must be a number >= 0 (0 = off), got {v!r}")
     return cfg
 
 

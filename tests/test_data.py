@@ -283,3 +283,36 @@ def test_pool_twins_are_negatives_cut_where_the_anomaly_was_in_the_same_truck_wi
     items = [ds[i] for i in range(12)]
     assert all(float(it["label"]) == 0 and float(it["mask"].sum()) == 0 for it in items)
     assert all(s.twin is not None for s in ds._pool.scans)
+
+
+def test_pool_keeps_an_anomaly_fainter_than_the_floor_as_its_clean_truck():
+    pre, entropy = Preprocessing(), [0, 0x5EED, 11]
+    faint = SynthPool(2, 100, pre, 2, entropy, anomaly_fraction=1.0, min_visibility=1e9)  # every anomaly too faint
+    s = faint.draw(np.random.default_rng(0), True)
+    assert faint.faint == 2 and not s.centres and not s.mask.any() and s.twin is None
+    k = next(i for i, p in enumerate(faint.scans) if p is s)
+    clean = make_pool_scan(np.random.SeedSequence(entropy, spawn_key=(k,)), False, pre, 2)
+    np.testing.assert_array_equal(s.att, clean.att)       # the same truck and noise, without its anomaly
+    seen = SynthPool(2, 100, pre, 2, entropy, anomaly_fraction=1.0, min_visibility=1e-9)
+    s = seen.draw(np.random.default_rng(0), True)
+    assert seen.faint == 0 and s.centres and s.mask.any() and s.twin is None  # the twin is not kept
+
+
+def test_faint_generator_anomalies_are_left_out_of_training_only(tmp_path, caplog):
+    import json
+    import logging
+    cfg = DataConfig(crop=32, workers=0, min_visibility=0.5)
+    root = write_dataset(tmp_path / "d", n=6)             # train: s0 s1 s2 s3, anomalous s1 s3
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "train_visibility.json").write_text(json.dumps({"s1": 0.2, "s3": 3.0}))
+    dm = ScanDataModule(root, cfg, Preprocessing(), cache)
+    dm.prepare_data()
+    with caplog.at_level(logging.INFO):
+        dm.setup()
+    assert "data.min_visibility=0.5: 1 faint training anomalies left out" in caplog.text   # the user is told
+    assert sorted(Path(r.path).stem for r in dm.splits["train"]) == ["s0", "s2", "s3"]
+    assert len(dm.metas["train"]) == 3 and len(dm.splits["val"]) == 2   # validation keeps all its scans
+    off = ScanDataModule(root, DataConfig(crop=32, workers=0), Preprocessing(), cache)
+    off.setup()
+    assert len(off.splits["train"]) == 4

@@ -63,15 +63,20 @@ def mask_centres(mask: np.ndarray, n: int = 64) -> list[tuple[int, int]]:
 class SynthPool:
     """A worker's pool of on-the-fly scans; `draw` returns one and renews the pool as crops are taken.
     `kind_weights`, if given, returns the current sampling weight per anomaly type (empty: uniform).
-    `twin_fraction`: share of negative draws that are an anomalous scan's twin, cut where its anomaly was."""
+    `twin_fraction`: share of negative draws that are an anomalous scan's twin, cut where its anomaly was.
+    `min_visibility`: an anomaly fainter than this (detector.synth.visibility) is not taught as one: its truck
+    joins the pool as its clean twin (a normal truck), so no crop asks the network to find what cannot be seen."""
 
     def __init__(self, size: int, crops_per_scan: int, pre: Preprocessing, channels: int | None,
                  entropy: list[int], anomaly_fraction: float = 0.5,
-                 kind_weights: Callable[[], dict[str, float]] | None = None, twin_fraction: float = 0.0) -> None:
+                 kind_weights: Callable[[], dict[str, float]] | None = None, twin_fraction: float = 0.0,
+                 min_visibility: float = 0.0) -> None:
         self.size, self.crops_per_scan = max(1, size), max(1, crops_per_scan)
         self.pre, self.channels, self.anomaly_fraction = pre, channels, anomaly_fraction
         self.kind_weights = kind_weights
         self.twin_fraction = twin_fraction
+        self.min_visibility = min_visibility
+        self.faint = 0                # anomalous trucks kept as their clean twin (min_visibility)
         self.entropy = entropy        # distinct per worker and run: never the seeds of a stored test set
         self.scans: list[PoolScan] = []
         self.made = 0
@@ -85,7 +90,14 @@ class SynthPool:
         if weights:   # the types the model finds hardest come more often (detector.hard_types)
             from detector.synth.scene import ANOMALY_TYPES
             anomaly = draw_kind(rng, ANOMALY_TYPES, weights)
-        return make_pool_scan(seed, anomaly, self.pre, self.channels, twin=self.twin_fraction > 0)
+        s = make_pool_scan(seed, anomaly, self.pre, self.channels,
+                           twin=self.twin_fraction > 0 or self.min_visibility > 0)
+        if self.min_visibility > 0 and s.twin is not None:
+            from detector.synth.visibility import visibility_of
+            if visibility_of(s.att[0], s.twin[0], s.mask > 0) < self.min_visibility:
+                self.faint += 1
+                return PoolScan(s.twin, np.zeros_like(s.mask), [])
+        return s if self.twin_fraction > 0 else PoolScan(s.att, s.mask, s.centres)
 
     def draw(self, rng: np.random.Generator, positive: bool) -> PoolScan:
         """A pool scan to cut a crop from, centred on `centres` if it has any: an anomalous one if `positive`
