@@ -9,6 +9,8 @@ that no earlier choice was made on, the check a candidate should pass before it 
     .venv/bin/python benchmarks/compare_runs.py runs/quality/default runs/quality/default/test_scores_last.csv
     .venv/bin/python benchmarks/evaluate_checkpoint.py runs/quality/default runs/quality/data_s100_1200_100_600 \
         --checkpoint best.ckpt --split train
+    .venv/bin/python benchmarks/evaluate_checkpoint.py runs/quality/default runs/quality/data_fresh_s9100_600 \
+        --checkpoint best.ckpt --out runs/quality/default/fresh_scores_best.csv
 
 This is how the checkpoint-selection rule was measured: on 50 validation anomalies the strictly best epoch
 was often an earlier one that tested worse than the last (docs/experiments.md, trainer.select_se).
@@ -35,11 +37,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--split", choices=("test", "val", "train"), default="test",
                     help="the split to score (train: the scans the run learnt from)")
+    ap.add_argument("--out", type=Path, help="the scores CSV (default RUN/<split>_scores_<checkpoint>.csv; name "
+                                             "another for another data folder, or it replaces the first's)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.run / "config.yaml", [])
-    dm = ScanDataModule(a.data, dataclasses.replace(cfg.data, workers=0), cfg.preprocessing,
+    dm = ScanDataModule(a.data, dataclasses.replace(cfg.data, workers=0, min_visibility=0.0), cfg.preprocessing,
                         cfg.data.cache_dir or a.run / "cache", require_train=a.split != "test")
     dm.prepare_data()
     dm.setup("test")
@@ -53,7 +57,7 @@ def main() -> None:
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         tester.test(module, datamodule=dm, verbose=False)
     m, epoch = module.test_metrics, torch.load(a.run / a.checkpoint, map_location="cpu", weights_only=False)["epoch"]
-    out = a.run / f"{a.split}_scores_{Path(a.checkpoint).stem}.csv"
+    out = a.out or a.run / f"{a.split}_scores_{Path(a.checkpoint).stem}.csv"
     write_test_scores(out, module.test_rows, dm.splits["test"])
     print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} {a.split} scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
           f"det@1% {m['det_at_1pct']:.4f}  det@0.1% {m['det_at_0.1pct']:.4f}  "
