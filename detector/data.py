@@ -110,6 +110,7 @@ class DataConfig:
     min_visibility: float = 0.0     # synthetic training scans only: anomalies fainter than this (detector.synth.
                                     # visibility: added attenuation / local clutter) are not taught as anomalies:
                                     # a fresh truck's becomes its clean twin, a stored generator scan is left out
+                                    # (0.5 measured neutral on the synthetic default: docs/experiments.md)
     hard_types: float = 0.0         # > 0: this share of the anomaly sampling follows each anomaly type's hardness
                                     # on the last validations (detector.hard_types); 0 = types as they come
                                     # (0.5 measured worse on the synthetic default: docs/experiments.md)
