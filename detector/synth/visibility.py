@@ -18,6 +18,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from detector.hard_types import write_atomic
 from detector.preprocess import Preprocessing, to_model_pitch
 from detector.scan import scan_from_counts
 from detector.synth.dataset import scan_seed
@@ -95,5 +96,5 @@ def generator_visibility(stems: list[str], cache: Path) -> dict[str, float]:
         with ctx.Pool(min(len(todo), os.cpu_count() or 1)) as pool:
             vis.update(zip(todo, pool.map(_of_stem, todo)))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(vis))
+        write_atomic(cache, vis)   # DDP processes read it in setup
     return {s: vis[s] for s in stems if s in vis}
