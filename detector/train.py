@@ -137,13 +137,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ValueError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not t.max_minutes >= 0:
         raise ValueError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
-    for key in ("hard_types", "synth_anomaly_fraction"):
+    for key, ok, what in (("hard_types", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+                          ("synth_anomaly_fraction", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+                          ("min_visibility", lambda v: v >= 0, "a number >= 0 (0 = off)")):
         v = getattr(cfg.data, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            raise ValueError(f"data.{key} must be a share in [0, 1], got {v!r}")
-    v = cfg.data.min_visibility
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-        raise ValueError(f"data.min_visibility must be a number >= 0 (0 = off), got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"data.{key} must be {what}, got {v!r}")
     return cfg
 
 

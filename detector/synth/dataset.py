@@ -47,6 +47,15 @@ def _work(job: tuple) -> dict:
             "vehicle": s.vehicle, "split": split or "", "_index": index}
 
 
+def generator_pool(workers: int) -> mp.pool.Pool:
+    """A process pool whose workers run the generator: forkserver, its workers forked with numpy, OpenCV and
+    the synth modules already imported; spawn where there is no forkserver."""
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["detector.synth.scene", "detector.scan"])
+    return ctx.Pool(workers)
+
+
 def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fraction: float = 0.5,
                   workers: int | None = None, height: int | None = None, split: str | None = None,
                   progress: bool = True) -> list[dict]:
@@ -66,10 +75,7 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
             rows.append(_work(j))
             bar.update()
     else:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":      # workers fork with numpy/cv2/synth imported
-            ctx.set_forkserver_preload(["detector.synth.scene", "detector.scan"])
-        with ctx.Pool(workers) as pool:
+        with generator_pool(workers) as pool:
             for r in pool.imap_unordered(_work, jobs, chunksize=1):
                 rows.append(r)
                 bar.update()

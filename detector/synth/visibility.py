@@ -9,7 +9,6 @@ contrast alone; quality figures are reported per band of it.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import re
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from detector.hard_types import write_atomic
 from detector.preprocess import Preprocessing, to_model_pitch
 from detector.scan import scan_from_counts
-from detector.synth.dataset import scan_seed
+from detector.synth.dataset import generator_pool, scan_seed
 from detector.synth.stream import MASK_KEEP
 
 BANDS = (0.0, 0.5, 1.0, 2.0, float("inf"))
@@ -92,8 +91,7 @@ def generator_visibility(stems: list[str], cache: Path) -> dict[str, float]:
     vis = json.loads(cache.read_text()) if cache.exists() else {}
     todo = sorted({s for s in stems if s not in vis and _generator_seed(s)})
     if todo:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(len(todo), os.cpu_count() or 1)) as pool:
+        with generator_pool(min(len(todo), os.cpu_count() or 1)) as pool:
             vis.update(zip(todo, pool.map(_of_stem, todo)))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cache, vis)   # DDP processes read it in setup
