@@ -182,3 +182,15 @@ def test_generator_visibility_regenerates_generator_scans_by_name_and_caches(tmp
     assert set(got) == {"s5_000003"}                      # a name the generator did not write is skipped
     assert got["s5_000003"] == pytest.approx(anomaly_visibility(scan_seed(5, 3)))
     assert json.loads(cache.read_text()) == got
+
+
+def test_mask_centres_are_mask_pixels_spread_in_row_order():
+    from detector.synth.stream import mask_centres
+    m = np.zeros((300, 900), np.uint8)
+    m[40:60, 700:720] = 1
+    m[200:203, 100:400] = 1
+    ys, xs = np.nonzero(m)                       # the reference: every pixel of the mask, row-major
+    want = [(int(ys[i]), int(xs[i])) for i in np.linspace(0, len(ys) - 1, 64).astype(int)]
+    assert mask_centres(m) == mask_centres(m.astype(bool)) == want
+    assert mask_centres(m, n=2000) == list(zip(ys.tolist(), xs.tolist()))   # fewer pixels than n: all of them
+    assert mask_centres(np.zeros((30, 40), np.uint8)) == []
