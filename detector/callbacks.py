@@ -1,10 +1,12 @@
-"""Lightning callbacks of a training run: validate the final epoch, time each epoch, fit a time budget."""
+"""Lightning callbacks of a training run: validate the final epoch, time each epoch, fit a time budget,
+average BatchNorm statistics over DDP ranks."""
 from __future__ import annotations
 
 import math
 import time
 
 import lightning as L
+import torch
 
 
 class ValidateLastEpoch(L.Callback):
@@ -18,6 +20,28 @@ class ValidateLastEpoch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
         trainer.check_val_every_n_epoch = 1 if last else self.val_every
+
+
+class AverageBatchNormStats(L.Callback):
+    """For DDP with broadcast_buffers=False: after each epoch's last step, every rank gets the mean of the
+    ranks' BatchNorm running statistics, so validation, mining and the checkpoints see one model. Replaces
+    DDP's broadcast of rank 0's buffers before every forward (a sync per step, ~1.5 % of a CPU rank's time)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
+                           ) -> None:
+        if trainer.world_size < 2 or batch_idx + 1 != trainer.num_training_batches:
+            return
+        stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for b in (m.running_mean, m.running_var) if b is not None]
+        if not stats:
+            return
+        flat = torch.cat([b.detach().flatten().float() for b in stats])
+        torch.distributed.all_reduce(flat)             # SUM: gloo has no AVG
+        flat /= trainer.world_size
+        i = 0
+        for b in stats:
+            b.copy_(flat[i:i + b.numel()].view_as(b))
+            i += b.numel()
 
 
 class EpochTimer(L.Callback):

@@ -142,6 +142,12 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     logged = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
     validated = {int(r["epoch"]) for r in logged if r["val/select"]}
     assert validated == {1, 2}                       # 3 % 2 != 0: Lightning alone would skip the final epoch
+    epoch_means = [r for r in logged if r.get("train/loss_epoch")]   # summed per step, logged once an epoch
+    assert sorted(int(r["epoch"]) for r in epoch_means) == [0, 1, 2]
+    assert all(np.isfinite(float(r[f"train/{k}_epoch"])) for r in epoch_means for k in ("pixel", "dice", "mil"))
+    steps = [float(r["train/loss_step"]) for r in logged if r.get("train/loss_step")]
+    assert len(steps) == 3 * 4                      # log_every_n_steps=1: every step
+    assert abs(np.mean(steps[-4:]) - float(epoch_means[-1]["train/loss_epoch"])) < 1e-4   # equal batches
     assert last["epoch"] == 2 and best["epoch"] in validated
     choice = {int(r["epoch"]): float(r["val/choice"]) for r in logged if r.get("val/choice")}
     assert best["epoch"] == max(e for e, c in choice.items() if c >= 0)   # the latest epoch within noise
@@ -350,3 +356,39 @@ def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_pa
     assert len(hard) == 4                           # all 4 training scans: each rank mined 2, one file
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["cpu_processes"] == 2 and saved["data"]["batch_size"] == 8
+
+
+def _bn_rank(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: BN statistics that differ by rank, averaged after the epoch's last step only."""
+    import torch
+    import torch.distributed as dist
+
+    from detector.callbacks import AverageBatchNormStats
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(2))
+    for i, bn in enumerate(m for m in net if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.fill_(rank * 2.0 + i)
+        bn.running_var.fill_(1.0 + rank * 4.0)
+
+    class Trainer:    # what the callback reads of Lightning's trainer
+        world_size, num_training_batches = 2, 5
+
+    cb = AverageBatchNormStats()
+    cb.on_train_batch_end(Trainer(), net, None, None, 3)       # not the last step: untouched
+    before = [net[1].running_mean.clone(), net[1].running_var.clone()]
+    cb.on_train_batch_end(Trainer(), net, None, None, 4)       # the last: the mean over both ranks
+    torch.save({"before": before, "mean": [net[1].running_mean, net[2].running_mean],
+                "var": [net[1].running_var, net[2].running_var]}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_batchnorm_statistics_averaged_over_ddp_ranks_after_the_last_step(tmp_path):
+    """DDP runs without per-step buffer broadcasts; AverageBatchNormStats gives both ranks the mean."""
+    import torch
+    import torch.multiprocessing as mp
+    mp.spawn(_bn_rank, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.all(r["before"][0] == rank * 2.0) and torch.all(r["before"][1] == 1.0 + rank * 4.0)
+        assert torch.allclose(r["mean"][0], torch.full((3,), 1.0)) and torch.allclose(r["mean"][1], torch.full((2,), 2.0))
+        assert torch.allclose(r["var"][0], torch.full((3,), 3.0)) and torch.allclose(r["var"][1], torch.full((2,), 3.0))
