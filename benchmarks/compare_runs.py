@@ -33,12 +33,13 @@ from detector import metrics
 
 
 def read_scores(run: Path) -> dict[str, tuple[int, float]]:
-    """{scan path: (label, score)} from RUN/test_scores.csv (or that CSV itself)."""
+    """{scan path: (label, score)} from RUN/test_scores.csv (or that CSV itself). Paths are resolved from the
+    working directory, so a run started elsewhere (absolute paths) matches one started here (relative)."""
     path = run / "test_scores.csv" if run.is_dir() else run
     if not path.exists():
         raise SystemExit(f"{path}: not found (train with a test split, e.g. benchmarks/quality.py)")
     with open(path, newline="") as f:
-        return {r["path"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(f)}
+        return {str(Path(r["path"]).resolve()): (int(r["label"]), float(r["score"])) for r in csv.DictReader(f)}
 
 
 def main() -> None:
