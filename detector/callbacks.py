@@ -31,17 +31,12 @@ class AverageBatchNormStats(L.Callback):
                            ) -> None:
         if trainer.world_size < 2 or batch_idx + 1 != trainer.num_training_batches:
             return
-        stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                 for b in (m.running_mean, m.running_var) if b is not None]
-        if not stats:
-            return
-        flat = torch.cat([b.detach().flatten().float() for b in stats])
-        torch.distributed.all_reduce(flat)             # SUM: gloo has no AVG
-        flat /= trainer.world_size
-        i = 0
-        for b in stats:
-            b.copy_(flat[i:i + b.numel()].view_as(b))
-            i += b.numel()
+        for m in module.modules():   # once an epoch: one all-reduce per buffer costs nothing worth batching
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                for b in (m.running_mean, m.running_var):
+                    if b is not None:
+                        torch.distributed.all_reduce(b)    # SUM, in place: gloo has no AVG
+                        b /= trainer.world_size
 
 
 class EpochTimer(L.Callback):
