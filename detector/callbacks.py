@@ -23,9 +23,10 @@ class ValidateLastEpoch(L.Callback):
 
 
 class AverageBatchNormStats(L.Callback):
-    """For DDP with broadcast_buffers=False: after each epoch's last step, every rank gets the mean of the
-    ranks' BatchNorm running statistics, so validation, mining and the checkpoints see one model. Replaces
-    DDP's broadcast of rank 0's buffers before every forward (a sync per step, ~1.5 % of a CPU rank's time)."""
+    """For DDP without the per-step buffer sync (train.ddp_without_step_buffer_sync): after each epoch's last
+    step, every rank gets the mean of the ranks' BatchNorm running statistics, so validation, mining and the
+    checkpoints see one model. Replaces DDP's broadcast of rank 0's buffers before every forward (a sync per
+    step, ~1.5 % of a CPU rank's time)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
                            ) -> None:

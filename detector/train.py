@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -421,6 +422,16 @@ def resolve_cpu_processes(cfg: Config) -> int:
     return cfg.data.batch_size // n
 
 
+def ddp_without_step_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that skips the BatchNorm buffer broadcast before every forward (AverageBatchNormStats
+    averages them once an epoch instead): torch >= 2.14 calls it forward_sync_buffers and warns on the old
+    broadcast_buffers in every rank's output; older torch knows only broadcast_buffers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 def resolve_workers(cfg: Config) -> int:
     """data.workers, checked, with "auto" resolved (`data.auto_workers`) for this run's accelerator and
     process count. Call after resolve_cpu_processes (it sets the CPU process count)."""
@@ -497,7 +508,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     strategy = cfg.trainer.strategy
     if strategy == "ddp":   # as resolve_cpu_processes sets it: BN statistics synced once an epoch, not every step
         from lightning.pytorch.strategies import DDPStrategy
-        strategy = DDPStrategy(broadcast_buffers=False)
+        strategy = DDPStrategy(**ddp_without_step_buffer_sync())
         callbacks.append(AverageBatchNormStats())
     with _lightning_noise_off():
         trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
