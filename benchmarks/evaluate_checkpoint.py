@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from detector.data import ScanDataModule
-from detector.train import AnomalyModule, load_config, write_test_scores
+from detector.train import AnomalyModule, lightning_noise_off, load_config, write_test_scores
 
 
 def main() -> None:
@@ -51,10 +50,9 @@ def main() -> None:
         raise SystemExit(f"{a.data}: no {a.split} split in its manifest")
     dm.splits["test"], dm.metas["test"] = dm.splits[a.split], dm.metas[a.split]   # the test loop runs it
     module = AnomalyModule.load_from_checkpoint(a.run / a.checkpoint, map_location="cpu")
-    tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                       enable_progress_bar=True, enable_model_summary=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    with lightning_noise_off("The 'test_dataloader' does not have many workers"):   # workers=0 on purpose
+        tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=True, enable_model_summary=False)
         tester.test(module, datamodule=dm, verbose=False)
     m, epoch = module.test_metrics, torch.load(a.run / a.checkpoint, map_location="cpu", weights_only=False)["epoch"]
     out = a.out or a.run / f"{a.split}_scores_{Path(a.checkpoint).stem}.csv"

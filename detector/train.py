@@ -510,7 +510,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         from lightning.pytorch.strategies import DDPStrategy
         strategy = DDPStrategy(**ddp_without_step_buffer_sync())
         callbacks.append(AverageBatchNormStats())
-    with _lightning_noise_off():
+    with lightning_noise_off():
         trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
                             devices=cfg.trainer.devices, strategy=strategy,
                             precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator), callbacks=callbacks,
@@ -525,7 +525,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     if tested:  # every rank takes part (DDP: a share of the scans each)
         # the sampler's repeated scans are dropped by index in _gather, and the checkpoint's callbacks are
         # left out on purpose (EMA would reload the raw weights)
-        with _lightning_noise_off("Using `DistributedSampler` with the dataloaders. During `trainer.test",
+        with lightning_noise_off("Using `DistributedSampler` with the dataloaders. During `trainer.test",
                                   "Be aware that when using `ckpt_path`, callbacks used to create"):
             tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                                strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
@@ -555,7 +555,7 @@ class _NoAdverts(logging.Filter):
 
 
 @contextlib.contextmanager
-def _lightning_noise_off(*also: str):
+def lightning_noise_off(*also: str):
     """Silence what Lightning prints on every run and that asks nothing of the user: "checkpoint directory
     not empty" (RUN always holds config.yaml by then; an earlier run's checkpoints get their own warning,
     _warn_if_replacing), a torch-version deprecation inside Lightning, the model summary's bf16 notice, the
