@@ -161,6 +161,11 @@ def test_cli_synth_writes_a_small_dataset(tmp_path, capsys):
     assert all((out / r["path"]).exists() and (out / r["mask"]).exists() for r in rows)
     text = capsys.readouterr().out
     assert "2 scans (2 anomalous)" in text and f"detector train --data {out}" in text
+    held_out = tmp_path / "test"          # a test split is for scoring: the hint must not say train on it
+    assert main(["synth", str(held_out), "--count", "1", "--height", str(H), "--workers", "1", "--split", "test"]) == 0
+    text = capsys.readouterr().out
+    assert f"next: detector score {held_out / 'images'} --model" in text and "detector train" not in text
+    assert all(r["split"] == "test" for r in _read(held_out))
 
 
 def test_visibility_is_the_added_signal_over_the_high_passed_clutter():

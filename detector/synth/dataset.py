@@ -100,5 +100,9 @@ def main(args) -> int:
     dt = time.time() - t0
     print(f"synth: {len(rows)} scans ({n_anom} anomalous) in {dt:.1f} s ({len(rows) / dt:.2f} scans/s) "
           f"-> {Path(args.out) / 'manifest.csv'}")
-    print(f"next: detector train --data {args.out} --out runs/synth")
+    if getattr(args, "split", None) == "test":   # held-out scans are scored and evaluated, never trained on
+        print(f"next: detector score {Path(args.out) / 'images'} --model MODEL.onnx --out results.csv, then "
+              f"detector eval results.csv --truth {args.out} --out report/")
+    else:
+        print(f"next: detector train --data {args.out} --out runs/synth")
     return 0
