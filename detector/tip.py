@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from detector.metrics import mask_bbox
+
 THREAT_KINDS = ("firearm", "narcotics", "false_wall", "shielded_block", "small_metal")
 MIN_ATT = 0.01  # a threat pixel adds at least this much attenuation (else it is outside the mask)
 
@@ -87,8 +89,7 @@ def threat_from_scan(attenuation: np.ndarray, mask: np.ndarray, background: np.n
     mask = np.asarray(mask, bool)
     if mask.shape != att.shape[1:] or not mask.any():
         raise ValueError("mask must have the scan's (H, W) shape and mark at least one pixel")
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    x0, y0, x1, y1 = mask_bbox(mask)
     pad = max(4, (max(y1 - y0, x1 - x0)) // 2)
     Y0, Y1 = max(0, y0 - pad), min(att.shape[1], y1 + pad)
     X0, X1 = max(0, x0 - pad), min(att.shape[2], x1 + pad)

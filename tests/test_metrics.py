@@ -79,6 +79,16 @@ def test_mask_boxes():
     assert sorted(M.mask_boxes(m)) == [[3, 2, 9, 5], [20, 10, 30, 20]]
 
 
+def test_mask_bbox_is_the_box_of_all_nonzero_pixels_whatever_the_dtype():
+    m = np.zeros((20, 30), np.uint8)
+    m[2:5, 3:9] = 255
+    m[10:20, 20:30] = 1
+    ys, xs = np.nonzero(m)
+    want = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert M.mask_bbox(m) == M.mask_bbox(m > 0) == M.mask_bbox(m.astype(np.float32) * 0.3) == want == (3, 2, 30, 20)
+    assert M.mask_bbox(np.zeros((5, 5), bool)) is None and M.mask_bbox(np.zeros((5, 5), np.float32)) is None
+
+
 def test_bootstrap_interval_covers_the_true_auroc_and_narrows_with_more_scans():
     from detector.metrics import auroc, bootstrap_interval
     rng = np.random.default_rng(0)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from detector import physics, tip
+from detector.metrics import mask_bbox
 from detector.synth import cargo as cargo_mod
 from detector.synth import threats, vehicles
 from detector.synth.render import Canvas, DetectorModel, detect, resample_columns, speed_resample
@@ -154,8 +154,6 @@ def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = 
     twin_counts = None
     if twin_rng is not None:             # the same noise draws: the two differ by the anomaly alone
         twin_counts = detect(resample_columns(clean, src), twin_rng, m)
-    boxes = []
-    if mask.any():
-        x, y, w, h = cv2.boundingRect(mask.view(np.uint8))   # 20x faster than np.nonzero over the scan
-        boxes = [[x, y, x + w, y + h]]
+    box = mask_bbox(mask)
+    boxes = [list(box)] if box else []
     return SynthScan(counts, float(m.i0), float(cv.pitch_mm), mask, boxes, kind, cargo, vehicle, twin_counts)

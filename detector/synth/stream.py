@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import cv2
 import numpy as np
 
 from detector.hard_types import draw_kind
+from detector.metrics import mask_bbox
 from detector.preprocess import Preprocessing, model_attenuation, to_model_pitch
 from detector.scan import scan_from_counts
 
@@ -56,10 +56,13 @@ def model_mask(mask: np.ndarray, pitch_mm: float, pre: Preprocessing) -> np.ndar
 
 def mask_centres(mask: np.ndarray, n: int = 64) -> list[tuple[int, int]]:
     """Up to n anomaly pixels spread over a model-pitch mask: where positive crops are centred."""
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
-    ys, xs = np.nonzero(mask[y:y + h, x:x + w])          # the same pixels, in the same order, as over the mask
-    ys, xs = ys + y, xs + x
-    sel = np.linspace(0, len(ys) - 1, min(len(ys), n)).astype(int) if len(ys) else []
+    box = mask_bbox(mask)
+    if box is None:
+        return []
+    x0, y0, x1, y1 = box
+    ys, xs = np.nonzero(mask[y0:y1, x0:x1])              # the same pixels, in the same order, as over the mask
+    ys, xs = ys + y0, xs + x0
+    sel = np.linspace(0, len(ys) - 1, min(len(ys), n)).astype(int)
     return [(int(ys[i]), int(xs[i])) for i in sel]
 
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from detector.hard_types import write_atomic
+from detector.metrics import mask_bbox
 from detector.preprocess import Preprocessing, to_model_pitch
 from detector.scan import scan_from_counts
 from detector.synth.dataset import generator_pool, scan_seed
@@ -58,9 +59,9 @@ def visibility_of(a: np.ndarray, c: np.ndarray, m: np.ndarray, margin: int = 16,
     if not m.any() or a.shape != c.shape:
         return float("nan")
     signal = abs(float((a - c)[m].mean()))   # a material image may go down where matter is added
-    ys, xs = np.nonzero(m)
-    y0, y1 = max(0, ys.min() - margin), min(c.shape[0], ys.max() + margin + 1)
-    x0, x1 = max(0, xs.min() - margin), min(c.shape[1], xs.max() + margin + 1)
+    bx0, by0, bx1, by1 = mask_bbox(m)
+    y0, y1 = max(0, by0 - margin), min(c.shape[0], by1 + margin)
+    x0, x1 = max(0, bx0 - margin), min(c.shape[1], bx1 + margin)
     high = c - cv2.GaussianBlur(c, (0, 0), sigma)
     clutter = float(high[y0:y1, x0:x1].std())
     return signal / max(clutter, 1e-6)
