@@ -21,13 +21,13 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
-from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
+from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
 
 SPLITS = ("train", "val", "test")
@@ -123,6 +123,9 @@ class DataConfig:
     normal_only: bool = False       # drop anomalous training scans; anomalies come from TIP alone
     channels: int | None = None     # None: from the data (the first scan)
     cache_dir: str | None = None    # default RUN/cache
+    skip_unreadable: bool = True    # an unreadable scan or mask (corrupt, truncated, NaN, ...) is left out and listed
+                                    # in RUN/skipped_scans.csv, as `detector score` records its failures; false: the
+                                    # first one stops the run
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -480,10 +483,10 @@ class ScanDataModule(L.LightningDataModule):
         self.splits = split_records(self.records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if cfg.normal_only:
             self.splits["train"] = [r for r in self.splits["train"] if r.label == 0]
-        if require_train and not self.splits["train"]:
-            raise ScanError(data_dir, "no training scans after splitting")
-        if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
-            self.splits["val"] = list(self.splits["train"])
+        self.require_train = require_train
+        self.skipped: dict[str, tuple[str, str]] = {}   # path -> (split, reason) of the unreadable scans left out
+        self._warned = False
+        self._check_splits()
         self.cache = ScanCache(cache_dir, pre, cfg.channels)
         self.visibility_file = Path(cache_dir) / "train_visibility.json"   # min_visibility
         self.metas: dict[str, list[dict]] = {}
@@ -497,14 +500,63 @@ class ScanDataModule(L.LightningDataModule):
         if self.cfg.min_visibility > 0:
             self._faint_training_anomalies()
         todo = [r for s in SPLITS for r in self.splits[s]]
-        # threads: decoding and resampling release the GIL (1.7x on 2 cores); the first error stops the build
+        # threads: decoding and resampling release the GIL (1.7x on 2 cores)
         pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
         try:
-            for _ in tqdm(pool.map(self.cache.build, todo), total=len(todo), desc="caching scans", leave=False,
-                          disable=len(todo) < 20):
-                pass
+            with summarised_scan_warnings(rank_zero_warn):   # one line per kind of conversion, not one per scan
+                for _ in tqdm(pool.map(self._build_or_skip, todo), total=len(todo), desc="caching scans",
+                              leave=False, disable=len(todo) < 20):
+                    pass
         finally:
             pool.shutdown(cancel_futures=True)
+        self._drop_skipped()
+
+    def _build_or_skip(self, rec: Record) -> dict | None:
+        """The record's cache meta; None (and the reason kept in self.skipped) if its scan or mask is unreadable
+        and data.skip_unreadable is on, else its ScanError stops the run."""
+        if rec.path in self.skipped:
+            return None
+        try:
+            return self.cache.build(rec)
+        except ScanError as e:
+            if not self.cfg.skip_unreadable:
+                raise
+            split = next(s for s in SPLITS if any(r is rec for r in self.splits[s]))
+            self.skipped[rec.path] = (split, e.reason if e.path == rec.path else str(e))   # else: its mask
+            return None
+
+    def _drop_skipped(self) -> None:
+        """Leave the unreadable scans out of every split, say so once, and re-check that training can go on."""
+        if not self.skipped:
+            return
+        for s in SPLITS:
+            self.splits[s] = [r for r in self.splits[s] if r.path not in self.skipped]
+        if not self._warned:
+            self._warned = True
+            path, (_, reason) = next(iter(self.skipped.items()))
+            first = f"{path}: {reason}"
+            rank_zero_warn(f"{len(self.skipped)} of {len(self.records)} scans are unreadable and left out (e.g. "
+                           f"{first}); data.skip_unreadable=false stops at the first instead")
+        self._check_splits()
+
+    def _check_splits(self) -> None:
+        if self.require_train and not self.splits["train"]:
+            why = ""
+            if self.skipped:
+                path, (_, reason) = next(iter(self.skipped.items()))
+                why = f" ({len(self.skipped)} unreadable, e.g. {path}: {reason})"
+            raise ScanError(self.data_dir, f"no training scans after splitting{why}")
+        if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
+            self.splits["val"] = list(self.splits["train"])
+
+    def write_skipped(self, path: str | os.PathLike) -> int:
+        """RUN/skipped_scans.csv: path, split, reason of each unreadable scan left out (header only if none)."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "split", "reason"])
+            for p, (split, reason) in sorted(self.skipped.items()):
+                w.writerow([p, split, reason])
+        return len(self.skipped)
 
     def _faint_training_anomalies(self) -> set[str]:
         """Stems of the anomalous generator-made training scans fainter than data.min_visibility (computed
@@ -523,7 +575,11 @@ class ScanDataModule(L.LightningDataModule):
             self.splits["train"] = [r for r in self.splits["train"] if Path(r.path).stem not in faint]
             rank_zero_info(f"data.min_visibility={self.cfg.min_visibility:g}: {len(faint)} faint training "
                            f"anomalies left out")
-        for s in SPLITS:
+        with summarised_scan_warnings(rank_zero_warn):
+            for r in [r for s in SPLITS for r in self.splits[s]]:
+                self._build_or_skip(r)
+        self._drop_skipped()
+        for s in SPLITS:   # all cached by now: each build reads its meta file
             self.metas[s] = [self.cache.build(r) for r in self.splits[s]]
         first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder
         chans = {m["shape"][0] for s in SPLITS for m in self.metas[s]}

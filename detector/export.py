@@ -272,11 +272,11 @@ def export_bundle(model: Any, info: dict, out: str | Path, *, opset: int = 20, i
 
 def main(args) -> int:
     """detector export CKPT --out model.onnx [--int8 --calibration DIR]"""
-    from detector.train import load_checkpoint
+    from detector.train import CheckpointError, load_checkpoint
 
     try:
         model, info = load_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
+    except CheckpointError as e:
         print(f"detector export: {e}", file=sys.stderr)
         return 2
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from detector.scan import SCAN_SUFFIXES, ScanError, read_scan
+from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
 SKIP_DIRS = {"masks"}  # dataset folders keep truth masks (PNG) beside the scans
@@ -306,11 +306,15 @@ def main(args) -> int:
         return 2
     workers = args.workers or max(1, min(4, (os.cpu_count() or 2) - 1))
     t0 = time.perf_counter()
-    c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
-                    overlays=Path(args.overlays) if args.overlays else None,
-                    overlays_flagged=args.overlays_flagged, policy=policy, threshold=args.threshold,
-                    workers=workers)
+    converted: list[str] = []
+    with summarised_scan_warnings(converted.append):
+        c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
+                        overlays=Path(args.overlays) if args.overlays else None,
+                        overlays_flagged=args.overlays_flagged, policy=policy, threshold=args.threshold,
+                        workers=workers)
     dt = time.perf_counter() - t0
+    for line in converted:
+        print(f"warning: {line}", file=sys.stderr)
     for line in c.failures[:10]:
         print(f"failed: {line}", file=sys.stderr)
     if len(c.failures) > 10:

@@ -39,6 +39,7 @@ from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
 from detector.preprocess import Preprocessing
+from detector.scan import ScanError
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
 
@@ -95,16 +96,22 @@ class Config:
 
 
 # ---------------------------------------------------------------- config: YAML + dotted overrides
+class ConfigError(ValueError):
+    """A config file, override or setting that cannot be used; the message says which and why."""
+
+
 def _build(cls: type, d: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(sorted(where + k for k in unknown))}")
+        raise ConfigError(f"unknown config key(s) {', '.join(sorted(where + k for k in unknown))}")
     kw = {}
     for k, v in d.items():
         t = hints[k]
-        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}{k} is a section of settings, got {v!r}")
             v = _build(t, v, f"{where}{k}.")
         elif isinstance(v, list) and "tuple" in str(t):
             v = tuple(v)
@@ -117,33 +124,47 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, ...), got a {type(d).__name__}")
+    return d
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from YAML (or defaults) with `a.b=c` overrides (values parsed as YAML)."""
-    d = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    d = _read_yaml(path) if path else {}
     for ov in overrides:
         if "=" not in ov:
-            raise ValueError(f"override {ov!r} is not key=value")
+            raise ConfigError(f"override {ov!r} is not key=value")
         key, val = ov.split("=", 1)
         node = d
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {p} is a setting, not a section")
         node[parts[-1]] = yaml.safe_load(val)
     cfg = _build(Config, d)
     t = cfg.trainer
     if not 1 <= t.val_every <= t.max_epochs:  # else no validation: no best checkpoint, no thresholds
-        raise ValueError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
+        raise ConfigError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
                          f"got {t.val_every}")
     if not 0 <= t.ema_decay < 1:
-        raise ValueError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
+        raise ConfigError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not t.max_minutes >= 0:
-        raise ValueError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
+        raise ConfigError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
     for key, ok, what in (("hard_types", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
                           ("synth_anomaly_fraction", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
                           ("min_visibility", lambda v: v >= 0, "a number >= 0 (0 = off)")):
         v = getattr(cfg.data, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ValueError(f"data.{key} must be {what}, got {v!r}")
+            raise ConfigError(f"data.{key} must be {what}, got {v!r}")
     return cfg
 
 
@@ -415,7 +436,7 @@ def resolve_cpu_processes(cfg: Config) -> int:
     if n <= 1 or not on_cpu:
         return cfg.data.batch_size
     if cfg.data.batch_size % n:
-        raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of trainer.cpu_processes ({n})")
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of trainer.cpu_processes ({n})")
     t.accelerator, t.devices = "cpu", n
     t.strategy = "ddp" if t.strategy == "auto" else t.strategy
     t.threads = t.threads or max(1, (os.cpu_count() or n) // n)
@@ -438,7 +459,7 @@ def resolve_workers(cfg: Config) -> int:
     w, t = cfg.data.workers, cfg.trainer
     if w != "auto":
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"data.workers must be a number >= 0 or auto, got {w!r}")
+            raise ConfigError(f"data.workers must be a number >= 0 or auto, got {w!r}")
         return w
     d = t.devices
     if not uses_cuda(t.accelerator):
@@ -458,6 +479,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
+    if resume is not None:
+        read_checkpoint(resume)               # a wrong --resume fails now, not after caching the data
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
@@ -538,7 +561,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
               "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
               "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
               "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
-              "data_fingerprint": info["data_fingerprint"]}
+              "data_fingerprint": info["data_fingerprint"],
+              "skipped_scans": dm.write_skipped(out / "skipped_scans.csv")}
     if tested:
         result["test"] = module.test_metrics
         write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
@@ -603,9 +627,26 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
+class CheckpointError(ValueError):
+    """A file that is not a detector training checkpoint (missing, truncated, or another kind of file)."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's dict, checked to be one of ours; CheckpointError names the file and what is wrong."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # zip, pickle and EOF errors of many kinds: not a torch checkpoint, or a cut one
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in (ck.get("hyper_parameters") or {}):
+        raise CheckpointError(f"{path}: not a detector training checkpoint (no model config and weights in it)")
+    return ck
+
+
 def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
     """(AnomalyNet in eval mode on the CPU, info dict with everything the ONNX bundle's metadata needs)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(path)
     hp = ck["hyper_parameters"]
     cfg = _build(Config, hp["config"])
     model = build_model(cfg.model)
@@ -619,8 +660,12 @@ def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
 
 def main(args) -> int:
     """The `train` verb."""
-    res = run_training(args.config, args.data or "data/synth", args.out, args.overrides or [],
-                       resume=args.resume, accelerator=args.accelerator)
+    try:
+        res = run_training(args.config, args.data or "data/synth", args.out, args.overrides or [],
+                           resume=args.resume, accelerator=args.accelerator)
+    except (ConfigError, ScanError, CheckpointError) as e:   # the user's config, data or --resume: one line
+        print(f"detector train: {e}", file=sys.stderr)
+        return 2
     if not res:
         return 0
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
@@ -629,5 +674,8 @@ def main(args) -> int:
     print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
           f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
     run = Path(res["best_checkpoint"]).parent
+    if res.get("skipped_scans"):
+        print(f"left out {res['skipped_scans']} unreadable scan(s): {run / 'skipped_scans.csv'} says which and why",
+              file=sys.stderr)
     print(f"next: detector export {run}/best.ckpt --out {run}/model.onnx", file=sys.stdout)
     return 0

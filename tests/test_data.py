@@ -75,7 +75,7 @@ def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tm
     assert cache.load(cache.build(rec))[0].shape == (2, 20, 30)
 
 
-def test_caching_in_threads_matches_one_by_one_and_a_truncated_scan_stops_it_by_name(tmp_path):
+def test_caching_in_threads_matches_one_by_one_and_strict_mode_stops_at_a_truncated_scan_by_name(tmp_path):
     root = write_dataset(tmp_path / "d", n=24)
     dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
     dm.prepare_data()                                        # a thread pool
@@ -85,9 +85,37 @@ def test_caching_in_threads_matches_one_by_one_and_a_truncated_scan_stops_it_by_
         assert np.array_equal(one.load(meta)[0], dm.cache.load(dm.cache.build(r))[0])
     bad = root / "images" / "s7.tiff"
     bad.write_bytes(bad.read_bytes()[:300])
-    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache2")
+    strict = ScanDataModule(root, DataConfig(workers=0, skip_unreadable=False), Preprocessing(), tmp_path / "cache2")
     with pytest.raises(ScanError, match=r"s7\.tiff"):
+        strict.prepare_data()
+
+
+def test_unreadable_scans_are_left_out_and_listed_and_training_goes_on(tmp_path):
+    root = write_dataset(tmp_path / "d", n=24)
+    bad = root / "images" / "s7.tiff"
+    bad.write_bytes(bad.read_bytes()[:300])                                   # truncated
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    with pytest.warns(UserWarning, match=r"1 of 24 scans are unreadable and left out \(e\.g\. .*s7\.tiff: "):
         dm.prepare_data()
+    dm.setup("fit")
+    kept = [r.path for s in ("train", "val", "test") for r in dm.splits[s]]
+    assert str(bad) not in kept and len(kept) == 23
+    assert all(len(dm.metas[s]) == len(dm.splits[s]) for s in ("train", "val", "test"))
+    assert dm.write_skipped(tmp_path / "skipped.csv") == 1
+    with open(tmp_path / "skipped.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["path"] == str(bad) and row["split"] in ("train", "val", "test") and row["reason"]
+    assert "s7.tiff" not in row["reason"]                                    # the path has its own column
+
+
+def test_a_dataset_whose_training_scans_are_all_unreadable_stops_with_the_reason(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    for p in (root / "images").glob("*.tiff"):
+        p.write_bytes(b"II*\x00 not a tiff")
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    with pytest.raises(ScanError, match=r"no training scans after splitting \(6 unreadable, e\.g\. .*\.tiff: "):
+        with pytest.warns(UserWarning, match="6 of 6 scans are unreadable"):
+            dm.prepare_data()
 
 
 def test_a_folder_of_test_scans_only_loads_for_scoring_but_not_for_training(tmp_path):

@@ -117,6 +117,7 @@ def test_int8_writes_drift_and_refuses_past_the_limit(exported, calibration_dir,
 def test_export_verb(model, exported, tmp_path, monkeypatch, capsys):
     fake = types.ModuleType("detector.train")
     fake.load_checkpoint = lambda path: (model, _info())
+    fake.CheckpointError = type("CheckpointError", (ValueError,), {})
     monkeypatch.setitem(sys.modules, "detector.train", fake)
     from detector import export
 
@@ -132,6 +133,22 @@ def test_export_verb(model, exported, tmp_path, monkeypatch, capsys):
     assert text[-2].startswith(f"exported {args.out} (fp32, 2 channel(s)")
     assert text[-1] == f"next: detector score SCANS --model {args.out} --out results.csv"
     assert read_metadata(args.out)["channels"] == 2
+
+
+def test_export_verb_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    import torch
+
+    from detector import export
+    (tmp_path / "junk.ckpt").write_bytes(b"\x80\x04junk")
+    torch.save({"epoch": 3}, tmp_path / "other.ckpt")
+    for name, why in (("junk.ckpt", "not a readable torch checkpoint"), ("missing.ckpt", "no such checkpoint file"),
+                      ("other.ckpt", "not a detector training checkpoint")):
+        args = Namespace(checkpoint=str(tmp_path / name), out=str(tmp_path / "m.onnx"), int8=False, calibration=None,
+                         opset=20, max_drop=1.0)
+        assert export.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"detector export: {tmp_path / name}: {why}") and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cnn_tiling_matches_whole_scan(exported, scan_dir):

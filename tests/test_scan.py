@@ -113,6 +113,28 @@ def test_rgb_rendering_becomes_one_channel_with_warning(tmp_path):
         assert scan.channels == 1 and scan.counts.dtype == np.uint8
 
 
+def test_scan_warnings_from_many_threads_are_summarised_once_per_reason(tmp_path):
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detector.scan import summarised_scan_warnings
+    rgb = np.zeros((50, 80, 3), dtype=np.uint8)
+    rgb[..., 2] = 180
+    paths = [tmp_path / f"bag{i}.png" for i in range(5)]
+    for p in paths:
+        cv2.imwrite(str(p), rgb)
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        with summarised_scan_warnings(lines.append):
+            with ThreadPoolExecutor(3) as pool:
+                assert [s.channels for s in pool.map(read_scan, paths)] == [1] * 5
+            warnings.warn("not about a scan", RuntimeWarning)
+    assert len(lines) == 1 and lines[0].startswith("5 scan(s): colour image converted to one grey channel")
+    assert any(str(p) in lines[0] for p in paths)
+    assert [(w.category, str(w.message)) for w in outer] == [(RuntimeWarning, "not about a scan")]
+
+
 def test_dicom_reads_when_pydicom_installed(tmp_path):
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset

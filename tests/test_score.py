@@ -198,3 +198,19 @@ def test_overlays_only_flagged_and_png_readable(tmp_path, heuristic_model, norma
     assert img.shape[1] == 600 and img.shape[0] == 200 + 28  # scan size plus the banner
     b, g, r = (int(v) for v in img[5, 300])
     assert r > 150 and b < 100  # red banner: flagged
+
+
+def test_colour_renderings_score_with_one_warning_line_for_the_batch(tmp_path, heuristic_model_1ch, capsys):
+    import cv2
+    d = tmp_path / "bags"
+    d.mkdir()
+    rgb = np.full((80, 260, 3), 230, np.uint8)
+    rgb[30:50, 100:140] = (40, 60, 90)
+    for i in range(4):
+        cv2.imwrite(str(d / f"bag{i}.png"), rgb)
+    rc = score.main(_args(d, heuristic_model_1ch, tmp_path / "r.csv"))
+    assert rc == 0
+    rows = _rows(tmp_path / "r.csv")
+    assert len(rows) == 4 and all(r["error"] == "" for r in rows.values())
+    err = capsys.readouterr().err
+    assert err.count("colour image converted") == 1 and "warning: 4 scan(s): colour image converted" in err

@@ -253,12 +253,48 @@ def test_plain_folder_rgb_8bit_trains(tmp_path):
         rgb = np.stack([img, img, np.clip(img.astype(int) + 10, 0, 255).astype(np.uint8)], -1)
         (tmp_path / "d" / sub).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(tmp_path / "d" / sub / f"b{i}.png"), rgb)
-    res = run_training(None, tmp_path / "d", tmp_path / "run", [*TINY, "trainer.max_epochs=1",
-                                                                 "data.val_fraction=0.25", "data.test_fraction=0"],
-                       quiet=True)
+    (tmp_path / "d" / "normal" / "b8.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")    # one corrupt file: left out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_training(None, tmp_path / "d", tmp_path / "run", [*TINY, "trainer.max_epochs=1",
+                                                                     "data.val_fraction=0.25", "data.test_fraction=0"],
+                           quiet=True)
     _, info = load_checkpoint(res["best_checkpoint"])
     assert info["channels"] == 1
     assert res["validation"]["n_anomalous"] >= 1 and res["validation"]["auroc"] is not None
+    said = [str(w.message) for w in caught]
+    assert sum("colour image converted" in m for m in said) == 1        # one summary line, not one per scan
+    assert any(m.startswith("8 scan(s): colour image converted") for m in said)
+    assert res["skipped_scans"] == 1
+    assert "b8.jpg" in (tmp_path / "run" / "skipped_scans.csv").read_text()
+
+
+QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
+
+
+def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsys):
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n=6)
+    (tmp_path / "tabs.yaml").write_text("model:\n\tstride: 8\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    cases = [(["--config", str(tmp_path / "missing.yaml")], "missing.yaml: cannot read the config file"),
+             (["--config", str(tmp_path / "tabs.yaml")], "tabs.yaml: not valid YAML"),
+             (["--config", str(tmp_path / "list.yaml")], "a config is a YAML mapping"),
+             (["data.nokey=1"], "unknown config key(s) data.nokey"),
+             (["model=3"], "model is a section of settings"),
+             (["model.width.x=3"], "width is a setting, not a section"),
+             (["trainer.max_minutes=-1"], "trainer.max_minutes must be >= 0"),
+             (["--resume", str(tmp_path / "gone.ckpt")], "gone.ckpt: no such checkpoint file")]
+    for args, message in cases:
+        argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), *args]
+        if "--config" not in args:
+            argv[1:1] = ["--config", str(QUICK)]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("detector train: ") and message in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert main(["train", "--config", str(QUICK), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "no manifest.csv and no normal/ or anomalous/ folder" in capsys.readouterr().err
 
 
 def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
