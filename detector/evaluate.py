@@ -165,8 +165,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     f = np.array([r.failed for r, _ in pairs])
     s = np.where(f, 0.0, np.array([r.score for r, _ in pairs]))
     overall = M.summary(y, s, f, [r.decision for r, _ in pairs])
-    # over the scored rows: how far another test set of this size could move the figures
-    overall["intervals"] = M.intervals(y[~f], s[~f])
+    # how far another test set of this size could move the figures (failed rows count as INSPECT in both)
+    overall["intervals"] = M.intervals(y, s, f)
     notes = []
     if orphans:
         notes.append(f"{len(orphans)} result rows have no truth and were left out")
@@ -243,12 +243,16 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
 
 def _thumb(r: Result, t: Truth):
     """A rendered scan with predicted (red) and true (green) boxes, and its caption."""
+    import warnings
+
     from detector import report
-    from detector.scan import read_scan
+    from detector.scan import ScanWarning, read_scan
     cap = f"{Path(r.path).name}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
         + (f", cargo {t.cargo}" if t.cargo else "")
     try:
-        scan = read_scan(t.path)
+        with warnings.catch_warnings():     # a conversion was reported when the scan was scored
+            warnings.simplefilter("ignore", ScanWarning)
+            scan = read_scan(t.path)
     except Exception as e:
         return np.full((60, 400, 3), 200, np.uint8), f"{cap} (could not render: {e})"
     img = report.render(scan.attenuation, regions=r.regions, truth_boxes=_truth_boxes(t),

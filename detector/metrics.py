@@ -143,8 +143,11 @@ def detection_at_01pct(labels, scores) -> float | None:
     return detection_at_far(labels, scores, 0.001)["detection_rate"]
 
 
-def intervals(labels, scores, level: float = 0.95) -> dict:
-    """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms."""
+def intervals(labels, scores, failed=None, level: float = 0.95) -> dict:
+    """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms; failed rows
+    rank above every score (fail-closed), as in the figures themselves."""
+    labels, scores, failed = _arrays(labels, scores, failed)
+    scores = _ranked(scores, failed)
     return {"level": level, "auroc": bootstrap_interval(labels, scores, auroc, level=level),
             "detection_at_1pct": bootstrap_interval(labels, scores, detection_at_1pct, level=level)}
 

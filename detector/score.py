@@ -325,6 +325,7 @@ def main(args) -> int:
     print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}, "
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
     src = Path(args.src)
-    truth = args.src if (src / "manifest.csv").is_file() or src.suffix.lower() == ".csv" else "DATA"
+    labelled = (src / "manifest.csv").is_file() or (src / "normal").is_dir() or (src / "anomalous").is_dir()
+    truth = args.src if labelled or src.suffix.lower() == ".csv" else "DATA"
     print(f"next: detector eval {out} --truth {truth} --out report/")
     return 1 if todo and c.scanned == c.failed else 0

@@ -80,6 +80,8 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
     m = evaluate.evaluate(res, data / "manifest.csv", tmp_path / "r1", thumbs=False)
     assert "Failed scans (2, counted as INSPECT)" in (tmp_path / "r1" / "report.html").read_text()
     assert m["overall"]["n_failed"] == 2 and {f["error"] for f in m["failures"]} == {"truncated TIFF"}
+    lo, hi = m["overall"]["intervals"]["auroc"]     # around the fail-closed figure, not the scored rows' alone
+    assert lo <= m["overall"]["auroc"] <= hi
     assert m["overall"]["decisions"]["tp"] == 3 and m["overall"]["decisions"]["fp"] == 2
     # only the normal rows: AUROC undefined, reported as null with a note
     lines = res.read_text().splitlines()

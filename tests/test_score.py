@@ -200,17 +200,18 @@ def test_overlays_only_flagged_and_png_readable(tmp_path, heuristic_model, norma
     assert r > 150 and b < 100  # red banner: flagged
 
 
-def test_colour_renderings_score_with_one_warning_line_for_the_batch(tmp_path, heuristic_model_1ch, capsys):
+def test_colour_renderings_score_with_one_warning_line_and_a_labelled_folder_is_the_truth(tmp_path, heuristic_model_1ch, capsys):
     import cv2
     d = tmp_path / "bags"
-    d.mkdir()
+    (d / "normal").mkdir(parents=True)
     rgb = np.full((80, 260, 3), 230, np.uint8)
     rgb[30:50, 100:140] = (40, 60, 90)
     for i in range(4):
-        cv2.imwrite(str(d / f"bag{i}.png"), rgb)
+        cv2.imwrite(str(d / "normal" / f"bag{i}.png"), rgb)
     rc = score.main(_args(d, heuristic_model_1ch, tmp_path / "r.csv"))
     assert rc == 0
     rows = _rows(tmp_path / "r.csv")
     assert len(rows) == 4 and all(r["error"] == "" for r in rows.values())
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.count("colour image converted") == 1 and "warning: 4 scan(s): colour image converted" in err
+    assert f"next: detector eval {tmp_path / 'r.csv'} --truth {d} " in out   # a labelled folder is its own truth
