@@ -140,12 +140,16 @@ class Record:
 
 
 def _records_from_manifest(root: Path) -> list[Record]:
-    out = []
+    out, seen = [], {}
     with open(root / "manifest.csv", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise ScanError(root / "manifest.csv", "manifest needs columns path,label")
         for i, row in enumerate(reader):
+            if row["path"] in seen:   # the two rows could land in different splits: training on a test scan
+                raise ScanError(root / "manifest.csv", f"row {i + 2}: {row['path']} is listed again (row "
+                                                       f"{seen[row['path']]}); list each scan once")
+            seen[row["path"]] = i + 2
             try:
                 label = int(float(row["label"]))
             except (TypeError, ValueError):
@@ -245,7 +249,11 @@ class ScanCache:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _key(self, rec: Record) -> str:
-        st = os.stat(rec.path)
+        try:
+            st = os.stat(rec.path)
+        except OSError as e:
+            raise ScanError(rec.path, "file not found" if isinstance(e, FileNotFoundError) else
+                            f"cannot read the file ({e.strerror or e})") from None
         s = f"{rec.path}|{st.st_size}|{st.st_mtime_ns}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
         s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:
                                                          # runs of dead rows found too (older entries rebuilt)

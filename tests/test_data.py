@@ -40,6 +40,9 @@ def test_manifest_split_column_boxes_and_bad_rows(tmp_path):
         load_records(tmp_path / "bad")
     with pytest.raises(ScanError):
         load_records(tmp_path / "empty_nothing")
+    (tmp_path / "bad" / "manifest.csv").write_text("path,label\nx.tiff,0\ny.tiff,1\nx.tiff,1\n")
+    with pytest.raises(ScanError, match=r"row 4: x\.tiff is listed again \(row 2\)"):
+        load_records(tmp_path / "bad")
 
 
 def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
@@ -106,6 +109,11 @@ def test_unreadable_scans_are_left_out_and_listed_and_training_goes_on(tmp_path)
         (row,) = list(csv.DictReader(f))
     assert row["path"] == str(bad) and row["split"] in ("train", "val", "test") and row["reason"]
     assert "s7.tiff" not in row["reason"]                                    # the path has its own column
+    bad.unlink()                                                              # a manifest row without its file
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    with pytest.warns(UserWarning, match=r"s7\.tiff: file not found"):
+        dm.prepare_data()
+    assert list(dm.skipped) == [str(bad)]
 
 
 def test_a_dataset_whose_training_scans_are_all_unreadable_stops_with_the_reason(tmp_path):
