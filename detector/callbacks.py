@@ -84,14 +84,24 @@ class TimeBudget(L.Callback):
         self.fit_epochs_start = 0
         self.max_epochs = 0
         self.plans: list[int] = []
+        self.stored_budget_s = self.budget_s   # the budget a resumed run was planned with
 
     def _elapsed(self) -> float:
         return self.spent_before + time.time() - self.started
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.max_epochs = self.max_epochs or int(trainer.max_epochs)
+        asked = int(trainer.max_epochs)
+        if self.plans and (self.max_epochs, self.stored_budget_s) != (asked, self.budget_s):
+            # resumed with more (or fewer) epochs or minutes asked for: plan afresh within them, the time
+            # already spent included, instead of stopping where the earlier plan ended
+            if trainer.is_global_zero:
+                print(f"resuming after {trainer.current_epoch} epochs with trainer.max_epochs={asked} and "
+                      f"max_minutes={self.budget_s / 60:g} (were {self.max_epochs} and {self.stored_budget_s / 60:g}): "
+                      "the epoch plan starts again from these", flush=True)
+            self.plans, self.max_epochs = [], asked
+        self.max_epochs = self.max_epochs or asked
         self.fit_start, self.fit_epochs_start = time.time(), trainer.current_epoch
-        if self.plans:                   # resumed: the plan the run had reached, not the config's count
+        if self.plans:                   # resumed as it was: the plan the run had reached, not the config's count
             trainer.fit_loop.max_epochs = self.plans[-1]
         module.schedule_epochs = int(trainer.max_epochs)
 
@@ -111,9 +121,11 @@ class TimeBudget(L.Callback):
         self.plans.append(planned)
 
     def state_dict(self) -> dict:
-        return {"spent_s": self._elapsed(), "max_epochs": self.max_epochs, "plans": self.plans}
+        return {"spent_s": self._elapsed(), "max_epochs": self.max_epochs, "plans": self.plans,
+                "budget_s": self.budget_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.spent_before = float(state["spent_s"])
         self.max_epochs = int(state["max_epochs"])
         self.plans = list(state["plans"])
+        self.stored_budget_s = float(state.get("budget_s", self.budget_s))   # older checkpoints: unchanged

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import typing
@@ -541,7 +542,11 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                             log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
                             check_val_every_n_epoch=cfg.trainer.val_every,
                             enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
+        kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if kept_log is not None:
+        _merge_logs(kept_log, out / "logs" / "metrics.csv")
+        kept_log.unlink()
     best = Path(ckpt.best_model_path or out / "last.ckpt")
     train_s = round(time.time() - t0, 1)
     tested = bool(cfg.trainer.test and dm.splits["test"])
@@ -582,14 +587,15 @@ class _NoAdverts(logging.Filter):
 def lightning_noise_off(*also: str):
     """Silence what Lightning prints on every run and that asks nothing of the user: "checkpoint directory
     not empty" (RUN always holds config.yaml by then; an earlier run's checkpoints get their own warning,
-    _warn_if_replacing), a torch-version deprecation inside Lightning, the model summary's bf16 notice, the
+    _warn_if_replacing), "logs directory not empty" (a resumed run's earlier logs are kept: _set_log_aside), a torch-version deprecation inside Lightning, the model summary's bf16 notice, the
     advert, and the warnings that start with `also`. Other warnings pass."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     advert = _NoAdverts()
     log.addFilter(advert)
     try:
         with warnings.catch_warnings():
-            for text in (r"Checkpoint directory .* exists and is not empty", r"`isinstance\(treespec, LeafSpec\)`",
+            for text in (r"Checkpoint directory .* exists and is not empty", r"Experiment logs directory .* exists and is not",
+                         r"`isinstance\(treespec, LeafSpec\)`",
                          r"Precision .* is not supported by the model summary", *map(re.escape, also)):
                 warnings.filterwarnings("ignore", text)
             yield
@@ -605,6 +611,37 @@ def _warn_if_replacing(out: Path) -> None:
     if old:
         rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
                        f"(--resume {out / 'last.ckpt'} continues that run instead)")
+
+
+def _set_log_aside(log: Path) -> Path | None:
+    """Lightning's CSV logger deletes RUN/logs/metrics.csv when a fit starts, which would lose a resumed run's
+    earlier epochs: copy it aside first (crash-safe: a copy left by an interrupted resume is merged, not
+    overwritten) and merge it back after the fit (_merge_logs)."""
+    kept = log.with_name("metrics.before_resume.csv")
+    if kept.is_file() and log.is_file():
+        _merge_logs(kept, log, dest=kept)
+    elif log.is_file():
+        shutil.copyfile(log, kept)
+    return kept if kept.is_file() else None
+
+
+def _merge_logs(earlier: Path, later: Path, dest: Path | None = None) -> None:
+    """`dest` (default `later`) = the rows of `earlier` logged before `later`'s first step, then `later`'s rows;
+    the columns of both."""
+    def rows(path: Path) -> tuple[list[str], list[dict]]:
+        if not path.is_file():
+            return [], []
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    (old_keys, old), (new_keys, new) = rows(earlier), rows(later)
+    first = min((int(r["step"]) for r in new if r.get("step")), default=None)
+    old = [r for r in old if first is None or not r.get("step") or int(r["step"]) < first]
+    with open(dest or later, "w", newline="") as f:
+        w = csv.DictWriter(f, [*old_keys, *(k for k in new_keys if k not in old_keys)])
+        w.writeheader()
+        w.writerows(old + new)
 
 
 def write_test_scores(path: Path, rows: list[dict], records: list) -> None:

@@ -198,7 +198,8 @@ def test_plan_epochs_fits_the_budget_and_announces_the_last_epoch_ahead():
 
 def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(tmp_path):
     """trainer.max_minutes far below one epoch: 2 of 60 epochs (the last one announced after the first),
-    warmup and cosine schedule shortened to end there, the final epoch validated, and a resume keeps the plan."""
+    warmup and cosine schedule shortened to end there, the final epoch validated, and a resume keeps the plan
+    unless it asks for other epochs or minutes."""
     from detector.train import run_training
     data = write_dataset(tmp_path / "data")
     ov = [*TINY, "trainer.max_epochs=60", "trainer.patience=0", "trainer.val_every=4", "trainer.max_minutes=0.0001",
@@ -216,6 +217,13 @@ def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(
         again = run_training(None, data, tmp_path / "run", ov, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
     assert again["epochs"] == 2
     assert not any("earlier run" in str(w.message) for w in said)   # resuming continues, it replaces nothing
+    longer = [*ov, "trainer.max_epochs=4", "trainer.max_minutes=30"]   # resumed to train on: a new plan
+    more = run_training(None, data, tmp_path / "run", longer, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
+    assert more["epochs"] == 4
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))   # Lightning's logger deleted
+    assert {int(r["epoch"]) for r in rows if r["epoch"]} == {0, 1, 2, 3}          # the earlier epochs' rows
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and not (tmp_path / "run" / "logs" / "metrics.before_resume.csv").exists()
     with pytest.raises(ValueError, match="max_minutes"):
         run_training(None, data, tmp_path / "bad", [*TINY, "trainer.max_minutes=-1"], quiet=True)
 
@@ -429,3 +437,26 @@ def test_batchnorm_statistics_averaged_over_ddp_ranks_after_the_last_step(tmp_pa
         assert torch.all(r["before"][0] == rank * 2.0) and torch.all(r["before"][1] == 1.0 + rank * 4.0)
         assert torch.allclose(r["mean"][0], torch.full((3,), 1.0)) and torch.allclose(r["mean"][1], torch.full((2,), 2.0))
         assert torch.allclose(r["var"][0], torch.full((3,), 3.0)) and torch.allclose(r["var"][1], torch.full((2,), 3.0))
+
+
+def test_a_resume_interrupted_again_keeps_every_earlier_log_row(tmp_path):
+    from detector.train import _merge_logs, _set_log_aside
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def write(path, steps, key):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "step", key])
+            w.writerows([[s // 10, s, s] for s in steps])
+
+    log = logs / "metrics.csv"
+    write(log, range(0, 40), "loss")                 # the first run: steps 0-39
+    kept = _set_log_aside(log)                       # a resume sets them aside, Lightning deletes the log,
+    write(log, range(30, 55), "lr")                  # and the resumed run (from step 30) dies at step 54
+    assert _set_log_aside(log) == kept               # the next resume (from step 50) merges, not overwrites
+    write(log, range(50, 70), "lr")
+    _merge_logs(kept, log)
+    rows = list(csv.DictReader(open(log)))
+    assert [int(r["step"]) for r in rows] == list(range(70))
+    assert rows[0]["loss"] == "0" and rows[0]["lr"] == "" and rows[69]["lr"] == "69"
