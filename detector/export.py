@@ -132,6 +132,27 @@ def calibration_items(src: str | Path, limit: int | None = None) -> list[tuple[P
     return items
 
 
+def usable_items(items: list[tuple[Path, int | None]], pre: Preprocessing, channels: int,
+                 log: Log = print) -> list[tuple[Path, int | None]]:
+    """The calibration scans this model can run on; the others (unreadable, wrong energy count) are left out
+    with one line saying how many and why, as a batch job records its failures and goes on."""
+    import warnings
+
+    from detector.scan import ScanWarning, read_scan
+    ok, bad = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScanWarning)
+        for path, label in items:
+            try:
+                prepare(read_scan(path), pre, channels)
+                ok.append((path, label))
+            except ScanError as e:
+                bad.append(str(e))
+    if bad:
+        log(f"  int8: left out {len(bad)} of {len(items)} calibration scans that cannot be used (e.g. {bad[0]})")
+    return ok
+
+
 class _Reader:
     """onnxruntime CalibrationDataReader over prepared calibration scans (one scan per batch)."""
 
@@ -223,12 +244,12 @@ def _drift_text(d: dict) -> str:
 def make_int8_bundle(fp32_bundle: str | Path, out: str | Path, calibration: str | Path, meta: dict,
                      max_drop: float = 1.0, limit: int | None = 64, log: Log = print) -> dict:
     """Quantize a bundle on calibration scans, measure drift, refuse past `max_drop` points."""
-    items = calibration_items(calibration, limit)
+    pre, channels = Preprocessing.from_dict(meta["preprocessing"]), int(meta["channels"])
+    items = usable_items(calibration_items(calibration, limit), pre, channels, log)
     if len({lab for _, lab in items}) != 2 or any(lab is None for _, lab in items):
         raise ExportError(f"{calibration}: INT8 drift needs labelled normal and anomalous scans "
                           f"(manifest.csv or normal/ + anomalous/); found {len(items)} scan(s) without both "
                           f"classes. The fp32 bundle {fp32_bundle} is unaffected")
-    pre, channels = Preprocessing.from_dict(meta["preprocessing"]), int(meta["channels"])
     log(f"  int8: calibrating on {len(items)} scans from {calibration}")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from detector.export import ExportError, export_bundle, make_int8_bundle, parity
 from detector.model import ModelConfig, build_model  # noqa: E402
 from detector.preprocess import Preprocessing, prepare  # noqa: E402
 from detector.runtime import Inspector  # noqa: E402
-from detector.scan import read_scan  # noqa: E402
+from detector.scan import read_scan, write_scan  # noqa: E402
 
 CFG = ModelConfig(backbone="resnet18", in_channels=2, decoder_channels=16, topk=4, stage_blocks=1,
                   context_dilations=(2, 4))  # the default architecture, narrower
@@ -112,6 +112,20 @@ def test_int8_writes_drift_and_refuses_past_the_limit(exported, calibration_dir,
     write_test_scan(unlabelled / "x.tiff")
     with pytest.raises(ExportError, match="labelled normal and anomalous"):
         make_int8_bundle(out, tmp_path / "u.onnx", unlabelled, meta, log=lambda s: None)
+
+
+def test_int8_calibration_leaves_out_scans_it_cannot_use_and_says_so(exported, calibration_dir, tmp_path):
+    from detector.export import calibration_items, usable_items
+    d = tmp_path / "cal"
+    shutil.copytree(calibration_dir, d)
+    (d / "normal" / "cut.tiff").write_bytes((d / "normal" / "n0.tiff").read_bytes()[:500])
+    write_scan(d / "anomalous" / "single.png", np.full((64, 256), 40000, np.uint16))   # 1 energy, model has 2
+    meta, lines = read_metadata(exported[0]), []
+    items = calibration_items(d)
+    kept = usable_items(items, Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], lines.append)
+    assert len(items) == 8 and sorted(p.name for p, _ in kept) == sorted(p.name for p, _ in items
+                                                                        if p.name not in ("cut.tiff", "single.png"))
+    assert len(lines) == 1 and "left out 2 of 8 calibration scans" in lines[0]
 
 
 def test_export_verb(model, exported, tmp_path, monkeypatch, capsys):
