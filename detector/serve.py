@@ -170,13 +170,18 @@ class Service:
 
     async def _verdict(self, request: Request, rid: str, t0: float) -> JSONResponse:
         error, meta, data, name = None, {}, None, "scan"
-        try:
-            form = await Request(request.scope, _limited(request.receive, self.max_bytes)).form(
-                max_files=2, max_fields=4)
-        except UploadTooLarge:
-            raise
-        except Exception as e:
-            form, error = None, f"unreadable multipart form ({type(e).__name__}: {e})"
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):   # e.g. raw bytes: they parsed as "too many fields"
+            form, error = None, (f"send the scan as multipart/form-data with the file in field 'scan' (got "
+                                 f"Content-Type {ctype.split(';')[0] or 'none'})")
+        else:
+            try:
+                form = await Request(request.scope, _limited(request.receive, self.max_bytes)).form(
+                    max_files=2, max_fields=4)
+            except UploadTooLarge:
+                raise
+            except Exception as e:
+                form, error = None, f"unreadable multipart form ({type(e).__name__}: {e})"
         if form is not None:
             upload = form.get("scan")
             if isinstance(upload, UploadFile):

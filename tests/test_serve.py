@@ -158,7 +158,14 @@ def test_failures_are_inspect_with_reason(server, normal_scan_path):
     no_file = httpx.post(server.url + "/v1/inspect", data={"meta": "{}"},
                          headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert no_file.status_code == 200 and no_file.json()["decision"] == "INSPECT"
-    assert "scan" in no_file.json()["reason"]
+    assert "multipart/form-data with the file in field 'scan'" in no_file.json()["reason"]
+    raw = httpx.post(server.url + "/v1/inspect", content=normal_scan_path.read_bytes(), timeout=10,
+                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"})
+    assert raw.status_code == 200 and raw.json()["decision"] == "INSPECT"
+    assert "(got Content-Type application/octet-stream)" in raw.json()["reason"]
+    empty = httpx.post(server.url + "/v1/inspect", files={"meta": (None, "{}")},
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert empty.json()["decision"] == "INSPECT" and "no file in form field 'scan'" in empty.json()["reason"]
 
 
 def test_token_required(server, normal_scan_path):
