@@ -166,6 +166,11 @@ def test_cli_synth_writes_a_small_dataset(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"next: detector score {held_out / 'images'} --model" in text and "detector train" not in text
     assert all(r["split"] == "test" for r in _read(held_out))
+    assert "older scan" not in capsys.readouterr().err
+    assert main(["synth", str(out), "--count", "1", "--seed", "4", "--height", str(H), "--workers", "1"]) == 0
+    err = capsys.readouterr().err                  # the seed-3 scans are still in images/: say so
+    assert f"{out / 'images'} also holds 2 older scan(s) the new manifest does not list (e.g. s3_000000.tiff" in err
+    assert main(["synth", str(out), "--count", "0"]) == 2 and "--count must be >= 1" in capsys.readouterr().err
 
 
 def test_visibility_is_the_added_signal_over_the_high_passed_clutter():

@@ -6,6 +6,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -88,10 +89,16 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
     return rows
 
 
+def unlisted_images(out: str | os.PathLike, rows: list[dict]) -> list[str]:
+    """Files in OUT/images that the manifest rows do not list (left by an earlier synth into the same folder)."""
+    listed = {Path(r["path"]).name for r in rows}
+    return sorted(p.name for p in (Path(out) / "images").iterdir() if p.is_file() and p.name not in listed)
+
+
 def main(args) -> int:
     """CLI handler of `detector synth OUT --count N ...`."""
     if args.count < 1:
-        print("detector synth: --count must be >= 1")
+        print("detector synth: --count must be >= 1", file=sys.stderr)
         return 2
     t0 = time.time()
     rows = write_dataset(args.out, args.count, args.seed, args.anomaly_fraction, args.workers,
@@ -100,6 +107,11 @@ def main(args) -> int:
     dt = time.time() - t0
     print(f"synth: {len(rows)} scans ({n_anom} anomalous) in {dt:.1f} s ({len(rows) / dt:.2f} scans/s) "
           f"-> {Path(args.out) / 'manifest.csv'}")
+    stale = unlisted_images(args.out, rows)
+    if stale:
+        print(f"note: {Path(args.out) / 'images'} also holds {len(stale)} older scan(s) the new manifest does not list "
+              f"(e.g. {stale[0]}, from an earlier synth): training reads the manifest, but scoring the folder would "
+              "score them too; delete them or synthesise into a new folder", file=sys.stderr)
     if getattr(args, "split", None) == "test":   # held-out scans are scored and evaluated, never trained on
         print(f"next: detector score {Path(args.out) / 'images'} --model MODEL.onnx --out results.csv, then "
               f"detector eval results.csv --truth {args.out} --out report/")
