@@ -116,40 +116,44 @@ def _class_resamples(y: np.ndarray, n: int, seed: int):
 
 
 def bootstrap_interval(labels, scores, metric, n: int = 1000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float] | None:
-    """Percentile interval of `metric(labels, scores)` over test sets resampled within each class (so
-    each keeps the normal/anomalous counts): how far the figure would move on another test set of the
-    same size. None without both classes."""
+                       seed: int = 0, failed=None) -> tuple[float, float] | None:
+    """Percentile interval of `metric(labels, scores)` (`metric(labels, scores, failed)` when `failed` is given)
+    over test sets resampled within each class (so each keeps the normal/anomalous counts): how far the figure
+    would move on another test set of the same size. None without both classes."""
     y = np.asarray(labels, dtype=np.int64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if not ((y == 0).any() and (y == 1).any()):
         return None
     vals = []
     for pick in _class_resamples(y, n, seed):
-        v = metric(y[pick], s[pick])
+        v = metric(y[pick], s[pick]) if failed is None else metric(y[pick], s[pick], np.asarray(failed)[pick])
         if v is not None:
             vals.append(v)
+    if not vals:
+        return None
     lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
-def detection_at_1pct(labels, scores) -> float | None:
+def detection_at_1pct(labels, scores, failed=None) -> float | None:
     """Detection rate at 1 % false alarms: the headline figure beside AUROC."""
-    return detection_at_far(labels, scores, 0.01)["detection_rate"]
+    return detection_at_far(labels, scores, 0.01, failed)["detection_rate"]
 
 
-def detection_at_01pct(labels, scores) -> float | None:
+def detection_at_01pct(labels, scores, failed=None) -> float | None:
     """Detection rate at 0.1 % false alarms, the station's strictest calibrated threshold."""
-    return detection_at_far(labels, scores, 0.001)["detection_rate"]
+    return detection_at_far(labels, scores, 0.001, failed)["detection_rate"]
 
 
 def intervals(labels, scores, failed=None, level: float = 0.95) -> dict:
-    """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms; failed rows
-    rank above every score (fail-closed), as in the figures themselves."""
-    labels, scores, failed = _arrays(labels, scores, failed)
-    scores = _ranked(scores, failed)
-    return {"level": level, "auroc": bootstrap_interval(labels, scores, auroc, level=level),
-            "detection_at_1pct": bootstrap_interval(labels, scores, detection_at_1pct, level=level)}
+    """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms, with failed rows
+    counted as INSPECT as in the figures themselves; an interval is None where its figure is (e.g. a failed normal
+    scan uses up the 1 % of alarms that 25 normal scans allow)."""
+    y, s, f = _arrays(labels, scores, failed)
+    out: dict = {"level": level}
+    for name, metric in (("auroc", auroc), ("detection_at_1pct", detection_at_1pct)):
+        out[name] = None if metric(y, s, f) is None else bootstrap_interval(y, s, metric, level=level, failed=f)
+    return out
 
 
 def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: float = 0.95,

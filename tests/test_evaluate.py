@@ -82,6 +82,8 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
     assert m["overall"]["n_failed"] == 2 and {f["error"] for f in m["failures"]} == {"truncated TIFF"}
     lo, hi = m["overall"]["intervals"]["auroc"]     # around the fail-closed figure, not the scored rows' alone
     assert lo <= m["overall"]["auroc"] <= hi
+    assert m["overall"]["detection_at_far"][0]["detection_rate"] is None   # 4 normals, one failed: no 1 % point
+    assert m["overall"]["intervals"]["detection_at_1pct"] is None          # and so no interval around it
     assert m["overall"]["decisions"]["tp"] == 3 and m["overall"]["decisions"]["fp"] == 2
     # only the normal rows: AUROC undefined, reported as null with a note
     lines = res.read_text().splitlines()
