@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
+from detector.manifest import boxes_of, has_layout, label_of, layout_files, read_rows
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
@@ -140,35 +141,18 @@ class Record:
 
 
 def _records_from_manifest(root: Path) -> list[Record]:
-    out, seen = [], {}
-    with open(root / "manifest.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ScanError(root / "manifest.csv", "manifest needs columns path,label")
-        for i, row in enumerate(reader):
-            if row["path"] in seen:   # the two rows could land in different splits: training on a test scan
-                raise ScanError(root / "manifest.csv", f"row {i + 2}: {row['path']} is listed again (row "
-                                                       f"{seen[row['path']]}); list each scan once")
-            seen[row["path"]] = i + 2
-            try:
-                label = int(float(row["label"]))
-            except (TypeError, ValueError):
-                raise ScanError(root / "manifest.csv", f"row {i + 2}: label {row['label']!r} is not 0/1") from None
-            boxes = json.loads(row["boxes"]) if (row.get("boxes") or "").strip() else None
-            split = _SPLIT_ALIASES.get((row.get("split") or "").strip().lower(), "")
-            out.append(Record(str(root / row["path"]), label, str(root / row["mask"]) if row.get("mask") else None,
-                              boxes or None, row.get("anomaly_type") or "", split))
+    manifest = root / "manifest.csv"
+    out = []
+    for row in read_rows(manifest):
+        split = _SPLIT_ALIASES.get((row.get("split") or "").strip().lower(), "")
+        out.append(Record(str(root / row["path"]), label_of(row, manifest),
+                          str(root / row["mask"]) if (row.get("mask") or "").strip() else None,
+                          boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split))
     return out
 
 
 def _records_from_folders(root: Path) -> list[Record]:
-    out = []
-    for label, sub in ((0, "normal"), (1, "anomalous")):
-        for p in sorted((root / sub).rglob("*")):
-            if p.suffix.lower() in SCAN_SUFFIXES and p.is_file():
-                m = root / "masks" / f"{p.stem}.png"
-                out.append(Record(str(p), label, str(m) if label and m.exists() else None))
-    return out
+    return [Record(str(p), label, str(m) if m else None) for p, label, m in layout_files(root)]
 
 
 def load_records(data_dir: str | os.PathLike) -> list[Record]:
@@ -176,7 +160,7 @@ def load_records(data_dir: str | os.PathLike) -> list[Record]:
     root = Path(data_dir)
     if (root / "manifest.csv").exists():
         recs = _records_from_manifest(root)
-    elif (root / "normal").is_dir() or (root / "anomalous").is_dir():
+    elif has_layout(root):
         recs = _records_from_folders(root)
     else:
         raise ScanError(root, "no manifest.csv and no normal/ or anomalous/ folder")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics as M
+from detector.manifest import boxes_of, has_layout, label_of, layout_files, read_rows
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
@@ -58,29 +59,17 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
     manifest = src / "manifest.csv" if src.is_dir() else src
     if manifest.is_file():
         root = manifest.parent
-        with open(manifest, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {"path", "label"} <= set(rows[0]):
-            raise ValueError(f"{manifest}: needs columns path,label")
         out = []
-        for r in rows:
+        for r in read_rows(manifest):
             cargo = next((_none(r.get(c)) for c in CARGO_COLUMNS if _none(r.get(c))), None)
-            label = int(float(r["label"]))
-            out.append(Truth((root / r["path"]).resolve(), r["path"], label,
-                             json.loads(r["boxes"]) if _none(r.get("boxes")) else [],
+            label = label_of(r, manifest)
+            out.append(Truth((root / r["path"]).resolve(), r["path"], label, boxes_of(r, manifest),
                              (root / r["mask"]).resolve() if _none(r.get("mask")) else None,
                              (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo))
         return out, manifest
-    if src.is_dir() and ((src / "normal").is_dir() or (src / "anomalous").is_dir()):
-        from detector.scan import SCAN_SUFFIXES
-        out = []
-        for label, sub in ((0, "normal"), (1, "anomalous")):
-            for p in sorted((src / sub).glob("*")) if (src / sub).is_dir() else []:
-                if p.suffix.lower() in SCAN_SUFFIXES:
-                    mask = src / "masks" / f"{p.stem}.png"
-                    out.append(Truth(p.resolve(), f"{sub}/{p.name}", label,
-                                     mask=mask.resolve() if label and mask.is_file() else None,
-                                     anomaly_type="anomaly" if label else None))
+    if src.is_dir() and has_layout(src):
+        out = [Truth(p.resolve(), p.relative_to(src).as_posix(), label, mask=m.resolve() if m else None,
+                     anomaly_type="anomaly" if label else None) for p, label, m in layout_files(src)]
         return out, src
     raise FileNotFoundError(f"{src}: no manifest.csv and no normal/ + anomalous/ folders")
 

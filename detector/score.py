@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from detector.manifest import read_rows
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
@@ -46,12 +47,8 @@ def _flags(text: str | None) -> list[str]:
 
 def read_manifest(path: Path) -> list[Item]:
     """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows and "path" not in rows[0]:
-        raise ValueError(f"{path}: manifest has no 'path' column")
     return [Item((path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None,
-                 _flags(r.get("risk_flags"))) for r in rows if (r.get("path") or "").strip()]
+                 _flags(r.get("risk_flags"))) for r in read_rows(path, need=("path",))]
 
 
 def discover(src: str) -> tuple[list[Item], str]:

@@ -5,7 +5,7 @@ import sys
 CORE = ["detector.scan", "detector.preprocess", "detector.calibration", "detector.bundle",
         "detector.physics", "detector.tip", "detector.synth", "detector.runtime", "detector.policy",
         "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
-        "detector.serve", "detector.audit", "detector.cli"]
+        "detector.serve", "detector.audit", "detector.cli", "detector.manifest"]
 
 
 def test_core_modules_import_without_torch():

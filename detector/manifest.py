@@ -1,0 +1,82 @@
+"""Dataset folders, read one way for training, evaluation and scoring (torch-free).
+
+A dataset is a folder with `manifest.csv` (columns path,label; optional mask, boxes, anomaly_type, cargo, split,
+tier, risk_flags; paths relative to the folder) or the plain layout normal/ + anomalous/ (any depth below them)
+with optional masks/<stem>.png. A cell that cannot be used raises ScanError naming the manifest, the row and why.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from detector.scan import SCAN_SUFFIXES, ScanError
+
+LAYOUT = ((0, "normal"), (1, "anomalous"))
+
+
+def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -> list[dict]:
+    """The manifest's rows (each with `_row`, its line in the file), checked for the `need` columns and for a path
+    listed twice: two rows of one scan could land in different splits (training on a test scan)."""
+    manifest = Path(manifest)
+    with open(manifest, newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark
+        reader = csv.DictReader(f)
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ScanError(manifest, f"manifest needs the column(s) {','.join(missing)} (has "
+                                      f"{','.join(reader.fieldnames or []) or 'none'})")
+        rows, seen = [], {}
+        for row in reader:
+            line, path = reader.line_num, (row.get("path") or "").strip()   # line_num: blank lines count too
+            if not path:
+                continue
+            if path in seen:
+                raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[path]}); list each scan once")
+            seen[path] = line
+            rows.append({**row, "path": path, "_row": line})
+    return rows
+
+
+def label_of(row: dict, manifest: str | Path) -> int:
+    """The row's label, 0 (normal) or 1 (anomalous)."""
+    text = (row.get("label") or "").strip()
+    try:
+        label = int(float(text))
+    except ValueError:
+        label = -1
+    if label not in (0, 1):
+        raise ScanError(manifest, f"row {row['_row']}: label {text!r} is not 0 (normal) or 1 (anomalous)")
+    return label
+
+
+def boxes_of(row: dict, manifest: str | Path) -> list[list]:
+    """The row's boxes: a JSON list of [x0, y0, x1, y1] in scan pixels ([] when the cell is empty)."""
+    text = (row.get("boxes") or "").strip()
+    if not text:
+        return []
+    try:
+        boxes = json.loads(text)
+        ok = isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and
+                                             all(isinstance(v, (int, float)) for v in b) for b in boxes)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ScanError(manifest, f"row {row['_row']}: boxes {text[:60]!r} is not a JSON list of [x0, y0, x1, y1]")
+    return boxes
+
+
+def layout_files(root: str | Path) -> list[tuple[Path, int, Path | None]]:
+    """(scan, label, mask or None) of the plain layout: every scan file below normal/ and anomalous/, the mask
+    masks/<stem>.png of an anomalous scan when it exists."""
+    root = Path(root)
+    out = []
+    for label, sub in LAYOUT:
+        for p in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else []:
+            if p.suffix.lower() in SCAN_SUFFIXES and p.is_file() and not p.name.startswith("."):
+                mask = root / "masks" / f"{p.stem}.png"
+                out.append((p, label, mask if label and mask.is_file() else None))
+    return out
+
+
+def has_layout(root: str | Path) -> bool:
+    return any((Path(root) / sub).is_dir() for _, sub in LAYOUT)

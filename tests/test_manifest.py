@@ -1,0 +1,58 @@
+"""Dataset folders read one way: the manifest's cells checked with their row, the plain layout at any depth."""
+import numpy as np
+import pytest
+
+from detector.evaluate import load_truth
+from detector.manifest import boxes_of, label_of, layout_files, read_rows
+from detector.scan import ScanError, write_scan
+
+
+def _manifest(tmp_path, text: str, bom: bool = False):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(("\ufeff" if bom else "").encode("utf-8") + text.encode("utf-8"))
+    return path
+
+
+def test_rows_labels_and_boxes_are_checked_with_their_row_number(tmp_path):
+    m = _manifest(tmp_path, 'path,label,boxes\na.tiff,1,"[[1, 2, 30, 40]]"\nb.tiff,0.0,\n\nc.tiff,2,\n'
+                            'd.tiff,1,"[[1, 2, 3]]"\ne.tiff,yes,\nf.tiff,1,"[[1,2"\n', bom=True)   # Excel's BOM
+    rows = read_rows(m)
+    assert [r["path"] for r in rows] == ["a.tiff", "b.tiff", "c.tiff", "d.tiff", "e.tiff", "f.tiff"]
+    assert [r["_row"] for r in rows] == [2, 3, 5, 6, 7, 8]                    # the blank line keeps its number
+    assert label_of(rows[0], m) == 1 and label_of(rows[1], m) == 0
+    assert boxes_of(rows[0], m) == [[1, 2, 30, 40]] and boxes_of(rows[1], m) == []
+    with pytest.raises(ScanError, match=r"row 5: label '2' is not 0 \(normal\) or 1"):
+        label_of(rows[2], m)
+    with pytest.raises(ScanError, match=r"row 7: label 'yes'"):
+        label_of(rows[4], m)
+    for row, n in ((rows[3], 6), (rows[5], 8)):
+        with pytest.raises(ScanError, match=rf"row {n}: boxes .* is not a JSON list of \[x0, y0, x1, y1\]"):
+            boxes_of(row, m)
+
+
+def test_missing_columns_and_repeated_paths_name_the_manifest(tmp_path):
+    m = _manifest(tmp_path, "file,label\na.tiff,0\n")
+    with pytest.raises(ScanError, match=r"manifest\.csv: manifest needs the column\(s\) path \(has file,label\)"):
+        read_rows(m)
+    assert read_rows(_manifest(tmp_path, "path,tier\na.tiff,standard\n"), need=("path",))[0]["tier"] == "standard"
+    with pytest.raises(ScanError, match=r"row 4: a\.tiff is listed again \(row 2\)"):
+        read_rows(_manifest(tmp_path, "path,label\na.tiff,0\nb.tiff,1\na.tiff,1\n"))
+
+
+def test_training_and_evaluation_read_the_same_nested_plain_layout(tmp_path):
+    pytest.importorskip("torch")
+    from detector.data import load_records
+    counts = np.full((2, 20, 40), 50000, np.uint16)
+    for rel in ("normal/site1/n0.tiff", "normal/n1.tiff", "anomalous/site2/day3/a0.tiff", "anomalous/.hidden.tiff"):
+        write_scan(tmp_path / rel, counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a0.png").write_bytes(b"")
+    (tmp_path / "normal" / "notes.txt").write_text("not a scan")
+    files = layout_files(tmp_path)
+    assert [(p.relative_to(tmp_path).as_posix(), label, m is not None) for p, label, m in files] == [
+        ("normal/n1.tiff", 0, False), ("normal/site1/n0.tiff", 0, False), ("anomalous/site2/day3/a0.tiff", 1, True)]
+    truth, _ = load_truth(tmp_path)
+    records = load_records(tmp_path)
+    assert [str(t.path) for t in truth] == [str(p.resolve()) for p, _, _ in files] == [r.path for r in records]
+    assert [t.rel for t in truth] == ["normal/n1.tiff", "normal/site1/n0.tiff", "anomalous/site2/day3/a0.tiff"]
+    assert [t.label for t in truth] == [r.label for r in records] == [0, 0, 1]
