@@ -78,13 +78,19 @@ class Policy:
         """Build from the YAML structure (see configs/policy.yaml)."""
         if not isinstance(d, dict) or not isinstance(d.get("tiers"), dict):
             raise PolicyError(source, "expected a mapping with a 'tiers' mapping (name: false_alarm_rate)")
+        # a misspelt key would silently leave the model's default threshold in force: refuse it
+        _known(d, ("tiers", "default_tier", "risk_flags"), "the policy", source)
         tiers: dict[str, float | None] = {}
         for name, v in d["tiers"].items():
+            if isinstance(v, dict):
+                _known(v, ("false_alarm_rate",), f"tier {name!r}", source)
             rate = v.get("false_alarm_rate") if isinstance(v, dict) else v
             if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))):
                 raise PolicyError(source, f"tier {name!r}: false_alarm_rate must be a number, got {rate!r}")
             tiers[str(name)] = None if rate is None else float(rate)
         flags = d.get("risk_flags", {}) or {}
+        if isinstance(flags, dict):
+            _known(flags, ("force",), "risk_flags", source)
         force = flags.get("force", ANY) if isinstance(flags, dict) else flags
         if force is None:
             force = []
@@ -186,6 +192,12 @@ class Policy:
             rows.append(f"{name}: rate {'default' if rate is None else f'{rate:g}'}"
                         + ("" if thr is None else f", threshold {thr:.4f}"))
         return "; ".join(rows)
+
+
+def _known(d: dict, keys: tuple[str, ...], where: str, source: str) -> None:
+    unknown = sorted(str(k) for k in d if k not in keys)
+    if unknown:
+        raise PolicyError(source, f"{where}: unknown key(s) {', '.join(unknown)} (expected {', '.join(keys)})")
 
 
 def load_policy(path: str | Path | None) -> Policy:

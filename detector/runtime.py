@@ -285,10 +285,11 @@ class Inspector:
 
 
 def _valid_threshold(t: Any) -> float:
-    """A NaN threshold would RELEASE everything (score >= NaN is False): refuse it."""
+    """Scores lie in [0, 1]: a threshold above 1 (or NaN: score >= NaN is False) would RELEASE every truck, one
+    below 0 INSPECT every one. Refuse them."""
     t = float(t)
-    if not math.isfinite(t):
-        raise InspectionError(f"threshold must be a finite number, got {t}")
+    if not 0.0 <= t <= 1.0:
+        raise InspectionError(f"threshold must be a number in [0, 1] (scores lie in [0, 1]), got {t}")
     return t
 
 

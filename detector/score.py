@@ -283,6 +283,10 @@ def main(args) -> int:
     if not items:
         print(f"detector score: no scan files ({', '.join(SCAN_SUFFIXES)}) in {how}", file=sys.stderr)
         return 1
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:   # above 1 would release every scan
+        print(f"detector score: --threshold must be in [0, 1] (scores lie in [0, 1]), got {args.threshold}",
+              file=sys.stderr)
+        return 2
     if getattr(args, "no_resume", False):
         for p in (out, Path(args.jsonl) if args.jsonl else None):
             if p and p.exists():

@@ -91,6 +91,16 @@ def test_unbound_and_invalid_policies(tmp_path):
             Policy.from_yaml(tmp_path / name)
     with pytest.raises(PolicyError, match="cannot read"):
         Policy.from_yaml(tmp_path / "missing.yaml")
+    # a misspelt key would have left the model's default threshold in force without a word
+    typos = {"tierkey.yaml": ("tiers: {a: {rate: 0.05}}\n", r"tier 'a': unknown key\(s\) rate \(expected false_alarm_rate\)"),
+             "top.yaml": ("tiers: {a: 0.1}\ndefault_teir: a\n", r"the policy: unknown key\(s\) default_teir"),
+             "flags.yaml": ("tiers: {a: 0.1}\nrisk_flags: {forced: any}\n", r"risk_flags: unknown key\(s\) forced")}
+    for name, (text, why) in typos.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PolicyError, match=why):
+            Policy.from_yaml(tmp_path / name)
+    (tmp_path / "ok.yaml").write_text("tiers: {a: {false_alarm_rate: 0.05}, b: 0.01}\nrisk_flags: {force: [x]}\n")
+    assert Policy.from_yaml(tmp_path / "ok.yaml").tiers == {"a": 0.05, "b": 0.01}
 
 
 def test_model_default_and_table_fallback():

@@ -105,7 +105,10 @@ def test_thresholds(inspector, anomalous_scan_path):
     assert v.decision == "RELEASE" and v.threshold == 1.0 and "custom threshold" in v.reason
     assert v.reason.startswith(f"score {v.score:.5f} < threshold 1.00000")  # digits until they differ
     v = inspector.inspect_safe(anomalous_scan_path, threshold=float("nan"))
-    assert v.decision == "INSPECT" and "finite" in v.reason  # NaN would otherwise release everything
+    assert v.decision == "INSPECT" and "in [0, 1]" in v.reason  # NaN would otherwise release everything
+    for above in (1.5, float("inf")):                               # and so would any threshold above 1
+        v = inspector.inspect_safe(anomalous_scan_path, threshold=above)
+        assert v.decision == "INSPECT" and f"got {above}" in v.reason
     assert json.loads(json.dumps(v.to_dict(), allow_nan=False))["threshold"] == inspector.threshold
     strict = Inspector(inspector.path, threads=1, threshold=0.0, warmup=False)
     assert strict.threshold == 0.0 and strict.inspect(anomalous_scan_path).decision == "INSPECT"

@@ -215,3 +215,11 @@ def test_colour_renderings_score_with_one_warning_line_and_a_labelled_folder_is_
     out, err = capsys.readouterr()
     assert err.count("colour image converted") == 1 and "warning: 4 scan(s): colour image converted" in err
     assert f"next: detector eval {tmp_path / 'r.csv'} --truth {d} " in out   # a labelled folder is its own truth
+
+
+def test_a_threshold_outside_the_score_range_is_refused_before_scoring(tmp_path, heuristic_model, normal_scan_path,
+                                                                       capsys):
+    for bad in (1.5, -0.1):
+        assert score.main(_args(normal_scan_path, heuristic_model, tmp_path / "r.csv", threshold=bad)) == 2
+        assert f"--threshold must be in [0, 1] (scores lie in [0, 1]), got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
