@@ -158,6 +158,9 @@ def _records_from_folders(root: Path) -> list[Record]:
 def load_records(data_dir: str | os.PathLike) -> list[Record]:
     """All records of a dataset folder (manifest.csv, else normal/ + anomalous/)."""
     root = Path(data_dir)
+    if not root.is_dir():
+        raise ScanError(root, "no such dataset folder (make a synthetic one with `detector synth DIR`; the layouts "
+                              "a folder of your own scans can take are in data/README.md)")
     if (root / "manifest.csv").exists():
         recs = _records_from_manifest(root)
     elif has_layout(root):

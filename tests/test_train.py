@@ -302,7 +302,10 @@ def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsy
         assert err.startswith("detector train: ") and message in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1, err
     assert main(["train", "--config", str(QUICK), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
-    assert "no manifest.csv and no normal/ or anomalous/ folder" in capsys.readouterr().err
+    assert "nowhere: no such dataset folder (make a synthetic one with `detector synth DIR`" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--config", str(QUICK), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "empty: no manifest.csv and no normal/ or anomalous/ folder" in capsys.readouterr().err
 
 
 def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
