@@ -28,7 +28,7 @@ from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
 from detector.manifest import boxes_of, has_layout, label_of, layout_files, read_rows
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
-from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
+from detector.scan import ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
 
 SPLITS = ("train", "val", "test")

@@ -587,8 +587,9 @@ class _NoAdverts(logging.Filter):
 def lightning_noise_off(*also: str):
     """Silence what Lightning prints on every run and that asks nothing of the user: "checkpoint directory
     not empty" (RUN always holds config.yaml by then; an earlier run's checkpoints get their own warning,
-    _warn_if_replacing), "logs directory not empty" (a resumed run's earlier logs are kept: _set_log_aside), a torch-version deprecation inside Lightning, the model summary's bf16 notice, the
-    advert, and the warnings that start with `also`. Other warnings pass."""
+    _warn_if_replacing), "logs directory not empty" (a resumed run's earlier logs are kept: _set_log_aside),
+    a torch-version deprecation inside Lightning, the model summary's bf16 notice, the advert, and the
+    warnings that start with `also`. Other warnings pass."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     advert = _NoAdverts()
     log.addFilter(advert)
