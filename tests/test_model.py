@@ -148,7 +148,7 @@ def test_width_scales_every_stage_and_quarters_the_flops():
     assert 0.2 < ratio < 0.35, ratio
     # torchvision's initialisation on the rebuilt stages (a default-init conv would have a far smaller spread)
     conv = narrow.backbone.blocks[2][0].conv1
-    assert abs(float(conv.weight.std()) - (2 / (conv.out_channels * 9)) ** 0.5) < 0.02
+    assert abs(float(conv.weight.detach().std()) - (2 / (conv.out_channels * 9)) ** 0.5) < 0.02
     narrow.train()
     x = torch.from_numpy(pad_to_multiple(np.random.rand(2, 37, 75).astype(np.float32), 32))[None]
     narrow.logits(x).mean().backward()
