@@ -583,6 +583,12 @@ class ScanDataModule(L.LightningDataModule):
                                            "set data.channels=1 to use the high energy of all")
         self.channels = first["shape"][0]
         self.energies = first["energies"][: self.channels]
+        fresh_anomalies = self.cfg.synth_per_epoch > 0 and self.cfg.synth_anomaly_fraction > 0
+        if not self.cfg.normal_only and not fresh_anomalies and not any(r.label for r in self.splits["train"]):
+            # cleared traffic only: TIP at its labelled-data rate (0.25) would be a weaker normal-only run
+            rank_zero_warn("no anomalous training scans: training in normal-only mode (threats projected into the "
+                           "normal scans, as with data.normal_only=true)")
+            self.cfg.normal_only = True
         if self.cfg.normal_only:  # TIP is then the only source of anomalies: half the crops get one
             self.cfg.augment.tip_rate = max(self.cfg.augment.tip_rate, 0.5)
 

@@ -503,6 +503,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     dm.setup("fit")
     cfg.model.in_channels = dm.channels
     cfg.data.channels = dm.channels
+    cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous
     saved = {**to_dict(cfg), "trainer": asked}
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,

@@ -267,6 +267,21 @@ def test_normal_only_drops_anomalous_training_scans_and_enables_tip(tmp_path):
     assert all(r.label == 0 for r in dm.splits["train"]) and cfg.augment.tip_rate >= 0.5
 
 
+def test_a_dataset_of_normal_scans_alone_trains_in_normal_only_mode(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    rows = (root / "manifest.csv").read_text().splitlines()
+    (root / "manifest.csv").write_text("\n".join([rows[0], *(r for r in rows[1:] if ",0," in r)]) + "\n")
+    cfg = DataConfig(workers=0)
+    assert cfg.augment.tip_rate < 0.5
+    dm = ScanDataModule(root, cfg, Preprocessing(), tmp_path / "cache")
+    with pytest.warns(UserWarning, match="no anomalous training scans: training in normal-only mode"):
+        dm.setup()
+    assert cfg.normal_only and cfg.augment.tip_rate >= 0.5
+    fresh = DataConfig(workers=0, synth_per_epoch=4)          # fresh synthetic trucks bring labelled anomalies
+    ScanDataModule(root, fresh, Preprocessing(), tmp_path / "cache").setup()
+    assert not fresh.normal_only and fresh.augment.tip_rate < 0.5
+
+
 def test_on_the_fly_synthetic_scans_renew_and_their_masks_mark_the_anomaly(tmp_path):
     torch.manual_seed(0)                                 # the worker seed the pool's trucks derive from
     cfg = DataConfig(crop=64, crops_per_epoch=60, anomaly_crop_fraction=0.5, workers=0,
