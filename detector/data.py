@@ -584,7 +584,8 @@ class ScanDataModule(L.LightningDataModule):
         self.channels = first["shape"][0]
         self.energies = first["energies"][: self.channels]
         fresh_anomalies = self.cfg.synth_per_epoch > 0 and self.cfg.synth_anomaly_fraction > 0
-        if not self.cfg.normal_only and not fresh_anomalies and not any(r.label for r in self.splits["train"]):
+        train = self.splits["train"]   # empty in a folder of held-out scans (require_train=False)
+        if train and not self.cfg.normal_only and not fresh_anomalies and not any(r.label for r in train):
             # cleared traffic only: TIP at its labelled-data rate (0.25) would be a weaker normal-only run
             rank_zero_warn("no anomalous training scans: training in normal-only mode (threats projected into the "
                            "normal scans, as with data.normal_only=true)")
