@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Callable
 
 from detector import __version__
@@ -138,7 +139,15 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as 'warning: message', without the source line Python prints under each
+    (code, not advice); the category only where it is not a plain UserWarning."""
+    kind = "" if issubclass(category, UserWarning) else f" ({category.__name__})"
+    return f"warning{kind}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
