@@ -28,3 +28,11 @@ def test_cli_help_lists_every_verb_with_an_example():
     for verb in ("demo", "synth", "train", "export", "score", "eval", "serve", "audit"):
         assert f"  {verb} " in out.stdout
     assert out.stdout.count("e.g. detector") == 8
+
+
+def test_cli_warnings_are_one_line_without_the_source_line():
+    code = ("import warnings\nfrom detector import cli\ncli.main(['--version'])\n"
+            "warnings.warn('48 scan(s): converted')\nwarnings.warn('old', DeprecationWarning, stacklevel=1)\n")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "warning: 48 scan(s): converted\nwarning (DeprecationWarning): old\n"
