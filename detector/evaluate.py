@@ -85,10 +85,13 @@ def load_results(path: str | Path) -> list[Result]:
         for r in reader:
             if not r.get("path"):
                 continue
-            score = float(r["score"]) if _none(r.get("score")) else float("nan")
-            out.append(Result(r["path"], score, (r.get("decision") or "INSPECT").strip(),
-                              float(r["threshold"]) if _none(r.get("threshold")) else None,
-                              json.loads(r["regions"]) if _none(r.get("regions")) else [],
+            try:
+                score = float(r["score"]) if _none(r.get("score")) else float("nan")
+                threshold = float(r["threshold"]) if _none(r.get("threshold")) else None
+                regions = json.loads(r["regions"]) if _none(r.get("regions")) else []
+            except ValueError as e:   # a hand-edited or cut row: say which
+                raise ValueError(f"{path}: row {reader.line_num}: {e}") from None
+            out.append(Result(r["path"], score, (r.get("decision") or "INSPECT").strip(), threshold, regions,
                               (r.get("error") or "").strip()))
     return out
 

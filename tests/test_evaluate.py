@@ -105,3 +105,13 @@ def test_plain_layout_and_relative_paths(tmp_path):
                    "/other/machine/anomalous/anomalous1.tiff,0.7,INSPECT,0.5,[],1,\n")
     m = evaluate.evaluate(res, tmp_path / "ds", tmp_path / "r", thumbs=False)
     assert m["overall"]["auroc"] == 1.0 and m["unmatched_results"] == 0
+
+
+def test_a_damaged_results_row_is_named(tmp_path):
+    data, res = _dataset(tmp_path)
+    lines = res.read_text().splitlines()
+    cells = lines[3].split(",")
+    cells[1] = "0.4x"                                   # the score cell of the third result row
+    res.write_text("\n".join([*lines[:3], ",".join(cells), *lines[4:]]) + "\n")
+    with pytest.raises(ValueError, match=r"results\.csv: row 4: could not convert string to float: '0\.4x'"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
