@@ -119,7 +119,7 @@ class Inspector:
         self.pre = Preprocessing.from_dict(self.metadata["preprocessing"])
         self._check_graph()
         self.default_threshold, self.default_rate = default_threshold(self.metadata)
-        self.threshold = _valid_threshold(threshold) if threshold is not None else self.default_threshold
+        self.threshold = valid_threshold(threshold) if threshold is not None else self.default_threshold
         self.region_threshold = float(region_threshold)
         self.max_regions = int(max_regions)
         # tile widths/starts are multiples of m so the pixel and heatmap grids stay aligned
@@ -163,7 +163,7 @@ class Inspector:
         except Exception as e:  # fail closed: the truck goes to manual inspection
             reason = str(e) if isinstance(e, (ScanError, BundleError, InspectionError)) else f"{type(e).__name__}: {e}"
             try:
-                thr = self.threshold if threshold is None else _valid_threshold(threshold)
+                thr = self.threshold if threshold is None else valid_threshold(threshold)
             except (TypeError, ValueError, InspectionError):
                 thr = self.threshold
             return Verdict(score=float("nan"), decision="INSPECT", threshold=thr,
@@ -208,7 +208,7 @@ class Inspector:
         heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
         regions = self._regions(heatmap, cell_yx, scan.height, scan.width)
-        thr = self.threshold if threshold is None else _valid_threshold(threshold)
+        thr = self.threshold if threshold is None else valid_threshold(threshold)
         decision = "INSPECT" if score >= thr else "RELEASE"
         d = 2  # enough digits that "0.62 < 0.62" never appears
         while d < 9 and f"{score:.{d}f}" == f"{thr:.{d}f}" and score != thr:
@@ -284,7 +284,7 @@ class Inspector:
         return out[: self.max_regions]
 
 
-def _valid_threshold(t: Any) -> float:
+def valid_threshold(t: Any) -> float:
     """Scores lie in [0, 1]: a threshold above 1 (or NaN: score >= NaN is False) would RELEASE every truck, one
     below 0 INSPECT every one. Refuse them."""
     t = float(t)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from detector.manifest import read_rows
+from detector.manifest import has_layout, read_rows
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
@@ -273,7 +273,7 @@ def _note(counts: Counts, overlay_error: str | None) -> None:
 
 def main(args) -> int:
     """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
-    from detector.runtime import Inspector
+    from detector.runtime import InspectionError, Inspector, valid_threshold
     out = Path(args.out)
     try:
         items, how = discover(args.src)
@@ -283,10 +283,13 @@ def main(args) -> int:
     if not items:
         print(f"detector score: no scan files ({', '.join(SCAN_SUFFIXES)}) in {how}", file=sys.stderr)
         return 1
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:   # above 1 would release every scan
-        print(f"detector score: --threshold must be in [0, 1] (scores lie in [0, 1]), got {args.threshold}",
-              file=sys.stderr)
-        return 2
+    if args.threshold is not None:   # the Inspector's own bound, checked before any scan: above 1 releases all
+        try:
+            valid_threshold(args.threshold)
+        except InspectionError:
+            print(f"detector score: --threshold must be in [0, 1] (scores lie in [0, 1]), got {args.threshold}",
+                  file=sys.stderr)
+            return 2
     if getattr(args, "no_resume", False):
         for p in (out, Path(args.jsonl) if args.jsonl else None):
             if p and p.exists():
@@ -326,7 +329,7 @@ def main(args) -> int:
     print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}, "
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
     src = Path(args.src)
-    labelled = (src / "manifest.csv").is_file() or (src / "normal").is_dir() or (src / "anomalous").is_dir()
+    labelled = (src / "manifest.csv").is_file() or has_layout(src)
     truth = args.src if labelled or src.suffix.lower() == ".csv" else "DATA"
     print(f"next: detector eval {out} --truth {truth} --out report/")
     return 1 if todo and c.scanned == c.failed else 0
