@@ -528,18 +528,17 @@ class ScanDataModule(L.LightningDataModule):
             self.splits[s] = [r for r in self.splits[s] if r.path not in self.skipped]
         if not self._warned:
             self._warned = True
-            path, (_, reason) = next(iter(self.skipped.items()))
-            first = f"{path}: {reason}"
             rank_zero_warn(f"{len(self.skipped)} of {len(self.records)} scans are unreadable and left out (e.g. "
-                           f"{first}); data.skip_unreadable=false stops at the first instead")
+                           f"{self._a_skipped_scan()}); data.skip_unreadable=false stops at the first instead")
         self._check_splits()
+
+    def _a_skipped_scan(self) -> str:
+        path, (_, reason) = next(iter(self.skipped.items()))
+        return f"{path}: {reason}"
 
     def _check_splits(self) -> None:
         if self.require_train and not self.splits["train"]:
-            why = ""
-            if self.skipped:
-                path, (_, reason) = next(iter(self.skipped.items()))
-                why = f" ({len(self.skipped)} unreadable, e.g. {path}: {reason})"
+            why = f" ({len(self.skipped)} unreadable, e.g. {self._a_skipped_scan()})" if self.skipped else ""
             raise ScanError(self.data_dir, f"no training scans after splitting{why}")
         if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
             self.splits["val"] = list(self.splits["train"])
@@ -571,11 +570,10 @@ class ScanDataModule(L.LightningDataModule):
             rank_zero_info(f"data.min_visibility={self.cfg.min_visibility:g}: {len(faint)} faint training "
                            f"anomalies left out")
         with summarised_scan_warnings(rank_zero_warn):
-            for r in [r for s in SPLITS for r in self.splits[s]]:
-                self._build_or_skip(r)
+            metas = {r.path: self._build_or_skip(r) for s in SPLITS for r in self.splits[s]}
         self._drop_skipped()
-        for s in SPLITS:   # all cached by now: each build reads its meta file
-            self.metas[s] = [self.cache.build(r) for r in self.splits[s]]
+        for s in SPLITS:
+            self.metas[s] = [metas[r.path] for r in self.splits[s]]
         first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder
         chans = {m["shape"][0] for s in SPLITS for m in self.metas[s]}
         if len(chans) > 1:
