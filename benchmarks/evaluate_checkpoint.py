@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from detector.data import ScanDataModule
-from detector.train import AnomalyModule, lightning_noise_off, load_config, write_test_scores
+from detector.train import AnomalyModule, lightning_noise_off, load_config, read_checkpoint, write_test_scores
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
         tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                            enable_progress_bar=True, enable_model_summary=False)
         tester.test(module, datamodule=dm, verbose=False)
-    m, epoch = module.test_metrics, torch.load(a.run / a.checkpoint, map_location="cpu", weights_only=False)["epoch"]
+    m, epoch = module.test_metrics, read_checkpoint(a.run / a.checkpoint)["epoch"]
     out = a.out or a.run / f"{a.split}_scores_{Path(a.checkpoint).stem}.csv"
     write_test_scores(out, module.test_rows, dm.splits["test"])
     print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} {a.split} scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
