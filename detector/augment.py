@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # no network at run time: else each import asks PyPI
 import albumentations as A  # noqa: E402
@@ -41,6 +41,9 @@ class AugmentConfig:
                                                  # displacing fuel (the net is ~0.2-0.4 of cocaine's); 1,1 = off
     tip_conceal: float = 0.0      # share of TIP threats that are packages hidden in vehicle parts / dense matter
     tip_conceal_scale: tuple[float, float] = (0.25, 1.0)  # their net attenuation: displacing diesel .. in air
+    tip_from_labels: float = 0.0  # share of TIP threats cut from the training scans' own labelled anomalies (their
+                                  # masks) and projected elsewhere: a site's seizures as a TIP library, in new places
+                                  # (0.5: no gain on the synthetic default, a loss on 160 scans: docs/experiments.md)
 
 
 class DoseNoise(A.ImageOnlyTransform):
@@ -118,12 +121,14 @@ class TIP(A.DualTransform):
     threats that are instead wrapped packages hidden in the vehicle (`tip.make_package`, net attenuation
     x U(conceal_scale)), placed half the time in the denser half of the crop (tyres, tanks, engine, dense
     loads): a TIP library holds free-standing threats, so without these a model trained on cleared
-    traffic never sees a package in a fuel tank or a tyre.
+    traffic never sees a package in a fuel tank or a tyre. `library`: threats cut from labelled scans
+    (`tip.threats_from_mask`); `library_share` of the threats are drawn from it, flipped at random.
     """
 
     def __init__(self, pitch_mm: float = 10.0, kinds: tuple[str, ...] = (), p: float = 0.5,
                  scale: tuple[float, float] = (1.0, 1.0), conceal: float = 0.0,
-                 conceal_scale: tuple[float, float] = (0.25, 1.0)) -> None:
+                 conceal_scale: tuple[float, float] = (0.25, 1.0), library: Sequence[tip.Threat] = (),
+                 library_share: float = 0.0) -> None:
         super().__init__(p=p)
         self.pitch_mm = pitch_mm
         self.kinds = tuple(kinds)
@@ -132,6 +137,10 @@ class TIP(A.DualTransform):
         if not 0 <= self.conceal <= 1:
             raise ValueError(f"TIP conceal must be a share in [0, 1], got {conceal!r}")
         self.conceal_scale = _check_range(conceal_scale, "conceal_scale")
+        self.library = tuple(library)
+        self.library_share = float(library_share)
+        if not 0 <= self.library_share <= 1:
+            raise ValueError(f"TIP library_share must be a share in [0, 1], got {library_share!r}")
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         img, mask = data["image"], data.get("mask")
@@ -152,9 +161,18 @@ class TIP(A.DualTransform):
             return _insert(att, region, conceal_rng, lambda: tip.make_package(
                 conceal_rng, self.pitch_mm, att.shape[0], conceal_rng.uniform(*self.conceal_scale)))
 
+        library_rng = np.random.default_rng([seed, 3])   # own stream: library_share=0 leaves the rest unchanged
+        from_library = bool(self.library) and library_rng.random() < self.library_share
+
         def threat() -> tip.Threat:
-            t = tip.make_threat(rng, str(rng.choice(self.kinds)) if self.kinds else None,
-                                pitch_mm=self.pitch_mm, channels=att.shape[0])
+            if from_library:
+                t = self.library[int(library_rng.integers(len(self.library)))]
+                flip = (slice(None), slice(None, None, library_rng.choice([-1, 1])),
+                        slice(None, None, library_rng.choice([-1, 1])))
+                t = tip.Threat(t.attenuation[flip], t.mask[flip[1:]], t.kind)
+            else:
+                t = tip.make_threat(rng, str(rng.choice(self.kinds)) if self.kinds else None,
+                                    pitch_mm=self.pitch_mm, channels=att.shape[0])
             if self.scale != (1.0, 1.0):
                 t = tip.Threat(t.attenuation * scale_rng.uniform(*self.scale), t.mask, t.kind)
             return t
@@ -172,7 +190,7 @@ class TIP(A.DualTransform):
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("pitch_mm", "kinds", "scale", "conceal", "conceal_scale")
+        return ("pitch_mm", "kinds", "scale", "conceal", "conceal_scale", "library_share")
 
 
 def _insert(att: np.ndarray, region: np.ndarray, rng: np.random.Generator,
@@ -194,12 +212,15 @@ def _check_range(r: tuple[float, float], name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None) -> A.Compose:
-    """The training augmentation; TIP first (on the clean crop), then the scanner effects."""
+def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None,
+                   library: Sequence[tip.Threat] = ()) -> A.Compose:
+    """The training augmentation; TIP first (on the clean crop), then the scanner effects. `library`: the
+    training scans' own labelled threats (used when cfg.tip_from_labels > 0)."""
     ts: list[A.BasicTransform] = []
     if cfg.tip_rate > 0:
         ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate, scale=cfg.tip_scale,
-                      conceal=cfg.tip_conceal, conceal_scale=cfg.tip_conceal_scale))
+                      conceal=cfg.tip_conceal, conceal_scale=cfg.tip_conceal_scale, library=library,
+                      library_share=cfg.tip_from_labels))
     if cfg.enabled:
         ts += [
             A.HorizontalFlip(p=cfg.hflip),

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from detector import tip
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
 from detector.manifest import boxes_of, has_layout, label_of, layout_files, read_rows
@@ -280,7 +281,8 @@ class CropDataset(Dataset):
         self.cache, self.recs, self.metas, self.cfg, self.pre = cache, recs, metas, cfg, pre
         self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
         self.pos = [i for i, m in enumerate(metas) if m["centres"]]
-        self.pipeline = train_pipeline(cfg.augment, pre.model_pitch_mm)
+        self.library = self._labelled_threats() if cfg.augment.tip_rate > 0 and cfg.augment.tip_from_labels > 0 else []
+        self.pipeline = train_pipeline(cfg.augment, pre.model_pitch_mm, library=self.library)
         self._rng: np.random.Generator | None = None
         self._index = {m["key"]: i for i, m in enumerate(metas)}
         self._hard: list[tuple[int, int, int]] = []   # (scan index, y, x) at model pitch
@@ -290,6 +292,20 @@ class CropDataset(Dataset):
         self._pos_cum: np.ndarray | None = None      # cumulative sampling weights of self.pos (None: uniform)
         self._pool: SynthPool | None = None
         self.channels = metas[0]["shape"][0] if metas else None
+
+    def _labelled_threats(self) -> list[tip.Threat]:
+        """The training scans' own masked anomalies, cut out (`tip.threats_from_mask`) for TIP to project
+        elsewhere; built once in the parent, so the loader processes share it. Boxes-only scans count too
+        (their box is the mask), scans with a label alone do not."""
+        out: list[tip.Threat] = []
+        for i in self.pos:
+            att, mask = self.cache.load(self.metas[i])
+            out += tip.threats_from_mask(att, mask, max_side=self.cfg.crop * 2 // 3,
+                                         kind=self.recs[i].anomaly_type or "labelled")
+        if self.pos and not out:
+            rank_zero_warn("data.augment.tip_from_labels: no labelled anomaly fits a training crop; TIP uses "
+                           "its own threats only")
+        return out
 
     def _hard_negatives(self) -> list[tuple[int, int, int]]:
         """The miner's latest cells (its file is rewritten each epoch by another process)."""

@@ -105,6 +105,32 @@ def threat_from_scan(attenuation: np.ndarray, mask: np.ndarray, background: np.n
     return Threat(own, m & (own.max(axis=0) > 0), kind)
 
 
+def threats_from_mask(attenuation: np.ndarray, mask: np.ndarray, max_side: int, kind: str = "custom",
+                       min_pixels: int = 4) -> list[Threat]:
+    """Each labelled object of a scan (a connected part of its mask, 8-connected) cut out as its own
+    attenuation (`threat_from_scan`): a site's own seizures as a TIP library. Parts with fewer than
+    `min_pixels` pixels or a side longer than `max_side` (they would not fit a training crop) are left out."""
+    m = np.asarray(mask) > 0
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+    out = []
+    for j in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[j])
+        if area < min_pixels or max(w, h) > max_side:
+            continue
+        pad = max(4, max(w, h) // 2)   # threat_from_scan's own margin: only that window is read
+        Y0, X0 = max(0, y - pad), max(0, x - pad)
+        Y1, X1 = min(m.shape[0], y + h + pad), min(m.shape[1], x + w + pad)
+        window = np.asarray(attenuation[..., Y0:Y1, X0:X1], np.float32)
+        window = window[None] if window.ndim == 2 else window
+        part = labels[Y0:Y1, X0:X1] == j
+        known = ~m[Y0:Y1, X0:X1]        # other objects nearby are not background either
+        bg = np.stack([_smooth_fill(c, known, max(2.0, pad / 2)) for c in window])
+        t = threat_from_scan(window, part, background=bg, kind=kind)
+        if t.mask.sum() >= min_pixels:
+            out.append(t)
+    return out
+
+
 def cargo_region(attenuation: np.ndarray, min_att: float = 0.08, close_px: int = 15) -> np.ndarray:
     """(H, W) bool: inside the vehicle/cargo (closed silhouette of attenuating matter), not air."""
     att = np.asarray(attenuation, np.float32)

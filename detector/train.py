@@ -166,6 +166,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         v = getattr(cfg.data, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ConfigError(f"data.{key} must be {what}, got {v!r}")
+    v = cfg.data.augment.tip_from_labels
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ConfigError(f"data.augment.tip_from_labels must be a share in [0, 1], got {v!r}")
     return cfg
 
 

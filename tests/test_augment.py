@@ -166,3 +166,29 @@ def test_package_threat_and_dense_region():
     region[:, :10] = False
     dense = tip.dense_region(att, region)
     assert dense[:, 55:].all() and not dense[:, :40].any() and not (dense & ~region).any()
+
+
+def test_tip_from_a_library_projects_its_threats_flipped_and_share_zero_changes_nothing():
+    from detector import tip
+    img = np.full((128, 128, 2), 1.0, np.float32)
+    empty = np.zeros((128, 128), np.uint8)
+    lib = [tip.make_threat(np.random.default_rng(i), "firearm", pitch_mm=10.0) for i in range(3)]
+    sums = sorted(round(float(t.attenuation.sum()), 3) for t in lib)
+    pipe = A.Compose([TIP(pitch_mm=10.0, p=1.0, library=lib, library_share=1.0)], seed=0)
+    shapes = set()
+    for _ in range(20):
+        r = pipe(image=img, mask=empty)
+        added = r["image"] - img
+        assert round(float(added.sum()), 3) in sums                 # one of the library's threats, whole
+        m = r["mask"].astype(bool)
+        assert (added.max(-1)[m] > 0).all() and np.allclose(added[~m], 0)
+        ys, xs = np.nonzero(m)
+        shapes.add(m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].tobytes())
+    assert len(shapes) > 3                                           # more than the 3 threats as they are: flipped
+    plain = A.Compose([TIP(pitch_mm=10.0, p=1.0)], seed=7)(image=img, mask=empty)
+    unused = A.Compose([TIP(pitch_mm=10.0, p=1.0, library=lib, library_share=0.0)], seed=7)(image=img, mask=empty)
+    assert np.array_equal(plain["image"], unused["image"]) and np.array_equal(plain["mask"], unused["mask"])
+    with pytest.raises(ValueError, match="library_share"):
+        TIP(library=lib, library_share=1.5)
+    t = train_pipeline(AugmentConfig(tip_rate=0.5, tip_from_labels=0.3), 10.0, library=lib).transforms[0]
+    assert isinstance(t, TIP) and t.library_share == 0.3 and len(t.library) == 3

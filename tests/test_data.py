@@ -173,6 +173,20 @@ def test_crops_oversample_anomalies_and_val_pads_to_32(tmp_path):
     assert dm.channels == 2
 
 
+def test_tip_from_labels_projects_the_training_scans_own_anomalies_into_normal_crops(tmp_path):
+    cfg = DataConfig(crop=32, crops_per_epoch=60, anomaly_crop_fraction=0.0, hard_negative_fraction=0.0, workers=0)
+    cfg.augment.tip_rate, cfg.augment.tip_from_labels = 1.0, 1.0
+    dm, ds, _ = _crop_dataset(tmp_path, cfg)
+    n_masked = sum(1 for m in dm.metas["train"] if m["centres"])
+    assert n_masked and len(ds.library) >= n_masked and {t.kind for t in ds.library} == {"block"}
+    assert all(max(t.shape) <= 32 * 2 // 3 for t in ds.library)      # each fits a training crop
+    got = [ds[i] for i in range(60)]
+    assert sum(float(g["label"]) for g in got) > 30                 # the normal crops get the scans' own blocks
+    cfg2 = DataConfig(crop=32, crops_per_epoch=8, workers=0)
+    cfg2.augment.tip_rate = 0.25
+    assert _crop_dataset(tmp_path / "off", cfg2)[1].library == []    # off by default: nothing is cut
+
+
 class _CropThreads(CropDataset):
     def __getitem__(self, i):
         return {**super().__getitem__(i), "cv2_threads": cv2.getNumThreads()}

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from detector import physics, tip
+from detector.metrics import mask_bbox
 
 
 def _scene(h=200, w=600):
@@ -77,3 +78,25 @@ def test_threat_from_scan_recovers_own_attenuation():
     # re-projecting the cut threat into another scan adds the same attenuation
     new2, mask2, _ = tip.project(_scene(), exact, np.random.default_rng(1))
     np.testing.assert_allclose((new2 - _scene()).sum(axis=(1, 2)), exact.attenuation.sum(axis=(1, 2)), rtol=1e-3)
+
+
+def test_threats_from_mask_cuts_each_labelled_object_and_leaves_out_specks_and_giants():
+    h, w = 200, 300
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    bg = np.stack([1.0 + xx / 300 + yy / 400, 1.4 + xx / 250 + yy / 350]).astype(np.float32)
+    rng = np.random.default_rng(5)
+    a = tip.make_threat(rng, "shielded_block", pitch_mm=10.0)
+    b = tip.make_threat(rng, "firearm", pitch_mm=10.0)
+    scan, m1, _ = tip.project(bg, a, rng, at=(30, 40))
+    scan, m2, _ = tip.project(scan, b, rng, at=(180, 100))
+    mask = (m1 | m2).astype(np.uint8)
+    mask[5, 5] = 1                                   # a one-pixel speck: no object
+    cut = tip.threats_from_mask(scan, mask, max_side=80, kind="seized")
+    assert len(cut) == 2 and {t.kind for t in cut} == {"seized"}
+    got = sorted(t.attenuation.sum() for t in cut)
+    want = sorted(t.attenuation.sum() for t in (a, b))
+    np.testing.assert_allclose(got, want, rtol=0.05)   # each object's own attenuation, background removed
+    sides = [max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in (mask_bbox(m1), mask_bbox(m2))]
+    big = tip.threats_from_mask(scan, mask, max_side=min(sides))
+    assert len(big) == 1                             # the larger object does not fit a crop of that side
+    assert tip.threats_from_mask(scan, np.zeros((h, w), np.uint8), max_side=80) == []

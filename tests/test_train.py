@@ -84,7 +84,8 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="val_every"):  # would never validate: no checkpoint, no thresholds
         load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"])
     for bad in ("data.hard_types=1.5", "data.synth_anomaly_fraction=-0.1", "data.hard_types=many",
-                "data.min_visibility=-1", "data.min_visibility=faint", "data.min_visibility=.nan"):
+                "data.min_visibility=-1", "data.min_visibility=faint", "data.min_visibility=.nan",
+                "data.augment.tip_from_labels=2", "data.augment.tip_from_labels=true"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             load_config(y, [bad])
 
