@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,8 +516,10 @@ class ScanDataModule(L.LightningDataModule):
         pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
         try:
             with summarised_scan_warnings(rank_zero_warn):   # one line per kind of conversion, not one per scan
+                # a terminal clears the bar; a log file keeps it and ends its line, so a warning after it
+                # starts a line of its own instead of running on from the bar's last state
                 for _ in tqdm(pool.map(self._build_or_skip, todo), total=len(todo), desc="caching scans",
-                              leave=False, disable=len(todo) < 20):
+                              leave=not sys.stderr.isatty(), disable=len(todo) < 20, file=sys.stderr):
                     pass
         finally:
             pool.shutdown(cancel_futures=True)

@@ -384,3 +384,23 @@ def test_faint_generator_anomalies_are_left_out_of_training_only(tmp_path, caplo
     off = ScanDataModule(root, DataConfig(crop=32, workers=0), Preprocessing(), cache)
     off.setup()
     assert len(off.splits["train"]) == 4
+
+
+def test_in_a_log_file_the_caching_bar_ends_its_line_before_a_warning(tmp_path):
+    """A terminal clears the bar; written to a file it stays, and a warning used to run on from it."""
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        sub = "anomalous" if i % 2 else "normal"
+        img = (150 + 50 * rng.random((40, 60))).astype(np.uint8)
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / sub / f"b{i}.png"), np.stack([img, img, img // 2], -1))   # colour: a warning
+    code = ("import sys\nfrom detector.data import ScanDataModule, DataConfig\nfrom detector.preprocess import Preprocessing\n"
+            f"dm = ScanDataModule({str(root)!r}, DataConfig(crop=32), Preprocessing(), {str(tmp_path / 'cache')!r})\n"
+            "dm.prepare_data()\n")
+    with open(tmp_path / "log.txt", "w") as log:
+        p = subprocess.run([sys.executable, "-c", code], stderr=log, stdout=subprocess.DEVNULL, timeout=300)
+    text = (tmp_path / "log.txt").read_text()
+    assert p.returncode == 0, text[-2000:]
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if "colour image converted" in ln]
+    assert len(lines) == 1 and "caching scans" not in lines[0] and "24/24" in text, text[-2000:]
