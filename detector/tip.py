@@ -80,9 +80,10 @@ def _smooth_fill(att: np.ndarray, known: np.ndarray, sigma: float) -> np.ndarray
 
 
 def threat_from_scan(attenuation: np.ndarray, mask: np.ndarray, background: np.ndarray | None = None,
-                     kind: str = "custom") -> Threat:
+                     kind: str = "custom", others: np.ndarray | None = None) -> Threat:
     """Cut an object out of a scan with its mask; subtract the local background so that only the
-    object's own attenuation is kept (then it can be projected into other scans)."""
+    object's own attenuation is kept (then it can be projected into other scans). `others`: pixels of
+    other objects, (H, W) like `mask`, left out of the background estimate too."""
     att = np.asarray(attenuation, np.float32)
     if att.ndim == 2:
         att = att[None]
@@ -96,7 +97,8 @@ def threat_from_scan(attenuation: np.ndarray, mask: np.ndarray, background: np.n
     crop, m = att[:, Y0:Y1, X0:X1], mask[Y0:Y1, X0:X1]
     if background is None:
         sigma = max(2.0, pad / 2)
-        bg = np.stack([_smooth_fill(c, ~m, sigma) for c in crop])
+        known = ~m if others is None else ~(m | np.asarray(others, bool)[Y0:Y1, X0:X1])
+        bg = np.stack([_smooth_fill(c, known, sigma) for c in crop])
     else:
         bg = np.asarray(background, np.float32)
         bg = (bg[None] if bg.ndim == 2 else bg)[:, Y0:Y1, X0:X1]
@@ -117,15 +119,7 @@ def threats_from_mask(attenuation: np.ndarray, mask: np.ndarray, max_side: int, 
         x, y, w, h, area = (int(v) for v in stats[j])
         if area < min_pixels or max(w, h) > max_side:
             continue
-        pad = max(4, max(w, h) // 2)   # threat_from_scan's own margin: only that window is read
-        Y0, X0 = max(0, y - pad), max(0, x - pad)
-        Y1, X1 = min(m.shape[0], y + h + pad), min(m.shape[1], x + w + pad)
-        window = np.asarray(attenuation[..., Y0:Y1, X0:X1], np.float32)
-        window = window[None] if window.ndim == 2 else window
-        part = labels[Y0:Y1, X0:X1] == j
-        known = ~m[Y0:Y1, X0:X1]        # other objects nearby are not background either
-        bg = np.stack([_smooth_fill(c, known, max(2.0, pad / 2)) for c in window])
-        t = threat_from_scan(window, part, background=bg, kind=kind)
+        t = threat_from_scan(attenuation, labels == j, kind=kind, others=m)   # other objects: not background
         if t.mask.sum() >= min_pixels:
             out.append(t)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -162,13 +163,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
     for key, ok, what in (("hard_types", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
                           ("synth_anomaly_fraction", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
-                          ("min_visibility", lambda v: v >= 0, "a number >= 0 (0 = off)")):
-        v = getattr(cfg.data, key)
+                          ("min_visibility", lambda v: v >= 0, "a number >= 0 (0 = off)"),
+                          ("augment.tip_from_labels", lambda v: 0 <= v <= 1, "a share in [0, 1]")):
+        v = functools.reduce(getattr, key.split("."), cfg.data)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ConfigError(f"data.{key} must be {what}, got {v!r}")
-    v = cfg.data.augment.tip_from_labels
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-        raise ConfigError(f"data.augment.tip_from_labels must be a share in [0, 1], got {v!r}")
     return cfg
 
 
