@@ -137,13 +137,16 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     _need(isinstance(score.get("k"), int) and score["k"] >= 1, path, f"score k must be an int >= 1, got {score.get('k')!r}")
     rows = meta["thresholds"]
     _need(isinstance(rows, list) and len(rows) > 0, path, "thresholds must be a non-empty list")
-    for r in rows:
+    for r in rows:   # scores lie in [0, 1]: a threshold above 1 would release every truck (a hand-edit's typo)
         _need(isinstance(r, dict) and _is_num(r.get("threshold")) and _is_num(r.get("false_alarm_rate")),
               path, f"threshold row {r!r} needs numeric threshold and false_alarm_rate")
+        _need(0 <= r["threshold"] <= 1 and 0 <= r["false_alarm_rate"] <= 1, path,
+              f"threshold row {r!r}: threshold and false_alarm_rate must lie in [0, 1]")
     _need(_is_num(meta["default_false_alarm_rate"]) and 0 < meta["default_false_alarm_rate"] < 1, path,
           f"default_false_alarm_rate {meta['default_false_alarm_rate']!r} must be in (0, 1)")
     ns = meta["normal_scores"]
-    _need(isinstance(ns, list) and all(_is_num(s) for s in ns), path, "normal_scores must be a list of numbers")
+    _need(isinstance(ns, list) and all(_is_num(s) and 0 <= s <= 1 for s in ns), path,
+          "normal_scores must be a list of numbers in [0, 1]")
     return meta
 
 

@@ -59,8 +59,10 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jsonl", default=None, help="also write results as JSON lines")
     p.add_argument("--overlays", default=None, help="folder for overlay PNGs")
     p.add_argument("--overlays-flagged", action="store_true", help="overlays only for INSPECT")
-    p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags)")
-    p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags); without it the "
+                                                  "model's threshold routes and any risk flag forces INSPECT")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="override the model's threshold (not with --policy: its tiers set the thresholds)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--no-resume", action="store_true", help="rescore files already in --out")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 
-from detector.scan import Scan, ScanError
+from detector.scan import DEFAULT_MAX_PIXELS, Scan, ScanError
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,11 @@ def model_attenuation(att: np.ndarray, pitch_mm: float, pre: Preprocessing, chan
     the in-memory synthetic trucks."""
     if channels is not None:
         att = select_channels(att, channels, source)
+    mh, mw = model_size(*att.shape[-2:], pitch_mm, pre)
+    if mh * mw > DEFAULT_MAX_PIXELS:   # a coarse pitch is upsampled: bound the memory it would take
+        raise ScanError(source or "<scan>", f"at {pitch_mm:g} mm per pixel the scan becomes {mh}x{mw} px at the "
+                                            f"model's {pre.model_pitch_mm:g} mm pitch, over the "
+                                            f"{DEFAULT_MAX_PIXELS / 1e6:.0f} Mpx limit (DETECTOR_MAX_PIXELS)")
     if pre.repair_rows:
         att = repair_bad_rows(att)
     return to_model_pitch(att, pitch_mm, pre)

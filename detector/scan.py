@@ -27,6 +27,11 @@ DEFAULT_MAX_PIXELS = int(os.environ.get("DETECTOR_MAX_PIXELS", 40_000_000))  # p
 MIN_SIDE = 16
 MIN_TRANSMISSION = 1e-6
 AIR_ROWS = 8  # top rows used to estimate the open-beam I0
+PITCH_RANGE_MM = (0.01, 100.0)    # a pixel pitch outside this is a metadata error (samples are 40-45 mm thumbnails)
+TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a scanner's range: image editors
+                                  # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
+BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
+BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
 
 
 class ScanError(ValueError):
@@ -153,7 +158,11 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         counts = counts[None]
     if counts.ndim != 3:
         raise ScanError(src, f"expected a 2-D image or (C, H, W) stack, got shape {counts.shape}")
+    if _channels_last(counts.shape):   # (H, W, 2) as many tools write a dual-energy pair
+        counts = np.moveaxis(counts, -1, 0)
     _check_shape(src, counts.shape[0], counts.shape[1], counts.shape[2], max_pixels)
+    if not counts.dtype.isnative:      # big-endian pixels, e.g. from a FITS-minded tool or a raw dump
+        counts = counts.astype(counts.dtype.newbyteorder("="))
     if counts.dtype in (np.uint8, np.uint16):
         dtype_max = float(np.iinfo(counts.dtype).max)
     elif counts.dtype.kind == "f":
@@ -174,14 +183,50 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
     i0 = tuple(float(v) for v in np.broadcast_to(i0_arr, (counts.shape[0],)))
     if not all(math.isfinite(v) and v > 0 for v in i0):
         raise ScanError(src, f"invalid I0 {i0}")
+    pitch = _valid_pitch(src, DEFAULT_PITCH_MM if pitch_mm is None else pitch_mm)
     if energies is None:
         energies = ("high", "low") if counts.shape[0] == 2 else ("single",)
     if len(energies) != counts.shape[0]:
         raise ScanError(src, f"{len(energies)} energy names for {counts.shape[0]} channels")
     att = counts_to_attenuation(counts, i0)
-    return Scan(attenuation=att, pitch_mm=float(pitch_mm or DEFAULT_PITCH_MM), energies=tuple(energies),
+    _check_not_blank(src, counts, att, i0)
+    return Scan(attenuation=att, pitch_mm=pitch, energies=tuple(energies),
                 i0=i0, source=source, counts=counts if counts.dtype.kind == "u" else None,
                 meta=dict(meta or {}))
+
+
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    """True for an (H, W, 1|2) stack: a channel axis last and an image's sides first."""
+    return len(shape) == 3 and shape[2] in (1, 2) and shape[0] > 2 and shape[1] > 2
+
+
+def _valid_pitch(src: str, pitch_mm: Any) -> float:
+    """The pixel pitch as a float; ScanError when it is not a number or outside PITCH_RANGE_MM: a negative
+    or tiny pitch shrinks the scan to nothing (its threats vanish), a huge one blows it up past memory."""
+    try:
+        pitch = float(pitch_mm)
+    except (TypeError, ValueError):
+        raise ScanError(src, f"pixel pitch {pitch_mm!r} is not a number") from None
+    lo, hi = PITCH_RANGE_MM
+    if not (math.isfinite(pitch) and lo <= pitch <= hi):
+        raise ScanError(src, f"pixel pitch {pitch:g} mm is outside {lo:g}-{hi:g} mm (wrong metadata?)")
+    return pitch
+
+
+def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[float, ...]) -> None:
+    """ScanError for an image that shows nothing: every pixel the same (no acquisition), or (nearly) every
+    pixel open beam (a saturated detector, an empty lane, or an I0 below the counts). Such a scan must never
+    be released as a clean truck."""
+    first = counts[0]
+    lo, hi = first.min(), first.max()
+    if lo == hi:
+        raise ScanError(src, f"every pixel reads {lo:g}: a blank image (no acquisition, or a saturated detector)")
+    view = att[0, ::2, ::2]
+    if np.count_nonzero(view > BLANK_ATTENUATION) < BLANK_SHARE * view.size:
+        median = float(np.median(first[::4, ::4]))
+        why = (f"I0 {i0[0]:g} is below most pixel counts (median {median:g}): wrong I0 in the metadata"
+               if median > 1.05 * i0[0] else "a saturated detector or an empty scan")
+        raise ScanError(src, f"blank scan: nothing in it attenuates the beam (every pixel is open air); {why}")
 
 
 def _check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> None:
@@ -318,12 +363,12 @@ def _read_jpeg(data: bytes, name: str, max_pixels: int | None):
 def _read_tiff(data: bytes, name: str, max_pixels: int | None):
     buf = io.BytesIO(data)
     try:
-        return _read_tiff_buffer(buf, name, max_pixels)
+        return _read_tiff_buffer(buf, data, name, max_pixels)
     finally:
         buf.close()  # tifffile leaves a reference cycle: free the buffer's copy of the file now
 
 
-def _read_tiff_buffer(buf: io.BytesIO, name: str, max_pixels: int | None):
+def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int | None):
     with tifffile.TiffFile(buf) as tif:
         pages = tif.pages
         if len(pages) == 0:
@@ -333,20 +378,27 @@ def _read_tiff_buffer(buf: io.BytesIO, name: str, max_pixels: int | None):
         n_pages = len(pages)
         if n_pages > 2:
             raise ScanError(name, f"{n_pages} pages; at most 2 energies (high, low) are supported")
-        h, w = shape[0], shape[1] if len(shape) > 1 else 0
-        c = n_pages * (shape[2] if len(shape) == 3 else 1)
+        planar = len(shape) == 3 and str(first.axes).startswith("S")   # one page, energies as separate planes
+        h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 0)
+        c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
         _check_shape(name, c, h, w, max_pixels)
-        arrays = []
         for page in pages:
             if tuple(page.shape) != shape:
                 raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
-            arrays.append(page.asarray())
+        try:
+            arrays = [page.asarray() for page in pages]
+        except ValueError as e:
+            if "imagecodecs" not in str(e):
+                raise
+            arrays = _tiff_pages_opencv(data, name, n_pages)   # LZW, PackBits...: OpenCV's libtiff reads them
         info = _tiff_info(first, name)
     if len(arrays) == 2:
         counts = np.stack(arrays)
     else:
         img = arrays[0]
-        if img.ndim == 3 and img.shape[2] == 2:  # (H, W, 2): high, low
+        if planar:                               # (C, H, W)
+            counts = img
+        elif img.ndim == 3 and img.shape[2] == 2:  # (H, W, 2): high, low
             counts = np.moveaxis(img, -1, 0)
         elif img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
             counts = _to_one_channel(img[..., ::-1].copy(), name)  # TIFF RGB -> BGR for OpenCV
@@ -355,6 +407,16 @@ def _read_tiff_buffer(buf: io.BytesIO, name: str, max_pixels: int | None):
         else:
             raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
     return counts, info
+
+
+def _tiff_pages_opencv(data: bytes, name: str, n_pages: int) -> list[np.ndarray]:
+    """The pages of a TIFF whose compression tifffile cannot decode without imagecodecs, through OpenCV
+    (colour pages in tifffile's RGB order)."""
+    ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not ok or len(pages) != n_pages:
+        raise ScanError(name, "compressed TIFF that neither tifffile (without imagecodecs) nor OpenCV can decode")
+    rgb = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGBA}
+    return [cv2.cvtColor(p, rgb[p.shape[2]]) if p.ndim == 3 and p.shape[2] in rgb else p for p in pages]
 
 
 def _tiff_info(page: Any, name: str) -> dict:
@@ -370,8 +432,8 @@ def _tiff_info(page: Any, name: str) -> dict:
         if isinstance(d, dict):
             if d.get("i0") is not None:
                 info["i0"] = tuple(float(v) for v in np.ravel(d["i0"]))
-            if d.get("pitch_mm"):
-                info["pitch_mm"] = float(d["pitch_mm"])
+            if d.get("pitch_mm") is not None:
+                info["pitch_mm"] = d["pitch_mm"]   # checked with the rest in scan_from_counts
             if d.get("energies"):
                 info["energies"] = tuple(str(e) for e in d["energies"])
     if "pitch_mm" not in info:
@@ -382,8 +444,14 @@ def _tiff_info(page: Any, name: str) -> dict:
                 per_unit = num / den
                 mm_per_unit = 25.4 if int(unit.value) == 2 else 10.0
                 pitch = mm_per_unit / per_unit
-                if 0.05 <= pitch <= 50:
+                lo, hi = TAG_PITCH_RANGE_MM
+                if lo <= pitch <= hi:
                     info["pitch_mm"] = pitch
+                else:
+                    warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
+                                                    f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
+                                                    f"({lo:g}-{hi:g} mm): ignored, {DEFAULT_PITCH_MM:g} mm assumed"),
+                                  stacklevel=2)
     return info
 
 
@@ -406,6 +474,8 @@ def _check_npy_header(f: Any, name: str, max_pixels: int | None) -> None:
     shape = tuple(shape)
     if len(shape) == 2:
         _check_shape(name, 1, shape[0], shape[1], max_pixels)
+    elif _channels_last(shape):
+        _check_shape(name, shape[2], shape[0], shape[1], max_pixels)
     elif len(shape) == 3:
         _check_shape(name, shape[0], shape[1], shape[2], max_pixels)
     else:
@@ -423,7 +493,7 @@ def _read_npz(data: bytes, name: str, max_pixels: int | None):
         if "i0" in z:
             info["i0"] = tuple(float(v) for v in np.ravel(z["i0"]))
         if "pitch_mm" in z:
-            info["pitch_mm"] = float(z["pitch_mm"])
+            info["pitch_mm"] = z["pitch_mm"]
     return counts, info
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from detector.manifest import has_layout, read_rows
+from detector.policy import load_policy, parse_flags
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
@@ -30,25 +31,26 @@ SKIP_DIRS = {"masks"}  # dataset folders keep truth masks (PNG) beside the scans
 
 @dataclass
 class Item:
-    """One file to score, with the routing inputs a manifest may carry."""
+    """One file to score, with the routing inputs a manifest may carry; `error` marks a row that cannot
+    be routed (e.g. unreadable risk flags): its scan is inspected with that reason."""
     path: Path
     tier: str | None = None
     risk_flags: list[str] = field(default_factory=list)
+    error: str | None = None
 
 
-def _flags(text: str | None) -> list[str]:
-    text = (text or "").strip()
-    if not text:
-        return []
-    if text.startswith("["):
-        return [str(f) for f in json.loads(text)]
-    return [f.strip() for f in text.replace(";", ",").replace("|", ",").split(",") if f.strip()]
+def _item(path: Path, row_number: int, r: dict) -> Item:
+    item = Item((path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
+    try:
+        item.risk_flags = parse_flags(r.get("risk_flags"))
+    except ValueError as e:   # one bad cell inspects its own truck, not the whole batch
+        item.error = f"{path} row {row_number}: unreadable risk_flags ({e})"
+    return item
 
 
 def read_manifest(path: Path) -> list[Item]:
     """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags)."""
-    return [Item((path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None,
-                 _flags(r.get("risk_flags"))) for r in read_rows(path, need=("path",))]
+    return [_item(path, n, r) for n, r in enumerate(read_rows(path, need=("path",)), start=2)]
 
 
 def discover(src: str) -> tuple[list[Item], str]:
@@ -98,16 +100,29 @@ def done_paths(out: Path) -> set[str]:
         return {row[0] for row in reader if len(row) == len(COLUMNS)}
 
 
+def _cut_partial_line(path: Path) -> None:
+    """Drop a last line cut off by a crash (everything after the last newline). Completing it with a newline
+    instead could leave an open quote that swallows the next row."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            i = f.read(step).rfind(b"\n")
+            if i >= 0:
+                f.truncate(pos - step + i + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
 def _open_append(path: Path, header: Iterable[str] | None):
-    """Open for appending, mending a last line cut off by a crash; write the header if new."""
+    """Open for appending, dropping a last line cut off by a crash; write the header if new."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        _cut_partial_line(path)
     fresh = not path.exists() or path.stat().st_size == 0
-    if not fresh:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                with open(path, "ab") as g:
-                    g.write(b"\n")
     f = open(path, "a", newline="", encoding="utf-8")
     if fresh and header is not None:
         csv.writer(f).writerow(header)
@@ -124,6 +139,8 @@ def _reason(e: BaseException) -> str:
 
 def _load(item: Item) -> tuple[Item, Any, str | None, float]:
     t0 = time.perf_counter()
+    if item.error:
+        return item, None, item.error, 0.0
     try:
         scan = read_scan(item.path)
         scan.counts = None  # the raw counts are only for lossless write-back: free them early
@@ -132,9 +149,9 @@ def _load(item: Item) -> tuple[Item, Any, str | None, float]:
         return item, None, _reason(e), (time.perf_counter() - t0) * 1e3
 
 
-def _load_policy(path: str, inspector):
-    """detector.policy's Policy from YAML, bound to the model's calibration (tier -> threshold)."""
-    from detector.policy import load_policy
+def _load_policy(path: str | None, inspector):
+    """detector.policy's Policy from YAML (None: the built-in one: the inspector's threshold, any risk flag
+    forces INSPECT), bound to the model's calibration (tier -> threshold)."""
     policy = load_policy(path)
     policy.bind(inspector)
     return policy
@@ -189,8 +206,15 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
                 overlays: Path | None = None, overlays_flagged: bool = False, policy=None,
                 threshold: float | None = None, workers: int = 2, progress: bool = True,
                 on_row: Callable[[dict], None] | None = None) -> Counts:
-    """Score items in order, appending one row per item to `out` (and `jsonl`), as they finish."""
+    """Score items in order, appending one row per item to `out` (and `jsonl`), as they finish. Routing is
+    `policy`'s, else the built-in one at `threshold` (else the inspector's): a risk flag forces INSPECT."""
     from tqdm import tqdm
+    if policy is None:
+        policy = _load_policy(None, inspector)
+        if threshold is not None:
+            policy.thresholds[policy.default_tier] = threshold
+    elif threshold is not None:
+        raise ValueError("score_items: give a policy or a threshold, not both (the policy's tiers set it)")
     counts = Counts()
     root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
     files = ExitStack()
@@ -215,17 +239,15 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
         while pending:
             item, scan, error, load_ms = pending.popleft().result()
             fill()
-            verdict, decision, thr = None, "INSPECT", threshold
+            verdict, decision, thr = None, "INSPECT", None
             t0 = time.perf_counter()
             if scan is not None:
                 try:
-                    verdict = inspector.inspect(scan, threshold=threshold)
-                    decision, thr, why = verdict.decision, verdict.threshold, verdict.reason
-                    if policy is not None:
-                        decision, thr, why = _decide(policy, verdict.score, item, None)
+                    verdict = inspector.inspect(scan)
+                    decision, thr, why = _decide(policy, verdict.score, item, None)
                 except Exception as e:  # fail-closed: the row says why
                     error, verdict = _reason(e), None
-            if error and policy is not None:  # INSPECT regardless; the row still shows the tier's threshold
+            if error:  # INSPECT regardless; the row still shows the tier's threshold
                 try:
                     thr = _decide(policy, None, item, error)[1]
                 except Exception:
@@ -283,6 +305,10 @@ def main(args) -> int:
     if not items:
         print(f"detector score: no scan files ({', '.join(SCAN_SUFFIXES)}) in {how}", file=sys.stderr)
         return 1
+    if args.threshold is not None and args.policy:
+        print("detector score: --threshold and --policy both set the threshold; the policy's tiers set it per "
+              "truck: give one of them", file=sys.stderr)
+        return 2
     if args.threshold is not None:   # the Inspector's own bound, checked before any scan: above 1 releases all
         try:
             valid_threshold(args.threshold)
@@ -295,6 +321,8 @@ def main(args) -> int:
             if p and p.exists():
                 p.unlink()
     try:
+        if out.is_file():
+            _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
         done = done_paths(out)
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
@@ -303,8 +331,8 @@ def main(args) -> int:
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
     try:
-        inspector = Inspector(args.model, threads=args.threads)
-        policy = _load_policy(args.policy, inspector) if args.policy else None
+        inspector = Inspector(args.model, threads=args.threads, threshold=args.threshold)
+        policy = _load_policy(args.policy, inspector)   # without --policy the built-in one, as serve's
     except Exception as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
@@ -314,8 +342,7 @@ def main(args) -> int:
     with summarised_scan_warnings(converted.append):
         c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
                         overlays=Path(args.overlays) if args.overlays else None,
-                        overlays_flagged=args.overlays_flagged, policy=policy, threshold=args.threshold,
-                        workers=workers)
+                        overlays_flagged=args.overlays_flagged, policy=policy, workers=workers)
     dt = time.perf_counter() - t0
     for line in converted:
         print(f"warning: {line}", file=sys.stderr)

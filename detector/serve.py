@@ -132,7 +132,11 @@ class Service:
         """Run a scan-sized dummy through the full path so the first truck pays no start-up cost."""
         from detector.scan import scan_from_counts
         counts = np.full((int(self.inspector.channels), 256, 1024), 30000, np.uint16)
-        self.inspector.inspect_safe(scan_from_counts(counts, i0=53000.0, source="<warm-up>"))
+        counts[:, 64:224, 128:896] = 9000   # a load in the beam: a blank scan is refused as bad input
+        v = self.inspector.inspect_safe(scan_from_counts(counts, i0=53000.0, source="<warm-up>"))
+        if v.error:   # the model cannot route a truck: stay not ready (503), and say why
+            print(f"detector serve: warm-up failed ({v.error}); /readyz stays 503", file=sys.stderr, flush=True)
+            return
         self.ready = True
 
     def authorised(self, request: Request) -> bool:

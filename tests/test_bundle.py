@@ -68,6 +68,8 @@ def test_tampered_json_and_old_schema(heuristic_model, tmp_path):
     ({"score": {"method": "max"}}, "score method"),
     ({"preprocessing": {"scale": 3.0}}, "preprocessing lacks"),
     ({"thresholds": [{"threshold": "high"}]}, "threshold row"),
+    ({"thresholds": [{"threshold": 39.6, "false_alarm_rate": 0.01}]}, r"must lie in \[0, 1\]"),  # x100 typo: releases all
+    ({"normal_scores": [0.2, 1.5]}, "normal_scores"),
 ])
 def test_validate_names_the_problem(heuristic_model, change, message):
     meta = read_metadata(heuristic_model)

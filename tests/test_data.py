@@ -64,6 +64,7 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
 
 def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tmp_path, monkeypatch):
     att = np.full((2, 40, 60), 1.0, np.float32)
+    att[:, 20:30, 10:40] += 2   # a load: a uniform image is a blank scan
     write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4, 5e4), pitch_mm=5.0)
     rec = Record(str(tmp_path / "a.tiff"), 0)
     cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))

@@ -97,6 +97,7 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
 
 def test_plain_layout_and_relative_paths(tmp_path):
     counts = np.full((2, 20, 40), 50000, np.uint16)
+    counts[:, 10:, 10:30] = 9000
     for sub in ("normal", "anomalous"):
         write_scan(tmp_path / "ds" / sub / f"{sub}1.tiff", counts)
     res = tmp_path / "elsewhere" / "results.csv"

@@ -119,7 +119,9 @@ def test_int8_calibration_leaves_out_scans_it_cannot_use_and_says_so(exported, c
     d = tmp_path / "cal"
     shutil.copytree(calibration_dir, d)
     (d / "normal" / "cut.tiff").write_bytes((d / "normal" / "n0.tiff").read_bytes()[:500])
-    write_scan(d / "anomalous" / "single.png", np.full((64, 256), 40000, np.uint16))   # 1 energy, model has 2
+    single = np.full((64, 256), 40000, np.uint16)
+    single[20:, 50:150] = 9000
+    write_scan(d / "anomalous" / "single.png", single)   # 1 energy, model has 2
     meta, lines = read_metadata(exported[0]), []
     items = calibration_items(d)
     kept = usable_items(items, Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], lines.append)

@@ -26,6 +26,7 @@ def test_normalize_clips_and_scales():
 
 def test_prepare_pads_with_air_and_reports_scale():
     counts = np.full((2, 101, 333), 20000, np.uint16)
+    counts[:, 40:60, 100:200] = 8000   # something in the beam: a blank image is refused
     scan = scan_from_counts(counts, i0=50000, pitch_mm=5.0)
     p = prepare(scan, Preprocessing(), channels=2)
     h, w = p.valid_hw
@@ -114,3 +115,12 @@ def test_select_channels():
     assert select_channels(dual, 1)[0].max() == 1  # keeps the high energy
     with pytest.raises(ScanError, match="needs 2"):
         select_channels(dual[:1], 2, "one.png")
+
+
+def test_coarse_pitch_that_would_blow_up_memory_is_refused_before_resampling():
+    counts = np.full((1, 600, 2000), 20000, np.uint16)
+    counts[0, 300:, 100:1900] = 5000
+    scan = scan_from_counts(counts, i0=50000, pitch_mm=60.0, source="coarse.tiff")   # 60 mm: 6x up at 10 mm
+    with pytest.raises(ScanError, match="Mpx limit") as e:
+        prepare(scan, Preprocessing(), channels=1)
+    assert e.value.path == "coarse.tiff"

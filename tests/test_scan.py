@@ -105,6 +105,7 @@ def test_tiff_metadata_pitch_energies(tmp_path):
 def test_rgb_rendering_becomes_one_channel_with_warning(tmp_path):
     rgb = np.zeros((50, 80, 3), dtype=np.uint8)
     rgb[..., 1] = 200
+    rgb[10:30, 20:50] = (40, 60, 80)   # a bag in the picture: a blank image is refused
     cv2.imwrite(str(tmp_path / "bag.png"), rgb)
     cv2.imwrite(str(tmp_path / "bag.jpg"), rgb)
     for name in ("bag.png", "bag.jpg"):
@@ -120,6 +121,7 @@ def test_scan_warnings_from_many_threads_are_summarised_once_per_reason(tmp_path
     from detector.scan import summarised_scan_warnings
     rgb = np.zeros((50, 80, 3), dtype=np.uint8)
     rgb[..., 2] = 180
+    rgb[10:30, 20:50] = (40, 60, 80)
     paths = [tmp_path / f"bag{i}.png" for i in range(5)]
     for p in paths:
         cv2.imwrite(str(p), rgb)
@@ -325,3 +327,62 @@ def test_committed_samples_agree_across_formats():
     assert read_scan(SAMPLES / "truck_firearm_high8.png").counts.dtype == np.uint8
     with pytest.warns(ScanWarning):
         assert read_scan(SAMPLES / "truck_firearm_pseudocolour.jpg").channels == 1
+
+
+# ---------------------------------------------------------------- metadata a station must not trust blindly
+
+def _tiff_with_description(path, counts: np.ndarray, detector: dict, **kw) -> None:
+    with tifffile.TiffWriter(path) as tw:
+        for k, page in enumerate(counts):
+            tw.write(page, photometric="minisblack", metadata=None,
+                     description=json.dumps({"detector": detector}) if k == 0 else None, **kw)
+
+
+def test_image_editor_resolution_tag_is_not_taken_as_pitch(tmp_path):
+    counts = make_counts(channels=1)[0]
+    tifffile.imwrite(tmp_path / "dpi72.tiff", counts, photometric="minisblack", resolution=(72, 72),
+                     resolutionunit="INCH")
+    with pytest.warns(ScanWarning, match="resolution tag"):
+        scan = read_scan(tmp_path / "dpi72.tiff")
+    assert scan.pitch_mm == 5.0   # 72 dpi would be 0.35 mm: the truck shrunk 28x, its threats gone
+    tifffile.imwrite(tmp_path / "pitch4.tiff", counts, photometric="minisblack", resolution=(2.5, 2.5),
+                     resolutionunit="CENTIMETER")   # 4 mm per pixel: a scanner's pitch, kept
+    assert read_scan(tmp_path / "pitch4.tiff").pitch_mm == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("pitch", [-5.0, 0.0, float("nan"), 500.0])
+def test_implausible_pitch_in_metadata_is_refused(tmp_path, pitch):
+    counts = make_counts()
+    _tiff_with_description(tmp_path / "p.tiff", counts, {"pitch_mm": pitch, "i0": [I0, I0]})
+    np.savez(tmp_path / "p.npz", counts=counts, i0=np.array([I0, I0]), pitch_mm=np.array(pitch))
+    for name in ("p.tiff", "p.npz"):
+        with pytest.raises(ScanError, match="pixel pitch") as e:
+            read_scan(tmp_path / name)
+        assert e.value.path.endswith(name)
+
+
+def test_blank_scans_are_refused_not_released(tmp_path):
+    counts = make_counts()
+    cases = {"white.npy": np.full((2, 64, 160), 65535, np.uint16),   # a saturated detector
+             "dark.npy": np.zeros((2, 64, 160), np.uint16)}          # no beam
+    for name, arr in cases.items():
+        np.save(tmp_path / name, arr)
+    _tiff_with_description(tmp_path / "i0.tiff", counts, {"i0": [1.0, 1.0]})   # every pixel "above the open beam"
+    for name, why in (("white.npy", "blank"), ("dark.npy", "blank"), ("i0.tiff", "I0 1 is below")):
+        with pytest.raises(ScanError, match=why):
+            read_scan(tmp_path / name)
+    air = np.full((2, 64, 160), I0, np.uint16)
+    air[:, 40:, 10:20] = I0 // 2   # a little in the beam is a scan, not a blank
+    assert read_scan_bytes(_npy_bytes(air), "a.npy").attenuation.max() > 0.5
+
+
+def test_other_layouts_and_codecs_read_the_same_counts(tmp_path):
+    counts = make_counts()
+    cv2.imwritemulti(str(tmp_path / "lzw.tiff"), list(counts))   # OpenCV writes LZW: no imagecodecs here
+    tifffile.imwrite(tmp_path / "planar.tiff", counts, photometric="minisblack", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "be.tiff", counts, photometric="minisblack", byteorder=">")
+    np.save(tmp_path / "be.npy", counts.astype(">u2"))
+    np.save(tmp_path / "hw2.npy", np.moveaxis(counts, 0, -1))
+    for name in ("lzw.tiff", "planar.tiff", "be.tiff", "be.npy", "hw2.npy"):
+        scan = read_scan(tmp_path / name)
+        np.testing.assert_array_equal(scan.counts, counts, err_msg=name)

@@ -35,7 +35,9 @@ def mixed_folder(tmp_path, normal_scan_path, anomalous_scan_path):
     (d / "corrupt.tiff").write_bytes(data[: len(data) // 3])  # truncated
     (d / "empty.png").write_bytes(b"")
     (d / "notes.png").write_text("not an image at all\n")
-    write_scan(d / "single.png", np.full((64, 256), 40000, np.uint16))  # 1 energy for a 2-energy model
+    single = np.full((64, 256), 40000, np.uint16)
+    single[20:, 50:150] = 9000
+    write_scan(d / "single.png", single)  # 1 energy for a 2-energy model
     (d / "readme.txt").write_text("ignored: not a scan suffix")
     return d
 
@@ -82,6 +84,9 @@ class Counting:
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
 
+    def __getattr__(self, name):   # metadata and threshold, which the routing policy binds to
+        return getattr(self.inner, name)
+
     def inspect(self, scan, threshold=None):
         self.calls += 1
         return self.inner.inspect(scan, threshold=threshold)
@@ -113,6 +118,8 @@ def test_resume_skips_done_files(tmp_path, heuristic_model, normal_scan_path, an
 
 def test_inference_error_is_a_failed_row(tmp_path, normal_scan_path):
     class Broken:
+        metadata, threshold = {}, 0.5
+
         def inspect(self, scan, threshold=None):
             raise RuntimeError("onnxruntime fell over")
     items = [score.Item(normal_scan_path)]
@@ -223,3 +230,58 @@ def test_a_threshold_outside_the_score_range_is_refused_before_scoring(tmp_path,
         assert score.main(_args(normal_scan_path, heuristic_model, tmp_path / "r.csv", threshold=bad)) == 2
         assert f"--threshold must be in [0, 1] (scores lie in [0, 1]), got {bad}" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def _score_flagged_pair(tmp_path, model, scan_path, flags_a: str, flags_b: str) -> dict:
+    """Rows of the same scan twice, a.tiff and b.tiff, scored through a manifest with these risk_flags cells."""
+    for name in ("a", "b"):
+        shutil.copy(scan_path, tmp_path / f"{name}.tiff")
+    m = tmp_path / "manifest.csv"
+    m.write_text(f'path,label,risk_flags\na.tiff,0,{flags_a}\nb.tiff,0,{flags_b}\n')
+    assert score.main(_args(m, model, tmp_path / "r.csv")) == 0
+    return _rows(tmp_path / "r.csv")
+
+
+def test_risk_flags_force_inspection_without_a_policy_file(tmp_path, heuristic_model, normal_scan_path):
+    rows = _score_flagged_pair(tmp_path, heuristic_model, normal_scan_path, "", "intel_hit")
+    assert rows["a.tiff"]["decision"] == "RELEASE"           # the same scan without a flag
+    assert rows["b.tiff"]["decision"] == "INSPECT" and rows["b.tiff"]["error"] == ""   # as serve routes it
+    assert rows["a.tiff"]["threshold"] == rows["b.tiff"]["threshold"]
+
+
+def test_threshold_routes_without_policy_and_is_refused_with_one(tmp_path, heuristic_model, normal_scan_path, capsys):
+    shutil.copy(normal_scan_path, tmp_path / "a.tiff")
+    assert score.main(_args(tmp_path / "a.tiff", heuristic_model, tmp_path / "r.csv", threshold=0.001)) == 0
+    row = _rows(tmp_path / "r.csv")["a.tiff"]
+    assert (row["decision"], row["threshold"]) == ("INSPECT", "0.001000")
+    pol = tmp_path / "policy.yaml"
+    pol.write_text("tiers:\n  standard: 0.01\n")
+    capsys.readouterr()
+    assert score.main(_args(tmp_path / "a.tiff", heuristic_model, tmp_path / "r2.csv", threshold=0.001,
+                            policy=str(pol))) == 2
+    assert "--threshold and --policy" in capsys.readouterr().err and not (tmp_path / "r2.csv").exists()
+
+
+def test_unreadable_risk_flags_inspect_their_row_and_the_batch_goes_on(tmp_path, heuristic_model, normal_scan_path):
+    rows = _score_flagged_pair(tmp_path, heuristic_model, normal_scan_path, '"[intel"', "")
+    assert rows["a.tiff"]["decision"] == "INSPECT" and "row 2: unreadable risk_flags" in rows["a.tiff"]["error"]
+    assert rows["b.tiff"]["decision"] == "RELEASE" and rows["b.tiff"]["error"] == ""
+
+
+def test_resume_after_a_row_cut_inside_its_regions_rescores_it(tmp_path, heuristic_model, normal_scan_path,
+                                                               anomalous_scan_path):
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "n.tiff")
+    shutil.copy(anomalous_scan_path, d / "z.tiff")   # scored last: it has regions
+    out = tmp_path / "r.csv"
+    assert score.main(_args(d, heuristic_model, out)) == 0
+    full = out.read_bytes()
+    first = _rows(out)
+    cut = full.rindex(b'[{""box')   # a crash inside the quoted regions field of the last row
+    out.write_bytes(full[:cut + 8])
+    assert score.main(_args(d, heuristic_model, out)) == 0
+    again = _rows(out)   # two whole rows again: the cut one dropped and written anew, not glued to its rest
+    drop = lambda r: {k: v for k, v in r.items() if k != "latency_ms"}
+    assert {k: drop(r) for k, r in again.items()} == {k: drop(r) for k, r in first.items()}
+    assert out.read_bytes().count(b"\n") == full.count(b"\n") == 3
