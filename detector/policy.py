@@ -159,7 +159,8 @@ class Policy:
         flags = parse_flags(risk_flags)
         if self.force_flags == ANY:
             return flags
-        return [f for f in flags if f in self.force_flags]
+        forcing = {f.casefold() for f in self.force_flags}   # a targeting system's INTEL_HIT is intel_hit
+        return [f for f in flags if f.casefold() in forcing]
 
     def decide(self, score: float | None, tier: str | None = None,
                risk_flags: Iterable[str] | str | None = None, error: str | None = None) -> Decision:

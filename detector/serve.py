@@ -187,8 +187,11 @@ class Service:
             except Exception as e:
                 form, error = None, f"unreadable multipart form ({type(e).__name__}: {e})"
         if form is not None:
-            upload = form.get("scan")
-            if isinstance(upload, UploadFile):
+            uploads = form.getlist("scan")
+            upload = uploads[0] if uploads else None
+            if len(uploads) > 1:   # which one is this truck? neither is routed
+                error = f"{len(uploads)} parts named 'scan': send one scan per request"
+            elif isinstance(upload, UploadFile):
                 data, name = await upload.read(), upload.filename or "scan"
             else:
                 error = "no file in form field 'scan'"

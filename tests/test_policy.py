@@ -69,6 +69,7 @@ def test_risk_flags_any_and_list(policy, tmp_path):
     assert p.decide(0.0, None, ["late"]).decision == "RELEASE"
     assert p.decide(0.0, None, "late;intel_hit").decision == "INSPECT"
     assert p.decide(0.0, None, '["intel_hit"]').reason.startswith("risk flag intel_hit")
+    assert p.decide(0.0, None, "INTEL_HIT").decision == "INSPECT"   # case is not a reason to release
 
 
 def test_errors_and_bad_scores_inspect(policy):

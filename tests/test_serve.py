@@ -166,6 +166,10 @@ def test_failures_are_inspect_with_reason(server, normal_scan_path):
     empty = httpx.post(server.url + "/v1/inspect", files={"meta": (None, "{}")},
                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert empty.json()["decision"] == "INSPECT" and "no file in form field 'scan'" in empty.json()["reason"]
+    scan = normal_scan_path.read_bytes()
+    two = httpx.post(server.url + "/v1/inspect", files=[("scan", ("a.tiff", scan)), ("scan", ("b.tiff", scan))],
+                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert two.json()["decision"] == "INSPECT" and "2 parts named 'scan'" in two.json()["reason"]
 
 
 def test_token_required(server, normal_scan_path):
