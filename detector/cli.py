@@ -66,6 +66,8 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--no-resume", action="store_true", help="rescore files already in --out")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="resume, scoring again the files whose row in --out is a failure (their rows are replaced)")
 
 
 def _eval(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ Decoding runs in a few threads ahead of inference through a bounded window of pe
 memory stays flat whatever the number of files: at most `workers + 2` decoded scans wait at once and
 no heatmap outlives its row. Every input file gets exactly one row, failures included (decision
 INSPECT, fail-closed, with the reason). Rows are flushed as they are written, which makes a run
-resumable: re-running skips the paths already in the output.
+resumable: re-running skips the paths already in the output (`--retry-failed` scores the failed ones again).
 """
 from __future__ import annotations
 
@@ -98,6 +98,39 @@ def done_paths(out: Path) -> set[str]:
         if tuple(header) != COLUMNS:
             raise ValueError(f"{out}: not a results CSV (header {header}); use --no-resume or another --out")
         return {row[0] for row in reader if len(row) == len(COLUMNS)}
+
+
+def drop_failed_rows(out: Path, jsonl: Path | None = None) -> int:
+    """Remove the failed rows (non-empty error) from a results CSV, and their lines from its JSON lines, so
+    that a resumed run scores those files again (a scan still being copied, a share that was down); returns
+    how many. Each file is rewritten to a temporary one and swapped in: a crash leaves the old one whole."""
+    if not out.is_file():
+        return 0
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or tuple(rows[0]) != COLUMNS:
+        raise ValueError(f"{out}: not a results CSV (header {rows[0] if rows else None})")
+    failed = {r[0] for r in rows[1:] if len(r) == len(COLUMNS) and r[-1]}
+    if not failed:
+        return 0
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(r for r in rows if r[0] not in failed)
+    os.replace(tmp, out)
+    if jsonl is not None and jsonl.is_file():
+        lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [ln for ln in lines if _jsonl_path(ln) not in failed]
+        tmp = jsonl.with_name(jsonl.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, jsonl)
+    return len(failed)
+
+
+def _jsonl_path(line: str) -> str | None:
+    try:
+        return json.loads(line).get("path")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -323,6 +356,13 @@ def main(args) -> int:
     try:
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
+        if getattr(args, "retry_failed", False):
+            jsonl = Path(args.jsonl) if args.jsonl else None
+            if jsonl is not None and jsonl.is_file():
+                _cut_partial_line(jsonl)
+            retried = drop_failed_rows(out, jsonl)
+            if retried:
+                print(f"retrying {retried} failed file(s) from {out}", file=sys.stderr)
         done = done_paths(out)
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)

@@ -285,3 +285,24 @@ def test_resume_after_a_row_cut_inside_its_regions_rescores_it(tmp_path, heurist
     drop = lambda r: {k: v for k, v in r.items() if k != "latency_ms"}
     assert {k: drop(r) for k, r in again.items()} == {k: drop(r) for k, r in first.items()}
     assert out.read_bytes().count(b"\n") == full.count(b"\n") == 3
+
+
+def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristic_model, normal_scan_path):
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    (d / "b.tiff").write_bytes(normal_scan_path.read_bytes()[:2000])   # still being copied
+    out, jl = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+    assert _rows(out)["b.tiff"]["error"] != ""
+    shutil.copy(normal_scan_path, d / "b.tiff")                          # the copy has finished
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+    assert _rows(out)["b.tiff"]["error"] != ""                           # a plain resume keeps the failure
+    first_line = out.read_text().splitlines()[1]
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl), retry_failed=True)) == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and rows["b.tiff"]["error"] == "" and rows["b.tiff"]["decision"] == "RELEASE"
+    assert out.read_text().splitlines()[1] == first_line                 # the good row untouched
+    lines = [json.loads(ln) for ln in jl.read_text().splitlines()]
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in lines) == ["a.tiff", "b.tiff"]
+    assert all(r["error"] == "" for r in lines)
