@@ -175,7 +175,8 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
     else:
         raise ScanError(src, f"unsupported pixel type {counts.dtype}; expected uint8 or uint16 counts "
                              "(or float transmission in [0, 1])")
-    if i0 is None:
+    guessed = i0 is None
+    if guessed:
         i0 = estimate_i0(counts, dtype_max)
     i0_arr = np.asarray(i0, dtype=np.float64).reshape(-1)
     if i0_arr.size not in (1, counts.shape[0]):
@@ -190,6 +191,11 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         raise ScanError(src, f"{len(energies)} energy names for {counts.shape[0]} channels")
     att = counts_to_attenuation(counts, i0)
     _check_not_blank(src, counts, att, i0)
+    if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max and counts.max() < 0.5 * dtype_max:
+        warnings.warn(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {counts.max():g} of "
+                                       f"{dtype_max:g}: I0 taken as {dtype_max:g}, which reads every pixel denser than "
+                                       f"it is if the detector has fewer bits (12/14-bit data): give I0 in the metadata"),
+                      stacklevel=2)
     return Scan(attenuation=att, pitch_mm=pitch, energies=tuple(energies),
                 i0=i0, source=source, counts=counts if counts.dtype.kind == "u" else None,
                 meta=dict(meta or {}))

@@ -386,3 +386,14 @@ def test_other_layouts_and_codecs_read_the_same_counts(tmp_path):
     for name in ("lzw.tiff", "planar.tiff", "be.tiff", "be.npy", "hw2.npy"):
         scan = read_scan(tmp_path / name)
         np.testing.assert_array_equal(scan.counts, counts, err_msg=name)
+
+
+def test_fewer_bit_data_without_air_warns_that_i0_is_a_guess():
+    rng = np.random.default_rng(0)
+    fourteen_bit = rng.integers(2000, 12000, (1, 64, 160)).astype(np.uint16)   # no open-beam rows at the top
+    with pytest.warns(ScanWarning, match="I0 taken as 65535"):
+        scan_from_counts(fourteen_bit, source="cropped.tiff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_from_counts(make_counts())                 # air at the top: I0 estimated, nothing to say
+        scan_from_counts(fourteen_bit, i0=16383.0)      # I0 given
