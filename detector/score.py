@@ -126,6 +126,29 @@ def drop_failed_rows(out: Path, jsonl: Path | None = None) -> int:
     return len(failed)
 
 
+def routing_file(out: Path) -> Path:
+    """Beside a results CSV: the model (SHA-256) and thresholds its rows were routed with."""
+    return out.with_name(out.name + ".routing.json")
+
+
+def check_same_routing(out: Path, routing: dict) -> None:
+    """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
+    already in it: one CSV, one routing (a CSV from before the routing file is resumed as it is)."""
+    f = routing_file(out)
+    if not (out.is_file() and f.is_file()):
+        return
+    try:
+        before = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:
+        return
+    now = json.loads(json.dumps(routing))   # as it would read back
+    differ = [k for k in ("model_sha256", "thresholds", "force_flags") if before.get(k) != now[k]]
+    if differ:
+        what = (f"model {before.get('model')} (sha256 {str(before.get('model_sha256'))[:12]})"
+                if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
+        raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or another --out")
+
+
 def _jsonl_path(line: str) -> str | None:
     try:
         return json.loads(line).get("path")
@@ -349,11 +372,20 @@ def main(args) -> int:
             print(f"detector score: --threshold must be in [0, 1] (scores lie in [0, 1]), got {args.threshold}",
                   file=sys.stderr)
             return 2
+    try:
+        inspector = Inspector(args.model, threads=args.threads, threshold=args.threshold)
+        policy = _load_policy(args.policy, inspector)   # without --policy the built-in one, as serve's
+    except Exception as e:
+        print(f"detector score: {e}", file=sys.stderr)
+        return 2
+    routing = {"model": str(args.model), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
+               "force_flags": policy.force_flags}
     if getattr(args, "no_resume", False):
-        for p in (out, Path(args.jsonl) if args.jsonl else None):
+        for p in (out, Path(args.jsonl) if args.jsonl else None, routing_file(out)):
             if p and p.exists():
                 p.unlink()
     try:
+        check_same_routing(out, routing)
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
         if getattr(args, "retry_failed", False):
@@ -370,12 +402,8 @@ def main(args) -> int:
     todo = [i for i in items if str(i.path) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
-    try:
-        inspector = Inspector(args.model, threads=args.threads, threshold=args.threshold)
-        policy = _load_policy(args.policy, inspector)   # without --policy the built-in one, as serve's
-    except Exception as e:
-        print(f"detector score: {e}", file=sys.stderr)
-        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    routing_file(out).write_text(json.dumps(routing, indent=1) + "\n", encoding="utf-8")
     workers = args.workers or max(1, min(4, (os.cpu_count() or 2) - 1))
     t0 = time.perf_counter()
     converted: list[str] = []

@@ -306,3 +306,23 @@ def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristi
     lines = [json.loads(ln) for ln in jl.read_text().splitlines()]
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in lines) == ["a.tiff", "b.tiff"]
     assert all(r["error"] == "" for r in lines)
+
+
+def test_resuming_with_another_model_or_threshold_is_refused(tmp_path, heuristic_model, heuristic_model_1ch,
+                                                             normal_scan_path, anomalous_scan_path, capsys):
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    out = tmp_path / "r.csv"
+    assert score.main(_args(d, heuristic_model, out)) == 0
+    assert json.loads((tmp_path / "r.csv.routing.json").read_text())["model_sha256"]
+    shutil.copy(anomalous_scan_path, d / "b.tiff")
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model_1ch, out)) == 2
+    assert "holds rows routed with model" in capsys.readouterr().err and out.read_bytes() == before
+    assert score.main(_args(d, heuristic_model, out, threshold=0.01)) == 2
+    assert "other thresholds" in capsys.readouterr().err and out.read_bytes() == before
+    assert score.main(_args(d, heuristic_model, out)) == 0 and len(_rows(out)) == 2   # the same routing resumes
+    assert score.main(_args(d, heuristic_model, out, threshold=0.01, no_resume=True)) == 0
+    assert {r["threshold"] for r in _rows(out).values()} == {"0.010000"}
