@@ -146,7 +146,8 @@ def check_same_routing(out: Path, routing: dict) -> None:
     if differ:
         what = (f"model {before.get('model')} (sha256 {str(before.get('model_sha256'))[:12]})"
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
-        raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or another --out")
+        raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or "
+                         "another --out")
 
 
 def _jsonl_path(line: str) -> str | None:
