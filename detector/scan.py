@@ -225,9 +225,10 @@ def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[fl
     pixel open beam (a saturated detector, an empty lane, or an I0 below the counts). Such a scan must never
     be released as a clean truck."""
     first = counts[0]
-    lo, hi = first.min(), first.max()
-    if lo == hi:
-        raise ScanError(src, f"every pixel reads {lo:g}: a blank image (no acquisition, or a saturated detector)")
+    sub = first[::2, ::2]   # a quarter of the pixels first: ~1 ms on a scan, the full check only when it is flat
+    if sub.min() == sub.max() and first.min() == first.max():
+        raise ScanError(src, f"every pixel reads {first.flat[0]:g}: a blank image (no acquisition, or a saturated "
+                             "detector)")
     view = att[0, ::2, ::2]
     if np.count_nonzero(view > BLANK_ATTENUATION) < BLANK_SHARE * view.size:
         median = float(np.median(first[::4, ::4]))
