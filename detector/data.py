@@ -146,7 +146,11 @@ def _records_from_manifest(root: Path) -> list[Record]:
     manifest = root / "manifest.csv"
     out = []
     for row in read_rows(manifest):
-        split = _SPLIT_ALIASES.get((row.get("split") or "").strip().lower(), "")
+        text = (row.get("split") or "").strip()
+        split = _SPLIT_ALIASES.get(text.lower(), "")
+        if text and not split:   # a typo would train on the scans meant to test the model
+            raise ScanError(manifest, f"row {row['_row']}: split {text!r} is not one of "
+                                      f"{', '.join(sorted(_SPLIT_ALIASES))} (or empty: train)")
         out.append(Record(str(root / row["path"]), label_of(row, manifest),
                           str(root / row["mask"]) if (row.get("mask") or "").strip() else None,
                           boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split))
@@ -201,20 +205,36 @@ def fingerprint(recs: list[Record]) -> str:
 
 
 def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
-    """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only."""
-    if rec.mask and os.path.exists(rec.mask):
+    """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only. A mask
+    that contradicts the label (an anomalous scan's marks nothing, a normal scan's marks something) is an
+    error: it would teach every crop of the scan the wrong class."""
+    h, w = shape
+    if rec.mask:
+        if not os.path.exists(rec.mask):
+            raise ScanError(rec.mask, f"mask file not found (named for {Path(rec.path).name})")
         m = cv2.imread(rec.mask, cv2.IMREAD_GRAYSCALE)
         if m is None:
             raise ScanError(rec.mask, "unreadable mask PNG")
         if m.shape != shape:
-            raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {shape[1]}x{shape[0]}")
-        return (m > 127).astype(np.float32)
-    if rec.boxes:
-        m = np.zeros(shape, np.float32)
-        for x0, y0, x1, y1 in rec.boxes:
-            m[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1
-        return m
-    return None if rec.label else np.zeros(shape, np.float32)
+            raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {w}x{h}")
+        m, source = (m > 0).astype(np.float32), rec.mask   # 0/255 as documented; 0/1 from many labelling tools
+    elif rec.boxes:
+        m, source = np.zeros(shape, np.float32), rec.path
+        for box in rec.boxes:
+            x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+            x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+            if x1 <= x0 or y1 <= y0:
+                raise ScanError(rec.path, f"box {box} ([x0, y0, x1, y1]) covers no pixel of the {w}x{h} scan")
+            m[y0:y1, x0:x1] = 1
+    else:
+        return None if rec.label else np.zeros(shape, np.float32)
+    marked = int(np.count_nonzero(m))
+    if rec.label and not marked:
+        raise ScanError(source, "anomalous scan (label 1) whose mask marks no pixel: draw the anomaly, or leave the "
+                                "mask out to train from the label alone")
+    if not rec.label and marked:
+        raise ScanError(source, f"normal scan (label 0) whose mask marks {marked} pixels: label it 1 or clear the mask")
+    return m
 
 
 def _save(path: Path, a: np.ndarray, source: str) -> None:
@@ -560,7 +580,15 @@ class ScanDataModule(L.LightningDataModule):
             why = f" ({len(self.skipped)} unreadable, e.g. {self._a_skipped_scan()})" if self.skipped else ""
             raise ScanError(self.data_dir, f"no training scans after splitting{why}")
         if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
+            if self.require_train:
+                rank_zero_warn(f"no validation scans in {self.data_dir}: validating and calibrating on the "
+                               "training scans, whose scores are optimistic (the thresholds will flag fewer trucks "
+                               "than asked)")
             self.splits["val"] = list(self.splits["train"])
+        if self.require_train and not any(r.label == 0 for r in self.splits["val"]):
+            raise ScanError(self.data_dir, "the validation split has no normal scans: the thresholds are calibrated on "
+                                           "them (put some normal scans in split=val, or leave the split column empty "
+                                           "for a seeded split)")
 
     def write_skipped(self, path: str | os.PathLike) -> int:
         """RUN/skipped_scans.csv: path, split, reason of each unreadable scan left out (header only if none)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from detector.scan import SCAN_SUFFIXES, ScanError
@@ -30,9 +31,10 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
             line, path = reader.line_num, (row.get("path") or "").strip()   # line_num: blank lines count too
             if not path:
                 continue
-            if path in seen:
-                raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[path]}); list each scan once")
-            seen[path] = line
+            key = os.path.normpath(path)   # ./images/a.tiff and images/a.tiff are one scan
+            if key in seen:
+                raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[key]}); list each scan once")
+            seen[key] = line
             rows.append({**row, "path": path, "_row": line})
     return rows
 
@@ -41,9 +43,10 @@ def label_of(row: dict, manifest: str | Path) -> int:
     """The row's label, 0 (normal) or 1 (anomalous)."""
     text = (row.get("label") or "").strip()
     try:
-        label = int(float(text))
+        value = float(text)
     except ValueError:
-        label = -1
+        value = -1.0
+    label = int(value) if value in (0.0, 1.0) else -1   # 0.9 or 1.7 is no label, not a rounded one
     if label not in (0, 1):
         raise ScanError(manifest, f"row {row['_row']}: label {text!r} is not 0 (normal) or 1 (anomalous)")
     return label

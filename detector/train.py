@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -102,6 +103,25 @@ class ConfigError(ValueError):
     """A config file, override or setting that cannot be used; the message says which and why."""
 
 
+def _fits(v: Any, t: Any) -> bool:
+    """Whether a YAML value fits a config field's type hint: `flase` is no bool, `2O` no int."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return any(_fits(v, a) for a in typing.get_args(t))
+    if t is type(None):
+        return v is None
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is str:
+        return isinstance(v, str)
+    if t in (tuple, list) or typing.get_origin(t) in (tuple, list):
+        return isinstance(v, (list, tuple))
+    return True   # Any and the rest: the setting's own checks
+
+
 def _build(cls: type, d: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -115,6 +135,15 @@ def _build(cls: type, d: dict, where: str = "") -> Any:
             if not isinstance(v, dict):
                 raise ConfigError(f"{where}{k} is a section of settings, got {v!r}")
             v = _build(t, v, f"{where}{k}.")
+        elif not _fits(v, t):
+            if _fits(0.0, t) and isinstance(v, str):   # YAML reads 1e-3 (no dot) as a string
+                try:
+                    v = float(v)
+                except ValueError:
+                    pass
+            if not _fits(v, t):
+                raise ConfigError(f"{where}{k} must be {getattr(t, '__name__', str(t)).replace('typing.', '')}, "
+                                  f"got {v!r}")
         elif isinstance(v, list) and "tuple" in str(t):
             v = tuple(v)
         kw[k] = v
@@ -168,6 +197,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         v = functools.reduce(getattr, key.split("."), cfg.data)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ConfigError(f"data.{key} must be {what}, got {v!r}")
+    m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
+    if cfg.data.crop <= 0 or cfg.data.crop % m:
+        raise ConfigError(f"data.crop must be a positive multiple of preprocessing.pad_multiple ({m}), got {cfg.data.crop}")
     return cfg
 
 
@@ -482,8 +514,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
-    if resume is not None:
-        read_checkpoint(resume)               # a wrong --resume fails now, not after caching the data
+    if resume is not None:                # a wrong --resume fails now, not after caching the data
+        check_resumable(read_checkpoint(resume), cfg, resume)
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
@@ -670,6 +702,19 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
 
 class CheckpointError(ValueError):
     """A file that is not a detector training checkpoint (missing, truncated, or another kind of file)."""
+
+
+def check_resumable(ck: dict, cfg: Config, path: str | Path) -> None:
+    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes: the
+    weights would not load, or (preprocessing) the last epochs and the exported bundle would disagree."""
+    was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
+    now = json.loads(json.dumps(to_dict(cfg), default=list))
+    changed = [f"{sec}.{k}={now[sec].get(k)!r} (was {was.get(sec, {}).get(k)!r})"
+               for sec in ("model", "preprocessing") for k in sorted(set(now[sec]) | set(was.get(sec, {})))
+               if k != "in_channels" and now[sec].get(k) != was.get(sec, {}).get(k)]
+    if changed:
+        raise ConfigError(f"--resume {path}: a resumed run keeps its network and preprocessing, but this one asks "
+                          f"{', '.join(changed)}; train into a new --out to change them")
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -405,3 +405,43 @@ def test_in_a_log_file_the_caching_bar_ends_its_line_before_a_warning(tmp_path):
     assert p.returncode == 0, text[-2000:]
     lines = [ln for ln in text.replace("\r", "\n").splitlines() if "colour image converted" in ln]
     assert len(lines) == 1 and "caching scans" not in lines[0] and "24/24" in text, text[-2000:]
+
+
+def test_masks_and_boxes_that_contradict_the_label_are_refused_and_0_1_masks_count(tmp_path):
+    from detector.data import _scan_mask
+    m01 = np.zeros((40, 60), np.uint8)
+    m01[10:20, 10:20] = 1                                   # a labelling tool's 0/1 mask: 100 anomaly pixels
+    cv2.imwrite(str(tmp_path / "m01.png"), m01)
+    assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "m01.png")), (40, 60)).sum() == 100
+    clipped = _scan_mask(Record("a.tiff", 1, boxes=[[-20, -5, 10, 8]]), (40, 60))   # a corner off the image
+    assert clipped.sum() == 10 * 8 and clipped[:8, :10].all()
+    cases = [(Record("a.tiff", 1, boxes=[[70, 5, 90, 9]]), "covers no pixel"),        # beside the scan
+             (Record("a.tiff", 1, boxes=[[30, 5, 20, 9]]), "covers no pixel"),        # x1 < x0
+             (Record("a.tiff", 0, str(tmp_path / "m01.png")), "normal scan .label 0. whose mask marks 100"),
+             (Record("a.tiff", 1, str(tmp_path / "nope.png")), "mask file not found")]
+    cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((40, 60), np.uint8))
+    cases.append((Record("a.tiff", 1, str(tmp_path / "blank.png")), "anomalous scan .label 1. whose mask marks no"))
+    for rec, why in cases:
+        with pytest.raises(ScanError, match=why):
+            _scan_mask(rec, (40, 60))
+    assert _scan_mask(Record("a.tiff", 1), (40, 60)) is None   # no mask at all: trained from the label
+
+
+def test_manifest_split_typos_duplicates_and_fractional_labels_are_refused(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    text = (root / "manifest.csv").read_text()
+    for bad, why in ((text.replace(",val\n", ",holdout\n", 1), "split 'holdout' is not one of"),
+                     (text + "./images/s0.tiff,0,,,,train\n", r"\./images/s0\.tiff is listed again \(row 2\)"),
+                     (text.replace("images/s0.tiff,0,", "images/s0.tiff,0.9,", 1), "label '0.9' is not 0")):
+        (root / "manifest.csv").write_text(bad)
+        with pytest.raises(ScanError, match=why):
+            load_records(root)
+
+
+def test_a_validation_split_without_normal_scans_stops_before_training(tmp_path):
+    root = write_dataset(tmp_path / "d", n=6)
+    rows = (root / "manifest.csv").read_text().splitlines()
+    fixed = [r.replace(",val", ",train") if ",0," in r else r for r in rows]   # only anomalies left in val
+    (root / "manifest.csv").write_text("\n".join(fixed) + "\n")
+    with pytest.raises(ScanError, match="validation split has no normal scans"):
+        ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")

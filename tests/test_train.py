@@ -88,6 +88,20 @@ def test_config_overrides_and_unknown_keys(tmp_path):
                 "data.augment.tip_from_labels=2", "data.augment.tip_from_labels=true"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             load_config(y, [bad])
+    for bad, why in (("data.normal_only=flase", "must be bool"), ("trainer.max_epochs=2O", "must be int"),
+                     ("optim.lr=fast", "must be float"), ("data.crop=100", "multiple of preprocessing.pad_multiple")):
+        with pytest.raises(ValueError, match=why):   # a typo would have run as a truthy string, or crashed later
+            load_config(y, [bad])
+    assert load_config(y, ["optim.lr=1e-3"]).optim.lr == 0.001   # YAML reads 1e-3 as a string: still a number
+
+
+def test_resuming_with_another_network_or_preprocessing_is_refused():
+    from detector.train import ConfigError, check_resumable, load_config, to_dict
+    ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
+    check_resumable(ck, load_config(None, [*TINY, "trainer.max_epochs=9"]), "last.ckpt")   # more epochs: fine
+    for change in ("preprocessing.scale=2.0", "model.decoder_channels=32"):
+        with pytest.raises(ConfigError, match=change.replace(".", r"\.")):
+            check_resumable(ck, load_config(None, [*TINY, change]), "last.ckpt")
 
 
 def test_calibration_hits_target_and_works_without_anomalies():
