@@ -199,7 +199,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"data.{key} must be {what}, got {v!r}")
     m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
     if cfg.data.crop <= 0 or cfg.data.crop % m:
-        raise ConfigError(f"data.crop must be a positive multiple of preprocessing.pad_multiple ({m}), got {cfg.data.crop}")
+        raise ConfigError(f"data.crop must be a positive multiple of preprocessing.pad_multiple ({m}), "
+                          f"got {cfg.data.crop}")
     return cfg
 
 
@@ -709,9 +710,9 @@ def check_resumable(ck: dict, cfg: Config, path: str | Path) -> None:
     weights would not load, or (preprocessing) the last epochs and the exported bundle would disagree."""
     was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
     now = json.loads(json.dumps(to_dict(cfg), default=list))
-    changed = [f"{sec}.{k}={now[sec].get(k)!r} (was {was.get(sec, {}).get(k)!r})"
-               for sec in ("model", "preprocessing") for k in sorted(set(now[sec]) | set(was.get(sec, {})))
-               if k != "in_channels" and now[sec].get(k) != was.get(sec, {}).get(k)]
+    # settings newer than the checkpoint are left out: a new setting's default is the old behaviour
+    changed = [f"{sec}.{k}={now[sec][k]!r} (was {v!r})" for sec in ("model", "preprocessing")
+               for k, v in sorted(was.get(sec, {}).items()) if k != "in_channels" and k in now[sec] and now[sec][k] != v]
     if changed:
         raise ConfigError(f"--resume {path}: a resumed run keeps its network and preprocessing, but this one asks "
                           f"{', '.join(changed)}; train into a new --out to change them")
