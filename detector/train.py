@@ -712,7 +712,8 @@ def check_resumable(ck: dict, cfg: Config, path: str | Path) -> None:
     now = json.loads(json.dumps(to_dict(cfg), default=list))
     # settings newer than the checkpoint are left out: a new setting's default is the old behaviour
     changed = [f"{sec}.{k}={now[sec][k]!r} (was {v!r})" for sec in ("model", "preprocessing")
-               for k, v in sorted(was.get(sec, {}).items()) if k != "in_channels" and k in now[sec] and now[sec][k] != v]
+               for k, v in sorted(was.get(sec, {}).items())
+               if k != "in_channels" and k in now[sec] and now[sec][k] != v]
     if changed:
         raise ConfigError(f"--resume {path}: a resumed run keeps its network and preprocessing, but this one asks "
                           f"{', '.join(changed)}; train into a new --out to change them")
