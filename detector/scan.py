@@ -398,7 +398,7 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
         except ValueError as e:
             if "imagecodecs" not in str(e):
                 raise
-            arrays = _tiff_pages_opencv(data, name, n_pages)   # LZW, PackBits...: OpenCV's libtiff reads them
+            arrays = _tiff_pages_opencv(data, name, n_pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
         info = _tiff_info(first, name)
     if len(arrays) == 2:
         counts = np.stack(arrays)
