@@ -191,8 +191,9 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         raise ScanError(src, f"{len(energies)} energy names for {counts.shape[0]} channels")
     att = counts_to_attenuation(counts, i0)
     _check_not_blank(src, counts, att, i0)
-    if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max and counts.max() < 0.5 * dtype_max:
-        warnings.warn(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {counts.max():g} of "
+    brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
+    if brightest is not None and brightest < 0.5 * dtype_max:
+        warnings.warn(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
                                        f"{dtype_max:g}: I0 taken as {dtype_max:g}, which reads every pixel denser "
                                        "than it is if the detector has fewer bits (12/14-bit data): give I0 in the "
                                        "metadata"),
@@ -404,10 +405,8 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
         counts = np.stack(arrays)
     else:
         img = arrays[0]
-        if planar:                               # (C, H, W)
+        if planar or (img.ndim == 3 and img.shape[2] == 2):   # (C, H, W), or (H, W, 2) that scan_from_counts turns
             counts = img
-        elif img.ndim == 3 and img.shape[2] == 2:  # (H, W, 2): high, low
-            counts = np.moveaxis(img, -1, 0)
         elif img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
             counts = _to_one_channel(img[..., ::-1].copy(), name)  # TIFF RGB -> BGR for OpenCV
         elif img.ndim == 2:

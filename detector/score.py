@@ -86,36 +86,38 @@ def discover(src: str) -> tuple[list[Item], str]:
     raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
 
 
-def done_paths(out: Path) -> set[str]:
-    """Paths already in a results CSV (complete rows only), for resuming."""
+def _result_rows(out: Path) -> list[list[str]]:
+    """The complete rows of a results CSV, header left out ([] when there is no file or only a header)."""
     if not out.is_file() or out.stat().st_size == 0:
-        return set()
+        return []
     with open(out, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            return set()
+            return []
         if tuple(header) != COLUMNS:
             raise ValueError(f"{out}: not a results CSV (header {header}); use --no-resume or another --out")
-        return {row[0] for row in reader if len(row) == len(COLUMNS)}
+        return [row for row in reader if len(row) == len(COLUMNS)]
+
+
+def done_paths(out: Path) -> set[str]:
+    """Paths already in a results CSV (complete rows only), for resuming."""
+    return {row[0] for row in _result_rows(out)}
 
 
 def drop_failed_rows(out: Path, jsonl: Path | None = None) -> int:
     """Remove the failed rows (non-empty error) from a results CSV, and their lines from its JSON lines, so
     that a resumed run scores those files again (a scan still being copied, a share that was down); returns
     how many. Each file is rewritten to a temporary one and swapped in: a crash leaves the old one whole."""
-    if not out.is_file():
-        return 0
-    with open(out, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or tuple(rows[0]) != COLUMNS:
-        raise ValueError(f"{out}: not a results CSV (header {rows[0] if rows else None})")
-    failed = {r[0] for r in rows[1:] if len(r) == len(COLUMNS) and r[-1]}
+    rows = _result_rows(out)
+    failed = {r[0] for r in rows if r[-1]}
     if not failed:
         return 0
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(r for r in rows if r[0] not in failed)
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(r for r in rows if r[0] not in failed)
     os.replace(tmp, out)
     if jsonl is not None and jsonl.is_file():
         lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
