@@ -195,7 +195,11 @@ class Service:
                 data, name = await upload.read(), upload.filename or "scan"
             else:
                 error = "no file in form field 'scan'"
-            meta, meta_error = _parse_meta(form.get("meta"))
+            metas = form.getlist("meta")
+            if len(metas) > 1:   # which risk flags and tier apply? neither: a flag may be in the one dropped
+                meta, meta_error = {}, f"{len(metas)} parts named 'meta': send one meta per request"
+            else:
+                meta, meta_error = _parse_meta(metas[0] if metas else None)
             error = error or meta_error
             await form.close()  # delete spooled temp files now, not at garbage collection
         verdict, sha = None, None

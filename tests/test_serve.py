@@ -304,3 +304,20 @@ def test_deadline_and_internal_errors_fail_closed(tmp_path):
     r = asyncio.run(_burst(boom, 1))[0]
     assert r.status_code == 200 and r.json()["decision"] == "INSPECT" and "kaboom" in r.json()["reason"]
     assert boom.audit.count() == 1
+
+
+async def _post_parts(svc, parts: list) -> httpx.Response:
+    from detector.serve import create_app
+    transport = httpx.ASGITransport(app=create_app(svc))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        return await c.post("/v1/inspect", files=parts)
+
+
+def test_two_meta_parts_inspect(tmp_path):
+    # the first part carries the forcing flag; routing by the last one alone would release the truck
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    r = asyncio.run(_post_parts(svc, [("scan", ("x.npy", b"123")),
+                                      ("meta", (None, '{"risk_flags": ["intel_hit"]}')), ("meta", (None, "{}"))]))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
+    assert "2 parts named 'meta'" in r.json()["reason"]
+    assert svc.audit.count() == 1
