@@ -37,6 +37,8 @@ from detector.policy import Policy, PolicyError, load_policy, parse_flags
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_ENV = "DETECTOR_TOKEN"
+FORM_FIELDS = ("scan", "meta")
+META_KEYS = ("vehicle_id", "container_id", "tier", "risk_flags")
 
 
 @dataclass
@@ -200,7 +202,7 @@ class Service:
                 meta, meta_error = {}, f"{len(metas)} parts named 'meta': send one meta per request"
             else:
                 meta, meta_error = _parse_meta(metas[0] if metas else None)
-            error = error or meta_error
+            error = error or meta_error or _unknown("form field", form.keys(), FORM_FIELDS)
             await form.close()  # delete spooled temp files now, not at garbage collection
         verdict, sha = None, None
         if data is not None:
@@ -325,7 +327,17 @@ def _parse_meta(raw: Any) -> tuple[dict, str | None]:
         return {}, f"form field 'meta' is not valid JSON ({e.msg})"
     if not isinstance(meta, dict):
         return {}, f"form field 'meta' must be a JSON object, got {type(meta).__name__}"
-    return meta, None
+    # kept for the audit row, but a misspelt key (riskflags, Risk_Flags) would drop a forcing flag or tier
+    return meta, _unknown("meta key", meta, META_KEYS)
+
+
+def _unknown(what: str, names: Any, known: tuple[str, ...]) -> str | None:
+    """The reason to inspect when a request names something the service would silently ignore."""
+    unknown = sorted({str(n) for n in names if n not in known})
+    if not unknown:
+        return None
+    shown = ", ".join(repr(n[:40]) for n in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    return f"unknown {what}(s) {shown} (expected {', '.join(known)}): nothing in the request may be ignored"
 
 
 def _limited(receive: Any, limit: int) -> Any:

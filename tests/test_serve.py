@@ -321,3 +321,19 @@ def test_two_meta_parts_inspect(tmp_path):
     assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
     assert "2 parts named 'meta'" in r.json()["reason"]
     assert svc.audit.count() == 1
+
+
+@pytest.mark.parametrize("parts", [
+    [("meta", (None, '{"riskflags": ["intel_hit"], "vehicle_id": "V-9"}'))],     # misspelt key
+    [("meta", (None, '{"Risk_Flags": ["intel_hit"]}'))],                          # key in another case
+    [("meta", (None, '{"vehicle_id": "V-9"}')), ("risk_flags", (None, "intel_hit"))],  # flags beside meta
+], ids=["misspelt", "case", "form-field"])
+def test_ignored_request_parts_inspect(tmp_path, parts):
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    r = asyncio.run(_post_parts(svc, [("scan", ("x.npy", b"123")), *parts]))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT", r.json()
+    assert "unknown" in r.json()["reason"] and "expected" in r.json()["reason"]
+    ok = asyncio.run(_post_parts(svc, [("scan", ("x.npy", b"123")), ("meta", (None, json.dumps(
+        {"vehicle_id": "V-9", "container_id": "C", "tier": None, "risk_flags": []})))]))
+    assert ok.json()["decision"] == "RELEASE"   # every documented key still routes by score
+    assert svc.audit.count() == 2
