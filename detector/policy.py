@@ -113,7 +113,8 @@ class Policy:
 
     def bind(self, model: Any) -> dict[str, float]:
         """Derive each tier's threshold from a model's calibration (an Inspector or its metadata
-        dict); returns and keeps {tier: threshold}. A tier without a rate uses the model's default."""
+        dict); returns and keeps {tier: threshold}. A tier without a rate uses the model's default;
+        a rate of 1 gets threshold 0 (scores lie in [0, 1]: every scan is inspected)."""
         meta = model if isinstance(model, dict) else getattr(model, "metadata", None)
         if not isinstance(meta, dict):
             raise PolicyError(self.source, f"bind() needs an Inspector or a metadata dict, got {type(model).__name__}")
@@ -122,6 +123,8 @@ class Policy:
         for name, rate in self.tiers.items():
             if rate is None:
                 out[name] = _default_threshold(model, meta, self.source)
+            elif rate >= 1.0:   # inspect every truck: the lowest normal score would release the ones below it
+                out[name] = 0.0
             elif scores:
                 out[name] = float(threshold_for_rate(scores, rate))
             else:

@@ -128,3 +128,12 @@ def test_parse_flags():
     assert parse_flags('["x", " y "]') == ["x", "y"]
     with pytest.raises(ValueError):
         parse_flags({"a": 1})
+
+
+def test_rate_one_inspects_every_scan():
+    # threshold_for_rate(., 1) is the lowest normal score: a tier meant to inspect all released the rest
+    for meta in (META, {"normal_scores": [], "thresholds": [{"false_alarm_rate": 0.01, "threshold": 0.7}]}):
+        p = Policy(tiers={"standard": 0.01, "inspect_all": 1.0}, default_tier="standard")
+        assert p.bind(meta)["inspect_all"] == 0.0
+        assert p.decide(0.0, "inspect_all").decision == "INSPECT"
+        assert p.decide(min(NORMAL_SCORES) / 2, "standard").decision == "RELEASE"
