@@ -102,7 +102,7 @@ class Policy:
     def from_yaml(cls, path: str | Path) -> "Policy":
         """Read a policy file; raises PolicyError naming the file on any problem."""
         try:
-            d = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            d = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except OSError as e:
             raise PolicyError(path, f"cannot read policy file ({e.strerror or e})") from None
         except yaml.YAMLError as e:
@@ -196,6 +196,26 @@ class Policy:
             rows.append(f"{name}: rate {'default' if rate is None else f'{rate:g}'}"
                         + ("" if thr is None else f", threshold {thr:.4f}"))
         return "; ".join(rows)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice: PyYAML keeps the last one without a word, so a
+    second `whitelist:` further down would silently replace the rate an operator reviewed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen.add(key)
+            except TypeError:   # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
 
 
 def _known(d: dict, keys: tuple[str, ...], where: str, source: str) -> None:

@@ -137,3 +137,14 @@ def test_rate_one_inspects_every_scan():
         assert p.bind(meta)["inspect_all"] == 0.0
         assert p.decide(0.0, "inspect_all").decision == "INSPECT"
         assert p.decide(min(NORMAL_SCORES) / 2, "standard").decision == "RELEASE"
+
+
+def test_duplicate_keys_refused(tmp_path):
+    f = tmp_path / "dup.yaml"   # the second whitelist used to replace the first without a word
+    f.write_text("tiers:\n  whitelist: 0.001\n  standard: 0.01\n  whitelist: 0.2\ndefault_tier: standard\n")
+    with pytest.raises(PolicyError, match=r"dup.yaml: not valid YAML \(duplicate key 'whitelist' \(line 4\)\)"):
+        Policy.from_yaml(f)
+    f.write_text("tiers: {a: 0.1}\ndefault_tier: a\ndefault_tier: a\n")
+    with pytest.raises(PolicyError, match="duplicate key 'default_tier'"):
+        Policy.from_yaml(f)
+    assert Policy.from_yaml(ROOT / "configs" / "policy.yaml").tiers["whitelist"] == 0.001
