@@ -90,7 +90,8 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-ms", type=float, default=10000.0, help="per-request deadline; past it: INSPECT")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level")
-    p.epilog = ("env DETECTOR_TOKEN: when set, requests need 'Authorization: Bearer <token>'.\n"
+    p.epilog = ("env DETECTOR_TOKEN: when set, requests need 'Authorization: Bearer <token>'\n"
+                "  (an empty DETECTOR_TOKEN is refused).\n"
                 "example:\n  detector serve --model model.onnx --port 8080 --policy configs/policy.yaml\n"
                 "  curl -F scan=@truck.tiff -F 'meta={\"tier\":\"standard\"}' http://127.0.0.1:8080/v1/inspect")
 

@@ -416,14 +416,25 @@ def build_service(cfg: ServeConfig) -> Service:
     return Service(cfg, inspector, policy, AuditLog(cfg.audit))
 
 
+def env_token() -> str | None:
+    """DETECTOR_TOKEN without surrounding whitespace (HTTP strips it from the header, so a token
+    ending in a space or newline could never match); unset = None, set but blank = ValueError:
+    `DETECTOR_TOKEN=$UNSET_VAR` must not quietly serve without authentication."""
+    raw = os.environ.get(TOKEN_ENV)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise ValueError(f"{TOKEN_ENV} is set but empty: set a token, or unset it to serve without authentication")
+    return raw.strip()
+
+
 def main(args) -> int:
     """CLI entry: `detector serve --model model.onnx [--host] [--port] [--audit] [--policy] ...`."""
     import uvicorn
-    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, audit=args.audit, policy=args.policy,
-                      threads=args.threads, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
-                      concurrency=args.concurrency, deadline_ms=args.deadline_ms,
-                      token=os.environ.get(TOKEN_ENV) or None)
     try:
+        cfg = ServeConfig(model=args.model, host=args.host, port=args.port, audit=args.audit, policy=args.policy,
+                          threads=args.threads, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+                          concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token())
         svc = build_service(cfg)
     except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
         print(f"detector serve: {e}", file=sys.stderr)

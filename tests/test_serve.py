@@ -337,3 +337,29 @@ def test_ignored_request_parts_inspect(tmp_path, parts):
         {"vehicle_id": "V-9", "container_id": "C", "tier": None, "risk_flags": []})))]))
     assert ok.json()["decision"] == "RELEASE"   # every documented key still routes by score
     assert svc.audit.count() == 2
+
+
+def _serve_args(model, tmp_path) -> SimpleNamespace:
+    return SimpleNamespace(model=str(model), host="127.0.0.1", port=0, audit=str(tmp_path / "a.sqlite"), policy=None,
+                           threads=1, max_upload_mb=1.0, max_queue=1, concurrency=1, deadline_ms=1000.0)
+
+
+def test_blank_or_padded_token(heuristic_model, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from detector import serve
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.setattr(serve, "create_app", lambda svc: svc)
+    # an empty DETECTOR_TOKEN ($UNSET_VAR in a unit file) used to serve without authentication
+    monkeypatch.setenv("DETECTOR_TOKEN", "")
+    assert serve.main(_serve_args(heuristic_model, tmp_path)) == 2 and not started
+    assert "DETECTOR_TOKEN is set but empty" in capsys.readouterr().err
+    # a token read with its newline could never match: HTTP strips the header value
+    monkeypatch.setenv("DETECTOR_TOKEN", "tok\n")
+    assert serve.main(_serve_args(heuristic_model, tmp_path)) == 0 and len(started) == 1
+    svc = started[0]
+    ask = lambda value: SimpleNamespace(headers={"authorization": value})  # noqa: E731
+    assert svc.authorised(ask("Bearer tok")) and not svc.authorised(ask("Bearer tok2"))
+    assert not svc.authorised(ask(""))
+    svc.close()
