@@ -327,6 +327,10 @@ def _parse_meta(raw: Any) -> tuple[dict, str | None]:
         return {}, f"form field 'meta' is not valid JSON ({e.msg})"
     if not isinstance(meta, dict):
         return {}, f"form field 'meta' must be a JSON object, got {type(meta).__name__}"
+    try:   # "\ud800" parses, but neither the audit row nor the answer can be written as UTF-8
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return {}, "form field 'meta' holds an unpaired \\u surrogate escape (not valid Unicode text)"
     # kept for the audit row, but a misspelt key (riskflags, Risk_Flags) would drop a forcing flag or tier
     return meta, _unknown("meta key", meta, META_KEYS)
 

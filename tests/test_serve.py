@@ -363,3 +363,15 @@ def test_blank_or_padded_token(heuristic_model, tmp_path, monkeypatch, capsys):
     assert svc.authorised(ask("Bearer tok")) and not svc.authorised(ask("Bearer tok2"))
     assert not svc.authorised(ask(""))
     svc.close()
+
+
+def test_unpaired_surrogate_in_meta_is_audited_once(tmp_path):
+    # '\ud800' parses as JSON but cannot be written as UTF-8: the audit write failed (no row), or the
+    # answer failed after it and was answered and counted a second time
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    for meta in ('{"vehicle_id": "\\ud800"}', '{"risk_flags": ["\\ud800"]}'):
+        r = asyncio.run(_post_parts(svc, [("scan", ("x.npy", b"123")), ("meta", (None, meta))]))
+        assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
+        assert "surrogate" in r.json()["reason"] and "audit write failed" not in r.json()["reason"]
+    assert svc.audit.count() == 2 and svc.metrics.audit_failures == 0
+    assert svc.metrics.latency_count == 2 and svc.metrics.by_status == {"200": 2}
