@@ -84,16 +84,18 @@ class AuditLog:
 
 def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> int:
     """Write the rows at or after `since` (ISO, UTC if naive) to a CSV; returns the row count."""
-    audit = Path(audit)
+    audit, out = Path(audit), Path(out)
     if not audit.is_file():
         raise FileNotFoundError(f"{audit}: no audit database (run `detector serve` first, or pass --audit)")
+    if any(_same_file(out, Path(f"{audit}{end}")) for end in ("", "-wal", "-shm", "-journal")):
+        # opening --out for writing would truncate the log of every verdict before a row is read
+        raise FileExistsError(f"{out}: is the audit database itself; give --out a new .csv path")
     db = sqlite3.connect(str(audit), timeout=30)
     try:
         sql, params = f"SELECT {', '.join(COLUMNS)} FROM verdicts", []
         if since:
             sql += " WHERE time >= ?"
             params.append(parse_time(since))
-        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         n = 0
         with open(out, "w", newline="", encoding="utf-8") as f:
@@ -107,6 +109,14 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
         db.close()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links or another spelling)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def main(args) -> int:
     """CLI entry: `detector audit export [--audit audit.sqlite] [--since T] --out audit.csv`."""
     if args.action != "export":
@@ -117,6 +127,9 @@ def main(args) -> int:
     except FileNotFoundError as e:
         print(f"detector audit: {e}", file=sys.stderr)
         return 1
+    except FileExistsError as e:
+        print(f"detector audit: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"detector audit: --since {args.since!r} is not an ISO date/time ({e})", file=sys.stderr)
         return 2

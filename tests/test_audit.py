@@ -63,3 +63,16 @@ def test_parse_time():
     assert parse_time("2026-11-28T10:00Z") == "2026-11-28T10:00:00.000+00:00"
     with pytest.raises(ValueError):
         parse_time("28/11/2026")
+
+
+def test_export_never_overwrites_the_log(log, tmp_path, monkeypatch, capsys):
+    # `--out audit.sqlite` truncated the database to a CSV header: every verdict's record gone
+    monkeypatch.chdir(tmp_path)
+    for out in ("audit.sqlite", "./sub/../audit.sqlite", "audit.sqlite-wal"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert audit.main(Namespace(action="export", audit="audit.sqlite", since=None, out=out)) == 2
+        assert "is the audit database itself" in capsys.readouterr().err
+    (tmp_path / "link.csv").symlink_to(tmp_path / "audit.sqlite")
+    with pytest.raises(FileExistsError):
+        export_csv(log.path, tmp_path / "link.csv")
+    assert log.count() == 3 and export_csv(log.path, tmp_path / "ok.csv") == 3
