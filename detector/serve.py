@@ -181,11 +181,16 @@ class Service:
             form, error = None, (f"send the scan as multipart/form-data with the file in field 'scan' (got "
                                  f"Content-Type {ctype.split(';')[0] or 'none'})")
         else:
+            # the upload counts against the deadline: a stalled one (link lost mid-body, no FIN) held its
+            # admission for good, and a few of them answered 429 to every truck after
+            left_s = max(0.0, self.cfg.deadline_ms / 1000.0 - (time.perf_counter() - t0))
             try:
-                form = await Request(request.scope, _limited(request.receive, self.max_bytes)).form(
-                    max_files=2, max_fields=4)
+                form = await asyncio.wait_for(Request(request.scope, _limited(request.receive, self.max_bytes)).form(
+                    max_files=2, max_fields=4), left_s)
             except UploadTooLarge:
                 raise
+            except asyncio.TimeoutError:
+                form, error = None, f"deadline of {self.cfg.deadline_ms:g} ms exceeded while receiving the upload"
             except Exception as e:
                 form, error = None, f"unreadable multipart form ({type(e).__name__}: {e})"
         if form is not None:

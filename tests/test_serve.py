@@ -375,3 +375,28 @@ def test_unpaired_surrogate_in_meta_is_audited_once(tmp_path):
         assert "surrogate" in r.json()["reason"] and "audit write failed" not in r.json()["reason"]
     assert svc.audit.count() == 2 and svc.metrics.audit_failures == 0
     assert svc.metrics.latency_count == 2 and svc.metrics.by_status == {"200": 2}
+
+
+def test_stalled_upload_frees_its_admission(tmp_path):
+    # an upload that stops mid-body (station link lost, no FIN) held its queue place for good: a few of
+    # them and every later truck got 429
+    from detector.serve import create_app
+    svc = _service(tmp_path, _FakeInspector(), concurrency=1, max_queue=1, deadline_ms=300)
+    head = (b'--B\r\nContent-Disposition: form-data; name="scan"; filename="a.npy"\r\n\r\n' + b"\0" * 100)
+
+    async def stalled():
+        yield head
+        await asyncio.sleep(30)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(svc))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            hdr = {"Content-Type": "multipart/form-data; boundary=B"}
+            stuck = [c.post("/v1/inspect", content=stalled(), headers=hdr) for _ in range(2)]
+            return await asyncio.wait_for(asyncio.gather(*stuck), 5)
+
+    for r in asyncio.run(run()):
+        assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
+        assert "exceeded while receiving the upload" in r.json()["reason"]
+    assert svc.admitted == 0 and svc.audit.count() == 2
+    assert asyncio.run(_burst(svc, 1))[0].status_code == 200
