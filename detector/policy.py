@@ -156,7 +156,7 @@ class Policy:
         if tier in self.thresholds:
             return tier, ""
         strict = self.strictest
-        return strict, f"unknown tier {tier!r} -> strictest tier {strict!r}; "
+        return strict, f"unknown tier {_short(tier)!r} -> strictest tier {strict!r}; "
 
     def forcing_flags(self, risk_flags: Iterable[str] | str | None) -> list[str]:
         flags = parse_flags(risk_flags)
@@ -177,7 +177,7 @@ class Policy:
         except ValueError as e:
             return Decision("INSPECT", thr, applied, f"{note}error: unreadable risk flags ({e})")
         if forcing:
-            return Decision("INSPECT", thr, applied, f"{note}risk flag {', '.join(forcing)} forces inspection")
+            return Decision("INSPECT", thr, applied, f"{note}risk flag {_short(', '.join(forcing))} forces inspection")
         if score is None or not isinstance(score, (int, float)) or not math.isfinite(score):
             return Decision("INSPECT", thr, applied, f"{note}error: no valid score ({score!r})")
         rate = self.tiers[applied]
@@ -216,6 +216,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:   # an unhashable key: the base class reports it
                 break
         return super().construct_mapping(node, deep=deep)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """Request text quoted in a reason, cut to `limit` characters: a reason is stored with every
+    verdict (audit row, results CSV) and a 1 MB tier name must not be, once per truck."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _known(d: dict, keys: tuple[str, ...], where: str, source: str) -> None:

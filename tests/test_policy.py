@@ -148,3 +148,12 @@ def test_duplicate_keys_refused(tmp_path):
     with pytest.raises(PolicyError, match="duplicate key 'default_tier'"):
         Policy.from_yaml(f)
     assert Policy.from_yaml(ROOT / "configs" / "policy.yaml").tiers["whitelist"] == 0.001
+
+
+def test_request_text_in_reasons_is_bounded(policy):
+    # a client's 1 MB tier name or flag was copied whole into the reason of the answer and audit row
+    d = policy.decide(policy.thresholds["high_risk"], "t" * 1_000_000)
+    assert d.tier == "high_risk" and d.decision == "INSPECT" and len(d.reason) < 400
+    assert d.reason.startswith("unknown tier '" + "t" * 80 + "...'")
+    f = policy.decide(0.0, "whitelist", ["x" * 1_000_000, "intel_hit"])
+    assert f.decision == "INSPECT" and len(f.reason) < 400
