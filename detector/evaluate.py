@@ -42,6 +42,7 @@ class Result:
     threshold: float | None
     regions: list
     error: str
+    row: int = 0   # its line in the results CSV
 
     @property
     def failed(self) -> bool:
@@ -92,16 +93,17 @@ def load_results(path: str | Path) -> list[Result]:
             except ValueError as e:   # a hand-edited or cut row: say which
                 raise ValueError(f"{path}: row {reader.line_num}: {e}") from None
             out.append(Result(r["path"], score, (r.get("decision") or "INSPECT").strip(), threshold, regions,
-                              (r.get("error") or "").strip()))
+                              (r.get("error") or "").strip(), reader.line_num))
     return out
 
 
 def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple[list[tuple[Result, Truth]], list[Result], list[Truth]]:
     """Pairs by resolved path (then by the truth's relative path as a path suffix);
-    also the results without truth and the truth without results."""
+    also the results without truth and the truth without results. Two rows for one scan raise ValueError:
+    a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
     by_path = {str(t.path): t for t in truth}
     by_rel = {Path(t.rel).as_posix(): t for t in truth}
-    pairs, orphans, used = [], [], set()
+    pairs, orphans, used = [], [], {}
     for r in results:
         p = Path(r.path)
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
@@ -109,10 +111,13 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         if t is None:
             parts = p.as_posix().split("/")
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
-        if t is None or id(t) in used:
+        if t is None:
             orphans.append(r)
             continue
-        used.add(id(t))
+        if id(t) in used:
+            raise ValueError(f"rows {used[id(t)]} and {r.row} both give a result for {t.rel} (two runs or models "
+                             "in one CSV?): keep one row per scan")
+        used[id(t)] = r.row
         pairs.append((r, t))
     return pairs, orphans, [t for t in truth if id(t) not in used]
 
@@ -150,7 +155,10 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(results_path)
     truth, truth_file = load_truth(truth_src)
-    pairs, orphans, missing = match(results, truth, Path(results_path).resolve().parent)
+    try:
+        pairs, orphans, missing = match(results, truth, Path(results_path).resolve().parent)
+    except ValueError as e:
+        raise ValueError(f"{results_path}: {e}") from None
     if not pairs:
         raise ValueError(f"no result in {results_path} matches a scan of {truth_file}")
     y = np.array([t.label for _, t in pairs])

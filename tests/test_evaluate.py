@@ -116,3 +116,13 @@ def test_a_damaged_results_row_is_named(tmp_path):
     res.write_text("\n".join([*lines[:3], ",".join(cells), *lines[4:]]) + "\n")
     with pytest.raises(ValueError, match=r"results\.csv: row 4: could not convert string to float: '0\.4x'"):
         evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+
+
+def test_two_rows_for_one_scan_are_refused(tmp_path):
+    data, res = _dataset(tmp_path)
+    lines = res.read_text().splitlines()
+    other = [ln.replace(",0.1,", ",0.97,") for ln in lines[1:]]    # another model's run appended to the CSV
+    res.write_text("\n".join(lines + other) + "\n")
+    with pytest.raises(ValueError, match=r"results\.csv: rows 2 and 9 both give a result for images/n0\.tiff"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 2
