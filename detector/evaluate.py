@@ -76,8 +76,8 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
 
 
 def load_results(path: str | Path) -> list[Result]:
-    """Rows of a results CSV written by `detector score`."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """Rows of a results CSV written by `detector score` (or saved again by a spreadsheet, byte-order mark and all)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"path", "score", "decision", "error"} - set(reader.fieldnames or [])
         if missing:

@@ -126,3 +126,9 @@ def test_two_rows_for_one_scan_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"results\.csv: rows 2 and 9 both give a result for images/n0\.tiff"):
         evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 2
+
+
+def test_a_results_csv_saved_by_a_spreadsheet_is_read(tmp_path):
+    data, res = _dataset(tmp_path)
+    res.write_bytes(b"\xef\xbb\xbf" + res.read_bytes())           # UTF-8 byte-order mark, as Excel saves it
+    assert evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)["overall"]["auroc"] == pytest.approx(11 / 12)
