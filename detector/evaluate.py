@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,8 @@ def load_results(path: str | Path) -> list[Result]:
 
 
 def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple[list[tuple[Result, Truth]], list[Result], list[Truth]]:
-    """Pairs by resolved path (then by the truth's relative path as a path suffix);
+    """Pairs by resolved path (then by the truth's relative path as a path suffix, either separator: a CSV scored
+    on a Windows station reads D:\\data\\images\\a.tiff);
     also the results without truth and the truth without results. Two rows for one scan raise ValueError:
     a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
     by_path = {str(t.path): t for t in truth}
@@ -109,7 +111,7 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
         t = next((by_path[str(c.resolve())] for c in cands if str(c.resolve()) in by_path), None)
         if t is None:
-            parts = p.as_posix().split("/")
+            parts = [q for q in re.split(r"[\\/]", r.path) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
         if t is None:
             orphans.append(r)

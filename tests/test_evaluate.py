@@ -132,3 +132,12 @@ def test_a_results_csv_saved_by_a_spreadsheet_is_read(tmp_path):
     data, res = _dataset(tmp_path)
     res.write_bytes(b"\xef\xbb\xbf" + res.read_bytes())           # UTF-8 byte-order mark, as Excel saves it
     assert evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)["overall"]["auroc"] == pytest.approx(11 / 12)
+
+
+def test_results_scored_on_a_windows_station_match(tmp_path):
+    data, res = _dataset(tmp_path)
+    text = res.read_text().replace(str((data / "images").resolve()) + "/", "D:\\station\\data\\images\\")
+    res.write_text(text)
+    assert "D:\\station\\data\\images\\a0.tiff" in text
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert (m["overall"]["n"], m["unmatched_results"]) == (7, 0) and m["overall"]["auroc"] == pytest.approx(11 / 12)
