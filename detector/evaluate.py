@@ -22,6 +22,7 @@ from detector.manifest import boxes_of, has_layout, label_of, layout_files, read
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
+OUTPUTS = ("metrics.json", "roc.png", "hist.png", "report.html")   # roc.png only with both classes
 
 
 @dataclass
@@ -227,6 +228,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         marks = [(row["achieved_rate"], row["detection_rate"], f"{row['false_alarm_rate']:.1%} FA")
                  for row in overall["detection_at_far"] if row["detection_rate"] is not None]
         images["roc"] = report.plot_roc(curves, out_dir / "roc.png", marks)
+    else:   # one class, no curve: an earlier run's roc.png in this folder would pass for this one's
+        (out_dir / "roc.png").unlink(missing_ok=True)
     thr = [r.threshold for r, _ in pairs if r.threshold is not None]
     lines = [(float(np.median(thr)), "model threshold")] if thr else []
     images["histogram"] = report.plot_histogram(s[(y == 0) & ~f], s[(y == 1) & ~f], out_dir / "hist.png", lines)
@@ -282,7 +285,8 @@ def main(args) -> int:
         auroc += f" (95% {ci[0]:.3f}-{ci[1]:.3f})"
     for note in o["notes"] + m["notes"]:
         print(f"note: {note}", file=sys.stderr)
+    files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
           f"AUROC {auroc}, detection {_pct(d1)} at 1% false alarms, localisation {_pct(m['localisation']['hit_rate'])} "
-          f"(IoU>=0.1) -> {args.out}/ (metrics.json, roc.png, hist.png, report.html)")
+          f"(IoU>=0.1) -> {args.out}/ ({files})")
     return 0

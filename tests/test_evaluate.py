@@ -141,3 +141,14 @@ def test_results_scored_on_a_windows_station_match(tmp_path):
     assert "D:\\station\\data\\images\\a0.tiff" in text
     m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
     assert (m["overall"]["n"], m["unmatched_results"]) == (7, 0) and m["overall"]["auroc"] == pytest.approx(11 / 12)
+
+
+def test_a_single_class_run_leaves_no_earlier_roc_behind(tmp_path, capsys):
+    data, res = _dataset(tmp_path)
+    out = tmp_path / "report"
+    evaluate.evaluate(res, data, out, thumbs=False)
+    assert (out / "roc.png").is_file()
+    res.write_text("\n".join(res.read_text().splitlines()[:5]) + "\n")   # the normal rows only: no ROC curve
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    assert not (out / "roc.png").exists()                                 # not the first run's curve
+    assert "(metrics.json, hist.png, report.html)" in capsys.readouterr().out
