@@ -196,7 +196,9 @@ def far_at_detection(labels, scores, target: float, failed=None) -> dict:
         return row
     need = int(math.ceil(target * anom.sum() - 1e-9)) - int((anom & f).sum())  # beyond failures
     ok = np.sort(s[anom & ~f])[::-1]
-    t = float(ok[need - 1]) if need > 0 else (float(np.nextafter(ok[0], np.inf)) if ok.size else 1.0)
+    # failures alone reach the target: above every scored scan, normal ones too (only failures alarm)
+    top = float(np.nextafter(s[~f].max(), np.inf)) if (~f).any() else 1.0
+    t = float(ok[need - 1]) if need > 0 else top
     det, far = rates_at(y, s, t, f)
     row.update(threshold=t, false_alarm_rate=far, achieved_detection=det)
     return row

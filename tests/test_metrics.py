@@ -141,3 +141,10 @@ def test_paired_difference_over_seeds_is_the_mean_of_the_pairs():
     assert pooled["high"] < first["high"]
     with pytest.raises(ValueError, match="seed rows 2, 1"):
         paired_difference(y, [a0, a1], [b0], auroc)
+
+
+def test_far_at_detection_reached_by_failures_alone_flags_no_scored_normal():
+    # 9 of 10 anomalies failed (INSPECT whatever the threshold): 90 % detection needs no threshold at all
+    y, s, f = [0, 0, 0] + [1] * 10, [0.1, 0.2, 0.9] + [0.0] * 9 + [0.3], [False] * 3 + [True] * 9 + [False]
+    row = M.far_at_detection(y, s, 0.9, f)
+    assert row["false_alarm_rate"] == 0.0 and row["threshold"] > 0.9 and row["achieved_detection"] == 0.9
