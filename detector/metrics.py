@@ -269,6 +269,11 @@ def summary(labels, scores, failed=None, decisions: Sequence[str] | None = None)
         if n_norm and not row["resolvable"]:
             out["notes"].append(f"{n_norm} normal scans cannot resolve a {row['false_alarm_rate']:.1%} "
                                 "false-alarm rate (fewer than one alarm allowed)")
+        if row["achieved_rate"] is not None and row["achieved_rate"] > row["false_alarm_rate"]:
+            top = int(((y == 0) & ~f & (s >= 1.0)).sum())   # the calibration caps thresholds at 1.0
+            out["notes"].append(f"detection at {row['false_alarm_rate']:.1%} false alarms is measured at "
+                                f"{row['achieved_rate']:.2%}: {top} normal scans score 1.0, which no threshold "
+                                "releases")
     if decisions is not None:
         flagged = np.asarray([d != "RELEASE" for d in decisions]) | f  # fail-closed
         out["decisions"] = {
