@@ -77,6 +77,20 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
     raise FileNotFoundError(f"{src}: no manifest.csv and no normal/ + anomalous/ folders")
 
 
+def _regions(text: str | None) -> list:
+    """A regions cell: a JSON list of {"box": [x0, y0, x1, y1], "score": s} ([] when empty). Anything else (a hand-edited
+    cell, another tool's format) raises ValueError here rather than a TypeError deep in the localisation."""
+    if not _none(text):
+        return []
+    regions = json.loads(text)
+    number = lambda v: isinstance(v, (int, float))  # noqa: E731
+    if not (isinstance(regions, list) and all(
+            isinstance(r, dict) and isinstance(r.get("box"), list) and len(r["box"]) == 4 and all(map(number, r["box"]))
+            and number(r.get("score")) for r in regions)):
+        raise ValueError(f"regions {text[:60]!r} is not a JSON list of {{\"box\": [x0, y0, x1, y1], \"score\": s}}")
+    return regions
+
+
 def load_results(path: str | Path) -> list[Result]:
     """Rows of a results CSV written by `detector score` (or saved again by a spreadsheet, byte-order mark and all)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -91,7 +105,7 @@ def load_results(path: str | Path) -> list[Result]:
             try:
                 score = float(r["score"]) if _none(r.get("score")) else float("nan")
                 threshold = float(r["threshold"]) if _none(r.get("threshold")) else None
-                regions = json.loads(r["regions"]) if _none(r.get("regions")) else []
+                regions = _regions(r.get("regions"))
             except ValueError as e:   # a hand-edited or cut row: say which
                 raise ValueError(f"{path}: row {reader.line_num}: {e}") from None
             out.append(Result(r["path"], score, (r.get("decision") or "INSPECT").strip(), threshold, regions,

@@ -152,3 +152,15 @@ def test_a_single_class_run_leaves_no_earlier_roc_behind(tmp_path, capsys):
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
     assert not (out / "roc.png").exists()                                 # not the first run's curve
     assert "(metrics.json, hist.png, report.html)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell", ['{"box": [0, 0, 10, 10], "score": 0.5}', '[[0, 0, 10, 10]]', '[{"box": [0, 0, 10]}]'])
+def test_a_regions_cell_of_another_shape_is_named(tmp_path, cell):
+    data, res = _dataset(tmp_path)
+    with open(res, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[6][4] = cell                                       # a1, a detected anomaly with a true box
+    with open(res, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(ValueError, match=r"results\.csv: row 7: regions .* is not a JSON list of"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
