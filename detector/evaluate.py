@@ -190,7 +190,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if missing:
         notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out")
     if f.any():
-        notes.append(f"{int(f.sum())} scans failed to score: counted as INSPECT (fail-closed)")
+        fa, fn = int((f & (y == 1)).sum()), int((f & (y == 0)).sum())
+        notes.append(f"{int(f.sum())} scans failed to score: counted as INSPECT (fail-closed), so {fa} of the "
+                     f"detections and {fn} of the false alarms are failures, not scores")
 
     # operating threshold of the 1% false-alarm point, applied per group
     t1 = overall["detection_at_far"][0]["threshold"]

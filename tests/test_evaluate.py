@@ -80,6 +80,8 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
     m = evaluate.evaluate(res, data / "manifest.csv", tmp_path / "r1", thumbs=False)
     assert "Failed scans (2, counted as INSPECT)" in (tmp_path / "r1" / "report.html").read_text()
     assert m["overall"]["n_failed"] == 2 and {f["error"] for f in m["failures"]} == {"truncated TIFF"}
+    assert ("2 scans failed to score: counted as INSPECT (fail-closed), so 1 of the detections and 1 of the false "
+            "alarms are failures, not scores") in m["notes"]
     lo, hi = m["overall"]["intervals"]["auroc"]     # around the fail-closed figure, not the scored rows' alone
     assert lo <= m["overall"]["auroc"] <= hi
     assert m["overall"]["detection_at_far"][0]["detection_rate"] is None   # 4 normals, one failed: no 1 % point
