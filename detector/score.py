@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -236,13 +236,11 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
     --overlays on their own folder) keep their whole name (a.tiff.png): one truck's overlay never replaces
     another's, nor a scan. Chosen among all of a run's items, so a resumed run names them as the first did."""
     root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
-    short = {i.path: overlays / _overlay_name(i.path, root) for i in items}
-    inputs = {i.path.resolve() for i in items}
-    seen: dict[Path, int] = {}
-    for dest in short.values():
-        seen[dest.resolve()] = seen.get(dest.resolve(), 0) + 1
-    return {p: d.with_name(p.name + ".png") if seen[d.resolve()] > 1 or d.resolve() in inputs else d
-            for p, d in short.items()}
+    where = overlays.resolve()   # item paths are resolved (discover): compare like with like
+    short = {i.path: where / _overlay_name(i.path, root) for i in items}
+    inputs = {i.path for i in items}
+    seen = Counter(short.values())
+    return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
 
 
 def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
