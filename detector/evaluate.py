@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from detector.manifest import boxes_of, has_layout, label_of, layout_files, read
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
+OUTPUTS = ("metrics.json", "roc.png", "hist.png", "report.html")   # roc.png only with both classes
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Result:
     threshold: float | None
     regions: list
     error: str
+    row: int = 0   # its line in the results CSV
 
     @property
     def failed(self) -> bool:
@@ -74,9 +77,23 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
     raise FileNotFoundError(f"{src}: no manifest.csv and no normal/ + anomalous/ folders")
 
 
+def _regions(text: str | None) -> list:
+    """A regions cell: a JSON list of {"box": [x0, y0, x1, y1], "score": s} ([] when empty). Anything else (a hand-edited
+    cell, another tool's format) raises ValueError here rather than a TypeError deep in the localisation."""
+    if not _none(text):
+        return []
+    regions = json.loads(text)
+    number = lambda v: isinstance(v, (int, float))  # noqa: E731
+    if not (isinstance(regions, list) and all(
+            isinstance(r, dict) and isinstance(r.get("box"), list) and len(r["box"]) == 4 and all(map(number, r["box"]))
+            and number(r.get("score")) for r in regions)):
+        raise ValueError(f"regions {text[:60]!r} is not a JSON list of {{\"box\": [x0, y0, x1, y1], \"score\": s}}")
+    return regions
+
+
 def load_results(path: str | Path) -> list[Result]:
-    """Rows of a results CSV written by `detector score`."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """Rows of a results CSV written by `detector score` (or saved again by a spreadsheet, byte-order mark and all)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"path", "score", "decision", "error"} - set(reader.fieldnames or [])
         if missing:
@@ -88,31 +105,36 @@ def load_results(path: str | Path) -> list[Result]:
             try:
                 score = float(r["score"]) if _none(r.get("score")) else float("nan")
                 threshold = float(r["threshold"]) if _none(r.get("threshold")) else None
-                regions = json.loads(r["regions"]) if _none(r.get("regions")) else []
+                regions = _regions(r.get("regions"))
             except ValueError as e:   # a hand-edited or cut row: say which
                 raise ValueError(f"{path}: row {reader.line_num}: {e}") from None
             out.append(Result(r["path"], score, (r.get("decision") or "INSPECT").strip(), threshold, regions,
-                              (r.get("error") or "").strip()))
+                              (r.get("error") or "").strip(), reader.line_num))
     return out
 
 
 def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple[list[tuple[Result, Truth]], list[Result], list[Truth]]:
-    """Pairs by resolved path (then by the truth's relative path as a path suffix);
-    also the results without truth and the truth without results."""
+    """Pairs by resolved path (then by the truth's relative path as a path suffix, either separator: a CSV scored
+    on a Windows station reads D:\\data\\images\\a.tiff);
+    also the results without truth and the truth without results. Two rows for one scan raise ValueError:
+    a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
     by_path = {str(t.path): t for t in truth}
     by_rel = {Path(t.rel).as_posix(): t for t in truth}
-    pairs, orphans, used = [], [], set()
+    pairs, orphans, used = [], [], {}
     for r in results:
         p = Path(r.path)
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
         t = next((by_path[str(c.resolve())] for c in cands if str(c.resolve()) in by_path), None)
         if t is None:
-            parts = p.as_posix().split("/")
+            parts = [q for q in re.split(r"[\\/]", r.path) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
-        if t is None or id(t) in used:
+        if t is None:
             orphans.append(r)
             continue
-        used.add(id(t))
+        if id(t) in used:
+            raise ValueError(f"rows {used[id(t)]} and {r.row} both give a result for {t.rel} (two runs or models "
+                             "in one CSV?): keep one row per scan")
+        used[id(t)] = r.row
         pairs.append((r, t))
     return pairs, orphans, [t for t in truth if id(t) not in used]
 
@@ -150,7 +172,10 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(results_path)
     truth, truth_file = load_truth(truth_src)
-    pairs, orphans, missing = match(results, truth, Path(results_path).resolve().parent)
+    try:
+        pairs, orphans, missing = match(results, truth, Path(results_path).resolve().parent)
+    except ValueError as e:
+        raise ValueError(f"{results_path}: {e}") from None
     if not pairs:
         raise ValueError(f"no result in {results_path} matches a scan of {truth_file}")
     y = np.array([t.label for _, t in pairs])
@@ -165,7 +190,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if missing:
         notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out")
     if f.any():
-        notes.append(f"{int(f.sum())} scans failed to score: counted as INSPECT (fail-closed)")
+        fa, fn = int((f & (y == 1)).sum()), int((f & (y == 0)).sum())
+        notes.append(f"{int(f.sum())} scans failed to score: counted as INSPECT (fail-closed), so {fa} of the "
+                     f"detections and {fn} of the false alarms are failures, not scores")
 
     # operating threshold of the 1% false-alarm point, applied per group
     t1 = overall["detection_at_far"][0]["threshold"]
@@ -217,6 +244,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         marks = [(row["achieved_rate"], row["detection_rate"], f"{row['false_alarm_rate']:.1%} FA")
                  for row in overall["detection_at_far"] if row["detection_rate"] is not None]
         images["roc"] = report.plot_roc(curves, out_dir / "roc.png", marks)
+    else:   # one class, no curve: an earlier run's roc.png in this folder would pass for this one's
+        (out_dir / "roc.png").unlink(missing_ok=True)
     thr = [r.threshold for r, _ in pairs if r.threshold is not None]
     lines = [(float(np.median(thr)), "model threshold")] if thr else []
     images["histogram"] = report.plot_histogram(s[(y == 0) & ~f], s[(y == 1) & ~f], out_dir / "hist.png", lines)
@@ -272,7 +301,8 @@ def main(args) -> int:
         auroc += f" (95% {ci[0]:.3f}-{ci[1]:.3f})"
     for note in o["notes"] + m["notes"]:
         print(f"note: {note}", file=sys.stderr)
+    files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
           f"AUROC {auroc}, detection {_pct(d1)} at 1% false alarms, localisation {_pct(m['localisation']['hit_rate'])} "
-          f"(IoU>=0.1) -> {args.out}/ (metrics.json, roc.png, hist.png, report.html)")
+          f"(IoU>=0.1) -> {args.out}/ ({files})")
     return 0

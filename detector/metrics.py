@@ -196,7 +196,9 @@ def far_at_detection(labels, scores, target: float, failed=None) -> dict:
         return row
     need = int(math.ceil(target * anom.sum() - 1e-9)) - int((anom & f).sum())  # beyond failures
     ok = np.sort(s[anom & ~f])[::-1]
-    t = float(ok[need - 1]) if need > 0 else (float(np.nextafter(ok[0], np.inf)) if ok.size else 1.0)
+    # failures alone reach the target: above every scored scan, normal ones too (only failures alarm)
+    top = float(np.nextafter(s[~f].max(), np.inf)) if (~f).any() else 1.0
+    t = float(ok[need - 1]) if need > 0 else top
     det, far = rates_at(y, s, t, f)
     row.update(threshold=t, false_alarm_rate=far, achieved_detection=det)
     return row
@@ -267,6 +269,11 @@ def summary(labels, scores, failed=None, decisions: Sequence[str] | None = None)
         if n_norm and not row["resolvable"]:
             out["notes"].append(f"{n_norm} normal scans cannot resolve a {row['false_alarm_rate']:.1%} "
                                 "false-alarm rate (fewer than one alarm allowed)")
+        if row["achieved_rate"] is not None and row["achieved_rate"] > row["false_alarm_rate"]:
+            top = int(((y == 0) & ~f & (s >= 1.0)).sum())   # the calibration caps thresholds at 1.0
+            out["notes"].append(f"detection at {row['false_alarm_rate']:.1%} false alarms is measured at "
+                                f"{row['achieved_rate']:.2%}: {top} normal scans score 1.0, which no threshold "
+                                "releases")
     if decisions is not None:
         flagged = np.asarray([d != "RELEASE" for d in decisions]) | f  # fail-closed
         out["decisions"] = {

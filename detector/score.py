@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -230,6 +230,19 @@ def _overlay_name(path: Path, root: Path | None) -> Path:
     return rel.with_suffix(".png")
 
 
+def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
+    """Overlay PNG of each scan: its path below the scans' common folder, .png for its suffix (x/a.tiff ->
+    overlays/x/a.png). Scans whose PNG would be one file (a.tiff and a.npy) or an input scan itself (PNG scans with
+    --overlays on their own folder) keep their whole name (a.tiff.png): one truck's overlay never replaces
+    another's, nor a scan. Chosen among all of a run's items, so a resumed run names them as the first did."""
+    root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
+    where = overlays.resolve()   # item paths are resolved (discover): compare like with like
+    short = {i.path: where / _overlay_name(i.path, root) for i in items}
+    inputs = {i.path for i in items}
+    seen = Counter(short.values())
+    return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
+
+
 def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
     """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run)."""
     from detector import report
@@ -264,9 +277,10 @@ class Counts:
 def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None = None,
                 overlays: Path | None = None, overlays_flagged: bool = False, policy=None,
                 threshold: float | None = None, workers: int = 2, progress: bool = True,
-                on_row: Callable[[dict], None] | None = None) -> Counts:
+                on_row: Callable[[dict], None] | None = None, run_items: list[Item] | None = None) -> Counts:
     """Score items in order, appending one row per item to `out` (and `jsonl`), as they finish. Routing is
-    `policy`'s, else the built-in one at `threshold` (else the inspector's): a risk flag forces INSPECT."""
+    `policy`'s, else the built-in one at `threshold` (else the inspector's): a risk flag forces INSPECT.
+    Overlay names are chosen among `run_items` (all of the run's files, when `items` is what a resume has left)."""
     from tqdm import tqdm
     if policy is None:
         policy = _load_policy(None, inspector)
@@ -275,7 +289,7 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
     elif threshold is not None:
         raise ValueError("score_items: give a policy or a threshold, not both (the policy's tiers set it)")
     counts = Counts()
-    root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
+    names = overlay_paths(run_items or items, overlays) if overlays else {}
     files = ExitStack()
     f = files.enter_context(_open_append(out, COLUMNS))
     writer = csv.writer(f)
@@ -335,7 +349,7 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             elif overlays and (row["decision"] != "RELEASE" or not overlays_flagged):
                 while len(drawing) >= 2:  # bound the scans waiting to be drawn
                     _note(counts, drawing.popleft().result())
-                drawing.append(painter.submit(_write_overlay, overlays / _overlay_name(item.path, root),
+                drawing.append(painter.submit(_write_overlay, names[item.path],
                                               scan, verdict, row["decision"], thr))
             if on_row:
                 on_row(row)
@@ -413,7 +427,7 @@ def main(args) -> int:
     with summarised_scan_warnings(converted.append):
         c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
                         overlays=Path(args.overlays) if args.overlays else None,
-                        overlays_flagged=args.overlays_flagged, policy=policy, workers=workers)
+                        overlays_flagged=args.overlays_flagged, policy=policy, workers=workers, run_items=items)
     dt = time.perf_counter() - t0
     for line in converted:
         print(f"warning: {line}", file=sys.stderr)

@@ -80,6 +80,8 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
     m = evaluate.evaluate(res, data / "manifest.csv", tmp_path / "r1", thumbs=False)
     assert "Failed scans (2, counted as INSPECT)" in (tmp_path / "r1" / "report.html").read_text()
     assert m["overall"]["n_failed"] == 2 and {f["error"] for f in m["failures"]} == {"truncated TIFF"}
+    assert ("2 scans failed to score: counted as INSPECT (fail-closed), so 1 of the detections and 1 of the false "
+            "alarms are failures, not scores") in m["notes"]
     lo, hi = m["overall"]["intervals"]["auroc"]     # around the fail-closed figure, not the scored rows' alone
     assert lo <= m["overall"]["auroc"] <= hi
     assert m["overall"]["detection_at_far"][0]["detection_rate"] is None   # 4 normals, one failed: no 1 % point
@@ -115,4 +117,52 @@ def test_a_damaged_results_row_is_named(tmp_path):
     cells[1] = "0.4x"                                   # the score cell of the third result row
     res.write_text("\n".join([*lines[:3], ",".join(cells), *lines[4:]]) + "\n")
     with pytest.raises(ValueError, match=r"results\.csv: row 4: could not convert string to float: '0\.4x'"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+
+
+def test_two_rows_for_one_scan_are_refused(tmp_path):
+    data, res = _dataset(tmp_path)
+    lines = res.read_text().splitlines()
+    other = [ln.replace(",0.1,", ",0.97,") for ln in lines[1:]]    # another model's run appended to the CSV
+    res.write_text("\n".join(lines + other) + "\n")
+    with pytest.raises(ValueError, match=r"results\.csv: rows 2 and 9 both give a result for images/n0\.tiff"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 2
+
+
+def test_a_results_csv_saved_by_a_spreadsheet_is_read(tmp_path):
+    data, res = _dataset(tmp_path)
+    res.write_bytes(b"\xef\xbb\xbf" + res.read_bytes())           # UTF-8 byte-order mark, as Excel saves it
+    assert evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)["overall"]["auroc"] == pytest.approx(11 / 12)
+
+
+def test_results_scored_on_a_windows_station_match(tmp_path):
+    data, res = _dataset(tmp_path)
+    text = res.read_text().replace(str((data / "images").resolve()) + "/", "D:\\station\\data\\images\\")
+    res.write_text(text)
+    assert "D:\\station\\data\\images\\a0.tiff" in text
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert (m["overall"]["n"], m["unmatched_results"]) == (7, 0) and m["overall"]["auroc"] == pytest.approx(11 / 12)
+
+
+def test_a_single_class_run_leaves_no_earlier_roc_behind(tmp_path, capsys):
+    data, res = _dataset(tmp_path)
+    out = tmp_path / "report"
+    evaluate.evaluate(res, data, out, thumbs=False)
+    assert (out / "roc.png").is_file()
+    res.write_text("\n".join(res.read_text().splitlines()[:5]) + "\n")   # the normal rows only: no ROC curve
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    assert not (out / "roc.png").exists()                                 # not the first run's curve
+    assert "(metrics.json, hist.png, report.html)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell", ['{"box": [0, 0, 10, 10], "score": 0.5}', '[[0, 0, 10, 10]]', '[{"box": [0, 0, 10]}]'])
+def test_a_regions_cell_of_another_shape_is_named(tmp_path, cell):
+    data, res = _dataset(tmp_path)
+    with open(res, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[6][4] = cell                                       # a1, a detected anomaly with a true box
+    with open(res, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(ValueError, match=r"results\.csv: row 7: regions .* is not a JSON list of"):
         evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)

@@ -141,3 +141,22 @@ def test_paired_difference_over_seeds_is_the_mean_of_the_pairs():
     assert pooled["high"] < first["high"]
     with pytest.raises(ValueError, match="seed rows 2, 1"):
         paired_difference(y, [a0, a1], [b0], auroc)
+
+
+def test_far_at_detection_reached_by_failures_alone_flags_no_scored_normal():
+    # 9 of 10 anomalies failed (INSPECT whatever the threshold): 90 % detection needs no threshold at all
+    y, s, f = [0, 0, 0] + [1] * 10, [0.1, 0.2, 0.9] + [0.0] * 9 + [0.3], [False] * 3 + [True] * 9 + [False]
+    row = M.far_at_detection(y, s, 0.9, f)
+    assert row["false_alarm_rate"] == 0.0 and row["threshold"] > 0.9 and row["achieved_detection"] == 0.9
+
+
+def test_a_target_missed_by_saturated_normal_scores_is_said():
+    # 3 of 200 normals score 1.0: the capped threshold (1.0) inspects them, 1.5 % instead of 1 %
+    y = [0] * 200 + [1] * 10
+    s = list(np.linspace(0, 0.9, 197)) + [1.0] * 3 + [1.0] * 4 + [0.5] * 6
+    out = M.summary(y, s)
+    row = out["detection_at_far"][0]
+    assert row["threshold"] == 1.0 and row["achieved_rate"] == 0.015 and row["detection_rate"] == 0.4
+    assert "detection at 1.0% false alarms is measured at 1.50%: 3 normal scans score 1.0, which no threshold " \
+           "releases" in out["notes"]
+    assert not any("measured at" in n for n in M.summary(Y, S)["notes"])   # no note where the target is met

@@ -326,3 +326,33 @@ def test_resuming_with_another_model_or_threshold_is_refused(tmp_path, heuristic
     assert score.main(_args(d, heuristic_model, out)) == 0 and len(_rows(out)) == 2   # the same routing resumes
     assert score.main(_args(d, heuristic_model, out, threshold=0.01, no_resume=True)) == 0
     assert {r["threshold"] for r in _rows(out).values()} == {"0.010000"}
+
+
+def test_overlays_never_replace_one_another_nor_a_scan(tmp_path, heuristic_model_1ch):
+    import cv2
+    from conftest import write_test_scan
+    d = tmp_path / "scans"
+    write_test_scan(d / "a.tiff", channels=1, seed=1)               # released
+    write_test_scan(d / "a.npy", channels=1, dense=True, seed=2)    # inspected: same stem, other suffix
+    write_test_scan(d / "p.png", channels=1, dense=True, seed=3)
+    scan_png = (d / "p.png").read_bytes()
+    assert score.main(_args(d, heuristic_model_1ch, tmp_path / "r.csv", overlays=str(d))) == 0  # overlays beside scans
+    assert (d / "p.png").read_bytes() == scan_png                   # the scan itself is left alone
+    assert sorted(p.name for p in d.glob("*.*.png")) == ["a.npy.png", "a.tiff.png", "p.png.png"]
+    assert not (d / "a.png").exists()
+    banner = {name: cv2.imread(str(d / name))[5, 300] for name in ("a.npy.png", "a.tiff.png")}
+    assert banner["a.npy.png"][2] > 150 > banner["a.tiff.png"][2]  # each banner on its own truck: red = INSPECT
+
+
+def test_a_resumed_run_names_overlays_as_the_first(tmp_path, heuristic_model, normal_scan_path, anomalous_scan_path):
+    d, ov, out = tmp_path / "scans", tmp_path / "ov", tmp_path / "r.csv"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(normal_scan_path, d / "t.tiff")
+    shutil.copy(anomalous_scan_path, d / "sub" / "t.tiff")
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0
+    first = (ov / "t.png").read_bytes()
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(ln for ln in lines if "/sub/" not in ln) + "\n")   # as if stopped before sub/t.tiff
+    (ov / "sub" / "t.png").unlink()
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0  # resumes with sub/t.tiff alone
+    assert (ov / "sub" / "t.png").is_file() and (ov / "t.png").read_bytes() == first
