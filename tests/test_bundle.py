@@ -87,3 +87,16 @@ def test_attach_replaces_and_refuses_invalid(heuristic_model):
     assert len(props) == 1 and json.loads(props[0].value)["default_false_alarm_rate"] == 0.005
     with pytest.raises(BundleError, match="missing field"):
         attach_metadata(m, make_metadata(channels=2))
+
+
+@pytest.mark.parametrize("key, value", [("clip_max", -1.0), ("scale", -4.0), ("scale", 0), ("pad_multiple", 0),
+                                        ("pad_multiple", 32.5), ("model_pitch_mm", 0), ("scale", "4"),
+                                        ("repair_rows", "no")])
+def test_preprocessing_constants_are_checked(heuristic_model, tmp_path, key, value):
+    """clip_max or scale <= 0 turned every scan into air and released every truck; 0 pitch or pad crashed later."""
+    from detector.runtime import Inspector
+
+    meta = read_metadata(heuristic_model)
+    meta["preprocessing"][key] = value
+    with pytest.raises(BundleError, match=f"preprocessing {key}"):
+        Inspector(_with_props(heuristic_model, tmp_path / "p.onnx", json.dumps(meta)), threads=1)
