@@ -28,6 +28,7 @@ from detector.scan import Scan, ScanError, read_scan, read_scan_bytes, scan_from
 
 Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
 EPS = 1e-6
+OUT_TOL = 1e-3  # model outputs may stray this far outside [0, 1] (quantisation)
 
 
 class InspectionError(RuntimeError):
@@ -128,7 +129,10 @@ class Inspector:
         self.max_width = max(2 * self.tile_overlap, int(max_width) // m * m)
         if warmup:  # a typical 640x2400 px scan at 5 mm: the first real call then runs at full speed
             h, w = (-(-v // m) * m for v in (320, min(1216, self.max_width)))
-            self._run(np.zeros((self.channels, h, w), np.float32), None)
+            try:
+                self._run(np.zeros((self.channels, h, w), np.float32), None)
+            except InspectionError as e:
+                raise BundleError(self.path, f"warm-up run: {e}") from None
 
     def _check_graph(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -202,8 +206,6 @@ class Inspector:
         t3 = time.perf_counter()
         timings["infer"] = (t3 - t2) * 1000.0
         _check_deadline(deadline, t0, "inference")
-        if not math.isfinite(score) or not np.isfinite(heatmap).all():
-            raise InspectionError(f"model produced a non-finite output for {scan.source or '<scan>'}")
         hv, wv = valid_cells(*prepared.valid_hw, self.stride)
         heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
@@ -237,7 +239,22 @@ class Inspector:
             if run_options is not None and run_options.terminate:
                 raise InspectionError("deadline exceeded during inference (run terminated)") from None
             raise InspectionError(f"model run failed on input {tuple(x.shape)}: {str(e).splitlines()[0][:200]}") from None
-        return heatmap[0, 0], float(score[0])
+        self._check_outputs(heatmap, score, x.shape)
+        return heatmap[0, 0], min(max(float(score[0]), 0.0), 1.0)
+
+    def _check_outputs(self, heatmap: np.ndarray, score: np.ndarray, x_shape: tuple) -> None:
+        """The bundle contract: heatmap (1, 1, H/stride, W/stride) and score (1,), finite, in [0, 1]. Another
+        stride than the metadata's put regions in the wrong place; logits instead of probabilities routed on
+        the wrong scale (a logit of 0.3 is RELEASE at threshold 0.4, yet its probability is 0.57)."""
+        want = (1, 1, x_shape[-2] // self.stride, x_shape[-1] // self.stride)
+        if heatmap.shape != want or score.shape != (1,):
+            raise InspectionError(f"model outputs heatmap {heatmap.shape} and score {score.shape} for input "
+                                  f"{(1, *x_shape)}; the bundle (stride {self.stride}) needs {want} and (1,)")
+        if not (np.isfinite(score).all() and np.isfinite(heatmap).all()):
+            raise InspectionError("model produced a non-finite output")
+        lo, hi = min(float(heatmap.min()), float(score[0])), max(float(heatmap.max()), float(score[0]))
+        if lo < -OUT_TOL or hi > 1.0 + OUT_TOL:   # the tolerance: an INT8 sigmoid dequantises a hair past 1
+            raise InspectionError(f"model outputs values in [{lo:.3g}, {hi:.3g}], not probabilities in [0, 1]")
 
     def _infer(self, x: np.ndarray, deadline: float | None, t0: float) -> tuple[np.ndarray, float]:
         """Whole scan in one run, or width tiles with overlap stitched by max (bounded memory)."""

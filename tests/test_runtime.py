@@ -164,3 +164,51 @@ def test_regions_are_ranked_and_capped(tmp_path, heuristic_model):
     assert v.regions[0].box[0] > 500 and v.regions[1].box[0] < 200
     capped = Inspector(heuristic_model, threads=1, max_regions=1, warmup=False).inspect(path)
     assert [r.box for r in capped.regions] == [v.regions[0].box]
+
+
+def _edited(src, dst, graph=None, meta=None):
+    """Copy of a bundle with its graph and/or its detector metadata changed in place by the given functions."""
+    import onnx
+
+    m = onnx.load(str(src))
+    if graph:
+        graph(m.graph)
+    for p in m.metadata_props:
+        if p.key == "detector" and meta:
+            d = json.loads(p.value)
+            meta(d)
+            p.value = json.dumps(d)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_outputs_off_the_contract_are_refused(heuristic_model, tmp_path, anomalous_scan_path, normal_scan_path):
+    """Logits instead of probabilities routed on the wrong scale (-5 < 0.4: RELEASE); a stride other than
+    the metadata's put every region in the wrong place; a scalar score crashed with an IndexError; NaN stays
+    refused (now at load too)."""
+    def logits(g):
+        next(n for n in g.node if n.op_type == "Sigmoid").op_type = "Identity"
+
+    def log_of_negative(g):
+        next(n for n in g.node if n.op_type == "Sigmoid").op_type = "Log"
+
+    def scalar_score(g):
+        next(n for n in g.node if n.op_type == "ReduceMax").input[1] = "ax0123"
+        g.initializer.append(onnx.helper.make_tensor("ax0123", onnx.TensorProto.INT64, [4], [0, 1, 2, 3]))
+
+    import onnx
+
+    cases = {"logits": (dict(graph=logits), r"not probabilities in \[0, 1\]"),
+             "stride": (dict(meta=lambda d: d.update(stride=16)), r"the bundle \(stride 16\) needs"),
+             "scalar": (dict(graph=scalar_score), r"score \(\)"),
+             "nan": (dict(graph=log_of_negative), "non-finite output")}
+    for name, (edit, message) in cases.items():
+        path = _edited(heuristic_model, tmp_path / f"{name}.onnx", **edit)
+        with pytest.raises(BundleError, match="warm-up run: .*" + message):
+            Inspector(path, threads=1)
+        lazy = Inspector(path, threads=1, warmup=False)
+        with pytest.raises(InspectionError, match=message):
+            lazy.inspect(anomalous_scan_path)
+        for src in (normal_scan_path, anomalous_scan_path):
+            v = lazy.inspect_safe(src)
+            assert v.decision == "INSPECT" and v.reason.startswith("fail-closed") and np.isnan(v.score), (name, v.reason)
