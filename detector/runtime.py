@@ -161,9 +161,8 @@ class Inspector:
                      threshold: float | None = None) -> Verdict:
         """Fail-closed inspect: any error or a deadline overrun gives INSPECT with the reason; never raises."""
         t0 = time.perf_counter()
-        deadline = None if deadline_ms is None else t0 + deadline_ms / 1000.0
         try:
-            return self._inspect(src, threshold, deadline=deadline, t0=t0)
+            return self._inspect(src, threshold, deadline=_deadline(t0, deadline_ms), t0=t0)
         except Exception as e:  # fail closed: the truck goes to manual inspection
             reason = str(e) if isinstance(e, (ScanError, BundleError, InspectionError)) else f"{type(e).__name__}: {e}"
             try:
@@ -308,6 +307,20 @@ def valid_threshold(t: Any) -> float:
     if not 0.0 <= t <= 1.0:
         raise InspectionError(f"threshold must be a number in [0, 1] (scores lie in [0, 1]), got {t}")
     return t
+
+
+def _deadline(t0: float, deadline_ms: Any) -> float | None:
+    """perf_counter time by which a call must end; None: no deadline (None or +inf). A NaN deadline (which
+    never compared as passed yet fired the inference timer at once) or a non-number is an InspectionError."""
+    if deadline_ms is None:
+        return None
+    try:
+        ms = float(deadline_ms)
+    except (TypeError, ValueError):
+        ms = float("nan")
+    if math.isnan(ms) or isinstance(deadline_ms, (bool, str, bytes)):
+        raise InspectionError(f"deadline_ms must be a number of milliseconds, got {deadline_ms!r}")
+    return None if ms == math.inf else t0 + ms / 1000.0
 
 
 def _terminate(opts: ort.RunOptions) -> None:

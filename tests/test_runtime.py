@@ -212,3 +212,19 @@ def test_outputs_off_the_contract_are_refused(heuristic_model, tmp_path, anomalo
         for src in (normal_scan_path, anomalous_scan_path):
             v = lazy.inspect_safe(src)
             assert v.decision == "INSPECT" and v.reason.startswith("fail-closed") and np.isnan(v.score), (name, v.reason)
+
+
+def test_deadline_values_that_are_not_a_time(inspector, anomalous_scan_path, monkeypatch):
+    """A string deadline raised TypeError out of inspect_safe; NaN raced a timer fired at once; inf crashed the
+    timer thread with an OverflowError traceback. Non-numbers now INSPECT with the reason; inf is no deadline."""
+    import threading
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    for bad in ("500", float("nan"), [500], True):
+        v = inspector.inspect_safe(anomalous_scan_path, deadline_ms=bad)
+        assert v.decision == "INSPECT" and "deadline_ms must be a number" in v.reason, (bad, v.reason)
+    v = inspector.inspect_safe(anomalous_scan_path, deadline_ms=float("inf"))
+    assert v.decision == "INSPECT" and v.reason.startswith("score") and not v.error
+    time.sleep(0.05)
+    assert not crashed
