@@ -89,6 +89,20 @@ def test_parity_failure_is_loud(exported):
         parity_check(other, out, 2, Preprocessing(), log=lambda s: None)
 
 
+def test_parity_check_does_not_drop_a_nan(exported, model):
+    """max(0.0, nan) is 0.0: a NaN difference used to pass as parity 0.0 and the export went ahead."""
+    out, _, _ = exported
+
+    def nan_cell(x):
+        heatmap, score = model(x)
+        heatmap = heatmap.clone()
+        heatmap[..., 0, 0] = float("nan")
+        return heatmap, score
+
+    with pytest.raises(ExportError, match="heatmap nan"):
+        parity_check(nan_cell, out, 2, Preprocessing(), log=lambda s: None)
+
+
 def test_int8_writes_drift_and_refuses_past_the_limit(exported, calibration_dir, tmp_path, monkeypatch):
     out, _, _ = exported
     cwd = tmp_path / "cwd"
