@@ -48,7 +48,8 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="static INT8 (QDQ) quantization")
     p.add_argument("--calibration", default=None, help="dataset folder for INT8 calibration and drift")
     p.add_argument("--max-drop", type=float, default=1.0,
-                   help="refuse INT8 if detection at 1%% false alarms drops more than this many points")
+                   help="refuse INT8 if detection at 1%% false alarms or at the shipped threshold drops more "
+                        "than this many points")
     p.add_argument("--opset", type=int, default=20)
 
 

@@ -113,7 +113,8 @@ def test_int8_writes_drift_and_refuses_past_the_limit(exported, calibration_dir,
     drift = make_int8_bundle(out, q, calibration_dir, meta, max_drop=100.0, log=lambda s: None)
     saved = read_metadata(q)["int8"]
     assert saved == drift and saved["scans"] == 6 and saved["normal"] == 3
-    for k in ("auroc_fp32", "auroc_int8", "detection_fp32", "detection_int8", "detection_drop_points"):
+    for k in ("auroc_fp32", "auroc_int8", "detection_fp32", "detection_int8", "detection_drop_points",
+              "detection_at_threshold_fp32", "detection_at_threshold_int8", "threshold_drop_points"):
         assert isinstance(saved[k], float)
     ops = {n.op_type for n in onnx.load(str(q)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -126,6 +127,30 @@ def test_int8_writes_drift_and_refuses_past_the_limit(exported, calibration_dir,
     write_test_scan(unlabelled / "x.tiff")
     with pytest.raises(ExportError, match="labelled normal and anomalous"):
         make_int8_bundle(out, tmp_path / "u.onnx", unlabelled, meta, log=lambda s: None)
+
+
+def test_int8_refuses_a_score_shift_at_the_shipped_threshold(heuristic_model, calibration_dir, tmp_path,
+                                                             monkeypatch):
+    """The INT8 bundle keeps the fp32 thresholds. A quantization that scales every score by 0.3 keeps the
+    ranking (detection at 1 % false alarms, each model at its own threshold: +0.0 points) and was accepted,
+    yet at the shipped threshold 0.40 it released every anomalous calibration scan."""
+    import detector.export as export
+    from onnx import TensorProto, helper
+
+    def shifted(fp32, out, paths, pre, channels):
+        m = onnx.load(str(fp32))
+        sig = next(n for n in m.graph.node if n.op_type == "Sigmoid")
+        sig.output[0] = "sig"
+        m.graph.initializer.append(helper.make_tensor("k", TensorProto.FLOAT, [], [0.3]))
+        m.graph.node.insert(list(m.graph.node).index(sig) + 1, helper.make_node("Mul", ["sig", "k"], ["heatmap"]))
+        onnx.save(m, str(out))
+        return out
+
+    monkeypatch.setattr(export, "quantize_int8", shifted)
+    with pytest.raises(ExportError, match=r"\+0.0 points\), at the shipped threshold 0.396 100.0% -> 0.0%"):
+        make_int8_bundle(heuristic_model, tmp_path / "q.onnx", calibration_dir, read_metadata(heuristic_model),
+                         log=lambda s: None)
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_int8_calibration_leaves_out_scans_it_cannot_use_and_says_so(exported, calibration_dir, tmp_path):
