@@ -14,6 +14,8 @@ from typing import Callable
 from detector import __version__
 
 Builder = Callable[[argparse.ArgumentParser], None]
+# the `train` extra of pyproject.toml: what the training verbs import and a station does not install
+TRAIN_PACKAGES = ("torch", "torchvision", "lightning", "albumentations", "onnx", "onnxscript", "tensorboard", "rich")
 
 
 def _demo(p: argparse.ArgumentParser) -> None:
@@ -166,12 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detector: unknown verb {verb!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
     args = build_parser(verb).parse_args(rest)
-    module = importlib.import_module(VERBS[verb][0])
     try:
-        return int(module.main(args) or 0)
+        return int(importlib.import_module(VERBS[verb][0]).main(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:   # a station install (no extras) running a training verb
+        if (e.name or "").split(".")[0] not in TRAIN_PACKAGES:
+            raise
+        print(f"detector {verb}: needs the training extras ({e.name} is not installed); a station install "
+              f"runs score, eval, serve and audit. Install them with: pip install 'detector[train]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -36,3 +36,21 @@ def test_cli_warnings_are_one_line_without_the_source_line():
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stderr == "warning: 48 scan(s): converted\nwarning (DeprecationWarning): old\n"
+
+
+def test_training_verbs_on_a_station_install_say_what_to_install(tmp_path):
+    """Without the extras `detector train` / `export` ended in a ModuleNotFoundError traceback."""
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'albumentations'):\n"
+        "    sys.modules[m] = None\n"
+        "from detector import cli\n"
+        f"print(cli.main(['train', '--data', {str(tmp_path)!r}]), "
+        f"cli.main(['export', {str(tmp_path / 'best.ckpt')!r}, '--out', {str(tmp_path / 'm.onnx')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "2"]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("needs the training extras" in s and "detector[train]" in s for s in lines)
+    assert lines[0].startswith("detector train:") and lines[1].startswith("detector export:")
