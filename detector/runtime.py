@@ -24,7 +24,7 @@ from detector.bundle import BundleError, default_threshold, parse_metadata
 from detector.calibration import false_alarm_rate
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
-from detector.scan import Scan, ScanError, read_scan, read_scan_bytes, scan_from_counts
+from detector.scan import Scan, ScanError, check_scan, read_scan, read_scan_bytes, scan_from_counts
 
 Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
 EPS = 1e-6
@@ -178,7 +178,7 @@ class Inspector:
 
     def _read(self, src: Source) -> Scan:
         if isinstance(src, Scan):
-            return src
+            return check_scan(src)
         if isinstance(src, (str, os.PathLike)):
             return read_scan(src)
         if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], (bytes, bytearray, memoryview)):

@@ -203,6 +203,22 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
                 meta=dict(meta or {}))
 
 
+def check_scan(scan: Scan) -> Scan:
+    """The checks scan_from_counts makes, for a Scan built in memory (a station handing the Inspector its own):
+    (C, H, W) with 1-2 channels of a sane size, a valid pitch, finite, and not blank. Without them a pitch of 0 or
+    -5 shrank the truck to one pixel and a negated attenuation read as air: both were released."""
+    src = scan.source or "<scan>"
+    att = np.asarray(scan.attenuation)
+    if att.ndim != 3 or att.dtype.kind != "f":
+        raise ScanError(src, f"attenuation must be a float (C, H, W) array, got {att.dtype} {att.shape}")
+    _check_shape(src, *att.shape, None)
+    _valid_pitch(src, scan.pitch_mm)
+    if not np.isfinite(att).all():   # ~1 ms on a 2-energy 640x2400 scan
+        raise ScanError(src, "attenuation contains NaN or infinity")
+    _check_not_blank(src, att if scan.counts is None else scan.counts, att, tuple(scan.i0) or (1.0,))
+    return scan
+
+
 def _channels_last(shape: tuple[int, ...]) -> bool:
     """True for an (H, W, 1|2) stack: a channel axis last and an image's sides first."""
     return len(shape) == 3 and shape[2] in (1, 2) and shape[0] > 2 and shape[1] > 2

@@ -228,3 +228,23 @@ def test_deadline_values_that_are_not_a_time(inspector, anomalous_scan_path, mon
     assert v.decision == "INSPECT" and v.reason.startswith("score") and not v.error
     time.sleep(0.05)
     assert not crashed
+
+
+def test_a_scan_built_in_memory_is_checked_like_a_file(inspector, anomalous_scan_path):
+    """A Scan handed over directly skipped every reader check: pitch 0 or -5 shrank the truck to one model
+    pixel and a negated attenuation read as air, and the anomalous truck was RELEASED."""
+    import dataclasses
+
+    scan = read_scan(anomalous_scan_path)
+    assert inspector.inspect(scan).decision == "INSPECT"
+    att = scan.attenuation
+    cases = {"pitch 0": (dict(pitch_mm=0.0), "pixel pitch 0 mm"), "pitch -5": (dict(pitch_mm=-5.0), "pixel pitch -5"),
+             "negated": (dict(attenuation=-att), "blank scan"), "2-D": (dict(attenuation=att[0]), r"\(C, H, W\)"),
+             "nan": (dict(attenuation=att * np.float32("nan")), "NaN"),
+             "three energies": (dict(attenuation=np.concatenate([att, att[:1]])), "at most 2")}
+    for name, (change, message) in cases.items():
+        bad = dataclasses.replace(scan, **change)
+        with pytest.raises(ScanError, match=message):
+            inspector.inspect(bad)
+        v = inspector.inspect_safe(bad)
+        assert v.decision == "INSPECT" and v.error, (name, v.reason)
