@@ -12,20 +12,15 @@ import time
 from pathlib import Path
 
 from detector import cli
+from detector.shipped import resolve_config
 
 DEFAULT_TRAIN = 160
 DEFAULT_TEST = 60
 
 
 def _config_path(arg: str | None) -> str:
-    """configs/quick.yaml from the checkout, else the copy shipped in the package."""
-    if arg:
-        return arg
-    here = Path(__file__).resolve().parent
-    for cand in (Path("configs/quick.yaml"), here.parent / "configs" / "quick.yaml", here / "configs" / "quick.yaml"):
-        if cand.exists():
-            return str(cand)
-    raise FileNotFoundError("configs/quick.yaml not found; pass --config")
+    """--config, else configs/quick.yaml (the checkout's from its root, else the copy shipped in the package)."""
+    return arg or resolve_config("configs/quick.yaml")
 
 
 def _step(title: str, argv: list[str]) -> None:

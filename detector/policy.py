@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from detector.calibration import threshold_for_rate
+from detector.shipped import resolve_config
 
 ANY = "any"
 
@@ -102,7 +103,7 @@ class Policy:
     def from_yaml(cls, path: str | Path) -> "Policy":
         """Read a policy file; raises PolicyError naming the file on any problem."""
         try:
-            d = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+            d = yaml.load(Path(resolve_config(path)).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except OSError as e:
             raise PolicyError(path, f"cannot read policy file ({e.strerror or e})") from None
         except yaml.YAMLError as e:

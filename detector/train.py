@@ -43,6 +43,7 @@ from detector.hard_types import smooth, type_hardness, type_weights, write_atomi
 from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
 from detector.preprocess import Preprocessing
 from detector.scan import ScanError
+from detector.shipped import resolve_config
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
 
@@ -169,7 +170,7 @@ def _read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Config from YAML (or defaults) with `a.b=c` overrides (values parsed as YAML)."""
-    d = _read_yaml(path) if path else {}
+    d = _read_yaml(resolve_config(path)) if path else {}
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not key=value")
