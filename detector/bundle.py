@@ -33,6 +33,20 @@ class BundleError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+def unloadable(path: str | Path, error: Exception) -> BundleError:
+    """The BundleError for a file onnxruntime cannot load. A training checkpoint (a zip archive: torch.save)
+    is the usual mix-up after `detector train`, so that one says which command makes the bundle from it."""
+    try:
+        with open(path, "rb") as f:
+            checkpoint = f.read(4) == b"PK\x03\x04" or Path(path).suffix.lower() in (".ckpt", ".pt", ".pth")
+    except OSError:
+        checkpoint = False
+    if checkpoint:
+        return BundleError(path, f"a training checkpoint, not an ONNX bundle: export it first with "
+                                 f"`detector export {path} --out model.onnx` and pass model.onnx")
+    return BundleError(path, f"not a loadable ONNX model ({str(error).splitlines()[0][:200]})")
+
+
 def _json_safe(obj: Any) -> Any:
     """numpy scalars/arrays, tuples and Paths -> plain JSON types."""
     if isinstance(obj, dict):
@@ -92,6 +106,8 @@ def read_metadata(path: str | Path, validate: bool = True) -> dict:
     import onnxruntime as ort
 
     path = Path(path)
+    if path.is_dir():
+        raise BundleError(path, "a folder, not a model file: pass the .onnx bundle that `detector export` wrote")
     if not path.is_file():
         raise BundleError(path, "model file not found")
     opts = ort.SessionOptions()
@@ -99,7 +115,7 @@ def read_metadata(path: str | Path, validate: bool = True) -> dict:
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types
-        raise BundleError(path, f"not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        raise unloadable(path, e) from None
     return parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
 
 

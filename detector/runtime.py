@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import BundleError, default_threshold, parse_metadata
+from detector.bundle import BundleError, default_threshold, parse_metadata, unloadable
 from detector.calibration import false_alarm_rate
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -103,6 +103,9 @@ class Inspector:
                  threshold: float | None = None, *, max_width: int = 2048, tile_overlap: int = 256,
                  region_threshold: float = 0.5, max_regions: int = 10, warmup: bool = True):
         self.path = Path(model_path)
+        if self.path.is_dir():
+            raise BundleError(self.path, "a folder, not a model file: pass the .onnx bundle that `detector export` "
+                                         "wrote")
         try:
             data = self.path.read_bytes()
         except OSError as e:
@@ -112,7 +115,7 @@ class Inspector:
             self.session = ort.InferenceSession(data, _session_options(threads),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise BundleError(self.path, f"not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+            raise unloadable(self.path, e) from None
         self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.channels = int(self.metadata["channels"])
         self.stride = int(self.metadata["stride"])

@@ -722,8 +722,14 @@ def check_resumable(ck: dict, cfg: Config, path: str | Path) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict, checked to be one of ours; CheckpointError names the file and what is wrong."""
+    if Path(path).is_dir():   # the run folder itself: name the checkpoint in it
+        raise CheckpointError(f"{path}: a run folder, not a checkpoint file: name one in it, "
+                              f"{Path(path) / 'best.ckpt'} to export, {Path(path) / 'last.ckpt'} to --resume")
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if Path(path).suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an exported ONNX bundle, not a training checkpoint (RUN/best.ckpt); "
+                              "score with it: detector score SCANS --model " + str(path) + " --out results.csv")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # zip, pickle and EOF errors of many kinds: not a torch checkpoint, or a cut one

@@ -196,8 +196,12 @@ def test_export_verb_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     from detector import export
     (tmp_path / "junk.ckpt").write_bytes(b"\x80\x04junk")
     torch.save({"epoch": 3}, tmp_path / "other.ckpt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "bundle.onnx").write_bytes(b"\x08\x07onnx")
     for name, why in (("junk.ckpt", "not a readable torch checkpoint"), ("missing.ckpt", "no such checkpoint file"),
-                      ("other.ckpt", "not a detector training checkpoint")):
+                      ("other.ckpt", "not a detector training checkpoint"),
+                      ("run", f"a run folder, not a checkpoint file: name one in it, {tmp_path / 'run' / 'best.ckpt'}"),
+                      ("bundle.onnx", "an exported ONNX bundle, not a training checkpoint")):
         args = Namespace(checkpoint=str(tmp_path / name), out=str(tmp_path / "m.onnx"), int8=False, calibration=None,
                          opset=20, max_drop=1.0)
         assert export.main(args) == 2

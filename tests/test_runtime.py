@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_test_scan
 
-from detector.bundle import BundleError
+from detector.bundle import BundleError, read_metadata
 from detector.runtime import InspectionError, Inspector, topk_mean_logit_score
 from detector.scan import ScanError, read_scan
 
@@ -136,6 +136,21 @@ def test_bad_bundles_are_refused_on_load(tmp_path, heuristic_model):
     onnx.save(m, str(tmp_path / "mismatch.onnx"))
     with pytest.raises(BundleError, match="metadata says 1 channel"):
         Inspector(tmp_path / "mismatch.onnx")
+
+
+def test_a_checkpoint_or_run_folder_as_model_says_what_to_pass(tmp_path):
+    """The usual mix-ups after `detector train`: the checkpoint (a zip archive) or the run folder as --model."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "best.ckpt", "w") as z:     # what torch.save writes
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(BundleError, match="a training checkpoint, not an ONNX bundle: export it first") as e:
+        Inspector(tmp_path / "best.ckpt")
+    assert f"detector export {tmp_path / 'best.ckpt'} --out model.onnx" in str(e.value)
+    with pytest.raises(BundleError, match="a folder, not a model file"):
+        Inspector(tmp_path)
+    with pytest.raises(BundleError, match="a training checkpoint"):
+        read_metadata(tmp_path / "best.ckpt")
 
 
 def test_runtime_works_with_torch_unimportable(tmp_path, heuristic_model, anomalous_scan_path, normal_scan_path):
