@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from detector import tip
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
-from detector.manifest import boxes_of, has_layout, label_of, layout_files, read_rows
+from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_rows
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
 from detector.scan import ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
@@ -172,7 +172,7 @@ def load_records(data_dir: str | os.PathLike) -> list[Record]:
     elif has_layout(root):
         recs = _records_from_folders(root)
     else:
-        raise ScanError(root, "no manifest.csv and no normal/ or anomalous/ folder")
+        raise ScanError(root, not_a_dataset(root))
     if not recs:
         raise ScanError(root, "dataset has no scans")
     return recs

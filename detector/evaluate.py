@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics as M
-from detector.manifest import boxes_of, has_layout, label_of, layout_files, read_rows
+from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_rows
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
@@ -74,7 +74,9 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
         out = [Truth(p.resolve(), p.relative_to(src).as_posix(), label, mask=m.resolve() if m else None,
                      anomaly_type="anomaly" if label else None) for p, label, m in layout_files(src)]
         return out, src
-    raise FileNotFoundError(f"{src}: no manifest.csv and no normal/ + anomalous/ folders")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such dataset folder or manifest.csv")
+    raise FileNotFoundError(f"{src}: {not_a_dataset(src)}")
 
 
 def _regions(text: str | None) -> list:

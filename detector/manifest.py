@@ -83,3 +83,19 @@ def layout_files(root: str | Path) -> list[tuple[Path, int, Path | None]]:
 
 def has_layout(root: str | Path) -> bool:
     return any((Path(root) / sub).is_dir() for _, sub in LAYOUT)
+
+
+def not_a_dataset(root: str | Path) -> str:
+    """Why a folder with neither manifest.csv nor normal/ + anomalous/ is no dataset, and what makes it one. The
+    usual cases: a folder of scans with no labels, or a dataset's images/ folder given instead of the dataset."""
+    root = Path(root)
+    parent = root.parent if root.name not in ("", "..") else root.resolve().parent   # "." has no name to go up from
+    above = parent / "manifest.csv"
+    if above.is_file() and f"{root.resolve().name}/" in above.read_text(encoding="utf-8", errors="replace"):
+        return (f"no manifest.csv and no normal/ or anomalous/ folder here, but {above} lists these scans: pass the "
+                f"dataset folder {parent}")
+    scans = (p for p in root.rglob("*") if p.suffix.lower() in SCAN_SUFFIXES and p.is_file())
+    if next(scans, None) is not None:
+        return ("scans but no labels: put them in normal/ and anomalous/ sub-folders, or list them in a manifest.csv "
+                "with columns path,label (data/README.md shows both layouts)")
+    return "no manifest.csv and no normal/ or anomalous/ folder (data/README.md shows the layouts)"

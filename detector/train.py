@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import difflib
 import functools
 import inspect
 import json
@@ -127,8 +128,10 @@ def _build(cls: type, d: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(sorted(where + k for k in unknown))}")
+    if unknown:   # a typo: name the nearest real key, so `trainer.max_epoch=5` is one glance from fixed
+        hints = [f"{where}{k} (did you mean {where}{near[0]}?)" if (near := difflib.get_close_matches(k, names, 1))
+                 else where + k for k in sorted(unknown)]
+        raise ConfigError(f"unknown config key(s) {', '.join(hints)}")
     kw = {}
     for k, v in d.items():
         t = hints[k]

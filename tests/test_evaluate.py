@@ -166,3 +166,17 @@ def test_a_regions_cell_of_another_shape_is_named(tmp_path, cell):
         csv.writer(f).writerows(rows)
     with pytest.raises(ValueError, match=r"results\.csv: row 7: regions .* is not a JSON list of"):
         evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+
+
+def test_a_truth_that_is_no_dataset_says_what_would_be(tmp_path, capsys):
+    """--truth at the dataset's images/ folder names the dataset; a folder of scans without labels says how to
+    label them; a path that does not exist says so (before: one 'no manifest.csv' line for all three)."""
+    data, res = _dataset(tmp_path)
+    (tmp_path / "scans").mkdir()
+    (data / "images" / "n0.tiff").rename(tmp_path / "scans" / "n0.tiff")
+    for truth, said in ((data / "images", f"lists these scans: pass the dataset folder {data}"),
+                        (tmp_path / "scans", "scans but no labels: put them in normal/ and anomalous/ sub-folders"),
+                        (tmp_path / "nowhere", "no such dataset folder or manifest.csv")):
+        assert evaluate.main(Namespace(results=str(res), truth=str(truth), out=str(tmp_path / "r"))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"detector eval: {truth}: ") and said in err and len(err.splitlines()) == 1, err

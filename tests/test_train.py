@@ -305,6 +305,8 @@ def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsy
              (["--config", str(tmp_path / "tabs.yaml")], "tabs.yaml: not valid YAML"),
              (["--config", str(tmp_path / "list.yaml")], "a config is a YAML mapping"),
              (["data.nokey=1"], "unknown config key(s) data.nokey"),
+             (["trainer.max_epoch=5"], "unknown config key(s) trainer.max_epoch (did you mean trainer.max_epochs?)"),
+             (["trainr.max_epochs=5"], "unknown config key(s) trainr (did you mean trainer?)"),
              (["model=3"], "model is a section of settings"),
              (["model.width.x=3"], "width is a setting, not a section"),
              (["trainer.max_minutes=-1"], "trainer.max_minutes must be >= 0"),
@@ -322,6 +324,13 @@ def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsy
     (tmp_path / "empty").mkdir()
     assert main(["train", "--config", str(QUICK), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "empty: no manifest.csv and no normal/ or anomalous/ folder" in capsys.readouterr().err
+    # the dataset's images/ folder instead of the dataset, and a folder of scans with no labels at all
+    assert main(["train", "--config", str(QUICK), "--data", str(data / "images"), "--out", str(tmp_path / "r")]) == 2
+    assert f"lists these scans: pass the dataset folder {data}" in capsys.readouterr().err
+    (tmp_path / "unlabelled").mkdir()
+    (data / "images" / "s0.tiff").rename(tmp_path / "unlabelled" / "s0.tiff")
+    assert main(["train", "--config", str(QUICK), "--data", str(tmp_path / "unlabelled"), "--out", str(tmp_path / "r")]) == 2
+    assert "unlabelled: scans but no labels: put them in normal/ and anomalous/" in capsys.readouterr().err
 
 
 def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
