@@ -95,6 +95,9 @@ def _regions(text: str | None) -> list:
 
 def load_results(path: str | Path) -> list[Result]:
     """Rows of a results CSV written by `detector score` (or saved again by a spreadsheet, byte-order mark and all)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such results file (`detector score SCANS --model M --out {path}` "
+                                "writes one)")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"path", "score", "decision", "error"} - set(reader.fieldnames or [])
@@ -171,7 +174,6 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     """Compute metrics, write metrics.json, roc.png, hist.png and report.html; return the metrics."""
     from detector import report
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(results_path)
     truth, truth_file = load_truth(truth_src)
     try:
@@ -180,6 +182,7 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         raise ValueError(f"{results_path}: {e}") from None
     if not pairs:
         raise ValueError(f"no result in {results_path} matches a scan of {truth_file}")
+    out_dir.mkdir(parents=True, exist_ok=True)   # only once the inputs are good: a mistake leaves no empty report/
     y = np.array([t.label for _, t in pairs])
     f = np.array([r.failed for r, _ in pairs])
     s = np.where(f, 0.0, np.array([r.score for r, _ in pairs]))
@@ -306,5 +309,5 @@ def main(args) -> int:
     files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
           f"AUROC {auroc}, detection {_pct(d1)} at 1% false alarms, localisation {_pct(m['localisation']['hit_rate'])} "
-          f"(IoU>=0.1) -> {args.out}/ ({files})")
+          f"(IoU>=0.1) -> {Path(args.out)}/ ({files})")
     return 0

@@ -85,15 +85,24 @@ def has_layout(root: str | Path) -> bool:
     return any((Path(root) / sub).is_dir() for _, sub in LAYOUT)
 
 
+def dataset_above(folder: str | Path) -> Path | None:
+    """The dataset folder whose manifest.csv lists the scans in `folder` (a synthetic dataset's images/), or None."""
+    folder = Path(folder)
+    parent = folder.parent if folder.name not in ("", "..") else folder.resolve().parent   # "." has no name to go up
+    above = parent / "manifest.csv"
+    if above.is_file() and f"{folder.resolve().name}/" in above.read_text(encoding="utf-8", errors="replace"):
+        return parent
+    return None
+
+
 def not_a_dataset(root: str | Path) -> str:
     """Why a folder with neither manifest.csv nor normal/ + anomalous/ is no dataset, and what makes it one. The
     usual cases: a folder of scans with no labels, or a dataset's images/ folder given instead of the dataset."""
     root = Path(root)
-    parent = root.parent if root.name not in ("", "..") else root.resolve().parent   # "." has no name to go up from
-    above = parent / "manifest.csv"
-    if above.is_file() and f"{root.resolve().name}/" in above.read_text(encoding="utf-8", errors="replace"):
-        return (f"no manifest.csv and no normal/ or anomalous/ folder here, but {above} lists these scans: pass the "
-                f"dataset folder {parent}")
+    parent = dataset_above(root)
+    if parent is not None:
+        return (f"no manifest.csv and no normal/ or anomalous/ folder here, but {parent / 'manifest.csv'} lists these "
+                f"scans: pass the dataset folder {parent}")
     scans = (p for p in root.rglob("*") if p.suffix.lower() in SCAN_SUFFIXES and p.is_file())
     if next(scans, None) is not None:
         return ("scans but no labels: put them in normal/ and anomalous/ sub-folders, or list them in a manifest.csv "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from detector.manifest import has_layout, read_rows
+from detector.manifest import dataset_above, has_layout, read_rows
 from detector.policy import load_policy, parse_flags
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 
@@ -442,6 +442,7 @@ def main(args) -> int:
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
     src = Path(args.src)
     labelled = (src / "manifest.csv").is_file() or has_layout(src)
-    truth = args.src if labelled or src.suffix.lower() == ".csv" else "DATA"
+    above = None if labelled or not src.is_dir() else dataset_above(src)   # a dataset's images/ folder was scored
+    truth = args.src if labelled or src.suffix.lower() == ".csv" else above if above is not None else "DATA"
     print(f"next: detector eval {out} --truth {truth} --out report/")
     return 1 if todo and c.scanned == c.failed else 0

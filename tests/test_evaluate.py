@@ -180,3 +180,6 @@ def test_a_truth_that_is_no_dataset_says_what_would_be(tmp_path, capsys):
         assert evaluate.main(Namespace(results=str(res), truth=str(truth), out=str(tmp_path / "r"))) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"detector eval: {truth}: ") and said in err and len(err.splitlines()) == 1, err
+    assert evaluate.main(Namespace(results=str(tmp_path / "gone.csv"), truth=str(data), out=str(tmp_path / "r"))) == 2
+    assert capsys.readouterr().err.startswith(f"detector eval: {tmp_path / 'gone.csv'}: no such results file")
+    assert not (tmp_path / "r").exists()         # a mistake leaves no empty report folder behind

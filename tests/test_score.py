@@ -224,6 +224,17 @@ def test_colour_renderings_score_with_one_warning_line_and_a_labelled_folder_is_
     assert f"next: detector eval {tmp_path / 'r.csv'} --truth {d} " in out   # a labelled folder is its own truth
 
 
+def test_scoring_a_datasets_images_folder_suggests_that_dataset_as_the_truth(tmp_path, heuristic_model,
+                                                                           normal_scan_path, capsys):
+    """`detector synth` writes DATA/images/ + DATA/manifest.csv; scoring DATA/images names DATA for eval."""
+    data = tmp_path / "test"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(normal_scan_path, data / "images" / "t0.tiff")
+    (data / "manifest.csv").write_text("path,label\nimages/t0.tiff,0\n")
+    assert score.main(_args(data / "images", heuristic_model, tmp_path / "r.csv")) == 0
+    assert f"next: detector eval {tmp_path / 'r.csv'} --truth {data} --out report/" in capsys.readouterr().out
+
+
 def test_a_threshold_outside_the_score_range_is_refused_before_scoring(tmp_path, heuristic_model, normal_scan_path,
                                                                        capsys):
     for bad in (1.5, -0.1):
