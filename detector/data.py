@@ -161,18 +161,25 @@ def _records_from_folders(root: Path) -> list[Record]:
     return [Record(str(p), label, str(m) if m else None) for p, label, m in layout_files(root)]
 
 
-def load_records(data_dir: str | os.PathLike) -> list[Record]:
-    """All records of a dataset folder (manifest.csv, else normal/ + anomalous/)."""
+def check_dataset(data_dir: str | os.PathLike) -> None:
+    """ScanError unless `data_dir` is a dataset folder (manifest.csv or normal/ + anomalous/): checked before a run
+    writes anything, so a wrong --data leaves no run folder behind."""
     root = Path(data_dir)
+    if root.is_file():    # eval --truth takes a manifest; --data takes the folder that holds it
+        raise ScanError(root, f"a file, not a dataset folder: pass the folder that holds the scans and "
+                              f"manifest.csv ({root.parent})")
     if not root.is_dir():
         raise ScanError(root, "no such dataset folder (make a synthetic one with `detector synth DIR`; the layouts "
                               "a folder of your own scans can take are in data/README.md)")
-    if (root / "manifest.csv").exists():
-        recs = _records_from_manifest(root)
-    elif has_layout(root):
-        recs = _records_from_folders(root)
-    else:
+    if not ((root / "manifest.csv").exists() or has_layout(root)):
         raise ScanError(root, not_a_dataset(root))
+
+
+def load_records(data_dir: str | os.PathLike) -> list[Record]:
+    """All records of a dataset folder (manifest.csv, else normal/ + anomalous/)."""
+    check_dataset(data_dir)
+    root = Path(data_dir)
+    recs = _records_from_manifest(root) if (root / "manifest.csv").exists() else _records_from_folders(root)
     if not recs:
         raise ScanError(root, "dataset has no scans")
     return recs

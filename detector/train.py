@@ -38,7 +38,7 @@ import yaml
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table
-from detector.data import DataConfig, ScanDataModule, auto_workers, fingerprint
+from detector.data import DataConfig, ScanDataModule, auto_workers, check_dataset, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
@@ -521,6 +521,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg.trainer.accelerator = accelerator
     if resume is not None:                # a wrong --resume fails now, not after caching the data
         check_resumable(read_checkpoint(resume), cfg, resume)
+    check_dataset(data_dir)               # a wrong --data too, before the run folder is made
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")

@@ -331,6 +331,10 @@ def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsy
     (data / "images" / "s0.tiff").rename(tmp_path / "unlabelled" / "s0.tiff")
     assert main(["train", "--config", str(QUICK), "--data", str(tmp_path / "unlabelled"), "--out", str(tmp_path / "r")]) == 2
     assert "unlabelled: scans but no labels: put them in normal/ and anomalous/" in capsys.readouterr().err
+    assert main(["train", "--config", str(QUICK), "--data", str(data / "manifest.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert f"manifest.csv: a file, not a dataset folder: pass the folder that holds the scans and manifest.csv ({data})" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()     # a wrong --data leaves no empty run folder behind
 
 
 def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
