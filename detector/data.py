@@ -28,14 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from detector import tip
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
-from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_rows
+from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset,
+                               read_rows)
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
 from detector.scan import ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
 
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test", "testing": "test"}
 
 
 STRUCTURE_ATTENUATION = 0.3  # above this a pixel is vehicle or cargo, not air
@@ -147,10 +146,10 @@ def _records_from_manifest(root: Path) -> list[Record]:
     out = []
     for row in read_rows(manifest):
         text = (row.get("split") or "").strip()
-        split = _SPLIT_ALIASES.get(text.lower(), "")
+        split = SPLIT_ALIASES.get(text.lower(), "")
         if text and not split:   # a typo would train on the scans meant to test the model
             raise ScanError(manifest, f"row {row['_row']}: split {text!r} is not one of "
-                                      f"{', '.join(sorted(_SPLIT_ALIASES))} (or empty: train)")
+                                      f"{', '.join(sorted(SPLIT_ALIASES))} (or empty: train)")
         out.append(Record(str(root / row["path"]), label_of(row, manifest),
                           str(root / row["mask"]) if (row.get("mask") or "").strip() else None,
                           boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split))

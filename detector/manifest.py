@@ -14,6 +14,9 @@ from pathlib import Path
 from detector.scan import SCAN_SUFFIXES, ScanError
 
 LAYOUT = ((0, "normal"), (1, "anomalous"))
+# a manifest's split cell -> the split it means (empty: train); any other value is an error
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
 
 
 def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -> list[dict]:

@@ -171,6 +171,12 @@ def test_cli_synth_writes_a_small_dataset(tmp_path, capsys):
     err = capsys.readouterr().err                  # the seed-3 scans are still in images/: say so
     assert f"{out / 'images'} also holds 2 older scan(s) the new manifest does not list (e.g. s3_000000.tiff" in err
     assert main(["synth", str(out), "--count", "0"]) == 2 and "--count must be >= 1" in capsys.readouterr().err
+    for bad, said in ((["--anomaly-fraction", "5"], "--anomaly-fraction is a share in [0, 1], got 5"),
+                      (["--split", "tst"], "--split must be one of test, testing, train, training, val, valid, "
+                                           "validation, got 'tst'")):
+        assert main(["synth", str(tmp_path / "bad"), "--count", "1", *bad]) == 2, bad   # a line, not a traceback
+        assert capsys.readouterr().err == f"detector synth: {said}\n"
+    assert not (tmp_path / "bad").exists()
 
 
 def test_visibility_is_the_added_signal_over_the_high_passed_clutter():

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from detector.manifest import SPLIT_ALIASES
+
 MANIFEST_COLUMNS = ("path", "label", "mask", "boxes", "anomaly_type", "cargo", "vehicle", "split")
 
 
@@ -99,6 +101,14 @@ def main(args) -> int:
     """CLI handler of `detector synth OUT --count N ...`."""
     if args.count < 1:
         print("detector synth: --count must be >= 1", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.anomaly_fraction <= 1.0:
+        print(f"detector synth: --anomaly-fraction is a share in [0, 1], got {args.anomaly_fraction:g}", file=sys.stderr)
+        return 2
+    split = getattr(args, "split", None)
+    if split and split.lower() not in SPLIT_ALIASES:   # training would refuse the manifest later, row by row
+        print(f"detector synth: --split must be one of {', '.join(sorted(SPLIT_ALIASES))}, got {split!r}",
+              file=sys.stderr)
         return 2
     t0 = time.time()
     rows = write_dataset(args.out, args.count, args.seed, args.anomaly_fraction, args.workers,
