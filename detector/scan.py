@@ -529,12 +529,34 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     _check_shape(name, frames, rows, cols, max_pixels)
-    arr = ds.pixel_array
+    arr = np.asarray(ds.pixel_array)
     info: dict = {}
+    if _dicom_inverted(ds):
+        arr = _invert_stored(arr, ds, name)
     spacing = getattr(ds, "ImagerPixelSpacing", None) or getattr(ds, "PixelSpacing", None)
     if spacing:
         info["pitch_mm"] = float(spacing[0])
-    return np.asarray(arr), info
+    return arr, info
+
+
+def _dicom_inverted(ds: Any) -> bool:
+    """True when higher stored values mean less X-ray intensity, so they must be flipped into counts (bright = air).
+    PixelIntensityRelationshipSign (0028,1041) says so for the physics (-1: higher value, less intensity); without
+    it the display tag does: MONOCHROME1 shows the minimum as white, so a file whose display shows air bright
+    stores air low. Read as counts, such a file showed air as dense and a dense concealed block as air: released."""
+    sign = ds.get("PixelIntensityRelationshipSign")
+    if sign in (1, -1):
+        return int(sign) == -1
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+
+
+def _invert_stored(arr: np.ndarray, ds: Any, name: str) -> np.ndarray:
+    """Inverted stored values flipped within the BitsStored range: counts = (2**bits - 1) - stored."""
+    if arr.dtype.kind != "u":
+        raise ScanError(name, f"inverted polarity (MONOCHROME1 or PixelIntensityRelationshipSign -1) with "
+                              f"{arr.dtype} pixels: cannot tell which value is the open beam")
+    top = (1 << int(ds.get("BitsStored") or arr.dtype.itemsize * 8)) - 1
+    return (top - np.minimum(arr, top)).astype(arr.dtype)
 
 
 # ---------------------------------------------------------------- writing

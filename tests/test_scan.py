@@ -160,6 +160,55 @@ def test_dicom_reads_when_pydicom_installed(tmp_path):
     del pydicom
 
 
+def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+                 **tags) -> bytes:
+    """A DX DICOM file (Explicit VR Little Endian) of integer pixels (H, W) or frames (F, H, W), 4 mm spacing."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("t.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "DX"
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
+    ds.ImagerPixelSpacing = [4.0, 4.0]
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("tags", [{"photometric": "MONOCHROME1"},
+                                  {"PixelIntensityRelationship": "LIN", "PixelIntensityRelationshipSign": -1}])
+def test_dicom_inverted_polarity_reads_as_counts(tags):
+    """MONOCHROME1 (minimum = white) or PixelIntensityRelationshipSign -1 stores air low: read as counts, air
+    was dense and a dense block was air (a truck with one was released). Both must give the MONOCHROME2 scan."""
+    counts = make_counts(1)[0]
+    ref = read_scan_bytes(_dicom_bytes(counts), "ref.dcm")
+    scan = read_scan_bytes(_dicom_bytes(65535 - counts, **tags), "inv.dcm")
+    np.testing.assert_array_equal(scan.counts, ref.counts)
+    np.testing.assert_array_equal(scan.attenuation, ref.attenuation)
+
+
+def test_dicom_sign_plus_one_keeps_monochrome1_counts():
+    """The physics tag wins over the display tag: radiograph-style MONOCHROME1 (air shown black) with sign +1
+    (higher value, more intensity) holds counts as they are."""
+    counts = make_counts(1)[0]
+    scan = read_scan_bytes(_dicom_bytes(counts, "MONOCHROME1", PixelIntensityRelationshipSign=1), "m1.dcm")
+    np.testing.assert_array_equal(scan.counts[0], counts)
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 
 def _png_header_only(h: int, w: int) -> bytes:
