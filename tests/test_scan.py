@@ -209,6 +209,16 @@ def test_dicom_sign_plus_one_keeps_monochrome1_counts():
     np.testing.assert_array_equal(scan.counts[0], counts)
 
 
+@pytest.mark.parametrize("relation", ["LOG", "OTHER"])
+def test_dicom_log_pixels_refused(relation):
+    """Log-encoded intensity read as counts made a dense block (1 % transmission) look like light cargo."""
+    counts = make_counts(1)[0].astype(float)
+    stored = (65535 * (1 + np.log10(np.maximum(counts, 1) / I0) / 4)).clip(0, 65535).astype(np.uint16)
+    with pytest.raises(ScanError, match=f"PixelIntensityRelationship {relation}") as err:
+        read_scan_bytes(_dicom_bytes(stored, PixelIntensityRelationship=relation), "log.dcm")
+    assert err.value.path == "log.dcm"
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 
 def _png_header_only(h: int, w: int) -> bytes:
