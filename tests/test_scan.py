@@ -219,6 +219,42 @@ def test_dicom_log_pixels_refused(relation):
     assert err.value.path == "log.dcm"
 
 
+def test_dicom_bits_stored_sets_the_full_scale():
+    """12-bit counts in a 16-bit container: I0 from the air near 4000 (not > 32767, so it was missed) and, on a
+    scan cropped below the air, 4095, not 65535, which read every pixel ln(16) = 2.8 denser: every truck inspected."""
+    counts = (make_counts(1)[0] * (4000 / I0)).round().astype(np.uint16)
+    scan = read_scan_bytes(_dicom_bytes(counts, bits_stored=12), "12bit.dcm")
+    assert scan.i0 == (4000.0,)
+    cropped = read_scan_bytes(_dicom_bytes(counts[12:].copy(), bits_stored=12), "cropped.dcm")
+    assert cropped.i0 == (4095.0,)
+    np.testing.assert_array_equal(cropped.attenuation, counts_to_attenuation(counts[12:], 4095.0))
+
+
+def test_dicom_modality_rescale_gives_the_counts():
+    """Counts = RescaleSlope * stored + RescaleIntercept: signed pixels offset by 32768 were refused as int16, and
+    14-bit stored values with slope 4 read 4x denser."""
+    counts = make_counts(1)[0]
+    ref = read_scan_bytes(_dicom_bytes(counts), "ref.dcm")
+    signed = (counts.astype(np.int32) - 32768).astype(np.int16)
+    scan = read_scan_bytes(_dicom_bytes(signed, RescaleIntercept=32768, RescaleSlope=1), "signed.dcm")
+    np.testing.assert_array_equal(scan.counts, ref.counts)
+    quarter = _dicom_bytes(counts // 4, bits_stored=14, RescaleSlope=4, RescaleIntercept=0)
+    np.testing.assert_array_equal(read_scan_bytes(quarter, "slope.dcm").counts, (counts // 4 * 4)[None])
+    inverted = (65535 - counts.astype(np.int32) - 32768).astype(np.int16)
+    scan = read_scan_bytes(_dicom_bytes(inverted, "MONOCHROME1", RescaleIntercept=32768), "signed_m1.dcm")
+    np.testing.assert_array_equal(scan.counts, ref.counts)
+
+
+@pytest.mark.parametrize("pixels, tags, reason", [
+    (np.full((32, 32), -900, np.int16), {"RescaleIntercept": -1024}, "negative counts"),   # CT-style HU
+    (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32), {"RescaleSlope": 0}, "RescaleSlope 0"),
+    (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32), {}, "do not fit 16 bits"),
+])
+def test_dicom_values_that_are_no_counts_refused(pixels, tags, reason):
+    with pytest.raises(ScanError, match=reason):
+        read_scan_bytes(_dicom_bytes(pixels, **tags), "bad.dcm")
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 
 def _png_header_only(h: int, w: int) -> bytes:
