@@ -162,7 +162,8 @@ def test_dicom_reads_when_pydicom_installed(tmp_path):
 
 def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
                  **tags) -> bytes:
-    """A DX DICOM file (Explicit VR Little Endian) of integer pixels (H, W) or frames (F, H, W), 4 mm spacing."""
+    """A DX DICOM file (Explicit VR Little Endian) of integer pixels (H, W), frames (F, H, W) or RGB (H, W, 3),
+    4 mm spacing."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -173,10 +174,12 @@ def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stor
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset("t.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.Modality = "DX"
-    if pixels.ndim == 3:
+    if pixels.ndim == 3 and photometric != "RGB":
         ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = pixels.shape[:2] if photometric == "RGB" else pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (pixels.shape[-1] if photometric == "RGB" else 1), photometric
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
     ds.BitsAllocated = pixels.dtype.itemsize * 8
     ds.BitsStored = bits_stored or ds.BitsAllocated
     ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
@@ -253,6 +256,16 @@ def test_dicom_modality_rescale_gives_the_counts():
 def test_dicom_values_that_are_no_counts_refused(pixels, tags, reason):
     with pytest.raises(ScanError, match=reason):
         read_scan_bytes(_dicom_bytes(pixels, **tags), "bad.dcm")
+
+
+@pytest.mark.parametrize("photometric, pixels", [
+    ("RGB", np.zeros((64, 160, 3), np.uint8) + np.arange(160, dtype=np.uint8)[:, None]),
+    ("PALETTE COLOR", make_counts(1)[0]),
+])
+def test_dicom_colour_refused_with_the_reason(photometric, pixels):
+    """RGB was refused as "64 energies/channels"; palette indices were read as counts."""
+    with pytest.raises(ScanError, match=f"{photometric} DICOM .*not transmission counts"):
+        read_scan_bytes(_dicom_bytes(pixels, photometric), "colour.dcm")
 
 
 # ---------------------------------------------------------------- bad input, table-driven
