@@ -528,16 +528,33 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
     except ImportError as exc:
         raise ScanError(name, "DICOM/DICOS needs pydicom: pip install 'detector[dicom]'") from exc
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, force=True, defer_size=None)
+    if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ScanError(name, "no DICOM image in it (no pixel data): not a DICOM file, or its header is truncated")
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     _check_shape(name, frames, rows, cols, max_pixels)
     _check_dicom_pixels_are_counts(ds, name)
-    arr, full_scale = _dicom_counts(np.asarray(ds.pixel_array), ds, name)
+    arr, full_scale = _dicom_counts(_dicom_pixel_array(ds, name), ds, name)
     info: dict = {"full_scale": full_scale}
     spacing = getattr(ds, "ImagerPixelSpacing", None) or getattr(ds, "PixelSpacing", None)
     if spacing:
         info["pitch_mm"] = float(spacing[0])
     return arr, info
+
+
+def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:
+    """The decoded pixels. A compressed file pydicom cannot decode (JPEG and JPEG 2000 need pylibjpeg or GDCM;
+    RLE it decodes itself) gets a one-line reason naming its transfer syntax, not "corrupt or truncated" and
+    pydicom's list of missing plugins."""
+    try:
+        return np.asarray(ds.pixel_array)
+    except (RuntimeError, NotImplementedError) as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is None or not syntax.is_compressed:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScanError(name, f"cannot decode its {syntax.name} pixel data, corrupt or no decoder installed "
+                              f"(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg): {first}") from exc
 
 
 def _check_dicom_pixels_are_counts(ds: Any, name: str) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import warnings
 import zlib
@@ -266,6 +267,29 @@ def test_dicom_colour_refused_with_the_reason(photometric, pixels):
     """RGB was refused as "64 energies/channels"; palette indices were read as counts."""
     with pytest.raises(ScanError, match=f"{photometric} DICOM .*not transmission counts"):
         read_scan_bytes(_dicom_bytes(pixels, photometric), "colour.dcm")
+
+
+def test_dicom_unreadable_files_say_why():
+    """A .dcm that is no DICOM, or is cut inside its header, read as "zero-size image (1x0x0)"; a JPEG Lossless
+    file without a decoder plugin as "corrupt or truncated" with pydicom's multi-line plugin list."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    good = _dicom_bytes(make_counts(1)[0])
+    for data in (b"not a DICOM file\n" * 40, good[:200]):
+        with pytest.raises(ScanError, match="no DICOM image in it"):
+            read_scan_bytes(data, "x.dcm")
+    ds = pydicom.dcmread(io.BytesIO(good))
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + b"\0" * 64])   # pydicom stops at the missing plugin
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    jpeg = buf.getvalue()
+    with pytest.raises(ScanError, match="cannot decode its " + re.escape(JPEGLosslessSV1.name)) as err:
+        read_scan_bytes(jpeg, "jpeg.dcm")
+    assert "\n" not in err.value.reason and "corrupt or truncated" not in err.value.reason
 
 
 # ---------------------------------------------------------------- bad input, table-driven
