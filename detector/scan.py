@@ -30,6 +30,7 @@ AIR_ROWS = 8  # top rows used to estimate the open-beam I0
 PITCH_RANGE_MM = (0.01, 100.0)    # a pixel pitch outside this is a metadata error (samples are 40-45 mm thumbnails)
 TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a scanner's range: image editors
                                   # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
+PITCH_ANISOTROPY = 0.1            # DICOM row and column spacings may differ this much (relative) and read as one pitch
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
 
@@ -536,10 +537,26 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
     _check_dicom_pixels_are_counts(ds, name)
     arr, full_scale = _dicom_counts(_dicom_pixel_array(ds, name), ds, name)
     info: dict = {"full_scale": full_scale}
-    spacing = getattr(ds, "ImagerPixelSpacing", None) or getattr(ds, "PixelSpacing", None)
-    if spacing:
-        info["pitch_mm"] = float(spacing[0])
+    pitch = _dicom_pitch(ds, name)
+    if pitch is not None:
+        info["pitch_mm"] = pitch
     return arr, info
+
+
+def _dicom_pitch(ds: Any, name: str) -> float | None:
+    """Pixel pitch in mm from ImagerPixelSpacing, else PixelSpacing ([row, column] spacing), None when absent.
+    A Scan has one pitch: the row spacing alone was taken, so [2, 6] mm pixels were resampled as 2 mm squares and
+    the truck (its threats too) came out 3x too short. Spacings within PITCH_ANISOTROPY of each other give their
+    geometric mean (the model trains with +-10 % scale jitter); further apart is a ScanError."""
+    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    if not spacing:
+        return None
+    values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
+    row, col = _valid_pitch(name, values[0]), _valid_pitch(name, values[-1])
+    if max(row, col) > (1 + PITCH_ANISOTROPY) * min(row, col):
+        raise ScanError(name, f"pixels are {row:g} mm high and {col:g} mm wide: anisotropic pixels are not "
+                              "supported (resample the scan to square pixels)")
+    return row if row == col else math.sqrt(row * col)
 
 
 def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:

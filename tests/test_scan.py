@@ -184,7 +184,7 @@ def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stor
     ds.BitsAllocated = pixels.dtype.itemsize * 8
     ds.BitsStored = bits_stored or ds.BitsAllocated
     ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
-    ds.ImagerPixelSpacing = [4.0, 4.0]
+    ds.ImagerPixelSpacing = tags.pop("ImagerPixelSpacing", [4.0, 4.0])
     for key, value in tags.items():
         setattr(ds, key, value)
     ds.PixelData = pixels.tobytes()
@@ -290,6 +290,19 @@ def test_dicom_unreadable_files_say_why():
     with pytest.raises(ScanError, match="cannot decode its " + re.escape(JPEGLosslessSV1.name)) as err:
         read_scan_bytes(jpeg, "jpeg.dcm")
     assert "\n" not in err.value.reason and "corrupt or truncated" not in err.value.reason
+
+
+@pytest.mark.parametrize("spacing", [[2.0, 6.0], [6.0, 2.0], [4.0, 0.0]])
+def test_dicom_spacing_checks_both_axes(spacing):
+    """[row, column] spacing: the row spacing alone was the pitch, so [2, 6] mm pixels made the truck 3x too short
+    at the model's pitch, and a 0 mm column spacing went unseen."""
+    with pytest.raises(ScanError, match="anisotropic|pixel pitch 0"):
+        read_scan_bytes(_dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=spacing), "aniso.dcm")
+
+
+def test_dicom_nearly_square_pixels_take_the_geometric_mean():
+    scan = read_scan_bytes(_dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=[4.0, 4.2]), "near.dcm")
+    assert scan.pitch_mm == pytest.approx((4.0 * 4.2) ** 0.5)
 
 
 # ---------------------------------------------------------------- bad input, table-driven
