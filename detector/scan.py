@@ -533,6 +533,9 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
         raise ScanError(name, "no DICOM image in it (no pixel data): not a DICOM file, or its header is truncated")
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 2:   # "40 energies/channels" said nothing of what a DICOS CT volume or a series of views is
+        raise ScanError(name, f"{frames} frames (a CT volume or a series of views?); a scan has one frame per "
+                              "energy, at most 2 (high, low)")
     _check_shape(name, frames, rows, cols, max_pixels)
     _check_dicom_pixels_are_counts(ds, name)
     arr, full_scale = _dicom_counts(_dicom_pixel_array(ds, name), ds, name)

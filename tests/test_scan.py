@@ -305,6 +305,16 @@ def test_dicom_nearly_square_pixels_take_the_geometric_mean():
     assert scan.pitch_mm == pytest.approx((4.0 * 4.2) ** 0.5)
 
 
+def test_dicom_frames_are_energies():
+    """Two frames are the high and low energy; a 40-frame volume was refused as "40 energies/channels"."""
+    counts = make_counts(2)
+    scan = read_scan_bytes(_dicom_bytes(counts), "dual.dcm")
+    assert scan.energies == ("high", "low")
+    np.testing.assert_array_equal(scan.counts, counts)
+    with pytest.raises(ScanError, match="40 frames"):
+        read_scan_bytes(_dicom_bytes(np.repeat(counts[:1], 40, axis=0)), "volume.dcm")
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 
 def _png_header_only(h: int, w: int) -> bytes:
