@@ -580,9 +580,9 @@ def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:
 def _check_dicom_pixels_are_counts(ds: Any, name: str) -> None:
     """ScanError, from the header, for pixels that are no (linear) transmission counts. Colour (RGB, YBR: it
     was refused as "64 energies/channels") and PALETTE COLOR (indices into a colour table, read as counts) are no
-    scanner's raw data. PixelIntensityRelationship
-    LOG (common for processed radiographs) stores log(I): read as counts, a block passing 1 % of the beam read as
-    light cargo (attenuation 0.7 instead of 4.6) and was released; its log scale is not in the file."""
+    scanner's raw data. PixelIntensityRelationship LOG (common for processed radiographs) stores log(I): read as
+    counts, a block passing 1 % of the beam read as light cargo (attenuation 0.7 instead of 4.6) and was released;
+    its log scale is not in the file. A Modality LUT Sequence maps stored values in a way not applied here."""
     samples = int(ds.get("SamplesPerPixel") or 1)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if samples != 1 or photometric not in ("", "MONOCHROME1", "MONOCHROME2"):
