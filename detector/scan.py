@@ -30,7 +30,6 @@ AIR_ROWS = 8  # top rows used to estimate the open-beam I0
 PITCH_RANGE_MM = (0.01, 100.0)    # a pixel pitch outside this is a metadata error (samples are 40-45 mm thumbnails)
 TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a scanner's range: image editors
                                   # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
-PITCH_ANISOTROPY = 0.1            # DICOM row and column spacings may differ this much (relative) and read as one pitch
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
 
@@ -540,26 +539,35 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
     _check_dicom_pixels_are_counts(ds, name)
     arr, full_scale = _dicom_counts(_dicom_pixel_array(ds, name), ds, name)
     info: dict = {"full_scale": full_scale}
-    pitch = _dicom_pitch(ds, name)
-    if pitch is not None:
-        info["pitch_mm"] = pitch
+    spacing = _dicom_spacing(ds, name)
+    if spacing is not None:
+        arr, info["pitch_mm"] = _square_pixels(arr, *spacing)
     return arr, info
 
 
-def _dicom_pitch(ds: Any, name: str) -> float | None:
-    """Pixel pitch in mm from ImagerPixelSpacing, else PixelSpacing ([row, column] spacing), None when absent.
-    A Scan has one pitch: the row spacing alone was taken, so [2, 6] mm pixels were resampled as 2 mm squares and
-    the truck (its threats too) came out 3x too short. Spacings within PITCH_ANISOTROPY of each other give their
-    geometric mean (the model trains with +-10 % scale jitter); further apart is a ScanError."""
+def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
+    """[row, column] pixel spacing in mm from ImagerPixelSpacing, else PixelSpacing, each checked; None when
+    absent. The row spacing alone used to be taken, and a 0 mm column spacing went unseen."""
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
     if not spacing:
         return None
     values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
-    row, col = _valid_pitch(name, values[0]), _valid_pitch(name, values[-1])
-    if max(row, col) > (1 + PITCH_ANISOTROPY) * min(row, col):
-        raise ScanError(name, f"pixels are {row:g} mm high and {col:g} mm wide: anisotropic pixels are not "
-                              "supported (resample the scan to square pixels)")
-    return row if row == col else math.sqrt(row * col)
+    return _valid_pitch(name, values[0]), _valid_pitch(name, values[-1])
+
+
+def _square_pixels(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np.ndarray, float]:
+    """Counts on square pixels at the coarser of the two spacings, and that pitch. A line scanner's pixels are
+    often not square (the column pitch follows the truck's speed and the pulse rate): taking one spacing for both
+    made a truck and its threats up to several times too short or long. The finer axis is area-averaged, which is
+    what a larger detector element would have counted, and no axis grows, so memory stays bounded."""
+    if math.isclose(row_mm, col_mm, rel_tol=1e-6):
+        return counts, row_mm
+    pitch = max(row_mm, col_mm)
+    h, w = counts.shape[-2:]
+    size = (max(1, round(w * col_mm / pitch)), max(1, round(h * row_mm / pitch)))   # cv2: (width, height)
+    planes = counts.reshape(-1, h, w)
+    out = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in planes])
+    return out.reshape(*counts.shape[:-2], size[1], size[0]), pitch
 
 
 def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:

@@ -292,17 +292,29 @@ def test_dicom_unreadable_files_say_why():
     assert "\n" not in err.value.reason and "corrupt or truncated" not in err.value.reason
 
 
-@pytest.mark.parametrize("spacing", [[2.0, 6.0], [6.0, 2.0], [4.0, 0.0]])
-def test_dicom_spacing_checks_both_axes(spacing):
-    """[row, column] spacing: the row spacing alone was the pitch, so [2, 6] mm pixels made the truck 3x too short
-    at the model's pitch, and a 0 mm column spacing went unseen."""
-    with pytest.raises(ScanError, match="anisotropic|pixel pitch 0"):
-        read_scan_bytes(_dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=spacing), "aniso.dcm")
+def test_dicom_spacing_checks_both_axes():
+    """[row, column] spacing: a 0 mm column spacing went unseen when the row spacing alone was the pitch."""
+    with pytest.raises(ScanError, match="pixel pitch 0"):
+        read_scan_bytes(_dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=[4.0, 0.0]), "aniso.dcm")
 
 
-def test_dicom_nearly_square_pixels_take_the_geometric_mean():
-    scan = read_scan_bytes(_dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=[4.0, 4.2]), "near.dcm")
-    assert scan.pitch_mm == pytest.approx((4.0 * 4.2) ** 0.5)
+@pytest.mark.parametrize("row_mm, col_mm", [(2.0, 6.0), (6.0, 2.0), (4.0, 4.2)])
+def test_dicom_pixels_that_are_not_square_keep_the_truck_its_size(row_mm, col_mm):
+    """A line scanner's column pitch follows the truck's speed: the row spacing alone was the pitch, so [2, 6] mm
+    pixels made the truck and its threats 3x too short. The scan now comes on square pixels at the coarser pitch,
+    so every object keeps its size in mm, and its counts are the area means (what a larger element would count)."""
+    h, w = 120, 360
+    counts = np.full((h, w), 50000, np.uint16)
+    counts[30:90, 60:300] = 8000                      # a block 60 rows x 240 columns
+    scan = read_scan_bytes(_dicom_bytes(counts, ImagerPixelSpacing=[row_mm, col_mm]), "aniso.dcm")
+    pitch = max(row_mm, col_mm)
+    assert scan.pitch_mm == pytest.approx(pitch)
+    assert (scan.height, scan.width) == (round(h * row_mm / pitch), round(w * col_mm / pitch))
+    dense = scan.counts[0] < 29000
+    rows, cols = np.flatnonzero(dense.any(1)), np.flatnonzero(dense.any(0))
+    assert (rows.size * pitch, cols.size * pitch) == (pytest.approx(60 * row_mm, abs=2 * pitch),
+                                                       pytest.approx(240 * col_mm, abs=2 * pitch))
+    assert scan.counts[0][dense].mean() == pytest.approx(8000, rel=0.01)
 
 
 def test_dicom_frames_are_energies():
