@@ -256,6 +256,16 @@ def _save(path: Path, a: np.ndarray, source: str) -> None:
                       f"MB per scan like it: free disk space or point data.cache_dir at a larger disk") from e
 
 
+def _stamp(path: str) -> str:
+    """'size|mtime_ns' of a file, which changes when it is rewritten; ScanError naming it if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ScanError(path, "file not found" if isinstance(e, FileNotFoundError) else
+                        f"cannot read the file ({e.strerror or e})") from None
+    return f"{st.st_size}|{st.st_mtime_ns}"
+
+
 class ScanCache:
     """Model-pitch attenuation (+ mask) of each record, computed once and memory-mapped from .npy."""
 
@@ -264,12 +274,11 @@ class ScanCache:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _key(self, rec: Record) -> str:
-        try:
-            st = os.stat(rec.path)
-        except OSError as e:
-            raise ScanError(rec.path, "file not found" if isinstance(e, FileNotFoundError) else
-                            f"cannot read the file ({e.strerror or e})") from None
-        s = f"{rec.path}|{st.st_size}|{st.st_mtime_ns}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
+        """The entry's name: changes with anything its arrays or meta come from. The label and the mask file's
+        size and mtime are in it: a mask redrawn in place, or a scan relabelled (a seizure found after release),
+        must not reuse the old mask, nor skip the check that the mask agrees with the label."""
+        s = f"{rec.path}|{_stamp(rec.path)}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
+        s += f"|label{rec.label}" + (f"|{_stamp(rec.mask)}" if rec.mask and os.path.exists(rec.mask) else "")
         s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:
                                                          # runs of dead rows found too (older entries rebuilt)
         return hashlib.sha1(s.encode()).hexdigest()[:20]

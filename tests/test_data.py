@@ -62,6 +62,26 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
     assert raw.build(rec)["key"] != meta["key"]   # a cache made with other preprocessing is not reused
 
 
+def test_a_redrawn_mask_or_a_relabelled_scan_is_not_served_from_the_cache(tmp_path):
+    att = np.random.default_rng(0).uniform(0.5, 1.5, (1, 60, 100)).astype(np.float32)
+    write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4,), pitch_mm=5.0)
+    mask = np.zeros((60, 100), np.uint8)
+    mask[10:20, 10:20] = 255
+    cv2.imwrite(str(tmp_path / "a.png"), mask)
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    rec = Record(str(tmp_path / "a.tiff"), 1, mask=str(tmp_path / "a.png"))
+    assert cache.build(rec)["centres"][0] == [5, 5]
+    mask[:] = 0
+    mask[40:50, 70:90] = 255                                 # the labeller moved the anomaly, same file
+    cv2.imwrite(str(tmp_path / "a.png"), mask)
+    os.utime(tmp_path / "a.png", ns=(1, 10**18))              # a new mtime even on a coarse-clock file system
+    assert cache.build(rec)["centres"][0] == [20, 35]
+    assert cache.build(Record(rec.path, 0))["has_mask"]      # normal: trained as all-background
+    assert not cache.build(Record(rec.path, 1))["has_mask"]  # relabelled anomalous, no mask: from the label alone
+    with pytest.raises(ScanError, match="normal scan .label 0. whose mask marks"):
+        cache.build(Record(rec.path, 0, mask=rec.mask))      # relabelled normal with its mask left: still refused
+
+
 def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tmp_path, monkeypatch):
     att = np.full((2, 40, 60), 1.0, np.float32)
     att[:, 20:30, 10:40] += 2   # a load: a uniform image is a blank scan
