@@ -284,11 +284,15 @@ class ScanCache:
         return hashlib.sha1(s.encode()).hexdigest()[:20]
 
     def build(self, rec: Record) -> dict[str, Any]:
-        """Read, resample and store one record (no-op when cached); returns its meta."""
+        """Read, resample and store one record (no-op when cached); returns its meta. An entry whose arrays are
+        gone (a clean-up of big .npy files, a partial copy of the cache) is rebuilt: its meta alone sent every
+        run to a FileNotFoundError in a loader worker."""
         key = self._key(rec)
         meta_path = self.folder / f"{key}.json"
         if meta_path.exists():
-            return json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text())
+            if all(p.exists() for p in self._arrays(meta)):
+                return meta
         scan = read_scan(rec.path)
         att = model_attenuation(scan.attenuation, scan.pitch_mm, self.pre, self.channels, scan.source)
         mask = _scan_mask(rec, (scan.height, scan.width))
@@ -301,6 +305,10 @@ class ScanCache:
             meta["centres"] = [list(c) for c in mask_centres(mm)]
         write_atomic(meta_path, meta)  # meta last: a crashed build is redone
         return meta
+
+    def _arrays(self, meta: dict[str, Any]) -> list[Path]:
+        """The .npy files of a cache entry."""
+        return [self.folder / f"{meta['key']}.{part}.npy" for part in ("att", "mask")[:1 + bool(meta["has_mask"])]]
 
     def load(self, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         att = np.load(self.folder / f"{meta['key']}.att.npy", mmap_mode="r")

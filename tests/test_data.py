@@ -82,6 +82,19 @@ def test_a_redrawn_mask_or_a_relabelled_scan_is_not_served_from_the_cache(tmp_pa
         cache.build(Record(rec.path, 0, mask=rec.mask))      # relabelled normal with its mask left: still refused
 
 
+def test_a_cache_entry_whose_arrays_were_deleted_is_rebuilt_not_loaded(tmp_path):
+    att = np.random.default_rng(0).uniform(0.5, 1.5, (1, 60, 100)).astype(np.float32)
+    write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4,), pitch_mm=5.0)
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    rec = Record(str(tmp_path / "a.tiff"), 0)
+    first = cache.load(cache.build(rec))
+    for part in ("att", "mask"):                             # a clean-up of big files left the .json behind
+        for f in (tmp_path / "cache").glob(f"*.{part}.npy"):
+            f.unlink()
+        a, m = cache.load(cache.build(rec))
+        assert np.array_equal(a, first[0]) and np.array_equal(m, first[1])
+
+
 def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tmp_path, monkeypatch):
     att = np.full((2, 40, 60), 1.0, np.float32)
     att[:, 20:30, 10:40] += 2   # a load: a uniform image is a blank scan
