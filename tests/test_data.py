@@ -440,12 +440,19 @@ def test_in_a_log_file_the_caching_bar_ends_its_line_before_a_warning(tmp_path):
     assert len(lines) == 1 and "caching scans" not in lines[0] and "24/24" in text, text[-2000:]
 
 
-def test_masks_and_boxes_that_contradict_the_label_are_refused_and_0_1_masks_count(tmp_path):
+def test_masks_and_boxes_that_contradict_the_label_are_refused_and_0_1_16_bit_and_colour_masks_count(tmp_path):
     from detector.data import _scan_mask
     m01 = np.zeros((40, 60), np.uint8)
     m01[10:20, 10:20] = 1                                   # a labelling tool's 0/1 mask: 100 anomaly pixels
     cv2.imwrite(str(tmp_path / "m01.png"), m01)
     assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "m01.png")), (40, 60)).sum() == 100
+    for value in (1, 255):                                  # saved from a uint16 array (np.zeros_like(scan))
+        cv2.imwrite(str(tmp_path / "m16.png"), m01.astype(np.uint16) * value)
+        assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "m16.png")), (40, 60)).sum() == 100
+        with pytest.raises(ScanError, match="normal scan .label 0. whose mask marks 100"):
+            _scan_mask(Record("a.tiff", 0, str(tmp_path / "m16.png")), (40, 60))
+    cv2.imwrite(str(tmp_path / "red.png"), np.dstack([0 * m01, 0 * m01, 255 * m01]))   # a colour overlay
+    assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "red.png")), (40, 60)).sum() == 100
     clipped = _scan_mask(Record("a.tiff", 1, boxes=[[-20, -5, 10, 8]]), (40, 60))   # a corner off the image
     assert clipped.sum() == 10 * 8 and clipped[:8, :10].all()
     cases = [(Record("a.tiff", 1, boxes=[[70, 5, 90, 9]]), "covers no pixel"),        # beside the scan
