@@ -210,6 +210,16 @@ def fingerprint(recs: list[Record]) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_mask(path: str) -> np.ndarray:
+    """A mask PNG as (H, W), nonzero where marked, at its own bit depth: OpenCV's grey conversion divides a 16-bit
+    image by 256, so a mask saved from a uint16 array (np.zeros_like(scan), 0/255 or 0/1) read as blank. Colour
+    masks count a pixel marked in any colour channel (alpha is ignored, as before)."""
+    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if m is None:
+        raise ScanError(path, "unreadable mask PNG")
+    return m[..., :3].max(-1) if m.ndim == 3 else m
+
+
 def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
     """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only. A mask
     that contradicts the label (an anomalous scan's marks nothing, a normal scan's marks something) is an
@@ -218,9 +228,7 @@ def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
     if rec.mask:
         if not os.path.exists(rec.mask):
             raise ScanError(rec.mask, f"mask file not found (named for {Path(rec.path).name})")
-        m = cv2.imread(rec.mask, cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise ScanError(rec.mask, "unreadable mask PNG")
+        m = _read_mask(rec.mask)
         if m.shape != shape:
             raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {w}x{h}")
         m, source = (m > 0).astype(np.float32), rec.mask   # 0/255 as documented; 0/1 from many labelling tools
@@ -256,6 +264,16 @@ def _save(path: Path, a: np.ndarray, source: str) -> None:
                       f"MB per scan like it: free disk space or point data.cache_dir at a larger disk") from e
 
 
+def _stamp(path: str) -> str:
+    """'size|mtime_ns' of a file, which changes when it is rewritten; ScanError naming it if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ScanError(path, "file not found" if isinstance(e, FileNotFoundError) else
+                        f"cannot read the file ({e.strerror or e})") from None
+    return f"{st.st_size}|{st.st_mtime_ns}"
+
+
 class ScanCache:
     """Model-pitch attenuation (+ mask) of each record, computed once and memory-mapped from .npy."""
 
@@ -264,22 +282,25 @@ class ScanCache:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _key(self, rec: Record) -> str:
-        try:
-            st = os.stat(rec.path)
-        except OSError as e:
-            raise ScanError(rec.path, "file not found" if isinstance(e, FileNotFoundError) else
-                            f"cannot read the file ({e.strerror or e})") from None
-        s = f"{rec.path}|{st.st_size}|{st.st_mtime_ns}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
+        """The entry's name: changes with anything its arrays or meta come from. The label and the mask file's
+        size and mtime are in it: a mask redrawn in place, or a scan relabelled (a seizure found after release),
+        must not reuse the old mask, nor skip the check that the mask agrees with the label."""
+        s = f"{rec.path}|{_stamp(rec.path)}|{rec.mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
+        s += f"|label{rec.label}" + (f"|{_stamp(rec.mask)}" if rec.mask and os.path.exists(rec.mask) else "")
         s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:
                                                          # runs of dead rows found too (older entries rebuilt)
         return hashlib.sha1(s.encode()).hexdigest()[:20]
 
     def build(self, rec: Record) -> dict[str, Any]:
-        """Read, resample and store one record (no-op when cached); returns its meta."""
+        """Read, resample and store one record (no-op when cached); returns its meta. An entry whose arrays are
+        gone (a clean-up of big .npy files, a partial copy of the cache) is rebuilt: its meta alone sent every
+        run to a FileNotFoundError in a loader worker."""
         key = self._key(rec)
         meta_path = self.folder / f"{key}.json"
         if meta_path.exists():
-            return json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text())
+            if all(p.exists() for p in self._arrays(meta)):
+                return meta
         scan = read_scan(rec.path)
         att = model_attenuation(scan.attenuation, scan.pitch_mm, self.pre, self.channels, scan.source)
         mask = _scan_mask(rec, (scan.height, scan.width))
@@ -292,6 +313,10 @@ class ScanCache:
             meta["centres"] = [list(c) for c in mask_centres(mm)]
         write_atomic(meta_path, meta)  # meta last: a crashed build is redone
         return meta
+
+    def _arrays(self, meta: dict[str, Any]) -> list[Path]:
+        """The .npy files of a cache entry."""
+        return [self.folder / f"{meta['key']}.{part}.npy" for part in ("att", "mask")[:1 + bool(meta["has_mask"])]]
 
     def load(self, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         att = np.load(self.folder / f"{meta['key']}.att.npy", mmap_mode="r")

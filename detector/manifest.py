@@ -73,7 +73,8 @@ def boxes_of(row: dict, manifest: str | Path) -> list[list]:
 
 def layout_files(root: str | Path) -> list[tuple[Path, int, Path | None]]:
     """(scan, label, mask or None) of the plain layout: every scan file below normal/ and anomalous/, the mask
-    masks/<stem>.png of an anomalous scan when it exists."""
+    masks/<stem>.png of an anomalous scan when it exists. A mask that two anomalous scans' stems name (site1/0001.png
+    and site2/0001.png, or a.tiff and a.png) is refused: one of them would be taught the other's anomaly."""
     root = Path(root)
     out = []
     for label, sub in LAYOUT:
@@ -81,7 +82,22 @@ def layout_files(root: str | Path) -> list[tuple[Path, int, Path | None]]:
             if p.suffix.lower() in SCAN_SUFFIXES and p.is_file() and not p.name.startswith("."):
                 mask = root / "masks" / f"{p.stem}.png"
                 out.append((p, label, mask if label and mask.is_file() else None))
+    _check_one_scan_per_mask(root, out)
     return out
+
+
+def _check_one_scan_per_mask(root: Path, files: list[tuple[Path, int, Path | None]]) -> None:
+    """ScanError naming the mask and its scans when one masks/<stem>.png is the mask of several anomalous scans."""
+    scans: dict[Path, list[Path]] = {}
+    for p, _, mask in files:
+        if mask is not None:
+            scans.setdefault(mask, []).append(p)
+    for mask, ps in scans.items():
+        if len(ps) > 1:
+            names = ", ".join(q.relative_to(root).as_posix() for q in ps)
+            raise ScanError(mask, f"one mask for {len(ps)} anomalous scans with the stem {ps[0].stem!r} ({names}): "
+                                  "rename the scans so each stem is one scan, or list them in a manifest.csv with a "
+                                  "mask column")
 
 
 def has_layout(root: str | Path) -> bool:

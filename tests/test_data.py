@@ -62,6 +62,39 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
     assert raw.build(rec)["key"] != meta["key"]   # a cache made with other preprocessing is not reused
 
 
+def test_a_redrawn_mask_or_a_relabelled_scan_is_not_served_from_the_cache(tmp_path):
+    att = np.random.default_rng(0).uniform(0.5, 1.5, (1, 60, 100)).astype(np.float32)
+    write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4,), pitch_mm=5.0)
+    mask = np.zeros((60, 100), np.uint8)
+    mask[10:20, 10:20] = 255
+    cv2.imwrite(str(tmp_path / "a.png"), mask)
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    rec = Record(str(tmp_path / "a.tiff"), 1, mask=str(tmp_path / "a.png"))
+    assert cache.build(rec)["centres"][0] == [5, 5]
+    mask[:] = 0
+    mask[40:50, 70:90] = 255                                 # the labeller moved the anomaly, same file
+    cv2.imwrite(str(tmp_path / "a.png"), mask)
+    os.utime(tmp_path / "a.png", ns=(1, 10**18))              # a new mtime even on a coarse-clock file system
+    assert cache.build(rec)["centres"][0] == [20, 35]
+    assert cache.build(Record(rec.path, 0))["has_mask"]      # normal: trained as all-background
+    assert not cache.build(Record(rec.path, 1))["has_mask"]  # relabelled anomalous, no mask: from the label alone
+    with pytest.raises(ScanError, match="normal scan .label 0. whose mask marks"):
+        cache.build(Record(rec.path, 0, mask=rec.mask))      # relabelled normal with its mask left: still refused
+
+
+def test_a_cache_entry_whose_arrays_were_deleted_is_rebuilt_not_loaded(tmp_path):
+    att = np.random.default_rng(0).uniform(0.5, 1.5, (1, 60, 100)).astype(np.float32)
+    write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4,), pitch_mm=5.0)
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    rec = Record(str(tmp_path / "a.tiff"), 0)
+    first = cache.load(cache.build(rec))
+    for part in ("att", "mask"):                             # a clean-up of big files left the .json behind
+        for f in (tmp_path / "cache").glob(f"*.{part}.npy"):
+            f.unlink()
+        a, m = cache.load(cache.build(rec))
+        assert np.array_equal(a, first[0]) and np.array_equal(m, first[1])
+
+
 def test_a_full_disk_names_the_cache_and_the_scan_and_leaves_no_partial_entry(tmp_path, monkeypatch):
     att = np.full((2, 40, 60), 1.0, np.float32)
     att[:, 20:30, 10:40] += 2   # a load: a uniform image is a blank scan
@@ -407,12 +440,19 @@ def test_in_a_log_file_the_caching_bar_ends_its_line_before_a_warning(tmp_path):
     assert len(lines) == 1 and "caching scans" not in lines[0] and "24/24" in text, text[-2000:]
 
 
-def test_masks_and_boxes_that_contradict_the_label_are_refused_and_0_1_masks_count(tmp_path):
+def test_masks_and_boxes_that_contradict_the_label_are_refused_and_0_1_16_bit_and_colour_masks_count(tmp_path):
     from detector.data import _scan_mask
     m01 = np.zeros((40, 60), np.uint8)
     m01[10:20, 10:20] = 1                                   # a labelling tool's 0/1 mask: 100 anomaly pixels
     cv2.imwrite(str(tmp_path / "m01.png"), m01)
     assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "m01.png")), (40, 60)).sum() == 100
+    for value in (1, 255):                                  # saved from a uint16 array (np.zeros_like(scan))
+        cv2.imwrite(str(tmp_path / "m16.png"), m01.astype(np.uint16) * value)
+        assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "m16.png")), (40, 60)).sum() == 100
+        with pytest.raises(ScanError, match="normal scan .label 0. whose mask marks 100"):
+            _scan_mask(Record("a.tiff", 0, str(tmp_path / "m16.png")), (40, 60))
+    cv2.imwrite(str(tmp_path / "red.png"), np.dstack([0 * m01, 0 * m01, 255 * m01]))   # a colour overlay
+    assert _scan_mask(Record("a.tiff", 1, str(tmp_path / "red.png")), (40, 60)).sum() == 100
     clipped = _scan_mask(Record("a.tiff", 1, boxes=[[-20, -5, 10, 8]]), (40, 60))   # a corner off the image
     assert clipped.sum() == 10 * 8 and clipped[:8, :10].all()
     cases = [(Record("a.tiff", 1, boxes=[[70, 5, 90, 9]]), "covers no pixel"),        # beside the scan

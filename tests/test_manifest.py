@@ -56,3 +56,16 @@ def test_training_and_evaluation_read_the_same_nested_plain_layout(tmp_path):
     assert [str(t.path) for t in truth] == [str(p.resolve()) for p, _, _ in files] == [r.path for r in records]
     assert [t.rel for t in truth] == ["normal/n1.tiff", "normal/site1/n0.tiff", "anomalous/site2/day3/a0.tiff"]
     assert [t.label for t in truth] == [r.label for r in records] == [0, 0, 1]
+
+
+def test_a_plain_layout_mask_whose_stem_names_two_anomalous_scans_is_refused(tmp_path):
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    for rel in ("normal/0001.tiff", "anomalous/site1/0001.tiff", "anomalous/site2/0002.tiff"):
+        write_scan(tmp_path / rel, counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "0001.png").write_bytes(b"")
+    assert [m is not None for _, _, m in layout_files(tmp_path)] == [False, True, False]  # a normal stem is no clash
+    write_scan(tmp_path / "anomalous/site2/0001.tiff", counts)      # another site's scan 0001
+    with pytest.raises(ScanError, match=r"0001\.png: one mask for 2 anomalous scans with the stem '0001' "
+                                        r"\(anomalous/site1/0001\.tiff, anomalous/site2/0001\.tiff\)"):
+        layout_files(tmp_path)
