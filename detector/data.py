@@ -29,7 +29,7 @@ from detector import tip
 from detector.augment import AugmentConfig, train_pipeline
 from detector.hard_types import WatchedJson, write_atomic
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset,
-                               read_rows)
+                               read_mask, read_rows)
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
 from detector.scan import ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
@@ -210,16 +210,6 @@ def fingerprint(recs: list[Record]) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_mask(path: str) -> np.ndarray:
-    """A mask PNG as (H, W), nonzero where marked, at its own bit depth: OpenCV's grey conversion divides a 16-bit
-    image by 256, so a mask saved from a uint16 array (np.zeros_like(scan), 0/255 or 0/1) read as blank. Colour
-    masks count a pixel marked in any colour channel (alpha is ignored, as before)."""
-    m = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise ScanError(path, "unreadable mask PNG")
-    return m[..., :3].max(-1) if m.ndim == 3 else m
-
-
 def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
     """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only. A mask
     that contradicts the label (an anomalous scan's marks nothing, a normal scan's marks something) is an
@@ -228,7 +218,7 @@ def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
     if rec.mask:
         if not os.path.exists(rec.mask):
             raise ScanError(rec.mask, f"mask file not found (named for {Path(rec.path).name})")
-        m = _read_mask(rec.mask)
+        m = read_mask(rec.mask)
         if m.shape != shape:
             raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {w}x{h}")
         m, source = (m > 0).astype(np.float32), rec.mask   # 0/255 as documented; 0/1 from many labelling tools

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics as M
-from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_rows
+from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask, read_rows
+from detector.scan import ScanError
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
@@ -148,9 +149,10 @@ def _truth_boxes(t: Truth) -> list:
     if t.boxes:
         return [list(b) for b in t.boxes]
     if t.mask is not None and t.mask.is_file():
-        import cv2
-        m = cv2.imread(str(t.mask), cv2.IMREAD_GRAYSCALE)
-        return M.mask_boxes(m) if m is not None else []
+        try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
+            return M.mask_boxes(read_mask(t.mask))
+        except ScanError:
+            return []
     return []
 
 

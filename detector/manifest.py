@@ -11,6 +11,9 @@ import json
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from detector.scan import SCAN_SUFFIXES, ScanError
 
 LAYOUT = ((0, "normal"), (1, "anomalous"))
@@ -127,3 +130,13 @@ def not_a_dataset(root: str | Path) -> str:
         return ("scans but no labels: put them in normal/ and anomalous/ sub-folders, or list them in a manifest.csv "
                 "with columns path,label (data/README.md shows both layouts)")
     return "no manifest.csv and no normal/ or anomalous/ folder (data/README.md shows the layouts)"
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask PNG as (H, W), nonzero where marked, at its own bit depth: OpenCV's grey conversion divides a 16-bit
+    image by 256, so a mask saved from a uint16 array (np.zeros_like(scan), 0/255 or 0/1) read as blank. Colour
+    masks count a pixel marked in any colour channel (alpha is ignored, as before)."""
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if m is None:
+        raise ScanError(path, "unreadable mask PNG")
+    return m[..., :3].max(-1) if m.ndim == 3 else m

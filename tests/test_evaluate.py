@@ -183,3 +183,15 @@ def test_a_truth_that_is_no_dataset_says_what_would_be(tmp_path, capsys):
     assert evaluate.main(Namespace(results=str(tmp_path / "gone.csv"), truth=str(data), out=str(tmp_path / "r"))) == 2
     assert capsys.readouterr().err.startswith(f"detector eval: {tmp_path / 'gone.csv'}: no such results file")
     assert not (tmp_path / "r").exists()         # a mistake leaves no empty report folder behind
+
+
+def test_truth_boxes_come_from_masks_at_any_bit_depth(tmp_path):
+    """A 16-bit truth mask (saved from a uint16 array, 0/255 or 0/1) was read as grey, divided by 256, and gave no
+    box, so its scan silently dropped out of the localisation figures; training reads masks the same way now."""
+    import cv2
+    for name, dtype, value in (("m8.png", np.uint8, 255), ("m16.png", np.uint16, 255), ("m01.png", np.uint16, 1)):
+        m = np.zeros((40, 60), dtype)
+        m[10:20, 30:45] = value
+        cv2.imwrite(str(tmp_path / name), m)
+        t = evaluate.Truth(path=tmp_path / "s.tiff", rel="s.tiff", label=1, mask=tmp_path / name)
+        assert evaluate._truth_boxes(t) == [[30, 10, 45, 20]], name
