@@ -152,7 +152,7 @@ def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = 
     if flip:                             # driving the other way: read the columns backwards
         src = (W - 1) - src
     att = resample_columns(att, src)
-    mask = np.ascontiguousarray(mask[:, np.rint(src).astype(np.int64)])
+    mask = resample_columns(mask[None].astype(np.float32), src)[0] > 0   # every column the anomaly reaches
     twin_rng = copy.deepcopy(det_rng) if twin and kind != "none" else None
     counts = detect(att, det_rng, m)
     twin_counts = None
