@@ -174,6 +174,10 @@ def test_dataset_manifest_and_independent_of_workers(tmp_path):
         mask = cv2.imread(str(tmp_path / "w1" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (scan.height, scan.width) and set(np.unique(mask)) <= {0, 255}
         assert scan.channels == 2 and scan.i0 == (53000.0, 53000.0) and scan.pitch_mm > 15
+        assert scan.energies == ("high", "low")
+        hi, lo = scan.attenuation
+        dense = (lo > 0.5) & (lo < 8)             # pages in (high, low) order: MeV high energy attenuates less
+        assert np.median(hi[dense] / lo[dense]) < 0.9
         boxes = json.loads(r["boxes"])
         assert r["split"] == "train" and r["vehicle"] in VEHICLES
         if r["label"] == "1":
