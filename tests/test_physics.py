@@ -84,3 +84,36 @@ def test_fast_normal_noise_is_standard_normal_and_deterministic():
     assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.003      # Gaussian tails, not uniform
     np.testing.assert_array_equal(z, normal_noise(np.random.default_rng(3), (400, 500)))
     assert not np.array_equal(z, normal_noise(np.random.default_rng(4), (400, 500)))
+
+
+def _slabs(levels, h=200, w=100):
+    att = np.zeros((2, h, w * len(levels)), np.float32)
+    for i, a in enumerate(levels):
+        att[:, :, i * w:(i + 1) * w] = a
+    return att, [slice(i * w, (i + 1) * w) for i in range(len(levels))]
+
+
+def test_photon_noise_is_poisson_in_counts_so_dense_regions_are_noisier():
+    """Counts: variance = mean (+ read noise^2); in attenuation the noise grows with the density."""
+    m = DetectorModel(psf_sigma=0, dose_jitter=0, row_gain=0, dead_rows=0, hot_rows=0)
+    att, cols = _slabs([0.5, 2.0, 5.0])
+    counts = detect(att, np.random.default_rng(0), m).astype(np.float64)
+    a = physics.attenuation_from_counts(counts, m.i0)
+    for c, level in zip(cols, (0.5, 2.0, 5.0)):
+        mean = m.i0 * np.exp(-level)
+        x = counts[:, :, c]
+        assert abs(x.mean() / mean - 1) < 0.01
+        assert 0.94 < x.var() / (mean + m.read_noise ** 2) < 1.06, (level, x.var(), mean)
+    sd = [a[:, :, c].std() for c in cols]
+    assert sd[0] < sd[1] < sd[2] and sd[2] > 5 * sd[0]
+
+
+def test_photon_starved_and_saturated_pixels_stay_in_range():
+    """No log(0) behind very dense matter; an open beam above the 16-bit range clips, never wraps."""
+    m = DetectorModel(psf_sigma=0, dead_rows=0, hot_rows=0)
+    att, cols = _slabs([30.0, 1e4], h=50)
+    counts = detect(att, np.random.default_rng(1), m)
+    a = physics.attenuation_from_counts(counts, m.i0)
+    assert np.isfinite(a).all() and a.max() <= -np.log(1e-6) + 1e-4 and a.min() > 8
+    bright = detect(np.zeros((2, 50, 100), np.float32), np.random.default_rng(2), DetectorModel(i0=80000.0))
+    assert bright.dtype == np.uint16 and (bright[:, 5:-5] >= 60000).mean() > 0.99   # 65535, not 80000 - 65536

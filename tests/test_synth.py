@@ -40,7 +40,8 @@ def test_hidden_in_vehicle_part_lies_wholly_inside_that_part(kind):
         ss = np.random.SeedSequence(seed)
         cv, _, _ = build_scene(_stream(ss, 0), height=300, vehicle=str(VEHICLES[seed % len(VEHICLES)]))
         att = cv.attenuation().copy()
-        new, mask, box = insert_anomaly(att, cv, kind, _stream(ss, 1))
+        new, mask, box, got = insert_anomaly(att, cv, kind, _stream(ss, 1))
+        assert got == kind
         part = cv.regions[PLACED[kind]]
         assert mask.any() and not (mask & ~part).any(), (kind, seed)
         if kind == "in_tyre":                                  # inside the tyre's disc, not its box corners
@@ -52,6 +53,28 @@ def test_hidden_in_vehicle_part_lies_wholly_inside_that_part(kind):
             my, mx = np.nonzero(mask)
             assert (np.hypot(my - cy, mx - cx) <= r + 1).all()
         assert (new - att)[:, ~mask].max() == 0 and (new - att)[:, mask].max() > 0
+
+
+def test_a_fallback_threat_is_labelled_as_what_was_inserted():
+    """A false wall that does not fit its cargo region falls back to a small metal item: the label
+    must say small_metal, not false_wall (per-type metrics and hard-type weights read it)."""
+    from detector.synth.scene import _stream, build_scene, insert_anomaly
+    from detector.tip import cargo_region
+    ss = np.random.SeedSequence(3)
+    cv, _, _ = build_scene(_stream(ss, 0), height=300, vehicle="box_truck")
+    att = cv.attenuation().copy()
+    room = cv.regions["cargo"] & cargo_region(att)
+    ok = cv2.erode(room.astype(np.uint8), np.ones((31, 31), np.uint8))   # centres of 31x31 windows inside
+    yc, xc = np.argwhere(ok)[len(np.argwhere(ok)) // 2]
+    cv.regions["cargo"] = np.zeros_like(room)
+    cv.regions["cargo"][yc - 15:yc + 16, xc - 15:xc + 16] = True           # too small for a false wall
+    new, mask, box, got = insert_anomaly(att, cv, "false_wall", _stream(ss, 1))
+    assert got == "small_metal" and mask.any() and mask.sum() < 31 * 31
+    assert insert_anomaly(att, cv, "small_metal", _stream(ss, 1))[3] == "small_metal"
+    from detector.synth.dataset import scan_seed
+    s = generate_scan(scan_seed(21, 2), anomaly="false_wall")   # a flatbed: no false wall fits its open load
+    x0, y0, x1, y1 = s.boxes[0]
+    assert (s.anomaly_type, y1 - y0 > 100) in {("false_wall", True), ("small_metal", False)}, (s.anomaly_type, s.boxes)
 
 
 def test_same_seed_same_scan_different_seed_differs():
@@ -80,6 +103,17 @@ def test_mask_and_box_lie_on_the_anomaly(kind):
     near = cv2.dilate(m.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     assert np.abs(diff[~near]).max() == 0                      # added nowhere else
     assert diff[m].mean() > 0.005                              # and really added on the mask
+
+
+@pytest.mark.parametrize("kind", ["small_metal", "firearm", "false_wall"])
+def test_mask_covers_every_pixel_the_anomaly_changed(kind):
+    """Without blur the scan and its twin (same noise draws) differ only where the anomaly added
+    attenuation: after the truck-speed column resampling those pixels must all be in the mask."""
+    from detector.synth.render import DetectorModel
+    for seed in range(3):
+        s = generate_scan(300 + seed, anomaly=kind, height=240, detector=DetectorModel(psf_sigma=0), twin=True)
+        changed = (s.counts != s.twin_counts).any(axis=0)
+        assert changed.any() and not (changed & ~s.mask).any(), (kind, seed, int((changed & ~s.mask).sum()))
 
 
 def test_twin_is_the_same_scan_without_its_anomaly():
@@ -140,6 +174,10 @@ def test_dataset_manifest_and_independent_of_workers(tmp_path):
         mask = cv2.imread(str(tmp_path / "w1" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (scan.height, scan.width) and set(np.unique(mask)) <= {0, 255}
         assert scan.channels == 2 and scan.i0 == (53000.0, 53000.0) and scan.pitch_mm > 15
+        assert scan.energies == ("high", "low")
+        hi, lo = scan.attenuation
+        dense = (lo > 0.5) & (lo < 8)             # pages in (high, low) order: MeV high energy attenuates less
+        assert np.median(hi[dense] / lo[dense]) < 0.9
         boxes = json.loads(r["boxes"])
         assert r["split"] == "train" and r["vehicle"] in VEHICLES
         if r["label"] == "1":

@@ -110,17 +110,21 @@ def _region_for(kind: str, cv: Canvas, att: np.ndarray, solid: np.ndarray) -> np
 
 
 def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Generator):
-    """TIP the anomaly into the scene's attenuation; falls back to smaller threats if none fits.
-    Anomalies hidden in a vehicle part (tyre, chassis, fuel tank) lie wholly inside that part."""
+    """TIP the anomaly into the scene's attenuation -> (attenuation, mask, box, type inserted).
+    Falls back to a small metal item if none fits: it keeps a placement type (in a vehicle part, behind
+    dense cargo) whose region it lies in, else it is labelled what it is, "small_metal" (a label must
+    name what the image shows). Anomalies hidden in a vehicle part lie wholly inside that part."""
     region = _region_for(kind, cv, att, tip.cargo_region(att))
     inside = 1.0 if kind in PLACED else 0.9
     for attempt in range(6):
         threat = _threat_for(kind if attempt < 4 else "small_metal", rng, cv.pitch_mm)
         try:
-            return tip.project(att, threat, rng, region=region, min_inside=inside)
+            new, mask, box = tip.project(att, threat, rng, region=region, min_inside=inside)
         except ValueError:
             continue
-    return tip.project(att, tip.make_threat(rng, "small_metal", cv.pitch_mm), rng)
+        placement = kind in PLACED or kind == "low_contrast"
+        return new, mask, box, kind if attempt < 4 or placement else "small_metal"
+    return (*tip.project(att, tip.make_threat(rng, "small_metal", cv.pitch_mm), rng), "small_metal")
 
 
 def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = None,
@@ -141,14 +145,14 @@ def generate_scan(seed, anomaly: bool | str | None = None, height: int | None = 
         kind = str(anom_rng.choice(ANOMALY_TYPES)) if anomaly is True else str(anomaly)
         if kind not in ANOMALY_TYPES:
             raise ValueError(f"unknown anomaly {kind!r}; known: {', '.join(ANOMALY_TYPES)}")
-        att, mask, _ = insert_anomaly(att, cv, kind, anom_rng)
+        att, mask, _, kind = insert_anomaly(att, cv, kind, anom_rng)
     m = detector or DetectorModel()
     W = att.shape[2]
     src = speed_resample(W, det_rng, m.speed_var)
     if flip:                             # driving the other way: read the columns backwards
         src = (W - 1) - src
     att = resample_columns(att, src)
-    mask = np.ascontiguousarray(mask[:, np.rint(src).astype(np.int64)])
+    mask = resample_columns(mask[None].astype(np.float32), src)[0] > 0   # every column the anomaly reaches
     twin_rng = copy.deepcopy(det_rng) if twin and kind != "none" else None
     counts = detect(att, det_rng, m)
     twin_counts = None
