@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/quality.py --config configs/quick.yaml [--train 160 --val 60 --test 100]
     .venv/bin/python benchmarks/quality.py --config configs/default.yaml --train 1200 --val 100 --test 200
     .venv/bin/python benchmarks/quality.py --normal-only ...   # no anomalous training scans: TIP only
+    .venv/bin/python benchmarks/quality.py --labels-only ...   # training anomalies without masks or boxes
 
 Prints AUROC, AP, detection at 1 % and 0.1 % false alarms, per anomaly type, how often the top heatmap
 region hits the anomaly, and the data and training times. Two runs on the same data (same --train/--val/
@@ -45,6 +46,26 @@ def make_data(root: Path, n: dict[str, int], seed: int, fraction: float) -> Path
     return root
 
 
+def labels_only(data: Path) -> Path:
+    """A dataset beside `data` whose training anomalies have their label alone (masks and boxes dropped): a site
+    that knows which trucks held something but not where. Its manifest points into `data`; the scan cache is
+    shared (its keys hold absolute paths), so only those scans are cached again."""
+    out = data / "labels_only"
+    out.mkdir(exist_ok=True)
+    with open(data / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["path"] = f"../{r['path']}"
+        r["mask"] = f"../{r['mask']}" if r.get("mask") else ""
+        if r["split"] == "train" and r["label"] == "1":
+            r["mask"], r["boxes"] = "", ""
+    with open(out / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
 def by_visibility(rows: list[dict], cache: Path) -> dict:
     """Detection at the test set's 1 % false-alarm threshold per visibility band of the anomaly, and
     AUROC / detection counting only the anomalies at visibility >= 1 (the ones contrast can show).
@@ -74,6 +95,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--anomaly-fraction", type=float, default=0.5)
     ap.add_argument("--normal-only", action="store_true", help="train on normal scans only (TIP anomalies)")
+    ap.add_argument("--labels-only", action="store_true",
+                    help="the training anomalies without masks or boxes: image labels alone")
     ap.add_argument("--work", default="runs/quality")
     ap.add_argument("--run", help="run folder name under --work (default: the config's name)")
     ap.add_argument("overrides", nargs="*")
@@ -85,15 +108,17 @@ def main() -> None:
     t_data = time.time() - t0
     # one scan cache per data folder, shared by every run on it (keys hold the pitch): ~16 GB per 1900 scans
     ov = [f"data.cache_dir={data / 'cache'}", *a.overrides, *(["data.normal_only=true"] if a.normal_only else [])]
-    run = work / (a.run or Path(a.config).stem + ("_normal_only" if a.normal_only else ""))
+    mode = " (normal-only, TIP)" if a.normal_only else " (labels only)" if a.labels_only else ""
+    run = work / (a.run or Path(a.config).stem + ("_normal_only" if a.normal_only else "_labels_only" if a.labels_only
+                                                  else ""))
     t1 = time.time()
-    res = run_training(a.config, data, run, ov)
+    res = run_training(a.config, labels_only(data) if a.labels_only else data, run, ov)
     if not res:   # a DDP worker process (trainer.cpu_processes > 1): rank 0 reports
         return
     t_train = time.time() - t1
     t = res.get("test") or {}
     f = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    print(f"\n== {a.config} {' '.join(a.overrides)}{' (normal-only, TIP)' if a.normal_only else ''}: test {t.get('n')} scans "
+    print(f"\n== {a.config} {' '.join(a.overrides)}{mode}: test {t.get('n')} scans "
           f"({t.get('n_anomalous')} anomalous), seeds disjoint from training")
     print(f"AUROC {f(t.get('auroc'))}  AP {f(t.get('ap'))}  det@1% {f(t.get('det_at_1pct'))}  "
           f"det@0.1% {f(t.get('det_at_0.1pct'))}  top-region hit {f(t.get('top_region_hit'))} "
@@ -117,7 +142,7 @@ def main() -> None:
     (run / "quality.json").write_text(json.dumps({"test": t, "validation": res["validation"], "data_s": t_data,
                                                    "train_s": res["train_time_s"],
                                                    "test_s": t_train - res["train_time_s"], "epochs": res["epochs"],
-                                                   "normal_only": a.normal_only,
+                                                   "normal_only": a.normal_only, "labels_only": a.labels_only,
                                                    "visibility": vis, "intervals": ci}, indent=2))
 
 

@@ -485,3 +485,16 @@ def test_a_validation_split_without_normal_scans_stops_before_training(tmp_path)
     (root / "manifest.csv").write_text("\n".join(fixed) + "\n")
     with pytest.raises(ScanError, match="validation split has no normal scans"):
         ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+
+
+def test_one_scan_named_two_ways_is_one_cache_entry(tmp_path, monkeypatch):
+    """A manifest beside the data (../data/x.tiff, as benchmarks/quality.py --labels-only writes) or another working
+    directory names the same scan: it is one cache entry, not a second copy of its arrays."""
+    root = write_dataset(tmp_path / "d", n=2)
+    cache = ScanCache(tmp_path / "cache", Preprocessing())
+    scan = root / "images" / "s0.tiff"
+    keys = {cache._key(Record(str(scan), 0)), cache._key(Record(str(root / ".." / "d" / "images" / "s0.tiff"), 0))}
+    monkeypatch.chdir(root)
+    keys.add(cache._key(Record("images/s0.tiff", 0)))
+    assert len(keys) == 1
+    assert cache._key(Record(str(scan), 1)) not in keys   # the label is in the key (a relabelled scan)

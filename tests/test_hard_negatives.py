@@ -62,3 +62,60 @@ def test_training_mines_cells_off_the_anomalies_and_crops_use_them(tmp_path):
                and np.array_equal(np.moveaxis(padded[:, y0:y0 + S, x0:x0 + S], 0, -1),
                                   crop[:min(S, H), :min(S, W)])]
     assert windows, "the crop is not a window of its (station-padded) scan around the mined cell"
+
+
+def _labels_only(root):
+    """The written dataset with the training anomalies' masks removed: a site with image labels alone."""
+    import csv
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["split"] == "train" and r["label"] == "1":
+            r["mask"] = ""
+    with open(root / "manifest.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    return root
+
+
+def test_label_only_anomalies_are_bags_whose_hottest_cell_is_the_positive(tmp_path, monkeypatch):
+    """An anomalous scan with a label alone was cut at random and taught as anomalous: almost every such crop is
+    normal structure. Now no negative comes from it, its positive crops are centred on its hottest cell once
+    mined, and the miner keeps that one cell however cold (it runs for such scans even without hard negatives)."""
+    from test_train import TINY, write_dataset
+
+    from detector.data import CropDataset, ScanDataModule
+    from detector.train import load_config, run_training
+
+    data = _labels_only(write_dataset(tmp_path / "data", n=18))
+    ov = [*TINY, "data.mine_share=1.0", "data.hard_negative_fraction=0", "data.augment.enabled=false"]
+    run_training(None, data, tmp_path / "run", ov, quiet=True)
+    cfg = load_config(None, ov)
+    dm = ScanDataModule(data, cfg.data, cfg.preprocessing, tmp_path / "run" / "cache",
+                        tmp_path / "run" / "hard_negatives.json")
+    dm.setup()
+    train = dm.splits["train"]
+    weak = {i for i, r in enumerate(train) if r.label == 1}
+    assert weak and all(train[i].mask is None for i in weak)
+    found = json.loads((tmp_path / "run" / "hard_negatives.json").read_text())
+    for i in weak:   # mined at share 1: one cell each, whatever its logit
+        assert len(found[dm.metas["train"][i]["key"]]) == 1
+
+    def dataset(**kw):
+        ds = CropDataset(dm.cache, train, dm.metas["train"], load_config(None, [*ov, *kw["ov"]]).data,
+                         cfg.preprocessing, dm.hard_negative_file)
+        calls = []
+        cut = ds.crop
+        monkeypatch.setattr(ds, "crop", lambda i, rng, centred, hard=None: calls.append((i, hard)) or
+                            cut(i, rng, centred, hard))
+        return ds, calls
+
+    ds, calls = dataset(ov=["data.anomaly_crop_fraction=0"])   # negatives only
+    labels = [float(ds[k]["label"]) for k in range(60)]
+    assert not {i for i, _ in calls} & weak and not any(labels)
+    ds, calls = dataset(ov=["data.anomaly_crop_fraction=1"])   # positives only: every one a label-only bag
+    items = [ds[k] for k in range(30)]
+    assert all(float(it["label"]) == 1 and float(it["pixel_weight"]) == 0 for it in items)
+    for i, hard in calls:
+        assert i in weak and hard == tuple(found[dm.metas["train"][i]["key"]][0])
