@@ -67,8 +67,10 @@ def main() -> None:
           f"det@1% {m['det_at_1pct']:.4f}  det@0.1% {m['det_at_0.1pct']:.4f}  "
           f"top-region hit {m['top_region_hit']:.4f}")
     print(f"scores: {out}")
-    if a.split == "test":
+    if a.split == "test" and a.out is None:   # the run's test split: its test_scores.csv holds the same scans
         print(f"next: python benchmarks/compare_runs.py {a.run} {out}")
+    elif a.split == "test":   # maybe another data folder: compare with another run's scores of the same scans
+        print(f"next: python benchmarks/compare_runs.py OTHER_RUN/{out.name} {out}")
 
 
 if __name__ == "__main__":
