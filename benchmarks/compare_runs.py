@@ -39,7 +39,10 @@ def read_scores(run: Path) -> dict[str, tuple[int, float]]:
     if not path.exists():
         raise SystemExit(f"{path}: not found (train with a test split, e.g. benchmarks/quality.py)")
     with open(path, newline="") as f:
-        return {str(Path(r["path"]).resolve()): (int(r["label"]), float(r["score"])) for r in csv.DictReader(f)}
+        try:
+            return {str(Path(r["path"]).resolve()): (int(r["label"]), float(r["score"])) for r in csv.DictReader(f)}
+        except (KeyError, TypeError, ValueError) as e:   # e.g. `detector score`'s results.csv: no label column
+            raise SystemExit(f"{path}: not a test scores CSV (path,label,score per scan; {type(e).__name__}: {e})")
 
 
 def main() -> None:

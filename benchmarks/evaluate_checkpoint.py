@@ -25,7 +25,9 @@ import lightning as L
 import torch
 
 from detector.data import ScanDataModule
-from detector.train import AnomalyModule, lightning_noise_off, load_config, read_checkpoint, write_test_scores
+from detector.scan import ScanError
+from detector.train import (AnomalyModule, CheckpointError, ConfigError, lightning_noise_off, load_config,
+                            read_checkpoint, write_test_scores)
 
 
 def main() -> None:
@@ -41,11 +43,15 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = load_config(a.run / "config.yaml", [])
-    dm = ScanDataModule(a.data, dataclasses.replace(cfg.data, workers=0, min_visibility=0.0), cfg.preprocessing,
-                        cfg.data.cache_dir or a.run / "cache", require_train=a.split != "test")
-    dm.prepare_data()
-    dm.setup("test")
+    try:   # the checkpoint first: a mistyped name fails before the scans are cached
+        epoch = read_checkpoint(a.run / a.checkpoint)["epoch"]
+        cfg = load_config(a.run / "config.yaml", [])
+        dm = ScanDataModule(a.data, dataclasses.replace(cfg.data, workers=0, min_visibility=0.0), cfg.preprocessing,
+                            cfg.data.cache_dir or a.run / "cache", require_train=a.split != "test")
+        dm.prepare_data()
+        dm.setup("test")
+    except (CheckpointError, ConfigError, ScanError) as e:   # the run, its checkpoint or the data folder: one line
+        raise SystemExit(f"evaluate_checkpoint: {e}") from None
     if not dm.splits[a.split]:
         raise SystemExit(f"{a.data}: no {a.split} split in its manifest")
     dm.splits["test"], dm.metas["test"] = dm.splits[a.split], dm.metas[a.split]   # the test loop runs it
@@ -54,15 +60,17 @@ def main() -> None:
         tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                            enable_progress_bar=True, enable_model_summary=False)
         tester.test(module, datamodule=dm, verbose=False)
-    m, epoch = module.test_metrics, read_checkpoint(a.run / a.checkpoint)["epoch"]
+    m = module.test_metrics
     out = a.out or a.run / f"{a.split}_scores_{Path(a.checkpoint).stem}.csv"
     write_test_scores(out, module.test_rows, dm.splits["test"])
     print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} {a.split} scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
           f"det@1% {m['det_at_1pct']:.4f}  det@0.1% {m['det_at_0.1pct']:.4f}  "
           f"top-region hit {m['top_region_hit']:.4f}")
     print(f"scores: {out}")
-    if a.split == "test":
+    if a.split == "test" and a.out is None:   # the run's test split: its test_scores.csv holds the same scans
         print(f"next: python benchmarks/compare_runs.py {a.run} {out}")
+    elif a.split == "test":   # maybe another data folder: compare with another run's scores of the same scans
+        print(f"next: python benchmarks/compare_runs.py OTHER_RUN/{out.name} {out}")
 
 
 if __name__ == "__main__":

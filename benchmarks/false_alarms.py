@@ -17,8 +17,8 @@ import torch
 
 from detector.model import nhwc
 from detector.preprocess import Preprocessing, prepare, valid_cells
-from detector.scan import read_scan
-from detector.train import load_checkpoint
+from detector.scan import ScanError, read_scan
+from detector.train import CheckpointError, load_checkpoint
 
 EDGE_ROWS = 2  # cell rows above the bottom edge counted as "on the edge"
 
@@ -32,14 +32,22 @@ def cell_logits(model: torch.nn.Module, scan, pre: Preprocessing, channels: int)
     return z[:hc, :wc], p.scale_yx
 
 
+def scored_rows(run: Path) -> list[dict]:
+    """RUN/test_scores.csv's rows; SystemExit naming the file when the run has none (no test split)."""
+    path = run / "test_scores.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found (train with a test split, e.g. benchmarks/quality.py)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def hottest_cells(run: Path) -> list[dict]:
     """Each clean test truck of the run: its score, hottest cell (scan px) and cell rows above the bottom."""
+    clean = [r for r in scored_rows(run) if r["label"] == "0"]
     model, info = load_checkpoint(run / "best.ckpt")
     model = model.eval().to(memory_format=torch.channels_last)
     pre, s = Preprocessing.from_dict(info["preprocessing"]), model.stride
     out = []
-    with open(run / "test_scores.csv", newline="") as f:
-        clean = [r for r in csv.DictReader(f) if r["label"] == "0"]
     for r in clean:
         z, scale = cell_logits(model, read_scan(r["path"]), pre, info["channels"])
         hc, wc = z.shape
@@ -54,7 +62,10 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--top", type=int, default=10)
     a = ap.parse_args()
-    rows = hottest_cells(a.run)
+    try:
+        rows = hottest_cells(a.run)
+    except (CheckpointError, ScanError) as e:   # no RUN/best.ckpt, or a test scan moved since: one line
+        raise SystemExit(f"false_alarms: {e}") from None
     for d in rows[: a.top]:
         print(f"{d['score']:.3f}  {d['path']}  hottest cell at y={d['y']} x={d['x']} (scan px), "
               f"{d['rows_above_bottom']} cell rows above the bottom edge")

@@ -13,7 +13,6 @@ manifest (masks, types, cargo).
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import Counter
 from pathlib import Path
 
@@ -24,21 +23,20 @@ import torch
 from detector import metrics
 from detector.evaluate import load_truth
 from detector.preprocess import Preprocessing
-from detector.scan import read_scan
-from detector.train import load_checkpoint
-from false_alarms import cell_logits  # benchmarks/ is on sys.path when this script runs
+from detector.scan import ScanError, read_scan
+from detector.train import CheckpointError, load_checkpoint
+from false_alarms import cell_logits, scored_rows  # benchmarks/ is on sys.path when this script runs
 
 TOPK = (1, 2, 4, 8, 16)
 
 
 def scan_cells(run: Path, data: Path, checkpoint: str = "best.ckpt") -> list[dict]:
     """Per test scan: label, type, cargo, its 16 hottest cell logits and (anomalies) the hottest on its mask."""
+    rows = scored_rows(run)
     truth = {t.path.resolve(): t for t in load_truth(data)[0]}
     model, info = load_checkpoint(run / checkpoint)
     model = model.eval().to(memory_format=torch.channels_last)
     pre, s = Preprocessing.from_dict(info["preprocessing"]), model.stride
-    with open(run / "test_scores.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     out = []
     for r in rows:
         t = truth.get(Path(r["path"]).resolve())
@@ -63,7 +61,10 @@ def main() -> None:
     ap.add_argument("data", type=Path, help="the test folder (with manifest.csv and masks)")
     ap.add_argument("--checkpoint", default="best.ckpt")
     a = ap.parse_args()
-    cells = scan_cells(a.run, a.data, a.checkpoint)
+    try:
+        cells = scan_cells(a.run, a.data, a.checkpoint)
+    except (CheckpointError, ScanError, FileNotFoundError) as e:   # the run, its checkpoint or DATA: one line
+        raise SystemExit(f"heatmap_cells: {e}") from None
     y = np.array([c["label"] for c in cells])
     top = np.stack([np.pad(c["top"], (0, max(TOPK) - len(c["top"])), constant_values=c["top"][-1]) for c in cells])
     print(f"{a.run / a.checkpoint}: {len(y)} test scans ({int(y.sum())} anomalous)")

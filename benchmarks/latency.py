@@ -74,8 +74,11 @@ def role_export(work: Path, checkpoint: str | None, config: str, calib: Path) ->
     from detector.bundle import read_metadata
 
     if checkpoint:
-        from detector.train import load_checkpoint
-        model, info = load_checkpoint(checkpoint)
+        from detector.train import CheckpointError, load_checkpoint
+        try:
+            model, info = load_checkpoint(checkpoint)
+        except CheckpointError as e:   # a missing or wrong --checkpoint: one line for _sub to pass on
+            sys.exit(str(e))
         cfg = model.cfg
     else:
         import dataclasses
@@ -158,7 +161,8 @@ def role_ort(model: Path, scan: Path, threads: int, runs: int) -> None:
 def _sub(*args: str) -> dict | None:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
-        sys.exit(f"{args[0]} failed:\n{out.stderr[-3000:]}")
+        err = out.stderr.strip()
+        sys.exit(f"{args[1]} failed: {err}" if "\n" not in err else f"{args[1]} failed:\n{err[-3000:]}")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else None
 
@@ -183,6 +187,8 @@ def main() -> None:
     if a.role == "ort":
         return role_ort(Path(a.model), Path(a.scan), a.threads, a.runs)
 
+    if not Path(a.config).is_file():   # else the export would time ModelConfig's defaults, not the config's network
+        sys.exit(f"{a.config}: no such config file")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         scan = synth_scan(work / "scan.tiff", dense=True, seed=99, compress=not a.raw_tiff)
@@ -191,8 +197,9 @@ def main() -> None:
             synth_scan(work / "calib" / "anomalous" / f"a{i}.tiff", dense=True, seed=100 + i)
         load0 = os.getloadavg()
         t = time.perf_counter()
-        ck = ["--checkpoint", a.checkpoint] if a.checkpoint else []
-        _sub("--role", "export", "--work", tmp, "--config", a.config, *ck)
+        # the roles run in ROOT: paths the user gave relative to where they are must be made absolute
+        ck = ["--checkpoint", str(Path(a.checkpoint).resolve())] if a.checkpoint else []
+        _sub("--role", "export", "--work", tmp, "--config", str(Path(a.config).resolve()), *ck)
         info = json.loads((work / "export.json").read_text())
         print(f"model: {info['cfg']['backbone']} (stride {info['cfg']['stride']}, decoder {info['cfg']['decoder_channels']}, "
               f"{'trained' if info['trained'] else 'random init'}), input {info['input_hw']} from a 640x2400 px scan, "

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics
+from detector.scan import ScanError
 from detector.synth.dataset import write_dataset
 from detector.synth.visibility import BANDS, band_of, generator_visibility
-from detector.train import run_training
+from detector.train import CheckpointError, ConfigError, load_config, run_training
 
 
 def make_data(root: Path, n: dict[str, int], seed: int, fraction: float) -> Path:
@@ -101,18 +102,26 @@ def main() -> None:
     ap.add_argument("--run", help="run folder name under --work (default: the config's name)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    extra = [*a.overrides, *(["data.normal_only=true"] if a.normal_only else [])]
+    try:
+        load_config(a.config, extra)   # before the data: a mistyped config or override fails at once, not after it
+    except ConfigError as e:
+        raise SystemExit(f"quality: {e}") from None
     work = Path(a.work)
     t0 = time.time()
     data = make_data(work / f"data_s{a.seed}_{a.train}_{a.val}_{a.test}",
                      {"train": a.train, "val": a.val, "test": a.test}, a.seed, a.anomaly_fraction)
     t_data = time.time() - t0
     # one scan cache per data folder, shared by every run on it (keys hold the pitch): ~16 GB per 1900 scans
-    ov = [f"data.cache_dir={data / 'cache'}", *a.overrides, *(["data.normal_only=true"] if a.normal_only else [])]
+    ov = [f"data.cache_dir={data / 'cache'}", *extra]
     mode = " (normal-only, TIP)" if a.normal_only else " (labels only)" if a.labels_only else ""
     run = work / (a.run or Path(a.config).stem + ("_normal_only" if a.normal_only else "_labels_only" if a.labels_only
                                                   else ""))
     t1 = time.time()
-    res = run_training(a.config, labels_only(data) if a.labels_only else data, run, ov)
+    try:
+        res = run_training(a.config, labels_only(data) if a.labels_only else data, run, ov)
+    except (ConfigError, ScanError, CheckpointError) as e:   # as `detector train` reports them: one line
+        raise SystemExit(f"quality: {e}") from None
     if not res:   # a DDP worker process (trainer.cpu_processes > 1): rank 0 reports
         return
     t_train = time.time() - t1

@@ -133,12 +133,16 @@ def main() -> None:
     if args.child:
         return child(args)
     counts = sorted({int(c) for c in args.rss_counts.split(",") if c} | {args.n})
-    cache = Path(args.cache)
-    scans = ensure_scans(cache, max(counts), args.seed)
-    model = Path(args.model) if args.model else default_model(cache)
-    from detector.bundle import read_metadata
+    cache = Path(args.cache).resolve()   # absolute: the children run in ROOT
+    from detector.bundle import BundleError, read_metadata
     from detector.scan import read_scan
-    meta = read_metadata(model)
+    try:   # before the scans are generated: a wrong --model fails at once, in one line
+        meta = read_metadata(Path(args.model).resolve()) if args.model else None
+    except BundleError as e:
+        raise SystemExit(f"score_throughput: {e}") from None
+    scans = ensure_scans(cache, max(counts), args.seed)
+    model = Path(args.model).resolve() if args.model else default_model(cache)
+    meta = meta or read_metadata(model)
     precision = "int8" if meta.get("int8") else "fp32"
     s0 = read_scan(scans[0])
     print(f"model {model} ({precision}, {meta.get('channels')} channels), scans {s0.channels}x{s0.height}x{s0.width}, "

@@ -175,20 +175,34 @@ def main() -> None:
                     help="crash test: SIGKILL the server this many seconds into the load, then count audit rows")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (generated model, scans, audit log)")
     args = ap.parse_args()
-
+    if args.kill_after is not None and args.url:
+        sys.exit("--kill-after needs a server this script starts (no --url)")
+    if missing := [s for s in args.scan or [] if not Path(s).is_file()]:
+        sys.exit(f"serve_load: no such scan file: {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    model, scans = (Path(args.model) if args.model else None), [Path(s) for s in args.scan or []]
-    if not args.url and (model is None or not scans):
+    try:   # the work dir goes whatever happens, unless --keep
+        load_test(args, work)
+    finally:
+        if args.keep:
+            print(f"  work dir {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def load_test(args: argparse.Namespace, work: Path) -> None:
+    """The load test (or with --kill-after the crash test) with its inputs and audit log in work."""
+    # absolute: the server runs in the work dir
+    model = Path(args.model).resolve() if args.model else None
+    if args.policy:
+        args.policy = str(Path(args.policy).resolve())
+    scans = [Path(s) for s in args.scan or []]
+    if (model is None and not args.url) or not scans:   # --url without --scan still needs scans to post
         gen_model, gen_scans = make_inputs(work, args.height, args.width)
         model, scans = model or gen_model, scans or gen_scans
     payloads = [(p.name, p.read_bytes()) for p in scans]
     token = os.environ.get("DETECTOR_TOKEN")
     if args.kill_after is not None:
-        if args.url:
-            sys.exit("--kill-after needs a server this script starts (no --url)")
         crash_test(args, model, payloads, work, token)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
         return
     proc, url, pid = None, args.url, args.pid
     if not url:
@@ -232,10 +246,6 @@ def main() -> None:
     if pid:
         print(f"  server RSS idle after warm-up {rss0:.1f} MB, idle at end {rss1:.1f} MB ({rss1 - rss0:+.1f} MB); "
               f"under load: {' '.join(f'{v:.0f}' for v in samples)}")
-    if args.keep:
-        print(f"  work dir {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

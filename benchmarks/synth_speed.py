@@ -32,10 +32,12 @@ def _load() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=48)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     a = ap.parse_args()
+    if a.count < 1 or a.workers < 1:
+        ap.error("--count and --workers must be >= 1")
     print(f"{os.cpu_count()} cores, {a.workers} workers, {a.count} scans; before: {_load()}")
     _gen(0)                                                   # imports, caches
     t = time.perf_counter()
@@ -54,11 +56,13 @@ def main() -> None:
     from detector.cli import main as cli
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             rc = cli(["synth", os.path.join(d, "ds"), "--count", str(a.count), "--seed", "1",
                       "--workers", str(a.workers)])
         dt = time.perf_counter() - t
-    assert rc == 0
+    if rc != 0:   # its own message, which the redirect hid
+        raise SystemExit(f"detector synth failed ({rc}): {err.getvalue().strip()[-2000:]}")
     print(f"detector synth OUT --count {a.count} (CLI path, TIFF+PNG+manifest): {a.count / dt:.2f} scans/s "
           f"on {a.workers} workers; after: {_load()}")
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from detector.model import build_model, count_flops, nhwc
-from detector.train import cpu_flags, cpu_has_native_bf16, load_config, resolve_precision
+from detector.scan import ScanError
+from detector.train import ConfigError, cpu_flags, cpu_has_native_bf16, load_config, resolve_precision
 
 
 def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, steps: int, device: str,
@@ -85,11 +86,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="with --data: epochs to time")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    if a.data:
-        return pipeline(a)
+    try:   # a mistyped config, override or --data: one line, as `detector train` says it
+        if a.data:
+            return pipeline(a)
+        cfg = load_config(a.config, a.overrides)
+    except (ConfigError, ScanError) as e:
+        raise SystemExit(f"train_speed: {e}") from None
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = load_config(a.config, a.overrides)
     c, d = cfg.model.in_channels, cfg.data
     model = build_model(cfg.model)
     gflop = count_flops(model, c, 320, 1216) / 1e9

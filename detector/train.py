@@ -694,7 +694,7 @@ def write_test_scores(path: Path, rows: list[dict], records: list) -> None:
         w.writerow(["path", "label", "anomaly_type", "score", "top_region_hit"])
         for r in sorted(rows, key=lambda r: r["index"]):
             hit = "" if r["hit"] is None else int(r["hit"])
-            w.writerow([records[r["index"]].path, r["label"], r["type"], f"{r['score']:.6f}", hit])
+            w.writerow([records[r["index"]].path, r["label"], r["type"], f"{r['score']:.9g}", hit])
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:

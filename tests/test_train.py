@@ -140,6 +140,19 @@ def test_best_checkpoint_is_the_latest_epoch_within_noise_of_the_best():
     assert not within_noise(-0.002, -0.001, 0, 1.0)                          # no anomalies: strictly lower normals
 
 
+def test_test_scores_keep_every_float32_digit(tmp_path):
+    """compare_runs and quality's intervals rank RUN/test_scores.csv: saturated scores (0.9999996 vs 0.9999990)
+    must not round to a tie, or they disagree with the run's own test AUROC."""
+    from types import SimpleNamespace
+
+    from detector.train import write_test_scores
+    scores = np.float32([0.99999964, 0.99999905, 1.0, 1.2e-7, 0.5])
+    rows = [{"index": i, "label": i % 2, "type": "none", "score": float(s), "hit": None} for i, s in enumerate(scores)]
+    write_test_scores(tmp_path / "t.csv", rows, [SimpleNamespace(path=f"s{i}.tiff") for i in range(len(rows))])
+    back = [float(r["score"]) for r in csv.DictReader(open(tmp_path / "t.csv", newline=""))]
+    assert np.array_equal(np.float32(back), scores)
+
+
 def test_train_end_to_end_and_load_checkpoint(tmp_path):
     from detector.train import load_checkpoint, run_training
     data = write_dataset(tmp_path / "data", n_test=2)

@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark scripts: each runs as documented on tiny inputs, prints its figures with units,
+and a wrong path ends in one line, not a traceback. Seconds each; the ones that train or export are left out."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_heuristic_bundle, write_test_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """python benchmarks/SCRIPT ARGS with this checkout's package, as the docs run it."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert all(n in p.stderr for n in needles), p.stderr
+
+
+def write_scores(path: Path, labels: list[int], scores: list[float]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "test_scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "anomaly_type", "score", "top_region_hit"])
+        w.writerows([f"scan_{i}.tiff", y, "none", s, ""] for i, (y, s) in enumerate(zip(labels, scores)))
+    return path
+
+
+def test_compare_runs_prints_both_runs_the_paired_difference_and_shared_misses(tmp_path):
+    rng = np.random.default_rng(0)
+    y = [0] * 40 + [1] * 20
+    noisy = list(np.r_[rng.uniform(0, 0.6, 40), rng.uniform(0.3, 1.0, 20)].round(6))
+    perfect = [0.1] * 40 + [0.9] * 20
+    a, b = write_scores(tmp_path / "a", y, noisy), write_scores(tmp_path / "b", y, perfect)
+    p = bench("compare_runs.py", str(a), str(b), "--resamples", "200")
+    assert p.returncode == 0, p.stderr
+    assert "60 test scans (20 anomalous)" in p.stdout
+    auroc = re.search(r"AUROC\s+A ([\d.]+)\s+B ([\d.]+)\s+B-A \+([\d.]+)", p.stdout)
+    assert 0.5 < float(auroc[1]) < 1.0 and float(auroc[2]) == 1.0
+    assert abs(float(auroc[3]) - (1.0 - float(auroc[1]))) < 1e-3
+    assert "B better" in p.stdout and re.search(r"missed at 1 %: A \d+, B 0, both 0 of 20 anomalies", p.stdout)
+    one_line_error(bench("compare_runs.py", str(a), str(tmp_path / "none")), "none: not found")
+    (tmp_path / "results.csv").write_text("path,score,decision\nscan_0.tiff,0.5,INSPECT\n")   # detector score's
+    one_line_error(bench("compare_runs.py", str(a), str(tmp_path / "results.csv")), "not a test scores CSV")
+
+
+@pytest.mark.parametrize("script", ["evaluate_checkpoint.py", "false_alarms.py", "heatmap_cells.py"])
+def test_run_folder_scripts_say_what_is_missing_in_one_line(tmp_path, monkeypatch, script):
+    """A run folder without the file the script needs (no test split, a typo): the file named in one line. In this
+    process (torch is imported once for the suite): an error other than SystemExit would fail the test."""
+    run = write_scores(tmp_path / "run", [0, 1], [0.1, 0.9])
+    cases = {"evaluate_checkpoint.py": [([str(run), str(tmp_path)], "run/last.ckpt: no such checkpoint file")],
+             "false_alarms.py": [([str(run)], "run/best.ckpt: no such checkpoint file"),
+                                 ([str(tmp_path)], "test_scores.csv: not found")],
+             "heatmap_cells.py": [([str(run), str(tmp_path / "data")], "data: no such dataset folder")]}[script]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))   # as when the script runs: heatmap_cells imports a sibling
+    for args, needle in cases:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and needle in e.value.code, e.value.code
+
+
+def test_score_throughput_prints_scans_per_second_and_peak_memory(tmp_path):
+    cache = tmp_path / "cache"
+    for i in range(2):   # small stand-ins in the cache: no generation, no export
+        write_test_scan(cache / "images" / f"s{i}.tiff", height=200, width=600, seed=i)
+    model = make_heuristic_bundle(tmp_path / "heuristic.onnx")
+    p = bench("score_throughput.py", "--model", str(model), "--cache", str(cache), "--n", "2", "--rss-counts", "1")
+    assert p.returncode == 0, p.stderr
+    rate = re.search(r"throughput ([\d.]+) scans/s at n=2 \(fp32; target >= 10\); peak RSS (\d+) MiB at n=1", p.stdout)
+    assert rate and float(rate[1]) > 0 and int(rate[2]) > 20, p.stdout
+    assert "n=    2:" in p.stdout and "0 failed" in p.stdout
+    one_line_error(bench("score_throughput.py", "--model", str(tmp_path / "none.onnx"), "--cache", str(cache)),
+                   "none.onnx", "not found")
+
+
+def test_serve_load_prints_throughput_latency_and_server_memory(tmp_path):
+    p = bench("serve_load.py", "--duration", "1", "--warmup", "0.3", "--clients", "1", "--height", "200",
+              "--width", "400")
+    assert p.returncode == 0, p.stderr
+    rate = re.search(r"([\d.]+) verdicts/s\s+latency ms p50 ([\d.]+)\s+p95 ([\d.]+)", p.stdout)
+    assert rate and float(rate[1]) > 0 and 0 < float(rate[2]) <= float(rate[3]), p.stdout
+    assert re.search(r"status \{200: \d+\}", p.stdout) and "INSPECT" in p.stdout and "RELEASE" in p.stdout
+    assert re.search(r"server RSS idle after warm-up [\d.]+ MB", p.stdout)
+    one_line_error(bench("serve_load.py", "--scan", str(tmp_path / "none.tiff")), "no such scan file")
