@@ -258,9 +258,11 @@ def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | 
 
 
 def _csv_fields(row: dict) -> list[str]:
-    """A result row in the CSV contract's column order and formats."""
-    return [row["path"], "" if row["score"] is None else f"{row['score']:.6f}", row["decision"],
-            "" if row["threshold"] is None else f"{row['threshold']:.6f}",
+    """A result row in the CSV contract's column order and formats. Score and threshold keep 9 decimals (float32's
+    resolution near 1): at 6, saturated scores of clean and anomalous trucks tied at 1.000000 in `detector eval`,
+    and a score could print equal to a threshold it was released under."""
+    return [row["path"], "" if row["score"] is None else f"{row['score']:.9f}", row["decision"],
+            "" if row["threshold"] is None else f"{row['threshold']:.9f}",
             json.dumps(row["regions"], separators=(",", ":")), f"{row['latency_ms']:.1f}",
             row["error"].replace("\n", " ")]
 

@@ -152,7 +152,7 @@ def test_policy_decides_with_manifest_tier_and_flags(tmp_path, normal_scan_path)
     rows = _rows(tmp_path / "r.csv")
     assert pol.seen == [("white", []), ("high", ["watchlist", "late"])]
     assert (rows["a.tiff"]["decision"], rows["b.tiff"]["decision"]) == ("RELEASE", "INSPECT")
-    assert rows["b.tiff"]["threshold"] == "0.100000"
+    assert rows["b.tiff"]["threshold"] == "0.100000000"
 
 
 def test_discover_sources(tmp_path):
@@ -264,7 +264,7 @@ def test_threshold_routes_without_policy_and_is_refused_with_one(tmp_path, heuri
     shutil.copy(normal_scan_path, tmp_path / "a.tiff")
     assert score.main(_args(tmp_path / "a.tiff", heuristic_model, tmp_path / "r.csv", threshold=0.001)) == 0
     row = _rows(tmp_path / "r.csv")["a.tiff"]
-    assert (row["decision"], row["threshold"]) == ("INSPECT", "0.001000")
+    assert (row["decision"], row["threshold"]) == ("INSPECT", "0.001000000")
     pol = tmp_path / "policy.yaml"
     pol.write_text("tiers:\n  standard: 0.01\n")
     capsys.readouterr()
@@ -336,7 +336,7 @@ def test_resuming_with_another_model_or_threshold_is_refused(tmp_path, heuristic
     assert "other thresholds" in capsys.readouterr().err and out.read_bytes() == before
     assert score.main(_args(d, heuristic_model, out)) == 0 and len(_rows(out)) == 2   # the same routing resumes
     assert score.main(_args(d, heuristic_model, out, threshold=0.01, no_resume=True)) == 0
-    assert {r["threshold"] for r in _rows(out).values()} == {"0.010000"}
+    assert {r["threshold"] for r in _rows(out).values()} == {"0.010000000"}
 
 
 def test_overlays_never_replace_one_another_nor_a_scan(tmp_path, heuristic_model_1ch):
@@ -367,3 +367,12 @@ def test_a_resumed_run_names_overlays_as_the_first(tmp_path, heuristic_model, no
     (ov / "sub" / "t.png").unlink()
     assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0  # resumes with sub/t.tiff alone
     assert (ov / "sub" / "t.png").is_file() and (ov / "t.png").read_bytes() == first
+
+
+def test_result_csv_keeps_saturated_scores_apart():
+    """Six decimals printed the float32 scores 0.99999988, 0.99999994 and 1.0 all as 1.000000: in `detector eval`
+    clean and anomalous trucks near the top tied, and the achieved false-alarm rate read higher than it was."""
+    from detector import score as S
+    cells = [S._csv_fields({"path": "a.tiff", "score": float(v), "decision": "INSPECT", "threshold": 0.4, "regions": [],
+                            "latency_ms": 1.0, "error": ""})[1] for v in (np.float32(0.9999999), np.float32(0.99999994), 1.0)]
+    assert len(set(cells)) == 3 and [float(c) for c in cells] == sorted(float(c) for c in cells)
