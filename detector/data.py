@@ -326,16 +326,6 @@ class CropDataset(Dataset):
         self.cache, self.recs, self.metas, self.cfg, self.pre = cache, recs, metas, cfg, pre
         self.hard_negative_file = Path(hard_negative_file) if hard_negative_file else None
         self.pos = [i for i, m in enumerate(metas) if m["centres"]]
-        # anomalous scans with a label alone: where the anomaly is, nobody said. A random crop of one is almost
-        # always normal structure (0.8 % of crops of a truck hold a 25 px package), so taught as anomalous it
-        # teaches the wrong thing. They are multiple-instance bags instead: their positive crops are centred on
-        # the model's hottest cell of the scan (the miner's, RUN/hard_negatives.json), and no negative comes
-        # from them
-        self.weak = [i for i, (r, m) in enumerate(zip(recs, metas)) if r.label == 1 and not m["has_mask"]]
-        weak = set(self.weak)
-        self.negatives = [i for i in range(len(metas)) if i not in weak] or list(range(len(metas)))
-        self._index_pos = set(self.pos)
-        self._weak_cells: dict[int, tuple[int, int]] = {}   # weak scan -> its hottest cell when last mined
         self.library = self._labelled_threats() if cfg.augment.tip_rate > 0 and cfg.augment.tip_from_labels > 0 else []
         self.pipeline = train_pipeline(cfg.augment, pre.model_pitch_mm, library=self.library)
         self._rng: np.random.Generator | None = None
@@ -363,17 +353,10 @@ class CropDataset(Dataset):
         return out
 
     def _hard_negatives(self) -> list[tuple[int, int, int]]:
-        """The miner's latest cells (its file is rewritten each epoch by another process): on normal scans and
-        away from marked anomalies, negatives; on label-only anomalous scans, the hottest is the bag's instance."""
+        """The miner's latest cells (its file is rewritten each epoch by another process)."""
         changed, found = self._hard_file.read()
         if changed:
-            cells = [(self._index[k], y, x) for k, c in found.items() if k in self._index for y, x in c]
-            weak = set(self.weak)
-            self._hard = [c for c in cells if c[0] not in weak]
-            self._weak_cells = {}
-            for i, y, x in cells:   # hottest first (hottest_cells' order)
-                if i in weak:
-                    self._weak_cells.setdefault(i, (y, x))
+            self._hard = [(self._index[k], y, x) for k, cells in found.items() if k in self._index for y, x in cells]
         return self._hard
 
     def _type_weights(self) -> dict[str, float]:
@@ -386,10 +369,7 @@ class CropDataset(Dataset):
         return self._type_w
 
     def _positive(self, rng: np.random.Generator) -> int:
-        """A training scan with an anomaly (marked, or a label alone), each alike; a marked one is drawn by its
-        type's weight once hard types are known."""
-        if self.weak and rng.random() * (len(self.pos) + len(self.weak)) < len(self.weak):
-            return int(self.weak[rng.integers(len(self.weak))])
+        """A training scan with a known anomaly, drawn by its type's weight once hard types are known."""
         self._type_weights()
         if self._pos_cum is None:
             return int(self.pos[rng.integers(len(self.pos))])
@@ -479,20 +459,17 @@ class CropDataset(Dataset):
             ps = self._pool.draw(rng, positive)
             img, m = self.cut(ps.att, ps.mask, rng, ps.centres)
             return self._sample(img, m, True, int(m.any()))
-        centred = bool(self.pos or self.weak) and rng.random() < self.cfg.anomaly_crop_fraction
+        centred = bool(self.pos) and rng.random() < self.cfg.anomaly_crop_fraction
         hard = None
         if centred:
             i = self._positive(rng)
-            if i not in self._index_pos:   # label only: around its hottest cell once mined, else anywhere
-                self._hard_negatives()
-                centred, hard = False, self._weak_cells.get(i)
         else:
             cells = self._hard_negatives() if self.cfg.hard_negative_fraction > 0 else []
             if cells and rng.random() < self.cfg.hard_negative_fraction:
                 i, y, x = cells[rng.integers(len(cells))]
                 hard = (y, x)
             else:
-                i = int(self.negatives[rng.integers(len(self.negatives))])
+                i = int(rng.integers(len(self.metas)))
         img, m, has_mask = self.crop(i, rng, centred, hard)
         label = self.recs[i].label
         return self._sample(img, m, has_mask or label == 0, label)

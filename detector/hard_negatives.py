@@ -5,8 +5,6 @@ the network the few structures that fool it (wheel hubs, engine blocks, dense ma
 the miner runs the current model on a rotating share of the training scans, keeps the hottest cells
 away from any labelled anomaly, and writes them to a JSON file that the crop workers (separate
 processes) re-read (RUN/hard_negatives.json); CropDataset then centres part of its negative crops on them.
-On an anomalous scan with a label alone it keeps the one hottest cell: there CropDataset centres the scan's
-positive crops (multiple-instance learning: the bag's most anomalous-looking instance carries its label).
 """
 from __future__ import annotations
 
@@ -47,7 +45,6 @@ class HardNegativeMiner(L.Callback):
         if dm is None or dm.hard_negative_file is None or self.share <= 0:
             return
         metas, pre = dm.metas["train"], dm.pre
-        recs = dm.splits["train"]
         n = max(1, int(round(len(metas) * self.share)))
         todo = [(self._offset + j) % len(metas) for j in range(min(n, len(metas)))]
         self._offset = (self._offset + n) % len(metas)
@@ -69,9 +66,7 @@ class HardNegativeMiner(L.Callback):
                     m = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
                     cells = F.max_pool2d(m, s, ceil_mode=True)
                     exclude = (F.max_pool2d(cells, 5, 1, 2)[0, 0].numpy() > 0)[:h, :w]
-                # a label-only anomalous scan: its hottest cell is the bag's instance, however cold (data.CropDataset)
-                weak = mask is None and recs[i].label == 1
-                cells = hottest_cells(z, exclude, 1 if weak else self.per_scan, -np.inf if weak else self.min_logit)
+                cells = hottest_cells(z, exclude, self.per_scan, self.min_logit)
                 found[metas[i]["key"]] = [(y * s + s // 2, x * s + s // 2) for y, x in cells]
         model.train(was_training)
         if trainer.world_size > 1:

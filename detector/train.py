@@ -566,8 +566,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
         callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
-    weak = any(r.label == 1 and not r.mask and not r.boxes for r in dm.splits["train"]) and not cfg.data.normal_only
-    if cfg.data.mine_share > 0 and (cfg.data.hard_negative_fraction > 0 or weak):   # weak: label-only anomalies
+    if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
         callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
     if cfg.trainer.ema_decay > 0:  # validation, best/last.ckpt's state_dict and the test use the average
         callbacks.append(EMAWeightAveraging(decay=cfg.trainer.ema_decay))
