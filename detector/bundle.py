@@ -147,7 +147,8 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     for k in PREPROCESSING_KEYS:   # clip_max or scale <= 0 maps every scan to air: every truck released
         _need(k in pre, path, f"preprocessing lacks {k!r}")
         _need(_is_num(pre[k]) and pre[k] > 0, path, f"preprocessing {k} {pre[k]!r} must be a number > 0")
-    _need(isinstance(pre["pad_multiple"], int), path, f"preprocessing pad_multiple {pre['pad_multiple']!r} must be an int")
+    _need(isinstance(pre["pad_multiple"], int), path,
+          f"preprocessing pad_multiple {pre['pad_multiple']!r} must be an int")
     _need(isinstance(pre.get("repair_rows", False), bool), path,
           f"preprocessing repair_rows {pre.get('repair_rows')!r} must be true or false")
     _need(isinstance(meta["stride"], int) and meta["stride"] >= 1, path, f"stride {meta['stride']!r} must be an int >= 1")

@@ -39,7 +39,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/default.yaml",
                    help="training config (default configs/default.yaml: the 44-minute quality run; configs/quick.yaml"
                         " trains in ~5 min; both ship with the package, so they resolve from any directory)")
-    p.add_argument("--data", default=None, help="dataset folder (manifest.csv or normal/ + anomalous/; default data/synth)")
+    p.add_argument("--data", default=None,
+                   help="dataset folder (manifest.csv or normal/ + anomalous/; default data/synth)")
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--accelerator", default=None, help="auto, cpu, gpu (overrides the config)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (RUN/last.ckpt)")

@@ -81,8 +81,8 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
 
 
 def _regions(text: str | None) -> list:
-    """A regions cell: a JSON list of {"box": [x0, y0, x1, y1], "score": s} ([] when empty). Anything else (a hand-edited
-    cell, another tool's format) raises ValueError here rather than a TypeError deep in the localisation."""
+    """A regions cell: a JSON list of {"box": [x0, y0, x1, y1], "score": s} ([] when empty). Anything else (a
+    hand-edited cell, another tool's format) raises ValueError here rather than a TypeError deep in the localisation."""
     if not _none(text):
         return []
     regions = json.loads(text)

@@ -373,6 +373,7 @@ def test_result_csv_keeps_saturated_scores_apart():
     """Six decimals printed the float32 scores 0.99999988, 0.99999994 and 1.0 all as 1.000000: in `detector eval`
     clean and anomalous trucks near the top tied, and the achieved false-alarm rate read higher than it was."""
     from detector import score as S
-    cells = [S._csv_fields({"path": "a.tiff", "score": float(v), "decision": "INSPECT", "threshold": 0.4, "regions": [],
-                            "latency_ms": 1.0, "error": ""})[1] for v in (np.float32(0.9999999), np.float32(0.99999994), 1.0)]
+    values = (np.float32(0.9999999), np.float32(0.99999994), 1.0)
+    cells = [S._csv_fields({"path": "a.tiff", "score": float(v), "decision": "INSPECT", "threshold": 0.4,
+                            "regions": [], "latency_ms": 1.0, "error": ""})[1] for v in values]
     assert len(set(cells)) == 3 and [float(c) for c in cells] == sorted(float(c) for c in cells)

@@ -103,7 +103,8 @@ def main(args) -> int:
         print("detector synth: --count must be >= 1", file=sys.stderr)
         return 2
     if not 0.0 <= args.anomaly_fraction <= 1.0:
-        print(f"detector synth: --anomaly-fraction is a share in [0, 1], got {args.anomaly_fraction:g}", file=sys.stderr)
+        print(f"detector synth: --anomaly-fraction is a share in [0, 1], got {args.anomaly_fraction:g}",
+              file=sys.stderr)
         return 2
     split = getattr(args, "split", None)
     if split and split.lower() not in SPLIT_ALIASES:   # training would refuse the manifest later, row by row
