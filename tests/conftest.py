@@ -7,6 +7,8 @@ light cargo does not.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,15 @@ DENSE_ATT = 2.5     # attenuation (high+low mean) at which the heuristic heatmap
 SLOPE = 4.0         # heatmap logit per unit of attenuation
 # synthetic validation scores of normal scans: the 1 % threshold lands near 0.4
 NORMAL_SCORES = np.linspace(0.01, 0.40, 300).round(6).tolist()
+TRAINING_PACKAGES = ("torch", "torchvision", "lightning", "pytorch_lightning", "albumentations")
+
+
+def run_without(code: str, blocked: tuple[str, ...] = TRAINING_PACKAGES, timeout: float = 120
+                ) -> subprocess.CompletedProcess:
+    """Run Python `code` in a fresh interpreter where the `blocked` packages cannot be imported, as on a station
+    that installed the core alone; stdout and stderr are captured as text."""
+    prelude = f"import sys\nfor m in {blocked!r}:\n    sys.modules[m] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout)
 
 
 def make_heuristic_bundle(path: str | Path, channels: int = 2, normal_scores=None,

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+from conftest import run_without
+
 CORE = ["detector.scan", "detector.preprocess", "detector.calibration", "detector.bundle",
         "detector.physics", "detector.tip", "detector.synth", "detector.runtime", "detector.policy",
         "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
@@ -9,14 +11,7 @@ CORE = ["detector.scan", "detector.preprocess", "detector.calibration", "detecto
 
 
 def test_core_modules_import_without_torch():
-    code = (
-        "import sys\n"
-        "for m in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'albumentations'):\n"
-        "    sys.modules[m] = None\n"
-        f"import importlib\nfor m in {CORE!r}:\n    importlib.import_module(m)\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_without(f"import importlib\nfor m in {CORE!r}:\n    importlib.import_module(m)\nprint('ok')\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -40,15 +35,10 @@ def test_cli_warnings_are_one_line_without_the_source_line():
 
 def test_training_verbs_on_a_station_install_say_what_to_install(tmp_path):
     """Without the extras `detector train` / `export` ended in a ModuleNotFoundError traceback."""
-    code = (
-        "import sys\n"
-        "for m in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'albumentations'):\n"
-        "    sys.modules[m] = None\n"
+    out = run_without(
         "from detector import cli\n"
         f"print(cli.main(['train', '--data', {str(tmp_path)!r}]), "
-        f"cli.main(['export', {str(tmp_path / 'best.ckpt')!r}, '--out', {str(tmp_path / 'm.onnx')!r}]))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        f"cli.main(['export', {str(tmp_path / 'best.ckpt')!r}, '--out', {str(tmp_path / 'm.onnx')!r}]))\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "2"]
     lines = out.stderr.strip().splitlines()
