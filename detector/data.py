@@ -315,9 +315,8 @@ class ScanCache:
         return [self.folder / f"{meta['key']}.{part}.npy" for part in ("att", "mask")[:1 + bool(meta["has_mask"])]]
 
     def load(self, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-        att = np.load(self.folder / f"{meta['key']}.att.npy", mmap_mode="r")
-        mask = np.load(self.folder / f"{meta['key']}.mask.npy", mmap_mode="r") if meta["has_mask"] else None
-        return att, mask
+        att, *mask = (np.load(p, mmap_mode="r") for p in self._arrays(meta))
+        return att, mask[0] if mask else None
 
 
 class CropDataset(Dataset):
@@ -561,10 +560,11 @@ class ScanDataModule(L.LightningDataModule):
         train = self.splits["train"]
         weak = [r for r in train if r.label == 1 and not r.mask and not r.boxes]
         if weak:
-            self.splits["train"] = [r for r in train if not (r.label == 1 and not r.mask and not r.boxes)]
+            left_out = {id(r) for r in weak}
+            self.splits["train"] = [r for r in train if id(r) not in left_out]
             rank_zero_warn(f"{len(weak)} of {sum(r.label == 1 for r in train)} anomalous training scans have a label "
                            f"alone (no mask, no boxes; e.g. {Path(weak[0].path).name}): left out of training, where "
-                           "crops cut anywhere in them taught normal structure as anomalous. Give each a rough box "
+                           "crops cut anywhere in them taught normal structure as anomalous. Give each a box "
                            "(manifest `boxes`) to train on it, or put them in the validation split, where a label is "
                            "enough; data.label_only_crops=true trains on them anyway")
 

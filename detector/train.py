@@ -129,9 +129,9 @@ def _build(cls: type, d: dict, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:   # a typo: name the nearest real key, so `trainer.max_epoch=5` is one glance from fixed
-        hints = [f"{where}{k} (did you mean {where}{near[0]}?)" if (near := difflib.get_close_matches(k, names, 1))
+        named = [f"{where}{k} (did you mean {where}{near[0]}?)" if (near := difflib.get_close_matches(k, names, 1))
                  else where + k for k in sorted(unknown)]
-        raise ConfigError(f"unknown config key(s) {', '.join(hints)}")
+        raise ConfigError(f"unknown config key(s) {', '.join(named)}")
     kw = {}
     for k, v in d.items():
         t = hints[k]
