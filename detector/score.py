@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -56,16 +57,40 @@ def read_manifest(path: Path) -> list[Item]:
 def discover(src: str) -> tuple[list[Item], str]:
     """The files named by SRC and a word on how they were found. SRC: a folder (its manifest.csv
     when present, else every scan file below it, skipping masks/), a glob, a .txt list or a .csv."""
+    items, how = _discover(src)
+    return unique(items), how
+
+
+def unique(items: list[Item]) -> list[Item]:
+    """Items less repeats of a file (a list naming it twice, a symlink beside its target), the first kept: one
+    row per scan, where two made `detector eval` refuse the CSV."""
+    kept, seen = [], set()
+    for i in items:
+        if i.path not in seen:
+            seen.add(i.path)
+            kept.append(i)
+    if len(kept) < len(items):
+        warnings.warn(f"{len(items) - len(kept)} file(s) named more than once are scored once")
+    return kept
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Scan files below a folder, sorted, skipping masks/ and hidden names."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        files += [Path(root, n) for n in sorted(names)
+                  if not n.startswith(".") and Path(n).suffix.lower() in SCAN_SUFFIXES]
+    return files
+
+
+def _discover(src: str) -> tuple[list[Item], str]:
+    """discover before repeats are dropped."""
     p = Path(src)
     if p.is_dir():
         if (p / "manifest.csv").is_file():
             return read_manifest(p / "manifest.csv"), f"{p / 'manifest.csv'}"
-        files = []
-        for root, dirs, names in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
-            files += [Path(root, n) for n in sorted(names)
-                      if not n.startswith(".") and Path(n).suffix.lower() in SCAN_SUFFIXES]
-        return [Item(f.resolve()) for f in files], f"folder {p}"
+        return [Item(f.resolve()) for f in _walk(p)], f"folder {p}"
     if p.suffix.lower() == ".csv" and p.is_file():
         return read_manifest(p), f"manifest {p}"
     if p.suffix.lower() == ".txt" and p.is_file():

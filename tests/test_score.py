@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 from argparse import Namespace
 from types import SimpleNamespace
 
@@ -170,6 +171,26 @@ def test_discover_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         score.discover(str(tmp_path / "nope"))
 
+
+
+def test_a_file_named_twice_gets_one_row_and_eval_accepts_the_csv(tmp_path, heuristic_model, normal_scan_path,
+                                                                  anomalous_scan_path):
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    shutil.copy(anomalous_scan_path, d / "b.tiff")
+    (d / "latest.tiff").symlink_to("b.tiff")              # a symlink beside its target
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{d / 'a.tiff'}\n{d / 'a.tiff'}\n")      # one file listed twice
+    for src, n in ((d, 2), (lst, 1)):
+        out = tmp_path / f"{Path(src).stem}.csv"
+        with pytest.warns(UserWarning, match="1 file.* named more than once"):
+            assert score.main(_args(src, heuristic_model, out)) == 0
+        assert len(out.read_text().splitlines()) == 1 + n
+    truth = tmp_path / "manifest.csv"
+    truth.write_text("path,label\nscans/a.tiff,0\nscans/b.tiff,1\n")
+    from detector import evaluate
+    assert evaluate.evaluate(tmp_path / "scans.csv", truth, tmp_path / "report", thumbs=False)["overall"]["n"] == 2
 
 def test_policy_file_tiers_and_risk_flags(tmp_path, heuristic_model, normal_scan_path):
     pol = tmp_path / "policy.yaml"
