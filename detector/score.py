@@ -75,9 +75,18 @@ def unique(items: list[Item]) -> list[Item]:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Scan files below a folder, sorted, skipping masks/ and hidden names."""
-    files = []
-    for root, dirs, names in os.walk(folder):
+    """Scan files below a folder, sorted, skipping masks/ and hidden names. Symlinked folders are followed (once
+    each); a folder that cannot be listed is reported, where os.walk skipped it and its scans without a word."""
+    files, seen = [], set()
+
+    def unlisted(e: OSError) -> None:
+        warnings.warn(f"{e.filename}: cannot list this folder ({e.strerror or e}); its scans are not scored")
+    for root, dirs, names in os.walk(folder, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:   # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         files += [Path(root, n) for n in sorted(names)
                   if not n.startswith(".") and Path(n).suffix.lower() in SCAN_SUFFIXES]

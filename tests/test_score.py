@@ -173,6 +173,26 @@ def test_discover_sources(tmp_path):
 
 
 
+
+def test_folder_walk_follows_symlinked_folders_once_and_reports_unlistable_ones(tmp_path, monkeypatch):
+    import os
+    d, day = tmp_path / "share", tmp_path / "elsewhere" / "day2"
+    for f in (d / "day1" / "a.tiff", day / "b.tiff", d / "locked" / "c.tiff"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    (d / "day2").symlink_to(day)                   # a day's folder linked into the share
+    (d / "day1" / "up").symlink_to(d)              # a link back up the tree
+    real_scandir = os.scandir
+
+    def scandir(path="."):                          # chmod 000 does not stop root, who runs the tests here
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(UserWarning, match="locked: cannot list this folder .*Permission denied.*not scored"):
+        items, _ = score.discover(str(d))
+    assert sorted(i.path.name for i in items) == ["a.tiff", "b.tiff"]
+
 def test_a_file_named_twice_gets_one_row_and_eval_accepts_the_csv(tmp_path, heuristic_model, normal_scan_path,
                                                                   anomalous_scan_path):
     d = tmp_path / "scans"
