@@ -277,6 +277,25 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
     return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
 
 
+
+def _colour_png(path: Path) -> bool:
+    """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 8 and head[25] in (2, 6)
+
+
+def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
+    """Items less the overlays an earlier run drew into the --overlays folder (colour PNGs below it), and how many:
+    with that folder inside the scanned one, a resumed run scored them as trucks and named its overlays anew."""
+    where = overlays.resolve()
+    drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
+            and _colour_png(i.path)}
+    return [i for i in items if i.path not in drop], len(drop)
+
 def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
     """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run)."""
     from detector import report
@@ -411,6 +430,10 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
+    if args.overlays:
+        items, skipped = drop_overlays(items, Path(args.overlays))
+        if skipped:
+            print(f"skipping {skipped} overlay PNG(s) already in {args.overlays}", file=sys.stderr)
     if not items:
         print(f"detector score: no scan files ({', '.join(SCAN_SUFFIXES)}) in {how}", file=sys.stderr)
         return 1

@@ -396,6 +396,22 @@ def test_overlays_never_replace_one_another_nor_a_scan(tmp_path, heuristic_model
     assert banner["a.npy.png"][2] > 150 > banner["a.tiff.png"][2]  # each banner on its own truck: red = INSPECT
 
 
+
+def test_overlays_inside_the_scanned_folder_are_not_scored_on_the_next_run(tmp_path, heuristic_model_1ch):
+    from conftest import write_test_scan
+    for where in ("overlays", "day"):                                       # a subfolder, or beside the scans
+        d, out = tmp_path / where / "scans", tmp_path / f"{where}.csv"
+        write_test_scan(d / "day" / "a.tiff", channels=1, seed=1)
+        write_test_scan(d / "day" / "p.png", channels=1, dense=True, seed=3)   # a 16-bit PNG scan stays a scan
+        ov = d / where
+        assert score.main(_args(d, heuristic_model_1ch, out, overlays=str(ov))) == 0
+        drawn = sorted(p.relative_to(d).as_posix() for p in ov.rglob("*.png") if p.name != "p.png")
+        shutil.copy(d / "day" / "a.tiff", d / "day" / "b.tiff")             # a new truck arrives
+        assert score.main(_args(d, heuristic_model_1ch, out, overlays=str(ov))) == 0
+        assert sorted(_rows(out)) == ["a.tiff", "b.tiff", "p.png"], where
+        assert sorted(p.relative_to(d).as_posix() for p in ov.rglob("*.png") if p.name != "p.png") == sorted(
+            drawn + [drawn[0].replace("a.", "b.")]), where                  # no overlay of an overlay
+
 def test_a_resumed_run_names_overlays_as_the_first(tmp_path, heuristic_model, normal_scan_path, anomalous_scan_path):
     d, ov, out = tmp_path / "scans", tmp_path / "ov", tmp_path / "r.csv"
     (d / "sub").mkdir(parents=True)
