@@ -167,6 +167,26 @@ def routing_file(out: Path) -> Path:
     return out.with_name(out.name + ".routing.json")
 
 
+
+def lock_results(out: Path):
+    """Hold `out` for this run through a lock on `out.lock` (open file returned; closing or exiting releases it,
+    however the process ends); BlockingIOError when another run holds it. Two runs appending to one CSV scored
+    the same files twice, rows that `detector eval` then refused."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f = open(out.with_name(out.name + ".lock"), "a+b")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise BlockingIOError(f"{out} is being written by another `detector score` (lock {f.name}): wait for it "
+                              "to end, or give another --out") from None
+    return f
+
 def check_same_routing(out: Path, routing: dict) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
     already in it: one CSV, one routing (a CSV from before the routing file is resumed as it is)."""
@@ -456,6 +476,17 @@ def main(args) -> int:
         return 2
     routing = {"model": str(args.model), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
                "force_flags": policy.force_flags}
+    try:
+        lock = lock_results(out)
+    except OSError as e:
+        print(f"detector score: {e}", file=sys.stderr)
+        return 2
+    with lock:
+        return _run(args, out, items, how, inspector, policy, routing)
+
+
+def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict) -> int:
+    """main's part under the results lock: resume, score, summarise."""
     if getattr(args, "no_resume", False):
         for p in (out, Path(args.jsonl) if args.jsonl else None, routing_file(out)):
             if p and p.exists():

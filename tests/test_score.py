@@ -339,6 +339,18 @@ def test_resume_after_a_row_cut_inside_its_regions_rescores_it(tmp_path, heurist
     assert out.read_bytes().count(b"\n") == full.count(b"\n") == 3
 
 
+
+def test_a_second_run_on_the_same_csv_is_refused_while_the_first_runs(tmp_path, heuristic_model, normal_scan_path,
+                                                                      capsys):
+    d, out = tmp_path / "scans", tmp_path / "r.csv"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    with score.lock_results(out):                   # the first run, still scoring
+        assert score.main(_args(d, heuristic_model, out)) == 2
+        assert not out.exists()
+    assert "being written by another `detector score`" in capsys.readouterr().err
+    assert score.main(_args(d, heuristic_model, out)) == 0 and len(_rows(out)) == 1   # free again once it ends
+
 def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristic_model, normal_scan_path):
     d = tmp_path / "scans"
     d.mkdir()
