@@ -12,15 +12,17 @@ import csv
 import glob
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from detector.manifest import dataset_above, has_layout, read_rows
 from detector.policy import load_policy, parse_flags
@@ -406,8 +408,14 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             row = {"path": str(item.path), "score": None if verdict is None else float(verdict.score),
                    "decision": decision if error is None else "INSPECT", "threshold": thr,
                    "regions": regions, "latency_ms": load_ms + infer_ms, "error": error or ""}
+            draw = overlays and not error and (row["decision"] != "RELEASE" or not overlays_flagged)
+            while draw and len(drawing) >= 2:  # bound the scans waiting to be drawn; waited for before the row is
+                _note(counts, drawing.popleft().result())   # written, so a stop here never leaves it without one
             writer.writerow(_csv_fields(row))
             f.flush()
+            if draw:
+                drawing.append(painter.submit(_write_overlay, names[item.path],
+                                              scan, verdict, row["decision"], thr))
             if fj:
                 extra = {"tier": item.tier, "risk_flags": item.risk_flags,
                          "reason": error or (why if verdict is not None else None)}
@@ -421,11 +429,6 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             if error:
                 counts.failed += 1
                 counts.failures.append(f"{item.path}: {error}")
-            elif overlays and (row["decision"] != "RELEASE" or not overlays_flagged):
-                while len(drawing) >= 2:  # bound the scans waiting to be drawn
-                    _note(counts, drawing.popleft().result())
-                drawing.append(painter.submit(_write_overlay, names[item.path],
-                                              scan, verdict, row["decision"], thr))
             if on_row:
                 on_row(row)
             del scan, verdict
@@ -440,6 +443,24 @@ def _note(counts: Counts, overlay_error: str | None) -> None:
     if overlay_error:
         counts.overlay_errors.append(overlay_error)
 
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a service manager, `timeout`, `kill`) stops a run as Ctrl-C does: overlays in flight are drawn and
+    the files closed. By default it ended the process at once, and rows already written lost their overlays for
+    good (a resumed run skips those rows)."""
+    if threading.current_thread() is not threading.main_thread():   # signals are only for the main thread
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 def main(args) -> int:
     """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
@@ -509,15 +530,19 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     todo = [i for i in items if str(i.path) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    routing_file(out).write_text(json.dumps(routing, indent=1) + "\n", encoding="utf-8")
     workers = args.workers or max(1, min(4, (os.cpu_count() or 2) - 1))
     t0 = time.perf_counter()
     converted: list[str] = []
-    with summarised_scan_warnings(converted.append):
-        c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
-                        overlays=Path(args.overlays) if args.overlays else None,
-                        overlays_flagged=args.overlays_flagged, policy=policy, workers=workers, run_items=items)
+    try:
+        routing_file(out).write_text(json.dumps(routing, indent=1) + "\n", encoding="utf-8")
+        with summarised_scan_warnings(converted.append), _stop_on_sigterm():
+            c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
+                            overlays=Path(args.overlays) if args.overlays else None,
+                            overlays_flagged=args.overlays_flagged, policy=policy, workers=workers, run_items=items)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(done_paths(out))} of {len(items)} files in {out}; the same command resumes",
+              file=sys.stderr)
+        return 130
     dt = time.perf_counter() - t0
     for line in converted:
         print(f"warning: {line}", file=sys.stderr)

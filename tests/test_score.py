@@ -351,6 +351,38 @@ def test_a_second_run_on_the_same_csv_is_refused_while_the_first_runs(tmp_path, 
     assert "being written by another `detector score`" in capsys.readouterr().err
     assert score.main(_args(d, heuristic_model, out)) == 0 and len(_rows(out)) == 1   # free again once it ends
 
+
+def test_sigterm_stops_like_ctrl_c_and_every_written_row_keeps_its_overlay(tmp_path, heuristic_model,
+                                                                          normal_scan_path):
+    import os
+    import subprocess
+    import sys
+    d, out, ov = tmp_path / "scans", tmp_path / "r.csv", tmp_path / "ov"
+    d.mkdir()
+    for i in range(6):
+        shutil.copy(normal_scan_path, d / f"n{i}.tiff")
+    args = _args(d, heuristic_model, out, overlays=str(ov))
+    code = f"""if True:
+        import os, signal, sys
+        from argparse import Namespace
+        from detector import score
+        draw = score._write_overlay
+        def drawing(dest, *a):   # stopped (systemctl stop, timeout) while n1's overlay is being drawn
+            if dest.stem == "n1":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return draw(dest, *a)
+        score._write_overlay = drawing
+        sys.exit(score.main(Namespace(**{vars(args)!r})))"""
+    repo = str(Path(score.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130, run.stderr
+    assert "interrupted:" in run.stderr and "the same command resumes" in run.stderr
+    rows = sorted(Path(p).stem for p in _rows(out))
+    assert "n1" in rows and sorted(p.stem for p in ov.glob("*.png")) == rows   # no row without its overlay
+    assert score.main(args) == 0 and sorted(p.stem for p in ov.glob("*.png")) == [f"n{i}" for i in range(6)]
+
+
 def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristic_model, normal_scan_path):
     d = tmp_path / "scans"
     d.mkdir()
