@@ -543,6 +543,10 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
         print(f"interrupted: {len(done_paths(out))} of {len(items)} files in {out}; the same command resumes",
               file=sys.stderr)
         return 130
+    except OSError as e:   # the results themselves (disk full, share gone): stop, keeping the rows written
+        print(f"detector score: cannot write the results: {e}; the rows written so far are kept: make room and run "
+              "the same command again to resume", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     for line in converted:
         print(f"warning: {line}", file=sys.stderr)

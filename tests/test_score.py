@@ -383,6 +383,16 @@ def test_sigterm_stops_like_ctrl_c_and_every_written_row_keeps_its_overlay(tmp_p
     assert score.main(args) == 0 and sorted(p.stem for p in ov.glob("*.png")) == [f"n{i}" for i in range(6)]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_stops_the_run_in_one_line_not_a_traceback(tmp_path, heuristic_model, normal_scan_path, capsys):
+    d, out = tmp_path / "scans", tmp_path / "r.csv"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    out.symlink_to("/dev/full")                     # every write: ENOSPC
+    assert score.main(_args(d, heuristic_model, out)) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the results" in err and "No space left on device" in err and "to resume" in err
+
 def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristic_model, normal_scan_path):
     d = tmp_path / "scans"
     d.mkdir()
