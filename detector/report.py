@@ -91,10 +91,11 @@ def verdict_banner(decision: str, score: float | None, threshold: float | None, 
 
 
 def write_png(path: str | Path, img: np.ndarray) -> Path:
-    """Write an image, creating its folder."""
+    """Write an image, creating its folder; a failed write (disk full) leaves no cut-off file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), img):
+        path.unlink(missing_ok=True)
         raise OSError(f"could not write {path}")
     return path
 

@@ -556,8 +556,11 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
         print(f"... and {len(c.failures) - 10} more failures (see the error column)", file=sys.stderr)
     for line in c.overlay_errors[:5]:
         print(f"warning: {line}", file=sys.stderr)
+    if len(c.overlay_errors) > 5:
+        print(f"... and {len(c.overlay_errors) - 5} more overlays not written", file=sys.stderr)
     where = f"{out}" + (f", {args.jsonl}" if args.jsonl else "") + (f", overlays in {args.overlays}" if args.overlays else "")
-    print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}, "
+    missing = f", {len(c.overlay_errors)} overlays not written" if c.overlay_errors else ""
+    print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}{missing}, "
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
     src = Path(args.src)
     labelled = (src / "manifest.csv").is_file() or has_layout(src)

@@ -393,6 +393,24 @@ def test_a_full_disk_stops_the_run_in_one_line_not_a_traceback(tmp_path, heurist
     err = capsys.readouterr().err
     assert "cannot write the results" in err and "No space left on device" in err and "to resume" in err
 
+
+def test_overlays_that_cannot_be_written_are_counted_and_leave_no_cut_off_png(tmp_path, heuristic_model,
+                                                                              normal_scan_path, monkeypatch, capsys):
+    import cv2
+    d, ov = tmp_path / "scans", tmp_path / "ov"
+    d.mkdir()
+    for i in range(8):
+        shutil.copy(normal_scan_path, d / f"n{i}.tiff")
+
+    def full_disk(path, img):                        # libpng's write error: half a file, then False
+        Path(path).write_bytes(cv2.imencode(".png", img)[1].tobytes()[:100])
+        return False
+    monkeypatch.setattr(cv2, "imwrite", full_disk)
+    assert score.main(_args(d, heuristic_model, tmp_path / "r.csv", overlays=str(ov))) == 0
+    out, err = capsys.readouterr()
+    assert "failed 0, 8 overlays not written" in out and "... and 3 more overlays not written" in err
+    assert not list(ov.glob("*.png"))
+
 def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristic_model, normal_scan_path):
     d = tmp_path / "scans"
     d.mkdir()
