@@ -157,7 +157,8 @@ def plot_histogram(normal: np.ndarray, anomalous: np.ndarray, path: str | Path,
         ax.set_ylim(bottom=0.8)
     ax.set_xlabel("score")
     ax.set_ylabel("scans")
-    ax.legend(fontsize=8)
+    if len(normal) or len(anomalous):   # nothing scored (all failed): an empty legend only warns
+        ax.legend(fontsize=8)
     ax.set_title("Score distribution")
     return _save_figure(plt, fig, path)
 

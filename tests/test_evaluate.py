@@ -97,6 +97,15 @@ def test_eval_failures_fail_closed_and_single_class(tmp_path):
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["overall"]["auroc"] is None
 
 
+
+def test_a_run_where_every_scan_failed_is_reported_without_warnings(tmp_path):
+    import warnings
+    data, res = _dataset(tmp_path, failed=tuple(name for name, *_ in ROWS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # matplotlib warned of an empty legend on the command line
+        m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["overall"]["n_failed"] == len(ROWS) and (tmp_path / "r" / "hist.png").is_file()
+
 def test_plain_layout_and_relative_paths(tmp_path):
     counts = np.full((2, 20, 40), 50000, np.uint16)
     counts[:, 10:, 10:30] = 9000
