@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import struct
@@ -32,6 +33,10 @@ TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a s
                                   # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
+
+# tifffile logs what it finds wrong in a file besides raising; ScanError already names it, and without a logging
+# setup Python printed each such log line raw (two per truncated TIFF, thousands in a batch of copies in progress)
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 
 class ScanError(ValueError):

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -396,6 +398,18 @@ def test_bad_input_raises_clear_error(tmp_path, name):
     assert reason in err.value.reason
     assert str(path) in str(err.value)
 
+
+
+def test_a_truncated_tiff_prints_nothing_besides_its_error(tmp_path, normal_scan_path):
+    """Without a logging setup (the command line), tifffile's log lines were printed raw, two per truncated file."""
+    import subprocess
+    import sys
+    cut = tmp_path / "cut.tiff"
+    cut.write_bytes(normal_scan_path.read_bytes()[:1000])
+    code = f"from detector.scan import ScanError, read_scan\ntry:\n    read_scan({str(cut)!r})\nexcept ScanError:\n    pass"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr == ""
 
 def test_missing_and_directory(tmp_path):
     with pytest.raises(ScanError, match="file not found"):
