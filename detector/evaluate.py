@@ -108,6 +108,9 @@ def load_results(path: str | Path) -> list[Result]:
         for r in reader:
             if not r.get("path"):
                 continue
+            if None in (r[k] for k in reader.fieldnames):   # columns missing at the end: not a short score cell
+                raise ValueError(f"{path}: row {reader.line_num} is cut off after {r['path']!r} (a `detector score` "
+                                 "interrupted or still running?): run the same score command to complete it")
             try:
                 score = float(r["score"]) if _none(r.get("score")) else float("nan")
                 threshold = float(r["threshold"]) if _none(r.get("threshold")) else None

@@ -129,6 +129,14 @@ def test_a_damaged_results_row_is_named(tmp_path):
         evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
 
 
+
+def test_a_row_cut_off_by_an_interrupted_run_is_named_not_read_as_a_score(tmp_path):
+    data, res = _dataset(tmp_path)
+    text = res.read_text()
+    res.write_text(text[:text.rindex("0.6") + 1])       # the last row (a2, score 0.6) cut after '0'
+    with pytest.raises(ValueError, match=r"row 8 is cut off after '.*a2\.tiff'.*run the same score command"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+
 def test_two_rows_for_one_scan_are_refused(tmp_path):
     data, res = _dataset(tmp_path)
     lines = res.read_text().splitlines()
