@@ -406,7 +406,8 @@ def test_a_truncated_tiff_prints_nothing_besides_its_error(tmp_path, normal_scan
     import sys
     cut = tmp_path / "cut.tiff"
     cut.write_bytes(normal_scan_path.read_bytes()[:1000])
-    code = f"from detector.scan import ScanError, read_scan\ntry:\n    read_scan({str(cut)!r})\nexcept ScanError:\n    pass"
+    code = (f"from detector.scan import ScanError, read_scan\ntry:\n    read_scan({str(cut)!r})\n"
+            "except ScanError:\n    pass")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stderr == ""
