@@ -466,6 +466,11 @@ def main(args) -> int:
     """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
     from detector.runtime import InspectionError, Inspector, valid_threshold
     out = Path(args.out)
+    for flag in ("workers", "threads"):   # 0 or none: the default
+        if (getattr(args, flag, None) or 0) < 0:
+            print(f"detector score: --{flag} must be a count (0 for the default), got {getattr(args, flag)}",
+                  file=sys.stderr)
+            return 2
     try:
         items, how = discover(args.src)
     except (FileNotFoundError, ValueError) as e:

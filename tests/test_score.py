@@ -276,6 +276,14 @@ def test_scoring_a_datasets_images_folder_suggests_that_dataset_as_the_truth(tmp
     assert f"next: detector eval {tmp_path / 'r.csv'} --truth {data} --out report/" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("flag", ["workers", "threads"])
+def test_a_negative_worker_or_thread_count_is_refused_in_one_line(tmp_path, heuristic_model, normal_scan_path, flag,
+                                                                  capsys):
+    out = tmp_path / "r.csv"
+    assert score.main(_args(normal_scan_path, heuristic_model, out, **{flag: -1})) == 2
+    assert f"--{flag} must be a count" in capsys.readouterr().err and not out.exists()
+
 def test_a_threshold_outside_the_score_range_is_refused_before_scoring(tmp_path, heuristic_model, normal_scan_path,
                                                                        capsys):
     for bad in (1.5, -0.1):
