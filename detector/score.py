@@ -466,6 +466,10 @@ def main(args) -> int:
     """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
     from detector.runtime import InspectionError, Inspector, valid_threshold
     out = Path(args.out)
+    if out.is_dir():
+        print(f"detector score: --out {out} is a folder: give the results file, e.g. {out / 'results.csv'}",
+              file=sys.stderr)
+        return 2
     for flag in ("workers", "threads"):   # 0 or none: the default
         if (getattr(args, flag, None) or 0) < 0:
             print(f"detector score: --{flag} must be a count (0 for the default), got {getattr(args, flag)}",
@@ -549,8 +553,8 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
               file=sys.stderr)
         return 130
     except OSError as e:   # the results themselves (disk full, share gone): stop, keeping the rows written
-        print(f"detector score: cannot write the results: {e}; the rows written so far are kept: make room and run "
-              "the same command again to resume", file=sys.stderr)
+        print(f"detector score: cannot write the results: {e}; the rows written so far are kept: fix that (make room, "
+              "reconnect the share) and run the same command again to resume", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
     for line in converted:

@@ -284,6 +284,15 @@ def test_a_negative_worker_or_thread_count_is_refused_in_one_line(tmp_path, heur
     assert score.main(_args(normal_scan_path, heuristic_model, out, **{flag: -1})) == 2
     assert f"--{flag} must be a count" in capsys.readouterr().err and not out.exists()
 
+
+def test_an_out_that_is_a_folder_is_refused_before_anything_is_written(tmp_path, heuristic_model, normal_scan_path,
+                                                                       capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    assert score.main(_args(normal_scan_path, heuristic_model, out)) == 2
+    assert "is a folder: give the results file, e.g." in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"] and not list(out.iterdir())
+
 def test_a_threshold_outside_the_score_range_is_refused_before_scoring(tmp_path, heuristic_model, normal_scan_path,
                                                                        capsys):
     for bad in (1.5, -0.1):
