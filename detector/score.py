@@ -170,12 +170,23 @@ def routing_file(out: Path) -> Path:
 
 
 
+def lock_file(out: Path) -> Path:
+    """Beside a results CSV: the lock a run holds while it writes it."""
+    return out.with_name(out.name + ".lock")
+
+
+def own_files(out: Path, jsonl: Path | None) -> set[Path]:
+    """The files a run writes besides overlays (resolved): never its input, whatever SRC names (a glob like
+    scans/* with the results in scans/ scored them as failed trucks, and exited 1 when they were all that was new)."""
+    return {p.resolve() for p in (out, lock_file(out), routing_file(out), jsonl) if p is not None}
+
+
 def lock_results(out: Path):
     """Hold `out` for this run through a lock on `out.lock` (open file returned; closing or exiting releases it,
     however the process ends); BlockingIOError when another run holds it. Two runs appending to one CSV scored
     the same files twice, rows that `detector eval` then refused."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    f = open(out.with_name(out.name + ".lock"), "a+b")
+    f = open(lock_file(out), "a+b")
     try:
         if os.name == "nt":
             import msvcrt
@@ -480,6 +491,8 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
+    own = own_files(out, Path(args.jsonl) if args.jsonl else None)
+    items = [i for i in items if i.path not in own]
     if args.overlays:
         items, skipped = drop_overlays(items, Path(args.overlays))
         if skipped:

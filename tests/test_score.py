@@ -193,6 +193,17 @@ def test_folder_walk_follows_symlinked_folders_once_and_reports_unlistable_ones(
         items, _ = score.discover(str(d))
     assert sorted(i.path.name for i in items) == ["a.tiff", "b.tiff"]
 
+
+def test_the_runs_own_files_are_never_scored_whatever_src_names(tmp_path, heuristic_model, normal_scan_path):
+    d = tmp_path / "day"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    args = _args(d / "*", heuristic_model, d / "results.csv", jsonl=str(d / "results.jsonl"))
+    assert score.main(args) == 0
+    shutil.copy(normal_scan_path, d / "b.tiff")                   # the next truck
+    assert score.main(args) == 0                                   # exited 1: every new row had failed
+    assert sorted(_rows(d / "results.csv")) == ["a.tiff", "b.tiff"]
+
 def test_a_file_named_twice_gets_one_row_and_eval_accepts_the_csv(tmp_path, heuristic_model, normal_scan_path,
                                                                   anomalous_scan_path):
     d = tmp_path / "scans"
