@@ -117,7 +117,8 @@ def _discover(src: str) -> tuple[list[Item], str]:
     if p.is_file():
         return [Item(p.resolve())], f"file {p}"
     if glob.has_magic(src):
-        files = sorted(Path(f) for f in glob.glob(src, recursive=True) if Path(f).is_file())
+        files = sorted(Path(f) for f in glob.glob(src, recursive=True)   # scan files, as in a folder: day/* on a
+                       if Path(f).suffix.lower() in SCAN_SUFFIXES and Path(f).is_file())  # share also has Thumbs.db
         return [Item(f.resolve()) for f in files], f"glob {src}"
     raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
 

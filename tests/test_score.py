@@ -164,6 +164,9 @@ def test_discover_sources(tmp_path):
     names = lambda items: sorted(i.path.name for i in items)
     assert names(score.discover(str(d))[0]) == ["a.tiff", "b.tiff", "c.npy"]  # no masks, no hidden
     assert names(score.discover(str(d / "**" / "*.tiff"))[0]) == ["a.tiff", "b.tiff"]
+    for other in ("Thumbs.db", "desktop.ini", "notes.txt", "manifest.csv"):  # a share's folder holds these too
+        (d / "normal" / other).write_bytes(b"x")
+    assert names(score.discover(str(d / "normal" / "*"))[0]) == ["a.tiff"]
     lst = tmp_path / "list.txt"
     lst.write_text("ds/normal/a.tiff\n# comment\n\n" + str(d / "x" / "c.npy") + "\n")
     items, _ = score.discover(str(lst))
