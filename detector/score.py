@@ -531,6 +531,7 @@ def main(args) -> int:
 
 def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict) -> int:
     """main's part under the results lock: resume, score, summarise."""
+    from detector.runtime import usable_cpus
     if getattr(args, "no_resume", False):
         for p in (out, Path(args.jsonl) if args.jsonl else None, routing_file(out)):
             if p and p.exists():
@@ -553,7 +554,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     todo = [i for i in items if str(i.path) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
-    workers = args.workers or max(1, min(4, (os.cpu_count() or 2) - 1))
+    workers = args.workers or max(1, min(4, usable_cpus() - 1))
     t0 = time.perf_counter()
     converted: list[str] = []
     try:

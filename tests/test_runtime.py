@@ -257,3 +257,14 @@ def test_a_scan_built_in_memory_is_checked_like_a_file(inspector, anomalous_scan
             inspector.inspect(bad)
         v = inspector.inspect_safe(bad)
         assert v.decision == "INSPECT" and v.error, (name, v.reason)
+
+
+def test_default_threads_are_the_cpus_this_process_may_use_not_the_hosts(monkeypatch):
+    """A container given 2 of a host's 64 cores (cpuset, taskset): os.cpu_count says 64."""
+    import os
+
+    from detector import runtime
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    assert runtime._session_options(None).intra_op_num_threads == 2
+    assert runtime._session_options(5).intra_op_num_threads == 5
