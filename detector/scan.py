@@ -482,21 +482,31 @@ def _tiff_info(page: Any, name: str) -> dict:
 
 def _read_npy(data: bytes, name: str, max_pixels: int | None):
     f = io.BytesIO(data)
-    _check_npy_header(f, name, max_pixels)
+    _check_npy_header(f, name, max_pixels, len(data))
     f.seek(0)
     arr = np.load(f, allow_pickle=False)
     return np.ascontiguousarray(arr), {}
 
 
-def _check_npy_header(f: Any, name: str, max_pixels: int | None) -> None:
-    """Size and dtype checks from the .npy header alone, before any pixel is read."""
+def _read_npy_header(f: Any, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header; ScanError for Python objects."""
     version = np.lib.format.read_magic(f)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                    else np.lib.format.read_array_header_2_0)
     shape, _, dtype = read_header(f)
     if dtype.hasobject:
         raise ScanError(name, "NumPy file holds Python objects; refusing to unpickle")
-    shape = tuple(shape)
+    return tuple(shape), dtype
+
+
+def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int) -> None:
+    """Size and dtype checks from the .npy header alone, before any pixel is read. NumPy allocates the whole array
+    before reading it: a 128-byte header of 16x16 pixels of 10 MB each (or of complex128 at the pixel limit) took
+    GBs, so only pixel types a scan can have pass, and only when the file (`file_bytes`) holds all their bytes."""
+    shape, dtype = _read_npy_header(f, name)
+    if not ((dtype.kind == "u" and dtype.itemsize <= 2) or (dtype.kind == "f" and dtype.itemsize <= 8)):
+        raise ScanError(name, f"unsupported pixel type {dtype}; expected uint8 or uint16 counts (or float "
+                              "transmission in [0, 1])")
     if len(shape) == 2:
         _check_shape(name, 1, shape[0], shape[1], max_pixels)
     elif _channels_last(shape):
@@ -505,6 +515,9 @@ def _check_npy_header(f: Any, name: str, max_pixels: int | None) -> None:
         _check_shape(name, shape[0], shape[1], shape[2], max_pixels)
     else:
         raise ScanError(name, f"expected a 2-D image or (C, H, W) stack, got shape {shape}")
+    need = f.tell() + math.prod(shape) * dtype.itemsize
+    if need > file_bytes:
+        raise ScanError(name, f"truncated NumPy array: its header promises {need} bytes, the file holds {file_bytes}")
 
 
 def _read_npz(data: bytes, name: str, max_pixels: int | None):
@@ -512,7 +525,7 @@ def _read_npz(data: bytes, name: str, max_pixels: int | None):
         if "counts" not in z:
             raise ScanError(name, "NPZ scan needs a 'counts' array (optional 'i0', 'pitch_mm')")
         with z.zip.open("counts.npy") as f:
-            _check_npy_header(f, name, max_pixels)
+            _check_npy_header(f, name, max_pixels, z.zip.getinfo("counts.npy").file_size)
         counts = z["counts"]
         info: dict = {}
         if "i0" in z:
