@@ -55,3 +55,45 @@ def expect_refused(data: bytes, name: str, reason: str, most_mb: float = 20.0, *
 ])
 def test_npy_header_claims_are_checked_before_numpy_allocates(descr, shape, reason):
     expect_refused(_npy_header(descr, shape) + b"\0" * 100, "bomb.npy", reason)
+
+
+def _npz(members: dict[str, bytes]) -> bytes:
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, raw in members.items():
+            z.writestr(key, raw)
+    return buf.getvalue()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _counts(channels: int = 2, h: int = 64, w: int = 160) -> np.ndarray:
+    """uint16 counts: open beam on top, varied cargo below."""
+    counts = np.random.default_rng(0).integers(1000, 50000, (channels, h, w)).astype(np.uint16)
+    counts[:, :8] = 53000
+    return counts
+
+
+@pytest.mark.parametrize("key, value", [("i0", np.zeros(3_000_000)), ("pitch_mm", np.zeros(3_000_000)),
+                                        ("i0", np.array([1 + 2j, 3j])), ("pitch_mm", np.array(["5"]))])
+def test_npz_metadata_members_are_checked_before_they_are_unpacked(key, value):
+    data = _npz({"counts.npy": _npy(_counts()), f"{key}.npy": _npy(value)})
+    assert len(data) < 100_000   # 24 MB of zeros deflate ~1000:1
+    expect_refused(data, "meta.npz", f"NPZ {key!r} must hold at most", most_mb=5)
+
+
+def test_npz_metadata_without_npy_header_is_refused():
+    data = _npz({"counts.npy": _npy(_counts()), "i0": b"\0" * 1_000_000})
+    expect_refused(data, "raw.npz", "'i0' is no .npy array", most_mb=5)
+
+
+def test_npz_with_valid_metadata_reads():
+    data = _npz({"counts.npy": _npy(_counts()), "i0.npy": _npy(np.array([53000.0, 52000.0])),
+                 "pitch_mm.npy": _npy(np.array(4.0))})
+    scan, _ = read_with_peak(data, "ok.npz")
+    assert isinstance(scan, Scan) and scan.i0 == (53000.0, 52000.0) and scan.pitch_mm == 4.0
