@@ -97,3 +97,57 @@ def test_npz_with_valid_metadata_reads():
                  "pitch_mm.npy": _npy(np.array(4.0))})
     scan, _ = read_with_peak(data, "ok.npz")
     assert isinstance(scan, Scan) and scan.i0 == (53000.0, 52000.0) and scan.pitch_mm == 4.0
+
+
+# ---------------------------------------------------------------- TIFF
+
+def tiff_file(width: int, height: int, segments: list[bytes], compression: int = 1,
+              tile: tuple[int, int] | None = None, pages: int = 1) -> bytes:
+    """A little-endian uint16 TIFF written by hand (tifffile refuses to write lies): `pages` identical IFDs, each with
+    the given strips (or tiles of `tile` = (width, length)) stored as they are, compressed or not."""
+    import struct
+    n = len(segments)
+    data_at = 8 + 8 * n   # header, then the offset and byte-count arrays, then the segments
+    offsets = np.cumsum([data_at] + [len(s) for s in segments[:-1]]).astype("<u4")
+    counts = np.array([len(s) for s in segments], "<u4")
+    arrays = {273: (offsets, 8), 324: (offsets, 8), 279: (counts, 8 + 4 * n), 325: (counts, 8 + 4 * n)}
+    layout = [(322, tile[0]), (323, tile[1]), (324, 0), (325, 0)] if tile else [(273, 0), (278, -(-height // n)),
+                                                                                  (279, 0)]
+    tags = sorted([(256, width), (257, height), (258, 16), (259, compression), (262, 1), (277, 1)] + layout)
+    ifds_at = data_at + int(counts.sum())
+    ifd_size = 2 + 12 * len(tags) + 4
+    out = bytearray(b"II*\x00" + struct.pack("<I", ifds_at) + offsets.tobytes() + counts.tobytes())
+    out += b"".join(segments)
+    for i in range(pages):
+        out += struct.pack("<H", len(tags))
+        for tag, value in tags:
+            if tag in arrays:   # one value is stored in the entry itself, more at their offset
+                values, at = arrays[tag]
+                value = int(values[0]) if n == 1 else at
+            out += struct.pack("<HHII", tag, 4, n if tag in arrays else 1, value)
+        out += struct.pack("<I", ifds_at + (i + 1) * ifd_size if i < pages - 1 else 0)
+    return bytes(out)
+
+
+def test_hand_written_tiff_reads():
+    counts = _counts(1)[0]
+    strips = [counts[i:i + 16].tobytes() for i in range(0, 64, 16)]
+    scan, _ = read_with_peak(tiff_file(160, 64, strips), "ok.tiff")
+    assert isinstance(scan, Scan)
+    np.testing.assert_array_equal(scan.counts[0], counts)
+
+
+def test_tiff_with_thousands_of_pages_is_refused_without_walking_them():
+    import time
+    data = tiff_file(16, 16, [b"\0" * 512], pages=100_000)
+    t0 = time.perf_counter()
+    expect_refused(data, "pages.tiff", "pages; at most 2 energies")
+    assert time.perf_counter() - t0 < 1.0   # counting all 100,000 pages took 3 s
+
+
+def test_tiff_of_one_pixel_tiles_is_refused_before_decoding():
+    import time
+    data = tiff_file(200, 200, [b"\1\2"] * 40_000, tile=(1, 1))
+    t0 = time.perf_counter()
+    expect_refused(data, "tiles.tiff", "strips or tiles in one page")
+    assert time.perf_counter() - t0 < 1.0   # decoding 40,000 one-pixel tiles took ~5 s
