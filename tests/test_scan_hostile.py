@@ -151,3 +151,37 @@ def test_tiff_of_one_pixel_tiles_is_refused_before_decoding():
     t0 = time.perf_counter()
     expect_refused(data, "tiles.tiff", "strips or tiles in one page")
     assert time.perf_counter() - t0 < 1.0   # decoding 40,000 one-pixel tiles took ~5 s
+
+
+def _packbits(raw: bytes) -> bytes:
+    """PackBits: 128 zero bytes as one repeat run (2 bytes), anything else as literal runs."""
+    zeros = bytes(128)
+    return b"".join(b"\x81\x00" if raw[i:i + 128] == zeros else bytes([len(raw[i:i + 128]) - 1]) + raw[i:i + 128]
+                    for i in range(0, len(raw), 128))
+
+
+BOMB = b"\0" * 40_000_000   # what each bomb strip unpacks to, for a page that holds 20 KB
+
+
+@pytest.mark.parametrize("compression, pack", [(8, lambda b: __import__("zlib").compress(b, 9)),
+                                               (34925, lambda b: __import__("lzma").compress(b, preset=0)),
+                                               (32773, _packbits)])
+def test_tiff_strip_that_unpacks_past_its_page_is_refused(compression, pack):
+    counts = _counts(1)[0]
+    assert isinstance(read_with_peak(tiff_file(160, 64, [pack(counts.tobytes())], compression), "ok.tiff")[0], Scan)
+    data = tiff_file(160, 64, [pack(counts.tobytes() + BOMB)], compression)
+    assert len(data) < 1_000_000
+    expect_refused(data, "bomb.tiff", "decompression bomb")
+
+
+@pytest.mark.parametrize("kw", [{"compression": "zlib"}, {"compression": "zlib", "predictor": True},
+                                {"compression": "lzma", "tile": (32, 32)},
+                                {"compression": "zlib", "photometric": "minisblack", "planarconfig": "separate"}])
+def test_compressed_tiffs_still_read_exactly(kw):
+    import tifffile
+    counts = _counts(2 if "planarconfig" in kw else 1)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, counts if "planarconfig" in kw else counts[0], **kw)
+    scan, _ = read_with_peak(buf.getvalue(), "ok.tiff")
+    assert isinstance(scan, Scan), scan
+    np.testing.assert_array_equal(scan.counts, counts)
