@@ -426,7 +426,7 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
         except ValueError as e:
             if "imagecodecs" not in str(e):
                 raise
-            arrays = _tiff_pages_opencv(data, name, n_pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
+            arrays = _tiff_pages_opencv(data, name, pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
         info = _tiff_info(first, name)
     if len(arrays) == 2:
         counts = np.stack(arrays)
@@ -474,12 +474,17 @@ def _unpacked_size(compression: int, segment: bytes, most: int) -> int | None:
     return n
 
 
-def _tiff_pages_opencv(data: bytes, name: str, n_pages: int) -> list[np.ndarray]:
+def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np.ndarray]:
     """The pages of a TIFF whose compression tifffile cannot decode without imagecodecs, through OpenCV
-    (colour pages in tifffile's RGB order)."""
+    (colour pages in tifffile's RGB order), each the shape and type its header says: OpenCV read a dual-energy
+    (H, W, 2) uint16 page as one 8-bit channel."""
     ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if not ok or len(pages) != n_pages:
+    if not ok or len(pages) != len(tiff_pages):
         raise ScanError(name, "compressed TIFF that neither tifffile (without imagecodecs) nor OpenCV can decode")
+    for got, page in zip(pages, tiff_pages):
+        if got.shape != tuple(page.shape) or got.dtype != page.dtype:
+            raise ScanError(name, f"compressed TIFF page of {tuple(page.shape)} {page.dtype} that tifffile cannot "
+                                  f"decode without imagecodecs, and OpenCV decodes it as {got.shape} {got.dtype}")
     rgb = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGBA}
     return [cv2.cvtColor(p, rgb[p.shape[2]]) if p.ndim == 3 and p.shape[2] in rgb else p for p in pages]
 

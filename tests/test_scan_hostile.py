@@ -102,9 +102,10 @@ def test_npz_with_valid_metadata_reads():
 # ---------------------------------------------------------------- TIFF
 
 def tiff_file(width: int, height: int, segments: list[bytes], compression: int = 1,
-              tile: tuple[int, int] | None = None, pages: int = 1) -> bytes:
+              tile: tuple[int, int] | None = None, pages: int = 1, samples: int = 1) -> bytes:
     """A little-endian uint16 TIFF written by hand (tifffile refuses to write lies): `pages` identical IFDs, each with
-    the given strips (or tiles of `tile` = (width, length)) stored as they are, compressed or not."""
+    the given strips (or tiles of `tile` = (width, length)) of `samples` interleaved channels stored as they are,
+    compressed or not."""
     import struct
     n = len(segments)
     data_at = 8 + 8 * n   # header, then the offset and byte-count arrays, then the segments
@@ -113,7 +114,7 @@ def tiff_file(width: int, height: int, segments: list[bytes], compression: int =
     arrays = {273: (offsets, 8), 324: (offsets, 8), 279: (counts, 8 + 4 * n), 325: (counts, 8 + 4 * n)}
     layout = [(322, tile[0]), (323, tile[1]), (324, 0), (325, 0)] if tile else [(273, 0), (278, -(-height // n)),
                                                                                   (279, 0)]
-    tags = sorted([(256, width), (257, height), (258, 16), (259, compression), (262, 1), (277, 1)] + layout)
+    tags = sorted([(256, width), (257, height), (258, 16), (259, compression), (262, 1), (277, samples)] + layout)
     ifds_at = data_at + int(counts.sum())
     ifd_size = 2 + 12 * len(tags) + 4
     out = bytearray(b"II*\x00" + struct.pack("<I", ifds_at) + offsets.tobytes() + counts.tobytes())
@@ -185,3 +186,23 @@ def test_compressed_tiffs_still_read_exactly(kw):
     scan, _ = read_with_peak(buf.getvalue(), "ok.tiff")
     assert isinstance(scan, Scan), scan
     np.testing.assert_array_equal(scan.counts, counts)
+
+
+def _lzw(raw: bytes) -> bytes:
+    """TIFF LZW coding every byte as a literal (a Clear code every 250 keeps the codes 9 bits wide)."""
+    codes = []
+    for i in range(0, len(raw), 250):
+        codes += [256, *raw[i:i + 250]]
+    bits = "".join(format(c, "09b") for c in codes + [257])
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def test_lzw_tiff_reads_through_opencv_or_is_refused_never_misread():
+    """tifffile needs imagecodecs for LZW, so OpenCV decodes it; OpenCV read a dual-energy (H, W, 2) uint16 page as
+    one 8-bit channel (a different scan, routed as if it were this one)."""
+    counts = _counts(2)
+    one, _ = read_with_peak(tiff_file(160, 64, [_lzw(counts[0].tobytes())], compression=5), "one.tiff")
+    np.testing.assert_array_equal(one.counts[0], counts[0])
+    pair = tiff_file(160, 64, [_lzw(np.moveaxis(counts, 0, -1).tobytes())], compression=5, samples=2)
+    expect_refused(pair, "pair.tiff", "OpenCV decodes it as (64, 160) uint8")
