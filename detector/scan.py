@@ -368,13 +368,15 @@ def _read_png(data: bytes, name: str, max_pixels: int | None):
 
 
 def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) from the first frame header, found as libjpeg finds it: FF 00 is no marker but two bytes
+    to skip (read as a segment with a length, it hid a 1300x1200 frame behind a 64x160 one from the size check)."""
     i = 2
     while i + 9 < len(data):
         if data[i] != 0xFF:
             i += 1
             continue
         marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+        if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
             i += 1 if marker == 0xFF else 2
             continue
         seg = struct.unpack(">H", data[i + 2:i + 4])[0]
@@ -389,6 +391,8 @@ def _read_jpeg(data: bytes, name: str, max_pixels: int | None):
     h, w = _jpeg_size(data, name)
     _check_shape(name, 1, h, w, max_pixels)
     img = _decode_image(data, name, "JPEG")
+    if img.shape[:2] != (h, w):
+        raise ScanError(name, "corrupt JPEG (decoded size differs from header)")
     return _to_one_channel(img, name), {}
 
 

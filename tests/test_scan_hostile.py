@@ -206,3 +206,26 @@ def test_lzw_tiff_reads_through_opencv_or_is_refused_never_misread():
     np.testing.assert_array_equal(one.counts[0], counts[0])
     pair = tiff_file(160, 64, [_lzw(np.moveaxis(counts, 0, -1).tobytes())], compression=5, samples=2)
     expect_refused(pair, "pair.tiff", "OpenCV decodes it as (64, 160) uint8")
+
+
+# ---------------------------------------------------------------- JPEG
+
+def test_jpeg_frame_hidden_from_the_size_check_is_refused_before_decoding(monkeypatch):
+    """libjpeg skips FF 00 as two stray bytes; the size check read it as a segment with a length, jumped over the
+    real 1200x1300 frame header and checked a 64x160 one placed after it. OpenCV then decoded the big frame (up to
+    its own limit of 2^30 pixels, GBs from a small file) before the pixel limit was applied."""
+    import struct
+
+    import cv2
+
+    import detector.scan as scan_module
+    ok, big = cv2.imencode(".jpg", np.zeros((1200, 1300), np.uint8))
+    ok, small = cv2.imencode(".jpg", _counts(1)[0].astype(np.uint8))
+    body = big.tobytes()[2:]
+    data = b"\xff\xd8\xff\x00" + struct.pack(">H", len(body) + 2) + body + small.tobytes()[2:]
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).shape == (1200, 1300)
+    decoded = []
+    monkeypatch.setattr(scan_module, "_decode_image", lambda *a: decoded.append(a) or cv2.imdecode(
+        np.frombuffer(a[0], np.uint8), cv2.IMREAD_UNCHANGED))
+    expect_refused(data, "hidden.jpg", "image too large (1200x1300", max_pixels=1_000_000)
+    assert not decoded
