@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import tifffile
 
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 SCAN_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".npz", ".dcm", ".dcs", ".jpg", ".jpeg")
 DEFAULT_PITCH_MM = 5.0
 DEFAULT_MAX_PIXELS = int(os.environ.get("DETECTOR_MAX_PIXELS", 40_000_000))  # per channel
@@ -259,6 +260,11 @@ def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[fl
         why = (f"I0 {i0[0]:g} is below most pixel counts (median {median:g}): wrong I0 in the metadata"
                if median > 1.05 * i0[0] else "a saturated detector or an empty scan")
         raise ScanError(src, f"blank scan: nothing in it attenuates the beam (every pixel is open air); {why}")
+
+
+def _most_scan_bytes(max_pixels: int | None) -> int:
+    """The most bytes a scan within the pixel limit can take: two energies of float64, plus 16 MiB of headers."""
+    return 2 * 8 * (DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels) + (16 << 20)
 
 
 def _check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> None:
@@ -603,6 +609,7 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
         import pydicom
     except ImportError as exc:
         raise ScanError(name, "DICOM/DICOS needs pydicom: pip install 'detector[dicom]'") from exc
+    _check_inflated_size(data, name, _most_scan_bytes(max_pixels))
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, force=True, defer_size=None)
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ScanError(name, "no DICOM image in it (no pixel data): not a DICOM file, or its header is truncated")
@@ -619,6 +626,24 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
     if spacing is not None:
         arr, info["pitch_mm"] = _square_pixels(arr, *spacing)
     return arr, info
+
+
+def _check_inflated_size(data: bytes, name: str, most: int) -> None:
+    """ScanError for a Deflated Explicit VR DICOM whose data set inflates past `most` bytes, counted with a bounded
+    decoder: pydicom inflates it whole (a 116 KB file took 215 MB; a 64 MB upload, 64 GB)."""
+    from pydicom.filereader import read_dataset, read_preamble
+    f = io.BytesIO(data)
+    read_preamble(f, True)
+    meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag >> 16 != 2)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_DICOM:
+        return
+    inflate, rest, size = zlib.decompressobj(-zlib.MAX_WBITS), data[f.tell():], 0
+    while rest and size <= most:   # 1 MiB at a time, each dropped once counted
+        size += len(inflate.decompress(rest, 1 << 20))
+        rest = inflate.unconsumed_tail
+    if size > most:
+        raise ScanError(name, f"deflated DICOM data set inflates past {most / 1e6:.0f} MB, more than a scan within "
+                              "the pixel limit holds (a decompression bomb)")
 
 
 def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
