@@ -308,6 +308,10 @@ def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan
     if not p.is_file():
         raise ScanError(p, "not a regular file")
     try:
+        size, most = p.stat().st_size, _most_scan_bytes(max_pixels)
+        if size > most:   # read whole, any big file (a video, a disk image) filled memory
+            raise ScanError(p, f"file of {size / 1e6:.0f} MB, more than a scan within the pixel limit holds "
+                               f"({most / 1e6:.0f} MB; set DETECTOR_MAX_PIXELS to allow)")
         data = p.read_bytes()
     except OSError as exc:
         raise ScanError(p, f"cannot read file ({exc.strerror or exc})") from exc

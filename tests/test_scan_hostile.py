@@ -263,3 +263,18 @@ def test_deflated_dicom_that_inflates_past_any_scan_is_refused():
     assert len(data) < 100_000
     expect_refused(data, "bomb.dcm", "decompression bomb", max_pixels=100_000)
 
+
+def test_file_larger_than_any_scan_is_refused_unread(tmp_path):
+    from detector.scan import read_scan
+    path = tmp_path / "disk_image.tiff"
+    with open(path, "wb") as f:   # sparse: 100 MB on paper, no disk
+        f.write(b"II*\x00")
+        f.truncate(100_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ScanError, match="more than a scan within the pixel limit holds") as err:
+            read_scan(path, max_pixels=100_000)
+        assert tracemalloc.get_traced_memory()[1] < 5 * MB
+    finally:
+        tracemalloc.stop()
+    assert err.value.path == str(path)
