@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
+import lzma
 import math
 import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,6 +25,7 @@ import cv2
 import numpy as np
 import tifffile
 
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 SCAN_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".npz", ".dcm", ".dcs", ".jpg", ".jpeg")
 DEFAULT_PITCH_MM = 5.0
 DEFAULT_MAX_PIXELS = int(os.environ.get("DETECTOR_MAX_PIXELS", 40_000_000))  # per channel
@@ -33,6 +37,8 @@ TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a s
                                   # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
+MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
+                                  # made a 2 MB file take 36 s (a scan has at most a few thousand)
 
 # tifffile logs what it finds wrong in a file besides raising; ScanError already names it, and without a logging
 # setup Python printed each such log line raw (two per truncated TIFF, thousands in a batch of copies in progress)
@@ -261,6 +267,11 @@ def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[fl
         raise ScanError(src, f"blank scan: nothing in it attenuates the beam (every pixel is open air); {why}")
 
 
+def _most_scan_bytes(max_pixels: int | None) -> int:
+    """The most bytes a scan within the pixel limit can take: two energies of float64, plus 16 MiB of headers."""
+    return 2 * 8 * (DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels) + (16 << 20)
+
+
 def _check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> None:
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if h == 0 or w == 0 or c == 0:
@@ -302,6 +313,10 @@ def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan
     if not p.is_file():
         raise ScanError(p, "not a regular file")
     try:
+        size, most = p.stat().st_size, _most_scan_bytes(max_pixels)
+        if size > most:   # read whole, any big file (a video, a disk image) filled memory
+            raise ScanError(p, f"file of {size / 1e6:.0f} MB, more than a scan within the pixel limit holds "
+                               f"({most / 1e6:.0f} MB; set DETECTOR_MAX_PIXELS to allow)")
         data = p.read_bytes()
     except OSError as exc:
         raise ScanError(p, f"cannot read file ({exc.strerror or exc})") from exc
@@ -368,13 +383,15 @@ def _read_png(data: bytes, name: str, max_pixels: int | None):
 
 
 def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) from the first frame header, found as libjpeg finds it: FF 00 is no marker but two bytes
+    to skip (read as a segment with a length, it hid a 1300x1200 frame behind a 64x160 one from the size check)."""
     i = 2
     while i + 9 < len(data):
         if data[i] != 0xFF:
             i += 1
             continue
         marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+        if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
             i += 1 if marker == 0xFF else 2
             continue
         seg = struct.unpack(">H", data[i + 2:i + 4])[0]
@@ -389,6 +406,8 @@ def _read_jpeg(data: bytes, name: str, max_pixels: int | None):
     h, w = _jpeg_size(data, name)
     _check_shape(name, 1, h, w, max_pixels)
     img = _decode_image(data, name, "JPEG")
+    if img.shape[:2] != (h, w):
+        raise ScanError(name, "corrupt JPEG (decoded size differs from header)")
     return _to_one_channel(img, name), {}
 
 
@@ -402,14 +421,14 @@ def _read_tiff(data: bytes, name: str, max_pixels: int | None):
 
 def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int | None):
     with tifffile.TiffFile(buf) as tif:
-        pages = tif.pages
+        pages = list(itertools.islice(tif.pages, 3))   # len(tif.pages) walked every page: 16 s for 500,000
         if len(pages) == 0:
             raise ScanError(name, "TIFF has no pages")
         first = pages[0]
         shape = tuple(first.shape)
         n_pages = len(pages)
         if n_pages > 2:
-            raise ScanError(name, f"{n_pages} pages; at most 2 energies (high, low) are supported")
+            raise ScanError(name, "3 or more pages; at most 2 energies (high, low) are supported")
         planar = len(shape) == 3 and str(first.axes).startswith("S")   # one page, energies as separate planes
         h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 0)
         c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
@@ -417,12 +436,16 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
         for page in pages:
             if tuple(page.shape) != shape:
                 raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
+            if len(page.dataoffsets) > MAX_TIFF_SEGMENTS:
+                raise ScanError(name, f"{len(page.dataoffsets)} strips or tiles in one page (at most "
+                                      f"{MAX_TIFF_SEGMENTS}): each is decoded on its own, so they take minutes")
+            _check_tiff_segments(page, data, name)
         try:
             arrays = [page.asarray() for page in pages]
         except ValueError as e:
             if "imagecodecs" not in str(e):
                 raise
-            arrays = _tiff_pages_opencv(data, name, n_pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
+            arrays = _tiff_pages_opencv(data, name, pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
         info = _tiff_info(first, name)
     if len(arrays) == 2:
         counts = np.stack(arrays)
@@ -439,12 +462,48 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
     return counts, info
 
 
-def _tiff_pages_opencv(data: bytes, name: str, n_pages: int) -> list[np.ndarray]:
+def _check_tiff_segments(page: Any, data: bytes, name: str) -> None:
+    """ScanError for a compressed strip or tile that unpacks to more bytes than it holds. Without imagecodecs
+    tifffile unpacks zlib, LZMA and PackBits segments whole, whatever their size: a 115 KB strip of a 64x160 page
+    took 215 MB (a 64 MB upload, 64 GB)."""
+    most = math.prod(page.chunks) * -(-page.bitspersample // 8)
+    for offset, count in zip(page.dataoffsets, page.databytecounts):
+        size = _unpacked_size(page.compression, data[offset:offset + count], most)
+        if size is None:
+            return
+        if size > most:
+            raise ScanError(name, f"a compressed strip or tile unpacks to more than the {most} bytes it holds "
+                                  "(a decompression bomb)")
+
+
+def _unpacked_size(compression: int, segment: bytes, most: int) -> int | None:
+    """Bytes a zlib, LZMA or PackBits TIFF segment unpacks to, counted no further than most + 1; None for other
+    codecs (no codec, or one that OpenCV's libtiff decodes into a buffer of the segment's size)."""
+    if compression in (8, 32946):
+        return len(zlib.decompressobj().decompress(segment, most + 1))
+    if compression == 34925:
+        return len(lzma.LZMADecompressor().decompress(segment, most + 1))
+    if compression != 32773:
+        return None
+    i = n = 0
+    while i < len(segment) and n <= most:   # PackBits: a header byte, then a literal run or one repeated byte
+        head = segment[i]
+        n += head + 1 if head < 128 else 257 - head if head > 128 else 0
+        i += head + 2 if head < 128 else 2 if head > 128 else 1
+    return n
+
+
+def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np.ndarray]:
     """The pages of a TIFF whose compression tifffile cannot decode without imagecodecs, through OpenCV
-    (colour pages in tifffile's RGB order)."""
+    (colour pages in tifffile's RGB order), each the shape and type its header says: OpenCV read a dual-energy
+    (H, W, 2) uint16 page as one 8-bit channel."""
     ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if not ok or len(pages) != n_pages:
+    if not ok or len(pages) != len(tiff_pages):
         raise ScanError(name, "compressed TIFF that neither tifffile (without imagecodecs) nor OpenCV can decode")
+    for got, page in zip(pages, tiff_pages):
+        if got.shape != tuple(page.shape) or got.dtype != page.dtype:
+            raise ScanError(name, f"compressed TIFF page of {tuple(page.shape)} {page.dtype} that tifffile cannot "
+                                  f"decode without imagecodecs, and OpenCV decodes it as {got.shape} {got.dtype}")
     rgb = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGBA}
     return [cv2.cvtColor(p, rgb[p.shape[2]]) if p.ndim == 3 and p.shape[2] in rgb else p for p in pages]
 
@@ -487,21 +546,31 @@ def _tiff_info(page: Any, name: str) -> dict:
 
 def _read_npy(data: bytes, name: str, max_pixels: int | None):
     f = io.BytesIO(data)
-    _check_npy_header(f, name, max_pixels)
+    _check_npy_header(f, name, max_pixels, len(data))
     f.seek(0)
     arr = np.load(f, allow_pickle=False)
     return np.ascontiguousarray(arr), {}
 
 
-def _check_npy_header(f: Any, name: str, max_pixels: int | None) -> None:
-    """Size and dtype checks from the .npy header alone, before any pixel is read."""
+def _read_npy_header(f: Any, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header; ScanError for Python objects."""
     version = np.lib.format.read_magic(f)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                    else np.lib.format.read_array_header_2_0)
     shape, _, dtype = read_header(f)
     if dtype.hasobject:
         raise ScanError(name, "NumPy file holds Python objects; refusing to unpickle")
-    shape = tuple(shape)
+    return tuple(shape), dtype
+
+
+def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int) -> None:
+    """Size and dtype checks from the .npy header alone, before any pixel is read. NumPy allocates the whole array
+    before reading it: a 128-byte header of 16x16 pixels of 10 MB each (or of complex128 at the pixel limit) took
+    GBs, so only pixel types a scan can have pass, and only when the file (`file_bytes`) holds all their bytes."""
+    shape, dtype = _read_npy_header(f, name)
+    if not ((dtype.kind == "u" and dtype.itemsize <= 2) or (dtype.kind == "f" and dtype.itemsize <= 8)):
+        raise ScanError(name, f"unsupported pixel type {dtype}; expected uint8 or uint16 counts (or float "
+                              "transmission in [0, 1])")
     if len(shape) == 2:
         _check_shape(name, 1, shape[0], shape[1], max_pixels)
     elif _channels_last(shape):
@@ -510,6 +579,9 @@ def _check_npy_header(f: Any, name: str, max_pixels: int | None) -> None:
         _check_shape(name, shape[0], shape[1], shape[2], max_pixels)
     else:
         raise ScanError(name, f"expected a 2-D image or (C, H, W) stack, got shape {shape}")
+    need = f.tell() + math.prod(shape) * dtype.itemsize
+    if need > file_bytes:
+        raise ScanError(name, f"truncated NumPy array: its header promises {need} bytes, the file holds {file_bytes}")
 
 
 def _read_npz(data: bytes, name: str, max_pixels: int | None):
@@ -517,14 +589,28 @@ def _read_npz(data: bytes, name: str, max_pixels: int | None):
         if "counts" not in z:
             raise ScanError(name, "NPZ scan needs a 'counts' array (optional 'i0', 'pitch_mm')")
         with z.zip.open("counts.npy") as f:
-            _check_npy_header(f, name, max_pixels)
+            _check_npy_header(f, name, max_pixels, z.zip.getinfo("counts.npy").file_size)
         counts = z["counts"]
         info: dict = {}
         if "i0" in z:
-            info["i0"] = tuple(float(v) for v in np.ravel(z["i0"]))
+            info["i0"] = tuple(float(v) for v in np.ravel(_npz_numbers(z, "i0", 2, name)))
         if "pitch_mm" in z:
-            info["pitch_mm"] = z["pitch_mm"]
+            info["pitch_mm"] = _npz_numbers(z, "pitch_mm", 1, name)
     return counts, info
+
+
+def _npz_numbers(z: Any, key: str, most: int, name: str) -> np.ndarray:
+    """NPZ member `key`: at most `most` real numbers, checked from its header before it is unpacked. Loaded blind,
+    an 'i0' of zeros deflated 1000:1, so a 60 KB file took 120 MB (a 64 MB upload, 64 GB)."""
+    member = f"{key}.npy"
+    if member not in z.zip.namelist():
+        raise ScanError(name, f"NPZ member {key!r} is no .npy array")
+    with z.zip.open(member) as f:
+        shape, dtype = _read_npy_header(f, name)
+        if dtype.kind not in "uif" or math.prod(shape) > most:
+            raise ScanError(name, f"NPZ {key!r} must hold at most {most} number(s), got {dtype} {shape}")
+        f.seek(0)
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def _read_dicom(data: bytes, name: str, max_pixels: int | None):
@@ -532,6 +618,7 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
         import pydicom
     except ImportError as exc:
         raise ScanError(name, "DICOM/DICOS needs pydicom: pip install 'detector[dicom]'") from exc
+    _check_inflated_size(data, name, _most_scan_bytes(max_pixels))
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, force=True, defer_size=None)
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ScanError(name, "no DICOM image in it (no pixel data): not a DICOM file, or its header is truncated")
@@ -548,6 +635,24 @@ def _read_dicom(data: bytes, name: str, max_pixels: int | None):
     if spacing is not None:
         arr, info["pitch_mm"] = _square_pixels(arr, *spacing)
     return arr, info
+
+
+def _check_inflated_size(data: bytes, name: str, most: int) -> None:
+    """ScanError for a Deflated Explicit VR DICOM whose data set inflates past `most` bytes, counted with a bounded
+    decoder: pydicom inflates it whole (a 116 KB file took 215 MB; a 64 MB upload, 64 GB)."""
+    from pydicom.filereader import read_dataset, read_preamble
+    f = io.BytesIO(data)
+    read_preamble(f, True)
+    meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag >> 16 != 2)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_DICOM:
+        return
+    inflate, rest, size = zlib.decompressobj(-zlib.MAX_WBITS), data[f.tell():], 0
+    while rest and size <= most:   # 1 MiB at a time, each dropped once counted
+        size += len(inflate.decompress(rest, 1 << 20))
+        rest = inflate.unconsumed_tail
+    if size > most:
+        raise ScanError(name, f"deflated DICOM data set inflates past {most / 1e6:.0f} MB, more than a scan within "
+                              "the pixel limit holds (a decompression bomb)")
 
 
 def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
