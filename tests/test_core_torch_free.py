@@ -4,7 +4,7 @@ import sys
 
 from conftest import run_without
 
-CORE = ["detector.scan", "detector.preprocess", "detector.calibration", "detector.bundle",
+CORE = ["detector.scan", "detector.formats", "detector.preprocess", "detector.calibration", "detector.bundle",
         "detector.physics", "detector.tip", "detector.synth", "detector.runtime", "detector.policy",
         "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
         "detector.serve", "detector.audit", "detector.cli", "detector.manifest"]

@@ -218,14 +218,14 @@ def test_jpeg_frame_hidden_from_the_size_check_is_refused_before_decoding(monkey
 
     import cv2
 
-    import detector.scan as scan_module
+    import detector.formats as formats_module
     ok, big = cv2.imencode(".jpg", np.zeros((1200, 1300), np.uint8))
     ok, small = cv2.imencode(".jpg", _counts(1)[0].astype(np.uint8))
     body = big.tobytes()[2:]
     data = b"\xff\xd8\xff\x00" + struct.pack(">H", len(body) + 2) + body + small.tobytes()[2:]
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).shape == (1200, 1300)
     decoded = []
-    monkeypatch.setattr(scan_module, "_decode_image", lambda *a: decoded.append(a) or cv2.imdecode(
+    monkeypatch.setattr(formats_module, "_decode_image", lambda *a: decoded.append(a) or cv2.imdecode(
         np.frombuffer(a[0], np.uint8), cv2.IMREAD_UNCHANGED))
     expect_refused(data, "hidden.jpg", "image too large (1200x1300", max_pixels=1_000_000)
     assert not decoded

@@ -1,0 +1,465 @@
+"""One reader per scan file format (PNG, JPEG, TIFF, NPY/NPZ, DICOM/DICOS), used by `detector.scan.read_scan`.
+
+Each reader takes the file's bytes and returns (counts, info): the pixels as stored and what the file says about
+I0, pitch and energies. Sizes are checked from the header, and compressed parts counted with bounded decoders,
+before anything large is decoded: a small hostile file must not fill memory.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import lzma
+import math
+import struct
+import warnings
+import zlib
+from typing import Any
+
+import cv2
+import numpy as np
+import tifffile
+
+from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, _channels_last, _check_shape, _most_scan_bytes,
+                           _valid_pitch)
+
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
+MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
+                                  # made a 2 MB file take 36 s (a scan has at most a few thousand)
+TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a scanner's range: image editors
+                                  # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
+
+# tifffile logs what it finds wrong in a file besides raising; ScanError already names it, and without a logging
+# setup Python printed each such log line raw (two per truncated TIFF, thousands in a batch of copies in progress)
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
+
+def _png_size(data: bytes, name: str) -> tuple[int, int, int, int]:
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise ScanError(name, "truncated PNG header")
+    w, h, depth, color = struct.unpack(">IIBB", data[16:26])
+    return h, w, depth, color
+
+
+def _decode_image(data: bytes, name: str, kind: str) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ScanError(name, f"corrupt or truncated {kind} (decoder returned nothing)")
+    return img
+
+
+def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
+    """8-bit/16-bit grey stays; RGB(A) renderings become luminance with a warning."""
+    if img.ndim == 2:
+        return img
+    if img.ndim == 3 and img.shape[2] in (3, 4):
+        warnings.warn(ScanWarning(name, "colour image converted to one grey channel (luminance); raw 16-bit "
+                                        "scans are better input"), stacklevel=3)
+        code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        return cv2.cvtColor(img, code)
+    if img.ndim == 3 and img.shape[2] == 2:
+        return np.moveaxis(img, -1, 0)
+    raise ScanError(name, f"unsupported image layout {img.shape}")
+
+
+def read_png(data: bytes, name: str, max_pixels: int | None):
+    h, w, depth, color = _png_size(data, name)
+    _check_shape(name, 1, h, w, max_pixels)
+    if depth not in (1, 2, 4, 8, 16):
+        raise ScanError(name, f"invalid PNG bit depth {depth}")
+    img = _decode_image(data, name, "PNG")
+    if img.shape[:2] != (h, w):
+        raise ScanError(name, "corrupt PNG (decoded size differs from header)")
+    return _to_one_channel(img, name), {}
+
+
+def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) from the first frame header, found as libjpeg finds it: FF 00 is no marker but two bytes
+    to skip (read as a segment with a length, it hid a 1300x1200 frame behind a 64x160 one from the size check)."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return h, w
+        i += 2 + seg
+    raise ScanError(name, "truncated JPEG (no frame header)")
+
+
+def read_jpeg(data: bytes, name: str, max_pixels: int | None):
+    h, w = _jpeg_size(data, name)
+    _check_shape(name, 1, h, w, max_pixels)
+    img = _decode_image(data, name, "JPEG")
+    if img.shape[:2] != (h, w):
+        raise ScanError(name, "corrupt JPEG (decoded size differs from header)")
+    return _to_one_channel(img, name), {}
+
+
+def read_tiff(data: bytes, name: str, max_pixels: int | None):
+    buf = io.BytesIO(data)
+    try:
+        return _read_tiff_buffer(buf, data, name, max_pixels)
+    finally:
+        buf.close()  # tifffile leaves a reference cycle: free the buffer's copy of the file now
+
+
+def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int | None):
+    with tifffile.TiffFile(buf) as tif:
+        pages = list(itertools.islice(tif.pages, 3))   # len(tif.pages) walked every page: 16 s for 500,000
+        if len(pages) == 0:
+            raise ScanError(name, "TIFF has no pages")
+        first = pages[0]
+        shape = tuple(first.shape)
+        n_pages = len(pages)
+        if n_pages > 2:
+            raise ScanError(name, "3 or more pages; at most 2 energies (high, low) are supported")
+        planar = len(shape) == 3 and str(first.axes).startswith("S")   # one page, energies as separate planes
+        h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 0)
+        c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
+        _check_shape(name, c, h, w, max_pixels)
+        for page in pages:
+            if tuple(page.shape) != shape:
+                raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
+            if len(page.dataoffsets) > MAX_TIFF_SEGMENTS:
+                raise ScanError(name, f"{len(page.dataoffsets)} strips or tiles in one page (at most "
+                                      f"{MAX_TIFF_SEGMENTS}): each is decoded on its own, so they take minutes")
+            _check_tiff_segments(page, data, name)
+        try:
+            arrays = [page.asarray() for page in pages]
+        except ValueError as e:
+            if "imagecodecs" not in str(e):
+                raise
+            arrays = _tiff_pages_opencv(data, name, pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
+        info = _tiff_info(first, name)
+    if len(arrays) == 2:
+        counts = np.stack(arrays)
+    else:
+        img = arrays[0]
+        if planar or (img.ndim == 3 and img.shape[2] == 2):   # (C, H, W), or (H, W, 2) that scan_from_counts turns
+            counts = img
+        elif img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
+            counts = _to_one_channel(img[..., ::-1].copy(), name)  # TIFF RGB -> BGR for OpenCV
+        elif img.ndim == 2:
+            counts = img
+        else:
+            raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
+    return counts, info
+
+
+def _check_tiff_segments(page: Any, data: bytes, name: str) -> None:
+    """ScanError for a compressed strip or tile that unpacks to more bytes than it holds. Without imagecodecs
+    tifffile unpacks zlib, LZMA and PackBits segments whole, whatever their size: a 115 KB strip of a 64x160 page
+    took 215 MB (a 64 MB upload, 64 GB)."""
+    most = math.prod(page.chunks) * -(-page.bitspersample // 8)
+    for offset, count in zip(page.dataoffsets, page.databytecounts):
+        size = _unpacked_size(page.compression, data[offset:offset + count], most)
+        if size is None:
+            return
+        if size > most:
+            raise ScanError(name, f"a compressed strip or tile unpacks to more than the {most} bytes it holds "
+                                  "(a decompression bomb)")
+
+
+def _unpacked_size(compression: int, segment: bytes, most: int) -> int | None:
+    """Bytes a zlib, LZMA or PackBits TIFF segment unpacks to, counted no further than most + 1; None for other
+    codecs (no codec, or one that OpenCV's libtiff decodes into a buffer of the segment's size)."""
+    if compression in (8, 32946):
+        return len(zlib.decompressobj().decompress(segment, most + 1))
+    if compression == 34925:
+        return len(lzma.LZMADecompressor().decompress(segment, most + 1))
+    if compression != 32773:
+        return None
+    i = n = 0
+    while i < len(segment) and n <= most:   # PackBits: a header byte, then a literal run or one repeated byte
+        head = segment[i]
+        n += head + 1 if head < 128 else 257 - head if head > 128 else 0
+        i += head + 2 if head < 128 else 2 if head > 128 else 1
+    return n
+
+
+def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np.ndarray]:
+    """The pages of a TIFF whose compression tifffile cannot decode without imagecodecs, through OpenCV
+    (colour pages in tifffile's RGB order), each the shape and type its header says: OpenCV read a dual-energy
+    (H, W, 2) uint16 page as one 8-bit channel."""
+    ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not ok or len(pages) != len(tiff_pages):
+        raise ScanError(name, "compressed TIFF that neither tifffile (without imagecodecs) nor OpenCV can decode")
+    for got, page in zip(pages, tiff_pages):
+        if got.shape != tuple(page.shape) or got.dtype != page.dtype:
+            raise ScanError(name, f"compressed TIFF page of {tuple(page.shape)} {page.dtype} that tifffile cannot "
+                                  f"decode without imagecodecs, and OpenCV decodes it as {got.shape} {got.dtype}")
+    rgb = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGBA}
+    return [cv2.cvtColor(p, rgb[p.shape[2]]) if p.ndim == 3 and p.shape[2] in rgb else p for p in pages]
+
+
+def _tiff_info(page: Any, name: str) -> dict:
+    """I0, pitch and energy names from our JSON description, else the resolution tags."""
+    info: dict = {}
+    desc = page.description or ""
+    if desc.startswith("{"):
+        try:
+            d = json.loads(desc)
+        except ValueError:
+            d = {}
+        d = d.get("detector", d) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            if d.get("i0") is not None:
+                info["i0"] = tuple(float(v) for v in np.ravel(d["i0"]))
+            if d.get("pitch_mm") is not None:
+                info["pitch_mm"] = d["pitch_mm"]   # checked with the rest in scan_from_counts
+            if d.get("energies"):
+                info["energies"] = tuple(str(e) for e in d["energies"])
+    if "pitch_mm" not in info:
+        tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+        if tag is not None and unit is not None and int(unit.value) in (2, 3):
+            num, den = tag.value
+            if num and den:
+                per_unit = num / den
+                mm_per_unit = 25.4 if int(unit.value) == 2 else 10.0
+                pitch = mm_per_unit / per_unit
+                lo, hi = TAG_PITCH_RANGE_MM
+                if lo <= pitch <= hi:
+                    info["pitch_mm"] = pitch
+                else:
+                    warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
+                                                    f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
+                                                    f"({lo:g}-{hi:g} mm): ignored, {DEFAULT_PITCH_MM:g} mm assumed"),
+                                  stacklevel=2)
+    return info
+
+
+def read_npy(data: bytes, name: str, max_pixels: int | None):
+    f = io.BytesIO(data)
+    _check_npy_header(f, name, max_pixels, len(data))
+    f.seek(0)
+    arr = np.load(f, allow_pickle=False)
+    return np.ascontiguousarray(arr), {}
+
+
+def _read_npy_header(f: Any, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header; ScanError for Python objects."""
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ScanError(name, "NumPy file holds Python objects; refusing to unpickle")
+    return tuple(shape), dtype
+
+
+def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int) -> None:
+    """Size and dtype checks from the .npy header alone, before any pixel is read. NumPy allocates the whole array
+    before reading it: a 128-byte header of 16x16 pixels of 10 MB each (or of complex128 at the pixel limit) took
+    GBs, so only pixel types a scan can have pass, and only when the file (`file_bytes`) holds all their bytes."""
+    shape, dtype = _read_npy_header(f, name)
+    if not ((dtype.kind == "u" and dtype.itemsize <= 2) or (dtype.kind == "f" and dtype.itemsize <= 8)):
+        raise ScanError(name, f"unsupported pixel type {dtype}; expected uint8 or uint16 counts (or float "
+                              "transmission in [0, 1])")
+    if len(shape) == 2:
+        _check_shape(name, 1, shape[0], shape[1], max_pixels)
+    elif _channels_last(shape):
+        _check_shape(name, shape[2], shape[0], shape[1], max_pixels)
+    elif len(shape) == 3:
+        _check_shape(name, shape[0], shape[1], shape[2], max_pixels)
+    else:
+        raise ScanError(name, f"expected a 2-D image or (C, H, W) stack, got shape {shape}")
+    need = f.tell() + math.prod(shape) * dtype.itemsize
+    if need > file_bytes:
+        raise ScanError(name, f"truncated NumPy array: its header promises {need} bytes, the file holds {file_bytes}")
+
+
+def read_npz(data: bytes, name: str, max_pixels: int | None):
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if "counts" not in z:
+            raise ScanError(name, "NPZ scan needs a 'counts' array (optional 'i0', 'pitch_mm')")
+        with z.zip.open("counts.npy") as f:
+            _check_npy_header(f, name, max_pixels, z.zip.getinfo("counts.npy").file_size)
+        counts = z["counts"]
+        info: dict = {}
+        if "i0" in z:
+            info["i0"] = tuple(float(v) for v in np.ravel(_npz_numbers(z, "i0", 2, name)))
+        if "pitch_mm" in z:
+            info["pitch_mm"] = _npz_numbers(z, "pitch_mm", 1, name)
+    return counts, info
+
+
+def _npz_numbers(z: Any, key: str, most: int, name: str) -> np.ndarray:
+    """NPZ member `key`: at most `most` real numbers, checked from its header before it is unpacked. Loaded blind,
+    an 'i0' of zeros deflated 1000:1, so a 60 KB file took 120 MB (a 64 MB upload, 64 GB)."""
+    member = f"{key}.npy"
+    if member not in z.zip.namelist():
+        raise ScanError(name, f"NPZ member {key!r} is no .npy array")
+    with z.zip.open(member) as f:
+        shape, dtype = _read_npy_header(f, name)
+        if dtype.kind not in "uif" or math.prod(shape) > most:
+            raise ScanError(name, f"NPZ {key!r} must hold at most {most} number(s), got {dtype} {shape}")
+        f.seek(0)
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def read_dicom(data: bytes, name: str, max_pixels: int | None):
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise ScanError(name, "DICOM/DICOS needs pydicom: pip install 'detector[dicom]'") from exc
+    _check_inflated_size(data, name, _most_scan_bytes(max_pixels))
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, force=True, defer_size=None)
+    if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ScanError(name, "no DICOM image in it (no pixel data): not a DICOM file, or its header is truncated")
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 2:   # "40 energies/channels" said nothing of what a DICOS CT volume or a series of views is
+        raise ScanError(name, f"{frames} frames (a CT volume or a series of views?); a scan has one frame per "
+                              "energy, at most 2 (high, low)")
+    _check_shape(name, frames, rows, cols, max_pixels)
+    _check_dicom_pixels_are_counts(ds, name)
+    arr, full_scale = _dicom_counts(_dicom_pixel_array(ds, name), ds, name)
+    info: dict = {"full_scale": full_scale}
+    spacing = _dicom_spacing(ds, name)
+    if spacing is not None:
+        arr, info["pitch_mm"] = _square_pixels(arr, *spacing)
+    return arr, info
+
+
+def _check_inflated_size(data: bytes, name: str, most: int) -> None:
+    """ScanError for a Deflated Explicit VR DICOM whose data set inflates past `most` bytes, counted with a bounded
+    decoder: pydicom inflates it whole (a 116 KB file took 215 MB; a 64 MB upload, 64 GB)."""
+    from pydicom.filereader import read_dataset, read_preamble
+    f = io.BytesIO(data)
+    read_preamble(f, True)
+    meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag >> 16 != 2)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_DICOM:
+        return
+    inflate, rest, size = zlib.decompressobj(-zlib.MAX_WBITS), data[f.tell():], 0
+    while rest and size <= most:   # 1 MiB at a time, each dropped once counted
+        size += len(inflate.decompress(rest, 1 << 20))
+        rest = inflate.unconsumed_tail
+    if size > most:
+        raise ScanError(name, f"deflated DICOM data set inflates past {most / 1e6:.0f} MB, more than a scan within "
+                              "the pixel limit holds (a decompression bomb)")
+
+
+def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
+    """[row, column] pixel spacing in mm from ImagerPixelSpacing, else PixelSpacing, each checked; None when
+    absent. The row spacing alone used to be taken, and a 0 mm column spacing went unseen."""
+    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    if not spacing:
+        return None
+    values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
+    return _valid_pitch(name, values[0]), _valid_pitch(name, values[-1])
+
+
+def _square_pixels(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np.ndarray, float]:
+    """Counts on square pixels at the coarser of the two spacings, and that pitch. A line scanner's pixels are
+    often not square (the column pitch follows the truck's speed and the pulse rate): taking one spacing for both
+    made a truck and its threats up to several times too short or long. The finer axis is area-averaged, which is
+    what a larger detector element would have counted, and no axis grows, so memory stays bounded."""
+    if math.isclose(row_mm, col_mm, rel_tol=1e-6):
+        return counts, row_mm
+    pitch = max(row_mm, col_mm)
+    h, w = counts.shape[-2:]
+    size = (max(1, round(w * col_mm / pitch)), max(1, round(h * row_mm / pitch)))   # cv2: (width, height)
+    planes = counts.reshape(-1, h, w)
+    out = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in planes])
+    return out.reshape(*counts.shape[:-2], size[1], size[0]), pitch
+
+
+def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:
+    """The decoded pixels. A compressed file pydicom cannot decode (JPEG and JPEG 2000 need pylibjpeg or GDCM;
+    RLE it decodes itself) gets a one-line reason naming its transfer syntax, not "corrupt or truncated" and
+    pydicom's list of missing plugins."""
+    try:
+        return np.asarray(ds.pixel_array)
+    except (RuntimeError, NotImplementedError) as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is None or not syntax.is_compressed:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScanError(name, f"cannot decode its {syntax.name} pixel data, corrupt or no decoder installed "
+                              f"(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg): {first}") from exc
+
+
+def _check_dicom_pixels_are_counts(ds: Any, name: str) -> None:
+    """ScanError, from the header, for pixels that are no (linear) transmission counts. Colour (RGB, YBR: it
+    was refused as "64 energies/channels") and PALETTE COLOR (indices into a colour table, read as counts) are no
+    scanner's raw data. PixelIntensityRelationship LOG (common for processed radiographs) stores log(I): read as
+    counts, a block passing 1 % of the beam read as light cargo (attenuation 0.7 instead of 4.6) and was released;
+    its log scale is not in the file. A Modality LUT Sequence maps stored values in a way not applied here."""
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if samples != 1 or photometric not in ("", "MONOCHROME1", "MONOCHROME2"):
+        raise ScanError(name, f"{photometric or 'colour'} DICOM ({samples} samples per pixel): a rendering or "
+                              "palette indices, not transmission counts (MONOCHROME1/2 expected)")
+    relation = str(ds.get("PixelIntensityRelationship", "") or "").strip().upper()
+    if relation and relation != "LIN":
+        raise ScanError(name, f"PixelIntensityRelationship {relation}: pixel values are not linear in X-ray "
+                              "intensity, so they cannot be read as transmission counts (export raw LIN data)")
+    if "ModalityLUTSequence" in ds:
+        raise ScanError(name, "a Modality LUT Sequence maps the stored values: only RescaleSlope/Intercept are "
+                              "applied, so the counts would be wrong")
+
+
+def _dicom_inverted(ds: Any) -> bool:
+    """True when higher stored values mean less X-ray intensity, so they must be flipped into counts (bright = air).
+    PixelIntensityRelationshipSign (0028,1041) says so for the physics (-1: higher value, less intensity); without
+    it the display tag does: MONOCHROME1 shows the minimum as white, so a file whose display shows air bright
+    stores air low. Read as counts, such a file showed air as dense and a dense concealed block as air: released."""
+    sign = ds.get("PixelIntensityRelationshipSign")
+    if sign in (1, -1):
+        return int(sign) == -1
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+
+
+def _dicom_counts(arr: np.ndarray, ds: Any, name: str) -> tuple[np.ndarray, float | None]:
+    """Stored DICOM pixels as transmission counts, with their full scale (the I0 guess without air at the top).
+    Unused high bits are masked (pydicom < 3 leaves them), the modality rescale applied (counts = slope * stored +
+    intercept: signed pixels with intercept 32768, or a slope), inverted polarity flipped within the range, and the
+    full scale taken from BitsStored: a 12-bit detector's open beam is near 4095, and a guessed 65535 read every
+    pixel 2.8 denser (every truck inspected). Integer counts stay integers, fractional ones become [0, 1]
+    transmissions; counts beyond 16 bits are refused."""
+    if arr.dtype.kind == "f":   # Float Pixel Data: transmissions in [0, 1], checked by scan_from_counts
+        if _dicom_inverted(ds):
+            raise ScanError(name, "float pixels with inverted polarity (MONOCHROME1 or PixelIntensityRelationshipSign"
+                                  " -1): no range to flip them in")
+        return arr, None
+    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    if not 1 <= bits <= arr.dtype.itemsize * 8:
+        raise ScanError(name, f"BitsStored {bits} does not fit {arr.dtype.itemsize * 8}-bit pixels")
+    lo, hi = (-(1 << bits - 1), (1 << bits - 1) - 1) if arr.dtype.kind == "i" else (0, (1 << bits) - 1)
+    if lo == 0 and int(arr.max()) > hi:
+        arr = arr & np.asarray(hi, arr.dtype)
+    slope, intercept = _dicom_rescale(ds, name)
+    vmin, vmax = lo * slope + intercept, hi * slope + intercept
+    if (lo, slope, intercept) == (0, 1.0, 0.0):   # the usual case: unsigned counts, kept as integers
+        values = (hi - arr).astype(arr.dtype) if _dicom_inverted(ds) else arr
+    else:
+        values = arr * slope + intercept
+        if _dicom_inverted(ds):
+            values = (vmin + vmax) - values
+    lowest = float(values.min())
+    if lowest < 0 or vmax <= 0:
+        raise ScanError(name, f"negative counts (down to {lowest:g}) from {arr.dtype} pixels with RescaleSlope "
+                              f"{slope:g} and RescaleIntercept {intercept:g}: not transmission counts")
+    if vmax > 65535:
+        raise ScanError(name, f"counts up to {vmax:g} (BitsStored {bits}, RescaleSlope {slope:g}, RescaleIntercept "
+                              f"{intercept:g}) do not fit 16 bits")
+    if values.dtype.kind in "iu" or np.array_equal(values, np.rint(values)):
+        return values.astype(np.uint8 if vmax <= 255 else np.uint16), float(vmax)
+    return (values / vmax).astype(np.float32), None   # a fractional slope: transmissions
+
+
+def _dicom_rescale(ds: Any, name: str) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), 1 and 0 when absent; ScanError for a slope that is not positive."""
+    raw_slope, raw_intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    slope = 1.0 if raw_slope in (None, "") else float(raw_slope)
+    intercept = 0.0 if raw_intercept in (None, "") else float(raw_intercept)
+    if not (math.isfinite(slope) and slope > 0 and math.isfinite(intercept)):
+        raise ScanError(name, f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g}: no counts from these")
+    return slope, intercept
