@@ -95,6 +95,26 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     assert load_config(y, ["optim.lr=1e-3"]).optim.lr == 0.001   # YAML reads 1e-3 as a string: still a number
 
 
+def test_a_network_that_cannot_be_built_is_refused_at_config_load(tmp_path):
+    from detector.train import ConfigError, load_config
+    for bad, why in (("model.backbone=resnet50", "model.backbone 'resnet50' is not one of"),
+                     ("model.backbone_stride=4", "model.backbone_stride must be one of"),
+                     ("model.stride=16", "model.stride must be 4 or 8"),
+                     ("model.topk=0", "model.topk must be >= 1"),
+                     ("model.context_dilations=[0]", "model.context_dilations"),
+                     ("model.prior=0", "model.prior"),
+                     ("preprocessing.pad_multiple=0", "pad_multiple must be >= 1"),
+                     ("model.width=8 model.backbone=efficientnet_b0", "only resnets take a width"),
+                     ("model.stage_blocks=1 model.backbone=mobilenet_v3_large", "only resnets take stage_blocks"),
+                     ("model.backbone_stride=32 preprocessing.pad_multiple=16 data.crop=64",
+                      r"pad_multiple \(16\) must be a multiple of model.backbone_stride \(32\)")):
+        with pytest.raises(ConfigError, match=why):   # before, these loaded and failed after the scans were cached
+            load_config(None, bad.split())
+    for ok in ("model.backbone_stride=8", "model.backbone_stride=16 preprocessing.pad_multiple=16 data.crop=64",
+               "model.backbone=efficientnet_b0 model.stride=4"):
+        load_config(None, ok.split())
+
+
 def test_resuming_with_another_network_or_preprocessing_is_refused():
     from detector.train import ConfigError, check_resumable, load_config, to_dict
     ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
