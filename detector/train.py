@@ -756,7 +756,8 @@ def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
     ck = read_checkpoint(path)
     hp = ck["hyper_parameters"]
     cfg = _build(Config, hp["config"])
-    model = build_model(cfg.model)
+    # the checkpoint holds every weight: the pretrained file it started from is not needed (nor read) any more
+    model = build_model(dataclasses.replace(cfg.model, weights=None))
     state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     info = dict(hp.get("info") or {})

@@ -115,6 +115,24 @@ def test_a_network_that_cannot_be_built_is_refused_at_config_load(tmp_path):
         load_config(None, ok.split())
 
 
+def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path):
+    import torch
+    import torchvision
+
+    from detector.model import build_model
+    from detector.train import load_checkpoint, load_config, to_dict
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = load_config(None, ["model.in_channels=1", "model.decoder_channels=8", f"model.weights={weights}"])
+    model = build_model(cfg.model)
+    ck = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+          "hyper_parameters": {"config": to_dict(cfg), "info": {"channels": 1}}}
+    torch.save(ck, tmp_path / "best.ckpt")
+    weights.unlink()   # exported on another machine, or the file moved: the checkpoint holds every weight
+    loaded, _ = load_checkpoint(tmp_path / "best.ckpt")
+    assert torch.equal(loaded.state_dict()["head.0.weight"], model.state_dict()["head.0.weight"])
+
+
 def test_resuming_with_another_network_or_preprocessing_is_refused():
     from detector.train import ConfigError, check_resumable, load_config, to_dict
     ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
