@@ -562,11 +562,14 @@ class ScanDataModule(L.LightningDataModule):
         if weak:
             left_out = {id(r) for r in weak}
             self.splits["train"] = [r for r in train if id(r) not in left_out]
+            # the plain layout has no boxes and no split column: only a mask file marks where the anomaly lies
+            how = ("a box (manifest `boxes`) to train on it, or put them in the validation split, where a label is "
+                   "enough" if (self.data_dir / "manifest.csv").exists() else
+                   f"a mask ({self.data_dir / 'masks'}/<same stem>.png, non-zero on the anomaly) to train on it")
             rank_zero_warn(f"{len(weak)} of {sum(r.label == 1 for r in train)} anomalous training scans have a label "
                            f"alone (no mask, no boxes; e.g. {Path(weak[0].path).name}): left out of training, where "
-                           "crops cut anywhere in them taught normal structure as anomalous. Give each a box "
-                           "(manifest `boxes`) to train on it, or put them in the validation split, where a label is "
-                           "enough; data.label_only_crops=true trains on them anyway")
+                           f"crops cut anywhere in them taught normal structure as anomalous. Give each {how}; "
+                           "data.label_only_crops=true trains on them anyway")
 
     def prepare_data(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -574,7 +577,8 @@ class ScanDataModule(L.LightningDataModule):
         from tqdm import tqdm
         if self.cfg.min_visibility > 0:
             self._faint_training_anomalies()
-        todo = [r for s in SPLITS for r in self.splits[s]]
+        # each scan once: a tiny dataset validates on its training scans, the same records in two splits
+        todo = list({r.path: r for s in SPLITS for r in self.splits[s]}.values())
         # threads: decoding and resampling release the GIL (1.7x on 2 cores)
         pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
         try:
@@ -619,6 +623,9 @@ class ScanDataModule(L.LightningDataModule):
         return f"{path}: {reason}"
 
     def _check_splits(self) -> None:
+        if self.require_train and not any(r.label == 0 for r in self.records):   # no split can fix that
+            raise ScanError(self.data_dir, "the dataset has no normal scans (label 0, or normal/ in the plain layout): "
+                                           "the thresholds are calibrated on normal traffic, so training needs some")
         if self.require_train and not self.splits["train"]:
             why = f" ({len(self.skipped)} unreadable, e.g. {self._a_skipped_scan()})" if self.skipped else ""
             raise ScanError(self.data_dir, f"no training scans after splitting{why}")

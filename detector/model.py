@@ -37,11 +37,73 @@ class ModelConfig:
                                  # ignored with 1 channel
 
 
+BACKBONE_STRIDES = (8, 16, 32)   # the deepest stage kept; every backbone here reaches 32
+
+
+def check_model_config(cfg: ModelConfig, pad_multiple: int | None = None) -> None:
+    """ValueError naming the first setting the network cannot be built or run with: checked when a config is
+    loaded, so a wrong one fails at once instead of after the scans are cached. `pad_multiple`: the station's
+    padding (preprocessing.pad_multiple), which the deepest stride must divide, else the decoder's maps misalign."""
+    resnet = cfg.backbone.startswith("resnet")
+    problems = [
+        (cfg.backbone not in BACKBONES, f"model.backbone {cfg.backbone!r} is not one of {', '.join(BACKBONES)}"),
+        (cfg.stride not in (4, 8), f"model.stride must be 4 or 8, got {cfg.stride}"),
+        (cfg.backbone_stride not in BACKBONE_STRIDES,
+         f"model.backbone_stride must be one of {BACKBONE_STRIDES}, got {cfg.backbone_stride}"),
+        (cfg.width != 64 and (not resnet or cfg.width < 8 or bool(cfg.weights)),
+         f"model.width={cfg.width}: only resnets take a width (>= 8), and not with model.weights (a torchvision "
+         f"state_dict has width 64)" + ("; set model.width=64" if not resnet or cfg.weights else "")),
+        (not resnet and cfg.stage_blocks not in (0, ()),
+         f"model.stage_blocks={cfg.stage_blocks!r}: only resnets take stage_blocks; set model.stage_blocks=0"),
+        (cfg.topk < 1, f"model.topk must be >= 1, got {cfg.topk}"),
+        (cfg.decoder_channels < 1, f"model.decoder_channels must be >= 1, got {cfg.decoder_channels}"),
+        (any(d < 1 for d in cfg.context_dilations),
+         f"model.context_dilations must be >= 1, got {cfg.context_dilations}"),
+        (not 0 < cfg.prior < 1, f"model.prior must be in (0, 1), got {cfg.prior}"),
+        (cfg.material_gain < 0, f"model.material_gain must be >= 0, got {cfg.material_gain}"),
+        (pad_multiple is not None and cfg.backbone_stride in BACKBONE_STRIDES and pad_multiple % cfg.backbone_stride,
+         f"preprocessing.pad_multiple ({pad_multiple}) must be a multiple of model.backbone_stride "
+         f"({cfg.backbone_stride}), the network's deepest stride"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+    blocks = cfg.stage_blocks
+    if resnet and (isinstance(blocks, int) and blocks < 0
+                   or not isinstance(blocks, int) and (len(blocks) != 4 or any(n < 0 for n in blocks))):
+        raise ValueError(f"model.stage_blocks must be one count or 4 counts >= 0, got {blocks!r}")
+
+
 def _first_conv(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module holding the first conv and its attribute name."""
     if name.startswith("resnet"):
         return model, "conv1"
     return model.features[0], "0"
+
+
+def _load_weights(net: nn.Module, name: str, path: str) -> None:
+    """Load a LOCAL torchvision `name` state_dict into `net`, every key and shape matching: a partial load (another
+    backbone's file, another depth) would silently train from random weights. ValueError names the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"model.weights {path}: no such file") from None
+    except Exception as e:  # a directory, a text file, a pickle that is not plain tensors, a cut file
+        raise ValueError(f"model.weights {path}: not a readable torch state_dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.weights {path}: not a state_dict of tensors")
+    own = net.state_dict()
+    # torchvision's own older files lack BatchNorm's num_batches_tracked, which load_state_dict fills in
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{n} {len(ks)} key(s), e.g. {ks[0]}" for n, ks in
+                         (("missing", missing), ("unexpected", unexpected), ("other shapes in", shapes)) if ks)
+        raise ValueError(f"model.weights {path}: not a torchvision {name} state_dict ({what})")
+    net.load_state_dict(state, strict=False)   # checked above; only num_batches_tracked may be absent
 
 
 def _adapt_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
@@ -104,8 +166,7 @@ class Backbone(nn.Module):
         if width != 64:
             _narrow_resnet(net, width)
         if weights:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            net.load_state_dict(state.get("state_dict", state), strict=False)
+            _load_weights(net, name, weights)
         _adapt_first_conv(net, name, in_channels)
         blocks = _blocks(net, name, stage_blocks)
         # find each block's output stride and channels with a dummy pass
@@ -179,11 +240,8 @@ class AnomalyNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.stride not in (4, 8):
-            raise ValueError(f"model.stride must be 4 or 8, got {cfg.stride}")
+        check_model_config(cfg)
         self.cfg = cfg
-        if cfg.material_gain < 0:
-            raise ValueError(f"model.material_gain must be >= 0, got {cfg.material_gain}")
         # single-energy data (one channel, 8-bit images) has no material signal: the raw input is used
         self.material = MaterialInput(cfg.material_gain) if cfg.material_gain and cfg.in_channels == 2 else None
         self.backbone = Backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stride, cfg.weights, cfg.stage_blocks,

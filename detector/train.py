@@ -41,7 +41,7 @@ from detector.calibration import threshold_table
 from detector.data import DataConfig, ScanDataModule, auto_workers, check_dataset, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
-from detector.model import AnomalyNet, ModelConfig, build_model, nhwc
+from detector.model import AnomalyNet, ModelConfig, build_model, check_model_config, nhwc
 from detector.preprocess import Preprocessing
 from detector.scan import ScanError
 from detector.shipped import resolve_config
@@ -202,6 +202,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ConfigError(f"data.{key} must be {what}, got {v!r}")
     m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
+    if m < 1:
+        raise ConfigError(f"preprocessing.pad_multiple must be >= 1, got {m}")
+    try:   # a network that cannot be built fails here, not after the scans are cached
+        check_model_config(cfg.model, m)
+        if cfg.model.weights:   # the file named, read and matched to the backbone now
+            build_model(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.crop <= 0 or cfg.data.crop % m:
         raise ConfigError(f"data.crop must be a positive multiple of preprocessing.pad_multiple ({m}), "
                           f"got {cfg.data.crop}")
@@ -748,7 +756,8 @@ def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
     ck = read_checkpoint(path)
     hp = ck["hyper_parameters"]
     cfg = _build(Config, hp["config"])
-    model = build_model(cfg.model)
+    # the checkpoint holds every weight: the pretrained file it started from is not needed (nor read) any more
+    model = build_model(dataclasses.replace(cfg.model, weights=None))
     state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     info = dict(hp.get("info") or {})

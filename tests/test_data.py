@@ -527,3 +527,41 @@ def test_anomalous_training_scans_with_a_label_alone_are_left_out(tmp_path):
     assert len(dm.splits["val"]) == sum(r["split"] == "val" for r in rows)
     on = ScanDataModule(root, DataConfig(crop=32, workers=0, label_only_crops=True), Preprocessing(), tmp_path / "c2")
     assert len(on.splits["train"]) == len(train_all)
+
+
+def _plain_rgb(root: Path, normal: int, anomalous: int) -> Path:
+    """A site's own plain folder of 8-bit RGB pictures (no manifest, no masks), of varied sizes."""
+    rng = np.random.default_rng(0)
+    for sub, n in (("normal", normal), ("anomalous", anomalous)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = ((60, 100), (48, 160), (90, 70))[i % 3]
+            img = (200 - 100 * rng.random((h, w, 3))).astype(np.uint8)
+            cv2.imwrite(str(root / sub / f"{sub[0]}{i}.png"), img)
+    return root
+
+
+def test_plain_rgb_folder_caches_each_picture_once_and_says_what_to_add(tmp_path, monkeypatch):
+    """A tiny plain folder validates on its training scans: the same records sit in two splits, and each picture was
+    read (and counted in the conversion warning) once per split. The label-only warning named manifest boxes and a
+    split column, which the plain layout has neither of."""
+    root = _plain_rgb(tmp_path / "d", normal=3, anomalous=1)
+    with pytest.warns(UserWarning, match=r"Give each a mask \(.*masks/<same stem>\.png"):
+        dm = ScanDataModule(root, DataConfig(workers=0, val_fraction=0, test_fraction=0), Preprocessing(),
+                            tmp_path / "cache")
+    assert dm.splits["val"] == dm.splits["train"]          # no validation split: validated on the training scans
+    built: list[str] = []
+    build = ScanCache.build
+    monkeypatch.setattr(ScanCache, "build", lambda self, rec: built.append(rec.path) or build(self, rec))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.prepare_data()
+    assert sorted(built) == sorted(r.path for r in dm.splits["train"])     # 3 pictures, each read once
+    said = [str(w.message) for w in caught if "colour image converted" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("3 scan(s)")
+
+
+def test_a_dataset_without_normal_scans_is_refused_as_such(tmp_path):
+    root = _plain_rgb(tmp_path / "d", normal=0, anomalous=4)
+    with pytest.raises(ScanError, match="the dataset has no normal scans"):   # not "put some in split=val"
+        ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")

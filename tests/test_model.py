@@ -162,3 +162,26 @@ def test_width_only_for_resnets_without_weights(tmp_path):
     weights.write_bytes(b"")   # never read: the width check comes first
     with pytest.raises(ValueError, match="width"):
         build_model(ModelConfig(in_channels=1, width=32, weights=str(weights)))
+
+
+def test_local_weights_load_whole_or_are_refused_naming_the_file(tmp_path):
+    import torchvision
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    good = tmp_path / "resnet18.pth"
+    torch.save(state, good)
+    m = build_model(ModelConfig(in_channels=2, decoder_channels=8, weights=str(good)))
+    assert torch.equal(m.backbone.blocks[1][0].conv1.weight, state["layer1.0.conv1.weight"])
+    shallow = {k: v for k, v in state.items() if not k.startswith("layer4")}      # another depth or backbone
+    wide = {**state, "layer1.0.conv1.weight": torch.zeros(32, 64, 3, 3)}       # another width
+    files = {"shallow.pth": shallow, "wide.pth": wide, "junk.pth": {"a": 1}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    (tmp_path / "text.pth").write_text("not a torch file")
+    for name, why in (("shallow.pth", r"not a torchvision resnet18 state_dict \(missing 25 key"),
+                      ("wide.pth", r"not a torchvision resnet18 state_dict \(other shapes in 1 key"),
+                      ("junk.pth", "not a state_dict of tensors"), ("text.pth", "not a readable torch state_dict"),
+                      ("absent.pth", "no such file")):
+        with pytest.raises(ValueError, match=f"model.weights {tmp_path / name}: {why}"):
+            build_model(ModelConfig(in_channels=2, weights=str(tmp_path / name)))
+    with pytest.raises(ValueError, match="not a torchvision mobilenet_v3_large state_dict"):   # another backbone's
+        build_model(ModelConfig(backbone="mobilenet_v3_large", in_channels=2, weights=str(good)))

@@ -95,6 +95,44 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     assert load_config(y, ["optim.lr=1e-3"]).optim.lr == 0.001   # YAML reads 1e-3 as a string: still a number
 
 
+def test_a_network_that_cannot_be_built_is_refused_at_config_load(tmp_path):
+    from detector.train import ConfigError, load_config
+    for bad, why in (("model.backbone=resnet50", "model.backbone 'resnet50' is not one of"),
+                     ("model.backbone_stride=4", "model.backbone_stride must be one of"),
+                     ("model.stride=16", "model.stride must be 4 or 8"),
+                     ("model.topk=0", "model.topk must be >= 1"),
+                     ("model.context_dilations=[0]", "model.context_dilations"),
+                     ("model.prior=0", "model.prior"),
+                     ("preprocessing.pad_multiple=0", "pad_multiple must be >= 1"),
+                     ("model.width=8 model.backbone=efficientnet_b0", "only resnets take a width"),
+                     ("model.stage_blocks=1 model.backbone=mobilenet_v3_large", "only resnets take stage_blocks"),
+                     ("model.backbone_stride=32 preprocessing.pad_multiple=16 data.crop=64",
+                      r"pad_multiple \(16\) must be a multiple of model.backbone_stride \(32\)")):
+        with pytest.raises(ConfigError, match=why):   # before, these loaded and failed after the scans were cached
+            load_config(None, bad.split())
+    for ok in ("model.backbone_stride=8", "model.backbone_stride=16 preprocessing.pad_multiple=16 data.crop=64",
+               "model.backbone=efficientnet_b0 model.stride=4"):
+        load_config(None, ok.split())
+
+
+def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path):
+    import torch
+    import torchvision
+
+    from detector.model import build_model
+    from detector.train import load_checkpoint, load_config, to_dict
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = load_config(None, ["model.in_channels=1", "model.decoder_channels=8", f"model.weights={weights}"])
+    model = build_model(cfg.model)
+    ck = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+          "hyper_parameters": {"config": to_dict(cfg), "info": {"channels": 1}}}
+    torch.save(ck, tmp_path / "best.ckpt")
+    weights.unlink()   # exported on another machine, or the file moved: the checkpoint holds every weight
+    loaded, _ = load_checkpoint(tmp_path / "best.ckpt")
+    assert torch.equal(loaded.state_dict()["head.0.weight"], model.state_dict()["head.0.weight"])
+
+
 def test_resuming_with_another_network_or_preprocessing_is_refused():
     from detector.train import ConfigError, check_resumable, load_config, to_dict
     ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
