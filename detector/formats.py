@@ -34,6 +34,7 @@ TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a s
 # setup Python printed each such log line raw (two per truncated TIFF, thousands in a batch of copies in progress)
 logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
+
 def _png_size(data: bytes, name: str) -> tuple[int, int, int, int]:
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise ScanError(name, "truncated PNG header")

@@ -170,7 +170,6 @@ def routing_file(out: Path) -> Path:
     return out.with_name(out.name + ".routing.json")
 
 
-
 def lock_file(out: Path) -> Path:
     """Beside a results CSV: the lock a run holds while it writes it."""
     return out.with_name(out.name + ".lock")
@@ -200,6 +199,7 @@ def lock_results(out: Path):
         raise BlockingIOError(f"{out} is being written by another `detector score` (lock {f.name}): wait for it "
                               "to end, or give another --out") from None
     return f
+
 
 def check_same_routing(out: Path, routing: dict) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
@@ -311,7 +311,6 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
     return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
 
 
-
 def _colour_png(path: Path) -> bool:
     """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
     try:
@@ -329,6 +328,7 @@ def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
     drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
             and _colour_png(i.path)}
     return [i for i in items if i.path not in drop], len(drop)
+
 
 def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
     """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run)."""
@@ -456,7 +456,6 @@ def _note(counts: Counts, overlay_error: str | None) -> None:
         counts.overlay_errors.append(overlay_error)
 
 
-
 @contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
     """SIGTERM (a service manager, `timeout`, `kill`) stops a run as Ctrl-C does: overlays in flight are drawn and
@@ -473,6 +472,7 @@ def _stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
 
 def main(args) -> int:
     """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
