@@ -4,9 +4,9 @@ import sys
 
 from conftest import run_without
 
-CORE = ["detector.scan", "detector.formats", "detector.preprocess", "detector.calibration", "detector.bundle",
-        "detector.physics", "detector.tip", "detector.synth", "detector.runtime", "detector.policy",
-        "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
+CORE = ["detector.scan", "detector.formats", "detector.sources", "detector.preprocess", "detector.calibration",
+        "detector.bundle", "detector.physics", "detector.tip", "detector.synth", "detector.runtime",
+        "detector.policy", "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
         "detector.serve", "detector.audit", "detector.cli", "detector.manifest"]
 
 

@@ -1,0 +1,125 @@
+"""The files a `detector score` run reads: a folder (its manifest.csv, else every scan file below it), a glob,
+a .txt list or a manifest .csv, each file once, less the overlays an earlier run drew among them."""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from detector.manifest import read_rows
+from detector.policy import parse_flags
+from detector.scan import SCAN_SUFFIXES
+
+SKIP_DIRS = {"masks"}  # dataset folders keep truth masks (PNG) beside the scans
+
+
+@dataclass
+class Item:
+    """One file to score, with the routing inputs a manifest may carry; `error` marks a row that cannot
+    be routed (e.g. unreadable risk flags): its scan is inspected with that reason."""
+    path: Path
+    tier: str | None = None
+    risk_flags: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _item(path: Path, row_number: int, r: dict) -> Item:
+    item = Item((path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
+    try:
+        item.risk_flags = parse_flags(r.get("risk_flags"))
+    except ValueError as e:   # one bad cell inspects its own truck, not the whole batch
+        item.error = f"{path} row {row_number}: unreadable risk_flags ({e})"
+    return item
+
+
+def read_manifest(path: Path) -> list[Item]:
+    """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags)."""
+    return [_item(path, n, r) for n, r in enumerate(read_rows(path, need=("path",)), start=2)]
+
+
+def discover(src: str) -> tuple[list[Item], str]:
+    """The files named by SRC and a word on how they were found. SRC: a folder (its manifest.csv
+    when present, else every scan file below it, skipping masks/), a glob, a .txt list or a .csv."""
+    items, how = _discover(src)
+    return unique(items), how
+
+
+def unique(items: list[Item]) -> list[Item]:
+    """Items less repeats of a file (a list naming it twice, a symlink beside its target), the first kept: one
+    row per scan, where two made `detector eval` refuse the CSV."""
+    kept, seen = [], set()
+    for i in items:
+        if i.path not in seen:
+            seen.add(i.path)
+            kept.append(i)
+    if len(kept) < len(items):
+        warnings.warn(f"{len(items) - len(kept)} file(s) named more than once are scored once")
+    return kept
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Scan files below a folder, sorted, skipping masks/ and hidden names. Symlinked folders are followed (once
+    each); a folder that cannot be listed is reported, where os.walk skipped it and its scans without a word."""
+    files, seen = [], set()
+
+    def unlisted(e: OSError) -> None:
+        warnings.warn(f"{e.filename}: cannot list this folder ({e.strerror or e}); its scans are not scored")
+    for root, dirs, names in os.walk(folder, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:   # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        files += [Path(root, n) for n in sorted(names)
+                  if not n.startswith(".") and Path(n).suffix.lower() in SCAN_SUFFIXES]
+    return files
+
+
+def _discover(src: str) -> tuple[list[Item], str]:
+    """discover before repeats are dropped."""
+    p = Path(src)
+    if p.is_dir():
+        if (p / "manifest.csv").is_file():
+            return read_manifest(p / "manifest.csv"), f"{p / 'manifest.csv'}"
+        return [Item(f.resolve()) for f in _walk(p)], f"folder {p}"
+    if p.suffix.lower() == ".csv" and p.is_file():
+        return read_manifest(p), f"manifest {p}"
+    if p.suffix.lower() == ".txt" and p.is_file():
+        items = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                q = Path(line)
+                if not q.is_absolute() and not q.exists():
+                    q = p.parent / q  # relative to the list when not relative to the working dir
+                items.append(Item(q.resolve()))
+        return items, f"list {p}"
+    if p.is_file():
+        return [Item(p.resolve())], f"file {p}"
+    if glob.has_magic(src):
+        files = sorted(Path(f) for f in glob.glob(src, recursive=True)   # scan files, as in a folder: day/* on a
+                       if Path(f).suffix.lower() in SCAN_SUFFIXES and Path(f).is_file())  # share also has Thumbs.db
+        return [Item(f.resolve()) for f in files], f"glob {src}"
+    raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
+
+
+def _colour_png(path: Path) -> bool:
+    """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 8 and head[25] in (2, 6)
+
+
+def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
+    """Items less the overlays an earlier run drew into the --overlays folder (colour PNGs below it), and how many:
+    with that folder inside the scanned one, a resumed run scored them as trucks and named its overlays anew."""
+    where = overlays.resolve()
+    drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
+            and _colour_png(i.path)}
+    return [i for i in items if i.path not in drop], len(drop)
