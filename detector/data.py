@@ -123,9 +123,10 @@ class DataConfig:
     test_fraction: float = 0.15
     seed: int = 0
     normal_only: bool = False       # drop anomalous training scans; anomalies come from TIP alone
-    label_only_crops: bool = False  # anomalous training scans with a label alone (no mask, no boxes): false leaves
-                                    # them out of training, since their crops, cut anywhere and taught as anomalous,
-                                    # measured worse than none (docs/experiments.md); true trains on them anyway
+    label_only_crops: bool = False  # anomalous training scans with a label alone (no mask, no boxes) larger than a
+                                    # crop: false leaves them out of training, since their crops, cut anywhere and
+                                    # taught as anomalous, measured worse than none; true trains on them anyway. Those
+                                    # that fit in one crop are always trained on, whole (docs/experiments.md)
     channels: int | None = None     # None: from the data (the first scan)
     cache_dir: str | None = None    # default RUN/cache
     skip_unreadable: bool = True    # an unreadable scan or mask (corrupt, truncated, NaN, ...) is left out and listed
@@ -541,8 +542,6 @@ class ScanDataModule(L.LightningDataModule):
         self.splits = split_records(self.records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if cfg.normal_only:
             self.splits["train"] = [r for r in self.splits["train"] if r.label == 0]
-        elif not cfg.label_only_crops:
-            self._leave_out_label_only()
         self.require_train = require_train
         self.skipped: dict[str, tuple[str, str]] = {}   # path -> (split, reason) of the unreadable scans left out
         self._warned = False
@@ -554,21 +553,31 @@ class ScanDataModule(L.LightningDataModule):
         self.energies: list[str] = []
 
     def _leave_out_label_only(self) -> None:
-        """Drop the anomalous training scans that have a label alone. Nobody said where their anomaly lies, so a crop
-        of one, taught as anomalous, is almost always normal structure (0.8 % of a truck's crops hold a 25 px
-        package): on the quick config such scans cost 0.14 test AUROC against training without them."""
-        train = self.splits["train"]
-        weak = [r for r in train if r.label == 1 and not r.mask and not r.boxes]
-        if weak:
-            left_out = {id(r) for r in weak}
-            self.splits["train"] = [r for r in train if id(r) not in left_out]
+        """Drop the anomalous training scans that have a label alone and are larger than one training crop. Nobody
+        said where their anomaly lies, so a crop of one, taught as anomalous, is almost always normal structure
+        (0.8 % of a truck's crops hold a 25 px package): on the quick config such scans cost 0.14 test AUROC against
+        training without them. A scan that fits in one crop is cut whole, so its label holds for its crop: those stay,
+        taught by the image-level loss (+0.073 test AUROC against leaving them out: docs/experiments.md)."""
+        train, metas, s = self.splits["train"], self.metas["train"], self.cfg.crop
+        weak = [i for i, r in enumerate(train) if r.label == 1 and not r.mask and not r.boxes]
+        if not weak:
+            return
+        out = {i for i in weak if max(metas[i]["shape"][1:]) > s}
+        if len(out) < len(weak):
+            rank_zero_info(f"{len(weak) - len(out)} anomalous training scans with a label alone fit in one training "
+                           f"crop ({s} px at {self.pre.model_pitch_mm:g} mm): each is trained on whole, by its label")
+        if out:
+            self.splits["train"] = [r for i, r in enumerate(train) if i not in out]
+            self.metas["train"] = [m for i, m in enumerate(metas) if i not in out]
             # the plain layout has no boxes and no split column: only a mask file marks where the anomaly lies
             how = ("a box (manifest `boxes`) to train on it, or put them in the validation split, where a label is "
                    "enough" if (self.data_dir / "manifest.csv").exists() else
                    f"a mask ({self.data_dir / 'masks'}/<same stem>.png, non-zero on the anomaly) to train on it")
-            rank_zero_warn(f"{len(weak)} of {sum(r.label == 1 for r in train)} anomalous training scans have a label "
-                           f"alone (no mask, no boxes; e.g. {Path(weak[0].path).name}): left out of training, where "
-                           f"crops cut anywhere in them taught normal structure as anomalous. Give each {how}; "
+            example = Path(train[min(out)].path).name
+            rank_zero_warn(f"{len(out)} of {sum(r.label == 1 for r in train)} anomalous training scans have a label "
+                           f"alone (no mask, no boxes; e.g. {example}) and are larger than a training crop "
+                           f"({s} px at {self.pre.model_pitch_mm:g} mm): left out of training, where crops cut "
+                           f"anywhere in them taught normal structure as anomalous. Give each {how}; "
                            "data.label_only_crops=true trains on them anyway")
 
     def prepare_data(self) -> None:
@@ -671,6 +680,9 @@ class ScanDataModule(L.LightningDataModule):
         self._drop_skipped()
         for s in SPLITS:
             self.metas[s] = [metas[r.path] for r in self.splits[s]]
+        if not self.cfg.normal_only and not self.cfg.label_only_crops:
+            self._leave_out_label_only()   # here: whether a scan fits in a crop is known once it is cached
+            self._check_splits()
         first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder
         chans = {m["shape"][0] for s in SPLITS for m in self.metas[s]}
         if len(chans) > 1:

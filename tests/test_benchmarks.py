@@ -97,3 +97,27 @@ def test_serve_load_prints_throughput_latency_and_server_memory(tmp_path):
     assert re.search(r"status \{200: \d+\}", p.stdout) and "INSPECT" in p.stdout and "RELEASE" in p.stdout
     assert re.search(r"server RSS idle after warm-up [\d.]+ MB", p.stdout)
     one_line_error(bench("serve_load.py", "--scan", str(tmp_path / "none.tiff")), "no such scan file")
+
+
+def test_windows_hold_the_anomaly_and_the_labels_only_manifest_drops_the_training_masks(tmp_path):
+    """benchmarks/windows.py (labels alone on scans that fit in a crop): each anomalous window holds its anomaly,
+    each normal scan gives two windows, every window is size x size, and training anomalies lose their masks."""
+    import cv2
+
+    from detector.scan import read_scan
+    from detector.synth.dataset import write_dataset
+    src = tmp_path / "d"
+    rows = write_dataset(src, 4, seed=3, anomaly_fraction=0.5, workers=1, height=240, split="train", progress=False)
+    p = bench("windows.py", str(src), str(tmp_path / "w"), "--size", "96")
+    assert p.returncode == 0, p.stderr
+    n_anomalous = sum(int(r["label"]) for r in rows)
+    out = list(csv.DictReader(open(tmp_path / "w" / "manifest.csv")))
+    assert len(out) == n_anomalous + 2 * (4 - n_anomalous) and n_anomalous > 0
+    for r in out:
+        assert read_scan(tmp_path / "w" / r["path"]).attenuation.shape[1:] == (96, 96)
+        assert bool(r["mask"]) == (r["label"] == "1")
+        if r["mask"]:
+            assert cv2.imread(str(tmp_path / "w" / r["mask"]), cv2.IMREAD_UNCHANGED).any()   # the anomaly is in it
+    weak = list(csv.DictReader(open(tmp_path / "w" / "labels_only" / "manifest.csv")))
+    assert [r["path"] for r in weak] == [f"../{r['path']}" for r in out] and not any(r["mask"] for r in weak)
+    one_line_error(bench("windows.py", str(tmp_path / "none"), str(tmp_path / "w2")), "manifest.csv not found")

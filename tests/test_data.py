@@ -501,12 +501,14 @@ def test_one_scan_named_two_ways_is_one_cache_entry(tmp_path, monkeypatch):
     assert cache._key(Record(str(scan), 1)) not in keys   # the label is in the key (a relabelled scan)
 
 
-def test_anomalous_training_scans_with_a_label_alone_are_left_out(tmp_path):
+def test_anomalous_training_scans_with_a_label_alone_are_left_out_unless_they_fit_in_a_crop(tmp_path, caplog):
     """Crops of an anomalous scan whose anomaly nobody placed were cut anywhere and taught as anomalous: on the quick
     config that cost 0.14 test AUROC against training without those scans, so they are left out (and said), unless
-    data.label_only_crops=true. Marked anomalies, normal scans and the validation split keep every scan."""
+    data.label_only_crops=true. A scan that fits in one crop is that crop whole, so its label holds: it stays.
+    Marked anomalies, normal scans and the validation split keep every scan."""
     import csv
-    root = write_dataset(tmp_path / "d", n=12)
+    import logging
+    root = write_dataset(tmp_path / "d", n=12)   # 70x150 and 90x190 px at 5 mm: at most 45x95 px at 10 mm
     with open(root / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     blank = [r["path"] for r in rows if r["split"] == "train" and r["label"] == "1"][:2]
@@ -519,14 +521,27 @@ def test_anomalous_training_scans_with_a_label_alone_are_left_out(tmp_path):
         wr.writerows(rows)
     train_all = [r["path"] for r in rows if r["split"] == "train"]
     n_anomalous = sum(1 for r in rows if r["split"] == "train" and r["label"] == "1")
-    with pytest.warns(UserWarning, match=f"2 of {n_anomalous} anomalous training scans have a label alone"):
-        dm = ScanDataModule(root, DataConfig(crop=32, workers=0), Preprocessing(), tmp_path / "cache")
+
+    def ready(**cfg) -> ScanDataModule:
+        dm = ScanDataModule(root, DataConfig(workers=0, **cfg), Preprocessing(), tmp_path / "cache")
+        dm.prepare_data()
+        dm.setup()
+        assert [m["key"] for m in dm.metas["train"]] == [dm.cache._key(r) for r in dm.splits["train"]]
+        return dm
+
+    with pytest.warns(UserWarning, match=f"2 of {n_anomalous} anomalous training scans have a label alone .* larger "
+                                         "than a training crop"):
+        dm = ready(crop=32)
     kept = sorted(Path(r.path).name for r in dm.splits["train"])
     assert kept == sorted(Path(p).name for p in train_all if p not in blank)
     assert any(r.label == 1 for r in dm.splits["train"])   # the marked anomalies stay
     assert len(dm.splits["val"]) == sum(r["split"] == "val" for r in rows)
-    on = ScanDataModule(root, DataConfig(crop=32, workers=0, label_only_crops=True), Preprocessing(), tmp_path / "c2")
-    assert len(on.splits["train"]) == len(train_all)
+    assert len(ready(crop=32, label_only_crops=True).splits["train"]) == len(train_all)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("error")   # no left-out warning: both fit in a 96 px crop
+        fit = ready(crop=96)
+    assert len(fit.splits["train"]) == len(train_all)
+    assert "2 anomalous training scans with a label alone fit in one training crop" in caplog.text
 
 
 def _plain_rgb(root: Path, normal: int, anomalous: int) -> Path:
@@ -546,9 +561,8 @@ def test_plain_rgb_folder_caches_each_picture_once_and_says_what_to_add(tmp_path
     read (and counted in the conversion warning) once per split. The label-only warning named manifest boxes and a
     split column, which the plain layout has neither of."""
     root = _plain_rgb(tmp_path / "d", normal=3, anomalous=1)
-    with pytest.warns(UserWarning, match=r"Give each a mask \(.*masks/<same stem>\.png"):
-        dm = ScanDataModule(root, DataConfig(workers=0, val_fraction=0, test_fraction=0), Preprocessing(),
-                            tmp_path / "cache")
+    dm = ScanDataModule(root, DataConfig(crop=32, workers=0, val_fraction=0, test_fraction=0), Preprocessing(),
+                        tmp_path / "cache")
     assert dm.splits["val"] == dm.splits["train"]          # no validation split: validated on the training scans
     built: list[str] = []
     build = ScanCache.build
@@ -556,9 +570,12 @@ def test_plain_rgb_folder_caches_each_picture_once_and_says_what_to_add(tmp_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dm.prepare_data()
-    assert sorted(built) == sorted(r.path for r in dm.splits["train"])     # 3 pictures, each read once
+    assert sorted(built) == sorted(r.path for r in dm.splits["val"])     # 4 pictures, each read once
     said = [str(w.message) for w in caught if "colour image converted" in str(w.message)]
-    assert len(said) == 1 and said[0].startswith("3 scan(s)")
+    assert len(said) == 1 and said[0].startswith("4 scan(s)")
+    with pytest.warns(UserWarning, match=r"Give each a mask \(.*masks/<same stem>\.png"):
+        dm.setup()                                         # the anomalous picture is larger than a 32 px crop
+    assert len(dm.splits["train"]) == 3 and len(dm.splits["val"]) == 4
 
 
 def test_a_dataset_without_normal_scans_is_refused_as_such(tmp_path):

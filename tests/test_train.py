@@ -339,10 +339,11 @@ def test_plain_folder_rgb_8bit_trains(tmp_path):
     assert res["validation"]["n_anomalous"] >= 1 and res["validation"]["auroc"] is not None
     said = [str(w.message) for w in caught]
     assert sum("colour image converted" in m for m in said) == 1        # one summary line, not one per scan
-    # the anomalous training pictures have a label alone: left out (data.label_only_crops), and not read
-    left_out = [int(m.split()[0]) for m in said if "anomalous training scans have a label alone" in m]
-    assert left_out and left_out[0] >= 1
-    assert any(m.startswith(f"{8 - left_out[0]} scan(s): colour image converted") for m in said), said
+    # the anomalous training pictures have a label alone: those larger than the 64 px crop (100x130 px at 5 mm) are
+    # left out (data.label_only_crops), those that fit (120x90) are trained on whole
+    left_out = [m for m in said if "anomalous training scans have a label alone" in m]
+    assert len(left_out) == 1 and "larger than a training crop (64 px at 10 mm)" in left_out[0], said
+    assert any(m.startswith("8 scan(s): colour image converted") for m in said), said
     assert res["skipped_scans"] == 1
     assert "b8.jpg" in (tmp_path / "run" / "skipped_scans.csv").read_text()
 
