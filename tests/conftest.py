@@ -7,6 +7,7 @@ light cargo does not.
 """
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,37 @@ def normal_scan_1ch_path(scan_dir) -> Path:
 def anomalous_scan_1ch_path(scan_dir) -> Path:
     """Single-energy variant of anomalous_scan_path."""
     return write_test_scan(scan_dir / "anomalous_1ch.tiff", channels=1, dense=True, seed=4)
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+                deflated: bool = False, padding: int = 0, **tags) -> bytes:
+    """A DX DICOM file (Explicit VR Little Endian, or Deflated) of integer pixels (H, W), frames (F, H, W) or RGB
+    (H, W, 3), 4 mm spacing; `padding` zero bytes in a private tag (deflated ~1000:1)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+    ds = FileDataset("t.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "DX"
+    if pixels.ndim == 3 and photometric != "RGB":
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[:2] if photometric == "RGB" else pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (pixels.shape[-1] if photometric == "RGB" else 1), photometric
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
+    ds.ImagerPixelSpacing = tags.pop("ImagerPixelSpacing", [4.0, 4.0])
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if padding:
+        ds.add_new(0x00091010, "OB", b"\0" * padding)
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

@@ -17,6 +17,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import dicom_bytes
 from detector.scan import (
     Scan, ScanError, ScanWarning, attenuation_to_counts, counts_to_attenuation, estimate_i0,
     read_scan, read_scan_bytes, scan_from_counts, write_scan,
@@ -163,46 +164,14 @@ def test_dicom_reads_when_pydicom_installed(tmp_path):
     del pydicom
 
 
-def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 **tags) -> bytes:
-    """A DX DICOM file (Explicit VR Little Endian) of integer pixels (H, W), frames (F, H, W) or RGB (H, W, 3),
-    4 mm spacing."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("t.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality = "DX"
-    if pixels.ndim == 3 and photometric != "RGB":
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[:2] if photometric == "RGB" else pixels.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = (pixels.shape[-1] if photometric == "RGB" else 1), photometric
-    if photometric == "RGB":
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(pixels.dtype.kind == "i")
-    ds.ImagerPixelSpacing = tags.pop("ImagerPixelSpacing", [4.0, 4.0])
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("tags", [{"photometric": "MONOCHROME1"},
                                   {"PixelIntensityRelationship": "LIN", "PixelIntensityRelationshipSign": -1}])
 def test_dicom_inverted_polarity_reads_as_counts(tags):
     """MONOCHROME1 (minimum = white) or PixelIntensityRelationshipSign -1 stores air low: read as counts, air
     was dense and a dense block was air (a truck with one was released). Both must give the MONOCHROME2 scan."""
     counts = make_counts(1)[0]
-    ref = read_scan_bytes(_dicom_bytes(counts), "ref.dcm")
-    scan = read_scan_bytes(_dicom_bytes(65535 - counts, **tags), "inv.dcm")
+    ref = read_scan_bytes(dicom_bytes(counts), "ref.dcm")
+    scan = read_scan_bytes(dicom_bytes(65535 - counts, **tags), "inv.dcm")
     np.testing.assert_array_equal(scan.counts, ref.counts)
     np.testing.assert_array_equal(scan.attenuation, ref.attenuation)
 
@@ -211,7 +180,7 @@ def test_dicom_sign_plus_one_keeps_monochrome1_counts():
     """The physics tag wins over the display tag: radiograph-style MONOCHROME1 (air shown black) with sign +1
     (higher value, more intensity) holds counts as they are."""
     counts = make_counts(1)[0]
-    scan = read_scan_bytes(_dicom_bytes(counts, "MONOCHROME1", PixelIntensityRelationshipSign=1), "m1.dcm")
+    scan = read_scan_bytes(dicom_bytes(counts, "MONOCHROME1", PixelIntensityRelationshipSign=1), "m1.dcm")
     np.testing.assert_array_equal(scan.counts[0], counts)
 
 
@@ -221,7 +190,7 @@ def test_dicom_log_pixels_refused(relation):
     counts = make_counts(1)[0].astype(float)
     stored = (65535 * (1 + np.log10(np.maximum(counts, 1) / I0) / 4)).clip(0, 65535).astype(np.uint16)
     with pytest.raises(ScanError, match=f"PixelIntensityRelationship {relation}") as err:
-        read_scan_bytes(_dicom_bytes(stored, PixelIntensityRelationship=relation), "log.dcm")
+        read_scan_bytes(dicom_bytes(stored, PixelIntensityRelationship=relation), "log.dcm")
     assert err.value.path == "log.dcm"
 
 
@@ -229,9 +198,9 @@ def test_dicom_bits_stored_sets_the_full_scale():
     """12-bit counts in a 16-bit container: I0 from the air near 4000 (not > 32767, so it was missed) and, on a
     scan cropped below the air, 4095, not 65535, which read every pixel ln(16) = 2.8 denser: every truck inspected."""
     counts = (make_counts(1)[0] * (4000 / I0)).round().astype(np.uint16)
-    scan = read_scan_bytes(_dicom_bytes(counts, bits_stored=12), "12bit.dcm")
+    scan = read_scan_bytes(dicom_bytes(counts, bits_stored=12), "12bit.dcm")
     assert scan.i0 == (4000.0,)
-    cropped = read_scan_bytes(_dicom_bytes(counts[12:].copy(), bits_stored=12), "cropped.dcm")
+    cropped = read_scan_bytes(dicom_bytes(counts[12:].copy(), bits_stored=12), "cropped.dcm")
     assert cropped.i0 == (4095.0,)
     np.testing.assert_array_equal(cropped.attenuation, counts_to_attenuation(counts[12:], 4095.0))
 
@@ -240,14 +209,14 @@ def test_dicom_modality_rescale_gives_the_counts():
     """Counts = RescaleSlope * stored + RescaleIntercept: signed pixels offset by 32768 were refused as int16, and
     14-bit stored values with slope 4 read 4x denser."""
     counts = make_counts(1)[0]
-    ref = read_scan_bytes(_dicom_bytes(counts), "ref.dcm")
+    ref = read_scan_bytes(dicom_bytes(counts), "ref.dcm")
     signed = (counts.astype(np.int32) - 32768).astype(np.int16)
-    scan = read_scan_bytes(_dicom_bytes(signed, RescaleIntercept=32768, RescaleSlope=1), "signed.dcm")
+    scan = read_scan_bytes(dicom_bytes(signed, RescaleIntercept=32768, RescaleSlope=1), "signed.dcm")
     np.testing.assert_array_equal(scan.counts, ref.counts)
-    quarter = _dicom_bytes(counts // 4, bits_stored=14, RescaleSlope=4, RescaleIntercept=0)
+    quarter = dicom_bytes(counts // 4, bits_stored=14, RescaleSlope=4, RescaleIntercept=0)
     np.testing.assert_array_equal(read_scan_bytes(quarter, "slope.dcm").counts, (counts // 4 * 4)[None])
     inverted = (65535 - counts.astype(np.int32) - 32768).astype(np.int16)
-    scan = read_scan_bytes(_dicom_bytes(inverted, "MONOCHROME1", RescaleIntercept=32768), "signed_m1.dcm")
+    scan = read_scan_bytes(dicom_bytes(inverted, "MONOCHROME1", RescaleIntercept=32768), "signed_m1.dcm")
     np.testing.assert_array_equal(scan.counts, ref.counts)
 
 
@@ -258,7 +227,7 @@ def test_dicom_modality_rescale_gives_the_counts():
 ])
 def test_dicom_values_that_are_no_counts_refused(pixels, tags, reason):
     with pytest.raises(ScanError, match=reason):
-        read_scan_bytes(_dicom_bytes(pixels, **tags), "bad.dcm")
+        read_scan_bytes(dicom_bytes(pixels, **tags), "bad.dcm")
 
 
 @pytest.mark.parametrize("photometric, pixels", [
@@ -268,7 +237,7 @@ def test_dicom_values_that_are_no_counts_refused(pixels, tags, reason):
 def test_dicom_colour_refused_with_the_reason(photometric, pixels):
     """RGB was refused as "64 energies/channels"; palette indices were read as counts."""
     with pytest.raises(ScanError, match=f"{photometric} DICOM .*not transmission counts"):
-        read_scan_bytes(_dicom_bytes(pixels, photometric), "colour.dcm")
+        read_scan_bytes(dicom_bytes(pixels, photometric), "colour.dcm")
 
 
 def test_dicom_unreadable_files_say_why():
@@ -278,7 +247,7 @@ def test_dicom_unreadable_files_say_why():
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGLosslessSV1
 
-    good = _dicom_bytes(make_counts(1)[0])
+    good = dicom_bytes(make_counts(1)[0])
     for data in (b"not a DICOM file\n" * 40, good[:200]):
         with pytest.raises(ScanError, match="no DICOM image in it"):
             read_scan_bytes(data, "x.dcm")
@@ -297,7 +266,7 @@ def test_dicom_unreadable_files_say_why():
 def test_dicom_spacing_checks_both_axes():
     """[row, column] spacing: a 0 mm column spacing went unseen when the row spacing alone was the pitch."""
     with pytest.raises(ScanError, match="pixel pitch 0"):
-        read_scan_bytes(_dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=[4.0, 0.0]), "aniso.dcm")
+        read_scan_bytes(dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=[4.0, 0.0]), "aniso.dcm")
 
 
 @pytest.mark.parametrize("row_mm, col_mm", [(2.0, 6.0), (6.0, 2.0), (4.0, 4.2)])
@@ -308,7 +277,7 @@ def test_dicom_pixels_that_are_not_square_keep_the_truck_its_size(row_mm, col_mm
     h, w = 120, 360
     counts = np.full((h, w), 50000, np.uint16)
     counts[30:90, 60:300] = 8000                      # a block 60 rows x 240 columns
-    scan = read_scan_bytes(_dicom_bytes(counts, ImagerPixelSpacing=[row_mm, col_mm]), "aniso.dcm")
+    scan = read_scan_bytes(dicom_bytes(counts, ImagerPixelSpacing=[row_mm, col_mm]), "aniso.dcm")
     pitch = max(row_mm, col_mm)
     assert scan.pitch_mm == pytest.approx(pitch)
     assert (scan.height, scan.width) == (round(h * row_mm / pitch), round(w * col_mm / pitch))
@@ -322,11 +291,11 @@ def test_dicom_pixels_that_are_not_square_keep_the_truck_its_size(row_mm, col_mm
 def test_dicom_frames_are_energies():
     """Two frames are the high and low energy; a 40-frame volume was refused as "40 energies/channels"."""
     counts = make_counts(2)
-    scan = read_scan_bytes(_dicom_bytes(counts), "dual.dcm")
+    scan = read_scan_bytes(dicom_bytes(counts), "dual.dcm")
     assert scan.energies == ("high", "low")
     np.testing.assert_array_equal(scan.counts, counts)
     with pytest.raises(ScanError, match="40 frames"):
-        read_scan_bytes(_dicom_bytes(np.repeat(counts[:1], 40, axis=0)), "volume.dcm")
+        read_scan_bytes(dicom_bytes(np.repeat(counts[:1], 40, axis=0)), "volume.dcm")
 
 
 # ---------------------------------------------------------------- bad input, table-driven

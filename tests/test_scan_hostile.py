@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import dicom_bytes
 from detector.scan import Scan, ScanError, read_scan_bytes
 
 MB = 1 << 20
@@ -233,33 +234,11 @@ def test_jpeg_frame_hidden_from_the_size_check_is_refused_before_decoding(monkey
 
 # ---------------------------------------------------------------- DICOM and files
 
-def _deflated_dicom(pixels: np.ndarray, padding: int = 0) -> bytes:
-    """A Deflated Explicit VR Little Endian DX file; `padding` zero bytes in a private tag deflate ~1000:1."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds = FileDataset("t.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if padding:
-        ds.add_new(0x00091010, "OB", b"\0" * padding)
-    ds.PixelData = pixels.tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_deflated_dicom_that_inflates_past_any_scan_is_refused():
     counts = _counts(1)[0]
-    scan, _ = read_with_peak(_deflated_dicom(counts), "ok.dcm", max_pixels=100_000)
+    scan, _ = read_with_peak(dicom_bytes(counts, deflated=True), "ok.dcm", max_pixels=100_000)
     np.testing.assert_array_equal(scan.counts[0], counts)
-    data = _deflated_dicom(counts, padding=25_000_000)
+    data = dicom_bytes(counts, deflated=True, padding=25_000_000)
     assert len(data) < 100_000
     expect_refused(data, "bomb.dcm", "decompression bomb", max_pixels=100_000)
 
