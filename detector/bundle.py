@@ -2,7 +2,8 @@
 
 Thresholds, preprocessing constants and provenance travel inside the .onnx file, so a station
 needs nothing else and can re-threshold without re-export. Reading uses onnxruntime only (core);
-attaching uses the onnx package (training side, imported lazily).
+attaching at export uses the onnx package (training side); rewriting an exported bundle's metadata
+(`detector calibrate`) edits the protobuf's metadata field directly, so the core needs no onnx package.
 """
 from __future__ import annotations
 
@@ -182,3 +183,100 @@ def default_threshold(meta: dict) -> tuple[float, float]:
         return float(threshold_for_rate(np.asarray(meta["normal_scores"]), rate)), rate
     r = meta["thresholds"][0]
     return float(r["threshold"]), float(r["false_alarm_rate"])
+
+
+# ------------------------------------------------------------------ rewriting the metadata without the onnx package
+# A station re-thresholds a bundle (`detector calibrate`) with the core alone, which has onnxruntime but not the onnx
+# package. Only ModelProto's top-level field 14 (metadata_props: entries {key = 1; value = 2}, onnx.proto) changes;
+# every other field, the graph and its weights included, is copied byte for byte.
+_METADATA_PROPS = 14
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """The protobuf base-128 varint at buf[i]: (value, index after it)."""
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, int, int]]:
+    """A message's top-level fields: (field number, start, payload start, end) each, in file order."""
+    out, i = [], 0
+    while i < len(buf):
+        start = i
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        payload = i
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, payload = _varint(buf, i)
+            i = payload + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if i > len(buf) or number == 0:
+            raise ValueError("truncated protobuf field")
+        out.append((number, start, payload, i))
+    return out
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def replace_metadata_bytes(model: bytes, meta: dict, path: str | Path | None = None) -> bytes:
+    """The ONNX model's bytes with metadata_props["detector"] set to `meta` (validated), all else unchanged."""
+    validate_metadata(meta, "<metadata to write>")
+    try:
+        fields = _fields(model)
+        kept = bytearray()
+        for number, start, payload, end in fields:
+            if number == _METADATA_PROPS:
+                entry = model[payload:end]
+                keys = [entry[p:e] for n, _, p, e in _fields(entry) if n == 1]
+                if keys and keys[0] == METADATA_KEY.encode():
+                    continue
+            kept += model[start:end]
+    except ValueError as e:
+        raise BundleError(path, f"not a readable ONNX protobuf ({e})") from None
+    if not any(number == 7 for number, *_ in fields):   # ModelProto.graph
+        raise BundleError(path, "no graph in this ONNX file")
+    text = json.dumps(_json_safe(meta), sort_keys=True).encode()
+    entry = _len_field(1, METADATA_KEY.encode()) + _len_field(2, text)
+    return bytes(kept) + _len_field(_METADATA_PROPS, entry)
+
+
+def rewrite_metadata(src: str | Path, dst: str | Path, meta: dict) -> Path:
+    """Write `src`'s model to `dst` with new bundle metadata (atomically: a temporary file, read back with
+    onnxruntime and checked, then renamed), torch- and onnx-free."""
+    src, dst = Path(src), Path(dst)
+    data = replace_metadata_bytes(src.read_bytes(), meta, src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        back = read_metadata(tmp)
+        if back != json.loads(json.dumps(_json_safe(meta), sort_keys=True)):
+            raise BundleError(dst, "the metadata read back differs from what was written")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst

@@ -5,6 +5,7 @@ smallest one whose share of normal scores at or above it is <= r.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -53,3 +54,27 @@ def threshold_table(normal_scores: Iterable[float], rates: Iterable[float] = DEF
                      "achieved_rate": float(np.mean(s >= t)), "n_normal": int(s.size),
                      "resolvable": bool(s.size * r >= 1)})
     return rows
+
+
+def rate_interval(flagged: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (Wilson) interval of a false-alarm rate seen as `flagged` of `n` normal scans: how closely n scans
+    pin a rate down (0 of 300 still allows ~1.3 %)."""
+    if n <= 0 or not 0 <= flagged <= n:
+        raise ValueError(f"need 0 <= flagged <= n and n > 0, got {flagged} of {n}")
+    p, z2 = flagged / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def unresolved_warning(rows: Iterable[dict], what: str = "normal validation scans") -> str | None:
+    """One line when a threshold table's normal scans are too few to resolve some of its rates (n * rate < 1: the
+    threshold then sits just above the highest normal score, whatever the rate), else None."""
+    short = [r for r in rows if not r.get("resolvable", True)]
+    if not short:
+        return None
+    need = max(math.ceil(1 / r["false_alarm_rate"]) for r in short)
+    rates = ", ".join(f"{r['false_alarm_rate']:.1%}" for r in short)
+    return (f"{short[0].get('n_normal', '?')} {what} cannot resolve the {rates} false-alarm rate(s) (that takes "
+            f"{need:,} or more): those thresholds sit just above the highest normal score; set them on the site's "
+            "cleared traffic with `detector calibrate`")

@@ -82,6 +82,16 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for metrics.json, roc.png, report.html")
 
 
+def _calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="results.csv of the site's cleared scans, from `detector score` with this --model")
+    p.add_argument("--model", required=True, help="the model.onnx bundle that scored them")
+    p.add_argument("--out", required=True, help="the site's bundle to write (same graph, the site's thresholds)")
+    p.add_argument("--truth", default=None,
+                   help="dataset folder or manifest.csv: calibrate on the scans it labels normal only")
+    p.epilog = ("example:\n  detector score cleared/ --model model.onnx --out cleared.csv\n"
+                "  detector calibrate cleared.csv --model model.onnx --out site.onnx")
+
+
 def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model.onnx bundle")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -123,6 +133,8 @@ VERBS: dict[str, tuple[str, Builder, str, str]] = {
               "detector score scans/ --model model.onnx --out results.csv --overlays overlays/"),
     "eval": ("detector.evaluate", _eval, "metrics, ROC and an HTML report from scored results",
              "detector eval results.csv --truth data/test --out report/"),
+    "calibrate": ("detector.site_calibration", _calibrate, "re-threshold a model on a site's own cleared traffic",
+                  "detector calibrate cleared.csv --model model.onnx --out site.onnx"),
     "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",
               "detector serve --model model.onnx --port 8080"),
     "audit": ("detector.audit", _audit, "export the audit log of served decisions",
@@ -134,8 +146,8 @@ def _top_help() -> str:
     lines = [f"detector {__version__}: anomaly detection in cargo X-ray scans", "",
              "usage: detector VERB [options]   (detector VERB --help for each)", "", "verbs:"]
     for verb, (_, _, text, example) in VERBS.items():
-        lines.append(f"  {verb:<7} {text}")
-        lines.append(f"          e.g. {example}")
+        lines.append(f"  {verb:<9} {text}")
+        lines.append(f"            e.g. {example}")
     lines += ["", "Start here: detector demo"]
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from detector.calibration import false_alarm_rate, threshold_for_rate, threshold_table
+from detector.calibration import (false_alarm_rate, rate_interval, threshold_for_rate, threshold_table,
+                                  unresolved_warning)
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.005, 0.001, 0.2])
@@ -35,3 +36,24 @@ def test_bad_inputs():
         threshold_for_rate([0.1, float("nan")], 0.01)
     with pytest.raises(ValueError):
         threshold_for_rate([0.1], 1.5)
+
+
+def test_rate_interval_covers_the_true_rate_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    for n, p in ((300, 0.01), (3000, 0.01), (1000, 0.001)):
+        flagged = rng.binomial(n, p, size=2000)
+        covered = np.mean([lo <= p <= hi for lo, hi in (rate_interval(int(k), n) for k in flagged)])
+        assert 0.92 <= covered <= 0.99, (n, p, covered)
+    lo, hi = rate_interval(0, 300)          # none seen in 300 still allows ~1.3 %
+    assert lo == 0.0 and 0.011 < hi < 0.014
+    with pytest.raises(ValueError):
+        rate_interval(5, 3)
+
+
+def test_unresolved_warning_names_the_rates_and_the_scans_they_need():
+    assert unresolved_warning(threshold_table(np.linspace(0, 1, 1000))) is None
+    text = unresolved_warning(threshold_table(np.linspace(0, 1, 50)))
+    assert text.startswith("50 normal validation scans cannot resolve the 1.0%, 0.5%, 0.1% false-alarm rate(s)")
+    assert "1,000 or more" in text and "detector calibrate" in text
+    text = unresolved_warning(threshold_table(np.linspace(0, 1, 300)))
+    assert "the 0.1% false-alarm" in text and "1.0%" not in text

@@ -1,0 +1,172 @@
+"""Re-threshold a model bundle on a site's own cleared traffic: `detector calibrate` (torch-free).
+
+A bundle's thresholds come from its training validation scans. A site's trucks, cargo and scanner differ, so the
+same threshold inspects another share of its traffic than the rate it was chosen for. Score the site's cleared
+trucks with `detector score`, then calibrate on those scores: every rate (the bundle's table and a policy's tiers)
+is then set on the site's traffic. The graph is copied byte for byte; the metadata records where the thresholds
+came from and what they were before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from detector.bundle import BundleError, read_metadata, rewrite_metadata
+from detector.calibration import rate_interval, threshold_table
+from detector.evaluate import load_results, load_truth, match
+from detector.score import routing_file
+
+ENOUGH_PER_RATE = 30   # ~30 / rate cleared scans pin a rate down to about +-35 % of itself (Wilson interval)
+
+
+class CalibrationError(ValueError):
+    """Site scores that cannot calibrate this model; says which file and why."""
+
+
+@dataclass
+class SiteScores:
+    """The cleared-traffic scores a calibration uses, and what was left out of them."""
+    scores: list[float]
+    rows: int
+    failed: int = 0        # scans that could not be scored (they were routed INSPECT)
+    anomalous: int = 0     # scans the truth labels anomalous
+    not_in_truth: int = 0  # scans the truth does not list
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path | None = None) -> SiteScores:
+    """Scores of the cleared scans in a `detector score` results CSV, which must have been scored by this very
+    model (its .routing.json says which); with `truth`, only the scans it labels normal."""
+    results = Path(results)
+    routing = routing_file(results)
+    if not routing.is_file():
+        raise CalibrationError(f"{results}: no {routing.name} beside it, so which model scored these rows is unknown: "
+                               f"score the cleared scans with `detector score SCANS --model MODEL --out {results}`")
+    try:
+        scored_with = json.loads(routing.read_text(encoding="utf-8")).get("model_sha256")
+    except (ValueError, AttributeError, OSError) as e:
+        raise CalibrationError(f"{routing}: unreadable ({e})") from None
+    if scored_with != model_sha256:
+        raise CalibrationError(f"{results}: scored by another model (sha256 {str(scored_with)[:12]}, this one is "
+                               f"{model_sha256[:12]}): a model's thresholds need its own scores; score the cleared "
+                               "scans again with this model")
+    rows = load_results(results)
+    site = SiteScores([], len(rows))
+    if truth is not None:
+        pairs, orphans, _ = match(rows, load_truth(truth)[0], results.parent)
+        site.not_in_truth = len(orphans)
+        site.anomalous = sum(t.label == 1 for _, t in pairs)
+        rows = [r for r, t in pairs if t.label == 0]
+    for r in rows:
+        if r.failed:
+            site.failed += 1
+        elif not 0.0 <= r.score <= 1.0:
+            raise CalibrationError(f"{results}: row {r.row}: score {r.score:g} is outside [0, 1] (not as "
+                                   "`detector score` writes it)")
+        else:
+            site.scores.append(float(r.score))
+    if not site.scores:
+        raise CalibrationError(f"{results}: no cleared scan with a score to calibrate on ({site.rows} rows: "
+                               f"{site.failed} failed, {site.anomalous} anomalous, {site.not_in_truth} not in the truth)")
+    return site
+
+
+def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, truth: str | None = None) -> dict:
+    """The bundle metadata with thresholds and normal_scores from the site's scores and a `site_calibration`
+    record; CalibrationError when there are too few scores to set the default rate at all."""
+    n, default = len(site.scores), float(meta["default_false_alarm_rate"])
+    if n * default < 1:
+        raise CalibrationError(f"{source}: {n} cleared scans cannot set a {_pct(default)} false-alarm rate: at least "
+                               f"{math.ceil(1 / default)} are needed, and ~{math.ceil(ENOUGH_PER_RATE / default):,} "
+                               "would pin it down")
+    rates = sorted({float(r["false_alarm_rate"]) for r in meta["thresholds"]} | {default}, reverse=True)
+    old = meta.get("site_calibration")
+    new = dict(meta)
+    new["thresholds"] = threshold_table(site.scores, rates)
+    new["normal_scores"] = sorted(site.scores)
+    new["site_calibration"] = {
+        "results": source, "truth": truth, "scans": n, "scored_with_sha256": model_sha256,
+        "left_out": {"failed": site.failed, "anomalous": site.anomalous, "not_in_truth": site.not_in_truth},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "previous": {"thresholds": meta["thresholds"], "normal_scans": len(meta["normal_scores"]),
+                     "source": old["results"] if old else "training validation"}}
+    return new
+
+
+def comparison(old: dict, new: dict, scores: list[float]) -> list[dict]:
+    """Per rate: the old and new threshold, and the share of the site's cleared scans each would inspect
+    (with its 95 % interval)."""
+    s, out = np.asarray(scores, np.float64), []
+    before = {float(r["false_alarm_rate"]): float(r["threshold"]) for r in old["thresholds"]}
+    for row in new["thresholds"]:
+        rate, thr = float(row["false_alarm_rate"]), float(row["threshold"])
+        k_new = int(np.sum(s >= thr))
+        item = {"rate": rate, "threshold": thr, "site_rate": k_new / s.size, "site_interval": rate_interval(k_new, s.size)}
+        if rate in before:
+            k_old = int(np.sum(s >= before[rate]))
+            item.update(old_threshold=before[rate], old_site_rate=k_old / s.size,
+                        old_site_interval=rate_interval(k_old, s.size))
+        out.append(item)
+    return out
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.2f} %" if p < 0.1 else f"{100 * p:.1f} %"
+
+
+def _span(lo_hi: tuple[float, float]) -> str:
+    return f"{100 * lo_hi[0]:.2f}-{100 * lo_hi[1]:.2f} %"
+
+
+def main(args) -> int:
+    """CLI entry: `detector calibrate RESULTS --model MODEL --out SITE_MODEL [--truth DATA]`."""
+    model, out = Path(args.model), Path(args.out)
+    if out.exists() and out.resolve() == model.resolve():
+        print(f"detector calibrate: --out {out} is the model itself: write the site's bundle to a new file "
+              "(the scores in the results belong to this one)", file=sys.stderr)
+        return 2
+    try:
+        meta = read_metadata(model)
+        sha = file_sha256(model)
+        site = load_site_scores(args.results, sha, args.truth)
+        new = recalibrate(meta, site, str(args.results), sha, args.truth)
+        rows = comparison(meta, new, site.scores)
+        rewrite_metadata(model, out, new)
+    except (CalibrationError, BundleError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"detector calibrate: {e}", file=sys.stderr)
+        return 2
+    n = len(site.scores)
+    left = [f"{v} {k.replace('_', ' ')}" for k, v in (("failed", site.failed), ("anomalous", site.anomalous),
+                                                      ("not_in_truth", site.not_in_truth)) if v]
+    print(f"{n} cleared scans from {args.results}" + (f" ({', '.join(left)} left out)" if left else "")
+          + ("" if args.truth else "; all taken as cleared traffic (give --truth to leave labelled anomalies out)"))
+    print(f"{'rate':>7}  {'threshold (was)':>19}  site scans inspected: at the old threshold -> at the new")
+    for r in rows:
+        was = f"{r['threshold']:.4f} ({r['old_threshold']:.4f})" if "old_threshold" in r else f"{r['threshold']:.4f}"
+        old = f"{_pct(r['old_site_rate'])} ({_span(r['old_site_interval'])})" if "old_threshold" in r else "-"
+        print(f"{_pct(r['rate']):>7}  {was:>19}  {old} -> {_pct(r['site_rate'])} ({_span(r['site_interval'])})")
+    loose = [f"{_pct(r['rate'])} only to {_span(r['site_interval'])}" for r in rows if n * r["rate"] < ENOUGH_PER_RATE]
+    if loose:
+        sys.stdout.flush()
+        print(f"warning: {n} scans pin {', '.join(loose)} (~{ENOUGH_PER_RATE} / rate cleared scans pin a rate to "
+              "about +-35 %)", file=sys.stderr, flush=True)
+    default = next(r for r in rows if r["rate"] == float(new["default_false_alarm_rate"]))
+    print(f"calibrated on {n} cleared scans: {_pct(default['rate'])} false alarms at threshold "
+          f"{default['threshold']:.4f}" + (f" (was {default['old_threshold']:.4f})" if "old_threshold" in default else "")
+          + f" -> {out}")
+    print(f"next: detector serve --model {out}   (or: detector score SCANS --model {out} --out results.csv)")
+    return 0

@@ -1,0 +1,162 @@
+"""`detector calibrate`: a bundle re-thresholded on a site's cleared traffic, graph unchanged, torch- and onnx-free."""
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import NORMAL_SCORES, TRAINING_PACKAGES, make_heuristic_bundle, run_without, write_test_scan
+from detector.bundle import BundleError, read_metadata, replace_metadata_bytes
+from detector.cli import main as cli
+from detector.runtime import Inspector
+from detector.site_calibration import file_sha256
+
+
+def _results(path, scores, model, errors=(), sha=None):
+    """A results CSV as `detector score` writes it, with the .routing.json naming the model that scored it."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "score", "decision", "threshold", "regions", "latency_ms", "error"])
+        for i, s in enumerate(scores):
+            w.writerow([f"scans/t{i:05d}.tiff", f"{s:.6f}", "RELEASE", "0.5", "[]", "10.0", ""])
+        for i, e in enumerate(errors):
+            w.writerow([f"scans/bad{i}.tiff", "", "INSPECT", "", "[]", "1.0", e])
+    routing = {"model": str(model), "model_sha256": sha or file_sha256(model), "thresholds": {}, "force_flags": []}
+    path.with_name(path.name + ".routing.json").write_text(json.dumps(routing))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path):
+    return make_heuristic_bundle(tmp_path / "model.onnx")
+
+
+def _site_scores(n, seed=0):
+    """A site whose cleared trucks score higher than the training validation (NORMAL_SCORES, 0.01-0.40)."""
+    return np.random.default_rng(seed).beta(4, 6, n).round(6)
+
+
+def test_site_thresholds_hit_each_rate_on_the_sites_traffic_and_the_graph_is_unchanged(tmp_path, model, capsys):
+    scores = _site_scores(3000)
+    res = _results(tmp_path / "cleared.csv", scores, model)
+    assert cli(["calibrate", str(res), "--model", str(model), "--out", str(tmp_path / "site.onnx")]) == 0
+    old, new = read_metadata(model), read_metadata(tmp_path / "site.onnx")
+    assert new["normal_scores"] == sorted(float(s) for s in scores)
+    for row in new["thresholds"]:
+        rate, thr = row["false_alarm_rate"], row["threshold"]
+        assert np.mean(scores >= thr) <= rate                          # the rate holds on the site's traffic
+        assert np.mean(scores >= np.nextafter(thr, 0) - 1e-6) > rate   # and it is the lowest threshold that holds
+    shipped = next(r["threshold"] for r in old["thresholds"] if r["false_alarm_rate"] == 0.01)
+    assert np.mean(scores >= shipped) > 0.2      # the shipped threshold would have inspected far more than 1 %
+    cal = new["site_calibration"]
+    assert cal["scans"] == 3000 and cal["scored_with_sha256"] == file_sha256(model)
+    assert cal["previous"] == {"thresholds": old["thresholds"], "normal_scans": len(NORMAL_SCORES),
+                               "source": "training validation"}
+    g_old, g_new = onnx.load(str(model)), onnx.load(str(tmp_path / "site.onnx"))
+    assert g_old.graph.SerializeToString() == g_new.graph.SerializeToString()
+    onnx.checker.check_model(g_new, full_check=True)
+    site = Inspector(tmp_path / "site.onnx", threads=1)
+    assert site.threshold == pytest.approx(next(r["threshold"] for r in new["thresholds"]
+                                                if r["false_alarm_rate"] == 0.01))
+    assert site.threshold_for_rate(0.02) == pytest.approx(np.sort(scores)[-61], abs=1e-6)   # a policy's tier rate
+    out = capsys.readouterr()
+    assert "3000 cleared scans" in out.out and "next: detector serve --model" in out.out
+    assert "0.10 %" in out.err and "pin" in out.err    # 3000 scans hold a 0.1 % rate loosely: said so
+
+
+def test_failed_rows_and_the_truths_anomalies_are_left_out(tmp_path, model, capsys):
+    clean = _site_scores(400, seed=1)
+    hot = np.full(20, 0.99)
+    res = _results(tmp_path / "day.csv", np.concatenate([clean, hot]), model, errors=["unreadable", "truncated"])
+    truth = tmp_path / "manifest.csv"
+    truth.write_text("path,label\n" + "".join(f"scans/t{i:05d}.tiff,{int(i >= 400)}\n" for i in range(420))
+                     + "scans/bad0.tiff,0\n")
+    assert cli(["calibrate", str(res), "--model", str(model), "--out", str(tmp_path / "site.onnx"),
+                "--truth", str(truth)]) == 0
+    new = read_metadata(tmp_path / "site.onnx")
+    assert new["normal_scores"] == sorted(float(s) for s in clean)
+    assert new["site_calibration"]["left_out"] == {"failed": 1, "anomalous": 20, "not_in_truth": 1}
+    assert "400 cleared scans" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other_model", "scored by another model"),
+    ("no_routing", "which model scored these rows is unknown"),
+    ("too_few", "cannot set a 1.00 % false-alarm rate: at least 100"),
+    ("all_failed", "no cleared scan with a score"),
+    ("out_is_model", "is the model itself"),
+    ("not_a_bundle", "not a loadable ONNX model"),
+    ("edited_score", "row 3: score 1.5 is outside [0, 1]"),
+])
+def test_refusals_name_the_file_and_write_nothing(tmp_path, model, capsys, case, message):
+    res, out, mdl = tmp_path / "cleared.csv", tmp_path / "site.onnx", model
+    scores = _site_scores(50 if case == "too_few" else 500)
+    scores[1] = 1.5 if case == "edited_score" else scores[1]     # a hand-edited row
+    if case == "all_failed":
+        _results(res, [], model, errors=["unreadable"] * 3)
+    else:
+        _results(res, scores, model, sha="0" * 64 if case == "other_model" else None)
+    if case == "no_routing":
+        res.with_name(res.name + ".routing.json").unlink()
+    if case == "out_is_model":
+        out = model
+    if case == "not_a_bundle":
+        mdl = tmp_path / "model.ckpt.onnx"
+        mdl.write_bytes(b"not onnx")
+    before = model.read_bytes()
+    assert cli(["calibrate", str(res), "--model", str(mdl), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert model.read_bytes() == before
+    assert not (tmp_path / "site.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_score_then_calibrate_end_to_end_and_recalibrate_the_site_bundle(tmp_path, model):
+    d = tmp_path / "cleared"
+    for i in range(100):
+        write_test_scan(d / f"truck{i:03d}.tiff", height=64, width=192, seed=i)
+    res = tmp_path / "cleared.csv"
+    assert cli(["score", str(d), "--model", str(model), "--out", str(res), "--threads", "1"]) == 0
+    site = tmp_path / "site.onnx"
+    assert cli(["calibrate", str(res), "--model", str(model), "--out", str(site)]) == 0
+    scores = np.array([float(r["score"]) for r in csv.DictReader(open(res))])
+    assert sorted(read_metadata(site)["normal_scores"]) == pytest.approx(sorted(scores), abs=1e-6)
+    a, b = Inspector(model, threads=1), Inspector(site, threads=1)
+    va, vb = a.inspect(d / "truck000.tiff"), b.inspect(d / "truck000.tiff")
+    assert va.score == vb.score and vb.threshold == pytest.approx(np.sort(scores)[-2], abs=1e-6)
+    # the site bundle's own scores calibrate it again; the record says what it replaced
+    res2 = tmp_path / "again.csv"
+    assert cli(["score", str(d), "--model", str(site), "--out", str(res2), "--threads", "1"]) == 0
+    assert cli(["calibrate", str(res2), "--model", str(site), "--out", str(tmp_path / "site2.onnx")]) == 0
+    assert read_metadata(tmp_path / "site2.onnx")["site_calibration"]["previous"]["source"] == str(res)
+    # the original model's results do not calibrate the site bundle (another file, another sha)
+    assert cli(["calibrate", str(res), "--model", str(site), "--out", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_metadata_rewrite_keeps_other_entries_and_refuses_a_cut_file(tmp_path, model):
+    proto = onnx.load(str(model))
+    proto.metadata_props.add(key="vendor", value="acme")
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    meta = read_metadata(tmp_path / "m.onnx")
+    meta["site_calibration"] = {"results": "x"}
+    data = replace_metadata_bytes((tmp_path / "m.onnx").read_bytes(), meta)
+    data = replace_metadata_bytes(data, meta)                     # twice: still one "detector" entry
+    back = onnx.load_from_string(data)
+    assert sorted(p.key for p in back.metadata_props) == ["detector", "vendor"]
+    assert json.loads(next(p.value for p in back.metadata_props if p.key == "detector"))["site_calibration"]
+    with pytest.raises(BundleError, match="not a readable ONNX protobuf"):
+        replace_metadata_bytes(model.read_bytes()[:-7], meta, model)
+    bad = dict(meta, thresholds=[{"threshold": 2.0, "false_alarm_rate": 0.01}])
+    with pytest.raises(BundleError, match="must lie in"):
+        replace_metadata_bytes(model.read_bytes(), bad)
+
+
+def test_calibrate_runs_on_a_station_without_torch_or_onnx(tmp_path, model):
+    res = _results(tmp_path / "cleared.csv", _site_scores(300), model)
+    code = (f"from detector.cli import main\n"
+            f"raise SystemExit(main(['calibrate', {str(res)!r}, '--model', {str(model)!r}, '--out', "
+            f"{str(tmp_path / 'site.onnx')!r}]))\n")
+    proc = run_without(code, TRAINING_PACKAGES + ("onnx",))
+    assert proc.returncode == 0, proc.stderr
+    assert read_metadata(tmp_path / "site.onnx")["site_calibration"]["scans"] == 300
