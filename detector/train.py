@@ -37,7 +37,7 @@ import yaml
 
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
-from detector.calibration import threshold_table
+from detector.calibration import threshold_table, unresolved_warning
 from detector.data import DataConfig, ScanDataModule, auto_workers, check_dataset, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
@@ -782,6 +782,8 @@ def main(args) -> int:
     print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
           f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
     run = Path(res["best_checkpoint"]).parent
+    if (short := unresolved_warning(res["thresholds"])) is not None:
+        print(f"warning: {short}", file=sys.stderr)
     if res.get("skipped_scans"):
         print(f"left out {res['skipped_scans']} unreadable scan(s): {run / 'skipped_scans.csv'} says which and why",
               file=sys.stderr)

@@ -547,3 +547,19 @@ def test_a_resume_interrupted_again_keeps_every_earlier_log_row(tmp_path):
     rows = list(csv.DictReader(open(log)))
     assert [int(r["step"]) for r in rows] == list(range(70))
     assert rows[0]["loss"] == "0" and rows[0]["lr"] == "" and rows[69]["lr"] == "69"
+
+
+def test_train_verb_warns_when_validation_is_too_small_for_its_rates(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from detector import train as train_mod
+
+    res = {"validation": {"auroc": 0.9}, "thresholds": threshold_table(np.linspace(0.1, 0.9, 50)), "max_epochs": 2,
+           "epochs": 2, "max_minutes": 0, "name": "run", "train_time_s": 1.0, "best_checkpoint": str(tmp_path / "best.ckpt")}
+    monkeypatch.setattr(train_mod, "run_training", lambda *a, **k: res)
+    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
+    err = capsys.readouterr().err
+    assert "warning: 50 normal validation scans cannot resolve the 1.0%, 0.5%, 0.1%" in err
+    res["thresholds"] = threshold_table(np.linspace(0.1, 0.9, 1000))
+    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
+    assert "cannot resolve" not in capsys.readouterr().err
