@@ -121,3 +121,22 @@ def test_windows_hold_the_anomaly_and_the_labels_only_manifest_drops_the_trainin
     weak = list(csv.DictReader(open(tmp_path / "w" / "labels_only" / "manifest.csv")))
     assert [r["path"] for r in weak] == [f"../{r['path']}" for r in out] and not any(r["mask"] for r in weak)
     one_line_error(bench("windows.py", str(tmp_path / "none"), str(tmp_path / "w2")), "manifest.csv not found")
+
+
+def test_site_calibration_prints_the_shipped_and_the_site_thresholds_on_the_test_set(tmp_path):
+    model = make_heuristic_bundle(tmp_path / "model.onnx")
+    test = tmp_path / "test"
+    for i in range(6):
+        write_test_scan(test / ("anomalous" if i % 2 else "normal") / f"t{i}.tiff", height=64, width=192,
+                        dense=bool(i % 2), seed=i)
+    cleared = tmp_path / "cleared"
+    for i in range(100):
+        write_test_scan(cleared / f"c{i:03d}.tiff", height=64, width=192, seed=100 + i)
+    p = bench("site_calibration.py", str(model), str(test), "--out", str(tmp_path / "site"), "--cleared-dir", str(cleared))
+    assert p.returncode == 0, p.stderr
+    table = p.stdout[p.stdout.index("test set"):]
+    assert "3 clean, 3 anomalous scans" in table
+    rows = re.findall(r"^(shipped|site) +(\S+)% +([\d.]+) +(\d+) = .*\s([\d.]+)%$", table, re.M)
+    assert [r[0] for r in rows] == ["shipped"] * 3 + ["site"] * 3
+    assert all(r[4] == "100.0" for r in rows)            # the dense blocks are found at every threshold
+    assert (tmp_path / "site" / "site.onnx").is_file()
