@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics
+from detector.calibration import rate_interval
 from detector.scan import ScanError
 from detector.synth.dataset import write_dataset
 from detector.synth.visibility import BANDS, band_of, generator_visibility
@@ -87,6 +88,23 @@ def by_visibility(rows: list[dict], cache: Path) -> dict:
             "n_visible": int(((y == 1) & (v >= 1)).sum())}
 
 
+def at_own_threshold(rows: list[dict], thresholds: list[dict], rate: float = 0.01) -> dict | None:
+    """What the run's own threshold for `rate` (calibrated on its normal validation scans, as the exported bundle
+    ships it) does on the test scans: the clean ones it inspects (with a 95 % interval) and the anomalies it finds.
+    det@1% above sets its threshold on the test scans themselves, which a station cannot."""
+    row = next((r for r in thresholds if abs(r["false_alarm_rate"] - rate) < 1e-12), None)
+    if row is None:
+        return None
+    t = row["threshold"]
+    clean = [float(r["score"]) >= t for r in rows if r["label"] == "0"]
+    found = [float(r["score"]) >= t for r in rows if r["label"] == "1"]
+    if not clean or not found:
+        return None
+    k = sum(clean)
+    return {"rate": rate, "threshold": t, "n_normal_validation": row.get("n_normal"), "clean_inspected": k,
+            "clean": len(clean), "clean_interval": rate_interval(k, len(clean)), "detection": sum(found) / len(found)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quick.yaml")
@@ -138,6 +156,12 @@ def main() -> None:
     if ci["auroc"] and ci["detection_at_1pct"]:
         print(f"95 % intervals over resampled test sets: AUROC [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}]  "
               f"det@1% [{ci['detection_at_1pct'][0]:.3f}, {ci['detection_at_1pct'][1]:.3f}]")
+    own = at_own_threshold(rows, res["thresholds"])
+    if own:
+        lo, hi = own["clean_interval"]
+        print(f"at the run's own 1 % threshold {own['threshold']:.4f} (from {own['n_normal_validation']} normal validation "
+              f"scans, as the bundle ships it): {own['clean_inspected']} of {own['clean']} clean test scans inspected "
+              f"({lo:.1%}-{hi:.1%}), detection {own['detection']:.3f}")
     for kind, v in (t.get("per_type") or {}).items():
         print(f"  {kind:<16} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
     vis = by_visibility(rows, data / "test" / "visibility.json")
@@ -152,7 +176,7 @@ def main() -> None:
                                                    "train_s": res["train_time_s"],
                                                    "test_s": t_train - res["train_time_s"], "epochs": res["epochs"],
                                                    "normal_only": a.normal_only, "labels_only": a.labels_only,
-                                                   "visibility": vis, "intervals": ci}, indent=2))
+                                                   "visibility": vis, "intervals": ci, "own_threshold": own}, indent=2))
 
 
 if __name__ == "__main__":
