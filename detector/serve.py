@@ -417,8 +417,10 @@ def create_app(svc: Service) -> FastAPI:
 
 def build_service(cfg: ServeConfig) -> Service:
     """Load model, policy and audit log; raises with a clear message if any is unusable."""
-    from detector.runtime import Inspector
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, cfg.concurrency))
+    from detector.runtime import Inspector, usable_cpus
+    # the CPUs this process may run on (a station's cpuset/taskset), not the host's: each inference slot
+    # gets its share, so `concurrency` slots never run more onnxruntime threads than cores
+    threads = cfg.threads or max(1, usable_cpus() // max(1, cfg.concurrency))
     inspector = Inspector(cfg.model, threads=threads)
     policy = load_policy(cfg.policy)
     policy.bind(inspector)

@@ -400,3 +400,27 @@ def test_stalled_upload_frees_its_admission(tmp_path):
         assert "exceeded while receiving the upload" in r.json()["reason"]
     assert svc.admitted == 0 and svc.audit.count() == 2
     assert asyncio.run(_burst(svc, 1))[0].status_code == 200
+
+
+def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monkeypatch):
+    # a station container pinned to 2 of 16 host cores ran 16 onnxruntime threads per inference slot
+    from detector import runtime, serve
+    built: list = []
+
+    class Recording(runtime.Inspector):
+        def __init__(self, path, threads=None, **kw):
+            built.append(threads)
+            super().__init__(path, threads=threads, **kw)
+
+    monkeypatch.setattr(runtime, "Inspector", Recording)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for concurrency, want in ((1, 2), (2, 1), (4, 1)):
+        svc = serve.build_service(serve.ServeConfig(model=str(heuristic_model), audit=str(tmp_path / "a.sqlite"),
+                                                    concurrency=concurrency))
+        svc.close()
+        assert built[-1] == want, (concurrency, built)
+    svc = serve.build_service(serve.ServeConfig(model=str(heuristic_model), audit=str(tmp_path / "a.sqlite"),
+                                                threads=3))
+    svc.close()
+    assert built[-1] == 3   # an explicit --threads is kept as given
