@@ -424,3 +424,37 @@ def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monk
                                                 threads=3))
     svc.close()
     assert built[-1] == 3   # an explicit --threads is kept as given
+
+
+def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, capsys):
+    # another connection (an operator's sqlite3 shell, a backup) holding the audit database's write lock made
+    # each truck wait sqlite's 30 s busy timeout, and the row of that verdict was then dropped
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    other = sqlite3.connect(str(tmp_path / "a.sqlite"), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        t0 = time.perf_counter()
+        r = asyncio.run(asyncio.wait_for(_burst(svc, 1), 10))[0]
+        took = time.perf_counter() - t0
+    finally:
+        other.execute("ROLLBACK")
+    v = r.json()
+    assert took < 0.3 + 0.5, took
+    assert r.status_code == 200 and v["decision"] == "INSPECT" and "database is locked" in v["reason"]
+    assert "score 0.2" in v["reason"]   # the model's reason is kept beside the audit one
+    assert svc.metrics.audit_deferred == 1 and len(svc.audit_backlog) == 1 and svc.metrics.audit_failures == 0
+    assert "detector_audit_pending 1" in svc.metrics.render(svc)
+    assert v["request_id"] in capsys.readouterr().err
+    asyncio.run(svc.flush_audit())   # what the service's retry task does every AUDIT_RETRY_S
+    assert not svc.audit_backlog and "detector_audit_pending 0" in svc.metrics.render(svc)
+    db = sqlite3.connect(str(tmp_path / "a.sqlite"))
+    rows = db.execute("SELECT request_id, decision, reason FROM verdicts").fetchall()
+    db.close()
+    assert rows == [(v["request_id"], "INSPECT", v["reason"])]   # the row says what was answered
+    # a lock released within the deadline is waited for: the truck is routed by its score
+    svc = _service(tmp_path / "b", _FakeInspector(score=0.2), deadline_ms=3000)
+    other = sqlite3.connect(str(tmp_path / "b" / "a.sqlite"), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
+    r = asyncio.run(_burst(svc, 1))[0]
+    assert r.json()["decision"] == "RELEASE" and svc.audit.count() == 1 and svc.metrics.audit_deferred == 0
