@@ -46,6 +46,9 @@ AUDIT_MIN_WAIT_S = 0.2
 AUDIT_RETRY_S = 0.5          # how often rows queued behind a locked database are retried
 AUDIT_RETRY_WAIT_S = 0.05    # how long each retry waits for the lock (the writer thread is busy meanwhile)
 AUDIT_CLOSE_WAIT_S = 10.0    # at shutdown, how long the last retry of queued rows waits for the lock
+# how long past the deadline an inference thread may still hand over its own verdict (say, "deadline exceeded
+# after read"); after that the answer is INSPECT at once and the thread keeps its slot until it ends
+DEADLINE_GRACE_S = 0.05
 
 
 @dataclass
@@ -232,23 +235,40 @@ class Service:
         return await self._answer(rid, t0, meta, verdict, sha, (name, len(data) if data is not None else None), error)
 
     async def _infer(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None, str | None]:
-        """Run inspect_safe in the pool under the deadline; the slot is held until the thread ends."""
+        """Hash the upload and run inspect_safe in the pool under the deadline; returns (verdict, sha256, timeout).
+
+        Where the time goes on an upload near max_upload_mb (64 MB, 2-core station, h11 parser): receiving and
+        parsing the multipart body ~0.5-1 s (bounded by the deadline in _verdict), reading the spooled file
+        back ~40-90 ms, sha256 ~55-75 ms, decoding ~0.2 s (raw TIFF) to ~2.5 s (zlib TIFF) -- decoding cannot
+        be interrupted, so the answer leaves at the deadline (+ DEADLINE_GRACE_S) while the thread runs on,
+        holding its slot. Not bounded: reading the spooled file back, and the sha256 for the audit row (it
+        runs beside inference, so it delays the answer only when the upload itself used up the deadline)."""
+        loop = asyncio.get_running_loop()
+        sha = loop.run_in_executor(None, _sha, data)   # hashlib drops the GIL: runs beside the decode
+        verdict, timeout = await self._run_inspector(data, name, tier, t0)
+        return verdict, await sha, timeout
+
+    async def _run_inspector(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None]:
+        """(verdict, None), or (None, why the deadline was missed); the slot is held until the thread ends,
+        even after the answer has left."""
         budget_s = self.cfg.deadline_ms / 1000.0
+        deadline = f"deadline of {self.cfg.deadline_ms:g} ms exceeded"
+        if budget_s - (time.perf_counter() - t0) <= 0:   # no thread: inspect_safe would decode, then give up
+            return None, f"{deadline} while receiving the upload ({len(data) / 1e6:.1f} MB)"
         thr = self.policy.thresholds[self.policy.resolve_tier(tier)[0]]  # the tier decide() will apply
         try:
             await asyncio.wait_for(self.slots.acquire(), max(0.0, budget_s - (time.perf_counter() - t0)))
         except asyncio.TimeoutError:
-            return None, _sha(data), f"deadline of {self.cfg.deadline_ms:g} ms exceeded while queued"
-        left_ms = max(1.0, self.cfg.deadline_ms - (time.perf_counter() - t0) * 1000.0)
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, _run, self.inspector, data, name, left_ms, thr)
+            return None, f"{deadline} while queued"
+        left_s = max(0.001, budget_s - (time.perf_counter() - t0))
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, _run, self.inspector, data, name,
+                                                         left_s * 1000.0, thr)
+        fut.add_done_callback(lambda _: self.slots.release())
         try:
-            # inspect_safe enforces the deadline itself; the grace covers stages it cannot interrupt
-            verdict, sha = await asyncio.wait_for(asyncio.shield(fut), left_ms / 1000.0 + 1.0)
+            # inspect_safe checks the deadline between stages; one it cannot interrupt (decoding) runs on
+            return await asyncio.wait_for(asyncio.shield(fut), left_s + DEADLINE_GRACE_S), None
         except asyncio.TimeoutError:
-            fut.add_done_callback(lambda _: self.slots.release())
-            return None, None, f"deadline of {self.cfg.deadline_ms:g} ms exceeded (inference still running)"
-        self.slots.release()
-        return verdict, sha, None
+            return None, f"{deadline} (inference still running)"
 
     async def _answer(self, rid: str, t0: float, meta: dict, verdict: Any, sha: str | None,
                       file: tuple[str, int | None] | None, error: str | None) -> JSONResponse:
@@ -387,8 +407,8 @@ def _trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> tuple[Any, str]:
-    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold), _sha(data)
+def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> Any:
+    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold)
 
 
 def _sha(data: bytes) -> str:

@@ -458,3 +458,31 @@ def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, cap
     threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
     r = asyncio.run(_burst(svc, 1))[0]
     assert r.json()["decision"] == "RELEASE" and svc.audit.count() == 1 and svc.metrics.audit_deferred == 0
+
+
+def test_deadline_holds_past_an_uninterruptible_stage_on_a_big_upload(tmp_path):
+    # decoding a scan near max_upload_mb (a 66 MB zlib TIFF: ~2.5 s) cannot be interrupted; the service
+    # waited for it a whole second past the deadline, and the audit row of that verdict lost the file's sha256
+    svc = _service(tmp_path, _FakeInspector(delay=1.5), deadline_ms=300, max_upload_mb=8)
+    data = os.urandom(7_900_000)
+
+    async def run() -> tuple[httpx.Response, float, int]:
+        from detector.serve import create_app
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+            t0 = time.perf_counter()
+            r = await c.post("/v1/inspect", files={"scan": ("big.tiff", data)})
+            took = time.perf_counter() - t0
+        held = svc.slots.locked()   # the abandoned run keeps its slot until it ends, then frees it
+        await asyncio.get_running_loop().run_in_executor(None, svc.pool.shutdown)
+        await asyncio.sleep(0)
+        return r, took, held and not svc.slots.locked()
+
+    r, took, slot_freed = asyncio.run(run())
+    v = r.json()
+    assert r.status_code == 200 and v["decision"] == "INSPECT" and "deadline of 300 ms exceeded" in v["reason"]
+    assert took < 0.3 + 0.3, took
+    db = sqlite3.connect(str(tmp_path / "a.sqlite"))
+    row = db.execute("SELECT decision, file_bytes, file_sha256 FROM verdicts WHERE request_id = ?",
+                     (v["request_id"],)).fetchone()
+    db.close()
+    assert row == ("INSPECT", len(data), hashlib.sha256(data).hexdigest()) and slot_freed
