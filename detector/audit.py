@@ -2,6 +2,9 @@
 
 Every verdict the service answers is committed here before the answer leaves, so after a crash or
 power loss each answered request has its row. WAL keeps readers (the export) off the writer's back.
+The one exception: a database locked by another writer past the request's deadline. The truck is then
+answered INSPECT at once and its row (saying so) is queued in memory and retried until written; it is
+also logged to stderr in full, the only copy if the service dies first (see serve.Service._audit).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "file_sha256", "file_bytes",
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
            "latency_ms", "risk_flags")
+BUSY_TIMEOUT_S = 30   # how long a write waits for a lock held by another connection, unless told otherwise
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -49,15 +53,17 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_S)
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL journal (got {mode})")
         self._db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: a row answered is a row kept
         self._db.executescript(_SCHEMA)
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Insert one verdict and commit (durable on return)."""
+    def write(self, record: dict[str, Any], wait_s: float | None = None) -> None:
+        """Insert one verdict and commit (durable on return). A database locked by another connection is
+        waited for up to `wait_s` (default BUSY_TIMEOUT_S), then sqlite3.OperationalError("database is locked")."""
         row = dict(record)
         row.setdefault("time", utc_now())
         if not isinstance(row.get("risk_flags"), (str, type(None))):
@@ -65,13 +71,20 @@ class AuditLog:
         values = [row.get(c) for c in COLUMNS]
         sql = f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if wait_s is not None:
+                self._db.execute(f"PRAGMA busy_timeout={max(0, int(wait_s * 1000))}")
             try:
-                self._db.execute(sql, values)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")   # the only step that waits for another connection's lock
+                try:
+                    self._db.execute(sql, values)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:   # a failed COMMIT too: else every later BEGIN fails
+                        self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if wait_s is not None:
+                    self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
 
     def count(self) -> int:
         with self._lock:

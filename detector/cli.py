@@ -99,7 +99,8 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit", default="audit.sqlite", help="SQLite audit log of every verdict")
     p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags); "
                                                   "default: the model's calibrated threshold")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per scan (default cores/concurrency)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads per scan (default: the cores this process may use / concurrency)")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="larger uploads get 413")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
     p.add_argument("--concurrency", type=int, default=1, help="scans inferred at once")

@@ -22,6 +22,7 @@ import sqlite3
 import sys
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,13 +33,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 
-from detector.audit import AuditLog
+from detector.audit import AuditLog, utc_now
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_ENV = "DETECTOR_TOKEN"
 FORM_FIELDS = ("scan", "meta")
 META_KEYS = ("vehicle_id", "container_id", "tier", "risk_flags")
+# the audit commit waits for a database locked by another process (an export, a backup, an operator's sqlite3
+# shell) until the request's deadline, and at least this long once the deadline is spent
+AUDIT_MIN_WAIT_S = 0.2
+AUDIT_RETRY_S = 0.5          # how often rows queued behind a locked database are retried
+AUDIT_RETRY_WAIT_S = 0.05    # how long each retry waits for the lock (the writer thread is busy meanwhile)
+AUDIT_CLOSE_WAIT_S = 10.0    # at shutdown, how long the last retry of queued rows waits for the lock
+# how long past the deadline an inference thread may still hand over its own verdict (say, "deadline exceeded
+# after read"); after that the answer is INSPECT at once and the thread keeps its slot until it ends
+DEADLINE_GRACE_S = 0.05
 
 
 @dataclass
@@ -64,12 +74,14 @@ class UploadTooLarge(Exception):
 
 @dataclass
 class Metrics:
-    """Prometheus counters kept by hand (updated on the event loop only, so no lock)."""
+    """Prometheus counters kept by hand; no lock: each is updated from one thread only (the event loop, or the
+    audit writer thread for audit_failures)."""
 
     by_status: dict[str, int] = field(default_factory=dict)      # status code -> count
     decisions: dict[str, int] = field(default_factory=lambda: {"RELEASE": 0, "INSPECT": 0})
     errors: int = 0
-    audit_failures: int = 0
+    audit_failures: int = 0   # rows that could not be stored at all (logged to stderr in full)
+    audit_deferred: int = 0   # verdicts answered INSPECT before their row was committed (row queued)
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     latency_sum: float = 0.0
     latency_count: int = 0
@@ -95,8 +107,14 @@ class Metrics:
         out += [f'detector_decisions_total{{decision="{d}"}} {n}' for d, n in sorted(self.decisions.items())]
         out += ["# HELP detector_errors_total Verdicts forced to INSPECT by an error (bad scan, timeout, ...).",
                 "# TYPE detector_errors_total counter", f"detector_errors_total {self.errors}",
-                "# HELP detector_audit_failures_total Verdicts whose audit row could not be written.",
-                "# TYPE detector_audit_failures_total counter", f"detector_audit_failures_total {self.audit_failures}",
+                "# HELP detector_audit_failures_total Verdicts whose audit row could not be stored (row logged to "
+                "stderr).", "# TYPE detector_audit_failures_total counter",
+                f"detector_audit_failures_total {self.audit_failures}",
+                "# HELP detector_audit_deferred_total Verdicts answered INSPECT because the audit database stayed "
+                "locked past the deadline (row queued and retried).", "# TYPE detector_audit_deferred_total counter",
+                f"detector_audit_deferred_total {self.audit_deferred}",
+                "# HELP detector_audit_pending Audit rows queued behind a locked database, not yet committed.",
+                "# TYPE detector_audit_pending gauge", f"detector_audit_pending {len(svc.audit_backlog)}",
                 "# HELP detector_inspect_latency_seconds Time from request to verdict.",
                 "# TYPE detector_inspect_latency_seconds histogram"]
         out += [f'detector_inspect_latency_seconds_bucket{{le="{b:g}"}} {n}' for b, n in zip(LATENCY_BUCKETS, self.buckets)]
@@ -129,6 +147,7 @@ class Service:
         self.slots = asyncio.Semaphore(max(1, cfg.concurrency))
         self.pool = ThreadPoolExecutor(max(1, cfg.concurrency), thread_name_prefix="infer")
         self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")  # one writer, off the loop
+        self.audit_backlog: deque[dict] = deque()   # rows answered but not yet committed, oldest first
 
     def warm(self) -> None:
         """Run a scan-sized dummy through the full path so the first truck pays no start-up cost."""
@@ -216,27 +235,44 @@ class Service:
         return await self._answer(rid, t0, meta, verdict, sha, (name, len(data) if data is not None else None), error)
 
     async def _infer(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None, str | None]:
-        """Run inspect_safe in the pool under the deadline; the slot is held until the thread ends."""
+        """Hash the upload and run inspect_safe in the pool under the deadline; returns (verdict, sha256, timeout).
+
+        Where the time goes on an upload near max_upload_mb (64 MB, 2-core station, h11 parser): receiving and
+        parsing the multipart body ~0.5-1 s (bounded by the deadline in _verdict), reading the spooled file
+        back ~40-90 ms, sha256 ~55-75 ms, decoding ~0.2 s (raw TIFF) to ~2.5 s (zlib TIFF) -- decoding cannot
+        be interrupted, so the answer leaves at the deadline (+ DEADLINE_GRACE_S) while the thread runs on,
+        holding its slot. Not bounded: reading the spooled file back, and the sha256 for the audit row (it
+        runs beside inference, so it delays the answer only when the upload itself used up the deadline)."""
+        loop = asyncio.get_running_loop()
+        sha = loop.run_in_executor(None, _sha, data)   # hashlib drops the GIL: runs beside the decode
+        verdict, timeout = await self._run_inspector(data, name, tier, t0)
+        return verdict, await sha, timeout
+
+    async def _run_inspector(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None]:
+        """(verdict, None), or (None, why the deadline was missed); the slot is held until the thread ends,
+        even after the answer has left."""
         budget_s = self.cfg.deadline_ms / 1000.0
+        deadline = f"deadline of {self.cfg.deadline_ms:g} ms exceeded"
+        if budget_s - (time.perf_counter() - t0) <= 0:   # no thread: inspect_safe would decode, then give up
+            return None, f"{deadline} while receiving the upload ({len(data) / 1e6:.1f} MB)"
         thr = self.policy.thresholds[self.policy.resolve_tier(tier)[0]]  # the tier decide() will apply
         try:
             await asyncio.wait_for(self.slots.acquire(), max(0.0, budget_s - (time.perf_counter() - t0)))
         except asyncio.TimeoutError:
-            return None, _sha(data), f"deadline of {self.cfg.deadline_ms:g} ms exceeded while queued"
-        left_ms = max(1.0, self.cfg.deadline_ms - (time.perf_counter() - t0) * 1000.0)
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, _run, self.inspector, data, name, left_ms, thr)
+            return None, f"{deadline} while queued"
+        left_s = max(0.001, budget_s - (time.perf_counter() - t0))
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, _run, self.inspector, data, name,
+                                                         left_s * 1000.0, thr)
+        fut.add_done_callback(lambda _: self.slots.release())
         try:
-            # inspect_safe enforces the deadline itself; the grace covers stages it cannot interrupt
-            verdict, sha = await asyncio.wait_for(asyncio.shield(fut), left_ms / 1000.0 + 1.0)
+            # inspect_safe checks the deadline between stages; one it cannot interrupt (decoding) runs on
+            return await asyncio.wait_for(asyncio.shield(fut), left_s + DEADLINE_GRACE_S), None
         except asyncio.TimeoutError:
-            fut.add_done_callback(lambda _: self.slots.release())
-            return None, None, f"deadline of {self.cfg.deadline_ms:g} ms exceeded (inference still running)"
-        self.slots.release()
-        return verdict, sha, None
+            return None, f"{deadline} (inference still running)"
 
     async def _answer(self, rid: str, t0: float, meta: dict, verdict: Any, sha: str | None,
                       file: tuple[str, int | None] | None, error: str | None) -> JSONResponse:
-        """Decide by policy, commit the audit row, then (and only then) answer."""
+        """Decide by policy, commit the audit row, then (and only then) answer (INSPECT if it cannot be)."""
         score = None if verdict is None else _finite(verdict.score)
         try:
             d = self.policy.decide(score, meta.get("tier"), meta.get("risk_flags"), error=error)
@@ -251,25 +287,88 @@ class Service:
         body = {"decision": decision, "score": score, "threshold": thr, "tier": tier, "reason": reason,
                 "regions": [] if verdict is None else [r.to_dict() for r in verdict.regions],
                 "model_sha256": self.model_sha256, "request_id": rid, "latency_ms": round(latency_ms, 3)}
-        record = {"request_id": rid, "vehicle_id": _text(meta.get("vehicle_id")),
+        record = {"time": utc_now(), "request_id": rid, "vehicle_id": _text(meta.get("vehicle_id")),
                   "container_id": _text(meta.get("container_id")), "file_name": file[0] if file else None,
                   "file_bytes": file[1] if file else None, "file_sha256": sha, "model_sha256": self.model_sha256,
                   "model_version": self.model_version, "score": score, "threshold": thr, "tier": tier,
                   "decision": decision, "reason": reason, "latency_ms": latency_ms, "risk_flags": json.dumps(flags)}
-        try:
-            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self.audit.write, record)
-        except Exception as e:  # the verdict stands (INSPECT), but say the audit is broken
-            self.metrics.audit_failures += 1
-            print(f"detector serve: audit write failed for {rid}: {e}", file=sys.stderr)
-            body.update(decision="INSPECT", reason=f"{reason}; audit write failed ({e})")
+        why = await self._audit(record, t0)
+        if why:   # no RELEASE leaves without its committed row
+            body.update(decision="INSPECT", reason=f"{reason}; {why}")
         self.metrics.request(200)
         self.metrics.verdict(body["decision"], bool(error), latency_ms / 1000.0)
         return JSONResponse(body, headers={"X-Request-ID": rid})
 
+    async def _audit(self, record: dict, t0: float) -> str | None:
+        """Commit the verdict's row before it is answered; None when committed, else why not (answer INSPECT).
+
+        A database locked by another connection is waited for until the deadline (at least AUDIT_MIN_WAIT_S),
+        not sqlite's 30 s busy timeout: past it the truck is routed to INSPECT at once and the row, amended to
+        say so, is queued and retried until written (detector_audit_pending), and logged to stderr in full."""
+        wait_s = max(AUDIT_MIN_WAIT_S, self.cfg.deadline_ms / 1000.0 - (time.perf_counter() - t0))
+        until = time.monotonic() + wait_s   # absolute: a write queued behind another one starts late
+        rid = record["request_id"]
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._write_until, record, until)
+            return None
+        except sqlite3.OperationalError as e:   # locked, busy, disk full or I/O: worth retrying
+            why = f"audit log unavailable ({e}): verdict queued for the audit log"
+            record.update(decision="INSPECT", reason=f"{record['reason']}; {why}")
+            self.audit_backlog.append(record)
+            self.metrics.audit_deferred += 1
+            print(f"detector serve: audit row for {rid} not committed within the deadline ({e}); answered INSPECT, "
+                  f"row queued for retry: {json.dumps(record)}", file=sys.stderr, flush=True)
+            return why
+        except Exception as e:   # the row itself cannot be stored (counted and logged in full by _lost)
+            return f"audit write failed ({e})"
+
+    def _write_until(self, record: dict, until: float) -> None:
+        """In the audit thread: commit one row, waiting for a lock no later than `until` (monotonic)."""
+        try:
+            self.audit.write(record, wait_s=max(0.0, until - time.monotonic()))
+        except sqlite3.OperationalError:
+            raise
+        except Exception as e:
+            self._lost(record, e)
+            raise
+
+    def _flush_backlog(self, wait_s: float) -> None:
+        """In the audit thread: commit queued rows oldest first until the database refuses (still locked)."""
+        while self.audit_backlog:
+            record = self.audit_backlog[0]
+            try:
+                self.audit.write(record, wait_s=wait_s)
+            except sqlite3.OperationalError:
+                return
+            except Exception as e:
+                self._lost(record, e)
+            else:
+                print(f"detector serve: queued audit row for {record['request_id']} written", file=sys.stderr,
+                      flush=True)
+            self.audit_backlog.popleft()
+
+    def _lost(self, record: dict, e: Exception) -> None:
+        """A row that will never be stored: count it, and log it whole (then stderr holds the only copy)."""
+        self.metrics.audit_failures += 1
+        print(f"detector serve: audit write failed for {record['request_id']}: {e}; row not stored: "
+              f"{json.dumps(record)}", file=sys.stderr, flush=True)
+
+    async def flush_audit(self, wait_s: float = AUDIT_RETRY_WAIT_S) -> None:
+        """Retry the rows queued behind a locked database (in the audit thread, between fresh writes)."""
+        if self.audit_backlog:
+            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._flush_backlog, wait_s)
+
+    async def retry_audit(self, every_s: float = AUDIT_RETRY_S) -> None:
+        """Background task: keep retrying queued audit rows until each is written."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.flush_audit()
+
     def summary(self) -> str:
         m = self.metrics
+        lost = f", {m.audit_failures} audit rows NOT stored (see stderr)" if m.audit_failures else ""
         return (f"served {m.latency_count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
-                f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors) -> audit {self.cfg.audit}")
+                f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}) -> audit {self.cfg.audit}")
 
     async def trim_when_idle(self, every_s: float = 0.5) -> None:
         """Background task: after traffic, once the queue is empty, return freed heap to the OS."""
@@ -281,8 +380,12 @@ class Service:
                 await asyncio.get_running_loop().run_in_executor(self.audit_pool, _trim_heap)
 
     def close(self) -> None:
+        """Finish running work, give queued audit rows a last chance, then log any left as not stored."""
         self.pool.shutdown(wait=True)
         self.audit_pool.shutdown(wait=True)
+        self._flush_backlog(AUDIT_CLOSE_WAIT_S)
+        while self.audit_backlog:
+            self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))
         self.audit.close()
 
 
@@ -304,8 +407,8 @@ def _trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> tuple[Any, str]:
-    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold), _sha(data)
+def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> Any:
+    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold)
 
 
 def _sha(data: bytes) -> str:
@@ -372,9 +475,11 @@ def create_app(svc: Service) -> FastAPI:
     async def lifespan(app: FastAPI):
         task = asyncio.get_running_loop().run_in_executor(svc.pool, svc.warm)
         trimmer = asyncio.create_task(svc.trim_when_idle())
+        retrier = asyncio.create_task(svc.retry_audit())
         yield
         trimmer.cancel()
-        await asyncio.gather(task, trimmer, return_exceptions=True)
+        retrier.cancel()
+        await asyncio.gather(task, trimmer, retrier, return_exceptions=True)
         svc.close()
         # here, not after uvicorn.run: uvicorn re-raises SIGTERM/SIGINT once shut down
         print(svc.summary(), flush=True)
@@ -417,8 +522,10 @@ def create_app(svc: Service) -> FastAPI:
 
 def build_service(cfg: ServeConfig) -> Service:
     """Load model, policy and audit log; raises with a clear message if any is unusable."""
-    from detector.runtime import Inspector
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, cfg.concurrency))
+    from detector.runtime import Inspector, usable_cpus
+    # the CPUs this process may run on (a station's cpuset/taskset), not the host's: each inference slot
+    # gets its share, so `concurrency` slots never run more onnxruntime threads than cores
+    threads = cfg.threads or max(1, usable_cpus() // max(1, cfg.concurrency))
     inspector = Inspector(cfg.model, threads=threads)
     policy = load_policy(cfg.policy)
     policy.bind(inspector)

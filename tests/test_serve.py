@@ -300,10 +300,11 @@ def test_deadline_and_internal_errors_fail_closed(tmp_path):
     slow = _service(tmp_path, _FakeInspector(delay=1.5), deadline_ms=100)
     r = asyncio.run(_burst(slow, 1))[0]
     assert r.status_code == 200 and r.json()["decision"] == "INSPECT" and "deadline" in r.json()["reason"]
-    boom = _service(tmp_path / "b", _FakeInspector(boom=True))
-    r = asyncio.run(_burst(boom, 1))[0]
-    assert r.status_code == 200 and r.json()["decision"] == "INSPECT" and "kaboom" in r.json()["reason"]
-    assert boom.audit.count() == 1
+    boom = _service(tmp_path / "b", _FakeInspector(boom=True), deadline_ms=300)
+    for _ in range(2):   # the crash freed its inference slot: the next truck is not left "queued"
+        r = asyncio.run(_burst(boom, 1))[0]
+        assert r.status_code == 200 and r.json()["decision"] == "INSPECT" and "kaboom" in r.json()["reason"]
+    assert boom.audit.count() == 2
 
 
 async def _post_parts(svc, parts: list) -> httpx.Response:
@@ -400,3 +401,89 @@ def test_stalled_upload_frees_its_admission(tmp_path):
         assert "exceeded while receiving the upload" in r.json()["reason"]
     assert svc.admitted == 0 and svc.audit.count() == 2
     assert asyncio.run(_burst(svc, 1))[0].status_code == 200
+
+
+def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monkeypatch):
+    # a station container pinned to 2 of 16 host cores ran 16 onnxruntime threads per inference slot
+    from detector import runtime, serve
+    built: list = []
+
+    class Recording(runtime.Inspector):
+        def __init__(self, path, threads=None, **kw):
+            built.append(threads)
+            super().__init__(path, threads=threads, **kw)
+
+    monkeypatch.setattr(runtime, "Inspector", Recording)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for concurrency, want in ((1, 2), (2, 1), (4, 1)):
+        svc = serve.build_service(serve.ServeConfig(model=str(heuristic_model), audit=str(tmp_path / "a.sqlite"),
+                                                    concurrency=concurrency))
+        svc.close()
+        assert built[-1] == want, (concurrency, built)
+    svc = serve.build_service(serve.ServeConfig(model=str(heuristic_model), audit=str(tmp_path / "a.sqlite"),
+                                                threads=3))
+    svc.close()
+    assert built[-1] == 3   # an explicit --threads is kept as given
+
+
+def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, capsys):
+    # another connection (an operator's sqlite3 shell, a backup) holding the audit database's write lock made
+    # each truck wait sqlite's 30 s busy timeout, and the row of that verdict was then dropped
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    other = sqlite3.connect(str(tmp_path / "a.sqlite"), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        t0 = time.perf_counter()
+        r = asyncio.run(asyncio.wait_for(_burst(svc, 1), 10))[0]
+        took = time.perf_counter() - t0
+    finally:
+        other.execute("ROLLBACK")
+    v = r.json()
+    assert took < 0.3 + 0.5, took
+    assert r.status_code == 200 and v["decision"] == "INSPECT" and "database is locked" in v["reason"]
+    assert "score 0.2" in v["reason"]   # the model's reason is kept beside the audit one
+    assert svc.metrics.audit_deferred == 1 and len(svc.audit_backlog) == 1 and svc.metrics.audit_failures == 0
+    assert "detector_audit_pending 1" in svc.metrics.render(svc)
+    assert v["request_id"] in capsys.readouterr().err
+    asyncio.run(svc.flush_audit())   # what the service's retry task does every AUDIT_RETRY_S
+    assert not svc.audit_backlog and "detector_audit_pending 0" in svc.metrics.render(svc)
+    db = sqlite3.connect(str(tmp_path / "a.sqlite"))
+    rows = db.execute("SELECT request_id, decision, reason FROM verdicts").fetchall()
+    db.close()
+    assert rows == [(v["request_id"], "INSPECT", v["reason"])]   # the row says what was answered
+    # a lock released within the deadline is waited for: the truck is routed by its score
+    svc = _service(tmp_path / "b", _FakeInspector(score=0.2), deadline_ms=3000)
+    other = sqlite3.connect(str(tmp_path / "b" / "a.sqlite"), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
+    r = asyncio.run(_burst(svc, 1))[0]
+    assert r.json()["decision"] == "RELEASE" and svc.audit.count() == 1 and svc.metrics.audit_deferred == 0
+
+
+def test_deadline_holds_past_an_uninterruptible_stage_on_a_big_upload(tmp_path):
+    # decoding a scan near max_upload_mb (a 66 MB zlib TIFF: ~2.5 s) cannot be interrupted; the service
+    # waited for it a whole second past the deadline, and the audit row of that verdict lost the file's sha256
+    svc = _service(tmp_path, _FakeInspector(delay=1.5), deadline_ms=300, max_upload_mb=8)
+    data = os.urandom(7_900_000)
+
+    async def run() -> tuple[httpx.Response, float, int]:
+        from detector.serve import create_app
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+            t0 = time.perf_counter()
+            r = await c.post("/v1/inspect", files={"scan": ("big.tiff", data)})
+            took = time.perf_counter() - t0
+        held = svc.slots.locked()   # the abandoned run keeps its slot until it ends, then frees it
+        await asyncio.get_running_loop().run_in_executor(None, svc.pool.shutdown)
+        await asyncio.sleep(0)
+        return r, took, held and not svc.slots.locked()
+
+    r, took, slot_freed = asyncio.run(run())
+    v = r.json()
+    assert r.status_code == 200 and v["decision"] == "INSPECT" and "deadline of 300 ms exceeded" in v["reason"]
+    assert took < 0.3 + 0.3, took
+    db = sqlite3.connect(str(tmp_path / "a.sqlite"))
+    row = db.execute("SELECT decision, file_bytes, file_sha256 FROM verdicts WHERE request_id = ?",
+                     (v["request_id"],)).fetchone()
+    db.close()
+    assert row == ("INSPECT", len(data), hashlib.sha256(data).hexdigest()) and slot_freed
