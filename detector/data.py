@@ -31,6 +31,7 @@ from detector.hard_types import WatchedJson, write_atomic
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset,
                                read_mask, read_rows)
 from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
+from detector.runtime import usable_cpus
 from detector.scan import ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
 
@@ -522,8 +523,9 @@ def auto_workers(on_gpu: bool, processes: int = 1) -> int:
     train: a quarter of its cores load, at least 1 (1 per process measured best on 2 cores; a loader
     core cuts ~190 crops/s, a core trains 25-130, without and with bf16 units). On GPUs its share of
     the cores less two (itself, a spare), at most 16: a GPU outruns the loaders (H200, 16 cores,
-    14 loaders: a default epoch 5.9 s, ~1.3 s of it the network)."""
-    cores = (os.cpu_count() or 2) // max(1, processes)
+    14 loaders: a default epoch 5.9 s, ~1.3 s of it the network). Cores: those this process may run on
+    (detector.runtime.usable_cpus), not the host's."""
+    cores = usable_cpus() // max(1, processes)
     return max(1, min(16, cores - 2)) if on_gpu else max(1, cores // 4)
 
 
@@ -589,7 +591,7 @@ class ScanDataModule(L.LightningDataModule):
         # each scan once: a tiny dataset validates on its training scans, the same records in two splits
         todo = list({r.path: r for s in SPLITS for r in self.splits[s]}.values())
         # threads: decoding and resampling release the GIL (1.7x on 2 cores)
-        pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
+        pool = ThreadPoolExecutor(min(8, usable_cpus()), thread_name_prefix="cache")
         try:
             with summarised_scan_warnings(rank_zero_warn):   # one line per kind of conversion, not one per scan
                 # a terminal clears the bar; a log file keeps it and ends its line, so a warning after it

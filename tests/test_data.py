@@ -18,7 +18,7 @@ from detector.data import (CropDataset, DataConfig, Record, ScanCache, ScanDataM
 from detector.preprocess import Preprocessing
 from detector.scan import ScanError, attenuation_to_counts, write_scan
 from detector.synth.stream import SynthPool, make_pool_scan
-from test_train import write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
+from test_train import allow_cpus, write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
 
 
 def test_stratified_split_is_seeded_and_keeps_both_labels():
@@ -174,12 +174,34 @@ def test_a_folder_of_test_scans_only_loads_for_scoring_but_not_for_training(tmp_
 
 
 def test_a_datamodule_made_outside_training_resolves_auto_workers(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    allow_cpus(monkeypatch, 8)
     dm = ScanDataModule(write_dataset(tmp_path / "d", n=6), DataConfig(crop=32, crops_per_epoch=8), Preprocessing(),
                         tmp_path / "cache")
     dm.prepare_data()
     dm.setup()
     assert dm.cfg.workers == "auto" and dm.train_dataloader().num_workers == (6 if torch.cuda.is_available() else 2)
+
+
+def test_loader_workers_and_caching_threads_follow_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """A container given 3 of a host's 64 cores (cpuset, taskset): os.cpu_count says 64, and the crop loaders and
+    the caching threads were sized for 64."""
+    import concurrent.futures
+
+    from detector.data import auto_workers
+    allow_cpus(monkeypatch, 3)
+    assert auto_workers(False) == 1 and auto_workers(True) == 1          # a quarter of 3; 3 less two
+    sizes: list[int] = []
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers: int, **kw) -> None:
+            sizes.append(workers)
+            super().__init__(workers, **kw)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Pool)
+    ScanDataModule(write_dataset(tmp_path / "d", n=6), DataConfig(workers=0), Preprocessing(),
+                   tmp_path / "cache").prepare_data()
+    assert sizes == [3]
+    allow_cpus(monkeypatch, 12)
+    assert auto_workers(False) == 3 and auto_workers(True) == 10 and auto_workers(True, 2) == 4
 
 
 def _crop_dataset(tmp_path, cfg: DataConfig):
