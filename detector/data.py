@@ -27,11 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from detector import tip
 from detector.augment import AugmentConfig, train_pipeline
+from detector.formats import scan_geometry
 from detector.hard_types import WatchedJson, write_atomic
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset,
                                read_mask, read_rows)
-from detector.preprocess import Preprocessing, model_attenuation, normalize, pad_to_multiple, padded_size
-from detector.scan import ScanError, read_scan, summarised_scan_warnings
+from detector.preprocess import (Preprocessing, model_attenuation, model_size, normalize, pad_to_multiple,
+                                 padded_size)
+from detector.runtime import usable_cpus
+from detector.scan import DEFAULT_MAX_PIXELS, ScanError, read_scan, summarised_scan_warnings
 from detector.synth.stream import SynthPool, mask_centres, model_mask
 
 SPLITS = ("train", "val", "test")
@@ -522,8 +525,9 @@ def auto_workers(on_gpu: bool, processes: int = 1) -> int:
     train: a quarter of its cores load, at least 1 (1 per process measured best on 2 cores; a loader
     core cuts ~190 crops/s, a core trains 25-130, without and with bf16 units). On GPUs its share of
     the cores less two (itself, a spare), at most 16: a GPU outruns the loaders (H200, 16 cores,
-    14 loaders: a default epoch 5.9 s, ~1.3 s of it the network)."""
-    cores = (os.cpu_count() or 2) // max(1, processes)
+    14 loaders: a default epoch 5.9 s, ~1.3 s of it the network). Cores: those this process may run on
+    (detector.runtime.usable_cpus), not the host's."""
+    cores = usable_cpus() // max(1, processes)
     return max(1, min(16, cores - 2)) if on_gpu else max(1, cores // 4)
 
 
@@ -551,6 +555,29 @@ class ScanDataModule(L.LightningDataModule):
         self.metas: dict[str, list[dict]] = {}
         self.channels = cfg.channels
         self.energies: list[str] = []
+        self._uncached: set[str] | None = None   # _left_out_uncached, once decided
+
+    def _left_out_uncached(self) -> set[str]:
+        """Paths of the label-only anomalous training scans that _leave_out_label_only leaves out, decided from their
+        file headers (detector.formats.scan_geometry) before they are read: a site's thousands of whole trucks were
+        each read, resampled and cached, then left out. Those another split holds too, and those whose header cannot
+        tell, are cached and decided from the cache as before."""
+        if self._uncached is None:
+            self._uncached = set()
+            if not self.cfg.normal_only and not self.cfg.label_only_crops:
+                others = {r.path for s in ("val", "test") for r in self.splits[s]}
+                self._uncached = {r.path for r in self.splits["train"] if r.label == 1 and not r.mask and not r.boxes
+                                  and r.path not in others and self._larger_than_a_crop(r.path)}
+        return self._uncached
+
+    def _larger_than_a_crop(self, path: str) -> bool:
+        """True when the file's header says its scan is larger than a training crop at the model's pitch; False when
+        it fits, or the header cannot tell."""
+        geometry = scan_geometry(path)
+        if geometry is None:
+            return False
+        h, w = model_size(*geometry, self.pre)
+        return h * w <= DEFAULT_MAX_PIXELS and max(h, w) > self.cfg.crop   # past the limit: the read says why
 
     def _leave_out_label_only(self) -> None:
         """Drop the anomalous training scans that have a label alone and are larger than one training crop. Nobody
@@ -562,7 +589,8 @@ class ScanDataModule(L.LightningDataModule):
         weak = [i for i, r in enumerate(train) if r.label == 1 and not r.mask and not r.boxes]
         if not weak:
             return
-        out = {i for i in weak if max(metas[i]["shape"][1:]) > s}
+        uncached = self._left_out_uncached()   # their size from the header: no meta
+        out = {i for i in weak if train[i].path in uncached or max(metas[i]["shape"][1:]) > s}
         if len(out) < len(weak):
             rank_zero_info(f"{len(weak) - len(out)} anomalous training scans with a label alone fit in one training "
                            f"crop ({s} px at {self.pre.model_pitch_mm:g} mm): each is trained on whole, by its label")
@@ -587,9 +615,10 @@ class ScanDataModule(L.LightningDataModule):
         if self.cfg.min_visibility > 0:
             self._faint_training_anomalies()
         # each scan once: a tiny dataset validates on its training scans, the same records in two splits
-        todo = list({r.path: r for s in SPLITS for r in self.splits[s]}.values())
+        uncached = self._left_out_uncached()
+        todo = [r for r in {r.path: r for s in SPLITS for r in self.splits[s]}.values() if r.path not in uncached]
         # threads: decoding and resampling release the GIL (1.7x on 2 cores)
-        pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cache")
+        pool = ThreadPoolExecutor(min(8, usable_cpus()), thread_name_prefix="cache")
         try:
             with summarised_scan_warnings(rank_zero_warn):   # one line per kind of conversion, not one per scan
                 # a terminal clears the bar; a log file keeps it and ends its line, so a warning after it
@@ -675,13 +704,14 @@ class ScanDataModule(L.LightningDataModule):
             self.splits["train"] = [r for r in self.splits["train"] if Path(r.path).stem not in faint]
             rank_zero_info(f"data.min_visibility={self.cfg.min_visibility:g}: {len(faint)} faint training "
                            f"anomalies left out")
+        uncached = self._left_out_uncached()
         with summarised_scan_warnings(rank_zero_warn):
-            metas = {r.path: self._build_or_skip(r) for s in SPLITS for r in self.splits[s]}
+            metas = {r.path: self._build_or_skip(r) for s in SPLITS for r in self.splits[s] if r.path not in uncached}
         self._drop_skipped()
         for s in SPLITS:
-            self.metas[s] = [metas[r.path] for r in self.splits[s]]
+            self.metas[s] = [metas.get(r.path) for r in self.splits[s]]
         if not self.cfg.normal_only and not self.cfg.label_only_crops:
-            self._leave_out_label_only()   # here: whether a scan fits in a crop is known once it is cached
+            self._leave_out_label_only()   # here: whether a scan fits in a crop is known from its header or its cache
             self._check_splits()
         first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder
         chans = {m["shape"][0] for s in SPLITS for m in self.metas[s]}

@@ -2,7 +2,8 @@
 
 Each reader takes the file's bytes and returns (counts, info): the pixels as stored and what the file says about
 I0, pitch and energies. Sizes are checked from the header, and compressed parts counted with bounded decoders,
-before anything large is decoded: a small hostile file must not fill memory.
+before anything large is decoded: a small hostile file must not fill memory. `scan_geometry` gives a scan's size
+and pitch from those headers alone.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import json
 import logging
 import lzma
 import math
+import os
 import struct
 import warnings
 import zlib
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -22,11 +25,13 @@ import numpy as np
 import tifffile
 
 from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, _channels_last, _check_shape, _most_scan_bytes,
-                           _valid_pitch)
+                           _sniff, _valid_pitch)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
                                   # made a 2 MB file take 36 s (a scan has at most a few thousand)
+HEADER_BYTES = 1 << 16            # scan_geometry reads this much for a PNG or JPEG header (TIFF, NPY/NPZ and DICOM
+                                  # headers are read where they lie)
 TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a scanner's range: image editors
                                   # write 72-300 dpi (0.08-0.35 mm), which would shrink a truck 15-60x
 
@@ -114,20 +119,9 @@ def read_tiff(data: bytes, name: str, max_pixels: int | None):
 def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int | None):
     with tifffile.TiffFile(buf) as tif:
         pages = list(itertools.islice(tif.pages, 3))   # len(tif.pages) walked every page: 16 s for 500,000
-        if len(pages) == 0:
-            raise ScanError(name, "TIFF has no pages")
+        planar, _, _ = _tiff_layout(pages, name, max_pixels)
         first = pages[0]
-        shape = tuple(first.shape)
-        n_pages = len(pages)
-        if n_pages > 2:
-            raise ScanError(name, "3 or more pages; at most 2 energies (high, low) are supported")
-        planar = len(shape) == 3 and str(first.axes).startswith("S")   # one page, energies as separate planes
-        h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 0)
-        c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
-        _check_shape(name, c, h, w, max_pixels)
         for page in pages:
-            if tuple(page.shape) != shape:
-                raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
             if len(page.dataoffsets) > MAX_TIFF_SEGMENTS:
                 raise ScanError(name, f"{len(page.dataoffsets)} strips or tiles in one page (at most "
                                       f"{MAX_TIFF_SEGMENTS}): each is decoded on its own, so they take minutes")
@@ -152,6 +146,26 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
         else:
             raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
     return counts, info
+
+
+def _tiff_layout(pages: list[Any], name: str, max_pixels: int | None) -> tuple[bool, int, int]:
+    """(planar, height, width) of a TIFF's first pages (at most 3 read) from their tags, checked: 1 or 2 pages of
+    one size, 1 or 2 energies, a sane size."""
+    if len(pages) == 0:
+        raise ScanError(name, "TIFF has no pages")
+    first = pages[0]
+    shape = tuple(first.shape)
+    n_pages = len(pages)
+    if n_pages > 2:
+        raise ScanError(name, "3 or more pages; at most 2 energies (high, low) are supported")
+    planar = len(shape) == 3 and str(first.axes).startswith("S")   # one page, energies as separate planes
+    h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 0)
+    c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
+    _check_shape(name, c, h, w, max_pixels)
+    for page in pages:
+        if tuple(page.shape) != shape:
+            raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
+    return planar, h, w
 
 
 def _check_tiff_segments(page: Any, data: bytes, name: str) -> None:
@@ -200,8 +214,9 @@ def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np
     return [cv2.cvtColor(p, rgb[p.shape[2]]) if p.ndim == 3 and p.shape[2] in rgb else p for p in pages]
 
 
-def _tiff_info(page: Any, name: str) -> dict:
-    """I0, pitch and energy names from our JSON description, else the resolution tags."""
+def _tiff_info(page: Any, name: str, warn: bool = True) -> dict:
+    """I0, pitch and energy names from our JSON description, else the resolution tags (warn: say when a tag is
+    ignored)."""
     info: dict = {}
     desc = page.description or ""
     if desc.startswith("{"):
@@ -228,7 +243,7 @@ def _tiff_info(page: Any, name: str) -> dict:
                 lo, hi = TAG_PITCH_RANGE_MM
                 if lo <= pitch <= hi:
                     info["pitch_mm"] = pitch
-                else:
+                elif warn:
                     warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
                                                     f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
                                                     f"({lo:g}-{hi:g} mm): ignored, {DEFAULT_PITCH_MM:g} mm assumed"),
@@ -255,10 +270,11 @@ def _read_npy_header(f: Any, name: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int) -> None:
-    """Size and dtype checks from the .npy header alone, before any pixel is read. NumPy allocates the whole array
-    before reading it: a 128-byte header of 16x16 pixels of 10 MB each (or of complex128 at the pixel limit) took
-    GBs, so only pixel types a scan can have pass, and only when the file (`file_bytes`) holds all their bytes."""
+def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int) -> tuple[int, ...]:
+    """Size and dtype checks from the .npy header alone, before any pixel is read; returns the array's shape. NumPy
+    allocates the whole array before reading it: a 128-byte header of 16x16 pixels of 10 MB each (or of complex128
+    at the pixel limit) took GBs, so only pixel types a scan can have pass, and only when the file (`file_bytes`)
+    holds all their bytes."""
     shape, dtype = _read_npy_header(f, name)
     if not ((dtype.kind == "u" and dtype.itemsize <= 2) or (dtype.kind == "f" and dtype.itemsize <= 8)):
         raise ScanError(name, f"unsupported pixel type {dtype}; expected uint8 or uint16 counts (or float "
@@ -274,6 +290,7 @@ def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int
     need = f.tell() + math.prod(shape) * dtype.itemsize
     if need > file_bytes:
         raise ScanError(name, f"truncated NumPy array: its header promises {need} bytes, the file holds {file_bytes}")
+    return shape
 
 
 def read_npz(data: bytes, name: str, max_pixels: int | None):
@@ -332,11 +349,8 @@ def read_dicom(data: bytes, name: str, max_pixels: int | None):
 def _check_inflated_size(data: bytes, name: str, most: int) -> None:
     """ScanError for a Deflated Explicit VR DICOM whose data set inflates past `most` bytes, counted with a bounded
     decoder: pydicom inflates it whole (a 116 KB file took 215 MB; a 64 MB upload, 64 GB)."""
-    from pydicom.filereader import read_dataset, read_preamble
     f = io.BytesIO(data)
-    read_preamble(f, True)
-    meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag >> 16 != 2)
-    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_DICOM:
+    if not _dicom_deflated(f):
         return
     inflate, rest, size = zlib.decompressobj(-zlib.MAX_WBITS), data[f.tell():], 0
     while rest and size <= most:   # 1 MiB at a time, each dropped once counted
@@ -345,6 +359,14 @@ def _check_inflated_size(data: bytes, name: str, most: int) -> None:
     if size > most:
         raise ScanError(name, f"deflated DICOM data set inflates past {most / 1e6:.0f} MB, more than a scan within "
                               "the pixel limit holds (a decompression bomb)")
+
+
+def _dicom_deflated(f: Any) -> bool:
+    """Whether a DICOM file's meta header (read from `f`, left just after it) names the Deflated transfer syntax."""
+    from pydicom.filereader import read_dataset, read_preamble
+    read_preamble(f, True)
+    meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag >> 16 != 2)
+    return str(meta.get("TransferSyntaxUID", "")) == DEFLATED_DICOM
 
 
 def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
@@ -364,12 +386,19 @@ def _square_pixels(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np
     what a larger detector element would have counted, and no axis grows, so memory stays bounded."""
     if math.isclose(row_mm, col_mm, rel_tol=1e-6):
         return counts, row_mm
-    pitch = max(row_mm, col_mm)
     h, w = counts.shape[-2:]
-    size = (max(1, round(w * col_mm / pitch)), max(1, round(h * row_mm / pitch)))   # cv2: (width, height)
+    sh, sw, pitch = _square_size(h, w, row_mm, col_mm)
     planes = counts.reshape(-1, h, w)
-    out = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in planes])
-    return out.reshape(*counts.shape[:-2], size[1], size[0]), pitch
+    out = np.stack([cv2.resize(c, (sw, sh), interpolation=cv2.INTER_AREA) for c in planes])
+    return out.reshape(*counts.shape[:-2], sh, sw), pitch
+
+
+def _square_size(h: int, w: int, row_mm: float, col_mm: float) -> tuple[int, int, float]:
+    """(height, width, pitch) of an image of h x w pixels of row_mm x col_mm once on square pixels (_square_pixels)."""
+    if math.isclose(row_mm, col_mm, rel_tol=1e-6):
+        return h, w, row_mm
+    pitch = max(row_mm, col_mm)
+    return max(1, round(h * row_mm / pitch)), max(1, round(w * col_mm / pitch)), pitch
 
 
 def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:
@@ -464,3 +493,81 @@ def _dicom_rescale(ds: Any, name: str) -> tuple[float, float]:
     if not (math.isfinite(slope) and slope > 0 and math.isfinite(intercept)):
         raise ScanError(name, f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g}: no counts from these")
     return slope, intercept
+
+
+# ---------------------------------------------------------------- size from the header
+
+
+def scan_geometry(path: str | os.PathLike) -> tuple[int, int, float] | None:
+    """(height, width, pitch in mm) of the Scan that `read_scan(path)` returns, from the file's header alone: TIFF
+    tags, the .npy header (in an .npz too, with its pitch_mm), the PNG or JPEG frame header, the DICOM data set up
+    to its pixels; no pixel is decoded. The pitch is resolved as the reader resolves it (the file's, else
+    DEFAULT_PITCH_MM), non-square DICOM pixels as they are squared. None where the header cannot tell (a JPEG
+    frame header past the first 64 KB, a deflated DICOM, no pydicom) or where the reader would refuse what the
+    header says: read_scan then decides, and says why. Warnings are silenced: call it from one thread."""
+    name = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            size = os.path.getsize(path)
+            if size == 0 or size > _most_scan_bytes(None):
+                return None
+            with open(path, "rb") as f:
+                head = f.read(HEADER_BYTES)
+                kind = _sniff(head[:132], Path(name).suffix.lower())
+                f.seek(0)
+                got = _header_geometry(kind, f, head, name, size)
+            if got is None:
+                return None
+            h, w, pitch = got
+            return int(h), int(w), _valid_pitch(name, DEFAULT_PITCH_MM if pitch is None else pitch)
+    except Exception:   # whatever the header does not say plainly, the full read decides (and names the reason)
+        return None
+
+
+def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tuple[int, int, Any] | None:
+    """(height, width, pitch or None for the default) of an open scan file of the sniffed `kind`, from its header."""
+    if kind == "png":
+        h, w, depth, _ = _png_size(head, name)
+        _check_shape(name, 1, h, w, None)
+        return (h, w, None) if depth in (1, 2, 4, 8, 16) else None
+    if kind == "jpeg":
+        h, w = _jpeg_size(head, name)
+        _check_shape(name, 1, h, w, None)
+        return h, w, None
+    if kind == "tiff":
+        with tifffile.TiffFile(f) as tif:
+            pages = list(itertools.islice(tif.pages, 3))
+            _, h, w = _tiff_layout(pages, name, None)
+            return h, w, _tiff_info(pages[0], name, warn=False).get("pitch_mm")
+    if kind == "npy":
+        return (*_image_sides(_check_npy_header(f, name, None, size)), None)
+    if kind == "npz":
+        with np.load(f, allow_pickle=False) as z:
+            if "counts" not in z:
+                return None
+            with z.zip.open("counts.npy") as m:
+                shape = _check_npy_header(m, name, None, z.zip.getinfo("counts.npy").file_size)
+            return (*_image_sides(shape), _npz_numbers(z, "pitch_mm", 1, name) if "pitch_mm" in z else None)
+    if kind == "dicom":
+        import pydicom
+        if _dicom_deflated(f):   # pydicom inflates the whole data set to read its header
+            return None
+        f.seek(0)
+        ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if frames > 2:
+            return None
+        _check_shape(name, frames, rows, cols, None)
+        _check_dicom_pixels_are_counts(ds, name)
+        spacing = _dicom_spacing(ds, name)
+        return (rows, cols, None) if spacing is None else _square_size(rows, cols, *spacing)
+    return None
+
+
+def _image_sides(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of a checked 2-D, (C, H, W) or (H, W, C) pixel array shape, as scan_from_counts lays it out."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return (shape[0], shape[1]) if _channels_last(shape) else (shape[1], shape[2])

@@ -43,6 +43,7 @@ from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, ModelConfig, build_model, check_model_config, nhwc
 from detector.preprocess import Preprocessing
+from detector.runtime import usable_cpus
 from detector.scan import ScanError
 from detector.shipped import resolve_config
 
@@ -487,7 +488,7 @@ def resolve_cpu_processes(cfg: Config) -> int:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of trainer.cpu_processes ({n})")
     t.accelerator, t.devices = "cpu", n
     t.strategy = "ddp" if t.strategy == "auto" else t.strategy
-    t.threads = t.threads or max(1, (os.cpu_count() or n) // n)
+    t.threads = t.threads or max(1, usable_cpus() // n)
     return cfg.data.batch_size // n
 
 

@@ -18,7 +18,7 @@ from detector.data import (CropDataset, DataConfig, Record, ScanCache, ScanDataM
 from detector.preprocess import Preprocessing
 from detector.scan import ScanError, attenuation_to_counts, write_scan
 from detector.synth.stream import SynthPool, make_pool_scan
-from test_train import write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
+from test_train import allow_cpus, write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
 
 
 def test_stratified_split_is_seeded_and_keeps_both_labels():
@@ -174,12 +174,34 @@ def test_a_folder_of_test_scans_only_loads_for_scoring_but_not_for_training(tmp_
 
 
 def test_a_datamodule_made_outside_training_resolves_auto_workers(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    allow_cpus(monkeypatch, 8)
     dm = ScanDataModule(write_dataset(tmp_path / "d", n=6), DataConfig(crop=32, crops_per_epoch=8), Preprocessing(),
                         tmp_path / "cache")
     dm.prepare_data()
     dm.setup()
     assert dm.cfg.workers == "auto" and dm.train_dataloader().num_workers == (6 if torch.cuda.is_available() else 2)
+
+
+def test_loader_workers_and_caching_threads_follow_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """A container given 3 of a host's 64 cores (cpuset, taskset): os.cpu_count says 64, and the crop loaders and
+    the caching threads were sized for 64."""
+    import concurrent.futures
+
+    from detector.data import auto_workers
+    allow_cpus(monkeypatch, 3)
+    assert auto_workers(False) == 1 and auto_workers(True) == 1          # a quarter of 3; 3 less two
+    sizes: list[int] = []
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers: int, **kw) -> None:
+            sizes.append(workers)
+            super().__init__(workers, **kw)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Pool)
+    ScanDataModule(write_dataset(tmp_path / "d", n=6), DataConfig(workers=0), Preprocessing(),
+                   tmp_path / "cache").prepare_data()
+    assert sizes == [3]
+    allow_cpus(monkeypatch, 12)
+    assert auto_workers(False) == 3 and auto_workers(True) == 10 and auto_workers(True, 2) == 4
 
 
 def _crop_dataset(tmp_path, cfg: DataConfig):
@@ -542,6 +564,82 @@ def test_anomalous_training_scans_with_a_label_alone_are_left_out_unless_they_fi
         fit = ready(crop=96)
     assert len(fit.splits["train"]) == len(train_all)
     assert "2 anomalous training scans with a label alone fit in one training crop" in caplog.text
+
+
+def _label_only_in_every_format(root: Path) -> dict[str, int]:
+    """write_dataset's folder plus anomalous training scans with a label alone in every format the readers take,
+    each pitch resolved its own way; returns each one's longer side at the model's 10 mm pitch."""
+    import csv
+
+    from conftest import dicom_bytes
+    from test_train import I0, make_scan
+    rng = np.random.default_rng(1)
+    write_dataset(root, n=12)   # 70x150 and 90x190 px at 5 mm, labelled by masks
+
+    def counts(h: int, w: int, channels: int = 1) -> np.ndarray:
+        return attenuation_to_counts(make_scan(rng, h, w, True, channels)[0], I0)
+    extra = root / "extra"
+    extra.mkdir()
+    write_scan(extra / "a.tiff", counts(70, 200, 2), i0=(I0, I0), pitch_mm=5.0)       # pitch in its description
+    import tifffile
+    tifffile.imwrite(extra / "r.tiff", counts(60, 240)[0], photometric="minisblack", resolution=(2.5, 2.5),
+                     resolutionunit="CENTIMETER")                                    # 4 mm in resolution tags
+    np.save(extra / "a.npy", counts(64, 193, 2))                                     # 5 mm default: 96.5 -> 96
+    np.savez(extra / "a.npz", counts=counts(64, 160, 2), pitch_mm=np.array(6.0))
+    cv2.imwrite(str(extra / "a.png"), counts(64, 190)[0])
+    cv2.imwrite(str(extra / "a.jpg"), (counts(64, 196)[0] // 256).astype(np.uint8))
+    (extra / "square.dcm").write_bytes(dicom_bytes(counts(64, 240)[0]))              # 4 mm
+    (extra / "aniso.dcm").write_bytes(dicom_bytes(counts(120, 100)[0], ImagerPixelSpacing=[2.0, 6.0]))
+    sides = {"a.tiff": 100, "r.tiff": 96, "a.npy": 96, "a.npz": 96, "a.png": 95, "a.jpg": 98, "square.dcm": 96,
+             "aniso.dcm": 60}
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows += [{**rows[1], "path": f"extra/{name}", "mask": "", "split": "train"} for name in sides]
+    with open(root / "manifest.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    return sides
+
+
+def test_label_only_scans_larger_than_a_crop_are_left_out_from_their_header_uncached(tmp_path, monkeypatch):
+    """A site's thousands of whole trucks with a label alone were each read, resampled and cached, then left out of
+    training for being larger than a crop. The size now comes from each file's header first: those left out are
+    never read nor cached, and what is left out, and said, is what the cached size decided (that path stays for a
+    header that cannot tell), in every format."""
+    import detector.data as data
+    sides = _label_only_in_every_format(tmp_path / "d")
+    built: list[str] = []
+    build = ScanCache.build
+    monkeypatch.setattr(ScanCache, "build", lambda self, rec: built.append(Path(rec.path).name) or build(self, rec))
+
+    def ready(crop: int, cache: Path) -> tuple[ScanDataModule, list[str]]:
+        built.clear()
+        dm = ScanDataModule(tmp_path / "d", DataConfig(workers=0, crop=crop, channels=1), Preprocessing(), cache)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dm.prepare_data()
+            dm.setup()
+        return dm, [str(w.message) for w in caught if "label alone" in str(w.message)]
+
+    for crop in (64, 96):
+        out = {name for name, side in sides.items() if side > crop}
+        dm, said = ready(crop, tmp_path / f"cache{crop}")
+        assert not out & set(built), crop                                     # never read
+        for rec in dm.records:
+            if Path(rec.path).name in out:
+                assert not list(dm.cache.folder.glob(dm.cache._key(rec) + ".*")), rec.path   # nor cached
+        kept = [Path(r.path).name for r in dm.splits["train"]]
+        assert not out & set(kept) and set(sides) - out <= set(kept), crop
+        assert {Path(p).name for p in dm._left_out_uncached()} == out        # each format decided from its header
+        assert len(said) == 1 and f"{len(out)} of " in said[0], said
+        assert [m["key"] for m in dm.metas["train"]] == [dm.cache._key(r) for r in dm.splits["train"]]
+        monkeypatch.setattr(data, "scan_geometry", lambda path: None)        # a header that cannot tell: cached first
+        cached, said_cached = ready(crop, tmp_path / f"cached{crop}")
+        monkeypatch.undo()
+        monkeypatch.setattr(ScanCache, "build", lambda self, rec: built.append(Path(rec.path).name) or build(self, rec))
+        assert out <= set(built) and not cached._left_out_uncached()
+        assert [r.path for r in cached.splits["train"]] == [r.path for r in dm.splits["train"]] and said_cached == said
 
 
 def _plain_rgb(root: Path, normal: int, anomalous: int) -> Path:

@@ -480,6 +480,48 @@ def test_committed_samples_agree_across_formats():
         assert read_scan(SAMPLES / "truck_firearm_pseudocolour.jpg").channels == 1
 
 
+def test_the_header_tells_the_size_and_pitch_the_read_scan_has(tmp_path):
+    """Training decides from a file's header alone whether a scan fits in a training crop (detector.formats.
+    scan_geometry): its (height, width, pitch) must be the read scan's, in every format and layout the readers take,
+    the pitch from the file (TIFF description or resolution tags, NPZ pitch_mm, DICOM spacing, squared when the
+    pixels are not) or the default. Where the header cannot tell, or the reader would refuse the file: None."""
+    from detector.formats import scan_geometry
+    counts, one = make_counts(2), make_counts(1)[0]
+    files = [write_scan(tmp_path / "pages.tiff", counts, pitch_mm=3.5), write_scan(tmp_path / "default.tiff", one),
+             write_scan(tmp_path / "c.npy", counts), write_scan(tmp_path / "one.npy", one),
+             write_scan(tmp_path / "pitch.npz", counts, i0=(I0, I0), pitch_mm=6.0), write_scan(tmp_path / "no.npz", one),
+             write_scan(tmp_path / "s16.png", one), write_scan(tmp_path / "s8.png", (one // 256).astype(np.uint8))]
+    tifffile.imwrite(tmp_path / "hw2.tiff", np.moveaxis(counts, 0, -1), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(tmp_path / "planar.tiff", counts, photometric="minisblack", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "pitch4.tiff", one, photometric="minisblack", resolution=(2.5, 2.5),
+                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "dpi72.tiff", one, photometric="minisblack", resolution=(72, 72), resolutionunit="INCH")
+    cv2.imwritemulti(str(tmp_path / "lzw.tiff"), list(counts))
+    np.save(tmp_path / "hw2.npy", np.moveaxis(counts, 0, -1))
+    cv2.imwrite(str(tmp_path / "s.jpg"), (one // 256).astype(np.uint8))
+    dicoms = {"square.dcm": dicom_bytes(one), "dual.dcm": dicom_bytes(counts),
+              "rows.dcm": dicom_bytes(one, ImagerPixelSpacing=[2.0, 6.0]),
+              "cols.dcm": dicom_bytes(one, ImagerPixelSpacing=[6.0, 2.5]),
+              "pixel_spacing.dcm": dicom_bytes(one, ImagerPixelSpacing=None, PixelSpacing=[3.0, 3.0]),
+              "no_spacing.dcm": dicom_bytes(one, ImagerPixelSpacing=None)}
+    for name, data in dicoms.items():
+        (tmp_path / name).write_bytes(data)
+    names = sorted({p.name for p in tmp_path.iterdir()} | {p.name for p in files})
+    assert len(names) == 21
+    for path in [tmp_path / n for n in names] + sorted(p for p in SAMPLES.glob("truck_*") if "mask" not in p.name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the 72 dpi tag, the pseudocolour JPEG
+            scan = read_scan(path)
+        assert scan_geometry(path) == (scan.height, scan.width, scan.pitch_mm), path.name
+    (tmp_path / "deflated.dcm").write_bytes(dicom_bytes(one, deflated=True))
+    _tiff_with_description(tmp_path / "far.tiff", counts, {"pitch_mm": 500.0})
+    tifffile.imwrite(tmp_path / "pages3.tiff", np.stack([one] * 3), photometric="minisblack")
+    (tmp_path / "text.tiff").write_text("not a scan")
+    assert read_scan(tmp_path / "deflated.dcm").height == 64    # read whole, but pydicom inflates all to see its tags
+    for name in ("deflated.dcm", "far.tiff", "pages3.tiff", "text.tiff", "none.npy"):
+        assert scan_geometry(tmp_path / name) is None, name
+
+
 # ---------------------------------------------------------------- metadata a station must not trust blindly
 
 def _tiff_with_description(path, counts: np.ndarray, detector: dict, **kw) -> None:

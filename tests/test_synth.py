@@ -188,6 +188,39 @@ def test_dataset_manifest_and_independent_of_workers(tmp_path):
             assert r["anomaly_type"] == "none" and boxes == [] and not mask.any()
 
 
+def test_generator_pools_follow_the_cpus_this_process_may_use_not_the_hosts(tmp_path, monkeypatch):
+    """A container given 2 of a host's 64 cores (cpuset, taskset): os.cpu_count says 64, and the dataset writer and
+    the visibility pass each started a generator process per scan, up to 64."""
+    import os
+
+    from detector.synth import dataset, visibility
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    sizes: list[int] = []
+
+    class Pool:   # generator_pool's stand-in: records its size, runs the jobs here
+        def __init__(self, workers: int) -> None:
+            sizes.append(workers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def imap_unordered(self, f, jobs, chunksize=1):
+            return map(f, jobs)
+
+        def map(self, f, jobs):
+            return list(map(f, jobs))
+    monkeypatch.setattr(dataset, "generator_pool", Pool)
+    monkeypatch.setattr(visibility, "generator_pool", Pool)
+    monkeypatch.setattr(visibility, "_of_stem", lambda stem: 1.0)
+    write_dataset(tmp_path / "d", 3, seed=1, height=H, progress=False)
+    visibility.generator_visibility(["s1_000000", "s1_000001", "s1_000002"], tmp_path / "vis.json")
+    assert sizes == [2, 2]
+
+
 def test_cli_synth_writes_a_small_dataset(tmp_path, capsys):
     from detector.cli import main
     out = tmp_path / "ds"

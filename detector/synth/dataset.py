@@ -62,15 +62,19 @@ def generator_pool(workers: int) -> mp.pool.Pool:
 def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fraction: float = 0.5,
                   workers: int | None = None, height: int | None = None, split: str | None = None,
                   progress: bool = True) -> list[dict]:
-    """Generate `count` scans into `out`; returns the manifest rows (also written to manifest.csv)."""
+    """Generate `count` scans into `out`; returns the manifest rows (also written to manifest.csv). workers: None, one
+    per CPU this process may run on."""
     from tqdm import tqdm
+
+    from detector.runtime import usable_cpus   # here: the generator's processes import this module, and need no
+                                               # onnxruntime
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     labels = plan_labels(count, seed, anomaly_fraction)
     jobs = [(str(out), seed, i, bool(labels[i]), height, split) for i in range(count)]
-    workers = max(1, min(workers or os.cpu_count() or 1, count))
+    workers = max(1, min(workers or usable_cpus(), count))
     bar = tqdm(total=count, desc="synth", unit="scan", disable=not progress)
     rows = []
     if workers == 1:

@@ -9,7 +9,6 @@ contrast alone; quality figures are reported per band of it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -92,7 +91,9 @@ def generator_visibility(stems: list[str], cache: Path) -> dict[str, float]:
     vis = json.loads(cache.read_text()) if cache.exists() else {}
     todo = sorted({s for s in stems if s not in vis and _generator_seed(s)})
     if todo:
-        with generator_pool(min(len(todo), os.cpu_count() or 1)) as pool:
+        from detector.runtime import usable_cpus   # here: onnxruntime only where the pass runs
+
+        with generator_pool(min(len(todo), usable_cpus())) as pool:
             vis.update(zip(todo, pool.map(_of_stem, todo)))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cache, vis)   # DDP processes read it in setup
