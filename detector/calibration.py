@@ -67,7 +67,7 @@ def rate_interval(flagged: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def unresolved_warning(rows: Iterable[dict], what: str = "normal validation scans") -> str | None:
+def unresolved_warning(rows: Iterable[dict]) -> str | None:
     """One line when a threshold table's normal scans are too few to resolve some of its rates (n * rate < 1: the
     threshold then sits just above the highest normal score, whatever the rate), else None."""
     short = [r for r in rows if not r.get("resolvable", True)]
@@ -75,6 +75,6 @@ def unresolved_warning(rows: Iterable[dict], what: str = "normal validation scan
         return None
     need = max(math.ceil(1 / r["false_alarm_rate"]) for r in short)
     rates = ", ".join(f"{r['false_alarm_rate']:.1%}" for r in short)
-    return (f"{short[0].get('n_normal', '?')} {what} cannot resolve the {rates} false-alarm rate(s) (that takes "
+    return (f"{short[0].get('n_normal', '?')} normal validation scans cannot resolve the {rates} false-alarm rate(s) (that takes "
             f"{need:,} or more): those thresholds sit just above the highest normal score; set them on the site's "
             "cleared traffic with `detector calibrate`")
