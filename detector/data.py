@@ -147,6 +147,11 @@ class Record:
     anomaly_type: str = ""
     split: str = ""
 
+    @property
+    def label_alone(self) -> bool:
+        """An anomalous scan with neither mask nor boxes: nobody said where its anomaly lies."""
+        return self.label == 1 and not self.mask and not self.boxes
+
 
 def _records_from_manifest(root: Path) -> list[Record]:
     manifest = root / "manifest.csv"
@@ -566,8 +571,8 @@ class ScanDataModule(L.LightningDataModule):
             self._uncached = set()
             if not self.cfg.normal_only and not self.cfg.label_only_crops:
                 others = {r.path for s in ("val", "test") for r in self.splits[s]}
-                self._uncached = {r.path for r in self.splits["train"] if r.label == 1 and not r.mask and not r.boxes
-                                  and r.path not in others and self._larger_than_a_crop(r.path)}
+                self._uncached = {r.path for r in self.splits["train"] if r.label_alone and r.path not in others
+                                  and self._larger_than_a_crop(r.path)}
         return self._uncached
 
     def _larger_than_a_crop(self, path: str) -> bool:
@@ -586,7 +591,7 @@ class ScanDataModule(L.LightningDataModule):
         training without them. A scan that fits in one crop is cut whole, so its label holds for its crop: those stay,
         taught by the image-level loss (+0.073 test AUROC against leaving them out: docs/experiments.md)."""
         train, metas, s = self.splits["train"], self.metas["train"], self.cfg.crop
-        weak = [i for i, r in enumerate(train) if r.label == 1 and not r.mask and not r.boxes]
+        weak = [i for i, r in enumerate(train) if r.label_alone]
         if not weak:
             return
         uncached = self._left_out_uncached()   # their size from the header: no meta
