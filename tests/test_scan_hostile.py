@@ -4,8 +4,10 @@ bounded by the scan's own size, never by what the bytes claim."""
 from __future__ import annotations
 
 import io
+import random
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,10 +263,10 @@ def test_file_larger_than_any_scan_is_refused_unread(tmp_path):
 
 # ---------------------------------------------------------------- fuzzing the committed samples, seeded
 
-SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 
-def _mutate(raw: bytes, rnd: __import__("random").Random) -> bytes:
+def _mutate(raw: bytes, rnd: random.Random) -> bytes:
     """1-6 random byte changes, header-heavy, with the odd cut or insertion."""
     out = bytearray(raw)
     for _ in range(rnd.randint(1, 6)):
@@ -282,8 +284,6 @@ def _mutate(raw: bytes, rnd: __import__("random").Random) -> bytes:
 def test_mutated_samples_give_scan_errors_or_scans_and_never_an_unread_release(heuristic_model):
     """300 seeded mutations of data/samples' scans: reading raises ScanError or gives a finite scan, and the
     fail-closed Inspector answers them without raising, INSPECT naming the file whenever the bytes cannot be read."""
-    import random
-
     from detector.runtime import Inspector
     inspector = Inspector(heuristic_model, threads=1, warmup=False)
     samples = {p.name: p.read_bytes() for p in sorted(SAMPLES.iterdir()) if p.suffix != ".csv" and "mask" not in p.name}
