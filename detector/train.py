@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
