@@ -133,19 +133,55 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
                 raise
             arrays = _tiff_pages_opencv(data, name, pages)   # e.g. LZW (OpenCV's default): its libtiff reads it
         info = _tiff_info(first, name)
-    if len(arrays) == 2:
+    if _tiff_colour(first, name):
+        counts = _tiff_colour_to_grey(arrays[0], first, name)
+    elif len(arrays) == 2:
         counts = np.stack(arrays)
     else:
         img = arrays[0]
         if planar or (img.ndim == 3 and img.shape[2] == 2):   # (C, H, W), or (H, W, 2) that scan_from_counts turns
             counts = img
-        elif img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
-            counts = _to_one_channel(img[..., ::-1].copy(), name)  # TIFF RGB -> BGR for OpenCV
         elif img.ndim == 2:
             counts = img
         else:
             raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
+    if first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        counts = _flip_miniswhite(counts, first, name)
     return counts, info
+
+
+def _tiff_colour(page: Any, name: str) -> bool:
+    """True for an RGB or palette page (a rendering: its samples are colours, not energies); ScanError for
+    photometrics that are neither grey nor these (CMYK, YCbCr, CIELab, camera raw)."""
+    kind = page.photometric
+    if kind in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.PALETTE):
+        return True
+    if kind not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE):
+        raise ScanError(name, f"{getattr(kind, 'name', kind)} TIFF: not grey transmission counts (MINISBLACK expected)")
+    return False
+
+
+def _tiff_colour_to_grey(img: np.ndarray, page: Any, name: str) -> np.ndarray:
+    """An 8- or 16-bit RGB(A) or palette TIFF page as one grey channel (luminance, with the colour warning PNG and
+    JPEG give): a baggage X-ray or a rendering exported as TIFF, before this refused as "3 energies"."""
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+        if page.colormap is None or img.ndim != 2 or img.dtype.kind != "u":
+            raise ScanError(name, "palette TIFF without a usable colour map")
+        img = np.moveaxis(np.asarray(page.colormap, np.uint16)[:, img], 0, -1)   # (H, W, 3) RGB, 16-bit
+    elif img.ndim == 3 and img.shape[0] in (3, 4) and str(page.axes).startswith("S"):
+        img = np.moveaxis(img, 0, -1)   # planar (separate) RGB
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype not in (np.uint8, np.uint16):
+        raise ScanError(name, f"unsupported colour TIFF layout {img.shape} {img.dtype} (8- or 16-bit RGB expected)")
+    return _to_one_channel(np.ascontiguousarray(img[..., [2, 1, 0, 3][:img.shape[2]]]), name)  # RGB -> BGR(A)
+
+
+def _flip_miniswhite(counts: np.ndarray, page: Any, name: str) -> np.ndarray:
+    """MINISWHITE pixels as counts: the file shows 0 as white, so it stores air (bright on a radiograph) low;
+    read as they are, air was dense and a dense block air. Flipped within the sample's bit range."""
+    if counts.dtype.kind != "u":
+        raise ScanError(name, f"{counts.dtype} pixels with MINISWHITE polarity: no integer range to flip them in")
+    top = (1 << int(page.bitspersample)) - 1
+    return (np.asarray(top, counts.dtype) - np.minimum(counts, np.asarray(top, counts.dtype))).astype(counts.dtype)
 
 
 def _tiff_layout(pages: list[Any], name: str, max_pixels: int | None) -> tuple[bool, int, int]:
@@ -160,7 +196,12 @@ def _tiff_layout(pages: list[Any], name: str, max_pixels: int | None) -> tuple[b
         raise ScanError(name, "3 or more pages; at most 2 energies (high, low) are supported")
     planar = len(shape) == 3 and str(first.axes).startswith("S")   # one page, energies as separate planes
     h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1] if len(shape) > 1 else 0)
-    c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
+    if _tiff_colour(first, name):   # RGB(A) or palette: one grey channel once read
+        if n_pages > 1:
+            raise ScanError(name, "colour TIFF of 2 pages; a colour rendering is one page")
+        c = 1
+    else:
+        c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
     _check_shape(name, c, h, w, max_pixels)
     for page in pages:
         if tuple(page.shape) != shape:

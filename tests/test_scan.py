@@ -118,6 +118,53 @@ def test_rgb_rendering_becomes_one_channel_with_warning(tmp_path):
         assert scan.channels == 1 and scan.counts.dtype == np.uint8
 
 
+
+def test_colour_tiff_renderings_read_as_grey_like_png(tmp_path):
+    """An RGB(A) or palette TIFF (a baggage X-ray exported as TIFF) was refused as "3 energies/channels" before
+    the grey conversion PNG and JPEG get could run; now every layout gives the PNG's grey, with the warning, and
+    the header alone gives the same size (scan_geometry, which decides label-only training scans)."""
+    from detector.formats import scan_geometry
+    rgb = np.zeros((50, 80, 3), dtype=np.uint8)
+    rgb[..., 1] = 200
+    rgb[10:30, 20:50] = (40, 60, 80)
+    cv2.imwrite(str(tmp_path / "bag.png"), rgb[..., ::-1])   # cv2 writes BGR: the PNG holds `rgb`
+    ref = read_scan(tmp_path / "bag.png")
+    alpha = np.full((50, 80, 1), 255, np.uint8)
+    grey_map = np.stack([np.arange(256, dtype=np.uint16) * 257] * 3)
+    index = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    tifffile.imwrite(tmp_path / "contig.tiff", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "planar.tiff", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "rgba.tiff", np.concatenate([rgb, alpha], -1), photometric="rgb",
+                     extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "rgb16.tiff", rgb.astype(np.uint16) * 257, photometric="rgb")
+    tifffile.imwrite(tmp_path / "palette.tiff", index, photometric="palette", colormap=grey_map)
+    cv2.imwrite(str(tmp_path / "opencv.tiff"), rgb[..., ::-1])
+    for name in ("contig.tiff", "planar.tiff", "rgba.tiff", "rgb16.tiff", "palette.tiff", "opencv.tiff"):
+        with pytest.warns(ScanWarning, match="grey"):
+            scan = read_scan(tmp_path / name)
+        assert scan.channels == 1, name
+        np.testing.assert_allclose(scan.attenuation, ref.attenuation, atol=1e-2, err_msg=name)  # 16-bit: unrounded grey
+        assert scan_geometry(tmp_path / name) == (scan.height, scan.width, scan.pitch_mm), name
+
+
+def test_tiff_polarity_and_colour_spaces_that_are_not_counts(tmp_path):
+    """MINISWHITE shows 0 as white, so it stores air (bright on a radiograph) low: read as it stood, air was dense
+    and a dense block air (released). It is flipped within the bit range; photometrics that are neither grey nor
+    RGB/palette are refused with their name, as are float pixels with no range to flip in."""
+    counts = make_counts(1)[0]
+    ref = read_scan(write_scan(tmp_path / "black.tiff", counts))
+    tifffile.imwrite(tmp_path / "white.tiff", 65535 - counts, photometric="miniswhite")
+    np.testing.assert_array_equal(read_scan(tmp_path / "white.tiff").attenuation, ref.attenuation)
+    tifffile.imwrite(tmp_path / "white_f.tiff", np.full((64, 64), 0.5, np.float32), photometric="miniswhite")
+    with pytest.raises(ScanError, match="white_f.tiff.*MINISWHITE"):
+        read_scan(tmp_path / "white_f.tiff")
+    tifffile.imwrite(tmp_path / "cmyk.tiff", np.zeros((64, 64, 4), np.uint8) + 9, photometric="separated")
+    with pytest.raises(ScanError, match="cmyk.tiff: SEPARATED TIFF: not grey"):
+        read_scan(tmp_path / "cmyk.tiff")
+    tifffile.imwrite(tmp_path / "two.tiff", np.zeros((2, 64, 64, 3), np.uint8) + 9, photometric="rgb")
+    with pytest.raises(ScanError, match="colour TIFF of 2 pages"):
+        read_scan(tmp_path / "two.tiff")
+
 def test_scan_warnings_from_many_threads_are_summarised_once_per_reason(tmp_path):
     import warnings
     from concurrent.futures import ThreadPoolExecutor
