@@ -42,11 +42,27 @@ class AverageBatchNormStats(L.Callback):
 
 class EpochTimer(L.Callback):
     """Wall seconds of each epoch, start to start (training, validation and hard-negative mining):
-    RUN/metrics.json `epoch_s`, to see what a layout (processes, loader workers, val_every) costs."""
+    RUN/metrics.json `epoch_s`, to see what a layout (processes, loader workers, val_every) costs; and the
+    run's whole training time (`train_time_s`). Both travel in the checkpoint, so a resumed run counts the
+    epochs and time before its checkpoint too, not only its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float | None = None) -> None:
         self.seconds: list[float] = []
         self._start: float | None = None
+        self.started = time.time() if started is None else started   # this process's start (data caching included)
+        self.spent_before = 0.0                                          # seconds of the run before a resume
+
+    def total_s(self) -> float:
+        """Seconds the run has trained, resumes included (up to each checkpoint it resumed from)."""
+        return self.spent_before + time.time() - self.started
+
+    def state_dict(self) -> dict:
+        now = [round(time.time() - self._start, 2)] if self._start is not None else []   # the epoch being saved
+        return {"seconds": self.seconds + now, "spent_s": self.total_s()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = [float(s) for s in state.get("seconds", [])]
+        self.spent_before = float(state.get("spent_s", 0.0))
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         now = time.time()

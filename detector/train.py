@@ -568,7 +568,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     # own save_last writes only when `best` is saved, so its "last" was the best epoch, not the last
     last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
-    timer = EpochTimer()
+    timer = EpochTimer(started=t0)
     callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(cfg.trainer.val_every), timer]
     if cfg.trainer.max_minutes > 0:
         callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
@@ -597,7 +597,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         _merge_logs(kept_log, out / "logs" / "metrics.csv")
         kept_log.unlink()
     best = Path(ckpt.best_model_path or out / "last.ckpt")
-    train_s = round(time.time() - t0, 1)
+    train_s = round(timer.total_s(), 1)   # a resumed run: its time before the checkpoint too
     tested = bool(cfg.trainer.test and dm.splits["test"])
     if tested:  # every rank takes part (DDP: a share of the scans each)
         # the sampler's repeated scans are dropped by index in _gather, and the checkpoint's callbacks are
