@@ -16,6 +16,7 @@ import multiprocessing as mp
 import numpy as np
 
 from detector.model import MaterialInput
+from detector.runtime import usable_cpus
 from detector.synth.dataset import scan_seed
 from detector.synth.scene import ANOMALY_TYPES
 from detector.synth.visibility import anomaly_visibility
@@ -41,7 +42,7 @@ def main() -> None:
     jobs = [(a.test_seed, 100_000 + 1000 * t + i, kind) for t, kind in enumerate(ANOMALY_TYPES)
             for i in range(a.per_type)]
     ctx = mp.get_context("fork")
-    with ctx.Pool(mp.cpu_count()) as pool:
+    with ctx.Pool(usable_cpus()) as pool:
         rows = pool.map(both, jobs)
     print(f"visibility of {a.per_type} anomalies per type (seed {a.test_seed}), material image = high - {R_MID:.3f} * low")
     for kind in ANOMALY_TYPES:

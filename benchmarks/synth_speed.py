@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from detector.runtime import usable_cpus
+
 
 def _gen(i: int) -> int:
     import cv2
@@ -34,11 +36,11 @@ def _load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=48)
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--workers", type=int, default=usable_cpus())
     a = ap.parse_args()
     if a.count < 1 or a.workers < 1:
         ap.error("--count and --workers must be >= 1")
-    print(f"{os.cpu_count()} cores, {a.workers} workers, {a.count} scans; before: {_load()}")
+    print(f"{usable_cpus()} usable cores, {a.workers} workers, {a.count} scans; before: {_load()}")
     _gen(0)                                                   # imports, caches
     t = time.perf_counter()
     px = [_gen(i) for i in range(4)]
