@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import tifffile
 
-from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, _channels_last, _check_shape, _most_scan_bytes,
-                           _sniff, _valid_pitch)
+from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, most_scan_bytes,
+                           sniff_format, valid_pitch)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
@@ -40,7 +40,8 @@ TAG_PITCH_RANGE_MM = (1.0, 20.0)  # TIFF resolution tags are trusted only in a s
 logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 
-def _png_size(data: bytes, name: str) -> tuple[int, int, int, int]:
+def png_header(data: bytes, name: str) -> tuple[int, int, int, int]:
+    """(height, width, bit depth, colour type) from a PNG's IHDR; ScanError when the header is cut short."""
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise ScanError(name, "truncated PNG header")
     w, h, depth, color = struct.unpack(">IIBB", data[16:26])
@@ -69,8 +70,8 @@ def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
 
 
 def read_png(data: bytes, name: str, max_pixels: int | None):
-    h, w, depth, color = _png_size(data, name)
-    _check_shape(name, 1, h, w, max_pixels)
+    h, w, depth, color = png_header(data, name)
+    check_shape(name, 1, h, w, max_pixels)
     if depth not in (1, 2, 4, 8, 16):
         raise ScanError(name, f"invalid PNG bit depth {depth}")
     img = _decode_image(data, name, "PNG")
@@ -101,7 +102,7 @@ def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
 
 def read_jpeg(data: bytes, name: str, max_pixels: int | None):
     h, w = _jpeg_size(data, name)
-    _check_shape(name, 1, h, w, max_pixels)
+    check_shape(name, 1, h, w, max_pixels)
     img = _decode_image(data, name, "JPEG")
     if img.shape[:2] != (h, w):
         raise ScanError(name, "corrupt JPEG (decoded size differs from header)")
@@ -202,7 +203,7 @@ def _tiff_layout(pages: list[Any], name: str, max_pixels: int | None) -> tuple[b
         c = 1
     else:
         c = n_pages * (shape[0] if planar else shape[2] if len(shape) == 3 else 1)
-    _check_shape(name, c, h, w, max_pixels)
+    check_shape(name, c, h, w, max_pixels)
     for page in pages:
         if tuple(page.shape) != shape:
             raise ScanError(name, f"TIFF pages differ in size ({page.shape} vs {shape})")
@@ -321,11 +322,11 @@ def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int
         raise ScanError(name, f"unsupported pixel type {dtype}; expected uint8 or uint16 counts (or float "
                               "transmission in [0, 1])")
     if len(shape) == 2:
-        _check_shape(name, 1, shape[0], shape[1], max_pixels)
-    elif _channels_last(shape):
-        _check_shape(name, shape[2], shape[0], shape[1], max_pixels)
+        check_shape(name, 1, shape[0], shape[1], max_pixels)
+    elif channels_last(shape):
+        check_shape(name, shape[2], shape[0], shape[1], max_pixels)
     elif len(shape) == 3:
-        _check_shape(name, shape[0], shape[1], shape[2], max_pixels)
+        check_shape(name, shape[0], shape[1], shape[2], max_pixels)
     else:
         raise ScanError(name, f"expected a 2-D image or (C, H, W) stack, got shape {shape}")
     need = f.tell() + math.prod(shape) * dtype.itemsize
@@ -368,7 +369,7 @@ def read_dicom(data: bytes, name: str, max_pixels: int | None):
         import pydicom
     except ImportError as exc:
         raise ScanError(name, "DICOM/DICOS needs pydicom: pip install 'detector[dicom]'") from exc
-    _check_inflated_size(data, name, _most_scan_bytes(max_pixels))
+    _check_inflated_size(data, name, most_scan_bytes(max_pixels))
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, force=True, defer_size=None)
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ScanError(name, "no DICOM image in it (no pixel data): not a DICOM file, or its header is truncated")
@@ -377,7 +378,7 @@ def read_dicom(data: bytes, name: str, max_pixels: int | None):
     if frames > 2:   # "40 energies/channels" said nothing of what a DICOS CT volume or a series of views is
         raise ScanError(name, f"{frames} frames (a CT volume or a series of views?); a scan has one frame per "
                               "energy, at most 2 (high, low)")
-    _check_shape(name, frames, rows, cols, max_pixels)
+    check_shape(name, frames, rows, cols, max_pixels)
     _check_dicom_pixels_are_counts(ds, name)
     arr, full_scale = _dicom_counts(_dicom_pixel_array(ds, name), ds, name)
     info: dict = {"full_scale": full_scale}
@@ -417,7 +418,7 @@ def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
     if not spacing:
         return None
     values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
-    return _valid_pitch(name, values[0]), _valid_pitch(name, values[-1])
+    return valid_pitch(name, values[0]), valid_pitch(name, values[-1])
 
 
 def _square_pixels(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np.ndarray, float]:
@@ -551,17 +552,17 @@ def scan_geometry(path: str | os.PathLike) -> tuple[int, int, float] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             size = os.path.getsize(path)
-            if size == 0 or size > _most_scan_bytes(None):
+            if size == 0 or size > most_scan_bytes(None):
                 return None
             with open(path, "rb") as f:
                 head = f.read(HEADER_BYTES)
-                kind = _sniff(head[:132], Path(name).suffix.lower())
+                kind = sniff_format(head[:132], Path(name).suffix.lower())
                 f.seek(0)
                 got = _header_geometry(kind, f, head, name, size)
             if got is None:
                 return None
             h, w, pitch = got
-            return int(h), int(w), _valid_pitch(name, DEFAULT_PITCH_MM if pitch is None else pitch)
+            return int(h), int(w), valid_pitch(name, DEFAULT_PITCH_MM if pitch is None else pitch)
     except Exception:   # whatever the header does not say plainly, the full read decides (and names the reason)
         return None
 
@@ -569,12 +570,12 @@ def scan_geometry(path: str | os.PathLike) -> tuple[int, int, float] | None:
 def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tuple[int, int, Any] | None:
     """(height, width, pitch or None for the default) of an open scan file of the sniffed `kind`, from its header."""
     if kind == "png":
-        h, w, depth, _ = _png_size(head, name)
-        _check_shape(name, 1, h, w, None)
+        h, w, depth, _ = png_header(head, name)
+        check_shape(name, 1, h, w, None)
         return (h, w, None) if depth in (1, 2, 4, 8, 16) else None
     if kind == "jpeg":
         h, w = _jpeg_size(head, name)
-        _check_shape(name, 1, h, w, None)
+        check_shape(name, 1, h, w, None)
         return h, w, None
     if kind == "tiff":
         with tifffile.TiffFile(f) as tif:
@@ -600,7 +601,7 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         if frames > 2:
             return None
-        _check_shape(name, frames, rows, cols, None)
+        check_shape(name, frames, rows, cols, None)
         _check_dicom_pixels_are_counts(ds, name)
         spacing = _dicom_spacing(ds, name)
         return (rows, cols, None) if spacing is None else _square_size(rows, cols, *spacing)
@@ -611,4 +612,4 @@ def _image_sides(shape: tuple[int, ...]) -> tuple[int, int]:
     """(height, width) of a checked 2-D, (C, H, W) or (H, W, C) pixel array shape, as scan_from_counts lays it out."""
     if len(shape) == 2:
         return shape[0], shape[1]
-    return (shape[0], shape[1]) if _channels_last(shape) else (shape[1], shape[2])
+    return (shape[0], shape[1]) if channels_last(shape) else (shape[1], shape[2])

@@ -156,9 +156,9 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         counts = counts[None]
     if counts.ndim != 3:
         raise ScanError(src, f"expected a 2-D image or (C, H, W) stack, got shape {counts.shape}")
-    if _channels_last(counts.shape):   # (H, W, 2) as many tools write a dual-energy pair
+    if channels_last(counts.shape):   # (H, W, 2) as many tools write a dual-energy pair
         counts = np.moveaxis(counts, -1, 0)
-    _check_shape(src, counts.shape[0], counts.shape[1], counts.shape[2], max_pixels)
+    check_shape(src, counts.shape[0], counts.shape[1], counts.shape[2], max_pixels)
     if not counts.dtype.isnative:      # big-endian pixels, e.g. from a FITS-minded tool or a raw dump
         counts = counts.astype(counts.dtype.newbyteorder("="))
     if counts.dtype in (np.uint8, np.uint16):
@@ -182,7 +182,7 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
     i0 = tuple(float(v) for v in np.broadcast_to(i0_arr, (counts.shape[0],)))
     if not all(math.isfinite(v) and v > 0 for v in i0):
         raise ScanError(src, f"invalid I0 {i0}")
-    pitch = _valid_pitch(src, DEFAULT_PITCH_MM if pitch_mm is None else pitch_mm)
+    pitch = valid_pitch(src, DEFAULT_PITCH_MM if pitch_mm is None else pitch_mm)
     if energies is None:
         energies = ("high", "low") if counts.shape[0] == 2 else ("single",)
     if len(energies) != counts.shape[0]:
@@ -209,20 +209,20 @@ def check_scan(scan: Scan) -> Scan:
     att = np.asarray(scan.attenuation)
     if att.ndim != 3 or att.dtype.kind != "f":
         raise ScanError(src, f"attenuation must be a float (C, H, W) array, got {att.dtype} {att.shape}")
-    _check_shape(src, *att.shape, None)
-    _valid_pitch(src, scan.pitch_mm)
+    check_shape(src, *att.shape, None)
+    valid_pitch(src, scan.pitch_mm)
     if not np.isfinite(att).all():   # ~1 ms on a 2-energy 640x2400 scan
         raise ScanError(src, "attenuation contains NaN or infinity")
     _check_not_blank(src, att if scan.counts is None else scan.counts, att, tuple(scan.i0) or (1.0,))
     return scan
 
 
-def _channels_last(shape: tuple[int, ...]) -> bool:
+def channels_last(shape: tuple[int, ...]) -> bool:
     """True for an (H, W, 1|2) stack: a channel axis last and an image's sides first."""
     return len(shape) == 3 and shape[2] in (1, 2) and shape[0] > 2 and shape[1] > 2
 
 
-def _valid_pitch(src: str, pitch_mm: Any) -> float:
+def valid_pitch(src: str, pitch_mm: Any) -> float:
     """The pixel pitch as a float; ScanError when it is not a number or outside PITCH_RANGE_MM: a negative
     or tiny pitch shrinks the scan to nothing (its threats vanish), a huge one blows it up past memory."""
     try:
@@ -252,12 +252,14 @@ def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[fl
         raise ScanError(src, f"blank scan: nothing in it attenuates the beam (every pixel is open air); {why}")
 
 
-def _most_scan_bytes(max_pixels: int | None) -> int:
+def most_scan_bytes(max_pixels: int | None) -> int:
     """The most bytes a scan within the pixel limit can take: two energies of float64, plus 16 MiB of headers."""
     return 2 * 8 * (DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels) + (16 << 20)
 
 
-def _check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> None:
+def check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> None:
+    """ScanError unless a (c, h, w) scan is one any reader may decode: 1-2 channels, sides of at least MIN_SIDE,
+    at most `max_pixels` per channel. The readers call it on the header's size, before decoding."""
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if h == 0 or w == 0 or c == 0:
         raise ScanError(src, f"zero-size image ({c}x{h}x{w})")
@@ -272,7 +274,8 @@ def _check_shape(src: str, c: int, h: int, w: int, max_pixels: int | None) -> No
 
 # ---------------------------------------------------------------- reading
 
-def _sniff(head: bytes, suffix: str) -> str:
+def sniff_format(head: bytes, suffix: str) -> str:
+    """The reader for a file from its first bytes (the suffix only for DICOM without its preamble); "unknown" else."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
@@ -298,7 +301,7 @@ def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan
     if not p.is_file():
         raise ScanError(p, "not a regular file")
     try:
-        size, most = p.stat().st_size, _most_scan_bytes(max_pixels)
+        size, most = p.stat().st_size, most_scan_bytes(max_pixels)
         if size > most:   # read whole, any big file (a video, a disk image) filled memory
             raise ScanError(p, f"file of {size / 1e6:.0f} MB, more than a scan within the pixel limit holds "
                                f"({most / 1e6:.0f} MB; set DETECTOR_MAX_PIXELS to allow)")
@@ -312,7 +315,7 @@ def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None) ->
     """Read a scan from its file bytes (`name` gives the suffix and the name in errors)."""
     if len(data) == 0:
         raise ScanError(name, "empty file (0 bytes)")
-    kind = _sniff(data[:132], Path(name).suffix.lower())
+    kind = sniff_format(data[:132], Path(name).suffix.lower())
     from detector import formats   # here, not at the top: formats takes ScanError and the shape checks from here
     readers = {"png": formats.read_png, "jpeg": formats.read_jpeg, "tiff": formats.read_tiff, "npy": formats.read_npy,
                "npz": formats.read_npz, "dicom": formats.read_dicom}

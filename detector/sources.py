@@ -10,7 +10,8 @@ from pathlib import Path
 
 from detector.manifest import read_rows
 from detector.policy import parse_flags
-from detector.scan import SCAN_SUFFIXES
+from detector.formats import png_header
+from detector.scan import SCAN_SUFFIXES, ScanError
 
 SKIP_DIRS = {"masks"}  # dataset folders keep truth masks (PNG) beside the scans
 
@@ -110,10 +111,11 @@ def _colour_png(path: Path) -> bool:
     """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
     try:
         with open(path, "rb") as f:
-            head = f.read(26)
-    except OSError:
+            head = f.read(33)
+        _, _, depth, colour = png_header(head, str(path))
+    except (OSError, ScanError):
         return False
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 8 and head[25] in (2, 6)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and depth == 8 and colour in (2, 6)
 
 
 def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
