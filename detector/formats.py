@@ -148,6 +148,10 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
             raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
     if first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
         counts = _flip_miniswhite(counts, first, name)
+    if "spacing_mm" in info:   # X and Y resolution differ: square the pixels as for DICOM
+        if channels_last(counts.shape):
+            counts = np.moveaxis(counts, -1, 0)
+        counts, info["pitch_mm"] = _square_pixels(counts, *info.pop("spacing_mm"))
     return counts, info
 
 
@@ -275,22 +279,35 @@ def _tiff_info(page: Any, name: str, warn: bool = True) -> dict:
             if d.get("energies"):
                 info["energies"] = tuple(str(e) for e in d["energies"])
     if "pitch_mm" not in info:
-        tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-        if tag is not None and unit is not None and int(unit.value) in (2, 3):
-            num, den = tag.value
-            if num and den:
-                per_unit = num / den
-                mm_per_unit = 25.4 if int(unit.value) == 2 else 10.0
-                pitch = mm_per_unit / per_unit
-                lo, hi = TAG_PITCH_RANGE_MM
-                if lo <= pitch <= hi:
-                    info["pitch_mm"] = pitch
-                elif warn:
-                    warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
-                                                    f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
-                                                    f"({lo:g}-{hi:g} mm): ignored, {DEFAULT_PITCH_MM:g} mm assumed"),
-                                  stacklevel=2)
+        col_mm = _tiff_tag_pitch(page, "XResolution", name, warn)
+        if col_mm is not None:
+            info["pitch_mm"] = col_mm
+            row_mm = _tiff_tag_pitch(page, "YResolution", name, warn=False)
+            if row_mm is not None and not math.isclose(row_mm, col_mm, rel_tol=1e-6):
+                info["spacing_mm"] = (row_mm, col_mm)   # a line scanner's pixels: squared by the reader
     return info
+
+
+def _tiff_tag_pitch(page: Any, tag_name: str, name: str, warn: bool) -> float | None:
+    """The pixel spacing in mm that a TIFF resolution tag gives, if it is in a scanner's range (warn: say when it
+    is not, and is ignored)."""
+    tag, unit = page.tags.get(tag_name), page.tags.get("ResolutionUnit")
+    if tag is None or unit is None or int(unit.value) not in (2, 3):
+        return None
+    num, den = tag.value
+    if not (num and den):
+        return None
+    per_unit = num / den
+    pitch = (25.4 if int(unit.value) == 2 else 10.0) / per_unit
+    lo, hi = TAG_PITCH_RANGE_MM
+    if lo <= pitch <= hi:
+        return pitch
+    if warn:
+        warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
+                                        f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
+                                        f"({lo:g}-{hi:g} mm): ignored, {DEFAULT_PITCH_MM:g} mm assumed"),
+                      stacklevel=3)
+    return None
 
 
 def read_npy(data: bytes, name: str, max_pixels: int | None):
@@ -581,7 +598,8 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
         with tifffile.TiffFile(f) as tif:
             pages = list(itertools.islice(tif.pages, 3))
             _, h, w = _tiff_layout(pages, name, None)
-            return h, w, _tiff_info(pages[0], name, warn=False).get("pitch_mm")
+            info = _tiff_info(pages[0], name, warn=False)
+            return _square_size(h, w, *info["spacing_mm"]) if "spacing_mm" in info else (h, w, info.get("pitch_mm"))
     if kind == "npy":
         return (*_image_sides(_check_npy_header(f, name, None, size)), None)
     if kind == "npz":

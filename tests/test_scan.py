@@ -569,6 +569,30 @@ def test_the_header_tells_the_size_and_pitch_the_read_scan_has(tmp_path):
         assert scan_geometry(tmp_path / name) is None, name
 
 
+
+def test_tiff_with_unequal_x_and_y_resolution_is_squared_like_dicom(tmp_path):
+    """A line scanner's pixels are often not square (the column pitch follows the truck's speed). DICOM squared
+    them; a TIFF took its X resolution for both axes, so a truck and its threats came out up to several times too
+    long or short. Now its finer axis is area-averaged to the coarser pitch as for DICOM, for one page and for an
+    (H, W, 2) dual-energy page alike, and the header alone (scan_geometry) gives the same size."""
+    from detector.formats import scan_geometry
+    pytest.importorskip("pydicom")
+    counts = make_counts(2)
+    rows_mm, cols_mm = 5.0, 2.5    # XResolution is across the columns, YResolution down the rows
+    tags = dict(photometric="minisblack", resolution=(10 / cols_mm, 10 / rows_mm), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "one.tiff", counts[0], **tags)
+    tifffile.imwrite(tmp_path / "hw2.tiff", np.moveaxis(counts, 0, -1), planarconfig="contig", **tags)
+    (tmp_path / "one.dcm").write_bytes(dicom_bytes(counts[0], ImagerPixelSpacing=[rows_mm, cols_mm]))
+    ref = read_scan(tmp_path / "one.dcm")
+    one, dual = read_scan(tmp_path / "one.tiff"), read_scan(tmp_path / "hw2.tiff")
+    assert ref.pitch_mm == one.pitch_mm == dual.pitch_mm == 5.0
+    h, w = counts.shape[1:]
+    assert one.attenuation.shape == (1, h, w // 2) and dual.attenuation.shape == (2, h, w // 2)
+    np.testing.assert_allclose(one.attenuation, ref.attenuation, atol=1e-6)
+    np.testing.assert_allclose(dual.attenuation[:1], ref.attenuation, atol=1e-6)
+    for scan, name in ((one, "one.tiff"), (dual, "hw2.tiff")):
+        assert scan_geometry(tmp_path / name) == (scan.height, scan.width, scan.pitch_mm)
+
 # ---------------------------------------------------------------- metadata a station must not trust blindly
 
 def _tiff_with_description(path, counts: np.ndarray, detector: dict, **kw) -> None:
