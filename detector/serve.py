@@ -541,8 +541,12 @@ def create_app(svc: Service) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        body = {"ready": svc.ready, "model_sha256": svc.model_sha256, "tiers": svc.policy.thresholds}
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness for anyone (orchestrators probe without a token); the thresholds for an authorised caller
+        only: knowing them helps tune a concealment to score just under them."""
+        body: dict[str, Any] = {"ready": svc.ready, "model_sha256": svc.model_sha256}
+        if svc.authorised(request):
+            body["tiers"] = svc.policy.thresholds
         return JSONResponse(body, status_code=200 if svc.ready else 503)
 
     @app.get("/metrics")

@@ -594,3 +594,27 @@ def test_kill9_while_the_audit_db_is_locked_keeps_the_answered_row(heuristic_mod
     rows = db.execute("SELECT request_id, decision, reason FROM verdicts").fetchall()
     db.close()
     assert rows == [(v["request_id"], "INSPECT", v["reason"])]
+
+
+def test_readyz_shows_thresholds_only_to_an_authorised_caller(tmp_path):
+    # exact thresholds tell a smuggler how far under them to tune a load; orchestrators probe without a token
+    from detector.serve import create_app
+
+    async def readyz(svc, headers=None) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+            return await c.get("/readyz", headers=headers or {})
+
+    svc = _service(tmp_path, _FakeInspector(), token=TOKEN)
+    for headers in (None, {"Authorization": "Bearer wrong"}):
+        r = asyncio.run(readyz(svc, headers))
+        assert r.status_code == 200 and r.json() == {"ready": True, "model_sha256": "f" * 64}
+    r = asyncio.run(readyz(svc, {"Authorization": f"Bearer {TOKEN}"}))
+    assert r.status_code == 200 and r.json()["tiers"] == svc.policy.thresholds
+    svc.ready = False
+    r = asyncio.run(readyz(svc))
+    assert r.status_code == 503 and r.json() == {"ready": False, "model_sha256": "f" * 64}
+    svc.close()
+    open_svc = _service(tmp_path / "b", _FakeInspector())   # no token configured: as before
+    r = asyncio.run(readyz(open_svc))
+    assert r.status_code == 200 and r.json()["tiers"] == open_svc.policy.thresholds
+    open_svc.close()
