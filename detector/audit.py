@@ -140,12 +140,14 @@ class AuditLog:
         if rows is None:
             return []
         left: list[dict[str, Any]] = []
+        stored = 0
         for n, row in rows:
             if left:
                 left.append(row)
                 continue
             try:
                 self.write(row, wait_s=REPLAY_WAIT_S, replay=True)
+                stored += 1
             except sqlite3.OperationalError:   # still locked: the service's retry commits it
                 left.append(row)
             except (sqlite3.Error, ValueError, TypeError) as e:   # would fail every time: say so, keep going
@@ -156,7 +158,7 @@ class AuditLog:
         except OSError as e:   # committed rows stay in it; the next replay skips them
             print(f"detector audit: {self.spool}: cannot rewrite the spool ({e})", file=sys.stderr, flush=True)
         if rows:
-            print(f"detector audit: {len(rows) - len(left)} deferred rows from {self.spool} replayed into {self.path}"
+            print(f"detector audit: {stored} deferred rows from {self.spool} now in {self.path}"
                   + (f", {len(left)} still pending (database locked)" if left else ""), file=sys.stderr, flush=True)
         return left
 
