@@ -3,13 +3,17 @@
 Every verdict the service answers is committed here before the answer leaves, so after a crash or
 power loss each answered request has its row. WAL keeps readers (the export) off the writer's back.
 The one exception: a database locked by another writer past the request's deadline. The truck is then
-answered INSPECT at once and its row (saying so) is queued in memory and retried until written; it is
-also logged to stderr in full, the only copy if the service dies first (see serve.Service._audit).
+answered INSPECT at once, and its row (saying so) is first appended, fsync'ed, to the spool beside the
+database (`<audit>.pending.jsonl`, JSON lines), then retried until committed (see serve.Service._audit).
+The spool is rewritten to hold only rows not yet committed; opening the log commits what an earlier run
+left in it (by request_id, so a row committed just before a crash is not stored twice). Where the spool
+cannot be written either (disk full), the row is kept in memory and logged to stderr in full.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sqlite3
 import sys
 import threading
@@ -21,6 +25,8 @@ COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "fil
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
            "latency_ms", "risk_flags")
 BUSY_TIMEOUT_S = 30   # how long a write waits for a lock held by another connection, unless told otherwise
+SPOOL_SUFFIX = ".pending.jsonl"   # beside the database: rows answered but not yet committed
+REPLAY_WAIT_S = 1.0   # at open, how long replaying the spool waits for a locked database (the rest stays spooled)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -60,16 +66,21 @@ class AuditLog:
             raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL journal (got {mode})")
         self._db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: a row answered is a row kept
         self._db.executescript(_SCHEMA)
+        self.spool = Path(f"{self.path}{SPOOL_SUFFIX}")
+        self.recovered: list[dict] = self._replay_spool()   # spooled rows still not committed (database locked)
 
-    def write(self, record: dict[str, Any], wait_s: float | None = None) -> None:
+    def write(self, record: dict[str, Any], wait_s: float | None = None, replay: bool = False) -> None:
         """Insert one verdict and commit (durable on return). A database locked by another connection is
-        waited for up to `wait_s` (default BUSY_TIMEOUT_S), then sqlite3.OperationalError("database is locked")."""
+        waited for up to `wait_s` (default BUSY_TIMEOUT_S), then sqlite3.OperationalError("database is locked").
+        `replay`: a deferred row that may already be stored (committed before a crash) is skipped, not an error."""
         row = dict(record)
         row.setdefault("time", utc_now())
         if not isinstance(row.get("risk_flags"), (str, type(None))):
             row["risk_flags"] = json.dumps(list(row["risk_flags"]))
         values = [row.get(c) for c in COLUMNS]
         sql = f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        if replay:   # not OR IGNORE: that would also drop a row breaking NOT NULL, silently
+            sql += " ON CONFLICT(request_id) DO NOTHING"
         with self._lock:
             if wait_s is not None:
                 self._db.execute(f"PRAGMA busy_timeout={max(0, int(wait_s * 1000))}")
@@ -86,6 +97,97 @@ class AuditLog:
                 if wait_s is not None:
                     self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
 
+    def spool_append(self, record: dict[str, Any]) -> None:
+        """Append a row not yet committed to the spool and fsync it (durable on return); OSError if it cannot be."""
+        line = (json.dumps(record) + "\n").encode()
+        with self._lock:
+            fd = os.open(self.spool, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.fstat(fd).st_size
+                if start and os.pread(fd, 1, start - 1) != b"\n":   # a half line left by a failed rewrite
+                    line = b"\n" + line
+                try:
+                    _write_all(fd, line)
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)   # no half row for the next append to run into
+                    raise
+            finally:
+                os.close(fd)
+            _fsync_dir(self.spool.parent)   # the spool's name, when this append created it
+
+    def spool_rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Make the spool hold exactly `records` (atomically; removed when empty); OSError if it cannot be."""
+        tmp = self.spool.with_name(self.spool.name + ".tmp")
+        with self._lock:
+            try:
+                if records:
+                    with open(tmp, "wb") as f:
+                        f.write("".join(json.dumps(r) + "\n" for r in records).encode())
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.spool)
+                else:
+                    self.spool.unlink(missing_ok=True)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(self.spool.parent)
+
+    def _replay_spool(self) -> list[dict[str, Any]]:
+        """Commit the rows an earlier run left in the spool, oldest first; returns those the still locked
+        database refused (they stay spooled). Unreadable lines and rows are reported on stderr and dropped."""
+        rows = self._read_spool()
+        if rows is None:
+            return []
+        left: list[dict[str, Any]] = []
+        stored = 0
+        for n, row in rows:
+            if left:
+                left.append(row)
+                continue
+            try:
+                self.write(row, wait_s=REPLAY_WAIT_S, replay=True)
+                stored += 1
+            except sqlite3.OperationalError:   # still locked: the service's retry commits it
+                left.append(row)
+            except (sqlite3.Error, ValueError, TypeError) as e:   # would fail every time: say so, keep going
+                print(f"detector audit: {self.spool}: line {n}: row not stored ({e}): {json.dumps(row)}",
+                      file=sys.stderr, flush=True)
+        try:
+            self.spool_rewrite(left)
+        except OSError as e:   # committed rows stay in it; the next replay skips them
+            print(f"detector audit: {self.spool}: cannot rewrite the spool ({e})", file=sys.stderr, flush=True)
+        if rows:
+            print(f"detector audit: {stored} deferred rows from {self.spool} now in {self.path}"
+                  + (f", {len(left)} still pending (database locked)" if left else ""), file=sys.stderr, flush=True)
+        return left
+
+    def _read_spool(self) -> list[tuple[int, dict[str, Any]]] | None:
+        """The spool's rows with their line numbers; None when there is no spool or it cannot be read
+        (it is then left as it is). A bad line (half written when the service died) is reported and skipped."""
+        try:
+            lines = self.spool.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            print(f"detector audit: {self.spool}: cannot read the spool of deferred rows ({e}); left as it is",
+                  file=sys.stderr, flush=True)
+            return None
+        rows = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("ascii"))   # json.dumps writes ASCII: any other byte is damage
+                if not isinstance(row, dict) or not isinstance(row.get("request_id"), str):
+                    raise ValueError("not a row with a request_id")
+            except ValueError as e:
+                print(f"detector audit: {self.spool}: line {n} unreadable ({e}), skipped: "
+                      f"{line.decode('ascii', 'backslashreplace')!r}", file=sys.stderr, flush=True)
+                continue
+            rows.append((n, row))
+        return rows
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
@@ -100,7 +202,7 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
     audit, out = Path(audit), Path(out)
     if not audit.is_file():
         raise FileNotFoundError(f"{audit}: no audit database (run `detector serve` first, or pass --audit)")
-    if any(_same_file(out, Path(f"{audit}{end}")) for end in ("", "-wal", "-shm", "-journal")):
+    if any(_same_file(out, Path(f"{audit}{end}")) for end in ("", "-wal", "-shm", "-journal", SPOOL_SUFFIX)):
         # opening --out for writing would truncate the log of every verdict before a row is read
         raise FileExistsError(f"{out}: is the audit database itself; give --out a new .csv path")
     db = sqlite3.connect(str(audit), timeout=30)
@@ -120,6 +222,22 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
         return n
     finally:
         db.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a nearly full disk may take part of it, then refuse)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so a file created, replaced or removed in it stays so after a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -147,7 +147,9 @@ class Service:
         self.slots = asyncio.Semaphore(max(1, cfg.concurrency))
         self.pool = ThreadPoolExecutor(max(1, cfg.concurrency), thread_name_prefix="infer")
         self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")  # one writer, off the loop
-        self.audit_backlog: deque[dict] = deque()   # rows answered but not yet committed, oldest first
+        # rows answered but not yet committed, oldest first (also in the audit log's spool); changed only in the
+        # audit thread, the spool's one writer, so the spool rewritten from it never misses a row just deferred
+        self.audit_backlog: deque[dict] = deque(audit.recovered)
 
     def warm(self) -> None:
         """Run a scan-sized dummy through the full path so the first truck pays no start-up cost."""
@@ -304,48 +306,74 @@ class Service:
 
         A database locked by another connection is waited for until the deadline (at least AUDIT_MIN_WAIT_S),
         not sqlite's 30 s busy timeout: past it the truck is routed to INSPECT at once and the row, amended to
-        say so, is queued and retried until written (detector_audit_pending), and logged to stderr in full."""
+        say so, is spooled beside the database (fsync'ed, so a kill cannot lose it), logged to stderr in full,
+        and retried until written (detector_audit_pending)."""
         wait_s = max(AUDIT_MIN_WAIT_S, self.cfg.deadline_ms / 1000.0 - (time.perf_counter() - t0))
         until = time.monotonic() + wait_s   # absolute: a write queued behind another one starts late
-        rid = record["request_id"]
         try:
-            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._write_until, record, until)
+            why = await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._write_until, record, until)
+        except Exception as e:   # the row itself cannot be stored (counted and logged in full by _lost)
+            return f"audit write failed ({e})"
+        if why:
+            self.metrics.audit_deferred += 1
+        return why
+
+    def _write_until(self, record: dict, until: float) -> str | None:
+        """In the audit thread: commit one row, waiting for a lock no later than `until` (monotonic); None when
+        committed, else why not (the row, amended to say so, is then deferred)."""
+        try:
+            self.audit.write(record, wait_s=max(0.0, until - time.monotonic()))
             return None
         except sqlite3.OperationalError as e:   # locked, busy, disk full or I/O: worth retrying
             why = f"audit log unavailable ({e}): verdict queued for the audit log"
             record.update(decision="INSPECT", reason=f"{record['reason']}; {why}")
-            self.audit_backlog.append(record)
-            self.metrics.audit_deferred += 1
-            print(f"detector serve: audit row for {rid} not committed within the deadline ({e}); answered INSPECT, "
-                  f"row queued for retry: {json.dumps(record)}", file=sys.stderr, flush=True)
+            self._defer(record, e)
             return why
-        except Exception as e:   # the row itself cannot be stored (counted and logged in full by _lost)
-            return f"audit write failed ({e})"
-
-    def _write_until(self, record: dict, until: float) -> None:
-        """In the audit thread: commit one row, waiting for a lock no later than `until` (monotonic)."""
-        try:
-            self.audit.write(record, wait_s=max(0.0, until - time.monotonic()))
-        except sqlite3.OperationalError:
-            raise
         except Exception as e:
             self._lost(record, e)
             raise
 
+    def _defer(self, record: dict, e: Exception) -> None:
+        """In the audit thread: spool the row (durable before its answer leaves) and queue it for retry; a spool
+        that cannot be written (disk full) leaves the row in memory and on stderr only."""
+        try:
+            self.audit.spool_append(record)
+            kept = f"row spooled to {self.audit.spool} and queued for retry"
+        except Exception as se:
+            kept = f"row NOT spooled ({self.audit.spool}: {se}), queued for retry in memory only"
+        self.audit_backlog.append(record)
+        print(f"detector serve: audit row for {record['request_id']} not committed within the deadline ({e}); "
+              f"answered INSPECT, {kept}: {json.dumps(record)}", file=sys.stderr, flush=True)
+
     def _flush_backlog(self, wait_s: float) -> None:
-        """In the audit thread: commit queued rows oldest first until the database refuses (still locked)."""
+        """In the audit thread: commit queued rows oldest first until the database refuses (still locked), then
+        rewrite the spool to the rows still queued."""
+        done = 0
         while self.audit_backlog:
             record = self.audit_backlog[0]
             try:
-                self.audit.write(record, wait_s=wait_s)
+                self.audit.write(record, wait_s=wait_s, replay=True)
             except sqlite3.OperationalError:
-                return
+                break
             except Exception as e:
                 self._lost(record, e)
             else:
                 print(f"detector serve: queued audit row for {record['request_id']} written", file=sys.stderr,
                       flush=True)
             self.audit_backlog.popleft()
+            done += 1
+        if done:
+            self._respool()
+
+    def _respool(self) -> bool:
+        """Rewrite the spool to hold exactly the queued rows; False (said on stderr) when it cannot be."""
+        try:
+            self.audit.spool_rewrite(list(self.audit_backlog))
+            return True
+        except OSError as e:   # committed rows left in it are skipped when it is replayed
+            print(f"detector serve: cannot rewrite the audit spool {self.audit.spool} ({e}); "
+                  f"{len(self.audit_backlog)} rows still queued", file=sys.stderr, flush=True)
+            return False
 
     def _lost(self, record: dict, e: Exception) -> None:
         """A row that will never be stored: count it, and log it whole (then stderr holds the only copy)."""
@@ -367,6 +395,7 @@ class Service:
     def summary(self) -> str:
         m = self.metrics
         lost = f", {m.audit_failures} audit rows NOT stored (see stderr)" if m.audit_failures else ""
+        lost += f", {len(self.audit_backlog)} in {self.audit.spool} until the next start" if self.audit_backlog else ""
         return (f"served {m.latency_count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
                 f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}) -> audit {self.cfg.audit}")
 
@@ -380,12 +409,17 @@ class Service:
                 await asyncio.get_running_loop().run_in_executor(self.audit_pool, _trim_heap)
 
     def close(self) -> None:
-        """Finish running work, give queued audit rows a last chance, then log any left as not stored."""
+        """Finish running work, give queued audit rows a last chance, then leave any still locked out in the
+        spool (committed at the next start), or log them as not stored where it cannot be written."""
         self.pool.shutdown(wait=True)
         self.audit_pool.shutdown(wait=True)
         self._flush_backlog(AUDIT_CLOSE_WAIT_S)
-        while self.audit_backlog:
-            self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))
+        if self.audit_backlog and self._respool():
+            print(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
+                  f"kept in {self.audit.spool}; the next start commits them", file=sys.stderr, flush=True)
+        elif self.audit_backlog:
+            while self.audit_backlog:
+                self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))
         self.audit.close()
 
 
@@ -507,8 +541,12 @@ def create_app(svc: Service) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        body = {"ready": svc.ready, "model_sha256": svc.model_sha256, "tiers": svc.policy.thresholds}
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness for anyone (orchestrators probe without a token); the thresholds for an authorised caller
+        only: knowing them helps tune a concealment to score just under them."""
+        body: dict[str, Any] = {"ready": svc.ready, "model_sha256": svc.model_sha256}
+        if svc.authorised(request):
+            body["tiers"] = svc.policy.thresholds
         return JSONResponse(body, status_code=200 if svc.ready else 503)
 
     @app.get("/metrics")

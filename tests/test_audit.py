@@ -1,5 +1,6 @@
 """Audit log: durable WAL settings, one row per verdict, CSV export with --since."""
 import csv
+import json
 import sqlite3
 from argparse import Namespace
 
@@ -68,7 +69,7 @@ def test_parse_time():
 def test_export_never_overwrites_the_log(log, tmp_path, monkeypatch, capsys):
     # `--out audit.sqlite` truncated the database to a CSV header: every verdict's record gone
     monkeypatch.chdir(tmp_path)
-    for out in ("audit.sqlite", "./sub/../audit.sqlite", "audit.sqlite-wal"):
+    for out in ("audit.sqlite", "./sub/../audit.sqlite", "audit.sqlite-wal", "audit.sqlite.pending.jsonl"):
         (tmp_path / "sub").mkdir(exist_ok=True)
         assert audit.main(Namespace(action="export", audit="audit.sqlite", since=None, out=out)) == 2
         assert "is the audit database itself" in capsys.readouterr().err
@@ -76,3 +77,23 @@ def test_export_never_overwrites_the_log(log, tmp_path, monkeypatch, capsys):
     with pytest.raises(FileExistsError):
         export_csv(log.path, tmp_path / "link.csv")
     assert log.count() == 3 and export_csv(log.path, tmp_path / "ok.csv") == 3
+
+
+def test_spool_with_a_truncated_last_line_is_replayed(tmp_path, capsys):
+    # a crash in the middle of appending a deferred row left half a line; the service must still start
+    db = tmp_path / "audit.sqlite"
+    spool = tmp_path / "audit.sqlite.pending.jsonl"
+    good = [_row("s1", "2026-11-01T08:00:00.000+00:00", "INSPECT"), _row("s2", "2026-11-01T08:00:01.000+00:00")]
+    spool.write_text("".join(json.dumps(r) + "\n" for r in good) + json.dumps(_row("s3", "x"))[:40])
+    log = AuditLog(db)
+    try:
+        assert log.count() == 2 and log.recovered == []
+        assert [r[0] for r in log._db.execute("SELECT request_id FROM verdicts ORDER BY id")] == ["s1", "s2"]
+    finally:
+        log.close()
+    err = capsys.readouterr().err
+    assert f"{spool}: line 3" in err and '"request_id": "s3"' in err
+    assert not spool.exists()
+    again = AuditLog(db)   # nothing replayed twice
+    assert again.count() == 2
+    again.close()

@@ -487,3 +487,134 @@ def test_deadline_holds_past_an_uninterruptible_stage_on_a_big_upload(tmp_path):
                      (v["request_id"],)).fetchone()
     db.close()
     assert row == ("INSPECT", len(data), hashlib.sha256(data).hexdigest()) and slot_freed
+
+
+def _spooled(db: Path) -> list[dict]:
+    """The rows in the audit database's spool of deferred rows ([] when there is none)."""
+    spool = Path(f"{db}.pending.jsonl")
+    return [json.loads(line) for line in spool.read_text().splitlines()] if spool.exists() else []
+
+
+def _answer_while_locked(svc, db: Path) -> dict:
+    """One request answered while another connection holds the audit database's write lock."""
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        return asyncio.run(asyncio.wait_for(_burst(svc, 1), 10))[0].json()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_deferred_row_is_spooled_before_the_answer_and_unspooled_once_committed(tmp_path):
+    # the row queued behind a locked database lived in memory only: a kill before the retry lost it
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    v = _answer_while_locked(svc, db)
+    assert v["decision"] == "INSPECT" and "database is locked" in v["reason"]
+    spooled = _spooled(db)
+    assert [(r["request_id"], r["decision"], r["reason"]) for r in spooled] == [(v["request_id"], "INSPECT",
+                                                                                  v["reason"])]
+    assert "detector_audit_pending 1" in svc.metrics.render(svc)
+    asyncio.run(svc.flush_audit())   # the retry task, now that the lock is gone
+    assert svc.audit.count() == 1 and not svc.audit_backlog and _spooled(db) == []
+    assert "detector_audit_pending 0" in svc.metrics.render(svc)
+    svc.close()
+
+
+def test_spooled_row_is_committed_once_at_restart(tmp_path):
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    v = _answer_while_locked(svc, db)
+    spool_text = Path(f"{db}.pending.jsonl").read_text()
+    svc.audit.close()   # killed: no retry, no shutdown flush
+    again = _service(tmp_path, _FakeInspector(score=0.2))
+    rows = again.audit._db.execute("SELECT request_id, decision, reason FROM verdicts").fetchall()
+    assert rows == [(v["request_id"], "INSPECT", v["reason"])] and not again.audit_backlog and _spooled(db) == []
+    again.close()
+    # killed after the retry committed the row but before the spool was rewritten: replayed, not duplicated
+    Path(f"{db}.pending.jsonl").write_text(spool_text)
+    third = _service(tmp_path, _FakeInspector(score=0.2))
+    assert third.audit.count() == 1 and third.metrics.audit_failures == 0 and _spooled(db) == []
+    third.close()
+
+
+def test_spool_left_while_the_database_is_still_locked_is_retried(tmp_path):
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    rid = _answer_while_locked(svc, db)["request_id"]
+    svc.audit.close()
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:   # the service starts anyway; the row stays spooled and queued for the retry task
+        again = _service(tmp_path, _FakeInspector(score=0.2))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [r["request_id"] for r in again.audit_backlog] == [rid] and len(_spooled(db)) == 1
+    asyncio.run(again.flush_audit())
+    assert again.audit.count() == 1 and _spooled(db) == []
+    again.close()
+
+
+def test_unwritable_spool_keeps_the_row_in_memory(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+
+    def disk_full(record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(svc.audit, "spool_append", disk_full)
+    v = _answer_while_locked(svc, db)
+    assert v["decision"] == "INSPECT" and len(svc.audit_backlog) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "memory only" in err and v["request_id"] in err
+    asyncio.run(svc.flush_audit())
+    assert svc.audit.count() == 1 and not svc.audit_backlog
+    svc.close()
+
+
+def test_kill9_while_the_audit_db_is_locked_keeps_the_answered_row(heuristic_model, normal_scan_path, tmp_path):
+    srv = Server(heuristic_model, tmp_path, "--deadline-ms", "300")
+    other = sqlite3.connect(str(srv.audit), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")   # a backup holding the write lock
+    try:
+        v = httpx.post(srv.url + "/v1/inspect", files={"scan": ("n.tiff", normal_scan_path.read_bytes())},
+                       timeout=10).json()
+        assert v["decision"] == "INSPECT" and "database is locked" in v["reason"]
+        srv.proc.kill()   # SIGKILL before the lock is gone: the retry never ran
+        srv.proc.wait()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        srv.stop()
+    again = Server(heuristic_model, tmp_path, "--deadline-ms", "300")
+    again.stop()
+    db = sqlite3.connect(str(srv.audit))
+    rows = db.execute("SELECT request_id, decision, reason FROM verdicts").fetchall()
+    db.close()
+    assert rows == [(v["request_id"], "INSPECT", v["reason"])]
+
+
+def test_readyz_shows_thresholds_only_to_an_authorised_caller(tmp_path):
+    # exact thresholds tell a smuggler how far under them to tune a load; orchestrators probe without a token
+    from detector.serve import create_app
+
+    async def readyz(svc, headers=None) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+            return await c.get("/readyz", headers=headers or {})
+
+    svc = _service(tmp_path, _FakeInspector(), token=TOKEN)
+    for headers in (None, {"Authorization": "Bearer wrong"}):
+        r = asyncio.run(readyz(svc, headers))
+        assert r.status_code == 200 and r.json() == {"ready": True, "model_sha256": "f" * 64}
+    r = asyncio.run(readyz(svc, {"Authorization": f"Bearer {TOKEN}"}))
+    assert r.status_code == 200 and r.json()["tiers"] == svc.policy.thresholds
+    svc.ready = False
+    r = asyncio.run(readyz(svc))
+    assert r.status_code == 503 and r.json() == {"ready": False, "model_sha256": "f" * 64}
+    svc.close()
+    open_svc = _service(tmp_path / "b", _FakeInspector())   # no token configured: as before
+    r = asyncio.run(readyz(open_svc))
+    assert r.status_code == 200 and r.json()["tiers"] == open_svc.policy.thresholds
+    open_svc.close()
