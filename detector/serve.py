@@ -37,6 +37,7 @@ from detector.audit import AuditLog, utc_now
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 TOKEN_ENV = "DETECTOR_TOKEN"
 FORM_FIELDS = ("scan", "meta")
 META_KEYS = ("vehicle_id", "container_id", "tier", "risk_flags")
@@ -85,17 +86,27 @@ class Metrics:
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     latency_sum: float = 0.0
     latency_count: int = 0
+    # the scores of the scans scored (not the failures): against the bundle's normal scores they show a site's
+    # traffic or scanner drifting away from what the thresholds were set on
+    score_buckets: list[int] = field(default_factory=lambda: [0] * len(SCORE_BUCKETS))
+    score_sum: float = 0.0
+    score_count: int = 0
 
     def request(self, code: int) -> None:
         self.by_status[str(code)] = self.by_status.get(str(code), 0) + 1
 
-    def verdict(self, decision: str, error: bool, seconds: float) -> None:
+    def verdict(self, decision: str, error: bool, seconds: float, score: float | None = None) -> None:
         self.decisions[decision] = self.decisions.get(decision, 0) + 1
         self.errors += bool(error)
         for i, b in enumerate(LATENCY_BUCKETS):
             self.buckets[i] += seconds <= b
         self.latency_sum += seconds
         self.latency_count += 1
+        if score is not None:
+            for i, b in enumerate(SCORE_BUCKETS):
+                self.score_buckets[i] += score <= b
+            self.score_sum += score
+            self.score_count += 1
 
     def render(self, svc: "Service") -> str:
         esc = lambda s: str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")  # noqa: E731
@@ -121,6 +132,12 @@ class Metrics:
         out += [f'detector_inspect_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
                 f"detector_inspect_latency_seconds_sum {self.latency_sum:.6f}",
                 f"detector_inspect_latency_seconds_count {self.latency_count}",
+                "# HELP detector_score Model scores of the scans scored (failures left out): their drift from the "
+                "bundle's normal validation scores shows traffic or a scanner unlike the one the thresholds were set on.",
+                "# TYPE detector_score histogram"]
+        out += [f'detector_score_bucket{{le="{b:g}"}} {n}' for b, n in zip(SCORE_BUCKETS, self.score_buckets)]
+        out += [f'detector_score_bucket{{le="+Inf"}} {self.score_count}',
+                f"detector_score_sum {self.score_sum:.6f}", f"detector_score_count {self.score_count}",
                 "# HELP detector_queue_requests Requests admitted and not yet answered (queued + running).",
                 "# TYPE detector_queue_requests gauge", f"detector_queue_requests {svc.admitted}",
                 "# HELP detector_ready 1 when the model is loaded and warmed.",
@@ -298,7 +315,7 @@ class Service:
         if why:   # no RELEASE leaves without its committed row
             body.update(decision="INSPECT", reason=f"{reason}; {why}")
         self.metrics.request(200)
-        self.metrics.verdict(body["decision"], bool(error), latency_ms / 1000.0)
+        self.metrics.verdict(body["decision"], bool(error), latency_ms / 1000.0, None if error else score)
         return JSONResponse(body, headers={"X-Request-ID": rid})
 
     async def _audit(self, record: dict, t0: float) -> str | None:

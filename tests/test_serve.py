@@ -195,12 +195,30 @@ def test_oversized_upload_413(server):
     assert r.status_code == 413
 
 
+def _score_histogram(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in text.splitlines() if ln.startswith("detector_score"))}
+
+
 def test_metrics_and_audit_rows(server, normal_scan_path, tmp_path):
-    rid = _post(server, normal_scan_path, {"vehicle_id": "V-77"}).json()["request_id"]
+    from detector.serve import SCORE_BUCKETS
+    before = _score_histogram(server)
+    answer = _post(server, normal_scan_path, {"vehicle_id": "V-77"}).json()
+    rid = answer["request_id"]
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
     for name in ("detector_requests_total", 'detector_decisions_total{decision="RELEASE"}', "detector_errors_total",
                  "detector_inspect_latency_seconds_bucket", "detector_model_info{sha256="):
         assert name in text
+    # the score histogram (a site's drift): this scan added one to every bucket at or above its score, none below
+    after = _score_histogram(server)
+    added = {k: after[k] - before[k] for k in after}
+    assert added["detector_score_count"] == added['detector_score_bucket{le="+Inf"}'] == 1
+    assert abs(added["detector_score_sum"] - answer["score"]) < 1e-5
+    assert [added[f'detector_score_bucket{{le="{b:g}"}}'] for b in SCORE_BUCKETS] == \
+           [float(b >= answer["score"]) for b in SCORE_BUCKETS]
+    (tmp_path / "cut.tiff").write_bytes(normal_scan_path.read_bytes()[:300])   # a failure has no score to count
+    assert _post(server, tmp_path / "cut.tiff", {}).json()["decision"] == "INSPECT"
+    assert _score_histogram(server) == after
     out = tmp_path / "audit.csv"
     res = subprocess.run([sys.executable, "-m", "detector.cli", "audit", "export", "--audit", str(server.audit),
                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
