@@ -50,24 +50,42 @@ def done_paths(out: Path) -> set[str]:
 def drop_failed_rows(out: Path, jsonl: Path | None = None) -> int:
     """Remove the failed rows (non-empty error) from a results CSV, and their lines from its JSON lines, so
     that a resumed run scores those files again (a scan still being copied, a share that was down); returns
-    how many. Each file is rewritten to a temporary one and swapped in: a crash leaves the old one whole."""
-    rows = _result_rows(out)
-    failed = {r[0] for r in rows if r[-1]}
-    if not failed:
-        return 0
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerows(r for r in rows if r[0] not in failed)
-    os.replace(tmp, out)
-    if jsonl is not None and jsonl.is_file():
-        lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = [ln for ln in lines if _jsonl_path(ln) not in failed]
-        tmp = jsonl.with_name(jsonl.name + ".tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, jsonl)
+    how many."""
+    failed = {r[0] for r in _result_rows(out) if r[-1]}
+    _drop_paths(out, jsonl, failed, failed)
     return len(failed)
+
+
+def match_jsonl(out: Path, jsonl: Path) -> int:
+    """Make a results CSV and its JSON lines hold the same files before a resume. A run killed between a file's
+    row and its line left the row without the line, and resuming never wrote it: such rows are removed (the files
+    are scored again), as are lines without a row; returns how many rows. A JSON lines file that does not exist
+    yet (--jsonl first given on a resume) is left to hold the files scored from now on."""
+    if not (out.is_file() and jsonl.is_file() and jsonl.stat().st_size):
+        return 0
+    _cut_partial_line(jsonl)
+    in_csv = {r[0] for r in _result_rows(out)}
+    in_jsonl = {_jsonl_path(ln) for ln in jsonl.read_text(encoding="utf-8").splitlines()}
+    _drop_paths(out, jsonl, in_csv - in_jsonl, in_jsonl - in_csv)
+    return len(in_csv - in_jsonl)
+
+
+def _drop_paths(out: Path, jsonl: Path | None, rows: set, lines: set) -> None:
+    """Remove the CSV rows of the paths in `rows` and the JSON lines of those in `lines`. Each file is rewritten
+    to a temporary one and swapped in: a crash leaves the old one whole."""
+    if rows:
+        kept = [r for r in _result_rows(out) if r[0] not in rows]
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            w.writerows(kept)
+        os.replace(tmp, out)
+    if lines and jsonl is not None and jsonl.is_file():
+        text = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+        tmp = jsonl.with_name(jsonl.name + ".tmp")
+        tmp.write_text("".join(ln for ln in text if _jsonl_path(ln) not in lines), encoding="utf-8")
+        os.replace(tmp, jsonl)
 
 
 def routing_file(out: Path) -> Path:
@@ -418,18 +436,20 @@ def main(args) -> int:
 def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict) -> int:
     """main's part under the results lock: resume, score, summarise."""
     from detector.runtime import usable_cpus
+    jsonl = Path(args.jsonl) if args.jsonl else None
     if getattr(args, "no_resume", False):
-        for p in (out, Path(args.jsonl) if args.jsonl else None, routing_file(out)):
+        for p in (out, jsonl, routing_file(out)):
             if p and p.exists():
                 p.unlink()
     try:
         check_same_routing(out, routing)
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
+            unmatched = match_jsonl(out, jsonl) if jsonl is not None else 0
+            if unmatched:
+                print(f"scoring {unmatched} file(s) again: their rows in {out} have no line in {jsonl} (a run "
+                      "stopped between the two)", file=sys.stderr)
         if getattr(args, "retry_failed", False):
-            jsonl = Path(args.jsonl) if args.jsonl else None
-            if jsonl is not None and jsonl.is_file():
-                _cut_partial_line(jsonl)
             retried = drop_failed_rows(out, jsonl)
             if retried:
                 print(f"retrying {retried} failed file(s) from {out}", file=sys.stderr)
@@ -446,7 +466,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     try:
         routing_file(out).write_text(json.dumps(routing, indent=1) + "\n", encoding="utf-8")
         with summarised_scan_warnings(converted.append), _stop_on_sigterm():
-            c = score_items(todo, inspector, out, jsonl=Path(args.jsonl) if args.jsonl else None,
+            c = score_items(todo, inspector, out, jsonl=jsonl,
                             overlays=Path(args.overlays) if args.overlays else None,
                             overlays_flagged=args.overlays_flagged, policy=policy, workers=workers, run_items=items)
     except KeyboardInterrupt:

@@ -463,6 +463,36 @@ def test_retry_failed_scores_a_file_again_once_it_is_readable(tmp_path, heuristi
     assert all(r["error"] == "" for r in lines)
 
 
+
+def test_a_row_without_its_json_line_is_scored_again_on_resume(tmp_path, heuristic_model, normal_scan_path,
+                                                               anomalous_scan_path, capsys):
+    """A run killed after a file's CSV row but before its JSON line: the resume counted the file as done, so the
+    JSON lines lacked it for good. Now such a row is scored again, and a line without a row (the reverse) dropped:
+    both files end up holding each file once."""
+    d = tmp_path / "scans"
+    d.mkdir()
+    for name, src in (("a.tiff", normal_scan_path), ("b.tiff", anomalous_scan_path), ("c.tiff", normal_scan_path)):
+        shutil.copy(src, d / name)
+    out, jl = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+    full = {n: r["score"] for n, r in _rows(out).items()}
+    lines = jl.read_text().splitlines(keepends=True)
+    gone = json.loads(lines[1])["path"].rsplit("/", 1)[-1]
+    jl.write_text(lines[0] + lines[2])                       # killed between b's row and its line
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+    assert "scoring 1 file(s) again" in capsys.readouterr().err
+    names = lambda: sorted(json.loads(ln)["path"].rsplit("/", 1)[-1] for ln in jl.read_text().splitlines())  # noqa: E731
+    assert names() == ["a.tiff", "b.tiff", "c.tiff"] and len(out.read_text().splitlines()) == 4
+    assert {n: r["score"] for n, r in _rows(out).items()} == full and gone in full
+    text = out.read_text().splitlines(keepends=True)         # the reverse: a line whose row a power cut lost
+    out.write_text("".join(ln for ln in text if "c.tiff" not in ln))
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+    assert names() == ["a.tiff", "b.tiff", "c.tiff"] and sorted(_rows(out)) == ["a.tiff", "b.tiff", "c.tiff"]
+    jl.unlink()                                               # --jsonl first given on a resume: nothing scored again
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+    assert len(_rows(out)) == 3 and (not jl.exists() or jl.read_text() == "")
+
 def test_resuming_with_another_model_or_threshold_is_refused(tmp_path, heuristic_model, heuristic_model_1ch,
                                                              normal_scan_path, anomalous_scan_path, capsys):
     d = tmp_path / "scans"
