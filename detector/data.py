@@ -562,6 +562,11 @@ class ScanDataModule(L.LightningDataModule):
         self.energies: list[str] = []
         self._uncached: set[str] | None = None   # _left_out_uncached, once decided
 
+    @property
+    def _leaves_out_label_only(self) -> bool:
+        """Whether label-only anomalous training scans larger than a crop are left out (_leave_out_label_only)."""
+        return not self.cfg.normal_only and not self.cfg.label_only_crops
+
     def _left_out_uncached(self) -> set[str]:
         """Paths of the label-only anomalous training scans that _leave_out_label_only leaves out, decided from their
         file headers (detector.formats.scan_geometry) before they are read: a site's thousands of whole trucks were
@@ -569,7 +574,7 @@ class ScanDataModule(L.LightningDataModule):
         tell, are cached and decided from the cache as before."""
         if self._uncached is None:
             self._uncached = set()
-            if not self.cfg.normal_only and not self.cfg.label_only_crops:
+            if self._leaves_out_label_only:
                 others = {r.path for s in ("val", "test") for r in self.splits[s]}
                 self._uncached = {r.path for r in self.splits["train"] if r.label_alone and r.path not in others
                                   and self._larger_than_a_crop(r.path)}
@@ -715,7 +720,7 @@ class ScanDataModule(L.LightningDataModule):
         self._drop_skipped()
         for s in SPLITS:
             self.metas[s] = [metas.get(r.path) for r in self.splits[s]]
-        if not self.cfg.normal_only and not self.cfg.label_only_crops:
+        if self._leaves_out_label_only:
             self._leave_out_label_only()   # here: whether a scan fits in a crop is known from its header or its cache
             self._check_splits()
         first = next(m for s in SPLITS for m in self.metas[s])   # train's, or test's in a test-only folder
