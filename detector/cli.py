@@ -1,7 +1,7 @@
 """The `detector` command: one verb per job, each with an example in its --help.
 
 Verb modules are imported only when their verb runs, so `detector --help` and the torch-free
-verbs (score, eval, serve, audit) start fast and never import torch.
+verbs (score, eval, calibrate, info, serve, audit) start fast and never import torch.
 """
 from __future__ import annotations
 
@@ -120,6 +120,11 @@ def _audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="audit.csv")
 
 
+def _info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model bundle (.onnx) written by `detector export` or `detector calibrate`")
+    p.add_argument("--json", action="store_true", help="print the metadata as stored (with the file's SHA-256)")
+
+
 # verb -> (module with main(args) -> int, builder, one-line help, example)
 VERBS: dict[str, tuple[str, Builder, str, str]] = {
     "demo": ("detector.demo", _demo, "synth -> train -> export -> score -> eval, small, on the CPU",
@@ -136,6 +141,8 @@ VERBS: dict[str, tuple[str, Builder, str, str]] = {
              "detector eval results.csv --truth data/test --out report/"),
     "calibrate": ("detector.site_calibration", _calibrate, "re-threshold a model on a site's own cleared traffic",
                   "detector calibrate cleared.csv --model model.onnx --out site.onnx"),
+    "info": ("detector.bundle_info", _info, "what a model bundle is: its training, validation and thresholds",
+             "detector info model.onnx"),
     "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",
               "detector serve --model model.onnx --port 8080"),
     "audit": ("detector.audit", _audit, "export the audit log of served decisions",

@@ -7,7 +7,8 @@ from conftest import run_without
 CORE = ["detector.scan", "detector.formats", "detector.sources", "detector.preprocess", "detector.calibration",
         "detector.bundle", "detector.physics", "detector.tip", "detector.synth", "detector.runtime",
         "detector.policy", "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
-        "detector.serve", "detector.audit", "detector.cli", "detector.manifest", "detector.site_calibration"]
+        "detector.serve", "detector.audit", "detector.cli", "detector.manifest", "detector.site_calibration",
+        "detector.bundle_info"]
 
 
 def test_core_modules_import_without_torch():
@@ -20,7 +21,7 @@ def test_cli_help_lists_every_verb_with_an_example():
     out = subprocess.run([sys.executable, "-m", "detector.cli", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
-    verbs = ("demo", "synth", "train", "export", "score", "eval", "calibrate", "serve", "audit")
+    verbs = ("demo", "synth", "train", "export", "score", "eval", "calibrate", "info", "serve", "audit")
     for verb in verbs:
         assert f"  {verb} " in out.stdout
     assert out.stdout.count("e.g. detector") == len(verbs)
