@@ -59,15 +59,17 @@ def drop_failed_rows(out: Path, jsonl: Path | None = None) -> int:
 def match_jsonl(out: Path, jsonl: Path) -> int:
     """Make a results CSV and its JSON lines hold the same files before a resume. A run killed between a file's
     row and its line left the row without the line, and resuming never wrote it: such rows are removed (the files
-    are scored again), as are lines without a row; returns how many rows. A JSON lines file that does not exist
-    yet (--jsonl first given on a resume) is left to hold the files scored from now on."""
+    are scored again), as are lines without a row; returns how many rows. Rows before the first one with a line
+    are left alone: those were scored before --jsonl was first given, not cut short."""
     if not (out.is_file() and jsonl.is_file() and jsonl.stat().st_size):
         return 0
     _cut_partial_line(jsonl)
-    in_csv = {r[0] for r in _result_rows(out)}
+    rows = [r[0] for r in _result_rows(out)]
     in_jsonl = {_jsonl_path(ln) for ln in jsonl.read_text(encoding="utf-8").splitlines()}
-    _drop_paths(out, jsonl, in_csv - in_jsonl, in_jsonl - in_csv)
-    return len(in_csv - in_jsonl)
+    first = next((i for i, path in enumerate(rows) if path in in_jsonl), len(rows))
+    unmatched = {path for path in rows[first:] if path not in in_jsonl}
+    _drop_paths(out, jsonl, unmatched, in_jsonl - set(rows))
+    return len(unmatched)
 
 
 def _drop_paths(out: Path, jsonl: Path | None, rows: set, lines: set) -> None:

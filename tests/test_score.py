@@ -489,9 +489,12 @@ def test_a_row_without_its_json_line_is_scored_again_on_resume(tmp_path, heurist
     out.write_text("".join(ln for ln in text if "c.tiff" not in ln))
     assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
     assert names() == ["a.tiff", "b.tiff", "c.tiff"] and sorted(_rows(out)) == ["a.tiff", "b.tiff", "c.tiff"]
-    jl.unlink()                                               # --jsonl first given on a resume: nothing scored again
-    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
-    assert len(_rows(out)) == 3 and (not jl.exists() or jl.read_text() == "")
+    jl.unlink()                 # --jsonl first given on a resume: the rows before it are not scored again, then or later
+    shutil.copy(normal_scan_path, d / "d.tiff")
+    for _ in range(2):
+        assert score.main(_args(d, heuristic_model, out, jsonl=str(jl))) == 0
+        assert "again" not in capsys.readouterr().err
+        assert names() == ["d.tiff"] and sorted(_rows(out)) == ["a.tiff", "b.tiff", "c.tiff", "d.tiff"]
 
 def test_resuming_with_another_model_or_threshold_is_refused(tmp_path, heuristic_model, heuristic_model_1ch,
                                                              normal_scan_path, anomalous_scan_path, capsys):
