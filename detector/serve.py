@@ -74,6 +74,32 @@ class UploadTooLarge(Exception):
 
 
 @dataclass
+class Histogram:
+    """A Prometheus histogram kept by hand: how many observations fell at or below each bucket's bound, their sum
+    and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(init=False)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, b in enumerate(self.bounds):
+            self.counts[i] += value <= b
+        self.total += value
+        self.count += 1
+
+    def render(self, name: str, text: str) -> list[str]:
+        """Its lines in the Prometheus text format, under `name` with HELP `text`."""
+        return [f"# HELP {name} {text}", f"# TYPE {name} histogram",
+                *(f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.counts)),
+                f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total:.6f}", f"{name}_count {self.count}"]
+
+
+@dataclass
 class Metrics:
     """Prometheus counters kept by hand; no lock: each is updated from one thread only (the event loop, or the
     audit writer thread for audit_failures)."""
@@ -83,14 +109,10 @@ class Metrics:
     errors: int = 0
     audit_failures: int = 0   # rows that could not be stored at all (logged to stderr in full)
     audit_deferred: int = 0   # verdicts answered INSPECT before their row was committed (row queued)
-    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-    latency_sum: float = 0.0
-    latency_count: int = 0
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))   # seconds, every verdict
     # the scores of the scans scored (not the failures): against the bundle's normal scores they show a site's
     # traffic or scanner drifting away from what the thresholds were set on
-    score_buckets: list[int] = field(default_factory=lambda: [0] * len(SCORE_BUCKETS))
-    score_sum: float = 0.0
-    score_count: int = 0
+    scores: Histogram = field(default_factory=lambda: Histogram(SCORE_BUCKETS))
 
     def request(self, code: int) -> None:
         self.by_status[str(code)] = self.by_status.get(str(code), 0) + 1
@@ -98,15 +120,9 @@ class Metrics:
     def verdict(self, decision: str, error: bool, seconds: float, score: float | None = None) -> None:
         self.decisions[decision] = self.decisions.get(decision, 0) + 1
         self.errors += bool(error)
-        for i, b in enumerate(LATENCY_BUCKETS):
-            self.buckets[i] += seconds <= b
-        self.latency_sum += seconds
-        self.latency_count += 1
+        self.latency.observe(seconds)
         if score is not None:
-            for i, b in enumerate(SCORE_BUCKETS):
-                self.score_buckets[i] += score <= b
-            self.score_sum += score
-            self.score_count += 1
+            self.scores.observe(score)
 
     def render(self, svc: "Service") -> str:
         esc = lambda s: str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")  # noqa: E731
@@ -125,20 +141,12 @@ class Metrics:
                 "locked past the deadline (row queued and retried).", "# TYPE detector_audit_deferred_total counter",
                 f"detector_audit_deferred_total {self.audit_deferred}",
                 "# HELP detector_audit_pending Audit rows queued behind a locked database, not yet committed.",
-                "# TYPE detector_audit_pending gauge", f"detector_audit_pending {len(svc.audit_backlog)}",
-                "# HELP detector_inspect_latency_seconds Time from request to verdict.",
-                "# TYPE detector_inspect_latency_seconds histogram"]
-        out += [f'detector_inspect_latency_seconds_bucket{{le="{b:g}"}} {n}' for b, n in zip(LATENCY_BUCKETS, self.buckets)]
-        out += [f'detector_inspect_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
-                f"detector_inspect_latency_seconds_sum {self.latency_sum:.6f}",
-                f"detector_inspect_latency_seconds_count {self.latency_count}",
-                "# HELP detector_score Model scores of the scans scored (failures left out): their drift from the "
-                "bundle's normal validation scores shows traffic or a scanner unlike the one the thresholds were set on.",
-                "# TYPE detector_score histogram"]
-        out += [f'detector_score_bucket{{le="{b:g}"}} {n}' for b, n in zip(SCORE_BUCKETS, self.score_buckets)]
-        out += [f'detector_score_bucket{{le="+Inf"}} {self.score_count}',
-                f"detector_score_sum {self.score_sum:.6f}", f"detector_score_count {self.score_count}",
-                "# HELP detector_queue_requests Requests admitted and not yet answered (queued + running).",
+                "# TYPE detector_audit_pending gauge", f"detector_audit_pending {len(svc.audit_backlog)}"]
+        out += self.latency.render("detector_inspect_latency_seconds", "Time from request to verdict.")
+        out += self.scores.render("detector_score", "Model scores of the scans scored (failures left out): their drift "
+                                  "from the bundle's normal validation scores shows traffic or a scanner unlike the one "
+                                  "the thresholds were set on.")
+        out += ["# HELP detector_queue_requests Requests admitted and not yet answered (queued + running).",
                 "# TYPE detector_queue_requests gauge", f"detector_queue_requests {svc.admitted}",
                 "# HELP detector_ready 1 when the model is loaded and warmed.",
                 "# TYPE detector_ready gauge", f"detector_ready {int(svc.ready)}",
@@ -413,14 +421,14 @@ class Service:
         m = self.metrics
         lost = f", {m.audit_failures} audit rows NOT stored (see stderr)" if m.audit_failures else ""
         lost += f", {len(self.audit_backlog)} in {self.audit.spool} until the next start" if self.audit_backlog else ""
-        return (f"served {m.latency_count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
+        return (f"served {m.latency.count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
                 f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}) -> audit {self.cfg.audit}")
 
     async def trim_when_idle(self, every_s: float = 0.5) -> None:
         """Background task: after traffic, once the queue is empty, return freed heap to the OS."""
         while True:
             await asyncio.sleep(every_s)
-            served = self.metrics.latency_count
+            served = self.metrics.latency.count
             if self.admitted == 0 and served != self._served_at_trim:
                 self._served_at_trim = served
                 await asyncio.get_running_loop().run_in_executor(self.audit_pool, _trim_heap)

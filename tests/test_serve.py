@@ -393,7 +393,7 @@ def test_unpaired_surrogate_in_meta_is_audited_once(tmp_path):
         assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
         assert "surrogate" in r.json()["reason"] and "audit write failed" not in r.json()["reason"]
     assert svc.audit.count() == 2 and svc.metrics.audit_failures == 0
-    assert svc.metrics.latency_count == 2 and svc.metrics.by_status == {"200": 2}
+    assert svc.metrics.latency.count == 2 and svc.metrics.by_status == {"200": 2}
 
 
 def test_stalled_upload_frees_its_admission(tmp_path):
