@@ -7,6 +7,7 @@ attaching at export uses the onnx package (training side); rewriting an exported
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from datetime import datetime, timezone
@@ -264,11 +265,21 @@ def replace_metadata_bytes(model: bytes, meta: dict, path: str | Path | None = N
     return bytes(kept) + _len_field(_METADATA_PROPS, entry)
 
 
-def rewrite_metadata(src: str | Path, dst: str | Path, meta: dict) -> Path:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 that names a bundle (as Inspector.model_sha256, a results CSV's routing file and the audit log do)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rewrite_metadata(src: str | Path, dst: str | Path, meta: dict, model: bytes | None = None) -> Path:
     """Write `src`'s model to `dst` with new bundle metadata (atomically: a temporary file, read back with
-    onnxruntime and checked, then renamed), torch- and onnx-free."""
+    onnxruntime and checked, then renamed), torch- and onnx-free. `model`: src's bytes where the caller has read
+    them already (and hashed them: what is written is then the very model it hashed)."""
     src, dst = Path(src), Path(dst)
-    data = replace_metadata_bytes(src.read_bytes(), meta, src)
+    data = replace_metadata_bytes(src.read_bytes() if model is None else model, meta, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:

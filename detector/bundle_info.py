@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detector.bundle import BundleError, read_metadata
-from detector.site_calibration import file_sha256
+from detector.bundle import BundleError, file_sha256, read_metadata
 
 
 def _pct(v: Any) -> str:

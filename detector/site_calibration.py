@@ -40,14 +40,6 @@ class SiteScores:
     not_in_truth: int = 0  # scans the truth does not list
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path | None = None) -> SiteScores:
     """Scores of the cleared scans in a `detector score` results CSV, which must have been scored by this very
     model (its .routing.json says which); with `truth`, only the scans it labels normal."""
@@ -141,11 +133,12 @@ def main(args) -> int:
         return 2
     try:
         meta = read_metadata(model)
-        sha = file_sha256(model)
+        data = model.read_bytes()   # once: the bytes hashed are the bytes the site's bundle is written from
+        sha = hashlib.sha256(data).hexdigest()
         site = load_site_scores(args.results, sha, args.truth)
         new = recalibrate(meta, site, str(args.results), sha, args.truth)
         rows = comparison(meta, new, site.scores)
-        rewrite_metadata(model, out, new)
+        rewrite_metadata(model, out, new, data)
     except (CalibrationError, BundleError, FileNotFoundError, ValueError, OSError) as e:
         print(f"detector calibrate: {e}", file=sys.stderr)
         return 2

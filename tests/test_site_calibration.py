@@ -7,10 +7,9 @@ import onnx
 import pytest
 
 from conftest import NORMAL_SCORES, TRAINING_PACKAGES, make_heuristic_bundle, run_without, write_test_scan
-from detector.bundle import BundleError, read_metadata, replace_metadata_bytes
+from detector.bundle import BundleError, file_sha256, read_metadata, replace_metadata_bytes
 from detector.cli import main as cli
 from detector.runtime import Inspector
-from detector.site_calibration import file_sha256
 
 
 def _results(path, scores, model, errors=(), sha=None):
