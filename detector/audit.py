@@ -8,6 +8,10 @@ database (`<audit>.pending.jsonl`, JSON lines), then retried until committed (se
 The spool is rewritten to hold only rows not yet committed; opening the log commits what an earlier run
 left in it (by request_id, so a row committed just before a crash is not stored twice). Where the spool
 cannot be written either (disk full), the row is kept in memory and logged to stderr in full.
+
+Beside the verdicts, the `outcomes` table records what the manual inspection of a truck found (`found`: contraband
+or undeclared goods, `clear`: nothing), so a site can measure the routing's hit rate and collect its own labelled
+scans. It is append-only (triggers refuse UPDATE and DELETE): a correction is a new row; a request's latest counts.
 """
 from __future__ import annotations
 
@@ -17,13 +21,18 @@ import os
 import sqlite3
 import sys
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "file_sha256", "file_bytes",
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
            "latency_ms", "risk_flags")
+OUTCOME_COLUMNS = ("outcome", "outcome_time", "officer", "outcome_note")   # the export's, after COLUMNS
+# manual inspection found contraband or undeclared goods / found nothing (the outcomes table's CHECK names them too)
+OUTCOMES = ("found", "clear")
+MAX_OFFICER, MAX_NOTE = 200, 2000   # characters; longer is refused, not cut short
 BUSY_TIMEOUT_S = 30   # how long a write waits for a lock held by another connection, unless told otherwise
 SPOOL_SUFFIX = ".pending.jsonl"   # beside the database: rows answered but not yet committed
 REPLAY_WAIT_S = 1.0   # at open, how long replaying the spool waits for a locked database (the rest stays spooled)
@@ -36,7 +45,26 @@ CREATE TABLE IF NOT EXISTS verdicts (
     score REAL, threshold REAL, tier TEXT, decision TEXT NOT NULL, reason TEXT, latency_ms REAL,
     risk_flags TEXT);
 CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL, request_id TEXT NOT NULL, outcome TEXT NOT NULL CHECK (outcome IN ('found', 'clear')),
+    officer TEXT, note TEXT);
+CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes(request_id, id);
+CREATE TRIGGER IF NOT EXISTS outcomes_no_update BEFORE UPDATE ON outcomes
+    BEGIN SELECT RAISE(ABORT, 'outcomes are append-only: record a correction as a new row'); END;
+CREATE TRIGGER IF NOT EXISTS outcomes_no_delete BEFORE DELETE ON outcomes
+    BEGIN SELECT RAISE(ABORT, 'outcomes are append-only: record a correction as a new row'); END;
 """
+# each verdict with its latest outcome (NULLs where none): the highest id, not the latest time, is the last recorded
+_LATEST = "verdicts v LEFT JOIN outcomes o ON o.id = (SELECT MAX(id) FROM outcomes WHERE request_id = v.request_id)"
+
+
+class OutcomeError(ValueError):
+    """An outcome that cannot be recorded as given (unknown outcome, text too long, not text)."""
+
+
+class UnknownRequest(OutcomeError):
+    """An outcome for a request_id with no verdict in the audit log."""
 
 
 def utc_now() -> str:
@@ -81,13 +109,36 @@ class AuditLog:
         sql = f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         if replay:   # not OR IGNORE: that would also drop a row breaking NOT NULL, silently
             sql += " ON CONFLICT(request_id) DO NOTHING"
+        with self._transaction(wait_s) as db:
+            db.execute(sql, values)
+
+    def record_outcome(self, request_id: str, outcome: str, officer: str | None = None, note: str | None = None,
+                       wait_s: float | None = None) -> dict[str, Any]:
+        """Append what the manual inspection of a served truck found and commit (durable on return); returns the row
+        (time, request_id, outcome, officer, note) with the decision served for it. A correction is another call: the
+        latest row counts. OutcomeError for an unknown outcome or text too long, UnknownRequest for a request_id with no
+        verdict; a database locked past `wait_s` raises sqlite3.OperationalError, as write() does."""
+        _check_outcome(request_id, outcome, officer, note)
+        with self._transaction(wait_s) as db:
+            served = db.execute("SELECT decision FROM verdicts WHERE request_id = ?", (request_id,)).fetchone()
+            if served is None:
+                raise UnknownRequest(f"no verdict with request_id {request_id!r} in {self.path}")
+            row = {"time": utc_now(), "request_id": request_id, "outcome": outcome, "officer": officer, "note": note}
+            db.execute("INSERT INTO outcomes (time, request_id, outcome, officer, note) "
+                       "VALUES (:time, :request_id, :outcome, :officer, :note)", row)
+        return {**row, "decision": served[0]}
+
+    @contextmanager
+    def _transaction(self, wait_s: float | None) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock, committed on exit and rolled back on any error; a database locked
+        by another connection is waited for up to `wait_s` (default BUSY_TIMEOUT_S)."""
         with self._lock:
             if wait_s is not None:
                 self._db.execute(f"PRAGMA busy_timeout={max(0, int(wait_s * 1000))}")
             try:
                 self._db.execute("BEGIN IMMEDIATE")   # the only step that waits for another connection's lock
                 try:
-                    self._db.execute(sql, values)
+                    yield self._db
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:   # a failed COMMIT too: else every later BEGIN fails
@@ -198,30 +249,67 @@ class AuditLog:
 
 
 def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> int:
-    """Write the rows at or after `since` (ISO, UTC if naive) to a CSV; returns the row count."""
+    """Write the rows at or after `since` (ISO, UTC if naive) to a CSV, each with its latest outcome in the columns
+    after COLUMNS (empty where none); returns the row count."""
     audit, out = Path(audit), Path(out)
-    if not audit.is_file():
-        raise FileNotFoundError(f"{audit}: no audit database (run `detector serve` first, or pass --audit)")
     if any(_same_file(out, Path(f"{audit}{end}")) for end in ("", "-wal", "-shm", "-journal", SPOOL_SUFFIX)):
         # opening --out for writing would truncate the log of every verdict before a row is read
         raise FileExistsError(f"{out}: is the audit database itself; give --out a new .csv path")
-    db = sqlite3.connect(str(audit), timeout=30)
+    db = _reader(audit)
     try:
-        sql, params = f"SELECT {', '.join(COLUMNS)} FROM verdicts", []
-        if since:
-            sql += " WHERE time >= ?"
-            params.append(parse_time(since))
+        where, params = _since(since)
+        cols = ", ".join([*(f"v.{c}" for c in COLUMNS), "o.outcome", "o.time", "o.officer", "o.note"])
         out.parent.mkdir(parents=True, exist_ok=True)
         n = 0
         with open(out, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(COLUMNS)
-            for row in db.execute(sql + " ORDER BY time, id", params):
+            w.writerow(COLUMNS + OUTCOME_COLUMNS)
+            for row in db.execute(f"SELECT {cols} FROM {_LATEST}{where} ORDER BY v.time, v.id", params):
                 w.writerow(["" if v is None else v for v in row])
                 n += 1
         return n
     finally:
         db.close()
+
+
+def _reader(audit: Path) -> sqlite3.Connection:
+    """A connection for reading the log; one written before outcomes were recorded reads as holding none (an empty
+    TEMP table stands in: nothing is written to the file, which another process may be serving from)."""
+    if not audit.is_file():
+        raise FileNotFoundError(f"{audit}: no audit database (run `detector serve` first, or pass --audit)")
+    db = sqlite3.connect(str(audit), timeout=30)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'").fetchone():
+            db.execute("CREATE TEMP TABLE outcomes (id INTEGER PRIMARY KEY, time TEXT, request_id TEXT, outcome TEXT, "
+                       "officer TEXT, note TEXT)")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _since(since: str | None) -> tuple[str, list[str]]:
+    """The WHERE clause (on the verdict's time) and its parameters for --since; ValueError if unreadable."""
+    return (" WHERE v.time >= ?", [parse_time(since)]) if since else ("", [])
+
+
+def _check_outcome(request_id: Any, outcome: Any, officer: Any, note: Any) -> None:
+    """OutcomeError unless the fields can be stored as given (nothing is cut short or coerced)."""
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+        raise OutcomeError(f"request_id must be the request_id of a served verdict, got {str(request_id)[:60]!r}")
+    if outcome not in OUTCOMES:
+        raise OutcomeError(f"outcome must be one of {', '.join(OUTCOMES)}, got {str(outcome)[:60]!r}")
+    for name, text, most in (("officer", officer, MAX_OFFICER), ("note", note, MAX_NOTE)):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise OutcomeError(f"{name} must be text, got {type(text).__name__}")
+        if len(text) > most:
+            raise OutcomeError(f"{name} is {len(text)} characters long; at most {most}")
+        try:   # "\ud800" parses from JSON, but cannot be stored as UTF-8
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OutcomeError(f"{name} holds an unpaired \\u surrogate escape (not valid Unicode text)") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

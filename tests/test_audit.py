@@ -97,3 +97,88 @@ def test_spool_with_a_truncated_last_line_is_replayed(tmp_path, capsys):
     again = AuditLog(db)   # nothing replayed twice
     assert again.count() == 2
     again.close()
+
+
+def _outcomes(db) -> list[tuple]:
+    return db.execute("SELECT request_id, outcome, officer, note FROM outcomes ORDER BY id").fetchall()
+
+
+def test_outcomes_export_with_the_latest_per_request(log, tmp_path):
+    first = log.record_outcome("r2", "clear", officer="K. Osei")
+    assert first["decision"] == "INSPECT" and first["outcome"] == "clear" and first["time"]
+    fixed = log.record_outcome("r2", "found", officer="K. Osei", note="cigarettes behind the front wall; was 'clear'")
+    assert fixed["time"] >= first["time"]
+    log.record_outcome("r1", "found", note="random check")
+    out = tmp_path / "out.csv"
+    assert export_csv(log.path, out) == 3
+    with out.open() as f:
+        assert next(csv.reader(f)) == list(audit.COLUMNS) + ["outcome", "outcome_time", "officer", "outcome_note"]
+    rows = {r["request_id"]: r for r in csv.DictReader(out.open())}
+    assert (rows["r2"]["outcome"], rows["r2"]["officer"], rows["r2"]["outcome_time"]) == ("found", "K. Osei",
+                                                                                          fixed["time"])
+    assert rows["r2"]["outcome_note"].startswith("cigarettes") and rows["r2"]["decision"] == "INSPECT"
+    assert (rows["r1"]["outcome"], rows["r1"]["officer"], rows["r1"]["outcome_note"]) == ("found", "", "random check")
+    assert [rows["r3"][c] for c in ("outcome", "outcome_time", "officer", "outcome_note")] == ["", "", "", ""]
+    # the correction is a new row: the audit trail keeps what was recorded first, and refuses to lose it
+    assert _outcomes(log._db) == [("r2", "clear", "K. Osei", None), ("r2", "found", "K. Osei", fixed["note"]),
+                                  ("r1", "found", None, "random check")]
+    for sql in ("UPDATE outcomes SET outcome = 'clear'", "DELETE FROM outcomes"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            log._db.execute(sql)
+    assert len(_outcomes(log._db)) == 3
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (("r9", "found"), "UnknownRequest", "no verdict with request_id 'r9'"),
+    (("r1", "seized"), "OutcomeError", "outcome must be one of found, clear, got 'seized'"),
+    (("r1", "Found"), "OutcomeError", "outcome must be one of"),
+    (("r1", "clear", "x" * 201), "OutcomeError", "officer is 201 characters long; at most 200"),
+    (("r1", "clear", None, "n" * 2001), "OutcomeError", "note is 2001 characters long; at most 2000"),
+    (("r1", "clear", 7), "OutcomeError", "officer must be text"),
+    (("r1", "clear", None, "\ud800"), "OutcomeError", "surrogate"),
+    ((None, "clear"), "OutcomeError", "request_id must be"),
+], ids=["unknown-request", "unknown-outcome", "case", "long-officer", "long-note", "officer-number", "surrogate",
+        "no-request"])
+def test_record_outcome_refuses_what_it_cannot_store_as_given(log, args, error, match):
+    with pytest.raises(getattr(audit, error), match=match):
+        log.record_outcome(*args)
+    assert _outcomes(log._db) == []
+    assert log.record_outcome("r1", "clear", "x" * 200, "n" * 2000)["outcome"] == "clear"   # the bounds themselves
+
+
+# the schema of the audit log before outcomes were recorded (622a288): a station's database written by it
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL, request_id TEXT NOT NULL UNIQUE, vehicle_id TEXT, container_id TEXT,
+    file_name TEXT, file_sha256 TEXT, file_bytes INTEGER, model_sha256 TEXT, model_version TEXT,
+    score REAL, threshold REAL, tier TEXT, decision TEXT NOT NULL, reason TEXT, latency_ms REAL,
+    risk_flags TEXT);
+CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
+"""
+
+
+def test_database_of_the_old_schema_opens_unchanged_and_gains_outcomes(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(str(path), isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(OLD_SCHEMA)
+    old.execute("INSERT INTO verdicts (time, request_id, model_sha256, score, decision, reason) VALUES "
+                "('2026-11-01T08:00:00.000+00:00', 'old1', 'ab', 0.7, 'INSPECT', 'score 0.7 >= 0.4')")
+    old.close()
+    # exported as it is: no outcomes, and nothing written to a log a service may be serving from
+    assert export_csv(path, tmp_path / "before.csv") == 1
+    assert next(csv.DictReader((tmp_path / "before.csv").open()))["outcome"] == ""
+    peek = sqlite3.connect(str(path))
+    assert peek.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'outcomes'").fetchone()[0] == 0
+    before = peek.execute("SELECT * FROM verdicts").fetchall()
+    peek.close()
+    log = AuditLog(path)
+    try:
+        assert log._db.execute("SELECT * FROM verdicts").fetchall() == before
+        assert log.record_outcome("old1", "found")["decision"] == "INSPECT"
+        log.write(_row("new1", "2026-11-02T08:00:00.000+00:00"))
+    finally:
+        log.close()
+    assert export_csv(path, tmp_path / "after.csv") == 2
+    assert [r["outcome"] for r in csv.DictReader((tmp_path / "after.csv").open())] == ["found", ""]
