@@ -21,10 +21,13 @@ import os
 import sqlite3
 import sys
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
+
+from detector.calibration import rate_interval
 
 COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "file_sha256", "file_bytes",
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
@@ -272,6 +275,72 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
         db.close()
 
 
+def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:
+    """The verdicts at or after `since` and their latest outcomes, for all and per model (first served first): how
+    many, the INSPECT share, the hit rate of inspection (found among inspected trucks with an outcome, with its
+    Wilson 95 % interval) and the misses (found among RELEASEd trucks that were checked anyway)."""
+    db = _reader(Path(audit))
+    try:
+        where, params = _since(since)
+        rows = db.execute(f"SELECT v.model_sha256, v.decision, o.outcome, COUNT(*), MIN(v.time), MAX(v.time) "
+                          f"FROM {_LATEST}{where} GROUP BY 1, 2, 3 ORDER BY 5", params).fetchall()
+    finally:
+        db.close()
+    models: dict[str, Counter] = {}
+    for model, decision, outcome, n, _, _ in rows:
+        models.setdefault(model or "", Counter())[decision, outcome] += n
+    return {"audit": str(audit), "since": parse_time(since) if since else None,
+            "first": min((r[4] for r in rows), default=None), "last": max((r[5] for r in rows), default=None),
+            "all": _figures(sum(models.values(), Counter())),
+            "models": [{"model_sha256": m, **_figures(c)} for m, c in models.items()]}
+
+
+def _figures(tally: Counter) -> dict[str, Any]:
+    """summarise's figures from a count of verdicts by (decision, latest outcome or None)."""
+    n, inspect = sum(tally.values()), sum(k for (d, _), k in tally.items() if d == "INSPECT")
+    found, clear = tally["INSPECT", "found"], tally["INSPECT", "clear"]
+    checked = found + clear
+    return {"verdicts": n, "inspect": inspect, "inspect_share": inspect / n if n else None,
+            "outcomes": sum(k for (_, o), k in tally.items() if o is not None),
+            "inspected_found": found, "inspected_clear": clear, "hit_rate": found / checked if checked else None,
+            "hit_rate_interval": list(rate_interval(found, checked)) if checked else None,
+            "released_checked": tally["RELEASE", "found"] + tally["RELEASE", "clear"],
+            "released_found": tally["RELEASE", "found"]}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """summarise's result as a table (a row per model where more than one served, then all of them) and a one-line
+    summary. hits: found among INSPECTed trucks with an outcome; misses: found among RELEASEd trucks checked anyway."""
+    a, since = s["all"], f" since {s['since']}" if s["since"] else ""
+    if not a["verdicts"]:
+        return f"no verdicts{since} in {s['audit']}"
+    rows = [(m["model_sha256"][:12] or "?", m) for m in s["models"]]
+    rows += [("all", a)] if len(rows) > 1 else []
+    table = [("model", "verdicts", "INSPECT", "outcomes", "hits/checked", "hit rate", "95 % interval",
+              "misses/checked")]
+    table += [(name, str(f["verdicts"]), f"{f['inspect']} ({_pct(f['inspect_share'])})", str(f["outcomes"]),
+               f"{f['inspected_found']}/{f['inspected_found'] + f['inspected_clear']}", _pct(f["hit_rate"]),
+               _interval(f), f"{f['released_found']}/{f['released_checked']}") for name, f in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    hit = (f"hit rate {_pct(a['hit_rate'])} ({a['inspected_found']} found of "
+           f"{a['inspected_found'] + a['inspected_clear']} inspected, 95 % {_interval(a)})"
+           if a["hit_rate"] is not None else "no inspected truck has an outcome yet")
+    lines += ["", f"{a['verdicts']} verdicts{since} ({s['first']} to {s['last']}), {_pct(a['inspect_share'])} INSPECT; "
+                  f"{a['outcomes']} with an outcome: {hit}; misses: {a['released_found']} found of "
+                  f"{a['released_checked']} released trucks checked <- {s['audit']}"]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _interval(figures: dict[str, Any]) -> str:
+    lo_hi = figures["hit_rate_interval"]
+    return "-" if lo_hi is None else f"{_pct(lo_hi[0])} - {_pct(lo_hi[1])}"
+
+
 def _reader(audit: Path) -> sqlite3.Connection:
     """A connection for reading the log; one written before outcomes were recorded reads as holding none (an empty
     TEMP table stands in: nothing is written to the file, which another process may be serving from)."""
@@ -337,12 +406,19 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def main(args) -> int:
-    """CLI entry: `detector audit export [--audit audit.sqlite] [--since T] --out audit.csv`."""
-    if args.action != "export":
+    """CLI entry: `detector audit export [--audit audit.sqlite] [--since T] --out audit.csv`, or
+    `detector audit summary [--audit audit.sqlite] [--since T] [--json]`."""
+    if args.action not in ("export", "summary"):
         print(f"detector audit: unknown action {args.action!r}", file=sys.stderr)
         return 2
+    summary = args.action == "summary"
+    as_json = getattr(args, "json", False)
+    if (args.out is None) != summary or (as_json and not summary):   # an option the action would ignore
+        print("detector audit: export writes --out (a .csv); summary prints, as a table or with --json",
+              file=sys.stderr)
+        return 2
     try:
-        n = export_csv(args.audit, args.out, args.since)
+        result = summarise(args.audit, args.since) if summary else export_csv(args.audit, args.out, args.since)
     except FileNotFoundError as e:
         print(f"detector audit: {e}", file=sys.stderr)
         return 1
@@ -355,6 +431,9 @@ def main(args) -> int:
     except sqlite3.DatabaseError as e:
         print(f"detector audit: {args.audit}: not a readable audit database ({e})", file=sys.stderr)
         return 1
+    if summary:
+        print(json.dumps(result, indent=2) if as_json else format_summary(result))
+        return 0
     since = f" since {parse_time(args.since)}" if args.since else ""
-    print(f"exported {n} verdicts{since} from {args.audit} -> {args.out}")
+    print(f"exported {result} verdicts{since} from {args.audit} -> {args.out}")
     return 0

@@ -114,10 +114,16 @@ def _serve(p: argparse.ArgumentParser) -> None:
 
 
 def _audit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["export"], help="export: write the audit log as CSV")
+    p.add_argument("action", choices=["export", "summary"],
+                   help="export: write the audit log as CSV, each verdict with its latest inspection outcome; "
+                        "summary: verdicts, INSPECT share and the hit rate of inspection from the recorded outcomes")
     p.add_argument("--audit", default="audit.sqlite", help="audit database written by `detector serve`")
     p.add_argument("--since", default=None, help="ISO date/time, UTC if no zone, e.g. 2026-11-28T00:00")
-    p.add_argument("--out", required=True, help="audit.csv")
+    p.add_argument("--out", default=None, help="audit.csv (export; required there)")
+    p.add_argument("--json", action="store_true", help="summary: print the figures as JSON")
+    p.epilog = ("example:\n  detector audit export --since 2026-11-01 --out audit.csv\n"
+                "  detector audit summary --since 2026-11-01\n"
+                "the outcomes come from the station: POST /v1/outcome to `detector serve` (see the README)")
 
 
 def _info(p: argparse.ArgumentParser) -> None:
@@ -145,7 +151,7 @@ VERBS: dict[str, tuple[str, Builder, str, str]] = {
              "detector info model.onnx"),
     "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",
               "detector serve --model model.onnx --port 8080"),
-    "audit": ("detector.audit", _audit, "export the audit log of served decisions",
+    "audit": ("detector.audit", _audit, "export or summarise the audit log of served decisions and their outcomes",
               "detector audit export --since 2026-11-01 --out audit.csv"),
 }
 

@@ -8,6 +8,7 @@ import pytest
 
 from detector import audit
 from detector.audit import AuditLog, export_csv, parse_time
+from detector.calibration import rate_interval
 
 
 def _row(rid: str, time: str, decision: str = "RELEASE") -> dict:
@@ -166,9 +167,10 @@ def test_database_of_the_old_schema_opens_unchanged_and_gains_outcomes(tmp_path)
     old.execute("INSERT INTO verdicts (time, request_id, model_sha256, score, decision, reason) VALUES "
                 "('2026-11-01T08:00:00.000+00:00', 'old1', 'ab', 0.7, 'INSPECT', 'score 0.7 >= 0.4')")
     old.close()
-    # exported as it is: no outcomes, and nothing written to a log a service may be serving from
+    # exported and summarised as it is: no outcomes, and nothing written to a log a service may be serving from
     assert export_csv(path, tmp_path / "before.csv") == 1
     assert next(csv.DictReader((tmp_path / "before.csv").open()))["outcome"] == ""
+    assert audit.summarise(path)["all"]["outcomes"] == 0
     peek = sqlite3.connect(str(path))
     assert peek.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'outcomes'").fetchone()[0] == 0
     before = peek.execute("SELECT * FROM verdicts").fetchall()
@@ -182,3 +184,46 @@ def test_database_of_the_old_schema_opens_unchanged_and_gains_outcomes(tmp_path)
         log.close()
     assert export_csv(path, tmp_path / "after.csv") == 2
     assert [r["outcome"] for r in csv.DictReader((tmp_path / "after.csv").open())] == ["found", ""]
+
+
+def test_summary_figures(tmp_path, capsys):
+    # model A: 5 INSPECT (found, found, clear, found corrected to clear, none), 3 RELEASE (one found by a random
+    # check, one clear, one unchecked); model B, served later: 1 INSPECT clear, 1 RELEASE unchecked
+    db = AuditLog(tmp_path / "audit.sqlite")
+    rows = [("a1", "INSPECT", "A", ["found"]), ("a2", "INSPECT", "A", ["found"]), ("a3", "INSPECT", "A", ["clear"]),
+            ("a4", "INSPECT", "A", ["found", "clear"]), ("a5", "INSPECT", "A", []),
+            ("a6", "RELEASE", "A", ["found"]), ("a7", "RELEASE", "A", ["clear"]), ("a8", "RELEASE", "A", []),
+            ("b1", "INSPECT", "B", ["clear"]), ("b2", "RELEASE", "B", [])]
+    for i, (rid, decision, model, outcomes) in enumerate(rows):
+        db.write({**_row(rid, f"2026-11-{i + 1:02d}T08:00:00.000+00:00", decision), "model_sha256": model * 64})
+        for o in outcomes:
+            db.record_outcome(rid, o)
+    db.close()
+    s = audit.summarise(tmp_path / "audit.sqlite")
+    a = s["all"]
+    assert (a["verdicts"], a["inspect"], a["outcomes"]) == (10, 6, 7)
+    assert a["inspect_share"] == pytest.approx(0.6)
+    assert (a["inspected_found"], a["inspected_clear"], a["released_found"], a["released_checked"]) == (2, 3, 1, 2)
+    assert a["hit_rate"] == pytest.approx(0.4) and a["hit_rate_interval"] == pytest.approx(rate_interval(2, 5))
+    assert [m["model_sha256"][0] for m in s["models"]] == ["A", "B"]
+    ma, mb = s["models"]
+    assert (ma["verdicts"], ma["inspected_found"], ma["inspected_clear"], ma["hit_rate"]) == (8, 2, 2, 0.5)
+    assert (mb["verdicts"], mb["inspect"], mb["hit_rate"], mb["released_checked"]) == (2, 1, 0.0, 0)
+    assert (s["first"], s["last"]) == ("2026-11-01T08:00:00.000+00:00", "2026-11-10T08:00:00.000+00:00")
+    assert audit.summarise(tmp_path / "audit.sqlite", since="2026-11-09")["all"]["verdicts"] == 2
+
+    args = dict(action="summary", audit=str(tmp_path / "audit.sqlite"), since=None, out=None)
+    assert audit.main(Namespace(**args, json=True)) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(s))
+    assert audit.main(Namespace(**args, json=False)) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].split() == ["model", "verdicts", "INSPECT", "outcomes", "hits/checked", "hit", "rate", "95", "%",
+                               "interval", "misses/checked"]
+    assert [ln.split()[0] for ln in text[1:4]] == ["A" * 12, "B" * 12, "all"]
+    assert text[3].split()[1:] == ["10", "6", "(60.0%)", "7", "2/5", "40.0%", "11.8%", "-", "76.9%", "1/2"]
+    assert text[-1].startswith("10 verdicts (2026-11-01") and "hit rate 40.0% (2 found of 5 inspected" in text[-1]
+    assert "misses: 1 found of 2 released trucks checked" in text[-1]
+    # an option the action would ignore is refused
+    assert audit.main(Namespace(**{**args, "out": "s.csv"}, json=False)) == 2
+    assert audit.main(Namespace(**{**args, "action": "export"}, json=False)) == 2
+    assert audit.main(Namespace(**{**args, "action": "export", "out": str(tmp_path / "x.csv")}, json=True)) == 2
