@@ -7,6 +7,8 @@ thread pool behind a bounded queue so the event loop keeps answering health chec
 
 Fail-closed contract (DESIGN.md "HTTP"): any failure answers 200 with decision INSPECT and the
 reason; the only non-200 answers are 401 (token), 413 (too large) and 429 (queue full, retry).
+POST /v1/outcome, where officers record what the manual inspection of a served truck found, routes nothing: its
+failures are plain 4xx/5xx with the reason, never a verdict.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 
-from detector.audit import AuditLog, utc_now
+from detector.audit import MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, utc_now
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -41,12 +44,18 @@ SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 
 TOKEN_ENV = "DETECTOR_TOKEN"
 FORM_FIELDS = ("scan", "meta")
 META_KEYS = ("vehicle_id", "container_id", "tier", "risk_flags")
+OUTCOME_KEYS = ("request_id", "outcome", "officer", "note")
+OUTCOME_MAX_BYTES = 65536   # an outcome's JSON body: a note at its longest, every character escaped, fits
 # the audit commit waits for a database locked by another process (an export, a backup, an operator's sqlite3
 # shell) until the request's deadline, and at least this long once the deadline is spent
 AUDIT_MIN_WAIT_S = 0.2
 AUDIT_RETRY_S = 0.5          # how often rows queued behind a locked database are retried
 AUDIT_RETRY_WAIT_S = 0.05    # how long each retry waits for the lock (the writer thread is busy meanwhile)
 AUDIT_CLOSE_WAIT_S = 10.0    # at shutdown, how long the last retry of queued rows waits for the lock
+# how long an outcome's write waits for a locked database before 503 (the officer's client retries); short, as
+# verdicts wait behind it in the one audit thread
+AUDIT_OUTCOME_WAIT_S = 2.0
+OUTCOME_RETRY_AFTER_S = 5
 # how long past the deadline an inference thread may still hand over its own verdict (say, "deadline exceeded
 # after read"); after that the answer is INSPECT at once and the thread keeps its slot until it ends
 DEADLINE_GRACE_S = 0.05
@@ -109,6 +118,9 @@ class Metrics:
     errors: int = 0
     audit_failures: int = 0   # rows that could not be stored at all (logged to stderr in full)
     audit_deferred: int = 0   # verdicts answered INSPECT before their row was committed (row queued)
+    # inspection outcomes recorded since start, by (decision served, outcome)
+    outcomes: dict[tuple[str, str], int] = field(
+        default_factory=lambda: dict.fromkeys(product(("INSPECT", "RELEASE"), OUTCOMES), 0))
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))   # seconds, every verdict
     # the scores of the scans scored (not the failures): against the bundle's normal scores they show a site's
     # traffic or scanner drifting away from what the thresholds were set on
@@ -124,6 +136,9 @@ class Metrics:
         if score is not None:
             self.scores.observe(score)
 
+    def outcome(self, decision: str, outcome: str) -> None:
+        self.outcomes[decision, outcome] = self.outcomes.get((decision, outcome), 0) + 1
+
     def render(self, svc: "Service") -> str:
         esc = lambda s: str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")  # noqa: E731
         out = ["# HELP detector_requests_total Inspection requests by HTTP status.",
@@ -132,6 +147,10 @@ class Metrics:
         out += ["# HELP detector_decisions_total Verdicts by routing decision.",
                 "# TYPE detector_decisions_total counter"]
         out += [f'detector_decisions_total{{decision="{d}"}} {n}' for d, n in sorted(self.decisions.items())]
+        out += ["# HELP detector_outcomes_total Inspection outcomes recorded (POST /v1/outcome) by the decision "
+                "served and what the inspection found.", "# TYPE detector_outcomes_total counter"]
+        out += [f'detector_outcomes_total{{decision="{d}",outcome="{o}"}} {n}'
+                for (d, o), n in sorted(self.outcomes.items())]
         out += ["# HELP detector_errors_total Verdicts forced to INSPECT by an error (bad scan, timeout, ...).",
                 "# TYPE detector_errors_total counter", f"detector_errors_total {self.errors}",
                 "# HELP detector_audit_failures_total Verdicts whose audit row could not be stored (row logged to "
@@ -218,7 +237,43 @@ class Service:
 
     def _reject(self, code: int, why: str, headers: dict | None = None) -> JSONResponse:
         self.metrics.request(code)
-        return JSONResponse({"detail": why}, status_code=code, headers=headers)
+        return _refusal(code, why, headers)
+
+    async def record_outcome(self, request: Request) -> JSONResponse:
+        """Record what the manual inspection of a served truck found: 200 with the decision served for it, else
+        401, 400 (malformed body, unknown outcome), 404 (no such verdict), 413, 503 (audit log locked: retry) or
+        500, each with the reason; the write runs in the audit thread, off the event loop."""
+        if not self.authorised(request):
+            return _refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        try:
+            body = await _outcome_body(request)
+            row = await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._write_outcome, body)
+        except UploadTooLarge:
+            return _refusal(413, f"an outcome's body is at most {OUTCOME_MAX_BYTES} bytes")
+        except UnknownRequest as e:
+            return _refusal(404, str(e))
+        except OutcomeError as e:
+            return _refusal(400, str(e))
+        except sqlite3.OperationalError as e:   # locked past AUDIT_OUTCOME_WAIT_S, disk full, I/O
+            return _refusal(503, f"audit log unavailable ({e}): outcome not recorded, retry",
+                            {"Retry-After": str(OUTCOME_RETRY_AFTER_S)})
+        except Exception as e:   # not the fail-closed verdict of create_app: this answer routes no truck
+            print(f"detector serve: outcome not recorded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return _refusal(500, f"internal error: {type(e).__name__}: outcome not recorded")
+        self.metrics.outcome(row["decision"], row["outcome"])
+        return JSONResponse({"request_id": row["request_id"], "outcome": row["outcome"], "decision": row["decision"],
+                             "recorded_at": row["time"]})
+
+    def _write_outcome(self, body: dict) -> dict:
+        """In the audit thread: append the outcome; a verdict still queued behind a locked database (not yet in the
+        log) raises sqlite3.OperationalError, to be retried, not UnknownRequest."""
+        try:
+            return self.audit.record_outcome(body.get("request_id"), body.get("outcome"), body.get("officer"),
+                                             body.get("note"), wait_s=AUDIT_OUTCOME_WAIT_S)
+        except UnknownRequest:
+            if any(r["request_id"] == body.get("request_id") for r in self.audit_backlog):
+                raise sqlite3.OperationalError("its verdict is still queued for the audit log") from None
+            raise
 
     async def _verdict(self, request: Request, rid: str, t0: float) -> JSONResponse:
         error, meta, data, name = None, {}, None, "scan"
@@ -511,6 +566,30 @@ def _unknown(what: str, names: Any, known: tuple[str, ...]) -> str | None:
     return f"unknown {what}(s) {shown} (expected {', '.join(known)}): nothing in the request may be ignored"
 
 
+def _refusal(code: int, why: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": why}, status_code=code, headers=headers)
+
+
+async def _outcome_body(request: Request) -> dict:
+    """POST /v1/outcome's JSON object (OutcomeError if it is not one, or names a key that would be ignored);
+    UploadTooLarge past OUTCOME_MAX_BYTES."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > OUTCOME_MAX_BYTES:
+        raise UploadTooLarge(int(length))
+    raw = await Request(request.scope, _limited(request.receive, OUTCOME_MAX_BYTES)).body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise OutcomeError(f"the body must be a JSON object {{{', '.join(OUTCOME_KEYS)}}} ({type(e).__name__}: "
+                           f"{str(e)[:100]})") from None
+    if not isinstance(body, dict):
+        raise OutcomeError(f"the body must be a JSON object, got {type(body).__name__}")
+    unknown = _unknown("key", body, OUTCOME_KEYS)
+    if unknown:
+        raise OutcomeError(unknown)
+    return body
+
+
 def _limited(receive: Any, limit: int) -> Any:
     """Wrap an ASGI receive so the body is counted as it arrives and cut off past `limit`."""
     seen = 0
@@ -560,6 +639,18 @@ def create_app(svc: Service) -> FastAPI:
     async def inspect(request: Request) -> JSONResponse:
         """Route one scan: RELEASE or INSPECT with the reason (always INSPECT on any failure)."""
         return await svc.handle(request)
+
+    @app.post("/v1/outcome", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "required": ["request_id", "outcome"], "properties": {
+            "request_id": {"type": "string", "description": "the request_id of the verdict served for the truck"},
+            "outcome": {"type": "string", "enum": list(OUTCOMES),
+                        "description": "found: contraband or undeclared goods; clear: inspected, nothing found"},
+            "officer": {"type": "string", "maxLength": MAX_OFFICER},
+            "note": {"type": "string", "maxLength": MAX_NOTE}}}}}}})
+    async def outcome(request: Request) -> JSONResponse:
+        """Record what the manual inspection of a served truck found; a correction is another POST (the latest
+        counts)."""
+        return await svc.record_outcome(request)
 
     @app.get("/healthz")
     async def healthz() -> dict:

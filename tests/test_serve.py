@@ -1,5 +1,6 @@
 """The station HTTP service, run as a real process on loopback (plus a few in-process ASGI checks)."""
 import asyncio
+import csv
 import hashlib
 import json
 import os
@@ -225,6 +226,66 @@ def test_metrics_and_audit_rows(server, normal_scan_path, tmp_path):
     assert res.returncode == 0 and "exported" in res.stdout
     rows = {r.split(",")[1]: r for r in out.read_text().splitlines()[1:]}
     assert rid in rows and "V-77" in rows[rid] and "RELEASE" in rows[rid]
+
+
+def _outcome(srv, body, token=TOKEN) -> httpx.Response:
+    """POST /v1/outcome with a JSON body (a str or bytes is sent as it is)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if isinstance(body, (str, bytes)):
+        return httpx.post(srv.url + "/v1/outcome", content=body, timeout=10,
+                          headers={**headers, "Content-Type": "application/json"})
+    return httpx.post(srv.url + "/v1/outcome", json=body, headers=headers, timeout=10)
+
+
+def _outcome_counts(srv) -> dict[str, float]:
+    text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in text.splitlines()
+                                     if ln.startswith("detector_outcomes_total{"))}
+
+
+def test_outcome_recorded_counted_and_exported(server, normal_scan_path, tmp_path):
+    rid = _post(server, normal_scan_path, {"vehicle_id": "V-88"}).json()["request_id"]
+    before = _outcome_counts(server)
+    assert len(before) == 4   # every decision x outcome from the start, so rate() works on the first one
+    r = _outcome(server, {"request_id": rid, "outcome": "clear", "officer": "K. Osei"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"request_id", "outcome", "decision", "recorded_at"}
+    assert (r.json()["request_id"], r.json()["outcome"], r.json()["decision"]) == (rid, "clear", "RELEASE")
+    fixed = _outcome(server, {"request_id": rid, "outcome": "found", "note": "random check: undeclared tyres"})
+    assert fixed.status_code == 200 and fixed.json()["recorded_at"] >= r.json()["recorded_at"]
+    added = {k: v - before[k] for k, v in _outcome_counts(server).items()}
+    assert added == {'detector_outcomes_total{decision="INSPECT",outcome="clear"}': 0,
+                     'detector_outcomes_total{decision="INSPECT",outcome="found"}': 0,
+                     'detector_outcomes_total{decision="RELEASE",outcome="clear"}': 1,
+                     'detector_outcomes_total{decision="RELEASE",outcome="found"}': 1}
+    out = tmp_path / "audit.csv"
+    res = subprocess.run([sys.executable, "-m", "detector.cli", "audit", "export", "--audit", str(server.audit),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    row = next(r for r in csv.DictReader(out.open()) if r["request_id"] == rid)
+    assert (row["vehicle_id"], row["outcome"], row["outcome_note"], row["outcome_time"]) == \
+           ("V-88", "found", "random check: undeclared tyres", fixed.json()["recorded_at"])
+
+
+def test_outcome_refusals_are_http_errors_not_verdicts(server, normal_scan_path):
+    rid = _post(server, normal_scan_path).json()["request_id"]
+    before = _outcome_counts(server)
+    cases = [({"request_id": "0" * 32, "outcome": "found"}, 404, "no verdict with request_id"),
+             ({"request_id": rid, "outcome": "seized"}, 400, "outcome must be one of found, clear"),
+             ({"request_id": rid}, 400, "outcome must be one of"),
+             ({"request_id": rid, "outcome": "found", "officer": "o" * 201}, 400, "at most 200"),
+             ({"request_id": rid, "outcome": "found", "notes": "misspelt"}, 400, "unknown key(s) 'notes'"),
+             ('{"request_id": "' + rid + '", "outcome": ', 400, "must be a JSON object"),
+             ('["found"]', 400, "must be a JSON object, got list"),
+             ('{"note": "' + "n" * 70000 + '"}', 413, "at most 65536 bytes")]
+    for body, code, why in cases:
+        r = _outcome(server, body)
+        assert r.status_code == code and why in r.json()["detail"], (body, r.status_code, r.text)
+        assert "decision" not in r.json()
+    for token in (None, "wrong"):
+        r = _outcome(server, {"request_id": rid, "outcome": "found"}, token=token)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert _outcome_counts(server) == before
 
 
 def test_kill9_under_load_keeps_every_answered_verdict(heuristic_model, normal_scan_path, tmp_path):
@@ -636,3 +697,54 @@ def test_readyz_shows_thresholds_only_to_an_authorised_caller(tmp_path):
     r = asyncio.run(readyz(open_svc))
     assert r.status_code == 200 and r.json()["tiers"] == open_svc.policy.thresholds
     open_svc.close()
+
+
+async def _post_outcome(svc, body: dict) -> httpx.Response:
+    from detector.serve import create_app
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+        return await c.post("/v1/outcome", json=body)
+
+
+def test_outcome_behind_a_locked_audit_db_is_503_with_a_retry_hint(tmp_path, monkeypatch):
+    from detector import serve
+    monkeypatch.setattr(serve, "AUDIT_OUTCOME_WAIT_S", 0.2)
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    rid = asyncio.run(_burst(svc, 1))[0].json()["request_id"]
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        t0 = time.perf_counter()
+        r = asyncio.run(asyncio.wait_for(_post_outcome(svc, {"request_id": rid, "outcome": "found"}), 10))
+        took = time.perf_counter() - t0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert r.status_code == 503 and "database is locked" in r.json()["detail"] and took < 0.2 + 0.5, took
+    assert r.headers["retry-after"] == str(serve.OUTCOME_RETRY_AFTER_S)
+    # a verdict answered while the database was locked and not yet committed is not "unknown": retry, not 404
+    queued = _answer_while_locked(svc, db)["request_id"]
+    r = asyncio.run(_post_outcome(svc, {"request_id": queued, "outcome": "clear"}))
+    assert r.status_code == 503 and "still queued" in r.json()["detail"]
+    asyncio.run(svc.flush_audit())
+    for req in (rid, queued):
+        r = asyncio.run(_post_outcome(svc, {"request_id": req, "outcome": "clear"}))
+        assert r.status_code == 200 and r.json()["decision"] == ("RELEASE" if req == rid else "INSPECT")
+    assert svc.metrics.outcomes == {("INSPECT", "clear"): 1, ("INSPECT", "found"): 0,
+                                    ("RELEASE", "clear"): 1, ("RELEASE", "found"): 0}
+    svc.close()
+
+
+def test_outcome_internal_error_is_500_not_a_verdict(tmp_path, monkeypatch, capsys):
+    # create_app's last-resort handler answers INSPECT: an officer's client would read that as recorded
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    rid = asyncio.run(_burst(svc, 1))[0].json()["request_id"]
+
+    def broken(*args, **kw):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(svc.audit, "record_outcome", broken)
+    r = asyncio.run(_post_outcome(svc, {"request_id": rid, "outcome": "found"}))
+    assert r.status_code == 500 and "RuntimeError" in r.json()["detail"] and "decision" not in r.json()
+    assert "kaboom" in capsys.readouterr().err
+    svc.close()
