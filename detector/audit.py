@@ -275,6 +275,44 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
         db.close()
 
 
+SERVED = ("time", "model_sha256", "decision", "score", "outcome")   # what served_verdicts gives of each verdict
+
+
+def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[str, Any]]:
+    """Each verdict at or after `since` as a dict of SERVED (score and outcome None where there is none), from an
+    audit database or its `detector audit export` CSV (one written before outcomes were recorded has none).
+    ValueError names the file if it is neither."""
+    source = Path(source)
+    with open(source, "rb") as f:
+        head = f.read(16)
+    if head == b"SQLite format 3\x00":
+        db = _reader(source)
+        try:
+            where, params = _since(since)
+            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome FROM {_LATEST}{where} "
+                              "ORDER BY v.time, v.id", params).fetchall()
+        finally:
+            db.close()
+        return [dict(zip(SERVED, r)) for r in rows]
+    with open(source, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ())[:len(COLUMNS)] != COLUMNS:
+            raise ValueError(f"{source}: neither an audit database nor a `detector audit export` CSV "
+                             f"(its header must start with {', '.join(COLUMNS[:4])}, ...)")
+        start = parse_time(since) if since else ""
+        out = []
+        for i, r in enumerate(reader, start=2):
+            if r["time"] < start:
+                continue
+            try:
+                score = float(r["score"]) if r["score"] else None
+            except ValueError:
+                raise ValueError(f"{source}: line {i}: score {r['score']!r} is not a number") from None
+            out.append({"time": r["time"], "model_sha256": r["model_sha256"], "decision": r["decision"],
+                        "score": score, "outcome": r.get("outcome") or None})
+        return out
+
+
 def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:
     """The verdicts at or after `since` and their latest outcomes, for all and per model (first served first): how
     many, the INSPECT share, the hit rate of inspection (found among inspected trucks with an outcome, with its

@@ -97,7 +97,8 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
     if site:
         left = site.get("left_out") or {}
         lines.append(f"  site        calibrated {site.get('created', '?')} on {site['scans']} cleared scans of "
-                     f"{site.get('results', '?')} ({sum(int(v or 0) for v in left.values())} left out); before: "
+                     f"{site.get('results', '?')}" + (f" since {site['since']}" if site.get("since") else "")
+                     + f" ({sum(int(v or 0) for v in left.values())} left out); before: "
                      f"{site['previous']['normal_scans']} scans of {site['previous']['source']}")
     return lines
 

@@ -83,13 +83,18 @@ def _eval(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", help="results.csv of the site's cleared scans, from `detector score` with this --model")
+    p.add_argument("results", help="results.csv of the site's cleared scans, from `detector score` with this --model; "
+                                   "or the audit log of a station serving it (audit.sqlite, or its export)")
     p.add_argument("--model", required=True, help="the model.onnx bundle that scored them")
     p.add_argument("--out", required=True, help="the site's bundle to write (same graph, the site's thresholds)")
     p.add_argument("--truth", default=None,
                    help="dataset folder or manifest.csv: calibrate on the scans it labels normal only")
+    p.add_argument("--since", default=None,
+                   help="audit log: the verdicts at or after this ISO date/time only (UTC if no zone)")
     p.epilog = ("example:\n  detector score cleared/ --model model.onnx --out cleared.csv\n"
-                "  detector calibrate cleared.csv --model model.onnx --out site.onnx")
+                "  detector calibrate cleared.csv --model model.onnx --out site.onnx\n"
+                "  detector calibrate audit.sqlite --model model.onnx --out site.onnx --since 2026-11-01\n"
+                "    (a station's own traffic: trucks whose inspection found something are left out)")
 
 
 def _serve(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,8 @@
 
 A bundle's thresholds come from its training validation scans. A site's trucks, cargo and scanner differ, so the
 same threshold inspects another share of its traffic than the rate it was chosen for. Score the site's cleared
-trucks with `detector score`, then calibrate on those scores: every rate (the bundle's table and a policy's tiers)
+trucks with `detector score`, or take a station's audit log (`detector serve` stores each truck's score, and the
+outcome officers record for it), then calibrate on those scores: every rate (the bundle's table and a policy's tiers)
 is then set on the site's traffic. The graph is copied byte for byte; the metadata records where the thresholds
 came from and what they were before.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sqlite3
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.audit import parse_time, served_verdicts
 from detector.bundle import BundleError, read_metadata, rewrite_metadata
 from detector.calibration import rate_interval, threshold_table
 from detector.evaluate import load_results, load_truth, match
@@ -36,8 +39,15 @@ class SiteScores:
     scores: list[float]
     rows: int
     failed: int = 0        # scans that could not be scored (they were routed INSPECT)
-    anomalous: int = 0     # scans the truth labels anomalous
+    anomalous: int = 0     # scans the truth labels anomalous (an audit log: whose inspection found something)
     not_in_truth: int = 0  # scans the truth does not list
+    other_model: int = 0   # audit log: verdicts another model served
+    unchecked: int = 0     # audit log: INSPECTed trucks with no recorded outcome, taken as cleared (kept)
+
+    def left_out(self) -> dict[str, int]:
+        """The rows not calibrated on, by why."""
+        return {"failed": self.failed, "anomalous": self.anomalous, "not_in_truth": self.not_in_truth,
+                "other_model": self.other_model}
 
 
 def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path | None = None) -> SiteScores:
@@ -77,7 +87,52 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
     return site
 
 
-def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, truth: str | None = None) -> dict:
+def is_audit_log(path: str | Path) -> bool:
+    """True for an audit database (`detector serve`) or its CSV export, whose first column is the verdict's time."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head.startswith(b"SQLite format 3\x00") or head.lstrip(b"\xef\xbb\xbf").startswith(b"time,request_id,")
+
+
+def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | None = None) -> SiteScores:
+    """Scores of the trucks a station served with this model (an audit database or its CSV export): the released ones
+    and the inspected ones, less those whose inspection found something. `model_sha256s`: the bundles whose scores
+    are this model's (itself, and the one it was calibrated from: the graph is the same)."""
+    try:
+        start = parse_time(since) if since else None
+    except ValueError:
+        raise CalibrationError(f"--since {since!r}: not an ISO date or time (e.g. 2026-11-01 or "
+                               "2026-11-01T06:00)") from None
+    try:
+        rows = served_verdicts(audit, start)
+    except sqlite3.DatabaseError as e:
+        raise CalibrationError(f"{audit}: not a readable audit database ({e})") from None
+    site = SiteScores([], len(rows))
+    for r in rows:
+        if r["model_sha256"] not in model_sha256s:
+            site.other_model += 1
+        elif r["outcome"] == "found":
+            site.anomalous += 1
+        elif r["score"] is None:
+            site.failed += 1
+        elif not 0.0 <= r["score"] <= 1.0:
+            raise CalibrationError(f"{audit}: verdict of {r['time']}: score {r['score']:g} is outside [0, 1]")
+        else:
+            site.scores.append(float(r["score"]))
+            site.unchecked += r["decision"] == "INSPECT" and r["outcome"] is None
+    if not site.scores:
+        since_text = f" since {since}" if since else ""
+        raise CalibrationError(f"{audit}: no verdict of this model with a score to calibrate on{since_text} "
+                               f"({site.rows} verdicts: {site.other_model} by another model, {site.failed} failed, "
+                               f"{site.anomalous} found something)")
+    return site
+
+
+def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, truth: str | None = None,
+                since: str | None = None) -> dict:
     """The bundle metadata with thresholds and normal_scores from the site's scores and a `site_calibration`
     record; CalibrationError when there are too few scores to set the default rate at all."""
     n, default = len(site.scores), float(meta["default_false_alarm_rate"])
@@ -91,8 +146,8 @@ def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, tr
     new["thresholds"] = threshold_table(site.scores, rates)
     new["normal_scores"] = sorted(site.scores)
     new["site_calibration"] = {
-        "results": source, "truth": truth, "scans": n, "scored_with_sha256": model_sha256,
-        "left_out": {"failed": site.failed, "anomalous": site.anomalous, "not_in_truth": site.not_in_truth},
+        "results": source, "truth": truth, "since": since, "scans": n, "scored_with_sha256": model_sha256,
+        "left_out": site.left_out(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "previous": {"thresholds": meta["thresholds"], "normal_scans": len(meta["normal_scores"]),
                      "source": old["results"] if old else "training validation"}}
@@ -125,8 +180,9 @@ def _span(lo_hi: tuple[float, float]) -> str:
 
 
 def main(args) -> int:
-    """CLI entry: `detector calibrate RESULTS --model MODEL --out SITE_MODEL [--truth DATA]`."""
-    model, out = Path(args.model), Path(args.out)
+    """CLI entry: `detector calibrate RESULTS --model MODEL --out SITE_MODEL [--truth DATA | --since TIME]`; RESULTS is
+    a `detector score` results CSV, or a station's audit log (database or export)."""
+    model, out, since = Path(args.model), Path(args.out), getattr(args, "since", None)
     if out.exists() and out.resolve() == model.resolve():
         print(f"detector calibrate: --out {out} is the model itself: write the site's bundle to a new file "
               "(the scores in the results belong to this one)", file=sys.stderr)
@@ -135,18 +191,33 @@ def main(args) -> int:
         meta = read_metadata(model)
         data = model.read_bytes()   # once: the bytes hashed are the bytes the site's bundle is written from
         sha = hashlib.sha256(data).hexdigest()
-        site = load_site_scores(args.results, sha, args.truth)
-        new = recalibrate(meta, site, str(args.results), sha, args.truth)
+        audit = is_audit_log(args.results)
+        if audit and args.truth:
+            raise CalibrationError(f"{args.results}: an audit log's outcomes say which trucks held something; "
+                                   "--truth is for a `detector score` results CSV")
+        if not audit and since:
+            raise CalibrationError(f"{args.results}: --since selects verdicts of an audit log; this is not one")
+        if audit:   # the bundle this one was calibrated from scored with the same graph
+            before = (meta.get("site_calibration") or {}).get("scored_with_sha256")
+            site = load_audit_scores(args.results, {sha, before} - {None}, since)
+        else:
+            site = load_site_scores(args.results, sha, args.truth)
+        new = recalibrate(meta, site, str(args.results), sha, args.truth, since)
         rows = comparison(meta, new, site.scores)
         rewrite_metadata(model, out, new, data)
     except (CalibrationError, BundleError, FileNotFoundError, ValueError, OSError) as e:
         print(f"detector calibrate: {e}", file=sys.stderr)
         return 2
     n = len(site.scores)
-    left = [f"{v} {k.replace('_', ' ')}" for k, v in (("failed", site.failed), ("anomalous", site.anomalous),
-                                                      ("not_in_truth", site.not_in_truth)) if v]
-    print(f"{n} cleared scans from {args.results}" + (f" ({', '.join(left)} left out)" if left else "")
-          + ("" if args.truth else "; all taken as cleared traffic (give --truth to leave labelled anomalies out)"))
+    names = {"anomalous": "found something" if audit else "anomalous", "other_model": "by another model"}
+    left = [f"{v} {names.get(k, k.replace('_', ' '))}" for k, v in site.left_out().items() if v]
+    if audit:
+        how = (f"; released and inspected-clear trucks, and {site.unchecked} inspected without a recorded outcome "
+               "taken as cleared (record outcomes: POST /v1/outcome)" if site.unchecked else
+               "; released and inspected-clear trucks")
+    else:
+        how = "" if args.truth else "; all taken as cleared traffic (give --truth to leave labelled anomalies out)"
+    print(f"{n} cleared scans from {args.results}" + (f" ({', '.join(left)} left out)" if left else "") + how)
     print(f"{'rate':>7}  {'threshold (was)':>19}  site scans inspected: at the old threshold -> at the new")
     for r in rows:
         was = f"{r['threshold']:.4f} ({r['old_threshold']:.4f})" if "old_threshold" in r else f"{r['threshold']:.4f}"

@@ -1,6 +1,7 @@
 """`detector calibrate`: a bundle re-thresholded on a site's cleared traffic, graph unchanged, torch- and onnx-free."""
 import csv
 import json
+import uuid
 
 import numpy as np
 import onnx
@@ -75,7 +76,8 @@ def test_failed_rows_and_the_truths_anomalies_are_left_out(tmp_path, model, caps
                 "--truth", str(truth)]) == 0
     new = read_metadata(tmp_path / "site.onnx")
     assert new["normal_scores"] == sorted(float(s) for s in clean)
-    assert new["site_calibration"]["left_out"] == {"failed": 1, "anomalous": 20, "not_in_truth": 1}
+    assert new["site_calibration"]["left_out"] == {"failed": 1, "anomalous": 20, "not_in_truth": 1,
+                                                        "other_model": 0}
     assert "400 cleared scans" in capsys.readouterr().out
 
 
@@ -159,3 +161,89 @@ def test_calibrate_runs_on_a_station_without_torch_or_onnx(tmp_path, model):
     proc = run_without(code, TRAINING_PACKAGES + ("onnx",))
     assert proc.returncode == 0, proc.stderr
     assert read_metadata(tmp_path / "site.onnx")["site_calibration"]["scans"] == 300
+
+
+def _served(audit, model_sha, scores, decision="RELEASE", outcome=None, day="2026-11-02"):
+    """Verdicts a station served with the bundle of `model_sha` (score None: a failed scan), each with an outcome."""
+    from detector.audit import AuditLog
+    log = AuditLog(audit)
+    try:
+        for i, s in enumerate(scores):
+            rid = uuid.uuid4().hex
+            log.write({"time": f"{day}T08:{i // 60:02d}:{i % 60:02d}.000+00:00", "request_id": rid,
+                       "model_sha256": model_sha, "score": s, "threshold": 0.5, "tier": "standard",
+                       "decision": decision if s is not None else "INSPECT", "reason": "test"})
+            if outcome:
+                log.record_outcome(rid, outcome)
+    finally:
+        log.close()
+
+
+def test_a_stations_audit_log_calibrates_on_its_cleared_traffic(tmp_path, model, capsys):
+    """Released and inspected-clear trucks count, those whose inspection found something, failed scans and other
+    models' verdicts do not; the database and its CSV export give the same thresholds; --since picks the days."""
+    audit, sha = tmp_path / "audit.sqlite", file_sha256(model)
+    released, clear, unchecked = _site_scores(400, seed=2), np.full(15, 0.93), np.full(5, 0.91)
+    _served(audit, sha, released)
+    _served(audit, sha, clear, "INSPECT", "clear")
+    _served(audit, sha, unchecked, "INSPECT")
+    _served(audit, sha, np.full(10, 0.99), "INSPECT", "found")
+    _served(audit, sha, [None] * 3)
+    _served(audit, "0" * 64, _site_scores(50, seed=3))
+    _served(audit, sha, np.full(200, 0.02), day="2026-10-01")          # before the scanner's service: --since
+    assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(tmp_path / "site.onnx"),
+                "--since", "2026-11-01"]) == 0
+    new = read_metadata(tmp_path / "site.onnx")
+    assert new["normal_scores"] == sorted(float(s) for s in np.concatenate([released, clear, unchecked]))
+    cal = new["site_calibration"]
+    assert cal["left_out"] == {"failed": 3, "anomalous": 10, "not_in_truth": 0, "other_model": 50}
+    assert cal["since"] == "2026-11-01" and cal["results"] == str(audit)
+    out = capsys.readouterr().out
+    assert "420 cleared scans" in out and "10 found something" in out and "50 by another model" in out
+    assert "5 inspected without a recorded outcome taken as cleared" in out
+    assert cli(["info", str(tmp_path / "site.onnx")]) == 0
+    assert f"on 420 cleared scans of {audit} since 2026-11-01 (63 left out)" in capsys.readouterr().out
+    # the same traffic from the export
+    export = ["audit", "export", "--audit", str(audit), "--since", "2026-11-01", "--out", str(tmp_path / "a.csv")]
+    assert cli(export) == 0
+    assert cli(["calibrate", str(tmp_path / "a.csv"), "--model", str(model), "--out", str(tmp_path / "csv.onnx")]) == 0
+    assert read_metadata(tmp_path / "csv.onnx")["thresholds"] == new["thresholds"]
+    # without --since the October trucks (all 0.02) count too
+    assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(tmp_path / "all.onnx")]) == 0
+    assert len(read_metadata(tmp_path / "all.onnx")["normal_scores"]) == 620
+
+
+def test_a_site_bundle_calibrates_again_on_verdicts_served_by_it_and_by_its_parent(tmp_path, model):
+    audit, sha = tmp_path / "audit.sqlite", file_sha256(model)
+    _served(audit, sha, _site_scores(300, seed=4))
+    assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(tmp_path / "site.onnx")]) == 0
+    site_sha = file_sha256(tmp_path / "site.onnx")
+    _served(audit, site_sha, _site_scores(200, seed=5), day="2026-11-03")   # the site bundle in service
+    _served(audit, "f" * 64, _site_scores(70, seed=6), day="2026-11-03")
+    site = tmp_path / "site.onnx"
+    assert cli(["calibrate", str(audit), "--model", str(site), "--out", str(tmp_path / "s2.onnx")]) == 0
+    cal = read_metadata(tmp_path / "s2.onnx")["site_calibration"]
+    assert cal["scans"] == 500 and cal["left_out"]["other_model"] == 70     # same graph: its parent's scores count
+    # a bundle two calibrations away is another lineage as far as the log can tell
+    _served(audit, file_sha256(tmp_path / "s2.onnx"), _site_scores(100, seed=7), day="2026-11-04")
+    assert cli(["calibrate", str(audit), "--model", str(tmp_path / "s2.onnx"), "--out", str(tmp_path / "s3.onnx")]) == 0
+    assert read_metadata(tmp_path / "s3.onnx")["site_calibration"]["scans"] == 300   # s2's own and site.onnx's
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--truth", "manifest.csv"], "--truth is for a `detector score` results CSV"),
+    (["--since", "last tuesday"], "--since 'last tuesday': not an ISO date"),
+    (["--since", "2027-01-01"], "no verdict of this model with a score to calibrate on since 2027-01-01"),
+])
+def test_audit_calibration_refusals(tmp_path, model, capsys, args, message):
+    audit = tmp_path / "audit.sqlite"
+    _served(audit, file_sha256(model), _site_scores(150))
+    assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(tmp_path / "s.onnx"), *args]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "s.onnx").exists()
+
+
+def test_since_is_refused_for_a_results_csv(tmp_path, model, capsys):
+    res = _results(tmp_path / "cleared.csv", _site_scores(300), model)
+    out = tmp_path / "s.onnx"
+    assert cli(["calibrate", str(res), "--model", str(model), "--out", str(out), "--since", "2026-11-01"]) == 2
+    assert "--since selects verdicts of an audit log" in capsys.readouterr().err
