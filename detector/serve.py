@@ -628,6 +628,8 @@ def create_app(svc: Service) -> FastAPI:
     async def fail_closed(request: Request, exc: Exception) -> JSONResponse:
         # last resort: a client must never read a 5xx as "no verdict, release"
         print(f"detector serve: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        if request.url.path != "/v1/inspect":   # a verdict (or a 200) from /readyz or /metrics would read as "fine"
+            return _refusal(500, f"internal error: {type(exc).__name__}")
         return JSONResponse({"decision": "INSPECT", "score": None, "threshold": None, "tier": None,
                              "reason": f"internal error: {type(exc).__name__}", "regions": [],
                              "model_sha256": svc.model_sha256, "request_id": None, "latency_ms": None})

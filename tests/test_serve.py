@@ -748,3 +748,25 @@ def test_outcome_internal_error_is_500_not_a_verdict(tmp_path, monkeypatch, caps
     assert r.status_code == 500 and "RuntimeError" in r.json()["detail"] and "decision" not in r.json()
     assert "kaboom" in capsys.readouterr().err
     svc.close()
+
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/metrics"])
+def test_an_error_outside_inspect_is_a_500_not_a_verdict(tmp_path, monkeypatch, path):
+    # a 200 INSPECT body from /readyz reads as "ready" to an orchestrator, and from /metrics as a scrape to parse
+    from detector.serve import create_app
+    svc = _service(tmp_path, _FakeInspector())
+
+    def broken(*args, **kw):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(svc, "authorised", broken)
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(svc), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    r = asyncio.run(get())
+    assert r.status_code == 500 and "decision" not in r.json() and "RuntimeError" in r.json()["detail"]
+    svc.close()
