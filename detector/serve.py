@@ -250,8 +250,8 @@ class Service:
             row = await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._write_outcome, body)
         except UploadTooLarge:
             return _refusal(413, f"an outcome's body is at most {OUTCOME_MAX_BYTES} bytes")
-        except UnknownRequest as e:
-            return _refusal(404, str(e))
+        except UnknownRequest:   # its message names the audit file: not the client's business
+            return _refusal(404, f"no verdict with request_id {str(body.get('request_id'))[:200]!r} in the audit log")
         except OutcomeError as e:
             return _refusal(400, str(e))
         except sqlite3.OperationalError as e:   # locked past AUDIT_OUTCOME_WAIT_S, disk full, I/O
