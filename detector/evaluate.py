@@ -8,6 +8,7 @@ score >= threshold.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics as M
-from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask, read_rows
+from detector.manifest import (boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask, read_rows,
+                               read_text)
 from detector.scan import ScanError
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
@@ -99,7 +101,7 @@ def load_results(path: str | Path) -> list[Result]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such results file (`detector score SCANS --model M --out {path}` "
                                 "writes one)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = {"path", "score", "decision", "error"} - set(reader.fieldnames or [])
         if missing:

@@ -6,7 +6,9 @@ with optional masks/<stem>.png. A cell that cannot be used raises ScanError nami
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -22,11 +24,25 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "test": "test", "testing": "test"}
 
 
+def read_text(path: str | Path) -> str:
+    """A text file that people write (a manifest, a list of scans), less a byte-order mark; ScanError naming the file
+    and the line when it is not UTF-8: a spreadsheet's "CSV" in the Windows code page (an é in a file name) ended
+    `detector train` in a UnicodeDecodeError traceback."""
+    data = Path(path).read_bytes()
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ScanError(path, f"line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}): save it as UTF-8 (a "
+                              "spreadsheet's \"CSV UTF-8\")") from None
+
+
 def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -> list[dict]:
     """The manifest's rows (each with `_row`, its line in the file), checked for the `need` columns and for a path
     listed twice: two rows of one scan could land in different splits (training on a test scan)."""
     manifest = Path(manifest)
-    with open(manifest, newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark
+    with io.StringIO(read_text(manifest), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:

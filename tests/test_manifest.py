@@ -69,3 +69,23 @@ def test_a_plain_layout_mask_whose_stem_names_two_anomalous_scans_is_refused(tmp
     with pytest.raises(ScanError, match=r"0001\.png: one mask for 2 anomalous scans with the stem '0001' "
                                         r"\(anomalous/site1/0001\.tiff, anomalous/site2/0001\.tiff\)"):
         layout_files(tmp_path)
+
+
+def test_a_manifest_or_scan_list_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    """A spreadsheet's "CSV" in the Windows code page (an é in a type or a file name): training ended in a
+    UnicodeDecodeError traceback, and score and eval printed the codec's words without the file."""
+    from detector.evaluate import load_results
+    from detector.sources import discover
+    text = "path,label,anomaly_type\na.tiff,0,none\nb.tiff,1,stupéfiants\n"
+    (tmp_path / "manifest.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(ScanError, match=r"manifest\.csv: line 3 is not UTF-8 text .*save it as UTF-8"):
+        read_rows(tmp_path / "manifest.csv")
+    (tmp_path / "scans.txt").write_bytes("a.tiff\ncafé.tiff\n".encode("cp1252"))
+    with pytest.raises(ScanError, match=r"scans\.txt: line 2 is not UTF-8 text"):
+        discover(str(tmp_path / "scans.txt"))
+    (tmp_path / "results.csv").write_bytes("path,score,decision,error\nb.tiff,0.5,RELEASE,\ncafé.tiff,,INSPECT,x\n"
+                                           .encode("cp1252"))   # a results CSV saved again by a spreadsheet
+    with pytest.raises(ScanError, match=r"results\.csv: line 3 is not UTF-8 text"):
+        load_results(tmp_path / "results.csv")
+    (tmp_path / "bom.txt").write_bytes("\ufeffa.tiff\n".encode("utf-8"))   # Notepad's byte-order mark
+    assert [i.path.name for i in discover(str(tmp_path / "bom.txt"))[0]] == ["a.tiff"]
