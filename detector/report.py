@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
+from detector.calibration import score_digits
+
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
 MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
 
@@ -85,8 +87,9 @@ def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray
 
 def verdict_banner(decision: str, score: float | None, threshold: float | None, extra: str = "") -> str:
     """One line: decision, score and threshold (and a reason or a name)."""
-    s = "-" if score is None or score != score else f"{score:.3f}"
-    t = "-" if threshold is None or threshold != threshold else f"{threshold:.3f}"
+    d = 3 if score is None or threshold is None else score_digits(score, threshold, 3)
+    s = "-" if score is None or score != score else f"{score:.{d}f}"
+    t = "-" if threshold is None or threshold != threshold else f"{threshold:.{d}f}"
     return f"{decision}  score {s}  threshold {t}" + (f"  {extra}" if extra else "")
 
 

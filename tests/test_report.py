@@ -35,6 +35,16 @@ def test_render_boxes_banner_and_downscale():
     assert plain.shape == (60, 200, 3) and g > r + 80 and g > b + 80
 
 
+def test_banner_prints_score_and_threshold_apart():
+    """At 3 decimals a released truck's banner read "RELEASE score 0.980 threshold 0.980" (the reason, in
+    detector.runtime, already took as many decimals as set them apart)."""
+    text = report.verdict_banner("RELEASE", 0.98012, 0.9804)
+    score, threshold = re.findall(r"score (\S+)  threshold (\S+)", text)[0]
+    assert score != threshold and float(score) < float(threshold)
+    assert report.verdict_banner("INSPECT", 0.9, 0.5) == "INSPECT  score 0.900  threshold 0.500"
+    assert report.verdict_banner("INSPECT", None, 0.5, "a") == "INSPECT  score -  threshold 0.500  a"
+
+
 def test_plots_and_html_self_contained(tmp_path):
     roc = report.plot_roc({"all": (np.array([0, 0, 0.5, 1]), np.array([0, 0.5, 1, 1]))}, tmp_path / "roc.png",
                           [(0.01, 0.5, "1% FA")])
