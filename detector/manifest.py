@@ -50,15 +50,22 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
                                       f"{','.join(reader.fieldnames or []) or 'none'})")
         rows, seen = [], {}
         for row in reader:
-            line, path = reader.line_num, (row.get("path") or "").strip()   # line_num: blank lines count too
+            line, path = reader.line_num, _native((row.get("path") or "").strip())   # line_num: blank lines count too
             if not path:
                 continue
             key = os.path.normpath(path)   # ./images/a.tiff and images/a.tiff are one scan
             if key in seen:
                 raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[key]}); list each scan once")
             seen[key] = line
-            rows.append({**row, "path": path, "_row": line})
+            mask = {"mask": _native(row["mask"])} if row.get("mask") else {}
+            rows.append({**row, "path": path, "_row": line, **mask})
     return rows
+
+
+def _native(cell: str) -> str:
+    """A manifest's path as this system names it: images\\a.tiff, as a Windows tool writes it, is images/a.tiff
+    elsewhere (read as one file name, each scan of such a manifest was "file not found")."""
+    return cell.replace("\\", "/") if os.sep == "/" else cell
 
 
 def label_of(row: dict, manifest: str | Path) -> int:

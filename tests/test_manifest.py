@@ -1,4 +1,6 @@
 """Dataset folders read one way: the manifest's cells checked with their row, the plain layout at any depth."""
+import os
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,25 @@ def test_a_manifest_or_scan_list_that_is_not_utf8_names_the_file_and_line(tmp_pa
         load_results(tmp_path / "results.csv")
     (tmp_path / "bom.txt").write_bytes("\ufeffa.tiff\n".encode("utf-8"))   # Notepad's byte-order mark
     assert [i.path.name for i in discover(str(tmp_path / "bom.txt"))[0]] == ["a.tiff"]
+
+
+def test_a_manifest_written_on_windows_names_its_files_with_backslashes(tmp_path):
+    r"""images\a.tiff, as a Windows tool or spreadsheet writes it: on Linux every scan was "file not found", in
+    training (all left out), scoring (every row failed) and evaluation (no truth matched)."""
+    pytest.importorskip("torch")
+    from detector.data import load_records
+    from detector.sources import discover
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / "images" / "a.tiff", counts)
+    write_scan(tmp_path / "images" / "b.tiff", counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "b.png").write_bytes(b"")
+    _manifest(tmp_path, "path,label,mask\nimages\\a.tiff,0,\n.\\images\\b.tiff,1,masks\\b.png\n")
+    records = load_records(tmp_path)
+    assert [(os.path.exists(r.path), r.mask and os.path.exists(r.mask)) for r in records] == [(True, None),
+                                                                                               (True, True)]
+    truth, _ = load_truth(tmp_path)
+    assert [t.path.is_file() for t in truth] == [True, True] and truth[1].mask.is_file()
+    assert [i.path.is_file() for i in discover(str(tmp_path))[0]] == [True, True]
+    with pytest.raises(ScanError, match=r"row 3: images/a\.tiff is listed again \(row 2\)"):
+        read_rows(_manifest(tmp_path, "path,label\nimages\\a.tiff,0\nimages/a.tiff,0\n"))
