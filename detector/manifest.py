@@ -68,6 +68,15 @@ def _native(cell: str) -> str:
     return cell.replace("\\", "/") if os.sep == "/" else cell
 
 
+def has_labels(manifest: str | Path) -> bool:
+    """Whether a manifest has the label column that makes it a truth for `detector eval` (one of tiers and risk flags
+    alone routes scans, and judges none)."""
+    try:
+        return "label" in next(csv.reader(io.StringIO(read_text(manifest))), [])
+    except (OSError, ScanError):
+        return False
+
+
 def label_of(row: dict, manifest: str | Path) -> int:
     """The row's label, 0 (normal) or 1 (anomalous)."""
     text = (row.get("label") or "").strip()
