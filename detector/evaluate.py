@@ -309,6 +309,10 @@ def _pct(v) -> str:
 
 def main(args) -> int:
     """CLI entry: evaluate and print a one-line summary."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"detector eval: --out {args.out} is a file: give a folder for {', '.join(OUTPUTS[:-1])} and "
+              f"{OUTPUTS[-1]}", file=sys.stderr)
+        return 2
     try:
         m = evaluate(args.results, args.truth, args.out)
     except (FileNotFoundError, ValueError) as e:

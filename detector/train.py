@@ -533,6 +533,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for the run (checkpoints, config.yaml, metrics.json)")
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
         _warn_if_replacing(out)

@@ -232,3 +232,13 @@ def test_scans_of_the_manifests_train_and_val_splits_are_noted(tmp_path, capsys)
                                                   in enumerate(zip(rows, splits))) + "\n")
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
     assert "split" not in capsys.readouterr().err                              # a test split alone: nothing to say
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    """--out report.html (or the results file itself): a FileExistsError traceback."""
+    data, res = _dataset(tmp_path)
+    for out in (res, tmp_path / "report.html"):
+        out.touch()
+        assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 2
+        assert capsys.readouterr().err == (f"detector eval: --out {out} is a file: give a folder for metrics.json, "
+                                           "roc.png, hist.png and report.html\n")

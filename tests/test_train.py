@@ -412,6 +412,16 @@ def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsy
     assert not (tmp_path / "r").exists()     # a wrong --data leaves no empty run folder behind
 
 
+def test_train_verb_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    """--out model.onnx (a file, where a run folder goes): a FileExistsError traceback."""
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n=6)
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert main(["train", "--config", str(QUICK), "--data", str(data), "--out", str(tmp_path / "model.onnx")]) == 2
+    assert capsys.readouterr().err == (f"detector train: --out {tmp_path / 'model.onnx'} is a file: give a folder for "
+                                       "the run (checkpoints, config.yaml, metrics.json)\n")
+
+
 def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
     import torch
 
