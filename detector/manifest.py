@@ -157,6 +157,9 @@ def not_a_dataset(root: str | Path) -> str:
     if parent is not None:
         return (f"no manifest.csv and no normal/ or anomalous/ folder here, but {parent / 'manifest.csv'} lists these "
                 f"scans: pass the dataset folder {parent}")
+    cased = sorted(f"{p.name}/" for p in root.iterdir() if p.is_dir() and p.name.lower() in dict(LAYOUT).values())
+    if cased:   # on a case-sensitive file system Normal/ is no normal/
+        return f"no normal/ or anomalous/ folder, but {', '.join(cased)}: the layout's folder names are lower case"
     scans = (p for p in root.rglob("*") if p.suffix.lower() in SCAN_SUFFIXES and p.is_file())
     if next(scans, None) is not None:
         return ("scans but no labels: put them in normal/ and anomalous/ sub-folders, or list them in a manifest.csv "

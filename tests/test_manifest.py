@@ -113,3 +113,14 @@ def test_a_manifest_written_on_windows_names_its_files_with_backslashes(tmp_path
     assert [i.path.is_file() for i in discover(str(tmp_path))[0]] == [True, True]
     with pytest.raises(ScanError, match=r"row 3: images/a\.tiff is listed again \(row 2\)"):
         read_rows(_manifest(tmp_path, "path,label\nimages\\a.tiff,0\nimages/a.tiff,0\n"))
+
+
+def test_layout_folders_named_in_another_case_are_named_in_the_refusal(tmp_path):
+    """Normal/ and Anomalous/ (as a Windows user names folders): "scans but no labels: put them in normal/ and
+    anomalous/ sub-folders" told the user to do what they had done."""
+    from detector.manifest import not_a_dataset
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / "Normal" / "n.tiff", counts)
+    write_scan(tmp_path / "Anomalous" / "a.tiff", counts)
+    assert not_a_dataset(tmp_path) == ("no normal/ or anomalous/ folder, but Anomalous/, Normal/: the layout's folder "
+                                       "names are lower case")
