@@ -57,7 +57,7 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
             if key in seen:
                 raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[key]}); list each scan once")
             seen[key] = line
-            mask = {"mask": _native(row["mask"])} if row.get("mask") else {}
+            mask = {"mask": _native(row["mask"].strip())} if row.get("mask") else {}
             rows.append({**row, "path": path, "_row": line, **mask})
     return rows
 

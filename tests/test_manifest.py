@@ -124,3 +124,17 @@ def test_layout_folders_named_in_another_case_are_named_in_the_refusal(tmp_path)
     write_scan(tmp_path / "Anomalous" / "a.tiff", counts)
     assert not_a_dataset(tmp_path) == ("no normal/ or anomalous/ folder, but Anomalous/, Normal/: the layout's folder "
                                        "names are lower case")
+
+
+def test_a_mask_cell_with_spaces_around_it_names_the_mask(tmp_path):
+    """The path cell was stripped and the mask cell not: "masks/b.png " (a spreadsheet's stray space) was a mask
+    "not found" in training, and no truth box in evaluation."""
+    pytest.importorskip("torch")
+    from detector.data import load_records
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / "b.tiff", counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "b.png").write_bytes(b"")
+    _manifest(tmp_path, "path,label,mask\n b.tiff ,1, masks/b.png \n")
+    assert os.path.exists(load_records(tmp_path)[0].mask)
+    assert load_truth(tmp_path)[0][0].mask.is_file()
