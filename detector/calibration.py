@@ -22,6 +22,15 @@ def _scores(normal_scores: Iterable[float]) -> np.ndarray:
     return s
 
 
+def score_digits(score: float, threshold: float, least: int = 2) -> int:
+    """Decimals (at least `least`, at most 9) that print a score and a threshold apart when they differ: a
+    decision must never read "0.62 < 0.62"."""
+    d = least
+    while d < 9 and f"{score:.{d}f}" == f"{threshold:.{d}f}" and score != threshold:
+        d += 1
+    return d
+
+
 def false_alarm_rate(normal_scores: Iterable[float], threshold: float) -> float:
     """Share of normal scans that would be inspected at this threshold."""
     s = _scores(normal_scores)

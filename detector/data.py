@@ -670,23 +670,28 @@ class ScanDataModule(L.LightningDataModule):
         path, (_, reason) = next(iter(self.skipped.items()))
         return f"{path}: {reason}"
 
+    def _unreadable(self, split: str | None = None) -> str:
+        """' (N unreadable, e.g. PATH: REASON)' for the scans of `split` (None: of any) left out as unreadable, else
+        '': a split emptied by them is a file problem, not a manifest one."""
+        bad = [f"{p}: {reason}" for p, (s, reason) in self.skipped.items() if split in (None, s)]
+        return f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""
+
     def _check_splits(self) -> None:
         if self.require_train and not any(r.label == 0 for r in self.records):   # no split can fix that
             raise ScanError(self.data_dir, "the dataset has no normal scans (label 0, or normal/ in the plain layout): "
                                            "the thresholds are calibrated on normal traffic, so training needs some")
         if self.require_train and not self.splits["train"]:
-            why = f" ({len(self.skipped)} unreadable, e.g. {self._a_skipped_scan()})" if self.skipped else ""
-            raise ScanError(self.data_dir, f"no training scans after splitting{why}")
+            raise ScanError(self.data_dir, f"no training scans after splitting{self._unreadable()}")
         if not self.splits["val"]:  # tiny datasets: validate on the training scans rather than not at all
             if self.require_train:
-                rank_zero_warn(f"no validation scans in {self.data_dir}: validating and calibrating on the "
-                               "training scans, whose scores are optimistic (the thresholds will flag fewer trucks "
-                               "than asked)")
+                rank_zero_warn(f"no validation scans in {self.data_dir}{self._unreadable('val')}: validating and "
+                               "calibrating on the training scans, whose scores are optimistic (the thresholds will "
+                               "flag fewer trucks than asked)")
             self.splits["val"] = list(self.splits["train"])
         if self.require_train and not any(r.label == 0 for r in self.splits["val"]):
-            raise ScanError(self.data_dir, "the validation split has no normal scans: the thresholds are calibrated on "
-                                           "them (put some normal scans in split=val, or leave the split column empty "
-                                           "for a seeded split)")
+            raise ScanError(self.data_dir, f"the validation split has no normal scans{self._unreadable('val')}: the "
+                                           "thresholds are calibrated on them (put some normal scans in split=val, or "
+                                           "leave the split column empty for a seeded split)")
 
     def write_skipped(self, path: str | os.PathLike) -> int:
         """RUN/skipped_scans.csv: path, split, reason of each unreadable scan left out (header only if none)."""

@@ -8,6 +8,7 @@ score >= threshold.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics as M
-from detector.manifest import boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask, read_rows
+from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask,
+                               read_rows, read_text)
 from detector.scan import ScanError
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
@@ -35,6 +37,7 @@ class Truth:
     mask: Path | None = None
     anomaly_type: str | None = None
     cargo: str | None = None
+    split: str = ""   # the manifest's split ("train", "val", "test"); "" where it has none
 
 
 @dataclass
@@ -64,12 +67,15 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
     if manifest.is_file():
         root = manifest.parent
         out = []
-        for r in read_rows(manifest):
+        rows = read_rows(manifest)
+        split = any(_none(r.get("split")) for r in rows)   # then an empty cell is train, as training reads it
+        for r in rows:
             cargo = next((_none(r.get(c)) for c in CARGO_COLUMNS if _none(r.get(c))), None)
             label = label_of(r, manifest)
             out.append(Truth((root / r["path"]).resolve(), r["path"], label, boxes_of(r, manifest),
                              (root / r["mask"]).resolve() if _none(r.get("mask")) else None,
-                             (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo))
+                             (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo,
+                             SPLIT_ALIASES.get((_none(r.get("split")) or "train").lower(), "") if split else ""))
         return out, manifest
     if src.is_dir() and has_layout(src):
         out = [Truth(p.resolve(), p.relative_to(src).as_posix(), label, mask=m.resolve() if m else None,
@@ -99,7 +105,7 @@ def load_results(path: str | Path) -> list[Result]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such results file (`detector score SCANS --model M --out {path}` "
                                 "writes one)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = {"path", "score", "decision", "error"} - set(reader.fieldnames or [])
         if missing:
@@ -199,6 +205,11 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         notes.append(f"{len(orphans)} result rows have no truth and were left out")
     if missing:
         notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out")
+    learnt = sum(t.split in ("train", "val") for _, t in pairs)
+    if learnt:
+        notes.append(f"{learnt} of the {len(pairs)} scans are in the train or val split of the truth's manifest: a "
+                     "model trained on it learnt from them or set its thresholds on them, so its figures are "
+                     "optimistic (score the test split's scans alone, e.g. from a .txt list, to judge it)")
     if f.any():
         fa, fn = int((f & (y == 1)).sum()), int((f & (y == 0)).sum())
         notes.append(f"{int(f.sum())} scans failed to score: counted as INSPECT (fail-closed), so {fa} of the "
@@ -298,6 +309,10 @@ def _pct(v) -> str:
 
 def main(args) -> int:
     """CLI entry: evaluate and print a one-line summary."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"detector eval: --out {args.out} is a file: give a folder for {', '.join(OUTPUTS[:-1])} and "
+              f"{OUTPUTS[-1]}", file=sys.stderr)
+        return 2
     try:
         m = evaluate(args.results, args.truth, args.out)
     except (FileNotFoundError, ValueError) as e:

@@ -306,6 +306,10 @@ def main(args) -> int:
     """detector export CKPT --out model.onnx [--int8 --calibration DIR]"""
     from detector.train import CheckpointError, load_checkpoint
 
+    if Path(args.out).is_dir():   # checked first: the export ran, then failed to write
+        print(f"detector export: --out {args.out} is a folder: give the bundle file, e.g. "
+              f"{Path(args.out) / 'model.onnx'}", file=sys.stderr)
+        return 2
     try:
         model, info = load_checkpoint(args.checkpoint)
     except CheckpointError as e:

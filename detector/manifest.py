@@ -6,7 +6,9 @@ with optional masks/<stem>.png. A cell that cannot be used raises ScanError nami
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -22,11 +24,25 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "test": "test", "testing": "test"}
 
 
+def read_text(path: str | Path) -> str:
+    """A text file that people write (a manifest, a list of scans), less a byte-order mark; ScanError naming the file
+    and the line when it is not UTF-8: a spreadsheet's "CSV" in the Windows code page (an é in a file name) ended
+    `detector train` in a UnicodeDecodeError traceback."""
+    data = Path(path).read_bytes()
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ScanError(path, f"line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}): save it as UTF-8 (a "
+                              "spreadsheet's \"CSV UTF-8\")") from None
+
+
 def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -> list[dict]:
     """The manifest's rows (each with `_row`, its line in the file), checked for the `need` columns and for a path
     listed twice: two rows of one scan could land in different splits (training on a test scan)."""
     manifest = Path(manifest)
-    with open(manifest, newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark
+    with io.StringIO(read_text(manifest), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
@@ -34,15 +50,31 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
                                       f"{','.join(reader.fieldnames or []) or 'none'})")
         rows, seen = [], {}
         for row in reader:
-            line, path = reader.line_num, (row.get("path") or "").strip()   # line_num: blank lines count too
+            line, path = reader.line_num, _native((row.get("path") or "").strip())   # line_num: blank lines count too
             if not path:
                 continue
             key = os.path.normpath(path)   # ./images/a.tiff and images/a.tiff are one scan
             if key in seen:
                 raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[key]}); list each scan once")
             seen[key] = line
-            rows.append({**row, "path": path, "_row": line})
+            mask = {"mask": _native(row["mask"].strip())} if row.get("mask") else {}
+            rows.append({**row, "path": path, "_row": line, **mask})
     return rows
+
+
+def _native(cell: str) -> str:
+    """A manifest's path as this system names it: images\\a.tiff, as a Windows tool writes it, is images/a.tiff
+    elsewhere (read as one file name, each scan of such a manifest was "file not found")."""
+    return cell.replace("\\", "/") if os.sep == "/" else cell
+
+
+def has_labels(manifest: str | Path) -> bool:
+    """Whether a manifest has the label column that makes it a truth for `detector eval` (one of tiers and risk flags
+    alone routes scans, and judges none)."""
+    try:
+        return "label" in next(csv.reader(io.StringIO(read_text(manifest))), [])
+    except (OSError, ScanError):
+        return False
 
 
 def label_of(row: dict, manifest: str | Path) -> int:
@@ -125,6 +157,9 @@ def not_a_dataset(root: str | Path) -> str:
     if parent is not None:
         return (f"no manifest.csv and no normal/ or anomalous/ folder here, but {parent / 'manifest.csv'} lists these "
                 f"scans: pass the dataset folder {parent}")
+    cased = sorted(f"{p.name}/" for p in root.iterdir() if p.is_dir() and p.name.lower() in dict(LAYOUT).values())
+    if cased:   # on a case-sensitive file system Normal/ is no normal/
+        return f"no normal/ or anomalous/ folder, but {', '.join(cased)}: the layout's folder names are lower case"
     scans = (p for p in root.rglob("*") if p.suffix.lower() in SCAN_SUFFIXES and p.is_file())
     if next(scans, None) is not None:
         return ("scans but no labels: put them in normal/ and anomalous/ sub-folders, or list them in a manifest.csv "

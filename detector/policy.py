@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from detector.calibration import threshold_for_rate
+from detector.calibration import score_digits, threshold_for_rate
 from detector.shipped import resolve_config
 
 ANY = "any"
@@ -183,11 +183,12 @@ class Policy:
             return Decision("INSPECT", thr, applied, f"{note}error: no valid score ({score!r})")
         rate = self.tiers[applied]
         at = "the model's default rate" if rate is None else f"false-alarm rate {rate:g}"
+        d = score_digits(score, thr, 4)
         if score >= thr:
             return Decision("INSPECT", thr, applied,
-                            f"{note}score {score:.4f} >= threshold {thr:.4f} of tier {applied} at {at}")
+                            f"{note}score {score:.{d}f} >= threshold {thr:.{d}f} of tier {applied} at {at}")
         return Decision("RELEASE", thr, applied,
-                        f"{note}score {score:.4f} < threshold {thr:.4f} of tier {applied} at {at}")
+                        f"{note}score {score:.{d}f} < threshold {thr:.{d}f} of tier {applied} at {at}")
 
     def describe(self) -> str:
         """One line per tier for logs: name, rate, threshold."""

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
+from detector.calibration import score_digits
+
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
 MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
 
@@ -56,8 +58,20 @@ def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str 
 
 
 def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
-    bar = np.full((28, img.shape[1], 3), (30, 30, 200) if flagged else (60, 60, 60), np.uint8)
-    cv2.putText(bar, text, (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
+    """The picture under a bar holding `text`, wrapped at its double spaces, and a line still too wide drawn smaller:
+    in one line at one size it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name)."""
+    font, size, room = cv2.FONT_HERSHEY_SIMPLEX, 0.55, img.shape[1] - 12
+    width = lambda t: cv2.getTextSize(t, font, size, 1)[0][0]  # noqa: E731
+    lines: list[str] = []
+    for part in text.split("  "):
+        if lines and width(f"{lines[-1]}  {part}") <= room:
+            lines[-1] += f"  {part}"
+        else:
+            lines.append(part)
+    bar = np.full((22 * len(lines) + 6, img.shape[1], 3), (30, 30, 200) if flagged else (60, 60, 60), np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(bar, line, (6, 19 + 22 * i), font, min(size, size * room / max(1, width(line))), (255, 255, 255),
+                    1, cv2.LINE_AA)
     return np.vstack([bar, img])
 
 
@@ -85,8 +99,9 @@ def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray
 
 def verdict_banner(decision: str, score: float | None, threshold: float | None, extra: str = "") -> str:
     """One line: decision, score and threshold (and a reason or a name)."""
-    s = "-" if score is None or score != score else f"{score:.3f}"
-    t = "-" if threshold is None or threshold != threshold else f"{threshold:.3f}"
+    d = 3 if score is None or threshold is None else score_digits(score, threshold, 3)
+    s = "-" if score is None or score != score else f"{score:.{d}f}"
+    t = "-" if threshold is None or threshold != threshold else f"{threshold:.{d}f}"
     return f"{decision}  score {s}  threshold {t}" + (f"  {extra}" if extra else "")
 
 

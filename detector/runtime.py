@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from detector.bundle import BundleError, default_threshold, parse_metadata, unloadable
-from detector.calibration import false_alarm_rate
+from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
 from detector.scan import Scan, ScanError, check_scan, read_scan, read_scan_bytes, scan_from_counts
@@ -223,9 +223,7 @@ class Inspector:
         regions = self._regions(heatmap, cell_yx, scan.height, scan.width)
         thr = self.threshold if threshold is None else valid_threshold(threshold)
         decision = "INSPECT" if score >= thr else "RELEASE"
-        d = 2  # enough digits that "0.62 < 0.62" never appears
-        while d < 9 and f"{score:.{d}f}" == f"{thr:.{d}f}" and score != thr:
-            d += 1
+        d = score_digits(score, thr)
         reason = (f"score {score:.{d}f} {'>=' if decision == 'INSPECT' else '<'} threshold {thr:.{d}f} "
                   f"({self._rate_text(thr)})")
         t4 = time.perf_counter()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from detector.manifest import dataset_above, has_layout
+from detector.manifest import dataset_above, has_labels, has_layout
 from detector.policy import load_policy
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
 from detector.sources import Item, discover, drop_overlays
@@ -495,8 +495,9 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}{missing}, "
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
     src = Path(args.src)
-    labelled = (src / "manifest.csv").is_file() or has_layout(src)
+    manifest = src / "manifest.csv" if src.is_dir() else src
+    labelled = has_layout(src) or (manifest.suffix.lower() == ".csv" and manifest.is_file() and has_labels(manifest))
     above = None if labelled or not src.is_dir() else dataset_above(src)   # a dataset's images/ folder was scored
-    truth = args.src if labelled or src.suffix.lower() == ".csv" else above if above is not None else "DATA"
+    truth = args.src if labelled else above if above is not None else "DATA"
     print(f"next: detector eval {out} --truth {truth} --out report/")
     return 1 if todo and c.scanned == c.failed else 0

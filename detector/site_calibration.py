@@ -187,6 +187,10 @@ def main(args) -> int:
         print(f"detector calibrate: --out {out} is the model itself: write the site's bundle to a new file "
               "(the scores in the results belong to this one)", file=sys.stderr)
         return 2
+    if out.is_dir():
+        print(f"detector calibrate: --out {out} is a folder: give the site's bundle file, e.g. {out / 'site.onnx'}",
+              file=sys.stderr)
+        return 2
     try:
         meta = read_metadata(model)
         data = model.read_bytes()   # once: the bytes hashed are the bytes the site's bundle is written from

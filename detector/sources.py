@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.manifest import read_rows
+from detector.manifest import read_rows, read_text
 from detector.policy import parse_flags
 from detector.formats import png_header
 from detector.scan import SCAN_SUFFIXES, ScanError
@@ -90,7 +90,7 @@ def _discover(src: str) -> tuple[list[Item], str]:
         return read_manifest(p), f"manifest {p}"
     if p.suffix.lower() == ".txt" and p.is_file():
         items = []
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for line in read_text(p).splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 q = Path(line)

@@ -533,6 +533,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for the run (checkpoints, config.yaml, metrics.json)")
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
         _warn_if_replacing(out)
@@ -547,8 +549,14 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     data = dataclasses.replace(cfg.data, batch_size=batch, workers=resolve_workers(cfg))
     dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
                         types_file)
-    dm.prepare_data()
-    dm.setup("fit")
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+    except ScanError as e:   # a split emptied by unreadable scans: the file lists them all, the message one
+        if not dm.skipped:
+            raise
+        n = dm.write_skipped(out / "skipped_scans.csv")
+        raise ScanError(e.path, f"{e.reason}; {out / 'skipped_scans.csv'} lists the {n} unreadable scans") from None
     cfg.model.in_channels = dm.channels
     cfg.data.channels = dm.channels
     cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous

@@ -161,6 +161,17 @@ def test_a_dataset_whose_training_scans_are_all_unreadable_stops_with_the_reason
             dm.prepare_data()
 
 
+def test_a_validation_split_whose_normal_scans_are_unreadable_says_so(tmp_path):
+    """Its normal scans were listed in split=val but unreadable: the run stopped with "the validation split has no
+    normal scans ... put some normal scans in split=val", which sent the user to a manifest that already did."""
+    root = write_dataset(tmp_path / "d", n=6)
+    (root / "images" / "s4.tiff").write_bytes(b"II*\x00 not a tiff")        # the only normal validation scan
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    with pytest.raises(ScanError, match=r"validation split has no normal scans \(1 unreadable, e\.g\. .*s4\.tiff: "):
+        with pytest.warns(UserWarning, match="1 of 6 scans are unreadable"):
+            dm.prepare_data()
+
+
 def test_a_folder_of_test_scans_only_loads_for_scoring_but_not_for_training(tmp_path):
     root = write_dataset(tmp_path / "d", n=6, n_test=6)
     with pytest.raises(ScanError, match="no training scans"):

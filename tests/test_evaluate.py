@@ -1,5 +1,6 @@
 """`detector eval` on a crafted results table with hand-computed metrics."""
 import csv
+import html
 import json
 import re
 from argparse import Namespace
@@ -212,3 +213,32 @@ def test_truth_boxes_come_from_masks_at_any_bit_depth(tmp_path):
         cv2.imwrite(str(tmp_path / name), m)
         t = evaluate.Truth(path=tmp_path / "s.tiff", rel="s.tiff", label=1, mask=tmp_path / name)
         assert evaluate._truth_boxes(t) == [[30, 10, 45, 20]], name
+
+
+def test_scans_of_the_manifests_train_and_val_splits_are_noted(tmp_path, capsys):
+    """A manifest with a split column, scored whole as `detector score DATA` does and evaluated as its printed next
+    command says: the training and validation scans were judged with the test scans without a word."""
+    data, res = _dataset(tmp_path)
+    rows = (data / "manifest.csv").read_text().splitlines()
+    splits = ["split", "train", "", "val", "test", "test", "test", "test"]     # an empty cell is train
+    (data / "manifest.csv").write_text("\n".join(f"{r},{s}" for r, s in zip(rows, splits)) + "\n")
+    out = tmp_path / "report"
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    note = "3 of the 7 scans are in the train or val split of the truth's manifest"
+    assert note in capsys.readouterr().err
+    assert any(note in n for n in json.loads((out / "metrics.json").read_text())["notes"])
+    assert html.escape(note) in (out / "report.html").read_text()
+    (data / "manifest.csv").write_text("\n".join(f"{r},{s if i == 0 else 'test'}" for i, (r, s)
+                                                  in enumerate(zip(rows, splits))) + "\n")
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    assert "split" not in capsys.readouterr().err                              # a test split alone: nothing to say
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    """--out report.html (or the results file itself): a FileExistsError traceback."""
+    data, res = _dataset(tmp_path)
+    for out in (res, tmp_path / "report.html"):
+        out.touch()
+        assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 2
+        assert capsys.readouterr().err == (f"detector eval: --out {out} is a file: give a folder for metrics.json, "
+                                           "roc.png, hist.png and report.html\n")

@@ -263,3 +263,15 @@ def test_material_input_exports_with_parity_and_stays_fp32_in_int8(calibration_d
         seen.add(t)
         assert n.op_type != "QuantizeLinear" and n.op_type != "DequantizeLinear", n.name
         todo.extend(n.input)
+
+
+def test_export_verb_refuses_an_out_folder_before_exporting(tmp_path, capsys):
+    """--out runs/r1 (the run folder): the export ran, then ended in an IsADirectoryError traceback."""
+    from detector import export
+    (tmp_path / "run").mkdir()
+    args = Namespace(checkpoint=str(tmp_path / "missing.ckpt"), out=str(tmp_path / "run"), int8=False,
+                     calibration=None, opset=20, max_drop=1.0)
+    assert export.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"detector export: --out {tmp_path / 'run'} is a folder: give the bundle file, e.g. "
+                   f"{tmp_path / 'run' / 'model.onnx'}\n")

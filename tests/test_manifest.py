@@ -1,4 +1,6 @@
 """Dataset folders read one way: the manifest's cells checked with their row, the plain layout at any depth."""
+import os
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,70 @@ def test_a_plain_layout_mask_whose_stem_names_two_anomalous_scans_is_refused(tmp
     with pytest.raises(ScanError, match=r"0001\.png: one mask for 2 anomalous scans with the stem '0001' "
                                         r"\(anomalous/site1/0001\.tiff, anomalous/site2/0001\.tiff\)"):
         layout_files(tmp_path)
+
+
+def test_a_manifest_or_scan_list_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    """A spreadsheet's "CSV" in the Windows code page (an é in a type or a file name): training ended in a
+    UnicodeDecodeError traceback, and score and eval printed the codec's words without the file."""
+    from detector.evaluate import load_results
+    from detector.sources import discover
+    text = "path,label,anomaly_type\na.tiff,0,none\nb.tiff,1,stupéfiants\n"
+    (tmp_path / "manifest.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(ScanError, match=r"manifest\.csv: line 3 is not UTF-8 text .*save it as UTF-8"):
+        read_rows(tmp_path / "manifest.csv")
+    (tmp_path / "scans.txt").write_bytes("a.tiff\ncafé.tiff\n".encode("cp1252"))
+    with pytest.raises(ScanError, match=r"scans\.txt: line 2 is not UTF-8 text"):
+        discover(str(tmp_path / "scans.txt"))
+    (tmp_path / "results.csv").write_bytes("path,score,decision,error\nb.tiff,0.5,RELEASE,\ncafé.tiff,,INSPECT,x\n"
+                                           .encode("cp1252"))   # a results CSV saved again by a spreadsheet
+    with pytest.raises(ScanError, match=r"results\.csv: line 3 is not UTF-8 text"):
+        load_results(tmp_path / "results.csv")
+    (tmp_path / "bom.txt").write_bytes("\ufeffa.tiff\n".encode("utf-8"))   # Notepad's byte-order mark
+    assert [i.path.name for i in discover(str(tmp_path / "bom.txt"))[0]] == ["a.tiff"]
+
+
+def test_a_manifest_written_on_windows_names_its_files_with_backslashes(tmp_path):
+    r"""images\a.tiff, as a Windows tool or spreadsheet writes it: on Linux every scan was "file not found", in
+    training (all left out), scoring (every row failed) and evaluation (no truth matched)."""
+    pytest.importorskip("torch")
+    from detector.data import load_records
+    from detector.sources import discover
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / "images" / "a.tiff", counts)
+    write_scan(tmp_path / "images" / "b.tiff", counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "b.png").write_bytes(b"")
+    _manifest(tmp_path, "path,label,mask\nimages\\a.tiff,0,\n.\\images\\b.tiff,1,masks\\b.png\n")
+    records = load_records(tmp_path)
+    assert [(os.path.exists(r.path), r.mask and os.path.exists(r.mask)) for r in records] == [(True, None),
+                                                                                               (True, True)]
+    truth, _ = load_truth(tmp_path)
+    assert [t.path.is_file() for t in truth] == [True, True] and truth[1].mask.is_file()
+    assert [i.path.is_file() for i in discover(str(tmp_path))[0]] == [True, True]
+    with pytest.raises(ScanError, match=r"row 3: images/a\.tiff is listed again \(row 2\)"):
+        read_rows(_manifest(tmp_path, "path,label\nimages\\a.tiff,0\nimages/a.tiff,0\n"))
+
+
+def test_layout_folders_named_in_another_case_are_named_in_the_refusal(tmp_path):
+    """Normal/ and Anomalous/ (as a Windows user names folders): "scans but no labels: put them in normal/ and
+    anomalous/ sub-folders" told the user to do what they had done."""
+    from detector.manifest import not_a_dataset
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / "Normal" / "n.tiff", counts)
+    write_scan(tmp_path / "Anomalous" / "a.tiff", counts)
+    assert not_a_dataset(tmp_path) == ("no normal/ or anomalous/ folder, but Anomalous/, Normal/: the layout's folder "
+                                       "names are lower case")
+
+
+def test_a_mask_cell_with_spaces_around_it_names_the_mask(tmp_path):
+    """The path cell was stripped and the mask cell not: "masks/b.png " (a spreadsheet's stray space) was a mask
+    "not found" in training, and no truth box in evaluation."""
+    pytest.importorskip("torch")
+    from detector.data import load_records
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / "b.tiff", counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "b.png").write_bytes(b"")
+    _manifest(tmp_path, "path,label,mask\n b.tiff ,1, masks/b.png \n")
+    assert os.path.exists(load_records(tmp_path)[0].mask)
+    assert load_truth(tmp_path)[0][0].mask.is_file()

@@ -51,6 +51,15 @@ def test_decide_score_vs_tier_threshold(policy):
     assert policy.decide(t["standard"], "standard").decision == "INSPECT"  # score == threshold inspects
 
 
+def test_a_reason_never_prints_score_and_threshold_alike(policy):
+    """At a fixed 4 decimals a released truck's reason read "score 0.9805 < threshold 0.9805" (detector.runtime's
+    own reason already took as many decimals as set them apart)."""
+    policy.thresholds["standard"] = 0.98052
+    d = policy.decide(0.98048, "standard")
+    assert d.decision == "RELEASE" and "score 0.98048 < threshold 0.98052 of tier standard" in d.reason
+    assert "score 0.5000 < threshold 0.9805 " in policy.decide(0.5, "standard").reason
+
+
 def test_default_and_unknown_tier(policy):
     score = (policy.thresholds["standard"] + policy.thresholds["high_risk"]) / 2
     assert policy.decide(score, None).tier == "standard"

@@ -35,6 +35,27 @@ def test_render_boxes_banner_and_downscale():
     assert plain.shape == (60, 200, 3) and g > r + 80 and g > b + 80
 
 
+def test_a_narrow_scans_banner_is_not_cut_off():
+    """The banner was one line at one size: on a 256 px wide picture (a baggage scan, a close-up) it stopped inside
+    the threshold and the scan's name was cut off."""
+    text = report.verdict_banner("INSPECT", 0.013, 0.007, "scan_0018")
+    for w in (256, 120):
+        img = report.render(_att(256, w), banner=text, flagged=True)
+        bar = img[:img.shape[0] - 256]
+        white = np.all(bar > 200, axis=-1)
+        assert white.any() and not white[:, -4:].any(), w      # text drawn, none of it running off the right edge
+
+
+def test_banner_prints_score_and_threshold_apart():
+    """At 3 decimals a released truck's banner read "RELEASE score 0.980 threshold 0.980" (the reason, in
+    detector.runtime, already took as many decimals as set them apart)."""
+    text = report.verdict_banner("RELEASE", 0.98012, 0.9804)
+    score, threshold = re.findall(r"score (\S+)  threshold (\S+)", text)[0]
+    assert score != threshold and float(score) < float(threshold)
+    assert report.verdict_banner("INSPECT", 0.9, 0.5) == "INSPECT  score 0.900  threshold 0.500"
+    assert report.verdict_banner("INSPECT", None, 0.5, "a") == "INSPECT  score -  threshold 0.500  a"
+
+
 def test_plots_and_html_self_contained(tmp_path):
     roc = report.plot_roc({"all": (np.array([0, 0, 0.5, 1]), np.array([0, 0.5, 1, 1]))}, tmp_path / "roc.png",
                           [(0.01, 0.5, "1% FA")])

@@ -428,6 +428,18 @@ def test_a_truncated_tiff_prints_nothing_besides_its_error(tmp_path, normal_scan
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stderr == ""
 
+
+def test_a_truncated_png_prints_nothing_besides_its_error(tmp_path, capfd):
+    """libpng printed "libpng error: PNG input buffer is incomplete" to stderr for each PNG cut short, a line that
+    names no file (one per scan still being copied in a batch), and the error said only "decoder returned nothing"."""
+    data = _good_png()
+    for cut in (data[:len(data) // 2], data[:-12]):          # cut in its pixels; only its end chunk missing
+        (tmp_path / "cut.png").write_bytes(cut)
+        with pytest.raises(ScanError, match="corrupt or truncated PNG .*cut short"):
+            read_scan(tmp_path / "cut.png")
+    assert capfd.readouterr().err == ""
+
+
 def test_missing_and_directory(tmp_path):
     with pytest.raises(ScanError, match="file not found"):
         read_scan(tmp_path / "nope.tiff")

@@ -290,6 +290,19 @@ def test_scoring_a_datasets_images_folder_suggests_that_dataset_as_the_truth(tmp
     assert f"next: detector eval {tmp_path / 'r.csv'} --truth {data} --out report/" in capsys.readouterr().out
 
 
+def test_a_routing_manifest_without_labels_is_not_suggested_as_the_truth(tmp_path, heuristic_model, normal_scan_path,
+                                                                         capsys):
+    """A manifest of tiers and risk flags (path,tier,risk_flags) was named as eval's --truth, which refuses it: it
+    has no label column."""
+    shutil.copy(normal_scan_path, tmp_path / "t0.tiff")
+    (tmp_path / "manifest.csv").write_text("path,tier\nt0.tiff,standard\n")
+    for src in (tmp_path / "manifest.csv", tmp_path):
+        assert score.main(_args(src, heuristic_model, tmp_path / "r.csv", no_resume=True)) == 0
+        assert f"next: detector eval {tmp_path / 'r.csv'} --truth DATA --out report/" in capsys.readouterr().out
+    (tmp_path / "manifest.csv").write_text("path,label,tier\nt0.tiff,0,standard\n")
+    assert score.main(_args(tmp_path / "manifest.csv", heuristic_model, tmp_path / "r.csv", no_resume=True)) == 0
+    assert f"--truth {tmp_path / 'manifest.csv'} --out report/" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("flag", ["workers", "threads"])
 def test_a_negative_worker_or_thread_count_is_refused_in_one_line(tmp_path, heuristic_model, normal_scan_path, flag,

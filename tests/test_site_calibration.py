@@ -87,6 +87,7 @@ def test_failed_rows_and_the_truths_anomalies_are_left_out(tmp_path, model, caps
     ("too_few", "cannot set a 1.00 % false-alarm rate: at least 100"),
     ("all_failed", "no cleared scan with a score"),
     ("out_is_model", "is the model itself"),
+    ("out_is_a_folder", "is a folder: give the site's bundle file"),
     ("not_a_bundle", "not a loadable ONNX model"),
     ("edited_score", "row 3: score 1.5 is outside [0, 1]"),
 ])
@@ -102,6 +103,9 @@ def test_refusals_name_the_file_and_write_nothing(tmp_path, model, capsys, case,
         res.with_name(res.name + ".routing.json").unlink()
     if case == "out_is_model":
         out = model
+    if case == "out_is_a_folder":
+        out = tmp_path / "site"
+        out.mkdir()
     if case == "not_a_bundle":
         mdl = tmp_path / "model.ckpt.onnx"
         mdl.write_bytes(b"not onnx")

@@ -356,6 +356,21 @@ def test_plain_folder_rgb_8bit_trains(tmp_path):
 QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
 
 
+def test_a_run_stopped_by_unreadable_scans_lists_them_all(tmp_path):
+    """The stop named one unreadable scan; RUN/skipped_scans.csv, which lists each with its reason, was only
+    written by a run that trained."""
+    from detector.scan import ScanError
+    from detector.train import run_training
+    data = write_dataset(tmp_path / "d", n=6)
+    for i in (0, 2, 4):                                                       # every normal scan
+        (data / "images" / f"s{i}.tiff").write_bytes(b"II*\x00 not a tiff")
+    with pytest.raises(ScanError, match=r"skipped_scans\.csv lists the 3 unreadable scans"):
+        with pytest.warns(UserWarning, match="3 of 6 scans are unreadable"):
+            run_training(QUICK, data, tmp_path / "run", quiet=True)
+    with open(tmp_path / "run" / "skipped_scans.csv", newline="") as f:
+        assert sorted(Path(r["path"]).name for r in csv.DictReader(f)) == ["s0.tiff", "s2.tiff", "s4.tiff"]
+
+
 def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsys):
     from detector.cli import main
     data = write_dataset(tmp_path / "d", n=6)
@@ -395,6 +410,16 @@ def test_train_verb_reports_config_and_data_mistakes_in_one_line(tmp_path, capsy
     assert f"manifest.csv: a file, not a dataset folder: pass the folder that holds the scans and manifest.csv ({data})" \
         in capsys.readouterr().err
     assert not (tmp_path / "r").exists()     # a wrong --data leaves no empty run folder behind
+
+
+def test_train_verb_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    """--out model.onnx (a file, where a run folder goes): a FileExistsError traceback."""
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n=6)
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert main(["train", "--config", str(QUICK), "--data", str(data), "--out", str(tmp_path / "model.onnx")]) == 2
+    assert capsys.readouterr().err == (f"detector train: --out {tmp_path / 'model.onnx'} is a file: give a folder for "
+                                       "the run (checkpoints, config.yaml, metrics.json)\n")
 
 
 def test_pixel_and_dice_losses_weigh_small_and_large_anomalies_alike():
