@@ -220,8 +220,10 @@ class Inspector:
         hv, wv = valid_cells(*prepared.valid_hw, self.stride)
         heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
-        regions = self._regions(heatmap, cell_yx, scan.height, scan.width)
         thr = self.threshold if threshold is None else valid_threshold(threshold)
+        # a threshold under the region cut-off would send trucks to inspection with nothing to look at; the hottest
+        # cell is at least the score (a top-k mean), so an INSPECT always has its region
+        regions = self._regions(heatmap, cell_yx, scan.height, scan.width, min(self.region_threshold, thr))
         decision = "INSPECT" if score >= thr else "RELEASE"
         d = score_digits(score, thr)
         reason = (f"score {score:.{d}f} {'>=' if decision == 'INSPECT' else '<'} threshold {thr:.{d}f} "
@@ -293,9 +295,10 @@ class Inspector:
             if timer is not None:
                 timer.cancel()
 
-    def _regions(self, heatmap: np.ndarray, cell_yx: tuple[float, float], h: int, w: int) -> list[Region]:
-        """Connected components above the region threshold -> boxes in scan pixels, best first."""
-        mask = (heatmap >= self.region_threshold).astype(np.uint8)
+    def _regions(self, heatmap: np.ndarray, cell_yx: tuple[float, float], h: int, w: int,
+                 cut: float) -> list[Region]:
+        """Connected components at or above `cut` -> boxes in scan pixels, best first."""
+        mask = (heatmap >= cut).astype(np.uint8)
         if not mask.any():
             return []
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)

@@ -311,7 +311,8 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             t0 = time.perf_counter()
             if scan is not None:
                 try:
-                    verdict = inspector.inspect(scan)
+                    # the tier's threshold, as the service passes it: the regions are cut at or under it
+                    verdict = inspector.inspect(scan, threshold=policy.thresholds[policy.resolve_tier(item.tier)[0]])
                     decision, thr, why = _decide(policy, verdict.score, item, None)
                 except Exception as e:  # fail-closed: the row says why
                     error, verdict = _reason(e), None

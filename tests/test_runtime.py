@@ -268,3 +268,21 @@ def test_default_threads_are_the_cpus_this_process_may_use_not_the_hosts(monkeyp
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
     assert runtime._session_options(None).intra_op_num_threads == 2
     assert runtime._session_options(5).intra_op_num_threads == 5
+
+
+def test_a_truck_inspected_under_the_region_cut_off_still_gets_its_region(heuristic_model, tmp_path):
+    """A site's or a tier's threshold can lie under the 0.5 region cut-off: the truck is inspected, and the officer is
+    shown where (the hottest cell is at least the score, a top-k mean of the heatmap)."""
+    from conftest import I0, make_scan_counts
+    from detector.scan import write_scan
+    c = make_scan_counts(seed=5).astype(np.float64)
+    block = np.stack([I0 * np.exp(-2.0 * r) * np.ones((60, 96)) for r in (1.0, 1.3)])
+    c[:, 80:140, 240:336] = np.random.default_rng(7).poisson(block)   # a moderately dense block: score ~0.3
+    scan = write_scan(tmp_path / "m.tiff", c.astype(np.uint16), i0=(I0, I0), pitch_mm=5.0, energies=("high", "low"))
+    low = Inspector(heuristic_model, threads=1, threshold=0.2).inspect(scan)
+    assert low.decision == "INSPECT" and 0.2 <= low.score < 0.5 and low.regions
+    x0, y0, x1, y1 = low.regions[0].box
+    assert x0 < 336 and x1 > 240 and y0 < 140 and y1 > 80                # on the block
+    assert low.regions[0].score >= low.score
+    high = Inspector(heuristic_model, threads=1).inspect(scan, threshold=0.6)   # above the cut-off: as before
+    assert high.decision == "RELEASE" and not high.regions

@@ -132,13 +132,21 @@ def test_inference_error_is_a_failed_row(tmp_path, normal_scan_path):
 
 def test_policy_decides_with_manifest_tier_and_flags(tmp_path, normal_scan_path):
     class Fixed:
+        asked: list = []
+
         def inspect(self, scan, threshold=None):
+            self.asked.append(threshold)
             return SimpleNamespace(score=0.2, decision="RELEASE", threshold=0.5, reason="below", regions=[],
                                    heatmap=None)
 
     class Pol:
+        thresholds = {"white": 0.5, "high": 0.1}
+
         def __init__(self):
             self.seen = []
+
+        def resolve_tier(self, tier):
+            return tier, ""
 
         def decide(self, s, tier, flags):
             self.seen.append((tier, flags))
@@ -152,6 +160,7 @@ def test_policy_decides_with_manifest_tier_and_flags(tmp_path, normal_scan_path)
     score.score_items(items, Fixed(), tmp_path / "r.csv", policy=pol, progress=False)
     rows = _rows(tmp_path / "r.csv")
     assert pol.seen == [("white", []), ("high", ["watchlist", "late"])]
+    assert Fixed.asked == [0.5, 0.1]      # each scan inspected at its tier's threshold (its regions are cut by it)
     assert (rows["a.tiff"]["decision"], rows["b.tiff"]["decision"]) == ("RELEASE", "INSPECT")
     assert rows["b.tiff"]["threshold"] == "0.100000000"
 
