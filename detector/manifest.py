@@ -171,7 +171,14 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask PNG as (H, W), nonzero where marked, at its own bit depth: OpenCV's grey conversion divides a 16-bit
     image by 256, so a mask saved from a uint16 array (np.zeros_like(scan), 0/255 or 0/1) read as blank. Colour
     masks count a pixel marked in any colour channel (alpha is ignored, as before)."""
-    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ScanError(path, f"unreadable mask PNG ({e.strerror or e})") from None
+    if data.startswith(b"\x89PNG") and data.rfind(b"IEND") < 0:   # libpng would print a line naming no file
+        raise ScanError(path, "corrupt or truncated mask PNG (it stops before its IEND end chunk: cut short, or still "
+                              "being copied)")
+    m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if m is None:
         raise ScanError(path, "unreadable mask PNG")
     return m[..., :3].max(-1) if m.ndim == 3 else m

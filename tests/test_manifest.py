@@ -138,3 +138,20 @@ def test_a_mask_cell_with_spaces_around_it_names_the_mask(tmp_path):
     _manifest(tmp_path, "path,label,mask\n b.tiff ,1, masks/b.png \n")
     assert os.path.exists(load_records(tmp_path)[0].mask)
     assert load_truth(tmp_path)[0][0].mask.is_file()
+
+
+def test_a_truncated_mask_png_is_refused_by_name_and_prints_nothing_else(tmp_path, capfd):
+    """Masks are read apart from scans: one cut short printed libpng's line naming no file, as scans did."""
+    import cv2
+    from detector.manifest import read_mask
+    m = np.zeros((40, 60), np.uint8)
+    m[10:20, 5:25] = 255
+    ok, data = cv2.imencode(".png", m)
+    (tmp_path / "m.png").write_bytes(data.tobytes())
+    assert (read_mask(tmp_path / "m.png") > 0).sum() == 200
+    (tmp_path / "cut.png").write_bytes(data.tobytes()[:-12])
+    with pytest.raises(ScanError, match="cut.png.*truncated mask PNG"):
+        read_mask(tmp_path / "cut.png")
+    with pytest.raises(ScanError, match="nope.png.*unreadable mask PNG"):
+        read_mask(tmp_path / "nope.png")
+    assert capfd.readouterr().err == ""
