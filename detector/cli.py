@@ -1,7 +1,7 @@
 """The `detector` command: one verb per job, each with an example in its --help.
 
 Verb modules are imported only when their verb runs, so `detector --help` and the torch-free
-verbs (score, eval, calibrate, info, serve, audit) start fast and never import torch.
+verbs (synth, score, eval, calibrate, info, serve, audit) start fast and never import torch.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ TRAIN_PACKAGES = ("torch", "torchvision", "lightning", "albumentations", "onnx",
 def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the data, run, model and report")
     p.add_argument("--config", default=None, help="training config (default: configs/quick.yaml)")
-    p.add_argument("--count", type=int, default=None, help="synthetic training scans (default from the demo)")
+    p.add_argument("--count", type=int, default=None,
+                   help="synthetic training scans (default 160; the test scans are 3/8 of that, at least 20)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -31,7 +32,7 @@ def _synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomaly-fraction", type=float, default=0.5, help="share of scans with an anomaly")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--height", type=int, default=None, help="scan height in px (default: vehicle-dependent, 600-800)")
+    p.add_argument("--height", type=int, default=None, help="scan height in px (default: vehicle-dependent, 600-850)")
     p.add_argument("--split", default=None, help="write this value in the manifest's split column")
 
 
@@ -50,8 +51,10 @@ def _train(p: argparse.ArgumentParser) -> None:
 def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="RUN/best.ckpt")
     p.add_argument("--out", required=True, help="model.onnx")
-    p.add_argument("--int8", action="store_true", help="static INT8 (QDQ) quantization")
-    p.add_argument("--calibration", default=None, help="dataset folder for INT8 calibration and drift")
+    p.add_argument("--int8", action="store_true",
+                   help="static INT8 (QDQ) quantization; the fp32 bundle is kept beside it as NAME.fp32.onnx")
+    p.add_argument("--calibration", default=None,
+                   help="labelled dataset folder for INT8 calibration and drift (required with --int8)")
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="refuse INT8 if detection at 1%% false alarms or at the shipped threshold drops more "
                         "than this many points")
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if (e.name or "").split(".")[0] not in TRAIN_PACKAGES:
             raise
         print(f"detector {verb}: needs the training extras ({e.name} is not installed); a station install "
-              f"runs score, eval, serve and audit. Install them with: pip install 'detector[train]'", file=sys.stderr)
+              f"runs synth, score, eval, calibrate, info, serve and audit. Install them with: "
+              f"pip install 'detector[train]'", file=sys.stderr)
         return 2
 
 
