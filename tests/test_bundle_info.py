@@ -87,3 +87,16 @@ def test_info_runs_on_a_station_without_torch_or_onnx(tmp_path):
                       blocked=("torch", "torchvision", "lightning", "albumentations", "onnx"))
     assert out.returncode == 0, out.stderr
     assert "detector model bundle" in out.stdout
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`detector info --json | head`: the pipe closes before the output is written; a BrokenPipeError traceback
+    (and a second one at exit's flush) was printed to stderr."""
+    import subprocess
+    import sys
+    model = make_heuristic_bundle(tmp_path / "model.onnx", normal_scores=np.linspace(0, 0.4, 20000).round(6).tolist())
+    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "info", str(model), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                    # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
