@@ -544,9 +544,11 @@ def _parse_meta(raw: Any) -> tuple[dict, str | None]:
     if not isinstance(raw, str):
         return {}, "form field 'meta' must be a JSON string, not a file"
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         return {}, f"form field 'meta' is not valid JSON ({e.msg})"
+    except ValueError as e:   # a key given twice: which risk_flags or tier applies? neither
+        return {}, f"form field 'meta': {e}"
     if not isinstance(meta, dict):
         return {}, f"form field 'meta' must be a JSON object, got {type(meta).__name__}"
     try:   # "\ud800" parses, but neither the audit row nor the answer can be written as UTF-8
@@ -555,6 +557,17 @@ def _parse_meta(raw: Any) -> tuple[dict, str | None]:
         return {}, "form field 'meta' holds an unpaired \\u surrogate escape (not valid Unicode text)"
     # kept for the audit row, but a misspelt key (riskflags, Risk_Flags) would drop a forcing flag or tier
     return meta, _unknown("meta key", meta, META_KEYS)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads' object_pairs_hook: ValueError for a key given twice, which json.loads keeps the last of without a
+    word (the forcing flag of a first `risk_flags` was dropped and the truck released)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key[:40]!r} given twice")
+        out[key] = value
+    return out
 
 
 def _unknown(what: str, names: Any, known: tuple[str, ...]) -> str | None:
@@ -578,7 +591,7 @@ async def _outcome_body(request: Request) -> dict:
         raise UploadTooLarge(int(length))
     raw = await Request(request.scope, _limited(request.receive, OUTCOME_MAX_BYTES)).body()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:
         raise OutcomeError(f"the body must be a JSON object {{{', '.join(OUTCOME_KEYS)}}} ({type(e).__name__}: "
                            f"{str(e)[:100]})") from None

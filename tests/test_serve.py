@@ -770,3 +770,25 @@ def test_an_error_outside_inspect_is_a_500_not_a_verdict(tmp_path, monkeypatch, 
     r = asyncio.run(get())
     assert r.status_code == 500 and "decision" not in r.json() and "RuntimeError" in r.json()["detail"]
     svc.close()
+
+
+def test_a_key_given_twice_in_meta_or_an_outcome_is_refused(tmp_path):
+    # JSON keeps the last of two equal keys without a word: the forcing flag in the first risk_flags was dropped
+    # and the truck released (two meta parts were refused for this very reason), and an outcome went to the
+    # second request_id
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    meta = '{"risk_flags": ["intel_hit"], "vehicle_id": "V-9", "risk_flags": []}'
+    r = asyncio.run(_post_parts(svc, [("scan", ("x.npy", b"123")), ("meta", (None, meta))]))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
+    assert "'risk_flags' given twice" in r.json()["reason"]
+    rid = asyncio.run(_burst(svc, 1))[0].json()["request_id"]
+
+    async def post(body: bytes) -> httpx.Response:
+        from detector.serve import create_app
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+            return await c.post("/v1/outcome", content=body, headers={"Content-Type": "application/json"})
+
+    r = asyncio.run(post(f'{{"request_id": "x", "outcome": "found", "request_id": "{rid}"}}'.encode()))
+    assert r.status_code == 400 and "'request_id' given twice" in r.json()["detail"]
+    assert asyncio.run(post(f'{{"request_id": "{rid}", "outcome": "found"}}'.encode())).status_code == 200
+    svc.close()
