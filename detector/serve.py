@@ -549,6 +549,8 @@ def _parse_meta(raw: Any) -> tuple[dict, str | None]:
         return {}, f"form field 'meta' is not valid JSON ({e.msg})"
     except ValueError as e:   # a key given twice: which risk_flags or tier applies? neither
         return {}, f"form field 'meta': {e}"
+    except RecursionError:   # else it escaped as an internal error, and the audit row lost the scan's name and hash
+        return {}, "form field 'meta' is nested too deep to parse"
     if not isinstance(meta, dict):
         return {}, f"form field 'meta' must be a JSON object, got {type(meta).__name__}"
     try:   # "\ud800" parses, but neither the audit row nor the answer can be written as UTF-8

@@ -792,3 +792,17 @@ def test_a_key_given_twice_in_meta_or_an_outcome_is_refused(tmp_path):
     assert r.status_code == 400 and "'request_id' given twice" in r.json()["detail"]
     assert asyncio.run(post(f'{{"request_id": "{rid}", "outcome": "found"}}'.encode())).status_code == 200
     svc.close()
+
+
+def test_meta_nested_too_deep_is_named_and_the_scan_still_audited(tmp_path):
+    # json's RecursionError escaped the meta check: "internal error", and the audit row lost the scan's name and hash
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    meta = '{"vehicle_id": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = asyncio.run(_post_parts(svc, [("scan", ("x.npy", b"123")), ("meta", (None, meta))]))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT"
+    assert "form field 'meta'" in r.json()["reason"] and "internal error" not in r.json()["reason"]
+    db = sqlite3.connect(str(tmp_path / "a.sqlite"))
+    assert db.execute("SELECT file_name, file_sha256 FROM verdicts").fetchall() == [
+        ("x.npy", hashlib.sha256(b"123").hexdigest())]
+    db.close()
+    svc.close()
