@@ -70,7 +70,10 @@ class Policy:
                 raise PolicyError(self.source, f"risk_flags.force must be 'any' or a list, got {self.force_flags!r}")
             self.force_flags = ANY
         else:
-            self.force_flags = [str(f) for f in self.force_flags]
+            try:
+                self.force_flags = [_flag(f) for f in self.force_flags]
+            except ValueError as e:
+                raise PolicyError(self.source, f"risk_flags.force: {e}") from None
 
     # ------------------------------------------------------------ loading
 
@@ -254,7 +257,15 @@ def parse_flags(value: Iterable[str] | str | None) -> list[str]:
             value = text.replace(";", ",").replace("|", ",").split(",")
     if not isinstance(value, (list, tuple, set)):
         raise ValueError(f"expected a list of flags, got {type(value).__name__}")
-    return [str(f).strip() for f in value if str(f).strip()]
+    return [f for f in (_flag(v).strip() for v in value) if f]
+
+
+def _flag(value: Any) -> str:
+    """One risk flag as text: a string, or an integer (a targeting system's code). ValueError for anything else (null,
+    a bool, an object, a list): stringified, it matched no forcing flag of a list policy and the truck was released."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise ValueError(f"a flag must be text, got {type(value).__name__} {_short(repr(value), 40)}")
 
 
 def _default_threshold(model: Any, meta: dict, source: str) -> float:

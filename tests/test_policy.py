@@ -166,3 +166,22 @@ def test_request_text_in_reasons_is_bounded(policy):
     assert d.reason.startswith("unknown tier '" + "t" * 80 + "...'")
     f = policy.decide(0.0, "whitelist", ["x" * 1_000_000, "intel_hit"])
     assert f.decision == "INSPECT" and len(f.reason) < 400
+
+
+def test_a_flag_that_is_not_text_inspects_and_is_refused_in_a_policy(tmp_path):
+    # [{"code": "intel_hit"}], [["intel_hit"]] or [null] were stringified ("{'code': 'intel_hit'}", "None"), matched
+    # no forcing flag of a list policy, and the truck was released
+    f = tmp_path / "p.yaml"
+    f.write_text("tiers: {standard: 0.01}\nrisk_flags: {force: [intel_hit, 101]}\n")
+    p = Policy.from_yaml(f)
+    p.bind(META)
+    assert p.force_flags == ["intel_hit", "101"]
+    for flags in ([{"code": "intel_hit"}], [["intel_hit"]], [None], [True], '["late", null]'):
+        d = p.decide(0.0, None, flags)
+        assert d.decision == "INSPECT" and "unreadable risk flags (a flag must be text, got" in d.reason, flags
+    assert p.decide(0.0, None, [101]).decision == "INSPECT"   # a targeting system's numeric code is its text
+    assert p.decide(0.0, None, ["late", 7]).decision == "RELEASE"
+    for force in ("[intel_hit, null]", "[[intel_hit]]", "[{code: intel_hit}]", "[yes]"):
+        f.write_text(f"tiers: {{standard: 0.01}}\nrisk_flags: {{force: {force}}}\n")
+        with pytest.raises(PolicyError, match=r"p.yaml: risk_flags.force: a flag must be text, got"):
+            Policy.from_yaml(f)
