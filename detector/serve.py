@@ -77,6 +77,15 @@ class ServeConfig:
     deadline_ms: float = 10000.0
     token: str | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse a deadline or upload limit that routes no truck: a deadline of 0, below 0 or NaN answered every truck
+        INSPECT while /readyz said ready, an infinite one lost every audit row (sqlite's busy timeout took int(inf)),
+        and an upload limit of 0 or below answered every request 413."""
+        for name in ("deadline_ms", "max_upload_mb"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number > 0 and finite, got {value!r}")
+
 
 class UploadTooLarge(Exception):
     """The request body passed the size limit while it was being received."""

@@ -3,6 +3,7 @@ import asyncio
 import csv
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -806,3 +807,21 @@ def test_meta_nested_too_deep_is_named_and_the_scan_still_audited(tmp_path):
         ("x.npy", hashlib.sha256(b"123").hexdigest())]
     db.close()
     svc.close()
+
+
+@pytest.mark.parametrize("option,value", [("deadline_ms", math.inf), ("deadline_ms", math.nan), ("deadline_ms", 0.0),
+                                          ("deadline_ms", -5.0), ("max_upload_mb", -1.0), ("max_upload_mb", math.nan)])
+def test_settings_that_route_no_truck_are_refused_at_start(heuristic_model, tmp_path, monkeypatch, capsys, option,
+                                                           value):
+    # --deadline-ms inf lost every verdict's audit row (sqlite's busy timeout took int(inf)); 0, a negative or NaN
+    # answered every truck INSPECT "deadline exceeded", and a negative upload limit every one 413, all while ready
+    import uvicorn
+
+    from detector import serve
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.delenv("DETECTOR_TOKEN", raising=False)
+    args = _serve_args(heuristic_model, tmp_path)
+    setattr(args, option, value)
+    assert serve.main(args) == 2 and not started
+    assert f"--{option.replace('_', '-')} must be a number > 0" in capsys.readouterr().err
