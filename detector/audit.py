@@ -90,15 +90,33 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
-                                   timeout=BUSY_TIMEOUT_S)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL journal (got {mode})")
-        self._db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: a row answered is a row kept
-        self._db.executescript(_SCHEMA)
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                       timeout=BUSY_TIMEOUT_S)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL journal (got {mode})")
+            self._db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: a row answered is a row kept
+            self._db.executescript(_SCHEMA)
+            self._check_writable()
+        except sqlite3.Error as e:   # sqlite's own message ("unable to open database file") names no file
+            if self._db is not None:
+                self._db.close()
+            raise type(e)(f"{self.path}: cannot open the audit log ({e})") from None
         self.spool = Path(f"{self.path}{SPOOL_SUFFIX}")
         self.recovered: list[dict] = self._replay_spool()   # spooled rows still not committed (database locked)
+
+    def _check_writable(self) -> None:
+        """sqlite opens a database it may not write (the file's mode, a read-only mount) read-only without a word: every
+        verdict was then answered INSPECT as if the database were locked past the deadline. A write that changes nothing
+        finds it; a lock held by another writer (a backup) is no reason to refuse."""
+        try:
+            with self._transaction(0) as db:
+                db.execute("DELETE FROM verdicts WHERE 0")
+        except sqlite3.OperationalError as e:
+            if "readonly" in str(e):
+                raise
 
     def write(self, record: dict[str, Any], wait_s: float | None = None, replay: bool = False) -> None:
         """Insert one verdict and commit (durable on return). A database locked by another connection is

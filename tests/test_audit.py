@@ -227,3 +227,28 @@ def test_summary_figures(tmp_path, capsys):
     assert audit.main(Namespace(**{**args, "out": "s.csv"}, json=False)) == 2
     assert audit.main(Namespace(**{**args, "action": "export"}, json=False)) == 2
     assert audit.main(Namespace(**{**args, "action": "export", "out": str(tmp_path / "x.csv")}, json=True)) == 2
+
+
+def test_an_audit_log_that_cannot_be_opened_or_written_is_named_at_open(log, tmp_path, monkeypatch):
+    # `detector serve` in a read-only folder printed "unable to open database file", naming no file; and sqlite opens
+    # a database it may not write read-only without a word: the service started ready, then answered every truck
+    # INSPECT "not committed within the deadline ... database locked"
+    with pytest.raises(sqlite3.OperationalError, match=f"{tmp_path}: cannot open the audit log "
+                                                       r"\(unable to open database file\)"):
+        AuditLog(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a database" * 100)
+    with pytest.raises(sqlite3.DatabaseError, match="notes.txt: cannot open the audit log"):
+        AuditLog(tmp_path / "notes.txt")
+    connect = sqlite3.connect
+    with monkeypatch.context() as m:   # the file's mode or a read-only mount (root ignores a file's mode)
+        m.setattr(sqlite3, "connect", lambda path, **kw: connect(f"file:{path}?mode=ro", uri=True, **kw))
+        with pytest.raises(sqlite3.OperationalError, match=r"audit.sqlite: cannot open the audit log \(attempt to "
+                                                           r"write a readonly database\)"):
+            AuditLog(log.path)
+    other = sqlite3.connect(str(log.path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")   # another writer holding the lock (a backup) is no reason to refuse
+    try:
+        AuditLog(log.path).close()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
