@@ -179,7 +179,7 @@ class Inspector:
             reason = str(e) if isinstance(e, (ScanError, BundleError, InspectionError)) else f"{type(e).__name__}: {e}"
             try:
                 thr = self.threshold if threshold is None else valid_threshold(threshold)
-            except (TypeError, ValueError, InspectionError):
+            except InspectionError:
                 thr = self.threshold
             return Verdict(score=float("nan"), decision="INSPECT", threshold=thr,
                            reason=f"fail-closed: {reason}", error=reason,
@@ -315,11 +315,17 @@ class Inspector:
 
 def valid_threshold(t: Any) -> float:
     """Scores lie in [0, 1]: a threshold above 1 (or NaN: score >= NaN is False) would RELEASE every truck, one
-    below 0 INSPECT every one. Refuse them."""
-    t = float(t)
-    if not 0.0 <= t <= 1.0:
-        raise InspectionError(f"threshold must be a number in [0, 1] (scores lie in [0, 1]), got {t}")
-    return t
+    below 0 INSPECT every one; True read as 1.0 and released every truck too. Refuse them, and anything else that
+    is not a number (text, as deadline_ms refuses it)."""
+    number = not isinstance(t, (bool, np.bool_, str, bytes))
+    try:
+        value = float(t) if number else math.nan
+    except (TypeError, ValueError):
+        value, number = math.nan, False
+    if not 0.0 <= value <= 1.0:
+        raise InspectionError(f"threshold must be a number in [0, 1] (scores lie in [0, 1]), got "
+                              f"{value if number else repr(t)}")
+    return value
 
 
 def _deadline(t0: float, deadline_ms: Any) -> float | None:

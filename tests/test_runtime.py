@@ -286,3 +286,15 @@ def test_a_truck_inspected_under_the_region_cut_off_still_gets_its_region(heuris
     assert low.regions[0].score >= low.score
     high = Inspector(heuristic_model, threads=1).inspect(scan, threshold=0.6)   # above the cut-off: as before
     assert high.decision == "RELEASE" and not high.regions
+
+
+def test_a_threshold_that_is_not_a_number_is_refused(inspector, anomalous_scan_path):
+    """True was read as threshold 1.0 and released every truck (False as 0.0); a text or a list gave a bare
+    "ValueError: could not convert string to float" naming no threshold. deadline_ms refuses them already."""
+    for bad in (True, False, "0.5", "abc", b"0.5", [0.3], {"t": 0.3}):
+        v = inspector.inspect_safe(anomalous_scan_path, threshold=bad)
+        assert v.decision == "INSPECT" and "threshold must be a number in [0, 1]" in v.reason, (bad, v.reason)
+        assert v.threshold == inspector.threshold
+        with pytest.raises(InspectionError, match=r"threshold must be a number in \[0, 1\]"):
+            Inspector(inspector.path, threads=1, threshold=bad, warmup=False)
+    assert inspector.inspect(anomalous_scan_path, threshold=np.float32(0.25)).threshold == pytest.approx(0.25)
