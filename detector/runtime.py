@@ -329,7 +329,8 @@ def valid_threshold(t: Any) -> float:
 
 
 def _deadline(t0: float, deadline_ms: Any) -> float | None:
-    """perf_counter time by which a call must end; None: no deadline (None or +inf). A NaN deadline (which
+    """perf_counter time by which a call must end; None: no deadline (None, +inf, or one past threading.TIMEOUT_MAX,
+    ~292 years, which the inference timer cannot wait: its thread died with an OverflowError). A NaN deadline (which
     never compared as passed yet fired the inference timer at once) or a non-number is an InspectionError."""
     if deadline_ms is None:
         return None
@@ -339,7 +340,7 @@ def _deadline(t0: float, deadline_ms: Any) -> float | None:
         ms = float("nan")
     if math.isnan(ms) or isinstance(deadline_ms, (bool, str, bytes)):
         raise InspectionError(f"deadline_ms must be a number of milliseconds, got {deadline_ms!r}")
-    return None if ms == math.inf else t0 + ms / 1000.0
+    return None if ms / 1000.0 >= threading.TIMEOUT_MAX else t0 + ms / 1000.0
 
 
 def _terminate(opts: ort.RunOptions) -> None:
