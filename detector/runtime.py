@@ -193,7 +193,7 @@ class Inspector:
             return check_scan(src)
         if isinstance(src, (str, os.PathLike)):
             return read_scan(src)
-        if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], (bytes, bytearray, memoryview)):
+        if _named_bytes(src):
             return read_scan_bytes(bytes(src[0]), str(src[1]))
         if isinstance(src, (bytes, bytearray)):
             return read_scan_bytes(bytes(src), "<bytes>")
@@ -360,6 +360,11 @@ def _source_name(src: Any) -> str | None:
         return src.source
     if isinstance(src, (str, os.PathLike)):
         return str(src)
-    if isinstance(src, tuple) and len(src) == 2:
+    if _named_bytes(src):   # not any pair: (name, data) made the whole file's repr the verdict's source
         return str(src[1])
     return None
+
+
+def _named_bytes(src: Any) -> bool:
+    """Whether `src` is the (file bytes, name) pair inspect takes."""
+    return isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], (bytes, bytearray, memoryview))

@@ -299,3 +299,14 @@ def test_a_threshold_that_is_not_a_number_is_refused(inspector, anomalous_scan_p
         with pytest.raises(InspectionError, match=r"threshold must be a number in \[0, 1\]"):
             Inspector(inspector.path, threads=1, threshold=bad, warmup=False)
     assert inspector.inspect(anomalous_scan_path, threshold=np.float32(0.25)).threshold == pytest.approx(0.25)
+
+
+def test_a_name_and_bytes_in_the_wrong_order_do_not_become_the_verdicts_source(inspector, normal_scan_path):
+    """(name, data) instead of (data, name) is refused, but the verdict's source was str(data): the repr of the whole
+    file (1.4 MB for a 200x600 scan) in every log line of verdict.to_dict()."""
+    data = normal_scan_path.read_bytes()
+    v = inspector.inspect_safe(("scan.tiff", data))
+    assert v.decision == "INSPECT" and "expected a path, a Scan, (bytes, name)" in v.reason
+    assert v.source is None and len(json.dumps(v.to_dict())) < 1000
+    assert inspector.inspect_safe((data, "scan.tiff")).source == "scan.tiff"
+    assert inspector.inspect_safe((b"", "empty.tiff")).source == "empty.tiff"
