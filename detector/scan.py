@@ -296,11 +296,11 @@ def sniff_format(head: bytes, suffix: str) -> str:
 def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan:
     """Read any supported scan file into a Scan; raise ScanError on any bad input."""
     p = Path(path)
-    if not p.exists():
-        raise ScanError(p, "file not found")
-    if not p.is_file():
-        raise ScanError(p, "not a regular file")
-    try:
+    try:   # exists() says False where nothing is found; a name too long, or a folder it may not search, raised OSError
+        if not p.exists():
+            raise ScanError(p, "file not found")
+        if not p.is_file():
+            raise ScanError(p, "not a regular file")
         size, most = p.stat().st_size, most_scan_bytes(max_pixels)
         if size > most:   # read whole, any big file (a video, a disk image) filled memory
             raise ScanError(p, f"file of {size / 1e6:.0f} MB, more than a scan within the pixel limit holds "

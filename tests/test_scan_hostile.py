@@ -330,3 +330,13 @@ def test_paths_that_are_no_files_are_inspected_at_once(heuristic_model, tmp_path
         verdict = inspector.inspect_safe(tmp_path / name)
         assert time.perf_counter() - t0 < 1.0
         assert verdict.decision == "INSPECT" and reason in verdict.reason and str(tmp_path) in verdict.reason
+
+
+def test_a_path_the_os_cannot_look_up_is_a_scan_error(tmp_path):
+    """A name longer than the file system allows raised OSError out of read_scan (Path.exists only hides "not
+    found"), where every bad input is a ScanError naming the file and the reason."""
+    from detector.scan import read_scan
+    path = tmp_path / ("x" * 300 + ".tiff")
+    with pytest.raises(ScanError, match=r"cannot read file \(File name too long\)") as err:
+        read_scan(path)
+    assert err.value.path == str(path)
