@@ -74,8 +74,9 @@ def read_png(data: bytes, name: str, max_pixels: int | None):
     check_shape(name, 1, h, w, max_pixels)
     if depth not in (1, 2, 4, 8, 16):
         raise ScanError(name, f"invalid PNG bit depth {depth}")
-    if data.rfind(b"IEND") < 0:   # libpng would print a line naming no file to stderr, then fail
-        raise ScanError(name, "corrupt or truncated PNG (it stops before its IEND end chunk: cut short, or still "
+    end = data.rfind(b"IEND")
+    if end < 0 or len(data) < end + 8:   # no end chunk or its checksum cut: libpng prints a line naming no file, fails
+        raise ScanError(name, "corrupt or truncated PNG (it stops before its IEND end chunk ends: cut short, or still "
                               "being copied)")
     img = _decode_image(data, name, "PNG")
     if img.shape[:2] != (h, w):

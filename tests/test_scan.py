@@ -433,7 +433,8 @@ def test_a_truncated_png_prints_nothing_besides_its_error(tmp_path, capfd):
     """libpng printed "libpng error: PNG input buffer is incomplete" to stderr for each PNG cut short, a line that
     names no file (one per scan still being copied in a batch), and the error said only "decoder returned nothing"."""
     data = _good_png()
-    for cut in (data[:len(data) // 2], data[:-12]):          # cut in its pixels; only its end chunk missing
+    # cut in its pixels; only its end chunk missing; cut inside the end chunk's checksum
+    for cut in (data[:len(data) // 2], data[:-12], data[:-1], data[:-3]):
         (tmp_path / "cut.png").write_bytes(cut)
         with pytest.raises(ScanError, match="corrupt or truncated PNG .*cut short"):
             read_scan(tmp_path / "cut.png")
