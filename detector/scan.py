@@ -158,6 +158,9 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         raise ScanError(src, f"expected a 2-D image or (C, H, W) stack, got shape {counts.shape}")
     if channels_last(counts.shape):   # (H, W, 2) as many tools write a dual-energy pair
         counts = np.moveaxis(counts, -1, 0)
+    elif counts.shape[0] > 2 and counts.shape[-1] in (3, 4):   # else refused as "<height> energies/channels"
+        raise ScanError(src, f"shape {counts.shape} is a colour image (H, W, {counts.shape[-1]}), not X-ray counts: "
+                             "pass (H, W) or (C, H, W) with 1-2 energies (high, low)")
     check_shape(src, counts.shape[0], counts.shape[1], counts.shape[2], max_pixels)
     if not counts.dtype.isnative:      # big-endian pixels, e.g. from a FITS-minded tool or a raw dump
         counts = counts.astype(counts.dtype.newbyteorder("="))

@@ -674,3 +674,14 @@ def test_fewer_bit_data_without_air_warns_that_i0_is_a_guess():
         warnings.simplefilter("error")
         scan_from_counts(make_counts())                 # air at the top: I0 estimated, nothing to say
         scan_from_counts(fourteen_bit, i0=16383.0)      # I0 given
+
+
+@pytest.mark.parametrize("colours", [3, 4])
+def test_a_colour_image_array_is_named_as_one(colours):
+    """An (H, W, 3) RGB array handed to the station was refused as "200 energies/channels": its height read as the
+    number of energies."""
+    rgb = np.full((200, 600, colours), 120, np.uint8)
+    rgb[100:150, 200:300] = 30
+    with pytest.raises(ScanError, match=rf"<array>: shape \(200, 600, {colours}\) is a colour image \(H, W, "
+                                        rf"{colours}\), not X-ray counts"):
+        scan_from_counts(rgb)
