@@ -99,6 +99,7 @@ class AuditLog:
                 raise sqlite3.OperationalError(f"cannot switch to WAL journal (got {mode})")
             self._db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: a row answered is a row kept
             self._db.executescript(_SCHEMA)
+            self._file = _file_id(self.path)   # what the path names now: a file deleted or replaced is refused
             self._check_writable()
         except sqlite3.Error as e:   # sqlite's own message ("unable to open database file") names no file
             if self._db is not None:
@@ -152,8 +153,13 @@ class AuditLog:
     @contextmanager
     def _transaction(self, wait_s: float | None) -> Iterator[sqlite3.Connection]:
         """One write transaction under the lock, committed on exit and rolled back on any error; a database locked
-        by another connection is waited for up to `wait_s` (default BUSY_TIMEOUT_S)."""
+        by another connection is waited for up to `wait_s` (default BUSY_TIMEOUT_S). sqlite3.OperationalError when
+        the path no longer names the file opened (deleted, or replaced by another): the connection would commit into
+        a file without a name, lost at exit."""
         with self._lock:
+            if _file_id(self.path) != self._file:
+                raise sqlite3.OperationalError(f"{self.path} was removed or replaced since it was opened: restart to "
+                                               "open it again")
             if wait_s is not None:
                 self._db.execute(f"PRAGMA busy_timeout={max(0, int(wait_s * 1000))}")
             try:
@@ -435,6 +441,15 @@ def _check_outcome(request_id: Any, outcome: Any, officer: Any, note: Any) -> No
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise OutcomeError(f"{name} holds an unpaired \\u surrogate escape (not valid Unicode text)") from None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file a path names now; None where it names none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _write_all(fd: int, data: bytes) -> None:

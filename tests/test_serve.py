@@ -825,3 +825,23 @@ def test_settings_that_route_no_truck_are_refused_at_start(heuristic_model, tmp_
     setattr(args, option, value)
     assert serve.main(args) == 2 and not started
     assert f"--{option.replace('_', '-')} must be a number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_an_audit_db_removed_while_serving_releases_no_truck_without_a_kept_row(tmp_path, how):
+    # the open connection went on committing into a file that no longer had a name: trucks were RELEASED with rows
+    # that vanished when the service stopped
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    assert asyncio.run(_burst(svc, 1))[0].json()["decision"] == "RELEASE"
+    for end in ("", "-wal", "-shm"):
+        Path(f"{db}{end}").unlink(missing_ok=True)
+    if how == "replaced":   # e.g. a backup moved over it
+        sqlite3.connect(str(db)).close()
+    v = asyncio.run(_burst(svc, 1))[0].json()
+    assert v["decision"] == "INSPECT" and "was removed or replaced since it was opened" in v["reason"]
+    assert [r["request_id"] for r in _spooled(db)] == [v["request_id"]]
+    svc.close()
+    again = _service(tmp_path, _FakeInspector(score=0.2))   # the next start commits the spooled row
+    assert again.audit._db.execute("SELECT request_id FROM verdicts").fetchall() == [(v["request_id"],)]
+    again.close()
