@@ -69,13 +69,19 @@ def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
     raise ScanError(name, f"unsupported image layout {img.shape}")
 
 
+def png_cut_short(data: bytes) -> bool:
+    """Whether a PNG's bytes stop before its IEND end chunk and checksum end: libpng would print a line naming no
+    file to stderr, then fail (a scan or mask still being copied)."""
+    end = data.rfind(b"IEND")
+    return end < 0 or len(data) < end + 8
+
+
 def read_png(data: bytes, name: str, max_pixels: int | None):
     h, w, depth, color = png_header(data, name)
     check_shape(name, 1, h, w, max_pixels)
     if depth not in (1, 2, 4, 8, 16):
         raise ScanError(name, f"invalid PNG bit depth {depth}")
-    end = data.rfind(b"IEND")
-    if end < 0 or len(data) < end + 8:   # no end chunk or its checksum cut: libpng prints a line naming no file, fails
+    if png_cut_short(data):
         raise ScanError(name, "corrupt or truncated PNG (it stops before its IEND end chunk ends: cut short, or still "
                               "being copied)")
     img = _decode_image(data, name, "PNG")

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from detector.formats import png_cut_short
 from detector.scan import SCAN_SUFFIXES, ScanError
 
 LAYOUT = ((0, "normal"), (1, "anomalous"))
@@ -175,9 +176,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ScanError(path, f"unreadable mask PNG ({e.strerror or e})") from None
-    if data.startswith(b"\x89PNG") and data.rfind(b"IEND") < 0:   # libpng would print a line naming no file
-        raise ScanError(path, "corrupt or truncated mask PNG (it stops before its IEND end chunk: cut short, or still "
-                              "being copied)")
+    if data.startswith(b"\x89PNG") and png_cut_short(data):
+        raise ScanError(path, "corrupt or truncated mask PNG (it stops before its IEND end chunk ends: cut short, or "
+                              "still being copied)")
     m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if m is None:
         raise ScanError(path, "unreadable mask PNG")

@@ -149,9 +149,10 @@ def test_a_truncated_mask_png_is_refused_by_name_and_prints_nothing_else(tmp_pat
     ok, data = cv2.imencode(".png", m)
     (tmp_path / "m.png").write_bytes(data.tobytes())
     assert (read_mask(tmp_path / "m.png") > 0).sum() == 200
-    (tmp_path / "cut.png").write_bytes(data.tobytes()[:-12])
-    with pytest.raises(ScanError, match="cut.png.*truncated mask PNG"):
-        read_mask(tmp_path / "cut.png")
+    for cut in (12, 2):                     # the whole end chunk; only its checksum's last bytes
+        (tmp_path / "cut.png").write_bytes(data.tobytes()[:-cut])
+        with pytest.raises(ScanError, match="cut.png.*truncated mask PNG"):
+            read_mask(tmp_path / "cut.png")
     with pytest.raises(ScanError, match="nope.png.*unreadable mask PNG"):
         read_mask(tmp_path / "nope.png")
     assert capfd.readouterr().err == ""
