@@ -24,6 +24,9 @@ SCORE_METHODS = ("topk_mean_logit",)
 REQUIRED = ("schema_version", "channels", "energies", "pitch_mm", "preprocessing", "stride", "score",
             "thresholds", "default_false_alarm_rate", "normal_scores")
 PREPROCESSING_KEYS = ("model_pitch_mm", "clip_max", "scale", "pad_multiple")
+# a scan whose height (rows x pitch) lies outside the training scans' range widened this many times is refused: a
+# pixel pitch 10x too fine shrank a truck until its cargo could not be seen, and the truck was released
+HEIGHT_TOLERANCE = 4.0
 
 
 class BundleError(ValueError):
@@ -170,7 +173,17 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     ns = meta["normal_scores"]
     _need(isinstance(ns, list) and all(_is_num(s) and 0 <= s <= 1 for s in ns), path,
           "normal_scores must be a list of numbers in [0, 1]")
+    hs = meta.get("scan_height_mm")   # optional: bundles exported before it was recorded have none
+    _need(hs is None or (isinstance(hs, list) and len(hs) == 2 and all(_is_num(h) and h > 0 for h in hs)
+                         and hs[0] <= hs[1]), path, f"scan_height_mm {hs!r} must be [lowest, highest] in mm, > 0")
     return meta
+
+
+def height_range_mm(meta: dict) -> tuple[float, float] | None:
+    """The scan heights (mm) a bundle accepts: its training scans' range widened HEIGHT_TOLERANCE times; None where
+    the bundle does not record it."""
+    hs = meta.get("scan_height_mm")
+    return None if not hs else (hs[0] / HEIGHT_TOLERANCE, hs[1] * HEIGHT_TOLERANCE)
 
 
 def default_threshold(meta: dict) -> tuple[float, float]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detector.bundle import BundleError, file_sha256, read_metadata
+from detector.bundle import BundleError, file_sha256, height_range_mm, read_metadata
 
 
 def _pct(v: Any) -> str:
@@ -53,6 +53,16 @@ def _validation(meta: dict) -> str:
             f"{_pct(v.get('top_region_hit'))}")
 
 
+def _heights(meta: dict) -> str:
+    """What scan heights the station accepts (a scan outside them is inspected: its pitch is likely wrong)."""
+    accepted = height_range_mm(meta)
+    if accepted is None:
+        return "scan heights not recorded (not checked)"
+    lo, hi = meta["scan_height_mm"]
+    return (f"training scans {lo / 1000:.2f}-{hi / 1000:.2f} m high, scans {accepted[0] / 1000:.2f}-"
+            f"{accepted[1] / 1000:.2f} m accepted")
+
+
 def _threshold_lines(meta: dict) -> list[str]:
     """One line per rate: the threshold, and what it was set on (and whether those scans can pin the rate)."""
     site = meta.get("site_calibration")
@@ -81,7 +91,8 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
              f"(bundle schema {meta.get('schema_version', '?')})",
              f"  input       {meta['channels']} channel(s) ({', '.join(meta.get('energies') or [])}) resampled to "
              f"{float(meta['pitch_mm']):g} mm; attenuation clipped at {pre.get('clip_max', '?')}, divided by "
-             f"{pre.get('scale', '?')}; detector rows repaired: {'yes' if pre.get('repair_rows') else 'no'}",
+             f"{pre.get('scale', '?')}; detector rows repaired: {'yes' if pre.get('repair_rows') else 'no'}; "
+             + _heights(meta),
              f"  network     {_network(meta)}",
              f"  trained     config {tc.get('name', '?')!s}, seed {tc.get('seed', '?')!s}, data fingerprint "
              f"{meta.get('data_fingerprint', '?')}",

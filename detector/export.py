@@ -100,6 +100,8 @@ def bundle_metadata(info: dict, **extra: Any) -> dict:
                                       "normal_scores", "validation", "train_config", "data_fingerprint")}
     fields["pitch_mm"] = info.get("pitch_mm", pre.model_pitch_mm)
     fields["default_false_alarm_rate"] = info.get("default_false_alarm_rate", DRIFT_RATE)
+    if info.get("scan_height_mm"):   # checkpoints from before it was recorded have none: the station checks nothing
+        fields["scan_height_mm"] = info["scan_height_mm"]
     return make_metadata(**fields, **extra)
 
 

@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import BundleError, default_threshold, parse_metadata, unloadable
+from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, parse_metadata,
+                             unloadable)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -135,6 +136,7 @@ class Inspector:
         self.threshold = valid_threshold(threshold) if threshold is not None else self.default_threshold
         self.region_threshold = float(region_threshold)
         self.max_regions = int(max_regions)
+        self.height_range_mm = height_range_mm(self.metadata)   # None: the bundle does not say (checked nowhere)
         # tile widths/starts are multiples of m so the pixel and heatmap grids stay aligned
         m = self.pre.pad_multiple * self.stride // math.gcd(self.pre.pad_multiple, self.stride)
         self.tile_overlap = max(2 * m, int(math.ceil(tile_overlap / (2 * m))) * 2 * m)
@@ -209,6 +211,7 @@ class Inspector:
         t1 = time.perf_counter()
         timings["read"] = (t1 - t0) * 1000.0
         _check_deadline(deadline, t0, "read")
+        self._check_height(scan)
         prepared = prepare(scan, self.pre, self.channels)
         t2 = time.perf_counter()
         timings["preprocess"] = (t2 - t1) * 1000.0
@@ -234,6 +237,19 @@ class Inspector:
         return Verdict(score=score, decision=decision, threshold=thr, regions=regions, reason=reason,
                        heatmap=heatmap, heatmap_scale_yx=cell_yx, timings_ms=timings,
                        latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256)
+
+    def _check_height(self, scan: Scan) -> None:
+        """InspectionError for a scan far taller or shorter than the training scans: its pixel pitch is likely
+        wrong, and resampled at it the cargo shrinks (or swells) out of what the model can see."""
+        if self.height_range_mm is None:
+            return
+        lo, hi = self.height_range_mm
+        mm = scan.height * scan.pitch_mm
+        if not lo <= mm <= hi:
+            raise InspectionError(f"{scan.source}: {scan.height} px at {scan.pitch_mm:g} mm per pixel is "
+                                  f"{mm / 1000:.2f} m high, outside the {lo / 1000:.2f}-{hi / 1000:.2f} m this model "
+                                  f"accepts (its training scans' heights, widened {HEIGHT_TOLERANCE:g}x): is the "
+                                  "scan's pixel pitch right?")
 
     def _rate_text(self, thr: float) -> str:
         if abs(thr - self.default_threshold) < 1e-12:

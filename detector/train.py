@@ -450,6 +450,13 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def scan_heights_mm(metas: list[dict], model_pitch_mm: float) -> list[float] | None:
+    """[lowest, highest] height of the training scans in mm (their model-pitch rows x the pitch): the station
+    refuses a scan far outside it, the sign of a wrong pixel pitch (bundle.HEIGHT_TOLERANCE)."""
+    heights = [m["shape"][1] * model_pitch_mm for m in metas]
+    return [float(min(heights)), float(max(heights))] if heights else None
+
+
 def resolve_precision(p: str, accelerator: str = "auto") -> str:
     """auto: bf16-mixed on a bf16 GPU, or on a CPU with native bf16 (AVX512-BF16/AMX: ~2x the fp32
     training speed measured on a 2-core Zen 4), else 32-true."""
@@ -565,7 +572,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
             "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
             "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
-            "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records)}
+            "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records),
+            "scan_height_mm": scan_heights_mm(dm.metas["train"], cfg.preprocessing.model_pitch_mm)}
     module = AnomalyModule(saved, info)
 
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint

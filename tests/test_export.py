@@ -79,6 +79,12 @@ def test_bundle_metadata_and_station_score_match_torch(exported, model, anomalou
     assert np.abs(v.heatmap - heat[0, 0, : v.heatmap.shape[0], : v.heatmap.shape[1]].numpy()).max() < 1e-4
 
 
+def test_the_training_scans_heights_travel_in_the_bundle_when_the_checkpoint_has_them():
+    from detector.export import bundle_metadata
+    assert bundle_metadata({**_info(), "scan_height_mm": [350.0, 450.0]})["scan_height_mm"] == [350.0, 450.0]
+    assert "scan_height_mm" not in bundle_metadata(_info())      # an older checkpoint: the station checks nothing
+
+
 def test_parity_failure_is_loud(exported):
     out, _, _ = exported
     torch.manual_seed(1)

@@ -310,3 +310,32 @@ def test_a_name_and_bytes_in_the_wrong_order_do_not_become_the_verdicts_source(i
     assert v.source is None and len(json.dumps(v.to_dict())) < 1000
     assert inspector.inspect_safe((data, "scan.tiff")).source == "scan.tiff"
     assert inspector.inspect_safe((b"", "empty.tiff")).source == "empty.tiff"
+
+
+def test_a_scan_far_taller_or_shorter_than_the_training_scans_is_inspected(heuristic_model, normal_scan_path, tmp_path):
+    """A pixel pitch 10x too fine shrinks a truck until its cargo cannot be seen: the bundle records its training
+    scans' heights, and a scan outside them widened 4x is refused (fail-closed: INSPECT with the reason)."""
+    from dataclasses import replace
+
+    from detector.bundle import BundleError, replace_metadata_bytes
+    meta = read_metadata(heuristic_model)
+    sited = tmp_path / "heights.onnx"
+    sited.write_bytes(replace_metadata_bytes(heuristic_model.read_bytes(), {**meta, "scan_height_mm": [800, 1200]}))
+    insp = Inspector(sited, threads=1)
+    from detector.bundle_info import describe
+    said = "\n".join(describe(sited))
+    assert "training scans 0.80-1.20 m high, scans 0.20-4.80 m accepted" in said
+    assert "scan heights not recorded" in "\n".join(describe(heuristic_model))
+    scan = read_scan(normal_scan_path)                          # 200 px at 5 mm: 1 m, inside 0.2-4.8 m
+    assert insp.inspect(scan).decision == "RELEASE"
+    for pitch in (0.5, 50.0):                                   # 0.1 m and 10 m high
+        wrong = replace(scan, pitch_mm=pitch)
+        with pytest.raises(InspectionError, match=f"200 px at {pitch:g} mm per pixel .* outside the 0.20-4.80 m "):
+            insp.inspect(wrong)
+        v = insp.inspect_safe(wrong)
+        assert v.decision == "INSPECT" and "is the scan's pixel pitch right" in v.reason
+    old = Inspector(heuristic_model, threads=1).inspect(replace(scan, pitch_mm=0.5))   # no record: nothing checked
+    assert old.decision == "RELEASE" and np.isfinite(old.score)
+    for bad in ([800], [0, 1200], [1200, 800], ["a", 1]):
+        with pytest.raises(BundleError, match="scan_height_mm"):
+            replace_metadata_bytes(heuristic_model.read_bytes(), {**meta, "scan_height_mm": bad})

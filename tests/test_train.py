@@ -227,6 +227,7 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
               "validation", "train_config", "data_fingerprint"):
         assert k in info, k
     assert info["channels"] == 2 and info["score"] == {"method": "topk_mean_logit", "k": 4}
+    assert info["scan_height_mm"] == [350.0, 450.0]     # the training scans: 70 and 90 px at 5 mm
     heat, score = model(torch.zeros(1, 2, 64, 96))
     assert heat.shape == (1, 1, 8, 12) and score.shape == (1,)
     assert res["validation"]["n"] == 4
