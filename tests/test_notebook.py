@@ -1,5 +1,4 @@
 """The quickstart notebook runs end to end (tiny configuration) so it can never rot."""
-import os
 from pathlib import Path
 
 import nbformat

@@ -252,7 +252,7 @@ def _corrugation(cv: Canvas, x0: float, x1: float, pitch_cm: float, depth: float
 
 def container(cv: Canvas, x0: float, y0: float, L: float, H: float, rng: np.random.Generator) -> Bay:
     """ISO container: corrugated sides, roof and floor edge-on, rails, posts, doors, cross members."""
-    W, tw = 244.0, 0.2
+    W = 244.0
     x1, y1 = x0 + L, y0 + H
     pitch = rng.uniform(26, 30)
     prof = _corrugation(cv, x0, x1, pitch, 2 * 0.25, 2 * 0.16)                   # corrugated side walls
