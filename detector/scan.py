@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +25,7 @@ DEFAULT_MAX_PIXELS = int(os.environ.get("DETECTOR_MAX_PIXELS", 40_000_000))  # p
 MIN_SIDE = 16
 MIN_TRANSMISSION = 1e-6
 AIR_ROWS = 8  # top rows used to estimate the open-beam I0
+HIGH_NAMES, LOW_NAMES = ("high", "he", "h"), ("low", "le", "l")   # energy names a file may give (low_first)
 PITCH_RANGE_MM = (0.01, 100.0)    # a pixel pitch outside this is a metadata error (samples are 40-45 mm thumbnails)
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
@@ -190,6 +191,8 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         energies = ("high", "low") if counts.shape[0] == 2 else ("single",)
     if len(energies) != counts.shape[0]:
         raise ScanError(src, f"{len(energies)} energy names for {counts.shape[0]} channels")
+    if low_first(energies):   # every step after reading takes the high energy first
+        counts, i0, energies = np.ascontiguousarray(counts[::-1]), i0[::-1], tuple(energies)[::-1]
     att = counts_to_attenuation(counts, i0)
     _check_not_blank(src, counts, att, i0)
     brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
@@ -204,10 +207,23 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
                 meta=dict(meta or {}))
 
 
+def low_first(energies: Any) -> bool:
+    """Whether a dual-energy scan names its low energy first ("low", "high"; "LE", "HE"). The model, a dual-to-single
+    selection and the material image all take channel 0 as the high energy: such a scan is turned around on
+    reading, else the model saw the energies swapped."""
+    names = tuple(str(e).strip().lower() for e in energies or ())
+    return len(names) == 2 and names[0] in LOW_NAMES and names[1] in HIGH_NAMES
+
+
 def check_scan(scan: Scan) -> Scan:
     """The checks scan_from_counts makes, for a Scan built in memory (a station handing the Inspector its own):
     (C, H, W) with 1-2 channels of a sane size, a valid pitch, finite, and not blank. Without them a pitch of 0 or
-    -5 shrank the truck to one pixel and a negated attenuation read as air: both were released."""
+    -5 shrank the truck to one pixel and a negated attenuation read as air: both were released. One naming its low
+    energy first comes back turned around (high first)."""
+    if low_first(scan.energies) and np.shape(scan.attenuation)[:1] == (2,):
+        counts = None if scan.counts is None else np.ascontiguousarray(np.asarray(scan.counts)[::-1])
+        scan = replace(scan, attenuation=np.ascontiguousarray(np.asarray(scan.attenuation)[::-1]),
+                       energies=tuple(scan.energies)[::-1], i0=tuple(scan.i0)[::-1], counts=counts)
     src = scan.source or "<scan>"
     att = np.asarray(scan.attenuation)
     if att.ndim != 3 or att.dtype.kind != "f":

@@ -106,6 +106,24 @@ def test_tiff_metadata_pitch_energies(tmp_path):
     assert scan.source.endswith("m.tiff")
 
 
+@pytest.mark.parametrize("names", [("low", "high"), ("LE", "HE")])
+def test_a_scan_naming_its_low_energy_first_is_read_high_first(tmp_path, names):
+    """The model, a single-energy model's pick and the material image take channel 0 as the high energy: a file
+    giving low then high fed them the energies swapped."""
+    counts = make_counts(2)
+    ref = read_scan(write_scan(tmp_path / "hl.tiff", counts, i0=(50000, 51000), energies=("high", "low")))
+    swapped = read_scan(write_scan(tmp_path / "lh.tiff", counts[::-1].copy(), i0=(51000, 50000), energies=names))
+    assert swapped.energies == names[::-1] and swapped.i0 == (50000.0, 51000.0)
+    np.testing.assert_array_equal(swapped.attenuation, ref.attenuation)
+    np.testing.assert_array_equal(swapped.counts, counts)
+    built = Scan(ref.attenuation[::-1].copy(), energies=names, i0=(51000.0, 50000.0))   # a Scan made in memory
+    from detector.scan import check_scan
+    assert check_scan(built).energies == names[::-1]
+    np.testing.assert_array_equal(check_scan(built).attenuation, ref.attenuation)
+    other = read_scan(write_scan(tmp_path / "mv.tiff", counts, i0=(50000, 51000), energies=("4MV", "6MV")))
+    assert other.energies == ("4MV", "6MV")            # names it cannot order are kept as given
+
+
 def test_rgb_rendering_becomes_one_channel_with_warning(tmp_path):
     rgb = np.zeros((50, 80, 3), dtype=np.uint8)
     rgb[..., 1] = 200
