@@ -113,9 +113,12 @@ class Inspector:
                  threshold: float | None = None, *, max_width: int = 2048, tile_overlap: int = 256,
                  region_threshold: float = 0.5, max_regions: int = 10, warmup: bool = True):
         self.path = Path(model_path)
+        _check_options(threads, region_threshold, max_regions)
         if self.path.is_dir():
             raise BundleError(self.path, "a folder, not a model file: pass the .onnx bundle that `detector export` "
                                          "wrote")
+        if self.path.exists() and not self.path.is_file():   # a FIFO waits forever, /dev/zero fills memory
+            raise BundleError(self.path, "not a regular file (a device or a pipe): pass the .onnx bundle file")
         try:
             data = self.path.read_bytes()
         except OSError as e:
@@ -327,6 +330,20 @@ class Inspector:
             out.append(Region(box=box, score=peak))
         out.sort(key=lambda r: -r.score)
         return out[: self.max_regions]
+
+
+def _check_options(threads: Any, region_threshold: Any, max_regions: Any) -> None:
+    """InspectionError for Inspector options that would quietly misroute: max_regions=-1 dropped the best region
+    (a slice), a NaN region cut-off gave no region at all, threads=-2 was handed to onnxruntime."""
+    if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise InspectionError(f"threads must be a whole number >= 1 (or None: the usable cores), got {threads!r}")
+    if not (isinstance(max_regions, int) and not isinstance(max_regions, bool) and max_regions >= 0):
+        raise InspectionError(f"max_regions must be a whole number >= 0, got {max_regions!r}")
+    try:
+        valid_threshold(region_threshold)
+    except InspectionError:
+        raise InspectionError(f"region_threshold must be a number in [0, 1] (a heatmap probability), got "
+                              f"{region_threshold!r}") from None
 
 
 def valid_threshold(t: Any) -> float:

@@ -85,6 +85,8 @@ class ServeConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a number > 0 and finite, got {value!r}")
+        if self.threads is not None and self.threads < 1:   # else onnxruntime was handed -2
+            raise ValueError(f"--threads must be >= 1 (or left out: the usable cores per slot), got {self.threads}")
 
 
 class UploadTooLarge(Exception):

@@ -339,3 +339,22 @@ def test_a_scan_far_taller_or_shorter_than_the_training_scans_is_inspected(heuri
     for bad in ([800], [0, 1200], [1200, 800], ["a", 1]):
         with pytest.raises(BundleError, match="scan_height_mm"):
             replace_metadata_bytes(heuristic_model.read_bytes(), {**meta, "scan_height_mm": bad})
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("threads", -2, "threads must be a whole number >= 1"), ("threads", 1.5, "threads must be"),
+    ("max_regions", -1, "max_regions must be a whole number >= 0"),
+    ("region_threshold", float("nan"), "region_threshold must be a number in"),
+    ("region_threshold", 1.5, "region_threshold must be a number in")])
+def test_inspector_options_that_would_misroute_are_refused(heuristic_model, option, value, message):
+    # max_regions=-1 dropped the best region (a slice), a NaN cut-off gave none, threads=-2 went to onnxruntime
+    with pytest.raises(InspectionError, match=message):
+        Inspector(heuristic_model, **{option: value})
+
+
+def test_a_model_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    import os
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)                  # reading it waited forever for a writer
+    with pytest.raises(BundleError, match="not a regular file"):
+        Inspector(fifo)
