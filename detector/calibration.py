@@ -44,8 +44,8 @@ def threshold_for_rate(normal_scores: Iterable[float], rate: float) -> float:
     s = _scores(normal_scores)
     n = s.size
     allowed = int(np.floor(rate * n + 1e-9))  # normal scans allowed at or above the threshold
-    if allowed >= n:
-        return float(s[0])
+    if allowed >= n:   # every scan inspected: the lowest normal score released the trucks scoring under it
+        return 0.0
     # everything strictly above s[n-1-allowed] may be flagged: threshold just above that value,
     # capped at 1 so a saturated score (1.0) can always still be inspected
     t = float(np.nextafter(s[n - 1 - allowed], np.inf))

@@ -127,7 +127,7 @@ class Policy:
         for name, rate in self.tiers.items():
             if rate is None:
                 out[name] = _default_threshold(model, meta, self.source)
-            elif rate >= 1.0:   # inspect every truck: the lowest normal score would release the ones below it
+            elif rate >= 1.0:   # inspect every truck, also where the bundle has no normal scores
                 out[name] = 0.0
             elif scores:
                 out[name] = float(threshold_for_rate(scores, rate))

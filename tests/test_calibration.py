@@ -21,6 +21,11 @@ def test_ties_never_exceed_the_rate():
     assert false_alarm_rate(scores, t) == 0.0 and t > 0.9
 
 
+def test_a_rate_of_one_inspects_every_scan_not_only_those_above_the_lowest_normal_score():
+    # it returned the lowest normal score: Inspector.threshold_for_rate(1.0) released the trucks scoring under it
+    assert threshold_for_rate([0.2, 0.3, 0.4], 1.0) == 0.0
+
+
 def test_unresolvable_rate_flags_only_above_max_and_is_reported():
     rows = threshold_table([0.2, 0.3, 0.4], rates=(0.01,))
     assert rows[0]["threshold"] > 0.4 and rows[0]["achieved_rate"] == 0.0

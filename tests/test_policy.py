@@ -140,7 +140,7 @@ def test_parse_flags():
 
 
 def test_rate_one_inspects_every_scan():
-    # threshold_for_rate(., 1) is the lowest normal score: a tier meant to inspect all released the rest
+    # a tier meant to inspect all gets threshold 0, with the bundle's normal scores or only its table
     for meta in (META, {"normal_scores": [], "thresholds": [{"false_alarm_rate": 0.01, "threshold": 0.7}]}):
         p = Policy(tiers={"standard": 0.01, "inspect_all": 1.0}, default_tier="standard")
         assert p.bind(meta)["inspect_all"] == 0.0
