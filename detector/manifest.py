@@ -47,8 +47,11 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
+            names = reader.fieldnames or []
+            hint = ("; its columns are separated by ';' (a spreadsheet's CSV in a comma-decimal locale): save it "
+                    "with commas" if len(names) == 1 and ";" in names[0] else "")
             raise ScanError(manifest, f"manifest needs the column(s) {','.join(missing)} (has "
-                                      f"{','.join(reader.fieldnames or []) or 'none'})")
+                                      f"{','.join(names) or 'none'}){hint}")
         rows, seen = [], {}
         for row in reader:
             line, path = reader.line_num, _native((row.get("path") or "").strip())   # line_num: blank lines count too

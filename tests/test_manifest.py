@@ -156,3 +156,12 @@ def test_a_truncated_mask_png_is_refused_by_name_and_prints_nothing_else(tmp_pat
     with pytest.raises(ScanError, match="nope.png.*unreadable mask PNG"):
         read_mask(tmp_path / "nope.png")
     assert capfd.readouterr().err == ""
+
+
+def test_a_semicolon_separated_manifest_is_told_so(tmp_path):
+    m = _manifest(tmp_path, "path;label\na.tiff;0\n")
+    with pytest.raises(ScanError, match="needs the column.*separated by ';'.*save it with commas"):
+        read_rows(m)
+    with pytest.raises(ScanError) as e:      # a comma manifest lacking a column gets no such hint
+        read_rows(_manifest(tmp_path, "path,kind\na.tiff,0\n"))
+    assert ";" not in str(e.value)
