@@ -152,13 +152,17 @@ class Policy:
     # ------------------------------------------------------------ deciding
 
     def resolve_tier(self, tier: str | None) -> tuple[str, str]:
-        """(tier applied, note): no tier -> the default tier; an unknown one -> the strictest."""
+        """(tier applied, note): no tier -> the default tier; one named in another case (a targeting system's
+        STANDARD, as risk flags are matched) -> that tier; an unknown one -> the strictest."""
         self._need_bound()
         if tier is None or (isinstance(tier, str) and not tier.strip()):
             return str(self.default_tier), ""
         tier = str(tier).strip()
         if tier in self.thresholds:
             return tier, ""
+        same = [t for t in self.thresholds if t.casefold() == tier.casefold()]
+        if len(same) == 1:
+            return same[0], ""
         strict = self.strictest
         return strict, f"unknown tier {_short(tier)!r} -> strictest tier {strict!r}; "
 

@@ -68,6 +68,19 @@ def test_default_and_unknown_tier(policy):
     assert d.tier == "high_risk" and d.decision == "INSPECT" and "unknown tier 'gold-card'" in d.reason
 
 
+def test_a_tier_named_in_another_case_is_that_tier(policy):
+    # a targeting system's STANDARD fell back to the strictest tier and inspected the truck at its rate
+    score = (policy.thresholds["standard"] + policy.thresholds["high_risk"]) / 2
+    for name in ("STANDARD", " Standard "):
+        d = policy.decide(score, name)
+        assert d.tier == "standard" and d.decision == "RELEASE" and "unknown tier" not in d.reason
+    two = Policy(tiers={"Gold": 0.001, "GOLD": 0.01, "standard": 0.01})   # alike but for case: neither is guessed
+    two.bind(META)
+    assert two.resolve_tier("GOLD") == ("GOLD", "")
+    tier, note = two.resolve_tier("gold")
+    assert tier == two.strictest and "unknown tier 'gold'" in note
+
+
 def test_risk_flags_any_and_list(policy, tmp_path):
     d = policy.decide(0.0, "whitelist", ["anything"])
     assert d.decision == "INSPECT" and "risk flag anything" in d.reason
