@@ -1,4 +1,4 @@
-"""Durable audit log of served verdicts (SQLite, WAL, synchronous=FULL) and its CSV export.
+"""Durable audit log of served verdicts (SQLite, WAL, synchronous=FULL); detector.audit_report reads it.
 
 Every verdict the service answers is committed here before the answer leaves, so after a crash or
 power loss each answered request has its row. WAL keeps readers (the export) off the writer's back.
@@ -15,19 +15,15 @@ scans. It is append-only (triggers refuse UPDATE and DELETE): a correction is a 
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sqlite3
 import sys
 import threading
-from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
-
-from detector.calibration import rate_interval
 
 COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "file_sha256", "file_bytes",
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
@@ -58,8 +54,6 @@ CREATE TRIGGER IF NOT EXISTS outcomes_no_update BEFORE UPDATE ON outcomes
 CREATE TRIGGER IF NOT EXISTS outcomes_no_delete BEFORE DELETE ON outcomes
     BEGIN SELECT RAISE(ABORT, 'outcomes are append-only: record a correction as a new row'); END;
 """
-# each verdict with its latest outcome (NULLs where none): the highest id, not the latest time, is the last recorded
-_LATEST = "verdicts v LEFT JOIN outcomes o ON o.id = (SELECT MAX(id) FROM outcomes WHERE request_id = v.request_id)"
 
 
 class OutcomeError(ValueError):
@@ -275,155 +269,6 @@ class AuditLog:
             self._db.close()
 
 
-def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> int:
-    """Write the rows at or after `since` (ISO, UTC if naive) to a CSV, each with its latest outcome in the columns
-    after COLUMNS (empty where none); returns the row count."""
-    audit, out = Path(audit), Path(out)
-    if any(_same_file(out, Path(f"{audit}{end}")) for end in ("", "-wal", "-shm", "-journal", SPOOL_SUFFIX)):
-        # opening --out for writing would truncate the log of every verdict before a row is read
-        raise FileExistsError(f"{out}: is the audit database itself; give --out a new .csv path")
-    db = _reader(audit)
-    try:
-        where, params = _since(since)
-        cols = ", ".join([*(f"v.{c}" for c in COLUMNS), "o.outcome", "o.time", "o.officer", "o.note"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        n = 0
-        with open(out, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS + OUTCOME_COLUMNS)
-            for row in db.execute(f"SELECT {cols} FROM {_LATEST}{where} ORDER BY v.time, v.id", params):
-                w.writerow(["" if v is None else v for v in row])
-                n += 1
-        return n
-    finally:
-        db.close()
-
-
-SERVED = ("time", "model_sha256", "decision", "score", "outcome")   # what served_verdicts gives of each verdict
-
-
-def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[str, Any]]:
-    """Each verdict at or after `since` as a dict of SERVED (score and outcome None where there is none), from an
-    audit database or its `detector audit export` CSV (one written before outcomes were recorded has none).
-    ValueError names the file if it is neither."""
-    source = Path(source)
-    with open(source, "rb") as f:
-        head = f.read(16)
-    if head == b"SQLite format 3\x00":
-        db = _reader(source)
-        try:
-            where, params = _since(since)
-            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome FROM {_LATEST}{where} "
-                              "ORDER BY v.time, v.id", params).fetchall()
-        finally:
-            db.close()
-        return [dict(zip(SERVED, r)) for r in rows]
-    with open(source, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ())[:len(COLUMNS)] != COLUMNS:
-            raise ValueError(f"{source}: neither an audit database nor a `detector audit export` CSV "
-                             f"(its header must start with {', '.join(COLUMNS[:4])}, ...)")
-        start = parse_time(since) if since else ""
-        out = []
-        for i, r in enumerate(reader, start=2):
-            if r["time"] < start:
-                continue
-            try:
-                score = float(r["score"]) if r["score"] else None
-            except ValueError:
-                raise ValueError(f"{source}: line {i}: score {r['score']!r} is not a number") from None
-            out.append({"time": r["time"], "model_sha256": r["model_sha256"], "decision": r["decision"],
-                        "score": score, "outcome": r.get("outcome") or None})
-        return out
-
-
-def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:
-    """The verdicts at or after `since` and their latest outcomes, for all and per model (first served first): how
-    many, the INSPECT share, the hit rate of inspection (found among inspected trucks with an outcome, with its
-    Wilson 95 % interval) and the misses (found among RELEASEd trucks that were checked anyway)."""
-    db = _reader(Path(audit))
-    try:
-        where, params = _since(since)
-        rows = db.execute(f"SELECT v.model_sha256, v.decision, o.outcome, COUNT(*), MIN(v.time), MAX(v.time) "
-                          f"FROM {_LATEST}{where} GROUP BY 1, 2, 3 ORDER BY 5", params).fetchall()
-    finally:
-        db.close()
-    models: dict[str, Counter] = {}
-    for model, decision, outcome, n, _, _ in rows:
-        models.setdefault(model or "", Counter())[decision, outcome] += n
-    return {"audit": str(audit), "since": parse_time(since) if since else None,
-            "first": min((r[4] for r in rows), default=None), "last": max((r[5] for r in rows), default=None),
-            "all": _figures(sum(models.values(), Counter())),
-            "models": [{"model_sha256": m, **_figures(c)} for m, c in models.items()]}
-
-
-def _figures(tally: Counter) -> dict[str, Any]:
-    """summarise's figures from a count of verdicts by (decision, latest outcome or None)."""
-    n, inspect = sum(tally.values()), sum(k for (d, _), k in tally.items() if d == "INSPECT")
-    found, clear = tally["INSPECT", "found"], tally["INSPECT", "clear"]
-    checked = found + clear
-    return {"verdicts": n, "inspect": inspect, "inspect_share": inspect / n if n else None,
-            "outcomes": sum(k for (_, o), k in tally.items() if o is not None),
-            "inspected_found": found, "inspected_clear": clear, "hit_rate": found / checked if checked else None,
-            "hit_rate_interval": list(rate_interval(found, checked)) if checked else None,
-            "released_checked": tally["RELEASE", "found"] + tally["RELEASE", "clear"],
-            "released_found": tally["RELEASE", "found"]}
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """summarise's result as a table (a row per model where more than one served, then all of them) and a one-line
-    summary. hits: found among INSPECTed trucks with an outcome; misses: found among RELEASEd trucks checked anyway."""
-    a, since = s["all"], f" since {s['since']}" if s["since"] else ""
-    if not a["verdicts"]:
-        return f"no verdicts{since} in {s['audit']}"
-    rows = [(m["model_sha256"][:12] or "?", m) for m in s["models"]]
-    rows += [("all", a)] if len(rows) > 1 else []
-    table = [("model", "verdicts", "INSPECT", "outcomes", "hits/checked", "hit rate", "95 % interval",
-              "misses/checked")]
-    table += [(name, str(f["verdicts"]), f"{f['inspect']} ({_pct(f['inspect_share'])})", str(f["outcomes"]),
-               f"{f['inspected_found']}/{f['inspected_found'] + f['inspected_clear']}", _pct(f["hit_rate"]),
-               _interval(f), f"{f['released_found']}/{f['released_checked']}") for name, f in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
-    hit = (f"hit rate {_pct(a['hit_rate'])} ({a['inspected_found']} found of "
-           f"{a['inspected_found'] + a['inspected_clear']} inspected, 95 % {_interval(a)})"
-           if a["hit_rate"] is not None else "no inspected truck has an outcome yet")
-    lines += ["", f"{a['verdicts']} verdicts{since} ({s['first']} to {s['last']}), {_pct(a['inspect_share'])} INSPECT; "
-                  f"{a['outcomes']} with an outcome: {hit}; misses: {a['released_found']} found of "
-                  f"{a['released_checked']} released trucks checked <- {s['audit']}"]
-    return "\n".join(lines)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"
-
-
-def _interval(figures: dict[str, Any]) -> str:
-    lo_hi = figures["hit_rate_interval"]
-    return "-" if lo_hi is None else f"{_pct(lo_hi[0])} - {_pct(lo_hi[1])}"
-
-
-def _reader(audit: Path) -> sqlite3.Connection:
-    """A connection for reading the log; one written before outcomes were recorded reads as holding none (an empty
-    TEMP table stands in: nothing is written to the file, which another process may be serving from)."""
-    if not audit.is_file():
-        raise FileNotFoundError(f"{audit}: no audit database (run `detector serve` first, or pass --audit)")
-    db = sqlite3.connect(str(audit), timeout=30)
-    try:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'").fetchone():
-            db.execute("CREATE TEMP TABLE outcomes (id INTEGER PRIMARY KEY, time TEXT, request_id TEXT, outcome TEXT, "
-                       "officer TEXT, note TEXT)")
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _since(since: str | None) -> tuple[str, list[str]]:
-    """The WHERE clause (on the verdict's time) and its parameters for --since; ValueError if unreadable."""
-    return (" WHERE v.time >= ?", [parse_time(since)]) if since else ("", [])
-
-
 def _check_outcome(request_id: Any, outcome: Any, officer: Any, note: Any) -> None:
     """OutcomeError unless the fields can be stored as given (nothing is cut short or coerced)."""
     if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
@@ -466,45 +311,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (through links or another spelling)."""
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-    except OSError:
-        return False
-
-
-def main(args) -> int:
-    """CLI entry: `detector audit export [--audit audit.sqlite] [--since T] --out audit.csv`, or
-    `detector audit summary [--audit audit.sqlite] [--since T] [--json]`."""
-    if args.action not in ("export", "summary"):
-        print(f"detector audit: unknown action {args.action!r}", file=sys.stderr)
-        return 2
-    summary = args.action == "summary"
-    as_json = getattr(args, "json", False)
-    if (args.out is None) != summary or (as_json and not summary):   # an option the action would ignore
-        print("detector audit: export writes --out (a .csv); summary prints, as a table or with --json",
-              file=sys.stderr)
-        return 2
-    try:
-        result = summarise(args.audit, args.since) if summary else export_csv(args.audit, args.out, args.since)
-    except FileNotFoundError as e:
-        print(f"detector audit: {e}", file=sys.stderr)
-        return 1
-    except FileExistsError as e:
-        print(f"detector audit: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"detector audit: --since {args.since!r} is not an ISO date/time ({e})", file=sys.stderr)
-        return 2
-    except sqlite3.DatabaseError as e:
-        print(f"detector audit: {args.audit}: not a readable audit database ({e})", file=sys.stderr)
-        return 1
-    if summary:
-        print(json.dumps(result, indent=2) if as_json else format_summary(result))
-        return 0
-    since = f" since {parse_time(args.since)}" if args.since else ""
-    print(f"exported {result} verdicts{since} from {args.audit} -> {args.out}")
-    return 0

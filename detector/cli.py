@@ -160,7 +160,7 @@ VERBS: dict[str, tuple[str, Builder, str, str]] = {
              "detector info model.onnx"),
     "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",
               "detector serve --model model.onnx --port 8080"),
-    "audit": ("detector.audit", _audit, "export or summarise the audit log of served decisions and their outcomes",
+    "audit": ("detector.audit_report", _audit, "export or summarise the audit log of served decisions and their outcomes",
               "detector audit export --since 2026-11-01 --out audit.csv"),
 }
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.audit import parse_time, served_verdicts
+from detector.audit import parse_time
+from detector.audit_report import served_verdicts
 from detector.bundle import BundleError, read_metadata, rewrite_metadata
 from detector.calibration import rate_interval, threshold_table
 from detector.evaluate import load_results, load_truth, match

@@ -6,8 +6,9 @@ from argparse import Namespace
 
 import pytest
 
-from detector import audit
-from detector.audit import AuditLog, export_csv, parse_time
+from detector import audit, audit_report
+from detector.audit import AuditLog, parse_time
+from detector.audit_report import export_csv
 from detector.calibration import rate_interval
 
 
@@ -52,11 +53,11 @@ def test_export_since(log, tmp_path):
 
 def test_cli_export(log, tmp_path, capsys):
     out = tmp_path / "x.csv"
-    assert audit.main(Namespace(action="export", audit=str(log.path), since="2026-11-03", out=str(out))) == 0
+    assert audit_report.main(Namespace(action="export", audit=str(log.path), since="2026-11-03", out=str(out))) == 0
     assert "exported 1 verdicts" in capsys.readouterr().out
-    assert audit.main(Namespace(action="export", audit=str(log.path), since="yesterday", out=str(out))) == 2
+    assert audit_report.main(Namespace(action="export", audit=str(log.path), since="yesterday", out=str(out))) == 2
     missing = tmp_path / "none.sqlite"
-    assert audit.main(Namespace(action="export", audit=str(missing), since=None, out=str(out))) == 1
+    assert audit_report.main(Namespace(action="export", audit=str(missing), since=None, out=str(out))) == 1
     assert not missing.exists()  # export never creates an empty database
 
 
@@ -72,7 +73,7 @@ def test_export_never_overwrites_the_log(log, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for out in ("audit.sqlite", "./sub/../audit.sqlite", "audit.sqlite-wal", "audit.sqlite.pending.jsonl"):
         (tmp_path / "sub").mkdir(exist_ok=True)
-        assert audit.main(Namespace(action="export", audit="audit.sqlite", since=None, out=out)) == 2
+        assert audit_report.main(Namespace(action="export", audit="audit.sqlite", since=None, out=out)) == 2
         assert "is the audit database itself" in capsys.readouterr().err
     (tmp_path / "link.csv").symlink_to(tmp_path / "audit.sqlite")
     with pytest.raises(FileExistsError):
@@ -170,7 +171,7 @@ def test_database_of_the_old_schema_opens_unchanged_and_gains_outcomes(tmp_path)
     # exported and summarised as it is: no outcomes, and nothing written to a log a service may be serving from
     assert export_csv(path, tmp_path / "before.csv") == 1
     assert next(csv.DictReader((tmp_path / "before.csv").open()))["outcome"] == ""
-    assert audit.summarise(path)["all"]["outcomes"] == 0
+    assert audit_report.summarise(path)["all"]["outcomes"] == 0
     peek = sqlite3.connect(str(path))
     assert peek.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'outcomes'").fetchone()[0] == 0
     before = peek.execute("SELECT * FROM verdicts").fetchall()
@@ -199,7 +200,7 @@ def test_summary_figures(tmp_path, capsys):
         for o in outcomes:
             db.record_outcome(rid, o)
     db.close()
-    s = audit.summarise(tmp_path / "audit.sqlite")
+    s = audit_report.summarise(tmp_path / "audit.sqlite")
     a = s["all"]
     assert (a["verdicts"], a["inspect"], a["outcomes"]) == (10, 6, 7)
     assert a["inspect_share"] == pytest.approx(0.6)
@@ -210,12 +211,12 @@ def test_summary_figures(tmp_path, capsys):
     assert (ma["verdicts"], ma["inspected_found"], ma["inspected_clear"], ma["hit_rate"]) == (8, 2, 2, 0.5)
     assert (mb["verdicts"], mb["inspect"], mb["hit_rate"], mb["released_checked"]) == (2, 1, 0.0, 0)
     assert (s["first"], s["last"]) == ("2026-11-01T08:00:00.000+00:00", "2026-11-10T08:00:00.000+00:00")
-    assert audit.summarise(tmp_path / "audit.sqlite", since="2026-11-09")["all"]["verdicts"] == 2
+    assert audit_report.summarise(tmp_path / "audit.sqlite", since="2026-11-09")["all"]["verdicts"] == 2
 
     args = dict(action="summary", audit=str(tmp_path / "audit.sqlite"), since=None, out=None)
-    assert audit.main(Namespace(**args, json=True)) == 0
+    assert audit_report.main(Namespace(**args, json=True)) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(s))
-    assert audit.main(Namespace(**args, json=False)) == 0
+    assert audit_report.main(Namespace(**args, json=False)) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0].split() == ["model", "verdicts", "INSPECT", "outcomes", "hits/checked", "hit", "rate", "95", "%",
                                "interval", "misses/checked"]
@@ -224,9 +225,9 @@ def test_summary_figures(tmp_path, capsys):
     assert text[-1].startswith("10 verdicts (2026-11-01") and "hit rate 40.0% (2 found of 5 inspected" in text[-1]
     assert "misses: 1 found of 2 released trucks checked" in text[-1]
     # an option the action would ignore is refused
-    assert audit.main(Namespace(**{**args, "out": "s.csv"}, json=False)) == 2
-    assert audit.main(Namespace(**{**args, "action": "export"}, json=False)) == 2
-    assert audit.main(Namespace(**{**args, "action": "export", "out": str(tmp_path / "x.csv")}, json=True)) == 2
+    assert audit_report.main(Namespace(**{**args, "out": "s.csv"}, json=False)) == 2
+    assert audit_report.main(Namespace(**{**args, "action": "export"}, json=False)) == 2
+    assert audit_report.main(Namespace(**{**args, "action": "export", "out": str(tmp_path / "x.csv")}, json=True)) == 2
 
 
 def test_an_audit_log_that_cannot_be_opened_or_written_is_named_at_open(log, tmp_path, monkeypatch):
