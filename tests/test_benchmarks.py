@@ -121,6 +121,18 @@ def test_windows_hold_the_anomaly_and_the_labels_only_manifest_drops_the_trainin
     weak = list(csv.DictReader(open(tmp_path / "w" / "labels_only" / "manifest.csv")))
     assert [r["path"] for r in weak] == [f"../{r['path']}" for r in out] and not any(r["mask"] for r in weak)
     one_line_error(bench("windows.py", str(tmp_path / "none"), str(tmp_path / "w2")), "manifest.csv not found")
+    one_line_error(bench("windows.py", str(src), str(tmp_path / "w3"), "--size", "2000"), "smaller than a 2000 px window")
+
+
+def test_windows_refuses_a_dataset_without_splits_and_writes_nothing_outside_out(tmp_path):
+    """A plain `detector synth` folder (split column empty): its windows were written to OUT//images, i.e. /images."""
+    from detector.synth.dataset import write_dataset
+    src = tmp_path / "d"
+    write_dataset(src, 2, seed=3, anomaly_fraction=0.5, workers=1, height=240, progress=False)
+    assert not any(r["split"] for r in csv.DictReader(open(src / "manifest.csv")))
+    p = bench("windows.py", str(src), str(tmp_path / "w"), "--size", "96")
+    one_line_error(p, "no split column")
+    assert not (tmp_path / "w").exists()
 
 
 def test_site_calibration_prints_the_shipped_and_the_site_thresholds_on_the_test_set(tmp_path):
