@@ -88,6 +88,23 @@ def test_score_throughput_prints_scans_per_second_and_peak_memory(tmp_path):
                    "none.onnx", "not found")
 
 
+def test_score_throughput_refuses_to_time_scans_that_fail(tmp_path):
+    """Scans the model refuses (here: heights outside its training scans') fail in a header read: 30+ scans/s,
+    'target >= 10' met, while not one was scored. One line naming the failure instead."""
+    import onnx
+
+    from detector.bundle import attach_metadata, read_metadata
+    cache = tmp_path / "cache"
+    for i in range(2):
+        write_test_scan(cache / "images" / f"s{i}.tiff", height=200, width=600, seed=i)
+    model = make_heuristic_bundle(tmp_path / "heuristic.onnx")
+    meta = dict(read_metadata(model), scan_height_mm=[10.0, 20.0])
+    onnx.save(attach_metadata(onnx.load(str(model)), meta), str(model))
+    p = bench("score_throughput.py", "--model", str(model), "--cache", str(cache), "--n", "2", "--rss-counts", "1")
+    one_line_error(p, "1 of 1 scans", "failed to score", "m high")
+    assert "scans/s" not in p.stdout
+
+
 def test_serve_load_prints_throughput_latency_and_server_memory(tmp_path):
     p = bench("serve_load.py", "--duration", "1", "--warmup", "0.3", "--clients", "1", "--height", "200",
               "--width", "400")
