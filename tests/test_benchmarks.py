@@ -169,3 +169,15 @@ def test_site_calibration_prints_the_shipped_and_the_site_thresholds_on_the_test
     assert [r[0] for r in rows] == ["shipped"] * 3 + ["site"] * 3
     assert all(r[4] == "100.0" for r in rows)            # the dense blocks are found at every threshold
     assert (tmp_path / "site" / "site.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [(["--test", "0"], "--test must be >= 1"),
+                                          (["--anomaly-fraction", "1.5"], "--anomaly-fraction must be in [0, 1]"),
+                                          (["--config", "configs/nope.yaml"], "nope.yaml")])
+def test_quality_refuses_bad_arguments_before_generating_data(tmp_path, args, needle):
+    """benchmarks/quality.py trains (left out above), but its argument checks come first: --test 0 trained a full run
+    and then had no figures to print; a fraction outside [0, 1] ended in a ValueError traceback from the generator."""
+    p = bench("quality.py", "--train", "4", "--val", "2", "--work", str(tmp_path / "q"), *args)
+    one_line_error(p, needle)
+    assert not (tmp_path / "q").exists()
+
