@@ -70,8 +70,8 @@ def role_export(work: Path, checkpoint: str | None, config: str, calib: Path) ->
     from detector.calibration import threshold_table
     from detector.export import export_bundle, make_int8_bundle
     from detector.model import ModelConfig, build_model, count_flops
-    from detector.preprocess import Preprocessing
     from detector.bundle import read_metadata
+    from detector.preprocess import Preprocessing, model_size, padded_size
 
     if checkpoint:
         from detector.train import CheckpointError, load_checkpoint
@@ -100,7 +100,7 @@ def role_export(work: Path, checkpoint: str | None, config: str, calib: Path) ->
     drift = make_int8_bundle(work / "fp32.onnx", work / "int8.onnx", calib, read_metadata(work / "fp32.onnx"),
                              max_drop=100.0, log=lambda s: None)
     pre = Preprocessing.from_dict(info["preprocessing"])
-    h, w = -(-640 // 2 // pre.pad_multiple) * pre.pad_multiple, -(-2400 // 2 // pre.pad_multiple) * pre.pad_multiple
+    h, w = padded_size(*model_size(640, 2400, 5.0, pre), pre.pad_multiple)   # the timed scan at the model's pitch
     flops = count_flops(model, cfg.in_channels, h, w)
     (work / "export.json").write_text(json.dumps({"cfg": cfg.__dict__, "gflops": flops / 1e9, "input_hw": [h, w],
                                                   "int8": drift, "trained": bool(checkpoint)}))
