@@ -181,3 +181,33 @@ def test_quality_refuses_bad_arguments_before_generating_data(tmp_path, args, ne
     one_line_error(p, needle)
     assert not (tmp_path / "q").exists()
 
+
+
+def test_synth_speed_prints_scans_per_second_in_memory_and_on_the_cli_path():
+    p = bench("synth_speed.py", "--count", "2", "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"generate, 1 process: [\d.]+ scans/s \(\d+ ms per scan", p.stdout), p.stdout
+    assert re.search(r"generate in memory: [\d.]+ scans/s on 1 workers", p.stdout), p.stdout
+    assert re.search(r"detector synth OUT --count 2 \(CLI path, TIFF\+PNG\+manifest\): [\d.]+ scans/s", p.stdout)
+    bad = bench("synth_speed.py", "--count", "0")   # argparse's usage line, then the error
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--count and --workers must be >= 1" in bad.stderr
+
+
+def test_train_speed_prints_the_networks_flops_and_crops_per_second():
+    p = bench("train_speed.py", "--config", "configs/quick.yaml", "--steps", "1", "--threads", "1",
+              "data.batch_size=2")
+    assert p.returncode == 0, p.stderr
+    assert "3.12 GFLOP forward on 640x2400 px @5 mm (320x1216 @10 mm)" in p.stdout, p.stdout
+    assert re.search(r"CPU \(1 threads\): [\d.]+ crops/s \(128px, batch 2, 32-true", p.stdout), p.stdout
+    p = bench("train_speed.py", "--config", "configs/quick.yaml", "--steps", "1", "--threads", "1",
+              "data.batch_size=2", "preprocessing.model_pitch_mm=5")
+    assert "(640x2400 @5 mm)" in p.stdout, p.stdout   # the network's input at that pitch, not 10 mm's
+    one_line_error(bench("train_speed.py", "--config", "configs/nope.yaml"), "nope.yaml")
+
+
+def test_material_visibility_prints_a_median_per_anomaly_type():
+    from detector.synth.scene import ANOMALY_TYPES
+    p = bench("material_visibility.py", "--per-type", "1")
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r"^  (\w+) +high energy +[\d.]+ +material +-?[\d.]+ +\(medians", p.stdout, re.M)
+    assert rows and set(rows) <= set(ANOMALY_TYPES), p.stdout
