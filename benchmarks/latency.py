@@ -111,7 +111,7 @@ def role_torch(work: Path, scan: Path, threads: int, runs: int) -> None:
     import cv2
     import torch
 
-    from detector.bundle import read_metadata
+    from detector.bundle import default_threshold, read_metadata
     from detector.model import ModelConfig, build_model
     from detector.preprocess import Preprocessing, prepare
     from detector.scan import read_scan
@@ -121,7 +121,8 @@ def role_torch(work: Path, scan: Path, threads: int, runs: int) -> None:
     model = build_model(ModelConfig(**saved["cfg"])).eval()
     model.load_state_dict(saved["state"])
     meta = read_metadata(work / "fp32.onnx")
-    pre, ch, thr = Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], meta["thresholds"][0]["threshold"]
+    # the bundle's default rate, as the Inspector decides (thresholds[0] is only that row by the table's order)
+    pre, ch, thr = Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], default_threshold(meta)[0]
     total, infer, cpu = [], [], []
     for i in range(runs + 2):
         t0, c0 = time.perf_counter(), time.process_time()
