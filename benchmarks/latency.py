@@ -70,8 +70,8 @@ def role_export(work: Path, checkpoint: str | None, config: str, calib: Path) ->
     from detector.calibration import threshold_table
     from detector.export import export_bundle, make_int8_bundle
     from detector.model import ModelConfig, build_model, count_flops
-    from detector.preprocess import Preprocessing
     from detector.bundle import read_metadata
+    from detector.preprocess import Preprocessing, model_size, padded_size
 
     if checkpoint:
         from detector.train import CheckpointError, load_checkpoint
@@ -100,7 +100,7 @@ def role_export(work: Path, checkpoint: str | None, config: str, calib: Path) ->
     drift = make_int8_bundle(work / "fp32.onnx", work / "int8.onnx", calib, read_metadata(work / "fp32.onnx"),
                              max_drop=100.0, log=lambda s: None)
     pre = Preprocessing.from_dict(info["preprocessing"])
-    h, w = -(-640 // 2 // pre.pad_multiple) * pre.pad_multiple, -(-2400 // 2 // pre.pad_multiple) * pre.pad_multiple
+    h, w = padded_size(*model_size(640, 2400, 5.0, pre), pre.pad_multiple)   # the timed scan at the model's pitch
     flops = count_flops(model, cfg.in_channels, h, w)
     (work / "export.json").write_text(json.dumps({"cfg": cfg.__dict__, "gflops": flops / 1e9, "input_hw": [h, w],
                                                   "int8": drift, "trained": bool(checkpoint)}))
@@ -111,7 +111,7 @@ def role_torch(work: Path, scan: Path, threads: int, runs: int) -> None:
     import cv2
     import torch
 
-    from detector.bundle import read_metadata
+    from detector.bundle import default_threshold, read_metadata
     from detector.model import ModelConfig, build_model
     from detector.preprocess import Preprocessing, prepare
     from detector.scan import read_scan
@@ -121,7 +121,8 @@ def role_torch(work: Path, scan: Path, threads: int, runs: int) -> None:
     model = build_model(ModelConfig(**saved["cfg"])).eval()
     model.load_state_dict(saved["state"])
     meta = read_metadata(work / "fp32.onnx")
-    pre, ch, thr = Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], meta["thresholds"][0]["threshold"]
+    # the bundle's default rate, as the Inspector decides (thresholds[0] is only that row by the table's order)
+    pre, ch, thr = Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], default_threshold(meta)[0]
     total, infer, cpu = [], [], []
     for i in range(runs + 2):
         t0, c0 = time.perf_counter(), time.process_time()

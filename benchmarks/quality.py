@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/quality.py --config configs/default.yaml --train 1200 --val 100 --test 200
     .venv/bin/python benchmarks/quality.py --normal-only ...   # no anomalous training scans: TIP only
     .venv/bin/python benchmarks/quality.py --labels-only ...   # training anomalies without masks or boxes
+                                     # (whole trucks: training leaves them out, so this trains normal-only,
+                                     # unless data.label_only_crops=true; docs/experiments.md)
 
 Prints AUROC, AP, detection at 1 % and 0.1 % false alarms, per anomaly type, how often the top heatmap
 region hits the anomaly, and the data and training times. Two runs on the same data (same --train/--val/
@@ -115,11 +117,17 @@ def main() -> None:
     ap.add_argument("--anomaly-fraction", type=float, default=0.5)
     ap.add_argument("--normal-only", action="store_true", help="train on normal scans only (TIP anomalies)")
     ap.add_argument("--labels-only", action="store_true",
-                    help="the training anomalies without masks or boxes: image labels alone")
+                    help="the training anomalies without masks or boxes: image labels alone (training leaves "
+                         "such scans out when larger than a crop, as these trucks are: normal-only unless "
+                         "data.label_only_crops=true)")
     ap.add_argument("--work", default="runs/quality")
     ap.add_argument("--run", help="run folder name under --work (default: the config's name)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if min(a.train, a.val, a.test) < 1:   # no test split: no figures, after a full training
+        raise SystemExit(f"quality: --train, --val and --test must be >= 1, got {a.train}, {a.val}, {a.test}")
+    if not 0 <= a.anomaly_fraction <= 1:
+        raise SystemExit(f"quality: --anomaly-fraction must be in [0, 1], got {a.anomaly_fraction}")
     extra = [*a.overrides, *(["data.normal_only=true"] if a.normal_only else [])]
     try:
         load_config(a.config, extra)   # before the data: a mistyped config or override fails at once, not after it
@@ -127,7 +135,10 @@ def main() -> None:
         raise SystemExit(f"quality: {e}") from None
     work = Path(a.work)
     t0 = time.time()
-    data = make_data(work / f"data_s{a.seed}_{a.train}_{a.val}_{a.test}",
+    # the folder is reused when it exists: its name holds everything it was generated from (another
+    # --anomaly-fraction reused the 0.5 data; the default keeps the name the docs use)
+    frac = "" if a.anomaly_fraction == 0.5 else f"_a{a.anomaly_fraction:g}"
+    data = make_data(work / f"data_s{a.seed}_{a.train}_{a.val}_{a.test}{frac}",
                      {"train": a.train, "val": a.val, "test": a.test}, a.seed, a.anomaly_fraction)
     t_data = time.time() - t0
     # one scan cache per data folder, shared by every run on it (keys hold the pitch): ~16 GB per 1900 scans

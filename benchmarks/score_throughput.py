@@ -62,8 +62,15 @@ def fallback_scans(images: Path, n: int, seed: int, height: int = 700, width: in
 
 def default_model(cache: Path) -> Path:
     """The default network (configs/default.yaml `model:`), untrained, exported to an fp32 bundle:
-    same graph and cost as a trained one, which is all throughput depends on."""
-    out = cache / "default_model.onnx"
+    same graph and cost as a trained one, which is all throughput depends on. The file is named by a hash of
+    that section, so a changed config (e.g. model.width) exports again instead of timing the old network."""
+    import hashlib
+
+    import yaml
+    cfg_path = ROOT / "configs" / "default.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}).get("model", {}) if cfg_path.is_file() else {}
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = cache / f"default_model_{key}.onnx"
     cache.mkdir(parents=True, exist_ok=True)
     if not out.is_file():
         print(f"exporting the default (untrained) network to {out} ...", file=sys.stderr)
@@ -111,9 +118,12 @@ def child(args) -> None:
         c = score_items([Item(p.resolve()) for p in scans], inspector, Path(tmp) / "results.csv",
                         workers=args.workers, progress=False)
         dt = time.perf_counter() - t0
+        import csv
+        with open(Path(tmp) / "results.csv", newline="") as f:
+            errors = [r["error"] for r in csv.DictReader(f) if r.get("error")]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"n": c.scanned, "failed": c.failed, "seconds": dt, "scans_per_s": c.scanned / dt,
-                      "peak_rss_mb": rss_mb}))
+    print(json.dumps({"n": c.scanned, "failed": c.failed, "first_error": errors[0] if errors else None,
+                      "seconds": dt, "scans_per_s": c.scanned / dt, "peak_rss_mb": rss_mb}))
 
 
 def main() -> None:
@@ -151,9 +161,15 @@ def main() -> None:
     for n in counts:
         cmd = [sys.executable, __file__, "--child", "--n", str(n), "--model", str(model), "--cache", str(cache),
                "--workers", str(args.workers)] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-        runs[n] = json.loads(out.strip().splitlines()[-1])
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:   # its last line (the exception) is the message
+            raise SystemExit(f"score_throughput: scoring {n} scans failed: "
+                             f"{(out.stderr.strip().splitlines() or ['exit ' + str(out.returncode)])[-1]}")
+        runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
         r = runs[n]
+        if r["failed"]:   # a rejected scan costs a header read: the figure would be the rate of rejections
+            raise SystemExit(f"score_throughput: {r['failed']} of {r['n']} scans in {cache} failed to score with "
+                             f"{model.name}, e.g. {r['first_error']}: no throughput from failed scans")
         print(f"n={n:5d}: {r['scans_per_s']:.2f} scans/s ({r['seconds']:.1f} s, {r['failed']} failed), "
               f"peak RSS {r['peak_rss_mb']:.0f} MiB")
     lo, hi = runs[counts[0]], runs[counts[-1]]

@@ -3,7 +3,7 @@ has native bf16: what `precision: auto` then trains in), and on a GPU in bf16 if
 
     .venv/bin/python benchmarks/train_speed.py [--config configs/default.yaml] [--steps 10]
 
-Also prints the forward FLOPs on a full 640x2400 px scan at 5 mm (320x1216 model px at 10 mm).
+Also prints the forward FLOPs on a full 640x2400 px scan at 5 mm (320x1216 model px at the default 10 mm).
 
 With --data, times the whole training pipeline instead (crop loaders, fresh synthetic trucks, DDP
 processes, validation, hard-negative mining) for a few epochs on that folder: what an epoch of the
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from detector.model import build_model, count_flops, nhwc
+from detector.preprocess import model_size, padded_size
 from detector.scan import ScanError
 from detector.train import ConfigError, cpu_flags, cpu_has_native_bf16, load_config, resolve_precision
 
@@ -64,7 +65,8 @@ def pipeline(a: argparse.Namespace) -> None:
     from detector.train import run_training
 
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
-        ov = [*a.overrides, f"trainer.max_epochs={a.epochs}", "trainer.test=false", "trainer.patience=0"]
+        ov = [*a.overrides, f"trainer.max_epochs={a.epochs}", "trainer.test=false", "trainer.patience=0",
+              *([f"trainer.threads={a.threads}"] if a.threads else [])]   # --threads held for the network alone only
         res = run_training(a.config, a.data, tmp, ov, quiet=True)
     if not res:   # a DDP worker process: rank 0 reports
         return
@@ -96,10 +98,12 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     c, d = cfg.model.in_channels, cfg.data
     model = build_model(cfg.model)
-    gflop = count_flops(model, c, 320, 1216) / 1e9
+    pre = cfg.preprocessing   # the full scan at the config's model pitch, padded as the station pads it
+    h, w = padded_size(*model_size(640, 2400, 5.0, pre), pre.pad_multiple)
+    gflop = count_flops(model, c, h, w) / 1e9
     print(f"{cfg.name}: {cfg.model.backbone} width={cfg.model.width} stage_blocks={cfg.model.stage_blocks} "
           f"backbone_stride={cfg.model.backbone_stride} decoder={cfg.model.decoder_channels}: "
-          f"{gflop:.2f} GFLOP forward on 640x2400 px @5 mm (320x1216 @10 mm), "
+          f"{gflop:.2f} GFLOP forward on 640x2400 px @5 mm ({h}x{w} @{pre.model_pitch_mm:g} mm), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     print(f"CPU: {cpu_description()}")
     used = resolve_precision(cfg.trainer.precision, "cpu")

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from detector.data import STRUCTURE_ATTENUATION
+from detector.manifest import SPLIT_ALIASES
 from detector.scan import Scan, read_scan, write_scan
 
 
@@ -64,10 +65,21 @@ def main() -> None:
     a = ap.parse_args()
     if not (a.src / "manifest.csv").exists():
         sys.exit(f"error: {a.src}/manifest.csv not found")
+    if a.size < 1:
+        sys.exit(f"error: --size must be >= 1 px, got {a.size}")
+    src_rows = list(csv.DictReader(open(a.src / "manifest.csv", newline="")))
+    # the windows keep their scan's split: without one, training would split a scan's windows at random (one in
+    # training, its twin in test), and an empty split named OUT//images, a folder at the filesystem root
+    if not any((r.get("split") or "").strip() for r in src_rows):
+        sys.exit(f"error: {a.src}/manifest.csv has no split column: the windows keep each scan's split "
+                 f"(benchmarks/quality.py's datasets have one)")
     rng = np.random.default_rng(a.seed)
     rows = []
-    for r in csv.DictReader(open(a.src / "manifest.csv", newline="")):
+    for r in src_rows:
+        r["split"] = SPLIT_ALIASES.get((r.get("split") or "train").strip().lower(), r["split"])   # empty: train
         scan = read_scan(a.src / r["path"])
+        if scan.height < a.size or scan.width < a.size:
+            sys.exit(f"error: {r['path']} is {scan.height}x{scan.width} px, smaller than a {a.size} px window")
         mask = cv2.imread(str(a.src / r["mask"]), cv2.IMREAD_UNCHANGED) if r.get("mask") else None
         stem = Path(r["path"]).stem
         for k, (y, x) in enumerate(window_origins(scan, r, a.size, rng)):

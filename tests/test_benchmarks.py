@@ -88,6 +88,23 @@ def test_score_throughput_prints_scans_per_second_and_peak_memory(tmp_path):
                    "none.onnx", "not found")
 
 
+def test_score_throughput_refuses_to_time_scans_that_fail(tmp_path):
+    """Scans the model refuses (here: heights outside its training scans') fail in a header read: 30+ scans/s,
+    'target >= 10' met, while not one was scored. One line naming the failure instead."""
+    import onnx
+
+    from detector.bundle import attach_metadata, read_metadata
+    cache = tmp_path / "cache"
+    for i in range(2):
+        write_test_scan(cache / "images" / f"s{i}.tiff", height=200, width=600, seed=i)
+    model = make_heuristic_bundle(tmp_path / "heuristic.onnx")
+    meta = dict(read_metadata(model), scan_height_mm=[10.0, 20.0])
+    onnx.save(attach_metadata(onnx.load(str(model)), meta), str(model))
+    p = bench("score_throughput.py", "--model", str(model), "--cache", str(cache), "--n", "2", "--rss-counts", "1")
+    one_line_error(p, "1 of 1 scans", "failed to score", "m high")
+    assert "scans/s" not in p.stdout
+
+
 def test_serve_load_prints_throughput_latency_and_server_memory(tmp_path):
     p = bench("serve_load.py", "--duration", "1", "--warmup", "0.3", "--clients", "1", "--height", "200",
               "--width", "400")
@@ -121,6 +138,18 @@ def test_windows_hold_the_anomaly_and_the_labels_only_manifest_drops_the_trainin
     weak = list(csv.DictReader(open(tmp_path / "w" / "labels_only" / "manifest.csv")))
     assert [r["path"] for r in weak] == [f"../{r['path']}" for r in out] and not any(r["mask"] for r in weak)
     one_line_error(bench("windows.py", str(tmp_path / "none"), str(tmp_path / "w2")), "manifest.csv not found")
+    one_line_error(bench("windows.py", str(src), str(tmp_path / "w3"), "--size", "2000"), "smaller than a 2000 px window")
+
+
+def test_windows_refuses_a_dataset_without_splits_and_writes_nothing_outside_out(tmp_path):
+    """A plain `detector synth` folder (split column empty): its windows were written to OUT//images, i.e. /images."""
+    from detector.synth.dataset import write_dataset
+    src = tmp_path / "d"
+    write_dataset(src, 2, seed=3, anomaly_fraction=0.5, workers=1, height=240, progress=False)
+    assert not any(r["split"] for r in csv.DictReader(open(src / "manifest.csv")))
+    p = bench("windows.py", str(src), str(tmp_path / "w"), "--size", "96")
+    one_line_error(p, "no split column")
+    assert not (tmp_path / "w").exists()
 
 
 def test_site_calibration_prints_the_shipped_and_the_site_thresholds_on_the_test_set(tmp_path):
@@ -140,3 +169,45 @@ def test_site_calibration_prints_the_shipped_and_the_site_thresholds_on_the_test
     assert [r[0] for r in rows] == ["shipped"] * 3 + ["site"] * 3
     assert all(r[4] == "100.0" for r in rows)            # the dense blocks are found at every threshold
     assert (tmp_path / "site" / "site.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [(["--test", "0"], "--test must be >= 1"),
+                                          (["--anomaly-fraction", "1.5"], "--anomaly-fraction must be in [0, 1]"),
+                                          (["--config", "configs/nope.yaml"], "nope.yaml")])
+def test_quality_refuses_bad_arguments_before_generating_data(tmp_path, args, needle):
+    """benchmarks/quality.py trains (left out above), but its argument checks come first: --test 0 trained a full run
+    and then had no figures to print; a fraction outside [0, 1] ended in a ValueError traceback from the generator."""
+    p = bench("quality.py", "--train", "4", "--val", "2", "--work", str(tmp_path / "q"), *args)
+    one_line_error(p, needle)
+    assert not (tmp_path / "q").exists()
+
+
+
+def test_synth_speed_prints_scans_per_second_in_memory_and_on_the_cli_path():
+    p = bench("synth_speed.py", "--count", "2", "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"generate, 1 process: [\d.]+ scans/s \(\d+ ms per scan", p.stdout), p.stdout
+    assert re.search(r"generate in memory: [\d.]+ scans/s on 1 workers", p.stdout), p.stdout
+    assert re.search(r"detector synth OUT --count 2 \(CLI path, TIFF\+PNG\+manifest\): [\d.]+ scans/s", p.stdout)
+    bad = bench("synth_speed.py", "--count", "0")   # argparse's usage line, then the error
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--count and --workers must be >= 1" in bad.stderr
+
+
+def test_train_speed_prints_the_networks_flops_and_crops_per_second():
+    p = bench("train_speed.py", "--config", "configs/quick.yaml", "--steps", "1", "--threads", "1",
+              "data.batch_size=2")
+    assert p.returncode == 0, p.stderr
+    assert "3.12 GFLOP forward on 640x2400 px @5 mm (320x1216 @10 mm)" in p.stdout, p.stdout
+    assert re.search(r"CPU \(1 threads\): [\d.]+ crops/s \(128px, batch 2, 32-true", p.stdout), p.stdout
+    p = bench("train_speed.py", "--config", "configs/quick.yaml", "--steps", "1", "--threads", "1",
+              "data.batch_size=2", "preprocessing.model_pitch_mm=5")
+    assert "(640x2400 @5 mm)" in p.stdout, p.stdout   # the network's input at that pitch, not 10 mm's
+    one_line_error(bench("train_speed.py", "--config", "configs/nope.yaml"), "nope.yaml")
+
+
+def test_material_visibility_prints_a_median_per_anomaly_type():
+    from detector.synth.scene import ANOMALY_TYPES
+    p = bench("material_visibility.py", "--per-type", "1")
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r"^  (\w+) +high energy +[\d.]+ +material +-?[\d.]+ +\(medians", p.stdout, re.M)
+    assert rows and set(rows) <= set(ANOMALY_TYPES), p.stdout
