@@ -15,6 +15,8 @@ from typing import Any
 from detector.audit import COLUMNS, OUTCOME_COLUMNS, SPOOL_SUFFIX, parse_time
 from detector.calibration import rate_interval
 
+SQLITE_MAGIC = b"SQLite format 3\x00"   # the first bytes of every SQLite database file
+EXPORT_START = ",".join(COLUMNS[:2]).encode() + b","   # the first bytes of an `audit export` CSV (after a BOM)
 # each verdict with its latest outcome (NULLs where none): the highest id, not the latest time, is the last recorded
 _LATEST = "verdicts v LEFT JOIN outcomes o ON o.id = (SELECT MAX(id) FROM outcomes WHERE request_id = v.request_id)"
 
@@ -51,9 +53,7 @@ def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
     audit database or its `detector audit export` CSV (one written before outcomes were recorded has none).
     ValueError names the file if it is neither."""
     source = Path(source)
-    with open(source, "rb") as f:
-        head = f.read(16)
-    if head == b"SQLite format 3\x00":
+    if _head(source).startswith(SQLITE_MAGIC):
         db = _reader(source)
         try:
             where, params = _since(since)
@@ -145,6 +145,21 @@ def _pct(x: float | None) -> str:
 def _interval(figures: dict[str, Any]) -> str:
     lo_hi = figures["hit_rate_interval"]
     return "-" if lo_hi is None else f"{_pct(lo_hi[0])} - {_pct(lo_hi[1])}"
+
+
+def is_audit_log(path: str | Path) -> bool:
+    """True for an audit database (`detector serve`) or its `detector audit export` CSV, from their first bytes."""
+    head = _head(Path(path))
+    return head.startswith(SQLITE_MAGIC) or head.removeprefix(b"\xef\xbb\xbf").startswith(EXPORT_START)
+
+
+def _head(path: Path, n: int = 64) -> bytes:
+    """A file's first `n` bytes; b"" where it cannot be read (the reader that opens it then says why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def _reader(audit: Path) -> sqlite3.Connection:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.audit import parse_time
-from detector.audit_report import served_verdicts
+from detector.audit_report import is_audit_log, served_verdicts
 from detector.bundle import BundleError, read_metadata, rewrite_metadata
 from detector.calibration import rate_interval, threshold_table
 from detector.evaluate import load_results, load_truth, match
@@ -86,16 +86,6 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
         raise CalibrationError(f"{results}: no cleared scan with a score to calibrate on ({site.rows} rows: "
                                f"{site.failed} failed, {site.anomalous} anomalous, {site.not_in_truth} not in the truth)")
     return site
-
-
-def is_audit_log(path: str | Path) -> bool:
-    """True for an audit database (`detector serve`) or its CSV export, whose first column is the verdict's time."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return False
-    return head.startswith(b"SQLite format 3\x00") or head.lstrip(b"\xef\xbb\xbf").startswith(b"time,request_id,")
 
 
 def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | None = None) -> SiteScores:
