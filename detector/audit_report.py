@@ -62,7 +62,7 @@ def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
         finally:
             db.close()
         return [dict(zip(SERVED, r)) for r in rows]
-    with open(source, newline="", encoding="utf-8") as f:
+    with open(source, newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet saved it with a byte-order mark
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ())[:len(COLUMNS)] != COLUMNS:
             raise ValueError(f"{source}: neither an audit database nor a `detector audit export` CSV "

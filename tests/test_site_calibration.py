@@ -212,6 +212,10 @@ def test_a_stations_audit_log_calibrates_on_its_cleared_traffic(tmp_path, model,
     assert cli(export) == 0
     assert cli(["calibrate", str(tmp_path / "a.csv"), "--model", str(model), "--out", str(tmp_path / "csv.onnx")]) == 0
     assert read_metadata(tmp_path / "csv.onnx")["thresholds"] == new["thresholds"]
+    bom = tmp_path / "bom.csv"            # the export opened and saved again by a spreadsheet: a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.csv").read_bytes())
+    assert cli(["calibrate", str(bom), "--model", str(model), "--out", str(tmp_path / "bom.onnx")]) == 0
+    assert read_metadata(tmp_path / "bom.onnx")["thresholds"] == new["thresholds"]
     # without --since the October trucks (all 0.02) count too
     assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(tmp_path / "all.onnx")]) == 0
     assert len(read_metadata(tmp_path / "all.onnx")["normal_scores"]) == 620
