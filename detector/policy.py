@@ -166,6 +166,10 @@ class Policy:
         strict = self.strictest
         return strict, f"unknown tier {_short(tier)!r} -> strictest tier {strict!r}; "
 
+    def threshold_for(self, tier: str | None) -> float:
+        """The threshold decide() applies to a truck of this tier (the inspector cuts its regions at it)."""
+        return self.thresholds[self.resolve_tier(tier)[0]]
+
     def forcing_flags(self, risk_flags: Iterable[str] | str | None) -> list[str]:
         flags = parse_flags(risk_flags)
         if self.force_flags == ANY:

@@ -312,7 +312,7 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             if scan is not None:
                 try:
                     # the tier's threshold, as the service passes it: the regions are cut at or under it
-                    verdict = inspector.inspect(scan, threshold=policy.thresholds[policy.resolve_tier(item.tier)[0]])
+                    verdict = inspector.inspect(scan, threshold=policy.threshold_for(item.tier))
                     decision, thr, why = _decide(policy, verdict.score, item, None)
                 except Exception as e:  # fail-closed: the row says why
                     error, verdict = _reason(e), None

@@ -348,7 +348,7 @@ class Service:
         deadline = f"deadline of {self.cfg.deadline_ms:g} ms exceeded"
         if budget_s - (time.perf_counter() - t0) <= 0:   # no thread: inspect_safe would decode, then give up
             return None, f"{deadline} while receiving the upload ({len(data) / 1e6:.1f} MB)"
-        thr = self.policy.thresholds[self.policy.resolve_tier(tier)[0]]  # the tier decide() will apply
+        thr = self.policy.threshold_for(tier)
         try:
             await asyncio.wait_for(self.slots.acquire(), max(0.0, budget_s - (time.perf_counter() - t0)))
         except asyncio.TimeoutError:

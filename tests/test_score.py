@@ -140,13 +140,11 @@ def test_policy_decides_with_manifest_tier_and_flags(tmp_path, normal_scan_path)
                                    heatmap=None)
 
     class Pol:
-        thresholds = {"white": 0.5, "high": 0.1}
-
         def __init__(self):
             self.seen = []
 
-        def resolve_tier(self, tier):
-            return tier, ""
+        def threshold_for(self, tier):
+            return {"white": 0.5, "high": 0.1}[tier]
 
         def decide(self, s, tier, flags):
             self.seen.append((tier, flags))
