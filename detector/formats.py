@@ -365,7 +365,7 @@ def _check_npy_header(f: Any, name: str, max_pixels: int | None, file_bytes: int
 def read_npz(data: bytes, name: str, max_pixels: int | None):
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         if "counts" not in z:
-            raise ScanError(name, "NPZ scan needs a 'counts' array (optional 'i0', 'pitch_mm')")
+            raise ScanError(name, "NPZ scan needs a 'counts' array (optional 'i0', 'pitch_mm', 'energies')")
         with z.zip.open("counts.npy") as f:
             _check_npy_header(f, name, max_pixels, z.zip.getinfo("counts.npy").file_size)
         counts = z["counts"]
@@ -374,19 +374,23 @@ def read_npz(data: bytes, name: str, max_pixels: int | None):
             info["i0"] = tuple(float(v) for v in np.ravel(_npz_numbers(z, "i0", 2, name)))
         if "pitch_mm" in z:
             info["pitch_mm"] = _npz_numbers(z, "pitch_mm", 1, name)
+        if "energies" in z:
+            info["energies"] = tuple(str(v) for v in np.ravel(_npz_numbers(z, "energies", 2, name, text=True)))
     return counts, info
 
 
-def _npz_numbers(z: Any, key: str, most: int, name: str) -> np.ndarray:
-    """NPZ member `key`: at most `most` real numbers, checked from its header before it is unpacked. Loaded blind,
-    an 'i0' of zeros deflated 1000:1, so a 60 KB file took 120 MB (a 64 MB upload, 64 GB)."""
+def _npz_numbers(z: Any, key: str, most: int, name: str, text: bool = False) -> np.ndarray:
+    """NPZ member `key`: at most `most` real numbers (or, with `text`, short names), checked from its header before
+    it is unpacked. Loaded blind, an 'i0' of zeros deflated 1000:1, so a 60 KB file took 120 MB (a 64 MB upload, 64 GB)."""
     member = f"{key}.npy"
     if member not in z.zip.namelist():
         raise ScanError(name, f"NPZ member {key!r} is no .npy array")
     with z.zip.open(member) as f:
         shape, dtype = _read_npy_header(f, name)
-        if dtype.kind not in "uif" or math.prod(shape) > most:
-            raise ScanError(name, f"NPZ {key!r} must hold at most {most} number(s), got {dtype} {shape}")
+        fits = (dtype.kind == "U" and dtype.itemsize <= 256 and len(shape) <= 1) if text else dtype.kind in "uif"
+        if not fits or math.prod(shape) > most:
+            raise ScanError(name, f"NPZ {key!r} must hold at most {most} {'name(s) as text' if text else 'number(s)'}, "
+                                  f"got {dtype} {shape}")
         f.seek(0)
         return np.lib.format.read_array(f, allow_pickle=False)
 

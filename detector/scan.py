@@ -356,7 +356,7 @@ def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None) ->
 def write_scan(path: str | os.PathLike, scan: Scan | np.ndarray, *, i0: float | tuple[float, ...] | None = None,
                pitch_mm: float | None = None, energies: tuple[str, ...] | None = None) -> Path:
     """Write a scan losslessly: .tif/.tiff (one uint16 page per energy + JSON metadata),
-    .png (one channel), .npy (counts) or .npz (counts, i0, pitch_mm)."""
+    .png (one channel), .npy (counts) or .npz (counts, i0, pitch_mm, energies)."""
     p = Path(path)
     if isinstance(scan, Scan):
         counts = scan.counts if scan.counts is not None else attenuation_to_counts(scan.attenuation, scan.i0)
@@ -388,7 +388,8 @@ def write_scan(path: str | os.PathLike, scan: Scan | np.ndarray, *, i0: float | 
     elif suffix == ".npy":
         np.save(p, counts if counts.shape[0] > 1 else counts[0])
     elif suffix == ".npz":
-        extra = {k: np.asarray(v) for k, v in (("i0", meta["i0"]), ("pitch_mm", pitch_mm)) if v is not None}
+        extra = {k: np.asarray(v) for k, v in (("i0", meta["i0"]), ("pitch_mm", pitch_mm),
+                                                ("energies", meta["energies"])) if v is not None}
         np.savez_compressed(p, counts=counts, **extra)
     else:
         raise ScanError(p, f"cannot write {suffix!r}; use .tiff, .png, .npy or .npz")

@@ -96,23 +96,25 @@ def test_attenuation_physics_and_i0():
     np.testing.assert_array_equal(attenuation_to_counts(counts_to_attenuation(counts, I0), I0), counts)
 
 
-def test_tiff_metadata_pitch_energies(tmp_path):
+@pytest.mark.parametrize("suffix", [".tiff", ".npz"])
+def test_metadata_pitch_energies(tmp_path, suffix):
     counts = make_counts(2)
-    scan = read_scan(write_scan(tmp_path / "m.tiff", counts, i0=(50000, 51000), pitch_mm=3.5,
+    scan = read_scan(write_scan(tmp_path / f"m{suffix}", counts, i0=(50000, 51000), pitch_mm=3.5,
                                 energies=("6MV", "4MV")))
     assert scan.i0 == (50000.0, 51000.0)
     assert scan.pitch_mm == 3.5
     assert scan.energies == ("6MV", "4MV")
-    assert scan.source.endswith("m.tiff")
+    assert scan.source.endswith(f"m{suffix}")
 
 
+@pytest.mark.parametrize("suffix", [".tiff", ".npz"])
 @pytest.mark.parametrize("names", [("low", "high"), ("LE", "HE")])
-def test_a_scan_naming_its_low_energy_first_is_read_high_first(tmp_path, names):
+def test_a_scan_naming_its_low_energy_first_is_read_high_first(tmp_path, names, suffix):
     """The model, a single-energy model's pick and the material image take channel 0 as the high energy: a file
-    giving low then high fed them the energies swapped."""
+    giving low then high fed them the energies swapped (an .npz kept no names at all, so it was read as given)."""
     counts = make_counts(2)
     ref = read_scan(write_scan(tmp_path / "hl.tiff", counts, i0=(50000, 51000), energies=("high", "low")))
-    swapped = read_scan(write_scan(tmp_path / "lh.tiff", counts[::-1].copy(), i0=(51000, 50000), energies=names))
+    swapped = read_scan(write_scan(tmp_path / f"lh{suffix}", counts[::-1].copy(), i0=(51000, 50000), energies=names))
     assert swapped.energies == names[::-1] and swapped.i0 == (50000.0, 51000.0)
     np.testing.assert_array_equal(swapped.attenuation, ref.attenuation)
     np.testing.assert_array_equal(swapped.counts, counts)
@@ -120,7 +122,7 @@ def test_a_scan_naming_its_low_energy_first_is_read_high_first(tmp_path, names):
     from detector.scan import check_scan
     assert check_scan(built).energies == names[::-1]
     np.testing.assert_array_equal(check_scan(built).attenuation, ref.attenuation)
-    other = read_scan(write_scan(tmp_path / "mv.tiff", counts, i0=(50000, 51000), energies=("4MV", "6MV")))
+    other = read_scan(write_scan(tmp_path / f"mv{suffix}", counts, i0=(50000, 51000), energies=("4MV", "6MV")))
     assert other.energies == ("4MV", "6MV")            # names it cannot order are kept as given
 
 

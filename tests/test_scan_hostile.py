@@ -83,7 +83,9 @@ def _counts(channels: int = 2, h: int = 64, w: int = 160) -> np.ndarray:
 
 
 @pytest.mark.parametrize("key, value", [("i0", np.zeros(3_000_000)), ("pitch_mm", np.zeros(3_000_000)),
-                                        ("i0", np.array([1 + 2j, 3j])), ("pitch_mm", np.array(["5"]))])
+                                        ("i0", np.array([1 + 2j, 3j])), ("pitch_mm", np.array(["5"])),
+                                        ("energies", np.array(["high", "low", "mid"])), ("energies", np.array([1, 2])),
+                                        ("energies", np.array(["x" * 100_000])), ("energies", np.array([["h"], ["l"]]))])
 def test_npz_metadata_members_are_checked_before_they_are_unpacked(key, value):
     data = _npz({"counts.npy": _npy(_counts()), f"{key}.npy": _npy(value)})
     assert len(data) < 100_000   # 24 MB of zeros deflate ~1000:1
