@@ -281,3 +281,36 @@ def test_mask_centres_are_mask_pixels_spread_in_row_order():
     assert mask_centres(m) == mask_centres(m.astype(bool)) == want
     assert mask_centres(m, n=2000) == list(zip(ys.tolist(), xs.tolist()))   # fewer pixels than n: all of them
     assert mask_centres(np.zeros((30, 40), np.uint8)) == []
+
+
+def test_a_package_in_the_fuel_tank_displaces_diesel_only_below_its_surface(monkeypatch):
+    """Beer-Lambert: a package under the diesel takes the diesel's place (it adds mu_cocaine - mu_diesel per cm);
+    above the surface it displaces air and adds all of mu_cocaine. The generator added the wet difference
+    everywhere, so the part above the surface (half of the in_fuel_tank packages reach it) showed at ~26 % of its
+    physical contrast, and a package could be deeper along the beam than the tank holding it."""
+    from detector.synth import scene, threats, vehicles
+    from detector.synth.render import Canvas
+    cv = Canvas(320, 300, 5.0, ground_row=310.0)
+    vehicles.fuel_tank(cv, 10.0, np.random.default_rng(4))
+    tank_cols = np.nonzero(cv.regions["fuel_tank"].any(0))[0]
+    col = cv.att[0, :, tank_cols[len(tank_cols) // 2]]
+    wet_rows = np.nonzero((col > 1.0) & (col < 3.0))[0]        # 50-65 cm of diesel (the steel skins: > 3)
+    s = wet_rows.min()                                          # first row full of diesel
+    assert wet_rows.max() - s > 12 and (col[s - 12:s - 1] < 0.3).all()   # dry air above the diesel in the tank
+
+    class Block:                                                # one 40 cm deep brick, 16 x 20 px, no wrapping
+        def attenuation(self):
+            return physics.attenuation("cocaine", np.full((16, 20), 40.0, np.float32))
+    depth = []
+    monkeypatch.setattr(threats, "narcotics", lambda *a, **k: depth.append(k.get("max_depth")) or Block())
+    cv.regions["fuel_tank"] = np.zeros_like(cv.regions["fuel_tank"])
+    cv.regions["fuel_tank"][s - 8:s + 8, tank_cols[5]:tank_cols[5] + 60] = True   # forces the brick across the surface
+    att = cv.attenuation().copy()
+    new, mask, _, got = scene.insert_anomaly(att, cv, "in_fuel_tank", np.random.default_rng(0))
+    add = (new - att)[0]
+    assert got == "in_fuel_tank" and mask[s - 8:s + 8].sum() == 16 * 20
+    mu_c, mu_d = physics.material("cocaine").mu[0], physics.material("diesel").mu[0]
+    dry, wet = add[s - 7:s - 1][mask[s - 7:s - 1]], add[s + 1:s + 8][mask[s + 1:s + 8]]
+    np.testing.assert_allclose(dry, 40 * mu_c, rtol=1e-4)       # in air: all of it
+    np.testing.assert_allclose(wet, 40 * (mu_c - mu_d), rtol=1e-4)   # in diesel: the difference
+    assert depth and all(d is not None and d <= 50 for d in depth)   # bricks no deeper than the shallowest tank

@@ -83,13 +83,32 @@ def _threat_for(kind: str, rng: np.random.Generator, pitch: float) -> tip.Threat
         return tip.make_threat(rng, str(rng.choice(["narcotics", "firearm", "small_metal"])), pitch)
     rows, cols = {"in_chassis": (1, int(rng.integers(1, 4))), "in_tyre": (int(rng.integers(2, 5)), 1),
                   "in_fuel_tank": (int(rng.integers(2, 5)), int(rng.integers(1, 3)))}[kind]
-    att = threats.narcotics(rng, pitch, rows=rows, cols=cols).attenuation()
-    if kind == "in_fuel_tank":           # the packages displace diesel: only the difference is added
-        net = [1 - d / c for d, c in zip(physics.material("diesel").mu, physics.material("cocaine").mu)]
-        att = att * np.array(net, np.float32)[:, None, None]
-    elif kind == "in_chassis":
+    deep = vehicles.FUEL_TANK_MIN_DEPTH if kind == "in_fuel_tank" else None   # no deeper than the tank
+    att = threats.narcotics(rng, pitch, rows=rows, cols=cols, max_depth=deep).attenuation()
+    if kind == "in_fuel_tank":           # full attenuation (dry above the diesel): `_displace` nets the wet part
+        return tip.Threat(att, (att * _diesel_net()).max(axis=0) >= tip.MIN_ATT * 0.5, kind)
+    if kind == "in_chassis":
         att = att * 0.5                  # flattened packages in the rail's C-channel
     return tip.Threat(att, att.max(axis=0) >= tip.MIN_ATT * 0.5, kind)
+
+
+def _diesel_net() -> np.ndarray:
+    """(2, 1, 1): the share of a package's own attenuation it adds where it displaces diesel (~0.26, 0.25)."""
+    net = [1 - d / c for d, c in zip(physics.material("diesel").mu, physics.material("cocaine").mu)]
+    return np.array(net, np.float32)[:, None, None]
+
+
+def _displace(att: np.ndarray, threat: tip.Threat, box, wet: np.ndarray | None):
+    """Project a package placed in a fuel tank again, at the place `project` chose (its mask's `box`): below the
+    diesel surface (`wet`) it takes the diesel's place, so only the difference is added there; above it, in air,
+    all of its own attenuation."""
+    if wet is None:
+        wet = np.ones(att.shape[1:], bool)
+    ys, xs = np.nonzero(threat.mask)
+    x0, y0 = box[0] - int(xs.min()), box[1] - int(ys.min())
+    h, w = threat.shape
+    net = np.where(wet[None, y0:y0 + h, x0:x0 + w], _diesel_net(), np.float32(1))
+    return tip.project(att, tip.Threat(threat.attenuation * net, threat.mask, threat.kind), None, at=(x0, y0))
 
 
 PLACED = {"in_chassis": "chassis", "in_tyre": "tyre", "in_fuel_tank": "fuel_tank"}
@@ -122,6 +141,8 @@ def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Genera
             new, mask, box = tip.project(att, threat, rng, region=region, min_inside=inside)
         except ValueError:
             continue
+        if kind == "in_fuel_tank" and attempt < 4:
+            new, mask, box = _displace(att, threat, box, cv.regions.get("diesel"))
         placement = kind in PLACED or kind == "low_contrast"
         return new, mask, box, kind if attempt < 4 or placement else "small_metal"
     return (*tip.project(att, tip.make_threat(rng, "small_metal", cv.pitch_mm), rng), "small_metal")

@@ -15,6 +15,7 @@ from detector.synth.render import Canvas
 
 VEHICLES = ("tractor_20ft", "tractor_40ft", "box_truck", "flatbed", "tanker")
 TRACK_CM = 200.0   # distance the beam travels through the vehicle's width
+FUEL_TANK_MIN_DEPTH = 50.0   # cm along the beam: the shallowest side tank `fuel_tank` draws
 
 
 @dataclass
@@ -153,10 +154,13 @@ def battery_box(cv: Canvas, x0: float, y0: float) -> None:
 
 
 def fuel_tank(cv: Canvas, x0: float, rng: np.random.Generator) -> None:
-    """A side-mounted diesel tank (box with rounded corners), partly filled."""
-    L, y0, h, d = rng.uniform(70, 130), rng.uniform(45, 60), rng.uniform(50, 65), rng.uniform(50, 65)
+    """A side-mounted diesel tank (box with rounded corners), partly filled; marks the tank ('fuel_tank') and
+    the diesel in it ('diesel': below its surface a package displaces diesel, above it only air)."""
+    L, y0, h = rng.uniform(70, 130), rng.uniform(45, 60), rng.uniform(50, 65)
+    d = rng.uniform(FUEL_TANK_MIN_DEPTH, 65)
     lvl = rng.uniform(0.3, 0.95)
     cv.rect("diesel", x0 + 2, y0 + 1, x0 + L - 2, y0 + 1 + (h - 2) * lvl, d)
+    cv.mark("diesel", x0 + 2, y0 + 1, x0 + L - 2, y0 + 1 + (h - 2) * lvl)
     cv.rect("steel", x0, y0, x0 + L, y0 + h, 2 * 0.3)
     cv.rect("steel", x0, y0, x0 + L, y0 + 0.3, d)
     cv.rect("steel", x0, y0 + h - 0.3, x0 + L, y0 + h, d)
