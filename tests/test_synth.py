@@ -314,3 +314,25 @@ def test_a_package_in_the_fuel_tank_displaces_diesel_only_below_its_surface(monk
     np.testing.assert_allclose(dry, 40 * mu_c, rtol=1e-4)       # in air: all of it
     np.testing.assert_allclose(wet, 40 * (mu_c - mu_d), rtol=1e-4)   # in diesel: the difference
     assert depth and all(d is not None and d <= 50 for d in depth)   # bricks no deeper than the shallowest tank
+
+
+def test_a_package_in_a_tyre_lies_in_its_air_space_not_over_the_hub(monkeypatch):
+    """A tyre holds packages only in its air space, which a side view shows as a ring between the rim flange and the
+    tread band. The generator placed stacked bricks anywhere in the wheel's disc: 78 % of their pixels over the
+    wheel disc, hub and axle (solid steel, a fifth of the pixels opaque, where the package could not be seen)."""
+    from detector.synth import scene, vehicles
+    wheels = []
+    draw = vehicles.wheel
+    monkeypatch.setattr(vehicles, "wheel", lambda cv, x, r, *a: wheels.append((x, r)) or draw(cv, x, r, *a))
+    for seed in range(5):
+        wheels.clear()
+        ss = np.random.SeedSequence(seed)
+        cv, _, _ = scene.build_scene(scene._stream(ss, 0), vehicle=str(VEHICLES[seed % len(VEHICLES)]))
+        att = cv.attenuation().copy()
+        new, mask, _, got = scene.insert_anomaly(att, cv, "in_tyre", scene._stream(ss, 1))
+        ys, xs = np.nonzero(mask)
+        dist = [np.hypot(xs + 0.5 - cv.px(x), ys + 0.5 - cv.py(r)) / (r * cv.s) for x, r in wheels]
+        rel = np.min(dist, axis=0)                              # radius over the tyre's, from the nearest wheel
+        assert got == "in_tyre" and rel.min() > 0.62 and rel.max() < 0.82, (seed, rel.min(), rel.max())
+        depth = (new - att)[0][mask].max() / physics.material("cocaine").mu[0]
+        assert depth <= 20.5                                    # within one tyre's width along the beam

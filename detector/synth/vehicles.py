@@ -15,6 +15,7 @@ from detector.synth.render import Canvas
 
 VEHICLES = ("tractor_20ft", "tractor_40ft", "box_truck", "flatbed", "tanker")
 TRACK_CM = 200.0   # distance the beam travels through the vehicle's width
+TYRE_AIR = (0.64, 0.80)      # its air space, radii over the tyre's: from the rim flange to the tread band
 FUEL_TANK_MIN_DEPTH = 50.0   # cm along the beam: the shallowest side tank `fuel_tank` draws
 
 
@@ -99,7 +100,7 @@ def wheel(cv: Canvas, x: float, r: float, tyres: int, rng: np.random.Generator |
     cv.ellipse("steel", x, y, r * 0.22, r * 0.22, 50.0, profile="ball")    # hub + axle end-on
     cv.ellipse("steel", x, y, r * 0.10, r * 0.10, 25.0)                    # spindle
     cv.rect("steel", x - 7, y - 6, x + 7, y + 6, TRACK_CM * 0.25)          # axle tube along the beam
-    cv.mark_disc("tyre", x, y, r * 0.78)
+    cv.mark_disc("tyre", x, y, r * TYRE_AIR[1], inner=r * TYRE_AIR[0])      # the air space inside the tyre
 
 
 def rails(cv: Canvas, x0: float, x1: float, y0: float, h: float, rng: np.random.Generator) -> None:
