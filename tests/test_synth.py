@@ -336,3 +336,18 @@ def test_a_package_in_a_tyre_lies_in_its_air_space_not_over_the_hub(monkeypatch)
         assert got == "in_tyre" and rel.min() > 0.62 and rel.max() < 0.82, (seed, rel.min(), rel.max())
         depth = (new - att)[0][mask].max() / physics.material("cocaine").mu[0]
         assert depth <= 20.5                                    # within one tyre's width along the beam
+
+
+def test_cli_synth_refuses_a_height_it_cannot_render_and_an_out_it_cannot_write(tmp_path, capsys):
+    """--height 0 died in a worker with ZeroDivisionError, a negative one with numpy's 'negative dimensions', and
+    an OUT that is a file or cannot be made with a traceback; each is now one line naming the reason, exit 2."""
+    from detector.cli import main
+    for h in ("0", "-5", "15", "2001"):
+        assert main(["synth", str(tmp_path / "h"), "--count", "1", "--height", h, "--workers", "1"]) == 2, h
+        assert capsys.readouterr().err == f"detector synth: --height must be 16-2000 px, got {h}\n"
+    assert not (tmp_path / "h").exists()
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["synth", str(tmp_path / "file"), "--count", "1", "--height", str(H), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"detector synth: cannot write {tmp_path / 'file'}: ") and "Traceback" not in err
+    assert err.count("\n") == 1
