@@ -351,3 +351,12 @@ def test_cli_synth_refuses_a_height_it_cannot_render_and_an_out_it_cannot_write(
     err = capsys.readouterr().err
     assert err.startswith(f"detector synth: cannot write {tmp_path / 'file'}: ") and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_cli_synth_refuses_a_negative_seed_before_making_folders(tmp_path, capsys):
+    """--seed -1 died in the generator with numpy's 'expected non-negative integer' after making OUT/images and
+    OUT/masks (and scan names s{seed}_{index}, which the visibility pass parses, hold no sign)."""
+    from detector.cli import main
+    assert main(["synth", str(tmp_path / "neg"), "--count", "1", "--seed", "-1", "--height", str(H)]) == 2
+    assert capsys.readouterr().err == "detector synth: --seed must be >= 0, got -1\n"
+    assert not (tmp_path / "neg").exists()

@@ -108,6 +108,9 @@ def main(args) -> int:
     if args.count < 1:
         print("detector synth: --count must be >= 1", file=sys.stderr)
         return 2
+    if args.seed < 0:   # numpy's SeedSequence takes none, and the scan names s{seed}_{index} hold no sign
+        print(f"detector synth: --seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
     if not 0.0 <= args.anomaly_fraction <= 1.0:
         print(f"detector synth: --anomaly-fraction is a share in [0, 1], got {args.anomaly_fraction:g}",
               file=sys.stderr)
