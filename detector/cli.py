@@ -33,7 +33,8 @@ def _synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomaly-fraction", type=float, default=0.5, help="share of scans with an anomaly")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--height", type=int, default=None, help="scan height in px (default: vehicle-dependent, 600-850)")
+    p.add_argument("--height", type=int, default=None,
+                   help="scan height in px, 16-2000 (default: vehicle-dependent, 600-850)")
     p.add_argument("--split", default=None, help="write this value in the manifest's split column")
 
 

@@ -281,3 +281,82 @@ def test_mask_centres_are_mask_pixels_spread_in_row_order():
     assert mask_centres(m) == mask_centres(m.astype(bool)) == want
     assert mask_centres(m, n=2000) == list(zip(ys.tolist(), xs.tolist()))   # fewer pixels than n: all of them
     assert mask_centres(np.zeros((30, 40), np.uint8)) == []
+
+
+def test_a_package_in_the_fuel_tank_displaces_diesel_only_below_its_surface(monkeypatch):
+    """Beer-Lambert: a package under the diesel takes the diesel's place (it adds mu_cocaine - mu_diesel per cm);
+    above the surface it displaces air and adds all of mu_cocaine. The generator added the wet difference
+    everywhere, so the part above the surface (half of the in_fuel_tank packages reach it) showed at ~26 % of its
+    physical contrast, and a package could be deeper along the beam than the tank holding it."""
+    from detector.synth import scene, threats, vehicles
+    from detector.synth.render import Canvas
+    cv = Canvas(320, 300, 5.0, ground_row=310.0)
+    vehicles.fuel_tank(cv, 10.0, np.random.default_rng(4))
+    tank_cols = np.nonzero(cv.regions["fuel_tank"].any(0))[0]
+    col = cv.att[0, :, tank_cols[len(tank_cols) // 2]]
+    wet_rows = np.nonzero((col > 1.0) & (col < 3.0))[0]        # 50-65 cm of diesel (the steel skins: > 3)
+    s = wet_rows.min()                                          # first row full of diesel
+    assert wet_rows.max() - s > 12 and (col[s - 12:s - 1] < 0.3).all()   # dry air above the diesel in the tank
+
+    class Block:                                                # one 40 cm deep brick, 16 x 20 px, no wrapping
+        def attenuation(self):
+            return physics.attenuation("cocaine", np.full((16, 20), 40.0, np.float32))
+    depth = []
+    monkeypatch.setattr(threats, "narcotics", lambda *a, **k: depth.append(k.get("max_depth")) or Block())
+    cv.regions["fuel_tank"] = np.zeros_like(cv.regions["fuel_tank"])
+    cv.regions["fuel_tank"][s - 8:s + 8, tank_cols[5]:tank_cols[5] + 60] = True   # forces the brick across the surface
+    att = cv.attenuation().copy()
+    new, mask, _, got = scene.insert_anomaly(att, cv, "in_fuel_tank", np.random.default_rng(0))
+    add = (new - att)[0]
+    assert got == "in_fuel_tank" and mask[s - 8:s + 8].sum() == 16 * 20
+    mu_c, mu_d = physics.material("cocaine").mu[0], physics.material("diesel").mu[0]
+    dry, wet = add[s - 7:s - 1][mask[s - 7:s - 1]], add[s + 1:s + 8][mask[s + 1:s + 8]]
+    np.testing.assert_allclose(dry, 40 * mu_c, rtol=1e-4)       # in air: all of it
+    np.testing.assert_allclose(wet, 40 * (mu_c - mu_d), rtol=1e-4)   # in diesel: the difference
+    assert depth and all(d is not None and d <= 50 for d in depth)   # bricks no deeper than the shallowest tank
+
+
+def test_a_package_in_a_tyre_lies_in_its_air_space_not_over_the_hub(monkeypatch):
+    """A tyre holds packages only in its air space, which a side view shows as a ring between the rim flange and the
+    tread band. The generator placed stacked bricks anywhere in the wheel's disc: 78 % of their pixels over the
+    wheel disc, hub and axle (solid steel, a fifth of the pixels opaque, where the package could not be seen)."""
+    from detector.synth import scene, vehicles
+    wheels = []
+    draw = vehicles.wheel
+    monkeypatch.setattr(vehicles, "wheel", lambda cv, x, r, *a: wheels.append((x, r)) or draw(cv, x, r, *a))
+    for seed in range(5):
+        wheels.clear()
+        ss = np.random.SeedSequence(seed)
+        cv, _, _ = scene.build_scene(scene._stream(ss, 0), vehicle=str(VEHICLES[seed % len(VEHICLES)]))
+        att = cv.attenuation().copy()
+        new, mask, _, got = scene.insert_anomaly(att, cv, "in_tyre", scene._stream(ss, 1))
+        ys, xs = np.nonzero(mask)
+        dist = [np.hypot(xs + 0.5 - cv.px(x), ys + 0.5 - cv.py(r)) / (r * cv.s) for x, r in wheels]
+        rel = np.min(dist, axis=0)                              # radius over the tyre's, from the nearest wheel
+        assert got == "in_tyre" and rel.min() > 0.62 and rel.max() < 0.82, (seed, rel.min(), rel.max())
+        depth = (new - att)[0][mask].max() / physics.material("cocaine").mu[0]
+        assert depth <= 20.5                                    # within one tyre's width along the beam
+
+
+def test_cli_synth_refuses_a_height_it_cannot_render_and_an_out_it_cannot_write(tmp_path, capsys):
+    """--height 0 died in a worker with ZeroDivisionError, a negative one with numpy's 'negative dimensions', and
+    an OUT that is a file or cannot be made with a traceback; each is now one line naming the reason, exit 2."""
+    from detector.cli import main
+    for h in ("0", "-5", "15", "2001"):
+        assert main(["synth", str(tmp_path / "h"), "--count", "1", "--height", h, "--workers", "1"]) == 2, h
+        assert capsys.readouterr().err == f"detector synth: --height must be 16-2000 px, got {h}\n"
+    assert not (tmp_path / "h").exists()
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["synth", str(tmp_path / "file"), "--count", "1", "--height", str(H), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"detector synth: cannot write {tmp_path / 'file'}: ") and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_cli_synth_refuses_a_negative_seed_before_making_folders(tmp_path, capsys):
+    """--seed -1 died in the generator with numpy's 'expected non-negative integer' after making OUT/images and
+    OUT/masks (and scan names s{seed}_{index}, which the visibility pass parses, hold no sign)."""
+    from detector.cli import main
+    assert main(["synth", str(tmp_path / "neg"), "--count", "1", "--seed", "-1", "--height", str(H)]) == 2
+    assert capsys.readouterr().err == "detector synth: --seed must be >= 0, got -1\n"
+    assert not (tmp_path / "neg").exists()

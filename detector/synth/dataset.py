@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 
 from detector.manifest import SPLIT_ALIASES
+from detector.scan import MIN_SIDE
 
+MAX_HEIGHT = 2000   # --height: real scans are 600-2000 px high; the longest rig (5.2 heights long) stays < 40 Mpx
 MANIFEST_COLUMNS = ("path", "label", "mask", "boxes", "anomaly_type", "cargo", "vehicle", "split")
 
 
@@ -106,6 +108,9 @@ def main(args) -> int:
     if args.count < 1:
         print("detector synth: --count must be >= 1", file=sys.stderr)
         return 2
+    if args.seed < 0:   # numpy's SeedSequence takes none, and the scan names s{seed}_{index} hold no sign
+        print(f"detector synth: --seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
     if not 0.0 <= args.anomaly_fraction <= 1.0:
         print(f"detector synth: --anomaly-fraction is a share in [0, 1], got {args.anomaly_fraction:g}",
               file=sys.stderr)
@@ -115,9 +120,16 @@ def main(args) -> int:
         print(f"detector synth: --split must be one of {', '.join(sorted(SPLIT_ALIASES))}, got {split!r}",
               file=sys.stderr)
         return 2
+    height = getattr(args, "height", None)
+    if height is not None and not MIN_SIDE <= height <= MAX_HEIGHT:
+        print(f"detector synth: --height must be {MIN_SIDE}-{MAX_HEIGHT} px, got {height}", file=sys.stderr)
+        return 2
     t0 = time.time()
-    rows = write_dataset(args.out, args.count, args.seed, args.anomaly_fraction, args.workers,
-                         getattr(args, "height", None), getattr(args, "split", None))
+    try:
+        rows = write_dataset(args.out, args.count, args.seed, args.anomaly_fraction, args.workers, height, split)
+    except OSError as e:   # OUT a file, read-only, disk full: a line, not a traceback
+        print(f"detector synth: cannot write {args.out}: {e}", file=sys.stderr)
+        return 2
     n_anom = sum(int(r["label"]) for r in rows)
     dt = time.time() - t0
     print(f"synth: {len(rows)} scans ({n_anom} anomalous) in {dt:.1f} s ({len(rows) / dt:.2f} scans/s) "

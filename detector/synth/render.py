@@ -62,11 +62,15 @@ class Canvas:
         r0, r1 = int(self.py(max(y0, y1))), int(np.ceil(self.py(min(y0, y1))))
         r[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)] = True
 
-    def mark_disc(self, name: str, cx: float, cy: float, r: float) -> None:
-        """Remember a disc-shaped region (pixels whose centre lies within r cm of (cx, cy))."""
-        m = self._region(name).view(np.uint8)
-        cv2.circle(m, (int(round(self.px(cx) * 16)), int(round(self.py(cy) * 16))), int(r * self.s * 16), 1, -1,
-                   cv2.LINE_8, shift=4)
+    def mark_disc(self, name: str, cx: float, cy: float, r: float, inner: float = 0.0) -> None:
+        """Remember a disc-shaped region (pixels whose centre lies within r cm of (cx, cy)), a ring if `inner` > 0
+        cm (e.g. a tyre's air space between its rim and its tread)."""
+        m = np.zeros((self.h, self.w), np.uint8)
+        c = (int(round(self.px(cx) * 16)), int(round(self.py(cy) * 16)))
+        cv2.circle(m, c, int(r * self.s * 16), 1, -1, cv2.LINE_8, shift=4)
+        if inner > 0:
+            cv2.circle(m, c, int(inner * self.s * 16), 0, -1, cv2.LINE_8, shift=4)
+        self._region(name)[m.view(bool)] = True
 
     # primitives ------------------------------------------------------------------------------
     def add(self, mat: str, r: int, c: int, t: np.ndarray) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from detector import physics, tip
@@ -81,15 +82,65 @@ def _threat_for(kind: str, rng: np.random.Generator, pitch: float) -> tip.Threat
         return tip.make_threat(rng, kind, pitch)
     if kind == "low_contrast":
         return tip.make_threat(rng, str(rng.choice(["narcotics", "firearm", "small_metal"])), pitch)
+    # every entry draws (in_tyre's too, though `_tyre_bags` makes its packages): the scans of the others rely on it
     rows, cols = {"in_chassis": (1, int(rng.integers(1, 4))), "in_tyre": (int(rng.integers(2, 5)), 1),
                   "in_fuel_tank": (int(rng.integers(2, 5)), int(rng.integers(1, 3)))}[kind]
-    att = threats.narcotics(rng, pitch, rows=rows, cols=cols).attenuation()
-    if kind == "in_fuel_tank":           # the packages displace diesel: only the difference is added
-        net = [1 - d / c for d, c in zip(physics.material("diesel").mu, physics.material("cocaine").mu)]
-        att = att * np.array(net, np.float32)[:, None, None]
-    elif kind == "in_chassis":
+    deep = vehicles.FUEL_TANK_MIN_DEPTH if kind == "in_fuel_tank" else None   # no deeper than the tank
+    att = threats.narcotics(rng, pitch, rows=rows, cols=cols, max_depth=deep).attenuation()
+    if kind == "in_fuel_tank":           # full attenuation (dry above the diesel): `_displace` nets the wet part
+        return tip.Threat(att, (att * _diesel_net()).max(axis=0) >= tip.MIN_ATT * 0.5, kind)
+    if kind == "in_chassis":
         att = att * 0.5                  # flattened packages in the rail's C-channel
     return tip.Threat(att, att.max(axis=0) >= tip.MIN_ATT * 0.5, kind)
+
+
+def _diesel_net() -> np.ndarray:
+    """(2, 1, 1): the share of a package's own attenuation it adds where it displaces diesel (~0.26, 0.25)."""
+    net = [1 - d / c for d, c in zip(physics.material("diesel").mu, physics.material("cocaine").mu)]
+    return np.array(net, np.float32)[:, None, None]
+
+
+def _displace(att: np.ndarray, threat: tip.Threat, box, wet: np.ndarray | None):
+    """Project a package placed in a fuel tank again, at the place `project` chose (its mask's `box`): below the
+    diesel surface (`wet`) it takes the diesel's place, so only the difference is added there; above it, in air,
+    all of its own attenuation."""
+    if wet is None:
+        wet = np.ones(att.shape[1:], bool)
+    ys, xs = np.nonzero(threat.mask)
+    x0, y0 = box[0] - int(xs.min()), box[1] - int(ys.min())
+    h, w = threat.shape
+    net = np.where(wet[None, y0:y0 + h, x0:x0 + w], _diesel_net(), np.float32(1))
+    return tip.project(att, tip.Threat(threat.attenuation * net, threat.mask, threat.kind), None, at=(x0, y0))
+
+
+def _tyre_bags(rng: np.random.Generator, region: np.ndarray, pitch: float) -> tuple[tip.Threat, tuple[int, int]]:
+    """Bags of narcotics packed into one tyre of `region` (rings: the tyres' air space), an arc of it against the
+    tread, a few bags along the arc, each filling part of the tyre's width along the beam -> (threat, top-left)."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+    if n < 2:
+        raise ValueError("no tyre to fill")
+    x, y, w, h, _ = (int(v) for v in stats[int(rng.integers(1, n))])
+    ro = w / 2                                           # outer radius (pixels) of the ring
+    ri = ro * vehicles.TYRE_AIR[0] / vehicles.TYRE_AIR[1]
+    inner = ro - rng.uniform(0.6, 1.0) * (ro - ri)       # the bags lie against the tread, reaching inward
+    a0, span = rng.uniform(0, 2 * np.pi), np.radians(rng.uniform(40, 160))
+    n_bags = max(1, int(round(span * (ro + inner) / 2 * pitch / 10 / rng.uniform(20, 30))))
+    gap = 0.8 / ((ro + inner) / 2 * pitch / 10)           # ~0.8 cm of wrapping between bags (radians)
+    k = 4                                                # 4 x 4 samples a pixel: anti-aliased edges
+    u = (np.arange(w * k, dtype=np.float32) + 0.5) / k - w / 2
+    v = (np.arange(h * k, dtype=np.float32) + 0.5) / k - h / 2
+    rho = np.hypot(u[None, :], v[:, None])
+    ang = (np.arctan2(v[:, None], u[None, :]) - a0) % (2 * np.pi)
+    bag = np.floor(ang / (span / n_bags)).astype(int)
+    along = ang - bag * (span / n_bags)
+    deep = rng.uniform(8, 20, n_bags + 1).astype(np.float32)   # cm along the beam, of a tyre's ~25 cm width
+    t = np.where((rho >= inner) & (rho <= ro) & (ang < span) & (along > gap), deep[np.minimum(bag, n_bags)], 0)
+    t = t.reshape(h, k, w, k).mean(axis=(1, 3))
+    att = physics.attenuation("cocaine", t)
+    mask = (att.max(axis=0) >= tip.MIN_ATT * 0.5) & region[y:y + h, x:x + w]
+    if not mask.any():
+        raise ValueError("the tyre is too small at this pitch for a package")
+    return tip.Threat(att, mask, "in_tyre"), (x, y)
 
 
 PLACED = {"in_chassis": "chassis", "in_tyre": "tyre", "in_fuel_tank": "fuel_tank"}
@@ -117,11 +168,17 @@ def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Genera
     region = _region_for(kind, cv, att, tip.cargo_region(att))
     inside = 1.0 if kind in PLACED else 0.9
     for attempt in range(6):
-        threat = _threat_for(kind if attempt < 4 else "small_metal", rng, cv.pitch_mm)
         try:
-            new, mask, box = tip.project(att, threat, rng, region=region, min_inside=inside)
+            if kind == "in_tyre" and attempt < 4:
+                threat, at = _tyre_bags(rng, region, cv.pitch_mm)
+                new, mask, box = tip.project(att, threat, rng, at=at)
+            else:
+                threat = _threat_for(kind if attempt < 4 else "small_metal", rng, cv.pitch_mm)
+                new, mask, box = tip.project(att, threat, rng, region=region, min_inside=inside)
         except ValueError:
             continue
+        if kind == "in_fuel_tank" and attempt < 4:
+            new, mask, box = _displace(att, threat, box, cv.regions.get("diesel"))
         placement = kind in PLACED or kind == "low_contrast"
         return new, mask, box, kind if attempt < 4 or placement else "small_metal"
     return (*tip.project(att, tip.make_threat(rng, "small_metal", cv.pitch_mm), rng), "small_metal")

@@ -55,8 +55,9 @@ def firearm(rng: np.random.Generator, pitch_mm: float) -> Canvas:
 
 
 def narcotics(rng: np.random.Generator, pitch_mm: float, rows: int | None = None,
-              cols: int | None = None) -> Canvas:
-    """Stacked pressed bricks (~1 kg each), several deep along the beam, wrapped (seams visible)."""
+              cols: int | None = None, max_depth: float | None = None) -> Canvas:
+    """Stacked pressed bricks (~1 kg each), several deep along the beam, wrapped (seams visible); `max_depth`
+    (cm along the beam) keeps them inside a container no deeper (a fuel tank)."""
     bw, bh = rng.uniform(22, 32), rng.uniform(5, 10)
     rows = rows or int(rng.integers(2, 9))
     cols = cols or int(rng.integers(1, 5))
@@ -64,6 +65,7 @@ def narcotics(rng: np.random.Generator, pitch_mm: float, rows: int | None = None
     for r in range(rows):
         for c in range(cols):
             deep = rng.integers(1, 5) * rng.uniform(15, 22)
+            deep = deep if max_depth is None else min(deep, max_depth)
             x0, y0 = PAD_CM + c * bw + 0.4, PAD_CM + r * bh + 0.3
             cv.rect("cocaine", x0, y0, x0 + bw - 0.8, y0 + bh - 0.6, deep)
             cv.rect("plastic", x0 - 0.3, y0 - 0.2, x0 + bw - 0.5, y0 + bh - 0.4, 0.6)  # wrapping

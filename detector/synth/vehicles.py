@@ -15,6 +15,8 @@ from detector.synth.render import Canvas
 
 VEHICLES = ("tractor_20ft", "tractor_40ft", "box_truck", "flatbed", "tanker")
 TRACK_CM = 200.0   # distance the beam travels through the vehicle's width
+TYRE_AIR = (0.64, 0.80)      # its air space, radii over the tyre's: from the rim flange to the tread band
+FUEL_TANK_MIN_DEPTH = 50.0   # cm along the beam: the shallowest side tank `fuel_tank` draws
 
 
 @dataclass
@@ -98,7 +100,7 @@ def wheel(cv: Canvas, x: float, r: float, tyres: int, rng: np.random.Generator |
     cv.ellipse("steel", x, y, r * 0.22, r * 0.22, 50.0, profile="ball")    # hub + axle end-on
     cv.ellipse("steel", x, y, r * 0.10, r * 0.10, 25.0)                    # spindle
     cv.rect("steel", x - 7, y - 6, x + 7, y + 6, TRACK_CM * 0.25)          # axle tube along the beam
-    cv.mark_disc("tyre", x, y, r * 0.78)
+    cv.mark_disc("tyre", x, y, r * TYRE_AIR[1], inner=r * TYRE_AIR[0])      # the air space inside the tyre
 
 
 def rails(cv: Canvas, x0: float, x1: float, y0: float, h: float, rng: np.random.Generator) -> None:
@@ -153,10 +155,13 @@ def battery_box(cv: Canvas, x0: float, y0: float) -> None:
 
 
 def fuel_tank(cv: Canvas, x0: float, rng: np.random.Generator) -> None:
-    """A side-mounted diesel tank (box with rounded corners), partly filled."""
-    L, y0, h, d = rng.uniform(70, 130), rng.uniform(45, 60), rng.uniform(50, 65), rng.uniform(50, 65)
+    """A side-mounted diesel tank (box with rounded corners), partly filled; marks the tank ('fuel_tank') and
+    the diesel in it ('diesel': below its surface a package displaces diesel, above it only air)."""
+    L, y0, h = rng.uniform(70, 130), rng.uniform(45, 60), rng.uniform(50, 65)
+    d = rng.uniform(FUEL_TANK_MIN_DEPTH, 65)
     lvl = rng.uniform(0.3, 0.95)
     cv.rect("diesel", x0 + 2, y0 + 1, x0 + L - 2, y0 + 1 + (h - 2) * lvl, d)
+    cv.mark("diesel", x0 + 2, y0 + 1, x0 + L - 2, y0 + 1 + (h - 2) * lvl)
     cv.rect("steel", x0, y0, x0 + L, y0 + h, 2 * 0.3)
     cv.rect("steel", x0, y0, x0 + L, y0 + 0.3, d)
     cv.rect("steel", x0, y0 + h - 0.3, x0 + L, y0 + h, d)
