@@ -24,7 +24,8 @@ import numpy as np
 from detector import metrics
 from detector.calibration import rate_interval
 from detector.scan import ScanError
-from detector.synth.dataset import write_dataset
+from detector.synth.dataset import generator_version, write_dataset
+from detector.synth.scene import GENERATOR_VERSION
 from detector.synth.visibility import BANDS, band_of, generator_visibility
 from detector.train import CheckpointError, ConfigError, load_config, run_training
 
@@ -34,7 +35,14 @@ def make_data(root: Path, n: dict[str, int], seed: int, fraction: float) -> Path
     rows = []
     for i, (split, count) in enumerate(n.items()):
         part = root / split
-        if not (part / "manifest.csv").exists():
+        try:
+            made_by = generator_version(part)
+        except ValueError as e:
+            raise SystemExit(f"quality: {e}") from None
+        if made_by not in (None, GENERATOR_VERSION):   # the same seeds now make other pixels
+            raise SystemExit(f"quality: {part} was made by synthetic generator version {made_by}, this code makes "
+                             f"version {GENERATOR_VERSION}; delete {root} to generate it again, or use another --work")
+        if made_by is None:
             write_dataset(part, count, seed=seed + 1000 * i, anomaly_fraction=fraction, split=split,
                           progress=True)
         with open(part / "manifest.csv", newline="") as f:

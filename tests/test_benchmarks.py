@@ -182,6 +182,17 @@ def test_quality_refuses_bad_arguments_before_generating_data(tmp_path, args, ne
     assert not (tmp_path / "q").exists()
 
 
+def test_quality_refuses_a_data_folder_an_older_generator_made(tmp_path):
+    """The data folder is reused by its name (seed and counts), which the generator's version was not part of: after
+    the in_tyre / in_fuel_tank change a folder made before passed for today's scans, with other pixels."""
+    old = tmp_path / "q" / "data_s100_4_2_1" / "train"
+    old.mkdir(parents=True)
+    (old / "manifest.csv").write_text("path,label\n")   # as every generator before version 2 left it: no synth.json
+    p = bench("quality.py", "--train", "4", "--val", "2", "--test", "1", "--work", str(tmp_path / "q"))
+    one_line_error(p, "was made by synthetic generator version 1")
+    assert sorted(x.name for x in old.parent.iterdir()) == ["train"]
+
+
 
 def test_synth_speed_prints_scans_per_second_in_memory_and_on_the_cli_path():
     p = bench("synth_speed.py", "--count", "2", "--workers", "1")

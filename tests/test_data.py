@@ -440,7 +440,8 @@ def test_faint_generator_anomalies_are_left_out_of_training_only(tmp_path, caplo
     root = write_dataset(tmp_path / "d", n=6)             # train: s0 s1 s2 s3, anomalous s1 s3
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "train_visibility.json").write_text(json.dumps({"s1": 0.2, "s3": 3.0}))
+    from detector.synth.scene import GENERATOR_VERSION
+    (cache / "train_visibility.json").write_text(json.dumps({"_generator": GENERATOR_VERSION, "s1": 0.2, "s3": 3.0}))
     dm = ScanDataModule(root, cfg, Preprocessing(), cache)
     dm.prepare_data()
     with caplog.at_level(logging.INFO):

@@ -263,12 +263,32 @@ def test_visibility_is_the_added_signal_over_the_high_passed_clutter():
 
 def test_generator_visibility_regenerates_generator_scans_by_name_and_caches(tmp_path):
     from detector.synth.dataset import scan_seed
+    from detector.synth.scene import GENERATOR_VERSION
     from detector.synth.visibility import anomaly_visibility, generator_visibility
     cache = tmp_path / "vis.json"
     got = generator_visibility(["s5_000003", "my_own_scan"], cache)
     assert set(got) == {"s5_000003"}                      # a name the generator did not write is skipped
     assert got["s5_000003"] == pytest.approx(anomaly_visibility(scan_seed(5, 3)))
-    assert json.loads(cache.read_text()) == got
+    assert json.loads(cache.read_text()) == {**got, "_generator": GENERATOR_VERSION}
+    assert generator_visibility(["s5_000003"], cache) == got                      # read back, not regenerated
+    cache.write_text(json.dumps({"s5_000003": 9.0}))                               # an older generator's figures
+    assert generator_visibility(["s5_000003"], cache) == got
+    cache.write_text(json.dumps({"s5_000003": 9.0, "_generator": GENERATOR_VERSION}))
+    assert generator_visibility(["s5_000003"], cache) == {"s5_000003": 9.0}        # this generator's: cached
+
+
+def test_a_dataset_records_the_generator_that_made_it(tmp_path):
+    """Benchmarks reuse a data folder by its name (seed and counts); after a generator change the same name held
+    other pixels, so the folder says which generator made it."""
+    from detector.synth.dataset import SYNTH_INFO, generator_version, write_dataset
+    from detector.synth.scene import GENERATOR_VERSION
+    assert generator_version(tmp_path / "none") is None
+    write_dataset(tmp_path / "d", 2, seed=3, workers=1, height=64, progress=False)
+    assert generator_version(tmp_path / "d") == GENERATOR_VERSION
+    info = json.loads((tmp_path / "d" / SYNTH_INFO).read_text())
+    assert (info["seed"], info["count"], info["height"]) == (3, 2, 64)
+    (tmp_path / "d" / SYNTH_INFO).unlink()
+    assert generator_version(tmp_path / "d") == 1                                 # made before versions were kept
 
 
 def test_mask_centres_are_mask_pixels_spread_in_row_order():

@@ -14,9 +14,11 @@ import cv2
 import numpy as np
 
 from detector.manifest import SPLIT_ALIASES
+from detector.synth.scene import GENERATOR_VERSION
 from detector.scan import MIN_SIDE
 
 MAX_HEIGHT = 2000   # --height: real scans are 600-2000 px high; the longest rig (5.2 heights long) stays < 40 Mpx
+SYNTH_INFO = "synth.json"   # beside manifest.csv: what made the dataset (generator version, seed, count)
 MANIFEST_COLUMNS = ("path", "label", "mask", "boxes", "anomaly_type", "cargo", "vehicle", "split")
 
 
@@ -94,7 +96,23 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    (out / SYNTH_INFO).write_text(json.dumps({"generator": GENERATOR_VERSION, "seed": seed, "count": count,
+                                              "anomaly_fraction": anomaly_fraction, "height": height, "split": split}))
     return rows
+
+
+def generator_version(out: str | os.PathLike) -> int | None:
+    """The generator version that made the dataset in `out` (1: made before versions were recorded); None: no
+    generated dataset there."""
+    out = Path(out)
+    if not (out / "manifest.csv").exists():
+        return None
+    try:
+        return int(json.loads((out / SYNTH_INFO).read_text())["generator"])
+    except FileNotFoundError:
+        return 1
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{out / SYNTH_INFO}: unreadable ({e})") from None
 
 
 def unlisted_images(out: str | os.PathLike, rows: list[dict]) -> list[str]:

@@ -18,6 +18,11 @@ from detector.synth import cargo as cargo_mod
 from detector.synth import threats, vehicles
 from detector.synth.render import Canvas, DetectorModel, detect, resample_columns, speed_resample
 
+# Bumped whenever the same seed makes other pixels, so that data made before is not taken for today's:
+# 2 (2026-12-07): packages in fuel tanks add their full attenuation above the diesel, packages in tyres lie in
+# the tyre's air space (1: the whole wheel disc, and fuel-tank packages netted against diesel everywhere).
+GENERATOR_VERSION = 2
+
 ANOMALY_TYPES = ("firearm", "narcotics", "false_wall", "shielded_block", "small_metal",
                  "in_chassis", "in_tyre", "in_fuel_tank", "low_contrast")
 PITCH_MM, MAX_H, MAX_W = 5.0, 850, 3000   # default pitch; image size at most 850 x 3000 px

@@ -21,9 +21,11 @@ from detector.metrics import mask_bbox
 from detector.preprocess import Preprocessing, to_model_pitch
 from detector.scan import scan_from_counts
 from detector.synth.dataset import generator_pool, scan_seed
+from detector.synth.scene import GENERATOR_VERSION
 from detector.synth.stream import MASK_KEEP
 
 BANDS = (0.0, 0.5, 1.0, 2.0, float("inf"))
+VERSION_KEY = "_generator"   # in a visibility cache: the generator version its figures are of
 
 
 def high_energy(att: np.ndarray) -> np.ndarray:
@@ -89,6 +91,8 @@ def generator_visibility(stems: list[str], cache: Path) -> dict[str, float]:
     """Visibility of the anomalous generator scans named in `stems` (s{seed}_{index}; other names are
     skipped), cached in the JSON file `cache`. Each re-generates its scan twice (~0.25 s): one process per core."""
     vis = json.loads(cache.read_text()) if cache.exists() else {}
+    if vis.get(VERSION_KEY) != GENERATOR_VERSION:   # figures of another generator's scans: not these scans'
+        vis = {VERSION_KEY: GENERATOR_VERSION}
     todo = sorted({s for s in stems if s not in vis and _generator_seed(s)})
     if todo:
         from detector.runtime import usable_cpus   # here: onnxruntime only where the pass runs
