@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -106,12 +107,17 @@ def verdict_banner(decision: str, score: float | None, threshold: float | None, 
 
 
 def write_png(path: str | Path, img: np.ndarray) -> Path:
-    """Write an image, creating its folder; a failed write (disk full) leaves no cut-off file behind."""
+    """Write an image, creating its folder, through a hidden temporary file renamed into place: a failed write (disk
+    full) or a kill mid-write never leaves a cut-off picture that passes for a drawn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), img):
-        path.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")   # OpenCV picks the format by the suffix
+    try:
+        if not cv2.imwrite(str(tmp), img):
+            raise OSError(f"could not write {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -72,6 +72,28 @@ def match_jsonl(out: Path, jsonl: Path) -> int:
     return len(unmatched)
 
 
+def match_overlays(out: Path, jsonl: Path | None, names: dict[Path, Path], flagged_only: bool) -> int:
+    """Before a resume with --overlays, remove the rows (and JSON lines) whose overlay is missing or empty, so that
+    those files are scored and drawn again; returns how many. Overlays are drawn behind the rows: a run killed
+    (kill -9, a power cut) left its last rows without one, and resuming never drew them. Failed rows, and RELEASE
+    ones with `flagged_only`, have none to miss; rows before the first one with its overlay are left alone, as
+    match_jsonl leaves them: those were scored before --overlays was first given."""
+    wanted = [r[0] for r in _result_rows(out)
+              if not r[-1] and not (flagged_only and r[2] == "RELEASE") and Path(r[0]) in names]
+    drawn = [_drawn(names[Path(path)]) for path in wanted]
+    first = drawn.index(True) if True in drawn else len(wanted)
+    lost = {path for path, ok in zip(wanted[first:], drawn[first:]) if not ok}
+    _drop_paths(out, jsonl, lost, lost)
+    return len(lost)
+
+
+def _drawn(png: Path) -> bool:
+    try:
+        return png.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _drop_paths(out: Path, jsonl: Path | None, rows: set, lines: set) -> None:
     """Remove the CSV rows of the paths in `rows` and the JSON lines of those in `lines`. Each file is rewritten
     to a temporary one and swapped in: a crash leaves the old one whole."""
@@ -452,6 +474,11 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
             if unmatched:
                 print(f"scoring {unmatched} file(s) again: their rows in {out} have no line in {jsonl} (a run "
                       "stopped between the two)", file=sys.stderr)
+            if args.overlays:
+                lost = match_overlays(out, jsonl, overlay_paths(items, Path(args.overlays)), args.overlays_flagged)
+                if lost:
+                    print(f"scoring {lost} file(s) again: their rows in {out} have no overlay in {args.overlays} (a "
+                          "run killed before drawing them)", file=sys.stderr)
         if getattr(args, "retry_failed", False):
             retried = drop_failed_rows(out, jsonl)
             if retried:

@@ -590,3 +590,45 @@ def test_result_csv_keeps_saturated_scores_apart():
     cells = [S._csv_fields({"path": "a.tiff", "score": float(v), "decision": "INSPECT", "threshold": 0.4,
                             "regions": [], "latency_ms": 1.0, "error": ""})[1] for v in values]
     assert len(set(cells)) == 3 and [float(c) for c in cells] == sorted(float(c) for c in cells)
+
+
+def test_rows_whose_overlay_a_kill_lost_are_scored_again_on_resume(tmp_path, heuristic_model, normal_scan_path,
+                                                                   anomalous_scan_path, capsys):
+    """kill -9 (OOM killer, power cut) lands after a row is written but before its overlay, drawn in the background,
+    is: the resume counted the row as done and that truck never got its overlay. Now such rows are scored again;
+    rows scored before --overlays was first given (none of them has one) are left alone, as --jsonl's are."""
+    d, ov, out = tmp_path / "scans", tmp_path / "ov", tmp_path / "r.csv"
+    d.mkdir()
+    for i, src in enumerate((normal_scan_path, anomalous_scan_path, normal_scan_path, anomalous_scan_path)):
+        shutil.copy(src, d / f"t{i}.tiff")
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0
+    full = {n: r["score"] for n, r in _rows(out).items()}
+    (ov / "t2.png").unlink()                       # killed before the last two overlays were drawn
+    (ov / "t3.png").write_bytes(b"")               # ... one of them cut off mid-write
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0
+    assert "scoring 2 file(s) again" in capsys.readouterr().err
+    assert {n: r["score"] for n, r in _rows(out).items()} == full and len(out.read_text().splitlines()) == 5
+    assert sorted(p.name for p in ov.glob("*.png")) == ["t0.png", "t1.png", "t2.png", "t3.png"]
+    assert all(p.stat().st_size > 0 for p in ov.glob("*.png"))
+    ov2 = tmp_path / "ov2"                         # --overlays first given on a resume: no row is scored again
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov2))) == 0
+    assert "again" not in capsys.readouterr().err and not ov2.exists()
+
+
+def test_an_overlay_png_is_never_left_cut_off(tmp_path, monkeypatch):
+    """write_png wrote the overlay in place: a kill mid-write left a cut-off PNG that passed for a drawn overlay."""
+    import cv2
+    from detector import report
+    dest = tmp_path / "o" / "a.png"
+    seen = []
+    real = cv2.imwrite
+
+    def watched(path, img, *a):
+        seen.append(Path(path))
+        assert not dest.exists()                   # the destination only ever holds a whole picture
+        return real(path, img, *a)
+    monkeypatch.setattr(cv2, "imwrite", watched)
+    report.write_png(dest, np.zeros((8, 8, 3), np.uint8))
+    assert cv2.imread(str(dest)).shape == (8, 8, 3) and seen and seen[0] != dest
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.png"]
