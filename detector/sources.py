@@ -107,7 +107,7 @@ def _discover(src: str) -> tuple[list[Item], str]:
     raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
 
 
-def _colour_png(path: Path) -> bool:
+def colour_png(path: Path) -> bool:
     """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
     try:
         with open(path, "rb") as f:
@@ -123,5 +123,5 @@ def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
     with that folder inside the scanned one, a resumed run scored them as trucks and named its overlays anew."""
     where = overlays.resolve()
     drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
-            and _colour_png(i.path)}
+            and colour_png(i.path)}
     return [i for i in items if i.path not in drop], len(drop)

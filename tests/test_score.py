@@ -632,3 +632,24 @@ def test_an_overlay_png_is_never_left_cut_off(tmp_path, monkeypatch):
     report.write_png(dest, np.zeros((8, 8, 3), np.uint8))
     assert cv2.imread(str(dest)).shape == (8, 8, 3) and seen and seen[0] != dest
     assert sorted(p.name for p in dest.parent.iterdir()) == ["a.png"]
+
+
+def test_a_rescored_truck_that_gets_no_overlay_loses_the_one_an_earlier_run_drew(tmp_path, heuristic_model,
+                                                                                 normal_scan_path):
+    """--no-resume at another threshold with --overlays-flagged released a truck the first run inspected, and its red
+    INSPECT overlay stayed in the folder beside a RELEASE row; a scan that now fails kept its old picture too."""
+    d, ov, out = tmp_path / "scans", tmp_path / "ov", tmp_path / "r.csv"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    shutil.copy(normal_scan_path, d / "b.tiff")
+    ov.mkdir()
+    shutil.copy(normal_scan_path, ov / "keep.tiff")
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov), overlays_flagged=True, threshold=0.0)) == 0
+    assert {r["decision"] for r in _rows(out).values()} == {"INSPECT"}
+    assert sorted(p.name for p in ov.glob("*.png")) == ["a.png", "b.png"]
+    (d / "b.tiff").write_bytes(b"")                                   # b is unreadable now
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov), overlays_flagged=True, threshold=0.99,
+                            no_resume=True)) == 0
+    rows = _rows(out)
+    assert rows["a.tiff"]["decision"] == "RELEASE" and rows["b.tiff"]["error"]
+    assert not list(ov.glob("*.png")) and (ov / "keep.tiff").is_file()
