@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -539,6 +540,6 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     manifest = src / "manifest.csv" if src.is_dir() else src
     labelled = has_layout(src) or (manifest.suffix.lower() == ".csv" and manifest.is_file() and has_labels(manifest))
     above = None if labelled or not src.is_dir() else dataset_above(src)   # a dataset's images/ folder was scored
-    truth = args.src if labelled else above if above is not None else "DATA"
-    print(f"next: detector eval {out} --truth {truth} --out report/")
+    truth = shlex.quote(str(args.src if labelled else above)) if labelled or above is not None else "DATA"
+    print(f"next: detector eval {shlex.quote(str(out))} --truth {truth} --out report/")   # quoted: pasted into a shell
     return 1 if todo and c.scanned == c.failed else 0

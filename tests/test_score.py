@@ -653,3 +653,16 @@ def test_a_rescored_truck_that_gets_no_overlay_loses_the_one_an_earlier_run_drew
     rows = _rows(out)
     assert rows["a.tiff"]["decision"] == "RELEASE" and rows["b.tiff"]["error"]
     assert not list(ov.glob("*.png")) and (ov / "keep.tiff").is_file()
+
+
+def test_the_next_command_can_be_pasted_when_paths_hold_spaces(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """An archive folder "day 1" printed `--truth .../day 1`, which a shell splits into two arguments."""
+    import shlex
+    data = tmp_path / "day 1"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(normal_scan_path, data / "images" / "t0.tiff")
+    (data / "manifest.csv").write_text("path,label\nimages/t0.tiff,0\n")
+    out = tmp_path / "results é 1.csv"
+    assert score.main(_args(data, heuristic_model, out)) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next: "))
+    assert shlex.split(line[len("next: "):]) == ["detector", "eval", str(out), "--truth", str(data), "--out", "report/"]
