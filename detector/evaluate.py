@@ -319,7 +319,12 @@ def main(args) -> int:
         print(f"detector eval: {e}", file=sys.stderr)
         return 2
     o = m["overall"]
-    d1 = o["detection_at_far"][0]["detection_rate"]
+    first = o["detection_at_far"][0]
+    d1, far = first["detection_rate"], f"{first['false_alarm_rate']:.0%}"
+    if first["achieved_rate"] is not None and first["achieved_rate"] > first["false_alarm_rate"]:
+        far = f"{first['achieved_rate']:.1%} false alarms ({far} not reachable: see the notes)"
+    else:
+        far += " false alarms"
     auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.4f}"
     ci = o["intervals"]["auroc"]
     if ci:
@@ -328,6 +333,6 @@ def main(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
-          f"AUROC {auroc}, detection {_pct(d1)} at 1% false alarms, localisation {_pct(m['localisation']['hit_rate'])} "
+          f"AUROC {auroc}, detection {_pct(d1)} at {far}, localisation {_pct(m['localisation']['hit_rate'])} "
           f"(IoU>=0.1) -> {Path(args.out)}/ ({files})")
     return 0

@@ -265,7 +265,12 @@ def summary(labels, scores, failed=None, decisions: Sequence[str] | None = None)
         out["notes"].append(f"only {only} scans in the truth: AUROC undefined (null)")
     out["detection_at_far"] = [detection_at_far(y, s, r, f) for r in FAR_TARGETS]
     out["far_at_detection"] = [far_at_detection(y, s, d, f) for d in DETECTION_TARGETS]
+    n_fail_norm = int(((y == 0) & f).sum())
     for row in out["detection_at_far"]:
+        if n_norm and row["threshold"] is None:
+            out["notes"].append(f"detection at {row['false_alarm_rate']:.1%} false alarms: n/a: {n_fail_norm} of the "
+                                f"{n_norm} normal scans failed to score (INSPECT, fail-closed), more than the "
+                                f"{row['false_alarm_rate']:.1%} allows")
         if n_norm and not row["resolvable"]:
             out["notes"].append(f"{n_norm} normal scans cannot resolve a {row['false_alarm_rate']:.1%} "
                                 "false-alarm rate (fewer than one alarm allowed)")

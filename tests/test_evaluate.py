@@ -242,3 +242,17 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
         assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 2
         assert capsys.readouterr().err == (f"detector eval: --out {out} is a file: give a folder for metrics.json, "
                                            "roc.png, hist.png and report.html\n")
+
+
+def test_the_summary_line_says_the_false_alarm_rate_detection_was_measured_at(tmp_path, capsys):
+    """200 clean trucks saturated at 1.0, which no threshold releases: the line read "detection 100.0% at 1% false
+    alarms" for a model that inspects every truck (the measured rate was only in a note above it)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [(f"n{i}", 0, 1.0) for i in range(200)] + [(f"a{i}", 1, 1.0) for i in range(10)]
+    (data / "manifest.csv").write_text("path,label\n" + "".join(f"images/{n}.tiff,{y}\n" for n, y, _ in rows))
+    res = tmp_path / "results.csv"
+    res.write_text(",".join(COLS) + "\n" + "".join(f"{data}/images/{n}.tiff,{s},INSPECT,0.5,[],1,\n"
+                                                   for n, _, s in rows))
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 0
+    assert "detection 100.0% at 100.0% false alarms (1% not reachable: see the notes)" in capsys.readouterr().out

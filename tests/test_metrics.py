@@ -160,3 +160,14 @@ def test_a_target_missed_by_saturated_normal_scores_is_said():
     assert "detection at 1.0% false alarms is measured at 1.50%: 3 normal scans score 1.0, which no threshold " \
            "releases" in out["notes"]
     assert not any("measured at" in n for n in M.summary(Y, S)["notes"])   # no note where the target is met
+
+
+def test_a_target_that_failed_normal_scans_alone_exceed_is_said():
+    # 3 of 200 normals failed (INSPECT whatever the threshold): 1.5 % of alarms before any score, so no 1 % point
+    y, s = [0] * 200 + [1] * 10, [0.1] * 200 + [0.9] * 10
+    f = [True] * 3 + [False] * 207
+    out = M.summary(y, s, f)
+    assert out["detection_at_far"][0]["detection_rate"] is None
+    assert ("detection at 1.0% false alarms: n/a: 3 of the 200 normal scans failed to score (INSPECT, fail-closed), "
+            "more than the 1.0% allows") in out["notes"]
+    assert not any("fail-closed" in n for n in M.summary(y, s)["notes"])
