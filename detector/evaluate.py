@@ -289,7 +289,8 @@ def _thumb(r: Result, t: Truth):
 
     from detector import report
     from detector.scan import ScanWarning, read_scan
-    cap = f"{Path(r.path).name}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
+    # named by its path in the dataset: two sites' 0001.tiff are two trucks
+    cap = f"{t.rel}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
         + (f", cargo {t.cargo}" if t.cargo else "")
     try:
         with warnings.catch_warnings():     # a conversion was reported when the scan was scored

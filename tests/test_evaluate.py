@@ -256,3 +256,21 @@ def test_the_summary_line_says_the_false_alarm_rate_detection_was_measured_at(tm
                                                    for n, _, s in rows))
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 0
     assert "detection 100.0% at 100.0% false alarms (1% not reachable: see the notes)" in capsys.readouterr().out
+
+
+def test_report_thumbnails_name_scans_by_their_path_in_the_dataset(tmp_path):
+    """Two sites' scans named 0001.tiff: both missed trucks were captioned "0001.tiff", and the auditor could not
+    tell which one the report showed."""
+    data = tmp_path / "data"
+    counts = np.full((2, 40, 120), 50000, np.uint16)
+    rows = [("site1/0001.tiff", 1, 0.1), ("site2/0001.tiff", 1, 0.2), ("site1/0002.tiff", 0, 0.9),
+            ("site2/0002.tiff", 0, 0.3)]
+    for rel, _, _ in rows:
+        write_scan(data / rel, counts, i0=(60000.0, 60000.0))
+    (data / "manifest.csv").write_text("path,label\n" + "".join(f"{rel},{y}\n" for rel, y, _ in rows))
+    res = tmp_path / "results.csv"
+    res.write_text(",".join(COLS) + "\n" + "".join(
+        f"{data / rel},{s},{'INSPECT' if s >= 0.5 else 'RELEASE'},0.5,[],1,\n" for rel, _, s in rows))
+    evaluate.evaluate(res, data, tmp_path / "r")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", (tmp_path / "r" / "report.html").read_text())
+    assert sorted(c.split(":")[0] for c in captions) == ["site1/0001.tiff", "site1/0002.tiff", "site2/0001.tiff"]
