@@ -154,6 +154,17 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
     return pairs, orphans, [t for t in truth if id(t) not in used]
 
 
+def scored_by(results: str | Path) -> dict | None:
+    """{"path", "sha256"} of the model that scored a results CSV, from the routing file `detector score` writes
+    beside it (None without one): a report names the model it judges."""
+    from detector.score import routing_file
+    try:
+        routing = json.loads(routing_file(Path(results)).read_text(encoding="utf-8"))
+        return {"path": str(routing["model"]), "sha256": str(routing["model_sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _truth_boxes(t: Truth) -> list:
     if t.boxes:
         return [list(b) for b in t.boxes]
@@ -246,7 +257,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if loc["n"] == 0:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
 
-    m = {"results": str(results_path), "truth": str(truth_file), "overall": overall, "localisation": loc,
+    m = {"results": str(results_path), "truth": str(truth_file), "model": scored_by(results_path),
+         "overall": overall, "localisation": loc,
          "by_anomaly_type": by_type, "by_cargo": by_cargo, "notes": notes,
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
          "unmatched_results": len(orphans), "unscored_truth": len(missing)}

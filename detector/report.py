@@ -217,6 +217,13 @@ th{background:#f0f0f0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-
 figcaption{font-size:12px;max-width:680px;word-break:break-all}.note{color:#a60}code{font-size:12px}"""
 
 
+def _model(model: dict | None) -> str:
+    """The model a report judges, as its header names it."""
+    if not model:
+        return "model: unknown (no routing file beside the results)"
+    return f"model: <code>{html.escape(model['path'])}</code> (sha256 {html.escape(model['sha256'][:12])})"
+
+
 def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
                 thumbs: dict[str, list[tuple[np.ndarray, str]]], title: str = "detector evaluation") -> Path:
     """Write a self-contained HTML page: metric tables, plots and thumbnails, all inlined."""
@@ -225,7 +232,7 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>results: <code>{html.escape(str(m.get('results', '')))}</code> &middot; truth: "
-             f"<code>{html.escape(str(m.get('truth', '')))}</code></p>"]
+             f"<code>{html.escape(str(m.get('truth', '')))}</code> &middot; {_model(m.get('model'))}</p>"]
     ci = ov.get("intervals") or {}
     span = lambda v: "n/a" if not v else f"{v[0]:.3f} - {v[1]:.3f}"  # noqa: E731
     parts.append("<h2>Summary</h2>" + _table([{

@@ -274,3 +274,30 @@ def test_report_thumbnails_name_scans_by_their_path_in_the_dataset(tmp_path):
     evaluate.evaluate(res, data, tmp_path / "r")
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", (tmp_path / "r" / "report.html").read_text())
     assert sorted(c.split(":")[0] for c in captions) == ["site1/0001.tiff", "site1/0002.tiff", "site2/0001.tiff"]
+
+
+def test_the_report_names_the_model_that_scored_the_results(tmp_path, heuristic_model, normal_scan_path,
+                                                          anomalous_scan_path):
+    """report.html and metrics.json named the results and the truth but not the model: two models' reports on the
+    same scans could not be told apart. The model comes from the routing file `detector score` writes beside the CSV."""
+    import hashlib
+    import shutil
+
+    from detector import score
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(normal_scan_path, data / "images" / "n.tiff")
+    shutil.copy(anomalous_scan_path, data / "images" / "a.tiff")
+    (data / "manifest.csv").write_text("path,label\nimages/n.tiff,0\nimages/a.tiff,1\n")
+    res = tmp_path / "results.csv"
+    args = Namespace(src=str(data), model=str(heuristic_model), out=str(res), jsonl=None, overlays=None,
+                     overlays_flagged=False, policy=None, threshold=None, threads=1, workers=1, no_resume=False)
+    assert score.main(args) == 0
+    sha = hashlib.sha256(heuristic_model.read_bytes()).hexdigest()
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["model"] == {"path": str(heuristic_model), "sha256": sha}
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert f"model: <code>{html.escape(str(heuristic_model))}</code> (sha256 {sha[:12]})" in page
+    (tmp_path / "results.csv.routing.json").unlink()            # a CSV from elsewhere: said, not guessed
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["model"] is None and "model: unknown" in (tmp_path / "r" / "report.html").read_text()
