@@ -22,6 +22,7 @@ from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask,
                                read_rows, read_text)
 from detector.scan import ScanError
+from detector.sources import shown
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
@@ -133,13 +134,13 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
     on a Windows station reads D:\\data\\images\\a.tiff);
     also the results without truth and the truth without results. Two rows for one scan raise ValueError:
     a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
-    by_path = {str(t.path): t for t in truth}
-    by_rel = {Path(t.rel).as_posix(): t for t in truth}
+    by_path = {shown(t.path): t for t in truth}   # as `detector score` writes a name that is not UTF-8
+    by_rel = {shown(Path(t.rel).as_posix()): t for t in truth}
     pairs, orphans, used = [], [], {}
     for r in results:
         p = Path(r.path)
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
-        t = next((by_path[str(c.resolve())] for c in cands if str(c.resolve()) in by_path), None)
+        t = next((by_path[shown(c.resolve())] for c in cands if shown(c.resolve()) in by_path), None)
         if t is None:
             parts = [q for q in re.split(r"[\\/]", r.path) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
@@ -257,7 +258,7 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if loc["n"] == 0:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
 
-    m = {"results": str(results_path), "truth": str(truth_file), "model": scored_by(results_path),
+    m = {"results": shown(results_path), "truth": shown(truth_file), "model": scored_by(results_path),
          "overall": overall, "localisation": loc,
          "by_anomaly_type": by_type, "by_cargo": by_cargo, "notes": notes,
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
@@ -302,7 +303,7 @@ def _thumb(r: Result, t: Truth):
     from detector import report
     from detector.scan import ScanWarning, read_scan
     # named by its path in the dataset: two sites' 0001.tiff are two trucks
-    cap = f"{t.rel}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
+    cap = f"{shown(t.rel)}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
         + (f", cargo {t.cargo}" if t.cargo else "")
     try:
         with warnings.catch_warnings():     # a conversion was reported when the scan was scored

@@ -108,13 +108,16 @@ def verdict_banner(decision: str, score: float | None, threshold: float | None, 
 
 def write_png(path: str | Path, img: np.ndarray) -> Path:
     """Write an image, creating its folder, through a hidden temporary file renamed into place: a failed write (disk
-    full) or a kill mid-write never leaves a cut-off picture that passes for a drawn one."""
+    full) or a kill mid-write never leaves a cut-off picture that passes for a drawn one. Encoded by OpenCV, written
+    by Python: cv2.imwrite crashed the process (a segmentation fault) on a file name that is not UTF-8."""
     path = Path(path)
+    ok, buf = cv2.imencode(path.suffix or ".png", img)
+    if not ok:
+        raise OSError(f"could not encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")   # OpenCV picks the format by the suffix
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if not cv2.imwrite(str(tmp), img):
-            raise OSError(f"could not write {path}")
+        tmp.write_bytes(buf.tobytes())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 from detector.manifest import dataset_above, has_labels, has_layout
 from detector.policy import load_policy
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
-from detector.sources import Item, colour_png, discover, drop_overlays
+from detector.sources import Item, colour_png, discover, drop_overlays, shown
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
 def _result_rows(out: Path) -> list[list[str]]:
@@ -79,9 +79,10 @@ def match_overlays(out: Path, jsonl: Path | None, names: dict[Path, Path], flagg
     (kill -9, a power cut) left its last rows without one, and resuming never drew them. Failed rows, and RELEASE
     ones with `flagged_only`, have none to miss; rows before the first one with its overlay are left alone, as
     match_jsonl leaves them: those were scored before --overlays was first given."""
+    png = {shown(p): dest for p, dest in names.items()}   # rows name their files as shown() writes them
     wanted = [r[0] for r in _result_rows(out)
-              if not r[-1] and not (flagged_only and r[2] == "RELEASE") and Path(r[0]) in names]
-    drawn = [_drawn(names[Path(path)]) for path in wanted]
+              if not r[-1] and not (flagged_only and r[2] == "RELEASE") and r[0] in png]
+    drawn = [_drawn(png[path]) for path in wanted]
     first = drawn.index(True) if True in drawn else len(wanted)
     lost = {path for path, ok in zip(wanted[first:], drawn[first:]) if not ok}
     _drop_paths(out, jsonl, lost, lost)
@@ -265,7 +266,7 @@ def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | 
     try:
         regions = [{"box": list(r.box), "score": float(r.score)} for r in verdict.regions]
         img = report.render(scan.attenuation, regions=regions, heatmap=verdict.heatmap,
-                            banner=report.verdict_banner(decision, verdict.score, threshold, dest.stem),
+                            banner=report.verdict_banner(decision, verdict.score, threshold, shown(dest.stem)),
                             flagged=decision != "RELEASE")
         report.write_png(dest, img)
         return None
@@ -347,9 +348,9 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             infer_ms = (time.perf_counter() - t0) * 1e3
             regions = [] if verdict is None else [
                 {"box": [int(v) for v in r.box], "score": round(float(r.score), 4)} for r in verdict.regions]
-            row = {"path": str(item.path), "score": None if verdict is None else float(verdict.score),
+            row = {"path": shown(item.path), "score": None if verdict is None else float(verdict.score),
                    "decision": decision if error is None else "INSPECT", "threshold": thr,
-                   "regions": regions, "latency_ms": load_ms + infer_ms, "error": error or ""}
+                   "regions": regions, "latency_ms": load_ms + infer_ms, "error": shown(error or "")}
             draw = overlays and not error and (row["decision"] != "RELEASE" or not overlays_flagged)
             while draw and len(drawing) >= 2:  # bound the scans waiting to be drawn; waited for before the row is
                 _note(counts, drawing.popleft().result())   # written, so a stop here never leaves it without one
@@ -501,7 +502,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    todo = [i for i in items if str(i.path) not in done]
+    todo = [i for i in items if shown(i.path) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
     workers = args.workers or max(1, min(4, usable_cpus() - 1))

@@ -301,3 +301,29 @@ def test_the_report_names_the_model_that_scored_the_results(tmp_path, heuristic_
     (tmp_path / "results.csv.routing.json").unlink()            # a CSV from elsewhere: said, not guessed
     m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
     assert m["model"] is None and "model: unknown" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_scan_whose_name_is_not_utf8_is_matched_to_its_truth(tmp_path, heuristic_model, normal_scan_path,
+                                                                 anomalous_scan_path):
+    """`detector score` writes b'tr\\xfcck.tiff' (a Latin-1 name) as tr\\xfcck.tiff in its UTF-8 CSV: eval matched
+    that row to no scan of the plain layout that holds the file, and left both out of the figures."""
+    import os
+    import shutil
+
+    from detector import score
+    data = tmp_path / "data"
+    (data / "normal").mkdir(parents=True)
+    (data / "anomalous").mkdir()
+    shutil.copy(normal_scan_path, data / "normal" / "n.tiff")
+    try:
+        with open(os.path.join(os.fsencode(data / "anomalous"), b"tr\xfcck.tiff"), "wb") as f:
+            f.write(anomalous_scan_path.read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    res = tmp_path / "results.csv"
+    args = Namespace(src=str(data), model=str(heuristic_model), out=str(res), jsonl=None, overlays=None,
+                     overlays_flagged=False, policy=None, threshold=1.0, threads=1, workers=1, no_resume=False)
+    assert score.main(args) == 0
+    m = evaluate.evaluate(res, data, tmp_path / "r")
+    assert (m["overall"]["n"], m["unmatched_results"], m["unscored_truth"]) == (2, 0, 0)
+    assert "anomalous/tr\\xfcck.tiff" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")

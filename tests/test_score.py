@@ -447,16 +447,18 @@ def test_a_full_disk_stops_the_run_in_one_line_not_a_traceback(tmp_path, heurist
 
 def test_overlays_that_cannot_be_written_are_counted_and_leave_no_cut_off_png(tmp_path, heuristic_model,
                                                                               normal_scan_path, monkeypatch, capsys):
-    import cv2
+    import errno
+    import os
     d, ov = tmp_path / "scans", tmp_path / "ov"
     d.mkdir()
     for i in range(8):
         shutil.copy(normal_scan_path, d / f"n{i}.tiff")
+    write_bytes = Path.write_bytes
 
-    def full_disk(path, img):                        # libpng's write error: half a file, then False
-        Path(path).write_bytes(cv2.imencode(".png", img)[1].tobytes()[:100])
-        return False
-    monkeypatch.setattr(cv2, "imwrite", full_disk)
+    def full_disk(self, data):                       # the disk fills up: part of the file, then ENOSPC
+        write_bytes(self, data[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     assert score.main(_args(d, heuristic_model, tmp_path / "r.csv", overlays=str(ov))) == 0
     out, err = capsys.readouterr()
     assert "failed 0, 8 overlays not written" in out and "... and 3 more overlays not written" in err
@@ -622,13 +624,13 @@ def test_an_overlay_png_is_never_left_cut_off(tmp_path, monkeypatch):
     from detector import report
     dest = tmp_path / "o" / "a.png"
     seen = []
-    real = cv2.imwrite
+    real = Path.write_bytes
 
-    def watched(path, img, *a):
-        seen.append(Path(path))
+    def watched(self, data):
+        seen.append(self)
         assert not dest.exists()                   # the destination only ever holds a whole picture
-        return real(path, img, *a)
-    monkeypatch.setattr(cv2, "imwrite", watched)
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", watched)
     report.write_png(dest, np.zeros((8, 8, 3), np.uint8))
     assert cv2.imread(str(dest)).shape == (8, 8, 3) and seen and seen[0] != dest
     assert sorted(p.name for p in dest.parent.iterdir()) == ["a.png"]
@@ -666,3 +668,28 @@ def test_the_next_command_can_be_pasted_when_paths_hold_spaces(tmp_path, heurist
     assert score.main(_args(data, heuristic_model, out)) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next: "))
     assert shlex.split(line[len("next: "):]) == ["detector", "eval", str(out), "--truth", str(data), "--out", "report/"]
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_row_and_resumes(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """A scan copied from a Latin-1 system (b'tr\\xfcck.tiff'): writing its row raised UnicodeEncodeError, a traceback
+    that ended the run, and every resume ended the same way at the same file. Its row now names it with the byte
+    escaped (valid UTF-8, as eval and spreadsheets read the CSV), and a resume counts it as done."""
+    import os
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    try:
+        with open(os.path.join(os.fsencode(d), b"tr\xfcck.tiff"), "wb") as f:
+            f.write(normal_scan_path.read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out, jl = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl), overlays=str(tmp_path / "ov"))) == 0
+    rows = _rows(out)                                  # _rows reads the CSV as UTF-8
+    assert sorted(rows) == ["a.tiff", "tr\\xfcck.tiff"] and rows["tr\\xfcck.tiff"]["error"] == ""
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 2   # its overlay too (cv2 crashed on the name's bytes)
+    assert sorted(json.loads(ln)["path"] for ln in jl.read_text(encoding="utf-8").splitlines()) == sorted(
+        r["path"] for r in rows.values())
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl), overlays=str(tmp_path / "ov"))) == 0
+    assert "resuming: 2 of 2 files" in capsys.readouterr().err and len(out.read_text().splitlines()) == 3
