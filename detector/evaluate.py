@@ -258,8 +258,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if loc["n"] == 0:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
 
-    m = {"results": shown(results_path), "truth": shown(truth_file), "model": scored_by(results_path),
-         "overall": overall, "localisation": loc,
+    # absolute: a report is read later, from another folder
+    m = {"results": shown(Path(results_path).resolve()), "truth": shown(truth_file.resolve()),
+         "model": scored_by(results_path), "overall": overall, "localisation": loc,
          "by_anomaly_type": by_type, "by_cargo": by_cargo, "notes": notes,
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
          "unmatched_results": len(orphans), "unscored_truth": len(missing)}

@@ -462,7 +462,7 @@ def main(args) -> int:
     except Exception as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    routing = {"model": str(args.model), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
+    routing = {"model": str(Path(args.model).resolve()), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
                "force_flags": policy.force_flags}
     try:
         lock = lock_results(out)

@@ -277,7 +277,7 @@ def test_report_thumbnails_name_scans_by_their_path_in_the_dataset(tmp_path):
 
 
 def test_the_report_names_the_model_that_scored_the_results(tmp_path, heuristic_model, normal_scan_path,
-                                                          anomalous_scan_path):
+                                                          anomalous_scan_path, monkeypatch):
     """report.html and metrics.json named the results and the truth but not the model: two models' reports on the
     same scans could not be told apart. The model comes from the routing file `detector score` writes beside the CSV."""
     import hashlib
@@ -298,6 +298,13 @@ def test_the_report_names_the_model_that_scored_the_results(tmp_path, heuristic_
     assert m["model"] == {"path": str(heuristic_model), "sha256": sha}
     page = (tmp_path / "r" / "report.html").read_text()
     assert f"model: <code>{html.escape(str(heuristic_model))}</code> (sha256 {sha[:12]})" in page
+    monkeypatch.chdir(tmp_path)                                 # typed relative: named absolute, since a report is
+    args.model, args.out = heuristic_model.name, "rel.csv"      # read later, from elsewhere
+    shutil.copy(heuristic_model, tmp_path / heuristic_model.name)
+    assert score.main(args) == 0
+    m = evaluate.evaluate("rel.csv", "data", "r2", thumbs=False)
+    assert (m["results"], m["truth"], m["model"]["path"]) == (
+        str(tmp_path / "rel.csv"), str(data / "manifest.csv"), str(tmp_path / heuristic_model.name))
     (tmp_path / "results.csv.routing.json").unlink()            # a CSV from elsewhere: said, not guessed
     m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
     assert m["model"] is None and "model: unknown" in (tmp_path / "r" / "report.html").read_text()
