@@ -214,9 +214,10 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     overall["intervals"] = M.intervals(y, s, f)
     notes = []
     if orphans:
-        notes.append(f"{len(orphans)} result rows have no truth and were left out")
+        notes.append(f"{len(orphans)} result rows have no truth and were left out (listed in the report)")
     if missing:
-        notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out")
+        notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out (listed in the "
+                     "report)")
     learnt = sum(t.split in ("train", "val") for _, t in pairs)
     if learnt:
         notes.append(f"{learnt} of the {len(pairs)} scans are in the train or val split of the truth's manifest: a "
@@ -263,7 +264,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
          "model": scored_by(results_path), "overall": overall, "localisation": loc,
          "by_anomaly_type": by_type, "by_cargo": by_cargo, "notes": notes,
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
-         "unmatched_results": len(orphans), "unscored_truth": len(missing)}
+         "unmatched_results": len(orphans), "unscored_truth": len(missing),
+         "unscored": [shown(t.rel) for t in missing], "unmatched": [r.path for r in orphans]}   # which, to score them
     (out_dir / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
 
     images = {}

@@ -267,6 +267,10 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
     if m.get("failures"):
         parts.append(f"<h2>Failed scans ({len(m['failures'])}, counted as INSPECT)</h2>"
                      + _table(m["failures"][:100], ["path", "label", "error"]))
+    for key, name in (("unscored", "Truth scans without a result"), ("unmatched", "Result rows without truth")):
+        if m.get(key):
+            parts.append(f"<h2>{name} ({len(m[key])}, left out)</h2>"
+                         + _table([{"path": p} for p in m[key][:100]], ["path"]))
     parts.append("<h2>Plots</h2>" + "".join(
         f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
     for section, items in thumbs.items():

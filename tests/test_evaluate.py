@@ -334,3 +334,18 @@ def test_a_scan_whose_name_is_not_utf8_is_matched_to_its_truth(tmp_path, heurist
     m = evaluate.evaluate(res, data, tmp_path / "r")
     assert (m["overall"]["n"], m["unmatched_results"], m["unscored_truth"]) == (2, 0, 0)
     assert "anomalous/tr\\xfcck.tiff" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+
+
+def test_the_scans_left_out_are_named_not_only_counted(tmp_path):
+    """"2 truth scans have no result row": the auditor had to diff the CSV against the manifest to find which trucks
+    were never scored, and which rows matched no truth."""
+    data, res = _dataset(tmp_path)
+    lines = res.read_text().splitlines()
+    stray = lines[1].replace("n0.tiff", "zz.tiff")
+    res.write_text("\n".join([lines[0], *lines[3:], stray]) + "\n")     # n0 and n1 not scored, zz not in the truth
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["unscored"] == ["images/n0.tiff", "images/n1.tiff"]
+    assert (m["unscored_truth"], m["unmatched_results"]) == (2, 1)
+    assert [p.rsplit("/", 1)[-1] for p in m["unmatched"]] == ["zz.tiff"]
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "Truth scans without a result (2, left out)" in page and "Result rows without truth (1, left out)" in page
