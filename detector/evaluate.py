@@ -22,6 +22,7 @@ from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask,
                                read_rows, read_text)
 from detector.scan import ScanError
+from detector.sources import shown
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
@@ -133,13 +134,13 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
     on a Windows station reads D:\\data\\images\\a.tiff);
     also the results without truth and the truth without results. Two rows for one scan raise ValueError:
     a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
-    by_path = {str(t.path): t for t in truth}
-    by_rel = {Path(t.rel).as_posix(): t for t in truth}
+    by_path = {shown(t.path): t for t in truth}   # as `detector score` writes a name that is not UTF-8
+    by_rel = {shown(Path(t.rel).as_posix()): t for t in truth}
     pairs, orphans, used = [], [], {}
     for r in results:
         p = Path(r.path)
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
-        t = next((by_path[str(c.resolve())] for c in cands if str(c.resolve()) in by_path), None)
+        t = next((by_path[shown(c.resolve())] for c in cands if shown(c.resolve()) in by_path), None)
         if t is None:
             parts = [q for q in re.split(r"[\\/]", r.path) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
@@ -152,6 +153,17 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         used[id(t)] = r.row
         pairs.append((r, t))
     return pairs, orphans, [t for t in truth if id(t) not in used]
+
+
+def scored_by(results: str | Path) -> dict | None:
+    """{"path", "sha256"} of the model that scored a results CSV, from the routing file `detector score` writes
+    beside it (None without one): a report names the model it judges."""
+    from detector.score import routing_file
+    try:
+        routing = json.loads(routing_file(Path(results)).read_text(encoding="utf-8"))
+        return {"path": str(routing["model"]), "sha256": str(routing["model_sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _truth_boxes(t: Truth) -> list:
@@ -202,9 +214,10 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     overall["intervals"] = M.intervals(y, s, f)
     notes = []
     if orphans:
-        notes.append(f"{len(orphans)} result rows have no truth and were left out")
+        notes.append(f"{len(orphans)} result rows have no truth and were left out (listed in the report)")
     if missing:
-        notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out")
+        notes.append(f"{len(missing)} truth scans have no result row (not scored) and were left out (listed in the "
+                     "report)")
     learnt = sum(t.split in ("train", "val") for _, t in pairs)
     if learnt:
         notes.append(f"{learnt} of the {len(pairs)} scans are in the train or val split of the truth's manifest: a "
@@ -246,10 +259,13 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if loc["n"] == 0:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
 
-    m = {"results": str(results_path), "truth": str(truth_file), "overall": overall, "localisation": loc,
+    # absolute: a report is read later, from another folder
+    m = {"results": shown(Path(results_path).resolve()), "truth": shown(truth_file.resolve()),
+         "model": scored_by(results_path), "overall": overall, "localisation": loc,
          "by_anomaly_type": by_type, "by_cargo": by_cargo, "notes": notes,
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
-         "unmatched_results": len(orphans), "unscored_truth": len(missing)}
+         "unmatched_results": len(orphans), "unscored_truth": len(missing),
+         "unscored": [shown(t.rel) for t in missing], "unmatched": [r.path for r in orphans]}   # which, to score them
     (out_dir / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
 
     images = {}
@@ -289,7 +305,8 @@ def _thumb(r: Result, t: Truth):
 
     from detector import report
     from detector.scan import ScanWarning, read_scan
-    cap = f"{Path(r.path).name}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
+    # named by its path in the dataset: two sites' 0001.tiff are two trucks
+    cap = f"{shown(t.rel)}: score {r.score:.3f}" + (f", {t.anomaly_type}" if t.anomaly_type else "") \
         + (f", cargo {t.cargo}" if t.cargo else "")
     try:
         with warnings.catch_warnings():     # a conversion was reported when the scan was scored
@@ -319,7 +336,12 @@ def main(args) -> int:
         print(f"detector eval: {e}", file=sys.stderr)
         return 2
     o = m["overall"]
-    d1 = o["detection_at_far"][0]["detection_rate"]
+    first = o["detection_at_far"][0]
+    d1, far = first["detection_rate"], f"{first['false_alarm_rate']:.0%}"
+    if first["achieved_rate"] is not None and first["achieved_rate"] > first["false_alarm_rate"]:
+        far = f"{first['achieved_rate']:.1%} false alarms ({far} not reachable: see the notes)"
+    else:
+        far += " false alarms"
     auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.4f}"
     ci = o["intervals"]["auroc"]
     if ci:
@@ -328,6 +350,6 @@ def main(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
-          f"AUROC {auroc}, detection {_pct(d1)} at 1% false alarms, localisation {_pct(m['localisation']['hit_rate'])} "
+          f"AUROC {auroc}, detection {_pct(d1)} at {far}, localisation {_pct(m['localisation']['hit_rate'])} "
           f"(IoU>=0.1) -> {Path(args.out)}/ ({files})")
     return 0

@@ -52,10 +52,11 @@ def auroc(labels, scores, failed=None) -> float | None:
 
 
 def average_precision(labels, scores, failed=None) -> float | None:
-    """Average precision (scikit-learn); None without any anomalous scan."""
+    """Average precision (scikit-learn); None without both classes: with no normal scan every precision is 1, and AP
+    read 1.0 whatever the scores."""
     from sklearn.metrics import average_precision_score
     y, s, f = _arrays(labels, scores, failed)
-    if not (y == 1).any():
+    if len(np.unique(y)) < 2:
         return None
     return float(average_precision_score(y, _ranked(s, f)))
 
@@ -262,10 +263,15 @@ def summary(labels, scores, failed=None, decisions: Sequence[str] | None = None)
                  "auroc": auroc(y, s, f), "ap": average_precision(y, s, f), "notes": []}
     if out["auroc"] is None:
         only = "normal" if n_anom == 0 else "anomalous"
-        out["notes"].append(f"only {only} scans in the truth: AUROC undefined (null)")
+        out["notes"].append(f"only {only} scans in the truth: AUROC and AP undefined (null)")
     out["detection_at_far"] = [detection_at_far(y, s, r, f) for r in FAR_TARGETS]
     out["far_at_detection"] = [far_at_detection(y, s, d, f) for d in DETECTION_TARGETS]
+    n_fail_norm = int(((y == 0) & f).sum())
     for row in out["detection_at_far"]:
+        if n_norm and row["threshold"] is None:
+            out["notes"].append(f"detection at {row['false_alarm_rate']:.1%} false alarms: n/a: {n_fail_norm} of the "
+                                f"{n_norm} normal scans failed to score (INSPECT, fail-closed), more than the "
+                                f"{row['false_alarm_rate']:.1%} allows")
         if n_norm and not row["resolvable"]:
             out["notes"].append(f"{n_norm} normal scans cannot resolve a {row['false_alarm_rate']:.1%} "
                                 "false-alarm rate (fewer than one alarm allowed)")

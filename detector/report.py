@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -106,12 +107,20 @@ def verdict_banner(decision: str, score: float | None, threshold: float | None, 
 
 
 def write_png(path: str | Path, img: np.ndarray) -> Path:
-    """Write an image, creating its folder; a failed write (disk full) leaves no cut-off file behind."""
+    """Write an image, creating its folder, through a hidden temporary file renamed into place: a failed write (disk
+    full) or a kill mid-write never leaves a cut-off picture that passes for a drawn one. Encoded by OpenCV, written
+    by Python: cv2.imwrite crashed the process (a segmentation fault) on a file name that is not UTF-8."""
     path = Path(path)
+    ok, buf = cv2.imencode(path.suffix or ".png", img)
+    if not ok:
+        raise OSError(f"could not encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), img):
-        path.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -211,6 +220,13 @@ th{background:#f0f0f0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-
 figcaption{font-size:12px;max-width:680px;word-break:break-all}.note{color:#a60}code{font-size:12px}"""
 
 
+def _model(model: dict | None) -> str:
+    """The model a report judges, as its header names it."""
+    if not model:
+        return "model: unknown (no routing file beside the results)"
+    return f"model: <code>{html.escape(model['path'])}</code> (sha256 {html.escape(model['sha256'][:12])})"
+
+
 def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
                 thumbs: dict[str, list[tuple[np.ndarray, str]]], title: str = "detector evaluation") -> Path:
     """Write a self-contained HTML page: metric tables, plots and thumbnails, all inlined."""
@@ -219,7 +235,7 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>results: <code>{html.escape(str(m.get('results', '')))}</code> &middot; truth: "
-             f"<code>{html.escape(str(m.get('truth', '')))}</code></p>"]
+             f"<code>{html.escape(str(m.get('truth', '')))}</code> &middot; {_model(m.get('model'))}</p>"]
     ci = ov.get("intervals") or {}
     span = lambda v: "n/a" if not v else f"{v[0]:.3f} - {v[1]:.3f}"  # noqa: E731
     parts.append("<h2>Summary</h2>" + _table([{
@@ -251,6 +267,10 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
     if m.get("failures"):
         parts.append(f"<h2>Failed scans ({len(m['failures'])}, counted as INSPECT)</h2>"
                      + _table(m["failures"][:100], ["path", "label", "error"]))
+    for key, name in (("unscored", "Truth scans without a result"), ("unmatched", "Result rows without truth")):
+        if m.get(key):
+            parts.append(f"<h2>{name} ({len(m[key])}, left out)</h2>"
+                         + _table([{"path": p} for p in m[key][:100]], ["path"]))
     parts.append("<h2>Plots</h2>" + "".join(
         f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
     for section, items in thumbs.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 from detector.manifest import dataset_above, has_labels, has_layout
 from detector.policy import load_policy
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
-from detector.sources import Item, discover, drop_overlays
+from detector.sources import Item, colour_png, discover, drop_overlays, shown
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
 def _result_rows(out: Path) -> list[list[str]]:
@@ -70,6 +71,29 @@ def match_jsonl(out: Path, jsonl: Path) -> int:
     unmatched = {path for path in rows[first:] if path not in in_jsonl}
     _drop_paths(out, jsonl, unmatched, in_jsonl - set(rows))
     return len(unmatched)
+
+
+def match_overlays(out: Path, jsonl: Path | None, names: dict[Path, Path], flagged_only: bool) -> int:
+    """Before a resume with --overlays, remove the rows (and JSON lines) whose overlay is missing or empty, so that
+    those files are scored and drawn again; returns how many. Overlays are drawn behind the rows: a run killed
+    (kill -9, a power cut) left its last rows without one, and resuming never drew them. Failed rows, and RELEASE
+    ones with `flagged_only`, have none to miss; rows before the first one with its overlay are left alone, as
+    match_jsonl leaves them: those were scored before --overlays was first given."""
+    png = {shown(p): dest for p, dest in names.items()}   # rows name their files as shown() writes them
+    wanted = [r[0] for r in _result_rows(out)
+              if not r[-1] and not (flagged_only and r[2] == "RELEASE") and r[0] in png]
+    drawn = [_drawn(png[path]) for path in wanted]
+    first = drawn.index(True) if True in drawn else len(wanted)
+    lost = {path for path, ok in zip(wanted[first:], drawn[first:]) if not ok}
+    _drop_paths(out, jsonl, lost, lost)
+    return len(lost)
+
+
+def _drawn(png: Path) -> bool:
+    try:
+        return png.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _drop_paths(out: Path, jsonl: Path | None, rows: set, lines: set) -> None:
@@ -242,7 +266,7 @@ def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | 
     try:
         regions = [{"box": list(r.box), "score": float(r.score)} for r in verdict.regions]
         img = report.render(scan.attenuation, regions=regions, heatmap=verdict.heatmap,
-                            banner=report.verdict_banner(decision, verdict.score, threshold, dest.stem),
+                            banner=report.verdict_banner(decision, verdict.score, threshold, shown(dest.stem)),
                             flagged=decision != "RELEASE")
         report.write_png(dest, img)
         return None
@@ -324,9 +348,9 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             infer_ms = (time.perf_counter() - t0) * 1e3
             regions = [] if verdict is None else [
                 {"box": [int(v) for v in r.box], "score": round(float(r.score), 4)} for r in verdict.regions]
-            row = {"path": str(item.path), "score": None if verdict is None else float(verdict.score),
+            row = {"path": shown(item.path), "score": None if verdict is None else float(verdict.score),
                    "decision": decision if error is None else "INSPECT", "threshold": thr,
-                   "regions": regions, "latency_ms": load_ms + infer_ms, "error": error or ""}
+                   "regions": regions, "latency_ms": load_ms + infer_ms, "error": shown(error or "")}
             draw = overlays and not error and (row["decision"] != "RELEASE" or not overlays_flagged)
             while draw and len(drawing) >= 2:  # bound the scans waiting to be drawn; waited for before the row is
                 _note(counts, drawing.popleft().result())   # written, so a stop here never leaves it without one
@@ -335,6 +359,8 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             if draw:
                 drawing.append(painter.submit(_write_overlay, names[item.path],
                                               scan, verdict, row["decision"], thr))
+            elif overlays:
+                _drop_stale_overlay(names[item.path])
             if fj:
                 extra = {"tier": item.tier, "risk_flags": item.risk_flags,
                          "reason": error or (why if verdict is not None else None)}
@@ -356,6 +382,17 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             _note(counts, d.result())
     bar.close()
     return counts
+
+
+def _drop_stale_overlay(png: Path) -> None:
+    """Remove the overlay an earlier run drew for a truck that gets none now (released with --overlays-flagged after
+    --no-resume at another threshold, or failing now): its picture contradicted its row. Only an overlay (a colour
+    PNG) goes."""
+    if png.is_file() and colour_png(png):
+        try:
+            png.unlink()
+        except OSError:
+            pass
 
 
 def _note(counts: Counts, overlay_error: str | None) -> None:
@@ -425,7 +462,7 @@ def main(args) -> int:
     except Exception as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    routing = {"model": str(args.model), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
+    routing = {"model": str(Path(args.model).resolve()), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
                "force_flags": policy.force_flags}
     try:
         lock = lock_results(out)
@@ -452,6 +489,11 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
             if unmatched:
                 print(f"scoring {unmatched} file(s) again: their rows in {out} have no line in {jsonl} (a run "
                       "stopped between the two)", file=sys.stderr)
+            if args.overlays:
+                lost = match_overlays(out, jsonl, overlay_paths(items, Path(args.overlays)), args.overlays_flagged)
+                if lost:
+                    print(f"scoring {lost} file(s) again: their rows in {out} have no overlay in {args.overlays} (a "
+                          "run killed before drawing them)", file=sys.stderr)
         if getattr(args, "retry_failed", False):
             retried = drop_failed_rows(out, jsonl)
             if retried:
@@ -460,7 +502,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    todo = [i for i in items if str(i.path) not in done]
+    todo = [i for i in items if shown(i.path) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
     workers = args.workers or max(1, min(4, usable_cpus() - 1))
@@ -499,6 +541,6 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     manifest = src / "manifest.csv" if src.is_dir() else src
     labelled = has_layout(src) or (manifest.suffix.lower() == ".csv" and manifest.is_file() and has_labels(manifest))
     above = None if labelled or not src.is_dir() else dataset_above(src)   # a dataset's images/ folder was scored
-    truth = args.src if labelled else above if above is not None else "DATA"
-    print(f"next: detector eval {out} --truth {truth} --out report/")
+    truth = shlex.quote(str(args.src if labelled else above)) if labelled or above is not None else "DATA"
+    print(f"next: detector eval {shlex.quote(str(out))} --truth {truth} --out report/")   # quoted: pasted into a shell
     return 1 if todo and c.scanned == c.failed else 0

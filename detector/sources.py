@@ -47,6 +47,17 @@ def discover(src: str) -> tuple[list[Item], str]:
     return unique(items), how
 
 
+def shown(text: str | os.PathLike) -> str:
+    """A path (or a text naming one) as any UTF-8 file can hold it: the bytes of a name that are not UTF-8 (a scan
+    copied from a Latin-1 system, b'tr\\xfcck.tiff') escaped as \\xfc, where writing them raised UnicodeEncodeError.
+    Other text is unchanged."""
+    raw = os.fspath(text)
+    try:
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # a surrogate that no file name's byte made
+        return raw.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def unique(items: list[Item]) -> list[Item]:
     """Items less repeats of a file (a list naming it twice, a symlink beside its target), the first kept: one
     row per scan, where two made `detector eval` refuse the CSV."""
@@ -107,7 +118,7 @@ def _discover(src: str) -> tuple[list[Item], str]:
     raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
 
 
-def _colour_png(path: Path) -> bool:
+def colour_png(path: Path) -> bool:
     """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
     try:
         with open(path, "rb") as f:
@@ -123,5 +134,5 @@ def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
     with that folder inside the scanned one, a resumed run scored them as trucks and named its overlays anew."""
     where = overlays.resolve()
     drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
-            and _colour_png(i.path)}
+            and colour_png(i.path)}
     return [i for i in items if i.path not in drop], len(drop)

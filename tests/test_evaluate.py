@@ -242,3 +242,110 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
         assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 2
         assert capsys.readouterr().err == (f"detector eval: --out {out} is a file: give a folder for metrics.json, "
                                            "roc.png, hist.png and report.html\n")
+
+
+def test_the_summary_line_says_the_false_alarm_rate_detection_was_measured_at(tmp_path, capsys):
+    """200 clean trucks saturated at 1.0, which no threshold releases: the line read "detection 100.0% at 1% false
+    alarms" for a model that inspects every truck (the measured rate was only in a note above it)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [(f"n{i}", 0, 1.0) for i in range(200)] + [(f"a{i}", 1, 1.0) for i in range(10)]
+    (data / "manifest.csv").write_text("path,label\n" + "".join(f"images/{n}.tiff,{y}\n" for n, y, _ in rows))
+    res = tmp_path / "results.csv"
+    res.write_text(",".join(COLS) + "\n" + "".join(f"{data}/images/{n}.tiff,{s},INSPECT,0.5,[],1,\n"
+                                                   for n, _, s in rows))
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 0
+    assert "detection 100.0% at 100.0% false alarms (1% not reachable: see the notes)" in capsys.readouterr().out
+
+
+def test_report_thumbnails_name_scans_by_their_path_in_the_dataset(tmp_path):
+    """Two sites' scans named 0001.tiff: both missed trucks were captioned "0001.tiff", and the auditor could not
+    tell which one the report showed."""
+    data = tmp_path / "data"
+    counts = np.full((2, 40, 120), 50000, np.uint16)
+    rows = [("site1/0001.tiff", 1, 0.1), ("site2/0001.tiff", 1, 0.2), ("site1/0002.tiff", 0, 0.9),
+            ("site2/0002.tiff", 0, 0.3)]
+    for rel, _, _ in rows:
+        write_scan(data / rel, counts, i0=(60000.0, 60000.0))
+    (data / "manifest.csv").write_text("path,label\n" + "".join(f"{rel},{y}\n" for rel, y, _ in rows))
+    res = tmp_path / "results.csv"
+    res.write_text(",".join(COLS) + "\n" + "".join(
+        f"{data / rel},{s},{'INSPECT' if s >= 0.5 else 'RELEASE'},0.5,[],1,\n" for rel, _, s in rows))
+    evaluate.evaluate(res, data, tmp_path / "r")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", (tmp_path / "r" / "report.html").read_text())
+    assert sorted(c.split(":")[0] for c in captions) == ["site1/0001.tiff", "site1/0002.tiff", "site2/0001.tiff"]
+
+
+def test_the_report_names_the_model_that_scored_the_results(tmp_path, heuristic_model, normal_scan_path,
+                                                          anomalous_scan_path, monkeypatch):
+    """report.html and metrics.json named the results and the truth but not the model: two models' reports on the
+    same scans could not be told apart. The model comes from the routing file `detector score` writes beside the CSV."""
+    import hashlib
+    import shutil
+
+    from detector import score
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(normal_scan_path, data / "images" / "n.tiff")
+    shutil.copy(anomalous_scan_path, data / "images" / "a.tiff")
+    (data / "manifest.csv").write_text("path,label\nimages/n.tiff,0\nimages/a.tiff,1\n")
+    res = tmp_path / "results.csv"
+    args = Namespace(src=str(data), model=str(heuristic_model), out=str(res), jsonl=None, overlays=None,
+                     overlays_flagged=False, policy=None, threshold=None, threads=1, workers=1, no_resume=False)
+    assert score.main(args) == 0
+    sha = hashlib.sha256(heuristic_model.read_bytes()).hexdigest()
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["model"] == {"path": str(heuristic_model), "sha256": sha}
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert f"model: <code>{html.escape(str(heuristic_model))}</code> (sha256 {sha[:12]})" in page
+    monkeypatch.chdir(tmp_path)                                 # typed relative: named absolute, since a report is
+    args.model, args.out = heuristic_model.name, "rel.csv"      # read later, from elsewhere
+    shutil.copy(heuristic_model, tmp_path / heuristic_model.name)
+    assert score.main(args) == 0
+    m = evaluate.evaluate("rel.csv", "data", "r2", thumbs=False)
+    assert (m["results"], m["truth"], m["model"]["path"]) == (
+        str(tmp_path / "rel.csv"), str(data / "manifest.csv"), str(tmp_path / heuristic_model.name))
+    (tmp_path / "results.csv.routing.json").unlink()            # a CSV from elsewhere: said, not guessed
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["model"] is None and "model: unknown" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_scan_whose_name_is_not_utf8_is_matched_to_its_truth(tmp_path, heuristic_model, normal_scan_path,
+                                                                 anomalous_scan_path):
+    """`detector score` writes b'tr\\xfcck.tiff' (a Latin-1 name) as tr\\xfcck.tiff in its UTF-8 CSV: eval matched
+    that row to no scan of the plain layout that holds the file, and left both out of the figures."""
+    import os
+    import shutil
+
+    from detector import score
+    data = tmp_path / "data"
+    (data / "normal").mkdir(parents=True)
+    (data / "anomalous").mkdir()
+    shutil.copy(normal_scan_path, data / "normal" / "n.tiff")
+    try:
+        with open(os.path.join(os.fsencode(data / "anomalous"), b"tr\xfcck.tiff"), "wb") as f:
+            f.write(anomalous_scan_path.read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    res = tmp_path / "results.csv"
+    args = Namespace(src=str(data), model=str(heuristic_model), out=str(res), jsonl=None, overlays=None,
+                     overlays_flagged=False, policy=None, threshold=1.0, threads=1, workers=1, no_resume=False)
+    assert score.main(args) == 0
+    m = evaluate.evaluate(res, data, tmp_path / "r")
+    assert (m["overall"]["n"], m["unmatched_results"], m["unscored_truth"]) == (2, 0, 0)
+    assert "anomalous/tr\\xfcck.tiff" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+
+
+def test_the_scans_left_out_are_named_not_only_counted(tmp_path):
+    """"2 truth scans have no result row": the auditor had to diff the CSV against the manifest to find which trucks
+    were never scored, and which rows matched no truth."""
+    data, res = _dataset(tmp_path)
+    lines = res.read_text().splitlines()
+    stray = lines[1].replace("n0.tiff", "zz.tiff")
+    res.write_text("\n".join([lines[0], *lines[3:], stray]) + "\n")     # n0 and n1 not scored, zz not in the truth
+    m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert m["unscored"] == ["images/n0.tiff", "images/n1.tiff"]
+    assert (m["unscored_truth"], m["unmatched_results"]) == (2, 1)
+    assert [p.rsplit("/", 1)[-1] for p in m["unmatched"]] == ["zz.tiff"]
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "Truth scans without a result (2, left out)" in page and "Result rows without truth (1, left out)" in page

@@ -56,7 +56,7 @@ def test_failures_are_fail_closed():
 def test_single_class_is_graceful():
     out = M.summary([0, 0, 0], [0.1, 0.2, 0.3])
     assert out["auroc"] is None and out["ap"] is None
-    assert any("AUROC undefined" in n for n in out["notes"])
+    assert any("AUROC and AP undefined" in n for n in out["notes"])
     assert out["far_at_detection"][0]["false_alarm_rate"] is None
     assert M.summary([1, 1], [0.1, 0.9])["detection_at_far"][0]["detection_rate"] is None
 
@@ -160,3 +160,21 @@ def test_a_target_missed_by_saturated_normal_scores_is_said():
     assert "detection at 1.0% false alarms is measured at 1.50%: 3 normal scans score 1.0, which no threshold " \
            "releases" in out["notes"]
     assert not any("measured at" in n for n in M.summary(Y, S)["notes"])   # no note where the target is met
+
+
+def test_a_target_that_failed_normal_scans_alone_exceed_is_said():
+    # 3 of 200 normals failed (INSPECT whatever the threshold): 1.5 % of alarms before any score, so no 1 % point
+    y, s = [0] * 200 + [1] * 10, [0.1] * 200 + [0.9] * 10
+    f = [True] * 3 + [False] * 207
+    out = M.summary(y, s, f)
+    assert out["detection_at_far"][0]["detection_rate"] is None
+    assert ("detection at 1.0% false alarms: n/a: 3 of the 200 normal scans failed to score (INSPECT, fail-closed), "
+            "more than the 1.0% allows") in out["notes"]
+    assert not any("fail-closed" in n for n in M.summary(y, s)["notes"])
+
+
+def test_average_precision_without_normal_scans_is_undefined_not_perfect():
+    # no normal scan: every precision is 1, so AP read 1.0 whatever the scores (a model ranking them backwards too)
+    assert M.average_precision([1, 1, 1], [0.9, 0.1, 0.0]) is None
+    out = M.summary([1, 1], [0.1, 0.9])
+    assert out["ap"] is None and any("AUROC and AP undefined" in n for n in out["notes"])

@@ -447,16 +447,18 @@ def test_a_full_disk_stops_the_run_in_one_line_not_a_traceback(tmp_path, heurist
 
 def test_overlays_that_cannot_be_written_are_counted_and_leave_no_cut_off_png(tmp_path, heuristic_model,
                                                                               normal_scan_path, monkeypatch, capsys):
-    import cv2
+    import errno
+    import os
     d, ov = tmp_path / "scans", tmp_path / "ov"
     d.mkdir()
     for i in range(8):
         shutil.copy(normal_scan_path, d / f"n{i}.tiff")
+    write_bytes = Path.write_bytes
 
-    def full_disk(path, img):                        # libpng's write error: half a file, then False
-        Path(path).write_bytes(cv2.imencode(".png", img)[1].tobytes()[:100])
-        return False
-    monkeypatch.setattr(cv2, "imwrite", full_disk)
+    def full_disk(self, data):                       # the disk fills up: part of the file, then ENOSPC
+        write_bytes(self, data[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     assert score.main(_args(d, heuristic_model, tmp_path / "r.csv", overlays=str(ov))) == 0
     out, err = capsys.readouterr()
     assert "failed 0, 8 overlays not written" in out and "... and 3 more overlays not written" in err
@@ -590,3 +592,104 @@ def test_result_csv_keeps_saturated_scores_apart():
     cells = [S._csv_fields({"path": "a.tiff", "score": float(v), "decision": "INSPECT", "threshold": 0.4,
                             "regions": [], "latency_ms": 1.0, "error": ""})[1] for v in values]
     assert len(set(cells)) == 3 and [float(c) for c in cells] == sorted(float(c) for c in cells)
+
+
+def test_rows_whose_overlay_a_kill_lost_are_scored_again_on_resume(tmp_path, heuristic_model, normal_scan_path,
+                                                                   anomalous_scan_path, capsys):
+    """kill -9 (OOM killer, power cut) lands after a row is written but before its overlay, drawn in the background,
+    is: the resume counted the row as done and that truck never got its overlay. Now such rows are scored again;
+    rows scored before --overlays was first given (none of them has one) are left alone, as --jsonl's are."""
+    d, ov, out = tmp_path / "scans", tmp_path / "ov", tmp_path / "r.csv"
+    d.mkdir()
+    for i, src in enumerate((normal_scan_path, anomalous_scan_path, normal_scan_path, anomalous_scan_path)):
+        shutil.copy(src, d / f"t{i}.tiff")
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0
+    full = {n: r["score"] for n, r in _rows(out).items()}
+    (ov / "t2.png").unlink()                       # killed before the last two overlays were drawn
+    (ov / "t3.png").write_bytes(b"")               # ... one of them cut off mid-write
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov))) == 0
+    assert "scoring 2 file(s) again" in capsys.readouterr().err
+    assert {n: r["score"] for n, r in _rows(out).items()} == full and len(out.read_text().splitlines()) == 5
+    assert sorted(p.name for p in ov.glob("*.png")) == ["t0.png", "t1.png", "t2.png", "t3.png"]
+    assert all(p.stat().st_size > 0 for p in ov.glob("*.png"))
+    ov2 = tmp_path / "ov2"                         # --overlays first given on a resume: no row is scored again
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov2))) == 0
+    assert "again" not in capsys.readouterr().err and not ov2.exists()
+
+
+def test_an_overlay_png_is_never_left_cut_off(tmp_path, monkeypatch):
+    """write_png wrote the overlay in place: a kill mid-write left a cut-off PNG that passed for a drawn overlay."""
+    import cv2
+    from detector import report
+    dest = tmp_path / "o" / "a.png"
+    seen = []
+    real = Path.write_bytes
+
+    def watched(self, data):
+        seen.append(self)
+        assert not dest.exists()                   # the destination only ever holds a whole picture
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", watched)
+    report.write_png(dest, np.zeros((8, 8, 3), np.uint8))
+    assert cv2.imread(str(dest)).shape == (8, 8, 3) and seen and seen[0] != dest
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.png"]
+
+
+def test_a_rescored_truck_that_gets_no_overlay_loses_the_one_an_earlier_run_drew(tmp_path, heuristic_model,
+                                                                                 normal_scan_path):
+    """--no-resume at another threshold with --overlays-flagged released a truck the first run inspected, and its red
+    INSPECT overlay stayed in the folder beside a RELEASE row; a scan that now fails kept its old picture too."""
+    d, ov, out = tmp_path / "scans", tmp_path / "ov", tmp_path / "r.csv"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    shutil.copy(normal_scan_path, d / "b.tiff")
+    ov.mkdir()
+    shutil.copy(normal_scan_path, ov / "keep.tiff")
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov), overlays_flagged=True, threshold=0.0)) == 0
+    assert {r["decision"] for r in _rows(out).values()} == {"INSPECT"}
+    assert sorted(p.name for p in ov.glob("*.png")) == ["a.png", "b.png"]
+    (d / "b.tiff").write_bytes(b"")                                   # b is unreadable now
+    assert score.main(_args(d, heuristic_model, out, overlays=str(ov), overlays_flagged=True, threshold=0.99,
+                            no_resume=True)) == 0
+    rows = _rows(out)
+    assert rows["a.tiff"]["decision"] == "RELEASE" and rows["b.tiff"]["error"]
+    assert not list(ov.glob("*.png")) and (ov / "keep.tiff").is_file()
+
+
+def test_the_next_command_can_be_pasted_when_paths_hold_spaces(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """An archive folder "day 1" printed `--truth .../day 1`, which a shell splits into two arguments."""
+    import shlex
+    data = tmp_path / "day 1"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(normal_scan_path, data / "images" / "t0.tiff")
+    (data / "manifest.csv").write_text("path,label\nimages/t0.tiff,0\n")
+    out = tmp_path / "results é 1.csv"
+    assert score.main(_args(data, heuristic_model, out)) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next: "))
+    assert shlex.split(line[len("next: "):]) == ["detector", "eval", str(out), "--truth", str(data), "--out", "report/"]
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_row_and_resumes(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """A scan copied from a Latin-1 system (b'tr\\xfcck.tiff'): writing its row raised UnicodeEncodeError, a traceback
+    that ended the run, and every resume ended the same way at the same file. Its row now names it with the byte
+    escaped (valid UTF-8, as eval and spreadsheets read the CSV), and a resume counts it as done."""
+    import os
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    try:
+        with open(os.path.join(os.fsencode(d), b"tr\xfcck.tiff"), "wb") as f:
+            f.write(normal_scan_path.read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out, jl = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl), overlays=str(tmp_path / "ov"))) == 0
+    rows = _rows(out)                                  # _rows reads the CSV as UTF-8
+    assert sorted(rows) == ["a.tiff", "tr\\xfcck.tiff"] and rows["tr\\xfcck.tiff"]["error"] == ""
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 2   # its overlay too (cv2 crashed on the name's bytes)
+    assert sorted(json.loads(ln)["path"] for ln in jl.read_text(encoding="utf-8").splitlines()) == sorted(
+        r["path"] for r in rows.values())
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model, out, jsonl=str(jl), overlays=str(tmp_path / "ov"))) == 0
+    assert "resuming: 2 of 2 files" in capsys.readouterr().err and len(out.read_text().splitlines()) == 3
