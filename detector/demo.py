@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from detector import cli
+from detector.evaluate import detection_phrase
 from detector.shipped import resolve_config
 
 DEFAULT_TRAIN = 160
@@ -62,12 +63,10 @@ def main(args: argparse.Namespace) -> int:
     lat = sorted(float(r["latency_ms"]) for r in rows if r.get("latency_ms"))
     ms = lat[len(lat) // 2] if lat else float("nan")
     overall = metrics["overall"]
-    det = next((r["detection_rate"] for r in overall["detection_at_far"] if r["false_alarm_rate"] == 0.01), None)
-    auroc = overall["auroc"]
     minutes = (time.perf_counter() - t0) / 60
     print("\n" + "=" * 72)
-    print(f"demo done in {minutes:.1f} min: AUROC {_fmt(auroc)}, detection at 1% false alarms "
-          f"{_fmt(det)}, {ms:.0f} ms per scan (median, file to verdict, {len(rows)} scans)")
+    print(f"demo done in {minutes:.1f} min: AUROC {_fmt(overall['auroc'])}, {detection_phrase(overall)}, "
+          f"{ms:.0f} ms per scan (median, file to verdict, {len(rows)} scans)")
     print(f"report:   {report / 'report.html'}")
     print(f"overlays: {overlays}/")
     print(f"model:    {model}")

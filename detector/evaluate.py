@@ -324,6 +324,18 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{v:.1%}"
 
 
+def detection_phrase(overall: dict) -> str:
+    """'detection 40.0% at 1% false alarms' from a metric block, or the rate it was measured at when 1 % is out of
+    reach (normal scans saturated at 1.0 read 'detection 100.0% at 1%' for a model inspecting every truck)."""
+    first = overall["detection_at_far"][0]
+    far = f"{first['false_alarm_rate']:.0%}"
+    if first["achieved_rate"] is not None and first["achieved_rate"] > first["false_alarm_rate"]:
+        far = f"{first['achieved_rate']:.1%} false alarms ({far} not reachable: see the notes)"
+    else:
+        far += " false alarms"
+    return f"detection {_pct(first['detection_rate'])} at {far}"
+
+
 def main(args) -> int:
     """CLI entry: evaluate and print a one-line summary."""
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -336,12 +348,6 @@ def main(args) -> int:
         print(f"detector eval: {e}", file=sys.stderr)
         return 2
     o = m["overall"]
-    first = o["detection_at_far"][0]
-    d1, far = first["detection_rate"], f"{first['false_alarm_rate']:.0%}"
-    if first["achieved_rate"] is not None and first["achieved_rate"] > first["false_alarm_rate"]:
-        far = f"{first['achieved_rate']:.1%} false alarms ({far} not reachable: see the notes)"
-    else:
-        far += " false alarms"
     auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.4f}"
     ci = o["intervals"]["auroc"]
     if ci:
@@ -350,6 +356,6 @@ def main(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
-          f"AUROC {auroc}, detection {_pct(d1)} at {far}, localisation {_pct(m['localisation']['hit_rate'])} "
+          f"AUROC {auroc}, {detection_phrase(o)}, localisation {_pct(m['localisation']['hit_rate'])} "
           f"(IoU>=0.1) -> {Path(args.out)}/ ({files})")
     return 0
