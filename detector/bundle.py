@@ -115,13 +115,20 @@ def read_metadata(path: str | Path, validate: bool = True) -> dict:
         raise BundleError(path, "a folder, not a model file: pass the .onnx bundle that `detector export` wrote")
     if not path.is_file():
         raise BundleError(path, "model file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BundleError(path, f"cannot read model file ({e.strerror or e})") from None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types
         raise unloadable(path, e) from None
-    return parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
+    meta = parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
+    if validate:
+        check_graph_sha256(data, meta, path)
+    return meta
 
 
 def _need(cond: bool, path: Any, reason: str) -> None:
@@ -173,6 +180,9 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     ns = meta["normal_scores"]
     _need(isinstance(ns, list) and all(_is_num(s) and 0 <= s <= 1 for s in ns), path,
           "normal_scores must be a list of numbers in [0, 1]")
+    gs = meta.get("graph_sha256")   # optional: bundles exported before it was recorded have none
+    _need(gs is None or (isinstance(gs, str) and len(gs) == 64 and all(c in "0123456789abcdef" for c in gs)), path,
+          f"graph_sha256 {gs!r} must be 64 lowercase hex digits")
     hs = meta.get("scan_height_mm")   # optional: bundles exported before it was recorded have none
     _need(hs is None or (isinstance(hs, list) and len(hs) == 2 and all(_is_num(h) and h > 0 for h in hs)
                          and hs[0] <= hs[1]), path, f"scan_height_mm {hs!r} must be [lowest, highest] in mm, > 0")
@@ -276,6 +286,32 @@ def replace_metadata_bytes(model: bytes, meta: dict, path: str | Path | None = N
     text = json.dumps(_json_safe(meta), sort_keys=True).encode()
     entry = _len_field(1, METADATA_KEY.encode()) + _len_field(2, text)
     return bytes(kept) + _len_field(_METADATA_PROPS, entry)
+
+
+def graph_sha256(model: bytes, path: str | Path | None = None) -> str:
+    """SHA-256 of an ONNX model's bytes less its metadata_props: the graph, weights and opsets the metadata describes.
+    Export records it in the metadata; a metadata rewrite (`detector calibrate`) leaves it as it was."""
+    h = hashlib.sha256()
+    try:
+        for number, start, _, end in _fields(model):
+            if number != _METADATA_PROPS:
+                h.update(model[start:end])
+    except ValueError as e:
+        raise BundleError(path, f"not a readable ONNX protobuf ({e})") from None
+    return h.hexdigest()
+
+
+def check_graph_sha256(model: bytes, meta: dict, path: str | Path | None = None) -> None:
+    """BundleError when the model's graph is not the one its metadata was exported with: a byte changed in the
+    weights (a damaged copy) still loads and runs, and routes trucks on whatever it computes."""
+    want = meta.get("graph_sha256")
+    if want is None:   # exported before the digest was recorded: nothing to check against
+        return
+    got = graph_sha256(model, path)
+    if got != want:
+        raise BundleError(path, f"the graph is not the one this bundle was exported with (graph sha256 {got[:12]}, "
+                                f"its metadata records {want[:12]}): the file was damaged or altered after export, "
+                                "or its metadata was put on another model; copy the bundle again from its source")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from detector.bundle import BundleError, attach_metadata, make_metadata
+from detector.bundle import BundleError, attach_metadata, graph_sha256, make_metadata, replace_metadata_bytes
 from detector.preprocess import Preprocessing, prepare
 from detector.scan import ScanError, scan_from_counts
 
@@ -106,14 +106,16 @@ def bundle_metadata(info: dict, **extra: Any) -> dict:
 
 
 def write_bundle(onnx_path: str | Path, meta: dict, out: str | Path) -> Path:
-    """Attach the metadata (validated) and save the bundle."""
+    """Attach the metadata (validated) with the graph's SHA-256, so a station refuses a damaged copy, and save."""
     import onnx
 
     proto = onnx.load(str(onnx_path))
     attach_metadata(proto, meta)
+    data = proto.SerializeToString()
+    data = replace_metadata_bytes(data, {**meta, "graph_sha256": graph_sha256(data)}, out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    out.write_bytes(data)
     return out
 
 

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, parse_metadata,
-                             unloadable)
+from detector.bundle import (HEIGHT_TOLERANCE, BundleError, check_graph_sha256, default_threshold, height_range_mm,
+                             parse_metadata, unloadable)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -130,6 +130,7 @@ class Inspector:
         except Exception as e:
             raise unloadable(self.path, e) from None
         self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        check_graph_sha256(data, self.metadata, self.path)
         self.channels = int(self.metadata["channels"])
         self.stride = int(self.metadata["stride"])
         self.score_k = int(self.metadata["score"]["k"])

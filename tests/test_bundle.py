@@ -100,3 +100,42 @@ def test_preprocessing_constants_are_checked(heuristic_model, tmp_path, key, val
     meta["preprocessing"][key] = value
     with pytest.raises(BundleError, match=f"preprocessing {key}"):
         Inspector(_with_props(heuristic_model, tmp_path / "p.onnx", json.dumps(meta)), threads=1)
+
+
+def _sealed(heuristic_model, path):
+    """The heuristic bundle written as `detector export` writes one: with its graph's SHA-256 in the metadata."""
+    from detector.export import write_bundle
+    return write_bundle(heuristic_model, read_metadata(heuristic_model), path)
+
+
+def test_a_damaged_graph_is_refused_by_every_reader(heuristic_model, heuristic_model_1ch, tmp_path, anomalous_scan_path,
+                                                    capsys):
+    """A changed weight byte (a damaged copy) loaded and ran: the station routed trucks on a model nobody trained.
+    Export records the graph's SHA-256; the Inspector, `detector info` and `detector calibrate` check it."""
+    import numpy as np
+
+    from detector.cli import main as cli
+    from detector.runtime import Inspector
+
+    sealed = _sealed(heuristic_model, tmp_path / "sealed.onnx")
+    meta = read_metadata(sealed)
+    assert len(meta["graph_sha256"]) == 64 and Inspector(sealed, threads=1).inspect(anomalous_scan_path)
+    assert cli(["info", str(sealed)]) == 0 and f"graph       sha256 {meta['graph_sha256']}" in capsys.readouterr().out
+    data = sealed.read_bytes()
+    b = np.float32(2.5 / 4.0).tobytes()          # the heuristic's offset `b`: every score moves with it
+    assert data.count(b) == 1
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(data.replace(b, np.float32(9.0).tobytes()))
+    for read in (lambda: read_metadata(damaged), lambda: Inspector(damaged, threads=1)):
+        with pytest.raises(BundleError, match="not the one this bundle was exported with") as e:
+            read()
+        assert str(damaged) in str(e.value)
+    assert cli(["info", str(damaged)]) == 2 and "damaged or altered after export" in capsys.readouterr().err
+    # the metadata of one bundle put on another graph is refused too; a metadata rewrite keeps the digest valid
+    moved = _with_props(heuristic_model_1ch, tmp_path / "moved.onnx",
+                        json.dumps({**meta, "channels": 1, "energies": ["single"]}))
+    with pytest.raises(BundleError, match="not the one this bundle"):
+        read_metadata(moved)
+    from detector.bundle import rewrite_metadata
+    again = rewrite_metadata(sealed, tmp_path / "again.onnx", {**meta, "default_false_alarm_rate": 0.005})
+    assert read_metadata(again)["graph_sha256"] == meta["graph_sha256"]
