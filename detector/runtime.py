@@ -225,7 +225,11 @@ class Inspector:
         timings["infer"] = (t3 - t2) * 1000.0
         _check_deadline(deadline, t0, "inference")
         hv, wv = valid_cells(*prepared.valid_hw, self.stride)
-        heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
+        if heatmap.shape != (hv, wv):
+            # the score over the scan's own cells, as training's validation set the thresholds: the graph's also
+            # pooled the cells wholly over the padding (air), where a model may fire at the scan's cut edge
+            heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
+            score = topk_mean_logit_score(heatmap, self.score_k)
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
         thr = self.threshold if threshold is None else valid_threshold(threshold)
         # a threshold under the region cut-off would send trucks to inspection with nothing to look at; the hottest

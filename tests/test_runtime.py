@@ -358,3 +358,29 @@ def test_a_model_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
     os.mkfifo(fifo)                  # reading it waited forever for a writer
     with pytest.raises(BundleError, match="not a regular file"):
         Inspector(fifo)
+
+
+def _air_lights_up(g):
+    """The heuristic graph with its slope negated: cells of air (the padding) fire, dense cells do not."""
+    import onnx
+
+    a = next(t for t in g.initializer if t.name == "a")
+    a.CopyFrom(onnx.helper.make_tensor("a", onnx.TensorProto.FLOAT, [], [-onnx.numpy_helper.to_array(a).item()]))
+
+
+@pytest.mark.parametrize("max_width", [2048, 128])   # whole, and in width tiles
+def test_the_score_pools_the_scans_own_cells_not_the_padding(heuristic_model, tmp_path, max_width):
+    """Training's validation scores a scan over its own heatmap cells (the padding masked), and the thresholds are
+    set on those scores; the station took the graph's score, which also pooled the cells wholly over the padding.
+    A model firing at a scan's cut edge then scored the truck higher at the station than in validation."""
+    from conftest import I0
+
+    from detector.scan import scan_from_counts
+
+    model = _edited(heuristic_model, tmp_path / "air.onnx", graph=_air_lights_up)
+    counts = np.random.default_rng(0).poisson(np.full((2, 208, 624), I0 * np.exp(-3.0))).astype(np.uint16)
+    # dense to the edges: 104 x 312 model px, whole cells (no cell straddles the padding)
+    v = Inspector(model, threads=1, max_width=max_width, warmup=False).inspect(scan_from_counts(counts, i0=(I0, I0)))
+    assert v.heatmap.shape == (13, 39)                              # the graph saw 128 x 320: 16 x 40 cells
+    assert v.score == pytest.approx(float(v.heatmap.max()), abs=1e-6) and v.score < 0.2
+    assert v.decision == "RELEASE" and v.regions == []
