@@ -175,6 +175,7 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
               path, f"threshold row {r!r} needs numeric threshold and false_alarm_rate")
         _need(0 <= r["threshold"] <= 1 and 0 <= r["false_alarm_rate"] <= 1, path,
               f"threshold row {r!r}: threshold and false_alarm_rate must lie in [0, 1]")
+    _check_table_order(rows, path)
     _need(_is_num(meta["default_false_alarm_rate"]) and 0 < meta["default_false_alarm_rate"] < 1, path,
           f"default_false_alarm_rate {meta['default_false_alarm_rate']!r} must be in (0, 1)")
     ns = meta["normal_scores"]
@@ -187,6 +188,19 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     _need(hs is None or (isinstance(hs, list) and len(hs) == 2 and all(_is_num(h) and h > 0 for h in hs)
                          and hs[0] <= hs[1]), path, f"scan_height_mm {hs!r} must be [lowest, highest] in mm, > 0")
     return meta
+
+
+def _check_table_order(rows: list[dict], path: Any) -> None:
+    """One row per rate, and a lower rate never at a lower threshold (fewer inspections need a higher bar): a table
+    edited out of order, or listing a rate twice, made the Inspector's default tier use one threshold and a policy
+    tier at the same rate (derived from normal_scores) another."""
+    rates = [float(r["false_alarm_rate"]) for r in rows]
+    _need(len(set(rates)) == len(rates), path, f"thresholds list a false_alarm_rate twice ({rates})")
+    ordered = sorted(rows, key=lambda r: -float(r["false_alarm_rate"]))
+    for hi, lo in zip(ordered, ordered[1:]):
+        _need(float(lo["threshold"]) >= float(hi["threshold"]), path,
+              f"thresholds out of order: rate {lo['false_alarm_rate']:g} has threshold {lo['threshold']:g}, under "
+              f"the {hi['threshold']:g} of the higher rate {hi['false_alarm_rate']:g}")
 
 
 def height_range_mm(meta: dict) -> tuple[float, float] | None:
