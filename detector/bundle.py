@@ -128,7 +128,22 @@ def read_metadata(path: str | Path, validate: bool = True) -> dict:
     meta = parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
     if validate:
         check_graph_sha256(data, meta, path)
+        check_graph(sess, meta, path)
     return meta
+
+
+def check_graph(sess: Any, meta: dict, path: str | Path | None) -> None:
+    """BundleError unless the onnxruntime session's graph has the contract's input and outputs, and takes the
+    channels the metadata says (else `detector info` described, and `detector calibrate` re-thresholded, a bundle
+    no station can load)."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = {o.name for o in sess.get_outputs()}
+    if "scan" not in inputs or not {"heatmap", "score"} <= outputs:
+        raise BundleError(path, f"graph must have input 'scan' and outputs 'heatmap', 'score'; has "
+                                f"inputs {sorted(inputs)} outputs {sorted(outputs)}")
+    shape, channels = inputs["scan"].shape, meta["channels"]
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != channels):
+        raise BundleError(path, f"input 'scan' has shape {shape}, metadata says {channels} channel(s)")
 
 
 def _need(cond: bool, path: Any, reason: str) -> None:

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import (HEIGHT_TOLERANCE, BundleError, check_graph_sha256, default_threshold, height_range_mm,
-                             parse_metadata, unloadable)
+from detector.bundle import (HEIGHT_TOLERANCE, BundleError, check_graph, check_graph_sha256, default_threshold,
+                             height_range_mm, parse_metadata, unloadable)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -135,7 +135,7 @@ class Inspector:
         self.stride = int(self.metadata["stride"])
         self.score_k = int(self.metadata["score"]["k"])
         self.pre = Preprocessing.from_dict(self.metadata["preprocessing"])
-        self._check_graph()
+        check_graph(self.session, self.metadata, self.path)
         self.default_threshold, self.default_rate = default_threshold(self.metadata)
         self.threshold = valid_threshold(threshold) if threshold is not None else self.default_threshold
         self.region_threshold = float(region_threshold)
@@ -151,16 +151,6 @@ class Inspector:
                 self._run(np.zeros((self.channels, h, w), np.float32), None)
             except InspectionError as e:
                 raise BundleError(self.path, f"warm-up run: {e}") from None
-
-    def _check_graph(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if "scan" not in inputs or not {"heatmap", "score"} <= outputs:
-            raise BundleError(self.path, f"graph must have input 'scan' and outputs 'heatmap', 'score'; has "
-                                         f"inputs {sorted(inputs)} outputs {sorted(outputs)}")
-        shape = inputs["scan"].shape
-        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != self.channels):
-            raise BundleError(self.path, f"input 'scan' has shape {shape}, metadata says {self.channels} channel(s)")
 
     # ------------------------------------------------------------ public API
 

@@ -143,3 +143,18 @@ def test_a_damaged_graph_is_refused_by_every_reader(heuristic_model, heuristic_m
     from detector.bundle import rewrite_metadata
     again = rewrite_metadata(sealed, tmp_path / "again.onnx", {**meta, "default_false_alarm_rate": 0.005})
     assert read_metadata(again)["graph_sha256"] == meta["graph_sha256"]
+
+
+def test_a_graph_that_takes_other_channels_than_the_metadata_says_is_no_bundle(heuristic_model, tmp_path, capsys):
+    """Only the Inspector compared the graph with the metadata: `detector info` described a 2-energy graph as a
+    1-energy model and `detector calibrate` wrote a site bundle of it, which no station could then load."""
+    from detector.cli import main as cli
+
+    meta = read_metadata(heuristic_model)
+    bad = _with_props(heuristic_model, tmp_path / "one.onnx", json.dumps({**meta, "channels": 1, "energies": ["x"]}))
+    with pytest.raises(BundleError, match=r"input 'scan' has shape .*metadata says 1 channel") as e:
+        read_metadata(bad)
+    assert str(bad) in str(e.value)
+    assert cli(["info", str(bad)]) == 2 and "metadata says 1 channel" in capsys.readouterr().err
+    assert cli(["calibrate", str(tmp_path / "cleared.csv"), "--model", str(bad), "--out", str(tmp_path / "s.onnx")]) == 2
+    assert "metadata says 1 channel" in capsys.readouterr().err and not (tmp_path / "s.onnx").exists()
