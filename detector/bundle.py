@@ -174,6 +174,8 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     for k in PREPROCESSING_KEYS:   # clip_max or scale <= 0 maps every scan to air: every truck released
         _need(k in pre, path, f"preprocessing lacks {k!r}")
         _need(_is_num(pre[k]) and pre[k] > 0, path, f"preprocessing {k} {pre[k]!r} must be a number > 0")
+    _need(pre["model_pitch_mm"] == meta["pitch_mm"], path,   # the runtime resamples to the one, `info` showed the other
+          f"pitch_mm {meta['pitch_mm']!r} differs from preprocessing model_pitch_mm {pre['model_pitch_mm']!r}")
     _need(isinstance(pre["pad_multiple"], int), path,
           f"preprocessing pad_multiple {pre['pad_multiple']!r} must be an int")
     _need(isinstance(pre.get("repair_rows", False), bool), path,

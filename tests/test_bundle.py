@@ -70,6 +70,7 @@ def test_tampered_json_and_old_schema(heuristic_model, tmp_path):
     ({"thresholds": [{"threshold": "high"}]}, "threshold row"),
     ({"thresholds": [{"threshold": 39.6, "false_alarm_rate": 0.01}]}, r"must lie in \[0, 1\]"),  # x100 typo: releases all
     ({"normal_scores": [0.2, 1.5]}, "normal_scores"),
+    ({"pitch_mm": 5.0}, "pitch_mm 5.0 differs from preprocessing model_pitch_mm 10.0"),   # info showed 5, ran at 10
     ({"thresholds": [{"threshold": 0.9, "false_alarm_rate": 0.01}, {"threshold": 0.2, "false_alarm_rate": 0.001}]},
      r"out of order: rate 0.001 has threshold 0.2, under the 0.9 of the higher rate 0.01"),
     ({"thresholds": [{"threshold": 0.99, "false_alarm_rate": 0.01}, {"threshold": 0.4, "false_alarm_rate": 0.01}]},
