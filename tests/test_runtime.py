@@ -8,7 +8,7 @@ import pytest
 from conftest import TRAINING_PACKAGES, run_without, write_test_scan
 
 from detector.bundle import BundleError, read_metadata
-from detector.runtime import InspectionError, Inspector, topk_mean_logit_score
+from detector.runtime import InspectionError, Inspector, own_cells_score, topk_mean_logit_score
 from detector.scan import ScanError, read_scan
 
 
@@ -384,3 +384,17 @@ def test_the_score_pools_the_scans_own_cells_not_the_padding(heuristic_model, tm
     assert v.heatmap.shape == (13, 39)                              # the graph saw 128 x 320: 16 x 40 cells
     assert v.score == pytest.approx(float(v.heatmap.max()), abs=1e-6) and v.score < 0.2
     assert v.decision == "RELEASE" and v.regions == []
+
+
+def test_the_graphs_score_stands_unless_the_padding_enters_the_top_k():
+    """An INT8 heatmap is quantized to 1/255 steps: a cell that reads 255/255 (logit >= 6.2 in the graph) comes back
+    as logit 13.8, so a score recomputed from it is far off the graph's (top 4 of 1.0, 0.3, 0.3, 0.3: 0.944 where the
+    graph said 0.714). The graph's score is kept unless a padding cell is among the top k."""
+    hm = np.full((6, 8), 0.3, np.float32)
+    hm[1, 1] = 1.0
+    own = hm[:5, :7]                                       # the last row and column lie over the padding
+    assert topk_mean_logit_score(own, 4) == pytest.approx(0.944, abs=1e-3)
+    assert own_cells_score(hm, own, 0.714, 4) == 0.714
+    hm[5, 3] = 0.9                                         # the model fires at the cut edge: the score is the scan's
+    assert own_cells_score(hm, own, 0.95, 4) == pytest.approx(topk_mean_logit_score(own, 4))
+    assert own_cells_score(own, own, 0.714, 4) == 0.714   # no padding cells: the graph's
