@@ -115,13 +115,35 @@ def read_metadata(path: str | Path, validate: bool = True) -> dict:
         raise BundleError(path, "a folder, not a model file: pass the .onnx bundle that `detector export` wrote")
     if not path.is_file():
         raise BundleError(path, "model file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BundleError(path, f"cannot read model file ({e.strerror or e})") from None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types
         raise unloadable(path, e) from None
-    return parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
+    meta = parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
+    if validate:
+        check_graph_sha256(data, meta, path)
+        check_graph(sess, meta, path)
+    return meta
+
+
+def check_graph(sess: Any, meta: dict, path: str | Path | None) -> None:
+    """BundleError unless the onnxruntime session's graph has the contract's input and outputs, and takes the
+    channels the metadata says (else `detector info` described, and `detector calibrate` re-thresholded, a bundle
+    no station can load)."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = {o.name for o in sess.get_outputs()}
+    if "scan" not in inputs or not {"heatmap", "score"} <= outputs:
+        raise BundleError(path, f"graph must have input 'scan' and outputs 'heatmap', 'score'; has "
+                                f"inputs {sorted(inputs)} outputs {sorted(outputs)}")
+    shape, channels = inputs["scan"].shape, meta["channels"]
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != channels):
+        raise BundleError(path, f"input 'scan' has shape {shape}, metadata says {channels} channel(s)")
 
 
 def _need(cond: bool, path: Any, reason: str) -> None:
@@ -152,6 +174,8 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     for k in PREPROCESSING_KEYS:   # clip_max or scale <= 0 maps every scan to air: every truck released
         _need(k in pre, path, f"preprocessing lacks {k!r}")
         _need(_is_num(pre[k]) and pre[k] > 0, path, f"preprocessing {k} {pre[k]!r} must be a number > 0")
+    _need(pre["model_pitch_mm"] == meta["pitch_mm"], path,   # the runtime resamples to the one, `info` showed the other
+          f"pitch_mm {meta['pitch_mm']!r} differs from preprocessing model_pitch_mm {pre['model_pitch_mm']!r}")
     _need(isinstance(pre["pad_multiple"], int), path,
           f"preprocessing pad_multiple {pre['pad_multiple']!r} must be an int")
     _need(isinstance(pre.get("repair_rows", False), bool), path,
@@ -168,15 +192,32 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
               path, f"threshold row {r!r} needs numeric threshold and false_alarm_rate")
         _need(0 <= r["threshold"] <= 1 and 0 <= r["false_alarm_rate"] <= 1, path,
               f"threshold row {r!r}: threshold and false_alarm_rate must lie in [0, 1]")
+    _check_table_order(rows, path)
     _need(_is_num(meta["default_false_alarm_rate"]) and 0 < meta["default_false_alarm_rate"] < 1, path,
           f"default_false_alarm_rate {meta['default_false_alarm_rate']!r} must be in (0, 1)")
     ns = meta["normal_scores"]
     _need(isinstance(ns, list) and all(_is_num(s) and 0 <= s <= 1 for s in ns), path,
           "normal_scores must be a list of numbers in [0, 1]")
+    gs = meta.get("graph_sha256")   # optional: bundles exported before it was recorded have none
+    _need(gs is None or (isinstance(gs, str) and len(gs) == 64 and all(c in "0123456789abcdef" for c in gs)), path,
+          f"graph_sha256 {gs!r} must be 64 lowercase hex digits")
     hs = meta.get("scan_height_mm")   # optional: bundles exported before it was recorded have none
     _need(hs is None or (isinstance(hs, list) and len(hs) == 2 and all(_is_num(h) and h > 0 for h in hs)
                          and hs[0] <= hs[1]), path, f"scan_height_mm {hs!r} must be [lowest, highest] in mm, > 0")
     return meta
+
+
+def _check_table_order(rows: list[dict], path: Any) -> None:
+    """One row per rate, and a lower rate never at a lower threshold (fewer inspections need a higher bar): a table
+    edited out of order, or listing a rate twice, made the Inspector's default tier use one threshold and a policy
+    tier at the same rate (derived from normal_scores) another."""
+    rates = [float(r["false_alarm_rate"]) for r in rows]
+    _need(len(set(rates)) == len(rates), path, f"thresholds list a false_alarm_rate twice ({rates})")
+    ordered = sorted(rows, key=lambda r: -float(r["false_alarm_rate"]))
+    for hi, lo in zip(ordered, ordered[1:]):
+        _need(float(lo["threshold"]) >= float(hi["threshold"]), path,
+              f"thresholds out of order: rate {lo['false_alarm_rate']:g} has threshold {lo['threshold']:g}, under "
+              f"the {hi['threshold']:g} of the higher rate {hi['false_alarm_rate']:g}")
 
 
 def height_range_mm(meta: dict) -> tuple[float, float] | None:
@@ -276,6 +317,32 @@ def replace_metadata_bytes(model: bytes, meta: dict, path: str | Path | None = N
     text = json.dumps(_json_safe(meta), sort_keys=True).encode()
     entry = _len_field(1, METADATA_KEY.encode()) + _len_field(2, text)
     return bytes(kept) + _len_field(_METADATA_PROPS, entry)
+
+
+def graph_sha256(model: bytes, path: str | Path | None = None) -> str:
+    """SHA-256 of an ONNX model's bytes less its metadata_props: the graph, weights and opsets the metadata describes.
+    Export records it in the metadata; a metadata rewrite (`detector calibrate`) leaves it as it was."""
+    h = hashlib.sha256()
+    try:
+        for number, start, _, end in _fields(model):
+            if number != _METADATA_PROPS:
+                h.update(model[start:end])
+    except ValueError as e:
+        raise BundleError(path, f"not a readable ONNX protobuf ({e})") from None
+    return h.hexdigest()
+
+
+def check_graph_sha256(model: bytes, meta: dict, path: str | Path | None = None) -> None:
+    """BundleError when the model's graph is not the one its metadata was exported with: a byte changed in the
+    weights (a damaged copy) still loads and runs, and routes trucks on whatever it computes."""
+    want = meta.get("graph_sha256")
+    if want is None:   # exported before the digest was recorded: nothing to check against
+        return
+    got = graph_sha256(model, path)
+    if got != want:
+        raise BundleError(path, f"the graph is not the one this bundle was exported with (graph sha256 {got[:12]}, "
+                                f"its metadata records {want[:12]}): the file was damaged or altered after export, "
+                                "or its metadata was put on another model; copy the bundle again from its source")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -87,6 +87,8 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
     lines = [f"{path}: detector model bundle, {path.stat().st_size / 1e6:.1f} MB, {_precision(meta)}"
              + (f", ONNX opset {export['opset']}" if export.get("opset") else ""),
              f"  sha256      {file_sha256(path)}",
+             f"  graph       sha256 {meta['graph_sha256']}, as exported (checked)" if meta.get("graph_sha256") else
+             "  graph       digest not recorded (exported before it was): not checked",
              f"  created     {meta.get('created', '?')} by detector {meta.get('package_version', '?')} "
              f"(bundle schema {meta.get('schema_version', '?')})",
              f"  input       {meta['channels']} channel(s) ({', '.join(meta.get('energies') or [])}) resampled to "

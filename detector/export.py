@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from detector.bundle import BundleError, attach_metadata, make_metadata
+from detector.bundle import BundleError, attach_metadata, graph_sha256, make_metadata, replace_metadata_bytes
 from detector.preprocess import Preprocessing, prepare
 from detector.scan import ScanError, scan_from_counts
 
@@ -106,14 +106,16 @@ def bundle_metadata(info: dict, **extra: Any) -> dict:
 
 
 def write_bundle(onnx_path: str | Path, meta: dict, out: str | Path) -> Path:
-    """Attach the metadata (validated) and save the bundle."""
+    """Attach the metadata (validated) with the graph's SHA-256, so a station refuses a damaged copy, and save."""
     import onnx
 
     proto = onnx.load(str(onnx_path))
     attach_metadata(proto, meta)
+    data = proto.SerializeToString()
+    data = replace_metadata_bytes(data, {**meta, "graph_sha256": graph_sha256(data)}, out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    out.write_bytes(data)
     return out
 
 
@@ -324,10 +326,14 @@ def main(args) -> int:
         print(f"detector export: FAILED: {e}", file=sys.stderr)
         return 1
     size = Path(args.out).stat().st_size / 1e6
-    kind = "int8 (QDQ)" if args.int8 else "fp32"
     p = s["parity"]
-    print(f"exported {args.out} ({kind}, {info['channels']} channel(s), {size:.1f} MB, parity max |diff| heatmap "
-          f"{p['max_abs_heatmap']:.1e} score {p['max_abs_score']:.1e}"
-          + (f"; fp32 kept at {s['fp32']}" if args.int8 else "") + f") in {s['seconds']:.0f} s")
+    parity = f"parity max |diff| heatmap {p['max_abs_heatmap']:.1e} score {p['max_abs_score']:.1e}"
+    if args.int8:   # the parity figures are the fp32 graph's: the INT8 one is judged by its drift
+        d = s["int8"]
+        what = (f"int8 (QDQ), {info['channels']} channel(s), {size:.1f} MB, score |diff| from fp32 max "
+                f"{d['score_max_abs_diff']:.3f} on {d['scans']} calibration scans; fp32 {parity}, kept at {s['fp32']}")
+    else:
+        what = f"fp32, {info['channels']} channel(s), {size:.1f} MB, {parity}"
+    print(f"exported {args.out} ({what}) in {s['seconds']:.0f} s")
     print(f"next: detector score SCANS --model {args.out} --out results.csv")
     return 0

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, parse_metadata,
-                             unloadable)
+from detector.bundle import (HEIGHT_TOLERANCE, BundleError, check_graph, check_graph_sha256, default_threshold,
+                             height_range_mm, parse_metadata, unloadable)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -88,6 +88,22 @@ def topk_mean_logit_score(heatmap: np.ndarray, k: int) -> float:
     return float(1.0 / (1.0 + math.exp(-float(top.mean()))))
 
 
+def _top(heatmap: np.ndarray, k: int) -> np.ndarray:
+    flat = heatmap.reshape(-1)
+    return np.sort(np.partition(flat, flat.size - k)[flat.size - k:])
+
+
+def own_cells_score(heatmap: np.ndarray, own: np.ndarray, score: float, k: int) -> float:
+    """The score over the scan's own cells `own` (the heatmap less the cells wholly over the padding), as training's
+    validation, which set the thresholds, pools them: `score` (the graph's, over every cell) where the padding does
+    not change the top k, else recomputed from `own`'s probabilities (a model may fire at a scan's cut edge). The
+    graph's is kept where it can be: an INT8 heatmap is quantized to 1/255 steps, too coarse to recover logits."""
+    k = max(1, min(int(k), own.size))
+    if own.shape == heatmap.shape or np.array_equal(_top(heatmap, k), _top(own, k)):
+        return score
+    return topk_mean_logit_score(own, k)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity: taskset, a container's cpuset), where os.cpu_count gives the
     host's: onnxruntime then ran more threads than cores, each scan 1.65x slower with 2 threads on 1 allowed core."""
@@ -130,11 +146,12 @@ class Inspector:
         except Exception as e:
             raise unloadable(self.path, e) from None
         self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        check_graph_sha256(data, self.metadata, self.path)
         self.channels = int(self.metadata["channels"])
         self.stride = int(self.metadata["stride"])
         self.score_k = int(self.metadata["score"]["k"])
         self.pre = Preprocessing.from_dict(self.metadata["preprocessing"])
-        self._check_graph()
+        check_graph(self.session, self.metadata, self.path)
         self.default_threshold, self.default_rate = default_threshold(self.metadata)
         self.threshold = valid_threshold(threshold) if threshold is not None else self.default_threshold
         self.region_threshold = float(region_threshold)
@@ -150,16 +167,6 @@ class Inspector:
                 self._run(np.zeros((self.channels, h, w), np.float32), None)
             except InspectionError as e:
                 raise BundleError(self.path, f"warm-up run: {e}") from None
-
-    def _check_graph(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if "scan" not in inputs or not {"heatmap", "score"} <= outputs:
-            raise BundleError(self.path, f"graph must have input 'scan' and outputs 'heatmap', 'score'; has "
-                                         f"inputs {sorted(inputs)} outputs {sorted(outputs)}")
-        shape = inputs["scan"].shape
-        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != self.channels):
-            raise BundleError(self.path, f"input 'scan' has shape {shape}, metadata says {self.channels} channel(s)")
 
     # ------------------------------------------------------------ public API
 
@@ -224,7 +231,8 @@ class Inspector:
         timings["infer"] = (t3 - t2) * 1000.0
         _check_deadline(deadline, t0, "inference")
         hv, wv = valid_cells(*prepared.valid_hw, self.stride)
-        heatmap = np.ascontiguousarray(heatmap[:hv, :wv])
+        own = np.ascontiguousarray(heatmap[:hv, :wv])
+        score, heatmap = own_cells_score(heatmap, own, score, self.score_k), own
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
         thr = self.threshold if threshold is None else valid_threshold(threshold)
         # a threshold under the region cut-off would send trucks to inspection with nothing to look at; the hottest

@@ -70,6 +70,11 @@ def test_tampered_json_and_old_schema(heuristic_model, tmp_path):
     ({"thresholds": [{"threshold": "high"}]}, "threshold row"),
     ({"thresholds": [{"threshold": 39.6, "false_alarm_rate": 0.01}]}, r"must lie in \[0, 1\]"),  # x100 typo: releases all
     ({"normal_scores": [0.2, 1.5]}, "normal_scores"),
+    ({"pitch_mm": 5.0}, "pitch_mm 5.0 differs from preprocessing model_pitch_mm 10.0"),   # info showed 5, ran at 10
+    ({"thresholds": [{"threshold": 0.9, "false_alarm_rate": 0.01}, {"threshold": 0.2, "false_alarm_rate": 0.001}]},
+     r"out of order: rate 0.001 has threshold 0.2, under the 0.9 of the higher rate 0.01"),
+    ({"thresholds": [{"threshold": 0.99, "false_alarm_rate": 0.01}, {"threshold": 0.4, "false_alarm_rate": 0.01}]},
+     "false_alarm_rate twice"),
 ])
 def test_validate_names_the_problem(heuristic_model, change, message):
     meta = read_metadata(heuristic_model)
@@ -100,3 +105,57 @@ def test_preprocessing_constants_are_checked(heuristic_model, tmp_path, key, val
     meta["preprocessing"][key] = value
     with pytest.raises(BundleError, match=f"preprocessing {key}"):
         Inspector(_with_props(heuristic_model, tmp_path / "p.onnx", json.dumps(meta)), threads=1)
+
+
+def _sealed(heuristic_model, path):
+    """The heuristic bundle written as `detector export` writes one: with its graph's SHA-256 in the metadata."""
+    from detector.export import write_bundle
+    return write_bundle(heuristic_model, read_metadata(heuristic_model), path)
+
+
+def test_a_damaged_graph_is_refused_by_every_reader(heuristic_model, heuristic_model_1ch, tmp_path, anomalous_scan_path,
+                                                    capsys):
+    """A changed weight byte (a damaged copy) loaded and ran: the station routed trucks on a model nobody trained.
+    Export records the graph's SHA-256; the Inspector, `detector info` and `detector calibrate` check it."""
+    import numpy as np
+
+    from detector.cli import main as cli
+    from detector.runtime import Inspector
+
+    sealed = _sealed(heuristic_model, tmp_path / "sealed.onnx")
+    meta = read_metadata(sealed)
+    assert len(meta["graph_sha256"]) == 64 and Inspector(sealed, threads=1).inspect(anomalous_scan_path)
+    assert cli(["info", str(sealed)]) == 0 and f"graph       sha256 {meta['graph_sha256']}" in capsys.readouterr().out
+    data = sealed.read_bytes()
+    b = np.float32(2.5 / 4.0).tobytes()          # the heuristic's offset `b`: every score moves with it
+    assert data.count(b) == 1
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(data.replace(b, np.float32(9.0).tobytes()))
+    for read in (lambda: read_metadata(damaged), lambda: Inspector(damaged, threads=1)):
+        with pytest.raises(BundleError, match="not the one this bundle was exported with") as e:
+            read()
+        assert str(damaged) in str(e.value)
+    assert cli(["info", str(damaged)]) == 2 and "damaged or altered after export" in capsys.readouterr().err
+    # the metadata of one bundle put on another graph is refused too; a metadata rewrite keeps the digest valid
+    moved = _with_props(heuristic_model_1ch, tmp_path / "moved.onnx",
+                        json.dumps({**meta, "channels": 1, "energies": ["single"]}))
+    with pytest.raises(BundleError, match="not the one this bundle"):
+        read_metadata(moved)
+    from detector.bundle import rewrite_metadata
+    again = rewrite_metadata(sealed, tmp_path / "again.onnx", {**meta, "default_false_alarm_rate": 0.005})
+    assert read_metadata(again)["graph_sha256"] == meta["graph_sha256"]
+
+
+def test_a_graph_that_takes_other_channels_than_the_metadata_says_is_no_bundle(heuristic_model, tmp_path, capsys):
+    """Only the Inspector compared the graph with the metadata: `detector info` described a 2-energy graph as a
+    1-energy model and `detector calibrate` wrote a site bundle of it, which no station could then load."""
+    from detector.cli import main as cli
+
+    meta = read_metadata(heuristic_model)
+    bad = _with_props(heuristic_model, tmp_path / "one.onnx", json.dumps({**meta, "channels": 1, "energies": ["x"]}))
+    with pytest.raises(BundleError, match=r"input 'scan' has shape .*metadata says 1 channel") as e:
+        read_metadata(bad)
+    assert str(bad) in str(e.value)
+    assert cli(["info", str(bad)]) == 2 and "metadata says 1 channel" in capsys.readouterr().err
+    assert cli(["calibrate", str(tmp_path / "cleared.csv"), "--model", str(bad), "--out", str(tmp_path / "s.onnx")]) == 2
+    assert "metadata says 1 channel" in capsys.readouterr().err and not (tmp_path / "s.onnx").exists()

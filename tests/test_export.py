@@ -194,6 +194,14 @@ def test_export_verb(model, exported, tmp_path, monkeypatch, capsys):
     assert text[-2].startswith(f"exported {args.out} (fp32, 2 channel(s)")
     assert text[-1] == f"next: detector score SCANS --model {args.out} --out results.csv"
     assert read_metadata(args.out)["channels"] == 2
+    # INT8: the summary gave the fp32 graph's parity (1e-7) as if it were the INT8 bundle's; its figure is the drift
+    drift = {"scans": 6, "score_max_abs_diff": 0.046}
+    monkeypatch.setattr(export, "make_int8_bundle", lambda fp32, out, *a, **k: shutil.copy(fp32, out) and drift)
+    args.int8, args.calibration = True, "cal/"
+    assert export.main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-2]
+    assert line.startswith(f"exported {args.out} (int8 (QDQ), 2 channel(s)")
+    assert "score |diff| from fp32 max 0.046 on 6 calibration scans; fp32 parity max |diff| heatmap" in line
 
 
 def test_export_verb_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):

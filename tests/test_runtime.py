@@ -8,7 +8,7 @@ import pytest
 from conftest import TRAINING_PACKAGES, run_without, write_test_scan
 
 from detector.bundle import BundleError, read_metadata
-from detector.runtime import InspectionError, Inspector, topk_mean_logit_score
+from detector.runtime import InspectionError, Inspector, own_cells_score, topk_mean_logit_score
 from detector.scan import ScanError, read_scan
 
 
@@ -358,3 +358,43 @@ def test_a_model_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
     os.mkfifo(fifo)                  # reading it waited forever for a writer
     with pytest.raises(BundleError, match="not a regular file"):
         Inspector(fifo)
+
+
+def _air_lights_up(g):
+    """The heuristic graph with its slope negated: cells of air (the padding) fire, dense cells do not."""
+    import onnx
+
+    a = next(t for t in g.initializer if t.name == "a")
+    a.CopyFrom(onnx.helper.make_tensor("a", onnx.TensorProto.FLOAT, [], [-onnx.numpy_helper.to_array(a).item()]))
+
+
+@pytest.mark.parametrize("max_width", [2048, 128])   # whole, and in width tiles
+def test_the_score_pools_the_scans_own_cells_not_the_padding(heuristic_model, tmp_path, max_width):
+    """Training's validation scores a scan over its own heatmap cells (the padding masked), and the thresholds are
+    set on those scores; the station took the graph's score, which also pooled the cells wholly over the padding.
+    A model firing at a scan's cut edge then scored the truck higher at the station than in validation."""
+    from conftest import I0
+
+    from detector.scan import scan_from_counts
+
+    model = _edited(heuristic_model, tmp_path / "air.onnx", graph=_air_lights_up)
+    counts = np.random.default_rng(0).poisson(np.full((2, 208, 624), I0 * np.exp(-3.0))).astype(np.uint16)
+    # dense to the edges: 104 x 312 model px, whole cells (no cell straddles the padding)
+    v = Inspector(model, threads=1, max_width=max_width, warmup=False).inspect(scan_from_counts(counts, i0=(I0, I0)))
+    assert v.heatmap.shape == (13, 39)                              # the graph saw 128 x 320: 16 x 40 cells
+    assert v.score == pytest.approx(float(v.heatmap.max()), abs=1e-6) and v.score < 0.2
+    assert v.decision == "RELEASE" and v.regions == []
+
+
+def test_the_graphs_score_stands_unless_the_padding_enters_the_top_k():
+    """An INT8 heatmap is quantized to 1/255 steps: a cell that reads 255/255 (logit >= 6.2 in the graph) comes back
+    as logit 13.8, so a score recomputed from it is far off the graph's (top 4 of 1.0, 0.3, 0.3, 0.3: 0.944 where the
+    graph said 0.714). The graph's score is kept unless a padding cell is among the top k."""
+    hm = np.full((6, 8), 0.3, np.float32)
+    hm[1, 1] = 1.0
+    own = hm[:5, :7]                                       # the last row and column lie over the padding
+    assert topk_mean_logit_score(own, 4) == pytest.approx(0.944, abs=1e-3)
+    assert own_cells_score(hm, own, 0.714, 4) == 0.714
+    hm[5, 3] = 0.9                                         # the model fires at the cut edge: the score is the scan's
+    assert own_cells_score(hm, own, 0.95, 4) == pytest.approx(topk_mean_logit_score(own, 4))
+    assert own_cells_score(own, own, 0.714, 4) == 0.714   # no padding cells: the graph's
