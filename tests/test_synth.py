@@ -380,3 +380,12 @@ def test_cli_synth_refuses_a_negative_seed_before_making_folders(tmp_path, capsy
     assert main(["synth", str(tmp_path / "neg"), "--count", "1", "--seed", "-1", "--height", str(H)]) == 2
     assert capsys.readouterr().err == "detector synth: --seed must be >= 0, got -1\n"
     assert not (tmp_path / "neg").exists()
+
+
+def test_cli_synth_refuses_a_count_the_disk_cannot_hold_before_making_anything(tmp_path, capsys):
+    """--count 100000 wanted ~700 GB: it planned every scan in memory, then wrote until the disk filled, hours in."""
+    from detector.cli import main
+    assert main(["synth", str(tmp_path / "big"), "--count", str(10**9)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"detector synth: {10**9} scans need about ") and "GB free" in err and err.count("\n") == 1
+    assert not (tmp_path / "big").exists()

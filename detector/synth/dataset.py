@@ -6,6 +6,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from detector.manifest import SPLIT_ALIASES
 from detector.synth.scene import GENERATOR_VERSION
 from detector.scan import MIN_SIDE
 
+SCAN_BYTES = 7e6      # a scan's files at the default heights (~6.8 MB measured: two uint16 pages, mask, manifest row)
+DEFAULT_HEIGHT = 725  # the middle of the default 600-850 px heights
 MAX_HEIGHT = 2000   # --height: real scans are 600-2000 px high; the longest rig (5.2 heights long) stays < 40 Mpx
 SYNTH_INFO = "synth.json"   # beside manifest.csv: what made the dataset (generator version, seed, count)
 MANIFEST_COLUMNS = ("path", "label", "mask", "boxes", "anomaly_type", "cargo", "vehicle", "split")
@@ -121,6 +124,20 @@ def unlisted_images(out: str | os.PathLike, rows: list[dict]) -> list[str]:
     return sorted(p.name for p in (Path(out) / "images").iterdir() if p.is_file() and p.name not in listed)
 
 
+def disk_shortfall(out: Path, count: int, height: int | None) -> str | None:
+    """Why `count` scans cannot fit on OUT's disk, or None: a scan takes ~7 MB at the default 600-850 px heights
+    (two uint16 pages), so --count 100000 wanted ~700 GB and failed when the disk filled, hours in."""
+    need = count * SCAN_BYTES * (1.0 if height is None else height / DEFAULT_HEIGHT)
+    where = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if where is None:
+        return None
+    free = shutil.disk_usage(where).free
+    if need <= free:
+        return None
+    return (f"{count} scans need about {need / 1e9:.1f} GB, and {where} has {free / 1e9:.1f} GB free: ask for fewer "
+            "(training also makes fresh trucks in memory: data.synth_per_epoch)")
+
+
 def main(args) -> int:
     """CLI handler of `detector synth OUT --count N ...`."""
     if args.count < 1:
@@ -141,6 +158,10 @@ def main(args) -> int:
     height = getattr(args, "height", None)
     if height is not None and not MIN_SIDE <= height <= MAX_HEIGHT:
         print(f"detector synth: --height must be {MIN_SIDE}-{MAX_HEIGHT} px, got {height}", file=sys.stderr)
+        return 2
+    short = disk_shortfall(Path(args.out), args.count, height)
+    if short:
+        print(f"detector synth: {short}", file=sys.stderr)
         return 2
     t0 = time.time()
     try:
