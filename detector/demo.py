@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def _config_path(arg: str | None) -> str:
 
 
 def _step(title: str, argv: list[str]) -> None:
-    print(f"\n=== {title}: detector {' '.join(argv)}", flush=True)
+    print(f"\n=== {title}: detector {shlex.join(argv)}", flush=True)
     rc = cli.main(argv)
     if rc != 0:
         raise SystemExit(f"demo step failed ({title}, exit {rc})")
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"report:   {report / 'report.html'}")
     print(f"overlays: {overlays}/")
     print(f"model:    {model}")
-    print(f"next:     detector serve --model {model}   (station HTTP service)")
+    print(f"next:     detector serve --model {shlex.quote(str(model))}   (station HTTP service)")
     return 0
 
 

@@ -7,6 +7,7 @@ at the threshold the bundle ships.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import tempfile
 import time
@@ -329,5 +330,5 @@ def main(args) -> int:
     print(f"exported {args.out} ({kind}, {info['channels']} channel(s), {size:.1f} MB, parity max |diff| heatmap "
           f"{p['max_abs_heatmap']:.1e} score {p['max_abs_score']:.1e}"
           + (f"; fp32 kept at {s['fp32']}" if args.int8 else "") + f") in {s['seconds']:.0f} s")
-    print(f"next: detector score SCANS --model {args.out} --out results.csv")
+    print(f"next: detector score SCANS --model {shlex.quote(args.out)} --out results.csv")
     return 0

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -803,5 +804,5 @@ def main(args) -> int:
     if res.get("skipped_scans"):
         print(f"left out {res['skipped_scans']} unreadable scan(s): {run / 'skipped_scans.csv'} says which and why",
               file=sys.stderr)
-    print(f"next: detector export {run}/best.ckpt --out {run}/model.onnx", file=sys.stdout)
+    print(f"next: detector export {shlex.quote(str(run / 'best.ckpt'))} --out {shlex.quote(str(run / 'model.onnx'))}")
     return 0
