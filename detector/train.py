@@ -554,6 +554,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     if resume is None:   # a previous run's cells and type weights belong to a previous model
         hard_file.unlink(missing_ok=True)
         types_file.unlink(missing_ok=True)
+    for old in ("metrics.json", "test_scores.csv"):   # written at the end: a run stopped before it leaves none
+        (out / old).unlink(missing_ok=True)
     data = dataclasses.replace(cfg.data, batch_size=batch, workers=resolve_workers(cfg))
     dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
                         types_file)
@@ -609,7 +611,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                             check_val_every_n_epoch=cfg.trainer.val_every,
                             enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
         kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}"):
+            trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if kept_log is not None:
         _merge_logs(kept_log, out / "logs" / "metrics.csv")
         kept_log.unlink()
@@ -624,7 +627,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                                strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
                                enable_progress_bar=not quiet, enable_model_summary=False)
-            tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+            with stopped_by_signal(tester, out, "while testing best.ckpt (the training had finished)"):
+                tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
     if not trainer.is_global_zero:
         return {}
     _, best_info = load_checkpoint(best)
@@ -639,6 +643,42 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+class TrainingInterrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM; the message says what its folder holds and how to continue it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stopped_by_signal(trainer: L.Trainer, out: Path, where: str):
+    """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C or SIGTERM ends a fit or test: Lightning
+    exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word; a SIGTERM sent to the
+    whole process group (systemd, a batch scheduler) kills the loader workers first, a RuntimeError. `where` may
+    name {epoch} (the one stopped, from 1) and {epochs} (the config's count)."""
+    try:
+        yield
+    except BaseException as e:
+        if trainer.received_sigterm:
+            how, code = "SIGTERM", 143
+        elif isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted):
+            how, code = "Ctrl-C", 130
+        else:
+            raise
+        if not trainer.is_global_zero:
+            raise SystemExit(code) from None
+        last = out / "last.ckpt"
+        try:
+            done = int(read_checkpoint(last).get("epoch", -1)) + 1
+        except CheckpointError:
+            done = 0
+        said = where.format(epoch=trainer.current_epoch + 1, epochs=trainer.max_epochs)
+        left = (f"{last} holds the {done} epoch(s) before it: continue with the same command and --resume {shlex.quote(str(last))}"
+                if done else "no epoch finished, nothing to resume: run it again")
+        raise TrainingInterrupted(f"stopped by {how} {said}; {left}", code) from None
 
 
 class _NoAdverts(logging.Filter):
@@ -791,6 +831,9 @@ def main(args) -> int:
     except (ConfigError, ScanError, CheckpointError) as e:   # the user's config, data or --resume: one line
         print(f"detector train: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"detector train: {e}", file=sys.stderr)
+        return e.exit_code
     if not res:
         return 0
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}

@@ -630,3 +630,40 @@ def test_train_verb_prints_an_export_command_that_survives_a_copy_paste(tmp_path
     assert line.startswith("next: ")
     assert shlex.split(line[len("next: "):]) == ["detector", "export", str(run / "best.ckpt"), "--out",
                                                  str(run / "model.onnx")]
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_a_run_stopped_by_ctrl_c_or_sigterm_says_so_and_how_to_resume(tmp_path, monkeypatch, capsys, how):
+    """Lightning ended a fit stopped by Ctrl-C with exit 1 and by SIGTERM (`kill`, a scheduler) with exit 0, saying
+    nothing of the run: a supervisor took the SIGTERM for success, and an earlier run's metrics.json stayed beside
+    the new checkpoints. Now: 130 / 143, what last.ckpt holds, the --resume that continues it, no stale metrics."""
+    import signal
+
+    from detector import train as train_mod
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"name": "an earlier run"}')
+    step = train_mod.AnomalyModule.training_step
+
+    def stop_in_the_second_epoch(self, batch, i):
+        if self.current_epoch == 1:
+            if how == "Ctrl-C":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)   # Lightning's handler, installed for the fit, takes it
+        return step(self, batch, i)
+
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", stop_in_the_second_epoch)
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=3",
+            "trainer.max_minutes=0", "trainer.patience=0", "trainer.test=false"]
+    assert main(argv) == {"Ctrl-C": 130, "SIGTERM": 143}[how]
+    out, err = capsys.readouterr()
+    assert "trained" not in out and not (run / "metrics.json").exists()
+    said = err.strip().splitlines()[-1]
+    assert said.startswith(f"detector train: stopped by {how} in epoch 2 of 3; {run / 'last.ckpt'} holds the 1 "
+                           "epoch(s) before it"), said
+    assert f"--resume {run / 'last.ckpt'}" in said
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
