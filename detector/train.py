@@ -383,7 +383,10 @@ class AnomalyModule(L.LightningModule):
         checkpoint["detector_top_select"] = self._top_select
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.info.update(checkpoint.get("detector_info", {}))
+        # the last validation carries on; what describes the run (its config, data, scans) is this run's, which a resume
+        # may have changed
+        saved = checkpoint.get("detector_info", {})
+        self.info.update({k: saved[k] for k in ("thresholds", "normal_scores", "validation") if k in saved})
         self._top_select = checkpoint.get("detector_top_select", self._top_select)
 
     def configure_optimizers(self) -> dict:
@@ -535,8 +538,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
-    if resume is not None:                # a wrong --resume fails now, not after caching the data
-        check_resumable(read_checkpoint(resume), cfg, resume)
+    resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
+    changed = check_resumable(resumed, cfg, resume) if resumed is not None else []
     check_dataset(data_dir)               # a wrong --data too, before the run folder is made
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
@@ -546,6 +549,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
         _warn_if_replacing(out)
+    elif changed:
+        _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.trainer.threads)
@@ -577,6 +582,11 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
             "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records),
             "scan_height_mm": scan_heights_mm(dm.metas["train"], cfg.preprocessing.model_pitch_mm)}
+    was = ((resumed or {}).get("detector_info") or {}).get("data_fingerprint")
+    if was and was != info["data_fingerprint"]:
+        _rank_zero_warn(f"resuming {resume} on other data than the checkpoint's ({info['data_fingerprint']}, was {was}): "
+                        "the scans, their labels or their splits differ")
+    resumed = None   # the weights are read again by Lightning
     module = AnomalyModule(saved, info)
 
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
@@ -710,13 +720,18 @@ def lightning_noise_off(*also: str):
         log.removeFilter(advert)
 
 
+def _rank_zero_warn(message: str) -> None:
+    """A warning from rank 0 only: DDP re-runs the command once per extra process."""
+    from lightning.pytorch.utilities import rank_zero_warn
+    rank_zero_warn(message)
+
+
 def _warn_if_replacing(out: Path) -> None:
     """A new run into a folder that holds an earlier run's checkpoints replaces them: say so, and how to continue
     that run instead (rank 0 only: DDP re-runs the command once per extra process)."""
-    from lightning.pytorch.utilities import rank_zero_warn
     old = [f for f in ("best.ckpt", "last.ckpt") if (out / f).exists()]
     if old:
-        rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
+        _rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
                        f"(--resume {out / 'last.ckpt'} continues that run instead)")
 
 
@@ -775,18 +790,43 @@ class CheckpointError(ValueError):
     """A file that is not a detector training checkpoint (missing, truncated, or another kind of file)."""
 
 
-def check_resumable(ck: dict, cfg: Config, path: str | Path) -> None:
-    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes: the
-    weights would not load, or (preprocessing) the last epochs and the exported bundle would disagree."""
+# what a resume may change without a word: the run's length (what a resume is for), where and how it runs, and what
+# the data sets again
+RESUME_FREE = {"trainer.max_epochs", "trainer.max_minutes", "trainer.accelerator", "trainer.devices", "trainer.strategy",
+               "trainer.precision", "trainer.threads", "trainer.cpu_processes", "trainer.log_every_n_steps",
+               "trainer.test", "data.workers", "data.cache_dir", "data.channels", "data.normal_only", "model.in_channels"}
+# what the checkpoint's optimiser state keeps whatever the config says
+RESUME_KEPT = {"optim.lr", "optim.weight_decay"}
+
+
+def _config_changes(was: dict, now: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (now, was)} of the settings that differ; a setting newer than the checkpoint is left out (a new
+    setting's default is the old behaviour)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k, v in was.items():
+        if k not in now:
+            continue
+        if isinstance(v, dict) and isinstance(now[k], dict):
+            out.update(_config_changes(v, now[k], f"{prefix}{k}."))
+        elif now[k] != v:
+            out[f"{prefix}{k}"] = (now[k], v)
+    return out
+
+
+def check_resumable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
+    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes (the weights
+    would not load, or the last epochs and the exported bundle would disagree), or for another learning rate or weight
+    decay (the optimiser state it restores keeps the old ones); the other settings it changes, `key=new (was old)`,
+    for a warning."""
     was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
-    now = json.loads(json.dumps(to_dict(cfg), default=list))
-    # settings newer than the checkpoint are left out: a new setting's default is the old behaviour
-    changed = [f"{sec}.{k}={now[sec][k]!r} (was {v!r})" for sec in ("model", "preprocessing")
-               for k, v in sorted(was.get(sec, {}).items())
-               if k != "in_channels" and k in now[sec] and now[sec][k] != v]
-    if changed:
-        raise ConfigError(f"--resume {path}: a resumed run keeps its network and preprocessing, but this one asks "
-                          f"{', '.join(changed)}; train into a new --out to change them")
+    changes = _config_changes(was, json.loads(json.dumps(to_dict(cfg), default=list)))
+    said = {k: f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(changes.items())}
+    kept = [said[k] for k in said if k in RESUME_KEPT or k.split(".")[0] in ("model", "preprocessing")
+            and k not in RESUME_FREE]
+    if kept:
+        raise ConfigError(f"--resume {path}: a resumed run keeps its network, preprocessing, learning rate and weight "
+                          f"decay, but this one asks {', '.join(kept)}; train into a new --out to change them")
+    return [text for k, text in said.items() if k not in RESUME_FREE]
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -138,9 +138,32 @@ def test_resuming_with_another_network_or_preprocessing_is_refused():
     from detector.train import ConfigError, check_resumable, load_config, to_dict
     ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
     check_resumable(ck, load_config(None, [*TINY, "trainer.max_epochs=9"]), "last.ckpt")   # more epochs: fine
-    for change in ("preprocessing.scale=2.0", "model.decoder_channels=32"):
+    # optim.lr and weight_decay: the checkpoint's optimiser state would keep the old ones while config.yaml said new
+    for change in ("preprocessing.scale=2.0", "model.decoder_channels=32", "optim.lr=0.001", "optim.weight_decay=0.01"):
         with pytest.raises(ConfigError, match=change.replace(".", r"\.")):
             check_resumable(ck, load_config(None, [*TINY, change]), "last.ckpt")
+
+
+def test_a_resume_with_other_settings_or_data_says_so_and_its_checkpoints_record_them(tmp_path):
+    """A resume that changed a setting (or the data) went on without a word, and its checkpoints kept the first run's
+    train_config and data fingerprint (the module restored them from last.ckpt): the exported bundle described a
+    run that never was. Now the changes are warned, and the checkpoints carry what this run trained with."""
+    from detector.train import load_checkpoint, run_training
+    data, other = write_dataset(tmp_path / "d"), write_dataset(tmp_path / "other", n=14)
+    ov = [*TINY, "trainer.max_epochs=1", "trainer.patience=0", "trainer.test=false"]
+    first = run_training(None, data, tmp_path / "run", ov, quiet=True)
+    more = [*ov, "trainer.max_epochs=2", "data.crops_per_epoch=16", "loss.dice_weight=1.0"]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = run_training(None, other, tmp_path / "run", more, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
+    text = " ".join(str(w.message) for w in said)
+    assert "data.crops_per_epoch=16 (was 32)" in text and "loss.dice_weight=1.0 (was 0.5)" in text, text
+    assert "max_epochs" not in text                                     # more epochs: what a resume is for
+    assert f"other data than the checkpoint's ({res['data_fingerprint']}, was {first['data_fingerprint']})" in text
+    for name in ("best.ckpt", "last.ckpt"):
+        _, info = load_checkpoint(tmp_path / "run" / name)
+        assert info["train_config"]["data"]["crops_per_epoch"] == 16 and info["train_config"]["loss"]["dice_weight"] == 1.0
+        assert info["data_fingerprint"] == res["data_fingerprint"] != first["data_fingerprint"]
 
 
 def test_calibration_hits_target_and_works_without_anomalies():
