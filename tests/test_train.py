@@ -690,3 +690,15 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_says_so_and_how_to_resume(tmp_path, 
     monkeypatch.undo()
     assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_train_verb_takes_overrides_before_and_after_its_options(tmp_path, capsys):
+    """`detector train --config C trainer.max_epochs=2 --out RUN data.batch_size=8`: argparse took the overrides
+    before --out and refused the rest ("unrecognized arguments"), so an override added at the end of a command
+    line, or a --resume appended to one, failed."""
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n=6)
+    argv = ["train", "--config", str(QUICK), "trainer.max_epochs=2", "--data", str(data), "--out", str(tmp_path / "r"),
+            "trainr.max_epochs=1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("detector train: unknown config key(s) trainr (did you mean trainer?)\n")
