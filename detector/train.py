@@ -48,6 +48,7 @@ from detector.scan import ScanError
 from detector.shipped import resolve_config
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
 
 
 @dataclass
@@ -72,7 +73,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"         # e.g. 4 -> DDP over 4 GPUs (strategy auto)
     strategy: str = "auto"
-    precision: str = "auto"       # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true
+    precision: str | int = "auto"  # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true; or Lightning's
     patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs; 0 = off)
     val_every: int = 1            # validate (and checkpoint) every N epochs and after the last: it costs time
     log_every_n_steps: int = 10
@@ -191,6 +192,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not 1 <= t.val_every <= t.max_epochs:  # else no validation: no best checkpoint, no thresholds
         raise ConfigError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
                          f"got {t.val_every}")
+    if str(t.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision must be auto or one of Lightning's ({', '.join(PRECISIONS[1:])}), "
+                          f"got {t.precision!r}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not t.max_minutes >= 0:
@@ -484,6 +488,25 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.backends.mkldnn.is_available()
 
 
+def check_hardware(t: TrainerConfig) -> None:
+    """ConfigError, before the scans are cached, for an accelerator or devices this machine cannot give: Lightning
+    says so only once the trainer is built, as a traceback. On a CPU trainer.devices > 1 would run that many DDP
+    processes with the whole batch and all the cores each: trainer.cpu_processes shares both out."""
+    if t.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator must be auto, cpu or gpu (cuda), got {t.accelerator!r}")
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={t.accelerator}: torch sees no CUDA GPU on this machine (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); train with "
+                          "trainer.accelerator=auto or cpu")
+    if uses_cuda(t.accelerator) or t.devices in ("auto", 1, "1"):
+        return
+    if isinstance(t.devices, int) and not isinstance(t.devices, bool) and t.devices > 1:
+        raise ConfigError(f"trainer.devices={t.devices} on the CPU would run {t.devices} processes with the whole batch "
+                          f"and all the cores each: use trainer.cpu_processes={t.devices} (it shares both out)")
+    raise ConfigError(f"trainer.devices={t.devices!r} asks for GPUs, but this run is on the CPU (torch sees no CUDA "
+                      "GPU, or trainer.accelerator=cpu): leave it auto")
+
+
 def resolve_cpu_processes(cfg: Config) -> int:
     """Split a CPU run over `trainer.cpu_processes` DDP processes (Lightning's own strategy): each gets
     its share of the cores and of the batch, so optimiser steps and schedule stay those of one process.
@@ -540,6 +563,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg.trainer.accelerator = accelerator
     resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
     changed = check_resumable(resumed, cfg, resume) if resumed is not None else []
+    check_hardware(cfg.trainer)
     check_dataset(data_dir)               # a wrong --data too, before the run folder is made
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)

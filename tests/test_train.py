@@ -702,3 +702,29 @@ def test_train_verb_takes_overrides_before_and_after_its_options(tmp_path, capsy
             "trainr.max_epochs=1"]
     assert main(argv) == 2
     assert capsys.readouterr().err == ("detector train: unknown config key(s) trainr (did you mean trainer?)\n")
+
+
+def test_trainer_settings_this_machine_cannot_run_are_refused_before_the_data_is_cached(tmp_path, monkeypatch, capsys):
+    """accelerator=gpu on a machine without one, an unknown accelerator or precision, a GPU list on a CPU: Lightning's
+    traceback, after the scans were cached (minutes on a real dataset). trainer.devices=3 on a CPU ran 3 DDP
+    processes with the whole batch and all the cores each. Lightning's own precision 32 was refused as "must be str"."""
+    import torch
+
+    from detector.cli import main
+    from detector.train import load_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_dataset(tmp_path / "d", n=6)
+    cases = [(["trainer.accelerator=gpu"], "trainer.accelerator=gpu: torch sees no CUDA GPU on this machine"),
+             (["--accelerator", "cuda"], "trainer.accelerator=cuda: torch sees no CUDA GPU on this machine"),
+             (["trainer.accelerator=tpu"], "trainer.accelerator must be auto, cpu or gpu (cuda), got 'tpu'"),
+             (["trainer.precision=fp16"], "trainer.precision must be auto or one of Lightning's"),
+             (["trainer.devices=[0,1]"], "trainer.devices=[0, 1] asks for GPUs, but this run is on the CPU"),
+             (["trainer.devices=3"], "use trainer.cpu_processes=3")]
+    for args, message in cases:
+        argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(tmp_path / "run"), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("detector train: ") and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "run").exists()
+    assert load_config(None, ["trainer.precision=32"]).trainer.precision == 32     # Lightning's spellings pass
+    assert load_config(None, ["trainer.precision=bf16-mixed", "trainer.devices=1"]).trainer.precision == "bf16-mixed"
