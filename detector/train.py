@@ -103,6 +103,28 @@ class Config:
 
 
 # ---------------------------------------------------------------- config: YAML + dotted overrides
+_SHARE = (lambda v: 0 <= v <= 1, "a share in [0, 1]")
+_COUNT = (lambda v: v >= 1, "a whole number >= 1")
+# the range of each numeric setting that has one: checked when the config is read, where torch's own checks (a batch
+# of 0, a negative learning rate) fail after the scans are cached, and a share above 1 runs without a word
+LIMITS: dict[str, tuple[Any, str]] = {
+    **{f"data.{k}": _SHARE for k in ("anomaly_crop_fraction", "air_crop_fraction", "hard_negative_fraction",
+                                      "mine_share", "synth_share", "synth_anomaly_fraction", "synth_twin_fraction",
+                                      "hard_types", "val_fraction", "test_fraction")},
+    **{f"data.augment.{k}": _SHARE for k in ("hflip", "scale_p", "noise_p", "thickness_p", "stripes_p", "blur_p",
+                                              "tip_rate", "tip_conceal", "tip_from_labels")},
+    **{f"data.{k}": _COUNT for k in ("batch_size", "val_batch_size", "crops_per_epoch", "synth_pool")},
+    "data.synth_per_epoch": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "data.min_visibility": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "trainer.threads": (lambda v: v >= 0, "a number >= 0 (0 = torch's default)"),
+    "trainer.cpu_processes": _COUNT,
+    "trainer.log_every_n_steps": _COUNT,
+    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optim.warmup_fraction": _SHARE,
+    "optim.min_lr_ratio": _SHARE,
+}
+
 class ConfigError(ValueError):
     """A config file, override or setting that cannot be used; the message says which and why."""
 
@@ -197,15 +219,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                           f"got {t.precision!r}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not t.max_minutes >= 0:
+    if not 0 <= t.max_minutes < math.inf:
         raise ConfigError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
-    for key, ok, what in (("hard_types", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
-                          ("synth_anomaly_fraction", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
-                          ("min_visibility", lambda v: v >= 0, "a number >= 0 (0 = off)"),
-                          ("augment.tip_from_labels", lambda v: 0 <= v <= 1, "a share in [0, 1]")):
-        v = functools.reduce(getattr, key.split("."), cfg.data)
+    for key, (ok, what) in LIMITS.items():
+        v = functools.reduce(getattr, key.split("."), cfg)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ConfigError(f"data.{key} must be {what}, got {v!r}")
+            raise ConfigError(f"{key} must be {what}, got {v!r}")
     m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
     if m < 1:
         raise ConfigError(f"preprocessing.pad_multiple must be >= 1, got {m}")

@@ -728,3 +728,24 @@ def test_trainer_settings_this_machine_cannot_run_are_refused_before_the_data_is
     assert not (tmp_path / "run").exists()
     assert load_config(None, ["trainer.precision=32"]).trainer.precision == 32     # Lightning's spellings pass
     assert load_config(None, ["trainer.precision=bf16-mixed", "trainer.devices=1"]).trainer.precision == "bf16-mixed"
+
+
+def test_settings_out_of_their_range_are_refused_at_config_load():
+    """A batch of 0, a negative learning rate or thread count: tracebacks from torch after the scans were cached;
+    a share above 1 (data.mine_share=2), a negative fresh-truck count, an infinite time budget (an OverflowError
+    after the first epoch): silently run. Each now names its key and range when the config is read."""
+    from detector.train import ConfigError, load_config
+    for bad, why in (("data.batch_size=0", "a whole number >= 1"), ("data.val_batch_size=0", "a whole number >= 1"),
+                     ("data.crops_per_epoch=-5", "a whole number >= 1"), ("trainer.threads=-1", "a number >= 0"),
+                     ("trainer.cpu_processes=0", "a whole number >= 1"), ("trainer.log_every_n_steps=0", ">= 1"),
+                     ("optim.lr=-1", "a number > 0"), ("optim.lr=0", "a number > 0"), ("optim.weight_decay=-1", ">= 0"),
+                     ("optim.warmup_fraction=1.5", "a share in [0, 1]"), ("data.mine_share=2", "a share in [0, 1]"),
+                     ("data.anomaly_crop_fraction=1.5", "a share"), ("data.val_fraction=-0.1", "a share"),
+                     ("data.synth_per_epoch=-1", "a number >= 0"), ("data.augment.hflip=2", "a share"),
+                     ("trainer.max_minutes=.inf", ">= 0")):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.") + " must be .*" + why.replace(
+                "[", r"\[").replace("]", r"\]")):
+            load_config(QUICK, [bad])
+    cfg = load_config(QUICK, ["data.batch_size=1", "trainer.threads=0", "data.mine_share=0", "data.mine_share=1",
+                              "optim.weight_decay=0", "data.synth_per_epoch=0"])
+    assert (cfg.data.batch_size, cfg.data.mine_share) == (1, 1)
