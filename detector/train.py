@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -42,6 +43,7 @@ from detector.data import DataConfig, ScanDataModule, auto_workers, check_datase
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, ModelConfig, build_model, check_model_config, nhwc
+from detector.policy import UniqueKeyLoader
 from detector.preprocess import Preprocessing
 from detector.runtime import usable_cpus
 from detector.scan import ScanError
@@ -185,11 +187,16 @@ def to_dict(cfg: Any) -> dict:
 
 def _read_yaml(path: str | Path) -> dict:
     try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        d = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8): a config is YAML, like configs/quick.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if d is None:   # a failed copy would train with the code's built-in settings, neither quick.yaml nor default.yaml
+        raise ConfigError(f"{path}: empty: a config sets its sections (model:, data:, trainer:, ...); start from "
+                          "configs/quick.yaml or configs/default.yaml")
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, ...), got a {type(d).__name__}")
     return d
@@ -586,10 +593,15 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     check_dataset(data_dir)               # a wrong --data too, before the run folder is made
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
+    workers = resolve_workers(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for the run (checkpoints, config.yaml, metrics.json)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:   # and one it can write in: else the first checkpoint fails, after the caching and an epoch
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make the run folder or write in it ({e.strerror or e})") from None
     if resume is None:
         _warn_if_replacing(out)
     elif changed:
@@ -604,7 +616,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         types_file.unlink(missing_ok=True)
     for old in ("metrics.json", "test_scores.csv"):   # written at the end: a run stopped before it leaves none
         (out / old).unlink(missing_ok=True)
-    data = dataclasses.replace(cfg.data, batch_size=batch, workers=resolve_workers(cfg))
+    data = dataclasses.replace(cfg.data, batch_size=batch, workers=workers)
     dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
                         types_file)
     try:

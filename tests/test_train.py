@@ -704,13 +704,24 @@ def test_train_verb_takes_overrides_before_and_after_its_options(tmp_path, capsy
     assert capsys.readouterr().err == ("detector train: unknown config key(s) trainr (did you mean trainer?)\n")
 
 
+def refused_in_one_line(cases: list, data: Path, run: Path, capsys) -> None:
+    """Each (args, message): `detector train` with quick.yaml and those args exits 2 with one line that holds the
+    message, and leaves no run folder."""
+    from detector.cli import main
+    for args, message in cases:
+        argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("detector train: ") and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not run.exists()
+
+
 def test_trainer_settings_this_machine_cannot_run_are_refused_before_the_data_is_cached(tmp_path, monkeypatch, capsys):
     """accelerator=gpu on a machine without one, an unknown accelerator or precision, a GPU list on a CPU: Lightning's
     traceback, after the scans were cached (minutes on a real dataset). trainer.devices=3 on a CPU ran 3 DDP
     processes with the whole batch and all the cores each. Lightning's own precision 32 was refused as "must be str"."""
     import torch
 
-    from detector.cli import main
     from detector.train import load_config
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = write_dataset(tmp_path / "d", n=6)
@@ -720,12 +731,7 @@ def test_trainer_settings_this_machine_cannot_run_are_refused_before_the_data_is
              (["trainer.precision=fp16"], "trainer.precision must be auto or one of Lightning's"),
              (["trainer.devices=[0,1]"], "trainer.devices=[0, 1] asks for GPUs, but this run is on the CPU"),
              (["trainer.devices=3"], "use trainer.cpu_processes=3")]
-    for args, message in cases:
-        argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(tmp_path / "run"), *args]
-        assert main(argv) == 2, args
-        err = capsys.readouterr().err
-        assert err.startswith("detector train: ") and message in err and len(err.strip().splitlines()) == 1, (args, err)
-    assert not (tmp_path / "run").exists()
+    refused_in_one_line(cases, data, tmp_path / "run", capsys)
     assert load_config(None, ["trainer.precision=32"]).trainer.precision == 32     # Lightning's spellings pass
     assert load_config(None, ["trainer.precision=bf16-mixed", "trainer.devices=1"]).trainer.precision == "bf16-mixed"
 
@@ -749,3 +755,21 @@ def test_settings_out_of_their_range_are_refused_at_config_load():
     cfg = load_config(QUICK, ["data.batch_size=1", "trainer.threads=0", "data.mine_share=0", "data.mine_share=1",
                               "optim.weight_decay=0", "data.synth_per_epoch=0"])
     assert (cfg.data.batch_size, cfg.data.mine_share) == (1, 1)
+
+
+def test_config_files_and_run_folders_that_cannot_be_used_are_named_in_one_line(tmp_path, capsys):
+    """A binary or UTF-16 file as --config: a UnicodeDecodeError traceback. An empty one (a failed copy) trained
+    with the code's built-in settings, neither quick.yaml nor default.yaml. A section given twice kept the last
+    one without a word. An --out below a file: a NotADirectoryError traceback. A bad data.workers stopped the run
+    only after making its folder."""
+    data = write_dataset(tmp_path / "d", n=6)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00b\x00i\x00n")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "twice.yaml").write_text("trainer:\n  max_epochs: 1\ndata:\n  crop: 64\ntrainer:\n  max_minutes: 1\n")
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--config", str(tmp_path / "bin.yaml")], "bin.yaml: not a text file (UTF-8)"),
+             (["--config", str(tmp_path / "empty.yaml")], "empty.yaml: empty: a config sets its sections"),
+             (["--config", str(tmp_path / "twice.yaml")], "twice.yaml: not valid YAML (duplicate key 'trainer' (line 5))"),
+             (["--out", str(tmp_path / "afile" / "run")], f"--out {tmp_path / 'afile' / 'run'}: cannot make the run folder"),
+             (["data.workers=-1"], "data.workers must be a number >= 0 or auto")]
+    refused_in_one_line(cases, data, tmp_path / "run", capsys)
