@@ -656,8 +656,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(cfg.trainer.val_every), timer]
     if cfg.trainer.max_minutes > 0:
         callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
+    early = EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience)
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
-        callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
+        callbacks.append(early)
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
         callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
     if cfg.trainer.ema_decay > 0:  # validation, best/last.ckpt's state_dict and the test use the average
@@ -700,6 +701,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
               "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
               "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
+              "stopped": stopped_by(cfg.trainer, trainer.current_epoch, early.stopped_epoch > 0),
               "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
               "data_fingerprint": info["data_fingerprint"],
               "skipped_scans": dm.write_skipped(out / "skipped_scans.csv")}
@@ -708,6 +710,15 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def stopped_by(t: TrainerConfig, epochs: int, early: bool) -> str | None:
+    """What ended a run before trainer.max_epochs (None: it ran them all), for metrics.json and the summary line."""
+    if early:
+        return f"early stopping, trainer.patience {t.patience}"
+    if epochs < t.max_epochs and t.max_minutes > 0:
+        return f"time budget {t.max_minutes:g} min"
+    return None
 
 
 class TrainingInterrupted(Exception):
@@ -933,7 +944,7 @@ def main(args) -> int:
         return 0
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    cut = f" of {res['max_epochs']}: time budget {res['max_minutes']:g} min" if res["epochs"] < res["max_epochs"] else ""
+    cut = f" of {res['max_epochs']}: {res['stopped']}" if res.get("stopped") else ""
     print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
           f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
     run = Path(res["best_checkpoint"]).parent

@@ -773,3 +773,19 @@ def test_config_files_and_run_folders_that_cannot_be_used_are_named_in_one_line(
              (["--out", str(tmp_path / "afile" / "run")], f"--out {tmp_path / 'afile' / 'run'}: cannot make the run folder"),
              (["data.workers=-1"], "data.workers must be a number >= 0 or auto")]
     refused_in_one_line(cases, data, tmp_path / "run", capsys)
+
+
+def test_the_summary_says_what_cut_the_run_short(tmp_path, monkeypatch, capsys):
+    """Early stopping (trainer.patience) after 2 of 4 epochs was summarised as "2 epochs of 4: time budget 0 min",
+    a budget the run did not have; metrics.json did not say what stopped it either."""
+    from detector import train as train_mod
+    from detector.cli import main
+    real = train_mod.evaluate_rows
+    monkeypatch.setattr(train_mod, "evaluate_rows", lambda rows: {**real(rows), "auroc": 0.5, "progress": 0.5})
+    data = write_dataset(tmp_path / "d")
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(tmp_path / "run"), *TINY,
+            "trainer.max_epochs=4", "trainer.max_minutes=0", "trainer.patience=1", "trainer.test=false"]
+    assert main(argv) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trained "))
+    assert "(2 epochs of 4: early stopping, trainer.patience 1)" in line and "time budget" not in line, line
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] == "early stopping, trainer.patience 1"
