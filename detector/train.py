@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
@@ -611,9 +612,13 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         torch.set_num_threads(cfg.trainer.threads)
     t0 = time.time()
     hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
-    if resume is None:   # a previous run's cells and type weights belong to a previous model
+    if resume is None:   # a previous run's cells, type weights and curves belong to a previous model
         hard_file.unlink(missing_ok=True)
         types_file.unlink(missing_ok=True)
+        # TensorBoard draws every file in tb/ as one run; rank 0 only: DDP's other ranks re-run this command once
+        # rank 0 has opened its own file
+        for events in (out / "tb").glob("events.out.tfevents.*") if rank_zero_only.rank == 0 else ():
+            events.unlink()
     for old in ("metrics.json", "test_scores.csv"):   # written at the end: a run stopped before it leaves none
         (out / old).unlink(missing_ok=True)
     data = dataclasses.replace(cfg.data, batch_size=batch, workers=workers)

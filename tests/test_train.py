@@ -341,6 +341,8 @@ def test_only_a_run_that_replaces_an_earlier_runs_checkpoints_is_warned(tmp_path
     assert len(replacing) == 1 and "best.ckpt and last.ckpt" in replacing[0]
     assert f"--resume {tmp_path / 'run' / 'last.ckpt'}" in replacing[0]
     assert not any("Checkpoint directory" in str(w.message) for w in again)   # the logs' own warning may stay
+    # TensorBoard reads every event file in tb/ as one run: the earlier run's curves drew over this one's
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
 
 
 def test_plain_folder_rgb_8bit_trains(tmp_path):
