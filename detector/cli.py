@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"detector: unknown verb {verb!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
-    args = build_parser(verb).parse_args(rest)
+    # intermixed: `train ... trainer.max_epochs=2 --out RUN data.batch_size=8` takes both overrides (parse_args
+    # takes a positional list once, and refused the second part as "unrecognized arguments")
+    args = build_parser(verb).parse_intermixed_args(rest)
     try:
         return int(importlib.import_module(VERBS[verb][0]).main(args) or 0)
     except KeyboardInterrupt:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -25,10 +27,26 @@ def _config_path(arg: str | None) -> str:
 
 
 def _step(title: str, argv: list[str]) -> None:
-    print(f"\n=== {title}: detector {' '.join(argv)}", flush=True)
+    print(f"\n=== {title}: detector {shlex.join(argv)}", flush=True)
     rc = cli.main(argv)
     if rc != 0:
         raise SystemExit(f"demo step failed ({title}, exit {rc})")
+
+
+def _forget_other_data(root: Path, asked: dict) -> None:
+    """Delete the scans an earlier demo into this folder made with another --count or --seed (or that no stamp
+    describes), so that they are made again: reused, a --count 24 demo trained on 12. A stamp, root/demo.json,
+    records what the scans now there were made with."""
+    stamp = root / "demo.json"
+    try:
+        made = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        made = None
+    if made != asked:
+        for part in ("train", "test"):
+            shutil.rmtree(root / part, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(asked))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
     run, model = out / "run", out / "model.onnx"
     results, overlays, report = out / "results.csv", out / "overlays", out / "report"
     seed = args.seed
+    _forget_other_data(out / "data", {"train": n_train, "test": n_test, "seed": seed})
     if not (data / "manifest.csv").exists():
         _step("1/6 synthesise training scans", ["synth", str(data), "--count", str(n_train),
                                                 "--seed", str(seed), "--anomaly-fraction", "0.5"])
@@ -51,8 +70,8 @@ def main(args: argparse.Namespace) -> int:
     _step("3/6 train", ["train", "--config", _config_path(args.config), "--data", str(data),
                         "--out", str(run)])
     _step("4/6 export", ["export", str(run / "best.ckpt"), "--out", str(model)])
-    if results.exists():
-        results.unlink()
+    results.unlink(missing_ok=True)              # an earlier demo's rows and overlays describe another model
+    shutil.rmtree(overlays, ignore_errors=True)
     _step("5/6 score", ["score", str(test / "images"), "--model", str(model), "--out", str(results),
                         "--overlays", str(overlays)])
     _step("6/6 eval", ["eval", str(results), "--truth", str(test), "--out", str(report)])
@@ -70,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"report:   {report / 'report.html'}")
     print(f"overlays: {overlays}/")
     print(f"model:    {model}")
-    print(f"next:     detector serve --model {model}   (station HTTP service)")
+    print(f"next:     detector serve --model {shlex.quote(str(model))}   (station HTTP service)")
     return 0
 
 

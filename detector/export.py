@@ -7,6 +7,7 @@ at the threshold the bundle ships.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import tempfile
 import time
@@ -335,5 +336,5 @@ def main(args) -> int:
     else:
         what = f"fp32, {info['channels']} channel(s), {size:.1f} MB, {parity}"
     print(f"exported {args.out} ({what}) in {s['seconds']:.0f} s")
-    print(f"next: detector score SCANS --model {args.out} --out results.csv")
+    print(f"next: detector score SCANS --model {shlex.quote(args.out)} --out results.csv")
     return 0

@@ -106,7 +106,7 @@ class Policy:
     def from_yaml(cls, path: str | Path) -> "Policy":
         """Read a policy file; raises PolicyError naming the file on any problem."""
         try:
-            d = yaml.load(Path(resolve_config(path)).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+            d = yaml.load(Path(resolve_config(path)).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except OSError as e:
             raise PolicyError(path, f"cannot read policy file ({e.strerror or e})") from None
         except yaml.YAMLError as e:
@@ -211,9 +211,10 @@ class Policy:
         return "; ".join(rows)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses a key given twice: PyYAML keeps the last one without a word, so a
-    second `whitelist:` further down would silently replace the rate an operator reviewed."""
+    second `whitelist:` further down would silently replace the rate an operator reviewed (a training config's
+    second `trainer:` section, all of the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()

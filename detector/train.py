@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import re
+import shlex
 import shutil
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
@@ -41,12 +44,14 @@ from detector.data import DataConfig, ScanDataModule, auto_workers, check_datase
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, ModelConfig, build_model, check_model_config, nhwc
+from detector.policy import UniqueKeyLoader
 from detector.preprocess import Preprocessing
 from detector.runtime import usable_cpus
 from detector.scan import ScanError
 from detector.shipped import resolve_config
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
 
 
 @dataclass
@@ -71,7 +76,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"         # e.g. 4 -> DDP over 4 GPUs (strategy auto)
     strategy: str = "auto"
-    precision: str = "auto"       # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true
+    precision: str | int = "auto"  # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true; or Lightning's
     patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs; 0 = off)
     val_every: int = 1            # validate (and checkpoint) every N epochs and after the last: it costs time
     log_every_n_steps: int = 10
@@ -101,6 +106,28 @@ class Config:
 
 
 # ---------------------------------------------------------------- config: YAML + dotted overrides
+_SHARE = (lambda v: 0 <= v <= 1, "a share in [0, 1]")
+_COUNT = (lambda v: v >= 1, "a whole number >= 1")
+# the range of each numeric setting that has one: checked when the config is read, where torch's own checks (a batch
+# of 0, a negative learning rate) fail after the scans are cached, and a share above 1 runs without a word
+LIMITS: dict[str, tuple[Any, str]] = {
+    **{f"data.{k}": _SHARE for k in ("anomaly_crop_fraction", "air_crop_fraction", "hard_negative_fraction",
+                                      "mine_share", "synth_share", "synth_anomaly_fraction", "synth_twin_fraction",
+                                      "hard_types", "val_fraction", "test_fraction")},
+    **{f"data.augment.{k}": _SHARE for k in ("hflip", "scale_p", "noise_p", "thickness_p", "stripes_p", "blur_p",
+                                              "tip_rate", "tip_conceal", "tip_from_labels")},
+    **{f"data.{k}": _COUNT for k in ("batch_size", "val_batch_size", "crops_per_epoch", "synth_pool")},
+    "data.synth_per_epoch": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "data.min_visibility": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "trainer.threads": (lambda v: v >= 0, "a number >= 0 (0 = torch's default)"),
+    "trainer.cpu_processes": _COUNT,
+    "trainer.log_every_n_steps": _COUNT,
+    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optim.warmup_fraction": _SHARE,
+    "optim.min_lr_ratio": _SHARE,
+}
+
 class ConfigError(ValueError):
     """A config file, override or setting that cannot be used; the message says which and why."""
 
@@ -161,11 +188,16 @@ def to_dict(cfg: Any) -> dict:
 
 def _read_yaml(path: str | Path) -> dict:
     try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        d = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8): a config is YAML, like configs/quick.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if d is None:   # a failed copy would train with the code's built-in settings, neither quick.yaml nor default.yaml
+        raise ConfigError(f"{path}: empty: a config sets its sections (model:, data:, trainer:, ...); start from "
+                          "configs/quick.yaml or configs/default.yaml")
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, ...), got a {type(d).__name__}")
     return d
@@ -190,17 +222,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not 1 <= t.val_every <= t.max_epochs:  # else no validation: no best checkpoint, no thresholds
         raise ConfigError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
                          f"got {t.val_every}")
+    if str(t.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision must be auto or one of Lightning's ({', '.join(PRECISIONS[1:])}), "
+                          f"got {t.precision!r}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not t.max_minutes >= 0:
+    if not 0 <= t.max_minutes < math.inf:
         raise ConfigError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
-    for key, ok, what in (("hard_types", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
-                          ("synth_anomaly_fraction", lambda v: 0 <= v <= 1, "a share in [0, 1]"),
-                          ("min_visibility", lambda v: v >= 0, "a number >= 0 (0 = off)"),
-                          ("augment.tip_from_labels", lambda v: 0 <= v <= 1, "a share in [0, 1]")):
-        v = functools.reduce(getattr, key.split("."), cfg.data)
+    for key, (ok, what) in LIMITS.items():
+        v = functools.reduce(getattr, key.split("."), cfg)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ConfigError(f"data.{key} must be {what}, got {v!r}")
+            raise ConfigError(f"{key} must be {what}, got {v!r}")
     m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
     if m < 1:
         raise ConfigError(f"preprocessing.pad_multiple must be >= 1, got {m}")
@@ -382,7 +414,10 @@ class AnomalyModule(L.LightningModule):
         checkpoint["detector_top_select"] = self._top_select
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.info.update(checkpoint.get("detector_info", {}))
+        # the last validation carries on; what describes the run (its config, data, scans) is this run's, which a resume
+        # may have changed
+        saved = checkpoint.get("detector_info", {})
+        self.info.update({k: saved[k] for k in ("thresholds", "normal_scores", "validation") if k in saved})
         self._top_select = checkpoint.get("detector_top_select", self._top_select)
 
     def configure_optimizers(self) -> dict:
@@ -480,6 +515,25 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and torch.backends.mkldnn.is_available()
 
 
+def check_hardware(t: TrainerConfig) -> None:
+    """ConfigError, before the scans are cached, for an accelerator or devices this machine cannot give: Lightning
+    says so only once the trainer is built, as a traceback. On a CPU trainer.devices > 1 would run that many DDP
+    processes with the whole batch and all the cores each: trainer.cpu_processes shares both out."""
+    if t.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator must be auto, cpu or gpu (cuda), got {t.accelerator!r}")
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={t.accelerator}: torch sees no CUDA GPU on this machine (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); train with "
+                          "trainer.accelerator=auto or cpu")
+    if uses_cuda(t.accelerator) or t.devices in ("auto", 1, "1"):
+        return
+    if isinstance(t.devices, int) and not isinstance(t.devices, bool) and t.devices > 1:
+        raise ConfigError(f"trainer.devices={t.devices} on the CPU would run {t.devices} processes with the whole batch "
+                          f"and all the cores each: use trainer.cpu_processes={t.devices} (it shares both out)")
+    raise ConfigError(f"trainer.devices={t.devices!r} asks for GPUs, but this run is on the CPU (torch sees no CUDA "
+                      "GPU, or trainer.accelerator=cpu): leave it auto")
+
+
 def resolve_cpu_processes(cfg: Config) -> int:
     """Split a CPU run over `trainer.cpu_processes` DDP processes (Lightning's own strategy): each gets
     its share of the cores and of the batch, so optimiser steps and schedule stay those of one process.
@@ -534,26 +588,40 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
-    if resume is not None:                # a wrong --resume fails now, not after caching the data
-        check_resumable(read_checkpoint(resume), cfg, resume)
+    resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
+    changed = check_resumable(resumed, cfg, resume) if resumed is not None else []
+    check_hardware(cfg.trainer)
     check_dataset(data_dir)               # a wrong --data too, before the run folder is made
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
+    workers = resolve_workers(cfg)
     out = Path(out_dir or f"runs/{cfg.name}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for the run (checkpoints, config.yaml, metrics.json)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:   # and one it can write in: else the first checkpoint fails, after the caching and an epoch
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make the run folder or write in it ({e.strerror or e})") from None
     if resume is None:
         _warn_if_replacing(out)
+    elif changed:
+        _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.trainer.threads)
     t0 = time.time()
     hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
-    if resume is None:   # a previous run's cells and type weights belong to a previous model
+    if resume is None:   # a previous run's cells, type weights and curves belong to a previous model
         hard_file.unlink(missing_ok=True)
         types_file.unlink(missing_ok=True)
-    data = dataclasses.replace(cfg.data, batch_size=batch, workers=resolve_workers(cfg))
+        # TensorBoard draws every file in tb/ as one run; rank 0 only: DDP's other ranks re-run this command once
+        # rank 0 has opened its own file
+        for events in (out / "tb").glob("events.out.tfevents.*") if rank_zero_only.rank == 0 else ():
+            events.unlink()
+    for old in ("metrics.json", "test_scores.csv"):   # written at the end: a run stopped before it leaves none
+        (out / old).unlink(missing_ok=True)
+    data = dataclasses.replace(cfg.data, batch_size=batch, workers=workers)
     dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
                         types_file)
     try:
@@ -574,6 +642,11 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
             "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records),
             "scan_height_mm": scan_heights_mm(dm.metas["train"], cfg.preprocessing.model_pitch_mm)}
+    was = ((resumed or {}).get("detector_info") or {}).get("data_fingerprint")
+    if was and was != info["data_fingerprint"]:
+        _rank_zero_warn(f"resuming {resume} on other data than the checkpoint's ({info['data_fingerprint']}, was {was}): "
+                        "the scans, their labels or their splits differ")
+    resumed = None   # the weights are read again by Lightning
     module = AnomalyModule(saved, info)
 
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
@@ -588,8 +661,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(cfg.trainer.val_every), timer]
     if cfg.trainer.max_minutes > 0:
         callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
+    early = EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience)
     if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
-        callbacks.append(EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience))
+        callbacks.append(early)
     if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
         callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
     if cfg.trainer.ema_decay > 0:  # validation, best/last.ckpt's state_dict and the test use the average
@@ -608,7 +682,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                             check_val_every_n_epoch=cfg.trainer.val_every,
                             enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
         kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}"):
+            trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if kept_log is not None:
         _merge_logs(kept_log, out / "logs" / "metrics.csv")
         kept_log.unlink()
@@ -623,13 +698,15 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                                strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
                                enable_progress_bar=not quiet, enable_model_summary=False)
-            tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+            with stopped_by_signal(tester, out, "while testing best.ckpt (the training had finished)"):
+                tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
     if not trainer.is_global_zero:
         return {}
     _, best_info = load_checkpoint(best)
     result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
               "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
               "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
+              "stopped": stopped_by(cfg.trainer, trainer.current_epoch, early.stopped_epoch > 0),
               "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
               "data_fingerprint": info["data_fingerprint"],
               "skipped_scans": dm.write_skipped(out / "skipped_scans.csv")}
@@ -638,6 +715,51 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def stopped_by(t: TrainerConfig, epochs: int, early: bool) -> str | None:
+    """What ended a run before trainer.max_epochs (None: it ran them all), for metrics.json and the summary line."""
+    if early:
+        return f"early stopping, trainer.patience {t.patience}"
+    if epochs < t.max_epochs and t.max_minutes > 0:
+        return f"time budget {t.max_minutes:g} min"
+    return None
+
+
+class TrainingInterrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM; the message says what its folder holds and how to continue it."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stopped_by_signal(trainer: L.Trainer, out: Path, where: str):
+    """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C or SIGTERM ends a fit or test: Lightning
+    exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word; a SIGTERM sent to the
+    whole process group (systemd, a batch scheduler) kills the loader workers first, a RuntimeError. `where` may
+    name {epoch} (the one stopped, from 1) and {epochs} (the config's count)."""
+    try:
+        yield
+    except BaseException as e:
+        if trainer.received_sigterm:
+            how, code = "SIGTERM", 143
+        elif isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted):
+            how, code = "Ctrl-C", 130
+        else:
+            raise
+        if not trainer.is_global_zero:
+            raise SystemExit(code) from None
+        last = out / "last.ckpt"
+        try:
+            done = int(read_checkpoint(last).get("epoch", -1)) + 1
+        except CheckpointError:
+            done = 0
+        said = where.format(epoch=trainer.current_epoch + 1, epochs=trainer.max_epochs)
+        left = (f"{last} holds the {done} epoch(s) before it: continue with the same command and --resume {shlex.quote(str(last))}"
+                if done else "no epoch finished, nothing to resume: run it again")
+        raise TrainingInterrupted(f"stopped by {how} {said}; {left}", code) from None
 
 
 class _NoAdverts(logging.Filter):
@@ -669,13 +791,18 @@ def lightning_noise_off(*also: str):
         log.removeFilter(advert)
 
 
+def _rank_zero_warn(message: str) -> None:
+    """A warning from rank 0 only: DDP re-runs the command once per extra process."""
+    from lightning.pytorch.utilities import rank_zero_warn
+    rank_zero_warn(message)
+
+
 def _warn_if_replacing(out: Path) -> None:
     """A new run into a folder that holds an earlier run's checkpoints replaces them: say so, and how to continue
     that run instead (rank 0 only: DDP re-runs the command once per extra process)."""
-    from lightning.pytorch.utilities import rank_zero_warn
     old = [f for f in ("best.ckpt", "last.ckpt") if (out / f).exists()]
     if old:
-        rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
+        _rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
                        f"(--resume {out / 'last.ckpt'} continues that run instead)")
 
 
@@ -734,18 +861,43 @@ class CheckpointError(ValueError):
     """A file that is not a detector training checkpoint (missing, truncated, or another kind of file)."""
 
 
-def check_resumable(ck: dict, cfg: Config, path: str | Path) -> None:
-    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes: the
-    weights would not load, or (preprocessing) the last epochs and the exported bundle would disagree."""
+# what a resume may change without a word: the run's length (what a resume is for), where and how it runs, and what
+# the data sets again
+RESUME_FREE = {"trainer.max_epochs", "trainer.max_minutes", "trainer.accelerator", "trainer.devices", "trainer.strategy",
+               "trainer.precision", "trainer.threads", "trainer.cpu_processes", "trainer.log_every_n_steps",
+               "trainer.test", "data.workers", "data.cache_dir", "data.channels", "data.normal_only", "model.in_channels"}
+# what the checkpoint's optimiser state keeps whatever the config says
+RESUME_KEPT = {"optim.lr", "optim.weight_decay"}
+
+
+def _config_changes(was: dict, now: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (now, was)} of the settings that differ; a setting newer than the checkpoint is left out (a new
+    setting's default is the old behaviour)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k, v in was.items():
+        if k not in now:
+            continue
+        if isinstance(v, dict) and isinstance(now[k], dict):
+            out.update(_config_changes(v, now[k], f"{prefix}{k}."))
+        elif now[k] != v:
+            out[f"{prefix}{k}"] = (now[k], v)
+    return out
+
+
+def check_resumable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
+    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes (the weights
+    would not load, or the last epochs and the exported bundle would disagree), or for another learning rate or weight
+    decay (the optimiser state it restores keeps the old ones); the other settings it changes, `key=new (was old)`,
+    for a warning."""
     was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
-    now = json.loads(json.dumps(to_dict(cfg), default=list))
-    # settings newer than the checkpoint are left out: a new setting's default is the old behaviour
-    changed = [f"{sec}.{k}={now[sec][k]!r} (was {v!r})" for sec in ("model", "preprocessing")
-               for k, v in sorted(was.get(sec, {}).items())
-               if k != "in_channels" and k in now[sec] and now[sec][k] != v]
-    if changed:
-        raise ConfigError(f"--resume {path}: a resumed run keeps its network and preprocessing, but this one asks "
-                          f"{', '.join(changed)}; train into a new --out to change them")
+    changes = _config_changes(was, json.loads(json.dumps(to_dict(cfg), default=list)))
+    said = {k: f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(changes.items())}
+    kept = [said[k] for k in said if k in RESUME_KEPT or k.split(".")[0] in ("model", "preprocessing")
+            and k not in RESUME_FREE]
+    if kept:
+        raise ConfigError(f"--resume {path}: a resumed run keeps its network, preprocessing, learning rate and weight "
+                          f"decay, but this one asks {', '.join(kept)}; train into a new --out to change them")
+    return [text for k, text in said.items() if k not in RESUME_FREE]
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -790,11 +942,14 @@ def main(args) -> int:
     except (ConfigError, ScanError, CheckpointError) as e:   # the user's config, data or --resume: one line
         print(f"detector train: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"detector train: {e}", file=sys.stderr)
+        return e.exit_code
     if not res:
         return 0
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    cut = f" of {res['max_epochs']}: time budget {res['max_minutes']:g} min" if res["epochs"] < res["max_epochs"] else ""
+    cut = f" of {res['max_epochs']}: {res['stopped']}" if res.get("stopped") else ""
     print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
           f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
     run = Path(res["best_checkpoint"]).parent
@@ -803,5 +958,5 @@ def main(args) -> int:
     if res.get("skipped_scans"):
         print(f"left out {res['skipped_scans']} unreadable scan(s): {run / 'skipped_scans.csv'} says which and why",
               file=sys.stderr)
-    print(f"next: detector export {run}/best.ckpt --out {run}/model.onnx", file=sys.stdout)
+    print(f"next: detector export {shlex.quote(str(run / 'best.ckpt'))} --out {shlex.quote(str(run / 'model.onnx'))}")
     return 0

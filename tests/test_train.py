@@ -138,9 +138,32 @@ def test_resuming_with_another_network_or_preprocessing_is_refused():
     from detector.train import ConfigError, check_resumable, load_config, to_dict
     ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
     check_resumable(ck, load_config(None, [*TINY, "trainer.max_epochs=9"]), "last.ckpt")   # more epochs: fine
-    for change in ("preprocessing.scale=2.0", "model.decoder_channels=32"):
+    # optim.lr and weight_decay: the checkpoint's optimiser state would keep the old ones while config.yaml said new
+    for change in ("preprocessing.scale=2.0", "model.decoder_channels=32", "optim.lr=0.001", "optim.weight_decay=0.01"):
         with pytest.raises(ConfigError, match=change.replace(".", r"\.")):
             check_resumable(ck, load_config(None, [*TINY, change]), "last.ckpt")
+
+
+def test_a_resume_with_other_settings_or_data_says_so_and_its_checkpoints_record_them(tmp_path):
+    """A resume that changed a setting (or the data) went on without a word, and its checkpoints kept the first run's
+    train_config and data fingerprint (the module restored them from last.ckpt): the exported bundle described a
+    run that never was. Now the changes are warned, and the checkpoints carry what this run trained with."""
+    from detector.train import load_checkpoint, run_training
+    data, other = write_dataset(tmp_path / "d"), write_dataset(tmp_path / "other", n=14)
+    ov = [*TINY, "trainer.max_epochs=1", "trainer.patience=0", "trainer.test=false"]
+    first = run_training(None, data, tmp_path / "run", ov, quiet=True)
+    more = [*ov, "trainer.max_epochs=2", "data.crops_per_epoch=16", "loss.dice_weight=1.0"]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = run_training(None, other, tmp_path / "run", more, resume=str(tmp_path / "run" / "last.ckpt"), quiet=True)
+    text = " ".join(str(w.message) for w in said)
+    assert "data.crops_per_epoch=16 (was 32)" in text and "loss.dice_weight=1.0 (was 0.5)" in text, text
+    assert "max_epochs" not in text                                     # more epochs: what a resume is for
+    assert f"other data than the checkpoint's ({res['data_fingerprint']}, was {first['data_fingerprint']})" in text
+    for name in ("best.ckpt", "last.ckpt"):
+        _, info = load_checkpoint(tmp_path / "run" / name)
+        assert info["train_config"]["data"]["crops_per_epoch"] == 16 and info["train_config"]["loss"]["dice_weight"] == 1.0
+        assert info["data_fingerprint"] == res["data_fingerprint"] != first["data_fingerprint"]
 
 
 def test_calibration_hits_target_and_works_without_anomalies():
@@ -318,6 +341,8 @@ def test_only_a_run_that_replaces_an_earlier_runs_checkpoints_is_warned(tmp_path
     assert len(replacing) == 1 and "best.ckpt and last.ckpt" in replacing[0]
     assert f"--resume {tmp_path / 'run' / 'last.ckpt'}" in replacing[0]
     assert not any("Checkpoint directory" in str(w.message) for w in again)   # the logs' own warning may stay
+    # TensorBoard reads every event file in tb/ as one run: the earlier run's curves drew over this one's
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
 
 
 def test_plain_folder_rgb_8bit_trains(tmp_path):
@@ -611,3 +636,158 @@ def test_train_verb_warns_when_validation_is_too_small_for_its_rates(tmp_path, m
     res["thresholds"] = threshold_table(np.linspace(0.1, 0.9, 1000))
     assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
     assert "cannot resolve" not in capsys.readouterr().err
+
+
+def test_train_verb_prints_an_export_command_that_survives_a_copy_paste(tmp_path, monkeypatch, capsys):
+    """A run folder whose path holds a space ("runs/site 1"): the printed `next:` command, pasted into a shell, must
+    name that folder's best.ckpt, not `runs/site` and a stray argument `1/best.ckpt`."""
+    import shlex
+    from types import SimpleNamespace
+
+    from detector import train as train_mod
+
+    run = tmp_path / "site 1"
+    res = {"validation": {"auroc": 0.9}, "thresholds": threshold_table(np.linspace(0.1, 0.9, 1000)), "max_epochs": 2,
+           "epochs": 2, "max_minutes": 0, "name": "run", "train_time_s": 1.0, "best_checkpoint": str(run / "best.ckpt")}
+    monkeypatch.setattr(train_mod, "run_training", lambda *a, **k: res)
+    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("next: ")
+    assert shlex.split(line[len("next: "):]) == ["detector", "export", str(run / "best.ckpt"), "--out",
+                                                 str(run / "model.onnx")]
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_a_run_stopped_by_ctrl_c_or_sigterm_says_so_and_how_to_resume(tmp_path, monkeypatch, capsys, how):
+    """Lightning ended a fit stopped by Ctrl-C with exit 1 and by SIGTERM (`kill`, a scheduler) with exit 0, saying
+    nothing of the run: a supervisor took the SIGTERM for success, and an earlier run's metrics.json stayed beside
+    the new checkpoints. Now: 130 / 143, what last.ckpt holds, the --resume that continues it, no stale metrics."""
+    import signal
+
+    from detector import train as train_mod
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"name": "an earlier run"}')
+    step = train_mod.AnomalyModule.training_step
+
+    def stop_in_the_second_epoch(self, batch, i):
+        if self.current_epoch == 1:
+            if how == "Ctrl-C":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)   # Lightning's handler, installed for the fit, takes it
+        return step(self, batch, i)
+
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", stop_in_the_second_epoch)
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=3",
+            "trainer.max_minutes=0", "trainer.patience=0", "trainer.test=false"]
+    assert main(argv) == {"Ctrl-C": 130, "SIGTERM": 143}[how]
+    out, err = capsys.readouterr()
+    assert "trained" not in out and not (run / "metrics.json").exists()
+    said = err.strip().splitlines()[-1]
+    assert said.startswith(f"detector train: stopped by {how} in epoch 2 of 3; {run / 'last.ckpt'} holds the 1 "
+                           "epoch(s) before it"), said
+    assert f"--resume {run / 'last.ckpt'}" in said
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_train_verb_takes_overrides_before_and_after_its_options(tmp_path, capsys):
+    """`detector train --config C trainer.max_epochs=2 --out RUN data.batch_size=8`: argparse took the overrides
+    before --out and refused the rest ("unrecognized arguments"), so an override added at the end of a command
+    line, or a --resume appended to one, failed."""
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n=6)
+    argv = ["train", "--config", str(QUICK), "trainer.max_epochs=2", "--data", str(data), "--out", str(tmp_path / "r"),
+            "trainr.max_epochs=1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("detector train: unknown config key(s) trainr (did you mean trainer?)\n")
+
+
+def refused_in_one_line(cases: list, data: Path, run: Path, capsys) -> None:
+    """Each (args, message): `detector train` with quick.yaml and those args exits 2 with one line that holds the
+    message, and leaves no run folder."""
+    from detector.cli import main
+    for args, message in cases:
+        argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("detector train: ") and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not run.exists()
+
+
+def test_trainer_settings_this_machine_cannot_run_are_refused_before_the_data_is_cached(tmp_path, monkeypatch, capsys):
+    """accelerator=gpu on a machine without one, an unknown accelerator or precision, a GPU list on a CPU: Lightning's
+    traceback, after the scans were cached (minutes on a real dataset). trainer.devices=3 on a CPU ran 3 DDP
+    processes with the whole batch and all the cores each. Lightning's own precision 32 was refused as "must be str"."""
+    import torch
+
+    from detector.train import load_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_dataset(tmp_path / "d", n=6)
+    cases = [(["trainer.accelerator=gpu"], "trainer.accelerator=gpu: torch sees no CUDA GPU on this machine"),
+             (["--accelerator", "cuda"], "trainer.accelerator=cuda: torch sees no CUDA GPU on this machine"),
+             (["trainer.accelerator=tpu"], "trainer.accelerator must be auto, cpu or gpu (cuda), got 'tpu'"),
+             (["trainer.precision=fp16"], "trainer.precision must be auto or one of Lightning's"),
+             (["trainer.devices=[0,1]"], "trainer.devices=[0, 1] asks for GPUs, but this run is on the CPU"),
+             (["trainer.devices=3"], "use trainer.cpu_processes=3")]
+    refused_in_one_line(cases, data, tmp_path / "run", capsys)
+    assert load_config(None, ["trainer.precision=32"]).trainer.precision == 32     # Lightning's spellings pass
+    assert load_config(None, ["trainer.precision=bf16-mixed", "trainer.devices=1"]).trainer.precision == "bf16-mixed"
+
+
+def test_settings_out_of_their_range_are_refused_at_config_load():
+    """A batch of 0, a negative learning rate or thread count: tracebacks from torch after the scans were cached;
+    a share above 1 (data.mine_share=2), a negative fresh-truck count, an infinite time budget (an OverflowError
+    after the first epoch): silently run. Each now names its key and range when the config is read."""
+    from detector.train import ConfigError, load_config
+    for bad, why in (("data.batch_size=0", "a whole number >= 1"), ("data.val_batch_size=0", "a whole number >= 1"),
+                     ("data.crops_per_epoch=-5", "a whole number >= 1"), ("trainer.threads=-1", "a number >= 0"),
+                     ("trainer.cpu_processes=0", "a whole number >= 1"), ("trainer.log_every_n_steps=0", ">= 1"),
+                     ("optim.lr=-1", "a number > 0"), ("optim.lr=0", "a number > 0"), ("optim.weight_decay=-1", ">= 0"),
+                     ("optim.warmup_fraction=1.5", "a share in [0, 1]"), ("data.mine_share=2", "a share in [0, 1]"),
+                     ("data.anomaly_crop_fraction=1.5", "a share"), ("data.val_fraction=-0.1", "a share"),
+                     ("data.synth_per_epoch=-1", "a number >= 0"), ("data.augment.hflip=2", "a share"),
+                     ("trainer.max_minutes=.inf", ">= 0")):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.") + " must be .*" + why.replace(
+                "[", r"\[").replace("]", r"\]")):
+            load_config(QUICK, [bad])
+    cfg = load_config(QUICK, ["data.batch_size=1", "trainer.threads=0", "data.mine_share=0", "data.mine_share=1",
+                              "optim.weight_decay=0", "data.synth_per_epoch=0"])
+    assert (cfg.data.batch_size, cfg.data.mine_share) == (1, 1)
+
+
+def test_config_files_and_run_folders_that_cannot_be_used_are_named_in_one_line(tmp_path, capsys):
+    """A binary or UTF-16 file as --config: a UnicodeDecodeError traceback. An empty one (a failed copy) trained
+    with the code's built-in settings, neither quick.yaml nor default.yaml. A section given twice kept the last
+    one without a word. An --out below a file: a NotADirectoryError traceback. A bad data.workers stopped the run
+    only after making its folder."""
+    data = write_dataset(tmp_path / "d", n=6)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00b\x00i\x00n")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "twice.yaml").write_text("trainer:\n  max_epochs: 1\ndata:\n  crop: 64\ntrainer:\n  max_minutes: 1\n")
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--config", str(tmp_path / "bin.yaml")], "bin.yaml: not a text file (UTF-8)"),
+             (["--config", str(tmp_path / "empty.yaml")], "empty.yaml: empty: a config sets its sections"),
+             (["--config", str(tmp_path / "twice.yaml")], "twice.yaml: not valid YAML (duplicate key 'trainer' (line 5))"),
+             (["--out", str(tmp_path / "afile" / "run")], f"--out {tmp_path / 'afile' / 'run'}: cannot make the run folder"),
+             (["data.workers=-1"], "data.workers must be a number >= 0 or auto")]
+    refused_in_one_line(cases, data, tmp_path / "run", capsys)
+
+
+def test_the_summary_says_what_cut_the_run_short(tmp_path, monkeypatch, capsys):
+    """Early stopping (trainer.patience) after 2 of 4 epochs was summarised as "2 epochs of 4: time budget 0 min",
+    a budget the run did not have; metrics.json did not say what stopped it either."""
+    from detector import train as train_mod
+    from detector.cli import main
+    real = train_mod.evaluate_rows
+    monkeypatch.setattr(train_mod, "evaluate_rows", lambda rows: {**real(rows), "auroc": 0.5, "progress": 0.5})
+    data = write_dataset(tmp_path / "d")
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(tmp_path / "run"), *TINY,
+            "trainer.max_epochs=4", "trainer.max_minutes=0", "trainer.patience=1", "trainer.test=false"]
+    assert main(argv) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trained "))
+    assert "(2 epochs of 4: early stopping, trainer.patience 1)" in line and "time budget" not in line, line
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] == "early stopping, trainer.patience 1"

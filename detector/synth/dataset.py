@@ -6,6 +6,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -179,8 +180,8 @@ def main(args) -> int:
               f"(e.g. {stale[0]}, from an earlier synth): training reads the manifest, but scoring the folder would "
               "score them too; delete them or synthesise into a new folder", file=sys.stderr)
     if getattr(args, "split", None) == "test":   # held-out scans are scored and evaluated, never trained on
-        print(f"next: detector score {Path(args.out) / 'images'} --model MODEL.onnx --out results.csv, then "
-              f"detector eval results.csv --truth {args.out} --out report/")
+        print(f"next: detector score {shlex.quote(str(Path(args.out) / 'images'))} --model MODEL.onnx --out results.csv, "
+              f"then detector eval results.csv --truth {shlex.quote(args.out)} --out report/")
     else:
-        print(f"next: detector train --data {args.out} --out runs/synth")
+        print(f"next: detector train --data {shlex.quote(args.out)} --out runs/synth")
     return 0
