@@ -327,6 +327,8 @@ def _pct(v) -> str:
 def detection_phrase(overall: dict) -> str:
     """'detection 40.0% at 1% false alarms' from a metric block, or the rate it was measured at when 1 % is out of
     reach (normal scans saturated at 1.0 read 'detection 100.0% at 1%' for a model inspecting every truck)."""
+    if not overall.get("detection_at_far"):
+        return "detection n/a"
     first = overall["detection_at_far"][0]
     far = f"{first['false_alarm_rate']:.0%}"
     if first["achieved_rate"] is not None and first["achieved_rate"] > first["false_alarm_rate"]:
