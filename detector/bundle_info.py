@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
 def next_step(path: Path, meta: dict) -> str:
     """What to run next: calibrate on the site's traffic where the thresholds cannot pin their rates, else serve."""
     loose = not meta.get("site_calibration") and any(not r.get("resolvable", True) for r in meta["thresholds"])
+    path = shlex.quote(str(path))   # pasted into a shell: a folder with a space is one argument
     if loose:
         return (f"next: detector score cleared/ --model {path} --out cleared.csv && detector calibrate cleared.csv "
                 f"--model {path} --out site.onnx   (thresholds for the site's own traffic)")

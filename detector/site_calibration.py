@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -227,5 +228,6 @@ def main(args) -> int:
     print(f"calibrated on {n} cleared scans: {_pct(default['rate'])} false alarms at threshold "
           f"{default['threshold']:.4f}" + (f" (was {default['old_threshold']:.4f})" if "old_threshold" in default else "")
           + f" -> {out}")
+    out = shlex.quote(str(out))   # pasted into a shell: a folder with a space is one argument
     print(f"next: detector serve --model {out}   (or: detector score SCANS --model {out} --out results.csv)")
     return 0

@@ -35,6 +35,9 @@ def test_info_names_the_file_its_thresholds_and_what_they_rest_on(tmp_path, caps
     assert cli(["info", str(resolved)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert not any("too few" in ln for ln in out) and out[-1] == f"next: detector serve --model {resolved}"
+    spaced = make_heuristic_bundle(tmp_path / "site 1" / "m.onnx", normal_scores=np.linspace(0.01, 0.4, 2000))
+    assert cli(["info", str(spaced)]) == 0   # the next command pastes into a shell as one argument
+    assert capsys.readouterr().out.splitlines()[-1] == f"next: detector serve --model '{spaced}'"
 
 
 def test_info_after_calibrate_shows_the_site_and_json_is_the_metadata(tmp_path, capsys):
