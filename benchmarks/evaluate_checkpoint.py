@@ -26,8 +26,9 @@ import torch
 
 from detector.data import ScanDataModule
 from detector.scan import ScanError
-from detector.train import (AnomalyModule, CheckpointError, ConfigError, lightning_noise_off, load_config,
-                            read_checkpoint, write_test_scores)
+from detector.checkpoint import CheckpointError, read_checkpoint
+from detector.config import ConfigError, load_config
+from detector.train import AnomalyModule, lightning_noise_off, write_test_scores
 
 
 def main() -> None:

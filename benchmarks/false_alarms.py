@@ -18,7 +18,7 @@ import torch
 from detector.model import nhwc
 from detector.preprocess import Preprocessing, prepare, valid_cells
 from detector.scan import ScanError, read_scan
-from detector.train import CheckpointError, load_checkpoint
+from detector.checkpoint import CheckpointError, load_checkpoint
 
 EDGE_ROWS = 2  # cell rows above the bottom edge counted as "on the edge"
 

@@ -24,7 +24,7 @@ from detector import metrics
 from detector.evaluate import load_truth
 from detector.preprocess import Preprocessing
 from detector.scan import ScanError, read_scan
-from detector.train import CheckpointError, load_checkpoint
+from detector.checkpoint import CheckpointError, load_checkpoint
 from false_alarms import cell_logits, scored_rows  # benchmarks/ is on sys.path when this script runs
 
 TOPK = (1, 2, 4, 8, 16)

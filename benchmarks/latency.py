@@ -74,7 +74,7 @@ def role_export(work: Path, checkpoint: str | None, config: str, calib: Path) ->
     from detector.preprocess import Preprocessing, model_size, padded_size
 
     if checkpoint:
-        from detector.train import CheckpointError, load_checkpoint
+        from detector.checkpoint import CheckpointError, load_checkpoint
         try:
             model, info = load_checkpoint(checkpoint)
         except CheckpointError as e:   # a missing or wrong --checkpoint: one line for _sub to pass on

@@ -27,7 +27,9 @@ from detector.scan import ScanError
 from detector.synth.dataset import generator_version, write_dataset
 from detector.synth.scene import GENERATOR_VERSION
 from detector.synth.visibility import BANDS, band_of, generator_visibility
-from detector.train import CheckpointError, ConfigError, load_config, run_training
+from detector.checkpoint import CheckpointError
+from detector.config import ConfigError, load_config
+from detector.train import run_training
 
 
 def make_data(root: Path, n: dict[str, int], seed: int, fraction: float) -> Path:

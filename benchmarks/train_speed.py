@@ -23,7 +23,8 @@ import torch
 from detector.model import build_model, count_flops, nhwc
 from detector.preprocess import model_size, padded_size
 from detector.scan import ScanError
-from detector.train import ConfigError, cpu_flags, cpu_has_native_bf16, load_config, resolve_precision
+from detector.config import ConfigError, load_config
+from detector.train import cpu_flags, cpu_has_native_bf16, resolve_precision
 
 
 def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, steps: int, device: str,

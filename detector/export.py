@@ -309,7 +309,7 @@ def export_bundle(model: Any, info: dict, out: str | Path, *, opset: int = 20, i
 
 def main(args) -> int:
     """detector export CKPT --out model.onnx [--int8 --calibration DIR]"""
-    from detector.train import CheckpointError, load_checkpoint
+    from detector.checkpoint import CheckpointError, load_checkpoint
 
     if Path(args.out).is_dir():   # checked first: the export ran, then failed to write
         print(f"detector export: --out {args.out} is a folder: give the bundle file, e.g. "

@@ -1,18 +1,16 @@
-"""Training: config tree, LightningModule (pixel + MIL losses), calibration on validation, checkpoints.
+"""Training: the LightningModule (pixel + MIL losses), calibration on validation, the fit and the `train` verb.
 
 `detector train --config configs/quick.yaml --data DIR --out RUN key=value ...` writes RUN/best.ckpt,
 RUN/last.ckpt, RUN/config.yaml, RUN/metrics.json (+ RUN/test_scores.csv with a test split) and
 CSV/TensorBoard logs. Every validation calibrates thresholds on the normal validation scores
 (detector.calibration), so each checkpoint carries what the ONNX bundle needs; `load_checkpoint`
-returns it.
+returns it (detector.checkpoint); the config is detector.config's.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
-import difflib
-import functools
 import inspect
 import json
 import logging
@@ -23,10 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-import types
-import typing
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,212 +35,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table, unresolved_warning
-from detector.data import DataConfig, ScanDataModule, auto_workers, check_dataset, fingerprint
+from detector.checkpoint import CheckpointError, check_resumable, load_checkpoint, read_checkpoint
+from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
+from detector.data import ScanDataModule, auto_workers, check_dataset, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
-from detector.model import AnomalyNet, ModelConfig, build_model, check_model_config, nhwc
-from detector.policy import UniqueKeyLoader
-from detector.preprocess import Preprocessing
+from detector.model import AnomalyNet, build_model, nhwc
 from detector.runtime import usable_cpus
 from detector.scan import ScanError
-from detector.shipped import resolve_config
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
-
-
-@dataclass
-class LossConfig:
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.75     # weight of positive cells (anomalies are rare)
-    dice_weight: float = 0.5
-    mil_weight: float = 0.5       # image-level BCE on the top-k score (the only loss for label-only scans)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.05
-    min_lr_ratio: float = 0.02
-
-
-@dataclass
-class TrainerConfig:
-    max_epochs: int = 20
-    accelerator: str = "auto"
-    devices: Any = "auto"         # e.g. 4 -> DDP over 4 GPUs (strategy auto)
-    strategy: str = "auto"
-    precision: str | int = "auto"  # auto: bf16-mixed on a GPU or CPU with native bf16, else 32-true; or Lightning's
-    patience: int = 8             # early stopping on validation AUROC (validation runs, not epochs; 0 = off)
-    val_every: int = 1            # validate (and checkpoint) every N epochs and after the last: it costs time
-    log_every_n_steps: int = 10
-    threads: int = 0              # torch intra-op threads on CPU (0 = torch default; per process with cpu_processes)
-    cpu_processes: int = 1        # on a CPU: DDP over this many processes, each with its share of the cores and
-                                  # of data.batch_size (same optimiser steps); ignored on a GPU
-    ema_decay: float = 0.0        # > 0 (e.g. 0.999): validate, checkpoint and export an EMA of the weights (0 = off;
-                                  # no gain measured with a 28-epoch cosine schedule: docs/experiments.md)
-    test: bool = True             # evaluate the best checkpoint on the test split after fitting
-    select_se: float = 2.0        # best.ckpt: the latest validated epoch whose detection at 1 % is within this many
-                                  # standard errors of the best so far (within_noise; 0 = strictly the best). 1 still
-                                  # passed over a last epoch that tested AUROC 0.921 vs 0.874 (docs/experiments.md)
-    max_minutes: float = 0.0      # > 0: fit training (data caching included, test excluded) into this wall time:
-                                  # fewer epochs on a slower machine, the cosine schedule shortened to match
-
-
-@dataclass
-class Config:
-    name: str = "default"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-
-# ---------------------------------------------------------------- config: YAML + dotted overrides
-_SHARE = (lambda v: 0 <= v <= 1, "a share in [0, 1]")
-_COUNT = (lambda v: v >= 1, "a whole number >= 1")
-# the range of each numeric setting that has one: checked when the config is read, where torch's own checks (a batch
-# of 0, a negative learning rate) fail after the scans are cached, and a share above 1 runs without a word
-LIMITS: dict[str, tuple[Any, str]] = {
-    **{f"data.{k}": _SHARE for k in ("anomaly_crop_fraction", "air_crop_fraction", "hard_negative_fraction",
-                                      "mine_share", "synth_share", "synth_anomaly_fraction", "synth_twin_fraction",
-                                      "hard_types", "val_fraction", "test_fraction")},
-    **{f"data.augment.{k}": _SHARE for k in ("hflip", "scale_p", "noise_p", "thickness_p", "stripes_p", "blur_p",
-                                              "tip_rate", "tip_conceal", "tip_from_labels")},
-    **{f"data.{k}": _COUNT for k in ("batch_size", "val_batch_size", "crops_per_epoch", "synth_pool")},
-    "data.synth_per_epoch": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "data.min_visibility": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "trainer.threads": (lambda v: v >= 0, "a number >= 0 (0 = torch's default)"),
-    "trainer.cpu_processes": _COUNT,
-    "trainer.log_every_n_steps": _COUNT,
-    "optim.lr": (lambda v: v > 0, "a number > 0"),
-    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optim.warmup_fraction": _SHARE,
-    "optim.min_lr_ratio": _SHARE,
-}
-
-class ConfigError(ValueError):
-    """A config file, override or setting that cannot be used; the message says which and why."""
-
-
-def _fits(v: Any, t: Any) -> bool:
-    """Whether a YAML value fits a config field's type hint: `flase` is no bool, `2O` no int."""
-    if typing.get_origin(t) in (typing.Union, types.UnionType):
-        return any(_fits(v, a) for a in typing.get_args(t))
-    if t is type(None):
-        return v is None
-    if t is bool:
-        return isinstance(v, bool)
-    if t is int:
-        return isinstance(v, int) and not isinstance(v, bool)
-    if t is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if t is str:
-        return isinstance(v, str)
-    if t in (tuple, list) or typing.get_origin(t) in (tuple, list):
-        return isinstance(v, (list, tuple))
-    return True   # Any and the rest: the setting's own checks
-
-
-def _build(cls: type, d: dict, where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:   # a typo: name the nearest real key, so `trainer.max_epoch=5` is one glance from fixed
-        named = [f"{where}{k} (did you mean {where}{near[0]}?)" if (near := difflib.get_close_matches(k, names, 1))
-                 else where + k for k in sorted(unknown)]
-        raise ConfigError(f"unknown config key(s) {', '.join(named)}")
-    kw = {}
-    for k, v in d.items():
-        t = hints[k]
-        if dataclasses.is_dataclass(t):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{where}{k} is a section of settings, got {v!r}")
-            v = _build(t, v, f"{where}{k}.")
-        elif not _fits(v, t):
-            if _fits(0.0, t) and isinstance(v, str):   # YAML reads 1e-3 (no dot) as a string
-                try:
-                    v = float(v)
-                except ValueError:
-                    pass
-            if not _fits(v, t):
-                raise ConfigError(f"{where}{k} must be {getattr(t, '__name__', str(t)).replace('typing.', '')}, "
-                                  f"got {v!r}")
-        elif isinstance(v, list) and "tuple" in str(t):
-            v = tuple(v)
-        kw[k] = v
-    return cls(**kw)
-
-
-def to_dict(cfg: Any) -> dict:
-    """Config tree -> plain dict (tuples as lists, YAML/JSON-safe)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _read_yaml(path: str | Path) -> dict:
-    try:
-        d = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (UTF-8): a config is YAML, like configs/quick.yaml") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if d is None:   # a failed copy would train with the code's built-in settings, neither quick.yaml nor default.yaml
-        raise ConfigError(f"{path}: empty: a config sets its sections (model:, data:, trainer:, ...); start from "
-                          "configs/quick.yaml or configs/default.yaml")
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: a config is a YAML mapping (model:, data:, ...), got a {type(d).__name__}")
-    return d
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from YAML (or defaults) with `a.b=c` overrides (values parsed as YAML)."""
-    d = _read_yaml(resolve_config(path)) if path else {}
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} is not key=value")
-        key, val = ov.split("=", 1)
-        node = d
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {ov!r}: {p} is a setting, not a section")
-        node[parts[-1]] = yaml.safe_load(val)
-    cfg = _build(Config, d)
-    t = cfg.trainer
-    if not 1 <= t.val_every <= t.max_epochs:  # else no validation: no best checkpoint, no thresholds
-        raise ConfigError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
-                         f"got {t.val_every}")
-    if str(t.precision) not in PRECISIONS:
-        raise ConfigError(f"trainer.precision must be auto or one of Lightning's ({', '.join(PRECISIONS[1:])}), "
-                          f"got {t.precision!r}")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not 0 <= t.max_minutes < math.inf:
-        raise ConfigError(f"trainer.max_minutes must be >= 0 (0 = no time budget), got {t.max_minutes}")
-    for key, (ok, what) in LIMITS.items():
-        v = functools.reduce(getattr, key.split("."), cfg)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ConfigError(f"{key} must be {what}, got {v!r}")
-    m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
-    if m < 1:
-        raise ConfigError(f"preprocessing.pad_multiple must be >= 1, got {m}")
-    try:   # a network that cannot be built fails here, not after the scans are cached
-        check_model_config(cfg.model, m)
-        if cfg.model.weights:   # the file named, read and matched to the backbone now
-            build_model(cfg.model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.data.crop <= 0 or cfg.data.crop % m:
-        raise ConfigError(f"data.crop must be a positive multiple of preprocessing.pad_multiple ({m}), "
-                          f"got {cfg.data.crop}")
-    return cfg
 
 
 # ---------------------------------------------------------------- losses
@@ -295,7 +94,7 @@ class AnomalyModule(L.LightningModule):
     def __init__(self, config: dict, info: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.cfg = _build(Config, config)
+        self.cfg = from_dict(Config, config)
         # channels-last (NHWC): oneDNN's fast conv layout; +27 % training crops/s in bf16 on this CPU
         self.model: AnomalyNet = build_model(self.cfg.model).to(memory_format=torch.channels_last)
         self.info = dict(info or {})
@@ -585,7 +384,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     extra process; there this returns {} and the caller should just exit (rank 0 writes and returns)."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     if isinstance(config, Config) and overrides:
-        cfg = load_config(None, [*_flatten(to_dict(cfg)), *overrides])
+        cfg = load_config(None, [*flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
     resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
@@ -845,93 +644,6 @@ def write_test_scores(path: Path, rows: list[dict], records: list) -> None:
         for r in sorted(rows, key=lambda r: r["index"]):
             hit = "" if r["hit"] is None else int(r["hit"])
             w.writerow([records[r["index"]].path, r["label"], r["type"], f"{r['score']:.9g}", hit])
-
-
-def _flatten(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v)}")
-    return out
-
-
-class CheckpointError(ValueError):
-    """A file that is not a detector training checkpoint (missing, truncated, or another kind of file)."""
-
-
-# what a resume may change without a word: the run's length (what a resume is for), where and how it runs, and what
-# the data sets again
-RESUME_FREE = {"trainer.max_epochs", "trainer.max_minutes", "trainer.accelerator", "trainer.devices", "trainer.strategy",
-               "trainer.precision", "trainer.threads", "trainer.cpu_processes", "trainer.log_every_n_steps",
-               "trainer.test", "data.workers", "data.cache_dir", "data.channels", "data.normal_only", "model.in_channels"}
-# what the checkpoint's optimiser state keeps whatever the config says
-RESUME_KEPT = {"optim.lr", "optim.weight_decay"}
-
-
-def _config_changes(was: dict, now: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (now, was)} of the settings that differ; a setting newer than the checkpoint is left out (a new
-    setting's default is the old behaviour)."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for k, v in was.items():
-        if k not in now:
-            continue
-        if isinstance(v, dict) and isinstance(now[k], dict):
-            out.update(_config_changes(v, now[k], f"{prefix}{k}."))
-        elif now[k] != v:
-            out[f"{prefix}{k}"] = (now[k], v)
-    return out
-
-
-def check_resumable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
-    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes (the weights
-    would not load, or the last epochs and the exported bundle would disagree), or for another learning rate or weight
-    decay (the optimiser state it restores keeps the old ones); the other settings it changes, `key=new (was old)`,
-    for a warning."""
-    was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
-    changes = _config_changes(was, json.loads(json.dumps(to_dict(cfg), default=list)))
-    said = {k: f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(changes.items())}
-    kept = [said[k] for k in said if k in RESUME_KEPT or k.split(".")[0] in ("model", "preprocessing")
-            and k not in RESUME_FREE]
-    if kept:
-        raise ConfigError(f"--resume {path}: a resumed run keeps its network, preprocessing, learning rate and weight "
-                          f"decay, but this one asks {', '.join(kept)}; train into a new --out to change them")
-    return [text for k, text in said.items() if k not in RESUME_FREE]
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's dict, checked to be one of ours; CheckpointError names the file and what is wrong."""
-    if Path(path).is_dir():   # the run folder itself: name the checkpoint in it
-        raise CheckpointError(f"{path}: a run folder, not a checkpoint file: name one in it, "
-                              f"{Path(path) / 'best.ckpt'} to export, {Path(path) / 'last.ckpt'} to --resume")
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if Path(path).suffix.lower() == ".onnx":
-        raise CheckpointError(f"{path}: an exported ONNX bundle, not a training checkpoint (RUN/best.ckpt); "
-                              "score with it: detector score SCANS --model " + str(path) + " --out results.csv")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # zip, pickle and EOF errors of many kinds: not a torch checkpoint, or a cut one
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in (ck.get("hyper_parameters") or {}):
-        raise CheckpointError(f"{path}: not a detector training checkpoint (no model config and weights in it)")
-    return ck
-
-
-def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
-    """(AnomalyNet in eval mode on the CPU, info dict with everything the ONNX bundle's metadata needs)."""
-    ck = read_checkpoint(path)
-    hp = ck["hyper_parameters"]
-    cfg = _build(Config, hp["config"])
-    # the checkpoint holds every weight: the pretrained file it started from is not needed (nor read) any more
-    model = build_model(dataclasses.replace(cfg.model, weights=None))
-    state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    info = dict(hp.get("info") or {})
-    info.update(ck.get("detector_info", {}))
-    info.setdefault("train_config", hp["config"])
-    return model.eval(), info
 
 
 def main(args) -> int:

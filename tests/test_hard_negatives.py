@@ -25,7 +25,8 @@ def test_training_mines_cells_off_the_anomalies_and_crops_use_them(tmp_path):
     from test_train import TINY, write_dataset
 
     from detector.data import CropDataset, ScanDataModule
-    from detector.train import load_config, run_training
+    from detector.config import load_config
+    from detector.train import run_training
 
     data = write_dataset(tmp_path / "data")
     ov = [*TINY, "data.mine_share=1.0", "data.hard_negative_fraction=1.0", "data.anomaly_crop_fraction=0",

@@ -52,7 +52,7 @@ def test_stride4_and_score_is_topk_mean():
 
 
 def test_default_flops_within_station_budget():
-    from detector.train import load_config
+    from detector.config import load_config
     cfg = load_config(Path(__file__).parents[1] / "configs" / "default.yaml")
     m = build_model(cfg.model)
     # a 640x2400 px scan at 5 mm -> 320x1200 at the 10 mm model pitch, padded to 320x1216

@@ -74,7 +74,7 @@ def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90,
 
 
 def test_config_overrides_and_unknown_keys(tmp_path):
-    from detector.train import load_config
+    from detector.config import load_config
     y = tmp_path / "c.yaml"
     y.write_text("name: x\nmodel: {backbone: resnet34}\n")
     cfg = load_config(y, ["model.topk=3", "data.augment.photons=[1000, 2000]"])
@@ -97,7 +97,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
 
 
 def test_a_network_that_cannot_be_built_is_refused_at_config_load(tmp_path):
-    from detector.train import ConfigError, load_config
+    from detector.config import ConfigError, load_config
     for bad, why in (("model.backbone=resnet50", "model.backbone 'resnet50' is not one of"),
                      ("model.backbone_stride=4", "model.backbone_stride must be one of"),
                      ("model.stride=16", "model.stride must be 4 or 8"),
@@ -121,7 +121,8 @@ def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path
     import torchvision
 
     from detector.model import build_model
-    from detector.train import load_checkpoint, load_config, to_dict
+    from detector.checkpoint import load_checkpoint
+    from detector.config import load_config, to_dict
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     cfg = load_config(None, ["model.in_channels=1", "model.decoder_channels=8", f"model.weights={weights}"])
@@ -135,7 +136,8 @@ def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path
 
 
 def test_resuming_with_another_network_or_preprocessing_is_refused():
-    from detector.train import ConfigError, check_resumable, load_config, to_dict
+    from detector.checkpoint import check_resumable
+    from detector.config import ConfigError, load_config, to_dict
     ck = {"hyper_parameters": {"config": to_dict(load_config(None, TINY))}}
     check_resumable(ck, load_config(None, [*TINY, "trainer.max_epochs=9"]), "last.ckpt")   # more epochs: fine
     # optim.lr and weight_decay: the checkpoint's optimiser state would keep the old ones while config.yaml said new
@@ -148,7 +150,8 @@ def test_a_resume_with_other_settings_or_data_says_so_and_its_checkpoints_record
     """A resume that changed a setting (or the data) went on without a word, and its checkpoints kept the first run's
     train_config and data fingerprint (the module restored them from last.ckpt): the exported bundle described a
     run that never was. Now the changes are warned, and the checkpoints carry what this run trained with."""
-    from detector.train import load_checkpoint, run_training
+    from detector.checkpoint import load_checkpoint
+    from detector.train import run_training
     data, other = write_dataset(tmp_path / "d"), write_dataset(tmp_path / "other", n=14)
     ov = [*TINY, "trainer.max_epochs=1", "trainer.patience=0", "trainer.test=false"]
     first = run_training(None, data, tmp_path / "run", ov, quiet=True)
@@ -178,7 +181,8 @@ def test_calibration_hits_target_and_works_without_anomalies():
 
 
 def test_best_checkpoint_is_the_latest_epoch_within_noise_of_the_best():
-    from detector.train import TrainerConfig, within_noise
+    from detector.config import TrainerConfig
+    from detector.train import within_noise
 
     def chosen(selects, n, se=TrainerConfig().select_se):
         top, best = float("-inf"), None
@@ -216,7 +220,8 @@ def test_test_scores_keep_every_float32_digit(tmp_path):
 
 
 def test_train_end_to_end_and_load_checkpoint(tmp_path):
-    from detector.train import load_checkpoint, run_training
+    from detector.checkpoint import load_checkpoint
+    from detector.train import run_training
     data = write_dataset(tmp_path / "data", n_test=2)
     # patience 0 = early stopping off: all epochs run even when validation AUROC stalls
     # validation every 2nd epoch and after the last: epochs 2 and 3 are validated, epoch 1 is not
@@ -264,7 +269,8 @@ def test_ema_weights_are_validated_checkpointed_and_loaded(tmp_path):
     """trainer.ema_decay: best.ckpt's state_dict is the average (what load_checkpoint and export see);
     the live weights travel beside it for resuming."""
     import torch
-    from detector.train import load_checkpoint, run_training
+    from detector.checkpoint import load_checkpoint
+    from detector.train import run_training
     data = write_dataset(tmp_path / "data")
     run_training(None, data, tmp_path / "run", [*TINY, "trainer.max_epochs=2", "trainer.patience=0",
                                                 "trainer.ema_decay=0.9"], quiet=True)
@@ -300,7 +306,7 @@ def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
     assert {int(r["epoch"]) for r in rows if r["val/select"]} == {1}   # 2 % 4 != 0, validated as the last
     lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
-    from detector.train import OptimConfig
+    from detector.config import OptimConfig
     lr = OptimConfig().lr
     assert len(lrs) == 2 * 4 and lrs[-1] < 0.1 * lr < 0.4 * lr < max(lrs)  # warmed and annealed in 8 steps, not 240
     with warnings.catch_warnings(record=True) as said:
@@ -346,7 +352,8 @@ def test_only_a_run_that_replaces_an_earlier_runs_checkpoints_is_warned(tmp_path
 
 
 def test_plain_folder_rgb_8bit_trains(tmp_path):
-    from detector.train import load_checkpoint, run_training
+    from detector.checkpoint import load_checkpoint
+    from detector.train import run_training
     rng = np.random.default_rng(1)
     for i in range(8):
         sub = "anomalous" if i % 2 else "normal"
@@ -475,7 +482,8 @@ def allow_cpus(monkeypatch, n: int) -> None:
 
 
 def test_auto_loader_workers_a_few_per_cpu_process_the_spare_cores_per_gpu(monkeypatch):
-    from detector.train import load_config, resolve_cpu_processes, resolve_workers
+    from detector.config import load_config
+    from detector.train import resolve_cpu_processes, resolve_workers
     allow_cpus(monkeypatch, 32)
     assert load_config(None, []).data.workers == "auto"
     assert resolve_workers(load_config(None, ["trainer.accelerator=cpu"])) == 8           # 32 cores / 4
@@ -498,7 +506,8 @@ def test_auto_accelerator_follows_cuda_in_every_rule(monkeypatch):
     """`auto` means the GPU rules when CUDA is present and the CPU ones when not, for processes and loaders alike."""
     import torch
 
-    from detector.train import load_config, resolve_cpu_processes, resolve_workers, uses_cuda
+    from detector.config import load_config
+    from detector.train import resolve_cpu_processes, resolve_workers, uses_cuda
     allow_cpus(monkeypatch, 32)
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -512,7 +521,8 @@ def test_auto_accelerator_follows_cuda_in_every_rule(monkeypatch):
 def test_cpu_processes_share_the_cpus_this_process_may_use_not_the_hosts(monkeypatch):
     """A container given 4 of a host's 64 cores: os.cpu_count says 64, and 2 CPU processes each ran 32 threads and
     8 crop loaders on 4 cores."""
-    from detector.train import load_config, resolve_cpu_processes, resolve_workers
+    from detector.config import load_config
+    from detector.train import resolve_cpu_processes, resolve_workers
     allow_cpus(monkeypatch, 4)
     cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
     resolve_cpu_processes(cfg)
@@ -521,7 +531,8 @@ def test_cpu_processes_share_the_cpus_this_process_may_use_not_the_hosts(monkeyp
 
 def test_cpu_processes_split_the_cores_and_the_batch():
     from detector.runtime import usable_cpus
-    from detector.train import load_config, resolve_cpu_processes
+    from detector.config import load_config
+    from detector.train import resolve_cpu_processes
     cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
     assert resolve_cpu_processes(cfg) == 12
     t = cfg.trainer
@@ -724,7 +735,7 @@ def test_trainer_settings_this_machine_cannot_run_are_refused_before_the_data_is
     processes with the whole batch and all the cores each. Lightning's own precision 32 was refused as "must be str"."""
     import torch
 
-    from detector.train import load_config
+    from detector.config import load_config
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = write_dataset(tmp_path / "d", n=6)
     cases = [(["trainer.accelerator=gpu"], "trainer.accelerator=gpu: torch sees no CUDA GPU on this machine"),
@@ -742,7 +753,7 @@ def test_settings_out_of_their_range_are_refused_at_config_load():
     """A batch of 0, a negative learning rate or thread count: tracebacks from torch after the scans were cached;
     a share above 1 (data.mine_share=2), a negative fresh-truck count, an infinite time budget (an OverflowError
     after the first epoch): silently run. Each now names its key and range when the config is read."""
-    from detector.train import ConfigError, load_config
+    from detector.config import ConfigError, load_config
     for bad, why in (("data.batch_size=0", "a whole number >= 1"), ("data.val_batch_size=0", "a whole number >= 1"),
                      ("data.crops_per_epoch=-5", "a whole number >= 1"), ("trainer.threads=-1", "a number >= 0"),
                      ("trainer.cpu_processes=0", "a whole number >= 1"), ("trainer.log_every_n_steps=0", ">= 1"),

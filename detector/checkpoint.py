@@ -1,0 +1,90 @@
+"""Training checkpoints: reading one (checked to be ours), what a resume may change, and the model and bundle info
+it holds for export."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detector.config import Config, ConfigError, from_dict, to_dict
+from detector.model import AnomalyNet, build_model
+
+
+class CheckpointError(ValueError):
+    """A file that is not a detector training checkpoint (missing, truncated, or another kind of file)."""
+
+
+# what a resume may change without a word: the run's length (what a resume is for), where and how it runs, and what
+# the data sets again
+RESUME_FREE = {"trainer.max_epochs", "trainer.max_minutes", "trainer.accelerator", "trainer.devices", "trainer.strategy",
+               "trainer.precision", "trainer.threads", "trainer.cpu_processes", "trainer.log_every_n_steps",
+               "trainer.test", "data.workers", "data.cache_dir", "data.channels", "data.normal_only", "model.in_channels"}
+# what the checkpoint's optimiser state keeps whatever the config says
+RESUME_KEPT = {"optim.lr", "optim.weight_decay"}
+
+
+def _config_changes(was: dict, now: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (now, was)} of the settings that differ; a setting newer than the checkpoint is left out (a new
+    setting's default is the old behaviour)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k, v in was.items():
+        if k not in now:
+            continue
+        if isinstance(v, dict) and isinstance(now[k], dict):
+            out.update(_config_changes(v, now[k], f"{prefix}{k}."))
+        elif now[k] != v:
+            out[f"{prefix}{k}"] = (now[k], v)
+    return out
+
+
+def check_resumable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
+    """ConfigError when the run asks for another network or preprocessing than the checkpoint it resumes (the weights
+    would not load, or the last epochs and the exported bundle would disagree), or for another learning rate or weight
+    decay (the optimiser state it restores keeps the old ones); the other settings it changes, `key=new (was old)`,
+    for a warning."""
+    was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
+    changes = _config_changes(was, json.loads(json.dumps(to_dict(cfg), default=list)))
+    said = {k: f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(changes.items())}
+    kept = [said[k] for k in said if k in RESUME_KEPT or k.split(".")[0] in ("model", "preprocessing")
+            and k not in RESUME_FREE]
+    if kept:
+        raise ConfigError(f"--resume {path}: a resumed run keeps its network, preprocessing, learning rate and weight "
+                          f"decay, but this one asks {', '.join(kept)}; train into a new --out to change them")
+    return [text for k, text in said.items() if k not in RESUME_FREE]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's dict, checked to be one of ours; CheckpointError names the file and what is wrong."""
+    if Path(path).is_dir():   # the run folder itself: name the checkpoint in it
+        raise CheckpointError(f"{path}: a run folder, not a checkpoint file: name one in it, "
+                              f"{Path(path) / 'best.ckpt'} to export, {Path(path) / 'last.ckpt'} to --resume")
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if Path(path).suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an exported ONNX bundle, not a training checkpoint (RUN/best.ckpt); "
+                              "score with it: detector score SCANS --model " + str(path) + " --out results.csv")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # zip, pickle and EOF errors of many kinds: not a torch checkpoint, or a cut one
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in (ck.get("hyper_parameters") or {}):
+        raise CheckpointError(f"{path}: not a detector training checkpoint (no model config and weights in it)")
+    return ck
+
+
+def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
+    """(AnomalyNet in eval mode on the CPU, info dict with everything the ONNX bundle's metadata needs)."""
+    ck = read_checkpoint(path)
+    hp = ck["hyper_parameters"]
+    cfg = from_dict(Config, hp["config"])
+    # the checkpoint holds every weight: the pretrained file it started from is not needed (nor read) any more
+    model = build_model(dataclasses.replace(cfg.model, weights=None))
+    state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    info = dict(hp.get("info") or {})
+    info.update(ck.get("detector_info", {}))
+    info.setdefault("train_config", hp["config"])
+    return model.eval(), info
