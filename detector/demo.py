@@ -16,6 +16,8 @@ from pathlib import Path
 from detector import cli
 from detector.evaluate import detection_phrase
 from detector.shipped import resolve_config
+from detector.sources import colour_png
+from detector.synth.dataset import SYNTH_INFO
 
 DEFAULT_TRAIN = 160
 DEFAULT_TEST = 60
@@ -34,9 +36,9 @@ def _step(title: str, argv: list[str]) -> None:
 
 
 def _forget_other_data(root: Path, asked: dict) -> None:
-    """Delete the scans an earlier demo into this folder made with another --count or --seed (or that no stamp
-    describes), so that they are made again: reused, a --count 24 demo trained on 12. A stamp, root/demo.json,
-    records what the scans now there were made with."""
+    """Delete the scans an earlier demo into this folder made with another --count or --seed, so that they are made
+    again: reused, a --count 24 demo trained on 12. A stamp, root/demo.json, records what the scans now there were
+    made with; without one, only scans `detector synth` made (its synth.json) or an empty folder go, never a user's."""
     stamp = root / "demo.json"
     try:
         made = json.loads(stamp.read_text())
@@ -44,9 +46,23 @@ def _forget_other_data(root: Path, asked: dict) -> None:
         made = None
     if made != asked:
         for part in ("train", "test"):
-            shutil.rmtree(root / part, ignore_errors=True)
+            if not (root / part).exists():
+                continue
+            empty = (root / part).is_dir() and not any((root / part).iterdir())
+            mine = made is not None or (root / part / SYNTH_INFO).exists() or empty
+            if not mine:   # never delete scans the demo did not make
+                raise SystemExit(f"demo: {root / part} holds scans this demo did not make; give another --out")
+            shutil.rmtree(root / part)
     root.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(asked))
+
+
+def _forget_overlays(overlays: Path) -> None:
+    """Delete an earlier demo's overlay pictures (colour PNGs, as only overlays are), which describe another model;
+    nothing else in the folder."""
+    for png in overlays.rglob("*.png") if overlays.is_dir() else ():
+        if colour_png(png):
+            png.unlink()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -71,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
                         "--out", str(run)])
     _step("4/6 export", ["export", str(run / "best.ckpt"), "--out", str(model)])
     results.unlink(missing_ok=True)              # an earlier demo's rows and overlays describe another model
-    shutil.rmtree(overlays, ignore_errors=True)
+    _forget_overlays(overlays)
     _step("5/6 score", ["score", str(test / "images"), "--model", str(model), "--out", str(results),
                         "--overlays", str(overlays)])
     _step("6/6 eval", ["eval", str(results), "--truth", str(test), "--out", str(report)])

@@ -5,6 +5,10 @@ import json
 from argparse import Namespace
 from pathlib import Path
 
+import cv2
+import numpy as np
+import pytest
+
 
 def _fake_demo(monkeypatch, out: Path, count: int, seed: int) -> list[list[str]]:
     """Run `detector demo` with its steps faked (synth writes a manifest and one image named for its seed and count,
@@ -24,7 +28,7 @@ def _fake_demo(monkeypatch, out: Path, count: int, seed: int) -> list[list[str]]
                                                           "a.tiff,0.1,RELEASE,0.5,[],12,\n")
             overlays = Path(argv[argv.index("--overlays") + 1])
             overlays.mkdir(parents=True, exist_ok=True)
-            (overlays / f"{next((Path(argv[1])).iterdir()).stem}.png").touch()
+            cv2.imwrite(str(overlays / f"{next((Path(argv[1])).iterdir()).stem}.png"), np.zeros((4, 4, 3), np.uint8))
         elif argv[0] == "eval":
             report = Path(argv[argv.index("--out") + 1])
             report.mkdir(parents=True, exist_ok=True)
@@ -46,3 +50,19 @@ def test_a_demo_into_the_same_folder_synthesises_again_only_for_another_count_or
     assert sorted(p.name for p in (out / "data" / "train" / "images").iterdir()) == ["s0_24.tiff"]   # no stale scans
     assert [c[c.index("--seed") + 1] for c in _fake_demo(monkeypatch, out, 24, 5)] == ["5", "10005"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["s10005_20.png"]   # this demo's test scans only
+
+
+def test_a_demo_never_deletes_scans_or_pictures_it_did_not_make(tmp_path, monkeypatch):
+    """The demo makes its scans again for another --count; pointed (--out) at a folder whose data/train holds someone's
+    own scans, it would have deleted them, and every PNG of its overlays folder with them."""
+    out = tmp_path / "mine"
+    (out / "data" / "train").mkdir(parents=True)
+    (out / "data" / "train" / "scan.tiff").write_bytes(b"a user's scan")
+    with pytest.raises(SystemExit, match="holds scans this demo did not make"):
+        _fake_demo(monkeypatch, out, 12, 0)
+    assert (out / "data" / "train" / "scan.tiff").read_bytes() == b"a user's scan"
+    (out / "data" / "train" / "scan.tiff").unlink()
+    (out / "overlays").mkdir()
+    cv2.imwrite(str(out / "overlays" / "grey.png"), np.zeros((4, 4), np.uint16))   # a 16-bit scan, not an overlay
+    _fake_demo(monkeypatch, out, 12, 0)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["grey.png", "s10000_20.png"]
