@@ -125,10 +125,17 @@ def read_metadata(path: str | Path, validate: bool = True) -> dict:
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types
         raise unloadable(path, e) from None
-    meta = parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate)
-    if validate:
-        check_graph_sha256(data, meta, path)
-        check_graph(sess, meta, path)
+    if not validate:
+        return parse_metadata(sess.get_modelmeta().custom_metadata_map, path, validate=False)
+    return session_metadata(sess, data, path)
+
+
+def session_metadata(sess: Any, model: bytes, path: str | Path | None) -> dict:
+    """The validated metadata of a bundle loaded into an onnxruntime session from `model` (its bytes), with its graph
+    checked against it: the digest export recorded, the input and outputs, the channels."""
+    meta = parse_metadata(sess.get_modelmeta().custom_metadata_map, path)
+    check_graph_sha256(model, meta, path)
+    check_graph(sess, meta, path)
     return meta
 
 

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import (HEIGHT_TOLERANCE, BundleError, check_graph, check_graph_sha256, default_threshold,
-                             height_range_mm, parse_metadata, unloadable)
+from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, session_metadata,
+                             unloadable)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -145,13 +145,11 @@ class Inspector:
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:
             raise unloadable(self.path, e) from None
-        self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
-        check_graph_sha256(data, self.metadata, self.path)
+        self.metadata = session_metadata(self.session, data, self.path)
         self.channels = int(self.metadata["channels"])
         self.stride = int(self.metadata["stride"])
         self.score_k = int(self.metadata["score"]["k"])
         self.pre = Preprocessing.from_dict(self.metadata["preprocessing"])
-        check_graph(self.session, self.metadata, self.path)
         self.default_threshold, self.default_rate = default_threshold(self.metadata)
         self.threshold = valid_threshold(threshold) if threshold is not None else self.default_threshold
         self.region_threshold = float(region_threshold)
