@@ -140,7 +140,7 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
     for r in results:
         p = Path(r.path)
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
-        t = next((by_path[shown(c.resolve())] for c in cands if shown(c.resolve()) in by_path), None)
+        t = next((by_path[k] for c in cands if (k := shown(c.resolve())) in by_path), None)
         if t is None:
             parts = [q for q in re.split(r"[\\/]", r.path) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 from detector.manifest import dataset_above, has_labels, has_layout
 from detector.policy import load_policy
 from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
-from detector.sources import Item, colour_png, discover, drop_overlays, shown
+from detector.sources import Item, discover, drop_overlays, remove_overlay, shown
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
 def _result_rows(out: Path) -> list[list[str]]:
@@ -359,8 +359,8 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             if draw:
                 drawing.append(painter.submit(_write_overlay, names[item.path],
                                               scan, verdict, row["decision"], thr))
-            elif overlays:
-                _drop_stale_overlay(names[item.path])
+            elif overlays:   # an earlier run's picture of this truck would contradict its row now
+                remove_overlay(names[item.path])
             if fj:
                 extra = {"tier": item.tier, "risk_flags": item.risk_flags,
                          "reason": error or (why if verdict is not None else None)}
@@ -382,17 +382,6 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             _note(counts, d.result())
     bar.close()
     return counts
-
-
-def _drop_stale_overlay(png: Path) -> None:
-    """Remove the overlay an earlier run drew for a truck that gets none now (released with --overlays-flagged after
-    --no-resume at another threshold, or failing now): its picture contradicted its row. Only an overlay (a colour
-    PNG) goes."""
-    if png.is_file() and colour_png(png):
-        try:
-            png.unlink()
-        except OSError:
-            pass
 
 
 def _note(counts: Counts, overlay_error: str | None) -> None:

@@ -2,6 +2,7 @@
 a .txt list or a manifest .csv, each file once, less the overlays an earlier run drew among them."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import warnings
@@ -118,7 +119,7 @@ def _discover(src: str) -> tuple[list[Item], str]:
     raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
 
 
-def colour_png(path: Path) -> bool:
+def _colour_png(path: Path) -> bool:
     """An 8-bit colour PNG, as overlays are (raw scans are 16-bit or grey), from the first bytes of the file."""
     try:
         with open(path, "rb") as f:
@@ -129,10 +130,17 @@ def colour_png(path: Path) -> bool:
     return head[:8] == b"\x89PNG\r\n\x1a\n" and depth == 8 and colour in (2, 6)
 
 
+def remove_overlay(png: Path) -> None:
+    """Delete `png` if it is an overlay (a colour PNG, as `detector score` draws them); a scan or nothing there is left."""
+    if png.is_file() and _colour_png(png):
+        with contextlib.suppress(OSError):
+            png.unlink()
+
+
 def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
     """Items less the overlays an earlier run drew into the --overlays folder (colour PNGs below it), and how many:
     with that folder inside the scanned one, a resumed run scored them as trucks and named its overlays anew."""
     where = overlays.resolve()
     drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
-            and colour_png(i.path)}
+            and _colour_png(i.path)}
     return [i for i in items if i.path not in drop], len(drop)
