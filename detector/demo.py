@@ -16,8 +16,9 @@ from pathlib import Path
 from detector import cli
 from detector.evaluate import detection_phrase
 from detector.shipped import resolve_config
-from detector.sources import colour_png
+from detector.sources import remove_overlay
 from detector.synth.dataset import SYNTH_INFO
+from detector.synth.scene import GENERATOR_VERSION
 
 DEFAULT_TRAIN = 160
 DEFAULT_TEST = 60
@@ -35,34 +36,35 @@ def _step(title: str, argv: list[str]) -> None:
         raise SystemExit(f"demo step failed ({title}, exit {rc})")
 
 
-def _forget_other_data(root: Path, asked: dict) -> None:
-    """Delete the scans an earlier demo into this folder made with another --count or --seed, so that they are made
-    again: reused, a --count 24 demo trained on 12. A stamp, root/demo.json, records what the scans now there were
-    made with; without one, only scans `detector synth` made (its synth.json) or an empty folder go, never a user's."""
-    stamp = root / "demo.json"
+def _made_with(part: Path) -> tuple | None:
+    """(count, seed, generator version) that `detector synth` recorded making the scans in `part` (its synth.json)."""
     try:
-        made = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        made = None
-    if made != asked:
-        for part in ("train", "test"):
-            if not (root / part).exists():
-                continue
-            empty = (root / part).is_dir() and not any((root / part).iterdir())
-            mine = made is not None or (root / part / SYNTH_INFO).exists() or empty
-            if not mine:   # never delete scans the demo did not make
-                raise SystemExit(f"demo: {root / part} holds scans this demo did not make; give another --out")
-            shutil.rmtree(root / part)
-    root.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(asked))
+        made = json.loads((part / SYNTH_INFO).read_text())
+        return made["count"], made["seed"], made["generator"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _forget_other_data(wanted: dict[Path, tuple[int, int]]) -> None:
+    """Delete the demo's scans ({folder: (count, seed)}) when any was made with another --count, --seed or generator
+    (synth.json says what made them), so that all are made again: reused, a --count 24 demo trained on 12. Never a
+    user's: a folder of files `detector synth` did not make is refused, before anything is deleted."""
+    made = {part: _made_with(part) for part in wanted}
+    if all(made[part] == (*want, GENERATOR_VERSION) for part, want in wanted.items()):
+        return
+    for part in wanted:
+        if part.exists() and made[part] is None and not (part.is_dir() and not any(part.iterdir())):
+            raise SystemExit(f"demo: {part} holds scans this demo did not make; give another --out")
+    for part in wanted:
+        if part.exists():
+            shutil.rmtree(part)
 
 
 def _forget_overlays(overlays: Path) -> None:
     """Delete an earlier demo's overlay pictures (colour PNGs, as only overlays are), which describe another model;
     nothing else in the folder."""
     for png in overlays.rglob("*.png") if overlays.is_dir() else ():
-        if colour_png(png):
-            png.unlink()
+        remove_overlay(png)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     run, model = out / "run", out / "model.onnx"
     results, overlays, report = out / "results.csv", out / "overlays", out / "report"
     seed = args.seed
-    _forget_other_data(out / "data", {"train": n_train, "test": n_test, "seed": seed})
+    _forget_other_data({data: (n_train, seed), test: (n_test, seed + 10_000)})
     if not (data / "manifest.csv").exists():
         _step("1/6 synthesise training scans", ["synth", str(data), "--count", str(n_train),
                                                 "--seed", str(seed), "--anomaly-fraction", "0.5"])

@@ -14,6 +14,8 @@ def _fake_demo(monkeypatch, out: Path, count: int, seed: int) -> list[list[str]]
     """Run `detector demo` with its steps faked (synth writes a manifest and one image named for its seed and count,
     score one overlay named for the test scans' seed); returns the synth steps it ran."""
     from detector import demo
+    from detector.synth.dataset import SYNTH_INFO
+    from detector.synth.scene import GENERATOR_VERSION
     calls: list[list[str]] = []
 
     def step(title: str, argv: list[str]) -> None:
@@ -23,6 +25,9 @@ def _fake_demo(monkeypatch, out: Path, count: int, seed: int) -> list[list[str]]
             (Path(argv[1]) / "images").mkdir(parents=True, exist_ok=True)
             (Path(argv[1]) / "images" / f"{name}.tiff").touch()
             (Path(argv[1]) / "manifest.csv").write_text("path,label\n")
+            (Path(argv[1]) / SYNTH_INFO).write_text(json.dumps({   # as write_dataset records what made the scans
+                "generator": GENERATOR_VERSION, "seed": int(argv[argv.index("--seed") + 1]),
+                "count": int(argv[argv.index("--count") + 1])}))
         elif argv[0] == "score":
             Path(argv[argv.index("--out") + 1]).write_text("path,score,decision,threshold,regions,latency_ms,error\n"
                                                           "a.tiff,0.1,RELEASE,0.5,[],12,\n")

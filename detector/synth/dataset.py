@@ -80,6 +80,9 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    # first: a folder a run left half-written still says what it was being made with (the demo remakes it)
+    (out / SYNTH_INFO).write_text(json.dumps({"generator": GENERATOR_VERSION, "seed": seed, "count": count,
+                                              "anomaly_fraction": anomaly_fraction, "height": height, "split": split}))
     labels = plan_labels(count, seed, anomaly_fraction)
     jobs = [(str(out), seed, i, bool(labels[i]), height, split) for i in range(count)]
     workers = max(1, min(workers or usable_cpus(), count))
@@ -100,8 +103,6 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    (out / SYNTH_INFO).write_text(json.dumps({"generator": GENERATOR_VERSION, "seed": seed, "count": count,
-                                              "anomaly_fraction": anomaly_fraction, "height": height, "split": split}))
     return rows
 
 
