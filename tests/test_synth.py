@@ -336,6 +336,23 @@ def test_a_package_in_the_fuel_tank_displaces_diesel_only_below_its_surface(monk
     assert depth and all(d is not None and d <= 50 for d in depth)   # bricks no deeper than the shallowest tank
 
 
+def test_a_package_in_the_chassis_is_no_deeper_than_the_rails_channels_hold():
+    """A chassis rail is a C-channel: packages pushed into it fill at most its flange's depth along the beam, one rail
+    or both. The generator drew 15-88 cm deep bricks and halved them (7.5-44 cm): two thirds deeper than both
+    channels hold, so packages in the chassis showed about twice their physical contrast."""
+    from detector.synth import scene, vehicles
+    mu = physics.material("cocaine").mu[0]
+    one, both = (vehicles.RAIL_CHANNEL_CM * k * mu for k in (1, 2))
+    assert vehicles.RAIL_CHANNEL_CM < vehicles.RAIL_FLANGE_CM
+    peaks = []
+    for seed in range(40):
+        t = scene._threat_for("in_chassis", np.random.default_rng(seed), 5.0)
+        bricks = t.attenuation[0][t.mask]
+        peaks.append(float(np.percentile(bricks, 90)))          # the bricks' body (wrapping and seams aside)
+        assert bricks.max() <= both * 1.05, seed                # the wrapping adds ~0.02
+    assert any(one <= p <= one * 1.1 for p in peaks) and any(both <= p <= both * 1.05 for p in peaks)
+
+
 def test_a_package_in_a_tyre_lies_in_its_air_space_not_over_the_hub(monkeypatch):
     """A tyre holds packages only in its air space, which a side view shows as a ring between the rim flange and the
     tread band. The generator placed stacked bricks anywhere in the wheel's disc: 78 % of their pixels over the

@@ -21,7 +21,9 @@ from detector.synth.render import Canvas, DetectorModel, detect, resample_column
 # Bumped whenever the same seed makes other pixels, so that data made before is not taken for today's:
 # 2 (2026-12-07): packages in fuel tanks add their full attenuation above the diesel, packages in tyres lie in
 # the tyre's air space (1: the whole wheel disc, and fuel-tank packages netted against diesel everywhere).
-GENERATOR_VERSION = 2
+# 3 (2026-12-07): packages in the chassis fill one rail's C-channel or both (7.5 or 15 cm along the beam); before,
+# halved bricks 7.5-44 cm deep, two thirds of them deeper than both channels hold.
+GENERATOR_VERSION = 3
 
 ANOMALY_TYPES = ("firearm", "narcotics", "false_wall", "shielded_block", "small_metal",
                  "in_chassis", "in_tyre", "in_fuel_tank", "low_contrast")
@@ -90,12 +92,14 @@ def _threat_for(kind: str, rng: np.random.Generator, pitch: float) -> tip.Threat
     # every entry draws (in_tyre's too, though `_tyre_bags` makes its packages): the scans of the others rely on it
     rows, cols = {"in_chassis": (1, int(rng.integers(1, 4))), "in_tyre": (int(rng.integers(2, 5)), 1),
                   "in_fuel_tank": (int(rng.integers(2, 5)), int(rng.integers(1, 3)))}[kind]
-    deep = vehicles.FUEL_TANK_MIN_DEPTH if kind == "in_fuel_tank" else None   # no deeper than the tank
+    deep = None                          # no deeper than the part holds: a tank; one rail's channel, or both
+    if kind == "in_fuel_tank":
+        deep = vehicles.FUEL_TANK_MIN_DEPTH
+    elif kind == "in_chassis":
+        deep = vehicles.RAIL_CHANNEL_CM * int(rng.integers(1, 3))
     att = threats.narcotics(rng, pitch, rows=rows, cols=cols, max_depth=deep).attenuation()
     if kind == "in_fuel_tank":           # full attenuation (dry above the diesel): `_displace` nets the wet part
         return tip.Threat(att, (att * _diesel_net()).max(axis=0) >= tip.MIN_ATT * 0.5, kind)
-    if kind == "in_chassis":
-        att = att * 0.5                  # flattened packages in the rail's C-channel
     return tip.Threat(att, att.max(axis=0) >= tip.MIN_ATT * 0.5, kind)
 
 

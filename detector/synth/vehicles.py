@@ -17,6 +17,8 @@ VEHICLES = ("tractor_20ft", "tractor_40ft", "box_truck", "flatbed", "tanker")
 TRACK_CM = 200.0   # distance the beam travels through the vehicle's width
 TYRE_AIR = (0.64, 0.80)      # its air space, radii over the tyre's: from the rim flange to the tread band
 FUEL_TANK_MIN_DEPTH = 50.0   # cm along the beam: the shallowest side tank `fuel_tank` draws
+RAIL_FLANGE_CM = 8.5         # a chassis rail's C-channel flange, along the beam
+RAIL_CHANNEL_CM = 7.5        # what a rail's C-channel holds along the beam: its flange less the web
 
 
 @dataclass
@@ -108,8 +110,8 @@ def rails(cv: Canvas, x0: float, x1: float, y0: float, h: float, rng: np.random.
     members, air tanks, battery box and brackets hanging off them."""
     web = rng.uniform(0.7, 1.1) * (2 if rng.random() < 0.4 else 1)          # single or double frame
     cv.rect("steel", x0, y0, x1, y0 + h, 2 * web, tex=cv.tex(rng, x1 - x0, h, 40, 0.08))
-    cv.rect("steel", x0, y0, x1, y0 + 1.2, 2 * 8.5)
-    cv.rect("steel", x0, y0 + h - 1.2, x1, y0 + h, 2 * 8.5)
+    cv.rect("steel", x0, y0, x1, y0 + 1.2, 2 * RAIL_FLANGE_CM)
+    cv.rect("steel", x0, y0 + h - 1.2, x1, y0 + h, 2 * RAIL_FLANGE_CM)
     for x in np.arange(x0 + 40, x1 - 20, rng.uniform(90, 130)):            # cross members edge-on
         cv.rect("steel", x, y0 + 2, x + 0.8, y0 + h - 2, 85.0)
         cv.rect("steel", x - 6, y0 + 2, x + 7, y0 + 5, 2 * 1.0)            # gusset plates
