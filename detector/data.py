@@ -1,24 +1,19 @@
-"""Datasets: manifests or normal/ + anomalous/ folders -> cached model-pitch scans -> crops / whole scans.
+"""Training data: the crops a model learns from and the whole scans it is validated on, as a LightningDataModule.
 
-Each scan is read (detector.scan.read_scan) and resampled to the model's pitch
-(detector.preprocess.to_model_pitch) once, then stored as .npy in a cache folder that every worker
-memory-maps, so RAM holds each scan once (page cache) however many workers run.
-Training draws random crops, oversampling crops that contain an anomaly; validation/test use whole
-scans padded to multiples of 32, exactly as detector.preprocess.prepare does at the station.
+Records come from detector.records (manifest or normal/ + anomalous/ folders, splits); each scan is read and
+resampled to the model's pitch once into detector.scan_cache. Training draws random crops, oversampling crops that
+contain an anomaly; validation/test use whole scans padded to multiples of 32, exactly as
+detector.preprocess.prepare does at the station.
 """
 from __future__ import annotations
 
 import csv
-import ctypes
-import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -28,74 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 from detector import tip
 from detector.augment import AugmentConfig, train_pipeline
 from detector.formats import scan_geometry
-from detector.hard_types import WatchedJson, write_atomic
-from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset,
-                               read_mask, read_rows)
-from detector.preprocess import (Preprocessing, model_attenuation, model_size, normalize, pad_to_multiple,
-                                 padded_size)
+from detector.hard_types import WatchedJson
+from detector.loader_workers import single_threaded_worker
+from detector.preprocess import Preprocessing, model_size, normalize, pad_to_multiple, padded_size
+from detector.records import SPLITS, Record, load_records, split_records
 from detector.runtime import usable_cpus
-from detector.scan import DEFAULT_MAX_PIXELS, ScanError, read_scan, summarised_scan_warnings
-from detector.synth.stream import SynthPool, mask_centres, model_mask
-
-SPLITS = ("train", "val", "test")
-
+from detector.scan import DEFAULT_MAX_PIXELS, ScanError, summarised_scan_warnings
+from detector.scan_cache import ScanCache
+from detector.synth.stream import SynthPool
 
 STRUCTURE_ATTENUATION = 0.3  # above this a pixel is vehicle or cargo, not air
-
-
-def single_threaded_worker() -> None:
-    """In a DataLoader worker process, run OpenCV on one thread: the workers are the parallelism, and
-    each one's OpenCV would otherwise start a thread per core (14 workers x 16 threads on a 16-core GPU
-    host; on 2 cores its threads compete with the training processes). A no-op in the main process.
-    Forked workers already start on one thread (the os.register_at_fork hooks below); this call acts
-    only in spawned ones, whose OpenCV thread pool is fresh and safe to resize. Also keeps the worker's
-    freed memory for reuse (keep_freed_memory)."""
-    if torch.utils.data.get_worker_info() is None:
-        return
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
-    if not _malloc_tuned:
-        keep_freed_memory()
-
-
-_malloc_tuned = False
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed blocks of up to 32 MB for reuse instead of handing them back to the
-    kernel. A fresh synthetic truck allocates tens of MB of temporaries, and by default each one came back as
-    new pages, faulted in and zeroed again: ~4,500 page faults and 114-121 ms per truck, 30 and 94-98 ms with
-    this (docs/experiments.md). The process's heap then stays at its peak, so the loader workers call it, not
-    the training processes (no gain measured there). False where the C library lacks glibc's mallopt."""
-    global _malloc_tuned
-    _malloc_tuned = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3          # glibc's malloc.h
-    return all([mallopt(m_mmap_threshold, 32 << 20),    # glibc's ceiling on 64-bit; bigger arrays stay mmap'd
-                mallopt(m_trim_threshold, 1 << 30), mallopt(m_top_pad, 64 << 20)])
-
-
-_threads_before_fork: list[int] = []
-
-
-def _opencv_to_one_thread() -> None:
-    _threads_before_fork.append(cv2.getNumThreads())
-    cv2.setNumThreads(1)
-
-
-def _opencv_threads_back() -> None:
-    if _threads_before_fork:
-        cv2.setNumThreads(_threads_before_fork.pop())
-
-
-# Every fork (DataLoader workers) inherits OpenCV on one thread. Resizing OpenCV's pthreads pool inside a
-# forked child deadlocks once the parent's pool has run (its threads do not survive fork), so the parent
-# drops to one thread just before the fork and takes its threads back just after.
-os.register_at_fork(before=_opencv_to_one_thread, after_in_parent=_opencv_threads_back,
-                    after_in_child=_threads_before_fork.clear)
 
 
 @dataclass
@@ -137,195 +74,6 @@ class DataConfig:
                                     # first one stops the run
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-
-@dataclass
-class Record:
-    path: str
-    label: int
-    mask: str | None = None
-    boxes: list | None = None
-    anomaly_type: str = ""
-    split: str = ""
-
-    @property
-    def label_alone(self) -> bool:
-        """An anomalous scan with neither mask nor boxes: nobody said where its anomaly lies."""
-        return self.label == 1 and not self.mask and not self.boxes
-
-
-def _records_from_manifest(root: Path) -> list[Record]:
-    manifest = root / "manifest.csv"
-    out = []
-    for row in read_rows(manifest):
-        text = (row.get("split") or "").strip()
-        split = SPLIT_ALIASES.get(text.lower(), "")
-        if text and not split:   # a typo would train on the scans meant to test the model
-            raise ScanError(manifest, f"row {row['_row']}: split {text!r} is not one of "
-                                      f"{', '.join(sorted(SPLIT_ALIASES))} (or empty: train)")
-        out.append(Record(str(root / row["path"]), label_of(row, manifest),
-                          str(root / row["mask"]) if (row.get("mask") or "").strip() else None,
-                          boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split))
-    return out
-
-
-def _records_from_folders(root: Path) -> list[Record]:
-    return [Record(str(p), label, str(m) if m else None) for p, label, m in layout_files(root)]
-
-
-def check_dataset(data_dir: str | os.PathLike) -> None:
-    """ScanError unless `data_dir` is a dataset folder (manifest.csv or normal/ + anomalous/): checked before a run
-    writes anything, so a wrong --data leaves no run folder behind."""
-    root = Path(data_dir)
-    if root.is_file():    # eval --truth takes a manifest; --data takes the folder that holds it
-        raise ScanError(root, f"a file, not a dataset folder: pass the folder that holds the scans and "
-                              f"manifest.csv ({root.parent})")
-    if not root.is_dir():
-        raise ScanError(root, "no such dataset folder (make a synthetic one with `detector synth DIR`; the layouts "
-                              "a folder of your own scans can take are in data/README.md)")
-    if not ((root / "manifest.csv").exists() or has_layout(root)):
-        raise ScanError(root, not_a_dataset(root))
-
-
-def load_records(data_dir: str | os.PathLike) -> list[Record]:
-    """All records of a dataset folder (manifest.csv, else normal/ + anomalous/)."""
-    check_dataset(data_dir)
-    root = Path(data_dir)
-    recs = _records_from_manifest(root) if (root / "manifest.csv").exists() else _records_from_folders(root)
-    if not recs:
-        raise ScanError(root, "dataset has no scans")
-    return recs
-
-
-def split_records(recs: list[Record], val_fraction: float, test_fraction: float, seed: int
-                  ) -> dict[str, list[Record]]:
-    """Manifest split column when present, else a seeded split stratified by label."""
-    if any(r.split for r in recs):
-        return {s: [r for r in recs if (r.split or "train") == s] for s in SPLITS}
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    for label in (0, 1):
-        group = [r for r in recs if r.label == label]
-        idx = rng.permutation(len(group))
-        n_val = int(round(len(group) * val_fraction)) if len(group) > 2 else 0
-        n_test = int(round(len(group) * test_fraction)) if len(group) > 2 else 0
-        for j, i in enumerate(idx):
-            out["val" if j < n_val else "test" if j < n_val + n_test else "train"].append(group[i])
-    return out
-
-
-def fingerprint(recs: list[Record]) -> str:
-    """Hash of the manifest rows and file sizes: identifies the data a model was trained on."""
-    h = hashlib.sha256()
-    for r in sorted(recs, key=lambda r: r.path):
-        size = os.path.getsize(r.path) if os.path.exists(r.path) else -1
-        h.update(f"{Path(r.path).name},{r.label},{r.split},{r.boxes},{size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
-    """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only. A mask
-    that contradicts the label (an anomalous scan's marks nothing, a normal scan's marks something) is an
-    error: it would teach every crop of the scan the wrong class."""
-    h, w = shape
-    if rec.mask:
-        if not os.path.exists(rec.mask):
-            raise ScanError(rec.mask, f"mask file not found (named for {Path(rec.path).name})")
-        m = read_mask(rec.mask)
-        if m.shape != shape:
-            raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {w}x{h}")
-        m, source = (m > 0).astype(np.float32), rec.mask   # 0/255 as documented; 0/1 from many labelling tools
-    elif rec.boxes:
-        m, source = np.zeros(shape, np.float32), rec.path
-        for box in rec.boxes:
-            x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
-            x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
-            if x1 <= x0 or y1 <= y0:
-                raise ScanError(rec.path, f"box {box} ([x0, y0, x1, y1]) covers no pixel of the {w}x{h} scan")
-            m[y0:y1, x0:x1] = 1
-    else:
-        return None if rec.label else np.zeros(shape, np.float32)
-    marked = int(np.count_nonzero(m))
-    if rec.label and not marked:
-        raise ScanError(source, "anomalous scan (label 1) whose mask marks no pixel: draw the anomaly, or leave the "
-                                "mask out to train from the label alone")
-    if not rec.label and marked:
-        raise ScanError(source, f"normal scan (label 0) whose mask marks {marked} pixels: label it 1 or clear the mask")
-    return m
-
-
-def _save(path: Path, a: np.ndarray, source: str) -> None:
-    """Atomic .npy write: DDP ranks may build the same cache entry at once. A failed write (a full disk)
-    leaves no partial file and names the cache, the scan and the way out."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    try:
-        np.save(tmp, a)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"{path}: cannot write the scan cache entry of {source} ({e}); the cache needs ~{a.nbytes / 1e6:.0f} "
-                      f"MB per scan like it: free disk space or point data.cache_dir at a larger disk") from e
-
-
-def _stamp(path: str) -> str:
-    """'size|mtime_ns' of a file, which changes when it is rewritten; ScanError naming it if it cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ScanError(path, "file not found" if isinstance(e, FileNotFoundError) else
-                        f"cannot read the file ({e.strerror or e})") from None
-    return f"{st.st_size}|{st.st_mtime_ns}"
-
-
-class ScanCache:
-    """Model-pitch attenuation (+ mask) of each record, computed once and memory-mapped from .npy."""
-
-    def __init__(self, folder: str | os.PathLike, pre: Preprocessing, channels: int | None = None) -> None:
-        self.folder, self.pre, self.channels = Path(folder), pre, channels
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def _key(self, rec: Record) -> str:
-        """The entry's name: changes with anything its arrays or meta come from. The label and the mask file's
-        size and mtime are in it: a mask redrawn in place, or a scan relabelled (a seizure found after release),
-        must not reuse the old mask, nor skip the check that the mask agrees with the label."""
-        # absolute paths: one scan named through another manifest (../data/x.tiff) or another working directory
-        # is one entry, not a second copy of its arrays
-        path, mask = os.path.abspath(rec.path), rec.mask and os.path.abspath(rec.mask)
-        s = f"{path}|{_stamp(rec.path)}|{mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
-        s += f"|label{rec.label}" + (f"|{_stamp(rec.mask)}" if rec.mask and os.path.exists(rec.mask) else "")
-        s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:
-                                                         # runs of dead rows found too (older entries rebuilt)
-        return hashlib.sha1(s.encode()).hexdigest()[:20]
-
-    def build(self, rec: Record) -> dict[str, Any]:
-        """Read, resample and store one record (no-op when cached); returns its meta. An entry whose arrays are
-        gone (a clean-up of big .npy files, a partial copy of the cache) is rebuilt: its meta alone sent every
-        run to a FileNotFoundError in a loader worker."""
-        key = self._key(rec)
-        meta_path = self.folder / f"{key}.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if all(p.exists() for p in self._arrays(meta)):
-                return meta
-        scan = read_scan(rec.path)
-        att = model_attenuation(scan.attenuation, scan.pitch_mm, self.pre, self.channels, scan.source)
-        mask = _scan_mask(rec, (scan.height, scan.width))
-        _save(self.folder / f"{key}.att.npy", att.astype(np.float32), rec.path)
-        meta: dict[str, Any] = {"key": key, "shape": list(att.shape), "has_mask": mask is not None,
-                                "pitch_mm": scan.pitch_mm, "energies": list(scan.energies), "centres": []}
-        if mask is not None:
-            mm = model_mask(mask, scan.pitch_mm, self.pre)
-            _save(self.folder / f"{key}.mask.npy", mm, rec.path)
-            meta["centres"] = [list(c) for c in mask_centres(mm)]
-        write_atomic(meta_path, meta)  # meta last: a crashed build is redone
-        return meta
-
-    def _arrays(self, meta: dict[str, Any]) -> list[Path]:
-        """The .npy files of a cache entry."""
-        return [self.folder / f"{meta['key']}.{part}.npy" for part in ("att", "mask")[:1 + bool(meta["has_mask"])]]
-
-    def load(self, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-        att, *mask = (np.load(p, mmap_mode="r") for p in self._arrays(meta))
-        return att, mask[0] if mask else None
 
 
 class CropDataset(Dataset):

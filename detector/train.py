@@ -37,7 +37,8 @@ from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, Va
 from detector.calibration import threshold_table, unresolved_warning
 from detector.checkpoint import CheckpointError, check_resumable, load_checkpoint, read_checkpoint
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
-from detector.data import ScanDataModule, auto_workers, check_dataset, fingerprint
+from detector.data import ScanDataModule, auto_workers
+from detector.records import check_dataset, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, build_model, nhwc

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from detector.data import (CropDataset, DataConfig, Record, ScanCache, ScanDataModule, ScanDataset,
-                           load_records, split_records)
+from detector.data import CropDataset, DataConfig, ScanDataModule, ScanDataset
 from detector.preprocess import Preprocessing
+from detector.records import Record, load_records, split_records
 from detector.scan import ScanError, attenuation_to_counts, write_scan
+from detector.scan_cache import ScanCache
 from detector.synth.stream import SynthPool, make_pool_scan
 from test_train import allow_cpus, write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
 
@@ -290,7 +291,7 @@ def test_loader_workers_run_opencv_on_one_thread_and_leave_the_main_process_alon
 _FAULTS = """
 import resource
 import numpy as np
-from detector.data import keep_freed_memory
+from detector.loader_workers import keep_freed_memory
 
 def faults():  # minor page faults of 20 allocations of a 16 MB array, each written and freed
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -476,7 +477,7 @@ def test_in_a_log_file_the_caching_bar_ends_its_line_before_a_warning(tmp_path):
 
 
 def test_masks_and_boxes_that_contradict_the_label_are_refused_and_0_1_16_bit_and_colour_masks_count(tmp_path):
-    from detector.data import _scan_mask
+    from detector.scan_cache import _scan_mask
     m01 = np.zeros((40, 60), np.uint8)
     m01[10:20, 10:20] = 1                                   # a labelling tool's 0/1 mask: 100 anomaly pixels
     cv2.imwrite(str(tmp_path / "m01.png"), m01)

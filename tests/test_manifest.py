@@ -43,7 +43,7 @@ def test_missing_columns_and_repeated_paths_name_the_manifest(tmp_path):
 
 def test_training_and_evaluation_read_the_same_nested_plain_layout(tmp_path):
     pytest.importorskip("torch")
-    from detector.data import load_records
+    from detector.records import load_records
     counts = np.full((2, 20, 40), 50000, np.uint16)
     for rel in ("normal/site1/n0.tiff", "normal/n1.tiff", "anomalous/site2/day3/a0.tiff", "anomalous/.hidden.tiff"):
         write_scan(tmp_path / rel, counts)
@@ -97,7 +97,7 @@ def test_a_manifest_written_on_windows_names_its_files_with_backslashes(tmp_path
     r"""images\a.tiff, as a Windows tool or spreadsheet writes it: on Linux every scan was "file not found", in
     training (all left out), scoring (every row failed) and evaluation (no truth matched)."""
     pytest.importorskip("torch")
-    from detector.data import load_records
+    from detector.records import load_records
     from detector.sources import discover
     counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
     write_scan(tmp_path / "images" / "a.tiff", counts)
@@ -130,7 +130,7 @@ def test_a_mask_cell_with_spaces_around_it_names_the_mask(tmp_path):
     """The path cell was stripped and the mask cell not: "masks/b.png " (a spreadsheet's stray space) was a mask
     "not found" in training, and no truth box in evaluation."""
     pytest.importorskip("torch")
-    from detector.data import load_records
+    from detector.records import load_records
     counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
     write_scan(tmp_path / "b.tiff", counts)
     (tmp_path / "masks").mkdir()
