@@ -1,5 +1,6 @@
 """Test another checkpoint of a finished run (e.g. last.ckpt beside the best.ckpt that training tested) on the
-run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py. `--split train`
+run's test split, and write its scores beside RUN/test_scores.csv for benchmarks/compare_runs.py; on a
+benchmarks/quality.py data folder it also prints quality.py's figures per anomaly type and visibility band. `--split train`
 scores the scans the run trained on instead: the gap to the test figures is how much of what it learnt is memorised.
 The data folder may also hold test scans only (e.g. quality.make_data with a new seed and {"test": 600}): new scans
 that no earlier choice was made on, the check a candidate should pass before it is kept (docs/experiments.md).
@@ -18,6 +19,7 @@ was often an earlier one that tested worse than the last (docs/experiments.md, t
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 from pathlib import Path
 
@@ -28,7 +30,9 @@ from detector.data import ScanDataModule
 from detector.scan import ScanError
 from detector.checkpoint import CheckpointError, read_checkpoint
 from detector.config import ConfigError, load_config
+from detector.synth.dataset import generator_version
 from detector.train import AnomalyModule, lightning_noise_off, write_test_scores
+from quality import print_details   # benchmarks/quality.py: per type, per visibility band, the run's own threshold
 
 
 def main() -> None:
@@ -67,6 +71,9 @@ def main() -> None:
     print(f"{a.run / a.checkpoint} (epoch {epoch}): {m['n']} {a.split} scans, AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  "
           f"det@1% {m['det_at_1pct']:.4f}  det@0.1% {m['det_at_0.1pct']:.4f}  "
           f"top-region hit {m['top_region_hit']:.4f}")
+    if a.split == "test" and generator_version(a.data / "test") is not None:   # a quality.py data folder: its figures too
+        rows = list(csv.DictReader(open(out, newline="")))
+        print_details(rows, module.info.get("thresholds") or [], m.get("per_type") or {}, a.data)
     print(f"scores: {out}")
     if a.split == "test" and a.out is None:   # the run's test split: its test_scores.csv holds the same scans
         print(f"next: python benchmarks/compare_runs.py {a.run} {out}")

@@ -117,6 +117,32 @@ def at_own_threshold(rows: list[dict], thresholds: list[dict], rate: float = 0.0
             "clean": len(clean), "clean_interval": rate_interval(k, len(clean)), "detection": sum(found) / len(found)}
 
 
+def print_details(rows: list[dict], thresholds: list[dict], per_type: dict, data: Path) -> tuple[dict, dict | None, dict]:
+    """Print what the test scores say beyond AUROC: 95 % intervals, the run's own 1 % threshold at work, detection
+    per anomaly type and per visibility band; returns (intervals, own threshold, visibility). `rows`: a run's
+    test_scores.csv; `data`: the generator data folder it was tested on (benchmarks/evaluate_checkpoint.py uses it too)."""
+    # 95 % intervals: how much of a difference between two runs another test set of this size could undo
+    ci = metrics.intervals([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
+    if ci["auroc"] and ci["detection_at_1pct"]:
+        print(f"95 % intervals over resampled test sets: AUROC [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}]  "
+              f"det@1% [{ci['detection_at_1pct'][0]:.3f}, {ci['detection_at_1pct'][1]:.3f}]")
+    own = at_own_threshold(rows, thresholds)
+    if own:
+        lo, hi = own["clean_interval"]
+        print(f"at the run's own 1 % threshold {own['threshold']:.4f} (from {own['n_normal_validation']} normal validation "
+              f"scans, as the bundle ships it): {own['clean_inspected']} of {own['clean']} clean test scans inspected "
+              f"({lo:.1%}-{hi:.1%}), detection {own['detection']:.3f}")
+    for kind, v in per_type.items():
+        print(f"  {kind:<16} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
+    vis = by_visibility(rows, data / "test" / "visibility.json")
+    print("visibility = added attenuation / local clutter (detector.synth.visibility):")
+    for band, v in vis["bands"].items():
+        print(f"  visibility {band:<6} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
+    print(f"  anomalies at visibility >= 1 only ({vis['n_visible']}): AUROC {vis['visible_auroc']:.4f}  "
+          f"det@1% {vis['visible_det_at_1pct']:.4f}")
+    return ci, own, vis
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quick.yaml")
@@ -172,25 +198,7 @@ def main() -> None:
           f"det@0.1% {f(t.get('det_at_0.1pct'))}  top-region hit {f(t.get('top_region_hit'))} "
           f"(of {t.get('n_localised')})")
     rows = list(csv.DictReader(open(run / "test_scores.csv", newline="")))
-    # 95 % intervals: how much of a difference between two runs another test set of this size could undo
-    ci = metrics.intervals([int(r["label"]) for r in rows], [float(r["score"]) for r in rows])
-    if ci["auroc"] and ci["detection_at_1pct"]:
-        print(f"95 % intervals over resampled test sets: AUROC [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}]  "
-              f"det@1% [{ci['detection_at_1pct'][0]:.3f}, {ci['detection_at_1pct'][1]:.3f}]")
-    own = at_own_threshold(rows, res["thresholds"])
-    if own:
-        lo, hi = own["clean_interval"]
-        print(f"at the run's own 1 % threshold {own['threshold']:.4f} (from {own['n_normal_validation']} normal validation "
-              f"scans, as the bundle ships it): {own['clean_inspected']} of {own['clean']} clean test scans inspected "
-              f"({lo:.1%}-{hi:.1%}), detection {own['detection']:.3f}")
-    for kind, v in (t.get("per_type") or {}).items():
-        print(f"  {kind:<16} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
-    vis = by_visibility(rows, data / "test" / "visibility.json")
-    print("visibility = added attenuation / local clutter (detector.synth.visibility):")
-    for band, v in vis["bands"].items():
-        print(f"  visibility {band:<6} n={v['n']:<4} det@1% {v['det_at_1pct']:.3f}")
-    print(f"  anomalies at visibility >= 1 only ({vis['n_visible']}): AUROC {vis['visible_auroc']:.4f}  "
-          f"det@1% {vis['visible_det_at_1pct']:.4f}")
+    ci, own, vis = print_details(rows, res["thresholds"], t.get("per_type") or {}, data)
     print(f"data {t_data:.0f}s, training {res['train_time_s']:.0f}s ({res['epochs']} epochs; scan caching "
           f"included), test {t_train - res['train_time_s']:.0f}s, run {run}")
     (run / "quality.json").write_text(json.dumps({"test": t, "validation": res["validation"], "data_s": t_data,
