@@ -161,6 +161,7 @@ class Inspector:
         self.region_threshold = float(region_threshold)
         self.max_regions = int(max_regions)
         self.height_range_mm = height_range_mm(self.metadata)   # None: the bundle does not say (checked nowhere)
+        self._check_pad_multiple()
         # tile widths/starts are multiples of m so the pixel and heatmap grids stay aligned
         m = self.pre.pad_multiple * self.stride // math.gcd(self.pre.pad_multiple, self.stride)
         self.tile_overlap = max(2 * m, int(math.ceil(tile_overlap / (2 * m))) * 2 * m)
@@ -253,6 +254,22 @@ class Inspector:
         return Verdict(score=score, decision=decision, threshold=thr, regions=regions, reason=reason,
                        heatmap=heatmap, heatmap_scale_yx=cell_yx, timings_ms=timings,
                        latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256)
+
+    def _check_pad_multiple(self) -> None:
+        """BundleError unless the graph runs on an input padded to the bundle's pad_multiple alone (odd multiples of
+        it): a hand-edited pad_multiple the network's strides cannot take (8 where it needs 32) loaded, passed the
+        warm-up (a multiple of 32) and then failed closed on most trucks with an onnxruntime message."""
+        p = self.pre.pad_multiple
+        h, w = (p * (n + 1 - n % 2) for n in (-(-96 // p), -(-160 // p)))
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4   # the failure is the BundleError's to tell, not an onnxruntime log line
+        try:
+            self.session.run(["heatmap"], {"scan": np.zeros((1, self.channels, h, w), np.float32)}, quiet)
+        except Exception as e:
+            raise BundleError(self.path, f"preprocessing pad_multiple {p} does not suit this graph: an input padded "
+                                         f"to it ({h} x {w} model px) fails to run ({str(e).splitlines()[0][:160]}); "
+                                         "was the metadata edited? Restore the exported pad_multiple or re-export"
+                              ) from None
 
     def _check_height(self, scan: Scan) -> None:
         """InspectionError for a scan far taller or shorter than the training scans: its pixel pitch is likely

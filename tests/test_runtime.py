@@ -446,3 +446,30 @@ def test_an_int8_graph_scores_a_scan_alike_whole_and_in_tiles(heuristic_model, t
     v = inspector.inspect(scan_from_counts(counts, i0=(I0, I0)))
     assert v.heatmap.shape == (13, 112) and v.heatmap.max() == 1.0           # the hot cell is quantized to 255/255
     assert v.score == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-4) and v.decision == "RELEASE"
+
+
+def _needs_multiples_of_32(g):
+    """The heuristic graph with a stride-32 branch added back onto its stride-8 map, as a network's decoder does:
+    it runs only on inputs whose height and width are multiples of 32."""
+    from onnx import TensorProto, helper
+
+    i = next(i for i, n in enumerate(g.node) if n.op_type == "Mul")
+    g.node[i].input[0] = "centred_32"
+    g.node.insert(i, helper.make_node("Add", ["centred", "deep_zero"], ["centred_32"]))
+    g.node.insert(i, helper.make_node("Mul", ["deep_up", "zero"], ["deep_zero"]))
+    g.node.insert(i, helper.make_node("Resize", ["deep", "", "up4"], ["deep_up"], mode="nearest"))
+    g.node.insert(i, helper.make_node("AveragePool", ["mean"], ["deep"], kernel_shape=[32, 32], strides=[32, 32]))
+    g.initializer.extend([helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                          helper.make_tensor("up4", TensorProto.FLOAT, [4], [1, 1, 4, 4])])
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_a_pad_multiple_the_graph_cannot_take_is_refused_at_load(heuristic_model, tmp_path, anomalous_scan_path,
+                                                                 warmup):
+    """A hand-edited pad_multiple (8 where the network needs 32) loaded and passed the warm-up, whose size is a
+    multiple of 32, then failed closed on most trucks with an onnxruntime message about Add or Conv shapes."""
+    good = _edited(heuristic_model, tmp_path / "m32.onnx", graph=_needs_multiples_of_32)
+    assert Inspector(good, threads=1, warmup=warmup).inspect(anomalous_scan_path).decision == "INSPECT"
+    edited = _edited(good, tmp_path / "pad8.onnx", meta=lambda d: d["preprocessing"].update(pad_multiple=8))
+    with pytest.raises(BundleError, match=r"pad8\.onnx: preprocessing pad_multiple 8 does not suit this graph"):
+        Inspector(edited, threads=1, warmup=warmup)
