@@ -349,3 +349,16 @@ def test_the_scans_left_out_are_named_not_only_counted(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in m["unmatched"]] == ["zz.tiff"]
     page = (tmp_path / "r" / "report.html").read_text()
     assert "Truth scans without a result (2, left out)" in page and "Result rows without truth (1, left out)" in page
+
+
+def test_a_truth_manifest_reaching_one_scan_twice_is_refused(tmp_path):
+    """Two rows through a link (images/n0.tiff and alias/n0.tiff, alias -> images) are one scan: eval kept the
+    second row's label for the result and reported the first as a truth scan without a result."""
+    data, res = _dataset(tmp_path)
+    (data / "alias").symlink_to(data / "images", target_is_directory=True)
+    with open(data / "manifest.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["alias/n0.tiff", 1, json.dumps([TRUE_BOX]), "cash", "wood"])
+    with pytest.raises(ValueError, match=r"manifest\.csv: row 9: alias/n0\.tiff is the scan of row 2 \(images/n0\.tiff"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 2
+
