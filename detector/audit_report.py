@@ -88,30 +88,46 @@ def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:
     db = _reader(Path(audit))
     try:
         where, params = _since(since)
-        rows = db.execute(f"SELECT v.model_sha256, v.decision, o.outcome, COUNT(*), MIN(v.time), MAX(v.time) "
-                          f"FROM {_LATEST}{where} GROUP BY 1, 2, 3 ORDER BY 5", params).fetchall()
+        rows = db.execute(f"SELECT v.model_sha256, v.decision, {_BY_SCORE}, o.outcome, COUNT(*), MIN(v.time), "
+                          f"MAX(v.time) FROM {_LATEST}{where} GROUP BY 1, 2, 3, 4 ORDER BY 6", params).fetchall()
     finally:
         db.close()
     models: dict[str, Counter] = {}
-    for model, decision, outcome, n, _, _ in rows:
-        models.setdefault(model or "", Counter())[decision, outcome] += n
+    for model, decision, by_score, outcome, n, _, _ in rows:
+        models.setdefault(model or "", Counter())[decision, by_score, outcome] += n
     return {"audit": str(audit), "since": parse_time(since) if since else None,
-            "first": min((r[4] for r in rows), default=None), "last": max((r[5] for r in rows), default=None),
+            "first": min((r[5] for r in rows), default=None), "last": max((r[6] for r in rows), default=None),
             "all": _figures(sum(models.values(), Counter())),
             "models": [{"model_sha256": m, **_figures(c)} for m, c in models.items()]}
 
 
+# what the model's score alone decided: a risk flag's forced INSPECT of a truck it scored under the threshold is its
+# RELEASE, and a failed scan (no score) is neither
+_BY_SCORE = ("CASE WHEN v.score IS NULL OR v.threshold IS NULL THEN NULL WHEN v.score >= v.threshold THEN 'INSPECT' "
+             "ELSE 'RELEASE' END")
+
+
 def _figures(tally: Counter) -> dict[str, Any]:
-    """summarise's figures from a count of verdicts by (decision, latest outcome or None)."""
-    n, inspect = sum(tally.values()), sum(k for (d, _), k in tally.items() if d == "INSPECT")
-    found, clear = tally["INSPECT", "found"], tally["INSPECT", "clear"]
+    """summarise's figures from a count of verdicts by (decision, the score's own decision or None, latest outcome or
+    None): the station's routing (forced and failed INSPECTs included), and the model's scores alone (`score_*`)."""
+    routed, scored = Counter(), Counter()
+    for (decision, by_score, outcome), k in tally.items():
+        routed[decision, outcome] += k
+        scored[by_score, outcome] += k
+    n, inspect = sum(routed.values()), sum(k for (d, _), k in routed.items() if d == "INSPECT")
+    found, clear = routed["INSPECT", "found"], routed["INSPECT", "clear"]
     checked = found + clear
+    hits, score_checked = scored["INSPECT", "found"], scored["INSPECT", "found"] + scored["INSPECT", "clear"]
     return {"verdicts": n, "inspect": inspect, "inspect_share": inspect / n if n else None,
-            "outcomes": sum(k for (_, o), k in tally.items() if o is not None),
+            "outcomes": sum(k for (_, o), k in routed.items() if o is not None),
             "inspected_found": found, "inspected_clear": clear, "hit_rate": found / checked if checked else None,
             "hit_rate_interval": list(rate_interval(found, checked)) if checked else None,
-            "released_checked": tally["RELEASE", "found"] + tally["RELEASE", "clear"],
-            "released_found": tally["RELEASE", "found"]}
+            "released_checked": routed["RELEASE", "found"] + routed["RELEASE", "clear"],
+            "released_found": routed["RELEASE", "found"],
+            "score_found": hits, "score_checked": score_checked,
+            "score_hit_rate": hits / score_checked if score_checked else None,
+            "score_missed": scored["RELEASE", "found"],
+            "score_released_checked": scored["RELEASE", "found"] + scored["RELEASE", "clear"]}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -123,10 +139,12 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [(m["model_sha256"][:12] or "?", m) for m in s["models"]]
     rows += [("all", a)] if len(rows) > 1 else []
     table = [("model", "verdicts", "INSPECT", "outcomes", "hits/checked", "hit rate", "95 % interval",
-              "misses/checked")]
+              "misses/checked", "score: hits", "score: misses")]
     table += [(name, str(f["verdicts"]), f"{f['inspect']} ({_pct(f['inspect_share'])})", str(f["outcomes"]),
                f"{f['inspected_found']}/{f['inspected_found'] + f['inspected_clear']}", _pct(f["hit_rate"]),
-               _interval(f), f"{f['released_found']}/{f['released_checked']}") for name, f in rows]
+               _interval(f), f"{f['released_found']}/{f['released_checked']}",
+               f"{f['score_found']}/{f['score_checked']}", f"{f['score_missed']}/{f['score_released_checked']}")
+              for name, f in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     hit = (f"hit rate {_pct(a['hit_rate'])} ({a['inspected_found']} found of "
@@ -134,7 +152,10 @@ def format_summary(s: dict[str, Any]) -> str:
            if a["hit_rate"] is not None else "no inspected truck has an outcome yet")
     lines += ["", f"{a['verdicts']} verdicts{since} ({s['first']} to {s['last']}), {_pct(a['inspect_share'])} INSPECT; "
                   f"{a['outcomes']} with an outcome: {hit}; misses: {a['released_found']} found of "
-                  f"{a['released_checked']} released trucks checked <- {s['audit']}"]
+                  f"{a['released_checked']} released trucks checked; by the model's scores alone (forced and failed "
+                  f"INSPECTs left out): hit rate {_pct(a['score_hit_rate'])} ({a['score_found']} found of "
+                  f"{a['score_checked']}), misses {a['score_missed']} found of {a['score_released_checked']} checked "
+                  f"<- {s['audit']}"]
     return "\n".join(lines)
 
 

@@ -326,6 +326,47 @@ def replace_metadata_bytes(model: bytes, meta: dict, path: str | Path | None = N
     return bytes(kept) + _len_field(_METADATA_PROPS, entry)
 
 
+def _strings(message: bytes, number: int) -> list[str]:
+    """The repeated string field `number` of a protobuf message."""
+    return [message[p:e].decode("utf-8", "replace") for n, _, p, e in _fields(message) if n == number]
+
+
+def _heatmap_logits(graph: bytes) -> str | None:
+    """The name of the tensor the heatmap's Sigmoid takes (its logits), past an INT8 graph's QuantizeLinear and
+    DequantizeLinear; None where the heatmap is made otherwise."""
+    producer = {}
+    for number, _, payload, end in _fields(graph):
+        if number == 1:   # GraphProto.node: NodeProto {input = 1; output = 2; op_type = 4; domain = 7}
+            node = graph[payload:end]
+            op = ("".join(_strings(node, 7)) or "ai.onnx") + "." + "".join(_strings(node, 4))
+            producer.update({out: (op, _strings(node, 1)) for out in _strings(node, 2)})
+    name = "heatmap"
+    while producer.get(name, ("", []))[0].endswith(("QuantizeLinear", "DequantizeLinear")):
+        name = producer[name][1][0]
+    op, inputs = producer.get(name, ("", []))
+    return inputs[0] if op == "ai.onnx.Sigmoid" and inputs else None
+
+
+def with_logits_output(model: bytes) -> tuple[bytes, str | None]:
+    """The model with the heatmap's logits as one more graph output, and their name; (model, None) where they
+    cannot be found. An INT8 heatmap is quantized to 1/255 steps (every cell past logit 6.2 reads 255/255), too
+    coarse to pool into a score; its logits are what the graph's own score pools."""
+    try:
+        fields = _fields(model)
+        graph = next((model[p:e] for n, _, p, e in fields if n == 7), None)
+        logits = None if graph is None else _heatmap_logits(graph)
+    except ValueError:
+        return model, None
+    if logits is None:
+        return model, None
+    outputs = [_strings(graph[p:e], 1) for n, _, p, e in _fields(graph) if n == 12]
+    if [logits] not in outputs:   # ValueInfoProto {name = 1; type = 2: TypeProto {tensor_type = 1: {elem_type = 1}}}
+        float_tensor = _len_field(1, b"\x08\x01")
+        graph += _len_field(12, _len_field(1, logits.encode()) + _len_field(2, float_tensor))
+    out = b"".join(_len_field(7, graph) if n == 7 else model[s:e] for n, s, _, e in fields)
+    return out, logits
+
+
 def graph_sha256(model: bytes, path: str | Path | None = None) -> str:
     """SHA-256 of an ONNX model's bytes less its metadata_props: the graph, weights and opsets the metadata describes.
     Export records it in the metadata; a metadata rewrite (`detector calibrate`) leaves it as it was."""

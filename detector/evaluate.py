@@ -13,14 +13,15 @@ import json
 import math
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from detector import metrics as M
-from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, read_mask,
-                               read_rows, read_text)
+from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
+                               read_mask, read_rows, read_text)
 from detector.scan import ScanError
 from detector.sources import shown
 
@@ -73,18 +74,31 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
         for r in rows:
             cargo = next((_none(r.get(c)) for c in CARGO_COLUMNS if _none(r.get(c))), None)
             label = label_of(r, manifest)
-            out.append(Truth((root / r["path"]).resolve(), r["path"], label, boxes_of(r, manifest),
+            out.append(Truth(on_disk(root / r["path"]).resolve(), r["path"], label, boxes_of(r, manifest),
                              (root / r["mask"]).resolve() if _none(r.get("mask")) else None,
                              (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo,
                              SPLIT_ALIASES.get((_none(r.get("split")) or "train").lower(), "") if split else ""))
+        _one_row_per_scan(out, [f"row {r['_row']}: " for r in rows], manifest)
         return out, manifest
     if src.is_dir() and has_layout(src):
         out = [Truth(p.resolve(), p.relative_to(src).as_posix(), label, mask=m.resolve() if m else None,
                      anomaly_type="anomaly" if label else None) for p, label, m in layout_files(src)]
+        _one_row_per_scan(out, [""] * len(out), src)
         return out, src
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such dataset folder or manifest.csv")
     raise FileNotFoundError(f"{src}: {not_a_dataset(src)}")
+
+
+def _one_row_per_scan(truth: list[Truth], where: list[str], src: Path) -> None:
+    """ScanError naming both when two truth entries reach one file (a link and its target, a linked folder): eval
+    matched its result to one of them, with that one's label, and reported the other as a scan without a result."""
+    seen: dict[Path, int] = {}
+    for i, t in enumerate(truth):
+        j = seen.setdefault(t.path, i)
+        if j != i:
+            raise ScanError(src, f"{where[i]}{t.rel} is the scan of {where[j].rstrip(': ') or 'the truth entry'} "
+                                 f"({truth[j].rel}, both reach {shown(t.path)}): list each scan once")
 
 
 def _regions(text: str | None) -> list:
@@ -134,15 +148,15 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
     on a Windows station reads D:\\data\\images\\a.tiff);
     also the results without truth and the truth without results. Two rows for one scan raise ValueError:
     a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
-    by_path = {shown(t.path): t for t in truth}   # as `detector score` writes a name that is not UTF-8
-    by_rel = {shown(Path(t.rel).as_posix()): t for t in truth}
+    by_path = {_key(t.path): t for t in truth}   # as `detector score` writes a name that is not UTF-8
+    by_rel = {_key(Path(t.rel).as_posix()): t for t in truth}
     pairs, orphans, used = [], [], {}
     for r in results:
         p = Path(r.path)
         cands = [p] if p.is_absolute() else [Path.cwd() / p, results_dir / p]
-        t = next((by_path[k] for c in cands if (k := shown(c.resolve())) in by_path), None)
+        t = next((by_path[k] for c in cands if (k := _key(c.resolve())) in by_path), None)
         if t is None:
-            parts = [q for q in re.split(r"[\\/]", r.path) if q not in ("", ".")]
+            parts = [q for q in re.split(r"[\\/]", _key(r.path)) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
         if t is None:
             orphans.append(r)
@@ -153,6 +167,12 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         used[id(t)] = r.row
         pairs.append((r, t))
     return pairs, orphans, [t for t in truth if id(t) not in used]
+
+
+def _key(path: str | Path) -> str:
+    """A path as results and truth are matched by: as `detector score` writes it (shown), its Unicode composed (NFC),
+    since a Mac's file names decompose ü (NFD) where a manifest typed elsewhere composes it."""
+    return unicodedata.normalize("NFC", shown(path))
 
 
 def scored_by(results: str | Path) -> dict | None:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 import cv2
@@ -64,6 +65,18 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
             mask = {"mask": _native(row["mask"].strip())} if row.get("mask") else {}
             rows.append({**row, "path": path, "_row": line, **mask})
     return rows
+
+
+def on_disk(path: Path) -> Path:
+    """`path` as the file system spells it where only the Unicode form of its name differs: a manifest typed on Linux
+    composes ü (NFC), scans copied from a Mac keep it decomposed (NFD), and each such scan was "file not found"."""
+    if os.path.lexists(path):
+        return path
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, os.fspath(path))
+        if os.path.lexists(other):
+            return Path(other)
+    return path
 
 
 def _native(cell: str) -> str:

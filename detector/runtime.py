@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, session_metadata,
-                             unloadable)
+                             unloadable, with_logits_output)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -80,12 +80,17 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def topk_mean_logit_score(heatmap: np.ndarray, k: int) -> float:
-    """sigmoid(mean of the k largest heatmap logits): the score rule the network uses."""
-    flat = _logit(heatmap.reshape(-1))
+def topk_mean_score(logits: np.ndarray, k: int) -> float:
+    """sigmoid(mean of the k largest logits): the score rule the network uses, on its heatmap's logits."""
+    flat = logits.reshape(-1).astype(np.float64)
     k = max(1, min(int(k), flat.size))
     top = np.partition(flat, flat.size - k)[flat.size - k:]
     return float(1.0 / (1.0 + math.exp(-float(top.mean()))))
+
+
+def topk_mean_logit_score(heatmap: np.ndarray, k: int) -> float:
+    """The score rule on a heatmap's probabilities (their logits recovered), where the graph's logits are unknown."""
+    return topk_mean_score(_logit(heatmap), k)
 
 
 def _top(heatmap: np.ndarray, k: int) -> np.ndarray:
@@ -93,13 +98,18 @@ def _top(heatmap: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.partition(flat, flat.size - k)[flat.size - k:])
 
 
-def own_cells_score(heatmap: np.ndarray, own: np.ndarray, score: float, k: int) -> float:
+def own_cells_score(heatmap: np.ndarray, own: np.ndarray, score: float | None, k: int,
+                    own_logits: np.ndarray | None = None) -> float:
     """The score over the scan's own cells `own` (the heatmap less the cells wholly over the padding), as training's
-    validation, which set the thresholds, pools them: `score` (the graph's, over every cell) where the padding does
-    not change the top k, else recomputed from `own`'s probabilities (a model may fire at a scan's cut edge). The
-    graph's is kept where it can be: an INT8 heatmap is quantized to 1/255 steps, too coarse to recover logits."""
+    validation, which set the thresholds, pools them. Pooled from `own_logits` (the graph's heatmap logits of those
+    cells) where the graph exposes them: so a scan scores the same whole or in tiles, and an INT8 graph's score is
+    not held to its quantized score output's 1/255 steps. Without them: `score` (the graph's, over every cell; None
+    for a tiled scan) where the padding does not change the top k (a model may fire at a scan's cut edge), else
+    pooled from `own`'s probabilities (an INT8 heatmap's 1/255 steps are too coarse to recover logits from)."""
     k = max(1, min(int(k), own.size))
-    if own.shape == heatmap.shape or np.array_equal(_top(heatmap, k), _top(own, k)):
+    if own_logits is not None:
+        return topk_mean_score(own_logits, k)
+    if score is not None and (own.shape == heatmap.shape or np.array_equal(_top(heatmap, k), _top(own, k))):
         return score
     return topk_mean_logit_score(own, k)
 
@@ -140,11 +150,7 @@ class Inspector:
         except OSError as e:
             raise BundleError(self.path, f"cannot read model file ({e.strerror or e})") from None
         self.model_sha256 = hashlib.sha256(data).hexdigest()
-        try:
-            self.session = ort.InferenceSession(data, _session_options(threads),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise unloadable(self.path, e) from None
+        self.session, self.logits_name = _load_session(data, threads, self.path)
         self.metadata = session_metadata(self.session, data, self.path)
         self.channels = int(self.metadata["channels"])
         self.stride = int(self.metadata["stride"])
@@ -155,6 +161,7 @@ class Inspector:
         self.region_threshold = float(region_threshold)
         self.max_regions = int(max_regions)
         self.height_range_mm = height_range_mm(self.metadata)   # None: the bundle does not say (checked nowhere)
+        self._check_pad_multiple()
         # tile widths/starts are multiples of m so the pixel and heatmap grids stay aligned
         m = self.pre.pad_multiple * self.stride // math.gcd(self.pre.pad_multiple, self.stride)
         self.tile_overlap = max(2 * m, int(math.ceil(tile_overlap / (2 * m))) * 2 * m)
@@ -224,13 +231,14 @@ class Inspector:
         t2 = time.perf_counter()
         timings["preprocess"] = (t2 - t1) * 1000.0
         _check_deadline(deadline, t0, "preprocess")
-        heatmap, score = self._infer(prepared.x, deadline, t0)
+        heatmap, score, logits = self._infer(prepared.x, deadline, t0)
         t3 = time.perf_counter()
         timings["infer"] = (t3 - t2) * 1000.0
         _check_deadline(deadline, t0, "inference")
         hv, wv = valid_cells(*prepared.valid_hw, self.stride)
         own = np.ascontiguousarray(heatmap[:hv, :wv])
-        score, heatmap = own_cells_score(heatmap, own, score, self.score_k), own
+        own_logits = None if logits is None else logits[:hv, :wv]
+        score, heatmap = own_cells_score(heatmap, own, score, self.score_k, own_logits), own
         cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
         thr = self.threshold if threshold is None else valid_threshold(threshold)
         # a threshold under the region cut-off would send trucks to inspection with nothing to look at; the hottest
@@ -246,6 +254,22 @@ class Inspector:
         return Verdict(score=score, decision=decision, threshold=thr, regions=regions, reason=reason,
                        heatmap=heatmap, heatmap_scale_yx=cell_yx, timings_ms=timings,
                        latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256)
+
+    def _check_pad_multiple(self) -> None:
+        """BundleError unless the graph runs on an input padded to the bundle's pad_multiple alone (odd multiples of
+        it): a hand-edited pad_multiple the network's strides cannot take (8 where it needs 32) loaded, passed the
+        warm-up (a multiple of 32) and then failed closed on most trucks with an onnxruntime message."""
+        p = self.pre.pad_multiple
+        h, w = (p * (n + 1 - n % 2) for n in (-(-96 // p), -(-160 // p)))
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4   # the failure is the BundleError's to tell, not an onnxruntime log line
+        try:
+            self.session.run(["heatmap"], {"scan": np.zeros((1, self.channels, h, w), np.float32)}, quiet)
+        except Exception as e:
+            raise BundleError(self.path, f"preprocessing pad_multiple {p} does not suit this graph: an input padded "
+                                         f"to it ({h} x {w} model px) fails to run ({str(e).splitlines()[0][:160]}); "
+                                         "was the metadata edited? Restore the exported pad_multiple or re-export"
+                              ) from None
 
     def _check_height(self, scan: Scan) -> None:
         """InspectionError for a scan far taller or shorter than the training scans: its pixel pitch is likely
@@ -268,15 +292,21 @@ class Inspector:
             return f"custom threshold: {false_alarm_rate(scores, thr) * 100:.2g}% false alarms on validation"
         return "custom threshold"
 
-    def _run(self, x: np.ndarray, run_options: ort.RunOptions | None) -> tuple[np.ndarray, float]:
+    def _run(self, x: np.ndarray, run_options: ort.RunOptions | None
+             ) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """heatmap (H/s, W/s), score, and the heatmap's logits where the graph exposes them (else None)."""
+        names = ["heatmap", "score"] + ([self.logits_name] if self.logits_name else [])
         try:
-            heatmap, score = self.session.run(["heatmap", "score"], {"scan": x[None]}, run_options)
+            heatmap, score, *logits = self.session.run(names, {"scan": x[None]}, run_options)
         except Exception as e:
             if run_options is not None and run_options.terminate:
                 raise InspectionError("deadline exceeded during inference (run terminated)") from None
             raise InspectionError(f"model run failed on input {tuple(x.shape)}: {str(e).splitlines()[0][:200]}") from None
         self._check_outputs(heatmap, score, x.shape)
-        return heatmap[0, 0], min(max(float(score[0]), 0.0), 1.0)
+        if logits and (logits[0].shape != heatmap.shape or not np.isfinite(logits[0]).all()):
+            raise InspectionError(f"the heatmap's logits ({self.logits_name}) are not finite or not shaped as the "
+                                  f"heatmap ({logits[0].shape} vs {heatmap.shape})")
+        return heatmap[0, 0], min(max(float(score[0]), 0.0), 1.0), logits[0][0, 0] if logits else None
 
     def _check_outputs(self, heatmap: np.ndarray, score: np.ndarray, x_shape: tuple) -> None:
         """The bundle contract: heatmap (1, 1, H/stride, W/stride) and score (1,), finite, in [0, 1]. Another
@@ -292,8 +322,10 @@ class Inspector:
         if lo < -OUT_TOL or hi > 1.0 + OUT_TOL:   # the tolerance: an INT8 sigmoid dequantises a hair past 1
             raise InspectionError(f"model outputs values in [{lo:.3g}, {hi:.3g}], not probabilities in [0, 1]")
 
-    def _infer(self, x: np.ndarray, deadline: float | None, t0: float) -> tuple[np.ndarray, float]:
-        """Whole scan in one run, or width tiles with overlap stitched by max (bounded memory)."""
+    def _infer(self, x: np.ndarray, deadline: float | None, t0: float
+               ) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+        """Whole scan in one run (heatmap, the graph's score, logits), or width tiles with overlap stitched by max
+        (bounded memory; score None: the caller pools the stitched logits, or probabilities where there are none)."""
         opts, timer = None, None
         if deadline is not None:
             opts = ort.RunOptions()
@@ -308,14 +340,17 @@ class Inspector:
             step = tw - self.tile_overlap
             starts = list(range(0, width - tw, step)) + [width - tw]
             stitched = np.zeros((x.shape[-2] // s, width // s), np.float32)
+            logits = np.full_like(stitched, -np.inf) if self.logits_name else None
             for i, a in enumerate(starts):
                 _check_deadline(deadline, t0, f"{i} of {len(starts)} tiles")
-                hm, _ = self._run(np.ascontiguousarray(x[:, :, a:a + tw]), opts)
+                hm, _, lg = self._run(np.ascontiguousarray(x[:, :, a:a + tw]), opts)
                 lo = 0 if i == 0 else half                  # trust tile centres: borders lack context
                 hi = tw if i == len(starts) - 1 else tw - half
-                np.maximum(stitched[:, (a + lo) // s:(a + hi) // s], hm[:, lo // s:hi // s],
-                           out=stitched[:, (a + lo) // s:(a + hi) // s])
-            return stitched, topk_mean_logit_score(stitched, self.score_k)
+                for whole, tile in ((stitched, hm), (logits, lg)):
+                    if whole is not None:
+                        np.maximum(whole[:, (a + lo) // s:(a + hi) // s], tile[:, lo // s:hi // s],
+                                   out=whole[:, (a + lo) // s:(a + hi) // s])
+            return stitched, None, logits
         finally:
             if timer is not None:
                 timer.cancel()
@@ -336,6 +371,18 @@ class Inspector:
             out.append(Region(box=box, score=peak))
         out.sort(key=lambda r: -r.score)
         return out[: self.max_regions]
+
+
+def _load_session(data: bytes, threads: int | None, path: Path) -> tuple[ort.InferenceSession, str | None]:
+    """The bundle's onnxruntime session, with its heatmap's logits as one more output where they can be found (the
+    name, else None), so the runtime pools tiles and padded scans as the graph does (bundle.with_logits_output)."""
+    model, logits = with_logits_output(data)
+    for candidate, name in ((model, logits), (data, None)) if logits else ((data, None),):
+        try:
+            return ort.InferenceSession(candidate, _session_options(threads), providers=["CPUExecutionProvider"]), name
+        except Exception as e:
+            error = e
+    raise unloadable(path, error) from None
 
 
 def _check_options(threads: Any, region_threshold: Any, max_regions: Any) -> None:

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.manifest import read_rows, read_text
+from detector.manifest import on_disk, read_rows, read_text
 from detector.policy import parse_flags
 from detector.formats import png_header
 from detector.scan import SCAN_SUFFIXES, ScanError
@@ -28,7 +28,7 @@ class Item:
 
 
 def _item(path: Path, row_number: int, r: dict) -> Item:
-    item = Item((path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
+    item = Item(on_disk(path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
     try:
         item.risk_flags = parse_flags(r.get("risk_flags"))
     except ValueError as e:   # one bad cell inspects its own truck, not the whole batch
@@ -106,9 +106,9 @@ def _discover(src: str) -> tuple[list[Item], str]:
             line = line.strip()
             if line and not line.startswith("#"):
                 q = Path(line)
-                if not q.is_absolute() and not q.exists():
+                if not q.is_absolute() and not on_disk(q).exists():
                     q = p.parent / q  # relative to the list when not relative to the working dir
-                items.append(Item(q.resolve()))
+                items.append(Item(on_disk(q).resolve()))
         return items, f"list {p}"
     if p.is_file():
         return [Item(p.resolve())], f"file {p}"

@@ -219,15 +219,37 @@ def test_summary_figures(tmp_path, capsys):
     assert audit_report.main(Namespace(**args, json=False)) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0].split() == ["model", "verdicts", "INSPECT", "outcomes", "hits/checked", "hit", "rate", "95", "%",
-                               "interval", "misses/checked"]
+                               "interval", "misses/checked", "score:", "hits", "score:", "misses"]
     assert [ln.split()[0] for ln in text[1:4]] == ["A" * 12, "B" * 12, "all"]
-    assert text[3].split()[1:] == ["10", "6", "(60.0%)", "7", "2/5", "40.0%", "11.8%", "-", "76.9%", "1/2"]
+    # every truck here scored 0.1 under its 0.4 threshold: the INSPECTs were forced, and the finds are the model's misses
+    assert text[3].split()[1:] == ["10", "6", "(60.0%)", "7", "2/5", "40.0%", "11.8%", "-", "76.9%", "1/2", "0/0", "3/7"]
     assert text[-1].startswith("10 verdicts (2026-11-01") and "hit rate 40.0% (2 found of 5 inspected" in text[-1]
     assert "misses: 1 found of 2 released trucks checked" in text[-1]
     # an option the action would ignore is refused
     assert audit_report.main(Namespace(**{**args, "out": "s.csv"}, json=False)) == 2
     assert audit_report.main(Namespace(**{**args, "action": "export"}, json=False)) == 2
     assert audit_report.main(Namespace(**{**args, "action": "export", "out": str(tmp_path / "x.csv")}, json=True)) == 2
+
+
+def test_the_summary_tells_the_models_hits_from_the_forced_and_failed_inspections(tmp_path):
+    """The hit rate is the station's routing: a truck a risk flag sent to inspection though the model scored it under
+    the threshold, or one whose scan failed, counted as the model's hit when found, and the per-model rows judged models
+    by it. The summary now also gives what the model's scores alone decided."""
+    db = AuditLog(tmp_path / "audit.sqlite")
+    rows = [("forced", "INSPECT", 0.1, "found"), ("failed", "INSPECT", None, "found"), ("hit", "INSPECT", 0.9, "found"),
+            ("alarm", "INSPECT", 0.8, "clear"), ("cleared", "RELEASE", 0.2, "clear"), ("unchecked", "RELEASE", 0.3, None)]
+    for i, (rid, decision, score, outcome) in enumerate(rows):
+        db.write({**_row(rid, f"2026-11-{i + 1:02d}T08:00:00.000+00:00", decision), "score": score})
+        if outcome:
+            db.record_outcome(rid, outcome)
+    db.close()
+    a = audit_report.summarise(tmp_path / "audit.sqlite")["all"]
+    assert (a["inspected_found"], a["inspected_clear"], a["hit_rate"]) == (3, 1, 0.75)    # the station's routing
+    assert (a["score_found"], a["score_checked"], a["score_hit_rate"]) == (1, 2, 0.5)      # the model's own
+    assert (a["score_missed"], a["score_released_checked"]) == (1, 2)   # the forced find is the model's miss
+    text = audit_report.format_summary(audit_report.summarise(tmp_path / "audit.sqlite")).splitlines()
+    assert "by the model's scores alone (forced and failed INSPECTs left out): hit rate 50.0% (1 found of 2), " \
+           "misses 1 found of 2 checked" in text[-1]
 
 
 def test_an_audit_log_that_cannot_be_opened_or_written_is_named_at_open(log, tmp_path, monkeypatch):

@@ -349,3 +349,44 @@ def test_the_scans_left_out_are_named_not_only_counted(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in m["unmatched"]] == ["zz.tiff"]
     page = (tmp_path / "r" / "report.html").read_text()
     assert "Truth scans without a result (2, left out)" in page and "Result rows without truth (1, left out)" in page
+
+
+def test_a_truth_manifest_reaching_one_scan_twice_is_refused(tmp_path):
+    """Two rows through a link (images/n0.tiff and alias/n0.tiff, alias -> images) are one scan: eval kept the
+    second row's label for the result and reported the first as a truth scan without a result."""
+    data, res = _dataset(tmp_path)
+    (data / "alias").symlink_to(data / "images", target_is_directory=True)
+    with open(data / "manifest.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["alias/n0.tiff", 1, json.dumps([TRUE_BOX]), "cash", "wood"])
+    with pytest.raises(ValueError, match=r"manifest\.csv: row 9: alias/n0\.tiff is the scan of row 2 \(images/n0\.tiff"):
+        evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "r"))) == 2
+
+
+def test_names_composed_in_the_truth_and_decomposed_on_disk_match(tmp_path, heuristic_model, normal_scan_path,
+                                                                  anomalous_scan_path):
+    """A manifest typed on Linux spells ü composed (NFC); the scans copied from a Mac keep their decomposed names
+    (NFD). Scoring the folder wrote the names as on disk, and eval matched none of them to the manifest's rows; scoring
+    the manifest failed every such scan as not found."""
+    import shutil
+    import unicodedata
+
+    from detector import score
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    names = {"müller_a.tiff": (anomalous_scan_path, 1), "müller_n.tiff": (normal_scan_path, 0)}
+    for name, (src, _) in names.items():
+        shutil.copy(src, data / "images" / unicodedata.normalize("NFD", name))
+    with open(data / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([f"images/{unicodedata.normalize('NFC', n)}", label] for n, (_, label) in names.items())
+    for src in (data / "images", data):   # the folder as found on disk, and the manifest
+        res = tmp_path / f"results_{src.name}.csv"
+        args = Namespace(src=str(src), model=str(heuristic_model), out=str(res), jsonl=None, overlays=None,
+                         overlays_flagged=False, policy=None, threshold=None, threads=1, workers=1, no_resume=False)
+        assert score.main(args) == 0
+        assert "not found" not in res.read_text(encoding="utf-8")
+        m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
+        assert (m["overall"]["n"], m["unmatched_results"], m["unscored_truth"]) == (2, 0, 0), src
+        assert m["overall"]["auroc"] == 1.0

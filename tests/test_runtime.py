@@ -398,3 +398,78 @@ def test_the_graphs_score_stands_unless_the_padding_enters_the_top_k():
     hm[5, 3] = 0.9                                         # the model fires at the cut edge: the score is the scan's
     assert own_cells_score(hm, own, 0.95, 4) == pytest.approx(topk_mean_logit_score(own, 4))
     assert own_cells_score(own, own, 0.714, 4) == 0.714   # no padding cells: the graph's
+
+
+def _as_int8(g):
+    """The heuristic graph as an INT8 export makes it: the heatmap and the score quantized to 1/255 steps after their
+    sigmoids (uint8 QDQ), the score sigmoid(mean of the top 4 logits)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def quantized(x, out):
+        return [helper.make_node("QuantizeLinear", [x, "q_scale", "q_zero"], [out + "_q"]),
+                helper.make_node("DequantizeLinear", [out + "_q", "q_scale", "q_zero"], [out])]
+
+    nodes = [n for n in g.node if n.op_type != "ReduceMax"]
+    next(n for n in nodes if n.op_type == "Sigmoid").output[0] = "probability"
+    nodes += quantized("probability", "heatmap") + [
+        helper.make_node("Flatten", ["logit"], ["flat"], axis=1),
+        helper.make_node("TopK", ["flat", "k"], ["top", "top_index"], axis=1),
+        helper.make_node("ReduceMean", ["top", "ax1"], ["top_mean"], keepdims=0),
+        helper.make_node("Sigmoid", ["top_mean"], ["score_raw"])] + quantized("score_raw", "score")
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend([helper.make_tensor("q_scale", TensorProto.FLOAT, [], [1 / 255]),
+                          helper.make_tensor("q_zero", TensorProto.UINT8, [], [0]),
+                          helper.make_tensor("k", TensorProto.INT64, [1], [4])])
+    onnx.checker.check_model(onnx.helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+@pytest.mark.parametrize("max_width", [2048, 256])   # whole, and in width tiles
+def test_an_int8_graph_scores_a_scan_alike_whole_and_in_tiles(heuristic_model, tmp_path, max_width):
+    """A scan wider than max_width runs in tiles and the runtime pools their heatmaps into its score. It pooled the
+    probabilities, which an INT8 graph quantizes to 1/255 steps: a cell at logit 8 (p 0.9997) read 255/255, logit
+    13.8, and with k = 4 a truck whose logits give 0.881 scored 0.970 once tiled (INSPECT at a 0.95 threshold),
+    0.882 whole (the graph's score, quantized too). Both now pool the graph's logits."""
+    from conftest import DENSE_ATT, I0, SLOPE
+
+    from detector.scan import scan_from_counts
+
+    model = _edited(heuristic_model, tmp_path / "q.onnx", graph=_as_int8,
+                    meta=lambda d: d.update(score={"method": "topk_mean_logit", "k": 4}))
+    att = np.full((208, 1792), 0.6)
+    att[80:96, 800:816] = DENSE_ATT + 8 / SLOPE        # one cell at logit 8
+    att[80:96, 816:864] = DENSE_ATT                    # three at logit 0
+    counts = np.round(I0 * np.exp(-np.stack([att, att]))).astype(np.uint16)
+    inspector = Inspector(model, threads=1, max_width=max_width, tile_overlap=64, threshold=0.95, warmup=False)
+    assert inspector.logits_name == "logit"                                  # the Sigmoid's input, past the QDQ
+    v = inspector.inspect(scan_from_counts(counts, i0=(I0, I0)))
+    assert v.heatmap.shape == (13, 112) and v.heatmap.max() == 1.0           # the hot cell is quantized to 255/255
+    assert v.score == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-4) and v.decision == "RELEASE"
+
+
+def _needs_multiples_of_32(g):
+    """The heuristic graph with a stride-32 branch added back onto its stride-8 map, as a network's decoder does:
+    it runs only on inputs whose height and width are multiples of 32."""
+    from onnx import TensorProto, helper
+
+    i = next(i for i, n in enumerate(g.node) if n.op_type == "Mul")
+    g.node[i].input[0] = "centred_32"
+    g.node.insert(i, helper.make_node("Add", ["centred", "deep_zero"], ["centred_32"]))
+    g.node.insert(i, helper.make_node("Mul", ["deep_up", "zero"], ["deep_zero"]))
+    g.node.insert(i, helper.make_node("Resize", ["deep", "", "up4"], ["deep_up"], mode="nearest"))
+    g.node.insert(i, helper.make_node("AveragePool", ["mean"], ["deep"], kernel_shape=[32, 32], strides=[32, 32]))
+    g.initializer.extend([helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                          helper.make_tensor("up4", TensorProto.FLOAT, [4], [1, 1, 4, 4])])
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_a_pad_multiple_the_graph_cannot_take_is_refused_at_load(heuristic_model, tmp_path, anomalous_scan_path,
+                                                                 warmup):
+    """A hand-edited pad_multiple (8 where the network needs 32) loaded and passed the warm-up, whose size is a
+    multiple of 32, then failed closed on most trucks with an onnxruntime message about Add or Conv shapes."""
+    good = _edited(heuristic_model, tmp_path / "m32.onnx", graph=_needs_multiples_of_32)
+    assert Inspector(good, threads=1, warmup=warmup).inspect(anomalous_scan_path).decision == "INSPECT"
+    edited = _edited(good, tmp_path / "pad8.onnx", meta=lambda d: d["preprocessing"].update(pad_multiple=8))
+    with pytest.raises(BundleError, match=r"pad8\.onnx: preprocessing pad_multiple 8 does not suit this graph"):
+        Inspector(edited, threads=1, warmup=warmup)
