@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset,
+from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
                                read_rows)
 from detector.scan import ScanError
 
@@ -40,8 +40,8 @@ def _records_from_manifest(root: Path) -> list[Record]:
         if text and not split:   # a typo would train on the scans meant to test the model
             raise ScanError(manifest, f"row {row['_row']}: split {text!r} is not one of "
                                       f"{', '.join(sorted(SPLIT_ALIASES))} (or empty: train)")
-        out.append(Record(str(root / row["path"]), label_of(row, manifest),
-                          str(root / row["mask"]) if (row.get("mask") or "").strip() else None,
+        out.append(Record(str(on_disk(root / row["path"])), label_of(row, manifest),
+                          str(on_disk(root / row["mask"])) if (row.get("mask") or "").strip() else None,
                           boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split))
     return out
 

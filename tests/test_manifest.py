@@ -115,6 +115,22 @@ def test_a_manifest_written_on_windows_names_its_files_with_backslashes(tmp_path
         read_rows(_manifest(tmp_path, "path,label\nimages\\a.tiff,0\nimages/a.tiff,0\n"))
 
 
+def test_training_finds_a_scan_and_mask_whose_names_a_mac_decomposed(tmp_path):
+    """A manifest typed on Linux composes ü (NFC); scans and masks copied from a Mac keep it decomposed (NFD). Scoring
+    and eval found them (manifest.on_disk); training read each such row as "file not found" and left it out."""
+    import unicodedata
+    pytest.importorskip("torch")
+    from detector.records import load_records
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    nfd = lambda name: unicodedata.normalize("NFD", name)  # noqa: E731
+    write_scan(tmp_path / "images" / nfd("lkw_müller.tiff"), counts)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / nfd("lkw_müller.png")).write_bytes(b"")
+    _manifest(tmp_path, "path,label,mask\nimages/lkw_müller.tiff,1,masks/lkw_müller.png\n")
+    (r,) = load_records(tmp_path)
+    assert os.path.exists(r.path) and os.path.exists(r.mask)
+
+
 def test_layout_folders_named_in_another_case_are_named_in_the_refusal(tmp_path):
     """Normal/ and Anomalous/ (as a Windows user names folders): "scans but no labels: put them in normal/ and
     anomalous/ sub-folders" told the user to do what they had done."""
