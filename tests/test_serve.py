@@ -203,7 +203,7 @@ def _score_histogram(server) -> dict[str, float]:
 
 
 def test_metrics_and_audit_rows(server, normal_scan_path, tmp_path):
-    from detector.serve import SCORE_BUCKETS
+    from detector.serve_metrics import SCORE_BUCKETS
     before = _score_histogram(server)
     answer = _post(server, normal_scan_path, {"vehicle_id": "V-77"}).json()
     rid = answer["request_id"]
