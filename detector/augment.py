@@ -131,12 +131,12 @@ class TIP(A.DualTransform):
                  library_share: float = 0.0) -> None:
         super().__init__(p=p)
         self.pitch_mm = pitch_mm
-        self.kinds = tuple(kinds)
-        self.scale = _check_range(scale, "scale")
+        self.kinds = _check_kinds(kinds, "TIP kinds")
+        self.scale = _check_range(scale, "TIP scale")
         self.conceal = float(conceal)
         if not 0 <= self.conceal <= 1:
             raise ValueError(f"TIP conceal must be a share in [0, 1], got {conceal!r}")
-        self.conceal_scale = _check_range(conceal_scale, "conceal_scale")
+        self.conceal_scale = _check_range(conceal_scale, "TIP conceal_scale")
         self.library = tuple(library)
         self.library_share = float(library_share)
         if not 0 <= self.library_share <= 1:
@@ -206,10 +206,32 @@ def _insert(att: np.ndarray, region: np.ndarray, rng: np.random.Generator,
 
 
 def _check_range(r: tuple[float, float], name: str) -> tuple[float, float]:
-    lo, hi = (float(v) for v in r)
+    """(lo, hi) as floats, or ValueError naming the setting: two numbers with 0 < lo <= hi."""
+    try:
+        lo, hi = (float(v) for v in r)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers [lo, hi], got {r!r}") from None
     if not 0 < lo <= hi:
-        raise ValueError(f"TIP {name} must be 0 < lo <= hi, got {r!r}")
+        raise ValueError(f"{name} must be 0 < lo <= hi, got {r!r}")
     return lo, hi
+
+
+def _check_kinds(kinds: Sequence[str], name: str) -> tuple[str, ...]:
+    """The TIP threat kinds, or ValueError naming an unknown one: `make_threat` raises it inside TIP's placement
+    tries, which take a ValueError for a threat that does not fit, so a misspelled kind inserted nothing."""
+    unknown = [k for k in kinds if k not in tip.THREAT_KINDS]
+    if unknown:
+        raise ValueError(f"{name}: unknown threat kind(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(tip.THREAT_KINDS)} (empty = all)")
+    return tuple(kinds)
+
+
+def check_augment_config(cfg: AugmentConfig) -> None:
+    """ValueError naming the first augmentation setting that cannot work: checked when a config is loaded, so a
+    misspelled TIP kind fails at once instead of training without a threat, and a bad range before the caching."""
+    _check_kinds(cfg.tip_kinds, "data.augment.tip_kinds")
+    for name in ("tip_scale", "tip_conceal_scale", "photons"):
+        _check_range(getattr(cfg, name), f"data.augment.{name}")
 
 
 def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None,

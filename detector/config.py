@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from detector.augment import check_augment_config
 from detector.data import DataConfig
 from detector.model import ModelConfig, build_model, check_model_config
 from detector.policy import UniqueKeyLoader
@@ -213,6 +214,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"preprocessing.pad_multiple must be >= 1, got {m}")
     try:   # a network that cannot be built fails here, not after the scans are cached
         check_model_config(cfg.model, m)
+        check_augment_config(cfg.data.augment)
         if cfg.model.weights:   # the file named, read and matched to the backbone now
             build_model(cfg.model)
     except ValueError as e:

@@ -192,3 +192,19 @@ def test_tip_from_a_library_projects_its_threats_flipped_and_share_zero_changes_
         TIP(library=lib, library_share=1.5)
     t = train_pipeline(AugmentConfig(tip_rate=0.5, tip_from_labels=0.3), 10.0, library=lib).transforms[0]
     assert isinstance(t, TIP) and t.library_share == 0.3 and len(t.library) == 3
+
+
+def test_a_misspelled_tip_kind_is_refused_not_a_tip_that_never_inserts():
+    """A kind make_threat does not know raised inside TIP's placement tries, which swallow ValueErrors (a threat
+    that does not fit): TIP then inserted nothing, and a normal-only run trained without a single anomaly."""
+    from detector.config import ConfigError, load_config
+    with pytest.raises(ValueError, match="firearms"):
+        TIP(kinds=("firearms",))
+    for bad, why in (("data.augment.tip_kinds=[firearm,package]", "tip_kinds.*'package'"),
+                     ("data.augment.tip_scale=[0,1]", "tip_scale"),
+                     ("data.augment.tip_conceal_scale=[1,0.5]", "tip_conceal_scale"),
+                     ("data.augment.photons=[0,1e5]", "photons")):
+        with pytest.raises(ConfigError, match=why):   # at config load, not after the scans are cached
+            load_config(None, [bad])
+    assert load_config(None, ["data.augment.tip_kinds=[firearm,small_metal]"]).data.augment.tip_kinds == (
+        "firearm", "small_metal")
