@@ -40,6 +40,15 @@ class HardNegativeMiner(L.Callback):
         self.found: dict[str, list[tuple[int, int]]] = {}
         self._offset = 0
 
+    def state_dict(self) -> dict:
+        """The cells found and the place in the rotation ride in the checkpoint: a resumed run keeps them,
+        instead of shrinking the file to one epoch's share and mining the first scans again."""
+        return {"found": {k: [list(c) for c in v] for k, v in self.found.items()}, "offset": self._offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.found = {str(k): [(int(y), int(x)) for y, x in v] for k, v in state.get("found", {}).items()}
+        self._offset = int(state.get("offset", 0))
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         dm = trainer.datamodule
         if dm is None or dm.hard_negative_file is None or self.share <= 0:

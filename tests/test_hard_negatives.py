@@ -63,3 +63,37 @@ def test_training_mines_cells_off_the_anomalies_and_crops_use_them(tmp_path):
                and np.array_equal(np.moveaxis(padded[:, y0:y0 + S, x0:x0 + S], 0, -1),
                                   crop[:min(S, H), :min(S, W)])]
     assert windows, "the crop is not a window of its (station-padded) scan around the mined cell"
+
+
+def test_a_resumed_run_keeps_the_mined_cells_and_mines_on_where_it_stopped(tmp_path):
+    """The miner's cells and its place in the rotation are per-run state: a resume started again from the first
+    scans with an empty table, so the file shrank to one epoch's share (8 % of the scans in default.yaml)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from detector.hard_negatives import HardNegativeMiner
+    from detector.preprocess import Preprocessing
+
+    class Hot(torch.nn.Module):
+        stride = 8
+
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.full((x.shape[0], 1, x.shape[2] // 8, x.shape[3] // 8), -9.0)
+            z[:, :, 1, 2] = 5.0                  # one hot cell in every scan
+            return z
+
+    att = np.ones((1, 64, 64), np.float32)
+    dm = SimpleNamespace(hard_negative_file=tmp_path / "hard_negatives.json", pre=Preprocessing(),
+                         metas={"train": [{"key": f"scan{i}"} for i in range(4)]},
+                         cache=SimpleNamespace(load=lambda meta: (att, None)))
+    trainer = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, precision="32-true", is_global_zero=True)
+    module = SimpleNamespace(model=Hot(), device=torch.device("cpu"), log=lambda *a, **k: None)
+    first = HardNegativeMiner(share=0.5)
+    first.on_train_epoch_end(trainer, module)
+    assert sorted(json.loads(dm.hard_negative_file.read_text())) == ["scan0", "scan1"]
+    resumed = HardNegativeMiner(share=0.5)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))   # as it travels in last.ckpt
+    resumed.on_train_epoch_end(trainer, module)
+    found = json.loads(dm.hard_negative_file.read_text())
+    assert sorted(found) == ["scan0", "scan1", "scan2", "scan3"] and found["scan2"] == [[12, 20]]
