@@ -92,6 +92,9 @@ LIMITS: dict[str, tuple[Any, str]] = {
     **{f"data.augment.{k}": _SHARE for k in ("hflip", "scale_p", "noise_p", "thickness_p", "stripes_p", "blur_p",
                                               "tip_rate", "tip_conceal", "tip_from_labels")},
     **{f"data.{k}": _COUNT for k in ("batch_size", "val_batch_size", "crops_per_epoch", "synth_pool")},
+    # scale 1 draws a zero (or negative) magnification, thickness 1 a zero or negative path length: they ran silently
+    **{f"data.augment.{k}": (lambda v: 0 <= v < 1, "a relative jitter in [0, 1)") for k in ("scale", "thickness")},
+    "data.augment.stripes_sigma": (lambda v: v >= 0, "a number >= 0"),
     "data.synth_per_epoch": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "data.min_visibility": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "trainer.threads": (lambda v: v >= 0, "a number >= 0 (0 = torch's default)"),

@@ -208,3 +208,13 @@ def test_a_misspelled_tip_kind_is_refused_not_a_tip_that_never_inserts():
             load_config(None, [bad])
     assert load_config(None, ["data.augment.tip_kinds=[firearm,small_metal]"]).data.augment.tip_kinds == (
         "firearm", "small_metal")
+
+
+def test_a_scale_or_thickness_jitter_of_one_or_more_is_refused_at_config_load():
+    """Affine at scale 1 +- 1 draws a zero or negative magnification (the crop shrinks to nothing or mirrors), and
+    Thickness at 1 +- 1.5 negative path lengths: both trained without a word."""
+    from detector.config import ConfigError, load_config
+    for bad in ("data.augment.scale=1.0", "data.augment.thickness=1.5", "data.augment.stripes_sigma=-0.1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(None, [bad])
+    assert load_config(None, ["data.augment.thickness=0.15"]).data.augment.thickness == 0.15
