@@ -101,6 +101,7 @@ class TimeBudget(L.Callback):
         self.max_epochs = 0
         self.plans: list[int] = []
         self.stored_budget_s = self.budget_s   # the budget a resumed run was planned with
+        self.epoch_s = 0.0                     # the latest measured mean epoch time (0: none yet)
 
     def _elapsed(self) -> float:
         return self.spent_before + time.time() - self.started
@@ -119,11 +120,18 @@ class TimeBudget(L.Callback):
         self.fit_start, self.fit_epochs_start = time.time(), trainer.current_epoch
         if self.plans:                   # resumed as it was: the plan the run had reached, not the config's count
             trainer.fit_loop.max_epochs = self.plans[-1]
+        elif trainer.current_epoch > 0 and self.epoch_s > 0:
+            # resumed with another budget: plan now from the epoch time measured before, else the first epoch's
+            # schedule spans max_epochs and a run annealed near its end trains one epoch near the peak rate
+            planned = plan_epochs(trainer.current_epoch, self.max_epochs, self.max_epochs,
+                                  self.budget_s - self._elapsed(), self.epoch_s)
+            trainer.fit_loop.max_epochs = int(trainer.strategy.broadcast(planned, src=0))
         module.schedule_epochs = int(trainer.max_epochs)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
         epoch_s = (time.time() - self.fit_start) / max(1, done - self.fit_epochs_start)
+        self.epoch_s = epoch_s
         planned = plan_epochs(done, int(trainer.max_epochs), self.max_epochs,
                               self.budget_s - self._elapsed(), epoch_s)
         planned = int(trainer.strategy.broadcast(planned, src=0))
@@ -138,10 +146,11 @@ class TimeBudget(L.Callback):
 
     def state_dict(self) -> dict:
         return {"spent_s": self._elapsed(), "max_epochs": self.max_epochs, "plans": self.plans,
-                "budget_s": self.budget_s}
+                "budget_s": self.budget_s, "epoch_s": self.epoch_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.spent_before = float(state["spent_s"])
         self.max_epochs = int(state["max_epochs"])
         self.plans = list(state["plans"])
         self.stored_budget_s = float(state.get("budget_s", self.budget_s))   # older checkpoints: unchanged
+        self.epoch_s = float(state.get("epoch_s", 0.0))     # older checkpoints: unknown, the first epoch measures it

@@ -293,6 +293,32 @@ def test_plan_epochs_fits_the_budget_and_announces_the_last_epoch_ahead():
     assert plan_epochs(done=6, committed=6, max_epochs=60, left_s=1e6, epoch_s=60.0) == 6     # announced: final
 
 
+def test_a_run_resumed_with_a_new_budget_plans_its_first_epoch_from_the_measured_epoch_time():
+    """Resumed with other minutes, the plan restarted at trainer.max_epochs (400 in default.yaml) for the first
+    epoch: the cosine schedule then spanned 400 epochs, and a run annealed near the end of its 82 trained one epoch
+    at ~94 % of the peak learning rate before the next plan brought it down again."""
+    import time
+    from types import SimpleNamespace
+
+    from detector.callbacks import TimeBudget
+
+    class Trainer(SimpleNamespace):
+        @property
+        def max_epochs(self) -> int:
+            return self.fit_loop.max_epochs
+
+    first = TimeBudget(minutes=44, started=time.time())
+    first.load_state_dict({"spent_s": 80 * 30.0, "max_epochs": 400, "plans": [82] * 80, "budget_s": 44 * 60.0,
+                           "epoch_s": 30.0})
+    resumed = TimeBudget(minutes=60, started=time.time())          # the same run, resumed with 16 more minutes
+    resumed.load_state_dict(first.state_dict() | {"spent_s": 80 * 30.0})
+    trainer = Trainer(fit_loop=SimpleNamespace(max_epochs=400), current_epoch=80, is_global_zero=True,
+                      strategy=SimpleNamespace(broadcast=lambda v, src=0: v))
+    module = SimpleNamespace(schedule_epochs=None)
+    resumed.on_train_start(trainer, module)
+    assert 110 <= trainer.max_epochs <= 120 and module.schedule_epochs == trainer.max_epochs   # 80 + 16 min / 30 s
+
+
 def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(tmp_path):
     """trainer.max_minutes far below one epoch: 2 of 60 epochs (the last one announced after the first),
     warmup and cosine schedule shortened to end there, the final epoch validated, and a resume keeps the plan
