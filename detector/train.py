@@ -212,6 +212,7 @@ class AnomalyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["detector_info"] = json.loads(json.dumps(self.info))
         checkpoint["detector_top_select"] = self._top_select
+        checkpoint["detector_hardness"] = dict(self._hardness)   # smoothed over validations: a resume smooths on
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # the last validation carries on; what describes the run (its config, data, scans) is this run's, which a resume
@@ -219,6 +220,7 @@ class AnomalyModule(L.LightningModule):
         saved = checkpoint.get("detector_info", {})
         self.info.update({k: saved[k] for k in ("thresholds", "normal_scores", "validation") if k in saved})
         self._top_select = checkpoint.get("detector_top_select", self._top_select)
+        self._hardness = dict(checkpoint.get("detector_hardness", self._hardness))
 
     def configure_optimizers(self) -> dict:
         o = self.cfg.optim

@@ -109,3 +109,19 @@ def test_training_writes_the_type_weights_after_validation(tmp_path):
     table = json.loads((tmp_path / "on" / "hard_types.json").read_text())
     assert set(table["hardness"]) == {"block"} and 0 <= table["hardness"]["block"] <= 1
     assert table["weights"] == type_weights(table["hardness"], 0.5)
+
+
+def test_a_resumed_run_smooths_on_from_the_hardness_it_had():
+    """The smoothed per-type hardness is per-run state: a resume started again from an empty table, so its first
+    validation set the sampling weights alone, the noise that smoothing is there to damp."""
+    from detector.config import load_config, to_dict
+    from detector.train import AnomalyModule
+
+    saved = to_dict(load_config(None, ["data.hard_types=0.5"]))
+    before = AnomalyModule(saved)
+    before._hardness = {"firearm": 0.3, "small_metal": 0.6}
+    checkpoint: dict = {}
+    before.on_save_checkpoint(checkpoint)
+    resumed = AnomalyModule(saved)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed._hardness == {"firearm": 0.3, "small_metal": 0.6}
