@@ -123,18 +123,19 @@ class TimeBudget(L.Callback):
         elif trainer.current_epoch > 0 and self.epoch_s > 0:
             # resumed with another budget: plan now from the epoch time measured before, else the first epoch's
             # schedule spans max_epochs and a run annealed near its end trains one epoch near the peak rate
-            planned = plan_epochs(trainer.current_epoch, self.max_epochs, self.max_epochs,
-                                  self.budget_s - self._elapsed(), self.epoch_s)
-            trainer.fit_loop.max_epochs = int(trainer.strategy.broadcast(planned, src=0))
+            trainer.fit_loop.max_epochs = self._plan(trainer, trainer.current_epoch, self.max_epochs, self.epoch_s)
         module.schedule_epochs = int(trainer.max_epochs)
+
+    def _plan(self, trainer: L.Trainer, done: int, current: int, epoch_s: float) -> int:
+        """The epochs that fit in what is left of the budget at `epoch_s` each, rank 0's count on every rank."""
+        planned = plan_epochs(done, current, self.max_epochs, self.budget_s - self._elapsed(), epoch_s)
+        return int(trainer.strategy.broadcast(planned, src=0))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
         epoch_s = (time.time() - self.fit_start) / max(1, done - self.fit_epochs_start)
         self.epoch_s = epoch_s
-        planned = plan_epochs(done, int(trainer.max_epochs), self.max_epochs,
-                              self.budget_s - self._elapsed(), epoch_s)
-        planned = int(trainer.strategy.broadcast(planned, src=0))
+        planned = self._plan(trainer, done, int(trainer.max_epochs), epoch_s)
         if planned < self.max_epochs and all(p == self.max_epochs for p in self.plans) and trainer.is_global_zero:
             print(f"\ntime budget {self.budget_s / 60:g} min (trainer.max_minutes): about {planned} of "
                   f"{self.max_epochs} epochs fit at {epoch_s:.0f} s each; the schedule follows", flush=True)
