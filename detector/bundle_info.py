@@ -41,7 +41,8 @@ def _network(meta: dict) -> str:
     if not isinstance(model, dict):
         return f"{model or 'unknown network'}, {cell}, {how}"
     width = f" width {model['width']}" if model.get("width") else ""
-    return f"{model.get('backbone', '?')}{width}, {cell}, {how}"
+    start = f"; fine-tuned from {model['init']}" if model.get("init") else ""   # a fine-tune (train --init)
+    return f"{model.get('backbone', '?')}{width}, {cell}, {how}{start}"
 
 
 def _validation(meta: dict) -> str:

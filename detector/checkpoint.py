@@ -21,7 +21,8 @@ class CheckpointError(ValueError):
 # the data sets again
 RESUME_FREE = {"trainer.max_epochs", "trainer.max_minutes", "trainer.accelerator", "trainer.devices", "trainer.strategy",
                "trainer.precision", "trainer.threads", "trainer.cpu_processes", "trainer.log_every_n_steps",
-               "trainer.test", "data.workers", "data.cache_dir", "data.channels", "data.normal_only", "model.in_channels"}
+               "trainer.test", "data.workers", "data.cache_dir", "data.channels", "data.normal_only", "model.in_channels",
+               "model.init"}
 # what the checkpoint's optimiser state keeps whatever the config says
 RESUME_KEPT = {"optim.lr", "optim.weight_decay"}
 
@@ -54,6 +55,46 @@ def check_resumable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
         raise ConfigError(f"--resume {path}: a resumed run keeps its network, preprocessing, learning rate and weight "
                           f"decay, but this one asks {', '.join(kept)}; train into a new --out to change them")
     return [text for k, text in said.items() if k not in RESUME_FREE]
+
+
+# the model settings a fine-tune may change: the data sets the channels (the stem is adapted), the rest hold no weight
+INIT_FREE = {"in_channels", "init", "weights", "topk", "prior"}
+
+
+def check_initialisable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
+    """ConfigError when `model.init`'s checkpoint holds another network than the run builds (its weights would not
+    fit); the preprocessing settings that differ, `key=new (was old)`, for a warning: the network learnt its input
+    under the checkpoint's, so a fine-tune on other ones starts further from where it was."""
+    was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
+    now = json.loads(json.dumps(to_dict(cfg), default=list))
+    net = {k: v for k, v in _config_changes(was.get("model", {}), now["model"], "model.").items()
+           if k.split(".", 1)[1] not in INIT_FREE}
+    if net:
+        said = ", ".join(f"{k}={new!r} (the checkpoint's {old!r})" for k, (new, old) in sorted(net.items()))
+        raise ConfigError(f"model.init {path}: its network is not the one this config builds: {said}; "
+                          "set them to the checkpoint's (its run's config.yaml has them) to start from it")
+    prep = _config_changes(was.get("preprocessing", {}), now["preprocessing"], "preprocessing.")
+    return [f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(prep.items())]
+
+
+def load_initial_weights(model: AnomalyNet, ck: dict, path: str | Path) -> None:
+    """Copy the checkpoint's network into `model` (fine-tuning). A stem conv for another channel count (a dual-energy
+    model started on single-energy scans, or back) takes the mean of its input weights, scaled so that the same
+    image in every channel gives the same response; any other mismatch is a ConfigError naming the file."""
+    state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
+    own = model.state_dict()
+    for k in set(own) & set(state):
+        a, b = own[k], state[k]
+        if a.shape != b.shape and a.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]:
+            c = a.shape[1]   # the stem: out, in, kh, kw with only `in` differing
+            state[k] = b.mean(1, keepdim=True).expand(-1, c, -1, -1) * (b.shape[1] / c)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{n} {len(ks)} key(s), e.g. {ks[0]}" for n, ks in
+                         (("missing", missing), ("unexpected", unexpected), ("other shapes in", shapes)) if ks)
+        raise ConfigError(f"model.init {path}: its weights do not fit this run's network ({what})")
+    model.load_state_dict(state)
 
 
 def read_checkpoint(path: str | Path) -> dict:

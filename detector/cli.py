@@ -47,7 +47,13 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--accelerator", default=None, help="auto, cpu, gpu (overrides the config)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (RUN/last.ckpt)")
+    p.add_argument("--init", default=None,
+                   help="start from a trained checkpoint's network (e.g. the synthetic model's RUN/best.ckpt) and "
+                        "fine-tune it on --data, with a fresh schedule (model.init)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_epochs=5")
+    p.epilog = ("example:\n  detector train --config configs/quick.yaml --data data/synth --out runs/quick\n"
+                "  detector train --data site/ --out runs/site --init runs/default/best.ckpt\n"
+                "    (fine-tune the synthetic model on a site's own labelled scans)")
 
 
 def _export(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,8 @@ class ModelConfig:
     decoder_channels: int = 64
     topk: int = 16               # score = sigmoid(mean of the top-k heatmap logits)
     weights: str | None = None   # optional LOCAL torchvision state_dict (never downloaded)
+    init: str | None = None      # optional detector training checkpoint (RUN/best.ckpt) whose whole network this
+                                 # run starts from: fine-tuning, with a fresh optimiser and schedule (train.py)
     prior: float = 0.01          # initial heatmap probability (bias of the last conv)
     stage_blocks: int | tuple[int, ...] = 0  # resnets: keep the first N blocks of each stage (0 = all; halves
                                              # FLOPs at 1), or one N per stage, e.g. (1, 1, 2, 1)
@@ -55,6 +57,8 @@ def check_model_config(cfg: ModelConfig, pad_multiple: int | None = None) -> Non
          f"state_dict has width 64)" + ("; set model.width=64" if not resnet or cfg.weights else "")),
         (not resnet and cfg.stage_blocks not in (0, ()),
          f"model.stage_blocks={cfg.stage_blocks!r}: only resnets take stage_blocks; set model.stage_blocks=0"),
+        (bool(cfg.weights) and bool(cfg.init), "model.weights and model.init both name starting weights: keep one "
+         "(model.init, a detector checkpoint, sets the whole network; model.weights a torchvision backbone)"),
         (cfg.topk < 1, f"model.topk must be >= 1, got {cfg.topk}"),
         (cfg.decoder_channels < 1, f"model.decoder_channels must be >= 1, got {cfg.decoder_channels}"),
         (any(d < 1 for d in cfg.context_dilations),

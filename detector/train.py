@@ -35,13 +35,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table, unresolved_warning
-from detector.checkpoint import CheckpointError, check_resumable, load_checkpoint, read_checkpoint
+from detector.checkpoint import (CheckpointError, check_initialisable, check_resumable, load_checkpoint,
+                                 load_initial_weights, read_checkpoint)
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
 from detector.data import ScanDataModule, auto_workers
 from detector.records import check_dataset, fingerprint
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
-from detector.model import AnomalyNet, build_model, nhwc
+from detector.model import AnomalyNet, build_model, check_model_config, nhwc
 from detector.runtime import usable_cpus
 from detector.scan import ScanError
 
@@ -364,6 +365,14 @@ def ddp_without_step_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers" if new else "broadcast_buffers": False}
 
 
+def _read_init(path: str) -> dict:
+    """model.init's checkpoint; its errors say model.init (CheckpointError's text names the file)."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"model.init: {e}") from None
+
+
 def resolve_workers(cfg: Config) -> int:
     """data.workers, checked, with "auto" resolved (`data.auto_workers`) for this run's accelerator and
     process count. Call after resolve_cpu_processes (it sets the CPU process count)."""
@@ -381,7 +390,7 @@ def resolve_workers(cfg: Config) -> int:
 
 def run_training(config: Config | str | Path | None, data_dir: str | Path, out_dir: str | Path | None = None,
                  overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
-                 accelerator: str | None = None, quiet: bool = False) -> dict:
+                 accelerator: str | None = None, quiet: bool = False, init: str | None = None) -> dict:
     """Fit, calibrate on validation, write RUN/{best,last}.ckpt, config.yaml, metrics.json; return metrics.
     Under DDP (several GPUs, or trainer.cpu_processes > 1) Lightning re-runs the calling command once per
     extra process; there this returns {} and the caller should just exit (rank 0 writes and returns)."""
@@ -390,8 +399,22 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg = load_config(None, [*flatten(to_dict(cfg)), *overrides])
     if accelerator:
         cfg.trainer.accelerator = accelerator
+    if init:   # --init: the same as model.init=PATH, without YAML reading the path
+        cfg.model.init = str(init)
+        try:
+            check_model_config(cfg.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
+    started = (resumed or {}).get("hyper_parameters", {}).get("config", {}).get("model", {}).get("init")
+    if resumed is not None and cfg.model.init and cfg.model.init != started:
+        # the same command with --resume (what a stopped run prints) goes on; another start is another run
+        raise ConfigError(f"model.init {cfg.model.init} with --resume {resume}: that run did not start from it, and a "
+                          "resumed run goes on from its own weights; give one of them")
     changed = check_resumable(resumed, cfg, resume) if resumed is not None else []
+    # a fine-tune's starting network (a resume has its own weights); read now too, before the scans are cached
+    start = _read_init(cfg.model.init) if cfg.model.init and resume is None else None
+    init_changes = check_initialisable(start, cfg, cfg.model.init) if start is not None else []
     check_hardware(cfg.trainer)
     check_dataset(data_dir)               # a wrong --data too, before the run folder is made
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
@@ -407,6 +430,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         raise ConfigError(f"--out {out}: cannot make the run folder or write in it ({e.strerror or e})") from None
     if resume is None:
         _warn_if_replacing(out)
+    if init_changes:
+        _rank_zero_warn(f"model.init {cfg.model.init} learnt under other preprocessing settings than this run's: "
+                        f"{', '.join(init_changes)}")
     elif changed:
         _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -448,8 +474,16 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     if was and was != info["data_fingerprint"]:
         _rank_zero_warn(f"resuming {resume} on other data than the checkpoint's ({info['data_fingerprint']}, was {was}): "
                         "the scans, their labels or their splits differ")
+    if start is not None:   # where the network came from travels in metrics.json and the checkpoints
+        info["initialised_from"] = {"checkpoint": str(cfg.model.init), "epochs": int(start.get("epoch", -1)) + 1,
+                                    "data_fingerprint": (start.get("detector_info") or {}).get("data_fingerprint")}
+    elif (was_from := ((resumed or {}).get("detector_info") or {}).get("initialised_from")) is not None:
+        info["initialised_from"] = was_from   # a resumed fine-tune started there too
     resumed = None   # the weights are read again by Lightning
     module = AnomalyModule(saved, info)
+    if start is not None:
+        load_initial_weights(module.model, start, cfg.model.init)
+        start = None
 
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -510,7 +544,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
               "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
               "stopped": stopped_by(cfg.trainer, trainer.current_epoch, early.stopped_epoch > 0),
               "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
-              "data_fingerprint": info["data_fingerprint"],
+              "data_fingerprint": info["data_fingerprint"], "initialised_from": info.get("initialised_from"),
               "skipped_scans": dm.write_skipped(out / "skipped_scans.csv")}
     if tested:
         result["test"] = module.test_metrics
@@ -653,7 +687,7 @@ def main(args) -> int:
     """The `train` verb."""
     try:
         res = run_training(args.config, args.data or "data/synth", args.out, args.overrides or [],
-                           resume=args.resume, accelerator=args.accelerator)
+                           resume=args.resume, accelerator=args.accelerator, init=args.init)
     except (ConfigError, ScanError, CheckpointError) as e:   # the user's config, data or --resume: one line
         print(f"detector train: {e}", file=sys.stderr)
         return 2

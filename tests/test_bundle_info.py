@@ -103,3 +103,11 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
     proc.stdout.close()                    # the reader is gone before anything is printed
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_info_says_which_checkpoint_a_fine_tuned_network_started_from(tmp_path):
+    meta = read_metadata(make_heuristic_bundle(tmp_path / "model.onnx"))
+    for init, said in ((None, False), ("runs/synth/best.ckpt", True)):
+        meta["train_config"] = {"model": {"backbone": "resnet18", "width": 32, "init": init}}
+        network = next(ln for ln in describe(tmp_path / "model.onnx", meta) if ln.strip().startswith("network"))
+        assert ("fine-tuned from runs/synth/best.ckpt" in network) == said, network

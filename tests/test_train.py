@@ -667,11 +667,11 @@ def test_train_verb_warns_when_validation_is_too_small_for_its_rates(tmp_path, m
     res = {"validation": {"auroc": 0.9}, "thresholds": threshold_table(np.linspace(0.1, 0.9, 50)), "max_epochs": 2,
            "epochs": 2, "max_minutes": 0, "name": "run", "train_time_s": 1.0, "best_checkpoint": str(tmp_path / "best.ckpt")}
     monkeypatch.setattr(train_mod, "run_training", lambda *a, **k: res)
-    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
+    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None, init=None)) == 0
     err = capsys.readouterr().err
     assert "warning: 50 normal validation scans cannot resolve the 1.0%, 0.5%, 0.1%" in err
     res["thresholds"] = threshold_table(np.linspace(0.1, 0.9, 1000))
-    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
+    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None, init=None)) == 0
     assert "cannot resolve" not in capsys.readouterr().err
 
 
@@ -687,7 +687,7 @@ def test_train_verb_prints_an_export_command_that_survives_a_copy_paste(tmp_path
     res = {"validation": {"auroc": 0.9}, "thresholds": threshold_table(np.linspace(0.1, 0.9, 1000)), "max_epochs": 2,
            "epochs": 2, "max_minutes": 0, "name": "run", "train_time_s": 1.0, "best_checkpoint": str(run / "best.ckpt")}
     monkeypatch.setattr(train_mod, "run_training", lambda *a, **k: res)
-    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None)) == 0
+    assert train_mod.main(SimpleNamespace(config=None, data=None, out=None, overrides=[], resume=None, accelerator=None, init=None)) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("next: ")
     assert shlex.split(line[len("next: "):]) == ["detector", "export", str(run / "best.ckpt"), "--out",
