@@ -38,7 +38,7 @@ from detector.calibration import threshold_table, unresolved_warning
 from detector.checkpoint import CheckpointError, check_resumable, load_checkpoint, read_checkpoint
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
 from detector.data import ScanDataModule, auto_workers
-from detector.records import check_dataset, fingerprint
+from detector.records import fingerprint, load_records
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, build_model, nhwc
@@ -393,7 +393,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
     changed = check_resumable(resumed, cfg, resume) if resumed is not None else []
     check_hardware(cfg.trainer)
-    check_dataset(data_dir)               # a wrong --data too, before the run folder is made
+    load_records(data_dir)   # a wrong --data or a manifest cell that cannot be used, before the run folder is touched
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     workers = resolve_workers(cfg)
