@@ -22,6 +22,7 @@ import numpy as np
 from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
                                read_mask, read_rows, read_text)
+from detector.formats import scan_geometry
 from detector.scan import ScanError
 from detector.sources import shown
 
@@ -187,14 +188,35 @@ def scored_by(results: str | Path) -> dict | None:
 
 
 def _truth_boxes(t: Truth) -> list:
+    return placed_truth(t)[0]
+
+
+def placed_truth(t: Truth) -> tuple[list, str | None]:
+    """The true boxes of a truth entry, and why they cannot place its anomaly (None when they can): a mask missing,
+    unreadable or of another size than the scan (drawn on a zoomed view), boxes that cover no pixel of it (another
+    pixel unit). Training refuses each of these; scored as they were, they made localisation misses without a word."""
+    hw = scan_geometry(t.path)
     if t.boxes:
-        return [list(b) for b in t.boxes]
-    if t.mask is not None and t.mask.is_file():
-        try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
-            return M.mask_boxes(read_mask(t.mask))
-        except ScanError:
-            return []
-    return []
+        if hw is None or any(_clipped(b, hw) for b in t.boxes):
+            return [list(b) for b in t.boxes], None
+        return [], f"{t.rel}: box {list(t.boxes[0])} covers no pixel of the {hw[1]}x{hw[0]} scan"
+    if t.mask is None:
+        return [], None
+    try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
+        mask = read_mask(t.mask) if t.mask.is_file() else None
+    except ScanError as e:
+        return [], f"{shown(t.mask)}: {e.reason}"
+    if mask is None:
+        return [], f"{shown(t.mask)}: mask file not found (named for {t.rel})"
+    if hw is not None and mask.shape != hw[:2]:
+        return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}"
+    return M.mask_boxes(mask), None
+
+
+def _clipped(box: list, hw: tuple) -> bool:
+    """Whether a [x0, y0, x1, y1] box keeps a pixel once clipped to a scan of hw = (height, width, ...), as training
+    clips it."""
+    return min(hw[1], box[2]) > max(0, box[0]) and min(hw[0], box[3]) > max(0, box[1])
 
 
 def _group(pairs, key) -> dict:
@@ -266,17 +288,23 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         ss = np.where(ff, 0.0, np.array([r.score for r, _ in sub]))
         v["detection_at_1pct"] = None if t1 is None else M.rates_at([t.label for _, t in sub], ss, t1, ff)[0]
 
-    ious, loc_rows = [], []
+    ious, loc_rows, unplaced = [], [], []
     for r, t in pairs:
         if t.label == 1 and not r.failed and r.decision != "RELEASE":
-            boxes = _truth_boxes(t)
+            boxes, why = placed_truth(t)
+            if why:
+                unplaced.append(why)
+                continue
             v = M.best_iou(r.regions, boxes)
             ious.append(v)
             if v is not None:
                 loc_rows.append({"path": r.path, "iou": v})
     loc = M.localisation(ious)
     loc["truth_from"] = "manifest boxes, else connected components of the mask"
-    if loc["n"] == 0:
+    if unplaced:
+        notes.append(f"{len(unplaced)} detected anomalies whose truth cannot place the anomaly are left out of the "
+                     f"localisation: {'; '.join(unplaced[:3])}{'; ...' if len(unplaced) > 3 else ''}")
+    if loc["n"] == 0 and not unplaced:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
 
     # absolute: a report is read later, from another folder
