@@ -706,3 +706,15 @@ def test_a_misspelt_risk_flags_column_is_refused_not_ignored(tmp_path, heuristic
         err = capsys.readouterr().err
         assert f"manifest.csv: column '{header}' is not one detector reads: 'risk_flags'?" in err, err
         assert not (tmp_path / "r.csv").exists()
+
+
+def test_an_unreadable_risk_flags_cell_is_named_by_its_line_in_the_manifest(tmp_path, heuristic_model,
+                                                                           normal_scan_path):
+    """The row in the error was counted over the rows read, so a blank line (a spreadsheet's empty row) above the bad
+    cell sent the engineer to the row before it; it is now the cell's line in the file, as training's errors say."""
+    for name in ("a", "b"):
+        shutil.copy(normal_scan_path, tmp_path / f"{name}.tiff")
+    m = tmp_path / "manifest.csv"
+    m.write_text('path,label,risk_flags\na.tiff,0,\n\n,,\nb.tiff,0,"[intel"\n')
+    assert score.main(_args(m, heuristic_model, tmp_path / "r.csv")) == 0
+    assert "manifest.csv row 5: unreadable risk_flags" in _rows(tmp_path / "r.csv")["b.tiff"]["error"]
