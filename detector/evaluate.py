@@ -146,7 +146,7 @@ def load_results(path: str | Path) -> list[Result]:
 
 def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple[list[tuple[Result, Truth]], list[Result], list[Truth]]:
     """Pairs by resolved path (then by the truth's relative path as a path suffix, either separator: a CSV scored
-    on a Windows station reads D:\\data\\images\\a.tiff);
+    on a Windows station reads D:\\data\\images\\a.tiff, and names no file here or a copy of the truth's);
     also the results without truth and the truth without results. Two rows for one scan raise ValueError:
     a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
     by_path = {_key(t.path): t for t in truth}   # as `detector score` writes a name that is not UTF-8
@@ -159,6 +159,7 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         if t is None:
             parts = [q for q in re.split(r"[\\/]", _key(r.path)) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
+            t = t if t is None or _scored_elsewhere(cands, t.path) else None
         if t is None:
             orphans.append(r)
             continue
@@ -168,6 +169,22 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         used[id(t)] = r.row
         pairs.append((r, t))
     return pairs, orphans, [t for t in truth if id(t) not in used]
+
+
+def _scored_elsewhere(cands: list[Path], truth: Path) -> bool:
+    """Whether a result matched to `truth` by its relative name alone can be its scan: its path names no file here
+    (scored on another machine), or a copy of it (same size and first 64 KiB). Another file here is another truck:
+    scanners name files by sequence, so each day's folder holds a scans/0001.tiff."""
+    here = next((c for c in cands if c.is_file()), None)
+    if here is None:
+        return True
+    try:
+        if here.stat().st_size != truth.stat().st_size:
+            return False
+        with open(here, "rb") as a, open(truth, "rb") as b:
+            return a.read(1 << 16) == b.read(1 << 16)
+    except OSError:
+        return False
 
 
 def _key(path: str | Path) -> str:

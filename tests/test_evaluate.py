@@ -420,3 +420,27 @@ def test_truth_that_cannot_place_an_anomaly_is_named_not_scored_as_a_miss(tmp_pa
     manifest.write_text("\n".join(rows) + "\n")
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
     assert "gone.png: mask file not found" in capsys.readouterr().err
+
+
+def test_results_of_other_scans_with_the_same_names_are_not_matched_to_the_truth(tmp_path, capsys):
+    """A scanner names its files by sequence (scans/0001.tiff in every day's folder): results of one folder evaluated
+    against another folder's manifest were matched by the relative name, so eval (and calibrate --truth) judged one
+    day's trucks by another day's labels. The name-suffix match is for results scored elsewhere, whose paths name no
+    file here; a result whose file is here and is not the truth's scan has no truth."""
+    data, res = _dataset(tmp_path)
+    other = tmp_path / "other_day"
+    (other / "images").mkdir(parents=True)
+    for p in (data / "images").iterdir():   # another day's trucks under the same names
+        write_scan(other / "images" / p.name, np.full((2, 40, 120), 41000, np.uint16), i0=(60000.0, 60000.0))
+    (other / "images" / "a1.tiff").write_bytes((data / "images" / "a1.tiff").read_bytes())   # one copied over
+    text = res.read_text()
+    res.write_text(text.replace(str((data / "images").resolve()), str((other / "images").resolve())))
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 0
+    m = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert m["overall"]["n"] == 1 and m["unmatched_results"] == 6      # the copy of a1 is a1; the other trucks are not
+    write_scan(other / "images" / "a1.tiff", np.full((2, 40, 120), 41000, np.uint16), i0=(60000.0, 60000.0))
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 2
+    assert f"no result in {res} matches a scan of" in capsys.readouterr().err
+    windows = text.replace(str((data / "images").resolve()) + "/", "D:\\site\\images\\")   # scored on a station
+    res.write_text(windows)
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 0
