@@ -22,6 +22,7 @@ import numpy as np
 from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
                                read_mask, read_rows, read_text)
+from detector.formats import scan_geometry
 from detector.scan import ScanError
 from detector.sources import shown
 
@@ -145,7 +146,7 @@ def load_results(path: str | Path) -> list[Result]:
 
 def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple[list[tuple[Result, Truth]], list[Result], list[Truth]]:
     """Pairs by resolved path (then by the truth's relative path as a path suffix, either separator: a CSV scored
-    on a Windows station reads D:\\data\\images\\a.tiff);
+    on a Windows station reads D:\\data\\images\\a.tiff, and names no file here or a copy of the truth's);
     also the results without truth and the truth without results. Two rows for one scan raise ValueError:
     a CSV holding two runs (another model's rows appended) would otherwise be judged on whichever came first."""
     by_path = {_key(t.path): t for t in truth}   # as `detector score` writes a name that is not UTF-8
@@ -158,6 +159,7 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         if t is None:
             parts = [q for q in re.split(r"[\\/]", _key(r.path)) if q not in ("", ".")]
             t = next((by_rel[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in by_rel), None)
+            t = t if t is None or _scored_elsewhere(cands, t.path) else None
         if t is None:
             orphans.append(r)
             continue
@@ -167,6 +169,22 @@ def match(results: list[Result], truth: list[Truth], results_dir: Path) -> tuple
         used[id(t)] = r.row
         pairs.append((r, t))
     return pairs, orphans, [t for t in truth if id(t) not in used]
+
+
+def _scored_elsewhere(cands: list[Path], truth: Path) -> bool:
+    """Whether a result matched to `truth` by its relative name alone can be its scan: its path names no file here
+    (scored on another machine), or a copy of it (same size and first 64 KiB). Another file here is another truck:
+    scanners name files by sequence, so each day's folder holds a scans/0001.tiff."""
+    here = next((c for c in cands if c.is_file()), None)
+    if here is None:
+        return True
+    try:
+        if here.stat().st_size != truth.stat().st_size:
+            return False
+        with open(here, "rb") as a, open(truth, "rb") as b:
+            return a.read(1 << 16) == b.read(1 << 16)
+    except OSError:
+        return False
 
 
 def _key(path: str | Path) -> str:
@@ -187,14 +205,35 @@ def scored_by(results: str | Path) -> dict | None:
 
 
 def _truth_boxes(t: Truth) -> list:
+    return placed_truth(t)[0]
+
+
+def placed_truth(t: Truth) -> tuple[list, str | None]:
+    """The true boxes of a truth entry, and why they cannot place its anomaly (None when they can): a mask missing,
+    unreadable or of another size than the scan (drawn on a zoomed view), boxes that cover no pixel of it (another
+    pixel unit). Training refuses each of these; scored as they were, they made localisation misses without a word."""
+    hw = scan_geometry(t.path)
     if t.boxes:
-        return [list(b) for b in t.boxes]
-    if t.mask is not None and t.mask.is_file():
-        try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
-            return M.mask_boxes(read_mask(t.mask))
-        except ScanError:
-            return []
-    return []
+        if hw is None or any(_clipped(b, hw) for b in t.boxes):
+            return [list(b) for b in t.boxes], None
+        return [], f"{t.rel}: box {list(t.boxes[0])} covers no pixel of the {hw[1]}x{hw[0]} scan"
+    if t.mask is None:
+        return [], None
+    try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
+        mask = read_mask(t.mask) if t.mask.is_file() else None
+    except ScanError as e:
+        return [], f"{shown(t.mask)}: {e.reason}"
+    if mask is None:
+        return [], f"{shown(t.mask)}: mask file not found (named for {t.rel})"
+    if hw is not None and mask.shape != hw[:2]:
+        return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}"
+    return M.mask_boxes(mask), None
+
+
+def _clipped(box: list, hw: tuple) -> bool:
+    """Whether a [x0, y0, x1, y1] box keeps a pixel once clipped to a scan of hw = (height, width, ...), as training
+    clips it."""
+    return min(hw[1], box[2]) > max(0, box[0]) and min(hw[0], box[3]) > max(0, box[1])
 
 
 def _group(pairs, key) -> dict:
@@ -266,17 +305,23 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         ss = np.where(ff, 0.0, np.array([r.score for r, _ in sub]))
         v["detection_at_1pct"] = None if t1 is None else M.rates_at([t.label for _, t in sub], ss, t1, ff)[0]
 
-    ious, loc_rows = [], []
+    ious, loc_rows, unplaced = [], [], []
     for r, t in pairs:
         if t.label == 1 and not r.failed and r.decision != "RELEASE":
-            boxes = _truth_boxes(t)
+            boxes, why = placed_truth(t)
+            if why:
+                unplaced.append(why)
+                continue
             v = M.best_iou(r.regions, boxes)
             ious.append(v)
             if v is not None:
                 loc_rows.append({"path": r.path, "iou": v})
     loc = M.localisation(ious)
     loc["truth_from"] = "manifest boxes, else connected components of the mask"
-    if loc["n"] == 0:
+    if unplaced:
+        notes.append(f"{len(unplaced)} detected anomalies whose truth cannot place the anomaly are left out of the "
+                     f"localisation: {'; '.join(unplaced[:3])}{'; ...' if len(unplaced) > 3 else ''}")
+    if loc["n"] == 0 and not unplaced:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
 
     # absolute: a report is read later, from another folder

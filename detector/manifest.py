@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
 import io
 import json
 import os
@@ -24,6 +25,11 @@ LAYOUT = ((0, "normal"), (1, "anomalous"))
 # a manifest's split cell -> the split it means (empty: train); any other value is an error
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
+# the columns a step reads (train, eval, score): a header cell that misspells one is refused, since each step looked
+# for its own name, found none and went on without the column (a risk_flag column released a flagged truck)
+COLUMNS = ("path", "label", "mask", "boxes", "anomaly_type", "cargo", "cargo_class", "cargo_type", "split", "tier",
+           "risk_flags")
+COLUMN_ALIASES = {"box": "boxes", "bbox": "boxes", "bboxes": "boxes"}   # labelling tools' names for boxes
 
 
 def read_text(path: str | Path) -> str:
@@ -46,6 +52,7 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
     manifest = Path(manifest)
     with io.StringIO(read_text(manifest), newline="") as f:
         reader = csv.DictReader(f)
+        _check_column_names(manifest, reader.fieldnames or [])
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
             names = reader.fieldnames or []
@@ -65,6 +72,28 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
             mask = {"mask": _native(row["mask"].strip())} if row.get("mask") else {}
             rows.append({**row, "path": path, "_row": line, **mask})
     return rows
+
+
+def misspelt_column(name: str) -> str | None:
+    """The column of COLUMNS that a header cell which is none of them seems to mean (another case, spaces for
+    underscores, a letter off, a labelling tool's bbox), or None for a column of its own (vehicle, notes)."""
+    if name in COLUMNS:
+        return None
+    key = "_".join(name.strip().lower().replace("-", " ").split())
+    if key in COLUMNS or key in COLUMN_ALIASES:
+        return COLUMN_ALIASES.get(key, key)
+    close = difflib.get_close_matches(key, COLUMNS, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _check_column_names(manifest: Path, names: list[str]) -> None:
+    """ScanError naming the first header cell that misspells a column detector reads, and the column it means."""
+    for name in names:
+        meant = misspelt_column(name or "")
+        if meant is not None and meant not in names:
+            raise ScanError(manifest, f"column {name!r} is not one detector reads: {meant!r}? (a misspelt column is "
+                                      "ignored without a word; column names are lower case, as data/README.md lists "
+                                      "them)")
 
 
 def on_disk(path: Path) -> Path:

@@ -27,18 +27,19 @@ class Item:
     error: str | None = None
 
 
-def _item(path: Path, row_number: int, r: dict) -> Item:
+def _item(path: Path, r: dict) -> Item:
+    """One manifest row's item; an unreadable risk_flags cell names its line in the file (r['_row'])."""
     item = Item(on_disk(path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
     try:
         item.risk_flags = parse_flags(r.get("risk_flags"))
     except ValueError as e:   # one bad cell inspects its own truck, not the whole batch
-        item.error = f"{path} row {row_number}: unreadable risk_flags ({e})"
+        item.error = f"{path} row {r['_row']}: unreadable risk_flags ({e})"
     return item
 
 
 def read_manifest(path: Path) -> list[Item]:
     """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags)."""
-    return [_item(path, n, r) for n, r in enumerate(read_rows(path, need=("path",)), start=2)]
+    return [_item(path, r) for r in read_rows(path, need=("path",))]
 
 
 def discover(src: str) -> tuple[list[Item], str]:

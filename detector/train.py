@@ -39,7 +39,7 @@ from detector.checkpoint import (CheckpointError, check_initialisable, check_res
                                  load_initial_weights, read_checkpoint)
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
 from detector.data import ScanDataModule, auto_workers
-from detector.records import check_dataset, fingerprint
+from detector.records import fingerprint, load_records
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.model import AnomalyNet, build_model, check_model_config, nhwc
@@ -416,7 +416,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     start = _read_init(cfg.model.init) if cfg.model.init and resume is None else None
     init_changes = check_initialisable(start, cfg, cfg.model.init) if start is not None else []
     check_hardware(cfg.trainer)
-    check_dataset(data_dir)               # a wrong --data too, before the run folder is made
+    load_records(data_dir)   # a wrong --data or a manifest cell that cannot be used, before the run folder is touched
     asked = to_dict(cfg.trainer)              # RUN/config.yaml keeps cpu_processes, not its DDP settings
     batch = resolve_cpu_processes(cfg)
     workers = resolve_workers(cfg)

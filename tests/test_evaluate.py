@@ -390,3 +390,57 @@ def test_names_composed_in_the_truth_and_decomposed_on_disk_match(tmp_path, heur
         m = evaluate.evaluate(res, data, tmp_path / "r", thumbs=False)
         assert (m["overall"]["n"], m["unmatched_results"], m["unscored_truth"]) == (2, 0, 0), src
         assert m["overall"]["auroc"] == 1.0
+
+
+def test_truth_that_cannot_place_an_anomaly_is_named_not_scored_as_a_miss(tmp_path, capsys):
+    """An officer's mask drawn on a zoomed view (another size than the scan), a mask file that is missing, boxes in
+    another pixel unit that lie outside the scan: training refuses each, eval scored the first and the last as
+    localisation misses (IoU 0) and dropped the second, all without a word. They are now left out and named."""
+    import cv2
+    data, res = _dataset(tmp_path)
+    big = np.zeros((80, 240), np.uint8)
+    big[10:30, 10:30] = 255                                     # TRUE_BOX on a 2x view of the 120x40 scan
+    cv2.imwrite(str(data / "a1.png"), big)
+    manifest = data / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    rows[0] += ",mask"
+    rows = [r + ("," if i else "") for i, r in enumerate(rows)]
+    rows[6] = rows[6].replace(f'"{json.dumps([TRUE_BOX])}"', "") + "a1.png"      # a1: the zoomed mask, no boxes
+    rows[7] = rows[7].replace(f'"{json.dumps([TRUE_BOX])}"', '"[[500, 500, 520, 520]]"')   # a2: boxes in mm
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["localisation"]["n"] == 0
+    note = next(n for n in m["notes"] if "cannot place" in n)
+    assert note.startswith("2 detected anomalies whose truth cannot place the anomaly are left out of the localisation")
+    assert "a1.png: mask is 240x80, scan is 120x40" in note and "box [500, 500, 520, 520] covers no pixel" in note
+    assert note in capsys.readouterr().err
+    rows[6] = rows[6].replace("a1.png", "gone.png")
+    manifest.write_text("\n".join(rows) + "\n")
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    assert "gone.png: mask file not found" in capsys.readouterr().err
+
+
+def test_results_of_other_scans_with_the_same_names_are_not_matched_to_the_truth(tmp_path, capsys):
+    """A scanner names its files by sequence (scans/0001.tiff in every day's folder): results of one folder evaluated
+    against another folder's manifest were matched by the relative name, so eval (and calibrate --truth) judged one
+    day's trucks by another day's labels. The name-suffix match is for results scored elsewhere, whose paths name no
+    file here; a result whose file is here and is not the truth's scan has no truth."""
+    data, res = _dataset(tmp_path)
+    other = tmp_path / "other_day"
+    (other / "images").mkdir(parents=True)
+    for p in (data / "images").iterdir():   # another day's trucks under the same names
+        write_scan(other / "images" / p.name, np.full((2, 40, 120), 41000, np.uint16), i0=(60000.0, 60000.0))
+    (other / "images" / "a1.tiff").write_bytes((data / "images" / "a1.tiff").read_bytes())   # one copied over
+    text = res.read_text()
+    res.write_text(text.replace(str((data / "images").resolve()), str((other / "images").resolve())))
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 0
+    m = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert m["overall"]["n"] == 1 and m["unmatched_results"] == 6      # the copy of a1 is a1; the other trucks are not
+    write_scan(other / "images" / "a1.tiff", np.full((2, 40, 120), 41000, np.uint16), i0=(60000.0, 60000.0))
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 2
+    assert f"no result in {res} matches a scan of" in capsys.readouterr().err
+    windows = text.replace(str((data / "images").resolve()) + "/", "D:\\site\\images\\")   # scored on a station
+    res.write_text(windows)
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 0

@@ -181,3 +181,15 @@ def test_a_semicolon_separated_manifest_is_told_so(tmp_path):
     with pytest.raises(ScanError) as e:      # a comma manifest lacking a column gets no such hint
         read_rows(_manifest(tmp_path, "path,kind\na.tiff,0\n"))
     assert ";" not in str(e.value)
+
+
+@pytest.mark.parametrize("header, meant", [("Label", "label"), ("bbox", "boxes"), ("masks", "mask"),
+                                           ("Split", "split"), ("anomaly type", "anomaly_type"), ("label ", "label")])
+def test_a_misspelt_column_is_refused_where_it_would_be_ignored(tmp_path, header, meant):
+    """A spreadsheet's Split, a labelling tool's bbox: each step read the column it knows, found none, and went on
+    without it (boxes and masks lost, a seeded split instead of the officer's). Other columns stay free."""
+    m = _manifest(tmp_path, f"path,{header}\na.tiff,1\n" if meant == "label" else f"path,label,{header}\na.tiff,1,x\n")
+    with pytest.raises(ScanError, match=rf"manifest\.csv: column '{header}' is not one detector reads: '{meant}'\?"):
+        read_rows(m)
+    free = read_rows(_manifest(tmp_path, "path,label,vehicle,notes,date\na.tiff,1,van,x,2026-12-01\n"))
+    assert free[0]["vehicle"] == "van"

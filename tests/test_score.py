@@ -693,3 +693,28 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_and_resumes(tmp_path, heurist
     capsys.readouterr()
     assert score.main(_args(d, heuristic_model, out, jsonl=str(jl), overlays=str(tmp_path / "ov"))) == 0
     assert "resuming: 2 of 2 files" in capsys.readouterr().err and len(out.read_text().splitlines()) == 3
+
+
+def test_a_misspelt_risk_flags_column_is_refused_not_ignored(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """A hand-written manifest whose column reads risk_flag (or Risk_Flags) routed every truck as if no flag were set:
+    the flagged truck was RELEASEd. score now stops before scoring and names the column and the one it seems to mean."""
+    shutil.copy(normal_scan_path, tmp_path / "a.tiff")
+    for header in ("risk_flag", "Risk_Flags", "risk flags"):
+        m = tmp_path / "manifest.csv"
+        m.write_text(f"path,tier,{header}\na.tiff,standard,intel_hit\n")
+        assert score.main(_args(m, heuristic_model, tmp_path / "r.csv")) == 2
+        err = capsys.readouterr().err
+        assert f"manifest.csv: column '{header}' is not one detector reads: 'risk_flags'?" in err, err
+        assert not (tmp_path / "r.csv").exists()
+
+
+def test_an_unreadable_risk_flags_cell_is_named_by_its_line_in_the_manifest(tmp_path, heuristic_model,
+                                                                           normal_scan_path):
+    """The row in the error was counted over the rows read, so a blank line (a spreadsheet's empty row) above the bad
+    cell sent the engineer to the row before it; it is now the cell's line in the file, as training's errors say."""
+    for name in ("a", "b"):
+        shutil.copy(normal_scan_path, tmp_path / f"{name}.tiff")
+    m = tmp_path / "manifest.csv"
+    m.write_text('path,label,risk_flags\na.tiff,0,\n\n,,\nb.tiff,0,"[intel"\n')
+    assert score.main(_args(m, heuristic_model, tmp_path / "r.csv")) == 0
+    assert "manifest.csv row 5: unreadable risk_flags" in _rows(tmp_path / "r.csv")["b.tiff"]["error"]

@@ -828,3 +828,25 @@ def test_the_summary_says_what_cut_the_run_short(tmp_path, monkeypatch, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trained "))
     assert "(2 epochs of 4: early stopping, trainer.patience 1)" in line and "time budget" not in line, line
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] == "early stopping, trainer.patience 1"
+
+
+def test_a_manifest_mistake_is_refused_before_the_run_folder_is_touched(tmp_path, capsys):
+    """A manifest cell that cannot be used (a label 'yes', a misspelt column) stopped training only once the run folder
+    was made and an earlier run's metrics.json, test_scores.csv and hard negatives in it were deleted: fixing the
+    manifest and rerunning into the same --out lost the figures of the checkpoint still there. It now stops first."""
+    data = write_dataset(tmp_path / "d", n=6)
+    manifest = data / "manifest.csv"
+    good = manifest.read_text()
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = {name: f"{name} of the earlier run" for name in ("metrics.json", "test_scores.csv", "hard_negatives.json")}
+    for name, text in kept.items():
+        (run / name).write_text(text)
+    for bad, message in ((good.replace("s1.tiff,1,", "s1.tiff,yes,"), "row 3: label 'yes' is not 0"),
+                         (good.replace("split", "Split", 1), "column 'Split' is not one detector reads")):
+        manifest.write_text(bad)
+        refused_in_one_line([([], message)], data, tmp_path / "new_run", capsys)
+        from detector.cli import main
+        assert main(["train", "--config", str(QUICK), "--data", str(data), "--out", str(run)]) == 2
+        assert message in capsys.readouterr().err
+        assert {p.name: p.read_text() for p in run.iterdir()} == kept
