@@ -430,11 +430,11 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         raise ConfigError(f"--out {out}: cannot make the run folder or write in it ({e.strerror or e})") from None
     if resume is None:
         _warn_if_replacing(out)
+    elif changed:
+        _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
     if init_changes:
         _rank_zero_warn(f"model.init {cfg.model.init} learnt under other preprocessing settings than this run's: "
                         f"{', '.join(init_changes)}")
-    elif changed:
-        _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.trainer.threads)
@@ -483,7 +483,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     module = AnomalyModule(saved, info)
     if start is not None:
         load_initial_weights(module.model, start, cfg.model.init)
-        start = None
+        start = None   # its optimiser state and the rest are not needed: free them before the fit
 
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger

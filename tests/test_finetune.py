@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,12 @@ def test_a_fine_tune_starts_from_the_checkpoint_and_records_it(tmp_path):
     data = write_dataset(tmp_path / "d")
     run_training(None, data, tmp_path / "src", ONE_EPOCH, quiet=True)
     src = tmp_path / "src" / "last.ckpt"
-    tiny_lr = [*ONE_EPOCH, "optim.lr=1e-9", "seed=3"]
-    res = run_training(None, data, tmp_path / "ft", tiny_lr, quiet=True, init=str(src))
+    tiny_lr, clip = [*ONE_EPOCH, "optim.lr=1e-9", "seed=3"], "preprocessing.clip_max=11.0"
+    with warnings.catch_warnings(record=True) as said:   # the same network, learnt under another clip
+        warnings.simplefilter("always")
+        res = run_training(None, data, tmp_path / "ft", [*tiny_lr, clip], quiet=True, init=str(src))
+    assert any("other preprocessing settings than this run's: preprocessing.clip_max=11.0 (was 12.0)"
+               in str(w.message) for w in said)
     scratch = run_training(None, data, tmp_path / "scratch", tiny_lr, quiet=True)
     assert res["initialised_from"] == {"checkpoint": str(src), "epochs": 1,
                                        "data_fingerprint": scratch["data_fingerprint"]}
@@ -82,7 +87,7 @@ def test_a_fine_tune_starts_from_the_checkpoint_and_records_it(tmp_path):
     assert info["train_config"]["model"]["init"] == str(src) and info["initialised_from"]["epochs"] == 1
     # the same command with --resume, as a stopped run prints it, goes on; a run that did not start there does not
     more = [*tiny_lr, "trainer.max_epochs=2"]
-    again = run_training(None, data, tmp_path / "ft", more, quiet=True, init=str(src),
+    again = run_training(None, data, tmp_path / "ft", [*more, clip], quiet=True, init=str(src),
                          resume=str(tmp_path / "ft" / "last.ckpt"))
     assert again["epochs"] == 2 and again["initialised_from"] == res["initialised_from"]
     with pytest.raises(ConfigError, match=r"model\.init .*last\.ckpt with --resume .*did not start from it"):
