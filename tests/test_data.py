@@ -97,6 +97,22 @@ def test_boxes_and_masks_of_a_scan_with_non_square_pixels_are_taken_in_the_files
         cache.build(load_records(root)[0])
 
 
+def test_a_cache_entry_that_laid_file_pixel_boxes_on_the_squared_grid_is_not_reused(tmp_path, monkeypatch):
+    """Entries the scan cache built before boxes were taken in the file's pixels hold the box where it stood on the
+    squared grid, 20 % beside the block; their key was the same, so a new run went on training from them."""
+    from conftest import write_nonsquare_scan
+
+    from detector import scan_cache
+    path = write_nonsquare_scan(tmp_path / "line.tiff", 4.0, 5.0, (400, 110, 480, 160))
+    rec, cache = Record(str(path), 1, boxes=[[400, 110, 480, 160]]), ScanCache(tmp_path / "cache", Preprocessing())
+    with monkeypatch.context() as old:                     # the earlier code: the squared grid was taken for the file's
+        old.setattr(scan_cache, "file_shape", lambda scan: (scan.height, scan.width))
+        old.setattr(scan_cache, "_squared", lambda path: False, raising=False)
+        stale = cache.build(rec)
+    fresh = cache.build(rec)
+    assert fresh["key"] != stale["key"] and fresh["centres"] != stale["centres"]
+
+
 def test_a_redrawn_mask_or_a_relabelled_scan_is_not_served_from_the_cache(tmp_path):
     att = np.random.default_rng(0).uniform(0.5, 1.5, (1, 60, 100)).astype(np.float32)
     write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4,), pitch_mm=5.0)
