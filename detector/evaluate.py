@@ -22,8 +22,8 @@ import numpy as np
 from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
                                read_mask, read_rows, read_text)
-from detector.formats import scan_geometry
-from detector.scan import ScanError
+from detector.formats import file_geometry
+from detector.scan import ScanError, file_shape, map_box
 from detector.sources import shown
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
@@ -209,10 +209,13 @@ def _truth_boxes(t: Truth) -> list:
 
 
 def placed_truth(t: Truth) -> tuple[list, str | None]:
-    """The true boxes of a truth entry, and why they cannot place its anomaly (None when they can): a mask missing,
-    unreadable or of another size than the scan (drawn on a zoomed view), boxes that cover no pixel of it (another
-    pixel unit). Training refuses each of these; scored as they were, they made localisation misses without a word."""
-    hw = scan_geometry(t.path)
+    """The true boxes of a truth entry in the file's pixels (where a result's regions are), and why they cannot place
+    its anomaly (None when they can): a mask missing, unreadable or of another size than the scan (drawn on a zoomed
+    view), boxes that cover no pixel of it (another pixel unit). Training refuses each of these; scored as they were,
+    they made localisation misses without a word. A mask at the size the reader squares a scan of non-square pixels
+    to (which training required before) is carried back to the file's pixels."""
+    g = file_geometry(t.path)
+    hw = None if g is None else (g.file_height, g.file_width)
     if t.boxes:
         if hw is None or any(_clipped(b, hw) for b in t.boxes):
             return [list(b) for b in t.boxes], None
@@ -225,8 +228,12 @@ def placed_truth(t: Truth) -> tuple[list, str | None]:
         return [], f"{shown(t.mask)}: {e.reason}"
     if mask is None:
         return [], f"{shown(t.mask)}: mask file not found (named for {t.rel})"
-    if hw is not None and mask.shape != hw[:2]:
-        return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}"
+    squared = None if g is None else (g.height, g.width)
+    if hw is not None and mask.shape == squared != hw:
+        return [map_box(b, squared, hw) for b in M.mask_boxes(mask)], None
+    if hw is not None and mask.shape != hw:
+        also = f" ({squared[1]}x{squared[0]} once its pixels are squared)" if squared != hw else ""
+        return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}{also}"
     return M.mask_boxes(mask), None
 
 
@@ -379,7 +386,9 @@ def _thumb(r: Result, t: Truth):
             scan = read_scan(t.path)
     except Exception as e:
         return np.full((60, 400, 3), 200, np.uint8), f"{cap} (could not render: {e})"
-    img = report.render(scan.attenuation, regions=r.regions, truth_boxes=_truth_boxes(t),
+    grids = file_shape(scan), (scan.height, scan.width)   # regions and truth in the file's pixels, drawn on the scan's
+    regions = [{**region, "box": map_box(region["box"], *grids)} for region in r.regions]
+    img = report.render(scan.attenuation, regions=regions, truth_boxes=[map_box(b, *grids) for b in _truth_boxes(t)],
                         banner=report.verdict_banner(r.decision, r.score, r.threshold), flagged=r.decision != "RELEASE",
                         max_w=1200, max_h=360)
     return img, cap

@@ -18,14 +18,14 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 import tifffile
 
-from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, most_scan_bytes,
-                           sniff_format, valid_pitch)
+from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, file_meta,
+                           most_scan_bytes, sniff_format, valid_pitch)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
@@ -161,7 +161,8 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
     if "spacing_mm" in info:   # X and Y resolution differ: square the pixels as for DICOM
         if channels_last(counts.shape):
             counts = np.moveaxis(counts, -1, 0)
-        counts, info["pitch_mm"] = _square_pixels(counts, *info.pop("spacing_mm"))
+        counts, squared = _squared(counts, *info.pop("spacing_mm"))
+        info.update(squared)
     return counts, info
 
 
@@ -415,7 +416,8 @@ def read_dicom(data: bytes, name: str, max_pixels: int | None):
     info: dict = {"full_scale": full_scale}
     spacing = _dicom_spacing(ds, name)
     if spacing is not None:
-        arr, info["pitch_mm"] = _square_pixels(arr, *spacing)
+        arr, squared = _squared(arr, *spacing)
+        info.update(squared)
     return arr, info
 
 
@@ -450,6 +452,17 @@ def _dicom_spacing(ds: Any, name: str) -> tuple[float, float] | None:
         return None
     values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
     return valid_pitch(name, values[0]), valid_pitch(name, values[-1])
+
+
+def _squared(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np.ndarray, dict]:
+    """_square_pixels, and what the reader passes on: the pitch and, where the pixels were not square, the file's own
+    geometry as Scan.meta (file_meta), to which a verdict's regions are mapped back and a manifest's boxes and masks
+    are taken from."""
+    h, w = counts.shape[-2:]
+    out, pitch = _square_pixels(counts, row_mm, col_mm)
+    if math.isclose(row_mm, col_mm, rel_tol=1e-6):
+        return out, {"pitch_mm": pitch}
+    return out, {"pitch_mm": pitch, "meta": file_meta(h, w, row_mm, col_mm)}
 
 
 def _square_pixels(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np.ndarray, float]:
@@ -571,13 +584,30 @@ def _dicom_rescale(ds: Any, name: str) -> tuple[float, float]:
 # ---------------------------------------------------------------- size from the header
 
 
+class Geometry(NamedTuple):
+    """A scan's size and pitch as read_scan gives them, and the size of the file's own pixels (the same unless the
+    reader squared them: file_meta)."""
+
+    height: int
+    width: int
+    pitch_mm: float
+    file_height: int
+    file_width: int
+
+
 def scan_geometry(path: str | os.PathLike) -> tuple[int, int, float] | None:
     """(height, width, pitch in mm) of the Scan that `read_scan(path)` returns, from the file's header alone: TIFF
     tags, the .npy header (in an .npz too, with its pitch_mm), the PNG or JPEG frame header, the DICOM data set up
     to its pixels; no pixel is decoded. The pitch is resolved as the reader resolves it (the file's, else
-    DEFAULT_PITCH_MM), non-square DICOM pixels as they are squared. None where the header cannot tell (a JPEG
+    DEFAULT_PITCH_MM), non-square pixels as they are squared. None where the header cannot tell (a JPEG
     frame header past the first 64 KB, a deflated DICOM, no pydicom) or where the reader would refuse what the
     header says: read_scan then decides, and says why. Warnings are silenced: call it from one thread."""
+    got = file_geometry(path)
+    return None if got is None else (got.height, got.width, got.pitch_mm)
+
+
+def file_geometry(path: str | os.PathLike) -> Geometry | None:
+    """scan_geometry, with the size of the file's own pixels (where a manifest's boxes and masks are drawn)."""
     name = str(path)
     try:
         with warnings.catch_warnings():
@@ -592,37 +622,43 @@ def scan_geometry(path: str | os.PathLike) -> tuple[int, int, float] | None:
                 got = _header_geometry(kind, f, head, name, size)
             if got is None:
                 return None
-            h, w, pitch = got
-            return int(h), int(w), valid_pitch(name, DEFAULT_PITCH_MM if pitch is None else pitch)
+            h, w, pitch, fh, fw = got
+            return Geometry(int(h), int(w), valid_pitch(name, DEFAULT_PITCH_MM if pitch is None else pitch),
+                            int(fh), int(fw))
     except Exception:   # whatever the header does not say plainly, the full read decides (and names the reason)
         return None
 
 
-def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tuple[int, int, Any] | None:
-    """(height, width, pitch or None for the default) of an open scan file of the sniffed `kind`, from its header."""
+def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tuple[int, int, Any, int, int] | None:
+    """(height, width, pitch or None for the default, the file's height and width) of an open scan file of the
+    sniffed `kind`, from its header."""
     if kind == "png":
         h, w, depth, _ = png_header(head, name)
         check_shape(name, 1, h, w, None)
-        return (h, w, None) if depth in (1, 2, 4, 8, 16) else None
+        return (h, w, None, h, w) if depth in (1, 2, 4, 8, 16) else None
     if kind == "jpeg":
         h, w = _jpeg_size(head, name)
         check_shape(name, 1, h, w, None)
-        return h, w, None
+        return h, w, None, h, w
     if kind == "tiff":
         with tifffile.TiffFile(f) as tif:
             pages = list(itertools.islice(tif.pages, 3))
             _, h, w = _tiff_layout(pages, name, None)
             info = _tiff_info(pages[0], name, warn=False)
-            return _square_size(h, w, *info["spacing_mm"]) if "spacing_mm" in info else (h, w, info.get("pitch_mm"))
+        if "spacing_mm" in info:
+            return _squared_geometry(h, w, info["spacing_mm"])
+        return h, w, info.get("pitch_mm"), h, w
     if kind == "npy":
-        return (*_image_sides(_check_npy_header(f, name, None, size)), None)
+        h, w = _image_sides(_check_npy_header(f, name, None, size))
+        return h, w, None, h, w
     if kind == "npz":
         with np.load(f, allow_pickle=False) as z:
             if "counts" not in z:
                 return None
             with z.zip.open("counts.npy") as m:
                 shape = _check_npy_header(m, name, None, z.zip.getinfo("counts.npy").file_size)
-            return (*_image_sides(shape), _npz_numbers(z, "pitch_mm", 1, name) if "pitch_mm" in z else None)
+            h, w = _image_sides(shape)
+            return h, w, _npz_numbers(z, "pitch_mm", 1, name) if "pitch_mm" in z else None, h, w
     if kind == "dicom":
         import pydicom
         if _dicom_deflated(f):   # pydicom inflates the whole data set to read its header
@@ -636,8 +672,13 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
         check_shape(name, frames, rows, cols, None)
         _check_dicom_pixels_are_counts(ds, name)
         spacing = _dicom_spacing(ds, name)
-        return (rows, cols, None) if spacing is None else _square_size(rows, cols, *spacing)
+        return (rows, cols, None, rows, cols) if spacing is None else _squared_geometry(rows, cols, spacing)
     return None
+
+
+def _squared_geometry(h: int, w: int, spacing: tuple[float, float]) -> tuple[int, int, float, int, int]:
+    """_header_geometry's answer for a file of h x w pixels of [row, column] `spacing`: squared, and the file's size."""
+    return (*_square_size(h, w, *spacing), h, w)
 
 
 def _image_sides(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, h
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
-from detector.scan import Scan, ScanError, check_scan, read_scan, read_scan_bytes, scan_from_counts
+from detector.scan import Scan, ScanError, check_scan, file_shape, read_scan, read_scan_bytes, scan_from_counts
 
 Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
 EPS = 1e-6
@@ -38,7 +38,8 @@ class InspectionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Region:
-    """A suspicious area: box (x0, y0, x1, y1) in scan pixels and its peak heatmap probability."""
+    """A suspicious area: box (x0, y0, x1, y1) in scan pixels (the file's, where its reader squared them) and its peak
+    heatmap probability."""
 
     box: tuple[int, int, int, int]
     score: float
@@ -239,11 +240,12 @@ class Inspector:
         own = np.ascontiguousarray(heatmap[:hv, :wv])
         own_logits = None if logits is None else logits[:hv, :wv]
         score, heatmap = own_cells_score(heatmap, own, score, self.score_k, own_logits), own
-        cell_yx = (self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1])
+        fh, fw = file_shape(scan)   # regions in the file's pixels, where its reader squared them
+        cell_yx = _file_cells(self.stride * prepared.scale_yx[0], self.stride * prepared.scale_yx[1], scan, fh, fw)
         thr = self.threshold if threshold is None else valid_threshold(threshold)
         # a threshold under the region cut-off would send trucks to inspection with nothing to look at; the hottest
         # cell is at least the score (a top-k mean), so an INSPECT always has its region
-        regions = self._regions(heatmap, cell_yx, scan.height, scan.width, min(self.region_threshold, thr))
+        regions = self._regions(heatmap, cell_yx, fh, fw, min(self.region_threshold, thr))
         decision = "INSPECT" if score >= thr else "RELEASE"
         d = score_digits(score, thr)
         reason = (f"score {score:.{d}f} {'>=' if decision == 'INSPECT' else '<'} threshold {thr:.{d}f} "
@@ -357,7 +359,8 @@ class Inspector:
 
     def _regions(self, heatmap: np.ndarray, cell_yx: tuple[float, float], h: int, w: int,
                  cut: float) -> list[Region]:
-        """Connected components at or above `cut` -> boxes in scan pixels, best first."""
+        """Connected components at or above `cut` -> boxes in the file's pixels (h x w, cells of cell_yx), best
+        first."""
         mask = (heatmap >= cut).astype(np.uint8)
         if not mask.any():
             return []
@@ -371,6 +374,15 @@ class Inspector:
             out.append(Region(box=box, score=peak))
         out.sort(key=lambda r: -r.score)
         return out[: self.max_regions]
+
+
+def _file_cells(cell_y: float, cell_x: float, scan: Scan, fh: int, fw: int) -> tuple[float, float]:
+    """A heatmap cell's size in the pixels of the file of fh x fw the scan was read from: the squared grid's scaled
+    per axis where its reader squared a line scanner's pixels (a station draws the regions on the file it sent;
+    in the squared grid they were 20 % off along the finer axis of 4 x 5 mm pixels), the same numbers where not."""
+    if (fh, fw) == (scan.height, scan.width):
+        return cell_y, cell_x
+    return cell_y * fh / scan.height, cell_x * fw / scan.width
 
 
 def _load_session(data: bytes, threads: int | None, path: Path) -> tuple[ort.InferenceSession, str | None]:

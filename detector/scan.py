@@ -98,6 +98,42 @@ class Scan:
         return int(self.attenuation.shape[2])
 
 
+# ---------------------------------------------------------------- the file's own pixels
+
+def file_meta(height: int, width: int, row_mm: float, col_mm: float) -> dict:
+    """Scan.meta of a scan whose reader squared the file's pixels: the file's own size and [row, column] spacing, so
+    the coordinates users give and get ("scan pixels": a manifest's boxes and masks, a verdict's regions) stay the
+    file's, the grid a station or an officer's tool draws on."""
+    return {"file_height": int(height), "file_width": int(width), "file_spacing_mm": [float(row_mm), float(col_mm)]}
+
+
+def file_shape(scan: Scan) -> tuple[int, int]:
+    """(height, width) of the file the scan was read from: file_meta's where its reader squared the pixels, else the
+    attenuation's (nothing was resampled)."""
+    meta = scan.meta if isinstance(scan.meta, dict) else {}
+    h, w = meta.get("file_height"), meta.get("file_width")
+    if isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1:
+        return h, w
+    return scan.height, scan.width
+
+
+def map_box(box: Any, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> list:
+    """A box [x0, y0, x1, y1] on an image of src_hw = (height, width) pixels, on the same image at dst_hw: each axis
+    scaled on its own, outward to whole pixels (a box never loses the pixels it touched) and clipped to dst_hw. The
+    box as it is where the two grids are one (square pixels: nothing changes)."""
+    if tuple(src_hw) == tuple(dst_hw):
+        return list(box)
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    return [_edge(box[0], sx, dst_hw[1], False), _edge(box[1], sy, dst_hw[0], False),
+            _edge(box[2], sx, dst_hw[1], True), _edge(box[3], sy, dst_hw[0], True)]
+
+
+def _edge(v: float, scale: float, most: int, up: bool) -> int:
+    """One box edge scaled to another grid: rounded outward (1e-9: 100 * 0.8 is 80.00000000000001), in [0, most]."""
+    v = math.ceil(v * scale - 1e-9) if up else math.floor(v * scale + 1e-9)
+    return min(most, max(0, v))
+
+
 # ---------------------------------------------------------------- conversions
 
 def counts_to_attenuation(counts: np.ndarray, i0: float | tuple[float, ...]) -> np.ndarray:

@@ -8,35 +8,38 @@ import os
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
+from detector.formats import file_geometry
 from detector.hard_types import write_atomic
 from detector.manifest import read_mask
 from detector.preprocess import Preprocessing, model_attenuation
 from detector.records import Record
-from detector.scan import ScanError, read_scan
-from detector.synth.stream import mask_centres, model_mask
+from detector.scan import ScanError, file_shape, map_box, read_scan
+from detector.synth.stream import MASK_KEEP, mask_centres, model_mask
 
 
-def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
+def _scan_mask(rec: Record, shape: tuple[int, int], file_hw: tuple[int, int] | None = None) -> np.ndarray | None:
     """(H, W) float32 0/1 mask at scan resolution from the mask PNG or the boxes; None if label-only. A mask
     that contradicts the label (an anomalous scan's marks nothing, a normal scan's marks something) is an
-    error: it would teach every crop of the scan the wrong class."""
+    error: it would teach every crop of the scan the wrong class. `file_hw`: the file's own size where its reader
+    squared its pixels (shape is then the squared one): boxes and a mask of that size are in the file's pixels, as
+    the manifest's contract has them, and are carried onto the squared grid; a mask of the squared size is taken
+    as it is."""
     h, w = shape
+    fh, fw = file_hw or shape
     if rec.mask:
-        if not os.path.exists(rec.mask):
-            raise ScanError(rec.mask, f"mask file not found (named for {Path(rec.path).name})")
-        m = read_mask(rec.mask)
-        if m.shape != shape:
-            raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {w}x{h}")
+        m = _read_scan_mask(rec, shape, (fh, fw))
         m, source = (m > 0).astype(np.float32), rec.mask   # 0/255 as documented; 0/1 from many labelling tools
     elif rec.boxes:
         m, source = np.zeros(shape, np.float32), rec.path
         for box in rec.boxes:
             x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
-            x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+            x1, y1 = min(fw, int(np.ceil(box[2]))), min(fh, int(np.ceil(box[3])))
             if x1 <= x0 or y1 <= y0:
-                raise ScanError(rec.path, f"box {box} ([x0, y0, x1, y1]) covers no pixel of the {w}x{h} scan")
+                raise ScanError(rec.path, f"box {box} ([x0, y0, x1, y1]) covers no pixel of the {fw}x{fh} scan")
+            x0, y0, x1, y1 = map_box([x0, y0, x1, y1], (fh, fw), shape)
             m[y0:y1, x0:x1] = 1
     else:
         return None if rec.label else np.zeros(shape, np.float32)
@@ -47,6 +50,22 @@ def _scan_mask(rec: Record, shape: tuple[int, int]) -> np.ndarray | None:
     if not rec.label and marked:
         raise ScanError(source, f"normal scan (label 0) whose mask marks {marked} pixels: label it 1 or clear the mask")
     return m
+
+
+def _read_scan_mask(rec: Record, shape: tuple[int, int], file_hw: tuple[int, int]) -> np.ndarray:
+    """The record's mask PNG on the scan's grid (shape): one of the file's size (file_hw) area-resampled onto it,
+    a pixel kept when MASK_KEEP of it is marked (as model_mask keeps a thin anomaly); ScanError when it is missing or
+    of another size."""
+    if not os.path.exists(rec.mask):
+        raise ScanError(rec.mask, f"mask file not found (named for {Path(rec.path).name})")
+    m = read_mask(rec.mask)
+    if m.shape == shape:
+        return m
+    if m.shape != file_hw:
+        squared = f" ({shape[1]}x{shape[0]} once its pixels are squared)" if file_hw != shape else ""
+        raise ScanError(rec.mask, f"mask is {m.shape[1]}x{m.shape[0]}, scan is {file_hw[1]}x{file_hw[0]}{squared}")
+    marked = (m > 0).astype(np.float32)
+    return (cv2.resize(marked, (shape[1], shape[0]), interpolation=cv2.INTER_AREA) > MASK_KEEP).astype(np.uint8)
 
 
 def _save(path: Path, a: np.ndarray, source: str) -> None:
@@ -72,6 +91,12 @@ def _stamp(path: str) -> str:
     return f"{st.st_size}|{st.st_mtime_ns}"
 
 
+def _squared(path: str) -> bool:
+    """Whether the file's header says its reader squares its pixels (the scan's grid is not the file's)."""
+    g = file_geometry(path)
+    return g is not None and (g.height, g.width) != (g.file_height, g.file_width)
+
+
 class ScanCache:
     """Model-pitch attenuation (+ mask) of each record, computed once and memory-mapped from .npy."""
 
@@ -90,6 +115,8 @@ class ScanCache:
         s += f"|label{rec.label}" + (f"|{_stamp(rec.mask)}" if rec.mask and os.path.exists(rec.mask) else "")
         s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:
                                                          # runs of dead rows found too (older entries rebuilt)
+        # a squared scan's boxes were once laid on the squared grid as they stood: its entries with marks are rebuilt
+        s += "|file-px" if (rec.mask or rec.boxes) and _squared(rec.path) else ""
         return hashlib.sha1(s.encode()).hexdigest()[:20]
 
     def build(self, rec: Record) -> dict[str, Any]:
@@ -104,7 +131,7 @@ class ScanCache:
                 return meta
         scan = read_scan(rec.path)
         att = model_attenuation(scan.attenuation, scan.pitch_mm, self.pre, self.channels, scan.source)
-        mask = _scan_mask(rec, (scan.height, scan.width))
+        mask = _scan_mask(rec, (scan.height, scan.width), file_shape(scan))
         _save(self.folder / f"{key}.att.npy", att.astype(np.float32), rec.path)
         meta: dict[str, Any] = {"key": key, "shape": list(att.shape), "has_mask": mask is not None,
                                 "pitch_mm": scan.pitch_mm, "energies": list(scan.energies), "centres": []}

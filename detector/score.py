@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from detector.manifest import dataset_above, has_labels, has_layout
 from detector.policy import load_policy
-from detector.scan import SCAN_SUFFIXES, ScanError, read_scan, summarised_scan_warnings
+from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, map_box, read_scan, summarised_scan_warnings
 from detector.sources import Item, discover, drop_overlays, remove_overlay, shown
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
@@ -261,10 +261,12 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
 
 
 def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
-    """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run)."""
+    """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run). The picture is
+    the scan's attenuation, so the regions (in the file's pixels) are drawn mapped to its grid."""
     from detector import report
     try:
-        regions = [{"box": list(r.box), "score": float(r.score)} for r in verdict.regions]
+        grids = file_shape(scan), (scan.height, scan.width)
+        regions = [{"box": map_box(r.box, *grids), "score": float(r.score)} for r in verdict.regions]
         img = report.render(scan.attenuation, regions=regions, heatmap=verdict.heatmap,
                             banner=report.verdict_banner(decision, verdict.score, threshold, shown(dest.stem)),
                             flagged=decision != "RELEASE")

@@ -113,6 +113,25 @@ def write_test_scan(path: str | Path, **kw) -> Path:
                       pitch_mm=5.0, energies=("high", "low") if c == 2 else ("single",))
 
 
+def write_nonsquare_scan(path: str | Path, row_mm: float = 4.0, col_mm: float = 5.0,
+                         box: tuple[int, int, int, int] = (400, 110, 480, 160), height: int = 200, width: int = 600,
+                         seed: int = 5) -> Path:
+    """A line scanner's dual-energy TIFF of non-square pixels (row_mm down the rows, col_mm across the columns, in
+    its resolution tags) whose dense block (~1 % transmission) covers `box` [x0, y0, x1, y1] in the FILE's pixels."""
+    import tifffile
+    counts = make_scan_counts(height, width, 2, seed=seed)
+    x0, y0, x1, y1 = box
+    for c, ratio in enumerate((1.0, 1.3)):
+        counts[c, y0:y1, x0:x1] = round(I0 * np.exp(-4.6 * ratio))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path) as tw:
+        for page in counts:   # XResolution counts pixels across the columns, YResolution down the rows
+            tw.write(page, photometric="minisblack", resolution=(10 / col_mm, 10 / row_mm),
+                     resolutionunit="CENTIMETER")
+    return path
+
+
 @pytest.fixture(scope="session")
 def heuristic_model(tmp_path_factory) -> Path:
     """A valid 2-channel contract bundle (.onnx) built without torch."""

@@ -63,6 +63,56 @@ def test_boxes_become_masks_and_small_anomalies_survive_resampling(tmp_path):
     assert raw.build(rec)["key"] != meta["key"]   # a cache made with other preprocessing is not reused
 
 
+def test_boxes_and_masks_of_a_scan_with_non_square_pixels_are_taken_in_the_files_pixels(tmp_path):
+    """A line scanner's TIFF of 4 x 5 mm pixels is squared by its reader (200 rows become 160). A manifest's boxes,
+    drawn on the file, were laid on the squared grid as they stood (the crops' masks 20 % below the block), and a mask
+    drawn at the file's size was refused ("mask is 600x200, scan is 600x160"). Both are now taken in the file's
+    pixels, and the crop's mask lands on the block; a mask drawn at the squared size, as earlier users had to, still
+    trains; a mask of neither size is refused, naming both."""
+    from conftest import write_nonsquare_scan
+    root = tmp_path / "d"
+    box = [400, 110, 480, 160]                                  # in the file's pixels
+    write_nonsquare_scan(root / "line.tiff", 4.0, 5.0, tuple(box))
+    for name, h, (y0, y1) in (("file.png", 200, (110, 160)), ("squared.png", 160, (88, 128))):
+        mask = np.zeros((h, 600), np.uint8)
+        mask[y0:y1, box[0]:box[2]] = 255
+        cv2.imwrite(str(root / name), mask)
+    cv2.imwrite(str(root / "zoomed.png"), cv2.resize(cv2.imread(str(root / "file.png")), (1200, 400)))
+    rows = [f'line.tiff,1,,"{[box]}"', "line.tiff,1,file.png,", "line.tiff,1,squared.png,"]
+    pre = Preprocessing(model_pitch_mm=10.0)
+    cache = ScanCache(tmp_path / "cache", pre)
+    for row in rows:
+        (root / "manifest.csv").write_text(f"path,label,mask,boxes\n{row}\n")
+        rec, = load_records(root)
+        meta = cache.build(rec)
+        att, mask = cache.load(meta)
+        dense, marked = att[0] > 3.0, np.asarray(mask) > 0     # the block: rows 44-64, columns 200-240 at 10 mm
+        overlap = (marked & dense).sum() / (marked | dense).sum()
+        assert marked.shape == dense.shape and overlap > 0.8, (row, overlap)
+        crops = CropDataset(cache, [rec], [meta], DataConfig(workers=0, crop=64), pre)
+        img, m, _ = crops.crop(0, np.random.default_rng(0), centred=True)
+        assert m.any() and (img[..., 0][m > 0] > 3.0).mean() > 0.8, row
+    (root / "manifest.csv").write_text("path,label,mask\nline.tiff,1,zoomed.png\n")
+    with pytest.raises(ScanError, match=r"mask is 1200x400, scan is 600x200 \(600x160 once its pixels are squared\)"):
+        cache.build(load_records(root)[0])
+
+
+def test_a_cache_entry_that_laid_file_pixel_boxes_on_the_squared_grid_is_not_reused(tmp_path, monkeypatch):
+    """Entries the scan cache built before boxes were taken in the file's pixels hold the box where it stood on the
+    squared grid, 20 % beside the block; their key was the same, so a new run went on training from them."""
+    from conftest import write_nonsquare_scan
+
+    from detector import scan_cache
+    path = write_nonsquare_scan(tmp_path / "line.tiff", 4.0, 5.0, (400, 110, 480, 160))
+    rec, cache = Record(str(path), 1, boxes=[[400, 110, 480, 160]]), ScanCache(tmp_path / "cache", Preprocessing())
+    with monkeypatch.context() as old:                     # the earlier code: the squared grid was taken for the file's
+        old.setattr(scan_cache, "file_shape", lambda scan: (scan.height, scan.width))
+        old.setattr(scan_cache, "_squared", lambda path: False, raising=False)
+        stale = cache.build(rec)
+    fresh = cache.build(rec)
+    assert fresh["key"] != stale["key"] and fresh["centres"] != stale["centres"]
+
+
 def test_a_redrawn_mask_or_a_relabelled_scan_is_not_served_from_the_cache(tmp_path):
     att = np.random.default_rng(0).uniform(0.5, 1.5, (1, 60, 100)).astype(np.float32)
     write_scan(tmp_path / "a.tiff", attenuation_to_counts(att, 5e4), i0=(5e4,), pitch_mm=5.0)

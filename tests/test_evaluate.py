@@ -4,11 +4,13 @@ import html
 import json
 import re
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detector import evaluate
+from detector import metrics as M
 from detector.scan import write_scan
 
 COLS = ["path", "score", "decision", "threshold", "regions", "latency_ms", "error"]
@@ -420,6 +422,49 @@ def test_truth_that_cannot_place_an_anomaly_is_named_not_scored_as_a_miss(tmp_pa
     manifest.write_text("\n".join(rows) + "\n")
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
     assert "gone.png: mask file not found" in capsys.readouterr().err
+
+
+def test_truth_and_regions_of_a_scan_with_non_square_pixels_meet_in_the_files_pixels(tmp_path, heuristic_model,
+                                                                                      normal_scan_path, monkeypatch):
+    """A line scanner's TIFF of 4 x 5 mm pixels, squared by its reader (200 rows become 160). Its truth, boxes and a
+    mask drawn on the file, was judged against regions in the squared grid (IoU 0.23 for a region on the block), and
+    a mask at the file's size was left out as "mask is 600x200, scan is 600x160". Regions and truth are both in the
+    file's pixels now, so a region on the block scores a high IoU; a mask drawn at the squared size (as training
+    required) still places the anomaly; the report's thumbnails draw both on the squared picture."""
+    import shutil
+
+    import cv2
+    from conftest import write_nonsquare_scan
+
+    from detector import report, score
+    data, box = tmp_path / "data", [400, 110, 480, 160]
+    for name in ("boxes", "file", "squared"):
+        write_nonsquare_scan(data / f"{name}.tiff", 4.0, 5.0, tuple(box))
+    shutil.copy(normal_scan_path, data / "normal.tiff")
+    for name, h, (y0, y1) in (("file", 200, (110, 160)), ("squared", 160, (88, 128))):
+        mask = np.zeros((h, 600), np.uint8)
+        mask[y0:y1, box[0]:box[2]] = 255
+        cv2.imwrite(str(data / f"{name}.png"), mask)
+    (data / "manifest.csv").write_text(f'path,label,mask,boxes\nboxes.tiff,1,,"{[box]}"\nfile.tiff,1,file.png,\n'
+                                       "squared.tiff,1,squared.png,\nnormal.tiff,0,,\n")
+    res = tmp_path / "results.csv"
+    args = Namespace(src=str(data), model=str(heuristic_model), out=str(res), jsonl=None, overlays=None,
+                     overlays_flagged=False, policy=None, threshold=None, threads=1, workers=1, no_resume=False)
+    assert score.main(args) == 0
+    m = evaluate.evaluate(res, data, tmp_path / "report", thumbs=False)
+    assert not [n for n in m["notes"] if "cannot place" in n], m["notes"]
+    loc = m["localisation"]
+    assert loc["n"] == 3 and loc["hit_rate"] == 1.0 and loc["mean_iou"] > 0.6, loc
+    drawn = []
+    monkeypatch.setattr(report, "render", lambda att, **kw: drawn.append((att.shape, kw)) or np.zeros((9, 9, 3)))
+    results = {Path(r.path).name: r for r in evaluate.load_results(res)}
+    truth = {t.path.name: t for t in evaluate.load_truth(data)[0]}
+    for name in ("boxes.tiff", "file.tiff", "squared.tiff"):
+        evaluate._thumb(results[name], truth[name])
+    for shape, kw in drawn:                                     # on the squared picture: the block at rows 88-128
+        assert shape[1:] == (160, 600)
+        assert M.iou(kw["truth_boxes"][0], [400, 88, 480, 128]) > 0.9, kw["truth_boxes"]
+        assert M.iou(kw["regions"][0]["box"], [400, 88, 480, 128]) > 0.6, kw["regions"]
 
 
 def test_results_of_other_scans_with_the_same_names_are_not_matched_to_the_truth(tmp_path, capsys):

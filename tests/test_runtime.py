@@ -5,9 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import TRAINING_PACKAGES, run_without, write_test_scan
+from conftest import TRAINING_PACKAGES, make_scan_counts, run_without, write_nonsquare_scan, write_test_scan
 
 from detector.bundle import BundleError, read_metadata
+from detector.metrics import iou
 from detector.runtime import InspectionError, Inspector, own_cells_score, topk_mean_logit_score
 from detector.scan import ScanError, read_scan
 
@@ -38,6 +39,40 @@ def test_known_inputs_route_as_expected(inspector, normal_scan_path, anomalous_s
     assert bad.model_sha256 == inspector.model_sha256 and len(bad.model_sha256) == 64
     d = bad.to_dict()
     assert json.loads(json.dumps(d))["regions"][0]["box"] == list(bad.regions[0].box) and "heatmap" not in d
+
+
+@pytest.mark.parametrize("row_mm, col_mm", [(4.0, 5.0), (5.0, 4.0)])
+def test_regions_of_a_scan_with_non_square_pixels_are_in_the_files_pixels(inspector, tmp_path, row_mm, col_mm):
+    """A line scanner's pixels are often not square; the reader squares them at the coarser spacing, and the regions
+    came out in that squared grid: a station drawing them on the file it sent put them 20 % off along the finer axis
+    (4 x 5 mm: IoU 0.2 with the block; 5 x 4 mm: no overlap). They are in the file's pixels now, whatever the source
+    kind, clipped to the file, and heatmap_scale_yx counts file pixels per heatmap cell."""
+    box = (400, 110, 480, 160)
+    path = write_nonsquare_scan(tmp_path / "line.tiff", row_mm, col_mm, box)
+    v = inspector.inspect(path)
+    assert v.decision == "INSPECT" and v.regions
+    assert iou(v.regions[0].box, box) > 0.6, v.regions[0].box
+    for other in (read_scan(path), (path.read_bytes(), "upload.tiff")):
+        assert inspector.inspect(other).regions == v.regions
+    assert all(0 <= r.box[0] < r.box[2] <= 600 and 0 <= r.box[1] < r.box[3] <= 200 for r in v.regions)
+    cells = np.multiply(v.heatmap.shape, v.heatmap_scale_yx)
+    assert abs(cells[0] - 200) < v.heatmap_scale_yx[0] and abs(cells[1] - 600) < v.heatmap_scale_yx[1]
+
+
+def test_regions_of_square_pixels_are_those_they_always_were(inspector, tmp_path):
+    """Mapping regions to the file's pixels changes nothing where the pixels are square: these are the boxes and cell
+    sizes the runtime gave before it, for odd sizes (no whole-number scale to the model's pitch) at 5 mm and at 4 mm
+    from equal resolution tags."""
+    import tifffile
+    odd = write_test_scan(tmp_path / "odd.tiff", height=251, width=733, dense=True, seed=9)
+    with tifffile.TiffWriter(tmp_path / "sq4.tiff") as tw:
+        for page in make_scan_counts(height=251, width=733, dense=True, seed=9):
+            tw.write(page, photometric="minisblack", resolution=(2.5, 2.5), resolutionunit="CENTIMETER")
+    for path, boxes, cell in ((odd, [[320, 95, 401, 160]], (15.936507936507937, 16.02185792349727)),
+                              (tmp_path / "sq4.tiff", [[320, 100, 401, 161]], (20.08, 20.013651877133107))):
+        v = inspector.inspect(path)
+        assert [r.to_dict()["box"] for r in v.regions] == boxes and v.heatmap_scale_yx == cell
+        assert read_scan(path).meta == {}
 
 
 def test_every_source_kind_gives_the_same_verdict(inspector, anomalous_scan_path):

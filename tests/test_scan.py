@@ -17,7 +17,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import dicom_bytes
+from conftest import dicom_bytes, write_nonsquare_scan
 from detector.scan import (
     Scan, ScanError, ScanWarning, attenuation_to_counts, counts_to_attenuation, estimate_i0,
     read_scan, read_scan_bytes, scan_from_counts, write_scan,
@@ -625,6 +625,32 @@ def test_tiff_with_unequal_x_and_y_resolution_is_squared_like_dicom(tmp_path):
     np.testing.assert_allclose(dual.attenuation[:1], ref.attenuation, atol=1e-6)
     for scan, name in ((one, "one.tiff"), (dual, "hw2.tiff")):
         assert scan_geometry(tmp_path / name) == (scan.height, scan.width, scan.pitch_mm)
+
+def test_squared_pixels_keep_the_files_own_geometry(tmp_path):
+    """Squaring a line scanner's pixels left no trace of the file's own grid, the one a station draws the regions on
+    and an officer's boxes and masks are drawn on ("scan pixels"). Scan.meta now holds the file's height, width and
+    [row, column] spacing, file_shape gives its size (the attenuation's where nothing was squared), and
+    file_geometry the read scan's size, pitch and the file's size from the header alone."""
+    from detector.formats import file_geometry, scan_geometry
+    from detector.scan import file_shape
+    pytest.importorskip("pydicom")
+    write_nonsquare_scan(tmp_path / "line.tiff", 4.0, 5.0)                    # 200 x 600 file pixels
+    (tmp_path / "line.dcm").write_bytes(dicom_bytes(make_counts(1, 120, 360)[0], ImagerPixelSpacing=[2.0, 6.0]))
+    write_scan(tmp_path / "square.tiff", make_counts(2))
+    (tmp_path / "square.dcm").write_bytes(dicom_bytes(make_counts(1)[0], ImagerPixelSpacing=[4.0, 4.0]))
+    for name, size, spacing in (("line.tiff", (200, 600), [4.0, 5.0]), ("line.dcm", (120, 360), [2.0, 6.0]),
+                                ("square.tiff", (64, 160), None), ("square.dcm", (64, 160), None)):
+        scan = read_scan(tmp_path / name)
+        assert file_shape(scan) == size, name
+        if spacing:
+            assert scan.meta == {"file_height": size[0], "file_width": size[1], "file_spacing_mm": spacing}, name
+            assert (scan.height, scan.width) != size
+        else:
+            assert scan.meta == {} and (scan.height, scan.width) == size, name
+        assert file_geometry(tmp_path / name) == (scan.height, scan.width, scan.pitch_mm, *size), name
+        assert scan_geometry(tmp_path / name) == (scan.height, scan.width, scan.pitch_mm), name
+    assert file_geometry(tmp_path / "none.tiff") is None
+
 
 # ---------------------------------------------------------------- metadata a station must not trust blindly
 

@@ -269,6 +269,28 @@ def test_overlays_only_flagged_and_png_readable(tmp_path, heuristic_model, norma
     assert r > 150 and b < 100  # red banner: flagged
 
 
+def test_a_scan_with_non_square_pixels_gets_regions_in_its_files_pixels_and_overlays_on_the_picture(
+        tmp_path, heuristic_model, monkeypatch):
+    """A line scanner's TIFF of 4 x 5 mm pixels: the CSV's regions were in the squared grid the reader made, 20 % off
+    the block on the file. They are in the file's pixels now; the overlay, a picture of the squared attenuation, draws
+    them mapped back onto it, so the box still sits on the block there."""
+    from conftest import write_nonsquare_scan
+
+    from detector import report
+    from detector.metrics import iou
+    box = (400, 110, 480, 160)                                   # file pixels; rows are 0.8 as many once squared
+    write_nonsquare_scan(tmp_path / "s" / "line.tiff", 4.0, 5.0, box)
+    drawn = []
+    render = report.render
+    monkeypatch.setattr(report, "render", lambda att, **kw: drawn.append((att.shape, kw["regions"])) or
+                        render(att, **kw))
+    assert score.main(_args(tmp_path / "s", heuristic_model, tmp_path / "r.csv", overlays=str(tmp_path / "ov"))) == 0
+    region = json.loads(_rows(tmp_path / "r.csv")["line.tiff"]["regions"])[0]["box"]
+    assert iou(region, box) > 0.6, region
+    (shape, regions), = drawn
+    assert shape[1:] == (160, 600) and iou(regions[0]["box"], (400, 88, 480, 128)) > 0.6, regions
+
+
 def test_colour_renderings_score_with_one_warning_line_and_a_labelled_folder_is_the_truth(tmp_path, heuristic_model_1ch, capsys):
     import cv2
     d = tmp_path / "bags"
