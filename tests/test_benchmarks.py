@@ -222,3 +222,27 @@ def test_material_visibility_prints_a_median_per_anomaly_type():
     assert p.returncode == 0, p.stderr
     rows = re.findall(r"^  (\w+) +high energy +[\d.]+ +material +-?[\d.]+ +\(medians", p.stdout, re.M)
     assert rows and set(rows) <= set(ANOMALY_TYPES), p.stdout
+
+
+def test_finetune_keeps_the_high_energy_and_refuses_a_wrong_init_before_any_data(tmp_path):
+    """benchmarks/finetune.py trains (left out), but its single-energy site copy and its argument checks run here."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from finetune import single_energy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from detector.scan import read_scan
+    from detector.synth.dataset import write_dataset
+    src = tmp_path / "data"
+    write_dataset(src, 2, seed=5, anomaly_fraction=0.5, workers=1, height=160)
+    out = single_energy(src)
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    assert rows == list(csv.DictReader(open(src / "manifest.csv", newline="")))
+    for r in rows:
+        both, one = read_scan(src / r["path"]), read_scan(out / r["path"])
+        assert both.energies == ("high", "low") and one.energies == ("high",)
+        assert np.array_equal(one.counts[0], both.counts[0])
+        assert not r["mask"] or (out / r["mask"]).read_bytes() == (src / r["mask"]).read_bytes()
+    one_line_error(bench("finetune.py", "--init", str(tmp_path / "none.ckpt"), "--work", str(tmp_path / "w")),
+                   "none.ckpt: no such checkpoint file")
+    assert not (tmp_path / "w").exists()
