@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import tifffile
 
-from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, file_meta,
-                           most_scan_bytes, sniff_format, valid_pitch)
+from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, default_pitch,
+                           file_meta, most_scan_bytes, sniff_format, valid_pitch)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
@@ -316,7 +316,8 @@ def _tiff_tag_pitch(page: Any, tag_name: str, name: str, warn: bool) -> float | 
     if warn:
         warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
                                         f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
-                                        f"({lo:g}-{hi:g} mm): ignored, {DEFAULT_PITCH_MM:g} mm assumed"),
+                                        f"({lo:g}-{hi:g} mm): ignored, read as a file without a pitch "
+                                        f"({DEFAULT_PITCH_MM:g} mm, or the default pitch given)"),
                       stacklevel=3)
     return None
 
@@ -595,20 +596,22 @@ class Geometry(NamedTuple):
     file_width: int
 
 
-def scan_geometry(path: str | os.PathLike) -> tuple[int, int, float] | None:
-    """(height, width, pitch in mm) of the Scan that `read_scan(path)` returns, from the file's header alone: TIFF
-    tags, the .npy header (in an .npz too, with its pitch_mm), the PNG or JPEG frame header, the DICOM data set up
-    to its pixels; no pixel is decoded. The pitch is resolved as the reader resolves it (the file's, else
-    DEFAULT_PITCH_MM), non-square pixels as they are squared. None where the header cannot tell (a JPEG
-    frame header past the first 64 KB, a deflated DICOM, no pydicom) or where the reader would refuse what the
-    header says: read_scan then decides, and says why. Warnings are silenced: call it from one thread."""
-    got = file_geometry(path)
+def scan_geometry(path: str | os.PathLike, default_pitch_mm: float | None = None) -> tuple[int, int, float] | None:
+    """(height, width, pitch in mm) of the Scan that `read_scan(path, default_pitch_mm=...)` returns, from the file's
+    header alone: TIFF tags, the .npy header (in an .npz too, with its pitch_mm), the PNG or JPEG frame header, the
+    DICOM data set up to its pixels; no pixel is decoded. The pitch is resolved as the reader resolves it (the file's,
+    else `default_pitch_mm`, else DEFAULT_PITCH_MM), non-square pixels as they are squared. None where the header
+    cannot tell (a JPEG frame header past the first 64 KB, a deflated DICOM, no pydicom) or where the reader would
+    refuse what the header says: read_scan then decides, and says why. Warnings are silenced: call it from one
+    thread. A default_pitch_mm that is no pitch is a ScanError, as in read_scan."""
+    got = file_geometry(path, default_pitch_mm)
     return None if got is None else (got.height, got.width, got.pitch_mm)
 
 
-def file_geometry(path: str | os.PathLike) -> Geometry | None:
+def file_geometry(path: str | os.PathLike, default_pitch_mm: float | None = None) -> Geometry | None:
     """scan_geometry, with the size of the file's own pixels (where a manifest's boxes and masks are drawn)."""
     name = str(path)
+    default = default_pitch(default_pitch_mm, name)   # outside the try: a wrong default is no header's failure
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -623,7 +626,7 @@ def file_geometry(path: str | os.PathLike) -> Geometry | None:
             if got is None:
                 return None
             h, w, pitch, fh, fw = got
-            return Geometry(int(h), int(w), valid_pitch(name, DEFAULT_PITCH_MM if pitch is None else pitch),
+            return Geometry(int(h), int(w), valid_pitch(name, default if pitch is None else pitch),
                             int(fh), int(fw))
     except Exception:   # whatever the header does not say plainly, the full read decides (and names the reason)
         return None

@@ -290,6 +290,23 @@ def valid_pitch(src: str, pitch_mm: Any) -> float:
     return pitch
 
 
+def default_pitch(pitch_mm: Any, src: str = "default_pitch_mm") -> float:
+    """The pitch taken for a file that carries none: DEFAULT_PITCH_MM for None, else `pitch_mm` checked as a file's
+    pitch is (PITCH_RANGE_MM); ScanError naming `src` for text, a bool, NaN or a value outside it. A site at 4 mm read
+    at the 5 mm default is 25 % too large, well inside the station's height check: the user says so here."""
+    if pitch_mm is None:
+        return DEFAULT_PITCH_MM
+    lo, hi = PITCH_RANGE_MM
+    try:
+        pitch = math.nan if isinstance(pitch_mm, (bool, np.bool_, str, bytes)) else float(pitch_mm)
+    except (TypeError, ValueError):
+        pitch = math.nan
+    if not (math.isfinite(pitch) and lo <= pitch <= hi):
+        raise ScanError(src, f"default pixel pitch {pitch_mm!r} (for files that carry none) must be a number in "
+                             f"{lo:g}-{hi:g} mm")
+    return pitch
+
+
 def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[float, ...]) -> None:
     """ScanError for an image that shows nothing: every pixel the same (no acquisition), or (nearly) every
     pixel open beam (a saturated detector, an empty lane, or an I0 below the counts). Such a scan must never
@@ -348,8 +365,10 @@ def sniff_format(head: bytes, suffix: str) -> str:
     return "unknown"
 
 
-def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan:
-    """Read any supported scan file into a Scan; raise ScanError on any bad input."""
+def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None, default_pitch_mm: float | None = None) -> Scan:
+    """Read any supported scan file into a Scan; raise ScanError on any bad input. `default_pitch_mm`: the pitch of
+    a file that carries none (many scanners write 16-bit PNG/TIFF without one); None = DEFAULT_PITCH_MM. A file's
+    own pitch always wins."""
     p = Path(path)
     try:   # exists() says False where nothing is found; a name too long, or a folder it may not search, raised OSError
         if not p.exists():
@@ -363,11 +382,14 @@ def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None) -> Scan
         data = p.read_bytes()
     except OSError as exc:
         raise ScanError(p, f"cannot read file ({exc.strerror or exc})") from exc
-    return read_scan_bytes(data, str(p), max_pixels=max_pixels)
+    return read_scan_bytes(data, str(p), max_pixels=max_pixels, default_pitch_mm=default_pitch_mm)
 
 
-def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None) -> Scan:
-    """Read a scan from its file bytes (`name` gives the suffix and the name in errors)."""
+def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None,
+                    default_pitch_mm: float | None = None) -> Scan:
+    """Read a scan from its file bytes (`name` gives the suffix and the name in errors; `default_pitch_mm` as for
+    read_scan)."""
+    default = default_pitch(default_pitch_mm, name)
     if len(data) == 0:
         raise ScanError(name, "empty file (0 bytes)")
     kind = sniff_format(data[:132], Path(name).suffix.lower())
@@ -384,7 +406,7 @@ def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None) ->
         raise ScanError(name, "image too large to decode in memory") from exc
     except Exception as exc:  # any decoder failure on corrupt bytes is bad input, never a crash
         raise ScanError(name, f"corrupt or truncated {kind.upper()} ({type(exc).__name__}: {exc})") from exc
-    return scan_from_counts(counts, source=name, max_pixels=max_pixels, **info)
+    return scan_from_counts(counts, source=name, max_pixels=max_pixels, **{"pitch_mm": default, **info})
 
 
 # ---------------------------------------------------------------- writing
