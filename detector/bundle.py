@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detector import __version__
+from detector.scan import DEFAULT_PITCH_MM, PITCH_RANGE_MM
 
 METADATA_KEY = "detector"
 SCHEMA_VERSION = 1
@@ -211,7 +212,18 @@ def validate_metadata(meta: Any, path: str | Path | None = None) -> dict:
     hs = meta.get("scan_height_mm")   # optional: bundles exported before it was recorded have none
     _need(hs is None or (isinstance(hs, list) and len(hs) == 2 and all(_is_num(h) and h > 0 for h in hs)
                          and hs[0] <= hs[1]), path, f"scan_height_mm {hs!r} must be [lowest, highest] in mm, > 0")
+    dp = meta.get("default_pitch_mm")   # optional: a run without data.pitch_mm (and older bundles) has none
+    lo, hi = PITCH_RANGE_MM
+    _need(dp is None or (_is_num(dp) and lo <= dp <= hi), path,
+          f"default_pitch_mm {dp!r} must be a pitch in {lo:g}-{hi:g} mm (the pitch of scan files that carry none)")
     return meta
+
+
+def untagged_pitch_mm(meta: dict) -> float:
+    """The pitch a bundle's station takes for scan files that carry none: its training run's data.pitch_mm
+    (`default_pitch_mm`), else DEFAULT_PITCH_MM."""
+    dp = meta.get("default_pitch_mm")
+    return DEFAULT_PITCH_MM if dp is None else float(dp)
 
 
 def _check_table_order(rows: list[dict], path: Any) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detector.bundle import BundleError, file_sha256, height_range_mm, read_metadata
+from detector.bundle import BundleError, file_sha256, height_range_mm, read_metadata, untagged_pitch_mm
 
 
 def _pct(v: Any) -> str:
@@ -65,6 +65,14 @@ def _heights(meta: dict) -> str:
             f"{accepted[1] / 1000:.2f} m accepted")
 
 
+def _untagged(meta: dict) -> str:
+    """The pitch the station takes for scan files that carry none, and where it comes from."""
+    how = ("the training run's data.pitch_mm" if meta.get("default_pitch_mm") is not None else
+           "the default: the training run set no data.pitch_mm")
+    return (f"files without a pitch of their own read at {untagged_pitch_mm(meta):g} mm ({how}; `score` and "
+            "`serve --pitch-mm` override it); a file's own pitch wins")
+
+
 def _threshold_lines(meta: dict) -> list[str]:
     """One line per rate: the threshold, and what it was set on (and whether those scans can pin the rate)."""
     site = meta.get("site_calibration")
@@ -97,6 +105,7 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
              f"{float(meta['pitch_mm']):g} mm; attenuation clipped at {pre.get('clip_max', '?')}, divided by "
              f"{pre.get('scale', '?')}; detector rows repaired: {'yes' if pre.get('repair_rows') else 'no'}; "
              + _heights(meta),
+             f"  scan pitch  {_untagged(meta)}",
              f"  network     {_network(meta)}",
              f"  trained     config {tc.get('name', '?')!s}, seed {tc.get('seed', '?')!s}, data fingerprint "
              f"{meta.get('data_fingerprint', '?')}",

@@ -24,6 +24,7 @@ from detector.data import DataConfig
 from detector.model import ModelConfig, build_model, check_model_config
 from detector.policy import UniqueKeyLoader
 from detector.preprocess import Preprocessing
+from detector.scan import DEFAULT_PITCH_MM, PITCH_RANGE_MM, ScanError, default_pitch
 from detector.shipped import resolve_config
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
@@ -212,6 +213,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         v = functools.reduce(getattr, key.split("."), cfg)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ConfigError(f"{key} must be {what}, got {v!r}")
+    _check_data_pitch(cfg.data.pitch_mm)
     m = cfg.preprocessing.pad_multiple   # the network takes sides that are multiples of it, as the station pads
     if m < 1:
         raise ConfigError(f"preprocessing.pad_multiple must be >= 1, got {m}")
@@ -226,6 +228,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"data.crop must be a positive multiple of preprocessing.pad_multiple ({m}), "
                           f"got {cfg.data.crop}")
     return cfg
+
+
+def _check_data_pitch(pitch_mm: Any) -> None:
+    """ConfigError unless data.pitch_mm is null or a pitch a file may carry (scan.PITCH_RANGE_MM): the scans without
+    a pitch of their own are read at it, and the station at the exported bundle's copy of it."""
+    try:
+        default_pitch(pitch_mm)
+    except ScanError:
+        lo, hi = PITCH_RANGE_MM
+        raise ConfigError(f"data.pitch_mm must be the pixel pitch in mm of the scans whose files carry none, "
+                          f"{lo:g}-{hi:g} (or null: {DEFAULT_PITCH_MM:g} mm), got {pitch_mm!r}") from None
 
 
 def flatten(d: dict, prefix: str = "") -> list[str]:

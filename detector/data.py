@@ -68,6 +68,9 @@ class DataConfig:
                                     # taught as anomalous, measured worse than none; true trains on them anyway. Those
                                     # that fit in one crop are always trained on, whole (docs/experiments.md)
     channels: int | None = None     # None: from the data (the first scan)
+    pitch_mm: float | None = None   # pixel pitch (mm) of the scans whose files carry none (many 16-bit PNG/TIFF);
+                                    # None: 5 mm (scan.DEFAULT_PITCH_MM). A file's own pitch wins. The export puts it
+                                    # in the bundle as the station's default for such files
     cache_dir: str | None = None    # default RUN/cache
     skip_unreadable: bool = True    # an unreadable scan or mask (corrupt, truncated, NaN, ...) is left out and listed
                                     # in RUN/skipped_scans.csv, as `detector score` records its failures; false: the
@@ -303,7 +306,7 @@ class ScanDataModule(L.LightningDataModule):
         self.skipped: dict[str, tuple[str, str]] = {}   # path -> (split, reason) of the unreadable scans left out
         self._warned = False
         self._check_splits()
-        self.cache = ScanCache(cache_dir, pre, cfg.channels)
+        self.cache = ScanCache(cache_dir, pre, cfg.channels, cfg.pitch_mm)
         self.visibility_file = Path(cache_dir) / "train_visibility.json"   # min_visibility
         self.metas: dict[str, list[dict]] = {}
         self.channels = cfg.channels
@@ -331,7 +334,7 @@ class ScanDataModule(L.LightningDataModule):
     def _larger_than_a_crop(self, path: str) -> bool:
         """True when the file's header says its scan is larger than a training crop at the model's pitch; False when
         it fits, or the header cannot tell."""
-        geometry = scan_geometry(path)
+        geometry = scan_geometry(path, self.cfg.pitch_mm)
         if geometry is None:
             return False
         h, w = model_size(*geometry, self.pre)

@@ -103,6 +103,9 @@ def bundle_metadata(info: dict, **extra: Any) -> dict:
     fields["default_false_alarm_rate"] = info.get("default_false_alarm_rate", DRIFT_RATE)
     if info.get("scan_height_mm"):   # checkpoints from before it was recorded have none: the station checks nothing
         fields["scan_height_mm"] = info["scan_height_mm"]
+    pitch = ((info.get("train_config") or {}).get("data") or {}).get("pitch_mm")
+    if pitch is not None:   # the site's pitch for files without one: the station's default for them too
+        fields["default_pitch_mm"] = float(pitch)
     return make_metadata(**fields, **extra)
 
 
@@ -141,9 +144,10 @@ def calibration_items(src: str | Path, limit: int | None = None) -> list[tuple[P
 
 
 def usable_items(items: list[tuple[Path, int | None]], pre: Preprocessing, channels: int,
-                 log: Log = print) -> list[tuple[Path, int | None]]:
+                 log: Log = print, default_pitch_mm: float | None = None) -> list[tuple[Path, int | None]]:
     """The calibration scans this model can run on; the others (unreadable, wrong energy count) are left out
-    with one line saying how many and why, as a batch job records its failures and goes on."""
+    with one line saying how many and why, as a batch job records its failures and goes on. `default_pitch_mm`:
+    the pitch of files without one (the bundle's), as the station reads them."""
     import warnings
 
     from detector.scan import ScanWarning, read_scan
@@ -152,7 +156,7 @@ def usable_items(items: list[tuple[Path, int | None]], pre: Preprocessing, chann
         warnings.simplefilter("ignore", ScanWarning)
         for path, label in items:
             try:
-                prepare(read_scan(path), pre, channels)
+                prepare(read_scan(path, default_pitch_mm=default_pitch_mm), pre, channels)
                 ok.append((path, label))
             except ScanError as e:
                 bad.append(str(e))
@@ -164,8 +168,9 @@ def usable_items(items: list[tuple[Path, int | None]], pre: Preprocessing, chann
 class _Reader:
     """onnxruntime CalibrationDataReader over prepared calibration scans (one scan per batch)."""
 
-    def __init__(self, paths: list[Path], pre: Preprocessing, channels: int):
+    def __init__(self, paths: list[Path], pre: Preprocessing, channels: int, default_pitch_mm: float | None = None):
         self.paths, self.pre, self.channels, self.i = paths, pre, channels, 0
+        self.default_pitch_mm = default_pitch_mm
 
     def get_next(self):
         from detector.scan import read_scan
@@ -174,14 +179,15 @@ class _Reader:
             return None
         p = self.paths[self.i]
         self.i += 1
-        return {"scan": prepare(read_scan(p), self.pre, self.channels).x[None]}
+        scan = read_scan(p, default_pitch_mm=self.default_pitch_mm)
+        return {"scan": prepare(scan, self.pre, self.channels).x[None]}
 
     def rewind(self):
         self.i = 0
 
 
 def quantize_int8(fp32_path: str | Path, out: str | Path, paths: list[Path], pre: Preprocessing,
-                  channels: int) -> Path:
+                  channels: int, default_pitch_mm: float | None = None) -> Path:
     """Static QDQ quantization: uint8 activations, per-channel int8 weights, MinMax calibration."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -192,7 +198,7 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, paths: list[Path], pre
         # skip ORT's symbolic shape inference: it fails on "32*h" dims and then dumps
         # sym_shape_infer_temp.onnx + a .data file into the working directory; ONNX's own is enough
         quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=True)
-        quantize_static(str(pre_path), str(out), _Reader(paths, pre, channels),
+        quantize_static(str(pre_path), str(out), _Reader(paths, pre, channels, default_pitch_mm),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax,
@@ -260,7 +266,7 @@ def make_int8_bundle(fp32_bundle: str | Path, out: str | Path, calibration: str 
                      max_drop: float = 1.0, limit: int | None = 64, log: Log = print) -> dict:
     """Quantize a bundle on calibration scans, measure drift, refuse past `max_drop` points."""
     pre, channels = Preprocessing.from_dict(meta["preprocessing"]), int(meta["channels"])
-    items = usable_items(calibration_items(calibration, limit), pre, channels, log)
+    items = usable_items(calibration_items(calibration, limit), pre, channels, log, meta.get("default_pitch_mm"))
     if len({lab for _, lab in items}) != 2 or any(lab is None for _, lab in items):
         raise ExportError(f"{calibration}: INT8 drift needs labelled normal and anomalous scans "
                           f"(manifest.csv or normal/ + anomalous/); found {len(items)} scan(s) without both "
@@ -268,7 +274,8 @@ def make_int8_bundle(fp32_bundle: str | Path, out: str | Path, calibration: str 
     log(f"  int8: calibrating on {len(items)} scans from {calibration}")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        raw = quantize_int8(fp32_bundle, Path(tmp) / "q.onnx", [p for p, _ in items], pre, channels)
+        raw = quantize_int8(fp32_bundle, Path(tmp) / "q.onnx", [p for p, _ in items], pre, channels,
+                            default_pitch_mm=meta.get("default_pitch_mm"))
         q = write_bundle(raw, meta, Path(tmp) / "int8.onnx")  # metadata so Inspector can load it
         drift = int8_drift(Path(fp32_bundle), q, items)
         log(f"  int8 drift: {_drift_text(drift)}")

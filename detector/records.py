@@ -91,9 +91,13 @@ def split_records(recs: list[Record], val_fraction: float, test_fraction: float,
     return out
 
 
-def fingerprint(recs: list[Record]) -> str:
-    """Hash of the manifest rows and file sizes: identifies the data a model was trained on."""
+def fingerprint(recs: list[Record], pitch_mm: float | None = None) -> str:
+    """Hash of the manifest rows and file sizes: identifies the data a model was trained on. `pitch_mm` (data.pitch_mm,
+    the pitch of files that carry none) is the data's physical scale, which those files lack: with it set, the same
+    files are other scans (None hashes as before)."""
     h = hashlib.sha256()
+    if pitch_mm is not None:
+        h.update(f"default pitch {float(pitch_mm)!r} mm\n".encode())
     for r in sorted(recs, key=lambda r: r.path):
         size = os.path.getsize(r.path) if os.path.exists(r.path) else -1
         h.update(f"{Path(r.path).name},{r.label},{r.split},{r.boxes},{size}\n".encode())

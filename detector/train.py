@@ -468,12 +468,12 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
             "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
             "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
-            "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records),
+            "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records, cfg.data.pitch_mm),
             "scan_height_mm": scan_heights_mm(dm.metas["train"], cfg.preprocessing.model_pitch_mm)}
     was = ((resumed or {}).get("detector_info") or {}).get("data_fingerprint")
     if was and was != info["data_fingerprint"]:
         _rank_zero_warn(f"resuming {resume} on other data than the checkpoint's ({info['data_fingerprint']}, was {was}): "
-                        "the scans, their labels or their splits differ")
+                        "the scans, their labels, their splits or data.pitch_mm differ")
     if start is not None:   # where the network came from travels in metrics.json and the checkpoints
         info["initialised_from"] = {"checkpoint": str(cfg.model.init), "epochs": int(start.get("epoch", -1)) + 1,
                                     "data_fingerprint": (start.get("detector_info") or {}).get("data_fingerprint")}

@@ -75,6 +75,9 @@ def test_tampered_json_and_old_schema(heuristic_model, tmp_path):
      r"out of order: rate 0.001 has threshold 0.2, under the 0.9 of the higher rate 0.01"),
     ({"thresholds": [{"threshold": 0.99, "false_alarm_rate": 0.01}, {"threshold": 0.4, "false_alarm_rate": 0.01}]},
      "false_alarm_rate twice"),
+    ({"default_pitch_mm": 0}, r"default_pitch_mm 0 must be a pitch in 0\.01-100 mm"),
+    ({"default_pitch_mm": "4"}, "default_pitch_mm '4' must be a pitch"),
+    ({"default_pitch_mm": True}, "default_pitch_mm True must be a pitch"),
 ])
 def test_validate_names_the_problem(heuristic_model, change, message):
     meta = read_metadata(heuristic_model)
@@ -82,6 +85,15 @@ def test_validate_names_the_problem(heuristic_model, change, message):
     meta = {k: v for k, v in meta.items() if v is not None}
     with pytest.raises(BundleError, match=message):
         validate_metadata(meta, "m.onnx")
+
+
+def test_the_default_pitch_for_untagged_files_is_optional(heuristic_model):
+    """A bundle of a run with data.pitch_mm carries it (default_pitch_mm); one without it, and every older one,
+    loads as before and reads such files at 5 mm."""
+    from detector.bundle import untagged_pitch_mm
+    meta = read_metadata(heuristic_model)
+    assert "default_pitch_mm" not in meta and untagged_pitch_mm(validate_metadata(meta)) == 5.0
+    assert untagged_pitch_mm(validate_metadata({**meta, "default_pitch_mm": 4})) == 4.0
 
 
 def test_attach_replaces_and_refuses_invalid(heuristic_model):

@@ -697,7 +697,7 @@ def test_label_only_scans_larger_than_a_crop_are_left_out_from_their_header_unca
         assert {Path(p).name for p in dm._left_out_uncached()} == out        # each format decided from its header
         assert len(said) == 1 and f"{len(out)} of " in said[0], said
         assert [m["key"] for m in dm.metas["train"]] == [dm.cache._key(r) for r in dm.splits["train"]]
-        monkeypatch.setattr(data, "scan_geometry", lambda path: None)        # a header that cannot tell: cached first
+        monkeypatch.setattr(data, "scan_geometry", lambda path, pitch: None)  # a header that cannot tell: cached first
         cached, said_cached = ready(crop, tmp_path / f"cached{crop}")
         monkeypatch.undo()
         monkeypatch.setattr(ScanCache, "build", lambda self, rec: built.append(Path(rec.path).name) or build(self, rec))

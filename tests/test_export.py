@@ -143,7 +143,7 @@ def test_int8_refuses_a_score_shift_at_the_shipped_threshold(heuristic_model, ca
     import detector.export as export
     from onnx import TensorProto, helper
 
-    def shifted(fp32, out, paths, pre, channels):
+    def shifted(fp32, out, paths, pre, channels, default_pitch_mm=None):
         m = onnx.load(str(fp32))
         sig = next(n for n in m.graph.node if n.op_type == "Sigmoid")
         sig.output[0] = "sig"

@@ -66,6 +66,11 @@ def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90,
         if i < n_test:
             row["split"] = "test"
         rows.append(row)
+    return write_manifest(root, rows)
+
+
+def write_manifest(root: Path, rows: list[dict]) -> Path:
+    """root/manifest.csv of the rows (the first row's keys are the columns); returns root."""
     with open(root / "manifest.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
@@ -850,3 +855,59 @@ def test_a_manifest_mistake_is_refused_before_the_run_folder_is_touched(tmp_path
         assert main(["train", "--config", str(QUICK), "--data", str(data), "--out", str(run)]) == 2
         assert message in capsys.readouterr().err
         assert {p.name: p.read_text() for p in run.iterdir()} == kept
+
+
+def write_untagged_dataset(root: Path, n: int = 12, seed: int = 0) -> Path:
+    """Single-energy 16-bit PNG scans, which carry no pixel pitch (as many scanners write them), 80 x 160 px."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        att, mask = make_scan(rng, 80, 160, bool(i % 2), channels=1)
+        att[:, :6] = 0.0   # air on top: the open beam reads as I0
+        p = write_scan(root / "images" / f"s{i}.png", attenuation_to_counts(att, I0)[0])
+        row = {"path": f"images/{p.name}", "label": i % 2, "mask": "", "split": (["train"] * 4 + ["val"] * 2)[i % 6]}
+        if i % 2:
+            (root / "masks").mkdir(exist_ok=True)
+            cv2.imwrite(str(root / "masks" / f"s{i}.png"), mask)
+            row["mask"] = f"masks/s{i}.png"
+        rows.append(row)
+    return write_manifest(root, rows)
+
+
+def test_a_sites_pitch_for_untagged_files_is_cached_fingerprinted_and_exported(tmp_path):
+    """A site's 16-bit PNGs carry no pitch: read at the 5 mm default, a 4 mm site's trucks were 25 % too large, and
+    a fine-tune of the synthetic model (which learnt physical sizes) learnt them so. data.pitch_mm reads them at the
+    site's pitch: the cache holds them resampled from 4 mm (80 px -> 32 model px at 10 mm, not 40), a changed value
+    rebuilds the entries (the cache key), the data fingerprint tells the two apart, and the exported bundle carries
+    4 mm as the station's default for such files (`detector info` says so)."""
+    from detector.bundle import read_metadata
+    from detector.bundle_info import describe
+    from detector.checkpoint import load_checkpoint
+    from detector.config import ConfigError, load_config
+    from detector.export import export_bundle
+    from detector.records import fingerprint, load_records
+    from detector.train import run_training
+    data = write_untagged_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    common = [*TINY, "trainer.max_epochs=1", "trainer.patience=0", "data.mine_share=0", f"data.cache_dir={cache}"]
+    res = run_training(None, data, tmp_path / "run", [*common, "data.pitch_mm=4"], quiet=True)
+    metas = [json.loads(p.read_text()) for p in cache.glob("*.json") if "visibility" not in p.name]
+    assert len(metas) == 12 and {m["pitch_mm"] for m in metas} == {4.0}
+    assert {tuple(m["shape"]) for m in metas} == {(1, 32, 64)}          # at 5 mm: (1, 40, 80)
+    assert res["data_fingerprint"] == fingerprint(load_records(data), 4.0) != fingerprint(load_records(data))
+    assert load_config(None, ["data.pitch_mm=4"]).data.pitch_mm == 4
+    with pytest.raises(ConfigError, match=r"data\.pitch_mm must be the pixel pitch .* 0\.01-100 .*got 0"):
+        load_config(None, ["data.pitch_mm=0"])
+    model, info = load_checkpoint(tmp_path / "run" / "best.ckpt")
+    assert info["scan_height_mm"] == [320.0, 320.0]                      # 80 px at 4 mm
+    export_bundle(model, info, tmp_path / "site.onnx", log=lambda s: None)
+    meta = read_metadata(tmp_path / "site.onnx")
+    assert meta["default_pitch_mm"] == 4.0
+    assert any("without a pitch of their own read at 4 mm (the training run's data.pitch_mm" in line
+               for line in describe(tmp_path / "site.onnx", meta))
+    run_training(None, data, tmp_path / "run5", common, quiet=True)      # null: 5 mm, new entries beside the others
+    metas = [json.loads(p.read_text()) for p in cache.glob("*.json") if "visibility" not in p.name]
+    assert len(metas) == 24 and {tuple(m["shape"]) for m in metas if m["pitch_mm"] == 5.0} == {(1, 40, 80)}
+    model, info = load_checkpoint(tmp_path / "run5" / "best.ckpt")
+    export_bundle(model, info, tmp_path / "plain.onnx", log=lambda s: None)
+    assert "default_pitch_mm" not in read_metadata(tmp_path / "plain.onnx")
