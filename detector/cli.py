@@ -69,6 +69,13 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=20)
 
 
+def _pitch_option(p: argparse.ArgumentParser) -> None:
+    """--pitch-mm of the station verbs: the scanner's pitch for scan files that carry none."""
+    p.add_argument("--pitch-mm", type=float, default=None,
+                   help="pixel pitch in mm of scan files that carry none (many 16-bit PNG/TIFF); default: the "
+                        "bundle's (its training run's data.pitch_mm), else 5. A file's own pitch wins")
+
+
 def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder (recursive), glob, file list (.txt) or manifest.csv")
     p.add_argument("--model", required=True)
@@ -81,6 +88,7 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="override the model's threshold (not with --policy: its tiers set the thresholds)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    _pitch_option(p)
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--no-resume", action="store_true", help="rescore files already in --out")
     p.add_argument("--retry-failed", action="store_true",
@@ -117,6 +125,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
                                                   "default: the model's calibrated threshold")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime threads per scan (default: the cores this process may use / concurrency)")
+    _pitch_option(p)
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="larger uploads get 413")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
     p.add_argument("--concurrency", type=int, default=1, help="scans inferred at once")

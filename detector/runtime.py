@@ -21,11 +21,12 @@ import numpy as np
 import onnxruntime as ort
 
 from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, session_metadata,
-                             unloadable, with_logits_output)
+                             unloadable, untagged_pitch_mm, with_logits_output)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
-from detector.scan import Scan, ScanError, check_scan, file_shape, read_scan, read_scan_bytes, scan_from_counts
+from detector.scan import (Scan, ScanError, check_scan, default_pitch, file_shape, read_scan, read_scan_bytes,
+                           scan_from_counts)
 
 Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
 EPS = 1e-6
@@ -138,9 +139,13 @@ class Inspector:
 
     def __init__(self, model_path: str | os.PathLike, threads: int | None = None,
                  threshold: float | None = None, *, max_width: int = 2048, tile_overlap: int = 256,
-                 region_threshold: float = 0.5, max_regions: int = 10, warmup: bool = True):
+                 region_threshold: float = 0.5, max_regions: int = 10, warmup: bool = True,
+                 default_pitch_mm: float | None = None):
+        """`default_pitch_mm`: the pitch of a scan file (or counts array) that carries none; None: the bundle's
+        (its training run's data.pitch_mm), else 5 mm. A file's own pitch wins."""
         self.path = Path(model_path)
         _check_options(threads, region_threshold, max_regions)
+        asked_pitch = valid_default_pitch(default_pitch_mm)
         if self.path.is_dir():
             raise BundleError(self.path, "a folder, not a model file: pass the .onnx bundle that `detector export` "
                                          "wrote")
@@ -162,6 +167,7 @@ class Inspector:
         self.region_threshold = float(region_threshold)
         self.max_regions = int(max_regions)
         self.height_range_mm = height_range_mm(self.metadata)   # None: the bundle does not say (checked nowhere)
+        self.default_pitch_mm = untagged_pitch_mm(self.metadata) if asked_pitch is None else asked_pitch
         self._check_pad_multiple()
         # tile widths/starts are multiples of m so the pixel and heatmap grids stay aligned
         m = self.pre.pad_multiple * self.stride // math.gcd(self.pre.pad_multiple, self.stride)
@@ -209,14 +215,15 @@ class Inspector:
     def _read(self, src: Source) -> Scan:
         if isinstance(src, Scan):
             return check_scan(src)
+        pitch = self.default_pitch_mm   # for a file that carries none; a Scan has its own
         if isinstance(src, (str, os.PathLike)):
-            return read_scan(src)
+            return read_scan(src, default_pitch_mm=pitch)
         if _named_bytes(src):
-            return read_scan_bytes(bytes(src[0]), str(src[1]))
+            return read_scan_bytes(bytes(src[0]), str(src[1]), default_pitch_mm=pitch)
         if isinstance(src, (bytes, bytearray)):
-            return read_scan_bytes(bytes(src), "<bytes>")
+            return read_scan_bytes(bytes(src), "<bytes>", default_pitch_mm=pitch)
         if isinstance(src, np.ndarray):
-            return scan_from_counts(src)
+            return scan_from_counts(src, pitch_mm=pitch)
         raise ScanError(repr(src)[:60], "expected a path, a Scan, (bytes, name) or a counts array")
 
     def _inspect(self, src: Source, threshold: float | None, deadline: float | None,
@@ -409,6 +416,17 @@ def _check_options(threads: Any, region_threshold: Any, max_regions: Any) -> Non
     except InspectionError:
         raise InspectionError(f"region_threshold must be a number in [0, 1] (a heatmap probability), got "
                               f"{region_threshold!r}") from None
+
+
+def valid_default_pitch(pitch_mm: Any) -> float | None:
+    """None, or a pitch for scan files that carry none (scan.default_pitch's range); InspectionError in one line for
+    anything else, at start-up, where it would otherwise fail (or misread) every untagged truck."""
+    if pitch_mm is None:
+        return None
+    try:
+        return default_pitch(pitch_mm)
+    except ScanError as e:
+        raise InspectionError(e.reason) from None
 
 
 def valid_threshold(t: Any) -> float:

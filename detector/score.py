@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from detector.manifest import dataset_above, has_labels, has_layout
 from detector.policy import load_policy
-from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, map_box, read_scan, summarised_scan_warnings
+from detector.scan import (DEFAULT_PITCH_MM, SCAN_SUFFIXES, ScanError, file_shape, map_box, read_scan,
+                           summarised_scan_warnings)
 from detector.sources import Item, discover, drop_overlays, remove_overlay, shown
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
@@ -152,7 +153,8 @@ def lock_results(out: Path):
 
 def check_same_routing(out: Path, routing: dict) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
-    already in it: one CSV, one routing (a CSV from before the routing file is resumed as it is)."""
+    already in it, or read at another pitch for files without one (--pitch-mm): one CSV, one routing (a CSV from
+    before the routing file is resumed as it is)."""
     f = routing_file(out)
     if not (out.is_file() and f.is_file()):
         return
@@ -161,7 +163,9 @@ def check_same_routing(out: Path, routing: dict) -> None:
     except ValueError:
         return
     now = json.loads(json.dumps(routing))   # as it would read back
-    differ = [k for k in ("model_sha256", "thresholds", "force_flags") if before.get(k) != now[k]]
+    before.setdefault("default_pitch_mm", DEFAULT_PITCH_MM)   # rows from before it was recorded: read at 5 mm
+    differ = [k for k in ("model_sha256", "thresholds", "force_flags", "default_pitch_mm")
+              if before.get(k) != now.get(k, before.get(k))]
     if differ:
         what = (f"model {before.get('model')} (sha256 {str(before.get('model_sha256'))[:12]})"
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
@@ -213,12 +217,13 @@ def _reason(e: BaseException) -> str:
     return text if isinstance(e, (ScanError, ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
-def _load(item: Item) -> tuple[Item, Any, str | None, float]:
+def _load(item: Item, default_pitch_mm: float | None = None) -> tuple[Item, Any, str | None, float]:
+    """Read one item's scan (a file without a pitch at `default_pitch_mm`): (item, scan, error, milliseconds)."""
     t0 = time.perf_counter()
     if item.error:
         return item, None, item.error, 0.0
     try:
-        scan = read_scan(item.path)
+        scan = read_scan(item.path, default_pitch_mm=default_pitch_mm)
         scan.counts = None  # the raw counts are only for lossless write-back: free them early
         return item, scan, None, (time.perf_counter() - t0) * 1e3
     except Exception as e:  # any bad file becomes a failed row, never a crash
@@ -319,6 +324,7 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
     pending: deque[Future] = deque()
     drawing: deque[Future] = deque()
     todo = iter(items)
+    pitch = getattr(inspector, "default_pitch_mm", None)   # the Inspector's, as it reads a file itself
     bar = tqdm(total=len(items), unit="scan", disable=None if progress else True, file=sys.stderr)
     with files, ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="overlay") as painter:
@@ -327,7 +333,7 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
                 item = next(todo, None)
                 if item is None:
                     return
-                pending.append(pool.submit(_load, item))
+                pending.append(pool.submit(_load, item, pitch))
 
         fill()
         while pending:
@@ -411,7 +417,7 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 def main(args) -> int:
     """CLI entry: discover, resume, score, summarise. Exit 1 only when nothing could be scored."""
-    from detector.runtime import InspectionError, Inspector, valid_threshold
+    from detector.runtime import InspectionError, Inspector, valid_default_pitch, valid_threshold
     out = Path(args.out)
     if out.is_dir():
         print(f"detector score: --out {out} is a folder: give the results file, e.g. {out / 'results.csv'}",
@@ -448,13 +454,19 @@ def main(args) -> int:
                   file=sys.stderr)
             return 2
     try:
-        inspector = Inspector(args.model, threads=args.threads, threshold=args.threshold)
+        valid_default_pitch(getattr(args, "pitch_mm", None))
+    except InspectionError as e:
+        print(f"detector score: --pitch-mm: {e}", file=sys.stderr)
+        return 2
+    try:
+        inspector = Inspector(args.model, threads=args.threads, threshold=args.threshold,
+                              default_pitch_mm=getattr(args, "pitch_mm", None))
         policy = _load_policy(args.policy, inspector)   # without --policy the built-in one, as serve's
     except Exception as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
     routing = {"model": str(Path(args.model).resolve()), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
-               "force_flags": policy.force_flags}
+               "force_flags": policy.force_flags, "default_pitch_mm": inspector.default_pitch_mm}
     try:
         lock = lock_results(out)
     except OSError as e:

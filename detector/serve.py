@@ -74,6 +74,7 @@ class ServeConfig:
     concurrency: int = 1
     deadline_ms: float = 10000.0
     token: str | None = None
+    pitch_mm: float | None = None   # pitch of scan files that carry none; None: the bundle's, else 5 mm
 
     def __post_init__(self) -> None:
         """Refuse a deadline or upload limit that routes no truck: a deadline of 0, below 0 or NaN answered every truck
@@ -85,6 +86,11 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a number > 0 and finite, got {value!r}")
         if self.threads is not None and self.threads < 1:   # else onnxruntime was handed -2
             raise ValueError(f"--threads must be >= 1 (or left out: the usable cores per slot), got {self.threads}")
+        from detector.runtime import InspectionError, valid_default_pitch
+        try:   # before the model loads: a wrong pitch would misread (or refuse) every untagged truck
+            valid_default_pitch(self.pitch_mm)
+        except InspectionError as e:
+            raise ValueError(f"--pitch-mm: {e}") from None
 
 
 class UploadTooLarge(Exception):
@@ -614,7 +620,7 @@ def build_service(cfg: ServeConfig) -> Service:
     # the CPUs this process may run on (a station's cpuset/taskset), not the host's: each inference slot
     # gets its share, so `concurrency` slots never run more onnxruntime threads than cores
     threads = cfg.threads or max(1, usable_cpus() // max(1, cfg.concurrency))
-    inspector = Inspector(cfg.model, threads=threads)
+    inspector = Inspector(cfg.model, threads=threads, default_pitch_mm=cfg.pitch_mm)
     policy = load_policy(cfg.policy)
     policy.bind(inspector)
     return Service(cfg, inspector, policy, AuditLog(cfg.audit))
@@ -638,7 +644,8 @@ def main(args) -> int:
     try:
         cfg = ServeConfig(model=args.model, host=args.host, port=args.port, audit=args.audit, policy=args.policy,
                           threads=args.threads, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
-                          concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token())
+                          concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token(),
+                          pitch_mm=getattr(args, "pitch_mm", None))
         svc = build_service(cfg)
     except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
         print(f"detector serve: {e}", file=sys.stderr)
@@ -646,7 +653,8 @@ def main(args) -> int:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
         print(f"detector serve: warning: listening on {cfg.host} without a token (set {TOKEN_ENV})", file=sys.stderr)
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
-          f"audit {cfg.audit}, http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
+          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}, "
+          f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
     uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),
                 access_log=False)
     return 0

@@ -508,3 +508,35 @@ def test_a_pad_multiple_the_graph_cannot_take_is_refused_at_load(heuristic_model
     edited = _edited(good, tmp_path / "pad8.onnx", meta=lambda d: d["preprocessing"].update(pad_multiple=8))
     with pytest.raises(BundleError, match=r"pad8\.onnx: preprocessing pad_multiple 8 does not suit this graph"):
         Inspector(edited, threads=1, warmup=warmup)
+
+
+def test_untagged_scans_are_read_at_the_bundles_pitch_unless_the_station_says_otherwise(heuristic_model_1ch, tmp_path):
+    """A 16-bit PNG carries no pitch: the station read it at 5 mm, whatever the site's scanner. An Inspector now reads
+    such a file (path, bytes, or a counts array) at the bundle's default_pitch_mm (its training run's data.pitch_mm),
+    or at its own default_pitch_mm where given; a tagged file keeps its pitch. 200 x 600 px at 4 mm is 80 x 240 px at
+    the 10 mm model pitch (heatmap 10 x 30 cells at stride 8), at 5 mm 100 x 300 (13 x 38)."""
+    import cv2
+
+    from detector.bundle import replace_metadata_bytes
+    from detector.scan import write_scan
+    counts = make_scan_counts(channels=1, dense=True, seed=7)
+    cv2.imwrite(str(tmp_path / "bare.png"), counts[0])
+    tagged = write_scan(tmp_path / "tagged.tiff", counts, i0=(53000.0,), pitch_mm=5.0)
+    meta = read_metadata(heuristic_model_1ch)
+    site = tmp_path / "site.onnx"
+    site.write_bytes(replace_metadata_bytes(heuristic_model_1ch.read_bytes(), {**meta, "default_pitch_mm": 4.0}))
+    at4, plain = Inspector(site, threads=1), Inspector(heuristic_model_1ch, threads=1)
+    over = Inspector(site, threads=1, default_pitch_mm=5)
+    assert (at4.default_pitch_mm, plain.default_pitch_mm, over.default_pitch_mm) == (4.0, 5.0, 5.0)
+    png = tmp_path / "bare.png"
+    for src in (png, (png.read_bytes(), "bare.png"), counts[0]):
+        assert at4.inspect(src).heatmap.shape == (10, 30)
+        assert plain.inspect(src).heatmap.shape == over.inspect(src).heatmap.shape == (13, 38)
+    assert at4.inspect(tagged).heatmap.shape == plain.inspect(tagged).heatmap.shape == (13, 38)
+
+
+@pytest.mark.parametrize("bad", [0, -4.0, float("nan"), float("inf"), 500, "4", True])
+def test_a_default_pitch_that_is_no_pitch_is_refused_at_start_up(heuristic_model, bad):
+    with pytest.raises(InspectionError, match=r"default pixel pitch .* must be a number in 0\.01-100 mm") as e:
+        Inspector(heuristic_model, threads=1, warmup=False, default_pitch_mm=bad)
+    assert "\n" not in str(e.value)

@@ -740,3 +740,33 @@ def test_an_unreadable_risk_flags_cell_is_named_by_its_line_in_the_manifest(tmp_
     m.write_text('path,label,risk_flags\na.tiff,0,\n\n,,\nb.tiff,0,"[intel"\n')
     assert score.main(_args(m, heuristic_model, tmp_path / "r.csv")) == 0
     assert "manifest.csv row 5: unreadable risk_flags" in _rows(tmp_path / "r.csv")["b.tiff"]["error"]
+
+
+def test_score_pitch_mm_reads_untagged_files_at_the_sites_pitch(tmp_path, heuristic_model_1ch, monkeypatch, capsys):
+    """--pitch-mm gives the scanner's pitch for files that carry none (a 16-bit PNG); a tagged file keeps its own.
+    The rows of one CSV are read at one pitch: resuming with another --pitch-mm is refused, as another model is;
+    a value that is no pitch is refused in one line before any scan is read."""
+    import cv2
+    from conftest import make_scan_counts, write_test_scan
+
+    from detector.runtime import Inspector
+    d = tmp_path / "scans"
+    d.mkdir()
+    cv2.imwrite(str(d / "bare.png"), make_scan_counts(channels=1, dense=True, seed=7)[0])   # 200 x 600 px
+    write_test_scan(d / "tagged.tiff", channels=1, dense=True, seed=7)                       # the same, at 5 mm
+    seen: dict = {}
+    inspect = Inspector.inspect
+    monkeypatch.setattr(Inspector, "inspect", lambda self, scan, threshold=None: seen.update(
+        {(Path(scan.source).name, self.default_pitch_mm): scan.pitch_mm}) or inspect(self, scan, threshold))
+    for pitch in (None, 4.0):
+        assert score.main(_args(d, heuristic_model_1ch, tmp_path / f"r{pitch}.csv", pitch_mm=pitch)) == 0
+        assert json.loads((tmp_path / f"r{pitch}.csv.routing.json").read_text())["default_pitch_mm"] == (pitch or 5.0)
+    assert seen == {("bare.png", 5.0): 5.0, ("tagged.tiff", 5.0): 5.0, ("bare.png", 4.0): 4.0, ("tagged.tiff", 4.0): 5.0}
+    capsys.readouterr()
+    assert score.main(_args(d, heuristic_model_1ch, tmp_path / "rNone.csv", pitch_mm=4.0)) == 2
+    assert "other default_pitch_mm" in capsys.readouterr().err
+    for bad in (0.0, -4.0, float("nan"), 500.0):
+        assert score.main(_args(d, heuristic_model_1ch, tmp_path / "bad.csv", pitch_mm=bad)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("detector score: --pitch-mm: default pixel pitch") and err.count("\n") == 1, err
+    assert not (tmp_path / "bad.csv").exists()

@@ -847,3 +847,40 @@ def test_an_audit_db_removed_while_serving_releases_no_truck_without_a_kept_row(
     again = _service(tmp_path, _FakeInspector(score=0.2))   # the next start commits the spooled row
     assert again.audit._db.execute("SELECT request_id FROM verdicts").fetchall() == [(v["request_id"],)]
     again.close()
+
+
+@pytest.mark.parametrize("value", [0.0, -4.0, float("nan"), float("inf"), 500.0])
+def test_a_pitch_that_is_no_pitch_is_refused_at_start(heuristic_model, tmp_path, monkeypatch, capsys, value):
+    """--pitch-mm (the scanner's pitch for scan files that carry none) that is no pitch stops the service in one
+    line before it listens: it would misread or refuse every untagged truck."""
+    import uvicorn
+
+    from detector import serve
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.delenv("DETECTOR_TOKEN", raising=False)
+    args = _serve_args(heuristic_model, tmp_path)
+    args.pitch_mm = value
+    assert serve.main(args) == 2 and not started
+    err = capsys.readouterr().err
+    assert err.startswith("detector serve: --pitch-mm: default pixel pitch") and err.count("\n") == 1, err
+
+
+def test_serve_reads_untagged_uploads_at_the_pitch_given(heuristic_model_1ch, tmp_path, monkeypatch, capsys):
+    """`detector serve --pitch-mm 4` reads an upload without a pitch (a 16-bit PNG) at 4 mm, and says so at start."""
+    import uvicorn
+
+    from detector import serve
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.setattr(serve, "create_app", lambda svc: svc)
+    monkeypatch.delenv("DETECTOR_TOKEN", raising=False)
+    args = _serve_args(heuristic_model_1ch, tmp_path)
+    args.pitch_mm = 4.0
+    assert serve.main(args) == 0 and len(started) == 1
+    assert "scans without a pitch at 4 mm" in capsys.readouterr().err
+    import cv2
+    from conftest import make_scan_counts
+    ok, png = cv2.imencode(".png", make_scan_counts(channels=1, dense=True, seed=7)[0])
+    v = started[0].inspector.inspect_safe((png.tobytes(), "bare.png"))
+    assert v.error is None and v.heatmap.shape == (10, 30)                   # 200 x 600 px at 4 mm: 80 x 240 model px

@@ -905,6 +905,10 @@ def test_a_sites_pitch_for_untagged_files_is_cached_fingerprinted_and_exported(t
     assert meta["default_pitch_mm"] == 4.0
     assert any("without a pitch of their own read at 4 mm (the training run's data.pitch_mm" in line
                for line in describe(tmp_path / "site.onnx", meta))
+    from detector.runtime import Inspector   # the station reads the site's untagged files as training did
+    png = data / "images" / "s1.png"
+    at4, at5 = (Inspector(tmp_path / "site.onnx", threads=1, default_pitch_mm=p).inspect(png) for p in (None, 5.0))
+    assert at4.heatmap_scale_yx[0] / at5.heatmap_scale_yx[0] == pytest.approx(1.25)   # 2.5 vs 2 file px per model px
     run_training(None, data, tmp_path / "run5", common, quiet=True)      # null: 5 mm, new entries beside the others
     metas = [json.loads(p.read_text()) for p in cache.glob("*.json") if "visibility" not in p.name]
     assert len(metas) == 24 and {tuple(m["shape"]) for m in metas if m["pitch_mm"] == 5.0} == {(1, 40, 80)}
