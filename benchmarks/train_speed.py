@@ -24,7 +24,7 @@ from detector.model import build_model, count_flops, nhwc
 from detector.preprocess import model_size, padded_size
 from detector.scan import ScanError
 from detector.config import ConfigError, load_config
-from detector.train import cpu_flags, cpu_has_native_bf16, resolve_precision
+from detector.hardware import cpu_flags, cpu_has_native_bf16, resolve_precision
 
 
 def crops_per_s(model: torch.nn.Module, batch: int, crop: int, channels: int, steps: int, device: str,

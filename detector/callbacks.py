@@ -23,7 +23,7 @@ class ValidateLastEpoch(L.Callback):
 
 
 class AverageBatchNormStats(L.Callback):
-    """For DDP without the per-step buffer sync (train.ddp_without_step_buffer_sync): after each epoch's last
+    """For DDP without the per-step buffer sync (hardware.ddp_without_step_buffer_sync): after each epoch's last
     step, every rank gets the mean of the ranks' BatchNorm running statistics, so validation, mining and the
     checkpoints see one model. Replaces DDP's broadcast of rank 0's buffers before every forward (a sync per
     step, ~1.5 % of a CPU rank's time)."""

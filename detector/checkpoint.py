@@ -116,6 +116,14 @@ def read_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def read_init(path: str) -> dict:
+    """model.init's checkpoint; its errors say model.init (CheckpointError's text names the file)."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"model.init: {e}") from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[AnomalyNet, dict]:
     """(AnomalyNet in eval mode on the CPU, info dict with everything the ONNX bundle's metadata needs)."""
     ck = read_checkpoint(path)

@@ -514,7 +514,7 @@ def allow_cpus(monkeypatch, n: int) -> None:
 
 def test_auto_loader_workers_a_few_per_cpu_process_the_spare_cores_per_gpu(monkeypatch):
     from detector.config import load_config
-    from detector.train import resolve_cpu_processes, resolve_workers
+    from detector.hardware import resolve_cpu_processes, resolve_workers
     allow_cpus(monkeypatch, 32)
     assert load_config(None, []).data.workers == "auto"
     assert resolve_workers(load_config(None, ["trainer.accelerator=cpu"])) == 8           # 32 cores / 4
@@ -538,7 +538,7 @@ def test_auto_accelerator_follows_cuda_in_every_rule(monkeypatch):
     import torch
 
     from detector.config import load_config
-    from detector.train import resolve_cpu_processes, resolve_workers, uses_cuda
+    from detector.hardware import resolve_cpu_processes, resolve_workers, uses_cuda
     allow_cpus(monkeypatch, 32)
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -553,7 +553,7 @@ def test_cpu_processes_share_the_cpus_this_process_may_use_not_the_hosts(monkeyp
     """A container given 4 of a host's 64 cores: os.cpu_count says 64, and 2 CPU processes each ran 32 threads and
     8 crop loaders on 4 cores."""
     from detector.config import load_config
-    from detector.train import resolve_cpu_processes, resolve_workers
+    from detector.hardware import resolve_cpu_processes, resolve_workers
     allow_cpus(monkeypatch, 4)
     cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
     resolve_cpu_processes(cfg)
@@ -563,7 +563,7 @@ def test_cpu_processes_share_the_cpus_this_process_may_use_not_the_hosts(monkeyp
 def test_cpu_processes_split_the_cores_and_the_batch():
     from detector.runtime import usable_cpus
     from detector.config import load_config
-    from detector.train import resolve_cpu_processes
+    from detector.hardware import resolve_cpu_processes
     cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
     assert resolve_cpu_processes(cfg) == 12
     t = cfg.trainer
