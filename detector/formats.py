@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 
 from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, default_pitch,
-                           file_meta, most_scan_bytes, sniff_format, valid_pitch)
+                           file_meta, most_scan_bytes, sniff_format, square_size, valid_pitch)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
@@ -474,18 +474,10 @@ def _square_pixels(counts: np.ndarray, row_mm: float, col_mm: float) -> tuple[np
     if math.isclose(row_mm, col_mm, rel_tol=1e-6):
         return counts, row_mm
     h, w = counts.shape[-2:]
-    sh, sw, pitch = _square_size(h, w, row_mm, col_mm)
+    sh, sw, pitch = square_size(h, w, row_mm, col_mm)
     planes = counts.reshape(-1, h, w)
     out = np.stack([cv2.resize(c, (sw, sh), interpolation=cv2.INTER_AREA) for c in planes])
     return out.reshape(*counts.shape[:-2], sh, sw), pitch
-
-
-def _square_size(h: int, w: int, row_mm: float, col_mm: float) -> tuple[int, int, float]:
-    """(height, width, pitch) of an image of h x w pixels of row_mm x col_mm once on square pixels (_square_pixels)."""
-    if math.isclose(row_mm, col_mm, rel_tol=1e-6):
-        return h, w, row_mm
-    pitch = max(row_mm, col_mm)
-    return max(1, round(h * row_mm / pitch)), max(1, round(w * col_mm / pitch)), pitch
 
 
 def _dicom_pixel_array(ds: Any, name: str) -> np.ndarray:
@@ -681,7 +673,7 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
 
 def _squared_geometry(h: int, w: int, spacing: tuple[float, float]) -> tuple[int, int, float, int, int]:
     """_header_geometry's answer for a file of h x w pixels of [row, column] `spacing`: squared, and the file's size."""
-    return (*_square_size(h, w, *spacing), h, w)
+    return (*square_size(h, w, *spacing), h, w)
 
 
 def _image_sides(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -107,14 +107,26 @@ def file_meta(height: int, width: int, row_mm: float, col_mm: float) -> dict:
     return {"file_height": int(height), "file_width": int(width), "file_spacing_mm": [float(row_mm), float(col_mm)]}
 
 
+def square_size(h: int, w: int, row_mm: float, col_mm: float) -> tuple[int, int, float]:
+    """(height, width, pitch) of an image of h x w pixels of row_mm x col_mm once on square pixels at the coarser
+    spacing (the readers' formats._square_pixels)."""
+    if math.isclose(row_mm, col_mm, rel_tol=1e-6):
+        return h, w, row_mm
+    pitch = max(row_mm, col_mm)
+    return max(1, round(h * row_mm / pitch)), max(1, round(w * col_mm / pitch)), pitch
+
+
 def file_shape(scan: Scan) -> tuple[int, int]:
     """(height, width) of the file the scan was read from: file_meta's where its reader squared the pixels, else the
-    attenuation's (nothing was resampled)."""
+    attenuation's (nothing was resampled). Only while that file, squared, still gives the attenuation's size: a
+    station that crops or resamples a read Scan keeps its meta, and its regions then belong to the array it passed."""
     meta = scan.meta if isinstance(scan.meta, dict) else {}
-    h, w = meta.get("file_height"), meta.get("file_width")
-    if isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1:
-        return h, w
-    return scan.height, scan.width
+    h, w, spacing = meta.get("file_height"), meta.get("file_width"), meta.get("file_spacing_mm")
+    try:
+        squared = square_size(h, w, *spacing)[:2]
+    except (TypeError, ValueError, ZeroDivisionError):   # no file geometry, or not one a reader wrote
+        return scan.height, scan.width
+    return (h, w) if squared == (scan.height, scan.width) else (scan.height, scan.width)
 
 
 def map_box(box: Any, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> list:

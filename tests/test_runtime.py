@@ -59,6 +59,21 @@ def test_regions_of_a_scan_with_non_square_pixels_are_in_the_files_pixels(inspec
     assert abs(cells[0] - 200) < v.heatmap_scale_yx[0] and abs(cells[1] - 600) < v.heatmap_scale_yx[1]
 
 
+def test_a_squared_scan_the_station_cropped_gets_regions_in_the_array_it_passed(inspector, tmp_path):
+    """A station that reads a line scanner's file, then crops the Scan (the cab cut off) before inspecting it, keeps the
+    file's geometry in meta: the regions were scaled to the uncropped file, off the block. Where the file, squared, no
+    longer gives the array's size, the regions are in the array's own pixels."""
+    import dataclasses
+    path = write_nonsquare_scan(tmp_path / "line.tiff", 4.0, 5.0, (400, 110, 480, 160))
+    whole = read_scan(path)                                   # 160 x 600 squared (5 mm), from 200 x 600 at 4 x 5 mm
+    cut = dataclasses.replace(whole, attenuation=np.ascontiguousarray(whole.attenuation[:, :, 200:]), counts=None)
+    v = inspector.inspect(cut)
+    assert v.decision == "INSPECT" and v.regions
+    squared_box = (200, 88, 280, 128)                         # the block in the cropped array: x - 200, y * 4 / 5
+    assert iou(v.regions[0].box, squared_box) > 0.6, v.regions[0].box
+    assert all(r.box[2] <= cut.width and r.box[3] <= cut.height for r in v.regions)
+
+
 def test_regions_of_square_pixels_are_those_they_always_were(inspector, tmp_path):
     """Mapping regions to the file's pixels changes nothing where the pixels are square: these are the boxes and cell
     sizes the runtime gave before it, for odd sizes (no whole-number scale to the model's pitch) at 5 mm and at 4 mm

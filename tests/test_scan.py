@@ -626,6 +626,7 @@ def test_tiff_with_unequal_x_and_y_resolution_is_squared_like_dicom(tmp_path):
     for scan, name in ((one, "one.tiff"), (dual, "hw2.tiff")):
         assert scan_geometry(tmp_path / name) == (scan.height, scan.width, scan.pitch_mm)
 
+
 def test_squared_pixels_keep_the_files_own_geometry(tmp_path):
     """Squaring a line scanner's pixels left no trace of the file's own grid, the one a station draws the regions on
     and an officer's boxes and masks are drawn on ("scan pixels"). Scan.meta now holds the file's height, width and
