@@ -307,7 +307,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         except ValueError as e:
             raise ConfigError(str(e)) from None
     resumed = read_checkpoint(resume) if resume is not None else None   # a wrong --resume fails now, not after caching
-    started = (resumed or {}).get("hyper_parameters", {}).get("config", {}).get("model", {}).get("init")
+    started = resumed["hyper_parameters"]["config"].get("model", {}).get("init") if resumed is not None else None
     if resumed is not None and cfg.model.init and cfg.model.init != started:
         # the same command with --resume (what a stopped run prints) goes on; another start is another run
         raise ConfigError(f"model.init {cfg.model.init} with --resume {resume}: that run did not start from it, and a "
