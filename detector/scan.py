@@ -308,15 +308,14 @@ def default_pitch(pitch_mm: Any, src: str = "default_pitch_mm") -> float:
     at the 5 mm default is 25 % too large, well inside the station's height check: the user says so here."""
     if pitch_mm is None:
         return DEFAULT_PITCH_MM
-    lo, hi = PITCH_RANGE_MM
-    try:
-        pitch = math.nan if isinstance(pitch_mm, (bool, np.bool_, str, bytes)) else float(pitch_mm)
-    except (TypeError, ValueError):
-        pitch = math.nan
-    if not (math.isfinite(pitch) and lo <= pitch <= hi):
+    try:   # a user's setting: text or a bool is no pitch, though float() would take "4" and True
+        if isinstance(pitch_mm, (bool, np.bool_, str, bytes)):
+            raise ScanError(src, "not a number")
+        return valid_pitch(src, pitch_mm)
+    except ScanError:
+        lo, hi = PITCH_RANGE_MM
         raise ScanError(src, f"default pixel pitch {pitch_mm!r} (for files that carry none) must be a number in "
-                             f"{lo:g}-{hi:g} mm")
-    return pitch
+                             f"{lo:g}-{hi:g} mm") from None
 
 
 def _check_not_blank(src: str, counts: np.ndarray, att: np.ndarray, i0: tuple[float, ...]) -> None:
