@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from detector.config import Config, ConfigError, from_dict, to_dict
-from detector.model import AnomalyNet, build_model
+from detector.model import AnomalyNet, build_model, state_mismatch
 
 
 class CheckpointError(ValueError):
@@ -88,11 +88,7 @@ def load_initial_weights(model: AnomalyNet, ck: dict, path: str | Path) -> None:
         if a.shape != b.shape and a.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]:
             c = a.shape[1]   # the stem: out, in, kh, kw with only `in` differing
             state[k] = b.mean(1, keepdim=True).expand(-1, c, -1, -1) * (b.shape[1] / c)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        what = "; ".join(f"{n} {len(ks)} key(s), e.g. {ks[0]}" for n, ks in
-                         (("missing", missing), ("unexpected", unexpected), ("other shapes in", shapes)) if ks)
+    if what := state_mismatch(own, state):
         raise ConfigError(f"model.init {path}: its weights do not fit this run's network ({what})")
     model.load_state_dict(state)
 

@@ -98,16 +98,21 @@ def _load_weights(net: nn.Module, name: str, path: str) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"model.weights {path}: not a state_dict of tensors")
-    own = net.state_dict()
     # torchvision's own older files lack BatchNorm's num_batches_tracked, which load_state_dict fills in
-    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        what = "; ".join(f"{n} {len(ks)} key(s), e.g. {ks[0]}" for n, ks in
-                         (("missing", missing), ("unexpected", unexpected), ("other shapes in", shapes)) if ks)
+    what = state_mismatch(net.state_dict(), state, optional=lambda k: k.endswith("num_batches_tracked"))
+    if what:
         raise ValueError(f"model.weights {path}: not a torchvision {name} state_dict ({what})")
     net.load_state_dict(state, strict=False)   # checked above; only num_batches_tracked may be absent
+
+
+def state_mismatch(own: dict, state: dict, optional=lambda key: False) -> str:
+    """What keeps `state` from loading into a module whose state_dict is `own` ('' when nothing): keys missing (less
+    the `optional` ones), unexpected, or of other shapes, a count and an example of each."""
+    missing = sorted(k for k in set(own) - set(state) if not optional(k))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    return "; ".join(f"{n} {len(ks)} key(s), e.g. {ks[0]}" for n, ks in
+                     (("missing", missing), ("unexpected", unexpected), ("other shapes in", shapes)) if ks)
 
 
 def _adapt_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
