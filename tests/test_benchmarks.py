@@ -246,3 +246,26 @@ def test_finetune_keeps_the_high_energy_and_refuses_a_wrong_init_before_any_data
     one_line_error(bench("finetune.py", "--init", str(tmp_path / "none.ckpt"), "--work", str(tmp_path / "w")),
                    "none.ckpt: no such checkpoint file")
     assert not (tmp_path / "w").exists()
+
+
+def test_quality_reads_its_figures_again_above_each_visibility_floor(tmp_path):
+    """Above each floor the fainter anomalies are left out: the AUROC, detection and top region of the rest, against
+    all the clean scans (the re-scoping figures of issue 3's notes)."""
+    import json
+    from detector.synth.scene import GENERATOR_VERSION
+    quality = runpy.run_path(str(ROOT / "benchmarks" / "quality.py"))
+    vis = {"_generator": GENERATOR_VERSION}
+    rows = [{"path": f"test/images/s9_{i:06d}.tiff", "label": "0", "score": f"{0.1 + 0.01 * i:.2f}", "top_region_hit": ""}
+            for i in range(40)]   # clean: 0.10-0.49
+    for i, (v, score, hit) in enumerate([(0.2, 0.2, "0"), (0.3, 0.3, "0"), (0.7, 0.455, "1"), (0.8, 0.9, "0"),
+                                         (1.5, 0.95, "1"), (3.0, 0.99, "1")]):
+        stem = f"s9_{100 + i:06d}"
+        vis[stem] = v
+        rows.append({"path": f"test/images/{stem}.tiff", "label": "1", "score": str(score), "top_region_hit": hit})
+    (tmp_path / "visibility.json").write_text(json.dumps(vis))
+    out = quality["by_visibility"](rows, tmp_path / "visibility.json")
+    assert {k: f["n"] for k, f in out["floors"].items()} == {"0.5": 4, "1": 2}
+    assert out["floors"]["1"]["auroc"] == 1.0 and out["floors"]["1"]["top_region"] == 1.0
+    assert out["floors"]["0.5"]["auroc"] == pytest.approx((3 * 40 + 36) / (4 * 40))   # 0.455 beats 36 clean of 40
+    assert out["floors"]["0.5"]["top_region"] == 0.75 and out["floors"]["0.5"]["det_at_1pct"] == 0.75
+    assert (out["visible_auroc"], out["n_visible"]) == (1.0, 2)
