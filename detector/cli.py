@@ -69,11 +69,12 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=20)
 
 
-def _pitch_option(p: argparse.ArgumentParser) -> None:
-    """--pitch-mm of the station verbs: the scanner's pitch for scan files that carry none."""
+def _pitch_option(p: argparse.ArgumentParser, rows: str = "") -> None:
+    """--pitch-mm of the station verbs: the scanner's pitch for scan files that carry none; `rows`: what else sets
+    it for a file (score: a manifest row's pitch_mm)."""
     p.add_argument("--pitch-mm", type=float, default=None,
                    help="pixel pitch in mm of scan files that carry none (many 16-bit PNG/TIFF); default: the "
-                        "bundle's (its training run's data.pitch_mm), else 5. A file's own pitch wins")
+                        f"bundle's (its training run's data.pitch_mm), else 5. A file's own pitch wins{rows}")
 
 
 def _score(p: argparse.ArgumentParser) -> None:
@@ -88,7 +89,7 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="override the model's threshold (not with --policy: its tiers set the thresholds)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    _pitch_option(p)
+    _pitch_option(p, "; a manifest.csv row's pitch_mm, where set, wins for its file (a site with two scanners)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--no-resume", action="store_true", help="rescore files already in --out")
     p.add_argument("--retry-failed", action="store_true",

@@ -69,8 +69,8 @@ class DataConfig:
                                     # that fit in one crop are always trained on, whole (docs/experiments.md)
     channels: int | None = None     # None: from the data (the first scan)
     pitch_mm: float | None = None   # pixel pitch (mm) of the scans whose files carry none (many 16-bit PNG/TIFF);
-                                    # None: 5 mm (scan.DEFAULT_PITCH_MM). A file's own pitch wins. The export puts it
-                                    # in the bundle as the station's default for such files
+                                    # None: 5 mm (scan.DEFAULT_PITCH_MM). A file's own pitch wins, then a manifest
+                                    # row's pitch_mm. The export puts it in the bundle as the station's default
     cache_dir: str | None = None    # default RUN/cache
     skip_unreadable: bool = True    # an unreadable scan or mask (corrupt, truncated, NaN, ...) is left out and listed
                                     # in RUN/skipped_scans.csv, as `detector score` records its failures; false: the
@@ -328,13 +328,13 @@ class ScanDataModule(L.LightningDataModule):
             if self._leaves_out_label_only:
                 others = {r.path for s in ("val", "test") for r in self.splits[s]}
                 self._uncached = {r.path for r in self.splits["train"] if r.label_alone and r.path not in others
-                                  and self._larger_than_a_crop(r.path)}
+                                  and self._larger_than_a_crop(r)}
         return self._uncached
 
-    def _larger_than_a_crop(self, path: str) -> bool:
-        """True when the file's header says its scan is larger than a training crop at the model's pitch; False when
-        it fits, or the header cannot tell."""
-        geometry = scan_geometry(path, self.cfg.pitch_mm)
+    def _larger_than_a_crop(self, rec: Record) -> bool:
+        """True when the file's header says its scan is larger than a training crop at the model's pitch (an untagged
+        file at its row's pitch_mm, else data.pitch_mm); False when it fits, or the header cannot tell."""
+        geometry = scan_geometry(rec.path, rec.untagged_pitch(self.cfg.pitch_mm))
         if geometry is None:
             return False
         h, w = model_size(*geometry, self.pre)

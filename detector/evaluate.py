@@ -21,7 +21,7 @@ import numpy as np
 
 from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
-                               read_mask, read_rows, read_text)
+                               pitch_of, read_mask, read_rows, read_text)
 from detector.formats import file_geometry
 from detector.scan import ScanError, file_shape, map_box
 from detector.sources import shown
@@ -41,6 +41,7 @@ class Truth:
     anomaly_type: str | None = None
     cargo: str | None = None
     split: str = ""   # the manifest's split ("train", "val", "test"); "" where it has none
+    pitch_mm: float | None = None   # the manifest's pitch_mm: the file's pitch where it carries none
 
 
 @dataclass
@@ -78,7 +79,8 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
             out.append(Truth(on_disk(root / r["path"]).resolve(), r["path"], label, boxes_of(r, manifest),
                              (root / r["mask"]).resolve() if _none(r.get("mask")) else None,
                              (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo,
-                             SPLIT_ALIASES.get((_none(r.get("split")) or "train").lower(), "") if split else ""))
+                             SPLIT_ALIASES.get((_none(r.get("split")) or "train").lower(), "") if split else "",
+                             pitch_of(r, manifest)))
         _one_row_per_scan(out, [f"row {r['_row']}: " for r in rows], manifest)
         return out, manifest
     if src.is_dir() and has_layout(src):
@@ -214,7 +216,7 @@ def placed_truth(t: Truth) -> tuple[list, str | None]:
     view), boxes that cover no pixel of it (another pixel unit). Training refuses each of these; scored as they were,
     they made localisation misses without a word. A mask at the size the reader squares a scan of non-square pixels
     to (which training required before) is carried back to the file's pixels."""
-    g = file_geometry(t.path)
+    g = file_geometry(t.path, t.pitch_mm)   # the row's pitch: the header read as the scan was scored
     hw = None if g is None else (g.file_height, g.file_width)
     if t.boxes:
         if hw is None or any(_clipped(b, hw) for b in t.boxes):
@@ -383,7 +385,7 @@ def _thumb(r: Result, t: Truth):
     try:
         with warnings.catch_warnings():     # a conversion was reported when the scan was scored
             warnings.simplefilter("ignore", ScanWarning)
-            scan = read_scan(t.path)
+            scan = read_scan(t.path, default_pitch_mm=t.pitch_mm)
     except Exception as e:
         return np.full((60, 400, 3), 200, np.uint8), f"{cap} (could not render: {e})"
     grids = file_shape(scan), (scan.height, scan.width)   # regions and truth in the file's pixels, drawn on the scan's

@@ -125,16 +125,20 @@ def write_bundle(onnx_path: str | Path, meta: dict, out: str | Path) -> Path:
 
 # ------------------------------------------------------------------ INT8
 
-def calibration_items(src: str | Path, limit: int | None = None) -> list[tuple[Path, int | None]]:
-    """(path, label) from a dataset folder (manifest.csv or normal/ + anomalous/), else every scan file."""
+CalibrationItem = tuple[Path, "int | None", "float | None"]   # path, label, the pitch of its file where it has none
+
+
+def calibration_items(src: str | Path, limit: int | None = None) -> list[CalibrationItem]:
+    """(path, label, the manifest row's pitch_mm or None) from a dataset folder (manifest.csv or normal/ +
+    anomalous/), else every scan file (label and pitch None)."""
     from detector.scan import SCAN_SUFFIXES
 
     src = Path(src)
     try:
         from detector.evaluate import load_truth
-        items = [(t.path, int(t.label)) for t in load_truth(src)[0]]
+        items = [(t.path, int(t.label), t.pitch_mm) for t in load_truth(src)[0]]
     except FileNotFoundError:
-        items = [(p, None) for p in sorted(src.rglob("*")) if p.suffix.lower() in SCAN_SUFFIXES]
+        items = [(p, None, None) for p in sorted(src.rglob("*")) if p.suffix.lower() in SCAN_SUFFIXES]
     if not items:
         raise ExportError(f"{src}: no calibration scans found")
     if limit and len(items) > limit:  # keep both classes: take an even spread of the sorted list
@@ -143,21 +147,23 @@ def calibration_items(src: str | Path, limit: int | None = None) -> list[tuple[P
     return items
 
 
-def usable_items(items: list[tuple[Path, int | None]], pre: Preprocessing, channels: int,
-                 log: Log = print, default_pitch_mm: float | None = None) -> list[tuple[Path, int | None]]:
-    """The calibration scans this model can run on; the others (unreadable, wrong energy count) are left out
-    with one line saying how many and why, as a batch job records its failures and goes on. `default_pitch_mm`:
-    the pitch of files without one (the bundle's), as the station reads them."""
+def usable_items(items: list[CalibrationItem], pre: Preprocessing, channels: int,
+                 log: Log = print, default_pitch_mm: float | None = None) -> list[CalibrationItem]:
+    """The calibration scans this model can run on, each with the pitch its file is read at where it carries none
+    (its manifest row's, else `default_pitch_mm`: the bundle's, as the station reads them); the others (unreadable,
+    wrong energy count) are left out with one line saying how many and why, as a batch job records its failures and
+    goes on."""
     import warnings
 
     from detector.scan import ScanWarning, read_scan
     ok, bad = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScanWarning)
-        for path, label in items:
+        for path, label, pitch in items:
+            pitch = default_pitch_mm if pitch is None else pitch
             try:
-                prepare(read_scan(path, default_pitch_mm=default_pitch_mm), pre, channels)
-                ok.append((path, label))
+                prepare(read_scan(path, default_pitch_mm=pitch), pre, channels)
+                ok.append((path, label, pitch))
             except ScanError as e:
                 bad.append(str(e))
     if bad:
@@ -168,27 +174,28 @@ def usable_items(items: list[tuple[Path, int | None]], pre: Preprocessing, chann
 class _Reader:
     """onnxruntime CalibrationDataReader over prepared calibration scans (one scan per batch)."""
 
-    def __init__(self, paths: list[Path], pre: Preprocessing, channels: int, default_pitch_mm: float | None = None):
-        self.paths, self.pre, self.channels, self.i = paths, pre, channels, 0
-        self.default_pitch_mm = default_pitch_mm
+    def __init__(self, scans: list[tuple[Path, float | None]], pre: Preprocessing, channels: int):
+        """`scans`: (path, the pitch of its file where it carries none)."""
+        self.scans, self.pre, self.channels, self.i = scans, pre, channels, 0
 
     def get_next(self):
         from detector.scan import read_scan
 
-        if self.i >= len(self.paths):
+        if self.i >= len(self.scans):
             return None
-        p = self.paths[self.i]
+        p, pitch = self.scans[self.i]
         self.i += 1
-        scan = read_scan(p, default_pitch_mm=self.default_pitch_mm)
+        scan = read_scan(p, default_pitch_mm=pitch)
         return {"scan": prepare(scan, self.pre, self.channels).x[None]}
 
     def rewind(self):
         self.i = 0
 
 
-def quantize_int8(fp32_path: str | Path, out: str | Path, paths: list[Path], pre: Preprocessing,
-                  channels: int, default_pitch_mm: float | None = None) -> Path:
-    """Static QDQ quantization: uint8 activations, per-channel int8 weights, MinMax calibration."""
+def quantize_int8(fp32_path: str | Path, out: str | Path, scans: list[tuple[Path, float | None]], pre: Preprocessing,
+                  channels: int) -> Path:
+    """Static QDQ quantization: uint8 activations, per-channel int8 weights, MinMax calibration on `scans` (path,
+    the pitch of its file where it carries none)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -198,7 +205,7 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, paths: list[Path], pre
         # skip ORT's symbolic shape inference: it fails on "32*h" dims and then dumps
         # sym_shape_infer_temp.onnx + a .data file into the working directory; ONNX's own is enough
         quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=True)
-        quantize_static(str(pre_path), str(out), _Reader(paths, pre, channels, default_pitch_mm),
+        quantize_static(str(pre_path), str(out), _Reader(scans, pre, channels),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax,
@@ -223,21 +230,23 @@ def input_mix_nodes(proto) -> list[str]:
     return sorted(names)
 
 
-def int8_drift(fp32_bundle: Path, int8_bundle: Path, items: list[tuple[Path, int | None]]) -> dict:
+def int8_drift(fp32_bundle: Path, int8_bundle: Path, items: list[CalibrationItem]) -> dict:
     """Scores of both bundles on the same scans: AUROC and detection at 1 % false alarms (each model's own
     threshold: the ranking), and detection at the bundle's shipped threshold, which the INT8 bundle keeps
     (the operating point: a uniform score shift leaves the ranking intact yet releases at that threshold)."""
     from detector.metrics import auroc, detection_at_far
     from detector.runtime import Inspector
 
+    from detector.scan import read_scan
     a, b = Inspector(fp32_bundle, warmup=False), Inspector(int8_bundle, warmup=False)
-    sa = np.array([a.inspect(p).score for p, _ in items])
-    sb = np.array([b.inspect(p).score for p, _ in items])
+    scores = [[m.inspect(scan).score for m in (a, b)]   # each file at its own pitch, read once for both
+              for scan in (read_scan(p, default_pitch_mm=pitch) for p, _, pitch in items)]
+    sa, sb = (np.array(s) for s in zip(*scores))
     d = {"scans": len(items), "score_max_abs_diff": float(np.abs(sa - sb).max()),
          "score_mean_abs_diff": float(np.abs(sa - sb).mean()),
          "quantization": {"format": "QDQ", "activations": "uint8", "weights": "int8 per-channel",
                           "calibration": "MinMax"}}
-    labels = [lab for _, lab in items]
+    labels = [lab for _, lab, _ in items]
     if None not in labels and len(set(labels)) == 2:
         y = np.array(labels)
         da, db = detection_at_far(y, sa, DRIFT_RATE), detection_at_far(y, sb, DRIFT_RATE)
@@ -267,15 +276,14 @@ def make_int8_bundle(fp32_bundle: str | Path, out: str | Path, calibration: str 
     """Quantize a bundle on calibration scans, measure drift, refuse past `max_drop` points."""
     pre, channels = Preprocessing.from_dict(meta["preprocessing"]), int(meta["channels"])
     items = usable_items(calibration_items(calibration, limit), pre, channels, log, meta.get("default_pitch_mm"))
-    if len({lab for _, lab in items}) != 2 or any(lab is None for _, lab in items):
+    if len({lab for _, lab, _ in items}) != 2 or any(lab is None for _, lab, _ in items):
         raise ExportError(f"{calibration}: INT8 drift needs labelled normal and anomalous scans "
                           f"(manifest.csv or normal/ + anomalous/); found {len(items)} scan(s) without both "
                           f"classes. The fp32 bundle {fp32_bundle} is unaffected")
     log(f"  int8: calibrating on {len(items)} scans from {calibration}")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        raw = quantize_int8(fp32_bundle, Path(tmp) / "q.onnx", [p for p, _ in items], pre, channels,
-                            default_pitch_mm=meta.get("default_pitch_mm"))
+        raw = quantize_int8(fp32_bundle, Path(tmp) / "q.onnx", [(p, pitch) for p, _, pitch in items], pre, channels)
         q = write_bundle(raw, meta, Path(tmp) / "int8.onnx")  # metadata so Inspector can load it
         drift = int8_drift(Path(fp32_bundle), q, items)
         log(f"  int8 drift: {_drift_text(drift)}")

@@ -1,8 +1,8 @@
 """Dataset folders, read one way for training, evaluation and scoring (torch-free).
 
 A dataset is a folder with `manifest.csv` (columns path,label; optional mask, boxes, anomaly_type, cargo, split,
-tier, risk_flags; paths relative to the folder) or the plain layout normal/ + anomalous/ (any depth below them)
-with optional masks/<stem>.png. A cell that cannot be used raises ScanError naming the manifest, the row and why.
+tier, risk_flags, pitch_mm; paths relative to the folder) or the plain layout normal/ + anomalous/ (any depth below
+them) with optional masks/<stem>.png. A cell that cannot be used raises ScanError naming the manifest, the row and why.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from detector.formats import png_cut_short
-from detector.scan import SCAN_SUFFIXES, ScanError
+from detector.scan import PITCH_RANGE_MM, SCAN_SUFFIXES, ScanError, valid_pitch
 
 LAYOUT = ((0, "normal"), (1, "anomalous"))
 # a manifest's split cell -> the split it means (empty: train); any other value is an error
@@ -28,8 +28,10 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 # the columns a step reads (train, eval, score): a header cell that misspells one is refused, since each step looked
 # for its own name, found none and went on without the column (a risk_flag column released a flagged truck)
 COLUMNS = ("path", "label", "mask", "boxes", "anomaly_type", "cargo", "cargo_class", "cargo_type", "split", "tier",
-           "risk_flags")
-COLUMN_ALIASES = {"box": "boxes", "bbox": "boxes", "bboxes": "boxes"}   # labelling tools' names for boxes
+           "risk_flags", "pitch_mm")
+# labelling tools' names for boxes; a pitch column without its unit
+COLUMN_ALIASES = {"box": "boxes", "bbox": "boxes", "bboxes": "boxes", "pitch": "pitch_mm", "pixel_pitch": "pitch_mm",
+                  "pixel_pitch_mm": "pitch_mm"}
 
 
 def read_text(path: str | Path) -> str:
@@ -150,6 +152,21 @@ def boxes_of(row: dict, manifest: str | Path) -> list[list]:
     if not ok:
         raise ScanError(manifest, f"row {row['_row']}: boxes {text[:60]!r} is not a JSON list of [x0, y0, x1, y1]")
     return boxes
+
+
+def pitch_of(row: dict, manifest: str | Path) -> float | None:
+    """The row's pitch_mm: the pixel pitch in mm of its file where the file carries none (a site whose two scanners
+    write untagged PNG/TIFF into one manifest); None when the cell is empty (data.pitch_mm, --pitch-mm, the bundle's
+    or 5 mm then apply). A file's own pitch still wins when the scan is read."""
+    text = (row.get("pitch_mm") or "").strip()
+    if not text:
+        return None
+    try:
+        return valid_pitch(str(manifest), text)
+    except ScanError:
+        lo, hi = PITCH_RANGE_MM
+        raise ScanError(manifest, f"row {row['_row']}: pitch_mm {text!r} is not a pixel pitch in mm ({lo:g}-{hi:g}; "
+                                  "empty: the default for files without one)") from None
 
 
 def layout_files(root: str | Path) -> list[tuple[Path, int, Path | None]]:

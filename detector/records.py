@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
-                               read_rows)
+                               pitch_of, read_rows)
 from detector.scan import ScanError
 
 SPLITS = ("train", "val", "test")
@@ -24,6 +24,12 @@ class Record:
     boxes: list | None = None
     anomaly_type: str = ""
     split: str = ""
+    pitch_mm: float | None = None   # the manifest row's pitch_mm: its file's pitch where the file carries none
+
+    def untagged_pitch(self, default_pitch_mm: float | None) -> float | None:
+        """The pitch to read this scan's file at where it carries none: the row's pitch_mm, else `default_pitch_mm`
+        (data.pitch_mm; None: 5 mm). A file's own pitch still wins."""
+        return default_pitch_mm if self.pitch_mm is None else self.pitch_mm
 
     @property
     def label_alone(self) -> bool:
@@ -42,7 +48,8 @@ def _records_from_manifest(root: Path) -> list[Record]:
                                       f"{', '.join(sorted(SPLIT_ALIASES))} (or empty: train)")
         out.append(Record(str(on_disk(root / row["path"])), label_of(row, manifest),
                           str(on_disk(root / row["mask"])) if (row.get("mask") or "").strip() else None,
-                          boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split))
+                          boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split,
+                          pitch_of(row, manifest)))
     return out
 
 
@@ -94,11 +101,13 @@ def split_records(recs: list[Record], val_fraction: float, test_fraction: float,
 def fingerprint(recs: list[Record], pitch_mm: float | None = None) -> str:
     """Hash of the manifest rows and file sizes: identifies the data a model was trained on. `pitch_mm` (data.pitch_mm,
     the pitch of files that carry none) is the data's physical scale, which those files lack: with it set, the same
-    files are other scans (None hashes as before)."""
+    files are other scans (None hashes as before). A row's own pitch_mm is hashed with its row, only where set: the
+    fingerprints of datasets without that column stay what they were."""
     h = hashlib.sha256()
     if pitch_mm is not None:
         h.update(f"default pitch {float(pitch_mm)!r} mm\n".encode())
     for r in sorted(recs, key=lambda r: r.path):
         size = os.path.getsize(r.path) if os.path.exists(r.path) else -1
-        h.update(f"{Path(r.path).name},{r.label},{r.split},{r.boxes},{size}\n".encode())
+        pitch = "" if r.pitch_mm is None else f",pitch {float(r.pitch_mm)!r}"
+        h.update(f"{Path(r.path).name},{r.label},{r.split},{r.boxes},{size}{pitch}\n".encode())
     return h.hexdigest()[:16]

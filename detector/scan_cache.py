@@ -102,7 +102,8 @@ class ScanCache:
 
     def __init__(self, folder: str | os.PathLike, pre: Preprocessing, channels: int | None = None,
                  default_pitch_mm: float | None = None) -> None:
-        """`default_pitch_mm`: the pitch of a scan whose file carries none (data.pitch_mm; None: 5 mm)."""
+        """`default_pitch_mm`: the pitch of a scan whose file carries none (data.pitch_mm; None: 5 mm), where its
+        record (manifest row) gives none of its own."""
         self.folder, self.pre, self.channels = Path(folder), pre, channels
         self.default_pitch_mm = default_pitch_mm
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -120,8 +121,10 @@ class ScanCache:
                                                          # runs of dead rows found too (older entries rebuilt)
         # a squared scan's boxes were once laid on the squared grid as they stood: its entries with marks are rebuilt
         s += "|file-px" if (rec.mask or rec.boxes) and _squared(rec.path) else ""
-        # the pitch of files without one: another value resamples them to another size (None keeps older entries)
-        s += f"|default-pitch{float(self.default_pitch_mm)!r}" if self.default_pitch_mm is not None else ""
+        # the pitch of files without one (the row's pitch_mm, else data.pitch_mm): another value resamples them to
+        # another size (None keeps older entries; a row's cell and data.pitch_mm of one value make the same arrays)
+        pitch = rec.untagged_pitch(self.default_pitch_mm)
+        s += f"|default-pitch{float(pitch)!r}" if pitch is not None else ""
         return hashlib.sha1(s.encode()).hexdigest()[:20]
 
     def build(self, rec: Record) -> dict[str, Any]:
@@ -134,7 +137,7 @@ class ScanCache:
             meta = json.loads(meta_path.read_text())
             if all(p.exists() for p in self._arrays(meta)):
                 return meta
-        scan = read_scan(rec.path, default_pitch_mm=self.default_pitch_mm)
+        scan = read_scan(rec.path, default_pitch_mm=rec.untagged_pitch(self.default_pitch_mm))
         att = model_attenuation(scan.attenuation, scan.pitch_mm, self.pre, self.channels, scan.source)
         mask = _scan_mask(rec, (scan.height, scan.width), file_shape(scan))
         _save(self.folder / f"{key}.att.npy", att.astype(np.float32), rec.path)

@@ -151,10 +151,29 @@ def lock_results(out: Path):
     return f
 
 
+def row_pitches(items: list[Item]) -> dict:
+    """{"row_pitch_mm": {path as the CSV writes it: pitch}} of the items whose manifest row gives their file's pitch,
+    for the routing file; {} where none does (the routing file of a run without the column is as it was)."""
+    rows = {shown(i.path): i.pitch_mm for i in items if i.pitch_mm is not None}
+    return {"row_pitch_mm": rows} if rows else {}
+
+
+def _repitched_row(out: Path, before: dict, now: dict) -> str | None:
+    """The first scored row of `out` whose file this run would read at another pitch than it was (its manifest row's
+    pitch_mm added, changed or gone, the default the same), or None. A failed row has no score to keep: a cell
+    mended after it failed is scored again by --retry-failed."""
+    was, will = before.get("row_pitch_mm") or {}, now.get("row_pitch_mm") or {}
+    if was == will:
+        return None
+    scored = (r[0] for r in _result_rows(out) if not r[-1])
+    return next((p for p in scored if was.get(p, before["default_pitch_mm"]) !=
+                 will.get(p, now.get("default_pitch_mm"))), None)
+
+
 def check_same_routing(out: Path, routing: dict) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
-    already in it, or read at another pitch for files without one (--pitch-mm): one CSV, one routing (a CSV from
-    before the routing file is resumed as it is)."""
+    already in it, or read at another pitch for files without one (--pitch-mm, or a row's pitch_mm for a row already
+    scored): one CSV, one routing (a CSV from before the routing file is resumed as it is)."""
     f = routing_file(out)
     if not (out.is_file() and f.is_file()):
         return
@@ -171,6 +190,10 @@ def check_same_routing(out: Path, routing: dict) -> None:
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
         raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or "
                          "another --out")
+    row = _repitched_row(out, before, now)
+    if row is not None:
+        raise ValueError(f"{out} holds the row of {row} read at another pixel pitch than its manifest row's pitch_mm "
+                         f"now gives ({f}); resuming would keep it: use --no-resume or another --out")
 
 
 def _jsonl_path(line: str) -> str | None:
@@ -218,12 +241,13 @@ def _reason(e: BaseException) -> str:
 
 
 def _load(item: Item, default_pitch_mm: float | None = None) -> tuple[Item, Any, str | None, float]:
-    """Read one item's scan (a file without a pitch at `default_pitch_mm`): (item, scan, error, milliseconds)."""
+    """Read one item's scan (a file without a pitch at its manifest row's pitch_mm, else `default_pitch_mm`):
+    (item, scan, error, milliseconds)."""
     t0 = time.perf_counter()
     if item.error:
         return item, None, item.error, 0.0
     try:
-        scan = read_scan(item.path, default_pitch_mm=default_pitch_mm)
+        scan = read_scan(item.path, default_pitch_mm=default_pitch_mm if item.pitch_mm is None else item.pitch_mm)
         scan.counts = None  # the raw counts are only for lossless write-back: free them early
         return item, scan, None, (time.perf_counter() - t0) * 1e3
     except Exception as e:  # any bad file becomes a failed row, never a crash
@@ -465,8 +489,9 @@ def main(args) -> int:
     except Exception as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    routing = {"model": str(Path(args.model).resolve()), "model_sha256": inspector.model_sha256, "thresholds": policy.thresholds,
-               "force_flags": policy.force_flags, "default_pitch_mm": inspector.default_pitch_mm}
+    routing = {"model": str(Path(args.model).resolve()), "model_sha256": inspector.model_sha256,
+               "thresholds": policy.thresholds, "force_flags": policy.force_flags,
+               "default_pitch_mm": inspector.default_pitch_mm, **row_pitches(items)}
     try:
         lock = lock_results(out)
     except OSError as e:

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.manifest import on_disk, read_rows, read_text
+from detector.manifest import on_disk, pitch_of, read_rows, read_text
 from detector.policy import parse_flags
 from detector.formats import png_header
 from detector.scan import SCAN_SUFFIXES, ScanError
@@ -25,20 +25,25 @@ class Item:
     tier: str | None = None
     risk_flags: list[str] = field(default_factory=list)
     error: str | None = None
+    pitch_mm: float | None = None   # a manifest row's pitch_mm: its file's pitch where the file carries none
 
 
 def _item(path: Path, r: dict) -> Item:
-    """One manifest row's item; an unreadable risk_flags cell names its line in the file (r['_row'])."""
+    """One manifest row's item; an unreadable risk_flags or pitch_mm cell names its line in the file (r['_row'])."""
     item = Item(on_disk(path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
     try:
         item.risk_flags = parse_flags(r.get("risk_flags"))
     except ValueError as e:   # one bad cell inspects its own truck, not the whole batch
         item.error = f"{path} row {r['_row']}: unreadable risk_flags ({e})"
+    try:
+        item.pitch_mm = pitch_of(r, path)
+    except ScanError as e:   # read at another pitch its truck would be judged at another size: inspected
+        item.error = item.error or str(e)
     return item
 
 
 def read_manifest(path: Path) -> list[Item]:
-    """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags)."""
+    """Items of a manifest.csv (column `path`, relative to its folder; optional tier, risk_flags, pitch_mm)."""
     return [_item(path, r) for r in read_rows(path, need=("path",))]
 
 

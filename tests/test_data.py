@@ -19,7 +19,7 @@ from detector.records import Record, load_records, split_records
 from detector.scan import ScanError, attenuation_to_counts, write_scan
 from detector.scan_cache import ScanCache
 from detector.synth.stream import SynthPool, make_pool_scan
-from test_train import allow_cpus, write_dataset  # tests/ is on sys.path (pytest rootdir-less import)
+from test_train import allow_cpus, write_dataset, write_manifest  # tests/ is on sys.path (pytest rootdir-less import)
 
 
 def test_stratified_split_is_seeded_and_keeps_both_labels():
@@ -743,3 +743,62 @@ def test_a_dataset_without_normal_scans_is_refused_as_such(tmp_path):
     root = _plain_rgb(tmp_path / "d", normal=0, anomalous=4)
     with pytest.raises(ScanError, match="the dataset has no normal scans"):   # not "put some in split=val"
         ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+
+
+def _one_truck_at(pitch_mm: float, columns: int = 60) -> np.ndarray:
+    """uint16 counts (H, W) of one physical truck (20 mm cells: air on top, cargo, a dense block) as a scanner of
+    `pitch_mm` (4 or 5) images it: the same metres in 5 or 4 file pixels per cell."""
+    att = np.zeros((20, columns), np.float32)
+    att[4:, 3:-3] = 0.6
+    att[18:, :] = 1.2
+    att[8:12, 20:30] = 4.0
+    k = round(20 / pitch_mm)
+    return attenuation_to_counts(np.kron(att, np.ones((k, k), np.float32))[None], 53000.0)[0]
+
+
+def test_a_manifest_of_two_scanners_reads_each_untagged_file_at_its_rows_pitch(tmp_path):
+    """A site labels its 4 mm and 5 mm scanners' untagged 16-bit PNG/TIFFs in one manifest: data.pitch_mm gave one
+    pitch to all, so one scanner's trucks were cached 25 % off in size. A row's pitch_mm is now its file's pitch: the
+    4 mm truck is cached as the same truck from the 5 mm scanner is; a tagged file keeps its own pitch despite the
+    cell; an empty cell falls back to data.pitch_mm; the header rule for label-only scans (fits in a crop) uses the
+    row's pitch; a changed cell re-keys that entry alone and changes the data fingerprint, which stays what it was
+    for rows without one."""
+    import tifffile
+
+    from detector.records import fingerprint
+    root = write_dataset(tmp_path / "d", n=12)   # tagged 5 mm dual-energy scans, labelled by masks
+    cv2.imwrite(str(root / "images" / "four.png"), _one_truck_at(4))                      # 100 x 300 px
+    tifffile.imwrite(root / "images" / "five.tiff", _one_truck_at(5), photometric="minisblack")   # 80 x 240, no tag
+    write_scan(root / "images" / "tagged.tiff", _one_truck_at(5), i0=(53000.0,), pitch_mm=5.0)
+    cv2.imwrite(str(root / "images" / "empty.png"), _one_truck_at(4))
+    cv2.imwrite(str(root / "images" / "wide.png"), _one_truck_at(4, columns=75))          # 100 x 375, label alone
+    with open(root / "manifest.csv", newline="") as f:
+        rows = [{**r, "pitch_mm": ""} for r in csv.DictReader(f)]
+    cells = {"four.png": "4", "five.tiff": "5", "tagged.tiff": "4", "empty.png": "", "wide.png": "4"}
+    rows += [{**rows[0], "path": f"images/{name}", "label": int(name == "wide.png"), "mask": "", "anomaly_type": "",
+              "split": "train", "pitch_mm": cell} for name, cell in cells.items()]
+    write_manifest(root, rows)
+    cfg = DataConfig(workers=0, channels=1, crop=160, pitch_mm=4.5)
+    dm = ScanDataModule(root, cfg, Preprocessing(), tmp_path / "cache")
+    assert not {Path(p).name for p in dm._left_out_uncached()}   # wide: 150 model px at 4 mm, 169 at 4.5: past 160
+    dm.prepare_data()
+    dm.setup()
+    metas = {Path(r.path).name: m for r, m in zip(dm.splits["train"], dm.metas["train"])}
+    assert "wide.png" in metas
+    shapes = {name: (tuple(metas[name]["shape"]), metas[name]["pitch_mm"]) for name in cells}
+    assert shapes == {"four.png": ((1, 40, 120), 4.0), "five.tiff": ((1, 40, 120), 5.0),
+                      "tagged.tiff": ((1, 40, 120), 5.0), "empty.png": ((1, 45, 135), 4.5),
+                      "wide.png": ((1, 40, 150), 4.0)}
+    four, five = (dm.cache.load(metas[name])[0] for name in ("four.png", "five.tiff"))
+    np.testing.assert_allclose(four, five, atol=1e-5)          # one truck, whichever scanner imaged it
+
+    keys, print_before = {r.path: dm.cache._key(r) for r in dm.records}, fingerprint(dm.records, 4.5)
+    rows[-4]["pitch_mm"] = "4.8"                                # five.tiff's cell changed
+    write_manifest(root, rows)
+    again = load_records(root)
+    changed = {Path(r.path).name for r in again if dm.cache._key(r) != keys[r.path]}
+    assert changed == {"five.tiff"} and fingerprint(again, 4.5) != print_before
+    assert fingerprint([Record("x/a.png", 0), Record("x/b.png", 1, boxes=[[1, 2, 3, 4]], split="val")]) \
+        == "54d3b03830c6d3f5"                                   # as before the column: rows without a pitch
+    assert fingerprint([Record("x/a.png", 0, pitch_mm=4.0), Record("x/b.png", 1, boxes=[[1, 2, 3, 4]], split="val")]) \
+        != "54d3b03830c6d3f5"

@@ -170,7 +170,7 @@ def test_int8_calibration_leaves_out_scans_it_cannot_use_and_says_so(exported, c
     meta, lines = read_metadata(exported[0]), []
     items = calibration_items(d)
     kept = usable_items(items, Preprocessing.from_dict(meta["preprocessing"]), meta["channels"], lines.append)
-    assert len(items) == 8 and sorted(p.name for p, _ in kept) == sorted(p.name for p, _ in items
+    assert len(items) == 8 and sorted(p.name for p, *_ in kept) == sorted(p.name for p, *_ in items
                                                                         if p.name not in ("cut.tiff", "single.png"))
     assert len(lines) == 1 and "left out 2 of 8 calibration scans" in lines[0]
 
@@ -289,3 +289,30 @@ def test_export_verb_refuses_an_out_folder_before_exporting(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"detector export: --out {tmp_path / 'run'} is a folder: give the bundle file, e.g. "
                    f"{tmp_path / 'run' / 'model.onnx'}\n")
+
+
+def test_int8_calibration_reads_each_untagged_file_at_its_manifest_rows_pitch(tmp_path, heuristic_model_1ch,
+                                                                            monkeypatch):
+    """A site's dataset mixing 4 mm and 5 mm scanners' untagged PNGs gives each row its pitch (pitch_mm): the INT8
+    calibration and its drift check read every such file at the bundle's one pitch, so the 4 mm trucks were
+    calibrated on and judged 25 % too large. Each file is now read at its row's pitch, an empty cell at the
+    bundle's."""
+    import cv2
+
+    from detector.export import _Reader, calibration_items, int8_drift, usable_items
+    counts = np.full((120, 320), 50000, np.uint16)
+    counts[30:, 10:-10] = 20000
+    for name in ("four.png", "plain.png"):
+        cv2.imwrite(str(tmp_path / name), counts)
+    (tmp_path / "manifest.csv").write_text("path,label,pitch_mm\nfour.png,1,4\nplain.png,0,\n")
+    pre = Preprocessing()
+    items = usable_items(calibration_items(tmp_path), pre, 1, lambda s: None, default_pitch_mm=5.0)
+    assert [(p.name, label, pitch) for p, label, pitch in items] == [("four.png", 1, 4.0), ("plain.png", 0, 5.0)]
+    reader = _Reader([(p, pitch) for p, _, pitch in items], pre, 1)
+    assert [reader.get_next()["scan"].shape for _ in items] == [(1, 1, 64, 128), (1, 1, 64, 160)]   # 48x128, 60x160
+    seen = []
+    inspect = Inspector.inspect
+    monkeypatch.setattr(Inspector, "inspect", lambda self, scan, threshold=None: seen.append(
+        (scan.source.rsplit("/", 1)[-1], scan.pitch_mm)) or inspect(self, scan, threshold))
+    assert int8_drift(heuristic_model_1ch, heuristic_model_1ch, items)["scans"] == 2
+    assert seen == [("four.png", 4.0)] * 2 + [("plain.png", 5.0)] * 2

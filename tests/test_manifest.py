@@ -193,3 +193,31 @@ def test_a_misspelt_column_is_refused_where_it_would_be_ignored(tmp_path, header
         read_rows(m)
     free = read_rows(_manifest(tmp_path, "path,label,vehicle,notes,date\na.tiff,1,van,x,2026-12-01\n"))
     assert free[0]["vehicle"] == "van"
+
+
+@pytest.mark.parametrize("header", ["pitch", "Pitch_mm", "pitch mm", "pixel pitch"])
+def test_a_misspelt_pitch_column_is_refused_and_site_columns_stay_free(tmp_path, header):
+    """pitch_mm gives an untagged file's pixel pitch: a `pitch` or `Pitch_mm` column would be ignored without a word
+    and a 4 mm scanner's trucks read at 5 mm, 25 % too large. A site's own columns (scanner, lane, site) stay free."""
+    with pytest.raises(ScanError, match=rf"column '{header}' is not one detector reads: 'pitch_mm'\?"):
+        read_rows(_manifest(tmp_path, f"path,label,{header}\na.png,0,4\n"))
+    rows = read_rows(_manifest(tmp_path, "path,label,pitch_mm,scanner,lane,site\na.png,0,4,smiths,2,north\n"))
+    assert rows[0]["scanner"] == "smiths" and rows[0]["pitch_mm"] == "4"
+
+
+def test_a_pitch_cell_that_is_no_pitch_is_refused_with_its_row_by_training_and_eval(tmp_path):
+    """A manifest's pitch_mm is the pitch of its row's file where the file carries none; a cell that is no pitch in
+    mm (text, 0, negative, NaN, out of range) stops training and eval in one line naming the manifest and the row.
+    An empty cell is no pitch of the row's own (the default then applies)."""
+    from detector.manifest import pitch_of
+    from detector.records import load_records
+    m = _manifest(tmp_path, "path,label,pitch_mm\na.png,0,4\nb.png,0,\nc.png,0, 5.5 \n")
+    assert [pitch_of(r, m) for r in read_rows(m)] == [4.0, None, 5.5]
+    assert [r.pitch_mm for r in load_records(tmp_path)] == [4.0, None, 5.5]
+    for bad in ("4mm", "0", "-4", "nan", "500", "4,5"):
+        _manifest(tmp_path, f'path,label,pitch_mm\na.png,0,4\nb.png,0,"{bad}"\n')   # quoted: 4,5 is one cell
+        for read in (load_records, load_truth):
+            with pytest.raises(ScanError) as e:
+                read(tmp_path)
+            assert str(e.value).startswith(f"{m}: row 3: pitch_mm '{bad}' is not a pixel pitch in mm (0.01-100")
+            assert "\n" not in str(e.value)

@@ -770,3 +770,66 @@ def test_score_pitch_mm_reads_untagged_files_at_the_sites_pitch(tmp_path, heuris
         err = capsys.readouterr().err
         assert err.startswith("detector score: --pitch-mm: default pixel pitch") and err.count("\n") == 1, err
     assert not (tmp_path / "bad.csv").exists()
+
+
+def _truck_at(pitch_mm: float) -> np.ndarray:
+    """uint16 counts (H, W) of one physical truck (20 mm cells: air on top, cargo, a dense block of 320 x 640 mm)
+    as an untagged scanner of `pitch_mm` (4 or 5) images it."""
+    from conftest import I0
+    att = np.zeros((24, 64), np.float32)
+    att[4:, 2:-2] = 0.6
+    att[8:16, 20:36] = 4.6
+    k = round(20 / pitch_mm)
+    return np.round(I0 * np.exp(-np.kron(att, np.ones((k, k), np.float32)))).astype(np.uint16)
+
+
+def test_a_manifest_scores_each_untagged_file_at_its_rows_pitch(tmp_path, heuristic_model_1ch, capsys):
+    """A site's 4 mm and 5 mm scanners write untagged PNGs into one manifest: `detector score manifest.csv` read them
+    all at one pitch (--pitch-mm or the bundle's), so the 4 mm trucks were judged 25 % too large. A row's pitch_mm is
+    now its file's: the 4 mm truck gets the verdict the same truck gets from the 5 mm scanner, its region on the
+    block in its own file's pixels (x 1.25); the 5 mm rows, a tagged file (its own pitch wins over the cell) and an
+    empty cell (the default) are scored as without the column; a bad cell inspects its own truck with the row named.
+    The routing file records the rows' pitches: a scored row whose cell changed is not resumed at another pitch,
+    and eval finds the 4 mm row's block where its truth box is."""
+    import cv2
+
+    from detector.evaluate import evaluate
+    from detector.scan import write_scan
+    d = tmp_path / "site"
+    d.mkdir()
+    for name in ("four.png", "bad.png"):
+        cv2.imwrite(str(d / name), _truck_at(4))            # 120 x 320 px
+    for name in ("five.png", "empty.png"):
+        cv2.imwrite(str(d / name), _truck_at(5))            # 96 x 256 px
+    write_scan(d / "tagged.tiff", _truck_at(5)[None], pitch_mm=5.0)
+    manifest = d / "manifest.csv"
+    manifest.write_text('path,label,boxes,pitch_mm\nfour.png,1,"[[100, 40, 180, 80]]",4\n'
+                        'five.png,1,"[[80, 32, 144, 64]]",5\ntagged.tiff,1,,4\nempty.png,1,,\nbad.png,1,,four\n')
+    out = tmp_path / "r.csv"
+    assert score.main(_args(manifest, heuristic_model_1ch, out)) == 0
+    rows = _rows(out)
+    assert score.main(_args(d / "five.png", heuristic_model_1ch, tmp_path / "alone.csv")) == 0
+    alone = _rows(tmp_path / "alone.csv")["five.png"]
+    regions = {name: [r["box"] for r in json.loads(row["regions"])] for name, row in rows.items()}
+    assert regions["five.png"] == [[80, 32, 144, 64]] == [r["box"] for r in json.loads(alone["regions"])]
+    assert regions["four.png"] == [[100, 40, 180, 80]]               # the 5 mm box x 1.25: the block, file pixels
+    assert regions["tagged.tiff"] == regions["empty.png"] == regions["five.png"]
+    assert {rows[n]["score"] for n in ("four.png", "five.png", "tagged.tiff", "empty.png")} == {alone["score"]}
+    assert rows["bad.png"]["decision"] == "INSPECT"
+    assert rows["bad.png"]["error"].endswith("manifest.csv: row 6: pitch_mm 'four' is not a pixel pitch in mm "
+                                             "(0.01-100; empty: the default for files without one)")
+    routing = json.loads(score.routing_file(out).read_text())
+    assert {Path(p).name: v for p, v in routing["row_pitch_mm"].items()} == {"four.png": 4.0, "five.png": 5.0,
+                                                                              "tagged.tiff": 4.0}
+    capsys.readouterr()
+    assert score.main(_args(manifest, heuristic_model_1ch, out)) == 0           # the same cells resume
+    assert "resuming: 5 of 5" in capsys.readouterr().err
+    before, text = out.read_bytes(), manifest.read_text()
+    manifest.write_text(text.replace("empty.png,1,,", "empty.png,1,,4"))       # it was read at the default 5 mm
+    assert score.main(_args(manifest, heuristic_model_1ch, out)) == 2
+    assert "holds the row of" in capsys.readouterr().err and out.read_bytes() == before
+    manifest.write_text(text.replace(",four\n", ",4\n"))                      # a mended cell: its failed row rescored
+    assert score.main(_args(manifest, heuristic_model_1ch, out, retry_failed=True)) == 0
+    assert _rows(out)["bad.png"]["error"] == "" and _rows(out)["bad.png"]["regions"] == rows["four.png"]["regions"]
+    m = evaluate(out, manifest, tmp_path / "report", thumbs=False)
+    assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 1.0
