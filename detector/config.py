@@ -91,7 +91,7 @@ LIMITS: dict[str, tuple[Any, str]] = {
                                       "mine_share", "synth_share", "synth_anomaly_fraction", "synth_twin_fraction",
                                       "hard_types", "val_fraction", "test_fraction")},
     **{f"data.augment.{k}": _SHARE for k in ("hflip", "scale_p", "noise_p", "thickness_p", "stripes_p", "blur_p",
-                                              "tip_rate", "tip_conceal", "tip_from_labels")},
+                                              "tip_rate", "tip_conceal", "tip_from_labels", "tip_tyres")},
     **{f"data.{k}": _COUNT for k in ("batch_size", "val_batch_size", "crops_per_epoch", "synth_pool")},
     # scale 1 draws a zero (or negative) magnification, thickness 1 a zero or negative path length: they ran silently
     **{f"data.augment.{k}": (lambda v: 0 <= v < 1, "a relative jitter in [0, 1)") for k in ("scale", "thickness")},

@@ -99,6 +99,7 @@ class CropDataset(Dataset):
         self._pos_cum: np.ndarray | None = None      # cumulative sampling weights of self.pos (None: uniform)
         self._pool: SynthPool | None = None
         self.channels = metas[0]["shape"][0] if metas else None
+        self._wheels: dict[int, list] = {}   # scan index -> tip.find_wheels, found once per loader process
 
     def _labelled_threats(self) -> list[tip.Threat]:
         """The training scans' own masked anomalies, cut out (`tip.threats_from_mask`) for TIP to project
@@ -168,14 +169,38 @@ class CropDataset(Dataset):
         img, m = self.cut(att, mask, rng, self.metas[i]["centres"] if centred else None, hard)
         return img, m, mask is not None
 
+    def _tyre_crop(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+        """A crop around a wheel of normal training scan i with bags packed into its tyre (data.augment.tip_tyres),
+        or None when no wheel was found in the scan."""
+        att, _ = self.cache.load(self.metas[i])
+        if i not in self._wheels:   # ~0.1 s a scan
+            self._wheels[i] = tip.find_wheels(np.asarray(att), self.pre.model_pitch_mm)
+        if not self._wheels[i]:
+            return None
+        x, y, r = self._wheels[i][int(rng.integers(len(self._wheels[i])))]
+        s, (h, w) = self.cfg.crop, padded_size(att.shape[1], att.shape[2], self.pre.pad_multiple)
+        if 2 * r >= s:
+            return None
+        y0 = int(np.clip(rng.integers(int(y + r) + 1 - s, int(y - r) + 1), 0, max(0, h - s)))   # the wheel inside
+        x0 = int(np.clip(rng.integers(int(x + r) + 1 - s, int(x - r) + 1), 0, max(0, w - s)))
+        img, _ = self.cut(att, None, rng, at=(y0, x0))
+        try:
+            new, m = tip.hide_in_tyre(np.moveaxis(img, -1, 0), (x - x0, y - y0, r), rng, self.pre.model_pitch_mm)
+        except ValueError:
+            return None
+        return np.moveaxis(new, 0, -1), m.astype(np.uint8)
+
     def cut(self, att: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
-            centres: list | None = None, hard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            centres: list | None = None, hard: tuple[int, int] | None = None,
+            at: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """An (S,S,C) crop of a (C,h,w) scan and its (S,S) mask, cut from the scan as the station pads it
         (air below and right up to a multiple of pad_multiple): the image's bottom edge, where tyres meet
         it, then falls mid-cell as it does at the station, not always on a cell border (top false alarms)."""
         s = self.cfg.crop
         h, w = padded_size(att.shape[1], att.shape[2], self.pre.pad_multiple)
-        if centres:
+        if at is not None:   # this top-left corner
+            y0, x0 = at
+        elif centres:
             cy, cx = centres[rng.integers(len(centres))]
             j = s // 3
             y0, x0 = cy - s // 2 + rng.integers(-j, j + 1), cx - s // 2 + rng.integers(-j, j + 1)
@@ -232,6 +257,11 @@ class CropDataset(Dataset):
                 hard = (y, x)
             else:
                 i = int(rng.integers(len(self.metas)))
+                tyres = self.cfg.augment.tip_tyres
+                if tyres > 0 and self.recs[i].label == 0 and rng.random() < tyres:
+                    tyre = self._tyre_crop(i, rng)
+                    if tyre is not None:
+                        return self._sample(*tyre, True, 1)
         img, m, has_mask = self.crop(i, rng, centred, hard)
         label = self.recs[i].label
         return self._sample(img, m, has_mask or label == 0, label)

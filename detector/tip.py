@@ -189,3 +189,81 @@ def project(attenuation: np.ndarray, threat: Threat, rng: np.random.Generator,
     ys, xs = np.nonzero(threat.mask)
     box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
     return (out[0] if squeeze else out), mask, box
+
+
+WHEEL_RADIUS_MM = (300.0, 650.0)   # a road wheel's outer (tread) radius: a van's 30 cm to a truck's 60 cm and more
+WHEEL_SYMMETRY = 0.3   # a wheel's attenuation is nearly the same at every angle: spread across angles over spread
+                       # along the radius stays under this (synthetic wheels 0.08-0.14; 98 % of other circles above)
+
+
+def find_wheels(attenuation: np.ndarray, pitch_mm: float,
+                radius_mm: tuple[float, float] = WHEEL_RADIUS_MM) -> list[tuple[float, float, float]]:
+    """(x, y, outer radius) in pixels of the wheels seen side-on in a scan, inside it: circles (Hough) whose
+    lower half is rotationally symmetric (tread, sidewalls, rim and hub are rings; cargo that happens to hold a
+    circle mostly is not), the radius at the tread's edge (Hough often locks onto an inner ring). Where TIP can hide
+    packages in tyres, which cleared traffic never shows."""
+    att = np.asarray(attenuation, np.float32)
+    a = att.mean(axis=0) if att.ndim == 3 else att
+    H, W = a.shape
+    rmin, rmax = radius_mm[0] / pitch_mm, radius_mm[1] / pitch_mm
+    top = float(np.percentile(a, 99)) if a.size else 0.0
+    if min(H, W) < 2 * rmin or top <= 0:
+        return []
+    img = cv2.GaussianBlur(np.clip(a * (255 / top), 0, 255).astype(np.uint8), (0, 0), 1.5)
+    circles = cv2.HoughCircles(img, cv2.HOUGH_GRADIENT, dp=1, minDist=1.6 * rmin, param1=60, param2=30,
+                               minRadius=int(0.6 * rmin), maxRadius=int(np.ceil(rmax)))
+    smooth = cv2.GaussianBlur(a, (0, 0), 1.0)
+    out = []
+    for x0, y0, _ in ([] if circles is None else circles[0]):
+        # Hough's centre is often a few pixels off (an inner ring, the axle and springs across the wheel): the
+        # most symmetric centre near it
+        sym, x, y, r = min(_tread(smooth, x0 + dx, y0 + dy, rmin, rmax) for dx in _NUDGE for dy in _NUDGE)
+        r = r if sym < WHEEL_SYMMETRY else None
+        # wholly inside but for the bottom of the tread, which a loaded tyre presses onto the ground, at the bottom edge
+        if r is not None and r <= x <= W - r and r <= y <= H - 0.8 * r:
+            out.append((x, y, r))
+    return out
+
+
+_NUDGE = (-6, -4, -2, 0, 2, 4, 6)   # pixels around Hough's centre
+_LOWER_HALF = np.radians(np.linspace(15, 165, 31))   # under the axle: against air and ground, not the body above
+
+
+def _tread(a: np.ndarray, x: float, y: float, rmin: float, rmax: float) -> tuple[float, float, float, float]:
+    """(asymmetry, x, y, outer radius) of a wheel centred at (x, y), from its lower half: the tread's edge, and the
+    spread of the attenuation across angles over its spread along the radius inside it (a wheel's rings: small).
+    Samples beyond the scan's edges are left out: a loaded tyre's tread reaches the ground, at the bottom edge."""
+    rs = np.arange(max(2, int(0.5 * rmin)), int(1.2 * rmax) + 2, dtype=np.float32)
+    polar = cv2.remap(a, (x + rs[:, None] * np.cos(_LOWER_HALF)).astype(np.float32),
+                      (y + rs[:, None] * np.sin(_LOWER_HALF)).astype(np.float32), cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_CONSTANT, borderValue=np.nan)
+    seen = ~np.isnan(polar)
+    if seen.sum(axis=1).min() < 8:   # too little of some radius inside the scan
+        return np.inf, float(x), float(y), 0.0
+    profile = np.nanmean(polar, axis=1)
+    # the tread's edge: the outermost radius in range where the profile falls below a third of its peak (the
+    # largest drop is often the rim's edge, and a tread cut by the ground falls over several radii)
+    level = profile[rs <= rmax].max() / 3
+    falls = np.flatnonzero((profile[:-1] >= level) & (profile[1:] < level) & (rs[:-1] >= rmin) & (rs[:-1] <= rmax))
+    if falls.size == 0:
+        return np.inf, float(x), float(y), 0.0
+    r = float(rs[falls[-1]]) + 0.5
+    inside = (rs >= 0.3 * r) & (rs <= r)
+    along = float(profile[inside].std())
+    sym = float(np.nanstd(polar[inside], axis=1).mean()) / along if along > 0 else np.inf
+    return sym, float(x), float(y), r
+
+
+def hide_in_tyre(attenuation: np.ndarray, wheel: tuple[float, float, float], rng: np.random.Generator,
+                 pitch_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bags of narcotics packed into the air space of the tyre of `wheel` (x, y, outer radius: find_wheels), as the
+    synthetic generator hides them (`synth.scene.tyre_bags`) -> (attenuation, mask). ValueError if none fits."""
+    from detector.synth import scene, vehicles   # lazy: synth imports this module
+    x, y, r = wheel
+    att = np.asarray(attenuation, np.float32)
+    yy, xx = np.ogrid[:att.shape[-2], :att.shape[-1]]
+    rho = np.hypot(xx - x, yy - y)
+    air = (rho >= vehicles.TYRE_AIR[0] * r) & (rho <= vehicles.TYRE_AIR[1] * r)
+    threat, at = scene.tyre_bags(rng, air, pitch_mm)
+    new, mask, _ = project(att, threat, rng, at=at)
+    return new, mask

@@ -802,3 +802,34 @@ def test_a_manifest_of_two_scanners_reads_each_untagged_file_at_its_rows_pitch(t
         == "54d3b03830c6d3f5"                                   # as before the column: rows without a pitch
     assert fingerprint([Record("x/a.png", 0, pitch_mm=4.0), Record("x/b.png", 1, boxes=[[1, 2, 3, 4]], split="val")]) \
         != "54d3b03830c6d3f5"
+
+
+def test_tip_tyres_cuts_crops_around_a_wheel_with_bags_packed_into_its_tyre(tmp_path):
+    """Cleared traffic never shows a package in a tyre, and TIP inserts threats into the cargo: a share of the random
+    normal crops is instead cut around a wheel the scan shows, with bags in that tyre's air space."""
+    from detector import tip
+    from detector.synth import vehicles
+    from detector.synth.dataset import write_dataset as write_trucks
+    write_trucks(tmp_path / "d", 3, seed=5, anomaly_fraction=0.0, workers=1, height=240, progress=False)   # ~10 mm
+    pre = Preprocessing()
+
+    def crops(tyres: float) -> tuple[CropDataset, list[dict]]:
+        cfg = DataConfig(crop=160, crops_per_epoch=12, hard_negative_fraction=0.0, workers=0, val_fraction=0.34,
+                         test_fraction=0.0)
+        cfg.augment.enabled, cfg.augment.tip_tyres = False, tyres
+        dm = ScanDataModule(tmp_path / "d", cfg, pre, tmp_path / "cache")
+        with pytest.warns(UserWarning, match="normal-only mode"):
+            dm.setup()
+        ds = CropDataset(dm.cache, dm.splits["train"], dm.metas["train"], cfg, pre)
+        return ds, [ds[i] for i in range(12)]
+
+    off, items = crops(0.0)
+    assert off._wheels == {} and sum(float(it["label"]) for it in items) < 12   # TIP alone: about half
+    ds, items = crops(1.0)
+    assert any(ds._wheels.values()) and all(float(it["label"]) == 1 for it in items)
+    i = next(k for k, w in ds._wheels.items() if w)
+    img, mask = ds._tyre_crop(i, np.random.default_rng(0))
+    (x, y, r), = [w for w in tip.find_wheels(np.moveaxis(img, -1, 0), 10.0) if w[2] * 2 < 160][:1]
+    ys, xs = np.nonzero(mask)
+    rho = np.hypot(xs - x, ys - y)   # in the crop's wheel, between its rim flange and its tread
+    assert mask.any() and vehicles.TYRE_AIR[0] * r - 3 <= rho.min() and rho.max() <= vehicles.TYRE_AIR[1] * r + 3

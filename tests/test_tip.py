@@ -100,3 +100,48 @@ def test_threats_from_mask_cuts_each_labelled_object_and_leaves_out_specks_and_g
     big = tip.threats_from_mask(scan, mask, max_side=min(sides))
     assert len(big) == 1                             # the larger object does not fit a crop of that side
     assert tip.threats_from_mask(scan, np.zeros((h, w), np.uint8), max_side=80) == []
+
+
+def _wheels_truth(seed: int) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+    """A generated truck's clean attenuation at the 10 mm model pitch and its wheels (x, y, outer radius) there,
+    from the tyres' air space the generator marks (radii 0.64-0.80 of the tyre's)."""
+    import cv2
+    from detector.synth import vehicles
+    from detector.synth.scene import build_scene
+    cv, _, _ = build_scene(np.random.default_rng(seed))
+    att, s = cv.attenuation(), cv.pitch_mm / 10.0
+    size = (round(att.shape[2] * s), round(att.shape[1] * s))
+    att = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in att])
+    air = cv2.resize(cv.regions["tyre"].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    n, _, stats, centres = cv2.connectedComponentsWithStats(air)
+    return att, [(*centres[j], stats[j][2] / 2 / vehicles.TYRE_AIR[1]) for j in range(1, n)]
+
+
+def test_find_wheels_finds_the_trucks_wheels_at_their_tread_and_nothing_in_plain_cargo():
+    """Hough circles often lock onto a wheel's inner rings and onto round cargo: the wheels kept are those whose
+    lower half is rotationally symmetric, with the radius at the tread's edge."""
+    found = missed = wrong = 0
+    for seed in (100, 101, 102, 103):
+        att, wheels = _wheels_truth(seed)
+        hits = set()
+        for x, y, r in tip.find_wheels(att, 10.0):
+            near = [i for i, (tx, ty, tr) in enumerate(wheels)
+                    if abs(tx - x) < 0.15 * tr and abs(ty - y) < 0.15 * tr and abs(tr - r) < 0.1 * tr]
+            hits.update(near[:1])
+            wrong += not near
+        found, missed = found + len(hits), missed + len(wheels) - len(hits)
+    assert found >= 12 and missed <= 1 and wrong <= 2, (found, missed, wrong)   # 13 wheels in all
+    assert tip.find_wheels(_scene(), 10.0) == [] and tip.find_wheels(np.zeros((40, 60), np.float32), 10.0) == []
+
+
+def test_hide_in_tyre_packs_bags_into_the_tyres_air_space_only():
+    from detector.synth import vehicles
+    att, wheels = _wheels_truth(100)
+    x, y, r = wheels[0]
+    new, mask = tip.hide_in_tyre(att, (x, y, r), np.random.default_rng(3), 10.0)
+    ys, xs = np.nonzero(mask)
+    rho = np.hypot(xs - x, ys - y)
+    assert mask.sum() >= 10 and rho.min() >= vehicles.TYRE_AIR[0] * r - 1 and rho.max() <= vehicles.TYRE_AIR[1] * r + 1
+    added = new - att
+    assert (added[:, ~mask] == 0).all() and (added[:, mask] > 0).all()
+    assert 0.6 < added[0][mask].sum() / added[1][mask].sum() < 0.95   # an organic load's dual-energy ratio

@@ -91,7 +91,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"])
     for bad in ("data.hard_types=1.5", "data.synth_anomaly_fraction=-0.1", "data.hard_types=many",
                 "data.min_visibility=-1", "data.min_visibility=faint", "data.min_visibility=.nan",
-                "data.augment.tip_from_labels=2", "data.augment.tip_from_labels=true"):
+                "data.augment.tip_from_labels=2", "data.augment.tip_from_labels=true", "data.augment.tip_tyres=1.5"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             load_config(y, [bad])
     for bad, why in (("data.normal_only=flase", "must be bool"), ("trainer.max_epochs=2O", "must be int"),

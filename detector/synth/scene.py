@@ -89,7 +89,7 @@ def _threat_for(kind: str, rng: np.random.Generator, pitch: float) -> tip.Threat
         return tip.make_threat(rng, kind, pitch)
     if kind == "low_contrast":
         return tip.make_threat(rng, str(rng.choice(["narcotics", "firearm", "small_metal"])), pitch)
-    # every entry draws (in_tyre's too, though `_tyre_bags` makes its packages): the scans of the others rely on it
+    # every entry draws (in_tyre's too, though `tyre_bags` makes its packages): the scans of the others rely on it
     rows, cols = {"in_chassis": (1, int(rng.integers(1, 4))), "in_tyre": (int(rng.integers(2, 5)), 1),
                   "in_fuel_tank": (int(rng.integers(2, 5)), int(rng.integers(1, 3)))}[kind]
     deep = None                          # no deeper than the part holds: a tank; one rail's channel, or both
@@ -122,7 +122,7 @@ def _displace(att: np.ndarray, threat: tip.Threat, box, wet: np.ndarray | None):
     return tip.project(att, tip.Threat(threat.attenuation * net, threat.mask, threat.kind), None, at=(x0, y0))
 
 
-def _tyre_bags(rng: np.random.Generator, region: np.ndarray, pitch: float) -> tuple[tip.Threat, tuple[int, int]]:
+def tyre_bags(rng: np.random.Generator, region: np.ndarray, pitch: float) -> tuple[tip.Threat, tuple[int, int]]:
     """Bags of narcotics packed into one tyre of `region` (rings: the tyres' air space), an arc of it against the
     tread, a few bags along the arc, each filling part of the tyre's width along the beam -> (threat, top-left)."""
     n, _, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
@@ -179,7 +179,7 @@ def insert_anomaly(att: np.ndarray, cv: Canvas, kind: str, rng: np.random.Genera
     for attempt in range(6):
         try:
             if kind == "in_tyre" and attempt < 4:
-                threat, at = _tyre_bags(rng, region, cv.pitch_mm)
+                threat, at = tyre_bags(rng, region, cv.pitch_mm)
                 new, mask, box = tip.project(att, threat, rng, at=at)
             else:
                 threat = _threat_for(kind if attempt < 4 else "small_metal", rng, cv.pitch_mm)
