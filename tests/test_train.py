@@ -87,8 +87,13 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="model.nope"):
         load_config(y, ["model.nope=1"])
     assert load_config(y, ["trainer.val_every=2"]).trainer.val_every == 2
-    with pytest.raises(ValueError, match="val_every"):  # would never validate: no checkpoint, no thresholds
-        load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"])
+    for bad in ("trainer.val_every=0", "trainer.val_every=-1", "trainer.max_epochs=0"):   # would never validate:
+        with pytest.raises(ValueError, match=bad.split("=")[0]):                          # no checkpoint, no thresholds
+            load_config(y, [bad])
+    # more than the epochs is fine: the final epoch is always validated (ValidateLastEpoch), so the default config's
+    # val_every 2 takes a one-epoch smoke run (`detector train trainer.max_epochs=1`, train_speed.py --epochs 1)
+    assert load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"]).trainer.val_every == 4
+    assert load_config("configs/default.yaml", ["trainer.max_epochs=1"]).trainer.max_epochs == 1
     for bad in ("data.hard_types=1.5", "data.synth_anomaly_fraction=-0.1", "data.hard_types=many",
                 "data.min_visibility=-1", "data.min_visibility=faint", "data.min_visibility=.nan",
                 "data.augment.tip_from_labels=2", "data.augment.tip_from_labels=true"):
