@@ -260,6 +260,9 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["thresholds"] and m["thresholds"][0]["false_alarm_rate"] == 0.01
     assert m["normal_scores"] == sorted(m["normal_scores"]) and len(m["normal_scores"]) == 2
+    from detector.calibration import threshold_for_rate   # a policy tier derives its threshold from normal_scores:
+    for r in m["thresholds"]:                              # at a rate of the table, the table's very threshold
+        assert threshold_for_rate(m["normal_scores"], r["false_alarm_rate"]) == r["threshold"]
     model, info = load_checkpoint(run / "best.ckpt")
     for k in ("channels", "energies", "preprocessing", "stride", "score", "thresholds", "normal_scores",
               "validation", "train_config", "data_fingerprint"):
