@@ -99,8 +99,12 @@ LIMITS: dict[str, tuple[Any, str]] = {
     "data.synth_per_epoch": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "data.min_visibility": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "trainer.threads": (lambda v: v >= 0, "a number >= 0 (0 = torch's default)"),
+    "trainer.max_epochs": _COUNT,
     "trainer.cpu_processes": _COUNT,
     "trainer.log_every_n_steps": _COUNT,
+    # more than max_epochs is fine: the final epoch is always validated (callbacks.ValidateLastEpoch), as when a time
+    # budget cuts the epochs below it; 0 never validated (no best checkpoint, no thresholds)
+    "trainer.val_every": _COUNT,
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "optim.warmup_fraction": _SHARE,
@@ -199,9 +203,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         node[parts[-1]] = yaml.safe_load(val)
     cfg = from_dict(Config, d)
     t = cfg.trainer
-    if not 1 <= t.val_every <= t.max_epochs:  # else no validation: no best checkpoint, no thresholds
-        raise ConfigError(f"trainer.val_every must be between 1 and trainer.max_epochs ({t.max_epochs}), "
-                         f"got {t.val_every}")
     if str(t.precision) not in PRECISIONS:
         raise ConfigError(f"trainer.precision must be auto or one of Lightning's ({', '.join(PRECISIONS[1:])}), "
                           f"got {t.precision!r}")

@@ -117,8 +117,9 @@ class Policy:
 
     def bind(self, model: Any) -> dict[str, float]:
         """Derive each tier's threshold from a model's calibration (an Inspector or its metadata
-        dict); returns and keeps {tier: threshold}. A tier without a rate uses the model's default;
-        a rate of 1 gets threshold 0 (scores lie in [0, 1]: every scan is inspected)."""
+        dict); returns and keeps {tier: threshold}. A tier without a rate uses the model's default; a rate the
+        bundle's threshold table lists, its threshold; another rate, the normal scores; a rate of 1 gets
+        threshold 0 (scores lie in [0, 1]: every scan is inspected)."""
         meta = model if isinstance(model, dict) else getattr(model, "metadata", None)
         if not isinstance(meta, dict):
             raise PolicyError(self.source, f"bind() needs an Inspector or a metadata dict, got {type(model).__name__}")
@@ -129,10 +130,13 @@ class Policy:
                 out[name] = _default_threshold(model, meta, self.source)
             elif rate >= 1.0:   # inspect every truck, also where the bundle has no normal scores
                 out[name] = 0.0
+            elif (row := _table_row(meta, rate)) is not None:   # the bundle's own, as the Inspector's default tier
+                out[name] = row
             elif scores:
                 out[name] = float(threshold_for_rate(scores, rate))
             else:
-                out[name] = _table_threshold(meta, rate, name, self.source)
+                raise PolicyError(self.source, f"tier {name!r}: model has no normal_scores and no threshold for rate "
+                                               f"{rate:g}")
         self.thresholds = out
         return dict(out)
 
@@ -288,8 +292,11 @@ def _default_threshold(model: Any, meta: dict, source: str) -> float:
         raise PolicyError(source, f"model metadata has no usable default threshold ({e})") from None
 
 
-def _table_threshold(meta: dict, rate: float, tier: str, source: str) -> float:
+def _table_row(meta: dict, rate: float) -> float | None:
+    """The bundle's threshold for this very rate, else None. Preferred to deriving it from normal_scores, which
+    training stores rounded to 6 decimals: derived, a tier at the table's rate sat up to 5e-7 off the threshold
+    `detector info`, `score` and the Inspector route at."""
     for row in meta.get("thresholds") or []:
         if abs(float(row.get("false_alarm_rate", -1)) - rate) < 1e-12:
             return float(row["threshold"])
-    raise PolicyError(source, f"tier {tier!r}: model has no normal_scores and no threshold for rate {rate:g}")
+    return None

@@ -181,9 +181,11 @@ class AnomalyModule(L.LightningModule):
         if self.trainer.sanity_checking or not rows:
             return
         m = evaluate_rows(rows)
+        # unrounded: a policy tier derives its threshold from normal_scores, and at a rate of the table it must be
+        # the table's own (rounded to 6 decimals it sat up to 5e-7 off, routing a truck there otherwise)
         normal = sorted(r["score"] for r in rows if r["label"] == 0)
         self.info.update({"thresholds": threshold_table(normal, CALIBRATION_RATES) if normal else [],
-                          "normal_scores": [round(float(v), 6) for v in normal], "validation": m})
+                          "normal_scores": [float(v) for v in normal], "validation": m})
         # every rank computed the same figures from the gathered rows: syncing averages equal values
         self.log_dict({"val/auroc": m["auroc"] or 0.0, "val/ap": m["ap"] or 0.0,
                        "val/det_at_1pct": m["det_at_1pct"] or 0.0, "val/select": m["select"]},

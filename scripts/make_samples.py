@@ -27,7 +27,7 @@ def write_dicom(path: Path, counts: np.ndarray, pitch_mm: float) -> None:
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])   # the same file each run
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.Modality = "DX"

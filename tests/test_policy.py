@@ -137,6 +137,21 @@ def test_model_default_and_table_fallback():
     assert q.bind(table) == {"std": 0.7}
 
 
+def test_a_tier_at_a_rate_of_the_table_routes_at_the_bundles_threshold():
+    """Training writes the threshold table from the validation scores and normal_scores rounded to 6 decimals: a tier
+    derived from those at the table's own rate sat up to 5e-7 off the threshold `detector info`, `score` without a
+    policy and /readyz without one route at, so a truck there was RELEASEd by one and INSPECTed by the other."""
+    from detector.bundle import default_threshold
+    from detector.calibration import threshold_table
+    raw = sorted(np.random.default_rng(3).uniform(0.0, 0.5, 200).tolist())
+    meta = {"thresholds": threshold_table(raw, (0.01, 0.005)), "default_false_alarm_rate": 0.01,
+            "normal_scores": [round(v, 6) for v in raw]}
+    thr = Policy(tiers={"std": 0.01, "low": 0.005, "odd": 0.2}).bind(meta)
+    assert thr["std"] == default_threshold(meta)[0] == meta["thresholds"][0]["threshold"]
+    assert thr["low"] == meta["thresholds"][1]["threshold"]
+    assert thr["odd"] == threshold_for_rate(meta["normal_scores"], 0.2)   # a rate the table lacks: derived
+
+
 def test_bind_to_real_inspector(heuristic_model):
     from detector.runtime import Inspector
     p = Policy(tiers={"a": 0.01, "b": None})

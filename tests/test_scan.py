@@ -560,6 +560,23 @@ def test_committed_samples_agree_across_formats():
         assert read_scan(SAMPLES / "truck_firearm_pseudocolour.jpg").channels == 1
 
 
+def test_make_samples_writes_the_same_dicom_each_run(tmp_path):
+    """scripts/make_samples.py regenerates data/samples (data/README.md): its DICOM drew new UIDs each run, so every
+    run left the committed sample modified though no pixel changed."""
+    pytest.importorskip("pydicom")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_samples", SAMPLES.parents[1] / "scripts" / "make_samples.py")
+    make_samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_samples)
+    high = read_scan(SAMPLES / "truck_firearm.tiff").counts[0]
+    runs = [tmp_path / run / "truck_firearm_high.dcm" for run in ("first", "second")]
+    for path in runs:
+        path.parent.mkdir()
+        make_samples.write_dicom(path, high, 3.0)
+    assert runs[0].read_bytes() == runs[1].read_bytes()
+    np.testing.assert_array_equal(read_scan(runs[0]).counts[0], high)
+
+
 def test_the_header_tells_the_size_and_pitch_the_read_scan_has(tmp_path):
     """Training decides from a file's header alone whether a scan fits in a training crop (detector.formats.
     scan_geometry): its (height, width, pitch) must be the read scan's, in every format and layout the readers take,

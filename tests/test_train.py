@@ -87,8 +87,13 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="model.nope"):
         load_config(y, ["model.nope=1"])
     assert load_config(y, ["trainer.val_every=2"]).trainer.val_every == 2
-    with pytest.raises(ValueError, match="val_every"):  # would never validate: no checkpoint, no thresholds
-        load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"])
+    for bad in ("trainer.val_every=0", "trainer.val_every=-1", "trainer.max_epochs=0"):   # would never validate:
+        with pytest.raises(ValueError, match=bad.split("=")[0]):                          # no checkpoint, no thresholds
+            load_config(y, [bad])
+    # more than the epochs is fine: the final epoch is always validated (ValidateLastEpoch), so the default config's
+    # val_every 2 takes a one-epoch smoke run (`detector train trainer.max_epochs=1`, train_speed.py --epochs 1)
+    assert load_config(y, ["trainer.max_epochs=3", "trainer.val_every=4"]).trainer.val_every == 4
+    assert load_config("configs/default.yaml", ["trainer.max_epochs=1"]).trainer.max_epochs == 1
     for bad in ("data.hard_types=1.5", "data.synth_anomaly_fraction=-0.1", "data.hard_types=many",
                 "data.min_visibility=-1", "data.min_visibility=faint", "data.min_visibility=.nan",
                 "data.augment.tip_from_labels=2", "data.augment.tip_from_labels=true", "data.augment.tip_tyres=1.5"):
@@ -255,6 +260,9 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["thresholds"] and m["thresholds"][0]["false_alarm_rate"] == 0.01
     assert m["normal_scores"] == sorted(m["normal_scores"]) and len(m["normal_scores"]) == 2
+    from detector.calibration import threshold_for_rate   # a policy tier derives its threshold from normal_scores:
+    for r in m["thresholds"]:                              # at a rate of the table, the table's very threshold
+        assert threshold_for_rate(m["normal_scores"], r["false_alarm_rate"]) == r["threshold"]
     model, info = load_checkpoint(run / "best.ckpt")
     for k in ("channels", "energies", "preprocessing", "stride", "score", "thresholds", "normal_scores",
               "validation", "train_config", "data_fingerprint"):
