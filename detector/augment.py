@@ -42,8 +42,7 @@ class AugmentConfig:
     tip_conceal: float = 0.0      # share of TIP threats that are packages hidden in vehicle parts / dense matter
     tip_conceal_scale: tuple[float, float] = (0.25, 1.0)  # their net attenuation: displacing diesel .. in air
     tip_tyres: float = 0.0        # share of the random crops of normal training scans cut around a wheel the scan
-                                  # shows (tip.find_wheels), half of them with bags packed into its tyre: cleared
-                                  # traffic shows none
+                                  # shows (tip.find_wheels) with bags packed into its tyre: cleared traffic shows none
     tip_from_labels: float = 0.0  # share of TIP threats cut from the training scans' own labelled anomalies (their
                                   # masks) and projected elsewhere: a site's seizures as a TIP library, in new places
                                   # (0.5: no gain on the synthetic default, a loss on 160 scans: docs/experiments.md)

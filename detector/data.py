@@ -170,9 +170,8 @@ class CropDataset(Dataset):
         return img, m, mask is not None
 
     def _tyre_crop(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
-        """A crop around a wheel of normal training scan i (data.augment.tip_tyres), bags packed into its tyre half the
-        time (else the wheel as it is: a crop centred on a wheel must not by itself mean an anomaly), or None when no
-        wheel was found in the scan."""
+        """A crop around a wheel of normal training scan i with bags packed into its tyre (data.augment.tip_tyres),
+        or None when no wheel was found in the scan."""
         att, _ = self.cache.load(self.metas[i])
         if i not in self._wheels:   # ~0.1 s a scan
             self._wheels[i] = tip.find_wheels(np.asarray(att), self.pre.model_pitch_mm)
@@ -185,8 +184,6 @@ class CropDataset(Dataset):
         y0 = int(np.clip(rng.integers(int(y + r) + 1 - s, int(y - r) + 1), 0, max(0, h - s)))   # the wheel inside
         x0 = int(np.clip(rng.integers(int(x + r) + 1 - s, int(x - r) + 1), 0, max(0, w - s)))
         img, _ = self.cut(att, None, rng, at=(y0, x0))
-        if rng.random() < 0.5:
-            return img, np.zeros(img.shape[:2], np.uint8)
         try:
             new, m = tip.hide_in_tyre(np.moveaxis(img, -1, 0), (x - x0, y - y0, r), rng, self.pre.model_pitch_mm)
         except ValueError:
@@ -264,7 +261,7 @@ class CropDataset(Dataset):
                 if tyres > 0 and self.recs[i].label == 0 and rng.random() < tyres:
                     tyre = self._tyre_crop(i, rng)
                     if tyre is not None:
-                        return self._sample(*tyre, True, int(tyre[1].any()))
+                        return self._sample(*tyre, True, 1)
         img, m, has_mask = self.crop(i, rng, centred, hard)
         label = self.recs[i].label
         return self._sample(img, m, has_mask or label == 0, label)
