@@ -18,7 +18,7 @@ import numpy as np
 
 from detector.bundle import BundleError, attach_metadata, graph_sha256, make_metadata, replace_metadata_bytes
 from detector.preprocess import Preprocessing, prepare
-from detector.scan import ScanError, scan_from_counts
+from detector.scan import SCAN_SUFFIXES, ScanError, ScanWarning, read_scan, scan_from_counts
 
 PARITY_TOL = 1e-4
 DRIFT_RATE = 0.01  # detection is compared at this false-alarm rate
@@ -131,8 +131,6 @@ CalibrationItem = tuple[Path, "int | None", "float | None"]   # path, label, the
 def calibration_items(src: str | Path, limit: int | None = None) -> list[CalibrationItem]:
     """(path, label, the manifest row's pitch_mm or None) from a dataset folder (manifest.csv or normal/ +
     anomalous/), else every scan file (label and pitch None)."""
-    from detector.scan import SCAN_SUFFIXES
-
     src = Path(src)
     try:
         from detector.evaluate import load_truth
@@ -155,7 +153,6 @@ def usable_items(items: list[CalibrationItem], pre: Preprocessing, channels: int
     goes on."""
     import warnings
 
-    from detector.scan import ScanWarning, read_scan
     ok, bad = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScanWarning)
@@ -179,8 +176,6 @@ class _Reader:
         self.scans, self.pre, self.channels, self.i = scans, pre, channels, 0
 
     def get_next(self):
-        from detector.scan import read_scan
-
         if self.i >= len(self.scans):
             return None
         p, pitch = self.scans[self.i]
@@ -236,8 +231,6 @@ def int8_drift(fp32_bundle: Path, int8_bundle: Path, items: list[CalibrationItem
     (the operating point: a uniform score shift leaves the ranking intact yet releases at that threshold)."""
     from detector.metrics import auroc, detection_at_far
     from detector.runtime import Inspector
-
-    from detector.scan import read_scan
     a, b = Inspector(fp32_bundle, warmup=False), Inspector(int8_bundle, warmup=False)
     scores = [[m.inspect(scan).score for m in (a, b)]   # each file at its own pitch, read once for both
               for scan in (read_scan(p, default_pitch_mm=pitch) for p, _, pitch in items)]
