@@ -20,6 +20,9 @@ from detector import tip
 from detector.synth.render import normal_noise
 
 GAUSS_COUNTS = 100.0  # DoseNoise: above this many counts a Gaussian draw stands in for the Poisson one
+# TIP's photon noise: the generator's noise at the 10 mm model pitch, var(A) = e^A / N + R^2 e^2A / N^2 (photons N and
+# read noise R per model pixel, fitted to benchmarks/tip_noise.py's curve), its std capped where counts run out
+TIP_PHOTONS, TIP_READ, TIP_MAX_STD = 4.4e5, 32.0, 1.0
 
 
 @dataclass
@@ -46,6 +49,7 @@ class AugmentConfig:
     tip_from_labels: float = 0.0  # share of TIP threats cut from the training scans' own labelled anomalies (their
                                   # masks) and projected elsewhere: a site's seizures as a TIP library, in new places
                                   # (0.5: no gain on the synthetic default, a loss on 160 scans: docs/experiments.md)
+    tip_noise: bool = False       # TIP threats carry the photon noise of the fewer photons behind them
 
 
 class DoseNoise(A.ImageOnlyTransform):
@@ -130,8 +134,9 @@ class TIP(A.DualTransform):
     def __init__(self, pitch_mm: float = 10.0, kinds: tuple[str, ...] = (), p: float = 0.5,
                  scale: tuple[float, float] = (1.0, 1.0), conceal: float = 0.0,
                  conceal_scale: tuple[float, float] = (0.25, 1.0), library: Sequence[tip.Threat] = (),
-                 library_share: float = 0.0) -> None:
+                 library_share: float = 0.0, noise: bool = False) -> None:
         super().__init__(p=p)
+        self.noise = bool(noise)
         self.pitch_mm = pitch_mm
         self.kinds = _check_kinds(kinds, "TIP kinds")
         self.scale = _check_range(scale, "TIP scale")
@@ -160,8 +165,8 @@ class TIP(A.DualTransform):
             if conceal_rng.random() < 0.5:          # the dense half only when drawn: a blur per crop
                 dense = tip.dense_region(att, region)
                 region = dense if dense.sum() >= 16 else region
-            return _insert(att, region, conceal_rng, lambda: tip.make_package(
-                conceal_rng, self.pitch_mm, att.shape[0], conceal_rng.uniform(*self.conceal_scale)))
+            return self._noisy(img, seed, _insert(att, region, conceal_rng, lambda: tip.make_package(
+                conceal_rng, self.pitch_mm, att.shape[0], conceal_rng.uniform(*self.conceal_scale))))
 
         library_rng = np.random.default_rng([seed, 3])   # own stream: library_share=0 leaves the rest unchanged
         from_library = bool(self.library) and library_rng.random() < self.library_share
@@ -178,7 +183,22 @@ class TIP(A.DualTransform):
             if self.scale != (1.0, 1.0):
                 t = tip.Threat(t.attenuation * scale_rng.uniform(*self.scale), t.mask, t.kind)
             return t
-        return _insert(att, region, rng, threat)
+        return self._noisy(img, seed, _insert(att, region, rng, threat))
+
+    def _noisy(self, img: np.ndarray, seed: int, params: dict[str, Any]) -> dict[str, Any]:
+        """With `noise`, add to the threat the photon noise its attenuation would carry: the variance at the
+        new attenuation less the one the crop already has, inside the threat only."""
+        add = params["add"]
+        if not self.noise or add is None:
+            return params
+        def std(a: np.ndarray) -> np.ndarray:
+            a = np.minimum(a, 20.0)   # beyond counts: the cap below holds
+            v = np.exp(a) / TIP_PHOTONS + (TIP_READ / TIP_PHOTONS) ** 2 * np.exp(2 * a)
+            return np.minimum(np.sqrt(v), TIP_MAX_STD)
+        a0 = img.astype(np.float32)
+        missing = np.sqrt(np.maximum(std(a0 + add) ** 2 - std(a0) ** 2, 0)) * (add != 0)
+        z = normal_noise(np.random.default_rng([seed, 4]), add.shape)
+        return {**params, "add": (add + missing * z).astype(np.float32)}
 
     def apply(self, img: np.ndarray, add: np.ndarray | None = None, **params: Any) -> np.ndarray:
         return img if add is None else (img + add).astype(np.float32)
@@ -192,7 +212,7 @@ class TIP(A.DualTransform):
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("pitch_mm", "kinds", "scale", "conceal", "conceal_scale", "library_share")
+        return ("pitch_mm", "kinds", "scale", "conceal", "conceal_scale", "library_share", "noise")
 
 
 def _insert(att: np.ndarray, region: np.ndarray, rng: np.random.Generator,
@@ -244,7 +264,7 @@ def train_pipeline(cfg: AugmentConfig, pitch_mm: float, seed: int | None = None,
     if cfg.tip_rate > 0:
         ts.append(TIP(pitch_mm=pitch_mm, kinds=cfg.tip_kinds, p=cfg.tip_rate, scale=cfg.tip_scale,
                       conceal=cfg.tip_conceal, conceal_scale=cfg.tip_conceal_scale, library=library,
-                      library_share=cfg.tip_from_labels))
+                      library_share=cfg.tip_from_labels, noise=cfg.tip_noise))
     if cfg.enabled:
         ts += [
             A.HorizontalFlip(p=cfg.hflip),
