@@ -194,6 +194,36 @@ def test_tip_from_a_library_projects_its_threats_flipped_and_share_zero_changes_
     assert isinstance(t, TIP) and t.library_share == 0.3 and len(t.library) == 3
 
 
+def test_tip_noise_adds_the_photon_noise_of_the_threat_inside_it_only():
+    from detector.augment import TIP_MAX_STD, TIP_PHOTONS, TIP_READ
+
+    def std(a):
+        return np.minimum(np.sqrt(np.exp(a) / TIP_PHOTONS + (TIP_READ / TIP_PHOTONS) ** 2 * np.exp(2 * a)), TIP_MAX_STD)
+
+    img = np.full((128, 128, 2), 5.0, np.float32)     # dense cargo: the threat's photons run low behind it
+    empty = np.zeros((128, 128), np.uint8)
+    ratios = []
+    for seed in range(6):
+        plain = A.Compose([TIP(pitch_mm=10.0, p=1.0, kinds=("small_metal",))], seed=seed)(image=img, mask=empty)
+        noisy = A.Compose([TIP(pitch_mm=10.0, p=1.0, kinds=("small_metal",), noise=True)], seed=seed)(image=img,
+                                                                                                     mask=empty)
+        m = plain["mask"].astype(bool)
+        assert m.any() and np.array_equal(m, noisy["mask"])                 # the same threat in the same place
+        assert np.array_equal(noisy["image"][~m], img[~m])                  # nothing outside it
+        added = plain["image"] - img
+        expected = np.sqrt(std(plain["image"]) ** 2 - std(img) ** 2)
+        inside = m[..., None] & (added > 0)
+        ratios.append(((noisy["image"] - plain["image"])[inside] / expected[inside]))
+    r = np.concatenate(ratios)
+    assert abs(r.mean()) < 0.1 and 0.85 < r.std() < 1.15                   # zero-mean, the missing spread
+    light = np.full((128, 128, 2), 0.5, np.float32)                         # thin cargo: almost nothing missing
+    a = A.Compose([TIP(pitch_mm=10.0, p=1.0, kinds=("firearm",))], seed=1)(image=light, mask=empty)
+    b = A.Compose([TIP(pitch_mm=10.0, p=1.0, kinds=("firearm",), noise=True)], seed=1)(image=light, mask=empty)
+    assert np.abs(b["image"] - a["image"]).max() < 0.05 * (a["image"] - light).max()
+    t = train_pipeline(AugmentConfig(tip_rate=0.5, tip_noise=True), 10.0).transforms[0]
+    assert isinstance(t, TIP) and t.noise
+
+
 def test_a_misspelled_tip_kind_is_refused_not_a_tip_that_never_inserts():
     """A kind make_threat does not know raised inside TIP's placement tries, which swallow ValueErrors (a threat
     that does not fit): TIP then inserted nothing, and a normal-only run trained without a single anomaly."""
