@@ -234,8 +234,12 @@ def _open_append(path: Path, header: Iterable[str] | None):
 
 
 def _reason(e: BaseException) -> str:
+    """A failed row's error: the reason alone where the exception names the file, which the row's path names."""
+    from detector.runtime import InspectionError
     if isinstance(e, ScanError) and getattr(e, "reason", None):
         return str(e.reason)
+    if isinstance(e, InspectionError) and e.path is not None:   # the height refusal: a judgement of this scan
+        return e.reason
     text = str(e).strip() or type(e).__name__
     return text if isinstance(e, (ScanError, ValueError, OSError)) else f"{type(e).__name__}: {text}"
 

@@ -833,3 +833,29 @@ def test_a_manifest_scores_each_untagged_file_at_its_rows_pitch(tmp_path, heuris
     assert _rows(out)["bad.png"]["error"] == "" and _rows(out)["bad.png"]["regions"] == rows["four.png"]["regions"]
     m = evaluate(out, manifest, tmp_path / "report", thumbs=False)
     assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 1.0
+
+
+def test_a_scan_refused_for_its_height_names_its_file_once(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """A scan far taller than the model's training scans (a wrong pixel pitch) got the error cell
+    'InspectionError: /path/tall.tiff: 1200 px at ...', the file named again beside the path column, where an unreadable
+    scan's cell holds the reason alone; the stderr line named it twice. Now it reads as the other refusals."""
+    from conftest import write_test_scan
+
+    from detector.bundle import read_metadata, replace_metadata_bytes
+    model = tmp_path / "heights.onnx"
+    model.write_bytes(replace_metadata_bytes(heuristic_model.read_bytes(),
+                                             {**read_metadata(heuristic_model), "scan_height_mm": [800, 1200]}))
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    write_test_scan(d / "tall.tiff", height=1200, seed=1)                  # 6 m at 5 mm
+    (d / "cut.tiff").write_bytes((d / "a.tiff").read_bytes()[:500])
+    assert score.main(_args(d, model, tmp_path / "r.csv")) == 0
+    rows = _rows(tmp_path / "r.csv")
+    assert rows["a.tiff"]["decision"] == "RELEASE" and rows["tall.tiff"]["decision"] == "INSPECT"
+    assert rows["tall.tiff"]["error"] == ("1200 px at 5 mm per pixel is 6.00 m high, outside the 0.20-4.80 m this model "
+                                          "accepts (its training scans' heights, widened 4x): is the scan's pixel pitch "
+                                          "right?")
+    assert "cut.tiff" not in rows["cut.tiff"]["error"]                        # as an unreadable scan's reason reads
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if "tall.tiff" in ln]
+    assert failed == [f"failed: {d / 'tall.tiff'}: {rows['tall.tiff']['error']}"]
