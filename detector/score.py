@@ -158,22 +158,35 @@ def row_pitches(items: list[Item]) -> dict:
     return {"row_pitch_mm": rows} if rows else {}
 
 
-def _repitched_row(out: Path, before: dict, now: dict) -> str | None:
-    """The first scored row of `out` whose file this run would read at another pitch than it was (its manifest row's
-    pitch_mm added, changed or gone, the default the same), or None. A failed row has no score to keep: a cell
-    mended after it failed is scored again by --retry-failed."""
+def _repitched_row(out: Path, before: dict, now: dict, listed: set[str]) -> tuple[str, float, float] | None:
+    """The first scored row of `out` that this run lists (`listed`: its files as the CSV names them) and would read at
+    another pitch than it was (its manifest row's pitch_mm added, changed or gone, the default the same), with the
+    pitch it was scored with and the one it gives now; None if none. A row this run does not list is neither scored
+    nor kept by it (a second manifest into one CSV). A failed row has no score to keep: a cell mended after it failed
+    is scored again by --retry-failed."""
     was, will = before.get("row_pitch_mm") or {}, now.get("row_pitch_mm") or {}
     if was == will:
         return None
-    scored = (r[0] for r in _result_rows(out) if not r[-1])
-    return next((p for p in scored if was.get(p, before["default_pitch_mm"]) !=
-                 will.get(p, now.get("default_pitch_mm"))), None)
+    for p in (r[0] for r in _result_rows(out) if not r[-1] and r[0] in listed):
+        then, given = was.get(p, before["default_pitch_mm"]), will.get(p, now.get("default_pitch_mm"))
+        if then != given:
+            return p, then, given
+    return None
 
 
-def check_same_routing(out: Path, routing: dict) -> None:
+def _pitch_words(path: str, routing: dict) -> str:
+    """How a routing gives a row its pitch: its manifest row's pitch_mm cell, else the default for untagged files."""
+    rows = routing.get("row_pitch_mm") or {}
+    if path in rows:
+        return f"{rows[path]:g} mm (its manifest row's pitch_mm)"
+    return f"{routing.get('default_pitch_mm', DEFAULT_PITCH_MM):g} mm (no pitch_mm cell: the default for files without one)"
+
+
+def check_same_routing(out: Path, routing: dict, listed: set[str] | None = None) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
     already in it, or read at another pitch for files without one (--pitch-mm, or a row's pitch_mm for a row already
-    scored): one CSV, one routing (a CSV from before the routing file is resumed as it is)."""
+    scored that this run lists; `listed`: its files as the CSV names them, None: every row): one CSV, one routing
+    (a CSV from before the routing file is resumed as it is)."""
     f = routing_file(out)
     if not (out.is_file() and f.is_file()):
         return
@@ -190,10 +203,24 @@ def check_same_routing(out: Path, routing: dict) -> None:
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
         raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or "
                          "another --out")
-    row = _repitched_row(out, before, now)
+    listed = {r[0] for r in _result_rows(out)} if listed is None else listed
+    row = _repitched_row(out, before, now, listed)
     if row is not None:
-        raise ValueError(f"{out} holds the row of {row} read at another pixel pitch than its manifest row's pitch_mm "
-                         f"now gives ({f}); resuming would keep it: use --no-resume or another --out")
+        raise ValueError(f"{out} holds the row of {row[0]} scored at {_pitch_words(row[0], before)}; this "
+                         f"run gives it {_pitch_words(row[0], now)} ({f}); resuming would keep a row read at another "
+                         "pitch: use --no-resume or another --out")
+
+
+def kept_row_pitches(out: Path, routing: dict, listed: set[str]) -> dict:
+    """`routing` with the row pitches of the rows in `out` that this run does not list carried over from its routing
+    file: a second manifest into one CSV keeps the first one's rows, and a later resume must know their pitches."""
+    try:
+        before = json.loads(routing_file(out).read_text(encoding="utf-8")).get("row_pitch_mm") or {}
+    except (OSError, ValueError, AttributeError):
+        return routing
+    kept = {p: before[p] for p in (r[0] for r in _result_rows(out)) if p in before and p not in listed}
+    rows = {**kept, **(routing.get("row_pitch_mm") or {})}
+    return {**routing, "row_pitch_mm": rows} if rows else routing
 
 
 def _jsonl_path(line: str) -> str | None:
@@ -513,8 +540,9 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
         for p in (out, jsonl, routing_file(out)):
             if p and p.exists():
                 p.unlink()
+    listed = {shown(i.path) for i in items}
     try:
-        check_same_routing(out, routing)
+        check_same_routing(out, routing, listed)
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
             unmatched = match_jsonl(out, jsonl) if jsonl is not None else 0
@@ -531,6 +559,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
             if retried:
                 print(f"retrying {retried} failed file(s) from {out}", file=sys.stderr)
         done = done_paths(out)
+        routing = kept_row_pitches(out, routing, listed)
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2

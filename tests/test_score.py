@@ -859,3 +859,36 @@ def test_a_scan_refused_for_its_height_names_its_file_once(tmp_path, heuristic_m
     assert "cut.tiff" not in rows["cut.tiff"]["error"]                        # as an unreadable scan's reason reads
     failed = [ln for ln in capsys.readouterr().err.splitlines() if "tall.tiff" in ln]
     assert failed == [f"failed: {d / 'tall.tiff'}: {rows['tall.tiff']['error']}"]
+
+
+def test_a_second_manifest_resumes_into_the_same_csv_judged_on_its_own_rows(tmp_path, heuristic_model_1ch, capsys):
+    """Resuming a results CSV with a second manifest compared every scored row's recorded pitch with the one the new
+    run gives it, also rows the new manifest does not list: a day's 4 mm manifest, then the next day's, was refused
+    over the first day's truck ('read at another pixel pitch than its manifest row's pitch_mm now gives', a cell the
+    user never changed). The routing file then kept only the last manifest's pitches, so the first one resumed again
+    was refused in turn. Only rows the new run lists are compared now, the routing file keeps the other rows'
+    pitches, and a refusal names the row and both pitches."""
+    import cv2
+    d = tmp_path / "site"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(d / name), _truck_at(4))
+    day1, day2 = d / "day1.csv", d / "day2.csv"
+    day1.write_text("path,pitch_mm\na.png,4\n")
+    day2.write_text("path,pitch_mm\nb.png,\nc.png,4\n")
+    out = tmp_path / "r.csv"
+    assert score.main(_args(day1, heuristic_model_1ch, out)) == 0
+    assert score.main(_args(day2, heuristic_model_1ch, out)) == 0, capsys.readouterr().err
+    assert sorted(_rows(out)) == ["a.png", "b.png", "c.png"]
+    routing = json.loads(score.routing_file(out).read_text())
+    assert {Path(p).name: v for p, v in routing["row_pitch_mm"].items()} == {"a.png": 4.0, "c.png": 4.0}
+    capsys.readouterr()
+    for manifest in (day1, day2):                                         # each day's manifest resumes as it was
+        assert score.main(_args(manifest, heuristic_model_1ch, out)) == 0
+        assert "resuming: " in capsys.readouterr().err
+    day1.write_text("path,pitch_mm\na.png,\n")                            # a listed row's cell changed: refused
+    before = out.read_bytes()
+    assert score.main(_args(day1, heuristic_model_1ch, out)) == 2
+    err = capsys.readouterr().err
+    assert f"row of {d / 'a.png'} scored at 4 mm (its manifest row's pitch_mm); this run gives it " in err and "5 mm (no pitch_mm cell" in err, err
+    assert out.read_bytes() == before
