@@ -313,9 +313,10 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
     --overlays on their own folder) keep their whole name (a.tiff.png): one truck's overlay never replaces
     another's, nor a scan. Chosen among all of a run's items, so a resumed run names them as the first did."""
     root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
-    where = overlays.resolve()   # item paths are resolved (discover): compare like with like
+    where = overlays.resolve()   # compared with the scans' folders resolved: a scan there may be a link to keep
     short = {i.path: where / _overlay_name(i.path, root) for i in items}
-    inputs = {i.path for i in items}
+    folders = {f: f.resolve() for f in {i.path.parent for i in items}}   # once per folder, not per file
+    inputs = {folders[i.path.parent] / i.path.name for i in items} | {i.real for i in items}
     seen = Counter(short.values())
     return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
 
@@ -489,7 +490,7 @@ def main(args) -> int:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
     own = own_files(out, Path(args.jsonl) if args.jsonl else None)
-    items = [i for i in items if i.path not in own]
+    items = [i for i in items if i.real not in own]
     if args.overlays:
         items, skipped = drop_overlays(items, Path(args.overlays))
         if skipped:
@@ -563,7 +564,8 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    todo = [i for i in items if shown(i.path) not in done]
+    # a row under the file's resolved name (written before rows kept a link's own) is done too
+    todo = [i for i in items if shown(i.path) not in done and shown(i.real) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
     workers = args.workers or max(1, min(4, usable_cpus() - 1))

@@ -892,3 +892,40 @@ def test_a_second_manifest_resumes_into_the_same_csv_judged_on_its_own_rows(tmp_
     err = capsys.readouterr().err
     assert f"row of {d / 'a.png'} scored at 4 mm (its manifest row's pitch_mm); this run gives it " in err and "5 mm (no pitch_mm cell" in err, err
     assert out.read_bytes() == before
+
+
+def test_a_folder_of_links_into_an_archive_shows_the_links_names(tmp_path, heuristic_model_1ch):
+    """A station's folder of symlinks into the scanner's archive (truck_B1234.tiff -> archive/2026/11/TRK_000123.tiff)
+    was scored under the archive's names: the CSV's path column, the overlays and the resume named the links' targets,
+    so the officer's list showed none of the names in the folder. Each file is now named by the path it was given
+    (folder, manifest, list or glob) and read through the link; a link beside its target is still scored once, an
+    overlay drawn into the folder never replaces a link, and eval matches the rows to a truth that lists the links."""
+    from conftest import write_test_scan
+
+    from detector.evaluate import evaluate
+    archive, station, ov = tmp_path / "archive" / "2026" / "11", tmp_path / "station", tmp_path / "ov"
+    write_test_scan(archive / "TRK_000123.tiff", channels=1, seed=1)
+    write_test_scan(archive / "TRK_000124.png", channels=1, dense=True, seed=2)
+    station.mkdir()
+    (station / "truck_B1234.tiff").symlink_to(archive / "TRK_000123.tiff")
+    (station / "truck_C5678.png").symlink_to(archive / "TRK_000124.png")
+    names = {station / "truck_B1234.tiff", station / "truck_C5678.png"}
+    out = tmp_path / "r.csv"
+    assert score.main(_args(station, heuristic_model_1ch, out, overlays=str(ov))) == 0
+    assert {Path(r["path"]) for r in _rows(out).values()} == names
+    assert sorted(p.name for p in ov.iterdir()) == ["truck_B1234.png", "truck_C5678.png"]
+    assert score.main(_args(station, heuristic_model_1ch, out, overlays=str(ov))) == 0       # resumes: no new rows
+    assert len(out.read_text().splitlines()) == 3
+    old = out.read_text().replace(str(station / "truck_B1234.tiff"), str(archive / "TRK_000123.tiff"))
+    out.write_text(old)                                      # a row named by its target, as an earlier version wrote it
+    assert score.main(_args(station, heuristic_model_1ch, out)) == 0 and out.read_text() == old
+    manifest = station / "manifest.csv"
+    manifest.write_text("path,label\ntruck_B1234.tiff,0\ntruck_C5678.png,1\n")
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{n}\n" for n in sorted(names)))
+    for src, out in ((manifest, "manifest.csv"), (station / "truck_*", "glob.csv"), (listed, "list.csv")):
+        assert score.main(_args(src, heuristic_model_1ch, tmp_path / out)) == 0
+        assert {Path(r["path"]) for r in _rows(tmp_path / out).values()} == names, src
+    assert evaluate(tmp_path / "manifest.csv", manifest, tmp_path / "report", thumbs=False)["overall"]["n"] == 2
+    assert score.main(_args(manifest, heuristic_model_1ch, tmp_path / "beside.csv", overlays=str(station))) == 0
+    assert (station / "truck_C5678.png").is_symlink() and (station / "truck_C5678.png.png").is_file()
