@@ -224,12 +224,11 @@ def main(args) -> int:
         print("detector audit: export writes --out (a .csv); summary prints, as a table or with --json",
               file=sys.stderr)
         return 2
+    # exit 2 for an input it cannot use (no database there, a file that is none), as the other verbs; 1 for a read
+    # that failed (a lock held past the timeout, an I/O error)
     try:
         result = summarise(args.audit, args.since) if summary else export_csv(args.audit, args.out, args.since)
-    except FileNotFoundError as e:
-        print(f"detector audit: {e}", file=sys.stderr)
-        return 1
-    except FileExistsError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"detector audit: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
@@ -237,7 +236,7 @@ def main(args) -> int:
         return 2
     except sqlite3.DatabaseError as e:
         print(f"detector audit: {args.audit}: not a readable audit database ({e})", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, sqlite3.OperationalError) else 2
     if summary:
         print(json.dumps(result, indent=2) if as_json else format_summary(result))
         return 0

@@ -77,7 +77,7 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
             cargo = next((_none(r.get(c)) for c in CARGO_COLUMNS if _none(r.get(c))), None)
             label = label_of(r, manifest)
             out.append(Truth(on_disk(root / r["path"]).resolve(), r["path"], label, boxes_of(r, manifest),
-                             (root / r["mask"]).resolve() if _none(r.get("mask")) else None,
+                             on_disk(root / r["mask"]).resolve() if _none(r.get("mask")) else None,
                              (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo,
                              SPLIT_ALIASES.get((_none(r.get("split")) or "train").lower(), "") if split else "",
                              pitch_of(r, manifest)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import functools
 import io
 import json
 import os
@@ -99,15 +100,42 @@ def _check_column_names(manifest: Path, names: list[str]) -> None:
 
 
 def on_disk(path: Path) -> Path:
-    """`path` as the file system spells it where only the Unicode form of its name differs: a manifest typed on Linux
-    composes ü (NFC), scans copied from a Mac keep it decomposed (NFD), and each such scan was "file not found"."""
+    """`path` as the file system spells it where only the Unicode form of its names differs: a manifest typed on Linux
+    composes ü (NFC), scans copied from a Mac keep it decomposed (NFD), and each such scan was "file not found". Each
+    part that is not on disk becomes the one entry of its folder that matches it under NFC (the folders above a scan
+    may be in one form and its name in the other); none, or several, leave `path` as it is: no guessing."""
     if os.path.lexists(path):
         return path
-    for form in ("NFC", "NFD"):
-        other = unicodedata.normalize(form, os.fspath(path))
-        if os.path.lexists(other):
-            return Path(other)
-    return path
+    found = Path()
+    for part in Path(path).parts:
+        step = found / part
+        if not os.path.lexists(step):
+            twin = _nfc_twin(found, part)
+            if twin is None:
+                return path
+            step = found / twin
+        found = step
+    return found
+
+
+def _nfc_twin(folder: Path, name: str) -> str | None:
+    """The one entry of `folder` whose name equals `name` under NFC normalisation, else None (none, or several)."""
+    try:
+        listed = _nfc_names(os.fspath(folder), os.stat(folder).st_mtime_ns)
+    except OSError:
+        return None
+    twins = listed.get(unicodedata.normalize("NFC", name), ())
+    return twins[0] if len(twins) == 1 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _nfc_names(folder: str, mtime_ns: int) -> dict[str, tuple[str, ...]]:
+    """A folder's entries by their NFC form, listed once per change of the folder (a manifest whose every row is in
+    the other form lists its folder once, not once a row)."""
+    names: dict[str, list[str]] = {}
+    for name in os.listdir(folder):
+        names.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    return {k: tuple(v) for k, v in names.items()}
 
 
 def _native(cell: str) -> str:

@@ -34,7 +34,13 @@ OUT_TOL = 1e-3  # model outputs may stray this far outside [0, 1] (quantisation)
 
 
 class InspectionError(RuntimeError):
-    """Inference itself failed (model run, deadline); the scan may be fine."""
+    """Inference itself failed (model run, deadline), or the model may not judge this scan (its height). One about a
+    file has `.path` and `.reason`, and `str()` "<path>: <reason>" as a ScanError's, so a batch row that names the
+    file already can give the reason alone."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message if path is None else f"{path}: {message}")
+        self.path, self.reason = path, message
 
 
 @dataclass(frozen=True)
@@ -288,10 +294,10 @@ class Inspector:
         lo, hi = self.height_range_mm
         mm = scan.height * scan.pitch_mm
         if not lo <= mm <= hi:
-            raise InspectionError(f"{scan.source}: {scan.height} px at {scan.pitch_mm:g} mm per pixel is "
-                                  f"{mm / 1000:.2f} m high, outside the {lo / 1000:.2f}-{hi / 1000:.2f} m this model "
-                                  f"accepts (its training scans' heights, widened {HEIGHT_TOLERANCE:g}x): is the "
-                                  "scan's pixel pitch right?")
+            raise InspectionError(f"{scan.height} px at {scan.pitch_mm:g} mm per pixel is {mm / 1000:.2f} m high, "
+                                  f"outside the {lo / 1000:.2f}-{hi / 1000:.2f} m this model accepts (its training "
+                                  f"scans' heights, widened {HEIGHT_TOLERANCE:g}x): is the scan's pixel pitch right?",
+                                  scan.source)
 
     def _rate_text(self, thr: float) -> str:
         if abs(thr - self.default_threshold) < 1e-12:

@@ -158,22 +158,35 @@ def row_pitches(items: list[Item]) -> dict:
     return {"row_pitch_mm": rows} if rows else {}
 
 
-def _repitched_row(out: Path, before: dict, now: dict) -> str | None:
-    """The first scored row of `out` whose file this run would read at another pitch than it was (its manifest row's
-    pitch_mm added, changed or gone, the default the same), or None. A failed row has no score to keep: a cell
-    mended after it failed is scored again by --retry-failed."""
+def _repitched_row(out: Path, before: dict, now: dict, listed: set[str]) -> tuple[str, float, float] | None:
+    """The first scored row of `out` that this run lists (`listed`: its files as the CSV names them) and would read at
+    another pitch than it was (its manifest row's pitch_mm added, changed or gone, the default the same), with the
+    pitch it was scored with and the one it gives now; None if none. A row this run does not list is neither scored
+    nor kept by it (a second manifest into one CSV). A failed row has no score to keep: a cell mended after it failed
+    is scored again by --retry-failed."""
     was, will = before.get("row_pitch_mm") or {}, now.get("row_pitch_mm") or {}
     if was == will:
         return None
-    scored = (r[0] for r in _result_rows(out) if not r[-1])
-    return next((p for p in scored if was.get(p, before["default_pitch_mm"]) !=
-                 will.get(p, now.get("default_pitch_mm"))), None)
+    for p in (r[0] for r in _result_rows(out) if not r[-1] and r[0] in listed):
+        then, given = was.get(p, before["default_pitch_mm"]), will.get(p, now.get("default_pitch_mm"))
+        if then != given:
+            return p, then, given
+    return None
 
 
-def check_same_routing(out: Path, routing: dict) -> None:
+def _pitch_words(path: str, routing: dict) -> str:
+    """How a routing gives a row its pitch: its manifest row's pitch_mm cell, else the default for untagged files."""
+    rows = routing.get("row_pitch_mm") or {}
+    if path in rows:
+        return f"{rows[path]:g} mm (its manifest row's pitch_mm)"
+    return f"{routing.get('default_pitch_mm', DEFAULT_PITCH_MM):g} mm (no pitch_mm cell: the default for files without one)"
+
+
+def check_same_routing(out: Path, routing: dict, listed: set[str] | None = None) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
     already in it, or read at another pitch for files without one (--pitch-mm, or a row's pitch_mm for a row already
-    scored): one CSV, one routing (a CSV from before the routing file is resumed as it is)."""
+    scored that this run lists; `listed`: its files as the CSV names them, None: every row): one CSV, one routing
+    (a CSV from before the routing file is resumed as it is)."""
     f = routing_file(out)
     if not (out.is_file() and f.is_file()):
         return
@@ -190,10 +203,24 @@ def check_same_routing(out: Path, routing: dict) -> None:
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
         raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or "
                          "another --out")
-    row = _repitched_row(out, before, now)
+    listed = {r[0] for r in _result_rows(out)} if listed is None else listed
+    row = _repitched_row(out, before, now, listed)
     if row is not None:
-        raise ValueError(f"{out} holds the row of {row} read at another pixel pitch than its manifest row's pitch_mm "
-                         f"now gives ({f}); resuming would keep it: use --no-resume or another --out")
+        raise ValueError(f"{out} holds the row of {row[0]} scored at {_pitch_words(row[0], before)}; this "
+                         f"run gives it {_pitch_words(row[0], now)} ({f}); resuming would keep a row read at another "
+                         "pitch: use --no-resume or another --out")
+
+
+def kept_row_pitches(out: Path, routing: dict, listed: set[str]) -> dict:
+    """`routing` with the row pitches of the rows in `out` that this run does not list carried over from its routing
+    file: a second manifest into one CSV keeps the first one's rows, and a later resume must know their pitches."""
+    try:
+        before = json.loads(routing_file(out).read_text(encoding="utf-8")).get("row_pitch_mm") or {}
+    except (OSError, ValueError, AttributeError):
+        return routing
+    kept = {p: before[p] for p in (r[0] for r in _result_rows(out)) if p in before and p not in listed}
+    rows = {**kept, **(routing.get("row_pitch_mm") or {})}
+    return {**routing, "row_pitch_mm": rows} if rows else routing
 
 
 def _jsonl_path(line: str) -> str | None:
@@ -234,8 +261,12 @@ def _open_append(path: Path, header: Iterable[str] | None):
 
 
 def _reason(e: BaseException) -> str:
+    """A failed row's error: the reason alone where the exception names the file, which the row's path names."""
+    from detector.runtime import InspectionError
     if isinstance(e, ScanError) and getattr(e, "reason", None):
         return str(e.reason)
+    if isinstance(e, InspectionError) and e.path is not None:   # the height refusal: a judgement of this scan
+        return e.reason
     text = str(e).strip() or type(e).__name__
     return text if isinstance(e, (ScanError, ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
@@ -282,9 +313,10 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
     --overlays on their own folder) keep their whole name (a.tiff.png): one truck's overlay never replaces
     another's, nor a scan. Chosen among all of a run's items, so a resumed run names them as the first did."""
     root = Path(os.path.commonpath([str(i.path.parent) for i in items])) if items else None
-    where = overlays.resolve()   # item paths are resolved (discover): compare like with like
+    where = overlays.resolve()   # compared with the scans' folders resolved: a scan there may be a link to keep
     short = {i.path: where / _overlay_name(i.path, root) for i in items}
-    inputs = {i.path for i in items}
+    folders = {f: f.resolve() for f in {i.path.parent for i in items}}   # once per folder, not per file
+    inputs = {folders[i.path.parent] / i.path.name for i in items} | {i.real for i in items}
     seen = Counter(short.values())
     return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
 
@@ -458,7 +490,7 @@ def main(args) -> int:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
     own = own_files(out, Path(args.jsonl) if args.jsonl else None)
-    items = [i for i in items if i.path not in own]
+    items = [i for i in items if i.real not in own]
     if args.overlays:
         items, skipped = drop_overlays(items, Path(args.overlays))
         if skipped:
@@ -509,8 +541,9 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
         for p in (out, jsonl, routing_file(out)):
             if p and p.exists():
                 p.unlink()
+    listed = {shown(i.path) for i in items}
     try:
-        check_same_routing(out, routing)
+        check_same_routing(out, routing, listed)
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
             unmatched = match_jsonl(out, jsonl) if jsonl is not None else 0
@@ -527,10 +560,12 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
             if retried:
                 print(f"retrying {retried} failed file(s) from {out}", file=sys.stderr)
         done = done_paths(out)
+        routing = kept_row_pitches(out, routing, listed)
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
-    todo = [i for i in items if shown(i.path) not in done]
+    # a row under the file's resolved name (written before rows kept a link's own) is done too
+    todo = [i for i in items if shown(i.path) not in done and shown(i.real) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} files already in {out}", file=sys.stderr)
     workers = args.workers or max(1, min(4, usable_cpus() - 1))

@@ -20,17 +20,28 @@ SKIP_DIRS = {"masks"}  # dataset folders keep truth masks (PNG) beside the scans
 @dataclass
 class Item:
     """One file to score, with the routing inputs a manifest may carry; `error` marks a row that cannot
-    be routed (e.g. unreadable risk flags): its scan is inspected with that reason."""
+    be routed (e.g. unreadable risk flags): its scan is inspected with that reason. `path` is absolute as it was
+    given (a link's own name: a station's folder of links into an archive shows its names), `real` the file it
+    reaches (links resolved: one row per file, never a run's own output)."""
     path: Path
     tier: str | None = None
     risk_flags: list[str] = field(default_factory=list)
     error: str | None = None
     pitch_mm: float | None = None   # a manifest row's pitch_mm: its file's pitch where the file carries none
+    real: Path | None = None        # None: `path` (an Item made by hand from a resolved path)
+
+    def __post_init__(self) -> None:
+        self.real = self.path if self.real is None else self.real
+
+
+def given(path: Path, **routing) -> Item:
+    """The item of a file as the user named it: absolute, links kept in its path and resolved in `real`."""
+    return Item(Path(os.path.abspath(path)), real=path.resolve(), **routing)
 
 
 def _item(path: Path, r: dict) -> Item:
     """One manifest row's item; an unreadable risk_flags or pitch_mm cell names its line in the file (r['_row'])."""
-    item = Item(on_disk(path.parent / r["path"]).resolve(), (r.get("tier") or "").strip() or None)
+    item = given(on_disk(path.parent / r["path"]), tier=(r.get("tier") or "").strip() or None)
     try:
         item.risk_flags = parse_flags(r.get("risk_flags"))
     except ValueError as e:   # one bad cell inspects its own truck, not the whole batch
@@ -70,8 +81,8 @@ def unique(items: list[Item]) -> list[Item]:
     row per scan, where two made `detector eval` refuse the CSV."""
     kept, seen = [], set()
     for i in items:
-        if i.path not in seen:
-            seen.add(i.path)
+        if i.real not in seen:
+            seen.add(i.real)
             kept.append(i)
     if len(kept) < len(items):
         warnings.warn(f"{len(items) - len(kept)} file(s) named more than once are scored once")
@@ -103,7 +114,7 @@ def _discover(src: str) -> tuple[list[Item], str]:
     if p.is_dir():
         if (p / "manifest.csv").is_file():
             return read_manifest(p / "manifest.csv"), f"{p / 'manifest.csv'}"
-        return [Item(f.resolve()) for f in _walk(p)], f"folder {p}"
+        return [given(f) for f in _walk(p)], f"folder {p}"
     if p.suffix.lower() == ".csv" and p.is_file():
         return read_manifest(p), f"manifest {p}"
     if p.suffix.lower() == ".txt" and p.is_file():
@@ -114,14 +125,14 @@ def _discover(src: str) -> tuple[list[Item], str]:
                 q = Path(line)
                 if not q.is_absolute() and not on_disk(q).exists():
                     q = p.parent / q  # relative to the list when not relative to the working dir
-                items.append(Item(on_disk(q).resolve()))
+                items.append(given(on_disk(q)))
         return items, f"list {p}"
     if p.is_file():
-        return [Item(p.resolve())], f"file {p}"
+        return [given(p)], f"file {p}"
     if glob.has_magic(src):
         files = sorted(Path(f) for f in glob.glob(src, recursive=True)   # scan files, as in a folder: day/* on a
                        if Path(f).suffix.lower() in SCAN_SUFFIXES and Path(f).is_file())  # share also has Thumbs.db
-        return [Item(f.resolve()) for f in files], f"glob {src}"
+        return [given(f) for f in files], f"glob {src}"
     raise FileNotFoundError(f"{src}: no such folder, file, list or glob match")
 
 
@@ -147,6 +158,6 @@ def drop_overlays(items: list[Item], overlays: Path) -> tuple[list[Item], int]:
     """Items less the overlays an earlier run drew into the --overlays folder (colour PNGs below it), and how many:
     with that folder inside the scanned one, a resumed run scored them as trucks and named its overlays anew."""
     where = overlays.resolve()
-    drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.path.is_relative_to(where)
+    drop = {i.path for i in items if i.path.suffix.lower() == ".png" and i.real.is_relative_to(where)
             and _colour_png(i.path)}
     return [i for i in items if i.path not in drop], len(drop)

@@ -57,8 +57,25 @@ def test_cli_export(log, tmp_path, capsys):
     assert "exported 1 verdicts" in capsys.readouterr().out
     assert audit_report.main(Namespace(action="export", audit=str(log.path), since="yesterday", out=str(out))) == 2
     missing = tmp_path / "none.sqlite"
-    assert audit_report.main(Namespace(action="export", audit=str(missing), since=None, out=str(out))) == 1
+    assert audit_report.main(Namespace(action="export", audit=str(missing), since=None, out=str(out))) == 2
     assert not missing.exists()  # export never creates an empty database
+
+
+@pytest.mark.parametrize("action, out", [("summary", None), ("export", "x.csv")])
+def test_an_audit_database_that_is_missing_or_no_database_exits_2_as_other_input_errors(tmp_path, monkeypatch,
+                                                                                         capsys, action, out):
+    """`detector audit summary` where no audit.sqlite exists (the wrong folder, --audit not given) exited 1, where
+    every other verb exits 2 for an input it cannot use (a missing results file, model or dataset); 1 is for a job
+    that ran and failed. A file that is no SQLite database is such an input too."""
+    monkeypatch.chdir(tmp_path)
+    args = dict(action=action, since=None, out=out, json=False)
+    assert audit_report.main(Namespace(audit="audit.sqlite", **args)) == 2
+    assert capsys.readouterr().err == ("detector audit: audit.sqlite: no audit database (run `detector serve` first, "
+                                       "or pass --audit)\n")
+    (tmp_path / "notes.sqlite").write_text("not a database\n")
+    assert audit_report.main(Namespace(audit="notes.sqlite", **args)) == 2
+    assert "notes.sqlite: not a readable audit database" in capsys.readouterr().err
+    assert not (tmp_path / "audit.sqlite").exists() and not (tmp_path / "x.csv").exists()
 
 
 def test_parse_time():

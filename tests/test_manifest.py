@@ -221,3 +221,48 @@ def test_a_pitch_cell_that_is_no_pitch_is_refused_with_its_row_by_training_and_e
                 read(tmp_path)
             assert str(e.value).startswith(f"{m}: row 3: pitch_mm '{bad}' is not a pixel pitch in mm (0.01-100")
             assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("site, sub, sub_form, on_disk_form, manifest_form", [
+    ("Zollamt Görlitz", "", "", "NFD", "NFC"),     # the dataset folder made on Linux, the scans copied from a Mac
+    ("site", "Kühl", "NFC", "NFD", "NFC"),         # a sub-folder made on Linux, its scans copied from a Mac
+    ("site", "Kühl", "NFD", "NFC", "NFD")])        # the manifest written on a Mac, one file renamed on Linux
+def test_a_row_whose_name_differs_from_the_file_only_in_unicode_form_is_found_wherever_the_forms_mix(
+        tmp_path, site, sub, sub_form, on_disk_form, manifest_form):
+    """on_disk tried the whole path composed (NFC) and decomposed (NFD): where the folders above a scan are in one form
+    and its name in the other, neither existed, so training left the scan out as "file not found", `score` inspected
+    it as one, and eval lost its mask. Each part of the path that is not on disk is now the one entry of its folder
+    whose name matches under NFC; the path found is what the records, the score rows and the truth name."""
+    import unicodedata
+
+    from detector.records import load_records
+    from detector.sources import discover
+    form = lambda f, s: unicodedata.normalize(f, s)  # noqa: E731
+    root = tmp_path / form("NFC", site)
+    folder = root / form(sub_form, sub) if sub else root
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    scan = write_scan(folder / form(on_disk_form, "Kühlcontainer_001.tiff"), counts)
+    (folder / form(on_disk_form, "Kühlcontainer_001.png")).write_bytes(b"")
+    rel = f"{sub}/" if sub else ""
+    _manifest(root, form(manifest_form, f"path,label,mask\n{rel}Kühlcontainer_001.tiff,1,{rel}Kühlcontainer_001.png\n"))
+    (r,) = load_records(root)
+    assert r.path == str(scan) and r.mask == str(scan.with_suffix(".png"))
+    assert [i.path for i in discover(str(root))[0]] == [scan]
+    (t,), _ = load_truth(root)
+    assert t.path == scan and t.mask == scan.with_suffix(".png")
+
+
+def test_a_name_two_files_match_under_unicode_normalisation_is_not_guessed(tmp_path):
+    """Only one file of the folder may match a row's name under NFC: a folder holding Müller_Kühl.tiff composed and
+    decomposed, and a row that mixes the forms, names neither (it is reported missing, never read as the other)."""
+    import unicodedata
+
+    from detector.manifest import on_disk
+    nfc, nfd = (unicodedata.normalize(f, "Müller_Kühl.tiff") for f in ("NFC", "NFD"))
+    mixed = nfc[:nfc.index("K") + 1] + nfd[nfd.index("K") + 1:]          # ü composed, then ü decomposed
+    assert len({nfc, nfd, mixed}) == 3
+    (tmp_path / nfd).write_bytes(b"x")
+    assert on_disk(tmp_path / mixed) == tmp_path / nfd                   # one match: it is that file
+    (tmp_path / nfc).write_bytes(b"y")
+    assert on_disk(tmp_path / mixed) == tmp_path / mixed                 # two: none is guessed
+    assert on_disk(tmp_path / "Kuhl.tiff") == tmp_path / "Kuhl.tiff"     # no match: as given

@@ -833,3 +833,99 @@ def test_a_manifest_scores_each_untagged_file_at_its_rows_pitch(tmp_path, heuris
     assert _rows(out)["bad.png"]["error"] == "" and _rows(out)["bad.png"]["regions"] == rows["four.png"]["regions"]
     m = evaluate(out, manifest, tmp_path / "report", thumbs=False)
     assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 1.0
+
+
+def test_a_scan_refused_for_its_height_names_its_file_once(tmp_path, heuristic_model, normal_scan_path, capsys):
+    """A scan far taller than the model's training scans (a wrong pixel pitch) got the error cell
+    'InspectionError: /path/tall.tiff: 1200 px at ...', the file named again beside the path column, where an unreadable
+    scan's cell holds the reason alone; the stderr line named it twice. Now it reads as the other refusals."""
+    from conftest import write_test_scan
+
+    from detector.bundle import read_metadata, replace_metadata_bytes
+    model = tmp_path / "heights.onnx"
+    model.write_bytes(replace_metadata_bytes(heuristic_model.read_bytes(),
+                                             {**read_metadata(heuristic_model), "scan_height_mm": [800, 1200]}))
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    write_test_scan(d / "tall.tiff", height=1200, seed=1)                  # 6 m at 5 mm
+    (d / "cut.tiff").write_bytes((d / "a.tiff").read_bytes()[:500])
+    assert score.main(_args(d, model, tmp_path / "r.csv")) == 0
+    rows = _rows(tmp_path / "r.csv")
+    assert rows["a.tiff"]["decision"] == "RELEASE" and rows["tall.tiff"]["decision"] == "INSPECT"
+    assert rows["tall.tiff"]["error"] == ("1200 px at 5 mm per pixel is 6.00 m high, outside the 0.20-4.80 m this model "
+                                          "accepts (its training scans' heights, widened 4x): is the scan's pixel pitch "
+                                          "right?")
+    assert "cut.tiff" not in rows["cut.tiff"]["error"]                        # as an unreadable scan's reason reads
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if "tall.tiff" in ln]
+    assert failed == [f"failed: {d / 'tall.tiff'}: {rows['tall.tiff']['error']}"]
+
+
+def test_a_second_manifest_resumes_into_the_same_csv_judged_on_its_own_rows(tmp_path, heuristic_model_1ch, capsys):
+    """Resuming a results CSV with a second manifest compared every scored row's recorded pitch with the one the new
+    run gives it, also rows the new manifest does not list: a day's 4 mm manifest, then the next day's, was refused
+    over the first day's truck ('read at another pixel pitch than its manifest row's pitch_mm now gives', a cell the
+    user never changed). The routing file then kept only the last manifest's pitches, so the first one resumed again
+    was refused in turn. Only rows the new run lists are compared now, the routing file keeps the other rows'
+    pitches, and a refusal names the row and both pitches."""
+    import cv2
+    d = tmp_path / "site"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(d / name), _truck_at(4))
+    day1, day2 = d / "day1.csv", d / "day2.csv"
+    day1.write_text("path,pitch_mm\na.png,4\n")
+    day2.write_text("path,pitch_mm\nb.png,\nc.png,4\n")
+    out = tmp_path / "r.csv"
+    assert score.main(_args(day1, heuristic_model_1ch, out)) == 0
+    assert score.main(_args(day2, heuristic_model_1ch, out)) == 0, capsys.readouterr().err
+    assert sorted(_rows(out)) == ["a.png", "b.png", "c.png"]
+    routing = json.loads(score.routing_file(out).read_text())
+    assert {Path(p).name: v for p, v in routing["row_pitch_mm"].items()} == {"a.png": 4.0, "c.png": 4.0}
+    capsys.readouterr()
+    for manifest in (day1, day2):                                         # each day's manifest resumes as it was
+        assert score.main(_args(manifest, heuristic_model_1ch, out)) == 0
+        assert "resuming: " in capsys.readouterr().err
+    day1.write_text("path,pitch_mm\na.png,\n")                            # a listed row's cell changed: refused
+    before = out.read_bytes()
+    assert score.main(_args(day1, heuristic_model_1ch, out)) == 2
+    err = capsys.readouterr().err
+    assert f"row of {d / 'a.png'} scored at 4 mm (its manifest row's pitch_mm); this run gives it " in err and "5 mm (no pitch_mm cell" in err, err
+    assert out.read_bytes() == before
+
+
+def test_a_folder_of_links_into_an_archive_shows_the_links_names(tmp_path, heuristic_model_1ch):
+    """A station's folder of symlinks into the scanner's archive (truck_B1234.tiff -> archive/2026/11/TRK_000123.tiff)
+    was scored under the archive's names: the CSV's path column, the overlays and the resume named the links' targets,
+    so the officer's list showed none of the names in the folder. Each file is now named by the path it was given
+    (folder, manifest, list or glob) and read through the link; a link beside its target is still scored once, an
+    overlay drawn into the folder never replaces a link, and eval matches the rows to a truth that lists the links."""
+    from conftest import write_test_scan
+
+    from detector.evaluate import evaluate
+    archive, station, ov = tmp_path / "archive" / "2026" / "11", tmp_path / "station", tmp_path / "ov"
+    write_test_scan(archive / "TRK_000123.tiff", channels=1, seed=1)
+    write_test_scan(archive / "TRK_000124.png", channels=1, dense=True, seed=2)
+    station.mkdir()
+    (station / "truck_B1234.tiff").symlink_to(archive / "TRK_000123.tiff")
+    (station / "truck_C5678.png").symlink_to(archive / "TRK_000124.png")
+    names = {station / "truck_B1234.tiff", station / "truck_C5678.png"}
+    out = tmp_path / "r.csv"
+    assert score.main(_args(station, heuristic_model_1ch, out, overlays=str(ov))) == 0
+    assert {Path(r["path"]) for r in _rows(out).values()} == names
+    assert sorted(p.name for p in ov.iterdir()) == ["truck_B1234.png", "truck_C5678.png"]
+    assert score.main(_args(station, heuristic_model_1ch, out, overlays=str(ov))) == 0       # resumes: no new rows
+    assert len(out.read_text().splitlines()) == 3
+    old = out.read_text().replace(str(station / "truck_B1234.tiff"), str(archive / "TRK_000123.tiff"))
+    out.write_text(old)                                      # a row named by its target, as an earlier version wrote it
+    assert score.main(_args(station, heuristic_model_1ch, out)) == 0 and out.read_text() == old
+    manifest = station / "manifest.csv"
+    manifest.write_text("path,label\ntruck_B1234.tiff,0\ntruck_C5678.png,1\n")
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{n}\n" for n in sorted(names)))
+    for src, out in ((manifest, "manifest.csv"), (station / "truck_*", "glob.csv"), (listed, "list.csv")):
+        assert score.main(_args(src, heuristic_model_1ch, tmp_path / out)) == 0
+        assert {Path(r["path"]) for r in _rows(tmp_path / out).values()} == names, src
+    assert evaluate(tmp_path / "manifest.csv", manifest, tmp_path / "report", thumbs=False)["overall"]["n"] == 2
+    assert score.main(_args(manifest, heuristic_model_1ch, tmp_path / "beside.csv", overlays=str(station))) == 0
+    assert (station / "truck_C5678.png").is_symlink() and (station / "truck_C5678.png.png").is_file()
