@@ -21,7 +21,8 @@ from detector.synth.render import normal_noise
 
 GAUSS_COUNTS = 100.0  # DoseNoise: above this many counts a Gaussian draw stands in for the Poisson one
 # TIP's photon noise: the generator's noise at the 10 mm model pitch, var(A) = e^A / N + R^2 e^2A / N^2 (photons N and
-# read noise R per model pixel, fitted to benchmarks/tip_noise.py's curve), its std capped where counts run out
+# read noise R per model pixel, set from benchmarks/tip_noise.py's curve at attenuation 0-0.5 and 6-6.5: within 30 % of
+# it below 7), its std capped where counts run out
 TIP_PHOTONS, TIP_READ, TIP_MAX_STD = 4.4e5, 32.0, 1.0
 
 

@@ -224,6 +224,23 @@ def test_material_visibility_prints_a_median_per_anomaly_type():
     assert rows and set(rows) <= set(ANOMALY_TYPES), p.stdout
 
 
+def test_tip_noise_measures_photon_noise_rising_with_attenuation_as_tip_models_it():
+    """benchmarks/tip_noise.py: the generator's noise at model pitch grows with attenuation (fewer photons), and TIP's
+    noise model (detector.augment's constants, set from this curve) stays within 40 % of it below the read-noise band."""
+    from detector.augment import TIP_PHOTONS, TIP_READ
+    p = bench("tip_noise.py", "--scans", "2", "--per-scan", "4")
+    assert p.returncode == 0, p.stderr
+    bands = [(float(lo), float(hi), float(sd)) for lo, hi, sd in
+             re.findall(r"^  A +([\d.]+)- *([\d.]+): ([\d.]+) / [\d.]+$", p.stdout, re.M)]
+    low = [(lo, sd) for lo, _, sd in bands if lo < 7]
+    assert len(low) >= 8 and all(b[1] < a[1] for a, b in zip(low[1:], low[:-1])), p.stdout
+    for lo, sd in low:
+        a = lo + 0.25
+        model = np.sqrt(np.exp(a) / TIP_PHOTONS + (TIP_READ / TIP_PHOTONS) ** 2 * np.exp(2 * a))
+        assert 0.6 < model / sd < 1.4, (lo, sd, model)
+    assert re.search(r"high energy: the noise left out / the threat's contrast: median [\d.]+", p.stdout), p.stdout
+
+
 def test_finetune_keeps_the_high_energy_and_refuses_a_wrong_init_before_any_data(tmp_path):
     """benchmarks/finetune.py trains (left out), but its single-energy site copy and its argument checks run here."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
