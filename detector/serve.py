@@ -125,7 +125,7 @@ class Service:
         counts[:, 64:224, 128:896] = 9000   # a load in the beam: a blank scan is refused as bad input
         v = self.inspector.inspect_safe(scan_from_counts(counts, i0=53000.0, source="<warm-up>"))
         if v.error:   # the model cannot route a truck: stay not ready (503), and say why
-            print(f"detector serve: warm-up failed ({v.error}); /readyz stays 503", file=sys.stderr, flush=True)
+            _say(f"detector serve: warm-up failed ({v.error}); /readyz stays 503")
             return
         self.ready = True
 
@@ -181,7 +181,7 @@ class Service:
             return _refusal(503, f"audit log unavailable ({e}): outcome not recorded, retry",
                             {"Retry-After": str(OUTCOME_RETRY_AFTER_S)})
         except Exception as e:   # not the fail-closed verdict of create_app: this answer routes no truck
-            print(f"detector serve: outcome not recorded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            _say(f"detector serve: outcome not recorded: {type(e).__name__}: {e}")
             return _refusal(500, f"internal error: {type(e).__name__}: outcome not recorded")
         self.metrics.outcome(row["decision"], row["outcome"])
         return JSONResponse({"request_id": row["request_id"], "outcome": row["outcome"], "decision": row["decision"],
@@ -345,8 +345,8 @@ class Service:
         except Exception as se:
             kept = f"row NOT spooled ({self.audit.spool}: {se}), queued for retry in memory only"
         self.audit_backlog.append(record)
-        print(f"detector serve: audit row for {record['request_id']} not committed within the deadline ({e}); "
-              f"answered INSPECT, {kept}: {json.dumps(record)}", file=sys.stderr, flush=True)
+        _say(f"detector serve: audit row for {record['request_id']} not committed within the deadline ({e}); "
+             f"answered INSPECT, {kept}: {json.dumps(record)}")
 
     def _flush_backlog(self, wait_s: float) -> None:
         """In the audit thread: commit queued rows oldest first until the database refuses (still locked), then
@@ -361,8 +361,7 @@ class Service:
             except Exception as e:
                 self._lost(record, e)
             else:
-                print(f"detector serve: queued audit row for {record['request_id']} written", file=sys.stderr,
-                      flush=True)
+                _say(f"detector serve: queued audit row for {record['request_id']} written")
             self.audit_backlog.popleft()
             done += 1
         if done:
@@ -374,15 +373,15 @@ class Service:
             self.audit.spool_rewrite(list(self.audit_backlog))
             return True
         except OSError as e:   # committed rows left in it are skipped when it is replayed
-            print(f"detector serve: cannot rewrite the audit spool {self.audit.spool} ({e}); "
-                  f"{len(self.audit_backlog)} rows still queued", file=sys.stderr, flush=True)
+            _say(f"detector serve: cannot rewrite the audit spool {self.audit.spool} ({e}); "
+                 f"{len(self.audit_backlog)} rows still queued")
             return False
 
     def _lost(self, record: dict, e: Exception) -> None:
         """A row that will never be stored: count it, and log it whole (then stderr holds the only copy)."""
         self.metrics.audit_failures += 1
-        print(f"detector serve: audit write failed for {record['request_id']}: {e}; row not stored: "
-              f"{json.dumps(record)}", file=sys.stderr, flush=True)
+        _say(f"detector serve: audit write failed for {record['request_id']}: {e}; row not stored: "
+             f"{json.dumps(record)}")
 
     async def flush_audit(self, wait_s: float = AUDIT_RETRY_WAIT_S) -> None:
         """Retry the rows queued behind a locked database (in the audit thread, between fresh writes)."""
@@ -390,10 +389,13 @@ class Service:
             await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._flush_backlog, wait_s)
 
     async def retry_audit(self, every_s: float = AUDIT_RETRY_S) -> None:
-        """Background task: keep retrying queued audit rows until each is written."""
+        """Background task: keep retrying queued audit rows until each is written, whatever one retry raises."""
         while True:
             await asyncio.sleep(every_s)
-            await self.flush_audit()
+            try:
+                await self.flush_audit()
+            except Exception as e:   # one failed retry must not end the task: the rows would wait for a restart
+                _say(f"detector serve: retrying queued audit rows failed ({type(e).__name__}: {e}); retrying")
 
     def summary(self) -> str:
         m = self.metrics
@@ -418,8 +420,8 @@ class Service:
         self.audit_pool.shutdown(wait=True)
         self._flush_backlog(AUDIT_CLOSE_WAIT_S)
         if self.audit_backlog and self._respool():
-            print(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
-                  f"kept in {self.audit.spool}; the next start commits them", file=sys.stderr, flush=True)
+            _say(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
+                 f"kept in {self.audit.spool}; the next start commits them")
         elif self.audit_backlog:
             while self.audit_backlog:
                 self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))
@@ -442,6 +444,15 @@ def _trim_heap() -> None:
     # them back when the queue drains keeps a long-running station's RSS flat
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def _say(text: str) -> None:
+    """One line to stderr, never raising: a log on a full disk (or a closed pipe) made the line about a deferred row
+    fail the row's write, and the line about a committed one end the retry of the queued rows."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):   # ValueError: stderr closed
+        pass
 
 
 def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> Any:
@@ -565,7 +576,7 @@ def create_app(svc: Service) -> FastAPI:
     @app.exception_handler(Exception)
     async def fail_closed(request: Request, exc: Exception) -> JSONResponse:
         # last resort: a client must never read a 5xx as "no verdict, release"
-        print(f"detector serve: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        _say(f"detector serve: unexpected {type(exc).__name__}: {exc}")
         if request.url.path != "/v1/inspect":   # a verdict (or a 200) from /readyz or /metrics would read as "fine"
             return _refusal(500, f"internal error: {type(exc).__name__}")
         return JSONResponse({"decision": "INSPECT", "score": None, "threshold": None, "tier": None,

@@ -654,6 +654,53 @@ def test_unwritable_spool_keeps_the_row_in_memory(tmp_path, monkeypatch, capsys)
     svc.close()
 
 
+class _FullDisk:
+    """A stderr on a full disk (a station's `2>> serve.log` beside the audit database): every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_stderr_that_cannot_be_written_neither_hides_a_deferral_nor_stops_the_retry(tmp_path, monkeypatch):
+    # the log line about a deferred row raised out of the audit thread: the answer said "audit write failed", the
+    # deferral went uncounted, and the retry that committed the row raised too, ending the retry task for good
+    db = tmp_path / "a.sqlite"
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    monkeypatch.setattr(sys, "stderr", _FullDisk())
+    v = _answer_while_locked(svc, db)
+    assert v["decision"] == "INSPECT" and "queued for the audit log" in v["reason"]
+    assert svc.metrics.audit_deferred == 1 and len(svc.audit_backlog) == 1
+    asyncio.run(svc.flush_audit())
+    assert svc.audit.count() == 1 and not svc.audit_backlog and _spooled(db) == []
+    svc.close()
+
+
+def test_the_audit_retry_task_outlives_a_failed_retry(tmp_path, monkeypatch):
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    svc.audit_backlog.append({"request_id": "r1", "decision": "INSPECT", "reason": "queued"})
+    flush, calls = svc._flush_backlog, []
+
+    def flaky(wait_s):
+        calls.append(wait_s)
+        if len(calls) == 1:
+            raise RuntimeError("one bad retry")
+        flush(wait_s)
+
+    monkeypatch.setattr(svc, "_flush_backlog", flaky)
+
+    async def run() -> None:
+        task = asyncio.create_task(svc.retry_audit(every_s=0.01))
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(calls) >= 2 and svc.audit.count() == 1 and not svc.audit_backlog
+    svc.close()
+
+
 def test_kill9_while_the_audit_db_is_locked_keeps_the_answered_row(heuristic_model, normal_scan_path, tmp_path):
     srv = Server(heuristic_model, tmp_path, "--deadline-ms", "300")
     other = sqlite3.connect(str(srv.audit), isolation_level=None)
