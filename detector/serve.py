@@ -666,6 +666,7 @@ def main(args) -> int:
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
           f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}, "
           f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
+    from detector.serve_protocol import HeadDeadlineProtocol
     uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),
-                access_log=False)
+                access_log=False, http=HeadDeadlineProtocol)
     return 0

@@ -931,3 +931,65 @@ def test_serve_reads_untagged_uploads_at_the_pitch_given(heuristic_model_1ch, tm
     ok, png = cv2.imencode(".png", make_scan_counts(channels=1, dense=True, seed=7)[0])
     v = started[0].inspector.inspect_safe((png.tobytes(), "bare.png"))
     assert v.error is None and v.heatmap.shape == (10, 30)                   # 200 x 600 px at 4 mm: 80 x 240 model px
+
+
+def test_a_connection_that_sends_no_request_head_is_closed_and_a_begun_request_is_not(monkeypatch):
+    """uvicorn timed a connection out only between requests, and any byte reset that: connections that sent nothing,
+    or trickled their headers, each held a file descriptor for good, and ~1024 of them left the station's service
+    answering nobody. Now a request's head must arrive within HEAD_TIMEOUT_S of connecting or of the last response;
+    a request whose head is in is answered however long its answer takes."""
+    import uvicorn
+
+    from detector import serve_protocol
+
+    monkeypatch.setattr(serve_protocol, "HEAD_TIMEOUT_S", 0.3)
+
+    async def app(scope, receive, send):   # answers after 3x the head deadline
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(0.9)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> dict:
+        cfg = uvicorn.Config(app, http=serve_protocol.HeadDeadlineProtocol, lifespan="off", timeout_keep_alive=60,
+                             log_level="critical")
+        server = uvicorn.Server(cfg)
+        srv = await asyncio.get_running_loop().create_server(
+            lambda: serve_protocol.HeadDeadlineProtocol(config=cfg, server_state=server.server_state, app_state={}),
+            "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+
+        async def closed_after(send: bytes) -> float | None:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(send)
+            t0 = time.monotonic()
+            try:
+                data = await asyncio.wait_for(r.read(), 3.0)
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                w.close()
+            return time.monotonic() - t0 if data == b"" else None
+
+        async def answered_then_closed() -> tuple[bytes, float | None]:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(r.readuntil(b"ok"), 3.0)
+            t0 = time.monotonic()
+            rest = await asyncio.wait_for(r.read(), 3.0)   # kept alive, then idle: the deadline again
+            w.close()
+            return head, (time.monotonic() - t0 if rest == b"" else None)
+
+        out = {"silent": await closed_after(b""), "trickle": await closed_after(b"GET / HTTP/1.1\r\nHo"),
+               "request": await answered_then_closed()}
+        srv.close()
+        await srv.wait_closed()
+        return out
+
+    out = asyncio.run(run())
+    assert out["silent"] is not None and out["silent"] < 1.5
+    assert out["trickle"] is not None and out["trickle"] < 1.5
+    head, idle = out["request"]
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"ok")   # not cut at 0.3 s while it was answered
+    assert idle is not None and idle < 1.5
