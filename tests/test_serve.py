@@ -520,7 +520,7 @@ def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, cap
     finally:
         other.execute("ROLLBACK")
     v = r.json()
-    assert took < 0.3 + 0.5, took
+    assert took < 0.3 + 1.5, took   # sqlite's busy timeout was 30 s; a loaded 2-core CI host took 1.03 s here
     assert r.status_code == 200 and v["decision"] == "INSPECT" and "database is locked" in v["reason"]
     assert "score 0.2" in v["reason"]   # the model's reason is kept beside the audit one
     assert svc.metrics.audit_deferred == 1 and len(svc.audit_backlog) == 1 and svc.metrics.audit_failures == 0
@@ -768,7 +768,7 @@ def test_outcome_behind_a_locked_audit_db_is_503_with_a_retry_hint(tmp_path, mon
     finally:
         other.execute("ROLLBACK")
         other.close()
-    assert r.status_code == 503 and "database is locked" in r.json()["detail"] and took < 0.2 + 0.5, took
+    assert r.status_code == 503 and "database is locked" in r.json()["detail"] and took < 0.2 + 1.5, took
     assert r.headers["retry-after"] == str(serve.OUTCOME_RETRY_AFTER_S)
     # a verdict answered while the database was locked and not yet committed is not "unknown": retry, not 404
     queued = _answer_while_locked(svc, db)["request_id"]
