@@ -182,11 +182,11 @@ def _pitch_words(path: str, routing: dict) -> str:
     return f"{routing.get('default_pitch_mm', DEFAULT_PITCH_MM):g} mm (no pitch_mm cell: the default for files without one)"
 
 
-def check_same_routing(out: Path, routing: dict, listed: set[str] | None = None) -> None:
+def check_same_routing(out: Path, routing: dict, listed: set[str]) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
     already in it, or read at another pitch for files without one (--pitch-mm, or a row's pitch_mm for a row already
-    scored that this run lists; `listed`: its files as the CSV names them, None: every row): one CSV, one routing
-    (a CSV from before the routing file is resumed as it is)."""
+    scored that this run lists; `listed`: its files as the CSV names them): one CSV, one routing (a CSV from before
+    the routing file is resumed as it is)."""
     f = routing_file(out)
     if not (out.is_file() and f.is_file()):
         return
@@ -203,7 +203,6 @@ def check_same_routing(out: Path, routing: dict, listed: set[str] | None = None)
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
         raise ValueError(f"{out} holds rows routed with {what}; resuming would mix them: use --no-resume or "
                          "another --out")
-    listed = {r[0] for r in _result_rows(out)} if listed is None else listed
     row = _repitched_row(out, before, now, listed)
     if row is not None:
         raise ValueError(f"{out} holds the row of {row[0]} scored at {_pitch_words(row[0], before)}; this "
@@ -211,14 +210,15 @@ def check_same_routing(out: Path, routing: dict, listed: set[str] | None = None)
                          "pitch: use --no-resume or another --out")
 
 
-def kept_row_pitches(out: Path, routing: dict, listed: set[str]) -> dict:
-    """`routing` with the row pitches of the rows in `out` that this run does not list carried over from its routing
-    file: a second manifest into one CSV keeps the first one's rows, and a later resume must know their pitches."""
+def kept_row_pitches(out: Path, routing: dict, listed: set[str], done: set[str]) -> dict:
+    """`routing` with the row pitches of the rows in `out` (`done`: done_paths) that this run does not list carried
+    over from its routing file: a second manifest into one CSV keeps the first one's rows, and a later resume must
+    know their pitches."""
     try:
         before = json.loads(routing_file(out).read_text(encoding="utf-8")).get("row_pitch_mm") or {}
     except (OSError, ValueError, AttributeError):
         return routing
-    kept = {p: before[p] for p in (r[0] for r in _result_rows(out)) if p in before and p not in listed}
+    kept = {p: v for p, v in before.items() if p in done and p not in listed}
     rows = {**kept, **(routing.get("row_pitch_mm") or {})}
     return {**routing, "row_pitch_mm": rows} if rows else routing
 
@@ -560,7 +560,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
             if retried:
                 print(f"retrying {retried} failed file(s) from {out}", file=sys.stderr)
         done = done_paths(out)
-        routing = kept_row_pitches(out, routing, listed)
+        routing = kept_row_pitches(out, routing, listed, done)
     except ValueError as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
