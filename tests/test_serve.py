@@ -510,7 +510,9 @@ def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monk
 def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, capsys):
     # another connection (an operator's sqlite3 shell, a backup) holding the audit database's write lock made
     # each truck wait sqlite's 30 s busy timeout, and the row of that verdict was then dropped
-    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    # a 1 s deadline: on a loaded 2-core CI host this first locked request once took 1.03 s against 0.3 s, and once
+    # ran past 0.3 s while its 3-byte upload was received
+    svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=1000)
     other = sqlite3.connect(str(tmp_path / "a.sqlite"), isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:
@@ -520,7 +522,7 @@ def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, cap
     finally:
         other.execute("ROLLBACK")
     v = r.json()
-    assert took < 0.3 + 1.5, took   # sqlite's busy timeout was 30 s; a loaded 2-core CI host took 1.03 s here
+    assert took < 1.0 + 1.5, took   # sqlite's busy timeout was 30 s
     assert r.status_code == 200 and v["decision"] == "INSPECT" and "database is locked" in v["reason"]
     assert "score 0.2" in v["reason"]   # the model's reason is kept beside the audit one
     assert svc.metrics.audit_deferred == 1 and len(svc.audit_backlog) == 1 and svc.metrics.audit_failures == 0
