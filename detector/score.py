@@ -49,27 +49,28 @@ def done_paths(out: Path) -> set[str]:
     return {row[0] for row in _result_rows(out)}
 
 
-def drop_failed_rows(out: Path, jsonl: Path | None = None) -> int:
-    """Remove the failed rows (non-empty error) from a results CSV, and their lines from its JSON lines, so
-    that a resumed run scores those files again (a scan still being copied, a share that was down); returns
-    how many."""
-    failed = {r[0] for r in _result_rows(out) if r[-1]}
+def drop_failed_rows(out: Path, jsonl: Path | None, listed: set[str]) -> int:
+    """Remove the failed rows (non-empty error) of the files this run lists (`listed`: as the CSV names them) from a
+    results CSV, and their lines from its JSON lines, so that the run scores those files again (a scan still being
+    copied, a share that was down); returns how many. Another manifest's failed rows stay: no run scores them again."""
+    failed = {r[0] for r in _result_rows(out) if r[-1] and r[0] in listed}
     _drop_paths(out, jsonl, failed, failed)
     return len(failed)
 
 
-def match_jsonl(out: Path, jsonl: Path) -> int:
+def match_jsonl(out: Path, jsonl: Path, listed: set[str]) -> int:
     """Make a results CSV and its JSON lines hold the same files before a resume. A run killed between a file's
-    row and its line left the row without the line, and resuming never wrote it: such rows are removed (the files
-    are scored again), as are lines without a row; returns how many rows. Rows before the first one with a line
-    are left alone: those were scored before --jsonl was first given, not cut short."""
+    row and its line left the row without the line, and resuming never wrote it: such rows of the files this run
+    lists (`listed`) are removed (the files are scored again), as are lines without a row; returns how many rows.
+    Rows before the first one with a line are left alone: those were scored before --jsonl was first given, not cut
+    short; so are the rows of files this run does not list (another manifest's), which it would not score again."""
     if not (out.is_file() and jsonl.is_file() and jsonl.stat().st_size):
         return 0
     _cut_partial_line(jsonl)
     rows = [r[0] for r in _result_rows(out)]
     in_jsonl = {_jsonl_path(ln) for ln in jsonl.read_text(encoding="utf-8").splitlines()}
     first = next((i for i, path in enumerate(rows) if path in in_jsonl), len(rows))
-    unmatched = {path for path in rows[first:] if path not in in_jsonl}
+    unmatched = {path for path in rows[first:] if path not in in_jsonl and path in listed}
     _drop_paths(out, jsonl, unmatched, in_jsonl - set(rows))
     return len(unmatched)
 
@@ -542,11 +543,12 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
             if p and p.exists():
                 p.unlink()
     listed = {shown(i.path) for i in items}
+    redo = listed | {shown(i.real) for i in items}   # a row under a link's target (an earlier version's) is its row
     try:
         check_same_routing(out, routing, listed)
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
-            unmatched = match_jsonl(out, jsonl) if jsonl is not None else 0
+            unmatched = match_jsonl(out, jsonl, redo) if jsonl is not None else 0
             if unmatched:
                 print(f"scoring {unmatched} file(s) again: their rows in {out} have no line in {jsonl} (a run "
                       "stopped between the two)", file=sys.stderr)
@@ -556,7 +558,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
                     print(f"scoring {lost} file(s) again: their rows in {out} have no overlay in {args.overlays} (a "
                           "run killed before drawing them)", file=sys.stderr)
         if getattr(args, "retry_failed", False):
-            retried = drop_failed_rows(out, jsonl)
+            retried = drop_failed_rows(out, jsonl, redo)
             if retried:
                 print(f"retrying {retried} failed file(s) from {out}", file=sys.stderr)
         done = done_paths(out)

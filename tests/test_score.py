@@ -929,3 +929,35 @@ def test_a_folder_of_links_into_an_archive_shows_the_links_names(tmp_path, heuri
     assert evaluate(tmp_path / "manifest.csv", manifest, tmp_path / "report", thumbs=False)["overall"]["n"] == 2
     assert score.main(_args(manifest, heuristic_model_1ch, tmp_path / "beside.csv", overlays=str(station))) == 0
     assert (station / "truck_C5678.png").is_symlink() and (station / "truck_C5678.png.png").is_file()
+
+
+def test_a_retry_with_another_manifest_keeps_the_rows_it_does_not_list(tmp_path, heuristic_model, normal_scan_path,
+                                                                        capsys):
+    """`--retry-failed` with a second manifest into one CSV removed every failed row, also those of files the second
+    manifest does not list, which it then never scored again: the first day's unreadable truck vanished from the CSV,
+    its JSON line and its pitch in the routing file; so did a row whose JSON line a crash had cut (match_jsonl).
+    A resume or retry now removes only rows of files it scores again: the others stay exactly as they were."""
+    d = tmp_path / "site"
+    d.mkdir()
+    for name in ("a.tiff", "b.tiff", "c.tiff"):
+        shutil.copy(normal_scan_path, d / name)
+    (d / "bad.tiff").write_bytes(b"not a scan")
+    (d / "bad2.tiff").write_bytes(b"not a scan either")
+    day1, day2 = d / "day1.csv", d / "day2.csv"
+    day1.write_text("path,pitch_mm\na.tiff,5\nc.tiff,5\nbad.tiff,5\n")
+    day2.write_text("path\nb.tiff\nbad2.tiff\n")
+    out, jl = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert score.main(_args(day1, heuristic_model, out, jsonl=str(jl))) == 0
+    lines = jl.read_text().splitlines(keepends=True)
+    jl.write_text(lines[0] + lines[2])                          # c.tiff's line lost (a crash between row and line)
+    first_rows, first_lines = out.read_text().splitlines()[1:], jl.read_text().splitlines()
+    assert score.main(_args(day2, heuristic_model, out, jsonl=str(jl), retry_failed=True)) == 0, capsys.readouterr()
+    rows = out.read_text().splitlines()[1:]
+    assert rows[:3] == first_rows and sorted(_rows(out)) == ["a.tiff", "b.tiff", "bad.tiff", "bad2.tiff", "c.tiff"]
+    assert jl.read_text().splitlines()[:2] == first_lines and len(jl.read_text().splitlines()) == 4
+    routing = json.loads(score.routing_file(out).read_text())
+    assert {Path(p).name for p in routing["row_pitch_mm"]} == {"a.tiff", "c.tiff", "bad.tiff"}
+    assert "retrying" not in capsys.readouterr().err              # nothing of day 2 had failed before
+    (d / "bad.tiff").write_bytes(normal_scan_path.read_bytes())  # day 1's truck readable now: day 1 retries it
+    assert score.main(_args(day1, heuristic_model, out, jsonl=str(jl), retry_failed=True)) == 0
+    assert _rows(out)["bad.tiff"]["error"] == "" and _rows(out)["bad2.tiff"]["error"] != ""
