@@ -68,7 +68,7 @@ def read_rows(manifest: str | Path, need: tuple[str, ...] = ("path", "label")) -
             line, path = reader.line_num, _native((row.get("path") or "").strip())   # line_num: blank lines count too
             if not path:
                 continue
-            key = os.path.normpath(path)   # ./images/a.tiff and images/a.tiff are one scan
+            key = absolute(manifest.parent / path)   # ./images/a.tiff and images/a.tiff are one scan
             if key in seen:
                 raise ScanError(manifest, f"row {line}: {path} is listed again (row {seen[key]}); list each scan once")
             seen[key] = line
@@ -97,6 +97,20 @@ def _check_column_names(manifest: Path, names: list[str]) -> None:
             raise ScanError(manifest, f"column {name!r} is not one detector reads: {meant!r}? (a misspelt column is "
                                       "ignored without a word; column names are lower case, as data/README.md lists "
                                       "them)")
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """`path` made absolute with `.` and `name/..` dropped as the OS goes, never lexically alone: `..` after a link
+    goes up from the link's target (os.path.normpath and abspath went up from the link, naming another file), and
+    after a name that is no folder it fails; both keep their `..`."""
+    parts = Path(os.getcwd(), path).parts
+    out = Path(parts[0])
+    for part in parts[1:]:
+        if part == ".." and out.name not in ("", "..") and os.path.isdir(out) and not os.path.islink(out):
+            out = out.parent
+        elif part != ".." or out.parent != out:   # /.. is /
+            out = out / part
+    return out
 
 
 def on_disk(path: Path) -> Path:

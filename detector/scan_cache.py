@@ -13,7 +13,7 @@ import numpy as np
 
 from detector.formats import file_geometry
 from detector.hard_types import write_atomic
-from detector.manifest import read_mask
+from detector.manifest import absolute, read_mask
 from detector.preprocess import Preprocessing, model_attenuation
 from detector.records import Record
 from detector.scan import ScanError, file_shape, map_box, read_scan
@@ -114,7 +114,7 @@ class ScanCache:
         must not reuse the old mask, nor skip the check that the mask agrees with the label."""
         # absolute paths: one scan named through another manifest (../data/x.tiff) or another working directory
         # is one entry, not a second copy of its arrays
-        path, mask = os.path.abspath(rec.path), rec.mask and os.path.abspath(rec.mask)
+        path, mask = absolute(rec.path), rec.mask and absolute(rec.mask)   # as the OS goes: up from a link's target
         s = f"{path}|{_stamp(rec.path)}|{mask}|{rec.boxes}|{self.pre.model_pitch_mm}|{self.channels}"
         s += f"|label{rec.label}" + (f"|{_stamp(rec.mask)}" if rec.mask and os.path.exists(rec.mask) else "")
         s += "|rows2" if self.pre.repair_rows else ""   # caches made without the row repair stay valid; rows2:

@@ -301,11 +301,13 @@ def _decide(policy, score: float | None, item: Item, error: str | None) -> tuple
 
 
 def _overlay_name(path: Path, root: Path | None) -> Path:
+    """A scan's overlay below the overlays folder; a `..` its path keeps (up from a linked folder) becomes `_up_`:
+    the overlay stays in the folder, apart from the scan's namesake there."""
     try:
         rel = path.relative_to(root) if root else Path(path.name)
     except ValueError:
         rel = Path(path.name)
-    return rel.with_suffix(".png")
+    return Path(*("_up_" if part == ".." else part for part in rel.parts)).with_suffix(".png")
 
 
 def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:

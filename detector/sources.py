@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.manifest import on_disk, pitch_of, read_rows, read_text
+from detector.manifest import absolute, on_disk, pitch_of, read_rows, read_text
 from detector.policy import parse_flags
 from detector.formats import png_header
 from detector.scan import SCAN_SUFFIXES, ScanError
@@ -36,7 +36,7 @@ class Item:
 
 def given(path: Path, **routing) -> Item:
     """The item of a file as the user named it: absolute, links kept in its path and resolved in `real`."""
-    return Item(Path(os.path.abspath(path)), real=path.resolve(), **routing)
+    return Item(absolute(path), real=path.resolve(), **routing)
 
 
 def _item(path: Path, r: dict) -> Item:

@@ -833,3 +833,22 @@ def test_tip_tyres_cuts_crops_around_a_wheel_with_bags_packed_into_its_tyre(tmp_
     ys, xs = np.nonzero(mask)
     rho = np.hypot(xs - x, ys - y)   # in the crop's wheel, between its rim flange and its tread
     assert mask.any() and vehicles.TYRE_AIR[0] * r - 3 <= rho.min() and rho.max() <= vehicles.TYRE_AIR[1] * r + 3
+
+
+def test_a_scan_up_from_a_linked_folder_has_its_own_cache_entry(tmp_path):
+    """The cache named an entry by os.path.abspath of its scan's path, which reads `scans/linkdir/../x.tiff` as
+    scans/x.tiff where the OS opens x.tiff beside the link's target: two scans of one size and time shared one
+    entry, and training read the first one's arrays for both. The entry now names the file the OS opens."""
+    from conftest import write_test_scan
+    (tmp_path / "elsewhere" / "target").mkdir(parents=True)
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "linkdir").symlink_to(tmp_path / "elsewhere" / "target")
+    near, far = tmp_path / "scans" / "x.tiff", tmp_path / "elsewhere" / "x.tiff"
+    write_test_scan(near, seed=1)
+    write_test_scan(far, dense=True, seed=2)
+    assert near.stat().st_size == far.stat().st_size
+    os.utime(far, ns=(near.stat().st_atime_ns, near.stat().st_mtime_ns))
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    a = cache.load(cache.build(Record(str(near), 0)))[0]
+    b = cache.load(cache.build(Record(str(tmp_path / "scans" / "linkdir" / ".." / "x.tiff"), 0)))[0]
+    assert not np.array_equal(a, b)

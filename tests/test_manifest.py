@@ -266,3 +266,18 @@ def test_a_name_two_files_match_under_unicode_normalisation_is_not_guessed(tmp_p
     (tmp_path / nfc).write_bytes(b"y")
     assert on_disk(tmp_path / mixed) == tmp_path / mixed                 # two: none is guessed
     assert on_disk(tmp_path / "Kuhl.tiff") == tmp_path / "Kuhl.tiff"     # no match: as given
+
+
+def test_a_row_through_a_linked_folder_and_up_is_another_scan_not_a_repeat(tmp_path):
+    """`linkdir/../x.tiff` opens x.tiff beside the link's target (the kernel goes up from the target), another file
+    than `x.tiff`; the repeat check normalised it lexically to `x.tiff` and refused the manifest. `sub/../x.tiff`
+    through a real folder is still the same scan, and refused as a repeat."""
+    (tmp_path / "elsewhere" / "target").mkdir(parents=True)
+    (tmp_path / "set" / "sub").mkdir(parents=True)
+    (tmp_path / "set" / "linkdir").symlink_to(tmp_path / "elsewhere" / "target")
+    manifest = tmp_path / "set" / "manifest.csv"
+    manifest.write_text("path,label\nlinkdir/../x.tiff,0\nx.tiff,1\n")
+    assert [r["path"] for r in read_rows(manifest)] == ["linkdir/../x.tiff", "x.tiff"]
+    manifest.write_text("path,label\nsub/../x.tiff,0\nx.tiff,1\n")
+    with pytest.raises(ScanError, match=r"row 3: x\.tiff is listed again \(row 2\)"):
+        read_rows(manifest)

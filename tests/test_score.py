@@ -961,3 +961,29 @@ def test_a_retry_with_another_manifest_keeps_the_rows_it_does_not_list(tmp_path,
     (d / "bad.tiff").write_bytes(normal_scan_path.read_bytes())  # day 1's truck readable now: day 1 retries it
     assert score.main(_args(day1, heuristic_model, out, jsonl=str(jl), retry_failed=True)) == 0
     assert _rows(out)["bad.tiff"]["error"] == "" and _rows(out)["bad2.tiff"]["error"] != ""
+
+
+def test_a_path_up_from_a_linked_folder_reads_the_file_the_os_opens(tmp_path, heuristic_model, normal_scan_path,
+                                                                     anomalous_scan_path):
+    """`scans/linkdir/../x.tiff` (linkdir a link to a folder elsewhere) opens x.tiff beside the link's target, but the
+    path was normalised lexically to scans/x.tiff: the row named, and the run read, another truck than the one given
+    (and a manifest listing both was refused as a repeat). Now the file the OS opens is read, under the spelling given;
+    both trucks get their own row and overlay."""
+    (tmp_path / "elsewhere" / "target").mkdir(parents=True)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "linkdir").symlink_to(tmp_path / "elsewhere" / "target")
+    shutil.copy(normal_scan_path, scans / "x.tiff")
+    shutil.copy(anomalous_scan_path, tmp_path / "elsewhere" / "x.tiff")
+    given = scans / "linkdir" / ".." / "x.tiff"
+    assert score.main(_args(given, heuristic_model, tmp_path / "one.csv")) == 0
+    with open(tmp_path / "one.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["path"] == str(given) and row["decision"] == "INSPECT"      # the anomalous truck, named as given
+    (scans / "m.csv").write_text("path\nlinkdir/../x.tiff\nx.tiff\n")
+    out, ov = tmp_path / "r.csv", tmp_path / "ov"
+    assert score.main(_args(scans / "m.csv", heuristic_model, out, overlays=str(ov))) == 0
+    with open(out, newline="") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert rows[str(given)]["score"] == row["score"] and rows[str(scans / "x.tiff")]["decision"] == "RELEASE"
+    assert len(list(ov.rglob("*.png"))) == 2 and all(p.resolve().is_relative_to(ov.resolve()) for p in ov.rglob("*"))
