@@ -76,17 +76,23 @@ def shown(text: str | os.PathLike) -> str:
         return raw.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def unique(items: list[Item]) -> list[Item]:
+def unique(items: list[Item], named: int = 10) -> list[Item]:
     """Items less repeats of a file (a list naming it twice, a symlink beside its target), the first kept: one
-    row per scan, where two made `detector eval` refuse the CSV."""
-    kept, seen = [], set()
+    row per scan, where two made `detector eval` refuse the CSV. The warning names the first `named` names left out
+    and the name each one's row has: an officer looks a truck up by the name in the folder."""
+    first: dict[Path, Item] = {}
+    left = []   # (a name left out, the item its file is scored as)
     for i in items:
-        if i.real not in seen:
-            seen.add(i.real)
-            kept.append(i)
-    if len(kept) < len(items):
-        warnings.warn(f"{len(items) - len(kept)} file(s) named more than once are scored once")
-    return kept
+        kept = first.setdefault(i.real, i)
+        if kept is not i:
+            left.append((i, kept))
+    if left:
+        pairs = "; ".join(f"{shown(i.path)} again" if i.path == k.path else
+                          f"{shown(i.path)} is the file of {shown(k.path)}" for i, k in left[:named])
+        more = f"; and {len(left) - named} more" if len(left) > named else ""
+        warnings.warn(f"{len(left)} names of files named more than once are scored once, each under its first "
+                      f"name: {pairs}{more}")
+    return list(first.values())
 
 
 def _walk(folder: Path) -> list[Path]:

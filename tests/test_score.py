@@ -225,7 +225,7 @@ def test_a_file_named_twice_gets_one_row_and_eval_accepts_the_csv(tmp_path, heur
     lst.write_text(f"{d / 'a.tiff'}\n{d / 'a.tiff'}\n")      # one file listed twice
     for src, n in ((d, 2), (lst, 1)):
         out = tmp_path / f"{Path(src).stem}.csv"
-        with pytest.warns(UserWarning, match="1 file.* named more than once"):
+        with pytest.warns(UserWarning, match="1 names of files named more than once"):
             assert score.main(_args(src, heuristic_model, out)) == 0
         assert len(out.read_text().splitlines()) == 1 + n
     truth = tmp_path / "manifest.csv"
@@ -987,3 +987,22 @@ def test_a_path_up_from_a_linked_folder_reads_the_file_the_os_opens(tmp_path, he
         rows = {r["path"]: r for r in csv.DictReader(f)}
     assert rows[str(given)]["score"] == row["score"] and rows[str(scans / "x.tiff")]["decision"] == "RELEASE"
     assert len(list(ov.rglob("*.png"))) == 2 and all(p.resolve().is_relative_to(ov.resolve()) for p in ov.rglob("*"))
+
+
+def test_a_name_scored_under_another_is_named_in_the_warning(tmp_path, heuristic_model, normal_scan_path):
+    """A folder holding a scan and a link to it gets one row (one per file: two made eval refuse the CSV), but the
+    warning only counted the names left out ('1 file(s) named more than once'): among a day's thousands of scans an
+    officer could not tell which truck's name has no row. The warning now names each name left out and the row it
+    shares, the first ten of them, then how many more."""
+    d = tmp_path / "scans"
+    d.mkdir()
+    shutil.copy(normal_scan_path, d / "a.tiff")
+    (d / "b.tiff").symlink_to("a.tiff")
+    for k in range(12):
+        (d / f"c{k:02d}.tiff").symlink_to("a.tiff")
+    with pytest.warns(UserWarning) as caught:
+        assert score.main(_args(d, heuristic_model, tmp_path / "r.csv")) == 0
+    text = "\n".join(str(w.message) for w in caught)
+    assert sorted(_rows(tmp_path / "r.csv")) == ["a.tiff"]
+    assert f"{d / 'b.tiff'} is the file of {d / 'a.tiff'}" in text and f"{d / 'c08.tiff'} is the file of" in text
+    assert f"{d / 'c09.tiff'}" not in text and "and 3 more" in text and "13 names" in text
