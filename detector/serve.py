@@ -57,6 +57,8 @@ OUTCOME_RETRY_AFTER_S = 5
 # how long past the deadline an inference thread may still hand over its own verdict (say, "deadline exceeded
 # after read"); after that the answer is INSPECT at once and the thread keeps its slot until it ends
 DEADLINE_GRACE_S = 0.05
+OPEN_FILES_CAP = 65536   # the soft open-file limit the service raises itself to, where the hard one allows
+OPEN_FILES_LOW = 1024    # under it, the start line says how to raise the hard limit
 
 
 @dataclass
@@ -455,6 +457,36 @@ def _say(text: str) -> None:
         pass
 
 
+def raise_open_files(cap: int = OPEN_FILES_CAP) -> tuple[int | None, int | None]:
+    """Raise the soft open-file limit to the hard one (at most `cap`), as nginx and most daemons do: each connection
+    holds a descriptor, and a shell's 256 or 1024 let a burst of connections leave /readyz, uploads and the audit
+    database without one. Returns (the limit now, the one before); (None, None) where there is none (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want, soft
+        except (ValueError, OSError):   # a kernel cap under the hard limit (macOS's kern.maxfilesperproc)
+            pass
+    return soft, soft
+
+
+def open_files_words(now: int | None, before: int | None) -> str:
+    """The start line's part on the open-file limit; where it is low, how to raise it."""
+    if now is None:
+        return ""
+    words = f", open files {now}" + (f" (raised from {before})" if before != now else "")
+    if now < OPEN_FILES_LOW:
+        words += (f" (low: a burst of {now} connections leaves /readyz unanswered until they close; raise the hard "
+                  "limit: ulimit -Hn, or systemd's LimitNOFILE=)")
+    return words
+
+
 def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> Any:
     return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold)
 
@@ -663,8 +695,9 @@ def main(args) -> int:
         return 2
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
         print(f"detector serve: warning: listening on {cfg.host} without a token (set {TOKEN_ENV})", file=sys.stderr)
+    files = open_files_words(*raise_open_files())
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
-          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}, "
+          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}{files}, "
           f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
     from detector.serve_protocol import HeadDeadlineProtocol
     uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),

@@ -42,10 +42,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _limit_open_files(soft: int, hard: int) -> None:
+    """In the child before exec: the open-file limit of a station's shell (`ulimit -n 256`)."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 class Server:
     """`python -m detector.cli serve` on a free loopback port; always killed by stop()."""
 
-    def __init__(self, model: Path, workdir: Path, *extra: str, token: str | None = None):
+    def __init__(self, model: Path, workdir: Path, *extra: str, token: str | None = None,
+                 open_files: tuple[int, int] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.audit = workdir / "audit.sqlite"
@@ -57,7 +64,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--port", str(self.port),
              "--audit", str(self.audit), "--threads", "1", *extra],
-            cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(*open_files))
         self._wait_ready(workdir)
 
     def _wait_ready(self, workdir: Path, timeout: float = 30.0) -> None:
@@ -995,3 +1003,30 @@ def test_a_connection_that_sends_no_request_head_is_closed_and_a_begun_request_i
     head, idle = out["request"]
     assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"ok")   # not cut at 0.3 s while it was answered
     assert idle is not None and idle < 1.5
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the open-file limit is POSIX's")
+def test_a_low_open_file_limit_is_raised_so_a_burst_of_connections_leaves_readyz_answering(heuristic_model, tmp_path):
+    """A station whose shell's soft open-file limit is 256: 300 connections at once (a client leaking them, a burst)
+    took every descriptor and /readyz went unanswered until the head deadline closed them (10 s). The service now
+    raises its soft limit to the hard one at start and says the limit in its start line; where the hard limit itself
+    is low it says so, with the way to raise it."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    srv = Server(heuristic_model, tmp_path, open_files=(256, hard))
+    socks = []
+    try:
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(300)]
+        assert httpx.get(srv.url + "/readyz", timeout=3).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+    log = (tmp_path / f"server-{srv.port}.log").read_text()
+    assert "open files " in log and "(raised from 256)" in log, log
+    low = Server(heuristic_model, tmp_path, open_files=(256, 256))
+    low.stop()
+    log = (tmp_path / f"server-{low.port}.log").read_text()
+    assert "open files 256 (low" in log and "LimitNOFILE" in log and "ulimit -Hn" in log, log
