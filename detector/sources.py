@@ -35,8 +35,12 @@ class Item:
 
 
 def given(path: Path, **routing) -> Item:
-    """The item of a file as the user named it: absolute, links kept in its path and resolved in `real`."""
-    return Item(Path(os.path.abspath(path)), real=path.resolve(), **routing)
+    """The item of a file as the user named it: absolute, links kept in its path and resolved in `real`. Its '..'
+    parts are dropped only where that names the same file: after a link to a folder ('current/../scans/a.tiff', a
+    manifest row '../scans/a.tiff' in a linked folder) '..' leaves the link's target, and the tidied path named
+    another truck's file, which was read and routed under the row."""
+    real, tidy = path.resolve(), Path(os.path.abspath(path))
+    return Item(tidy if ".." not in path.parts or tidy.resolve() == real else path.absolute(), real=real, **routing)
 
 
 def _item(path: Path, r: dict) -> Item:
