@@ -69,17 +69,6 @@ def discover(src: str) -> tuple[list[Item], str]:
     return unique(items), how
 
 
-def shown(text: str | os.PathLike) -> str:
-    """A path (or a text naming one) as any UTF-8 file can hold it: the bytes of a name that are not UTF-8 (a scan
-    copied from a Latin-1 system, b'tr\\xfcck.tiff') escaped as \\xfc, where writing them raised UnicodeEncodeError.
-    Other text is unchanged."""
-    raw = os.fspath(text)
-    try:
-        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # a surrogate that no file name's byte made
-        return raw.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def unique(items: list[Item]) -> list[Item]:
     """Items less repeats of a file (a list naming it twice, a symlink beside its target), the first kept: one
     row per scan, where two made `detector eval` refuse the CSV."""
