@@ -67,7 +67,9 @@ def _heights(meta: dict) -> str:
 
 def _untagged(meta: dict) -> str:
     """The pitch the station takes for scan files that carry none, and where it comes from."""
-    how = ("the training run's data.pitch_mm" if meta.get("default_pitch_mm") is not None else
+    site = (meta.get("site_calibration") or {}).get("default_pitch_mm")
+    how = ("the site calibration's: its scores were read at it" if site is not None and site == untagged_pitch_mm(meta)
+           else "the training run's data.pitch_mm" if meta.get("default_pitch_mm") is not None else
            "the default: the training run set no data.pitch_mm")
     return (f"files without a pitch of their own read at {untagged_pitch_mm(meta):g} mm ({how}; `score --pitch-mm` and "
             "`serve --pitch-mm` override it); a file's own pitch wins")

@@ -21,10 +21,9 @@ import numpy as np
 
 from detector import metrics as M
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
-                               pitch_of, read_mask, read_rows, read_text)
+                               one_row_per_file, pitch_of, read_mask, read_rows, read_text, shown)
 from detector.formats import file_geometry
 from detector.scan import ScanError, file_shape, map_box
-from detector.sources import shown
 
 CARGO_COLUMNS = ("cargo_class", "cargo", "cargo_type")
 N_THUMBS = 6
@@ -81,27 +80,16 @@ def load_truth(src: str | Path) -> tuple[list[Truth], Path]:
                              (_none(r.get("anomaly_type")) or "anomaly") if label == 1 else None, cargo,
                              SPLIT_ALIASES.get((_none(r.get("split")) or "train").lower(), "") if split else "",
                              pitch_of(r, manifest)))
-        _one_row_per_scan(out, [f"row {r['_row']}: " for r in rows], manifest)
+        one_row_per_file(manifest, [(f"row {r['_row']}: ", t.rel, t.path) for r, t in zip(rows, out)])
         return out, manifest
     if src.is_dir() and has_layout(src):
         out = [Truth(p.resolve(), p.relative_to(src).as_posix(), label, mask=m.resolve() if m else None,
                      anomaly_type="anomaly" if label else None) for p, label, m in layout_files(src)]
-        _one_row_per_scan(out, [""] * len(out), src)
+        one_row_per_file(src, [("", t.rel, t.path) for t in out])
         return out, src
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such dataset folder or manifest.csv")
     raise FileNotFoundError(f"{src}: {not_a_dataset(src)}")
-
-
-def _one_row_per_scan(truth: list[Truth], where: list[str], src: Path) -> None:
-    """ScanError naming both when two truth entries reach one file (a link and its target, a linked folder): eval
-    matched its result to one of them, with that one's label, and reported the other as a scan without a result."""
-    seen: dict[Path, int] = {}
-    for i, t in enumerate(truth):
-        j = seen.setdefault(t.path, i)
-        if j != i:
-            raise ScanError(src, f"{where[i]}{t.rel} is the scan of {where[j].rstrip(': ') or 'the truth entry'} "
-                                 f"({truth[j].rel}, both reach {shown(t.path)}): list each scan once")
 
 
 def _regions(text: str | None) -> list:

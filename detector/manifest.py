@@ -132,6 +132,31 @@ def on_disk(path: Path) -> Path:
     return found
 
 
+def shown(text: str | os.PathLike) -> str:
+    """A path (or a text naming one) as any UTF-8 file can hold it: the bytes of a name that are not UTF-8 (a scan
+    copied from a Latin-1 system, b'tr\\xfcck.tiff') escaped as \\xfc, where writing them raised UnicodeEncodeError.
+    Other text is unchanged."""
+    raw = os.fspath(text)
+    try:
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # a surrogate that no file name's byte made
+        return raw.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def one_row_per_file(src: Path, entries: list[tuple[str, str, Path]]) -> None:
+    """ScanError naming both when two entries of a dataset ((where: 'row 3: ' or '', the path as listed, the file it
+    reaches, resolved)) reach one file: a link and its target, a linked folder, or one name in two Unicode forms
+    (on_disk). Eval matched the scan's result to one of them and called the other unscored; training took the scan
+    twice, in two splits a test scan it had trained on."""
+    seen: dict[Path, int] = {}
+    for i, (where, listed, real) in enumerate(entries):
+        j = seen.setdefault(real, i)
+        if j != i:
+            first = entries[j][0].rstrip(": ") or "another entry"
+            raise ScanError(src, f"{where}{listed} is the scan of {first} ({entries[j][1]}, both reach {shown(real)}): "
+                                 "list each scan once")
+
+
 def _nfc_twin(folder: Path, name: str) -> str | None:
     """The one entry of `folder` whose name equals `name` under NFC normalisation, else None (none, or several)."""
     try:

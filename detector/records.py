@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
-                               pitch_of, read_rows)
+                               one_row_per_file, pitch_of, read_rows)
 from detector.scan import ScanError
 
 SPLITS = ("train", "val", "test")
@@ -39,8 +39,8 @@ class Record:
 
 def _records_from_manifest(root: Path) -> list[Record]:
     manifest = root / "manifest.csv"
-    out = []
-    for row in read_rows(manifest):
+    out, rows = [], read_rows(manifest)
+    for row in rows:
         text = (row.get("split") or "").strip()
         split = SPLIT_ALIASES.get(text.lower(), "")
         if text and not split:   # a typo would train on the scans meant to test the model
@@ -50,11 +50,15 @@ def _records_from_manifest(root: Path) -> list[Record]:
                           str(on_disk(root / row["mask"])) if (row.get("mask") or "").strip() else None,
                           boxes_of(row, manifest) or None, (row.get("anomaly_type") or "").strip(), split,
                           pitch_of(row, manifest)))
+    one_row_per_file(manifest, [(f"row {row['_row']}: ", row["path"], Path(r.path).resolve())
+                                for row, r in zip(rows, out)])
     return out
 
 
 def _records_from_folders(root: Path) -> list[Record]:
-    return [Record(str(p), label, str(m) if m else None) for p, label, m in layout_files(root)]
+    files = layout_files(root)
+    one_row_per_file(root, [("", p.relative_to(root).as_posix(), p.resolve()) for p, _, _ in files])
+    return [Record(str(p), label, str(m) if m else None) for p, label, m in files]
 
 
 def check_dataset(data_dir: str | os.PathLike) -> None:

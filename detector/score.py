@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from detector.manifest import dataset_above, has_labels, has_layout
+from detector.manifest import dataset_above, has_labels, has_layout, shown
 from detector.policy import load_policy
 from detector.scan import (DEFAULT_PITCH_MM, SCAN_SUFFIXES, ScanError, file_shape, map_box, read_scan,
                            summarised_scan_warnings)
-from detector.sources import Item, discover, drop_overlays, remove_overlay, shown
+from detector.sources import Item, discover, drop_overlays, remove_overlay
 
 COLUMNS = ("path", "score", "decision", "threshold", "regions", "latency_ms", "error")
 def _result_rows(out: Path) -> list[list[str]]:

@@ -29,6 +29,10 @@ class HeadDeadlineProtocol(H11Protocol):
         super().handle_events()
         if self.conn.their_state is not h11.IDLE:   # a request's head is in (or the client closed): not ours now
             self._disarm()
+        elif self._head_timer is None and not self.transport.is_closing():
+            # a cycle began here: the body of a request answered before it was read (401, 413) has ended, after its
+            # answer armed nothing and its bytes cancelled uvicorn's keep-alive timer
+            self._arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()   # starts the next cycle, and any request already sent

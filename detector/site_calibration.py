@@ -23,7 +23,7 @@ import numpy as np
 
 from detector.audit import parse_time
 from detector.audit_report import is_audit_log, served_verdicts
-from detector.bundle import BundleError, read_metadata, rewrite_metadata
+from detector.bundle import BundleError, read_metadata, rewrite_metadata, untagged_pitch_mm
 from detector.calibration import rate_interval, threshold_table
 from detector.evaluate import load_results, load_truth, match
 from detector.score import routing_file
@@ -45,6 +45,7 @@ class SiteScores:
     not_in_truth: int = 0  # scans the truth does not list
     other_model: int = 0   # audit log: verdicts another model served
     unchecked: int = 0     # audit log: INSPECTed trucks with no recorded outcome, taken as cleared (kept)
+    pitch_mm: float | None = None   # the pitch their files without one were read at (score --pitch-mm); None: unknown
 
     def left_out(self) -> dict[str, int]:
         """The rows not calibrated on, by why."""
@@ -61,7 +62,8 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
         raise CalibrationError(f"{results}: no {routing.name} beside it, so which model scored these rows is unknown: "
                                f"score the cleared scans with `detector score SCANS --model MODEL --out {results}`")
     try:
-        scored_with = json.loads(routing.read_text(encoding="utf-8")).get("model_sha256")
+        recorded = json.loads(routing.read_text(encoding="utf-8"))
+        scored_with, pitch = recorded.get("model_sha256"), recorded.get("default_pitch_mm")
     except (ValueError, AttributeError, OSError) as e:
         raise CalibrationError(f"{routing}: unreadable ({e})") from None
     if scored_with != model_sha256:
@@ -69,7 +71,7 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
                                f"{model_sha256[:12]}): a model's thresholds need its own scores; score the cleared "
                                "scans again with this model")
     rows = load_results(results)
-    site = SiteScores([], len(rows))
+    site = SiteScores([], len(rows), pitch_mm=pitch if isinstance(pitch, (int, float)) else None)
     if truth is not None:
         pairs, orphans, _ = match(rows, load_truth(truth)[0], results.parent)
         site.not_in_truth = len(orphans)
@@ -126,7 +128,9 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
 def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, truth: str | None = None,
                 since: str | None = None) -> dict:
     """The bundle metadata with thresholds and normal_scores from the site's scores and a `site_calibration`
-    record; CalibrationError when there are too few scores to set the default rate at all."""
+    record; CalibrationError when there are too few scores to set the default rate at all. Where the scores' files
+    without a pitch were read at another pitch than the bundle's (score --pitch-mm 4), that pitch becomes its
+    default_pitch_mm: its thresholds hold for scans read so, and `detector serve --model SITE` reads them so."""
     n, default = len(site.scores), float(meta["default_false_alarm_rate"])
     if n * default < 1:
         raise CalibrationError(f"{source}: {n} cleared scans cannot set a {_pct(default)} false-alarm rate: at least "
@@ -137,9 +141,11 @@ def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, tr
     new = dict(meta)
     new["thresholds"] = threshold_table(site.scores, rates)
     new["normal_scores"] = sorted(site.scores)
+    if site.pitch_mm is not None and site.pitch_mm != untagged_pitch_mm(meta):   # thresholds of scans read at it
+        new["default_pitch_mm"] = float(site.pitch_mm)
     new["site_calibration"] = {
         "results": source, "truth": truth, "since": since, "scans": n, "scored_with_sha256": model_sha256,
-        "left_out": site.left_out(),
+        "left_out": site.left_out(), "default_pitch_mm": site.pitch_mm,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "previous": {"thresholds": meta["thresholds"], "normal_scans": len(meta["normal_scores"]),
                      "source": old["results"] if old else "training validation"}}
@@ -225,6 +231,9 @@ def main(args) -> int:
         print(f"warning: {n} scans pin {', '.join(loose)} (~{ENOUGH_PER_RATE} / rate cleared scans pin a rate to "
               "about +-35 %)", file=sys.stderr, flush=True)
     default = next(r for r in rows if r["rate"] == float(new["default_false_alarm_rate"]))
+    if untagged_pitch_mm(new) != untagged_pitch_mm(meta):
+        print(f"files without a pitch of their own: read at {untagged_pitch_mm(new):g} mm by {out}, as these scores "
+              f"were (score --pitch-mm), not at {untagged_pitch_mm(meta):g} mm")
     print(f"calibrated on {n} cleared scans: {_pct(default['rate'])} false alarms at threshold "
           f"{default['threshold']:.4f}" + (f" (was {default['old_threshold']:.4f})" if "old_threshold" in default else "")
           + f" -> {out}")

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.manifest import absolute, on_disk, pitch_of, read_rows, read_text
+from detector.manifest import absolute, on_disk, pitch_of, read_rows, read_text, shown
 from detector.policy import parse_flags
 from detector.formats import png_header
 from detector.scan import SCAN_SUFFIXES, ScanError
@@ -63,17 +63,6 @@ def discover(src: str) -> tuple[list[Item], str]:
     when present, else every scan file below it, skipping masks/), a glob, a .txt list or a .csv."""
     items, how = _discover(src)
     return unique(items), how
-
-
-def shown(text: str | os.PathLike) -> str:
-    """A path (or a text naming one) as any UTF-8 file can hold it: the bytes of a name that are not UTF-8 (a scan
-    copied from a Latin-1 system, b'tr\\xfcck.tiff') escaped as \\xfc, where writing them raised UnicodeEncodeError.
-    Other text is unchanged."""
-    raw = os.fspath(text)
-    try:
-        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # a surrogate that no file name's byte made
-        return raw.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def unique(items: list[Item], named: int = 10) -> list[Item]:

@@ -281,3 +281,30 @@ def test_a_row_through_a_linked_folder_and_up_is_another_scan_not_a_repeat(tmp_p
     manifest.write_text("path,label\nsub/../x.tiff,0\nx.tiff,1\n")
     with pytest.raises(ScanError, match=r"row 3: x\.tiff is listed again \(row 2\)"):
         read_rows(manifest)
+
+
+def test_training_refuses_two_rows_that_reach_one_scan_as_eval_does(tmp_path):
+    """Two rows, one in each Unicode form of a name the disk holds once (lists typed on Linux and on a Mac pasted
+    together), or a link beside its target, are one scan: eval refused them, training took it twice, here once in the
+    test split and once in train, so the test figures were measured on a scan it had learnt. Training now refuses
+    them as eval does, naming both rows; two files whose names differ only in form stay two scans."""
+    import unicodedata
+
+    from detector.records import load_records
+    nfc, nfd = (unicodedata.normalize(f, "lkw_müller.tiff") for f in ("NFC", "NFD"))
+    counts = np.random.default_rng(0).integers(20000, 50000, (1, 20, 40)).astype(np.uint16)
+    write_scan(tmp_path / nfd, counts)
+    write_scan(tmp_path / "b.tiff", counts)
+    _manifest(tmp_path, f"path,label,split\n{nfc},0,train\nb.tiff,0,train\n{nfd},0,test\n")
+    for load in (load_records, load_truth):
+        with pytest.raises(ScanError, match=r"manifest\.csv: row 4: lkw_mu\S*ller\.tiff is the scan of row 2 "):
+            load(tmp_path)
+    write_scan(tmp_path / nfc, counts)                                   # now two files: two scans
+    assert len(load_records(tmp_path)) == 3
+    layout = tmp_path / "layout"
+    write_scan(layout / "anomalous" / "a.tiff", counts)
+    (layout / "normal").mkdir()
+    (layout / "normal" / "a_link.tiff").symlink_to(layout / "anomalous" / "a.tiff")   # one scan, both labels
+    for load in (load_records, load_truth):
+        with pytest.raises(ScanError, match=r"anomalous/a\.tiff is the scan of another entry \(normal/a_link\.tiff"):
+            load(layout)

@@ -1006,3 +1006,29 @@ def test_a_name_scored_under_another_is_named_in_the_warning(tmp_path, heuristic
     assert sorted(_rows(tmp_path / "r.csv")) == ["a.tiff"]
     assert f"{d / 'b.tiff'} is the file of {d / 'a.tiff'}" in text and f"{d / 'c08.tiff'} is the file of" in text
     assert f"{d / 'c09.tiff'}" not in text and "and 3 more" in text and "13 names" in text
+
+
+def test_a_manifest_in_a_linked_folder_reads_its_dotdot_rows_through_the_link(tmp_path, heuristic_model_1ch):
+    """A manifest in a linked folder (current -> big/run7) whose rows go up ('../scans/a.tiff': big/scans/a.tiff) was
+    read at the path with '..' dropped as text (scans/a.tiff beside the link): another truck's file, or none, was
+    scored and routed under the row (a dense block RELEASEd as the clean truck there). Each row is read where the file
+    system takes its path, the link followed before '..', as eval and training read it; a plain path stays tidy."""
+    from conftest import write_test_scan
+    write_test_scan(tmp_path / "big" / "scans" / "a.tiff", channels=1, dense=True, seed=2)   # the row's truck
+    write_test_scan(tmp_path / "scans" / "a.tiff", channels=1, seed=1)                       # another one
+    (tmp_path / "big" / "run7").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "big" / "run7")
+    manifest = tmp_path / "current" / "manifest.csv"
+    manifest.write_text("path\n../scans/a.tiff\n")
+    out = tmp_path / "r.csv"
+    assert score.main(_args(manifest, heuristic_model_1ch, out)) == 0
+    row = _rows(out)["a.tiff"]
+    assert row["decision"] == "INSPECT" and json.loads(row["regions"]), row
+    assert Path(row["path"]).resolve() == tmp_path / "big" / "scans" / "a.tiff"
+    listed = tmp_path / "current" / "list.txt"
+    listed.write_text("../scans/a.tiff\n")
+    assert score.main(_args(listed, heuristic_model_1ch, tmp_path / "l.csv")) == 0
+    assert _rows(tmp_path / "l.csv")["a.tiff"]["decision"] == "INSPECT"
+    (tmp_path / "x").mkdir()
+    assert score.main(_args(tmp_path / "x" / ".." / "scans", heuristic_model_1ch, tmp_path / "f.csv")) == 0
+    assert list(_rows(tmp_path / "f.csv")["a.tiff"]["path"].split("/")[-3:]) == [tmp_path.name, "scans", "a.tiff"]

@@ -943,13 +943,25 @@ def test_serve_reads_untagged_uploads_at_the_pitch_given(heuristic_model_1ch, tm
     assert v.error is None and v.heatmap.shape == (10, 30)                   # 200 x 600 px at 4 mm: 80 x 240 model px
 
 
+async def _deadline_server(app):
+    """A listening server of `app` on a free local port through serve_protocol.HeadDeadlineProtocol (keep-alive 60 s,
+    so only the head deadline closes an idle connection)."""
+    import uvicorn
+
+    from detector import serve_protocol
+    cfg = uvicorn.Config(app, http=serve_protocol.HeadDeadlineProtocol, lifespan="off", timeout_keep_alive=60,
+                         log_level="critical")
+    server = uvicorn.Server(cfg)
+    return await asyncio.get_running_loop().create_server(
+        lambda: serve_protocol.HeadDeadlineProtocol(config=cfg, server_state=server.server_state, app_state={}),
+        "127.0.0.1", 0)
+
+
 def test_a_connection_that_sends_no_request_head_is_closed_and_a_begun_request_is_not(monkeypatch):
     """uvicorn timed a connection out only between requests, and any byte reset that: connections that sent nothing,
     or trickled their headers, each held a file descriptor for good, and ~1024 of them left the station's service
     answering nobody. Now a request's head must arrive within HEAD_TIMEOUT_S of connecting or of the last response;
     a request whose head is in is answered however long its answer takes."""
-    import uvicorn
-
     from detector import serve_protocol
 
     monkeypatch.setattr(serve_protocol, "HEAD_TIMEOUT_S", 0.3)
@@ -962,12 +974,7 @@ def test_a_connection_that_sends_no_request_head_is_closed_and_a_begun_request_i
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def run() -> dict:
-        cfg = uvicorn.Config(app, http=serve_protocol.HeadDeadlineProtocol, lifespan="off", timeout_keep_alive=60,
-                             log_level="critical")
-        server = uvicorn.Server(cfg)
-        srv = await asyncio.get_running_loop().create_server(
-            lambda: serve_protocol.HeadDeadlineProtocol(config=cfg, server_state=server.server_state, app_state={}),
-            "127.0.0.1", 0)
+        srv = await _deadline_server(app)
         port = srv.sockets[0].getsockname()[1]
 
         async def closed_after(send: bytes) -> float | None:
@@ -1030,3 +1037,41 @@ def test_a_low_open_file_limit_is_raised_so_a_burst_of_connections_leaves_readyz
     low.stop()
     log = (tmp_path / f"server-{low.port}.log").read_text()
     assert "open files 256 (low" in log and "LimitNOFILE" in log and "ulimit -Hn" in log, log
+
+
+def test_a_connection_idle_after_a_request_answered_before_its_body_is_closed_too(monkeypatch):
+    """A request answered before its body was read (401 for a wrong token, 413 by its Content-Length: the service
+    reads no further) left its connection without a head deadline: the response came while the body was still
+    arriving, so none was armed, and the rest of the body cancelled uvicorn's keep-alive timer. Once the body is in,
+    the connection waits for its next request's head under the deadline as after any other answer."""
+    from detector import serve_protocol
+
+    monkeypatch.setattr(serve_protocol, "HEAD_TIMEOUT_S", 0.3)
+
+    async def app(scope, receive, send):   # refuses at once, reading no body (as a wrong token is answered)
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    async def run() -> tuple[bytes, float | None]:
+        srv = await _deadline_server(app)
+        r, w = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        w.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"no"), 3.0)
+        await asyncio.sleep(0.4)
+        w.write(b"12345")                      # the rest of the body, after the answer and past the deadline
+        t0 = time.monotonic()
+        try:
+            rest = await asyncio.wait_for(r.read(), 3.0)
+            idle = time.monotonic() - t0 if rest == b"" else None
+        except asyncio.TimeoutError:
+            idle = None
+        w.close()
+        srv.close()
+        await srv.wait_closed()
+        return head, idle
+
+    head, idle = asyncio.run(run())
+    assert head.startswith(b"HTTP/1.1 401")
+    assert idle is not None and idle < 1.5, idle

@@ -255,3 +255,34 @@ def test_since_is_refused_for_a_results_csv(tmp_path, model, capsys):
     out = tmp_path / "s.onnx"
     assert cli(["calibrate", str(res), "--model", str(model), "--out", str(out), "--since", "2026-11-01"]) == 2
     assert "--since selects verdicts of an audit log" in capsys.readouterr().err
+
+
+def test_a_site_scored_at_its_scanners_pitch_gets_a_bundle_that_reads_its_files_so(tmp_path, capsys):
+    """A 4 mm site scores its cleared trucks (16-bit PNGs, no pitch in them) with `score --pitch-mm 4` and calibrates
+    on them: the site bundle kept the model's 5 mm for such files, and `detector serve --model site.onnx`, as
+    calibrate's next line says, read every truck at 5 mm against thresholds set on them read at 4 mm (with this
+    test's bundle, 120 such trucks of 250 x 750 px: all inspected, 1 at 4 mm). The scores' pitch now becomes the site bundle's default_pitch_mm."""
+    import cv2
+
+    from conftest import make_scan_counts
+    from detector.bundle_info import describe
+    model = make_heuristic_bundle(tmp_path / "model.onnx", channels=1)
+    d = tmp_path / "cleared"
+    d.mkdir()
+    for i in range(100):
+        cv2.imwrite(str(d / f"truck{i:03d}.png"), make_scan_counts(120, 360, 1, seed=100 + i)[0])
+    res, site = tmp_path / "cleared.csv", tmp_path / "site.onnx"
+    assert cli(["score", str(d), "--model", str(model), "--out", str(res), "--threads", "1", "--pitch-mm", "4"]) == 0
+    assert cli(["calibrate", str(res), "--model", str(model), "--out", str(site)]) == 0
+    assert "read at 4 mm by" in capsys.readouterr().out
+    meta = read_metadata(site)
+    assert meta["default_pitch_mm"] == 4.0 and meta["site_calibration"]["default_pitch_mm"] == 4.0
+    scored = {r["path"]: float(r["score"]) for r in csv.DictReader(open(res))}
+    b = Inspector(site, threads=1)
+    assert b.default_pitch_mm == 4.0
+    assert b.inspect(d / "truck007.png").score == pytest.approx(scored[str(d / "truck007.png")], abs=1e-6)
+    assert any("read at 4 mm (the site calibration's" in line for line in describe(site))
+    plain = tmp_path / "plain.csv"   # scored at the bundle's own pitch: the key stays as it was
+    assert cli(["score", str(d), "--model", str(model), "--out", str(plain), "--threads", "1"]) == 0
+    assert cli(["calibrate", str(plain), "--model", str(model), "--out", str(tmp_path / "p.onnx")]) == 0
+    assert "default_pitch_mm" not in read_metadata(tmp_path / "p.onnx")
