@@ -68,13 +68,18 @@ def discover(src: str) -> tuple[list[Item], str]:
 def unique(items: list[Item], named: int = 10) -> list[Item]:
     """Items less repeats of a file (a list naming it twice, a symlink beside its target), the first kept: one
     row per scan, where two made `detector eval` refuse the CSV. The warning names the first `named` names left out
-    and the name each one's row has: an officer looks a truck up by the name in the folder."""
+    and the name each one's row has: an officer looks a truck up by the name in the folder. Where two rows route the
+    file differently (tier, risk flags, pitch), the kept row fails and its truck is INSPECTed."""
     first: dict[Path, Item] = {}
     left = []   # (a name left out, the item its file is scored as)
     for i in items:
         kept = first.setdefault(i.real, i)
         if kept is not i:
             left.append((i, kept))
+            differs = _routing_differs(kept, i)
+            if differs and not kept.error:   # which row's routing holds is unknown: fail closed
+                kept.error = (f"{shown(kept.path)} is named again as {shown(i.path)} with another {differs}: "
+                              "which applies is unknown; list each scan once")
     if left:
         pairs = "; ".join(f"{shown(i.path)} again" if i.path == k.path else
                           f"{shown(i.path)} is the file of {shown(k.path)}" for i, k in left[:named])
@@ -82,6 +87,13 @@ def unique(items: list[Item], named: int = 10) -> list[Item]:
         warnings.warn(f"{len(left)} names of files named more than once are scored once, each under its first "
                       f"name: {pairs}{more}")
     return list(first.values())
+
+
+def _routing_differs(a: Item, b: Item) -> str:
+    """What two rows naming one file route differently ('tier', 'risk_flags', 'pitch_mm'), '' when nothing: a
+    second row's risk flags were dropped with it, and its truck could be RELEASEd under the first row's routing."""
+    return ", ".join(name for name, x, y in (("tier", a.tier, b.tier), ("risk_flags", sorted(a.risk_flags),
+                                             sorted(b.risk_flags)), ("pitch_mm", a.pitch_mm, b.pitch_mm)) if x != y)
 
 
 def _walk(folder: Path) -> list[Path]:

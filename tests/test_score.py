@@ -1032,3 +1032,26 @@ def test_a_manifest_in_a_linked_folder_reads_its_dotdot_rows_through_the_link(tm
     (tmp_path / "x").mkdir()
     assert score.main(_args(tmp_path / "x" / ".." / "scans", heuristic_model_1ch, tmp_path / "f.csv")) == 0
     assert list(_rows(tmp_path / "f.csv")["a.tiff"]["path"].split("/")[-3:]) == [tmp_path.name, "scans", "a.tiff"]
+
+
+def test_two_rows_of_one_file_with_other_routing_inspect_it(tmp_path, heuristic_model, normal_scan_path):
+    """Two manifest rows reaching one file (a link beside its target, one name in two Unicode forms) are scored
+    once, under the first row; the second row's risk flags were dropped with it, and a truck flagged intel_hit there
+    was RELEASEd under the first row's routing. Which row holds is unknown, so the truck is INSPECTed, the error
+    naming both; rows that route alike still score as one."""
+    pol = tmp_path / "policy.yaml"
+    pol.write_text("tiers:\n  standard: 0.01\ndefault_tier: standard\nrisk_flags:\n  force: [intel_hit]\n")
+    shutil.copy(normal_scan_path, tmp_path / "a.tiff")
+    (tmp_path / "b.tiff").symlink_to("a.tiff")
+    shutil.copy(normal_scan_path, tmp_path / "c.tiff")
+    (tmp_path / "d.tiff").symlink_to("c.tiff")
+    m = tmp_path / "manifest.csv"
+    m.write_text("path,risk_flags\na.tiff,\nb.tiff,intel_hit\nc.tiff,late\nd.tiff,late\n")
+    out = tmp_path / "r.csv"
+    with pytest.warns(UserWarning, match="scored once"):
+        assert score.main(_args(m, heuristic_model, out, policy=str(pol))) == 0
+    rows = _rows(out)
+    assert sorted(rows) == ["a.tiff", "c.tiff"]
+    assert rows["a.tiff"]["decision"] == "INSPECT", rows["a.tiff"]
+    assert "b.tiff with another risk_flags" in rows["a.tiff"]["error"]
+    assert rows["c.tiff"]["decision"] == "RELEASE" and rows["c.tiff"]["error"] == ""
