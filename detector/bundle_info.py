@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import BundleError, file_sha256, height_range_mm, read_metadata, untagged_pitch_mm
+from detector.calibration import threshold_texts
 
 
 def _pct(v: Any) -> str:
@@ -81,11 +82,12 @@ def _threshold_lines(meta: dict) -> list[str]:
     source = f"{site['scans']} cleared scans of the site" if site else f"{len(meta['normal_scores'])} normal validation scans"
     default = float(meta["default_false_alarm_rate"])
     out = [f"  {'rate':>8}  {'threshold':>9}  {'':7}  set on"]
-    for r in sorted(meta["thresholds"], key=lambda r: -float(r["false_alarm_rate"])):
+    rows = sorted(meta["thresholds"], key=lambda r: -float(r["false_alarm_rate"]))
+    for r, text in zip(rows, threshold_texts(*(float(r["threshold"]) for r in rows))):
         rate = float(r["false_alarm_rate"])
         note = "" if r.get("resolvable", True) else " (too few for this rate: it sits above their highest score)"
         mark = "default" if abs(rate - default) < 1e-12 else ""
-        out.append(f"  {100 * rate:>7.2f}%  {float(r['threshold']):>9.4f}  {mark:7}  {source}{note}")
+        out.append(f"  {100 * rate:>7.2f}%  {text:>9}  {mark:7}  {source}{note}")
     return out
 
 

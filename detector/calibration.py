@@ -31,6 +31,18 @@ def score_digits(score: float, threshold: float, least: int = 2) -> int:
     return d
 
 
+def threshold_texts(*values: float) -> list[str]:
+    """Thresholds printed side by side with 4 decimals, or as many more (up to the results CSV's 9) as keep two
+    that differ apart and one below 1 from reading 1.0000: a confident model's scores crowd just under 1, where
+    an old and a new threshold, or a threshold and the top score, looked the same."""
+    for places in range(4, 10):
+        texts = [f"{v:.{places}f}" for v in values]
+        apart = len(set(texts)) == len(set(values))
+        if apart and all(v >= 1 or float(s) < 1 for v, s in zip(values, texts)):
+            break
+    return texts
+
+
 def false_alarm_rate(normal_scores: Iterable[float], threshold: float) -> float:
     """Share of normal scans that would be inspected at this threshold."""
     s = _scores(normal_scores)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from detector.calibration import score_digits, threshold_for_rate
+from detector.calibration import score_digits, threshold_for_rate, threshold_texts
 from detector.shipped import resolve_config
 
 ANY = "any"
@@ -207,11 +207,12 @@ class Policy:
 
     def describe(self) -> str:
         """One line per tier for logs: name, rate, threshold."""
-        rows = []
+        rows, set_ = [], [t for t in self.thresholds.values() if t is not None]
+        texts = dict(zip(set_, threshold_texts(*set_)))
         for name, rate in self.tiers.items():
             thr = self.thresholds.get(name)
             rows.append(f"{name}: rate {'default' if rate is None else f'{rate:g}'}"
-                        + ("" if thr is None else f", threshold {thr:.4f}"))
+                        + ("" if thr is None else f", threshold {texts[thr]}"))
         return "; ".join(rows)
 
 

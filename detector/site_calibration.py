@@ -24,7 +24,7 @@ import numpy as np
 from detector.audit import parse_time
 from detector.audit_report import is_audit_log, served_verdicts
 from detector.bundle import BundleError, read_metadata, rewrite_metadata, untagged_pitch_mm
-from detector.calibration import rate_interval, threshold_table
+from detector.calibration import rate_interval, threshold_table, threshold_texts
 from detector.evaluate import load_results, load_truth, match
 from detector.score import routing_file
 
@@ -222,7 +222,8 @@ def main(args) -> int:
     print(f"{n} cleared scans from {args.results}" + (f" ({', '.join(left)} left out)" if left else "") + how)
     print(f"{'rate':>7}  {'threshold (was)':>19}  site scans inspected: at the old threshold -> at the new")
     for r in rows:
-        was = f"{r['threshold']:.4f} ({r['old_threshold']:.4f})" if "old_threshold" in r else f"{r['threshold']:.4f}"
+        pair = threshold_texts(r["threshold"], *([r["old_threshold"]] if "old_threshold" in r else []))
+        was = f"{pair[0]} ({pair[1]})" if len(pair) > 1 else pair[0]
         old = f"{_pct(r['old_site_rate'])} ({_span(r['old_site_interval'])})" if "old_threshold" in r else "-"
         print(f"{_pct(r['rate']):>7}  {was:>19}  {old} -> {_pct(r['site_rate'])} ({_span(r['site_interval'])})")
     loose = [f"{_pct(r['rate'])} only to {_span(r['site_interval'])}" for r in rows if n * r["rate"] < ENOUGH_PER_RATE]
@@ -234,9 +235,9 @@ def main(args) -> int:
     if untagged_pitch_mm(new) != untagged_pitch_mm(meta):
         print(f"files without a pitch of their own: read at {untagged_pitch_mm(new):g} mm by {out}, as these scores "
               f"were (score --pitch-mm), not at {untagged_pitch_mm(meta):g} mm")
-    print(f"calibrated on {n} cleared scans: {_pct(default['rate'])} false alarms at threshold "
-          f"{default['threshold']:.4f}" + (f" (was {default['old_threshold']:.4f})" if "old_threshold" in default else "")
-          + f" -> {out}")
+    pair = threshold_texts(default["threshold"], *([default["old_threshold"]] if "old_threshold" in default else []))
+    print(f"calibrated on {n} cleared scans: {_pct(default['rate'])} false alarms at threshold {pair[0]}"
+          + (f" (was {pair[1]})" if len(pair) > 1 else "") + f" -> {out}")
     out = shlex.quote(str(out))   # pasted into a shell: a folder with a space is one argument
     print(f"next: detector serve --model {out}   (or: detector score SCANS --model {out} --out results.csv)")
     return 0

@@ -111,3 +111,25 @@ def test_info_says_which_checkpoint_a_fine_tuned_network_started_from(tmp_path):
         meta["train_config"] = {"model": {"backbone": "resnet18", "width": 32, "init": init}}
         network = next(ln for ln in describe(tmp_path / "model.onnx", meta) if ln.strip().startswith("network"))
         assert ("fine-tuned from runs/synth/best.ckpt" in network) == said, network
+
+
+def test_thresholds_crowded_under_one_are_printed_apart(tmp_path, capsys):
+    """A confident model's normal scores crowd just under 1: its thresholds for 1 %, 0.5 % and 0.1 % printed alike
+    at 4 decimals (0.9999 or 1.0000, a threshold no score below 1 reaches), in `info`, `calibrate`'s table and the
+    service's tier line. They get the decimals that keep them apart and below 1 now; other thresholds keep 4."""
+    from detector.calibration import threshold_texts
+    from detector.policy import Policy
+    assert threshold_texts(0.9675) == ["0.9675"] and threshold_texts(0.99996, 0.99997) == ["0.99996", "0.99997"]
+    assert threshold_texts(0.999996) == ["0.999996"] and threshold_texts(0.5, 0.5) == ["0.5000", "0.5000"]
+    scores = 1 - np.geomspace(1e-3, 1e-6, 2000)
+    model = make_heuristic_bundle(tmp_path / "model.onnx", normal_scores=scores)
+    meta = read_metadata(model)
+    assert cli(["info", str(model)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = [_row(lines, r["false_alarm_rate"]).split()[1] for r in meta["thresholds"]]
+    assert len(set(shown)) == len(meta["thresholds"]) and all(float(s) < 1 for s in shown), shown
+    for s, r in zip(shown, meta["thresholds"]):
+        assert abs(float(s) - r["threshold"]) < 10 ** -(len(s.split(".")[1])), (s, r)
+    policy = Policy({"a": 0.01, "b": 0.001}, "a")
+    policy.bind(meta)
+    assert all(float(part.rsplit(" ", 1)[1]) < 1 for part in policy.describe().split("; ")), policy.describe()
