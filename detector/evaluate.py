@@ -202,14 +202,17 @@ def placed_truth(t: Truth) -> tuple[list, str | None]:
     """The true boxes of a truth entry in the file's pixels (where a result's regions are), and why they cannot place
     its anomaly (None when they can): a mask missing, unreadable or of another size than the scan (drawn on a zoomed
     view), boxes that cover no pixel of it (another pixel unit). Training refuses each of these; scored as they were,
-    they made localisation misses without a word. A mask at the size the reader squares a scan of non-square pixels
-    to (which training required before) is carried back to the file's pixels."""
+    they made localisation misses without a word. Boxes are cut to the scan, as training cuts them. A mask at the
+    size the reader squares a scan of non-square pixels to (which training required before) is carried back to the
+    file's pixels."""
     g = file_geometry(t.path, t.pitch_mm)   # the row's pitch: the header read as the scan was scored
     hw = None if g is None else (g.file_height, g.file_width)
     if t.boxes:
-        if hw is None or any(_clipped(b, hw) for b in t.boxes):
+        if hw is None:
             return [list(b) for b in t.boxes], None
-        return [], f"{t.rel}: box {list(t.boxes[0])} covers no pixel of the {hw[1]}x{hw[0]} scan"
+        inside = [_clip(b, hw) for b in t.boxes if _clipped(b, hw)]   # a box past the edge is judged on the scan
+        return (inside, None) if inside else \
+            ([], f"{t.rel}: box {list(t.boxes[0])} covers no pixel of the {hw[1]}x{hw[0]} scan")
     if t.mask is None:
         return [], None
     try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
@@ -225,6 +228,12 @@ def placed_truth(t: Truth) -> tuple[list, str | None]:
         also = f" ({squared[1]}x{squared[0]} once its pixels are squared)" if squared != hw else ""
         return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}{also}"
     return M.mask_boxes(mask), None
+
+
+def _clip(box: list, hw: tuple) -> list:
+    """A [x0, y0, x1, y1] box cut to a scan of hw = (height, width, ...), as training cuts it: a box dragged past the
+    edge counted the air beyond it in its IoU."""
+    return [max(0, box[0]), max(0, box[1]), min(hw[1], box[2]), min(hw[0], box[3])]
 
 
 def _clipped(box: list, hw: tuple) -> bool:

@@ -489,3 +489,17 @@ def test_results_of_other_scans_with_the_same_names_are_not_matched_to_the_truth
     windows = text.replace(str((data / "images").resolve()) + "/", "D:\\site\\images\\")   # scored on a station
     res.write_text(windows)
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 0
+
+
+def test_a_true_box_past_the_scans_edge_is_judged_on_the_scan(tmp_path):
+    """A box an annotator dragged past the scan's left edge ([-100, 0, 10, 10] on a 120x40 scan: the anomaly lies at
+    its edge) is clipped to the scan, as training clips it; unclipped, the region [0, 0, 10, 10] that covers the whole
+    of it met IoU 0.09 and counted as a localisation miss."""
+    data, res = _dataset(tmp_path)
+    manifest = data / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    rows[6] = rows[6].replace(f'"{json.dumps([TRUE_BOX])}"', '"[[-100, 0, 10, 10]]"')   # a1, region [0, 0, 10, 10]
+    manifest.write_text("\n".join(rows) + "\n")
+    m = evaluate.evaluate(res, data, tmp_path / "report", thumbs=False)
+    assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 0.5     # a1 hits, a2 does not
+    assert m["localisation"]["mean_iou"] == pytest.approx((1.0 + 1 / 220) / 2)
