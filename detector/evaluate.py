@@ -200,11 +200,11 @@ def _truth_boxes(t: Truth) -> list:
 
 def placed_truth(t: Truth) -> tuple[list, str | None]:
     """The true boxes of a truth entry in the file's pixels (where a result's regions are), and why they cannot place
-    its anomaly (None when they can): a mask missing, unreadable or of another size than the scan (drawn on a zoomed
-    view), boxes that cover no pixel of it (another pixel unit). Training refuses each of these; scored as they were,
-    they made localisation misses without a word. Boxes are cut to the scan, as training cuts them. A mask at the
-    size the reader squares a scan of non-square pixels to (which training required before) is carried back to the
-    file's pixels."""
+    its anomaly (None when they can): a mask missing, unreadable, of another size than the scan (drawn on a zoomed
+    view) or marking no pixel, boxes that cover no pixel of it (another pixel unit). Training refuses each of these;
+    scored as they were, they made localisation misses or were dropped without a word. Boxes are cut to the scan, as
+    training cuts them. A mask at the size the reader squares a scan of non-square pixels to (which training required
+    before) is carried back to the file's pixels."""
     g = file_geometry(t.path, t.pitch_mm)   # the row's pitch: the header read as the scan was scored
     hw = None if g is None else (g.file_height, g.file_width)
     if t.boxes:
@@ -222,12 +222,15 @@ def placed_truth(t: Truth) -> tuple[list, str | None]:
     if mask is None:
         return [], f"{shown(t.mask)}: mask file not found (named for {t.rel})"
     squared = None if g is None else (g.height, g.width)
-    if hw is not None and mask.shape == squared != hw:
-        return [map_box(b, squared, hw) for b in M.mask_boxes(mask)], None
-    if hw is not None and mask.shape != hw:
+    if hw is not None and mask.shape != hw and mask.shape != squared:
         also = f" ({squared[1]}x{squared[0]} once its pixels are squared)" if squared != hw else ""
         return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}{also}"
-    return M.mask_boxes(mask), None
+    boxes = M.mask_boxes(mask)
+    if not boxes:   # an export that lost the drawing: training refuses it
+        return [], f"{shown(t.mask)}: mask marks no pixel (of anomalous {t.rel})"
+    if hw is not None and mask.shape == squared != hw:
+        boxes = [map_box(b, squared, hw) for b in boxes]
+    return boxes, None
 
 
 def _clip(box: list, hw: tuple) -> list:
@@ -327,8 +330,12 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if unplaced:
         notes.append(f"{len(unplaced)} detected anomalies whose truth cannot place the anomaly are left out of the "
                      f"localisation: {'; '.join(unplaced[:3])}{'; ...' if len(unplaced) > 3 else ''}")
+    no_truth = sum(v is None for v in ious)
     if loc["n"] == 0 and not unplaced:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
+    elif no_truth:   # labelled anomalies alone: the figure is over the others
+        notes.append(f"{no_truth} detected anomalies have no true box or mask: left out of the localisation "
+                     f"(measured on {loc['n']})")
 
     # absolute: a report is read later, from another folder
     m = {"results": shown(Path(results_path).resolve()), "truth": shown(truth_file.resolve()),
