@@ -57,6 +57,13 @@ class Result:
     def failed(self) -> bool:
         return bool(self.error) or not math.isfinite(self.score)
 
+    @property
+    def forced(self) -> bool:
+        """INSPECTed with a score under its threshold: a risk flag forced it (score --policy), not the model. Both
+        are written rounded alike, so a score the model INSPECTed never reads under its threshold."""
+        return self.decision != "RELEASE" and not self.failed and self.threshold is not None \
+            and self.score < self.threshold
+
 
 def _none(v: str | None) -> str | None:
     v = (v or "").strip()
@@ -315,8 +322,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         v["detection_at_1pct"] = None if t1 is None else M.rates_at([t.label for _, t in sub], ss, t1, ff)[0]
 
     ious, loc_rows, unplaced = [], [], []
+    forced = sum(t.label == 1 and r.forced for r, t in pairs)
     for r, t in pairs:
-        if t.label == 1 and not r.failed and r.decision != "RELEASE":
+        if t.label == 1 and not r.failed and r.decision != "RELEASE" and not r.forced:   # the model's detections
             boxes, why = placed_truth(t)
             if why:
                 unplaced.append(why)
@@ -330,6 +338,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if unplaced:
         notes.append(f"{len(unplaced)} detected anomalies whose truth cannot place the anomaly are left out of the "
                      f"localisation: {'; '.join(unplaced[:3])}{'; ...' if len(unplaced) > 3 else ''}")
+    if forced:
+        notes.append(f"{forced} anomalies INSPECTed under their threshold (a risk flag forced it) are left out of the "
+                     "localisation: the model detected nothing there")
     no_truth = sum(v is None for v in ious)
     if loc["n"] == 0 and not unplaced:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")

@@ -533,3 +533,20 @@ def test_detected_anomalies_the_localisation_leaves_out_are_counted(tmp_path, ca
     note = next(n for n in m["notes"] if "no true box or mask" in n)
     assert note == "1 detected anomalies have no true box or mask: left out of the localisation (measured on 1)"
     assert note in err
+
+
+def test_an_inspection_a_risk_flag_forced_is_not_a_localisation_miss(tmp_path, capsys):
+    """a0 scored 0.35 under its 0.38 threshold and was INSPECTed because a risk flag forced it (score --policy): the
+    model detected nothing there, yet its region off the anomaly counted as a localisation miss of the model."""
+    data, res = _dataset(tmp_path)
+    rows = res.read_text().splitlines()
+    rows[5] = rows[5].replace(",RELEASE,", ",INSPECT,")              # a0: forced
+    res.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 0.5
+    assert m["overall"]["decisions"]["tp"] == 3                      # the station's routing still counts it
+    note = ("1 anomalies INSPECTed under their threshold (a risk flag forced it) are left out of the localisation: "
+            "the model detected nothing there")
+    assert note in m["notes"] and note in capsys.readouterr().err
