@@ -57,6 +57,13 @@ class Result:
     def failed(self) -> bool:
         return bool(self.error) or not math.isfinite(self.score)
 
+    @property
+    def forced(self) -> bool:
+        """INSPECTed with a score under its threshold: a risk flag forced it (score --policy), not the model. Both
+        are written rounded alike, so a score the model INSPECTed never reads under its threshold."""
+        return self.decision != "RELEASE" and not self.failed and self.threshold is not None \
+            and self.score < self.threshold
+
 
 def _none(v: str | None) -> str | None:
     v = (v or "").strip()
@@ -200,16 +207,19 @@ def _truth_boxes(t: Truth) -> list:
 
 def placed_truth(t: Truth) -> tuple[list, str | None]:
     """The true boxes of a truth entry in the file's pixels (where a result's regions are), and why they cannot place
-    its anomaly (None when they can): a mask missing, unreadable or of another size than the scan (drawn on a zoomed
-    view), boxes that cover no pixel of it (another pixel unit). Training refuses each of these; scored as they were,
-    they made localisation misses without a word. A mask at the size the reader squares a scan of non-square pixels
-    to (which training required before) is carried back to the file's pixels."""
+    its anomaly (None when they can): a mask missing, unreadable, of another size than the scan (drawn on a zoomed
+    view) or marking no pixel, boxes that cover no pixel of it (another pixel unit). Training refuses each of these;
+    scored as they were, they made localisation misses or were dropped without a word. Boxes are cut to the scan, as
+    training cuts them. A mask at the size the reader squares a scan of non-square pixels to (which training required
+    before) is carried back to the file's pixels."""
     g = file_geometry(t.path, t.pitch_mm)   # the row's pitch: the header read as the scan was scored
     hw = None if g is None else (g.file_height, g.file_width)
     if t.boxes:
-        if hw is None or any(_clipped(b, hw) for b in t.boxes):
+        if hw is None:
             return [list(b) for b in t.boxes], None
-        return [], f"{t.rel}: box {list(t.boxes[0])} covers no pixel of the {hw[1]}x{hw[0]} scan"
+        inside = [_clip(b, hw) for b in t.boxes if _clipped(b, hw)]   # a box past the edge is judged on the scan
+        return (inside, None) if inside else \
+            ([], f"{t.rel}: box {list(t.boxes[0])} covers no pixel of the {hw[1]}x{hw[0]} scan")
     if t.mask is None:
         return [], None
     try:   # at its own bit depth: a 16-bit mask read as grey (divided by 256) lost its boxes
@@ -219,12 +229,21 @@ def placed_truth(t: Truth) -> tuple[list, str | None]:
     if mask is None:
         return [], f"{shown(t.mask)}: mask file not found (named for {t.rel})"
     squared = None if g is None else (g.height, g.width)
-    if hw is not None and mask.shape == squared != hw:
-        return [map_box(b, squared, hw) for b in M.mask_boxes(mask)], None
-    if hw is not None and mask.shape != hw:
+    if hw is not None and mask.shape != hw and mask.shape != squared:
         also = f" ({squared[1]}x{squared[0]} once its pixels are squared)" if squared != hw else ""
         return [], f"{shown(t.mask)}: mask is {mask.shape[1]}x{mask.shape[0]}, scan is {hw[1]}x{hw[0]}{also}"
-    return M.mask_boxes(mask), None
+    boxes = M.mask_boxes(mask)
+    if not boxes:   # an export that lost the drawing: training refuses it
+        return [], f"{shown(t.mask)}: mask marks no pixel (of anomalous {t.rel})"
+    if hw is not None and mask.shape == squared != hw:
+        boxes = [map_box(b, squared, hw) for b in boxes]
+    return boxes, None
+
+
+def _clip(box: list, hw: tuple) -> list:
+    """A [x0, y0, x1, y1] box cut to a scan of hw = (height, width, ...), as training cuts it: a box dragged past the
+    edge counted the air beyond it in its IoU."""
+    return [max(0, box[0]), max(0, box[1]), min(hw[1], box[2]), min(hw[0], box[3])]
 
 
 def _clipped(box: list, hw: tuple) -> bool:
@@ -303,8 +322,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         v["detection_at_1pct"] = None if t1 is None else M.rates_at([t.label for _, t in sub], ss, t1, ff)[0]
 
     ious, loc_rows, unplaced = [], [], []
+    forced = sum(t.label == 1 and r.forced for r, t in pairs)
     for r, t in pairs:
-        if t.label == 1 and not r.failed and r.decision != "RELEASE":
+        if t.label == 1 and not r.failed and r.decision != "RELEASE" and not r.forced:   # the model's detections
             boxes, why = placed_truth(t)
             if why:
                 unplaced.append(why)
@@ -318,8 +338,15 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
     if unplaced:
         notes.append(f"{len(unplaced)} detected anomalies whose truth cannot place the anomaly are left out of the "
                      f"localisation: {'; '.join(unplaced[:3])}{'; ...' if len(unplaced) > 3 else ''}")
+    if forced:
+        notes.append(f"{forced} anomalies INSPECTed under their threshold (a risk flag forced it) are left out of the "
+                     "localisation: the model detected nothing there")
+    no_truth = sum(v is None for v in ious)
     if loc["n"] == 0 and not unplaced:
         notes.append("no detected anomaly has a true box or mask: localisation not measured")
+    elif no_truth:   # labelled anomalies alone: the figure is over the others
+        notes.append(f"{no_truth} detected anomalies have no true box or mask: left out of the localisation "
+                     f"(measured on {loc['n']})")
 
     # absolute: a report is read later, from another folder
     m = {"results": shown(Path(results_path).resolve()), "truth": shown(truth_file.resolve()),

@@ -4,6 +4,7 @@ Conventions shared with detector.calibration: label 1 = anomalous; a scan is INS
 score >= threshold; the threshold for a false-alarm rate r is calibration.threshold_for_rate on the
 normal scores. Scans whose scoring failed are fail-closed: always INSPECT, whatever the threshold
 (`failed` masks below), so they count as alarms on normals and as detections on anomalies.
+AUROC and AP rank them above every score, and are undefined (None) where a class has no scored scan.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from detector.calibration import threshold_for_rate
+from detector.calibration import rate_interval, threshold_for_rate
 
 FAR_TARGETS = (0.01, 0.005, 0.001)
 DETECTION_TARGETS = (0.90, 0.95)
@@ -42,30 +43,51 @@ def _ranked(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ranks_scores(y: np.ndarray, f: np.ndarray) -> bool:
+    """Whether a ranking metric measures scores here: both classes present, each with a scored scan. Failures rank
+    above every score, so where a class has none scored the figure is the failures' alone (every scan failed read
+    AUROC 0.5, every anomaly failed 1.0) and says nothing of the model."""
+    return all((y == c).any() and ((y == c) & ~f).any() for c in (0, 1))
+
+
+def undefined_reason(labels, failed=None) -> str | None:
+    """Why AUROC and AP are undefined (null) for these labels and failures, None when they are defined."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    f = np.zeros(y.shape, bool) if failed is None else np.asarray(failed, dtype=bool).ravel()
+    if _ranks_scores(y, f):
+        return None
+    if not ((y == 0).any() and (y == 1).any()):
+        return f"only {'normal' if (y == 0).any() else 'anomalous'} scans in the truth"
+    if f.all():
+        return f"no scan scored (all {f.size} failed)"
+    c = 0 if not ((y == 0) & ~f).any() else 1
+    return f"no {('normal', 'anomalous')[c]} scan scored (all {int((y == c).sum())} failed)"
+
+
 def auroc(labels, scores, failed=None) -> float | None:
-    """Area under the ROC curve (scikit-learn); None when only one class is present."""
+    """Area under the ROC curve (scikit-learn); None with one class, or a class none of whose scans scored."""
     from sklearn.metrics import roc_auc_score
     y, s, f = _arrays(labels, scores, failed)
-    if len(np.unique(y)) < 2:
+    if not _ranks_scores(y, f):
         return None
     return float(roc_auc_score(y, _ranked(s, f)))
 
 
 def average_precision(labels, scores, failed=None) -> float | None:
-    """Average precision (scikit-learn); None without both classes: with no normal scan every precision is 1, and AP
-    read 1.0 whatever the scores."""
+    """Average precision (scikit-learn); None without both classes (with no normal scan every precision is 1, and AP
+    read 1.0 whatever the scores), or where a class has no scored scan (as auroc)."""
     from sklearn.metrics import average_precision_score
     y, s, f = _arrays(labels, scores, failed)
-    if len(np.unique(y)) < 2:
+    if not _ranks_scores(y, f):
         return None
     return float(average_precision_score(y, _ranked(s, f)))
 
 
 def roc_points(labels, scores, failed=None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(false-alarm rates, detection rates) of the ROC curve; None for a single class."""
+    """(false-alarm rates, detection rates) of the ROC curve; None where auroc is."""
     from sklearn.metrics import roc_curve
     y, s, f = _arrays(labels, scores, failed)
-    if len(np.unique(y)) < 2:
+    if not _ranks_scores(y, f):
         return None
     far, det, _ = roc_curve(y, _ranked(s, f))
     return far, det
@@ -149,12 +171,30 @@ def detection_at_01pct(labels, scores, failed=None) -> float | None:
 def intervals(labels, scores, failed=None, level: float = 0.95) -> dict:
     """Bootstrap intervals of the two headline figures, AUROC and detection at 1 % false alarms, with failed rows
     counted as INSPECT as in the figures themselves; an interval is None where its figure is (e.g. a failed normal
-    scan uses up the 1 % of alarms that 25 normal scans allow)."""
+    scan uses up the 1 % of alarms that 25 normal scans allow). Each holds its figure, and detection's at least the
+    Wilson interval of its count: at 0 or 100 % every resampled test set reads the same, and 20 of 20 anomalies
+    found read "100 - 100 %" where 20 scans allow 84 %."""
     y, s, f = _arrays(labels, scores, failed)
     out: dict = {"level": level}
     for name, metric in (("auroc", auroc), ("detection_at_1pct", detection_at_1pct)):
-        out[name] = None if metric(y, s, f) is None else bootstrap_interval(y, s, metric, level=level, failed=f)
+        point = metric(y, s, f)
+        iv = None if point is None else bootstrap_interval(y, s, metric, level=level, failed=f)
+        if iv is not None and name == "detection_at_1pct":
+            n = int((y == 1).sum())
+            iv = _hull(iv, rate_interval(round(point * n), n, _z(level)))
+        out[name] = None if iv is None else _hull(iv, (point, point))
     return out
+
+
+def _hull(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """The smallest interval holding both."""
+    return min(a[0], b[0]), max(a[1], b[1])
+
+
+def _z(level: float) -> float:
+    """The normal quantile of a two-sided interval at `level` (1.96 at 95 %)."""
+    from statistics import NormalDist
+    return NormalDist().inv_cdf((1 + level) / 2)
 
 
 def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: float = 0.95,
@@ -262,8 +302,7 @@ def summary(labels, scores, failed=None, decisions: Sequence[str] | None = None)
     out: dict = {"n": int(y.size), "n_normal": n_norm, "n_anomalous": n_anom, "n_failed": int(f.sum()),
                  "auroc": auroc(y, s, f), "ap": average_precision(y, s, f), "notes": []}
     if out["auroc"] is None:
-        only = "normal" if n_anom == 0 else "anomalous"
-        out["notes"].append(f"only {only} scans in the truth: AUROC and AP undefined (null)")
+        out["notes"].append(f"{undefined_reason(y, f)}: AUROC and AP undefined (null)")
     out["detection_at_far"] = [detection_at_far(y, s, r, f) for r in FAR_TARGETS]
     out["far_at_detection"] = [far_at_detection(y, s, d, f) for d in DETECTION_TARGETS]
     n_fail_norm = int(((y == 0) & f).sum())

@@ -394,22 +394,29 @@ def test_names_composed_in_the_truth_and_decomposed_on_disk_match(tmp_path, heur
         assert m["overall"]["auroc"] == 1.0
 
 
-def test_truth_that_cannot_place_an_anomaly_is_named_not_scored_as_a_miss(tmp_path, capsys):
-    """An officer's mask drawn on a zoomed view (another size than the scan), a mask file that is missing, boxes in
-    another pixel unit that lie outside the scan: training refuses each, eval scored the first and the last as
-    localisation misses (IoU 0) and dropped the second, all without a word. They are now left out and named."""
+def _a1_mask_a2_boxes(data, mask: np.ndarray, a2_boxes: str) -> tuple[Path, list]:
+    """_dataset's manifest with a mask column: a1's truth the mask `mask` (a1.png, its boxes dropped), a2's the boxes
+    cell `a2_boxes`; the manifest and its lines."""
     import cv2
-    data, res = _dataset(tmp_path)
-    big = np.zeros((80, 240), np.uint8)
-    big[10:30, 10:30] = 255                                     # TRUE_BOX on a 2x view of the 120x40 scan
-    cv2.imwrite(str(data / "a1.png"), big)
+    cv2.imwrite(str(data / "a1.png"), mask)
     manifest = data / "manifest.csv"
     rows = manifest.read_text().splitlines()
     rows[0] += ",mask"
     rows = [r + ("," if i else "") for i, r in enumerate(rows)]
-    rows[6] = rows[6].replace(f'"{json.dumps([TRUE_BOX])}"', "") + "a1.png"      # a1: the zoomed mask, no boxes
-    rows[7] = rows[7].replace(f'"{json.dumps([TRUE_BOX])}"', '"[[500, 500, 520, 520]]"')   # a2: boxes in mm
+    rows[6] = rows[6].replace(f'"{json.dumps([TRUE_BOX])}"', "") + "a1.png"
+    rows[7] = rows[7].replace(f'"{json.dumps([TRUE_BOX])}"', a2_boxes)
     manifest.write_text("\n".join(rows) + "\n")
+    return manifest, rows
+
+
+def test_truth_that_cannot_place_an_anomaly_is_named_not_scored_as_a_miss(tmp_path, capsys):
+    """An officer's mask drawn on a zoomed view (another size than the scan), a mask file that is missing, boxes in
+    another pixel unit that lie outside the scan: training refuses each, eval scored the first and the last as
+    localisation misses (IoU 0) and dropped the second, all without a word. They are now left out and named."""
+    data, res = _dataset(tmp_path)
+    big = np.zeros((80, 240), np.uint8)
+    big[10:30, 10:30] = 255                                     # TRUE_BOX on a 2x view of the 120x40 scan
+    manifest, rows = _a1_mask_a2_boxes(data, big, '"[[500, 500, 520, 520]]"')   # a2: boxes in mm
     out = tmp_path / "report"
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -489,3 +496,57 @@ def test_results_of_other_scans_with_the_same_names_are_not_matched_to_the_truth
     windows = text.replace(str((data / "images").resolve()) + "/", "D:\\site\\images\\")   # scored on a station
     res.write_text(windows)
     assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(tmp_path / "report"))) == 0
+
+
+def test_a_true_box_past_the_scans_edge_is_judged_on_the_scan(tmp_path):
+    """A box an annotator dragged past the scan's left edge ([-100, 0, 10, 10] on a 120x40 scan: the anomaly lies at
+    its edge) is clipped to the scan, as training clips it; unclipped, the region [0, 0, 10, 10] that covers the whole
+    of it met IoU 0.09 and counted as a localisation miss."""
+    data, res = _dataset(tmp_path)
+    manifest = data / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    rows[6] = rows[6].replace(f'"{json.dumps([TRUE_BOX])}"', '"[[-100, 0, 10, 10]]"')   # a1, region [0, 0, 10, 10]
+    manifest.write_text("\n".join(rows) + "\n")
+    m = evaluate.evaluate(res, data, tmp_path / "report", thumbs=False)
+    assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 0.5     # a1 hits, a2 does not
+    assert m["localisation"]["mean_iou"] == pytest.approx((1.0 + 1 / 220) / 2)
+
+
+def test_detected_anomalies_the_localisation_leaves_out_are_counted(tmp_path, capsys):
+    """An anomalous scan's mask that marks no pixel (an export that lost the drawing; training refuses it) and an
+    anomaly labelled with no box or mask were left out of the localisation without a word: 'localisation 100.0%'
+    read as over every detected anomaly where it was over one of three."""
+    data, res = _dataset(tmp_path)
+    manifest, rows = _a1_mask_a2_boxes(data, np.zeros((40, 120), np.uint8), "")   # a1 blank, a2 a label alone
+    rows.append("images/a3.tiff,1,\"[[5, 5, 15, 15]]\",cash,wood,")
+    write_scan(data / "images" / "a3.tiff", np.full((2, 40, 120), 50000, np.uint16), i0=(60000.0, 60000.0))
+    manifest.write_text("\n".join(rows) + "\n")
+    with open(res, "a", newline="") as f:
+        csv.writer(f).writerow([str((data / "images" / "a3.tiff").resolve()), 0.9, "INSPECT", THRESHOLD,
+                                json.dumps([{"box": [5, 5, 15, 15], "score": 0.9}]), "12.0", ""])
+    out = tmp_path / "report"
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["localisation"]["n"] == 1 and m["localisation"]["hit_rate"] == 1.0
+    err = capsys.readouterr().err
+    assert "a1.png: mask marks no pixel" in next(n for n in m["notes"] if "cannot place" in n)
+    note = next(n for n in m["notes"] if "no true box or mask" in n)
+    assert note == "1 detected anomalies have no true box or mask: left out of the localisation (measured on 1)"
+    assert note in err
+
+
+def test_an_inspection_a_risk_flag_forced_is_not_a_localisation_miss(tmp_path, capsys):
+    """a0 scored 0.35 under its 0.38 threshold and was INSPECTed because a risk flag forced it (score --policy): the
+    model detected nothing there, yet its region off the anomaly counted as a localisation miss of the model."""
+    data, res = _dataset(tmp_path)
+    rows = res.read_text().splitlines()
+    rows[5] = rows[5].replace(",RELEASE,", ",INSPECT,")              # a0: forced
+    res.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    assert evaluate.main(Namespace(results=str(res), truth=str(data), out=str(out))) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["localisation"]["n"] == 2 and m["localisation"]["hit_rate"] == 0.5
+    assert m["overall"]["decisions"]["tp"] == 3                      # the station's routing still counts it
+    note = ("1 anomalies INSPECTed under their threshold (a risk flag forced it) are left out of the localisation: "
+            "the model detected nothing there")
+    assert note in m["notes"] and note in capsys.readouterr().err

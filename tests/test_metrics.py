@@ -178,3 +178,33 @@ def test_average_precision_without_normal_scans_is_undefined_not_perfect():
     assert M.average_precision([1, 1, 1], [0.9, 0.1, 0.0]) is None
     out = M.summary([1, 1], [0.1, 0.9])
     assert out["ap"] is None and any("AUROC and AP undefined" in n for n in out["notes"])
+
+
+def test_auroc_is_undefined_where_a_class_has_no_scored_scan():
+    # every scan failed: the fail-closed ranking ties them all and read "AUROC 0.5000 (95% 0.500-0.500)" for a model
+    # that scored nothing; every anomaly failed: 1.0 for a model that scored none of them
+    y, s = [0] * 5 + [1] * 5, [0.0] * 10
+    out = M.summary(y, s, [True] * 10)
+    assert out["auroc"] is None and out["ap"] is None and M.roc_points(y, s, [True] * 10) is None
+    assert any("no scan scored" in n for n in out["notes"]), out["notes"]
+    assert M.intervals(y, s, [True] * 10)["auroc"] is None
+    f = [False] * 5 + [True] * 5
+    out = M.summary(y, [0.1, 0.2, 0.3, 0.4, 0.5] + [0.0] * 5, f)
+    assert out["auroc"] is None and out["ap"] is None
+    assert any("no anomalous scan scored (all 5 failed)" in n for n in out["notes"]), out["notes"]
+    assert out["detection_at_far"][0]["detection_rate"] == 1.0   # the routing still inspects them (fail-closed)
+    # one scored scan per class is enough: the failures rank above it, as before
+    assert M.auroc([0, 0, 1, 1], [0.1, 0.0, 0.9, 0.0], [False, True, False, True]) == pytest.approx(0.625)
+
+
+def test_detection_interval_at_0_and_100_percent_is_not_a_point():
+    # 20 of 20 anomalies found: every resampled test set finds 20 of 20 too, so the percentile bootstrap read
+    # "100.0 - 100.0 %" as if 20 anomalies pinned detection down; the Wilson interval of 20 of 20 is 83.9-100 %
+    y = [0] * 100 + [1] * 20
+    found = M.intervals(y, [0.1] * 100 + [0.9] * 20)
+    lo, hi = found["detection_at_1pct"]
+    assert hi == 1.0 and lo == pytest.approx(calibration.rate_interval(20, 20)[0], abs=1e-4) and lo < 0.85
+    lo, hi = M.intervals(y, [0.9] * 100 + [0.1] * 20)["detection_at_1pct"]
+    assert lo == 0.0 and hi == pytest.approx(calibration.rate_interval(0, 20)[1], abs=1e-4) and hi > 0.15
+    lo, hi = found["auroc"]
+    assert lo <= M.auroc(y, [0.1] * 100 + [0.9] * 20) <= hi   # 1.0, not under an upper end of 0.9999999999999999
