@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
-from detector.calibration import score_digits
+from detector.calibration import score_digits, threshold_texts
 
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
 MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
@@ -141,16 +141,22 @@ def _plt():
     return plt
 
 
+def _plain(text: str) -> str:
+    """Text for a plot drawn as written: matplotlib reads the span between two `$` as a formula, and an anomaly
+    type named like `cash $_{x$` raised there, ending eval before its report was written."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
              marks: Sequence[tuple[float, float, str]] = ()) -> Path:
     """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for name, (far, det) in curves.items():
-        ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=name, drawstyle="steps-post")
+        ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=_plain(name), drawstyle="steps-post")
     for far, det, label in marks:
         ax.plot([max(far, 1e-4)], [det], "o", ms=5)
-        ax.annotate(label, (max(far, 1e-4), det), textcoords="offset points", xytext=(5, -10), fontsize=8)
+        ax.annotate(_plain(label), (max(far, 1e-4), det), textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1.0)
     ax.set_ylim(0, 1.02)
@@ -175,7 +181,7 @@ def plot_histogram(normal: np.ndarray, anomalous: np.ndarray, path: str | Path,
                 color="tab:red")
     for t, label in thresholds:
         ax.axvline(t, color="k", ls="--", lw=1)
-        ax.text(t, ax.get_ylim()[1] * 0.95, " " + label, fontsize=8, va="top")
+        ax.text(t, ax.get_ylim()[1] * 0.95, " " + _plain(label), fontsize=8, va="top")
     if len(normal) + len(anomalous) > 200:  # long tails matter at low false-alarm rates
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.8)
@@ -205,6 +211,14 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.3g}"
     return html.escape(str(v))
+
+
+def _thresholds_apart(rows: Sequence[dict]) -> list[dict]:
+    """Rows whose thresholds are text with the decimals that keep them apart (calibration.threshold_texts): at 4,
+    a confident model's 1 % and 0.1 % thresholds both read 1.0000."""
+    known = [r for r in rows if isinstance(r.get("threshold"), float)]
+    texts = dict(zip(map(id, known), threshold_texts(*(r["threshold"] for r in known))))
+    return [{**r, "threshold": texts[id(r)]} if id(r) in texts else r for r in rows]
 
 
 def _table(rows: Sequence[dict], cols: Sequence[str]) -> str:
@@ -247,9 +261,11 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
     for note in ov.get("notes", []) + m.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
     parts.append("<h2>Detection at a fixed false-alarm rate</h2>" + _table(
-        ov["detection_at_far"], ["false_alarm_rate", "threshold", "detection_rate", "achieved_rate", "resolvable"]))
+        _thresholds_apart(ov["detection_at_far"]),
+        ["false_alarm_rate", "threshold", "detection_rate", "achieved_rate", "resolvable"]))
     parts.append("<h2>False alarms at a fixed detection rate</h2>" + _table(
-        ov["far_at_detection"], ["detection_rate", "threshold", "false_alarm_rate", "achieved_detection"]))
+        _thresholds_apart(ov["far_at_detection"]),
+        ["detection_rate", "threshold", "false_alarm_rate", "achieved_detection"]))
     if "decisions" in ov:
         parts.append("<h2>Recorded decisions (as scored; failures count as INSPECT)</h2>" + _table(
             [ov["decisions"]], ["inspected", "detection_rate", "false_alarm_rate", "tp", "fn", "fp", "tn"]))

@@ -70,3 +70,20 @@ def test_plots_and_html_self_contained(tmp_path):
     srcs = re.findall(r"src='([^']*)'", text)
     assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "x.tiff &lt;b&gt;" in text and "a note" in text and "<link" not in text
+
+
+def test_plot_text_is_drawn_as_written_and_thresholds_print_apart(tmp_path):
+    """An anomaly type such as `cash $_{x$` was read by matplotlib as a formula and raised in plot_roc, ending eval
+    before report.html was written; now it is drawn as written. The report's threshold tables printed a confident
+    model's thresholds with 4 decimals, 0.99996 and 0.99997 both as 1.0000; now with the decimals that keep them
+    apart."""
+    curve = (np.array([0, 0, 0.5, 1]), np.array([0, 0.5, 1, 1]))
+    roc = report.plot_roc({"all": curve, "cash $_{x$": curve}, tmp_path / "roc.png", [(0.01, 0.5, "$_{bad")])
+    hist = report.plot_histogram(np.random.rand(50), np.random.rand(20), tmp_path / "hist.png", [(0.5, "t $_{x$")])
+    assert cv2.imread(str(roc)) is not None and cv2.imread(str(hist)) is not None
+    far = [{"false_alarm_rate": r, "threshold": t, "detection_rate": 0.5, "achieved_rate": r, "resolvable": True}
+           for r, t in ((0.01, 0.99996), (0.001, 0.99997), (0.005, None))]
+    overall = {"n": 3, "n_normal": 2, "n_anomalous": 1, "n_failed": 0, "auroc": 0.5, "ap": 0.5, "notes": [],
+               "detection_at_far": far, "far_at_detection": []}
+    text = report.html_report(tmp_path / "r.html", {"overall": overall}, {"roc": roc, "hist": hist}, {}).read_text()
+    assert "<td>0.99996</td>" in text and "<td>0.99997</td>" in text and "<td>1.0000</td>" not in text
