@@ -20,6 +20,8 @@ from detector.calibration import score_digits, threshold_texts
 
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
 MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
+ROWS_SHOWN = 100       # rows of a report table of scans (failed, unscored, unmatched); metrics.json holds them all
+JSON_SHOWN = 20000     # characters of metrics.json the report shows
 
 
 def window(att: np.ndarray, floor: float = 2.0, k: float = 20.0) -> np.ndarray:
@@ -213,6 +215,11 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _first(rows: Sequence) -> str:
+    """The heading's word on a table cut to its first ROWS_SHOWN rows ('' when whole)."""
+    return f"; the first {ROWS_SHOWN} shown, all in metrics.json" if len(rows) > ROWS_SHOWN else ""
+
+
 def _thresholds_apart(rows: Sequence[dict]) -> list[dict]:
     """Rows whose thresholds are text with the decimals that keep them apart (calibration.threshold_texts): at 4,
     a confident model's 1 % and 0.1 % thresholds both read 1.0000."""
@@ -281,12 +288,12 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
                 rows, [name, "n", "n_normal", "n_anomalous", "auroc", "detection_at_1pct", "detection_rate",
                        "false_alarm_rate"]))
     if m.get("failures"):
-        parts.append(f"<h2>Failed scans ({len(m['failures'])}, counted as INSPECT)</h2>"
-                     + _table(m["failures"][:100], ["path", "label", "error"]))
+        parts.append(f"<h2>Failed scans ({len(m['failures'])}, counted as INSPECT{_first(m['failures'])})</h2>"
+                     + _table(m["failures"][:ROWS_SHOWN], ["path", "label", "error"]))
     for key, name in (("unscored", "Truth scans without a result"), ("unmatched", "Result rows without truth")):
         if m.get(key):
-            parts.append(f"<h2>{name} ({len(m[key])}, left out)</h2>"
-                         + _table([{"path": p} for p in m[key][:100]], ["path"]))
+            parts.append(f"<h2>{name} ({len(m[key])}, left out{_first(m[key])})</h2>"
+                         + _table([{"path": p} for p in m[key][:ROWS_SHOWN]], ["path"]))
     parts.append("<h2>Plots</h2>" + "".join(
         f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
     for section, items in thumbs.items():
@@ -297,7 +304,10 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
         parts.append("<div class='thumbs'>" + "".join(
             f"<figure><img src='{png_data_uri(img)}'><figcaption>{html.escape(cap)}</figcaption></figure>"
             for img, cap in items) + "</div>")
-    parts.append("<h2>metrics.json</h2><pre>" + html.escape(json.dumps(m, indent=1)[:20000]) + "</pre>")
+    dump = json.dumps(m, indent=1)
+    cut = (f"\n... (the first {JSON_SHOWN:,} of {len(dump):,} characters: the whole is metrics.json beside this report)"
+           if len(dump) > JSON_SHOWN else "")
+    parts.append("<h2>metrics.json</h2><pre>" + html.escape(dump[:JSON_SHOWN] + cut) + "</pre>")
     parts.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,17 @@ def test_plot_text_is_drawn_as_written_and_thresholds_print_apart(tmp_path):
                "detection_at_far": far, "far_at_detection": []}
     text = report.html_report(tmp_path / "r.html", {"overall": overall}, {"roc": roc, "hist": hist}, {}).read_text()
     assert "<td>0.99996</td>" in text and "<td>0.99997</td>" in text and "<td>1.0000</td>" not in text
+
+
+def test_a_cut_table_or_metrics_json_says_so(tmp_path):
+    """The failed-scan table shows its first 100 rows and the metrics.json block its first 20,000 characters; both
+    were cut without a word, so an officer could read the list as whole. Each now says where the rest is."""
+    overall = {"n": 300, "n_normal": 300, "n_anomalous": 0, "n_failed": 300, "auroc": None, "ap": None, "notes": [],
+               "detection_at_far": [], "far_at_detection": []}
+    failures = [{"path": f"scans/truck_{i:04d}.tiff", "label": 0, "error": "x" * 80} for i in range(300)]
+    page = report.html_report(tmp_path / "r.html", {"overall": overall, "failures": failures}, {}, {}).read_text()
+    assert "Failed scans (300, counted as INSPECT; the first 100 shown, all in metrics.json)" in page
+    assert "truck_0099" in page.split("<h2>metrics.json")[0] and "truck_0100" not in page.split("<h2>metrics.json")[0]
+    assert "the whole is metrics.json beside this report" in page
+    few = report.html_report(tmp_path / "f.html", {"overall": overall, "failures": failures[:3]}, {}, {}).read_text()
+    assert "Failed scans (3, counted as INSPECT)" in few and "the whole is" not in few
