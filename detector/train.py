@@ -342,6 +342,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
     if cfg.trainer.threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.trainer.threads)
     t0 = time.time()
+    found = file_id(out / "last.ckpt")   # an earlier run's, until this run writes its own
     hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
     if resume is None:   # a previous run's cells, type weights and curves belong to a previous model
         hard_file.unlink(missing_ok=True)
@@ -421,7 +422,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                             check_val_every_n_epoch=cfg.trainer.val_every,
                             enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
         kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
-        with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}"):
+        with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}", found, resume):
             trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if kept_log is not None:
         _merge_logs(kept_log, out / "logs" / "metrics.csv")
@@ -437,7 +438,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                                strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
                                enable_progress_bar=not quiet, enable_model_summary=False)
-            with stopped_by_signal(tester, out, "while testing best.ckpt (the training had finished)"):
+            with stopped_by_signal(tester, out, "while testing best.ckpt (the training had finished)", found, resume):
                 tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
     if not trainer.is_global_zero:
         return {}
@@ -473,12 +474,24 @@ class TrainingInterrupted(Exception):
         self.exit_code = exit_code
 
 
+def file_id(path: Path) -> tuple | None:
+    """(device, inode, mtime ns, size) of a file, None where there is none: tells a file written since from the one
+    that was there (a checkpoint is replaced by a rename, a new inode; no clock is compared, an NFS server's may differ)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 @contextlib.contextmanager
-def stopped_by_signal(trainer: L.Trainer, out: Path, where: str):
+def stopped_by_signal(trainer: L.Trainer, out: Path, where: str, found: tuple | None = None, resume: str | None = None):
     """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C or SIGTERM ends a fit or test: Lightning
     exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word; a SIGTERM sent to the
     whole process group (systemd, a batch scheduler) kills the loader workers first, a RuntimeError. `where` may
-    name {epoch} (the one stopped, from 1) and {epochs} (the config's count)."""
+    name {epoch} (the one stopped, from 1) and {epochs} (the config's count). `found`: file_id of RUN/last.ckpt when
+    the run started (an earlier run's, which this run has not replaced until it writes its own); `resume`: the
+    checkpoint it resumed, what continues it while it has written none."""
     try:
         yield
     except BaseException as e:
@@ -490,15 +503,24 @@ def stopped_by_signal(trainer: L.Trainer, out: Path, where: str):
             raise
         if not trainer.is_global_zero:
             raise SystemExit(code) from None
-        last = out / "last.ckpt"
-        try:
-            done = int(read_checkpoint(last).get("epoch", -1)) + 1
-        except CheckpointError:
-            done = 0
         said = where.format(epoch=trainer.current_epoch + 1, epochs=trainer.max_epochs)
-        left = (f"{last} holds the {done} epoch(s) before it: continue with the same command and --resume {shlex.quote(str(last))}"
-                if done else "no epoch finished, nothing to resume: run it again")
-        raise TrainingInterrupted(f"stopped by {how} {said}; {left}", code) from None
+        raise TrainingInterrupted(f"stopped by {how} {said}; {_how_to_continue(out / 'last.ckpt', found, resume)}",
+                                  code) from None
+
+
+def _how_to_continue(last: Path, found: tuple | None, resume: str | None) -> str:
+    """What continues a stopped run: its own last.ckpt, else the checkpoint it resumed; never an earlier run's."""
+    ours = file_id(last) not in (None, found)
+    ck = last if ours else Path(resume) if resume is not None else None
+    try:
+        done = int(read_checkpoint(ck).get("epoch", -1)) + 1 if ck is not None else 0
+    except CheckpointError:
+        done = 0
+    if done:
+        return (f"{ck} holds the {done} epoch(s) before it: continue with the same command and --resume "
+                f"{shlex.quote(str(ck))}")
+    earlier = f" ({last} is an earlier run's)" if not ours and last.is_file() else ""
+    return f"no epoch of this run finished, nothing to resume: run it again{earlier}"
 
 
 class _NoAdverts(logging.Filter):

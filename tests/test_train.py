@@ -923,3 +923,37 @@ def test_a_sites_pitch_for_untagged_files_is_cached_fingerprinted_and_exported(t
     model, info = load_checkpoint(tmp_path / "run5" / "best.ckpt")
     export_bundle(model, info, tmp_path / "plain.onnx", log=lambda s: None)
     assert "default_pitch_mm" not in read_metadata(tmp_path / "plain.onnx")
+
+
+def test_a_new_run_stopped_before_its_first_checkpoint_does_not_offer_an_earlier_runs_last_ckpt(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A new run into the folder of a finished one, stopped by Ctrl-C in its first epoch, said that RUN/last.ckpt
+    held that earlier run's epochs and to continue "the same command" with --resume RUN/last.ckpt: that resumes the
+    earlier run under this run's settings. Only a last.ckpt this run wrote (or the one it resumed) is offered."""
+    from detector import train as train_mod
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=2",
+            "trainer.max_minutes=0", "trainer.patience=0", "trainer.test=false"]
+    assert main(argv) == 0                         # the earlier run, finished: last.ckpt holds its 2 epochs
+    step = train_mod.AnomalyModule.training_step
+
+    def stop_at_once(self, batch, i):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", stop_at_once)
+    capsys.readouterr()
+    assert main([*argv, "seed=1"]) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds the 2 epoch(s)" not in said and "--resume" not in said, said
+    assert said.endswith(f"no epoch of this run finished, nothing to resume: run it again ({run / 'last.ckpt'} is "
+                         "an earlier run's)"), said
+    # a resumed run stopped before its next checkpoint offers the checkpoint it resumed from, wherever it is
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", step)
+    other = tmp_path / "other"
+    assert main([*argv[:6], str(other), *argv[7:], "trainer.max_epochs=1"]) == 0
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", stop_at_once)
+    assert main([*argv[:6], str(other), *argv[7:], "trainer.max_epochs=3", "--resume", str(run / "last.ckpt")]) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{run / 'last.ckpt'} holds the 2 epoch(s) before it" in said and f"--resume {run / 'last.ckpt'}" in said
