@@ -957,3 +957,30 @@ def test_a_new_run_stopped_before_its_first_checkpoint_does_not_offer_an_earlier
     assert main([*argv[:6], str(other), *argv[7:], "trainer.max_epochs=3", "--resume", str(run / "last.ckpt")]) == 130
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{run / 'last.ckpt'} holds the 2 epoch(s) before it" in said and f"--resume {run / 'last.ckpt'}" in said
+
+
+def test_a_second_train_into_a_run_folder_in_use_is_refused_before_it_touches_it(tmp_path, capsys):
+    """Two `detector train` into one --out (a command run twice by mistake, on a shared box) both wrote it: the second
+    deleted the first's hard negatives, curves and metrics, rewrote config.yaml with its own settings (seed 1 beside
+    the first run's seed-0 model) and checkpoints, and one of them crashed on the other's CSV log. Like `score`'s
+    results lock, RUN/train.lock is now held by the run for its whole length, and a second run is refused in one line
+    before it changes anything; the lock goes with the run however it ends."""
+    import fcntl
+
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=1",
+            "trainer.max_minutes=0", "trainer.test=false"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"}
+    with open(run / "train.lock", "a+b") as first:   # the first run, still training, holds its lock
+        fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*argv, "seed=1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"detector train: --out {run} is in use by another `detector train` (lock {run / 'train.lock'}): "
+                       "wait for it to end, or give another --out"), err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"} == before
+    assert main([*argv, "seed=1"]) == 0            # once it has ended, the folder is free
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1
