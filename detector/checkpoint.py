@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from detector.config import Config, ConfigError, from_dict, to_dict
 from detector.model import AnomalyNet, build_model, state_mismatch
@@ -91,6 +93,43 @@ def load_initial_weights(model: AnomalyNet, ck: dict, path: str | Path) -> None:
     if what := state_mismatch(own, state):
         raise ConfigError(f"model.init {path}: its weights do not fit this run's network ({what})")
     model.load_state_dict(state)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Each checkpoint written beside its final name, synced, and renamed over it: a kill, a power cut or a full disk
+    leaves the previous whole file, never a cut one. Lightning's own writes a temporary file in $TMPDIR and moves it,
+    which between two file systems (a tmpfs /tmp, a run on a data disk) is a copy over the old file in place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut (POSIX; nothing where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path: str | Path) -> dict:

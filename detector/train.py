@@ -34,8 +34,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table, unresolved_warning
-from detector.checkpoint import (CheckpointError, check_initialisable, check_resumable, load_checkpoint,
-                                 load_initial_weights, read_checkpoint, read_init)
+from detector.checkpoint import (AtomicCheckpointIO, CheckpointError, check_initialisable, check_resumable,
+                                 load_checkpoint, load_initial_weights, read_checkpoint, read_init)
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
 from detector.data import ScanDataModule
 from detector.records import fingerprint, load_records
@@ -421,6 +421,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                                 precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
                                 callbacks=callbacks, logger=[CSVLogger(out, name="logs", version=""),
                                                              TensorBoardLogger(out, name="tb", version="")],
+                                plugins=[AtomicCheckpointIO()],
                                 log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
                                 check_val_every_n_epoch=cfg.trainer.val_every,
                                 enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)

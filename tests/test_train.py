@@ -984,3 +984,67 @@ def test_a_second_train_into_a_run_folder_in_use_is_refused_before_it_touches_it
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"} == before
     assert main([*argv, "seed=1"]) == 0            # once it has ended, the folder is free
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1
+
+
+def test_checkpoints_are_replaced_whole_when_the_temporary_folder_is_another_file_system(tmp_path, monkeypatch):
+    """Lightning wrote each checkpoint to a temporary file in $TMPDIR and moved it into RUN: with /tmp on another file
+    system (a tmpfs /tmp, a run folder on a data disk or a share) the move is a copy over RUN/last.ckpt in place, so a
+    kill -9, a power cut or a full disk during it left a cut last.ckpt (and best.ckpt) where a whole one had been.
+    Now each is written beside its final name, synced, and renamed over it."""
+    import builtins
+    import errno
+
+    from detector.checkpoint import read_checkpoint
+    from detector.train import run_training
+    data = write_dataset(tmp_path / "data")
+    run, other = tmp_path / "run", tmp_path / "tmpfs"
+    other.mkdir()
+    monkeypatch.setenv("TMPDIR", str(other))
+    monkeypatch.setattr("tempfile.tempdir", str(other))
+    rename = os.rename
+
+    def across_file_systems(src, dst, *a, **k):   # what rename(2) does between two file systems
+        if Path(src).resolve().parent.is_relative_to(other) != Path(dst).resolve().parent.is_relative_to(other):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *a, **k)
+
+    written, real_open = [], builtins.open
+
+    def watched_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            written.append(Path(file).resolve())
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(os, "rename", across_file_systems)
+    monkeypatch.setattr(builtins, "open", watched_open)
+    run_training(None, data, run, [*TINY, "trainer.max_epochs=2", "trainer.test=false"], quiet=True)
+    monkeypatch.undo()
+    in_place = [p for p in written if p.name in ("best.ckpt", "last.ckpt")]
+    assert not in_place, f"checkpoints written in place: {in_place}"
+    assert read_checkpoint(run / "last.ckpt")["epoch"] == 1
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name] and not list(other.iterdir())
+
+
+def test_a_checkpoint_write_that_fills_the_disk_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: the error is raised, the previous file is still the whole earlier
+    checkpoint, and no part of the new one is left beside it."""
+    import errno
+
+    import torch
+
+    from detector.checkpoint import AtomicCheckpointIO
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.zeros(1000)}}, path)
+    save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 2, "state_dict": {"w": torch.ones(1000)}}, path)
+    monkeypatch.setattr(torch, "save", save)
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
