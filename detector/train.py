@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -483,8 +484,11 @@ def stopped_by(t: TrainerConfig, epochs: int, early: bool) -> str | None:
     return None
 
 
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT}   # a disk or quota filled while the run wrote its folder
+
+
 class TrainingInterrupted(Exception):
-    """A run stopped by Ctrl-C or SIGTERM; the message says what its folder holds and how to continue it."""
+    """A run stopped by Ctrl-C, SIGTERM or a full disk; the message says what its folder holds and how to continue it."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -504,9 +508,10 @@ def file_id(path: Path) -> tuple | None:
 
 @contextlib.contextmanager
 def stopped_by_signal(trainer: L.Trainer, out: Path, where: str, found: tuple | None = None, resume: str | None = None):
-    """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C or SIGTERM ends a fit or test: Lightning
-    exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word; a SIGTERM sent to the
-    whole process group (systemd, a batch scheduler) kills the loader workers first, a RuntimeError. `where` may
+    """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C, SIGTERM or a full disk ends a fit or test:
+    Lightning exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word, and a full disk
+    was a traceback; a SIGTERM sent to the whole process group (systemd, a batch scheduler) kills the loader workers
+    first, a RuntimeError. `where` may
     name {epoch} (the one stopped, from 1) and {epochs} (the config's count). `found`: file_id of RUN/last.ckpt when
     the run started (an earlier run's, which this run has not replaced until it writes its own); `resume`: the
     checkpoint it resumed, what continues it while it has written none."""
@@ -517,6 +522,8 @@ def stopped_by_signal(trainer: L.Trainer, out: Path, where: str, found: tuple | 
             how, code = "SIGTERM", 143
         elif isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted):
             how, code = "Ctrl-C", 130
+        elif isinstance(e, OSError) and e.errno in FULL_DISK:   # the checkpoints are whole: resuming loses nothing
+            how, code = f"a full disk ({e.strerror}{f': {e.filename}' if e.filename else ''})", 1
         else:
             raise
         if not trainer.is_global_zero:

@@ -1048,3 +1048,34 @@ def test_a_checkpoint_write_that_fills_the_disk_leaves_the_previous_checkpoint_w
     monkeypatch.setattr(torch, "save", save)
     assert torch.load(path, weights_only=False)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """A disk that fills during a run (a checkpoint, a log) ended `detector train` with a traceback whose last line,
+    "OSError: [Errno 28] No space left on device", said neither what the folder holds nor that last.ckpt continues
+    it. Now one line as for Ctrl-C: what stopped it, where, the epochs last.ckpt holds and the --resume; exit 1."""
+    import errno
+
+    from detector import checkpoint
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    save, calls = checkpoint.AtomicCheckpointIO.save_checkpoint, []
+
+    def fills_on_the_third(self, ck, path, storage_options=None):   # best and last of epoch 1, then best of 2
+        calls.append(path)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, ck, path, storage_options)
+
+    monkeypatch.setattr(checkpoint.AtomicCheckpointIO, "save_checkpoint", fills_on_the_third)
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=3",
+            "trainer.max_minutes=0", "trainer.patience=0", "trainer.test=false"]
+    assert main(argv) == 1
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("detector train: stopped by a full disk (No space left on device) in epoch 2 of 3; "
+                           f"{run / 'last.ckpt'} holds the 1 epoch(s) before it"), said
+    assert f"--resume {run / 'last.ckpt'}" in said and not (run / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
