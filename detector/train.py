@@ -347,15 +347,6 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         t0 = time.time()
         found = file_id(out / "last.ckpt")   # an earlier run's, until this run writes its own
         hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
-        if resume is None:   # a previous run's cells, type weights and curves belong to a previous model
-            hard_file.unlink(missing_ok=True)
-            types_file.unlink(missing_ok=True)
-            # TensorBoard draws every file in tb/ as one run; rank 0 only: DDP's other ranks re-run this command once
-            # rank 0 has opened its own file
-            for events in (out / "tb").glob("events.out.tfevents.*") if rank_zero_only.rank == 0 else ():
-                events.unlink()
-        for old in ("metrics.json", "test_scores.csv"):   # written at the end: a run stopped before it leaves none
-            (out / old).unlink(missing_ok=True)
         data = dataclasses.replace(cfg.data, batch_size=batch, workers=workers)
         dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
                             types_file)
@@ -367,6 +358,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                 raise
             n = dm.write_skipped(out / "skipped_scans.csv")
             raise ScanError(e.path, f"{e.reason}; {out / 'skipped_scans.csv'} lists the {n} unreadable scans") from None
+        _clear_earlier_results(out, fresh=resume is None)   # only now: a run stopped while caching leaves them
         cfg.model.in_channels = dm.channels
         cfg.data.channels = dm.channels
         cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous
@@ -590,6 +582,22 @@ def _warn_if_replacing(out: Path) -> None:
     if old:
         _rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
                        f"(--resume {out / 'last.ckpt'} continues that run instead)")
+
+
+def _clear_earlier_results(out: Path, fresh: bool) -> None:
+    """Remove an earlier run's metrics.json and test_scores.csv (written at the end: a run stopped before it leaves
+    none) and, for a new run (`fresh`), its hard negatives, type weights and TensorBoard curves, which belong to an
+    earlier model. Called once the data is ready, so a run stopped while caching leaves the folder as it was."""
+    for old in ("metrics.json", "test_scores.csv"):
+        (out / old).unlink(missing_ok=True)
+    if not fresh:
+        return
+    (out / "hard_negatives.json").unlink(missing_ok=True)
+    (out / "hard_types.json").unlink(missing_ok=True)
+    # TensorBoard draws every file in tb/ as one run; rank 0 only: DDP's other ranks re-run this command once rank 0
+    # has opened its own file
+    for events in (out / "tb").glob("events.out.tfevents.*") if rank_zero_only.rank == 0 else ():
+        events.unlink()
 
 
 def _set_log_aside(log: Path) -> Path | None:

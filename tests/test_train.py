@@ -1079,3 +1079,29 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_resume(tmp_path, monkey
     monkeypatch.undo()
     assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_a_new_run_stopped_while_caching_leaves_the_earlier_runs_results_as_they_were(tmp_path, monkeypatch, capsys):
+    """A new run started by mistake into a finished run's folder warns that it will replace that run; stopped then
+    (Ctrl-C while the scans are cached, the minutes before its first epoch), it had already deleted the finished
+    run's metrics.json, test_scores.csv, hard negatives and TensorBoard curves. They are now removed only once the
+    new run has its data and starts training."""
+    from detector import train as train_mod
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n_test=2)
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=1",
+            "trainer.max_minutes=0"]
+    assert main(argv) == 0
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.parts[-2] != "cache" and p.name != "train.lock"}
+    assert {Path("metrics.json"), Path("test_scores.csv"), Path("hard_negatives.json")} <= set(kept)
+    assert any(p.parts[0] == "tb" and p.name.startswith("events.") for p in kept)
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.ScanDataModule, "prepare_data", ctrl_c)
+    assert main([*argv, "seed=1"]) == 130
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.parts[-2] != "cache" and p.name != "train.lock"} == kept
