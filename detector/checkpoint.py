@@ -151,6 +151,30 @@ def read_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def unfinished_run(path: str | Path) -> str | None:
+    """Why `path` is an interim model, None when its run finished or there is no telling: the last.ckpt beside it holds
+    fewer epochs than its run planned (its time budget's plan, else trainer.max_epochs; early stopping ends a run) and
+    no metrics.json, which only a run that finished writes, is there: the run was stopped, crashed or still trains."""
+    run = Path(path).parent
+    last = run / "last.ckpt"
+    if (run / "metrics.json").exists() or not last.is_file():
+        return None
+    try:
+        ck = read_checkpoint(last)
+    except CheckpointError:
+        return None
+    states = ck.get("callbacks") or {}
+    if any(k.startswith("EarlyStopping") and (v or {}).get("stopped_epoch", 0) > 0 for k, v in states.items()):
+        return None
+    plans = (states.get("TimeBudget") or {}).get("plans") or []
+    planned = int(plans[-1]) if plans else int(ck["hyper_parameters"]["config"].get("trainer", {}).get("max_epochs", 0))
+    done = int(ck.get("epoch", -1)) + 1
+    if done >= planned:
+        return None
+    return (f"{path} is from a run that has not finished: {last} holds {done} of its {planned} epochs and there is no "
+            f"{run / 'metrics.json'} (stopped, crashed, or still training)")
+
+
 def read_init(path: str) -> dict:
     """model.init's checkpoint; its errors say model.init (CheckpointError's text names the file)."""
     try:

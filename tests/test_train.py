@@ -1105,3 +1105,36 @@ def test_a_new_run_stopped_while_caching_leaves_the_earlier_runs_results_as_they
     assert main([*argv, "seed=1"]) == 130
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
             if p.is_file() and p.parts[-2] != "cache" and p.name != "train.lock"} == kept
+
+
+def test_exporting_the_best_checkpoint_of_a_run_that_did_not_finish_says_so(tmp_path, monkeypatch, capsys):
+    """A run killed (or stopped, or still training) at epoch 1 of 3 leaves a best.ckpt that `detector export` turned
+    into a bundle without a word: an interim model, its thresholds set on an early epoch, shipped as the trained one.
+    Export now warns, naming the epochs last.ckpt holds of those planned and the --resume that finishes the run; a
+    finished run's (metrics.json beside it) exports as before."""
+    from argparse import Namespace
+
+    from detector import export
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_minutes=0",
+            "trainer.patience=0", "trainer.test=false"]
+    assert main([*argv, "trainer.max_epochs=1"]) == 0
+    monkeypatch.setattr(export, "export_bundle", lambda model, info, out, **k: Path(out).write_bytes(b"onnx") and {
+        "parity": {"max_abs_heatmap": 0.0, "max_abs_score": 0.0}, "seconds": 1.0})
+    args = Namespace(checkpoint=str(run / "best.ckpt"), out=str(tmp_path / "m.onnx"), int8=False, calibration=None,
+                     opset=20, max_drop=1.0)
+    capsys.readouterr()
+    assert export.main(args) == 0
+    assert "warning" not in capsys.readouterr().err
+    (run / "metrics.json").unlink()                # as a run stopped in its second epoch of three leaves it
+    import torch
+    last = torch.load(run / "last.ckpt", weights_only=False)
+    last["hyper_parameters"]["config"]["trainer"]["max_epochs"] = 3
+    torch.save(last, run / "last.ckpt")
+    assert export.main(args) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {run / 'best.ckpt'} is from a run that has not finished: {run / 'last.ckpt'} holds 1 of its 3 "
+            f"epochs and there is no {run / 'metrics.json'}") in err, err
+    assert f"--resume {run / 'last.ckpt'}" in err
