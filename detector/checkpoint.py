@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from detector.config import Config, ConfigError, from_dict, to_dict
 from detector.model import AnomalyNet, build_model, state_mismatch
@@ -93,6 +95,43 @@ def load_initial_weights(model: AnomalyNet, ck: dict, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Each checkpoint written beside its final name, synced, and renamed over it: a kill, a power cut or a full disk
+    leaves the previous whole file, never a cut one. Lightning's own writes a temporary file in $TMPDIR and moves it,
+    which between two file systems (a tmpfs /tmp, a run on a data disk) is a copy over the old file in place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut (POSIX; nothing where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict, checked to be one of ours; CheckpointError names the file and what is wrong."""
     if Path(path).is_dir():   # the run folder itself: name the checkpoint in it
@@ -110,6 +149,30 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ck, dict) or "state_dict" not in ck or "config" not in (ck.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path}: not a detector training checkpoint (no model config and weights in it)")
     return ck
+
+
+def unfinished_run(path: str | Path) -> str | None:
+    """Why `path` is an interim model, None when its run finished or there is no telling: the last.ckpt beside it holds
+    fewer epochs than its run planned (its time budget's plan, else trainer.max_epochs; early stopping ends a run) and
+    no metrics.json, which only a run that finished writes, is there: the run was stopped, crashed or still trains."""
+    run = Path(path).parent
+    last = run / "last.ckpt"
+    if (run / "metrics.json").exists() or not last.is_file():
+        return None
+    try:
+        ck = read_checkpoint(last)
+    except CheckpointError:
+        return None
+    states = ck.get("callbacks") or {}
+    if any(k.startswith("EarlyStopping") and (v or {}).get("stopped_epoch", 0) > 0 for k, v in states.items()):
+        return None
+    plans = (states.get("TimeBudget") or {}).get("plans") or []
+    planned = int(plans[-1]) if plans else int(ck["hyper_parameters"]["config"].get("trainer", {}).get("max_epochs", 0))
+    done = int(ck.get("epoch", -1)) + 1
+    if done >= planned:
+        return None
+    return (f"{path} is from a run that has not finished: {last} holds {done} of its {planned} epochs and there is no "
+            f"{run / 'metrics.json'} (stopped, crashed, or still training)")
 
 
 def read_init(path: str) -> dict:

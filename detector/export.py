@@ -317,7 +317,7 @@ def export_bundle(model: Any, info: dict, out: str | Path, *, opset: int = 20, i
 
 def main(args) -> int:
     """detector export CKPT --out model.onnx [--int8 --calibration DIR]"""
-    from detector.checkpoint import CheckpointError, load_checkpoint
+    from detector.checkpoint import CheckpointError, load_checkpoint, unfinished_run
 
     if Path(args.out).is_dir():   # checked first: the export ran, then failed to write
         print(f"detector export: --out {args.out} is a folder: give the bundle file, e.g. "
@@ -328,6 +328,10 @@ def main(args) -> int:
     except CheckpointError as e:
         print(f"detector export: {e}", file=sys.stderr)
         return 2
+    if (why := unfinished_run(args.checkpoint)) is not None:   # an interim model, which may be what is wanted
+        last = Path(args.checkpoint).parent / "last.ckpt"
+        print(f"warning: {why}: an interim model; the run's command with --resume {shlex.quote(str(last))} finishes "
+              "it, then export its best.ckpt", file=sys.stderr)
     try:
         s = export_bundle(model, info, args.out, opset=args.opset, int8=args.int8, calibration=args.calibration,
                           max_drop=getattr(args, "max_drop", 1.0))

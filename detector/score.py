@@ -132,12 +132,10 @@ def own_files(out: Path, jsonl: Path | None) -> set[Path]:
     return {p.resolve() for p in (out, lock_file(out), routing_file(out), jsonl) if p is not None}
 
 
-def lock_results(out: Path):
-    """Hold `out` for this run through a lock on `out.lock` (open file returned; closing or exiting releases it,
-    however the process ends); BlockingIOError when another run holds it. Two runs appending to one CSV scored
-    the same files twice, rows that `detector eval` then refused."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    f = open(lock_file(out), "a+b")
+def hold_lock(path: Path, busy: str):
+    """An exclusive lock on the file `path` for this process: the open file, whose closing (or the process ending,
+    however it ends) releases it; BlockingIOError(`busy`) when another process holds it."""
+    f = open(path, "a+b")
     try:
         if os.name == "nt":
             import msvcrt
@@ -147,9 +145,16 @@ def lock_results(out: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise BlockingIOError(f"{out} is being written by another `detector score` (lock {f.name}): wait for it "
-                              "to end, or give another --out") from None
+        raise BlockingIOError(busy) from None
     return f
+
+
+def lock_results(out: Path):
+    """Hold `out` for this run through a lock on `out.lock` (hold_lock); BlockingIOError when another run holds it.
+    Two runs appending to one CSV scored the same files twice, rows that `detector eval` then refused."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return hold_lock(lock_file(out), f"{out} is being written by another `detector score` (lock {lock_file(out)}): "
+                                     "wait for it to end, or give another --out")
 
 
 def row_pitches(items: list[Item]) -> dict:

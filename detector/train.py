@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -34,8 +35,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from detector import metrics
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table, unresolved_warning
-from detector.checkpoint import (CheckpointError, check_initialisable, check_resumable, load_checkpoint,
-                                 load_initial_weights, read_checkpoint, read_init)
+from detector.checkpoint import (AtomicCheckpointIO, CheckpointError, check_initialisable, check_resumable,
+                                 load_checkpoint, load_initial_weights, read_checkpoint, read_init)
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
 from detector.data import ScanDataModule
 from detector.records import fingerprint, load_records
@@ -45,6 +46,7 @@ from detector.hardware import (check_hardware, ddp_without_step_buffer_sync, res
                                resolve_workers)
 from detector.model import AnomalyNet, build_model, check_model_config, nhwc
 from detector.scan import ScanError
+from detector.score import hold_lock
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
 
@@ -331,129 +333,138 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot make the run folder or write in it ({e.strerror or e})") from None
-    if resume is None:
-        _warn_if_replacing(out)
-    elif changed:
-        _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
-    if init_changes:
-        _rank_zero_warn(f"model.init {cfg.model.init} learnt under other preprocessing settings than this run's: "
-                        f"{', '.join(init_changes)}")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.trainer.threads and not torch.cuda.is_available():
-        torch.set_num_threads(cfg.trainer.threads)
-    t0 = time.time()
-    hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
-    if resume is None:   # a previous run's cells, type weights and curves belong to a previous model
-        hard_file.unlink(missing_ok=True)
-        types_file.unlink(missing_ok=True)
-        # TensorBoard draws every file in tb/ as one run; rank 0 only: DDP's other ranks re-run this command once
-        # rank 0 has opened its own file
-        for events in (out / "tb").glob("events.out.tfevents.*") if rank_zero_only.rank == 0 else ():
-            events.unlink()
-    for old in ("metrics.json", "test_scores.csv"):   # written at the end: a run stopped before it leaves none
-        (out / old).unlink(missing_ok=True)
-    data = dataclasses.replace(cfg.data, batch_size=batch, workers=workers)
-    dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
-                        types_file)
-    try:
-        dm.prepare_data()
-        dm.setup("fit")
-    except ScanError as e:   # a split emptied by unreadable scans: the file lists them all, the message one
-        if not dm.skipped:
-            raise
-        n = dm.write_skipped(out / "skipped_scans.csv")
-        raise ScanError(e.path, f"{e.reason}; {out / 'skipped_scans.csv'} lists the {n} unreadable scans") from None
-    cfg.model.in_channels = dm.channels
-    cfg.data.channels = dm.channels
-    cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous
-    saved = {**to_dict(cfg), "trainer": asked}
-    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
-            "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
-            "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
-            "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records, cfg.data.pitch_mm),
-            "scan_height_mm": scan_heights_mm(dm.metas["train"], cfg.preprocessing.model_pitch_mm)}
-    was = ((resumed or {}).get("detector_info") or {}).get("data_fingerprint")
-    if was and was != info["data_fingerprint"]:
-        _rank_zero_warn(f"resuming {resume} on other data than the checkpoint's ({info['data_fingerprint']}, was {was}): "
-                        "the scans, their labels, their splits or data.pitch_mm differ")
-    if start is not None:   # where the network came from travels in metrics.json and the checkpoints
-        info["initialised_from"] = {"checkpoint": str(cfg.model.init), "epochs": int(start.get("epoch", -1)) + 1,
-                                    "data_fingerprint": (start.get("detector_info") or {}).get("data_fingerprint")}
-    elif (was_from := ((resumed or {}).get("detector_info") or {}).get("initialised_from")) is not None:
-        info["initialised_from"] = was_from   # a resumed fine-tune started there too
-    resumed = None   # the weights are read again by Lightning
-    module = AnomalyModule(saved, info)
-    if start is not None:
-        load_initial_weights(module.model, start, cfg.model.init)
-        start = None   # its optimiser state and the rest are not needed: free them before the fit
+    with hold_run_folder(out):   # refused while another run trains into it
+        if resume is None:
+            _warn_if_replacing(out)
+        elif changed:
+            _rank_zero_warn(f"resuming {resume} with settings other than its run's: {', '.join(changed)}")
+        if init_changes:
+            _rank_zero_warn(f"model.init {cfg.model.init} learnt under other preprocessing settings than this run's: "
+                            f"{', '.join(init_changes)}")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.trainer.threads and not torch.cuda.is_available():
+            torch.set_num_threads(cfg.trainer.threads)
+        t0 = time.time()
+        found = file_id(out / "last.ckpt")   # an earlier run's, until this run writes its own
+        hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
+        data = dataclasses.replace(cfg.data, batch_size=batch, workers=workers)
+        dm = ScanDataModule(data_dir, data, cfg.preprocessing, cfg.data.cache_dir or out / "cache", hard_file,
+                            types_file)
+        try:
+            dm.prepare_data()
+            dm.setup("fit")
+        except ScanError as e:   # a split emptied by unreadable scans: the file lists them all, the message one
+            if not dm.skipped:
+                raise
+            n = dm.write_skipped(out / "skipped_scans.csv")
+            raise ScanError(e.path, f"{e.reason}; {out / 'skipped_scans.csv'} lists the {n} unreadable scans") from None
+        _clear_earlier_results(out, fresh=resume is None)   # only now: a run stopped while caching leaves them
+        cfg.model.in_channels = dm.channels
+        cfg.data.channels = dm.channels
+        cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous
+        saved = {**to_dict(cfg), "trainer": asked}
+        (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
+                "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
+                "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
+                "validation": {}, "train_config": saved, "data_fingerprint": fingerprint(dm.records, cfg.data.pitch_mm),
+                "scan_height_mm": scan_heights_mm(dm.metas["train"], cfg.preprocessing.model_pitch_mm)}
+        was = ((resumed or {}).get("detector_info") or {}).get("data_fingerprint")
+        if was and was != info["data_fingerprint"]:
+            _rank_zero_warn(f"resuming {resume} on other data than the checkpoint's ({info['data_fingerprint']}, "
+                            f"was {was}): the scans, their labels, their splits or data.pitch_mm differ")
+        if start is not None:   # where the network came from travels in metrics.json and the checkpoints
+            info["initialised_from"] = {"checkpoint": str(cfg.model.init), "epochs": int(start.get("epoch", -1)) + 1,
+                                        "data_fingerprint": (start.get("detector_info") or {}).get("data_fingerprint")}
+        elif (was_from := ((resumed or {}).get("detector_info") or {}).get("initialised_from")) is not None:
+            info["initialised_from"] = was_from   # a resumed fine-tune started there too
+        resumed = None   # the weights are read again by Lightning
+        module = AnomalyModule(saved, info)
+        if start is not None:
+            load_initial_weights(module.model, start, cfg.model.init)
+            start = None   # its optimiser state and the rest are not needed: free them before the fit
 
-    from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/choice", mode="max",
-                           enable_version_counter=False, auto_insert_metric_name=False)
-    # last.ckpt = the state after every epoch (resume, and the annealed end of the schedule): Lightning's
-    # own save_last writes only when `best` is saved, so its "last" was the best epoch, not the last
-    last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                           save_on_train_epoch_end=True, enable_version_counter=False)
-    timer = EpochTimer(started=t0)
-    callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(cfg.trainer.val_every), timer]
-    if cfg.trainer.max_minutes > 0:
-        callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
-    early = EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience)
-    if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
-        callbacks.append(early)
-    if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
-        callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
-    if cfg.trainer.ema_decay > 0:  # validation, best/last.ckpt's state_dict and the test use the average
-        callbacks.append(EMAWeightAveraging(decay=cfg.trainer.ema_decay))
-    strategy = cfg.trainer.strategy
-    if strategy == "ddp":   # as resolve_cpu_processes sets it: BN statistics synced once an epoch, not every step
-        from lightning.pytorch.strategies import DDPStrategy
-        strategy = DDPStrategy(**ddp_without_step_buffer_sync())
-        callbacks.append(AverageBatchNormStats())
-    with lightning_noise_off():
-        trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
-                            devices=cfg.trainer.devices, strategy=strategy,
-                            precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator), callbacks=callbacks,
-                            logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")],
-                            log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
-                            check_val_every_n_epoch=cfg.trainer.val_every,
-                            enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
-        kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
-        with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}"):
-            trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    if kept_log is not None:
-        _merge_logs(kept_log, out / "logs" / "metrics.csv")
-        kept_log.unlink()
-    best = Path(ckpt.best_model_path or out / "last.ckpt")
-    train_s = round(timer.total_s(), 1)   # a resumed run: its time before the checkpoint too
-    tested = bool(cfg.trainer.test and dm.splits["test"])
-    if tested:  # every rank takes part (DDP: a share of the scans each)
-        # the sampler's repeated scans are dropped by index in _gather, and the checkpoint's callbacks are
-        # left out on purpose (EMA would reload the raw weights)
-        with lightning_noise_off("Using `DistributedSampler` with the dataloaders. During `trainer.test",
-                                  "Be aware that when using `ckpt_path`, callbacks used to create"):
-            tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                               strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
-                               enable_progress_bar=not quiet, enable_model_summary=False)
-            with stopped_by_signal(tester, out, "while testing best.ckpt (the training had finished)"):
-                tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
-    if not trainer.is_global_zero:
-        return {}
-    _, best_info = load_checkpoint(best)
-    result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
-              "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
-              "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
-              "stopped": stopped_by(cfg.trainer, trainer.current_epoch, early.stopped_epoch > 0),
-              "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
-              "data_fingerprint": info["data_fingerprint"], "initialised_from": info.get("initialised_from"),
-              "skipped_scans": dm.write_skipped(out / "skipped_scans.csv")}
-    if tested:
-        result["test"] = module.test_metrics
-        write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    return result
+        from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+        ckpt = ModelCheckpoint(dirpath=out, filename="best", monitor="val/choice", mode="max",
+                               enable_version_counter=False, auto_insert_metric_name=False)
+        # last.ckpt = the state after every epoch (resume, and the annealed end of the schedule): Lightning's
+        # own save_last writes only when `best` is saved, so its "last" was the best epoch, not the last
+        last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                               save_on_train_epoch_end=True, enable_version_counter=False)
+        timer = EpochTimer(started=t0)
+        callbacks = [ckpt, last, LearningRateMonitor("step"), ValidateLastEpoch(cfg.trainer.val_every), timer]
+        if cfg.trainer.max_minutes > 0:
+            callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
+        early = EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience)
+        if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
+            callbacks.append(early)
+        if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
+            callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
+        if cfg.trainer.ema_decay > 0:  # validation, best/last.ckpt's state_dict and the test use the average
+            callbacks.append(EMAWeightAveraging(decay=cfg.trainer.ema_decay))
+        strategy = cfg.trainer.strategy
+        if strategy == "ddp":   # as resolve_cpu_processes sets it: BN statistics synced once an epoch, not every step
+            from lightning.pytorch.strategies import DDPStrategy
+            strategy = DDPStrategy(**ddp_without_step_buffer_sync())
+            callbacks.append(AverageBatchNormStats())
+        with lightning_noise_off():
+            trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator=cfg.trainer.accelerator,
+                                devices=cfg.trainer.devices, strategy=strategy,
+                                precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+                                callbacks=callbacks, logger=[CSVLogger(out, name="logs", version=""),
+                                                             TensorBoardLogger(out, name="tb", version="")],
+                                plugins=[AtomicCheckpointIO()],
+                                log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
+                                check_val_every_n_epoch=cfg.trainer.val_every,
+                                enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
+            kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
+            with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}", found, resume):
+                trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        if kept_log is not None:
+            _merge_logs(kept_log, out / "logs" / "metrics.csv")
+            kept_log.unlink()
+        best = Path(ckpt.best_model_path or out / "last.ckpt")
+        train_s = round(timer.total_s(), 1)   # a resumed run: its time before the checkpoint too
+        tested = bool(cfg.trainer.test and dm.splits["test"])
+        if tested:  # every rank takes part (DDP: a share of the scans each)
+            # the sampler's repeated scans are dropped by index in _gather, and the checkpoint's callbacks are
+            # left out on purpose (EMA would reload the raw weights)
+            with lightning_noise_off("Using `DistributedSampler` with the dataloaders. During `trainer.test",
+                                      "Be aware that when using `ckpt_path`, callbacks used to create"):
+                tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                                   strategy=cfg.trainer.strategy, logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=not quiet, enable_model_summary=False)
+                with stopped_by_signal(tester, out, "while testing best.ckpt (the training had finished)", found, resume):
+                    tester.test(module, datamodule=dm, ckpt_path=str(best), verbose=False)
+        if not trainer.is_global_zero:
+            return {}
+        _, best_info = load_checkpoint(best)
+        result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
+                  "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
+                  "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
+                  "stopped": stopped_by(cfg.trainer, trainer.current_epoch, early.stopped_epoch > 0),
+                  "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
+                  "data_fingerprint": info["data_fingerprint"], "initialised_from": info.get("initialised_from"),
+                  "skipped_scans": dm.write_skipped(out / "skipped_scans.csv")}
+        if tested:
+            result["test"] = module.test_metrics
+            write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def hold_run_folder(out: Path):
+    """RUN/train.lock, held for the whole run (rank 0; DDP's other ranks re-run the command inside rank 0's run): two
+    runs into one folder deleted and rewrote each other's files and checkpoints. ConfigError while another holds it."""
+    if rank_zero_only.rank != 0:
+        return contextlib.nullcontext()
+    lock = out / "train.lock"
+    try:
+        return hold_lock(lock, f"--out {out} is in use by another `detector train` (lock {lock}): wait for it to end, "
+                               "or give another --out")
+    except BlockingIOError as e:
+        raise ConfigError(str(e)) from None
 
 
 def stopped_by(t: TrainerConfig, epochs: int, early: bool) -> str | None:
@@ -465,20 +476,37 @@ def stopped_by(t: TrainerConfig, epochs: int, early: bool) -> str | None:
     return None
 
 
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT}   # a disk or quota filled while the run wrote its folder
+
+
 class TrainingInterrupted(Exception):
-    """A run stopped by Ctrl-C or SIGTERM; the message says what its folder holds and how to continue it."""
+    """A run stopped by Ctrl-C, SIGTERM or a full disk; the message says what its folder holds and how to continue it."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
+def file_id(path: Path) -> tuple | None:
+    """(device, inode, mtime ns, size) of a file, None where there is none: tells a file written since from the one
+    that was there (a checkpoint is replaced by a rename: a new inode; no clock is compared, an NFS server's may
+    differ)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 @contextlib.contextmanager
-def stopped_by_signal(trainer: L.Trainer, out: Path, where: str):
-    """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C or SIGTERM ends a fit or test: Lightning
-    exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word; a SIGTERM sent to the
-    whole process group (systemd, a batch scheduler) kills the loader workers first, a RuntimeError. `where` may
-    name {epoch} (the one stopped, from 1) and {epochs} (the config's count)."""
+def stopped_by_signal(trainer: L.Trainer, out: Path, where: str, found: tuple | None = None, resume: str | None = None):
+    """TrainingInterrupted (rank 0; SystemExit on the others) when Ctrl-C, SIGTERM or a full disk ends a fit or test:
+    Lightning exits 1 on Ctrl-C and 0 on SIGTERM (a supervisor took it for success), without a word, and a full disk
+    was a traceback; a SIGTERM sent to the whole process group (systemd, a batch scheduler) kills the loader workers
+    first, a RuntimeError. `where` may
+    name {epoch} (the one stopped, from 1) and {epochs} (the config's count). `found`: file_id of RUN/last.ckpt when
+    the run started (an earlier run's, which this run has not replaced until it writes its own); `resume`: the
+    checkpoint it resumed, what continues it while it has written none."""
     try:
         yield
     except BaseException as e:
@@ -486,19 +514,30 @@ def stopped_by_signal(trainer: L.Trainer, out: Path, where: str):
             how, code = "SIGTERM", 143
         elif isinstance(e, KeyboardInterrupt) or (type(e) is SystemExit and trainer.interrupted):
             how, code = "Ctrl-C", 130
+        elif isinstance(e, OSError) and e.errno in FULL_DISK:   # the checkpoints are whole: resuming loses nothing
+            how, code = f"a full disk ({e.strerror}{f': {e.filename}' if e.filename else ''})", 1
         else:
             raise
         if not trainer.is_global_zero:
             raise SystemExit(code) from None
-        last = out / "last.ckpt"
-        try:
-            done = int(read_checkpoint(last).get("epoch", -1)) + 1
-        except CheckpointError:
-            done = 0
         said = where.format(epoch=trainer.current_epoch + 1, epochs=trainer.max_epochs)
-        left = (f"{last} holds the {done} epoch(s) before it: continue with the same command and --resume {shlex.quote(str(last))}"
-                if done else "no epoch finished, nothing to resume: run it again")
-        raise TrainingInterrupted(f"stopped by {how} {said}; {left}", code) from None
+        raise TrainingInterrupted(f"stopped by {how} {said}; {_how_to_continue(out / 'last.ckpt', found, resume)}",
+                                  code) from None
+
+
+def _how_to_continue(last: Path, found: tuple | None, resume: str | None) -> str:
+    """What continues a stopped run: its own last.ckpt, else the checkpoint it resumed; never an earlier run's."""
+    ours = file_id(last) not in (None, found)
+    ck = last if ours else Path(resume) if resume is not None else None
+    try:
+        done = int(read_checkpoint(ck).get("epoch", -1)) + 1 if ck is not None else 0
+    except CheckpointError:
+        done = 0
+    if done:
+        return (f"{ck} holds the {done} epoch(s) before it: continue with the same command and --resume "
+                f"{shlex.quote(str(ck))}")
+    earlier = f" ({last} is an earlier run's)" if not ours and last.is_file() else ""
+    return f"no epoch of this run finished, nothing to resume: run it again{earlier}"
 
 
 class _NoAdverts(logging.Filter):
@@ -543,6 +582,22 @@ def _warn_if_replacing(out: Path) -> None:
     if old:
         _rank_zero_warn(f"{out} holds {' and '.join(old)} of an earlier run: this run replaces them "
                        f"(--resume {out / 'last.ckpt'} continues that run instead)")
+
+
+def _clear_earlier_results(out: Path, fresh: bool) -> None:
+    """Remove an earlier run's metrics.json and test_scores.csv (written at the end: a run stopped before it leaves
+    none) and, for a new run (`fresh`), its hard negatives, type weights and TensorBoard curves, which belong to an
+    earlier model. Called once the data is ready, so a run stopped while caching leaves the folder as it was."""
+    for old in ("metrics.json", "test_scores.csv"):
+        (out / old).unlink(missing_ok=True)
+    if not fresh:
+        return
+    (out / "hard_negatives.json").unlink(missing_ok=True)
+    (out / "hard_types.json").unlink(missing_ok=True)
+    # TensorBoard draws every file in tb/ as one run; rank 0 only: DDP's other ranks re-run this command once rank 0
+    # has opened its own file
+    for events in (out / "tb").glob("events.out.tfevents.*") if rank_zero_only.rank == 0 else ():
+        events.unlink()
 
 
 def _set_log_aside(log: Path) -> Path | None:

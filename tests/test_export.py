@@ -178,6 +178,7 @@ def test_int8_calibration_leaves_out_scans_it_cannot_use_and_says_so(exported, c
 def test_export_verb(model, exported, tmp_path, monkeypatch, capsys):
     fake = types.ModuleType("detector.checkpoint")
     fake.load_checkpoint = lambda path: (model, _info())
+    fake.unfinished_run = lambda path: None
     fake.CheckpointError = type("CheckpointError", (ValueError,), {})
     monkeypatch.setitem(sys.modules, "detector.checkpoint", fake)
     from detector import export

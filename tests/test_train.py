@@ -923,3 +923,218 @@ def test_a_sites_pitch_for_untagged_files_is_cached_fingerprinted_and_exported(t
     model, info = load_checkpoint(tmp_path / "run5" / "best.ckpt")
     export_bundle(model, info, tmp_path / "plain.onnx", log=lambda s: None)
     assert "default_pitch_mm" not in read_metadata(tmp_path / "plain.onnx")
+
+
+def test_a_new_run_stopped_before_its_first_checkpoint_does_not_offer_an_earlier_runs_last_ckpt(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A new run into the folder of a finished one, stopped by Ctrl-C in its first epoch, said that RUN/last.ckpt
+    held that earlier run's epochs and to continue "the same command" with --resume RUN/last.ckpt: that resumes the
+    earlier run under this run's settings. Only a last.ckpt this run wrote (or the one it resumed) is offered."""
+    from detector import train as train_mod
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=2",
+            "trainer.max_minutes=0", "trainer.patience=0", "trainer.test=false"]
+    assert main(argv) == 0                         # the earlier run, finished: last.ckpt holds its 2 epochs
+    step = train_mod.AnomalyModule.training_step
+
+    def stop_at_once(self, batch, i):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", stop_at_once)
+    capsys.readouterr()
+    assert main([*argv, "seed=1"]) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds the 2 epoch(s)" not in said and "--resume" not in said, said
+    assert said.endswith(f"no epoch of this run finished, nothing to resume: run it again ({run / 'last.ckpt'} is "
+                         "an earlier run's)"), said
+    # a resumed run stopped before its next checkpoint offers the checkpoint it resumed from, wherever it is
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", step)
+    other = tmp_path / "other"
+    assert main([*argv[:6], str(other), *argv[7:], "trainer.max_epochs=1"]) == 0
+    monkeypatch.setattr(train_mod.AnomalyModule, "training_step", stop_at_once)
+    assert main([*argv[:6], str(other), *argv[7:], "trainer.max_epochs=3", "--resume", str(run / "last.ckpt")]) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{run / 'last.ckpt'} holds the 2 epoch(s) before it" in said and f"--resume {run / 'last.ckpt'}" in said
+
+
+def test_a_second_train_into_a_run_folder_in_use_is_refused_before_it_touches_it(tmp_path, capsys):
+    """Two `detector train` into one --out (a command run twice by mistake, on a shared box) both wrote it: the second
+    deleted the first's hard negatives, curves and metrics, rewrote config.yaml with its own settings (seed 1 beside
+    the first run's seed-0 model) and checkpoints, and one of them crashed on the other's CSV log. Like `score`'s
+    results lock, RUN/train.lock is now held by the run for its whole length, and a second run is refused in one line
+    before it changes anything; the lock goes with the run however it ends."""
+    import fcntl
+
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=1",
+            "trainer.max_minutes=0", "trainer.test=false"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"}
+    with open(run / "train.lock", "a+b") as first:   # the first run, still training, holds its lock
+        fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*argv, "seed=1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"detector train: --out {run} is in use by another `detector train` (lock {run / 'train.lock'}): "
+                       "wait for it to end, or give another --out"), err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"} == before
+    assert main([*argv, "seed=1"]) == 0            # once it has ended, the folder is free
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1
+
+
+def test_checkpoints_are_replaced_whole_when_the_temporary_folder_is_another_file_system(tmp_path, monkeypatch):
+    """Lightning wrote each checkpoint to a temporary file in $TMPDIR and moved it into RUN: with /tmp on another file
+    system (a tmpfs /tmp, a run folder on a data disk or a share) the move is a copy over RUN/last.ckpt in place, so a
+    kill -9, a power cut or a full disk during it left a cut last.ckpt (and best.ckpt) where a whole one had been.
+    Now each is written beside its final name, synced, and renamed over it."""
+    import builtins
+    import errno
+
+    from detector.checkpoint import read_checkpoint
+    from detector.train import run_training
+    data = write_dataset(tmp_path / "data")
+    run, other = tmp_path / "run", tmp_path / "tmpfs"
+    other.mkdir()
+    monkeypatch.setenv("TMPDIR", str(other))
+    monkeypatch.setattr("tempfile.tempdir", str(other))
+    rename = os.rename
+
+    def across_file_systems(src, dst, *a, **k):   # what rename(2) does between two file systems
+        if Path(src).resolve().parent.is_relative_to(other) != Path(dst).resolve().parent.is_relative_to(other):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *a, **k)
+
+    written, real_open = [], builtins.open
+
+    def watched_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            written.append(Path(file).resolve())
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(os, "rename", across_file_systems)
+    monkeypatch.setattr(builtins, "open", watched_open)
+    run_training(None, data, run, [*TINY, "trainer.max_epochs=2", "trainer.test=false"], quiet=True)
+    monkeypatch.undo()
+    in_place = [p for p in written if p.name in ("best.ckpt", "last.ckpt")]
+    assert not in_place, f"checkpoints written in place: {in_place}"
+    assert read_checkpoint(run / "last.ckpt")["epoch"] == 1
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name] and not list(other.iterdir())
+
+
+def test_a_checkpoint_write_that_fills_the_disk_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: the error is raised, the previous file is still the whole earlier
+    checkpoint, and no part of the new one is left beside it."""
+    import errno
+
+    import torch
+
+    from detector.checkpoint import AtomicCheckpointIO
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.zeros(1000)}}, path)
+    save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 2, "state_dict": {"w": torch.ones(1000)}}, path)
+    monkeypatch.setattr(torch, "save", save)
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_run_stopped_by_a_full_disk_says_so_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """A disk that fills during a run (a checkpoint, a log) ended `detector train` with a traceback whose last line,
+    "OSError: [Errno 28] No space left on device", said neither what the folder holds nor that last.ckpt continues
+    it. Now one line as for Ctrl-C: what stopped it, where, the epochs last.ckpt holds and the --resume; exit 1."""
+    import errno
+
+    from detector import checkpoint
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    save, calls = checkpoint.AtomicCheckpointIO.save_checkpoint, []
+
+    def fills_on_the_third(self, ck, path, storage_options=None):   # best and last of epoch 1, then best of 2
+        calls.append(path)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, ck, path, storage_options)
+
+    monkeypatch.setattr(checkpoint.AtomicCheckpointIO, "save_checkpoint", fills_on_the_third)
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=3",
+            "trainer.max_minutes=0", "trainer.patience=0", "trainer.test=false"]
+    assert main(argv) == 1
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("detector train: stopped by a full disk (No space left on device) in epoch 2 of 3; "
+                           f"{run / 'last.ckpt'} holds the 1 epoch(s) before it"), said
+    assert f"--resume {run / 'last.ckpt'}" in said and not (run / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_a_new_run_stopped_while_caching_leaves_the_earlier_runs_results_as_they_were(tmp_path, monkeypatch, capsys):
+    """A new run started by mistake into a finished run's folder warns that it will replace that run; stopped then
+    (Ctrl-C while the scans are cached, the minutes before its first epoch), it had already deleted the finished
+    run's metrics.json, test_scores.csv, hard negatives and TensorBoard curves. They are now removed only once the
+    new run has its data and starts training."""
+    from detector import train as train_mod
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d", n_test=2)
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_epochs=1",
+            "trainer.max_minutes=0"]
+    assert main(argv) == 0
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.parts[-2] != "cache" and p.name != "train.lock"}
+    assert {Path("metrics.json"), Path("test_scores.csv"), Path("hard_negatives.json")} <= set(kept)
+    assert any(p.parts[0] == "tb" and p.name.startswith("events.") for p in kept)
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.ScanDataModule, "prepare_data", ctrl_c)
+    assert main([*argv, "seed=1"]) == 130
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.parts[-2] != "cache" and p.name != "train.lock"} == kept
+
+
+def test_exporting_the_best_checkpoint_of_a_run_that_did_not_finish_says_so(tmp_path, monkeypatch, capsys):
+    """A run killed (or stopped, or still training) at epoch 1 of 3 leaves a best.ckpt that `detector export` turned
+    into a bundle without a word: an interim model, its thresholds set on an early epoch, shipped as the trained one.
+    Export now warns, naming the epochs last.ckpt holds of those planned and the --resume that finishes the run; a
+    finished run's (metrics.json beside it) exports as before."""
+    from argparse import Namespace
+
+    from detector import export
+    from detector.cli import main
+    data = write_dataset(tmp_path / "d")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(QUICK), "--data", str(data), "--out", str(run), *TINY, "trainer.max_minutes=0",
+            "trainer.patience=0", "trainer.test=false"]
+    assert main([*argv, "trainer.max_epochs=1"]) == 0
+    monkeypatch.setattr(export, "export_bundle", lambda model, info, out, **k: Path(out).write_bytes(b"onnx") and {
+        "parity": {"max_abs_heatmap": 0.0, "max_abs_score": 0.0}, "seconds": 1.0})
+    args = Namespace(checkpoint=str(run / "best.ckpt"), out=str(tmp_path / "m.onnx"), int8=False, calibration=None,
+                     opset=20, max_drop=1.0)
+    capsys.readouterr()
+    assert export.main(args) == 0
+    assert "warning" not in capsys.readouterr().err
+    (run / "metrics.json").unlink()                # as a run stopped in its second epoch of three leaves it
+    import torch
+    last = torch.load(run / "last.ckpt", weights_only=False)
+    last["hyper_parameters"]["config"]["trainer"]["max_epochs"] = 3
+    torch.save(last, run / "last.ckpt")
+    assert export.main(args) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {run / 'best.ckpt'} is from a run that has not finished: {run / 'last.ckpt'} holds 1 of its 3 "
+            f"epochs and there is no {run / 'metrics.json'}") in err, err
+    assert f"--resume {run / 'last.ckpt'}" in err
