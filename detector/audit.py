@@ -29,6 +29,10 @@ COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "fil
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
            "latency_ms", "risk_flags")
 OUTCOME_COLUMNS = ("outcome", "outcome_time", "officer", "outcome_note")   # the export's, after COLUMNS
+# verdict columns added since (nullable; an older database gains them at open), exported after OUTCOME_COLUMNS so an
+# older export still reads. untagged_pitch_mm: the pitch a file that carries none was read at (serve --pitch-mm, else
+# the bundle's), NULL where the file had its own; `detector calibrate` gives it to the site bundle
+LATER_COLUMNS = {"untagged_pitch_mm": "REAL"}
 # manual inspection found contraband or undeclared goods / found nothing (the outcomes table's CHECK names them too)
 OUTCOMES = ("found", "clear")
 MAX_OFFICER, MAX_NOTE = 200, 2000   # characters; longer is refused, not cut short
@@ -42,7 +46,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
     time TEXT NOT NULL, request_id TEXT NOT NULL UNIQUE, vehicle_id TEXT, container_id TEXT,
     file_name TEXT, file_sha256 TEXT, file_bytes INTEGER, model_sha256 TEXT, model_version TEXT,
     score REAL, threshold REAL, tier TEXT, decision TEXT NOT NULL, reason TEXT, latency_ms REAL,
-    risk_flags TEXT);
+    risk_flags TEXT, untagged_pitch_mm REAL);
 CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,6 +99,7 @@ class AuditLog:
             self._db.executescript(_SCHEMA)
             self._file = _file_id(self.path)   # what the path names now: a file deleted or replaced is refused
             self._check_writable()
+            self._add_later_columns()
         except sqlite3.Error as e:   # sqlite's own message ("unable to open database file") names no file
             if self._db is not None:
                 self._db.close()
@@ -113,6 +118,16 @@ class AuditLog:
             if "readonly" in str(e):
                 raise
 
+    def _add_later_columns(self) -> None:
+        """Give a database written before LATER_COLUMNS existed those columns (NULL in its rows), once. Only such a
+        database takes the write lock (a locked one is waited for as a verdict is); the columns are looked for again
+        under it, so a second process opening it at the same moment finds them added, not a duplicate."""
+        if not _missing_columns(self._db):
+            return
+        with self._transaction(None) as db:
+            for name in _missing_columns(db):
+                db.execute(f"ALTER TABLE verdicts ADD COLUMN {name} {LATER_COLUMNS[name]}")
+
     def write(self, record: dict[str, Any], wait_s: float | None = None, replay: bool = False) -> None:
         """Insert one verdict and commit (durable on return). A database locked by another connection is
         waited for up to `wait_s` (default BUSY_TIMEOUT_S), then sqlite3.OperationalError("database is locked").
@@ -121,8 +136,9 @@ class AuditLog:
         row.setdefault("time", utc_now())
         if not isinstance(row.get("risk_flags"), (str, type(None))):
             row["risk_flags"] = json.dumps(list(row["risk_flags"]))
-        values = [row.get(c) for c in COLUMNS]
-        sql = f"INSERT INTO verdicts ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        names = COLUMNS + tuple(LATER_COLUMNS)
+        values = [row.get(c) for c in names]
+        sql = f"INSERT INTO verdicts ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         if replay:   # not OR IGNORE: that would also drop a row breaking NOT NULL, silently
             sql += " ON CONFLICT(request_id) DO NOTHING"
         with self._transaction(wait_s) as db:
@@ -286,6 +302,12 @@ def _check_outcome(request_id: Any, outcome: Any, officer: Any, note: Any) -> No
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise OutcomeError(f"{name} holds an unpaired \\u surrogate escape (not valid Unicode text)") from None
+
+
+def _missing_columns(db: sqlite3.Connection) -> list[str]:
+    """The LATER_COLUMNS a database's verdicts table lacks (written before they existed)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(verdicts)")}
+    return [c for c in LATER_COLUMNS if c not in have]
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

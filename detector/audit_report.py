@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from detector.audit import COLUMNS, OUTCOME_COLUMNS, SPOOL_SUFFIX, parse_time
+from detector.audit import COLUMNS, LATER_COLUMNS, OUTCOME_COLUMNS, SPOOL_SUFFIX, parse_time
 from detector.calibration import rate_interval
 
 SQLITE_MAGIC = b"SQLite format 3\x00"   # the first bytes of every SQLite database file
@@ -23,7 +23,8 @@ _LATEST = "verdicts v LEFT JOIN outcomes o ON o.id = (SELECT MAX(id) FROM outcom
 
 def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> int:
     """Write the rows at or after `since` (ISO, UTC if naive) to a CSV, each with its latest outcome in the columns
-    after COLUMNS (empty where none); returns the row count."""
+    after COLUMNS (empty where none), then LATER_COLUMNS (empty in a database written before them); returns the row
+    count."""
     audit, out = Path(audit), Path(out)
     if any(_same_file(out, Path(f"{audit}{end}")) for end in ("", "-wal", "-shm", "-journal", SPOOL_SUFFIX)):
         # opening --out for writing would truncate the log of every verdict before a row is read
@@ -31,12 +32,12 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
     db = _reader(audit)
     try:
         where, params = _since(since)
-        cols = ", ".join([*(f"v.{c}" for c in COLUMNS), "o.outcome", "o.time", "o.officer", "o.note"])
+        cols = ", ".join([*(f"v.{c}" for c in COLUMNS), "o.outcome", "o.time", "o.officer", "o.note", *_later(db)])
         out.parent.mkdir(parents=True, exist_ok=True)
         n = 0
         with open(out, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(COLUMNS + OUTCOME_COLUMNS)
+            w.writerow(COLUMNS + OUTCOME_COLUMNS + tuple(LATER_COLUMNS))
             for row in db.execute(f"SELECT {cols} FROM {_LATEST}{where} ORDER BY v.time, v.id", params):
                 w.writerow(["" if v is None else v for v in row])
                 n += 1
@@ -45,20 +46,22 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
         db.close()
 
 
-SERVED = ("time", "model_sha256", "decision", "score", "outcome")   # what served_verdicts gives of each verdict
+# what served_verdicts gives of each verdict; pitch_mm: the pitch its file was read at where the file carried none
+SERVED = ("time", "model_sha256", "decision", "score", "outcome", "pitch_mm")
 
 
 def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[str, Any]]:
-    """Each verdict at or after `since` as a dict of SERVED (score and outcome None where there is none), from an
-    audit database or its `detector audit export` CSV (one written before outcomes were recorded has none).
-    ValueError names the file if it is neither."""
+    """Each verdict at or after `since` as a dict of SERVED (score, outcome and pitch_mm None where there is none),
+    from an audit database or its `detector audit export` CSV (one written before outcomes, or the pitch, were
+    recorded has none). ValueError names the file if it is neither."""
     source = Path(source)
     if _head(source).startswith(SQLITE_MAGIC):
         db = _reader(source)
         try:
             where, params = _since(since)
-            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome FROM {_LATEST}{where} "
-                              "ORDER BY v.time, v.id", params).fetchall()
+            pitch = _later(db)[list(LATER_COLUMNS).index("untagged_pitch_mm")]
+            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome, {pitch} "
+                              f"FROM {_LATEST}{where} ORDER BY v.time, v.id", params).fetchall()
         finally:
             db.close()
         return [dict(zip(SERVED, r)) for r in rows]
@@ -72,13 +75,25 @@ def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
         for i, r in enumerate(reader, start=2):
             if r["time"] < start:
                 continue
-            try:
-                score = float(r["score"]) if r["score"] else None
-            except ValueError:
-                raise ValueError(f"{source}: line {i}: score {r['score']!r} is not a number") from None
+            score, pitch = (_number(source, i, name, r.get(name)) for name in ("score", "untagged_pitch_mm"))
             out.append({"time": r["time"], "model_sha256": r["model_sha256"], "decision": r["decision"],
-                        "score": score, "outcome": r.get("outcome") or None})
+                        "score": score, "outcome": r.get("outcome") or None, "pitch_mm": pitch})
         return out
+
+
+def _number(source: Path, line: int, name: str, text: str | None) -> float | None:
+    """An export's number cell; None where empty or absent (an older export); ValueError naming the line if not one."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        raise ValueError(f"{source}: line {line}: {name} {text!r} is not a number") from None
+
+
+def _later(db: sqlite3.Connection) -> list[str]:
+    """What to select for each of LATER_COLUMNS: the column, or NULL where the database was written before it (it is
+    read as it is: another process may be serving from it)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(verdicts)")}
+    return [f"v.{c}" if c in have else f"NULL AS {c}" for c in LATER_COLUMNS]
 
 
 def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:

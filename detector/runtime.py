@@ -71,6 +71,7 @@ class Verdict:
     source: str | None = None
     model_sha256: str | None = None
     error: str | None = None
+    untagged_pitch_mm: float | None = None   # the pitch a file that carries none was read at; None: it had its own
 
     def to_dict(self) -> dict:
         """JSON-safe summary without the heatmap (NaN score of a failure -> None)."""
@@ -229,7 +230,9 @@ class Inspector:
         if isinstance(src, (bytes, bytearray)):
             return read_scan_bytes(bytes(src), "<bytes>", default_pitch_mm=pitch)
         if isinstance(src, np.ndarray):
-            return scan_from_counts(src, pitch_mm=pitch)
+            scan = scan_from_counts(src, pitch_mm=pitch)
+            scan.pitch_default = True   # counts carry no pitch
+            return scan
         raise ScanError(repr(src)[:60], "expected a path, a Scan, (bytes, name) or a counts array")
 
     def _inspect(self, src: Source, threshold: float | None, deadline: float | None,
@@ -268,7 +271,8 @@ class Inspector:
         _check_deadline(deadline, t0, "postprocess")
         return Verdict(score=score, decision=decision, threshold=thr, regions=regions, reason=reason,
                        heatmap=heatmap, heatmap_scale_yx=cell_yx, timings_ms=timings,
-                       latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256)
+                       latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256,
+                       untagged_pitch_mm=scan.pitch_mm if scan.pitch_default else None)
 
     def _check_pad_multiple(self) -> None:
         """BundleError unless the graph runs on an input padded to the bundle's pad_multiple alone (odd multiples of

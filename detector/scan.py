@@ -84,6 +84,7 @@ class Scan:
     source: str | None = None
     counts: np.ndarray | None = None  # original integer pixels (C, H, W)
     meta: dict = field(default_factory=dict)
+    pitch_default: bool = False   # the file carried no pitch: pitch_mm is the default it was read at
 
     @property
     def channels(self) -> int:
@@ -417,7 +418,9 @@ def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None,
         raise ScanError(name, "image too large to decode in memory") from exc
     except Exception as exc:  # any decoder failure on corrupt bytes is bad input, never a crash
         raise ScanError(name, f"corrupt or truncated {kind.upper()} ({type(exc).__name__}: {exc})") from exc
-    return scan_from_counts(counts, source=name, max_pixels=max_pixels, **{"pitch_mm": default, **info})
+    scan = scan_from_counts(counts, source=name, max_pixels=max_pixels, **{"pitch_mm": default, **info})
+    scan.pitch_default = "pitch_mm" not in info
+    return scan
 
 
 # ---------------------------------------------------------------- writing

@@ -94,7 +94,8 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
 def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | None = None) -> SiteScores:
     """Scores of the trucks a station served with this model (an audit database or its CSV export): the released ones
     and the inspected ones, less those whose inspection found something. `model_sha256s`: the bundles whose scores
-    are this model's (itself, and the one it was calibrated from: the graph is the same)."""
+    are this model's (itself, and the one it was calibrated from: the graph is the same). Their pitch_mm: the one pitch
+    their files without one were read at (serve --pitch-mm; None where none recorded it); CalibrationError for two."""
     try:
         start = parse_time(since) if since else None
     except ValueError:
@@ -104,7 +105,7 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
         rows = served_verdicts(audit, start)
     except sqlite3.DatabaseError as e:
         raise CalibrationError(f"{audit}: not a readable audit database ({e})") from None
-    site = SiteScores([], len(rows))
+    site, pitches = SiteScores([], len(rows)), {}
     for r in rows:
         if r["model_sha256"] not in model_sha256s:
             site.other_model += 1
@@ -117,19 +118,36 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
         else:
             site.scores.append(float(r["score"]))
             site.unchecked += r["decision"] == "INSPECT" and r["outcome"] is None
+            _note_pitch(pitches, r)
     if not site.scores:
         since_text = f" since {since}" if since else ""
         raise CalibrationError(f"{audit}: no verdict of this model with a score to calibrate on{since_text} "
                                f"({site.rows} verdicts: {site.other_model} by another model, {site.failed} failed, "
                                f"{site.anomalous} found something)")
+    if len(pitches) > 1:   # scores of files read at two pitches: no one default pitch makes the thresholds hold
+        *_, (last, since_last) = pitches.items()
+        raise CalibrationError(f"{audit}: these verdicts read files without a pitch of their own at "
+                               f"{' and at '.join(f'{p:g} mm' for p in sorted(pitches))} (serve --pitch-mm changed); a "
+                               "bundle holds one pitch for such files: calibrate on verdicts served at one, e.g. "
+                               f"those at {last:g} mm with --since {since_last}")
+    site.pitch_mm = next(iter(pitches), None)
     return site
+
+
+def _note_pitch(pitches: dict[float, str], verdict: dict) -> None:
+    """Keep, per pitch that untagged files were read at, the time from which all later verdicts were at it (the last
+    change to it: the --since that selects them), latest last."""
+    p = verdict["pitch_mm"]
+    if p is not None and next(reversed(pitches), None) != p:
+        pitches.pop(p, None)
+        pitches[p] = verdict["time"]
 
 
 def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, truth: str | None = None,
                 since: str | None = None) -> dict:
     """The bundle metadata with thresholds and normal_scores from the site's scores and a `site_calibration`
     record; CalibrationError when there are too few scores to set the default rate at all. Where the scores' files
-    without a pitch were read at another pitch than the bundle's (score --pitch-mm 4), that pitch becomes its
+    without a pitch were read at another pitch than the bundle's (score or serve --pitch-mm 4), that pitch becomes its
     default_pitch_mm: its thresholds hold for scans read so, and `detector serve --model SITE` reads them so."""
     n, default = len(site.scores), float(meta["default_false_alarm_rate"])
     if n * default < 1:
@@ -234,7 +252,7 @@ def main(args) -> int:
     default = next(r for r in rows if r["rate"] == float(new["default_false_alarm_rate"]))
     if untagged_pitch_mm(new) != untagged_pitch_mm(meta):
         print(f"files without a pitch of their own: read at {untagged_pitch_mm(new):g} mm by {out}, as these scores "
-              f"were (score --pitch-mm), not at {untagged_pitch_mm(meta):g} mm")
+              f"were ({'serve' if audit else 'score'} --pitch-mm), not at {untagged_pitch_mm(meta):g} mm")
     pair = threshold_texts(default["threshold"], *([default["old_threshold"]] if "old_threshold" in default else []))
     print(f"calibrated on {n} cleared scans: {_pct(default['rate'])} false alarms at threshold {pair[0]}"
           + (f" (was {pair[1]})" if len(pair) > 1 else "") + f" -> {out}")

@@ -131,7 +131,8 @@ def test_outcomes_export_with_the_latest_per_request(log, tmp_path):
     out = tmp_path / "out.csv"
     assert export_csv(log.path, out) == 3
     with out.open() as f:
-        assert next(csv.reader(f)) == list(audit.COLUMNS) + ["outcome", "outcome_time", "officer", "outcome_note"]
+        assert next(csv.reader(f)) == list(audit.COLUMNS) + ["outcome", "outcome_time", "officer", "outcome_note",
+                                                             "untagged_pitch_mm"]
     rows = {r["request_id"]: r for r in csv.DictReader(out.open())}
     assert (rows["r2"]["outcome"], rows["r2"]["officer"], rows["r2"]["outcome_time"]) == ("found", "K. Osei",
                                                                                           fixed["time"])
@@ -177,31 +178,65 @@ CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
 """
 
 
-def test_database_of_the_old_schema_opens_unchanged_and_gains_outcomes(tmp_path):
-    path = tmp_path / "old.sqlite"
+def _old_database(path, score: float, decision: str):
+    """A station's database of OLD_SCHEMA holding one verdict, request_id 'old1'."""
     old = sqlite3.connect(str(path), isolation_level=None)
     old.execute("PRAGMA journal_mode=WAL")
     old.executescript(OLD_SCHEMA)
     old.execute("INSERT INTO verdicts (time, request_id, model_sha256, score, decision, reason) VALUES "
-                "('2026-11-01T08:00:00.000+00:00', 'old1', 'ab', 0.7, 'INSPECT', 'score 0.7 >= 0.4')")
+                "('2026-11-01T08:00:00.000+00:00', 'old1', 'ab', ?, ?, 'old')", (score, decision))
     old.close()
+    return path
+
+
+def test_database_of_the_old_schema_opens_unchanged_and_gains_outcomes(tmp_path):
+    path = _old_database(tmp_path / "old.sqlite", 0.7, "INSPECT")
     # exported and summarised as it is: no outcomes, and nothing written to a log a service may be serving from
     assert export_csv(path, tmp_path / "before.csv") == 1
     assert next(csv.DictReader((tmp_path / "before.csv").open()))["outcome"] == ""
     assert audit_report.summarise(path)["all"]["outcomes"] == 0
     peek = sqlite3.connect(str(path))
     assert peek.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'outcomes'").fetchone()[0] == 0
-    before = peek.execute("SELECT * FROM verdicts").fetchall()
+    before = peek.execute(f"SELECT id, {', '.join(audit.COLUMNS)} FROM verdicts").fetchall()
     peek.close()
     log = AuditLog(path)
     try:
-        assert log._db.execute("SELECT * FROM verdicts").fetchall() == before
+        assert log._db.execute(f"SELECT id, {', '.join(audit.COLUMNS)} FROM verdicts").fetchall() == before
         assert log.record_outcome("old1", "found")["decision"] == "INSPECT"
         log.write(_row("new1", "2026-11-02T08:00:00.000+00:00"))
     finally:
         log.close()
     assert export_csv(path, tmp_path / "after.csv") == 2
     assert [r["outcome"] for r in csv.DictReader((tmp_path / "after.csv").open())] == ["found", ""]
+
+
+def test_a_database_without_the_pitch_column_keeps_its_rows_and_gains_it(tmp_path):
+    """The pitch an untagged file was read at (serve --pitch-mm) is a column added since: a station's database
+    written before it is exported, summarised and calibrated on as it is (the pitch unknown), and the service's
+    open adds the column (ALTER TABLE, rows kept, once) so its new rows record it."""
+    path = _old_database(tmp_path / "old.sqlite", 0.2, "RELEASE")
+    assert export_csv(path, tmp_path / "before.csv") == 1
+    assert next(csv.DictReader((tmp_path / "before.csv").open()))["untagged_pitch_mm"] == ""
+    assert audit_report.summarise(path)["all"]["verdicts"] == 1
+    assert [r["pitch_mm"] for r in audit_report.served_verdicts(path)] == [None]
+    for pitch in (4.0, None):   # opened twice: the column is added once
+        log = AuditLog(path)
+        try:
+            log.write({**_row(f"new{pitch}", "2026-11-02T08:00:00.000+00:00"), "untagged_pitch_mm": pitch})
+        finally:
+            log.close()
+    db = sqlite3.connect(str(path))
+    rows = db.execute("SELECT request_id, score, untagged_pitch_mm FROM verdicts ORDER BY id").fetchall()
+    db.close()
+    assert rows == [("old1", 0.2, None), ("new4.0", 0.1, 4.0), ("newNone", 0.1, None)]
+    assert export_csv(path, tmp_path / "after.csv") == 3
+    with open(tmp_path / "after.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == audit.COLUMNS + audit.OUTCOME_COLUMNS + ("untagged_pitch_mm",)
+        assert [r["untagged_pitch_mm"] for r in reader] == ["", "4.0", ""]
+    for source in (path, tmp_path / "after.csv"):
+        assert [r["pitch_mm"] for r in audit_report.served_verdicts(source)] == [None, 4.0, None]
+    assert [r["pitch_mm"] for r in audit_report.served_verdicts(tmp_path / "before.csv")] == [None]
 
 
 def test_summary_figures(tmp_path, capsys):

@@ -1075,3 +1075,29 @@ def test_a_connection_idle_after_a_request_answered_before_its_body_is_closed_to
     head, idle = asyncio.run(run())
     assert head.startswith(b"HTTP/1.1 401")
     assert idle is not None and idle < 1.5, idle
+
+
+def test_the_audit_row_records_the_pitch_an_untagged_upload_was_read_at(heuristic_model_1ch, tmp_path):
+    """`serve --pitch-mm 4`: the row of a file without a pitch (a 16-bit PNG) says it was read at 4 mm, so `detector
+    calibrate` on the log can give the site bundle that pitch; a file with its own pitch (NPZ at 5 mm) records none."""
+    import cv2
+
+    from detector.runtime import Inspector
+    svc = _service(tmp_path, Inspector(heuristic_model_1ch, threads=1, default_pitch_mm=4.0))
+    counts = make_scan_counts(channels=1, seed=7)
+    ok, png = cv2.imencode(".png", counts[0])
+    tagged = write_scan(tmp_path / "tagged.npz", counts, i0=(I0,), pitch_mm=5.0, energies=("single",)).read_bytes()
+
+    async def post() -> list[dict]:
+        from detector.serve import create_app
+        transport = httpx.ASGITransport(app=create_app(svc))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return [(await c.post("/v1/inspect", files={"scan": (name, data)})).json()
+                    for name, data in (("bare.png", png.tobytes()), ("tagged.npz", tagged))]
+    answers = asyncio.run(post())
+    svc.close()
+    assert all(a["score"] is not None for a in answers), answers
+    db = sqlite3.connect(str(tmp_path / "a.sqlite"))
+    rows = dict(db.execute("SELECT file_name, untagged_pitch_mm FROM verdicts").fetchall())
+    db.close()
+    assert rows == {"bare.png": 4.0, "tagged.npz": None}

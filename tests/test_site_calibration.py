@@ -167,8 +167,9 @@ def test_calibrate_runs_on_a_station_without_torch_or_onnx(tmp_path, model):
     assert read_metadata(tmp_path / "site.onnx")["site_calibration"]["scans"] == 300
 
 
-def _served(audit, model_sha, scores, decision="RELEASE", outcome=None, day="2026-11-02"):
-    """Verdicts a station served with the bundle of `model_sha` (score None: a failed scan), each with an outcome."""
+def _served(audit, model_sha, scores, decision="RELEASE", outcome=None, day="2026-11-02", pitch=None):
+    """Verdicts a station served with the bundle of `model_sha` (score None: a failed scan), each with an outcome;
+    `pitch`: the pitch their files, which carry none, were read at (serve --pitch-mm)."""
     from detector.audit import AuditLog
     log = AuditLog(audit)
     try:
@@ -176,7 +177,8 @@ def _served(audit, model_sha, scores, decision="RELEASE", outcome=None, day="202
             rid = uuid.uuid4().hex
             log.write({"time": f"{day}T08:{i // 60:02d}:{i % 60:02d}.000+00:00", "request_id": rid,
                        "model_sha256": model_sha, "score": s, "threshold": 0.5, "tier": "standard",
-                       "decision": decision if s is not None else "INSPECT", "reason": "test"})
+                       "decision": decision if s is not None else "INSPECT", "reason": "test",
+                       "untagged_pitch_mm": pitch})
             if outcome:
                 log.record_outcome(rid, outcome)
     finally:
@@ -286,3 +288,32 @@ def test_a_site_scored_at_its_scanners_pitch_gets_a_bundle_that_reads_its_files_
     assert cli(["score", str(d), "--model", str(model), "--out", str(plain), "--threads", "1"]) == 0
     assert cli(["calibrate", str(plain), "--model", str(model), "--out", str(tmp_path / "p.onnx")]) == 0
     assert "default_pitch_mm" not in read_metadata(tmp_path / "p.onnx")
+
+
+def test_a_station_served_at_its_scanners_pitch_gets_a_bundle_that_reads_its_files_so(tmp_path, model, capsys):
+    """A 4 mm site runs `detector serve --pitch-mm 4` (its files carry no pitch) and calibrates on the audit log: the
+    site bundle kept the model's 5 mm for such files, so serving it as calibrate's next line says read every truck
+    at 5 mm against thresholds set on them read at 4 mm. The log now records the pitch each untagged file was read
+    at, and calibrate makes it the bundle's, from the database and from its export alike; verdicts at two pitches are
+    refused (one bundle holds one), and --since picks one of them."""
+    audit, sha = tmp_path / "audit.sqlite", file_sha256(model)
+    _served(audit, sha, _site_scores(300, seed=8), pitch=4.0)
+    _served(audit, sha, _site_scores(20, seed=9))                        # files with a pitch of their own
+    _served(audit, "0" * 64, _site_scores(20, seed=10), pitch=6.0)       # another model's verdicts: not calibrated on
+    export = tmp_path / "audit.csv"
+    assert cli(["audit", "export", "--audit", str(audit), "--out", str(export)]) == 0
+    for source in (audit, export):
+        site = tmp_path / f"site_{source.suffix[1:]}.onnx"
+        assert cli(["calibrate", str(source), "--model", str(model), "--out", str(site)]) == 0
+        assert "read at 4 mm by" in capsys.readouterr().out
+        meta = read_metadata(site)
+        assert meta["default_pitch_mm"] == 4.0 and meta["site_calibration"]["default_pitch_mm"] == 4.0
+    _served(audit, sha, _site_scores(300, seed=11), day="2026-11-05", pitch=5.0)   # restarted without --pitch-mm
+    out = tmp_path / "mixed.onnx"
+    assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "without a pitch of their own at 4 mm and at 5 mm" in err, err
+    assert "those at 5 mm with --since 2026-11-05T08:00:00.000+00:00" in err
+    assert not out.exists()
+    assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(out), "--since", "2026-11-05"]) == 0
+    assert "default_pitch_mm" not in read_metadata(out)    # the bundle's own 5 mm: nothing to change
