@@ -17,6 +17,9 @@ from detector.calibration import rate_interval
 
 SQLITE_MAGIC = b"SQLite format 3\x00"   # the first bytes of every SQLite database file
 EXPORT_START = ",".join(COLUMNS[:2]).encode() + b","   # the first bytes of an `audit export` CSV (after a BOM)
+# a spreadsheet runs a cell starting with one of these as a formula (CSV injection); the export's text cells start
+# with a ' there, which spreadsheets show as text (OWASP's advice)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # each verdict with its latest outcome (NULLs where none): the highest id, not the latest time, is the last recorded
 _LATEST = "verdicts v LEFT JOIN outcomes o ON o.id = (SELECT MAX(id) FROM outcomes WHERE request_id = v.request_id)"
 
@@ -39,11 +42,19 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
             w = csv.writer(f)
             w.writerow(COLUMNS + OUTCOME_COLUMNS + tuple(LATER_COLUMNS))
             for row in db.execute(f"SELECT {cols} FROM {_LATEST}{where} ORDER BY v.time, v.id", params):
-                w.writerow(["" if v is None else v for v in row])
+                w.writerow([_cell(v) for v in row])
                 n += 1
         return n
     finally:
         db.close()
+
+
+def _cell(value: Any) -> Any:
+    """One export cell: '' for NULL; text a spreadsheet would run as a formula gets a leading ' (vehicle_id, file_name,
+    officer and note are the station client's text: '=HYPERLINK(...)' ran when an officer opened the export)."""
+    if value is None:
+        return ""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
 
 
 # what served_verdicts gives of each verdict; pitch_mm: the pitch its file was read at where the file carried none

@@ -327,3 +327,23 @@ def test_an_audit_log_that_cannot_be_opened_or_written_is_named_at_open(log, tmp
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+def test_export_defuses_spreadsheet_formulas(tmp_path):
+    # vehicle_id, the file name and an officer's note come from the station's client: opened in a spreadsheet, a cell
+    # starting with = + - @ ran as a formula (=HYPERLINK to leak the sheet, a DDE command)
+    db = AuditLog(tmp_path / "audit.sqlite")
+    row = {**_row("r1", "2026-11-01T08:00:00.000+00:00"), "vehicle_id": "=1+1", "container_id": "@SUM(A1)",
+           "file_name": '=HYPERLINK("http://x","y").tiff', "tier": "+standard"}
+    db.write(row)
+    db.record_outcome("r1", "clear", officer="-2+3", note="\t=cmd|' /C calc'!A0")
+    db.close()
+    out = tmp_path / "audit.csv"
+    assert export_csv(db.path, out) == 1
+    got = next(csv.DictReader(out.open()))
+    assert (got["vehicle_id"], got["container_id"], got["tier"]) == ("'=1+1", "'@SUM(A1)", "'+standard")
+    assert got["file_name"] == "'=HYPERLINK(\"http://x\",\"y\").tiff"
+    assert (got["officer"], got["outcome_note"]) == ("'-2+3", "'\t=cmd|' /C calc'!A0")
+    # numbers and the columns calibrate reads back stay as they are
+    assert (got["score"], got["decision"], got["outcome"], got["request_id"]) == ("0.1", "RELEASE", "clear", "r1")
+    assert audit_report.served_verdicts(out)[0]["score"] == 0.1
