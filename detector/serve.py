@@ -225,7 +225,7 @@ class Service:
             if len(uploads) > 1:   # which one is this truck? neither is routed
                 error = f"{len(uploads)} parts named 'scan': send one scan per request"
             elif isinstance(upload, UploadFile):
-                data, name = await upload.read(), upload.filename or "scan"
+                data, name = await upload.read(), _file_name(upload.filename)
             else:
                 error = "no file in form field 'scan'"
             metas = form.getlist("meta")
@@ -502,6 +502,15 @@ def _finite(v: Any) -> float | None:
 
 def _text(v: Any) -> str | None:
     return None if v is None else str(v)[:200]
+
+
+def _file_name(raw: str | None) -> str:
+    """The upload's file name with its unprintable characters escaped (\\x1b, \\x85, \\u202e): it names the scan in the
+    readers' warnings on stderr and in the audit row, where an ESC sequence, NEL or right-to-left override rewrote
+    or forged the log an operator reads."""
+    if not raw:
+        return "scan"
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in raw)
 
 
 def _parse_meta(raw: Any) -> tuple[dict, str | None]:

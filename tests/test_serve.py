@@ -402,6 +402,35 @@ async def _post_parts(svc, parts: list) -> httpx.Response:
         return await c.post("/v1/inspect", files=parts)
 
 
+class _NameRecorder(_FakeInspector):
+    """A _FakeInspector that keeps the name each scan was handed to the readers under."""
+
+    names: list = []
+
+    def inspect_safe(self, src, deadline_ms=None, threshold=None):
+        self.names.append(src[1])
+        return super().inspect_safe(src, deadline_ms, threshold)
+
+
+def test_file_name_control_characters_escaped(tmp_path):
+    # the upload's file name names the scan in the readers' warnings, printed to the service's stderr: an ESC sequence
+    # (erase line, cursor up), NEL or a right-to-left override in it rewrote or forged the log an operator reads
+    from detector.serve import create_app
+    svc = _service(tmp_path, _NameRecorder())
+    name = "V1.png\x1b[1A\x1b[2K\x85detector serve: forged\u202egnp.exe".encode()
+    body = b'--B\r\nContent-Disposition: form-data; name="scan"; filename="' + name + b'"\r\n\r\n123\r\n--B--\r\n'
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+            return await c.post("/v1/inspect", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+
+    assert asyncio.run(run()).status_code == 200
+    stored = svc.audit._db.execute("SELECT file_name FROM verdicts").fetchone()[0]
+    for got in (svc.inspector.names[-1], stored):
+        assert got.isprintable() and "\\x1b[1A" in got and "\\x85" in got, got
+        assert got.startswith("V1.png") and got.endswith("gnp.exe")
+
+
 def test_two_meta_parts_inspect(tmp_path):
     # the first part carries the forcing flag; routing by the last one alone would release the truck
     svc = _service(tmp_path, _FakeInspector(score=0.2))
