@@ -24,6 +24,7 @@ import sqlite3
 import sys
 import time
 import uuid
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -709,7 +710,11 @@ def main(args) -> int:
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
           f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}{files}, "
           f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
+    from detector.scan import ScanWarning
     from detector.serve_protocol import HeadDeadlineProtocol
+    # shown as before (each names its file, so each was new), but not remembered: Python's "default" action keeps
+    # every text it has shown, one entry per truck for as long as the service runs
+    warnings.filterwarnings("always", category=ScanWarning)
     uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),
                 access_log=False, http=HeadDeadlineProtocol)
     return 0

@@ -483,6 +483,30 @@ def test_blank_or_padded_token(heuristic_model, tmp_path, monkeypatch, capsys):
     svc.close()
 
 
+def test_scan_warnings_of_served_trucks_are_not_remembered(heuristic_model_1ch, tmp_path, monkeypatch):
+    # Python remembers each warning text it has shown in the warning module's registry, and a reader's warning names
+    # the file: a station sending RGB renderings (or scans without open beam) grew it by one entry per truck, for
+    # as long as the service ran
+    import cv2
+    import uvicorn
+
+    from detector import scan, serve
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.setattr(serve, "create_app", lambda svc: svc)
+    monkeypatch.delenv("DETECTOR_TOKEN", raising=False)
+    assert serve.main(_serve_args(heuristic_model_1ch, tmp_path)) == 0
+    svc = started[0]
+    rgb = np.repeat((make_scan_counts(seed=1)[0] // 256).astype(np.uint8)[..., None], 3, axis=2)
+    data = cv2.imencode(".png", rgb)[1].tobytes()
+    before = len(getattr(scan, "__warningregistry__", {}))
+    for i in range(20):
+        v = serve._run(svc.inspector, data, f"V{i:04d}.png", 10000.0, svc.inspector.threshold)
+        assert v.error is None
+    svc.close()
+    assert len(getattr(scan, "__warningregistry__", {})) <= before + 1
+
+
 def test_unpaired_surrogate_in_meta_is_audited_once(tmp_path):
     # '\ud800' parses as JSON but cannot be written as UTF-8: the audit write failed (no row), or the
     # answer failed after it and was answered and counted a second time
