@@ -254,6 +254,14 @@ class Inspector:
         except BundleError as e:
             raise InspectionError(e.reason, str(self.path)) from None
 
+    def __getstate__(self) -> dict:
+        """Pickled (multiprocessing's spawn) without the session: the copy opens its own from the file (_reopen)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("session", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, session=None, _lock=threading.Lock())
+        _LIVE.add(self)
+
     def _forked(self) -> None:
         """In a forked child: abandon the parent's session (kept, never destroyed: destroying it joins threads that
         only the parent has, and waited forever) and open this process's own on first use."""

@@ -3,6 +3,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -593,3 +594,26 @@ def test_an_inspector_made_before_a_fork_runs_in_the_child_on_its_own_session(he
     child, parent = (json.loads(line) for line in run.stdout.splitlines())
     assert child["score"] == pytest.approx(parent["parent"], abs=1e-6)
     assert child["threads"] >= 2   # its own session's pool (threads=2), not the calling thread alone
+
+
+def test_an_inspector_pickles_for_spawned_workers_and_refuses_a_bundle_changed_since(tmp_path, heuristic_model,
+                                                                                       anomalous_scan_path):
+    """multiprocessing's spawn (and any pool that pickles its task) hands the Inspector over by pickling: that
+    raised onnxruntime's "cannot pickle InferenceSession". The copy opens the same file; one whose bytes have
+    changed since is refused, not run under the thresholds the copy carries."""
+    import pickle
+    import shutil
+
+    from conftest import make_heuristic_bundle
+    model = Path(shutil.copy(heuristic_model, tmp_path / "model.onnx"))
+    inspector = Inspector(model, threads=1, max_width=512, default_pitch_mm=4.0, warmup=False)
+    want = inspector.inspect(anomalous_scan_path)
+    copy = pickle.loads(pickle.dumps(inspector))
+    got = copy.inspect(anomalous_scan_path)
+    assert (got.score, got.decision, got.threshold) == (want.score, want.decision, want.threshold)
+    assert (copy.max_width, copy.default_pitch_mm, copy.threads) == (512, 4.0, 1)
+    stale = pickle.loads(pickle.dumps(inspector))
+    make_heuristic_bundle(model, normal_scores=np.linspace(0.01, 0.9, 300))   # a new bundle dropped in its place
+    with pytest.raises(InspectionError, match="model file changed since this Inspector loaded it"):
+        stale.inspect(anomalous_scan_path)
+    assert stale.inspect_safe(anomalous_scan_path).decision == "INSPECT"
