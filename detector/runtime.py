@@ -156,6 +156,7 @@ class Inspector:
         (its training run's data.pitch_mm), else 5 mm. A file's own pitch wins."""
         self.path = Path(model_path)
         self._file, self.threads, self._lock = Path(os.path.abspath(self.path)), threads, threading.Lock()
+        self._closed = False
         _check_options(threads, region_threshold, max_regions)
         asked_pitch = valid_default_pitch(default_pitch_mm)
         if self.path.is_dir():
@@ -223,6 +224,18 @@ class Inspector:
                            latency_ms=(time.perf_counter() - t0) * 1000.0,
                            source=_source_name(src), model_sha256=self.model_sha256)
 
+    def close(self) -> None:
+        """Release the model (its onnxruntime session: memory and threads) now, not when the last reference to this
+        Inspector goes; later calls raise InspectionError (inspect_safe: INSPECT). Closing twice is harmless."""
+        with self._lock:
+            self._closed, self.session = True, None
+
+    def __enter__(self) -> Inspector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------ processes
 
     def _session(self) -> ort.InferenceSession:
@@ -231,6 +244,9 @@ class Inspector:
         session = self.session
         if session is None:
             with self._lock:
+                if self._closed:
+                    raise InspectionError("this Inspector was closed (close() or the end of its with block)",
+                                          str(self.path))
                 if self.session is None:
                     self.session = self._reopen()
                 session = self.session

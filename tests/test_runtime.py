@@ -617,3 +617,17 @@ def test_an_inspector_pickles_for_spawned_workers_and_refuses_a_bundle_changed_s
     with pytest.raises(InspectionError, match="model file changed since this Inspector loaded it"):
         stale.inspect(anomalous_scan_path)
     assert stale.inspect_safe(anomalous_scan_path).decision == "INSPECT"
+
+
+def test_close_releases_the_model_and_a_closed_inspector_fails_closed(heuristic_model, anomalous_scan_path):
+    """A station reloading its model each shift releases the old one's session (memory, threads) at close() or the
+    end of a with block, whatever still holds the Inspector (a callback bound to inspect_safe); a call after that
+    raises, or answers INSPECT, naming the reason, rather than reopening a model the station let go of."""
+    with Inspector(heuristic_model, threads=1, warmup=False) as inspector:
+        assert inspector.inspect(anomalous_scan_path).decision == "INSPECT"
+    assert inspector.session is None
+    with pytest.raises(InspectionError, match="closed"):
+        inspector.inspect(anomalous_scan_path)
+    late = inspector.inspect_safe(anomalous_scan_path)
+    assert late.decision == "INSPECT" and "this Inspector was closed" in late.reason
+    inspector.close()   # twice is fine
