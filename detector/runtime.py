@@ -3,15 +3,18 @@
 Only numpy, OpenCV, onnxruntime and core detector modules are imported, so a scanning station
 installs no training stack. Preprocessing is `detector.preprocess.prepare`, the very function
 training used. One Inspector serves concurrent calls: onnxruntime's `run` is thread-safe and all
-per-call state is local.
+per-call state is local. A process forked after an Inspector loaded (a preloading app server's workers) opens its own
+session on first use: the inherited one is never run or destroyed there (_after_fork_in_child).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -31,6 +34,7 @@ from detector.scan import (Scan, ScanError, check_scan, default_pitch, file_shap
 Source = Union[str, os.PathLike, Scan, tuple, bytes, np.ndarray]
 EPS = 1e-6
 OUT_TOL = 1e-3  # model outputs may stray this far outside [0, 1] (quantisation)
+_LIVE: weakref.WeakSet = weakref.WeakSet()   # this process's Inspectors, for _after_fork_in_child
 
 
 class InspectionError(RuntimeError):
@@ -151,6 +155,8 @@ class Inspector:
         """`default_pitch_mm`: the pitch of a scan file (or counts array) that carries none; None: the bundle's
         (its training run's data.pitch_mm), else 5 mm. A file's own pitch wins."""
         self.path = Path(model_path)
+        self._file, self.threads, self._lock = Path(os.path.abspath(self.path)), threads, threading.Lock()
+        self._closed = False
         _check_options(threads, region_threshold, max_regions)
         asked_pitch = valid_default_pitch(default_pitch_mm)
         if self.path.is_dir():
@@ -164,6 +170,7 @@ class Inspector:
             raise BundleError(self.path, f"cannot read model file ({e.strerror or e})") from None
         self.model_sha256 = hashlib.sha256(data).hexdigest()
         self.session, self.logits_name = _load_session(data, threads, self.path)
+        _LIVE.add(self)
         self.metadata = session_metadata(self.session, data, self.path)
         self.channels = int(self.metadata["channels"])
         self.stride = int(self.metadata["stride"])
@@ -216,6 +223,67 @@ class Inspector:
                            reason=f"fail-closed: {reason}", error=reason,
                            latency_ms=(time.perf_counter() - t0) * 1000.0,
                            source=_source_name(src), model_sha256=self.model_sha256)
+
+    def close(self) -> None:
+        """Release the model (its onnxruntime session: memory and threads) now, not when the last reference to this
+        Inspector goes; later calls raise InspectionError (inspect_safe: INSPECT). Closing twice is harmless."""
+        with self._lock:
+            self._closed, self.session = True, None
+
+    def __enter__(self) -> Inspector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ processes
+
+    def _session(self) -> ort.InferenceSession:
+        """The onnxruntime session of this process: opened again from the bundle file in a process forked from the
+        one that loaded it (see _after_fork_in_child)."""
+        session = self.session
+        if session is None:
+            with self._lock:
+                if self._closed:
+                    raise InspectionError("this Inspector was closed (close() or the end of its with block)",
+                                          str(self.path))
+                if self.session is None:
+                    self.session = self._reopen()
+                session = self.session
+        return session
+
+    def _reopen(self) -> ort.InferenceSession:
+        """A session of the bundle file for this process; InspectionError (what inspect raises when inference cannot
+        run) where the file cannot be read or no longer holds the model this Inspector loaded (a new bundle dropped
+        in its place: its thresholds are not that model's)."""
+        try:
+            data = self._file.read_bytes()
+        except OSError as e:
+            raise InspectionError(f"cannot read the model file again in process {os.getpid()} ({e.strerror or e})",
+                                  str(self.path)) from None
+        if hashlib.sha256(data).hexdigest() != self.model_sha256:
+            raise InspectionError(f"the model file changed since this Inspector loaded it (sha256 "
+                                  f"{self.model_sha256[:12]}), so process {os.getpid()} cannot open the same model: "
+                                  "create the Inspector again", str(self.path))
+        try:
+            return _load_session(data, self.threads, self.path)[0]
+        except BundleError as e:
+            raise InspectionError(e.reason, str(self.path)) from None
+
+    def __getstate__(self) -> dict:
+        """Pickled (multiprocessing's spawn) without the session: the copy opens its own from the file (_reopen)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("session", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, session=None, _lock=threading.Lock())
+        _LIVE.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: abandon the parent's session (kept, never destroyed: destroying it joins threads that
+        only the parent has, and waited forever) and open this process's own on first use."""
+        if self.session is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.session))
+        self.session, self._lock = None, threading.Lock()   # a lock a parent thread held at the fork stays held
 
     # ------------------------------------------------------------ stages
 
@@ -283,7 +351,7 @@ class Inspector:
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4   # the failure is the BundleError's to tell, not an onnxruntime log line
         try:
-            self.session.run(["heatmap"], {"scan": np.zeros((1, self.channels, h, w), np.float32)}, quiet)
+            self._session().run(["heatmap"], {"scan": np.zeros((1, self.channels, h, w), np.float32)}, quiet)
         except Exception as e:
             raise BundleError(self.path, f"preprocessing pad_multiple {p} does not suit this graph: an input padded "
                                          f"to it ({h} x {w} model px) fails to run ({str(e).splitlines()[0][:160]}); "
@@ -316,7 +384,7 @@ class Inspector:
         """heatmap (H/s, W/s), score, and the heatmap's logits where the graph exposes them (else None)."""
         names = ["heatmap", "score"] + ([self.logits_name] if self.logits_name else [])
         try:
-            heatmap, score, *logits = self.session.run(names, {"scan": x[None]}, run_options)
+            heatmap, score, *logits = self._session().run(names, {"scan": x[None]}, run_options)
         except Exception as e:
             if run_options is not None and run_options.terminate:
                 raise InspectionError("deadline exceeded during inference (run terminated)") from None
@@ -391,6 +459,18 @@ class Inspector:
             out.append(Region(box=box, score=peak))
         out.sort(key=lambda r: -r.score)
         return out[: self.max_regions]
+
+
+def _after_fork_in_child() -> None:
+    """os.fork() copies a process but only its calling thread: an onnxruntime session inherited from the parent has
+    lost its thread pool, and a preloaded app server's worker hung on dropping it (a reload) or at its normal exit,
+    and ran its inference on one thread. Each Inspector opens its own session in the child instead."""
+    for inspector in list(_LIVE):
+        inspector._forked()
+
+
+if hasattr(os, "register_at_fork"):   # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _file_cells(cell_y: float, cell_x: float, scan: Scan, fh: int, fw: int) -> tuple[float, float]:

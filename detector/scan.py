@@ -7,6 +7,7 @@ and the reason; image sizes are checked from the header before any pixels are de
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -384,7 +385,7 @@ def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None, default
     p = Path(path)
     try:   # exists() says False where nothing is found; a name too long, or a folder it may not search, raised OSError
         if not p.exists():
-            raise ScanError(p, "file not found")
+            raise ScanError(p, _missing(p))
         if not p.is_file():
             raise ScanError(p, "not a regular file")
         size, most = p.stat().st_size, most_scan_bytes(max_pixels)
@@ -395,6 +396,20 @@ def read_scan(path: str | os.PathLike, *, max_pixels: int | None = None, default
     except OSError as exc:
         raise ScanError(p, f"cannot read file ({exc.strerror or exc})") from exc
     return read_scan_bytes(data, str(p), max_pixels=max_pixels, default_pitch_mm=default_pitch_mm)
+
+
+def _missing(p: Path) -> str:
+    """Why a path that leads to no file does: a link `ls` lists was reported "file not found" too."""
+    if not p.is_symlink():
+        return "file not found"
+    try:
+        p.resolve(strict=True)
+    except RuntimeError:   # Python < 3.13 on a loop
+        return "a symbolic link that loops (it leads back to itself)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link that loops (it leads back to itself)"
+    return f"a symbolic link to a missing file ({os.readlink(p)})"
 
 
 def read_scan_bytes(data: bytes, name: str, *, max_pixels: int | None = None,

@@ -1,7 +1,9 @@
 """Station runtime: decisions, regions, fail-closed paths, tiling, threads, and no torch."""
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -555,3 +557,77 @@ def test_a_default_pitch_that_is_no_pitch_is_refused_at_start_up(heuristic_model
     with pytest.raises(InspectionError, match=r"default pixel pitch .* must be a number in 0\.01-100 mm") as e:
         Inspector(heuristic_model, threads=1, warmup=False, default_pitch_mm=bad)
     assert "\n" not in str(e.value)
+
+
+
+FORK_CHILD = """
+import json, os, signal, sys, time
+from detector.runtime import Inspector
+inspector = Inspector(MODEL, threads=2)
+pid = os.fork()
+if pid == 0:
+    out = {"score": inspector.inspect(SCAN).score, "threads": len(os.listdir("/proc/self/task"))}
+    inspector = Inspector(MODEL, threads=2, warmup=False)   # a reload drops the inherited one
+    print(json.dumps(out), flush=True)
+    os._exit(0)   # as multiprocessing's children end (a normal exit hangs in onnxruntime's own teardown: README)
+parent = inspector.inspect(SCAN).score
+end = time.monotonic() + 20
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    if time.monotonic() > end:
+        os.kill(pid, signal.SIGKILL)
+        print(json.dumps({"child": "hung"}))
+        sys.exit(0)
+    time.sleep(0.05)
+print(json.dumps({"parent": parent}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"), reason="POSIX fork, Linux /proc")
+def test_an_inspector_made_before_a_fork_runs_in_the_child_on_its_own_session(heuristic_model, anomalous_scan_path):
+    """A preloading app server (gunicorn --preload) or multiprocessing's fork hands workers the Inspector their
+    parent made: its onnxruntime session lost its thread pool's threads in the fork, so the child's inference ran on
+    one thread, and dropping the Inspector there (a reload) waited on the parent's threads forever."""
+    code = FORK_CHILD.replace("MODEL", repr(str(heuristic_model))).replace("SCAN", repr(str(anomalous_scan_path)))
+    run = run_without(code, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "hung" not in run.stdout, "the forked child hung dropping the Inspector it inherited"
+    child, parent = (json.loads(line) for line in run.stdout.splitlines())
+    assert child["score"] == pytest.approx(parent["parent"], abs=1e-6)
+    assert child["threads"] >= 2   # its own session's pool (threads=2), not the calling thread alone
+
+
+def test_an_inspector_pickles_for_spawned_workers_and_refuses_a_bundle_changed_since(tmp_path, heuristic_model,
+                                                                                       anomalous_scan_path):
+    """multiprocessing's spawn (and any pool that pickles its task) hands the Inspector over by pickling: that
+    raised onnxruntime's "cannot pickle InferenceSession". The copy opens the same file; one whose bytes have
+    changed since is refused, not run under the thresholds the copy carries."""
+    import pickle
+    import shutil
+
+    from conftest import make_heuristic_bundle
+    model = Path(shutil.copy(heuristic_model, tmp_path / "model.onnx"))
+    inspector = Inspector(model, threads=1, max_width=512, default_pitch_mm=4.0, warmup=False)
+    want = inspector.inspect(anomalous_scan_path)
+    copy = pickle.loads(pickle.dumps(inspector))
+    got = copy.inspect(anomalous_scan_path)
+    assert (got.score, got.decision, got.threshold) == (want.score, want.decision, want.threshold)
+    assert (copy.max_width, copy.default_pitch_mm, copy.threads) == (512, 4.0, 1)
+    stale = pickle.loads(pickle.dumps(inspector))
+    make_heuristic_bundle(model, normal_scores=np.linspace(0.01, 0.9, 300))   # a new bundle dropped in its place
+    with pytest.raises(InspectionError, match="model file changed since this Inspector loaded it"):
+        stale.inspect(anomalous_scan_path)
+    assert stale.inspect_safe(anomalous_scan_path).decision == "INSPECT"
+
+
+def test_close_releases_the_model_and_a_closed_inspector_fails_closed(heuristic_model, anomalous_scan_path):
+    """A station reloading its model each shift releases the old one's session (memory, threads) at close() or the
+    end of a with block, whatever still holds the Inspector (a callback bound to inspect_safe); a call after that
+    raises, or answers INSPECT, naming the reason, rather than reopening a model the station let go of."""
+    with Inspector(heuristic_model, threads=1, warmup=False) as inspector:
+        assert inspector.inspect(anomalous_scan_path).decision == "INSPECT"
+    assert inspector.session is None
+    with pytest.raises(InspectionError, match="closed"):
+        inspector.inspect(anomalous_scan_path)
+    late = inspector.inspect_safe(anomalous_scan_path)
+    assert late.decision == "INSPECT" and "this Inspector was closed" in late.reason
+    inspector.close()   # twice is fine

@@ -315,8 +315,9 @@ def test_mutated_samples_give_scan_errors_or_scans_and_never_an_unread_release(h
 
 
 def test_paths_that_are_no_files_are_inspected_at_once(heuristic_model, tmp_path):
-    """A FIFO (whose read would wait for a writer forever), /dev/zero (endless), a symlink loop, a folder and an empty
-    file: each an immediate INSPECT naming the path, never a hang or a crash."""
+    """A FIFO (whose read would wait for a writer forever), /dev/zero (endless), a symlink loop or to nothing, a folder
+    and an empty file: each an immediate INSPECT naming the path and what it is (a link that `ls` lists was "file not
+    found"), never a hang or a crash."""
     import os
     import time
 
@@ -325,9 +326,11 @@ def test_paths_that_are_no_files_are_inspected_at_once(heuristic_model, tmp_path
     os.mkfifo(tmp_path / "fifo.tiff")
     (tmp_path / "zero.tiff").symlink_to("/dev/zero")
     (tmp_path / "loop.tiff").symlink_to(tmp_path / "loop.tiff")
+    (tmp_path / "dangling.tiff").symlink_to(tmp_path / "gone.tiff")
     (tmp_path / "empty.tiff").write_bytes(b"")
     for name, reason in [("fifo.tiff", "not a regular file"), ("zero.tiff", "not a regular file"),
-                         ("loop.tiff", "file not found"), (".", "not a regular file"), ("empty.tiff", "empty file")]:
+                         ("loop.tiff", "a symbolic link that loops"), ("dangling.tiff", "to a missing file"),
+                         (".", "not a regular file"), ("empty.tiff", "empty file")]:
         t0 = time.perf_counter()
         verdict = inspector.inspect_safe(tmp_path / name)
         assert time.perf_counter() - t0 < 1.0
