@@ -28,7 +28,7 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,7 @@ OUTCOME_RETRY_AFTER_S = 5
 # how long past the deadline an inference thread may still hand over its own verdict (say, "deadline exceeded
 # after read"); after that the answer is INSPECT at once and the thread keeps its slot until it ends
 DEADLINE_GRACE_S = 0.05
+SHORT_TOKEN = 16   # a DETECTOR_TOKEN shorter than this is warned about at start (a guessable secret)
 OPEN_FILES_CAP = 65536   # the soft open-file limit the service raises itself to, where the hard one allows
 OPEN_FILES_LOW = 1024    # under it, the start line says how to raise the hard limit
 
@@ -76,7 +77,7 @@ class ServeConfig:
     max_queue: int = 8
     concurrency: int = 1
     deadline_ms: float = 10000.0
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)   # never in a logged config's repr
     pitch_mm: float | None = None   # pitch of scan files that carry none; None: the bundle's, else 5 mm
 
     def __post_init__(self) -> None:
@@ -689,6 +690,10 @@ def env_token() -> str | None:
         return None
     if not raw.strip():
         raise ValueError(f"{TOKEN_ENV} is set but empty: set a token, or unset it to serve without authentication")
+    odd = next((i for i, c in enumerate(raw.strip()) if not (c.isascii() and c.isprintable())), None)
+    if odd is not None:   # a header carries Latin-1 bytes: every request would be answered 401
+        raise ValueError(f"{TOKEN_ENV} holds a character that is not printable ASCII (at position {odd + 1}), which "
+                         "no HTTP client's header can match: use letters, digits and punctuation")
     return raw.strip()
 
 
@@ -706,6 +711,10 @@ def main(args) -> int:
         return 2
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
         print(f"detector serve: warning: listening on {cfg.host} without a token (set {TOKEN_ENV})", file=sys.stderr)
+    if cfg.token and len(cfg.token) < SHORT_TOKEN:
+        print(f"detector serve: warning: {TOKEN_ENV} is {len(cfg.token)} characters: a station network's token should "
+              f"be {SHORT_TOKEN} or more random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
+              file=sys.stderr)
     files = open_files_words(*raise_open_files())
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
           f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}{files}, "

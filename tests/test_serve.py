@@ -481,6 +481,13 @@ def test_blank_or_padded_token(heuristic_model, tmp_path, monkeypatch, capsys):
     assert svc.authorised(ask("Bearer tok")) and not svc.authorised(ask("Bearer tok2"))
     assert not svc.authorised(ask(""))
     svc.close()
+    assert "DETECTOR_TOKEN is 3 characters" in capsys.readouterr().err   # a guessable secret is warned about
+    # a token outside printable ASCII could never match (a header is read as Latin-1): every request was 401
+    monkeypatch.setenv("DETECTOR_TOKEN", "geheim-schlüssel-2026-station")
+    assert serve.main(_serve_args(heuristic_model, tmp_path)) == 2 and len(started) == 1
+    assert "not printable ASCII (at position 12)" in capsys.readouterr().err
+    # the token never shows in a logged config
+    assert "s3cret" not in repr(serve.ServeConfig(model="m.onnx", token="s3cret-token-of-the-station"))
 
 
 def test_scan_warnings_of_served_trucks_are_not_remembered(heuristic_model_1ch, tmp_path, monkeypatch):
