@@ -110,13 +110,51 @@ def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
     raise ScanError(name, "truncated JPEG (no frame header)")
 
 
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1-8) of a JPEG's APP1 segment, 1 where there is none or it cannot be read: how a
+    viewer turns the stored pixels to show them (OpenCV's IMREAD_UNCHANGED does not)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] not in (0xDA, 0xD9):   # segments before the scan
+        seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+        body = data[i + 4:i + 2 + seg]
+        if data[i + 1] == 0xE1 and body[:6] == b"Exif\x00\x00":
+            return _exif_orientation(body[6:])
+        i += 2 + seg
+    return 1
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of an EXIF block's first IFD, 1 where it is missing or out of range."""
+    fmt = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    try:
+        first = struct.unpack(fmt + "I", tiff[4:8])[0]
+        count = struct.unpack(fmt + "H", tiff[first:first + 2])[0]
+        for k in range(count):
+            at = first + 2 + 12 * k
+            tag, kind = struct.unpack(fmt + "HH", tiff[at:at + 4])
+            if tag == 0x0112 and kind == 3:
+                value = struct.unpack(fmt + "H", tiff[at + 8:at + 10])[0]
+                return value if 1 <= value <= 8 else 1
+    except (TypeError, struct.error):   # no byte order mark, or an offset past the block
+        pass
+    return 1
+
+
+def orient_jpeg(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored JPEG pixels (H, W[, C]) turned as EXIF `orientation` tells a viewer to show them."""
+    if orientation >= 5:   # 5-8 swap the sides: transpose, then as 1-4 (5: none, 6: mirror, 7: 180, 8: flip)
+        img, orientation = img.swapaxes(0, 1), {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    flips = {1: (), 2: (1,), 3: (0, 1), 4: (0,)}[orientation]
+    return np.ascontiguousarray(np.flip(img, flips) if flips else img)
+
+
 def read_jpeg(data: bytes, name: str, max_pixels: int | None):
     h, w = _jpeg_size(data, name)
     check_shape(name, 1, h, w, max_pixels)
     img = _decode_image(data, name, "JPEG")
     if img.shape[:2] != (h, w):
         raise ScanError(name, "corrupt JPEG (decoded size differs from header)")
-    return _to_one_channel(img, name), {}
+    return _to_one_channel(orient_jpeg(img, jpeg_orientation(data)), name), {}
 
 
 def read_tiff(data: bytes, name: str, max_pixels: int | None):
@@ -634,6 +672,8 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
     if kind == "jpeg":
         h, w = _jpeg_size(head, name)
         check_shape(name, 1, h, w, None)
+        if jpeg_orientation(head) >= 5:   # shown turned by a quarter (read_jpeg turns it)
+            h, w = w, h
         return h, w, None, h, w
     if kind == "tiff":
         with tifffile.TiffFile(f) as tif:

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detector.formats import png_cut_short
+from detector.formats import jpeg_orientation, orient_jpeg, png_cut_short
 from detector.scan import PITCH_RANGE_MM, SCAN_SUFFIXES, ScanError, valid_pitch
 
 LAYOUT = ((0, "normal"), (1, "anomalous"))
@@ -311,4 +311,6 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if m is None:
         raise ScanError(path, "unreadable mask PNG")
+    if data.startswith(b"\xff\xd8"):   # a JPEG mask: turned as its scan is (EXIF orientation)
+        m = orient_jpeg(m, jpeg_orientation(data))
     return m[..., :3].max(-1) if m.ndim == 3 else m

@@ -852,3 +852,22 @@ def test_a_scan_up_from_a_linked_folder_has_its_own_cache_entry(tmp_path):
     a = cache.load(cache.build(Record(str(near), 0)))[0]
     b = cache.load(cache.build(Record(str(tmp_path / "scans" / "linkdir" / ".." / "x.tiff"), 0)))[0]
     assert not np.array_equal(a, b)
+
+
+def test_a_turned_camera_jpeg_trains_with_the_mask_drawn_on_what_a_viewer_shows(tmp_path):
+    """A JPEG stored portrait with an EXIF tag to show it landscape (a phone's or viewer's picture), masked on the
+    picture a labelling tool shows: the mask was refused as the wrong size (500x300 against 300x500) and the scan
+    left out of training. Now the scan is read turned, the mask fits and marks the threat where it is drawn."""
+    from test_scan import _exif_jpeg
+    shown = np.full((60, 100), 220, np.uint8)
+    shown[10:20, 60:80] = 30                       # the threat, top right as the viewer shows it
+    mask = np.zeros_like(shown)
+    mask[10:20, 60:80] = 255
+    (tmp_path / "a.jpg").write_bytes(_exif_jpeg(np.ascontiguousarray(np.rot90(shown, 1)), 6))   # 6: turn 90 cw
+    cv2.imwrite(str(tmp_path / "a.png"), mask)
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # 8-bit input
+        a, m = cache.load(cache.build(Record(str(tmp_path / "a.jpg"), 1, mask=str(tmp_path / "a.png"))))
+    assert a.shape[1:] == m.shape == (30, 50)
+    assert a[0][m > 0].mean() > a[0][m == 0].mean() + 1   # the mask lies on the dense threat

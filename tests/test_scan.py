@@ -792,3 +792,33 @@ def test_a_default_pitch_that_is_no_pitch_is_refused_in_one_line(tmp_path, bad):
         with pytest.raises(ScanError, match=r"default pixel pitch .* must be a number in 0\.01-100 mm") as e:
             read()
         assert "\n" not in str(e.value) and e.value.path.endswith("bare.png")
+
+
+def _exif_jpeg(img: np.ndarray, orientation: int, big_endian: bool = False) -> bytes:
+    """A JPEG of `img` as stored, with an EXIF APP1 segment whose IFD0 holds only the Orientation tag."""
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    order, fmt = (b"MM", ">") if big_endian else (b"II", "<")
+    ifd = order + struct.pack(fmt + "HIH", 42, 8, 1) + struct.pack(fmt + "HHIHH", 0x112, 3, 1, orientation, 0)
+    app1 = b"Exif\x00\x00" + ifd + struct.pack(fmt + "I", 0)
+    data = buf.tobytes()
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path, orientation):
+    """A camera's or viewer's JPEG stores its pixels as the sensor read them and says in EXIF how to turn them;
+    every viewer (and OpenCV's grey read) shows them turned, so a mask or boxes are drawn on that picture. The
+    reader took the stored pixels: a 300x500 picture was a 500x300 scan, its mask refused as the wrong size and its
+    regions drawn on a picture no officer sees. Scan, header geometry and a JPEG mask now follow the tag."""
+    from detector.formats import scan_geometry
+    from detector.manifest import read_mask
+    stored = np.full((40, 64), 220, np.uint8)
+    stored[5:15, 8:30] = 40   # an asymmetric block: any wrong turn or flip moves it
+    data = _exif_jpeg(stored, orientation, big_endian=orientation % 2 == 0)
+    (tmp_path / "bag.jpg").write_bytes(data)
+    shown = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)   # OpenCV applies EXIF here
+    assert shown.shape == ((40, 64) if orientation < 5 else (64, 40))
+    scan = read_scan(tmp_path / "bag.jpg")
+    np.testing.assert_array_equal(scan.counts[0], shown)
+    assert scan_geometry(tmp_path / "bag.jpg")[:2] == shown.shape
+    np.testing.assert_array_equal(read_mask(tmp_path / "bag.jpg"), shown)
