@@ -62,11 +62,20 @@ def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
     if img.ndim == 3 and img.shape[2] in (3, 4):
         warnings.warn(ScanWarning(name, "colour image converted to one grey channel (luminance); raw 16-bit "
                                         "scans are better input"), stacklevel=3)
-        code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        return cv2.cvtColor(img, code)
+        grey = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_BGR2GRAY)
+        return over_air(grey, img[..., 3]) if img.shape[2] == 4 else grey
     if img.ndim == 3 and img.shape[2] == 2:
         return np.moveaxis(img, -1, 0)
     raise ScanError(name, f"unsupported image layout {img.shape}")
+
+
+def over_air(grey: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """Grey pixels composited by their alpha over air (the dtype's top, bright on a radiograph): a transparent
+    background is nothing in the beam, while the black stored under it read as the densest material."""
+    top = float(np.iinfo(grey.dtype).max)
+    a = alpha.astype(np.float32) / top
+    out = grey.astype(np.float32) * (1 if premultiplied else a) + top * (1 - a)
+    return np.rint(np.clip(out, 0, top)).astype(grey.dtype)
 
 
 def png_cut_short(data: bytes) -> bool:
@@ -184,6 +193,9 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
         info = _tiff_info(first, name)
     if _tiff_colour(first, name):
         counts = _tiff_colour_to_grey(arrays[0], first, name)
+    elif _tiff_grey_alpha(first, arrays[0]):
+        img = np.moveaxis(arrays[0], 0, -1) if str(first.axes).startswith("S") else arrays[0]
+        counts = over_air(img[..., 0], img[..., 1], premultiplied=first.extrasamples[0] == 1)
     elif len(arrays) == 2:
         counts = np.stack(arrays)
     else:
@@ -213,6 +225,13 @@ def _tiff_colour(page: Any, name: str) -> bool:
     if kind not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE):
         raise ScanError(name, f"{getattr(kind, 'name', kind)} TIFF: not grey transmission counts (MINISBLACK expected)")
     return False
+
+
+def _tiff_grey_alpha(page: Any, img: np.ndarray) -> bool:
+    """True for a grey page with an alpha sample (ExtraSamples 1 or 2): one channel and its transparency, not the
+    two energies of a (H, W, 2) scan (whose second sample is unspecified, 0)."""
+    extra = tuple(getattr(page, "extrasamples", ()) or ())
+    return extra in ((1,), (2,)) and img.ndim == 3 and 2 in (img.shape[0], img.shape[-1]) and img.dtype.kind == "u"
 
 
 def _tiff_colour_to_grey(img: np.ndarray, page: Any, name: str) -> np.ndarray:

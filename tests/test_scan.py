@@ -822,3 +822,32 @@ def test_jpeg_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path, orientatio
     np.testing.assert_array_equal(scan.counts[0], shown)
     assert scan_geometry(tmp_path / "bag.jpg")[:2] == shown.shape
     np.testing.assert_array_equal(read_mask(tmp_path / "bag.jpg"), shown)
+
+
+def test_transparent_pixels_are_read_as_air_not_as_the_densest_material(tmp_path):
+    """A rendering or cut-out with a transparent background (RGBA or grey+alpha PNG, grey+alpha TIFF) stores black
+    under its alpha: read as it stood, the background was the densest material (a clean bag scored 10x the others,
+    one region over the whole picture), and a grey+alpha TIFF was a 2-energy scan (alpha the low energy), refused
+    beside grey ones or trained as two channels. Transparent pixels are air now: composited over white, one channel."""
+    from PIL import Image
+    grey = np.full((40, 60), 200, np.uint8)
+    grey[10:20, 20:40] = 50                             # the bag
+    alpha = np.zeros_like(grey)
+    alpha[5:35, 10:50] = 255                            # opaque around the bag, transparent beyond
+    alpha[5:35, 10] = 128                               # a half-transparent edge
+    shown = np.rint(grey * (alpha / 255) + 255 * (1 - alpha / 255)).astype(np.uint8)   # as a viewer on white shows it
+    cv2.imwrite(str(tmp_path / "ref.png"), shown)
+    ref = read_scan(tmp_path / "ref.png")
+    under = np.where(alpha > 0, grey, 0).astype(np.uint8)   # black under the transparent part, as editors store it
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([under] * 3 + [alpha]))
+    Image.fromarray(np.dstack([under, alpha]), "LA").save(tmp_path / "la.png")
+    tifffile.imwrite(tmp_path / "la.tiff", np.dstack([under, alpha]), photometric="minisblack",
+                     extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "rgba.tiff", np.dstack([under] * 3 + [alpha]), photometric="rgb",
+                     extrasamples=["unassalpha"])
+    for name in ("rgba.png", "la.png", "la.tiff", "rgba.tiff"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scan = read_scan(tmp_path / name)
+        assert scan.channels == 1, name
+        np.testing.assert_allclose(scan.attenuation, ref.attenuation, atol=0.02, err_msg=name)
