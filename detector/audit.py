@@ -122,10 +122,10 @@ class AuditLog:
         """Give a database written before LATER_COLUMNS existed those columns (NULL in its rows), once. Only such a
         database takes the write lock (a locked one is waited for as a verdict is); the columns are looked for again
         under it, so a second process opening it at the same moment finds them added, not a duplicate."""
-        if not _missing_columns(self._db):
+        if not missing_columns(self._db):
             return
         with self._transaction(None) as db:
-            for name in _missing_columns(db):
+            for name in missing_columns(db):
                 db.execute(f"ALTER TABLE verdicts ADD COLUMN {name} {LATER_COLUMNS[name]}")
 
     def write(self, record: dict[str, Any], wait_s: float | None = None, replay: bool = False) -> None:
@@ -304,7 +304,7 @@ def _check_outcome(request_id: Any, outcome: Any, officer: Any, note: Any) -> No
             raise OutcomeError(f"{name} holds an unpaired \\u surrogate escape (not valid Unicode text)") from None
 
 
-def _missing_columns(db: sqlite3.Connection) -> list[str]:
+def missing_columns(db: sqlite3.Connection) -> list[str]:
     """The LATER_COLUMNS a database's verdicts table lacks (written before they existed)."""
     have = {r[1] for r in db.execute("PRAGMA table_info(verdicts)")}
     return [c for c in LATER_COLUMNS if c not in have]

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from detector.audit import COLUMNS, LATER_COLUMNS, OUTCOME_COLUMNS, SPOOL_SUFFIX, parse_time
+from detector.audit import COLUMNS, LATER_COLUMNS, OUTCOME_COLUMNS, SPOOL_SUFFIX, missing_columns, parse_time
 from detector.calibration import rate_interval
 
 SQLITE_MAGIC = b"SQLite format 3\x00"   # the first bytes of every SQLite database file
@@ -103,8 +103,8 @@ def _number(source: Path, line: int, name: str, text: str | None) -> float | Non
 def _later(db: sqlite3.Connection) -> list[str]:
     """What to select for each of LATER_COLUMNS: the column, or NULL where the database was written before it (it is
     read as it is: another process may be serving from it)."""
-    have = {r[1] for r in db.execute("PRAGMA table_info(verdicts)")}
-    return [f"v.{c}" if c in have else f"NULL AS {c}" for c in LATER_COLUMNS]
+    missing = missing_columns(db)
+    return [f"NULL AS {c}" if c in missing else f"v.{c}" for c in LATER_COLUMNS]
 
 
 def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:

@@ -249,7 +249,8 @@ def _clip(box: list, hw: tuple) -> list:
 def _clipped(box: list, hw: tuple) -> bool:
     """Whether a [x0, y0, x1, y1] box keeps a pixel once clipped to a scan of hw = (height, width, ...), as training
     clips it."""
-    return min(hw[1], box[2]) > max(0, box[0]) and min(hw[0], box[3]) > max(0, box[1])
+    x0, y0, x1, y1 = _clip(box, hw)
+    return x1 > x0 and y1 > y0
 
 
 def _group(pairs, key) -> dict:
