@@ -6,7 +6,8 @@ asynchronously (spooling big files to disk instead of memory), and publish an Op
 thread pool behind a bounded queue so the event loop keeps answering health checks and 429s.
 
 Fail-closed contract (DESIGN.md "HTTP"): any failure answers 200 with decision INSPECT and the
-reason; the only non-200 answers are 401 (token), 413 (too large) and 429 (queue full, retry).
+reason; the only non-200 answers are 401 (token), 413 (too large) and 429 (queue full, or an address locked out
+after too many wrong tokens: retry, no verdict).
 POST /v1/outcome, where officers record what the manual inspection of a served truck found, routes nothing: its
 failures are plain 4xx/5xx with the reason, never a verdict.
 """
@@ -39,6 +40,7 @@ from starlette.datastructures import UploadFile
 from detector.audit import MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, utc_now
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 from detector.serve_metrics import Metrics
+from detector.serve_throttle import AuthThrottle
 
 TOKEN_ENV = "DETECTOR_TOKEN"
 FORM_FIELDS = ("scan", "meta")
@@ -115,6 +117,7 @@ class Service:
         self.ready = False
         self._served_at_trim = -1
         self.metrics = Metrics()
+        self.throttle = AuthThrottle()
         self.slots = asyncio.Semaphore(max(1, cfg.concurrency))
         self.pool = ThreadPoolExecutor(max(1, cfg.concurrency), thread_name_prefix="infer")
         self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")  # one writer, off the loop
@@ -140,11 +143,32 @@ class Service:
         scheme, _, value = got.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.cfg.token.encode())
 
+    def refusal(self, request: Request) -> tuple[int, str, dict] | None:
+        """None when the request may use an authenticated endpoint, else (status, reason, headers): 429 while its
+        address is locked out by wrong tokens (the token is not compared: a right one too would end the guessing's
+        lock-out), else 401 for a missing or wrong token. A wrong one counts towards the lock-out; a request sending
+        none guesses nothing and does not (a client left without the token must not lock out its host's others)."""
+        if not self.cfg.token:
+            return None
+        address = _peer(request)
+        wait = self.throttle.locked_for(address)
+        if wait:
+            return 429, (f"too many wrong tokens from {address}: refused for {wait} s more (no verdict: retry with the "
+                         "right token then)"), {"Retry-After": str(wait)}
+        if self.authorised(request):
+            return None
+        if request.headers.get("authorization") and self.throttle.failed(address):
+            self.metrics.auth_lockouts += 1
+            _say(f"detector serve: {self.throttle.limit} wrong tokens from {address} within "
+                 f"{self.throttle.window_s:g} s: its requests are refused (429) for {self.throttle.lockout_s:g} s")
+        return 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+
     async def handle(self, request: Request) -> JSONResponse:
         """Admission (401/413/429), then a verdict that is audited before it is answered."""
         t0 = time.perf_counter()
-        if not self.authorised(request):
-            return self._reject(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        refused = self.refusal(request)
+        if refused:   # before the body is read
+            return self._reject(*refused)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_bytes:
             return self._reject(413, f"upload of {int(length)} bytes exceeds the {self.cfg.max_upload_mb:g} MB limit")
@@ -168,10 +192,11 @@ class Service:
 
     async def record_outcome(self, request: Request) -> JSONResponse:
         """Record what the manual inspection of a served truck found: 200 with the decision served for it, else
-        401, 400 (malformed body, unknown outcome), 404 (no such verdict), 413, 503 (audit log locked: retry) or
-        500, each with the reason; the write runs in the audit thread, off the event loop."""
-        if not self.authorised(request):
-            return _refusal(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        401 (429 while locked out), 400 (malformed body, unknown outcome), 404 (no such verdict), 413, 503 (audit log
+        locked: retry) or 500, each with the reason; the write runs in the audit thread, off the event loop."""
+        refused = self.refusal(request)
+        if refused:
+            return _refusal(*refused)
         try:
             body = await _outcome_body(request)
             row = await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._write_outcome, body)
@@ -490,6 +515,12 @@ def open_files_words(now: int | None, before: int | None) -> str:
     return words
 
 
+def _peer(request: Request) -> str:
+    """The client's address as the socket gave it (main runs uvicorn without proxy headers: an X-Forwarded-For would
+    let a guesser name a new address for each try), escaped like a file name: it is logged."""
+    return _file_name(request.client.host) if request.client else "unknown"
+
+
 def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> Any:
     return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold)
 
@@ -656,14 +687,16 @@ def create_app(svc: Service) -> FastAPI:
         """Readiness for anyone (orchestrators probe without a token); the thresholds for an authorised caller
         only: knowing them helps tune a concealment to score just under them."""
         body: dict[str, Any] = {"ready": svc.ready, "model_sha256": svc.model_sha256}
-        if svc.authorised(request):
+        if svc.refusal(request) is None:   # the tiers answer a guess: a wrong token here counts as anywhere
             body["tiers"] = svc.policy.thresholds
         return JSONResponse(body, status_code=200 if svc.ready else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> PlainTextResponse:
-        if not svc.authorised(request):
-            return PlainTextResponse("missing or wrong bearer token\n", status_code=401)
+        refused = svc.refusal(request)
+        if refused:
+            code, why, headers = refused
+            return PlainTextResponse(why + "\n", status_code=code, headers=headers)
         return PlainTextResponse(svc.metrics.render(svc), media_type="text/plain; version=0.0.4")
 
     return app
@@ -725,5 +758,5 @@ def main(args) -> int:
     # every text it has shown, one entry per truck for as long as the service runs
     warnings.filterwarnings("always", category=ScanWarning)
     uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),
-                access_log=False, http=HeadDeadlineProtocol)
+                access_log=False, http=HeadDeadlineProtocol, proxy_headers=False)
     return 0

@@ -48,6 +48,7 @@ class Metrics:
     errors: int = 0
     audit_failures: int = 0   # rows that could not be stored at all (logged to stderr in full)
     audit_deferred: int = 0   # verdicts answered INSPECT before their row was committed (row queued)
+    auth_lockouts: int = 0    # client addresses locked out after too many wrong tokens (serve_throttle)
     # inspection outcomes recorded since start, by (decision served, outcome)
     outcomes: dict[tuple[str, str], int] = field(
         default_factory=lambda: dict.fromkeys(product(("INSPECT", "RELEASE"), OUTCOMES), 0))
@@ -91,6 +92,8 @@ class Metrics:
                 "# HELP detector_audit_deferred_total Verdicts answered INSPECT because the audit database stayed "
                 "locked past the deadline (row queued and retried).", "# TYPE detector_audit_deferred_total counter",
                 f"detector_audit_deferred_total {self.audit_deferred}",
+                "# HELP detector_auth_lockouts_total Client addresses locked out (429) after too many wrong tokens.",
+                "# TYPE detector_auth_lockouts_total counter", f"detector_auth_lockouts_total {self.auth_lockouts}",
                 "# HELP detector_audit_pending Audit rows queued behind a locked database, not yet committed.",
                 "# TYPE detector_audit_pending gauge", f"detector_audit_pending {len(svc.audit_backlog)}"]
         out += self.latency.render("detector_inspect_latency_seconds", "Time from request to verdict.")

@@ -878,7 +878,7 @@ def test_an_error_outside_inspect_is_a_500_not_a_verdict(tmp_path, monkeypatch, 
     def broken(*args, **kw):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(svc, "authorised", broken)
+    monkeypatch.setattr(svc, "refusal", broken)
 
     async def get() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(svc), raise_app_exceptions=False)
@@ -1161,3 +1161,122 @@ def test_the_audit_row_records_the_pitch_an_untagged_upload_was_read_at(heuristi
     rows = dict(db.execute("SELECT file_name, untagged_pitch_mm FROM verdicts").fetchall())
     db.close()
     assert rows == {"bare.png": 4.0, "tagged.npz": None}
+
+
+# ---------------------------------------------------------------- failed token checks: lock-out by address
+
+class _CountingInspector(_FakeInspector):
+    """A _FakeInspector that counts the scans it was handed."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = 0
+
+    def inspect_safe(self, src, deadline_ms=None, threshold=None):
+        self.calls += 1
+        return super().inspect_safe(src, deadline_ms, threshold)
+
+
+async def _as(svc, address: str, method: str, path: str, token: str | None = None, headers: dict | None = None,
+              **kw) -> httpx.Response:
+    """One request to `svc`'s app from the socket peer `address`."""
+    from detector.serve import create_app
+    transport = httpx.ASGITransport(app=create_app(svc), client=(address, 50000))
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        return await c.request(method, path, headers=headers, **kw)
+
+
+def test_wrong_tokens_lock_out_their_address_without_a_verdict_or_slowing_the_others(tmp_path, capsys):
+    """Wrong tokens were not limited: a device on the station network could try DETECTOR_TOKEN as fast as it could
+    send. Ten within a minute now lock its address out for 60 s: 429 with Retry-After, even for the right token (else
+    the guessing goes on), the body unread, no model call, no verdict, no audit row; other addresses are untouched."""
+    from detector.serve_throttle import AuthThrottle
+    now = [1000.0]
+    svc = _service(tmp_path, _CountingInspector(score=0.2), token=TOKEN)
+    svc.throttle = AuthThrottle(clock=lambda: now[0])
+    guesser, station, probe = "10.0.0.66", "10.0.0.2", "10.0.0.7"
+    scan = {"scan": ("x.npy", b"123")}
+    for i in range(10):
+        r = asyncio.run(_as(svc, guesser, "POST", "/v1/inspect", f"guess-{i}", files=scan))
+        assert r.status_code == 401, i
+    for _ in range(20):   # sending no token guesses nothing: never locked out
+        assert asyncio.run(_as(svc, probe, "POST", "/v1/inspect", files=scan)).status_code == 401
+    read: list = []
+
+    async def body():
+        read.append(True)
+        yield b"--B\r\nContent-Disposition: form-data; name=\"scan\"; filename=\"x.npy\"\r\n\r\n123\r\n--B--\r\n"
+
+    r = asyncio.run(_as(svc, guesser, "POST", "/v1/inspect", TOKEN, content=body(),
+                        headers={"Content-Type": "multipart/form-data; boundary=B"}))
+    assert r.status_code == 429 and r.headers["retry-after"] == "60" and "decision" not in r.json(), r.text
+    assert "too many wrong tokens" in r.json()["detail"] and not read and svc.inspector.calls == 0
+    assert asyncio.run(_as(svc, guesser, "POST", "/v1/outcome", TOKEN, json={})).status_code == 429
+    assert asyncio.run(_as(svc, guesser, "GET", "/metrics", TOKEN)).status_code == 429
+    ready = asyncio.run(_as(svc, guesser, "GET", "/readyz", TOKEN))   # readiness as ever, the tiers withheld
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "model_sha256": "f" * 64}
+    assert asyncio.run(_as(svc, guesser, "GET", "/healthz")).status_code == 200
+    ok = asyncio.run(_as(svc, station, "POST", "/v1/inspect", TOKEN, files=scan))
+    assert ok.status_code == 200 and ok.json()["decision"] == "RELEASE" and svc.inspector.calls == 1
+    assert asyncio.run(_as(svc, probe, "POST", "/v1/inspect", TOKEN, files=scan)).status_code == 200
+    assert svc.audit.count() == 2   # the two verdicts; refusals are not verdicts
+    metrics = asyncio.run(_as(svc, station, "GET", "/metrics", TOKEN)).text
+    assert "detector_auth_lockouts_total 1\n" in metrics and 'detector_requests_total{code="429"} 1\n' in metrics
+    err = capsys.readouterr().err
+    assert err.count("wrong tokens from 10.0.0.66") == 1 and "10 wrong tokens" in err and "guess-" not in err
+    now[0] += 59.5
+    assert asyncio.run(_as(svc, guesser, "GET", "/metrics", TOKEN)).headers["retry-after"] == "1"
+    now[0] += 1.0   # the lock-out is over: the right token works again
+    assert asyncio.run(_as(svc, guesser, "POST", "/v1/inspect", TOKEN, files=scan)).json()["decision"] == "RELEASE"
+    svc.close()
+
+
+def test_wrong_tokens_spread_beyond_the_window_do_not_lock_out():
+    from detector.serve_throttle import AuthThrottle
+    now = [0.0]
+    t = AuthThrottle(limit=3, window_s=60.0, lockout_s=30.0, clock=lambda: now[0])
+    for _ in range(6):   # one every 40 s: never 3 within a minute
+        assert not t.failed("a")
+        now[0] += 40.0
+    assert t.locked_for("a") == 0
+    now[0] += 60.0   # the last one (at 200 s) has left the window
+    assert not t.failed("a") and not t.failed("a") and t.failed("a") and t.locked_for("a") == 30
+
+
+def test_the_throttle_keeps_a_bounded_number_of_addresses():
+    """A flood of wrong tokens from many addresses (an IPv6 /64 has 2**64) must not grow the process: at most
+    max_tracked are kept, and those past their window and lock-out are dropped."""
+    from detector.serve_throttle import AuthThrottle
+    now = [0.0]
+    t = AuthThrottle(limit=2, window_s=10.0, lockout_s=20.0, max_tracked=100, clock=lambda: now[0])
+    for i in range(5000):
+        t.failed(f"fd00::{i:x}")
+    assert len(t) == 100
+    t.failed("10.0.0.1")
+    assert t.failed("10.0.0.1") and t.locked_for("10.0.0.1") == 20
+    now[0] += 15.0   # the flood's window is over; the lock-out is not
+    t.failed("10.0.0.2")
+    assert len(t) == 2 and t.locked_for("10.0.0.1") == 5
+
+
+def test_a_forwarded_for_header_names_no_new_address(heuristic_model, tmp_path):
+    """The lock-out is by socket peer: uvicorn's default trusted X-Forwarded-For from loopback (and from any address
+    with FORWARDED_ALLOW_IPS=*), so a guesser could name a new client address for each try."""
+    env = os.environ.get("FORWARDED_ALLOW_IPS")
+    os.environ["FORWARDED_ALLOW_IPS"] = "*"
+    try:
+        srv = Server(heuristic_model, tmp_path, token=TOKEN)
+    finally:
+        os.environ.pop("FORWARDED_ALLOW_IPS") if env is None else os.environ.update(FORWARDED_ALLOW_IPS=env)
+    try:
+        for i in range(10):
+            r = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer guess-{i}",
+                                                         "X-Forwarded-For": f"192.0.2.{i}"})
+            assert r.status_code == 401
+        r = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}",
+                                                     "X-Forwarded-For": "192.0.2.99"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    finally:
+        srv.stop()
+    assert "wrong tokens from 127.0.0.1" in (tmp_path / f"server-{srv.port}.log").read_text()
