@@ -13,6 +13,7 @@ import warnings
 from typing import Callable
 
 from detector import __version__
+from detector.serve_throttle import FAIL_LIMIT
 
 Builder = Callable[[argparse.ArgumentParser], None]
 # the `train` extra of pyproject.toml: what the training verbs import and a station does not install
@@ -131,6 +132,9 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
     p.add_argument("--concurrency", type=int, default=1, help="scans inferred at once")
     p.add_argument("--deadline-ms", type=float, default=10000.0, help="per-request deadline; past it: INSPECT")
+    p.add_argument("--auth-fail-limit", type=int, default=FAIL_LIMIT,
+                   help="wrong tokens from one address within 60 s before it is locked out for 60 s (429); "
+                        "0: none, for a service behind a reverse proxy that limits (every client has its address)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level")
     p.epilog = ("env DETECTOR_TOKEN: when set, requests need 'Authorization: Bearer <token>'\n"

@@ -40,7 +40,7 @@ from starlette.datastructures import UploadFile
 from detector.audit import MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, utc_now
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 from detector.serve_metrics import Metrics
-from detector.serve_throttle import AuthThrottle
+from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
 
 TOKEN_ENV = "DETECTOR_TOKEN"
 FORM_FIELDS = ("scan", "meta")
@@ -81,6 +81,7 @@ class ServeConfig:
     deadline_ms: float = 10000.0
     token: str | None = field(default=None, repr=False)   # never in a logged config's repr
     pitch_mm: float | None = None   # pitch of scan files that carry none; None: the bundle's, else 5 mm
+    auth_fail_limit: int = FAIL_LIMIT   # wrong tokens from one address per window before a lock-out; 0 = no lock-out
 
     def __post_init__(self) -> None:
         """Refuse a deadline or upload limit that routes no truck: a deadline of 0, below 0 or NaN answered every truck
@@ -90,6 +91,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a number > 0 and finite, got {value!r}")
+        if not (isinstance(self.auth_fail_limit, int) and self.auth_fail_limit >= 0):
+            raise ValueError("--auth-fail-limit must be a whole number >= 0 (0: no lock-out), "
+                             f"got {self.auth_fail_limit!r}")
         if self.threads is not None and self.threads < 1:   # else onnxruntime was handed -2
             raise ValueError(f"--threads must be >= 1 (or left out: the usable cores per slot), got {self.threads}")
         from detector.runtime import InspectionError, valid_default_pitch
@@ -117,7 +121,7 @@ class Service:
         self.ready = False
         self._served_at_trim = -1
         self.metrics = Metrics()
-        self.throttle = AuthThrottle()
+        self.throttle = AuthThrottle(limit=cfg.auth_fail_limit) if cfg.auth_fail_limit else None
         self.slots = asyncio.Semaphore(max(1, cfg.concurrency))
         self.pool = ThreadPoolExecutor(max(1, cfg.concurrency), thread_name_prefix="infer")
         self.audit_pool = ThreadPoolExecutor(1, thread_name_prefix="audit")  # one writer, off the loop
@@ -151,13 +155,13 @@ class Service:
         if not self.cfg.token:
             return None
         address = _peer(request)
-        wait = self.throttle.locked_for(address)
+        wait = self.throttle.locked_for(address) if self.throttle is not None else 0
         if wait:
             return 429, (f"too many wrong tokens from {address}: refused for {wait} s more (no verdict: retry with the "
                          "right token then)"), {"Retry-After": str(wait)}
         if self.authorised(request):
             return None
-        if request.headers.get("authorization") and self.throttle.failed(address):
+        if self.throttle is not None and request.headers.get("authorization") and self.throttle.failed(address):
             self.metrics.auth_lockouts += 1
             _say(f"detector serve: {self.throttle.limit} wrong tokens from {address} within "
                  f"{self.throttle.window_s:g} s: its requests are refused (429) for {self.throttle.lockout_s:g} s")
@@ -737,7 +741,8 @@ def main(args) -> int:
         cfg = ServeConfig(model=args.model, host=args.host, port=args.port, audit=args.audit, policy=args.policy,
                           threads=args.threads, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                           concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token(),
-                          pitch_mm=getattr(args, "pitch_mm", None))
+                          pitch_mm=getattr(args, "pitch_mm", None),
+                          auth_fail_limit=getattr(args, "auth_fail_limit", FAIL_LIMIT))
         svc = build_service(cfg)
     except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
         print(f"detector serve: {e}", file=sys.stderr)

@@ -1232,6 +1232,21 @@ def test_wrong_tokens_lock_out_their_address_without_a_verdict_or_slowing_the_ot
     svc.close()
 
 
+def test_auth_fail_limit_0_turns_the_lock_out_off_for_a_service_behind_a_proxy(tmp_path):
+    """Behind a reverse proxy every client has the proxy's address, so one guesser would lock out every station
+    client: --auth-fail-limit 0 leaves the limiting to the proxy; the default locks out after 10; below 0 is refused."""
+    from detector.serve import ServeConfig
+    scan = {"scan": ("x.npy", b"123")}
+    for limit, after in ((0, 200), (10, 429)):
+        svc = _service(tmp_path / str(limit), _CountingInspector(score=0.2), token=TOKEN, auth_fail_limit=limit)
+        for i in range(10):
+            assert asyncio.run(_as(svc, "10.0.0.1", "POST", "/v1/inspect", f"guess-{i}", files=scan)).status_code == 401
+        assert asyncio.run(_as(svc, "10.0.0.1", "POST", "/v1/inspect", TOKEN, files=scan)).status_code == after
+        svc.close()
+    with pytest.raises(ValueError, match="--auth-fail-limit"):
+        ServeConfig(model="m.onnx", auth_fail_limit=-1)
+
+
 def test_wrong_tokens_spread_beyond_the_window_do_not_lock_out():
     from detector.serve_throttle import AuthThrottle
     now = [0.0]
