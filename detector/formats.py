@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 
 from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, default_pitch,
-                           file_meta, most_scan_bytes, sniff_format, square_size, valid_pitch)
+                           file_meta, most_scan_bytes, sniff_format, square_size, valid_pitch, warn_scan)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
@@ -60,8 +60,8 @@ def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
     if img.ndim == 2:
         return img
     if img.ndim == 3 and img.shape[2] in (3, 4):
-        warnings.warn(ScanWarning(name, "colour image converted to one grey channel (luminance); raw 16-bit "
-                                        "scans are better input"), stacklevel=3)
+        warn_scan(ScanWarning(name, "colour image converted to one grey channel (luminance); raw 16-bit scans are "
+                                    "better input"), stacklevel=3)
         grey = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_BGR2GRAY)
         return over_air(grey, img[..., 3]) if img.shape[2] == 4 else grey
     if img.ndim == 3 and img.shape[2] == 2:
@@ -371,11 +371,10 @@ def _tiff_tag_pitch(page: Any, tag_name: str, name: str, warn: bool) -> float | 
     if lo <= pitch <= hi:
         return pitch
     if warn:
-        warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
-                                        f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
-                                        f"({lo:g}-{hi:g} mm): ignored, read as a file without a pitch "
-                                        f"({DEFAULT_PITCH_MM:g} mm, or the default pitch given)"),
-                      stacklevel=3)
+        warn_scan(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
+                                    f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
+                                    f"({lo:g}-{hi:g} mm): ignored, read as a file without a pitch "
+                                    f"({DEFAULT_PITCH_MM:g} mm, or the default pitch given)"), stacklevel=3)
     return None
 
 
