@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 
 from detector.scan import (DEFAULT_PITCH_MM, ScanError, ScanWarning, channels_last, check_shape, default_pitch,
-                           file_meta, most_scan_bytes, sniff_format, square_size, valid_pitch)
+                           file_meta, most_scan_bytes, sniff_format, square_size, valid_pitch, warn_scan)
 
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian: the whole data set zlib-packed
 MAX_TIFF_SEGMENTS = 16384         # strips or tiles per TIFF page: tifffile spends ~0.1 ms on each, and 1-pixel tiles
@@ -60,8 +60,8 @@ def _to_one_channel(img: np.ndarray, name: str) -> np.ndarray:
     if img.ndim == 2:
         return img
     if img.ndim == 3 and img.shape[2] in (3, 4):
-        warnings.warn(ScanWarning(name, "colour image converted to one grey channel (luminance); raw 16-bit "
-                                        "scans are better input"), stacklevel=3)
+        warn_scan(ScanWarning(name, "colour image converted to one grey channel (luminance); raw 16-bit scans are "
+                                    "better input"), stacklevel=3)
         grey = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_BGR2GRAY)
         return over_air(grey, img[..., 3]) if img.shape[2] == 4 else grey
     if img.ndim == 3 and img.shape[2] == 2:
@@ -96,7 +96,19 @@ def read_png(data: bytes, name: str, max_pixels: int | None):
     img = _decode_image(data, name, "PNG")
     if img.shape[:2] != (h, w):
         raise ScanError(name, "corrupt PNG (decoded size differs from header)")
-    return _to_one_channel(img, name), {}
+    return _to_one_channel(orient_jpeg(img, png_orientation(data)), name), {}
+
+
+def png_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1-8) of a PNG's eXIf chunk (before its pixels, as the PNG spec places it), 1 where there
+    is none or it cannot be read: viewers and OpenCV's colour or grey read turn the picture as it says."""
+    i = 8
+    while i + 8 <= len(data) and data[i + 4:i + 8] not in (b"IDAT", b"IEND"):
+        size = struct.unpack(">I", data[i:i + 4])[0]
+        if data[i + 4:i + 8] == b"eXIf":
+            return _exif_orientation(data[i + 8:i + 8 + size])
+        i += 12 + size
+    return 1
 
 
 def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
@@ -150,7 +162,7 @@ def _exif_orientation(tiff: bytes) -> int:
 
 
 def orient_jpeg(img: np.ndarray, orientation: int) -> np.ndarray:
-    """Stored JPEG pixels (H, W[, C]) turned as EXIF `orientation` tells a viewer to show them."""
+    """Stored JPEG, PNG or TIFF pixels (H, W[, C]) turned as EXIF `orientation` tells a viewer to show them."""
     if orientation >= 5:   # 5-8 swap the sides: transpose, then as 1-4 (5: none, 6: mirror, 7: 180, 8: flip)
         img, orientation = img.swapaxes(0, 1), {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
     flips = {1: (), 2: (1,), 3: (0, 1), 4: (0,)}[orientation]
@@ -164,6 +176,30 @@ def read_jpeg(data: bytes, name: str, max_pixels: int | None):
     if img.shape[:2] != (h, w):
         raise ScanError(name, "corrupt JPEG (decoded size differs from header)")
     return _to_one_channel(orient_jpeg(img, jpeg_orientation(data)), name), {}
+
+
+def tiff_orientation(page: Any) -> int:
+    """A TIFF page's Orientation tag (274: 1-8, the EXIF tag's values), 1 where it is missing or out of range."""
+    tag = page.tags.get(274)
+    try:
+        value = int(tag.value) if tag is not None else 1
+    except (TypeError, ValueError):   # a count of several values
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def unturned_size(h: int, w: int, orientation: int) -> tuple[int, int]:
+    """(height, width) of a picture of h x w stored pixels as shown (orientation 5-8 swap the sides)."""
+    return (w, h) if orientation >= 5 else (h, w)
+
+
+def _orient_counts(counts: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W), (H, W, C) or (C, H, W) TIFF counts turned as `orientation` says, each channel alike."""
+    if orientation == 1:   # a scanner's TIFF: its pixels as they are
+        return counts
+    if counts.ndim == 2 or channels_last(counts.shape):
+        return orient_jpeg(counts, orientation)
+    return np.stack([orient_jpeg(c, orientation) for c in counts])
 
 
 def read_tiff(data: bytes, name: str, max_pixels: int | None):
@@ -208,6 +244,10 @@ def _read_tiff_buffer(buf: io.BytesIO, data: bytes, name: str, max_pixels: int |
             raise ScanError(name, f"unsupported TIFF layout {img.shape} {img.dtype}")
     if first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
         counts = _flip_miniswhite(counts, first, name)
+    orientation = tiff_orientation(first)   # as a viewer (and OpenCV's libtiff) shows the page; 1 for a scanner's
+    counts = _orient_counts(counts, orientation)
+    if "spacing_mm" in info and orientation >= 5:   # the resolution tags are the stored rows' and columns'
+        info["spacing_mm"] = info["spacing_mm"][::-1]
     if "spacing_mm" in info:   # X and Y resolution differ: square the pixels as for DICOM
         if channels_last(counts.shape):
             counts = np.moveaxis(counts, -1, 0)
@@ -320,6 +360,8 @@ def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np
     ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if not ok or len(pages) != len(tiff_pages):
         raise ScanError(name, "compressed TIFF that neither tifffile (without imagecodecs) nor OpenCV can decode")
+    # libtiff turns each page as its Orientation tag says: turned back to the stored pixels tifffile gives
+    pages = [orient_jpeg(p, {6: 8, 8: 6}.get(o, o)) for p, o in zip(pages, map(tiff_orientation, tiff_pages))]
     for got, page in zip(pages, tiff_pages):
         if got.shape != tuple(page.shape) or got.dtype != page.dtype:
             raise ScanError(name, f"compressed TIFF page of {tuple(page.shape)} {page.dtype} that tifffile cannot "
@@ -371,11 +413,10 @@ def _tiff_tag_pitch(page: Any, tag_name: str, name: str, warn: bool) -> float | 
     if lo <= pitch <= hi:
         return pitch
     if warn:
-        warnings.warn(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
-                                        f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
-                                        f"({lo:g}-{hi:g} mm): ignored, read as a file without a pitch "
-                                        f"({DEFAULT_PITCH_MM:g} mm, or the default pitch given)"),
-                      stacklevel=3)
+        warn_scan(ScanWarning(name, f"TIFF resolution tag ({per_unit:g} per "
+                                    f"{'inch' if int(unit.value) == 2 else 'cm'}) is no scanner pitch "
+                                    f"({lo:g}-{hi:g} mm): ignored, read as a file without a pitch "
+                                    f"({DEFAULT_PITCH_MM:g} mm, or the default pitch given)"), stacklevel=3)
     return None
 
 
@@ -687,20 +728,22 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
     if kind == "png":
         h, w, depth, _ = png_header(head, name)
         check_shape(name, 1, h, w, None)
+        h, w = unturned_size(h, w, png_orientation(head))   # shown turned by a quarter (read_png turns it)
         return (h, w, None, h, w) if depth in (1, 2, 4, 8, 16) else None
     if kind == "jpeg":
         h, w = _jpeg_size(head, name)
         check_shape(name, 1, h, w, None)
-        if jpeg_orientation(head) >= 5:   # shown turned by a quarter (read_jpeg turns it)
-            h, w = w, h
+        h, w = unturned_size(h, w, jpeg_orientation(head))   # shown turned by a quarter (read_jpeg turns it)
         return h, w, None, h, w
     if kind == "tiff":
         with tifffile.TiffFile(f) as tif:
             pages = list(itertools.islice(tif.pages, 3))
             _, h, w = _tiff_layout(pages, name, None)
             info = _tiff_info(pages[0], name, warn=False)
+            turned = tiff_orientation(pages[0]) >= 5
+        h, w = (w, h) if turned else (h, w)
         if "spacing_mm" in info:
-            return _squared_geometry(h, w, info["spacing_mm"])
+            return _squared_geometry(h, w, info["spacing_mm"][::-1] if turned else info["spacing_mm"])
         return h, w, info.get("pitch_mm"), h, w
     if kind == "npy":
         h, w = _image_sides(_check_npy_header(f, name, None, size))
@@ -728,6 +771,22 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
         spacing = _dicom_spacing(ds, name)
         return (rows, cols, None, rows, cols) if spacing is None else _squared_geometry(rows, cols, spacing)
     return None
+
+
+def file_orientation(path: str | os.PathLike) -> int:
+    """The EXIF orientation (1-8) the reader turns a JPEG, PNG or TIFF file by, from its header; 1 for other files,
+    and where the header cannot be read (the read that follows names the reason)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+            kind = sniff_format(head[:132], Path(path).suffix.lower())
+            if kind == "tiff":
+                f.seek(0)
+                with tifffile.TiffFile(f) as tif:
+                    return tiff_orientation(tif.pages.first)
+    except Exception:   # any header a decoder cannot parse: the read that follows decides
+        return 1
+    return {"jpeg": jpeg_orientation, "png": png_orientation}.get(kind, lambda _: 1)(head)
 
 
 def _squared_geometry(h: int, w: int, spacing: tuple[float, float]) -> tuple[int, int, float, int, int]:

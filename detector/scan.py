@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ HIGH_NAMES, LOW_NAMES = ("high", "he", "h"), ("low", "le", "l")   # energy names
 PITCH_RANGE_MM = (0.01, 100.0)    # a pixel pitch outside this is a metadata error (samples are 40-45 mm thumbnails)
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
+SCAN_WARNINGS_KEPT = 1000         # ScanWarning texts remembered as shown (the "default" action's once per text)
 
 
 class ScanError(ValueError):
@@ -48,6 +50,29 @@ class ScanWarning(UserWarning):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+_SHOWN: dict = {}   # warn_scan's registry: what __warningregistry__ is to warnings.warn, bounded
+
+
+def warn_scan(warning: ScanWarning, stacklevel: int = 1) -> None:
+    """warnings.warn(warning, stacklevel=stacklevel), remembering at most the last SCAN_WARNINGS_KEPT texts shown:
+    warnings.warn keeps each text the "default" action showed in the caller's __warningregistry__ for good, and each
+    ScanWarning names its file, so a station embedding the Inspector grew by one entry per warned truck (20,000 RGB
+    scans: 20,000 entries, 8.9 MB). A text is still shown once while it is remembered; the application's filters,
+    -W and catch_warnings apply as to warnings.warn."""
+    try:
+        frame = sys._getframe(stacklevel)
+    except ValueError:   # called from fewer frames than stacklevel: warnings.warn's own fallback
+        globs, filename, lineno = sys.__dict__, "sys", 1
+    else:
+        globs, filename, lineno = frame.f_globals, frame.f_code.co_filename, frame.f_lineno
+    warnings.warn_explicit(warning, type(warning), filename, lineno, module=globs.get("__name__", "sys"),
+                           registry=_SHOWN, module_globals=globs)
+    excess = len(_SHOWN) - SCAN_WARNINGS_KEPT - 1   # less its "version" key
+    if excess > 0:
+        for key in [k for k in list(_SHOWN) if k != "version"][:excess]:   # list(): a copy, whatever other threads do
+            _SHOWN.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -247,11 +272,10 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
     _check_not_blank(src, counts, att, i0)
     brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
     if brightest is not None and brightest < 0.5 * dtype_max:
-        warnings.warn(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
+        warn_scan(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
                                        f"{dtype_max:g}: I0 taken as {dtype_max:g}, which reads every pixel denser "
                                        "than it is if the detector has fewer bits (12/14-bit data): give I0 in the "
-                                       "metadata"),
-                      stacklevel=2)
+                                       "metadata"), stacklevel=2)
     return Scan(attenuation=att, pitch_mm=pitch, energies=tuple(energies),
                 i0=i0, source=source, counts=counts if counts.dtype.kind == "u" else None,
                 meta=dict(meta or {}))

@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detector.formats import HEADER_BYTES, file_geometry, jpeg_orientation
+from detector.formats import file_geometry, file_orientation
 from detector.hard_types import write_atomic
 from detector.manifest import absolute, read_mask
 from detector.preprocess import Preprocessing, model_attenuation
@@ -97,17 +97,6 @@ def _squared(path: str) -> bool:
     return g is not None and (g.height, g.width) != (g.file_height, g.file_width)
 
 
-def _turned_jpeg(path: str) -> bool:
-    """Whether the file is a JPEG whose EXIF orientation turns or mirrors it (read_jpeg shows it so)."""
-    if Path(path).suffix.lower() not in (".jpg", ".jpeg", ".jpe"):
-        return False
-    try:
-        with open(path, "rb") as f:
-            return jpeg_orientation(f.read(HEADER_BYTES)) != 1
-    except OSError:   # the read that builds the entry names the reason
-        return False
-
-
 class ScanCache:
     """Model-pitch attenuation (+ mask) of each record, computed once and memory-mapped from .npy."""
 
@@ -132,7 +121,8 @@ class ScanCache:
                                                          # runs of dead rows found too (older entries rebuilt)
         # a squared scan's boxes were once laid on the squared grid as they stood: its entries with marks are rebuilt
         s += "|file-px" if (rec.mask or rec.boxes) and _squared(rec.path) else ""
-        s += "|exif-turned" if _turned_jpeg(rec.path) else ""   # entries before JPEGs were turned are rebuilt
+        # entries before a JPEG, PNG or TIFF was turned as its EXIF orientation says are rebuilt (1: key as before)
+        s += "|exif-turned" if file_orientation(rec.path) != 1 else ""
         # the pitch of files without one (the row's pitch_mm, else data.pitch_mm): another value resamples them to
         # another size (None keeps older entries; a row's cell and data.pitch_mm of one value make the same arrays)
         pitch = rec.untagged_pitch(self.default_pitch_mm)

@@ -871,3 +871,25 @@ def test_a_turned_camera_jpeg_trains_with_the_mask_drawn_on_what_a_viewer_shows(
         a, m = cache.load(cache.build(Record(str(tmp_path / "a.jpg"), 1, mask=str(tmp_path / "a.png"))))
     assert a.shape[1:] == m.shape == (30, 50)
     assert a[0][m > 0].mean() > a[0][m == 0].mean() + 1   # the mask lies on the dense threat
+
+
+def test_a_turned_png_trains_with_its_mask_and_its_older_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    """A PNG whose eXIf chunk turns it (as a viewer shows it), masked on the shown picture: the mask was refused as
+    the wrong size. Now it fits, and the entry's key differs from the one cached when the PNG was read unturned."""
+    from test_scan import _exif_png
+
+    from detector import scan_cache
+    shown = np.full((60, 100), 220, np.uint8)
+    shown[10:20, 60:80] = 30
+    mask = np.zeros_like(shown)
+    mask[10:20, 60:80] = 255
+    (tmp_path / "a.png").write_bytes(_exif_png(np.ascontiguousarray(np.rot90(shown, 1)), 6))
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    cache, rec = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0)), Record(str(tmp_path / "a.png"), 1,
+                                                                                          mask=str(tmp_path / "m.png"))
+    a, m = cache.load(cache.build(rec))
+    assert a.shape[1:] == m.shape == (30, 50)
+    assert a[0][m > 0].mean() > a[0][m == 0].mean() + 1
+    key = cache._key(rec)
+    monkeypatch.setattr(scan_cache, "file_orientation", lambda path: 1, raising=False)   # as the key was made before
+    assert cache._key(rec) != key

@@ -631,3 +631,28 @@ def test_close_releases_the_model_and_a_closed_inspector_fails_closed(heuristic_
     late = inspector.inspect_safe(anomalous_scan_path)
     assert late.decision == "INSPECT" and "this Inspector was closed" in late.reason
     inspector.close()   # twice is fine
+
+
+def test_embedded_scan_warnings_are_remembered_within_a_bound(heuristic_model_1ch, monkeypatch):
+    """A station embedding the Inspector under Python's default warning action: each warned scan's text names its
+    file, and warnings.warn remembered every one for good (one registry entry per truck, 8.9 MB per 20,000). Now at
+    most SCAN_WARNINGS_KEPT; a text still remembered is shown once, as before."""
+    import sys
+    import warnings
+
+    import cv2
+
+    import detector.scan as scan_mod
+    monkeypatch.setattr(scan_mod, "SCAN_WARNINGS_KEPT", 20, raising=False)
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3)).astype(np.uint8)   # a colour rendering: warned
+    png = cv2.imencode(".png", rgb)[1].tobytes()
+    station = Inspector(heuristic_model_1ch, threads=1)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default", scan_mod.ScanWarning)
+        for i in range(200):
+            assert station.inspect_safe((png, f"lane1/truck_{i}.png")).error is None
+        station.inspect_safe((png, "lane1/truck_199.png"))   # read again: not shown again
+    assert [w.message.path for w in shown] == [f"lane1/truck_{i}.png" for i in range(200)]
+    kept = [vars(m).get("__warningregistry__", {}) for name, m in list(sys.modules.items())
+            if name.startswith("detector")] + [getattr(scan_mod, "_SHOWN", {})]
+    assert sum(len(r) for r in kept) <= 20 + 2

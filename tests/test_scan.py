@@ -17,7 +17,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import dicom_bytes, write_nonsquare_scan
+from conftest import dicom_bytes, make_scan_counts, write_nonsquare_scan
 from detector.scan import (
     Scan, ScanError, ScanWarning, attenuation_to_counts, counts_to_attenuation, estimate_i0,
     read_scan, read_scan_bytes, scan_from_counts, write_scan,
@@ -810,18 +810,24 @@ def test_jpeg_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path, orientatio
     every viewer (and OpenCV's grey read) shows them turned, so a mask or boxes are drawn on that picture. The
     reader took the stored pixels: a 300x500 picture was a 500x300 scan, its mask refused as the wrong size and its
     regions drawn on a picture no officer sees. Scan, header geometry and a JPEG mask now follow the tag."""
+    _turned_bag(tmp_path / "bag.jpg", _exif_jpeg, orientation)
+
+
+def _turned_bag(path: Path, encode, orientation: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stored, shown) of a picture `encode` writes to `path` with an EXIF `orientation`, checked: OpenCV's grey read
+    shows it turned, and read_scan, the header geometry and read_mask give what it shows."""
     from detector.formats import scan_geometry
     from detector.manifest import read_mask
     stored = np.full((40, 64), 220, np.uint8)
     stored[5:15, 8:30] = 40   # an asymmetric block: any wrong turn or flip moves it
-    data = _exif_jpeg(stored, orientation, big_endian=orientation % 2 == 0)
-    (tmp_path / "bag.jpg").write_bytes(data)
+    data = encode(stored, orientation, big_endian=orientation % 2 == 0)
+    path.write_bytes(data)
     shown = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)   # OpenCV applies EXIF here
     assert shown.shape == ((40, 64) if orientation < 5 else (64, 40))
-    scan = read_scan(tmp_path / "bag.jpg")
-    np.testing.assert_array_equal(scan.counts[0], shown)
-    assert scan_geometry(tmp_path / "bag.jpg")[:2] == shown.shape
-    np.testing.assert_array_equal(read_mask(tmp_path / "bag.jpg"), shown)
+    np.testing.assert_array_equal(read_scan(path).counts[0], shown)
+    assert scan_geometry(path)[:2] == shown.shape
+    np.testing.assert_array_equal(read_mask(path), shown)
+    return stored, shown
 
 
 def test_transparent_pixels_are_read_as_air_not_as_the_densest_material(tmp_path):
@@ -851,3 +857,45 @@ def test_transparent_pixels_are_read_as_air_not_as_the_densest_material(tmp_path
             scan = read_scan(tmp_path / name)
         assert scan.channels == 1, name
         np.testing.assert_allclose(scan.attenuation, ref.attenuation, atol=0.02, err_msg=name)
+
+
+def _exif_png(img: np.ndarray, orientation: int, big_endian: bool = False) -> bytes:
+    """A PNG of `img` as stored, with an eXIf chunk (before its pixels) whose IFD0 holds only the Orientation tag."""
+    order, fmt = (b"MM", ">") if big_endian else (b"II", "<")
+    body = order + struct.pack(fmt + "HIH", 42, 8, 1) + struct.pack(fmt + "HHIHH", 0x112, 3, 1, orientation, 0)
+    body += struct.pack(fmt + "I", 0)
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    data = cv2.imencode(".png", img)[1].tobytes()
+    at = data.index(b"IDAT") - 4
+    return data[:at] + chunk + data[at:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_png_and_tiff_orientation_is_read_as_a_viewer_shows_it(tmp_path, orientation):
+    """A PNG's eXIf chunk and a TIFF's Orientation tag (274) say how to turn the stored pixels, as a JPEG's EXIF
+    does; OpenCV's grey read (PNG) and its libtiff (TIFF) show them turned, and a TIFF that tifffile cannot decode
+    (LZW without imagecodecs) was read through OpenCV turned while an uncompressed one was not (orientation 6: refused
+    as the wrong size). Scan, header geometry and a PNG mask now follow the tag, as for a JPEG."""
+    from PIL import Image
+
+    from detector.formats import scan_geometry
+    stored, shown = _turned_bag(tmp_path / "bag.png", _exif_png, orientation)
+    counts = stored.astype(np.uint16) * 257
+    for compression in ("raw", "tiff_lzw"):   # PIL: tifffile writes no LZW without imagecodecs
+        path = tmp_path / f"bag_{compression}.tiff"
+        Image.fromarray(counts).save(path, compression=compression, tiffinfo={274: orientation})
+        viewer = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)   # libtiff turns
+        np.testing.assert_array_equal(viewer, shown.astype(np.uint16) * 257)
+        np.testing.assert_array_equal(read_scan(path).counts[0], viewer)
+        assert scan_geometry(path)[:2] == viewer.shape
+
+
+def test_a_scanners_tiff_without_orientation_or_with_1_reads_as_before(tmp_path):
+    """A scanner's TIFF carries Orientation 1 or none: its pixels stay as stored, every page, byte for byte."""
+    pages = make_scan_counts(height=48, width=80, channels=2, seed=3)
+    for tags in ([], [(274, 3, 1, 1, True)]):
+        path = tmp_path / f"s{len(tags)}.tiff"
+        with tifffile.TiffWriter(path) as tw:
+            for page in pages:
+                tw.write(page, photometric="minisblack", extratags=tags)
+        np.testing.assert_array_equal(read_scan(path).counts, pages)
