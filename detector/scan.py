@@ -273,9 +273,9 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
     brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
     if brightest is not None and brightest < 0.5 * dtype_max:
         warn_scan(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
-                                       f"{dtype_max:g}: I0 taken as {dtype_max:g}, which reads every pixel denser "
-                                       "than it is if the detector has fewer bits (12/14-bit data): give I0 in the "
-                                       "metadata"), stacklevel=2)
+                                   f"{dtype_max:g}: I0 taken as {dtype_max:g}, which reads every pixel denser "
+                                   "than it is if the detector has fewer bits (12/14-bit data): give I0 in the "
+                                   "metadata"), stacklevel=2)
     return Scan(attenuation=att, pitch_mm=pitch, energies=tuple(energies),
                 i0=i0, source=source, counts=counts if counts.dtype.kind == "u" else None,
                 meta=dict(meta or {}))
