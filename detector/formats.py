@@ -773,9 +773,10 @@ def _header_geometry(kind: str, f: Any, head: bytes, name: str, size: int) -> tu
     return None
 
 
-def file_orientation(path: str | os.PathLike) -> int:
-    """The EXIF orientation (1-8) the reader turns a JPEG, PNG or TIFF file by, from its header; 1 for other files,
-    and where the header cannot be read (the read that follows names the reason)."""
+def file_view(path: str | os.PathLike) -> tuple[int, bool]:
+    """(EXIF orientation 1-8, has alpha) of a JPEG, PNG or TIFF file from its header: what the reader turns it by,
+    and whether it composites transparent pixels over air; (1, False) for other files and where the header cannot be
+    read (the read that follows names the reason)."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER_BYTES)
@@ -783,10 +784,27 @@ def file_orientation(path: str | os.PathLike) -> int:
             if kind == "tiff":
                 f.seek(0)
                 with tifffile.TiffFile(f) as tif:
-                    return tiff_orientation(tif.pages.first)
+                    page = tif.pages.first
+                    return tiff_orientation(page), bool(tuple(getattr(page, "extrasamples", ()) or ()))
+            if kind == "png":
+                return png_orientation(head), png_has_alpha(head)
     except Exception:   # any header a decoder cannot parse: the read that follows decides
-        return 1
-    return {"jpeg": jpeg_orientation, "png": png_orientation}.get(kind, lambda _: 1)(head)
+        return 1, False
+    return (jpeg_orientation(head) if kind == "jpeg" else 1), False
+
+
+def png_has_alpha(data: bytes) -> bool:
+    """Whether OpenCV reads a PNG with an alpha channel (which read_png composites over air): grey+alpha or RGBA
+    (colour type 4, 6), or an RGB or palette PNG (2, 3) with a tRNS chunk before its pixels (a grey one's is ignored)."""
+    color = data[25] if len(data) >= 26 else 0
+    if color in (4, 6):
+        return True
+    i = 8 if color in (2, 3) else len(data)
+    while i + 8 <= len(data) and data[i + 4:i + 8] not in (b"IDAT", b"IEND"):
+        if data[i + 4:i + 8] == b"tRNS":
+            return True
+        i += 12 + struct.unpack(">I", data[i:i + 4])[0]
+    return False
 
 
 def _squared_geometry(h: int, w: int, spacing: tuple[float, float]) -> tuple[int, int, float, int, int]:

@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detector.formats import file_geometry, file_orientation
+from detector.formats import file_geometry, file_view
 from detector.hard_types import write_atomic
 from detector.manifest import absolute, read_mask
 from detector.preprocess import Preprocessing, model_attenuation
@@ -121,8 +121,11 @@ class ScanCache:
                                                          # runs of dead rows found too (older entries rebuilt)
         # a squared scan's boxes were once laid on the squared grid as they stood: its entries with marks are rebuilt
         s += "|file-px" if (rec.mask or rec.boxes) and _squared(rec.path) else ""
-        # entries before a JPEG, PNG or TIFF was turned as its EXIF orientation says are rebuilt (1: key as before)
-        s += "|exif-turned" if file_orientation(rec.path) != 1 else ""
+        # entries before a JPEG, PNG or TIFF was turned as its EXIF orientation says are rebuilt (1: key as before),
+        # and before transparent pixels were laid over air (read as the black under them): files with alpha only
+        orientation, alpha = file_view(rec.path)
+        s += "|exif-turned" if orientation != 1 else ""
+        s += "|alpha-air" if alpha else ""
         # the pitch of files without one (the row's pitch_mm, else data.pitch_mm): another value resamples them to
         # another size (None keeps older entries; a row's cell and data.pitch_mm of one value make the same arrays)
         pitch = rec.untagged_pitch(self.default_pitch_mm)

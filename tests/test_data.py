@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import csv
 import os
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -891,5 +893,34 @@ def test_a_turned_png_trains_with_its_mask_and_its_older_cache_entry_is_rebuilt(
     assert a.shape[1:] == m.shape == (30, 50)
     assert a[0][m > 0].mean() > a[0][m == 0].mean() + 1
     key = cache._key(rec)
-    monkeypatch.setattr(scan_cache, "file_orientation", lambda path: 1, raising=False)   # as the key was made before
+    monkeypatch.setattr(scan_cache, "file_view", lambda path: (1, False))   # as the key was made before
     assert cache._key(rec) != key
+
+
+def test_only_transparent_images_get_a_new_cache_key_since_alpha_is_laid_over_air(tmp_path, monkeypatch):
+    """Cache entries made before transparent pixels were composited over air held the black under them (the densest
+    material): an RGBA PNG, a palette PNG with tRNS and a grey+alpha TIFF get a new key, so they are rebuilt; an
+    opaque PNG and a scanner's TIFF keep theirs."""
+    import tifffile
+
+    from detector import scan_cache
+    grey = np.full((40, 60), 200, np.uint8)
+    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+    cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
+    cv2.imwrite(str(tmp_path / "opaque.png"), grey)
+    cv2.imwrite(str(tmp_path / "rgb.png"), rgba[..., :3])
+    for name, source, value in (("trns.png", "rgb.png", b"\x00" * 6), ("grey_trns.png", "opaque.png", b"\x00" * 2)):
+        png, trns = (tmp_path / source).read_bytes(), b"tRNS" + value   # before IDAT: black is transparent
+        chunk = struct.pack(">I", len(value)) + trns + struct.pack(">I", zlib.crc32(trns))
+        (tmp_path / name).write_bytes(png[:33] + chunk + png[33:])
+    # OpenCV reads an RGB PNG's tRNS as an alpha channel, a grey PNG's not
+    assert [cv2.imread(str(tmp_path / n), cv2.IMREAD_UNCHANGED).shape[2:] for n in ("trns.png", "grey_trns.png")] \
+        == [(4,), ()]
+    tifffile.imwrite(tmp_path / "ga.tiff", np.dstack([grey, grey]), photometric="minisblack", extrasamples=[2])
+    tifffile.imwrite(tmp_path / "scan.tiff", np.full((40, 60), 30000, np.uint16))
+    cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
+    keys = {n: cache._key(Record(str(tmp_path / n), 0)) for n in ("rgba.png", "trns.png", "ga.tiff", "opaque.png",
+                                                                   "grey_trns.png", "rgb.png", "scan.tiff")}
+    monkeypatch.setattr(scan_cache, "file_view", lambda path: (1, False))   # as the key was made before
+    old = {n: cache._key(Record(str(tmp_path / n), 0)) for n in keys}
+    assert [n for n in keys if keys[n] != old[n]] == ["rgba.png", "trns.png", "ga.tiff"]
