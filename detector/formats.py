@@ -785,7 +785,8 @@ def file_view(path: str | os.PathLike) -> tuple[int, bool]:
                 f.seek(0)
                 with tifffile.TiffFile(f) as tif:
                     page = tif.pages.first
-                    return tiff_orientation(page), bool(tuple(getattr(page, "extrasamples", ()) or ()))
+                    extra = tuple(getattr(page, "extrasamples", ()) or ())   # 1, 2: alpha; 0 (a 2nd energy): not
+                    return tiff_orientation(page), any(int(v) in (1, 2) for v in extra)
             if kind == "png":
                 return png_orientation(head), png_has_alpha(head)
     except Exception:   # any header a decoder cannot parse: the read that follows decides

@@ -918,9 +918,11 @@ def test_only_transparent_images_get_a_new_cache_key_since_alpha_is_laid_over_ai
         == [(4,), ()]
     tifffile.imwrite(tmp_path / "ga.tiff", np.dstack([grey, grey]), photometric="minisblack", extrasamples=[2])
     tifffile.imwrite(tmp_path / "scan.tiff", np.full((40, 60), 30000, np.uint16))
+    tifffile.imwrite(tmp_path / "dual.tiff", np.full((40, 60, 2), 30000, np.uint16), photometric="minisblack",
+                     extrasamples=[0])   # two energies: the second sample unspecified, no alpha
     cache = ScanCache(tmp_path / "cache", Preprocessing(model_pitch_mm=10.0))
     keys = {n: cache._key(Record(str(tmp_path / n), 0)) for n in ("rgba.png", "trns.png", "ga.tiff", "opaque.png",
-                                                                   "grey_trns.png", "rgb.png", "scan.tiff")}
+                                                                   "grey_trns.png", "rgb.png", "scan.tiff", "dual.tiff")}
     monkeypatch.setattr(scan_cache, "file_view", lambda path: (1, False))   # as the key was made before
     old = {n: cache._key(Record(str(tmp_path / n), 0)) for n in keys}
     assert [n for n in keys if keys[n] != old[n]] == ["rgba.png", "trns.png", "ga.tiff"]
