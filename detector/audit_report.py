@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from detector.atomic import replacing
 from detector.audit import COLUMNS, LATER_COLUMNS, OUTCOME_COLUMNS, SPOOL_SUFFIX, missing_columns, parse_time
 from detector.calibration import rate_interval
 
@@ -38,7 +39,7 @@ def export_csv(audit: str | Path, out: str | Path, since: str | None = None) -> 
         cols = ", ".join([*(f"v.{c}" for c in COLUMNS), "o.outcome", "o.time", "o.officer", "o.note", *_later(db)])
         out.parent.mkdir(parents=True, exist_ok=True)
         n = 0
-        with open(out, "w", newline="", encoding="utf-8") as f:
+        with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(COLUMNS + OUTCOME_COLUMNS + tuple(LATER_COLUMNS))
             for row in db.execute(f"SELECT {cols} FROM {_LATEST}{where} ORDER BY v.time, v.id", params):

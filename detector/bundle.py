@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detector import __version__
+from detector.atomic import replacing
 from detector.scan import DEFAULT_PITCH_MM, PITCH_RANGE_MM
 
 METADATA_KEY = "detector"
@@ -421,13 +422,9 @@ def rewrite_metadata(src: str | Path, dst: str | Path, meta: dict, model: bytes 
     src, dst = Path(src), Path(dst)
     data = replace_metadata_bytes(src.read_bytes() if model is None else model, meta, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+    with replacing(dst) as tmp:
         tmp.write_bytes(data)
         back = read_metadata(tmp)
         if back != json.loads(json.dumps(_json_safe(meta), sort_keys=True)):
             raise BundleError(dst, "the metadata read back differs from what was written")
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from detector import tip
+from detector.atomic import replacing
 from detector.augment import AugmentConfig, train_pipeline
 from detector.formats import scan_geometry
 from detector.hard_types import WatchedJson
@@ -476,7 +477,7 @@ class ScanDataModule(L.LightningDataModule):
 
     def write_skipped(self, path: str | os.PathLike) -> int:
         """RUN/skipped_scans.csv: path, split, reason of each unreadable scan left out (header only if none)."""
-        with open(path, "w", newline="") as f:
+        with replacing(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "split", "reason"])
             for p, (split, reason) in sorted(self.skipped.items()):

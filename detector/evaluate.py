@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from detector import metrics as M
+from detector.atomic import replacing
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
                                one_row_per_file, pitch_of, read_mask, read_rows, read_text, shown)
 from detector.formats import file_geometry
@@ -356,7 +357,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
          "unmatched_results": len(orphans), "unscored_truth": len(missing),
          "unscored": [shown(t.rel) for t in missing], "unmatched": [r.path for r in orphans]}   # which, to score them
-    (out_dir / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
+    with replacing(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(m, indent=2), encoding="utf-8")
 
     images = {}
     curves = {}

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from detector.atomic import replacing
 from detector.bundle import BundleError, attach_metadata, graph_sha256, make_metadata, replace_metadata_bytes
 from detector.preprocess import Preprocessing, prepare
 from detector.scan import SCAN_SUFFIXES, ScanError, ScanWarning, read_scan, scan_from_counts
@@ -119,7 +120,8 @@ def write_bundle(onnx_path: str | Path, meta: dict, out: str | Path) -> Path:
     data = replace_metadata_bytes(data, {**meta, "graph_sha256": graph_sha256(data)}, out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
+    with replacing(out) as tmp:
+        tmp.write_bytes(data)
     return out
 
 

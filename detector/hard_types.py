@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from detector.atomic import replacing
+
 
 def type_hardness(rows: list[dict]) -> dict[str, float]:
     """Per anomaly type: the mean share of normal scores at or above each of its anomalies' scores
@@ -57,10 +59,9 @@ def draw_kind(rng: np.random.Generator, kinds: tuple[str, ...], weights: dict[st
 
 
 def write_atomic(path: Path, data: Any) -> None:
-    """JSON written to a temporary file and renamed: readers in other processes never see half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    """JSON written whole (`atomic.replacing`): readers in other processes never see half a file."""
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 class WatchedJson:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
 
+from detector.atomic import replacing
 from detector.calibration import score_digits, threshold_texts
 
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
@@ -117,12 +117,8 @@ def write_png(path: str | Path, img: np.ndarray) -> Path:
     if not ok:
         raise OSError(f"could not encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -200,7 +196,8 @@ def _save_figure(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix[1:] or None)   # the format the name says, not the temporary's
     plt.close(fig)
     return path
 
@@ -311,5 +308,6 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
     parts.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
+    with replacing(path) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from detector.atomic import replacing
 from detector.manifest import dataset_above, has_labels, has_layout, shown
 from detector.policy import load_policy
 from detector.scan import (DEFAULT_PITCH_MM, SCAN_SUFFIXES, ScanError, file_shape, map_box, read_scan,
@@ -103,17 +104,14 @@ def _drop_paths(out: Path, jsonl: Path | None, rows: set, lines: set) -> None:
     to a temporary one and swapped in: a crash leaves the old one whole."""
     if rows:
         kept = [r for r in _result_rows(out) if r[0] not in rows]
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(COLUMNS)
             w.writerows(kept)
-        os.replace(tmp, out)
     if lines and jsonl is not None and jsonl.is_file():
         text = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
-        tmp = jsonl.with_name(jsonl.name + ".tmp")
-        tmp.write_text("".join(ln for ln in text if _jsonl_path(ln) not in lines), encoding="utf-8")
-        os.replace(tmp, jsonl)
+        with replacing(jsonl) as tmp:
+            tmp.write_text("".join(ln for ln in text if _jsonl_path(ln) not in lines), encoding="utf-8")
 
 
 def routing_file(out: Path) -> Path:
@@ -581,7 +579,8 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     t0 = time.perf_counter()
     converted: list[str] = []
     try:
-        routing_file(out).write_text(json.dumps(routing, indent=1) + "\n", encoding="utf-8")
+        with replacing(routing_file(out)) as tmp:
+            tmp.write_text(json.dumps(routing, indent=1) + "\n", encoding="utf-8")
         with summarised_scan_warnings(converted.append), _stop_on_sigterm():
             c = score_items(todo, inspector, out, jsonl=jsonl,
                             overlays=Path(args.overlays) if args.overlays else None,

@@ -33,6 +33,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from detector import metrics
+from detector.atomic import replacing
 from detector.callbacks import AverageBatchNormStats, EpochTimer, TimeBudget, ValidateLastEpoch
 from detector.calibration import threshold_table, unresolved_warning
 from detector.checkpoint import (AtomicCheckpointIO, CheckpointError, check_initialisable, check_resumable,
@@ -363,7 +364,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         cfg.data.channels = dm.channels
         cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous
         saved = {**to_dict(cfg), "trainer": asked}
-        (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        with replacing(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
         info = {"channels": dm.channels, "energies": dm.energies, "pitch_mm": cfg.preprocessing.model_pitch_mm,
                 "preprocessing": cfg.preprocessing.to_dict(), "stride": cfg.model.stride,
                 "score": {"method": "topk_mean_logit", "k": cfg.model.topk}, "thresholds": [], "normal_scores": [],
@@ -450,7 +452,8 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         if tested:
             result["test"] = module.test_metrics
             write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        with replacing(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
         return result
 
 
@@ -625,7 +628,7 @@ def _merge_logs(earlier: Path, later: Path, dest: Path | None = None) -> None:
     (old_keys, old), (new_keys, new) = rows(earlier), rows(later)
     first = min((int(r["step"]) for r in new if r.get("step")), default=None)
     old = [r for r in old if first is None or not r.get("step") or int(r["step"]) < first]
-    with open(dest or later, "w", newline="") as f:
+    with replacing(dest or later) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, [*old_keys, *(k for k in new_keys if k not in old_keys)])
         w.writeheader()
         w.writerows(old + new)
@@ -633,7 +636,7 @@ def _merge_logs(earlier: Path, later: Path, dest: Path | None = None) -> None:
 
 def write_test_scores(path: Path, rows: list[dict], records: list) -> None:
     """RUN/test_scores.csv: one row per test scan (path, label, type, score, top region on the anomaly)."""
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "anomaly_type", "score", "top_region_hit"])
         for r in sorted(rows, key=lambda r: r["index"]):

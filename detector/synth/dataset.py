@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from detector.atomic import replacing
 from detector.manifest import SPLIT_ALIASES
 from detector.synth.scene import GENERATOR_VERSION
 from detector.scan import MIN_SIDE
@@ -81,8 +82,9 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     # first: a folder a run left half-written still says what it was being made with (the demo remakes it)
-    (out / SYNTH_INFO).write_text(json.dumps({"generator": GENERATOR_VERSION, "seed": seed, "count": count,
-                                              "anomaly_fraction": anomaly_fraction, "height": height, "split": split}))
+    with replacing(out / SYNTH_INFO) as tmp:
+        tmp.write_text(json.dumps({"generator": GENERATOR_VERSION, "seed": seed, "count": count,
+                                   "anomaly_fraction": anomaly_fraction, "height": height, "split": split}))
     labels = plan_labels(count, seed, anomaly_fraction)
     jobs = [(str(out), seed, i, bool(labels[i]), height, split) for i in range(count)]
     workers = max(1, min(workers or usable_cpus(), count))
@@ -99,7 +101,7 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
                 bar.update()
     bar.close()
     rows.sort(key=lambda r: r.pop("_index"))
-    with open(out / "manifest.csv", "w", newline="") as f:
+    with replacing(out / "manifest.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
         w.writerows(rows)
