@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from detector.atomic import replacing
 from detector.config import Config, ConfigError, from_dict, to_dict
 from detector.model import AnomalyNet, build_model, state_mismatch
+from detector.preprocess import Preprocessing
 
 
 class CheckpointError(ValueError):
@@ -30,9 +31,21 @@ RESUME_FREE = {"trainer.max_epochs", "trainer.max_minutes", "trainer.accelerator
 RESUME_KEPT = {"optim.lr", "optim.weight_decay"}
 
 
+def _as_trained(was: dict) -> dict:
+    """A checkpoint's config with each setting newer than it at the value its run had: the default (a new setting's
+    default is the old behaviour), the row repair off (`Preprocessing.from_dict`). Left out, a run of quick.yaml's
+    `model.width: 32` resumed a width-64 checkpoint and died in load_state_dict. As saved where a setting was since
+    removed."""
+    try:
+        out = to_dict(from_dict(Config, was))
+    except (ConfigError, TypeError):
+        return was
+    out["preprocessing"] = Preprocessing.from_dict(was.get("preprocessing") or {}).to_dict()
+    return out
+
+
 def _config_changes(was: dict, now: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (now, was)} of the settings that differ; a setting newer than the checkpoint is left out (a new
-    setting's default is the old behaviour)."""
+    """{dotted key: (now, was)} of the settings that differ; a setting `now` lacks (removed since) is left out."""
     out: dict[str, tuple[Any, Any]] = {}
     for k, v in was.items():
         if k not in now:
@@ -49,7 +62,7 @@ def check_resumable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
     would not load, or the last epochs and the exported bundle would disagree), or for another learning rate or weight
     decay (the optimiser state it restores keeps the old ones); the other settings it changes, `key=new (was old)`,
     for a warning."""
-    was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
+    was = _as_trained(json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list)))
     changes = _config_changes(was, json.loads(json.dumps(to_dict(cfg), default=list)))
     said = {k: f"{k}={new!r} (was {old!r})" for k, (new, old) in sorted(changes.items())}
     kept = [said[k] for k in said if k in RESUME_KEPT or k.split(".")[0] in ("model", "preprocessing")
@@ -68,7 +81,7 @@ def check_initialisable(ck: dict, cfg: Config, path: str | Path) -> list[str]:
     """ConfigError when `model.init`'s checkpoint holds another network than the run builds (its weights would not
     fit); the preprocessing settings that differ, `key=new (was old)`, for a warning: the network learnt its input
     under the checkpoint's, so a fine-tune on other ones starts further from where it was."""
-    was = json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list))
+    was = _as_trained(json.loads(json.dumps(ck["hyper_parameters"]["config"], default=list)))
     now = json.loads(json.dumps(to_dict(cfg), default=list))
     net = {k: v for k, v in _config_changes(was.get("model", {}), now["model"], "model.").items()
            if k.split(".", 1)[1] not in INIT_FREE}

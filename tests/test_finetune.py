@@ -46,6 +46,18 @@ def test_the_started_network_answers_as_the_checkpoints_did(was, now):
         assert not torch.allclose(fresh(x.expand(-1, now, -1, -1))[0], want[0], atol=1e-3)   # the copy did it
 
 
+def test_a_checkpoint_older_than_model_width_is_refused_by_that_setting():
+    """A checkpoint from before model.width (64 wide) started with quick.yaml's width 32 passed the settings check and
+    was refused only by its weights' shapes, naming no setting to change."""
+    from detector.checkpoint import check_initialisable
+    from detector.config import ConfigError, load_config, to_dict
+    from test_train import _predating
+    ck = {"hyper_parameters": {"config": _predating(to_dict(load_config(None, TINY)), "model.width")}}
+    with pytest.raises(ConfigError, match=r"model\.width=32 \(the checkpoint's 64\)"):
+        check_initialisable(ck, load_config(None, [*TINY, "model.width=32"]), "src.ckpt")
+    assert check_initialisable(ck, load_config(None, TINY), "src.ckpt") == []
+
+
 def test_a_checkpoint_of_another_network_is_refused_by_its_settings():
     from detector.checkpoint import check_initialisable
     from detector.config import ConfigError, load_config

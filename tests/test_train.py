@@ -156,6 +156,29 @@ def test_resuming_with_another_network_or_preprocessing_is_refused():
             check_resumable(ck, load_config(None, [*TINY, change]), "last.ckpt")
 
 
+def _predating(cfg: dict, *keys: str) -> dict:
+    """A checkpoint's config written before the dotted `keys` existed (an older release's run)."""
+    for key in keys:
+        section, name = key.split(".")
+        del cfg[section][name]
+    return cfg
+
+
+def test_resuming_a_checkpoint_older_than_a_setting_compares_that_settings_old_behaviour():
+    """A checkpoint from before model.width (every network 64 wide) or the row repair (never repaired) resumed with
+    quick.yaml's width 32 passed the check (a setting newer than the checkpoint was left out) and died in Lightning's
+    load_state_dict with a page of size mismatches; the repair would have switched on silently mid-run."""
+    from detector.checkpoint import check_resumable
+    from detector.config import ConfigError, load_config, to_dict
+    ck = {"hyper_parameters": {"config": _predating(to_dict(load_config(None, TINY)), "model.width",
+                                                    "preprocessing.repair_rows")}}
+    with pytest.raises(ConfigError, match=r"model\.width=32 \(was 64\)"):
+        check_resumable(ck, load_config(None, [*TINY, "model.width=32", "preprocessing.repair_rows=false"]), "last.ckpt")
+    with pytest.raises(ConfigError, match=r"preprocessing\.repair_rows=True \(was False\)"):
+        check_resumable(ck, load_config(None, TINY), "last.ckpt")
+    assert check_resumable(ck, load_config(None, [*TINY, "preprocessing.repair_rows=false"]), "last.ckpt") == []
+
+
 def test_a_resume_with_other_settings_or_data_says_so_and_its_checkpoints_record_them(tmp_path):
     """A resume that changed a setting (or the data) went on without a word, and its checkpoints kept the first run's
     train_config and data fingerprint (the module restored them from last.ckpt): the exported bundle described a
