@@ -31,8 +31,10 @@ COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "fil
 OUTCOME_COLUMNS = ("outcome", "outcome_time", "officer", "outcome_note")   # the export's, after COLUMNS
 # verdict columns added since (nullable; an older database gains them at open), exported after OUTCOME_COLUMNS so an
 # older export still reads. untagged_pitch_mm: the pitch a file that carries none was read at (serve --pitch-mm, else
-# the bundle's), NULL where the file had its own; `detector calibrate` gives it to the site bundle
-LATER_COLUMNS = {"untagged_pitch_mm": "REAL"}
+# the bundle's), NULL where the file had its own; `detector calibrate` gives it to the site bundle. score_rule: how the
+# score was made (bundle.LOGITS_RULE or OUTPUT_RULE; NULL without a score, or in rows written before it was recorded):
+# `detector calibrate` takes only scores of the rule the bundle is served with
+LATER_COLUMNS = {"untagged_pitch_mm": "REAL", "score_rule": "TEXT"}
 # manual inspection found contraband or undeclared goods / found nothing (the outcomes table's CHECK names them too)
 OUTCOMES = ("found", "clear")
 MAX_OFFICER, MAX_NOTE = 200, 2000   # characters; longer is refused, not cut short
@@ -46,7 +48,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
     time TEXT NOT NULL, request_id TEXT NOT NULL UNIQUE, vehicle_id TEXT, container_id TEXT,
     file_name TEXT, file_sha256 TEXT, file_bytes INTEGER, model_sha256 TEXT, model_version TEXT,
     score REAL, threshold REAL, tier TEXT, decision TEXT NOT NULL, reason TEXT, latency_ms REAL,
-    risk_flags TEXT, untagged_pitch_mm REAL);
+    risk_flags TEXT, untagged_pitch_mm REAL, score_rule TEXT);
 CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts(time);
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

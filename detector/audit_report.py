@@ -58,21 +58,22 @@ def _cell(value: Any) -> Any:
     return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
 
 
-# what served_verdicts gives of each verdict; pitch_mm: the pitch its file was read at where the file carried none
-SERVED = ("time", "model_sha256", "decision", "score", "outcome", "pitch_mm")
+# what served_verdicts gives of each verdict; pitch_mm: the pitch its file was read at where the file carried none;
+# score_rule: how its score was made (None: not recorded)
+SERVED = ("time", "model_sha256", "decision", "score", "outcome", "pitch_mm", "score_rule")
 
 
 def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[str, Any]]:
-    """Each verdict at or after `since` as a dict of SERVED (score, outcome and pitch_mm None where there is none),
-    from an audit database or its `detector audit export` CSV (one written before outcomes, or the pitch, were
-    recorded has none). ValueError names the file if it is neither."""
+    """Each verdict at or after `since` as a dict of SERVED (score, outcome, pitch_mm and score_rule None where there
+    is none), from an audit database or its `detector audit export` CSV (one written before outcomes, the pitch or the
+    rule were recorded has none). ValueError names the file if it is neither."""
     source = Path(source)
     if _head(source).startswith(SQLITE_MAGIC):
         db = _reader(source)
         try:
             where, params = _since(since)
-            pitch = _later(db)[list(LATER_COLUMNS).index("untagged_pitch_mm")]
-            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome, {pitch} "
+            pitch, rule = (_later(db)[list(LATER_COLUMNS).index(c)] for c in ("untagged_pitch_mm", "score_rule"))
+            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome, {pitch}, {rule} "
                               f"FROM {_LATEST}{where} ORDER BY v.time, v.id", params).fetchall()
         finally:
             db.close()
@@ -89,7 +90,8 @@ def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
                 continue
             score, pitch = (_number(source, i, name, r.get(name)) for name in ("score", "untagged_pitch_mm"))
             out.append({"time": r["time"], "model_sha256": r["model_sha256"], "decision": r["decision"],
-                        "score": score, "outcome": r.get("outcome") or None, "pitch_mm": pitch})
+                        "score": score, "outcome": r.get("outcome") or None, "pitch_mm": pitch,
+                        "score_rule": r.get("score_rule") or None})
         return out
 
 

@@ -29,6 +29,10 @@ PREPROCESSING_KEYS = ("model_pitch_mm", "clip_max", "scale", "pad_multiple")
 # a scan whose height (rows x pitch) lies outside the training scans' range widened this many times is refused: a
 # pixel pitch 10x too fine shrank a truck until its cargo could not be seen, and the truck was released
 HEIGHT_TOLERANCE = 4.0
+# how the runtime makes a scan's score (`score_rule`): the graph's heatmap logits pooled over the scan's own cells
+# (since 2026-12-07), or, where the graph's heatmap is no Sigmoid's, its score output (pooled probabilities where the
+# scan is tiled or its padding is among the top cells): before 2026-12-07 every graph was scored so
+LOGITS_RULE, OUTPUT_RULE = "heatmap_logits", "score_output"
 
 
 class BundleError(ValueError):
@@ -347,6 +351,12 @@ def _strings(message: bytes, number: int) -> list[str]:
 def _heatmap_logits(graph: bytes) -> str | None:
     """The name of the tensor the heatmap's Sigmoid takes (its logits), past an INT8 graph's QuantizeLinear and
     DequantizeLinear; None where the heatmap is made otherwise."""
+    return _heatmap_source(graph)[0]
+
+
+def _heatmap_source(graph: bytes) -> tuple[str | None, bool]:
+    """The heatmap Sigmoid's input (None where the heatmap is made otherwise), and whether the heatmap output is
+    quantized (an INT8 graph's DequantizeLinear makes it)."""
     producer = {}
     for number, _, payload, end in _fields(graph):
         if number == 1:   # GraphProto.node: NodeProto {input = 1; output = 2; op_type = 4; domain = 7}
@@ -354,10 +364,36 @@ def _heatmap_logits(graph: bytes) -> str | None:
             op = ("".join(_strings(node, 7)) or "ai.onnx") + "." + "".join(_strings(node, 4))
             producer.update({out: (op, _strings(node, 1)) for out in _strings(node, 2)})
     name = "heatmap"
+    quantized = producer.get(name, ("", []))[0].endswith("DequantizeLinear")
     while producer.get(name, ("", []))[0].endswith(("QuantizeLinear", "DequantizeLinear")):
         name = producer[name][1][0]
     op, inputs = producer.get(name, ("", []))
-    return inputs[0] if op == "ai.onnx.Sigmoid" and inputs else None
+    return (inputs[0] if op == "ai.onnx.Sigmoid" and inputs else None), quantized
+
+
+def score_rule(model: bytes) -> str:
+    """How the runtime scores this graph, recorded beside every score (results routing file, audit rows) so that
+    `detector calibrate` sets thresholds only on scores of the rule the bundle is served with: LOGITS_RULE where it
+    finds the heatmap's logits (bundle.with_logits_output), else OUTPUT_RULE."""
+    return LOGITS_RULE if with_logits_output(model)[1] else OUTPUT_RULE
+
+
+def rule_words(rule: str | None) -> str:
+    """How scores were made, in words for a refusal; None: before the rule was recorded."""
+    return (f"by the rule {rule!r}" if rule else
+            "before the scoring rule was recorded (an INT8 bundle's scores changed with it on 2026-12-07)")
+
+
+def unrecorded_rule(model: bytes) -> str | None:
+    """The rule of this graph's scores that record none (scored before the rule was recorded), where their numbers
+    tell it: both rules give an fp32 graph's scores alike (to 1e-7), and a graph without the logits was scored as it
+    still is; an INT8 heatmap's scores changed with the rule (2026-12-07: the old pooled its 1/255 steps), so None."""
+    try:
+        graph = next((model[p:e] for n, _, p, e in _fields(model) if n == 7), b"")
+        logits, quantized = _heatmap_source(graph)
+    except ValueError:
+        return None
+    return None if logits and quantized else score_rule(model)
 
 
 def with_logits_output(model: bytes) -> tuple[bytes, str | None]:

@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from detector.bundle import (HEIGHT_TOLERANCE, BundleError, default_threshold, height_range_mm, session_metadata,
-                             unloadable, untagged_pitch_mm, with_logits_output)
+from detector.bundle import (HEIGHT_TOLERANCE, LOGITS_RULE, OUTPUT_RULE, BundleError, default_threshold,
+                             height_range_mm, session_metadata, unloadable, untagged_pitch_mm, with_logits_output)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
 from detector.preprocess import Preprocessing, prepare, valid_cells
@@ -76,6 +76,7 @@ class Verdict:
     model_sha256: str | None = None
     error: str | None = None
     untagged_pitch_mm: float | None = None   # the pitch a file that carries none was read at; None: it had its own
+    score_rule: str | None = None   # how the score was made (bundle.LOGITS_RULE or OUTPUT_RULE); None: no score
 
     def to_dict(self) -> dict:
         """JSON-safe summary without the heatmap (NaN score of a failure -> None)."""
@@ -170,6 +171,7 @@ class Inspector:
             raise BundleError(self.path, f"cannot read model file ({e.strerror or e})") from None
         self.model_sha256 = hashlib.sha256(data).hexdigest()
         self.session, self.logits_name = _load_session(data, threads, self.path)
+        self.score_rule = LOGITS_RULE if self.logits_name else OUTPUT_RULE   # recorded with each score (calibrate)
         _LIVE.add(self)
         self.metadata = session_metadata(self.session, data, self.path)
         self.channels = int(self.metadata["channels"])
@@ -340,7 +342,7 @@ class Inspector:
         return Verdict(score=score, decision=decision, threshold=thr, regions=regions, reason=reason,
                        heatmap=heatmap, heatmap_scale_yx=cell_yx, timings_ms=timings,
                        latency_ms=(t4 - t0) * 1000.0, source=scan.source, model_sha256=self.model_sha256,
-                       untagged_pitch_mm=scan.pitch_mm if scan.pitch_default else None)
+                       untagged_pitch_mm=scan.pitch_mm if scan.pitch_default else None, score_rule=self.score_rule)
 
     def _check_pad_multiple(self) -> None:
         """BundleError unless the graph runs on an input padded to the bundle's pad_multiple alone (odd multiples of

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from detector.atomic import replacing
+from detector.bundle import rule_words, unrecorded_rule
 from detector.manifest import dataset_above, has_labels, has_layout, shown
 from detector.policy import load_policy
 from detector.scan import (DEFAULT_PITCH_MM, SCAN_SUFFIXES, ScanError, file_shape, map_box, read_scan,
@@ -186,11 +187,12 @@ def _pitch_words(path: str, routing: dict) -> str:
     return f"{routing.get('default_pitch_mm', DEFAULT_PITCH_MM):g} mm (no pitch_mm cell: the default for files without one)"
 
 
-def check_same_routing(out: Path, routing: dict, listed: set[str]) -> None:
+def check_same_routing(out: Path, routing: dict, listed: set[str], unrecorded: str | None = None) -> None:
     """ValueError when resuming `out` would add rows routed by another model or other thresholds than the rows
-    already in it, or read at another pitch for files without one (--pitch-mm, or a row's pitch_mm for a row already
-    scored that this run lists; `listed`: its files as the CSV names them): one CSV, one routing (a CSV from before
-    the routing file is resumed as it is)."""
+    already in it, scored by another rule, or read at another pitch for files without one (--pitch-mm, or a row's
+    pitch_mm for a row already scored that this run lists; `listed`: its files as the CSV names them): one CSV, one
+    routing (a CSV from before the routing file is resumed as it is). `unrecorded`: the rule of rows scored before
+    the rule was recorded (bundle.unrecorded_rule; None: unknown, an INT8 bundle's)."""
     f = routing_file(out)
     if not (out.is_file() and f.is_file()):
         return
@@ -200,8 +202,13 @@ def check_same_routing(out: Path, routing: dict, listed: set[str]) -> None:
         return
     now = json.loads(json.dumps(routing))   # as it would read back
     before.setdefault("default_pitch_mm", DEFAULT_PITCH_MM)   # rows from before it was recorded: read at 5 mm
-    differ = [k for k in ("model_sha256", "thresholds", "force_flags", "default_pitch_mm")
+    before.setdefault("score_rule", unrecorded)
+    differ = [k for k in ("model_sha256", "thresholds", "force_flags", "default_pitch_mm", "score_rule")
               if before.get(k) != now.get(k, before.get(k))]
+    if differ == ["score_rule"]:
+        raise ValueError(f"{out} holds rows scored {rule_words(before['score_rule'])}, and this bundle's scores are "
+                         f"now {rule_words(now['score_rule'])}; resuming would mix them: use --no-resume or "
+                         "another --out")
     if differ:
         what = (f"model {before.get('model')} (sha256 {str(before.get('model_sha256'))[:12]})"
                 if "model_sha256" in differ else f"other {' and '.join(differ)} ({f})")
@@ -212,6 +219,14 @@ def check_same_routing(out: Path, routing: dict, listed: set[str]) -> None:
         raise ValueError(f"{out} holds the row of {row[0]} scored at {_pitch_words(row[0], before)}; this "
                          f"run gives it {_pitch_words(row[0], now)} ({f}); resuming would keep a row read at another "
                          "pitch: use --no-resume or another --out")
+
+
+def _unrecorded_rule(inspector) -> str | None:
+    """The rule of the bundle's scores that record none (bundle.unrecorded_rule); None where it is unknown."""
+    try:
+        return unrecorded_rule(inspector.path.read_bytes())
+    except OSError:
+        return None
 
 
 def kept_row_pitches(out: Path, routing: dict, listed: set[str], done: set[str]) -> dict:
@@ -529,7 +544,8 @@ def main(args) -> int:
         return 2
     routing = {"model": str(Path(args.model).resolve()), "model_sha256": inspector.model_sha256,
                "thresholds": policy.thresholds, "force_flags": policy.force_flags,
-               "default_pitch_mm": inspector.default_pitch_mm, **row_pitches(items)}
+               "default_pitch_mm": inspector.default_pitch_mm, "score_rule": inspector.score_rule,
+               **row_pitches(items)}
     try:
         lock = lock_results(out)
     except OSError as e:
@@ -550,7 +566,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     listed = {shown(i.path) for i in items}
     redo = listed | {shown(i.real) for i in items}   # a row under a link's target (an earlier version's) is its row
     try:
-        check_same_routing(out, routing, listed)
+        check_same_routing(out, routing, listed, _unrecorded_rule(inspector))
         if out.is_file():
             _cut_partial_line(out)   # a row cut off by a crash is scored again, not counted as done
             unmatched = match_jsonl(out, jsonl, redo) if jsonl is not None else 0

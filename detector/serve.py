@@ -330,7 +330,8 @@ class Service:
                   "file_bytes": file[1] if file else None, "file_sha256": sha, "model_sha256": self.model_sha256,
                   "model_version": self.model_version, "score": score, "threshold": thr, "tier": tier,
                   "decision": decision, "reason": reason, "latency_ms": latency_ms, "risk_flags": json.dumps(flags),
-                  "untagged_pitch_mm": getattr(verdict, "untagged_pitch_mm", None)}   # for `detector calibrate`
+                  "untagged_pitch_mm": getattr(verdict, "untagged_pitch_mm", None),   # for `detector calibrate`
+                  "score_rule": getattr(verdict, "score_rule", None) if score is not None else None}
         why = await self._audit(record, t0)
         if why:   # no RELEASE leaves without its committed row
             body.update(decision="INSPECT", reason=f"{reason}; {why}")

@@ -23,7 +23,8 @@ import numpy as np
 
 from detector.audit import parse_time
 from detector.audit_report import is_audit_log, served_verdicts
-from detector.bundle import BundleError, read_metadata, rewrite_metadata, untagged_pitch_mm
+from detector.bundle import (BundleError, read_metadata, rewrite_metadata, rule_words, score_rule, unrecorded_rule,
+                             untagged_pitch_mm)
 from detector.calibration import rate_interval, threshold_table, threshold_texts
 from detector.evaluate import load_results, load_truth, match
 from detector.score import routing_file
@@ -53,9 +54,11 @@ class SiteScores:
                 "other_model": self.other_model}
 
 
-def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path | None = None) -> SiteScores:
+def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path | None = None,
+                     rules: tuple[str, str | None] | None = None) -> SiteScores:
     """Scores of the cleared scans in a `detector score` results CSV, which must have been scored by this very
-    model (its .routing.json says which); with `truth`, only the scans it labels normal."""
+    model (its .routing.json says which) by the rule it is served with; with `truth`, only the scans it labels
+    normal. `rules`: (the bundle's score_rule, its unrecorded_rule); None: not checked."""
     results = Path(results)
     routing = routing_file(results)
     if not routing.is_file():
@@ -64,12 +67,18 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
     try:
         recorded = json.loads(routing.read_text(encoding="utf-8"))
         scored_with, pitch = recorded.get("model_sha256"), recorded.get("default_pitch_mm")
+        rule = recorded.get("score_rule", rules[1] if rules else None)
     except (ValueError, AttributeError, OSError) as e:
         raise CalibrationError(f"{routing}: unreadable ({e})") from None
     if scored_with != model_sha256:
         raise CalibrationError(f"{results}: scored by another model (sha256 {str(scored_with)[:12]}, this one is "
                                f"{model_sha256[:12]}): a model's thresholds need its own scores; score the cleared "
                                "scans again with this model")
+    if rules and rule != rules[0]:
+        raise CalibrationError(f"{results}: scored {rule_words(rule)}, and this bundle is scored by the rule "
+                               f"{rules[0]!r} ({routing.name}): its thresholds need scores of that rule; score the "
+                               f"cleared scans again with `detector score SCANS --model MODEL --out {results} "
+                               "--no-resume`")
     rows = load_results(results)
     site = SiteScores([], len(rows), pitch_mm=pitch if isinstance(pitch, (int, float)) else None)
     if truth is not None:
@@ -91,11 +100,14 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
     return site
 
 
-def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | None = None) -> SiteScores:
+def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | None = None,
+                      rules: tuple[str, str | None] | None = None) -> SiteScores:
     """Scores of the trucks a station served with this model (an audit database or its CSV export): the released ones
     and the inspected ones, less those whose inspection found something. `model_sha256s`: the bundles whose scores
     are this model's (itself, and the one it was calibrated from: the graph is the same). Their pitch_mm: the one pitch
-    their files without one were read at (serve --pitch-mm; None where none recorded it); CalibrationError for two."""
+    their files without one were read at (serve --pitch-mm; None where none recorded it); CalibrationError for two.
+    `rules`: (the bundle's score_rule, its unrecorded_rule): CalibrationError for a score of another rule, or of
+    none known; None: not checked."""
     try:
         start = parse_time(since) if since else None
     except ValueError:
@@ -105,7 +117,7 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
         rows = served_verdicts(audit, start)
     except sqlite3.DatabaseError as e:
         raise CalibrationError(f"{audit}: not a readable audit database ({e})") from None
-    site, pitches = SiteScores([], len(rows)), {}
+    site, pitches, other_rule = SiteScores([], len(rows)), {}, None
     for r in rows:
         if r["model_sha256"] not in model_sha256s:
             site.other_model += 1
@@ -119,6 +131,10 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
             site.scores.append(float(r["score"]))
             site.unchecked += r["decision"] == "INSPECT" and r["outcome"] is None
             _note_pitch(pitches, r)
+            if rules and (r["score_rule"] or rules[1]) != rules[0]:
+                other_rule = r
+    if other_rule is not None:
+        _refuse_rule(audit, other_rule, rows, rules[0])
     if not site.scores:
         since_text = f" since {since}" if since else ""
         raise CalibrationError(f"{audit}: no verdict of this model with a score to calibrate on{since_text} "
@@ -134,6 +150,16 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
     return site
 
 
+def _refuse_rule(audit: str | Path, last: dict, rows: list[dict], rule: str) -> None:
+    """CalibrationError for verdicts scored by another rule than the bundle's (`last`: the latest of them), naming
+    the --since that selects the verdicts after it."""
+    after = next((r["time"] for r in rows if r["time"] > last["time"]), None)
+    hint = (f"calibrate on the verdicts served since with --since {after}, or " if after else "")
+    raise CalibrationError(f"{audit}: verdicts up to {last['time']} were scored {rule_words(last['score_rule'])}, "
+                           f"and this bundle is scored by the rule {rule!r}: its thresholds need scores of that rule; "
+                           f"{hint}score the cleared scans again with `detector score`")
+
+
 def _note_pitch(pitches: dict[float, str], verdict: dict) -> None:
     """Keep, per pitch that untagged files were read at, the time from which all later verdicts were at it (the last
     change to it: the --since that selects them), latest last."""
@@ -144,7 +170,7 @@ def _note_pitch(pitches: dict[float, str], verdict: dict) -> None:
 
 
 def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, truth: str | None = None,
-                since: str | None = None) -> dict:
+                since: str | None = None, score_rule: str | None = None) -> dict:
     """The bundle metadata with thresholds and normal_scores from the site's scores and a `site_calibration`
     record; CalibrationError when there are too few scores to set the default rate at all. Where the scores' files
     without a pitch were read at another pitch than the bundle's (score or serve --pitch-mm 4), that pitch becomes its
@@ -163,7 +189,7 @@ def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, tr
         new["default_pitch_mm"] = float(site.pitch_mm)
     new["site_calibration"] = {
         "results": source, "truth": truth, "since": since, "scans": n, "scored_with_sha256": model_sha256,
-        "left_out": site.left_out(), "default_pitch_mm": site.pitch_mm,
+        "left_out": site.left_out(), "default_pitch_mm": site.pitch_mm, "score_rule": score_rule,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "previous": {"thresholds": meta["thresholds"], "normal_scans": len(meta["normal_scores"]),
                      "source": old["results"] if old else "training validation"}}
@@ -212,6 +238,7 @@ def main(args) -> int:
         data = model.read_bytes()   # once: the bytes hashed are the bytes the site's bundle is written from
         sha = hashlib.sha256(data).hexdigest()
         audit = is_audit_log(args.results)
+        rules = (score_rule(data), unrecorded_rule(data))   # the rule the bundle is served with; of unrecorded scores
         if audit and args.truth:
             raise CalibrationError(f"{args.results}: an audit log's outcomes say which trucks held something; "
                                    "--truth is for a `detector score` results CSV")
@@ -219,10 +246,10 @@ def main(args) -> int:
             raise CalibrationError(f"{args.results}: --since selects verdicts of an audit log; this is not one")
         if audit:   # the bundle this one was calibrated from scored with the same graph
             before = (meta.get("site_calibration") or {}).get("scored_with_sha256")
-            site = load_audit_scores(args.results, {sha, before} - {None}, since)
+            site = load_audit_scores(args.results, {sha, before} - {None}, since, rules)
         else:
-            site = load_site_scores(args.results, sha, args.truth)
-        new = recalibrate(meta, site, str(args.results), sha, args.truth, since)
+            site = load_site_scores(args.results, sha, args.truth, rules)
+        new = recalibrate(meta, site, str(args.results), sha, args.truth, since, rules[0])
         rows = comparison(meta, new, site.scores)
         rewrite_metadata(model, out, new, data)
     except (CalibrationError, BundleError, FileNotFoundError, ValueError, OSError) as e:

@@ -132,7 +132,7 @@ def test_outcomes_export_with_the_latest_per_request(log, tmp_path):
     assert export_csv(log.path, out) == 3
     with out.open() as f:
         assert next(csv.reader(f)) == list(audit.COLUMNS) + ["outcome", "outcome_time", "officer", "outcome_note",
-                                                             "untagged_pitch_mm"]
+                                                             "untagged_pitch_mm", "score_rule"]
     rows = {r["request_id"]: r for r in csv.DictReader(out.open())}
     assert (rows["r2"]["outcome"], rows["r2"]["officer"], rows["r2"]["outcome_time"]) == ("found", "K. Osei",
                                                                                           fixed["time"])
@@ -232,7 +232,7 @@ def test_a_database_without_the_pitch_column_keeps_its_rows_and_gains_it(tmp_pat
     assert export_csv(path, tmp_path / "after.csv") == 3
     with open(tmp_path / "after.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == audit.COLUMNS + audit.OUTCOME_COLUMNS + ("untagged_pitch_mm",)
+        assert tuple(reader.fieldnames) == audit.COLUMNS + audit.OUTCOME_COLUMNS + ("untagged_pitch_mm", "score_rule")
         assert [r["untagged_pitch_mm"] for r in reader] == ["", "4.0", ""]
     for source in (path, tmp_path / "after.csv"):
         assert [r["pitch_mm"] for r in audit_report.served_verdicts(source)] == [None, 4.0, None]

@@ -1166,8 +1166,10 @@ def test_the_audit_row_records_the_pitch_an_untagged_upload_was_read_at(heuristi
     assert all(a["score"] is not None for a in answers), answers
     db = sqlite3.connect(str(tmp_path / "a.sqlite"))
     rows = dict(db.execute("SELECT file_name, untagged_pitch_mm FROM verdicts").fetchall())
+    rules = {r for (r,) in db.execute("SELECT score_rule FROM verdicts")}
     db.close()
     assert rows == {"bare.png": 4.0, "tagged.npz": None}
+    assert rules == {"heatmap_logits"}   # how the scores were made: `detector calibrate` takes only the bundle's rule
 
 
 # ---------------------------------------------------------------- failed token checks: lock-out by address

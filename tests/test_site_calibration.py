@@ -317,3 +317,82 @@ def test_a_station_served_at_its_scanners_pitch_gets_a_bundle_that_reads_its_fil
     assert not out.exists()
     assert cli(["calibrate", str(audit), "--model", str(model), "--out", str(out), "--since", "2026-11-05"]) == 0
     assert "default_pitch_mm" not in read_metadata(out)    # the bundle's own 5 mm: nothing to change
+
+
+@pytest.fixture
+def int8_model(tmp_path, model):
+    """The heuristic bundle as an INT8 export makes it (heatmap and score quantized after their sigmoids): the
+    runtime's rule for its scores changed on 2026-12-07 (the graph's logits pooled, not its 1/255 steps)."""
+    from test_runtime import _as_int8, _edited
+    return _edited(model, tmp_path / "int8.onnx", graph=_as_int8,
+                   meta=lambda d: d.update(score={"method": "topk_mean_logit", "k": 4}))
+
+
+def _ruled(results, rule):
+    """The results' routing file as `detector score` writes it now: with the rule its scores were made by."""
+    routing = results.with_name(results.name + ".routing.json")
+    routing.write_text(json.dumps({**json.loads(routing.read_text()), "score_rule": rule}))
+
+
+def test_an_int8_bundle_is_not_calibrated_on_scores_of_an_unknown_rule(tmp_path, model, int8_model, capsys):
+    """An INT8 bundle's scores changed with the scoring rule (2026-12-07); results scored before it was recorded
+    would set thresholds on old-rule scores that the runtime then applies to new-rule ones: refused, score again.
+    Results that record the bundle's rule, and an fp32 bundle's unrecorded ones (both rules give them alike), pass."""
+    assert Inspector(int8_model, warmup=False).score_rule == "heatmap_logits"
+    old = _results(tmp_path / "old.csv", _site_scores(300), int8_model)
+    out = tmp_path / "site.onnx"
+    assert cli(["calibrate", str(old), "--model", str(int8_model), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "before the scoring rule was recorded" in err and "score the cleared scans again" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    _ruled(old, "score_output")
+    assert cli(["calibrate", str(old), "--model", str(int8_model), "--out", str(out)]) == 2
+    assert "by the rule 'score_output'" in capsys.readouterr().err and not out.exists()
+    _ruled(old, "heatmap_logits")
+    assert cli(["calibrate", str(old), "--model", str(int8_model), "--out", str(out)]) == 0
+    assert read_metadata(out)["site_calibration"]["score_rule"] == "heatmap_logits"
+    fp32 = _results(tmp_path / "fp32.csv", _site_scores(300), model)
+    assert cli(["calibrate", str(fp32), "--model", str(model), "--out", str(tmp_path / "f.onnx")]) == 0
+
+
+def test_an_int8_bundle_is_calibrated_only_on_verdicts_that_record_its_rule(tmp_path, int8_model, capsys):
+    """A station's log holds the verdicts served before the rule was recorded (NULL) and those after: refused, naming
+    the --since of the first recorded one; that --since calibrates, and the export's score_rule column reads so."""
+    from detector.audit import AuditLog
+    audit, sha = tmp_path / "audit.sqlite", file_sha256(int8_model)
+    _served(audit, sha, _site_scores(150, seed=8))                       # an older service: no rule recorded
+    log = AuditLog(audit)
+    for i, s in enumerate(_site_scores(150, seed=9)):
+        log.write({"time": f"2026-12-08T08:{i // 60:02d}:{i % 60:02d}.000+00:00", "request_id": uuid.uuid4().hex,
+                   "model_sha256": sha, "score": s, "threshold": 0.5, "decision": "RELEASE",
+                   "score_rule": "heatmap_logits"})
+    log.close()
+    out = tmp_path / "site.onnx"
+    assert cli(["calibrate", str(audit), "--model", str(int8_model), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "were scored before the scoring rule was recorded" in err and "--since 2026-12-08T08:00:00" in err
+    assert not out.exists()
+    assert cli(["audit", "export", "--audit", str(audit), "--out", str(tmp_path / "a.csv")]) == 0
+    assert cli(["calibrate", str(tmp_path / "a.csv"), "--model", str(int8_model), "--out", str(out)]) == 2
+    assert cli(["calibrate", str(audit), "--model", str(int8_model), "--out", str(out),
+                "--since", "2026-12-08T08:00:00"]) == 0
+    assert read_metadata(out)["site_calibration"]["scans"] == 150
+
+
+def test_score_records_its_rule_and_will_not_resume_int8_rows_of_an_unknown_one(tmp_path, int8_model, capsys):
+    """`detector score` writes the rule into the routing file, so its results calibrate the INT8 bundle; a CSV scored
+    before that is not resumed (one CSV would hold scores of two rules, and the routing file then name the new)."""
+    d = tmp_path / "cleared"
+    for i in range(3):
+        write_test_scan(d / f"truck{i:03d}.tiff", height=64, width=192, seed=i)
+    res = tmp_path / "cleared.csv"
+    assert cli(["score", str(d), "--model", str(int8_model), "--out", str(res), "--threads", "1"]) == 0
+    routing = res.with_name(res.name + ".routing.json")
+    recorded = json.loads(routing.read_text())
+    assert recorded["score_rule"] == "heatmap_logits"
+    del recorded["score_rule"]                                        # as an older `detector score` wrote it
+    routing.write_text(json.dumps(recorded))
+    res.write_text("".join(res.read_text().splitlines(keepends=True)[:2]))   # a run stopped after one row
+    assert cli(["score", str(d), "--model", str(int8_model), "--out", str(res), "--threads", "1"]) == 2
+    assert "before the scoring rule was recorded" in capsys.readouterr().err
+    assert "score_rule" not in json.loads(routing.read_text())
