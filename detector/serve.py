@@ -384,8 +384,8 @@ class Service:
 
     def _flush_backlog(self, wait_s: float) -> None:
         """In the audit thread: commit queued rows oldest first until the database refuses (still locked), then
-        rewrite the spool to the rows still queued."""
-        done = 0
+        take the rows done out of the spool."""
+        done: set[str] = set()
         while self.audit_backlog:
             record = self.audit_backlog[0]
             try:
@@ -396,15 +396,15 @@ class Service:
                 self._lost(record, e)
             else:
                 _say(f"detector serve: queued audit row for {record['request_id']} written")
-            self.audit_backlog.popleft()
-            done += 1
+            done.add(self.audit_backlog.popleft()["request_id"])
         if done:
-            self._respool()
+            self._respool(done)
 
-    def _respool(self) -> bool:
-        """Rewrite the spool to hold exactly the queued rows; False (said on stderr) when it cannot be."""
+    def _respool(self, done: set[str]) -> bool:
+        """Take the rows `done` out of the spool and put the queued ones it lacks in (rows another service on this
+        audit log spooled stay); False (said on stderr) when it cannot be."""
         try:
-            self.audit.spool_rewrite(list(self.audit_backlog))
+            self.audit.spool_update(done, list(self.audit_backlog))
             return True
         except OSError as e:   # committed rows left in it are skipped when it is replayed
             _say(f"detector serve: cannot rewrite the audit spool {self.audit.spool} ({e}); "
@@ -453,7 +453,7 @@ class Service:
         self.pool.shutdown(wait=True)
         self.audit_pool.shutdown(wait=True)
         self._flush_backlog(AUDIT_CLOSE_WAIT_S)
-        if self.audit_backlog and self._respool():
+        if self.audit_backlog and self._respool(set()):
             _say(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
                  f"kept in {self.audit.spool}; the next start commits them")
         elif self.audit_backlog:

@@ -714,6 +714,31 @@ def test_spool_left_while_the_database_is_still_locked_is_retried(tmp_path):
     again.close()
 
 
+def test_two_lanes_on_one_audit_log_keep_each_others_spooled_rows(tmp_path):
+    # two services (two lanes) share one database, so one spool: a lane whose rows were committed rewrote the spool to
+    # its own queue, erasing the rows the other lane (stopped, or restarting onto a new model) had left there
+    db = tmp_path / "a.sqlite"
+    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    other = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")   # a backup holds the write lock
+    try:
+        rid_a = asyncio.run(_burst(lane_a, 1))[0].json()["request_id"]
+        rid_b = asyncio.run(_burst(lane_b, 1))[0].json()["request_id"]
+        assert {r["request_id"] for r in _spooled(db)} == {rid_a, rid_b}
+        lane_b.audit.close()   # lane B stops while the lock is held: its row is left in the spool
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    asyncio.run(lane_a.flush_audit())   # lane A's retry commits its own row
+    assert not lane_a.audit_backlog and [r["request_id"] for r in _spooled(db)] == [rid_b]
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2))   # lane B's restart commits its row
+    ids = {r[0] for r in lane_b.audit._db.execute("SELECT request_id FROM verdicts")}
+    assert ids == {rid_a, rid_b} and _spooled(db) == []
+    lane_a.close()
+    lane_b.close()
+
+
 def test_unwritable_spool_keeps_the_row_in_memory(tmp_path, monkeypatch, capsys):
     db = tmp_path / "a.sqlite"
     svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
