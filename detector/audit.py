@@ -44,6 +44,11 @@ OUTCOMES = ("found", "clear")
 MAX_OFFICER, MAX_NOTE = 200, 2000   # characters; longer is refused, not cut short
 BUSY_TIMEOUT_S = 30   # how long a write waits for a lock held by another connection, unless told otherwise
 SPOOL_SUFFIX = ".pending.jsonl"   # beside the database: rows answered but not yet committed
+MOUNTS = "/proc/self/mounts"   # Linux: device, mount point, filesystem type per line
+# filesystems whose locks and shared memory are not coherent between hosts: SQLite's WAL (its index is shared memory)
+# is safe there only while every process using the database runs on one host
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "davfs",
+              "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs", "fuse.rclone")
 REPLAY_WAIT_S = 1.0   # at open, how long replaying the spool waits for a locked database (the rest stays spooled)
 
 _SCHEMA = """
@@ -365,6 +370,23 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def network_filesystem(path: str | Path) -> str | None:
+    """The type of the network filesystem (nfs4, cifs, ...) a database path lies on; None on a local one or where the
+    mount table cannot be read (not Linux). SQLite's WAL and locks are not safe across hosts on such a share."""
+    folder = os.path.realpath(Path(path).parent)
+    try:
+        with open(MOUNTS, encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    best, kind = "", None
+    for point, fs in mounts:
+        point = point.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        if (folder == point or folder.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fs
+    return kind if kind in NETWORK_FS else None
 
 
 def _unreadable(line: bytes) -> str | None:

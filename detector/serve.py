@@ -37,7 +37,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 
-from detector.audit import MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, utc_now
+from detector.audit import (MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, network_filesystem,
+                            utc_now)
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 from detector.serve_metrics import Metrics
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
@@ -752,6 +753,12 @@ def main(args) -> int:
     if cfg.token and len(cfg.token) < SHORT_TOKEN:
         print(f"detector serve: warning: {TOKEN_ENV} is {len(cfg.token)} characters: a station network's token should "
               f"be {SHORT_TOKEN} or more random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
+              file=sys.stderr)
+    share = network_filesystem(cfg.audit)
+    if share:   # two lanes' services on one such file: commits can overwrite each other's; the service cannot tell
+        print(f"detector serve: warning: audit log {cfg.audit} is on a network filesystem ({share}): SQLite's WAL and "
+              "locks hold only between processes of one host, so services on two hosts writing it can lose or corrupt "
+              "rows; keep it on a local disk (lanes on one host may share it), and copy exports to the share",
               file=sys.stderr)
     files = open_files_words(*raise_open_files())
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "

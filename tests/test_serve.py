@@ -1327,3 +1327,23 @@ def test_a_forwarded_for_header_names_no_new_address(heuristic_model, tmp_path):
     finally:
         srv.stop()
     assert "wrong tokens from 127.0.0.1" in (tmp_path / f"server-{srv.port}.log").read_text()
+
+
+def test_an_audit_log_on_a_network_share_is_warned_about_at_start(heuristic_model, tmp_path, monkeypatch, capsys):
+    # two lanes pointed at one audit database on an NFS/SMB share: SQLite's WAL index is shared memory, coherent only
+    # between processes of one host, so their commits can overwrite each other's; the service started without a word
+    import uvicorn
+
+    from detector import audit, serve
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(serve, "create_app", lambda svc: svc)
+    share = tmp_path / "share dir"
+    share.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nnas:/audit {str(share).replace(' ', chr(92) + '040')} nfs4 rw 0 0\n")
+    monkeypatch.setattr(audit, "MOUNTS", str(mounts), raising=False)
+    assert serve.main(_serve_args(heuristic_model, share)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: audit log {share / 'a.sqlite'} is on a network filesystem (nfs4)" in err
+    assert serve.main(_serve_args(heuristic_model, tmp_path)) == 0   # a local disk: no warning
+    assert "network filesystem" not in capsys.readouterr().err
