@@ -258,6 +258,17 @@ class AuditLog:
                 tmp.unlink(missing_ok=True)
             _fsync_dir(self.spool.parent)
 
+    def spooled(self, request_id: str) -> bool:
+        """Whether the spool holds a row for `request_id` (answered by this or another service on this log, not yet
+        committed); False where there is none or it cannot be read."""
+        if not self.spool.exists():
+            return False
+        try:
+            with self._spool_locked():
+                return any(row and row["request_id"] == request_id for _, _, row in self._spool_lines())
+        except OSError:
+            return False
+
     def _replay_spool(self) -> list[dict[str, Any]]:
         """Commit the rows an earlier run left in the spool, oldest first; returns those the still locked
         database refused (they stay spooled). Unreadable lines and rows are reported on stderr and dropped."""

@@ -223,12 +223,13 @@ class Service:
 
     def _write_outcome(self, body: dict) -> dict:
         """In the audit thread: append the outcome; a verdict still queued behind a locked database (not yet in the
-        log) raises sqlite3.OperationalError, to be retried, not UnknownRequest."""
+        log, queued here or in the spool) raises sqlite3.OperationalError, to be retried, not UnknownRequest."""
         try:
             return self.audit.record_outcome(body.get("request_id"), body.get("outcome"), body.get("officer"),
                                              body.get("note"), wait_s=AUDIT_OUTCOME_WAIT_S)
         except UnknownRequest:
-            if any(r["request_id"] == body.get("request_id") for r in self.audit_backlog):
+            rid = body.get("request_id")   # queued here, or spooled by another service on this log (another lane)
+            if any(r["request_id"] == rid for r in self.audit_backlog) or self.audit.spooled(rid):
                 raise sqlite3.OperationalError("its verdict is still queued for the audit log") from None
             raise
 

@@ -739,6 +739,22 @@ def test_two_lanes_on_one_audit_log_keep_each_others_spooled_rows(tmp_path):
     lane_b.close()
 
 
+def test_outcome_at_one_lane_for_a_verdict_the_other_lane_still_queues_is_503_not_404(tmp_path):
+    # the officer's desk posts to lane B for a truck lane A answered while the database was locked: B answered 404 "no
+    # verdict with that request_id" (a client gives up on a 404) though the row was spooled and would be committed
+    db = tmp_path / "a.sqlite"
+    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    rid = _answer_while_locked(lane_a, db)["request_id"]
+    r = asyncio.run(_post_outcome(lane_b, {"request_id": rid, "outcome": "clear"}))
+    assert r.status_code == 503 and "still queued" in r.json()["detail"]
+    asyncio.run(lane_a.flush_audit())
+    assert asyncio.run(_post_outcome(lane_b, {"request_id": rid, "outcome": "clear"})).status_code == 200
+    assert asyncio.run(_post_outcome(lane_b, {"request_id": "nope", "outcome": "clear"})).status_code == 404
+    lane_a.close()
+    lane_b.close()
+
+
 def test_unwritable_spool_keeps_the_row_in_memory(tmp_path, monkeypatch, capsys):
     db = tmp_path / "a.sqlite"
     svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
