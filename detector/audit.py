@@ -5,7 +5,8 @@ power loss each answered request has its row. WAL keeps readers (the export) off
 The one exception: a database locked by another writer past the request's deadline. The truck is then
 answered INSPECT at once, and its row (saying so) is first appended, fsync'ed, to the spool beside the
 database (`<audit>.pending.jsonl`, JSON lines), then retried until committed (see serve.Service._audit).
-The spool is rewritten to hold only rows not yet committed; opening the log commits what an earlier run
+The spool is rewritten without the rows committed (a service takes out only its own: two lanes' services on one
+database share it, and an flock on `<spool>.lock` keeps their writes apart); opening the log commits what an earlier run
 left in it (by request_id, so a row committed just before a crash is not stored twice). Where the spool
 cannot be written either (disk full), the row is kept in memory and logged to stderr in full.
 
@@ -23,7 +24,12 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:   # Windows: one service per audit log
+    fcntl = None
 
 COLUMNS = ("time", "request_id", "vehicle_id", "container_id", "file_name", "file_sha256", "file_bytes",
            "model_sha256", "model_version", "score", "threshold", "tier", "decision", "reason",
@@ -40,6 +46,11 @@ OUTCOMES = ("found", "clear")
 MAX_OFFICER, MAX_NOTE = 200, 2000   # characters; longer is refused, not cut short
 BUSY_TIMEOUT_S = 30   # how long a write waits for a lock held by another connection, unless told otherwise
 SPOOL_SUFFIX = ".pending.jsonl"   # beside the database: rows answered but not yet committed
+MOUNTS = "/proc/self/mounts"   # Linux: device, mount point, filesystem type per line
+# filesystems whose locks and shared memory are not coherent between hosts: SQLite's WAL (its index is shared memory)
+# is safe there only while every process using the database runs on one host
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "davfs",
+              "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs", "fuse.rclone")
 REPLAY_WAIT_S = 1.0   # at open, how long replaying the spool waits for a locked database (the rest stays spooled)
 
 _SCHEMA = """
@@ -107,6 +118,7 @@ class AuditLog:
                 self._db.close()
             raise type(e)(f"{self.path}: cannot open the audit log ({e})") from None
         self.spool = Path(f"{self.path}{SPOOL_SUFFIX}")
+        self.spool_lock = Path(f"{self.spool}.lock")   # flock'ed by every process writing the spool; never removed
         self.recovered: list[dict] = self._replay_spool()   # spooled rows still not committed (database locked)
 
     def _check_writable(self) -> None:
@@ -187,10 +199,25 @@ class AuditLog:
                 if wait_s is not None:
                     self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
 
+    @contextmanager
+    def _spool_locked(self) -> Iterator[None]:
+        """The spool to itself: this process's threads by the lock, other processes (two lanes' services on one audit
+        log share its spool) by an flock on `<spool>.lock`, where the platform has flock."""
+        with self._lock:
+            if fcntl is None:
+                yield
+                return
+            fd = os.open(self.spool_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)   # releases the flock
+
     def spool_append(self, record: dict[str, Any]) -> None:
         """Append a row not yet committed to the spool and fsync it (durable on return); OSError if it cannot be."""
         line = (json.dumps(record) + "\n").encode()
-        with self._lock:
+        with self._spool_locked():
             fd = os.open(self.spool, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 start = os.fstat(fd).st_size
@@ -206,14 +233,24 @@ class AuditLog:
                 os.close(fd)
             _fsync_dir(self.spool.parent)   # the spool's name, when this append created it
 
-    def spool_rewrite(self, records: list[dict[str, Any]]) -> None:
-        """Make the spool hold exactly `records` (atomically; removed when empty); OSError if it cannot be."""
+    def spool_update(self, done: set[str], queued: Iterable[dict[str, Any]] = (), drop_unreadable: bool = False) -> None:
+        """Take the rows `done` names (committed, or never storable) out of the spool and add those of `queued` it lacks
+        (kept in memory only when an append failed), atomically; removed when empty. Rows other processes spooled stay:
+        rewriting it to this process's queue erased the rows a stopped lane had left there. OSError if it cannot be."""
         tmp = self.spool.with_name(self.spool.name + ".tmp")
-        with self._lock:
+        with self._spool_locked():
+            kept, held = [], set()
+            for _, line, row in self._spool_lines():
+                if row is None and drop_unreadable:
+                    continue
+                if row is None or row["request_id"] not in done:
+                    kept.append(line)
+                    held |= {row["request_id"]} if row else set()
+            kept += [json.dumps(r).encode() for r in queued if r["request_id"] not in held | done]
             try:
-                if records:
+                if kept:
                     with open(tmp, "wb") as f:
-                        f.write("".join(json.dumps(r) + "\n" for r in records).encode())
+                        f.write(b"".join(line + b"\n" for line in kept))
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, self.spool)
@@ -223,13 +260,33 @@ class AuditLog:
                 tmp.unlink(missing_ok=True)
             _fsync_dir(self.spool.parent)
 
+    def spooled(self, request_id: str) -> bool:
+        """Whether the spool holds a row for `request_id` (answered by this or another service on this log, not yet
+        committed); False where there is none or it cannot be read."""
+        if not self.spool.exists():
+            return False
+        try:
+            with self._spool_locked():
+                return any(row and row["request_id"] == request_id for _, _, row in self._spool_lines())
+        except OSError:
+            return False
+
     def _replay_spool(self) -> list[dict[str, Any]]:
         """Commit the rows an earlier run left in the spool, oldest first; returns those the still locked
         database refused (they stay spooled). Unreadable lines and rows are reported on stderr and dropped."""
-        rows = self._read_spool()
+        if not self.spool.exists():   # the usual start: no lock file made
+            return []
+        try:
+            with self._spool_locked():
+                rows = self._read_spool()
+        except OSError as e:   # the lock file cannot be made: a read-only folder, which the database's WAL refuses too
+            print(f"detector audit: {self.spool}: cannot read the spool of deferred rows ({e}); left as it is",
+                  file=sys.stderr, flush=True)
+            return []
         if rows is None:
             return []
         left: list[dict[str, Any]] = []
+        done: set[str] = set()
         stored = 0
         for n, row in rows:
             if left:
@@ -237,14 +294,16 @@ class AuditLog:
                 continue
             try:
                 self.write(row, wait_s=REPLAY_WAIT_S, replay=True)
+                done.add(row["request_id"])
                 stored += 1
             except sqlite3.OperationalError:   # still locked: the service's retry commits it
                 left.append(row)
             except (sqlite3.Error, ValueError, TypeError) as e:   # would fail every time: say so, keep going
+                done.add(row["request_id"])
                 print(f"detector audit: {self.spool}: line {n}: row not stored ({e}): {json.dumps(row)}",
                       file=sys.stderr, flush=True)
-        try:
-            self.spool_rewrite(left)
+        try:   # only the rows replayed leave it: another lane's service may have spooled more meanwhile
+            self.spool_update(done, drop_unreadable=True)
         except OSError as e:   # committed rows stay in it; the next replay skips them
             print(f"detector audit: {self.spool}: cannot rewrite the spool ({e})", file=sys.stderr, flush=True)
         if rows:
@@ -255,28 +314,33 @@ class AuditLog:
     def _read_spool(self) -> list[tuple[int, dict[str, Any]]] | None:
         """The spool's rows with their line numbers; None when there is no spool or it cannot be read
         (it is then left as it is). A bad line (half written when the service died) is reported and skipped."""
-        try:
-            lines = self.spool.read_bytes().split(b"\n")
-        except FileNotFoundError:
+        if not self.spool.exists():
             return None
+        try:
+            lines = self._spool_lines()
         except OSError as e:
             print(f"detector audit: {self.spool}: cannot read the spool of deferred rows ({e}); left as it is",
                   file=sys.stderr, flush=True)
             return None
         rows = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("ascii"))   # json.dumps writes ASCII: any other byte is damage
-                if not isinstance(row, dict) or not isinstance(row.get("request_id"), str):
-                    raise ValueError("not a row with a request_id")
-            except ValueError as e:
-                print(f"detector audit: {self.spool}: line {n} unreadable ({e}), skipped: "
+        for n, line, row in lines:
+            if row is None:
+                why = _unreadable(line)
+                print(f"detector audit: {self.spool}: line {n} unreadable ({why}), skipped: "
                       f"{line.decode('ascii', 'backslashreplace')!r}", file=sys.stderr, flush=True)
                 continue
             rows.append((n, row))
         return rows
+
+    def _spool_lines(self) -> list[tuple[int, bytes, dict[str, Any] | None]]:
+        """(line number, bytes, row or None where unreadable) of each non-blank line of the spool; [] when there is
+        none. OSError when it cannot be read."""
+        try:
+            lines = self.spool.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        return [(n, line, None if _unreadable(line) else json.loads(line.decode("ascii")))
+                for n, line in enumerate(lines, 1) if line.strip()]
 
     def count(self) -> int:
         with self._lock:
@@ -319,6 +383,34 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def network_filesystem(path: str | Path) -> str | None:
+    """The type of the network filesystem (nfs4, cifs, ...) a database path lies on; None on a local one or where the
+    mount table cannot be read (not Linux). SQLite's WAL and locks are not safe across hosts on such a share."""
+    folder = os.path.realpath(Path(path).parent)
+    try:
+        with open(MOUNTS, encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    best, kind = "", None
+    for point, fs in mounts:
+        point = point.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        if (folder == point or folder.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fs
+    return kind if kind in NETWORK_FS else None
+
+
+def _unreadable(line: bytes) -> str | None:
+    """Why a spool line is not a row (half written when a service died, damaged); None when it is one."""
+    try:
+        row = json.loads(line.decode("ascii"))   # json.dumps writes ASCII: any other byte is damage
+    except ValueError as e:
+        return str(e)
+    if not isinstance(row, dict) or not isinstance(row.get("request_id"), str):
+        return "not a row with a request_id"
+    return None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -37,7 +37,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 
-from detector.audit import MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, utc_now
+from detector.audit import (MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, network_filesystem,
+                            utc_now)
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 from detector.serve_metrics import Metrics
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
@@ -222,12 +223,13 @@ class Service:
 
     def _write_outcome(self, body: dict) -> dict:
         """In the audit thread: append the outcome; a verdict still queued behind a locked database (not yet in the
-        log) raises sqlite3.OperationalError, to be retried, not UnknownRequest."""
+        log, queued here or in the spool) raises sqlite3.OperationalError, to be retried, not UnknownRequest."""
         try:
             return self.audit.record_outcome(body.get("request_id"), body.get("outcome"), body.get("officer"),
                                              body.get("note"), wait_s=AUDIT_OUTCOME_WAIT_S)
         except UnknownRequest:
-            if any(r["request_id"] == body.get("request_id") for r in self.audit_backlog):
+            rid = body.get("request_id")   # queued here, or spooled by another service on this log (another lane)
+            if any(r["request_id"] == rid for r in self.audit_backlog) or self.audit.spooled(rid):
                 raise sqlite3.OperationalError("its verdict is still queued for the audit log") from None
             raise
 
@@ -385,8 +387,8 @@ class Service:
 
     def _flush_backlog(self, wait_s: float) -> None:
         """In the audit thread: commit queued rows oldest first until the database refuses (still locked), then
-        rewrite the spool to the rows still queued."""
-        done = 0
+        take the rows done out of the spool."""
+        done: set[str] = set()
         while self.audit_backlog:
             record = self.audit_backlog[0]
             try:
@@ -397,15 +399,15 @@ class Service:
                 self._lost(record, e)
             else:
                 _say(f"detector serve: queued audit row for {record['request_id']} written")
-            self.audit_backlog.popleft()
-            done += 1
+            done.add(self.audit_backlog.popleft()["request_id"])
         if done:
-            self._respool()
+            self._respool(done)
 
-    def _respool(self) -> bool:
-        """Rewrite the spool to hold exactly the queued rows; False (said on stderr) when it cannot be."""
+    def _respool(self, done: set[str]) -> bool:
+        """Take the rows `done` out of the spool and put the queued ones it lacks in (rows another service on this
+        audit log spooled stay); False (said on stderr) when it cannot be."""
         try:
-            self.audit.spool_rewrite(list(self.audit_backlog))
+            self.audit.spool_update(done, list(self.audit_backlog))
             return True
         except OSError as e:   # committed rows left in it are skipped when it is replayed
             _say(f"detector serve: cannot rewrite the audit spool {self.audit.spool} ({e}); "
@@ -454,7 +456,7 @@ class Service:
         self.pool.shutdown(wait=True)
         self.audit_pool.shutdown(wait=True)
         self._flush_backlog(AUDIT_CLOSE_WAIT_S)
-        if self.audit_backlog and self._respool():
+        if self.audit_backlog and self._respool(set()):
             _say(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
                  f"kept in {self.audit.spool}; the next start commits them")
         elif self.audit_backlog:
@@ -753,6 +755,12 @@ def main(args) -> int:
     if cfg.token and len(cfg.token) < SHORT_TOKEN:
         print(f"detector serve: warning: {TOKEN_ENV} is {len(cfg.token)} characters: a station network's token should "
               f"be {SHORT_TOKEN} or more random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
+              file=sys.stderr)
+    share = network_filesystem(cfg.audit)
+    if share:   # two lanes' services on one such file: commits can overwrite each other's; the service cannot tell
+        print(f"detector serve: warning: audit log {cfg.audit} is on a network filesystem ({share}): SQLite's WAL and "
+              "locks hold only between processes of one host, so services on two hosts writing it can lose or corrupt "
+              "rows; keep it on a local disk (lanes on one host may share it), and copy exports to the share",
               file=sys.stderr)
     files = open_files_words(*raise_open_files())
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "

@@ -714,6 +714,47 @@ def test_spool_left_while_the_database_is_still_locked_is_retried(tmp_path):
     again.close()
 
 
+def test_two_lanes_on_one_audit_log_keep_each_others_spooled_rows(tmp_path):
+    # two services (two lanes) share one database, so one spool: a lane whose rows were committed rewrote the spool to
+    # its own queue, erasing the rows the other lane (stopped, or restarting onto a new model) had left there
+    db = tmp_path / "a.sqlite"
+    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    other = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")   # a backup holds the write lock
+    try:
+        rid_a = asyncio.run(_burst(lane_a, 1))[0].json()["request_id"]
+        rid_b = asyncio.run(_burst(lane_b, 1))[0].json()["request_id"]
+        assert {r["request_id"] for r in _spooled(db)} == {rid_a, rid_b}
+        lane_b.audit.close()   # lane B stops while the lock is held: its row is left in the spool
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    asyncio.run(lane_a.flush_audit())   # lane A's retry commits its own row
+    assert not lane_a.audit_backlog and [r["request_id"] for r in _spooled(db)] == [rid_b]
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2))   # lane B's restart commits its row
+    ids = {r[0] for r in lane_b.audit._db.execute("SELECT request_id FROM verdicts")}
+    assert ids == {rid_a, rid_b} and _spooled(db) == []
+    lane_a.close()
+    lane_b.close()
+
+
+def test_outcome_at_one_lane_for_a_verdict_the_other_lane_still_queues_is_503_not_404(tmp_path):
+    # the officer's desk posts to lane B for a truck lane A answered while the database was locked: B answered 404 "no
+    # verdict with that request_id" (a client gives up on a 404) though the row was spooled and would be committed
+    db = tmp_path / "a.sqlite"
+    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    rid = _answer_while_locked(lane_a, db)["request_id"]
+    r = asyncio.run(_post_outcome(lane_b, {"request_id": rid, "outcome": "clear"}))
+    assert r.status_code == 503 and "still queued" in r.json()["detail"]
+    asyncio.run(lane_a.flush_audit())
+    assert asyncio.run(_post_outcome(lane_b, {"request_id": rid, "outcome": "clear"})).status_code == 200
+    assert asyncio.run(_post_outcome(lane_b, {"request_id": "nope", "outcome": "clear"})).status_code == 404
+    lane_a.close()
+    lane_b.close()
+
+
 def test_unwritable_spool_keeps_the_row_in_memory(tmp_path, monkeypatch, capsys):
     db = tmp_path / "a.sqlite"
     svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
@@ -1304,3 +1345,23 @@ def test_a_forwarded_for_header_names_no_new_address(heuristic_model, tmp_path):
     finally:
         srv.stop()
     assert "wrong tokens from 127.0.0.1" in (tmp_path / f"server-{srv.port}.log").read_text()
+
+
+def test_an_audit_log_on_a_network_share_is_warned_about_at_start(heuristic_model, tmp_path, monkeypatch, capsys):
+    # two lanes pointed at one audit database on an NFS/SMB share: SQLite's WAL index is shared memory, coherent only
+    # between processes of one host, so their commits can overwrite each other's; the service started without a word
+    import uvicorn
+
+    from detector import audit, serve
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(serve, "create_app", lambda svc: svc)
+    share = tmp_path / "share dir"
+    share.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nnas:/audit {str(share).replace(' ', chr(92) + '040')} nfs4 rw 0 0\n")
+    monkeypatch.setattr(audit, "MOUNTS", str(mounts), raising=False)
+    assert serve.main(_serve_args(heuristic_model, share)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: audit log {share / 'a.sqlite'} is on a network filesystem (nfs4)" in err
+    assert serve.main(_serve_args(heuristic_model, tmp_path)) == 0   # a local disk: no warning
+    assert "network filesystem" not in capsys.readouterr().err
