@@ -23,6 +23,7 @@ from detector.scan import SCAN_SUFFIXES, ScanError, ScanWarning, read_scan, scan
 
 PARITY_TOL = 1e-4
 DRIFT_RATE = 0.01  # detection is compared at this false-alarm rate
+FEW_DRIFT_SCANS = 20   # fewer normal or anomalous calibration scans than this: the drift figures are warned about
 # (height, width) in scan pixels at 5 mm; the last is odd-sized so padding is exercised
 PARITY_SCANS = ((128, 192), (256, 640), (155, 407))
 Log = Callable[[str], None]
@@ -276,6 +277,10 @@ def make_int8_bundle(fp32_bundle: str | Path, out: str | Path, calibration: str 
                           f"(manifest.csv or normal/ + anomalous/); found {len(items)} scan(s) without both "
                           f"classes. The fp32 bundle {fp32_bundle} is unaffected")
     log(f"  int8: calibrating on {len(items)} scans from {calibration}")
+    counts = [sum(lab == c for _, lab, _ in items) for c in (0, 1)]
+    if min(counts) < FEW_DRIFT_SCANS:   # the ranges and the drift come from these few: a flip elsewhere goes unseen
+        log(f"  int8: warning: only {counts[0]} normal and {counts[1]} anomalous calibration scans: the quantization "
+            f"ranges and the drift check rest on them alone; give {FEW_DRIFT_SCANS} or more of each (up to 64 are used)")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         raw = quantize_int8(fp32_bundle, Path(tmp) / "q.onnx", [(p, pitch) for p, _, pitch in items], pre, channels)
