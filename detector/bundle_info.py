@@ -117,8 +117,11 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
     if meta.get("int8"):
         d = meta["int8"]
         lines.append(f"  int8 drift  AUROC {_num(d.get('auroc_fp32'), 4)} -> {_num(d.get('auroc_int8'), 4)}, detection "
-                     f"at 1 % {_pct(d.get('detection_fp32'))} -> {_pct(d.get('detection_int8'))} "
-                     f"(on {d.get('normal', '?')} normal and {d.get('anomalous', '?')} anomalous calibration scans)")
+                     f"at 1 % {_pct(d.get('detection_fp32'))} -> {_pct(d.get('detection_int8'))}"
+                     + (f", at the shipped threshold {threshold_texts(d['threshold'])[0]} "
+                        f"{_pct(d.get('detection_at_threshold_fp32'))} -> {_pct(d.get('detection_at_threshold_int8'))}"
+                        if d.get("threshold") is not None else "")
+                     + f" (on {d.get('normal', '?')} normal and {d.get('anomalous', '?')} anomalous calibration scans)")
     lines.append("  thresholds (a truck scoring at or above one is inspected):")
     lines += _threshold_lines(meta)
     site = meta.get("site_calibration")

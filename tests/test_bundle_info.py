@@ -73,10 +73,15 @@ def test_info_shows_int8_and_refuses_what_is_no_bundle(tmp_path, capsys):
     meta = read_metadata(model)
     drift = {"quantization": {"format": "QDQ", "activations": "uint8", "weights": "int8 per-channel"},
              "auroc_fp32": 0.9512, "auroc_int8": 0.9498, "detection_fp32": 0.8, "detection_int8": 0.79,
-             "normal": 40, "anomalous": 20}
+             "normal": 40, "anomalous": 20, "threshold": 0.61, "detection_at_threshold_fp32": 0.75,
+             "detection_at_threshold_int8": 0.7}
     lines = describe(model, {**meta, "int8": drift})
     assert "INT8 (QDQ, uint8 activations, int8 per-channel weights)" in lines[0]
     assert any("AUROC 0.9512 -> 0.9498" in ln and "80.0 % -> 79.0 %" in ln for ln in lines)
+    # the drop at the shipped threshold, the operating point export also judges the drift at
+    assert any("at the shipped threshold 0.6100 75.0 % -> 70.0 %" in ln for ln in lines), lines
+    older = {k: v for k, v in drift.items() if "threshold" not in k}   # a bundle exported before it was measured
+    assert not any("shipped threshold" in ln for ln in describe(model, {**meta, "int8": older}))
     (tmp_path / "notes.onnx").write_text("not a model")
     for bad, why in ((tmp_path / "notes.onnx", "not a loadable ONNX model"), (tmp_path / "gone.onnx", "not found")):
         assert cli(["info", str(bad)]) == 2
