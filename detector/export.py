@@ -271,10 +271,13 @@ def make_int8_bundle(fp32_bundle: str | Path, out: str | Path, calibration: str 
                      max_drop: float = 1.0, limit: int | None = 64, log: Log = print) -> dict:
     """Quantize a bundle on calibration scans, measure drift, refuse past `max_drop` points."""
     pre, channels = Preprocessing.from_dict(meta["preprocessing"]), int(meta["channels"])
-    items = usable_items(calibration_items(calibration, limit), pre, channels, log, meta.get("default_pitch_mm"))
+    found = calibration_items(calibration, limit)
+    items = usable_items(found, pre, channels, log, meta.get("default_pitch_mm"))
     if len({lab for _, lab, _ in items}) != 2 or any(lab is None for _, lab, _ in items):
+        usable = f"{len(items)} usable of {len(found)} (the others left out above)" if len(items) < len(found) else \
+            f"{len(items)}"
         raise ExportError(f"{calibration}: INT8 drift needs labelled normal and anomalous scans "
-                          f"(manifest.csv or normal/ + anomalous/); found {len(items)} scan(s) without both "
+                          f"(manifest.csv or normal/ + anomalous/); found {usable} scan(s) without both "
                           f"classes. The fp32 bundle {fp32_bundle} is unaffected")
     log(f"  int8: calibrating on {len(items)} scans from {calibration}")
     counts = [sum(lab == c for _, lab, _ in items) for c in (0, 1)]

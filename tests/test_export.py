@@ -136,6 +136,12 @@ def test_int8_writes_drift_and_refuses_past_the_limit(exported, calibration_dir,
     write_test_scan(unlabelled / "x.tiff")
     with pytest.raises(ExportError, match="labelled normal and anomalous"):
         make_int8_bundle(out, tmp_path / "u.onnx", unlabelled, meta, log=lambda s: None)
+    broken = tmp_path / "broken"   # every scan left out: the refusal says so, not "0 scans without both classes"
+    shutil.copytree(calibration_dir, broken)
+    for f in broken.rglob("*.tiff"):
+        f.write_bytes(b"II*\x00 cut short")
+    with pytest.raises(ExportError, match=r"found 0 usable of 6 \(the others left out above\) scan\(s\)"):
+        make_int8_bundle(out, tmp_path / "b.onnx", broken, meta, log=lambda s: None)
 
 
 def test_int8_refuses_a_score_shift_at_the_shipped_threshold(heuristic_model, calibration_dir, tmp_path,
