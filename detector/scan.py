@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -53,6 +54,7 @@ class ScanWarning(UserWarning):
         super().__init__(f"{self.path}: {reason}")
 
 
+_FIGURES = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")   # the numbers in a warning's reason (summarised_scan_warnings)
 _SHOWN: dict = {}   # warn_scan's registry: what __warningregistry__ is to warnings.warn, bounded
 
 
@@ -80,9 +82,11 @@ def warn_scan(warning: ScanWarning, stacklevel: int = 1) -> None:
 def summarised_scan_warnings(report: Callable[[str], None]) -> Iterator[None]:
     """Collect the ScanWarnings raised inside (from any thread) and report one line per reason, with its count and
     a file, when the block ends: batch jobs printed one two-line warning per scan (20,000 lines for 10,000 RGB
-    renderings). Each reason keeps a count and its first file, not its warnings (recording them all held ~700 bytes
-    a scan for the whole run). Other warnings are passed on as they would have been."""
-    groups: dict[str, list] = {}   # reason -> [count, first file]
+    renderings). Reasons that differ in their figures alone are one (`_FIGURES`: a 12-bit archive's brightest pixel
+    differs per scan, and gave a line per value); the line shows the first one's. Each reason keeps a count and its
+    first file, not its warnings (recording them all held ~700 bytes a scan for the whole run). Other warnings are
+    passed on as they would have been."""
+    groups: dict[str, list] = {}   # reason, figures masked -> [count, first reason, first file, figures differ]
     others: list[tuple] = []
     lock = threading.Lock()
 
@@ -91,8 +95,10 @@ def summarised_scan_warnings(report: Callable[[str], None]) -> Iterator[None]:
             if not issubclass(category, ScanWarning):
                 others.append((message, category, filename, lineno))
                 return
-            group = groups.setdefault(getattr(message, "reason", str(message)), [0, getattr(message, "path", "?")])
+            reason = getattr(message, "reason", str(message))
+            group = groups.setdefault(_FIGURES.sub("#", reason), [0, reason, getattr(message, "path", "?"), False])
             group[0] += 1
+            group[3] = group[3] or reason != group[1]
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", ScanWarning)
@@ -100,8 +106,9 @@ def summarised_scan_warnings(report: Callable[[str], None]) -> Iterator[None]:
         yield
     for message, category, filename, lineno in others:
         warnings.warn_explicit(message, category, filename, lineno)
-    for reason, (count, path) in groups.items():
-        report(f"{count} scan(s): {reason} (e.g. {path})")
+    for count, reason, path, differ in groups.values():
+        figures = "; the figures are this one's, they differ among these scans" if differ else ""
+        report(f"{count} scan(s): {reason} (e.g. {path}{figures})")
 
 
 @dataclass
