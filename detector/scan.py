@@ -11,7 +11,9 @@ import errno
 import json
 import math
 import os
+import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +54,7 @@ class ScanWarning(UserWarning):
         super().__init__(f"{self.path}: {reason}")
 
 
+_FIGURES = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")   # the numbers in a warning's reason (summarised_scan_warnings)
 _SHOWN: dict = {}   # warn_scan's registry: what __warningregistry__ is to warnings.warn, bounded
 
 
@@ -79,24 +82,33 @@ def warn_scan(warning: ScanWarning, stacklevel: int = 1) -> None:
 def summarised_scan_warnings(report: Callable[[str], None]) -> Iterator[None]:
     """Collect the ScanWarnings raised inside (from any thread) and report one line per reason, with its count and
     a file, when the block ends: batch jobs printed one two-line warning per scan (20,000 lines for 10,000 RGB
-    renderings). Other warnings are passed on as they would have been."""
-    with warnings.catch_warnings(record=True) as caught:
+    renderings). Reasons that differ in their figures alone are one (`_FIGURES`: a 12-bit archive's brightest pixel
+    differs per scan, and gave a line per value); the line shows the first one's. Each reason keeps a count and its
+    first file, not its warnings (recording them all held ~700 bytes a scan for the whole run). Other warnings are
+    passed on as they would have been."""
+    groups: dict[str, list] = {}   # reason, figures masked -> [count, first reason, first file, figures differ]
+    others: list[tuple] = []
+    lock = threading.Lock()
+
+    def collect(message, category, filename, lineno, file=None, line=None) -> None:
+        with lock:
+            if not issubclass(category, ScanWarning):
+                others.append((message, category, filename, lineno))
+                return
+            reason = getattr(message, "reason", str(message))
+            group = groups.setdefault(_FIGURES.sub("#", reason), [0, reason, getattr(message, "path", "?"), False])
+            group[0] += 1
+            group[3] = group[3] or reason != group[1]
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always", ScanWarning)
-        try:
-            yield
-        finally:
-            groups: dict[str, list[str]] = {}
-            others = []
-            for w in caught:
-                if issubclass(w.category, ScanWarning):
-                    m = w.message
-                    groups.setdefault(getattr(m, "reason", str(m)), []).append(getattr(m, "path", "?"))
-                else:
-                    others.append(w)
-    for w in others:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-    for reason, paths in groups.items():
-        report(f"{len(paths)} scan(s): {reason} (e.g. {paths[0]})")
+        warnings.showwarning = collect   # restored by catch_warnings
+        yield
+    for message, category, filename, lineno in others:
+        warnings.warn_explicit(message, category, filename, lineno)
+    for count, reason, path, differ in groups.values():
+        figures = "; the figures are this one's, they differ among these scans" if differ else ""
+        report(f"{count} scan(s): {reason} (e.g. {path}{figures})")
 
 
 @dataclass

@@ -505,8 +505,9 @@ def main(args) -> int:
             print(f"detector score: --{flag} must be a count (0 for the default), got {getattr(args, flag)}",
                   file=sys.stderr)
             return 2
+    unlisted: list[str] = []   # folders that cannot be listed: warned now, repeated after a long run
     try:
-        items, how = discover(args.src)
+        items, how = discover(args.src, unlisted)
     except (FileNotFoundError, ValueError) as e:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
@@ -552,11 +553,12 @@ def main(args) -> int:
         print(f"detector score: {e}", file=sys.stderr)
         return 2
     with lock:
-        return _run(args, out, items, how, inspector, policy, routing)
+        return _run(args, out, items, how, inspector, policy, routing, unlisted)
 
 
-def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict) -> int:
-    """main's part under the results lock: resume, score, summarise."""
+def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict,
+         unlisted: list[str]) -> int:
+    """main's part under the results lock: resume, score, summarise (`unlisted`: folders discover could not list)."""
     from detector.runtime import usable_cpus
     jsonl = Path(args.jsonl) if args.jsonl else None
     if getattr(args, "no_resume", False):
@@ -620,8 +622,12 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
         print(f"warning: {line}", file=sys.stderr)
     if len(c.overlay_errors) > 5:
         print(f"... and {len(c.overlay_errors) - 5} more overlays not written", file=sys.stderr)
+    if unlisted:   # warned before the run began, hours of progress bar ago: its summary says so again
+        print(f"warning: {len(unlisted)} folder(s) could not be listed, their scans not scored (e.g. {unlisted[0]}): "
+              "make them readable and run the same command again", file=sys.stderr)
     where = f"{out}" + (f", {args.jsonl}" if args.jsonl else "") + (f", overlays in {args.overlays}" if args.overlays else "")
     missing = f", {len(c.overlay_errors)} overlays not written" if c.overlay_errors else ""
+    missing += f", {len(unlisted)} folder(s) not listed" if unlisted else ""
     print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}{missing}, "
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
     src = Path(args.src)

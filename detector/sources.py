@@ -58,10 +58,11 @@ def read_manifest(path: Path) -> list[Item]:
     return [_item(path, r) for r in read_rows(path, need=("path",))]
 
 
-def discover(src: str) -> tuple[list[Item], str]:
+def discover(src: str, unlisted: list[str] | None = None) -> tuple[list[Item], str]:
     """The files named by SRC and a word on how they were found. SRC: a folder (its manifest.csv
-    when present, else every scan file below it, skipping masks/), a glob, a .txt list or a .csv."""
-    items, how = _discover(src)
+    when present, else every scan file below it, skipping masks/), a glob, a .txt list or a .csv. The folders below
+    it that cannot be listed are warned about and appended to `unlisted`, for a long run's summary to repeat."""
+    items, how = _discover(src, [] if unlisted is None else unlisted)
     return unique(items), how
 
 
@@ -96,14 +97,16 @@ def _routing_differs(a: Item, b: Item) -> str:
                                              sorted(b.risk_flags)), ("pitch_mm", a.pitch_mm, b.pitch_mm)) if x != y)
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, unlisted: list[str]) -> list[Path]:
     """Scan files below a folder, sorted, skipping masks/ and hidden names. Symlinked folders are followed (once
-    each); a folder that cannot be listed is reported, where os.walk skipped it and its scans without a word."""
+    each); a folder that cannot be listed is reported (and appended to `unlisted`), where os.walk skipped it and its
+    scans without a word."""
     files, seen = [], set()
 
-    def unlisted(e: OSError) -> None:
+    def refused(e: OSError) -> None:
+        unlisted.append(shown(e.filename))
         warnings.warn(f"{e.filename}: cannot list this folder ({e.strerror or e}); its scans are not scored")
-    for root, dirs, names in os.walk(folder, onerror=unlisted, followlinks=True):
+    for root, dirs, names in os.walk(folder, onerror=refused, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:   # a link back up the tree, or a second link to one folder
             dirs[:] = []
@@ -115,13 +118,13 @@ def _walk(folder: Path) -> list[Path]:
     return files
 
 
-def _discover(src: str) -> tuple[list[Item], str]:
+def _discover(src: str, unlisted: list[str]) -> tuple[list[Item], str]:
     """discover before repeats are dropped."""
     p = Path(src)
     if p.is_dir():
         if (p / "manifest.csv").is_file():
             return read_manifest(p / "manifest.csv"), f"{p / 'manifest.csv'}"
-        return [given(f) for f in _walk(p)], f"folder {p}"
+        return [given(f) for f in _walk(p, unlisted)], f"folder {p}"
     if p.suffix.lower() == ".csv" and p.is_file():
         return read_manifest(p), f"manifest {p}"
     if p.suffix.lower() == ".txt" and p.is_file():

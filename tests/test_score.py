@@ -184,25 +184,47 @@ def test_discover_sources(tmp_path):
 
 
 
-def test_folder_walk_follows_symlinked_folders_once_and_reports_unlistable_ones(tmp_path, monkeypatch):
+def _lock_folders_named(name: str, monkeypatch) -> None:
+    """Listing a folder of this name raises PermissionError, as chmod 000 does (but not for root, who runs the tests
+    here)."""
     import os
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_folder_walk_follows_symlinked_folders_once_and_reports_unlistable_ones(tmp_path, monkeypatch):
     d, day = tmp_path / "share", tmp_path / "elsewhere" / "day2"
     for f in (d / "day1" / "a.tiff", day / "b.tiff", d / "locked" / "c.tiff"):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x")
     (d / "day2").symlink_to(day)                   # a day's folder linked into the share
     (d / "day1" / "up").symlink_to(d)              # a link back up the tree
-    real_scandir = os.scandir
-
-    def scandir(path="."):                          # chmod 000 does not stop root, who runs the tests here
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-    monkeypatch.setattr(os, "scandir", scandir)
+    _lock_folders_named("locked", monkeypatch)
     with pytest.warns(UserWarning, match="locked: cannot list this folder .*Permission denied.*not scored"):
         items, _ = score.discover(str(d))
     assert sorted(i.path.name for i in items) == ["a.tiff", "b.tiff"]
 
+
+def test_a_folder_that_cannot_be_listed_is_repeated_in_the_summary_of_the_run(tmp_path, monkeypatch, capsys,
+                                                                             heuristic_model, normal_scan_path):
+    """An archive run warned about a folder it could not list before its progress bar, hours before its summary,
+    which said nothing of it: the audit read the summary and missed a day of trucks."""
+    d = tmp_path / "archive"
+    for f in (d / "day1" / "a.tiff", d / "locked" / "b.tiff"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(normal_scan_path, f)
+    _lock_folders_named("locked", monkeypatch)
+    with pytest.warns(UserWarning, match="locked: cannot list this folder"):
+        assert score.main(_args(d, heuristic_model, tmp_path / "results.csv")) == 0
+    out, err = capsys.readouterr()
+    assert list(_rows(tmp_path / "results.csv")) == ["a.tiff"]
+    assert "scanned 1 (folder" in out and "1 folder(s) not listed" in out, out
+    assert f"1 folder(s) could not be listed, their scans not scored (e.g. {d / 'locked'})" in err
 
 def test_the_runs_own_files_are_never_scored_whatever_src_names(tmp_path, heuristic_model, normal_scan_path):
     d = tmp_path / "day"
