@@ -378,7 +378,7 @@ class Inspector:
             return f"{self.default_rate * 100:g}% false-alarm rate"
         scores = self.metadata.get("normal_scores") or []
         if scores:
-            return f"custom threshold: {false_alarm_rate(scores, thr) * 100:.2g}% false alarms on validation"
+            return f"custom threshold: {false_alarm_rate(scores, thr) * 100:.3g}% false alarms on validation"
         return "custom threshold"
 
     def _run(self, x: np.ndarray, run_options: ort.RunOptions | None

@@ -61,6 +61,10 @@ def load_site_scores(results: str | Path, model_sha256: str, truth: str | Path |
     normal. `rules`: (the bundle's score_rule, its unrecorded_rule); None: not checked."""
     results = Path(results)
     routing = routing_file(results)
+    if not results.is_file():   # a mistyped path: not "score the scans again", an hour's work for nothing
+        raise CalibrationError(f"{results}: no such results file (`detector score SCANS --model MODEL --out "
+                               f"{results}` writes one)" if not results.exists() else
+                               f"{results}: not a file: give the results CSV of `detector score`")
     if not routing.is_file():
         raise CalibrationError(f"{results}: no {routing.name} beside it, so which model scored these rows is unknown: "
                                f"score the cleared scans with `detector score SCANS --model MODEL --out {results}`")

@@ -154,6 +154,8 @@ def test_thresholds(inspector, anomalous_scan_path):
     v = inspector.inspect(anomalous_scan_path, threshold=1.0)
     assert v.decision == "RELEASE" and v.threshold == 1.0 and "custom threshold" in v.reason
     assert v.reason.startswith(f"score {v.score:.5f} < threshold 1.00000")  # digits until they differ
+    v = inspector.inspect(anomalous_scan_path, threshold=0.0)   # every clean validation truck above it
+    assert "(custom threshold: 100% false alarms on validation)" in v.reason, v.reason   # not "1e+02%"
     v = inspector.inspect_safe(anomalous_scan_path, threshold=float("nan"))
     assert v.decision == "INSPECT" and "in [0, 1]" in v.reason  # NaN would otherwise release everything
     for above in (1.5, float("inf")):                               # and so would any threshold above 1

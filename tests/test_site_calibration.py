@@ -84,6 +84,7 @@ def test_failed_rows_and_the_truths_anomalies_are_left_out(tmp_path, model, caps
 @pytest.mark.parametrize("case, message", [
     ("other_model", "scored by another model"),
     ("no_routing", "which model scored these rows is unknown"),
+    ("no_results", "cleared.csv: no such results file"),   # a typo'd path: not "score them again"
     ("too_few", "cannot set a 1.00 % false-alarm rate: at least 100"),
     ("all_failed", "no cleared scan with a score"),
     ("out_is_model", "is the model itself"),
@@ -100,6 +101,9 @@ def test_refusals_name_the_file_and_write_nothing(tmp_path, model, capsys, case,
     else:
         _results(res, scores, model, sha="0" * 64 if case == "other_model" else None)
     if case == "no_routing":
+        res.with_name(res.name + ".routing.json").unlink()
+    if case == "no_results":
+        res.unlink()
         res.with_name(res.name + ".routing.json").unlink()
     if case == "out_is_model":
         out = model
