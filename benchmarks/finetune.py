@@ -30,6 +30,7 @@ from quality import make_data  # noqa: E402
 
 from detector.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from detector.config import ConfigError, load_config  # noqa: E402
+from detector.cpus import usable_cpus  # noqa: E402
 from detector.scan import read_scan, write_scan  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def single_energy(data: Path) -> Path:
     if (out / "manifest.csv").exists():
         return out
     rows = list(csv.DictReader(open(data / "manifest.csv", newline="")))
-    with ProcessPoolExecutor(os.cpu_count()) as ex:
+    with ProcessPoolExecutor(usable_cpus()) as ex:
         list(ex.map(_high_energy_copy, [(data / r["path"], out / r["path"]) for r in rows], chunksize=8))
     for r in rows:
         if r.get("mask") and not (out / r["mask"]).exists():

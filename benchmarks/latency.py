@@ -229,8 +229,10 @@ def main() -> None:
     print(f"speed-up vs torch eager: fp32 {tt / f32:.1f}x, int8 {tt / i8:.1f}x (ratio ORT/torch {f32 / tt:.2f} / {i8 / tt:.2f})")
     print(f"targets: fp32 <= 100 ms {'OK' if f32 <= 100 else 'MISSED'}, int8 <= 50 ms {'OK' if i8 <= 50 else 'MISSED'}, "
           f">= 3x torch {'OK' if tt / f32 >= 3 else 'MISSED'}")
+    from detector.cpus import quota_words, usable_cpus
     print(f"machine load (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after "
-          f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} cores")
+          f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} cores, "
+          f"{usable_cpus()} usable{quota_words()}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -145,6 +144,7 @@ def main() -> None:
     counts = sorted({int(c) for c in args.rss_counts.split(",") if c} | {args.n})
     cache = Path(args.cache).resolve()   # absolute: the children run in ROOT
     from detector.bundle import BundleError, read_metadata
+    from detector.cpus import quota_words, usable_cpus
     from detector.scan import read_scan
     try:   # before the scans are generated: a wrong --model fails at once, in one line
         meta = read_metadata(Path(args.model).resolve()) if args.model else None
@@ -156,7 +156,7 @@ def main() -> None:
     precision = "int8" if meta.get("int8") else "fp32"
     s0 = read_scan(scans[0])
     print(f"model {model} ({precision}, {meta.get('channels')} channels), scans {s0.channels}x{s0.height}x{s0.width}, "
-          f"cpu cores {os.cpu_count()}, threads {args.threads or 'default'}, workers {args.workers}")
+          f"cpu cores {usable_cpus()}{quota_words()}, threads {args.threads or 'default'}, workers {args.workers}")
     runs = {}
     for n in counts:
         cmd = [sys.executable, __file__, "--child", "--n", str(n), "--model", str(model), "--cache", str(cache),

@@ -236,8 +236,10 @@ def load_test(args: argparse.Namespace, work: Path) -> None:
                 proc.kill()
     ms = np.asarray(lat) * 1000.0
     sizes = ", ".join(f"{n} {len(d) / 1e6:.2f} MB" for n, d in payloads)
+    from detector.cpus import quota_words, usable_cpus   # this process's: a local server's, in the same container
     print(f"serve_load: {args.clients} clients x {args.duration:g} s on {url} "
-          f"(concurrency {args.concurrency}, max-queue {args.max_queue}, cpus {os.cpu_count()}); scans: {sizes}")
+          f"(concurrency {args.concurrency}, max-queue {args.max_queue}, cpus {usable_cpus()}{quota_words()}); "
+          f"scans: {sizes}")
     if ms.size:
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
         print(f"  {ms.size / wall:.1f} verdicts/s   latency ms p50 {p50:.1f}  p95 {p95:.1f}  p99 {p99:.1f}  "

@@ -33,7 +33,7 @@ def _synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, required=True, help="number of scans")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomaly-fraction", type=float, default=0.5, help="share of scans with an anomaly")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the CPUs this process may use)")
     p.add_argument("--height", type=int, default=None,
                    help="scan height in px, 16-2000 (default: vehicle-dependent, 600-850)")
     p.add_argument("--split", default=None, help="write this value in the manifest's split column")
@@ -126,7 +126,8 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags); "
                                                   "default: the model's calibrated threshold")
     p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime threads per scan (default: the cores this process may use / concurrency)")
+                   help="onnxruntime threads per scan (default: the CPUs this process may use, within a "
+                        "container's CPU quota, / concurrency)")
     _pitch_option(p)
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="larger uploads get 413")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")

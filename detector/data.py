@@ -28,7 +28,7 @@ from detector.hard_types import WatchedJson
 from detector.loader_workers import single_threaded_worker
 from detector.preprocess import Preprocessing, model_size, normalize, pad_to_multiple, padded_size
 from detector.records import SPLITS, Record, load_records, split_records
-from detector.runtime import usable_cpus
+from detector.cpus import usable_cpus
 from detector.scan import DEFAULT_MAX_PIXELS, ScanError, summarised_scan_warnings
 from detector.scan_cache import ScanCache
 from detector.synth.stream import SynthPool
@@ -313,7 +313,7 @@ def auto_workers(on_gpu: bool, processes: int = 1) -> int:
     core cuts ~190 crops/s, a core trains 25-130, without and with bf16 units). On GPUs its share of
     the cores less two (itself, a spare), at most 16: a GPU outruns the loaders (H200, 16 cores,
     14 loaders: a default epoch 5.9 s, ~1.3 s of it the network). Cores: those this process may run on
-    (detector.runtime.usable_cpus), not the host's."""
+    and their cgroup CPU quota (detector.cpus.usable_cpus), not the host's."""
     cores = usable_cpus() // max(1, processes)
     return max(1, min(16, cores - 2)) if on_gpu else max(1, cores // 4)
 

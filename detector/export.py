@@ -7,17 +7,20 @@ at the threshold the bundle ships.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from detector.atomic import replacing
 from detector.bundle import BundleError, attach_metadata, graph_sha256, make_metadata, replace_metadata_bytes
+from detector.cpus import usable_cpus
 from detector.preprocess import Preprocessing, prepare
 from detector.scan import SCAN_SUFFIXES, ScanError, ScanWarning, read_scan, scan_from_counts
 
@@ -26,6 +29,7 @@ DRIFT_RATE = 0.01  # detection is compared at this false-alarm rate
 FEW_DRIFT_SCANS = 20   # fewer normal or anomalous calibration scans than this: the drift figures are warned about
 # (height, width) in scan pixels at 5 mm; the last is odd-sized so padding is exercised
 PARITY_SCANS = ((128, 192), (256, 640), (155, 407))
+ORT_THREADS_ENV = "ORT_INTRA_OP_NUM_THREADS"   # sizes an onnxruntime session that sets no threads (>= 1.32)
 Log = Callable[[str], None]
 
 
@@ -74,7 +78,9 @@ def parity_check(model: Any, onnx_path: str | Path, channels: int, pre: Preproce
     import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = usable_cpus()   # left unset, onnxruntime counts the host's cores, not a CPU quota
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     diffs: dict[str, list[float]] = {"heatmap": [], "score": []}
     sizes = []
     for name, x in _parity_inputs(channels, pre):
@@ -190,6 +196,21 @@ class _Reader:
         self.i = 0
 
 
+@contextlib.contextmanager
+def ort_threads_bounded() -> Iterator[None]:
+    """ORT_INTRA_OP_NUM_THREADS set to usable_cpus while inside, unless the user set it: quantize_static (and its
+    pre-processing) make their sessions themselves, with no thread count, and onnxruntime sizes such a pool from the
+    host's cores, not a container's CPU quota (onnxruntime >= 1.32 reads the variable; older ones ignore it)."""
+    if os.environ.get(ORT_THREADS_ENV):
+        yield
+        return
+    os.environ[ORT_THREADS_ENV] = str(usable_cpus())
+    try:
+        yield
+    finally:
+        os.environ.pop(ORT_THREADS_ENV, None)
+
+
 def quantize_int8(fp32_path: str | Path, out: str | Path, scans: list[tuple[Path, float | None]], pre: Preprocessing,
                   channels: int) -> Path:
     """Static QDQ quantization: uint8 activations, per-channel int8 weights, MinMax calibration on `scans` (path,
@@ -198,7 +219,7 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, scans: list[tuple[Path
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ort_threads_bounded():
         pre_path = Path(tmp) / "pre.onnx"
         # skip ORT's symbolic shape inference: it fails on "32*h" dims and then dumps
         # sym_shape_infer_temp.onnx + a .data file into the working directory; ONNX's own is enough

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from detector.config import Config, ConfigError, TrainerConfig
+from detector.cpus import usable_cpus
 from detector.data import auto_workers
-from detector.runtime import usable_cpus
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -76,6 +76,13 @@ def resolve_cpu_processes(cfg: Config) -> int:
     t.strategy = "ddp" if t.strategy == "auto" else t.strategy
     t.threads = t.threads or max(1, usable_cpus() // n)
     return cfg.data.batch_size // n
+
+
+def cpu_threads(t: TrainerConfig, current: int) -> int:
+    """torch's intra-op threads for a CPU run: trainer.threads where set, else `current` (torch's default) capped at
+    usable_cpus. torch counts the affinity's cores but not a cgroup CPU quota: under `docker --cpus=4` on a 64-core
+    host it ran 64 threads on 4 CPUs of time."""
+    return t.threads or min(current, usable_cpus())
 
 
 def resolve_workers(cfg: Config) -> int:

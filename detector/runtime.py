@@ -27,6 +27,7 @@ from detector.bundle import (HEIGHT_TOLERANCE, LOGITS_RULE, OUTPUT_RULE, BundleE
                              height_range_mm, session_metadata, unloadable, untagged_pitch_mm, with_logits_output)
 from detector.calibration import false_alarm_rate, score_digits
 from detector.calibration import threshold_for_rate as _threshold_for_rate
+from detector.cpus import usable_cpus   # also detector.runtime.usable_cpus, as before
 from detector.preprocess import Preprocessing, prepare, valid_cells
 from detector.scan import (Scan, ScanError, check_scan, default_pitch, file_shape, read_scan, read_scan_bytes,
                            scan_from_counts)
@@ -126,15 +127,6 @@ def own_cells_score(heatmap: np.ndarray, own: np.ndarray, score: float | None, k
     if score is not None and (own.shape == heatmap.shape or np.array_equal(_top(heatmap, k), _top(own, k))):
         return score
     return topk_mean_logit_score(own, k)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: taskset, a container's cpuset), where os.cpu_count gives the
-    host's: onnxruntime then ran more threads than cores, each scan 1.65x slower with 2 threads on 1 allowed core."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):   # no affinity API (Windows, macOS)
-        return os.cpu_count() or 1
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:

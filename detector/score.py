@@ -559,7 +559,7 @@ def main(args) -> int:
 def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict,
          unlisted: list[str]) -> int:
     """main's part under the results lock: resume, score, summarise (`unlisted`: folders discover could not list)."""
-    from detector.runtime import usable_cpus
+    from detector.cpus import usable_cpus
     jsonl = Path(args.jsonl) if args.jsonl else None
     if getattr(args, "no_resume", False):
         for p in (out, jsonl, routing_file(out)):

@@ -39,6 +39,7 @@ from starlette.datastructures import UploadFile
 
 from detector.audit import (MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, network_filesystem,
                             utc_now)
+from detector.cpus import quota_words, usable_cpus
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 from detector.serve_metrics import Metrics
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
@@ -709,13 +710,24 @@ def create_app(svc: Service) -> FastAPI:
     return app
 
 
+def slot_threads(cfg: ServeConfig) -> int:
+    """onnxruntime threads per inference slot: --threads, else the slot's share of the CPUs this process may use (a
+    station's cpuset/taskset, capped by a container's CPU quota; not the host's cores), so `concurrency` slots never
+    run more threads than CPUs: past a quota, every thread waits out each 100 ms period and deadlines are missed."""
+    return cfg.threads or max(1, usable_cpus() // max(1, cfg.concurrency))
+
+
+def threads_words(cfg: ServeConfig) -> str:
+    """'2 onnxruntime threads x 1 slot', and the CPU quota where one set the count: for the start line."""
+    n, c = slot_threads(cfg), max(1, cfg.concurrency)
+    return (f"{n} onnxruntime thread{'s' if n != 1 else ''} x {c} slot{'s' if c != 1 else ''}"
+            f"{quota_words() if not cfg.threads else ''}")
+
+
 def build_service(cfg: ServeConfig) -> Service:
     """Load model, policy and audit log; raises with a clear message if any is unusable."""
-    from detector.runtime import Inspector, usable_cpus
-    # the CPUs this process may run on (a station's cpuset/taskset), not the host's: each inference slot
-    # gets its share, so `concurrency` slots never run more onnxruntime threads than cores
-    threads = cfg.threads or max(1, usable_cpus() // max(1, cfg.concurrency))
-    inspector = Inspector(cfg.model, threads=threads, default_pitch_mm=cfg.pitch_mm)
+    from detector.runtime import Inspector
+    inspector = Inspector(cfg.model, threads=slot_threads(cfg), default_pitch_mm=cfg.pitch_mm)
     policy = load_policy(cfg.policy)
     policy.bind(inspector)
     return Service(cfg, inspector, policy, AuditLog(cfg.audit))
@@ -764,7 +776,8 @@ def main(args) -> int:
               file=sys.stderr)
     files = open_files_words(*raise_open_files())
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
-          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, audit {cfg.audit}{files}, "
+          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, {threads_words(cfg)}, "
+          f"audit {cfg.audit}{files}, "
           f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
     from detector.scan import ScanWarning
     from detector.serve_protocol import HeadDeadlineProtocol

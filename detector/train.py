@@ -39,12 +39,13 @@ from detector.calibration import threshold_table, unresolved_warning
 from detector.checkpoint import (AtomicCheckpointIO, CheckpointError, check_initialisable, check_resumable,
                                  load_checkpoint, load_initial_weights, read_checkpoint, read_init)
 from detector.config import Config, ConfigError, TrainerConfig, flatten, from_dict, load_config, to_dict
+from detector.cpus import quota_words, usable_cpus
 from detector.data import ScanDataModule
 from detector.records import fingerprint, load_records
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
-from detector.hardware import (check_hardware, ddp_without_step_buffer_sync, resolve_cpu_processes, resolve_precision,
-                               resolve_workers)
+from detector.hardware import (check_hardware, cpu_threads, ddp_without_step_buffer_sync, resolve_cpu_processes,
+                               resolve_precision, resolve_workers)
 from detector.model import AnomalyNet, build_model, check_model_config, nhwc
 from detector.scan import ScanError
 from detector.score import hold_lock
@@ -343,8 +344,9 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             _rank_zero_warn(f"model.init {cfg.model.init} learnt under other preprocessing settings than this run's: "
                             f"{', '.join(init_changes)}")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if cfg.trainer.threads and not torch.cuda.is_available():
-            torch.set_num_threads(cfg.trainer.threads)
+        if not torch.cuda.is_available():   # torch's default counts the cores, not a container's CPU quota
+            torch.set_num_threads(cpu_threads(cfg.trainer, torch.get_num_threads()))
+        _say_cpu_quota(workers)
         t0 = time.time()
         found = file_id(out / "last.ckpt")   # an earlier run's, until this run writes its own
         hard_file, types_file = out / "hard_negatives.json", out / "hard_types.json"
@@ -576,6 +578,16 @@ def _rank_zero_warn(message: str) -> None:
     """A warning from rank 0 only: DDP re-runs the command once per extra process."""
     from lightning.pytorch.utilities import rank_zero_warn
     rank_zero_warn(message)
+
+
+def _say_cpu_quota(workers: int) -> None:
+    """Where a cgroup CPU quota (docker --cpus, a pod's limits.cpu) set the CPU count, say so at start and what it
+    sized (rank 0 only): a run in a container on a many-core host is otherwise slower with no word why."""
+    from lightning.pytorch.utilities import rank_zero_only
+    words = quota_words()
+    if words and rank_zero_only.rank == 0:
+        print(f"detector train: {usable_cpus()} usable CPU(s){words}: torch on {torch.get_num_threads()} thread(s) "
+              f"per process, {workers} loader worker(s) each", file=sys.stderr, flush=True)
 
 
 def _warn_if_replacing(out: Path) -> None:

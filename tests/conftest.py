@@ -132,6 +132,27 @@ def write_nonsquare_scan(path: str | Path, row_mm: float = 4.0, col_mm: float = 
     return path
 
 
+@pytest.fixture
+def cgroup(tmp_path, monkeypatch):
+    """A fake cgroup tree: `cgroup(proc_line, {relative file: text})` writes /proc/self/cgroup's text and the
+    group files under a fake /sys/fs/cgroup, and points detector.cpus at them (its cached quota forgotten)."""
+    from detector import cpus
+    root, proc = tmp_path / "sys_fs_cgroup", tmp_path / "proc_self_cgroup"
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_CGROUP", proc)
+
+    def make(proc_text: str, files: dict[str, str]) -> None:
+        root.mkdir(exist_ok=True)
+        proc.write_text(proc_text)
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        cpus.cpu_quota.cache_clear()
+    make("", {})
+    yield make
+    cpus.cpu_quota.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def heuristic_model(tmp_path_factory) -> Path:
     """A valid 2-channel contract bundle (.onnx) built without torch."""

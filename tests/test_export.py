@@ -326,3 +326,36 @@ def test_int8_calibration_reads_each_untagged_file_at_its_manifest_rows_pitch(tm
         (scan.source.rsplit("/", 1)[-1], scan.pitch_mm)) or inspect(self, scan, threshold))
     assert int8_drift(heuristic_model_1ch, heuristic_model_1ch, items)["scans"] == 2
     assert seen == [("four.png", 4.0)] * 2 + [("plain.png", 5.0)] * 2
+
+
+def test_parity_and_int8_calibration_sessions_keep_to_a_cpu_quota(exported, model, calibration_dir, tmp_path,
+                                                                  monkeypatch, cgroup):
+    """`detector export` in a container with --cpus=1: onnxruntime sizes a session whose threads nobody sets from the
+    host's cores, not the quota, so the parity check and the INT8 calibration (quantize_static's own session) ran a
+    thread pool the quota throttled. Both now run on usable_cpus threads; an ORT_INTRA_OP_NUM_THREADS given is kept."""
+    import os
+
+    import onnxruntime as ort
+
+    from detector.export import quantize_int8
+    monkeypatch.delenv("ORT_INTRA_OP_NUM_THREADS", raising=False)
+    cgroup("0::/\n", {"cpu.max": "100000 100000\n"})
+    made, real = [], ort.InferenceSession
+
+    def recording(path, sess_options=None, *a, **kw):
+        made.append((getattr(sess_options, "intra_op_num_threads", 0), os.environ.get("ORT_INTRA_OP_NUM_THREADS")))
+        return real(path, sess_options, *a, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    out, _, _ = exported
+    parity_check(model, out, 2, Preprocessing(), log=lambda s: None)
+    assert made and all(n == 1 for n, _ in made), made
+    made.clear()
+    scans = [(p, None) for p in sorted(calibration_dir.rglob("*.tiff"))]
+    quantize_int8(out, tmp_path / "q.onnx", scans, Preprocessing(), 2)
+    assert made and all(n == 1 or env == "1" for n, env in made), made
+    assert "ORT_INTRA_OP_NUM_THREADS" not in os.environ
+    made.clear()
+    monkeypatch.setenv("ORT_INTRA_OP_NUM_THREADS", "3")
+    quantize_int8(out, tmp_path / "q.onnx", scans, Preprocessing(), 2)
+    assert made and all(env == "3" for _, env in made), made

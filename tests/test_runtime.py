@@ -325,6 +325,18 @@ def test_default_threads_are_the_cpus_this_process_may_use_not_the_hosts(monkeyp
     assert runtime._session_options(5).intra_op_num_threads == 5
 
 
+def test_default_threads_respect_a_containers_cpu_quota(cgroup, monkeypatch):
+    """docker run --cpus=2 on a 64-core host: the affinity is every core, the cgroup quota 2 CPUs. 64 onnxruntime
+    threads used up each 100 ms period's quota within milliseconds and waited out the rest: deadlines missed."""
+    import os
+
+    from detector import runtime
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    cgroup("0::/\n", {"cpu.max": "200000 100000\n"})
+    assert runtime._session_options(None).intra_op_num_threads == 2
+
+
 def test_a_truck_inspected_under_the_region_cut_off_still_gets_its_region(heuristic_model, tmp_path):
     """A site's or a tier's threshold can lie under the 0.5 region cut-off: the truck is inspected, and the officer is
     shown where (the hottest cell is at least the score, a top-k mean of the heatmap)."""

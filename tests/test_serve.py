@@ -558,9 +558,9 @@ def test_stalled_upload_frees_its_admission(tmp_path):
     assert asyncio.run(_burst(svc, 1))[0].status_code == 200
 
 
-def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monkeypatch):
-    # a station container pinned to 2 of 16 host cores ran 16 onnxruntime threads per inference slot
-    from detector import runtime, serve
+def _record_threads(monkeypatch) -> list:
+    """The `threads` each Inspector the service builds is given, in order."""
+    from detector import runtime
     built: list = []
 
     class Recording(runtime.Inspector):
@@ -569,6 +569,13 @@ def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monk
             super().__init__(path, threads=threads, **kw)
 
     monkeypatch.setattr(runtime, "Inspector", Recording)
+    return built
+
+
+def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monkeypatch):
+    # a station container pinned to 2 of 16 host cores ran 16 onnxruntime threads per inference slot
+    from detector import serve
+    built = _record_threads(monkeypatch)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for concurrency, want in ((1, 2), (2, 1), (4, 1)):
@@ -580,6 +587,31 @@ def test_threads_sized_by_affinity_not_host_cpus(heuristic_model, tmp_path, monk
                                                 threads=3))
     svc.close()
     assert built[-1] == 3   # an explicit --threads is kept as given
+
+
+def test_threads_sized_by_a_cpu_quota_and_the_start_line_says_so(heuristic_model, tmp_path, monkeypatch, capsys,
+                                                                   cgroup):
+    """A station container run with --cpus=2 on a 64-core host: every core in its affinity, a 2-CPU quota. Each slot
+    ran 64 onnxruntime threads, throttled every period; the start line did not say how many."""
+    import uvicorn
+
+    from detector import serve
+    built = _record_threads(monkeypatch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    cgroup("0::/\n", {"cpu.max": "200000 100000\n"})
+    for concurrency, want in ((1, 2), (2, 1)):
+        svc = serve.build_service(serve.ServeConfig(model=str(heuristic_model), audit=str(tmp_path / "a.sqlite"),
+                                                    concurrency=concurrency))
+        svc.close()
+        assert built[-1] == want, (concurrency, built)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(serve, "create_app", lambda svc: svc)
+    monkeypatch.delenv("DETECTOR_TOKEN", raising=False)
+    args = _serve_args(heuristic_model, tmp_path)
+    args.threads = None
+    assert serve.main(args) == 0
+    assert "2 onnxruntime threads x 1 slot (a CPU quota of 2 of the 64 cores)" in capsys.readouterr().err
 
 
 def test_locked_audit_db_answers_by_the_deadline_and_keeps_the_row(tmp_path, capsys):

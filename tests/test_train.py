@@ -591,6 +591,23 @@ def test_cpu_processes_share_the_cpus_this_process_may_use_not_the_hosts(monkeyp
     assert cfg.trainer.threads == 2 and resolve_workers(cfg) == 1     # 2 CPUs each, a quarter of them loads
 
 
+def test_a_cpu_quota_sizes_threads_processes_and_loaders(monkeypatch, cgroup):
+    """A training container with --cpus=4 on a 64-core host (every core in its affinity): torch ran its default 64
+    threads, 2 CPU processes 32 each, and a GPU run started 16 loaders, all throttled to 4 CPUs of time."""
+    from detector.config import load_config
+    from detector.hardware import cpu_threads, resolve_cpu_processes, resolve_workers
+    allow_cpus(monkeypatch, 64)
+    cgroup("0::/\n", {"cpu.max": "400000 100000\n"})
+    cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.cpu_processes=2", "data.batch_size=24"])
+    resolve_cpu_processes(cfg)
+    assert cfg.trainer.threads == 2 and resolve_workers(cfg) == 1
+    one = load_config(None, ["trainer.accelerator=cpu"])
+    assert cpu_threads(one.trainer, 64) == 4 and resolve_workers(one) == 1
+    assert cpu_threads(load_config(None, ["trainer.threads=8"]).trainer, 64) == 8   # as asked
+    assert cpu_threads(one.trainer, 2) == 2                                           # torch's own, where fewer
+    assert resolve_workers(load_config(None, ["trainer.accelerator=gpu", "trainer.devices=1"])) == 2   # 4 - 2
+
+
 def test_cpu_processes_split_the_cores_and_the_batch():
     from detector.runtime import usable_cpus
     from detector.config import load_config

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from detector.atomic import replacing
+from detector.cpus import usable_cpus
 from detector.manifest import SPLIT_ALIASES
 from detector.synth.scene import GENERATOR_VERSION
 from detector.scan import MIN_SIDE
@@ -74,9 +75,6 @@ def write_dataset(out: str | os.PathLike, count: int, seed: int = 0, anomaly_fra
     """Generate `count` scans into `out`; returns the manifest rows (also written to manifest.csv). workers: None, one
     per CPU this process may run on."""
     from tqdm import tqdm
-
-    from detector.runtime import usable_cpus   # here: the generator's processes import this module, and need no
-                                               # onnxruntime
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

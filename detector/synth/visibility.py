@@ -16,6 +16,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from detector.cpus import usable_cpus
 from detector.hard_types import write_atomic
 from detector.metrics import mask_bbox
 from detector.preprocess import Preprocessing, to_model_pitch
@@ -95,8 +96,6 @@ def generator_visibility(stems: list[str], cache: Path) -> dict[str, float]:
         vis = {VERSION_KEY: GENERATOR_VERSION}
     todo = sorted({s for s in stems if s not in vis and _generator_seed(s)})
     if todo:
-        from detector.runtime import usable_cpus   # here: onnxruntime only where the pass runs
-
         with generator_pool(min(len(todo), usable_cpus())) as pool:
             vis.update(zip(todo, pool.map(_of_stem, todo)))
         cache.parent.mkdir(parents=True, exist_ok=True)
