@@ -60,9 +60,14 @@ def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str 
                     max(1, round(fs)), cv2.LINE_AA)
 
 
+BARS = {True: ((30, 30, 200), (255, 255, 255)), False: ((215, 215, 215), (30, 30, 30))}  # flagged: (bar, text) BGR
+
+
 def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
     """The picture under a bar holding `text`, wrapped at its double spaces, and a line still too wide drawn smaller:
-    in one line at one size it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name)."""
+    in one line at one size it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name).
+    INSPECT is a dark red bar with hazard stripes, RELEASE a light grey one: red against dark grey differed in hue
+    alone (grey levels 81 and 60), the same bar to a red-green colour-blind officer or on a monochrome monitor."""
     font, size, room = cv2.FONT_HERSHEY_SIMPLEX, 0.55, img.shape[1] - 12
     width = lambda t: cv2.getTextSize(t, font, size, 1)[0][0]  # noqa: E731
     lines: list[str] = []
@@ -71,11 +76,25 @@ def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
             lines[-1] += f"  {part}"
         else:
             lines.append(part)
-    bar = np.full((22 * len(lines) + 6, img.shape[1], 3), (30, 30, 200) if flagged else (60, 60, 60), np.uint8)
+    fill, ink = BARS[bool(flagged)]
+    bar = np.full((22 * len(lines) + 6, img.shape[1], 3), fill, np.uint8)
     for i, line in enumerate(lines):
-        cv2.putText(bar, line, (6, 19 + 22 * i), font, min(size, size * room / max(1, width(line))), (255, 255, 255),
+        cv2.putText(bar, line, (6, 19 + 22 * i), font, min(size, size * room / max(1, width(line))), ink,
                     1, cv2.LINE_AA)
+    if not flagged:   # a light bar above the scan's light air: a dark edge sets it apart
+        bar[-2:] = (90, 90, 90)
+    else:
+        _hazard(bar, 6 + max(width(line) for line in lines) + bar.shape[0])
     return np.vstack([bar, img])
+
+
+def _hazard(bar: np.ndarray, x0: int) -> None:
+    """Yellow and black diagonal stripes over the bar from column x0 on: an alarm seen at a glance in any colour."""
+    h, w = bar.shape[:2]
+    if w - x0 < 2 * h:
+        return
+    yy, xx = np.mgrid[0:h, x0:w]
+    bar[:, x0:w] = np.where((((xx + yy) // max(4, h // 2)) % 2 == 0)[..., None], YELLOW, (0, 0, 0))
 
 
 def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray | None = None,

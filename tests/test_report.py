@@ -101,3 +101,20 @@ def test_a_cut_table_or_metrics_json_says_so(tmp_path):
     assert "the whole is metrics.json beside this report" in page
     few = report.html_report(tmp_path / "f.html", {"overall": overall, "failures": failures[:3]}, {}, {}).read_text()
     assert "Failed scans (3, counted as INSPECT)" in few and "the whole is" not in few
+
+
+def _bar_grey(img: np.ndarray, rows: int) -> int:
+    """The grey level most of a banner's pixels have (its background, text and stripes aside)."""
+    grey = cv2.cvtColor(img[:rows], cv2.COLOR_BGR2GRAY)
+    return int(np.bincount(grey.ravel()).argmax())
+
+
+def test_inspect_and_release_banners_differ_in_more_than_hue():
+    """INSPECT's red bar and RELEASE's dark grey one had grey levels 81 and 60: the same bar to a red-green
+    colour-blind officer or on a monochrome monitor. They now differ in brightness, and INSPECT carries stripes."""
+    shown = {d: report.render(_att(100, 900), banner=report.verdict_banner(d, 0.9, 0.5, "truck_7"),
+                              flagged=d == "INSPECT") for d in ("INSPECT", "RELEASE")}
+    rows = shown["RELEASE"].shape[0] - 100
+    assert abs(_bar_grey(shown["INSPECT"], rows) - _bar_grey(shown["RELEASE"], rows)) > 100
+    stripes = cv2.cvtColor(shown["INSPECT"][rows // 2: rows // 2 + 1, -200:], cv2.COLOR_BGR2GRAY)
+    assert stripes.max() - stripes.min() > 150            # light and dark stripes across the end of the bar
