@@ -63,13 +63,21 @@ def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str 
 BARS = {True: ((30, 30, 200), (255, 255, 255)), False: ((215, 215, 215), (30, 30, 30))}  # flagged: (bar, text) BGR
 
 
+def banner_size(width: int) -> float:
+    """Font scale of a banner on a picture `width` px wide: grows with it, so a 2400 px overlay that a viewer fits to a
+    1920 px screen still shows its decision, score and threshold in letters about 20 px high (at a fixed 0.55 they
+    were 9 px there)."""
+    return max(0.55, width / 1800)
+
+
 def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
     """The picture under a bar holding `text`, wrapped at its double spaces, and a line still too wide drawn smaller:
-    in one line at one size it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name).
+    in one line it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name).
     INSPECT is a dark red bar with hazard stripes, RELEASE a light grey one: red against dark grey differed in hue
     alone (grey levels 81 and 60), the same bar to a red-green colour-blind officer or on a monochrome monitor."""
-    font, size, room = cv2.FONT_HERSHEY_SIMPLEX, 0.55, img.shape[1] - 12
-    width = lambda t: cv2.getTextSize(t, font, size, 1)[0][0]  # noqa: E731
+    font, size, room = cv2.FONT_HERSHEY_SIMPLEX, banner_size(img.shape[1]), img.shape[1] - 12
+    thick = max(1, round(1.6 * size))
+    width = lambda t: cv2.getTextSize(t, font, size, thick)[0][0]  # noqa: E731
     lines: list[str] = []
     for part in text.split("  "):
         if lines and width(f"{lines[-1]}  {part}") <= room:
@@ -77,10 +85,11 @@ def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
         else:
             lines.append(part)
     fill, ink = BARS[bool(flagged)]
-    bar = np.full((22 * len(lines) + 6, img.shape[1], 3), fill, np.uint8)
+    step = round(40 * size)                  # 22 px a line at the smallest size
+    bar = np.full((step * len(lines) + round(11 * size), img.shape[1], 3), fill, np.uint8)
     for i, line in enumerate(lines):
-        cv2.putText(bar, line, (6, 19 + 22 * i), font, min(size, size * room / max(1, width(line))), ink,
-                    1, cv2.LINE_AA)
+        cv2.putText(bar, line, (6, round(34.5 * size) + step * i), font, min(size, size * room / max(1, width(line))),
+                    ink, thick, cv2.LINE_AA)
     if not flagged:   # a light bar above the scan's light air: a dark edge sets it apart
         bar[-2:] = (90, 90, 90)
     else:

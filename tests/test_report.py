@@ -28,8 +28,9 @@ def test_render_boxes_banner_and_downscale():
     b, g, r = img[5, 100]  # banner pixel: red when flagged
     assert r > 150 and b < 100
     long = report.render(np.zeros((1, 1000, 10000), np.float32), banner="RELEASE", flagged=False)
-    assert long.shape[1] <= report.MAX_WIDTH and long.shape[0] <= report.MAX_HEIGHT + 28
-    assert abs(long.shape[1] / (long.shape[0] - 28) - 10) < 0.2  # aspect kept
+    bar = long.shape[0] - round(1000 * long.shape[1] / 10000)
+    assert long.shape[1] <= report.MAX_WIDTH and long.shape[0] <= report.MAX_HEIGHT + bar
+    assert abs(long.shape[1] / (long.shape[0] - bar) - 10) < 0.2 and bar < 100  # aspect kept
     plain = report.render(_att(), truth_boxes=[[60, 30, 70, 40]])
     b, g, r = (int(v) for v in plain[30, 65])  # the top edge of the true box is green
     assert plain.shape == (60, 200, 3) and g > r + 80 and g > b + 80
@@ -118,3 +119,17 @@ def test_inspect_and_release_banners_differ_in_more_than_hue():
     assert abs(_bar_grey(shown["INSPECT"], rows) - _bar_grey(shown["RELEASE"], rows)) > 100
     stripes = cv2.cvtColor(shown["INSPECT"][rows // 2: rows // 2 + 1, -200:], cv2.COLOR_BGR2GRAY)
     assert stripes.max() - stripes.min() > 150            # light and dark stripes across the end of the bar
+
+
+def test_banner_text_stays_readable_when_a_viewer_fits_a_long_scan_to_the_screen():
+    """A 4000 px scan's overlay is 2400 px wide and a viewer fits it to a 1920 px screen: the banner's letters, drawn at
+    one size for every width, were 9 px high there. They now grow with the picture (at least 16 px there)."""
+    for decision in ("INSPECT", "RELEASE"):
+        img = report.render(_att(1000, 4000), banner=report.verdict_banner(decision, 0.9, 0.5, "truck_7"),
+                            flagged=decision == "INSPECT")
+        assert img.shape[1] == report.MAX_WIDTH
+        fitted = cv2.resize(img, (1920, round(img.shape[0] * 1920 / img.shape[1])), interpolation=cv2.INTER_AREA)
+        rows = round((img.shape[0] - 600) * 1920 / img.shape[1])                # the bar over the 2400 x 600 scan
+        bar = cv2.cvtColor(fitted[:rows, :300], cv2.COLOR_BGR2GRAY).astype(int)  # the start of the bar: its text
+        ink = np.flatnonzero((np.abs(bar - bar[1, 1]) > 100).any(axis=1))
+        assert ink.size and ink[-1] - ink[0] + 1 >= 16, (decision, ink)
