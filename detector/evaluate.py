@@ -402,7 +402,7 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
 
 
 def _thumb(r: Result, t: Truth):
-    """A rendered scan with predicted (red) and true (green) boxes, and its caption."""
+    """A rendered scan with predicted (solid red) and true (dashed green) boxes, and its caption."""
     import warnings
 
     from detector import report

@@ -21,6 +21,8 @@ from detector.calibration import score_digits, threshold_texts
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
 MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
 ROWS_SHOWN = 100       # rows of a report table of scans (failed, unscored, unmatched); metrics.json holds them all
+THUMB_KEY = ("In the pictures below, solid red boxes are the model's regions (with their score) and dashed green "
+             "boxes the true anomaly.")
 JSON_SHOWN = 20000     # characters of metrics.json the report shows
 
 
@@ -50,14 +52,31 @@ def scan_view(att: np.ndarray, scale: float) -> np.ndarray:
     return cv2.cvtColor(window(ch), cv2.COLOR_GRAY2BGR)
 
 
-def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str | None = None) -> None:
+def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str | None = None,
+         dashed: bool = False) -> None:
     x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
     t = max(1, round(min(img.shape[:2]) / 250))
-    cv2.rectangle(img, (x0, y0), (max(x0 + 1, x1 - 1), max(y0 + 1, y1 - 1)), color, t, cv2.LINE_AA)
+    x1, y1 = max(x0 + 1, x1 - 1), max(y0 + 1, y1 - 1)
+    if dashed:
+        _dashed_rect(img, (x0, y0), (x1, y1), color, t)
+    else:
+        cv2.rectangle(img, (x0, y0), (x1, y1), color, t, cv2.LINE_AA)
     if label:
         fs = max(0.45, img.shape[1] / 2400)
         cv2.putText(img, label, (x0, max(int(14 * fs), y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, fs, color,
                     max(1, round(fs)), cv2.LINE_AA)
+
+
+def _dashed_rect(img: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], color, t: int) -> None:
+    """A rectangle drawn in dashes: the true box apart from the model's solid one by its line, not by green against
+    red alone (the same colour to a red-green colour-blind officer)."""
+    (x0, y0), (x1, y1), dash = p0, p1, max(4, 3 * t)
+    for a, b in (((x0, y0), (x1, y0)), ((x0, y1), (x1, y1)), ((x0, y0), (x0, y1)), ((x1, y0), (x1, y1))):
+        n = max(abs(b[0] - a[0]), abs(b[1] - a[1]))
+        for s in range(0, n + 1, 2 * dash):
+            e = min(n, s + dash)
+            cv2.line(img, (a[0] + (b[0] - a[0]) * s // max(n, 1), a[1] + (b[1] - a[1]) * s // max(n, 1)),
+                     (a[0] + (b[0] - a[0]) * e // max(n, 1), a[1] + (b[1] - a[1]) * e // max(n, 1)), color, t)
 
 
 BARS = {True: ((30, 30, 200), (255, 255, 255)), False: ((215, 215, 215), (30, 30, 30))}  # flagged: (bar, text) BGR
@@ -110,7 +129,7 @@ def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray
            truth_boxes: Iterable[Sequence[float]] = (), banner: str | None = None, flagged: bool = False,
            max_w: int = MAX_WIDTH, max_h: int = MAX_HEIGHT) -> np.ndarray:
     """BGR picture of a scan: windowed greyscale, heatmap blended in colour where it is high,
-    predicted regions (red, with score), true boxes (green), and an optional banner on top."""
+    predicted regions (solid red, with score), true boxes (dashed green), and an optional banner on top."""
     h, w = att.shape[-2:]
     scale = fit_scale(h, w, max_w, max_h)
     img = scan_view(att, scale)
@@ -122,7 +141,7 @@ def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray
         alpha = (0.6 * np.clip((hm - 0.2) / 0.6, 0, 1))[..., None]  # only confident cells tint the scan
         img = (img * (1 - alpha) + colour * alpha).astype(np.uint8)
     for b in truth_boxes:
-        _box(img, b, scale, GREEN)
+        _box(img, b, scale, GREEN, dashed=True)
     for r in regions:
         _box(img, r["box"], scale, RED, f"{r['score']:.2f}")
     return _banner(img, banner, flagged) if banner else img
@@ -321,6 +340,8 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
                          + _table([{"path": p} for p in m[key][:ROWS_SHOWN]], ["path"]))
     parts.append("<h2>Plots</h2>" + "".join(
         f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
+    if any(thumbs.values()):
+        parts.append(f"<p>{THUMB_KEY}</p>")
     for section, items in thumbs.items():
         parts.append(f"<h2>{html.escape(section)}</h2>")
         if not items:

@@ -32,7 +32,7 @@ def test_render_boxes_banner_and_downscale():
     assert long.shape[1] <= report.MAX_WIDTH and long.shape[0] <= report.MAX_HEIGHT + bar
     assert abs(long.shape[1] / (long.shape[0] - bar) - 10) < 0.2 and bar < 100  # aspect kept
     plain = report.render(_att(), truth_boxes=[[60, 30, 70, 40]])
-    b, g, r = (int(v) for v in plain[30, 65])  # the top edge of the true box is green
+    b, g, r = (int(v) for v in plain[30, 61])  # the top edge of the true box is green (a dash at its corner)
     assert plain.shape == (60, 200, 3) and g > r + 80 and g > b + 80
 
 
@@ -133,3 +133,20 @@ def test_banner_text_stays_readable_when_a_viewer_fits_a_long_scan_to_the_screen
         bar = cv2.cvtColor(fitted[:rows, :300], cv2.COLOR_BGR2GRAY).astype(int)  # the start of the bar: its text
         ink = np.flatnonzero((np.abs(bar - bar[1, 1]) > 100).any(axis=1))
         assert ink.size and ink[-1] - ink[0] + 1 >= 16, (decision, ink)
+
+
+def test_true_boxes_are_dashed_apart_from_the_models_solid_ones(tmp_path):
+    """The model's regions were solid red boxes and the true anomaly solid green ones, told apart by hue alone (the
+    same to a red-green colour-blind officer reading the report's worst misses). The true box is now dashed."""
+    box = [40, 20, 180, 50]
+
+    def edge(**kw):     # share of the top edge's pixels the box's colour covers
+        img = report.render(np.zeros((1, 60, 200), np.float32), **kw).astype(int)
+        return np.mean(np.abs(img[20, 40:180] - img[5, 5]).sum(axis=1) > 60)
+    assert edge(regions=[{"box": box, "score": 0.9}]) > 0.95               # solid
+    assert 0.3 < edge(truth_boxes=[box]) < 0.75                             # dashes and gaps
+    overall = {"n": 1, "n_normal": 0, "n_anomalous": 1, "n_failed": 0, "auroc": None, "ap": None, "notes": [],
+               "detection_at_far": [], "far_at_detection": []}
+    page = report.html_report(tmp_path / "r.html", {"overall": overall}, {},
+                              {"Worst misses": [(report.render(_att(), truth_boxes=[box]), "x")]}).read_text()
+    assert "dashed green" in page
