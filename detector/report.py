@@ -192,16 +192,26 @@ def _plain(text: str) -> str:
     return str(text).replace("$", r"\$")
 
 
+def merged_marks(marks: Sequence[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Operating points with one label each where several fall on one point: a confident model's 0.1 %, 0.5 % and 1 %
+    points coincide, and their labels drawn over one another read '0.3% FA'."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for far, det, label in marks:
+        at.setdefault((round(max(far, 1e-4), 6), round(det, 6)), []).append(label)
+    return [(far, det, ", ".join(labels)) for (far, det), labels in at.items()]
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
              marks: Sequence[tuple[float, float, str]] = ()) -> Path:
-    """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible)."""
+    """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible), operating points marked as
+    black rings."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for name, (far, det) in curves.items():
         ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=_plain(name), drawstyle="steps-post")
-    for far, det, label in marks:
-        ax.plot([max(far, 1e-4)], [det], "o", ms=5)
-        ax.annotate(_plain(label), (max(far, 1e-4), det), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    for far, det, label in merged_marks(marks):
+        ax.plot([max(far, 1e-4)], [det], "o", ms=6, color="k", mfc="white", mew=1.5, zorder=3)
+        ax.annotate(_plain(label), (max(far, 1e-4), det), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1.0)
     ax.set_ylim(0, 1.02)

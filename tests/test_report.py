@@ -150,3 +150,15 @@ def test_true_boxes_are_dashed_apart_from_the_models_solid_ones(tmp_path):
     page = report.html_report(tmp_path / "r.html", {"overall": overall}, {},
                               {"Worst misses": [(report.render(_att(), truth_boxes=[box]), "x")]}).read_text()
     assert "dashed green" in page
+
+
+def test_roc_points_on_one_spot_get_one_label(tmp_path, monkeypatch):
+    """A confident model's 0.1 %, 0.5 % and 1 % operating points fall on one spot: their three labels were drawn over
+    one another and read '0.3% FA'. One spot now carries one label naming them all."""
+    drawn = []
+    save = report._save_figure
+    monkeypatch.setattr(report, "_save_figure", lambda plt, fig, path: drawn.append(
+        [t.get_text() for t in fig.axes[0].texts]) or save(plt, fig, path))
+    marks = [(0.0, 1.0, "0.1% FA"), (0.0, 1.0, "0.5% FA"), (0.0, 1.0, "1.0% FA"), (0.2, 0.9, "as routed")]
+    report.plot_roc({"all": (np.array([0, 0, 1]), np.array([0, 1, 1]))}, tmp_path / "roc.png", marks)
+    assert drawn == [["0.1% FA, 0.5% FA, 1.0% FA", "as routed"]]
