@@ -62,9 +62,17 @@ def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str 
     else:
         cv2.rectangle(img, (x0, y0), (x1, y1), color, t, cv2.LINE_AA)
     if label:
-        fs = max(0.45, img.shape[1] / 2400)
-        cv2.putText(img, label, (x0, max(int(14 * fs), y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, fs, color,
-                    max(1, round(fs)), cv2.LINE_AA)
+        _label(img, label, x0, y0, color)
+
+
+def _label(img: np.ndarray, label: str, x0: int, y0: int, color) -> None:
+    """A region's score above its box's corner, moved left where it would run off the picture's right edge (a region
+    at the truck's end lost its score there)."""
+    fs = max(0.45, img.shape[1] / 2400)
+    thick = max(1, round(fs))
+    tw = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, thick)[0][0]
+    x = max(0, min(x0, img.shape[1] - tw - 2))
+    cv2.putText(img, label, (x, max(int(14 * fs), y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, fs, color, thick, cv2.LINE_AA)
 
 
 def _dashed_rect(img: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], color, t: int) -> None:

@@ -162,3 +162,14 @@ def test_roc_points_on_one_spot_get_one_label(tmp_path, monkeypatch):
     marks = [(0.0, 1.0, "0.1% FA"), (0.0, 1.0, "0.5% FA"), (0.0, 1.0, "1.0% FA"), (0.2, 0.9, "as routed")]
     report.plot_roc({"all": (np.array([0, 0, 1]), np.array([0, 1, 1]))}, tmp_path / "roc.png", marks)
     assert drawn == [["0.1% FA, 0.5% FA, 1.0% FA", "as routed"]]
+
+
+def test_a_regions_score_at_the_pictures_right_edge_is_not_cut_off():
+    """A region's score was written from its box's left corner on: a region at the truck's end (the picture's right
+    edge) lost its digits past the edge. The label now moves left to stay whole."""
+    def label_ink(box):     # red pixels above the box: its score label
+        img = report.render(np.zeros((1, 60, 200), np.float32), regions=[{"box": box, "score": 0.87}]).astype(int)
+        above = img[:box[1] - 1]
+        return int(((above[..., 2] > 150) & (above[..., 0] < 120)).sum())
+    whole = label_ink([80, 30, 100, 50])
+    assert whole > 20 and label_ink([192, 30, 200, 50]) >= 0.9 * whole
