@@ -382,6 +382,9 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
                 curves[f"{k} ({by_type[k]['auroc']:.3f})"] = p
         marks = [(row["achieved_rate"], row["detection_rate"], f"{row['false_alarm_rate']:.1%} FA")
                  for row in overall["detection_at_far"] if row["detection_rate"] is not None]
+        routed = overall.get("decisions") or {}
+        if routed.get("false_alarm_rate") is not None and routed.get("detection_rate") is not None:
+            marks.append((routed["false_alarm_rate"], routed["detection_rate"], "as routed (model threshold)"))
         images["roc"] = report.plot_roc(curves, out_dir / "roc.png", marks)
     else:   # one class, no curve: an earlier run's roc.png in this folder would pass for this one's
         (out_dir / "roc.png").unlink(missing_ok=True)
@@ -402,7 +405,7 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
 
 
 def _thumb(r: Result, t: Truth):
-    """A rendered scan with predicted (red) and true (green) boxes, and its caption."""
+    """A rendered scan with predicted (solid red) and true (dashed green) boxes, and its caption."""
     import warnings
 
     from detector import report

@@ -21,6 +21,8 @@ from detector.calibration import score_digits, threshold_texts
 RED, GREEN, YELLOW = (40, 40, 230), (60, 200, 60), (0, 215, 255)  # BGR
 MAX_WIDTH, MAX_HEIGHT = 2400, 800  # overlays of long scans are downscaled to fit
 ROWS_SHOWN = 100       # rows of a report table of scans (failed, unscored, unmatched); metrics.json holds them all
+THUMB_KEY = ("In the pictures below, solid red boxes are the model's regions (with their score) and dashed green "
+             "boxes the true anomaly.")
 JSON_SHOWN = 20000     # characters of metrics.json the report shows
 
 
@@ -50,39 +52,92 @@ def scan_view(att: np.ndarray, scale: float) -> np.ndarray:
     return cv2.cvtColor(window(ch), cv2.COLOR_GRAY2BGR)
 
 
-def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str | None = None) -> None:
+def _box(img: np.ndarray, box: Sequence[float], scale: float, color, label: str | None = None,
+         dashed: bool = False) -> None:
     x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
     t = max(1, round(min(img.shape[:2]) / 250))
-    cv2.rectangle(img, (x0, y0), (max(x0 + 1, x1 - 1), max(y0 + 1, y1 - 1)), color, t, cv2.LINE_AA)
+    x1, y1 = max(x0 + 1, x1 - 1), max(y0 + 1, y1 - 1)
+    if dashed:
+        _dashed_rect(img, (x0, y0), (x1, y1), color, t)
+    else:
+        cv2.rectangle(img, (x0, y0), (x1, y1), color, t, cv2.LINE_AA)
     if label:
-        fs = max(0.45, img.shape[1] / 2400)
-        cv2.putText(img, label, (x0, max(int(14 * fs), y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, fs, color,
-                    max(1, round(fs)), cv2.LINE_AA)
+        _label(img, label, x0, y0, color)
+
+
+def _label(img: np.ndarray, label: str, x0: int, y0: int, color) -> None:
+    """A region's score above its box's corner, moved left where it would run off the picture's right edge (a region
+    at the truck's end lost its score there)."""
+    fs = max(0.45, img.shape[1] / 2400)
+    thick = max(1, round(fs))
+    tw = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, thick)[0][0]
+    x = max(0, min(x0, img.shape[1] - tw - 2))
+    cv2.putText(img, label, (x, max(int(14 * fs), y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, fs, color, thick, cv2.LINE_AA)
+
+
+def _dashed_rect(img: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], color, t: int) -> None:
+    """A rectangle drawn in dashes: the true box apart from the model's solid one by its line, not by green against
+    red alone (the same colour to a red-green colour-blind officer)."""
+    (x0, y0), (x1, y1), dash = p0, p1, max(4, 3 * t)
+    for a, b in (((x0, y0), (x1, y0)), ((x0, y1), (x1, y1)), ((x0, y0), (x0, y1)), ((x1, y0), (x1, y1))):
+        n = max(abs(b[0] - a[0]), abs(b[1] - a[1]))
+        for s in range(0, n + 1, 2 * dash):
+            e = min(n, s + dash)
+            cv2.line(img, (a[0] + (b[0] - a[0]) * s // max(n, 1), a[1] + (b[1] - a[1]) * s // max(n, 1)),
+                     (a[0] + (b[0] - a[0]) * e // max(n, 1), a[1] + (b[1] - a[1]) * e // max(n, 1)), color, t)
+
+
+BARS = {True: ((30, 30, 200), (255, 255, 255)), False: ((215, 215, 215), (30, 30, 30))}  # flagged: (bar, text) BGR
+
+
+def banner_size(width: int) -> float:
+    """Font scale of a banner on a picture `width` px wide: grows with it, so a 2400 px overlay that a viewer fits to a
+    1920 px screen still shows its decision, score and threshold in letters about 20 px high (at a fixed 0.55 they
+    were 9 px there)."""
+    return max(0.55, width / 1800)
 
 
 def _banner(img: np.ndarray, text: str, flagged: bool) -> np.ndarray:
     """The picture under a bar holding `text`, wrapped at its double spaces, and a line still too wide drawn smaller:
-    in one line at one size it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name)."""
-    font, size, room = cv2.FONT_HERSHEY_SIMPLEX, 0.55, img.shape[1] - 12
-    width = lambda t: cv2.getTextSize(t, font, size, 1)[0][0]  # noqa: E731
+    in one line it was cut off on a narrow picture (a 256 px baggage scan lost its threshold and name).
+    INSPECT is a dark red bar with hazard stripes, RELEASE a light grey one: red against dark grey differed in hue
+    alone (grey levels 81 and 60), the same bar to a red-green colour-blind officer or on a monochrome monitor."""
+    font, size, room = cv2.FONT_HERSHEY_SIMPLEX, banner_size(img.shape[1]), img.shape[1] - 12
+    thick = max(1, round(1.6 * size))
+    width = lambda t: cv2.getTextSize(t, font, size, thick)[0][0]  # noqa: E731
     lines: list[str] = []
     for part in text.split("  "):
         if lines and width(f"{lines[-1]}  {part}") <= room:
             lines[-1] += f"  {part}"
         else:
             lines.append(part)
-    bar = np.full((22 * len(lines) + 6, img.shape[1], 3), (30, 30, 200) if flagged else (60, 60, 60), np.uint8)
+    fill, ink = BARS[bool(flagged)]
+    step = round(40 * size)                  # 22 px a line at the smallest size
+    bar = np.full((step * len(lines) + round(11 * size), img.shape[1], 3), fill, np.uint8)
     for i, line in enumerate(lines):
-        cv2.putText(bar, line, (6, 19 + 22 * i), font, min(size, size * room / max(1, width(line))), (255, 255, 255),
-                    1, cv2.LINE_AA)
+        cv2.putText(bar, line, (6, round(34.5 * size) + step * i), font, min(size, size * room / max(1, width(line))),
+                    ink, thick, cv2.LINE_AA)
+    if not flagged:   # a light bar above the scan's light air: a dark edge sets it apart
+        bar[-2:] = (90, 90, 90)
+    else:
+        _hazard(bar, 6 + max(width(line) for line in lines) + bar.shape[0])
     return np.vstack([bar, img])
+
+
+def _hazard(bar: np.ndarray, x0: int) -> None:
+    """Yellow and black diagonal stripes over the bar from column x0 on: an alarm seen at a glance in any colour."""
+    h, w = bar.shape[:2]
+    if w - x0 < 2 * h:
+        return
+    yy, xx = np.mgrid[0:h, x0:w]
+    bar[:, x0:w] = np.where((((xx + yy) // max(4, h // 2)) % 2 == 0)[..., None], YELLOW, (0, 0, 0))
 
 
 def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray | None = None,
            truth_boxes: Iterable[Sequence[float]] = (), banner: str | None = None, flagged: bool = False,
            max_w: int = MAX_WIDTH, max_h: int = MAX_HEIGHT) -> np.ndarray:
     """BGR picture of a scan: windowed greyscale, heatmap blended in colour where it is high,
-    predicted regions (red, with score), true boxes (green), and an optional banner on top."""
+    predicted regions (solid red, with score), true boxes (dashed green), and an optional banner on top."""
     h, w = att.shape[-2:]
     scale = fit_scale(h, w, max_w, max_h)
     img = scan_view(att, scale)
@@ -94,7 +149,7 @@ def render(att: np.ndarray, *, regions: Iterable[dict] = (), heatmap: np.ndarray
         alpha = (0.6 * np.clip((hm - 0.2) / 0.6, 0, 1))[..., None]  # only confident cells tint the scan
         img = (img * (1 - alpha) + colour * alpha).astype(np.uint8)
     for b in truth_boxes:
-        _box(img, b, scale, GREEN)
+        _box(img, b, scale, GREEN, dashed=True)
     for r in regions:
         _box(img, r["box"], scale, RED, f"{r['score']:.2f}")
     return _banner(img, banner, flagged) if banner else img
@@ -145,16 +200,26 @@ def _plain(text: str) -> str:
     return str(text).replace("$", r"\$")
 
 
+def merged_marks(marks: Sequence[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Operating points with one label each where several fall on one point: a confident model's 0.1 %, 0.5 % and 1 %
+    points coincide, and their labels drawn over one another read '0.3% FA'."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for far, det, label in marks:
+        at.setdefault((round(max(far, 1e-4), 6), round(det, 6)), []).append(label)
+    return [(far, det, ", ".join(labels)) for (far, det), labels in at.items()]
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
              marks: Sequence[tuple[float, float, str]] = ()) -> Path:
-    """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible)."""
+    """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible), operating points marked as
+    black rings."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for name, (far, det) in curves.items():
         ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=_plain(name), drawstyle="steps-post")
-    for far, det, label in marks:
-        ax.plot([max(far, 1e-4)], [det], "o", ms=5)
-        ax.annotate(_plain(label), (max(far, 1e-4), det), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    for far, det, label in merged_marks(marks):
+        ax.plot([max(far, 1e-4)], [det], "o", ms=6, color="k", mfc="white", mew=1.5, zorder=3)
+        ax.annotate(_plain(label), (max(far, 1e-4), det), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1.0)
     ax.set_ylim(0, 1.02)
@@ -293,6 +358,8 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
                          + _table([{"path": p} for p in m[key][:ROWS_SHOWN]], ["path"]))
     parts.append("<h2>Plots</h2>" + "".join(
         f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
+    if any(thumbs.values()):
+        parts.append(f"<p>{THUMB_KEY}</p>")
     for section, items in thumbs.items():
         parts.append(f"<h2>{html.escape(section)}</h2>")
         if not items:

@@ -575,3 +575,17 @@ def test_metrics_per_cargo_class_and_anomaly_type_read_each_truth_a_bounded_numb
     assert len(m["by_cargo"]) == 60 and m["by_cargo"]["HS0001"]["n"] == 2 and len(m["by_anomaly_type"]) == 10
     assert m["by_anomaly_type"]["type1"]["n"] == n // 2 + 6
     assert reads["cargo"] <= 4 * n and reads["anomaly_type"] <= 6 * n, reads
+
+
+def test_the_roc_marks_the_operating_point_the_results_were_routed_at(tmp_path, monkeypatch):
+    """The ROC marked the points eval's own thresholds would give (1 %, 0.5 %, 0.1 % false alarms), not the one the
+    model's threshold routed these trucks at: an officer could not see where the station runs. It is now marked."""
+    from detector import report
+    data, res = _dataset(tmp_path)
+    drawn = []
+    plot = report.plot_roc
+    monkeypatch.setattr(report, "plot_roc", lambda curves, path, marks=(): drawn.append(list(marks)) or
+                        plot(curves, path, marks))
+    evaluate.evaluate(res, data, tmp_path / "report", thumbs=False)
+    # 1 of 4 clean trucks and 2 of 3 anomalies inspected
+    assert (0.25, pytest.approx(2 / 3), "as routed (model threshold)") in drawn[0]

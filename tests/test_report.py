@@ -28,10 +28,11 @@ def test_render_boxes_banner_and_downscale():
     b, g, r = img[5, 100]  # banner pixel: red when flagged
     assert r > 150 and b < 100
     long = report.render(np.zeros((1, 1000, 10000), np.float32), banner="RELEASE", flagged=False)
-    assert long.shape[1] <= report.MAX_WIDTH and long.shape[0] <= report.MAX_HEIGHT + 28
-    assert abs(long.shape[1] / (long.shape[0] - 28) - 10) < 0.2  # aspect kept
+    bar = long.shape[0] - round(1000 * long.shape[1] / 10000)
+    assert long.shape[1] <= report.MAX_WIDTH and long.shape[0] <= report.MAX_HEIGHT + bar
+    assert abs(long.shape[1] / (long.shape[0] - bar) - 10) < 0.2 and bar < 100  # aspect kept
     plain = report.render(_att(), truth_boxes=[[60, 30, 70, 40]])
-    b, g, r = (int(v) for v in plain[30, 65])  # the top edge of the true box is green
+    b, g, r = (int(v) for v in plain[30, 61])  # the top edge of the true box is green (a dash at its corner)
     assert plain.shape == (60, 200, 3) and g > r + 80 and g > b + 80
 
 
@@ -101,3 +102,74 @@ def test_a_cut_table_or_metrics_json_says_so(tmp_path):
     assert "the whole is metrics.json beside this report" in page
     few = report.html_report(tmp_path / "f.html", {"overall": overall, "failures": failures[:3]}, {}, {}).read_text()
     assert "Failed scans (3, counted as INSPECT)" in few and "the whole is" not in few
+
+
+def _bar_grey(img: np.ndarray, rows: int) -> int:
+    """The grey level most of a banner's pixels have (its background, text and stripes aside)."""
+    grey = cv2.cvtColor(img[:rows], cv2.COLOR_BGR2GRAY)
+    return int(np.bincount(grey.ravel()).argmax())
+
+
+def test_inspect_and_release_banners_differ_in_more_than_hue():
+    """INSPECT's red bar and RELEASE's dark grey one had grey levels 81 and 60: the same bar to a red-green
+    colour-blind officer or on a monochrome monitor. They now differ in brightness, and INSPECT carries stripes."""
+    shown = {d: report.render(_att(100, 900), banner=report.verdict_banner(d, 0.9, 0.5, "truck_7"),
+                              flagged=d == "INSPECT") for d in ("INSPECT", "RELEASE")}
+    rows = shown["RELEASE"].shape[0] - 100
+    assert abs(_bar_grey(shown["INSPECT"], rows) - _bar_grey(shown["RELEASE"], rows)) > 100
+    stripes = cv2.cvtColor(shown["INSPECT"][rows // 2: rows // 2 + 1, -200:], cv2.COLOR_BGR2GRAY)
+    assert stripes.max() - stripes.min() > 150            # light and dark stripes across the end of the bar
+
+
+def test_banner_text_stays_readable_when_a_viewer_fits_a_long_scan_to_the_screen():
+    """A 4000 px scan's overlay is 2400 px wide and a viewer fits it to a 1920 px screen: the banner's letters, drawn at
+    one size for every width, were 9 px high there. They now grow with the picture (at least 16 px there)."""
+    for decision in ("INSPECT", "RELEASE"):
+        img = report.render(_att(1000, 4000), banner=report.verdict_banner(decision, 0.9, 0.5, "truck_7"),
+                            flagged=decision == "INSPECT")
+        assert img.shape[1] == report.MAX_WIDTH
+        fitted = cv2.resize(img, (1920, round(img.shape[0] * 1920 / img.shape[1])), interpolation=cv2.INTER_AREA)
+        rows = round((img.shape[0] - 600) * 1920 / img.shape[1])                # the bar over the 2400 x 600 scan
+        bar = cv2.cvtColor(fitted[:rows, :300], cv2.COLOR_BGR2GRAY).astype(int)  # the start of the bar: its text
+        ink = np.flatnonzero((np.abs(bar - bar[1, 1]) > 100).any(axis=1))
+        assert ink.size and ink[-1] - ink[0] + 1 >= 16, (decision, ink)
+
+
+def test_true_boxes_are_dashed_apart_from_the_models_solid_ones(tmp_path):
+    """The model's regions were solid red boxes and the true anomaly solid green ones, told apart by hue alone (the
+    same to a red-green colour-blind officer reading the report's worst misses). The true box is now dashed."""
+    box = [40, 20, 180, 50]
+
+    def edge(**kw):     # share of the top edge's pixels the box's colour covers
+        img = report.render(np.zeros((1, 60, 200), np.float32), **kw).astype(int)
+        return np.mean(np.abs(img[20, 40:180] - img[5, 5]).sum(axis=1) > 60)
+    assert edge(regions=[{"box": box, "score": 0.9}]) > 0.95               # solid
+    assert 0.3 < edge(truth_boxes=[box]) < 0.75                             # dashes and gaps
+    overall = {"n": 1, "n_normal": 0, "n_anomalous": 1, "n_failed": 0, "auroc": None, "ap": None, "notes": [],
+               "detection_at_far": [], "far_at_detection": []}
+    page = report.html_report(tmp_path / "r.html", {"overall": overall}, {},
+                              {"Worst misses": [(report.render(_att(), truth_boxes=[box]), "x")]}).read_text()
+    assert "dashed green" in page
+
+
+def test_roc_points_on_one_spot_get_one_label(tmp_path, monkeypatch):
+    """A confident model's 0.1 %, 0.5 % and 1 % operating points fall on one spot: their three labels were drawn over
+    one another and read '0.3% FA'. One spot now carries one label naming them all."""
+    drawn = []
+    save = report._save_figure
+    monkeypatch.setattr(report, "_save_figure", lambda plt, fig, path: drawn.append(
+        [t.get_text() for t in fig.axes[0].texts]) or save(plt, fig, path))
+    marks = [(0.0, 1.0, "0.1% FA"), (0.0, 1.0, "0.5% FA"), (0.0, 1.0, "1.0% FA"), (0.2, 0.9, "as routed")]
+    report.plot_roc({"all": (np.array([0, 0, 1]), np.array([0, 1, 1]))}, tmp_path / "roc.png", marks)
+    assert drawn == [["0.1% FA, 0.5% FA, 1.0% FA", "as routed"]]
+
+
+def test_a_regions_score_at_the_pictures_right_edge_is_not_cut_off():
+    """A region's score was written from its box's left corner on: a region at the truck's end (the picture's right
+    edge) lost its digits past the edge. The label now moves left to stay whole."""
+    def label_ink(box):     # red pixels above the box: its score label
+        img = report.render(np.zeros((1, 60, 200), np.float32), regions=[{"box": box, "score": 0.87}]).astype(int)
+        above = img[:box[1] - 1]
+        return int(((above[..., 2] > 150) & (above[..., 0] < 120)).sum())
+    whole = label_ink([80, 30, 100, 50])
+    assert whole > 20 and label_ink([192, 30, 200, 50]) >= 0.9 * whole

@@ -594,8 +594,9 @@ def test_overlays_never_replace_one_another_nor_a_scan(tmp_path, heuristic_model
     assert (d / "p.png").read_bytes() == scan_png                   # the scan itself is left alone
     assert sorted(p.name for p in d.glob("*.*.png")) == ["a.npy.png", "a.tiff.png", "p.png.png"]
     assert not (d / "a.png").exists()
-    banner = {name: cv2.imread(str(d / name))[5, 300] for name in ("a.npy.png", "a.tiff.png")}
-    assert banner["a.npy.png"][2] > 150 > banner["a.tiff.png"][2]  # each banner on its own truck: red = INSPECT
+    banner = {name: [int(v) for v in cv2.imread(str(d / name))[5, 2]] for name in ("a.npy.png", "a.tiff.png")}
+    assert banner["a.npy.png"][2] > 150 > banner["a.npy.png"][0]    # each banner on its own truck: red = INSPECT,
+    assert max(banner["a.tiff.png"]) - min(banner["a.tiff.png"]) < 20   # grey = RELEASE
 
 
 
