@@ -342,15 +342,18 @@ def overlay_paths(items: list[Item], overlays: Path) -> dict[Path, Path]:
     return {p: d.with_name(p.name + ".png") if seen[d] > 1 or d in inputs else d for p, d in short.items()}
 
 
-def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None) -> str | None:
+def _write_overlay(dest: Path, scan, verdict, decision: str, threshold: float | None,
+                   forced: str | None = None) -> str | None:
     """Draw one overlay PNG; returns an error text instead of raising (a picture never stops a run). The picture is
-    the scan's attenuation, so the regions (in the file's pixels) are drawn mapped to its grid."""
+    the scan's attenuation, so the regions (in the file's pixels) are drawn mapped to its grid. `forced`: why the
+    truck is inspected though it scored under its threshold (a risk flag), written on the banner before its name."""
     from detector import report
     try:
         grids = file_shape(scan), (scan.height, scan.width)
         regions = [{"box": map_box(r.box, *grids), "score": float(r.score)} for r in verdict.regions]
+        extra = f"{forced}  {shown(dest.stem)}" if forced else shown(dest.stem)
         img = report.render(scan.attenuation, regions=regions, heatmap=verdict.heatmap,
-                            banner=report.verdict_banner(decision, verdict.score, threshold, shown(dest.stem)),
+                            banner=report.verdict_banner(decision, verdict.score, threshold, extra),
                             flagged=decision != "RELEASE")
         report.write_png(dest, img)
         return None
@@ -441,9 +444,10 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
                 _note(counts, drawing.popleft().result())   # written, so a stop here never leaves it without one
             writer.writerow(_csv_fields(row))
             f.flush()
-            if draw:
+            if draw:   # an INSPECT under its threshold (a risk flag forced it) shows why on the picture
+                forced = why if row["decision"] == "INSPECT" and thr is not None and verdict.score < thr else None
                 drawing.append(painter.submit(_write_overlay, names[item.path],
-                                              scan, verdict, row["decision"], thr))
+                                              scan, verdict, row["decision"], thr, forced))
             elif overlays:   # an earlier run's picture of this truck would contradict its row now
                 remove_overlay(names[item.path])
             if fj:

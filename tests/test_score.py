@@ -274,6 +274,29 @@ def test_policy_file_tiers_and_risk_flags(tmp_path, heuristic_model, normal_scan
     assert rows["bad.tiff"]["decision"] == "INSPECT" and float(rows["bad.tiff"]["threshold"]) == t_high
 
 
+def test_an_overlay_of_a_truck_a_risk_flag_forced_says_why(tmp_path, heuristic_model, normal_scan_path, monkeypatch):
+    """A truck inspected because a risk flag forced it, though it scored under its threshold: its overlay's banner
+    read "INSPECT score 0.30 threshold 0.95" and nothing else, an inspection the picture could not explain. The
+    banner now gives the reason; a truck inspected by its score is drawn as before."""
+    from detector import report
+    banners: dict[str, str] = {}
+    real = report.verdict_banner
+
+    def spy(decision, score_, threshold, extra=""):
+        text = real(decision, score_, threshold, extra)
+        banners[extra.rsplit("  ", 1)[-1]] = text
+        return text
+
+    monkeypatch.setattr(report, "verdict_banner", spy)
+    for name in ("a", "c"):
+        shutil.copy(normal_scan_path, tmp_path / f"{name}.tiff")
+    m = tmp_path / "manifest.csv"
+    m.write_text("path,label,risk_flags\na.tiff,0,\nc.tiff,0,intel_hit\n")
+    assert score.main(_args(m, heuristic_model, tmp_path / "r.csv", overlays=str(tmp_path / "ov"))) == 0
+    assert banners["c"].startswith("INSPECT") and "risk flag intel_hit forces inspection" in banners["c"], banners
+    assert banners["a"].startswith("RELEASE") and "forces" not in banners["a"]
+
+
 def test_overlays_only_flagged_and_png_readable(tmp_path, heuristic_model, normal_scan_path, anomalous_scan_path):
     import cv2
     d = tmp_path / "s"
