@@ -1,4 +1,4 @@
-"""`detector synth`: write a synthetic dataset (images/*.tiff, masks/*.png, manifest.csv) in
+"""`detector synth`: write a synthetic dataset (images/*.tiff, masks/*.png, manifest.csv, synth.json) in
 parallel; deterministic by seed whatever the number of workers."""
 from __future__ import annotations
 
