@@ -526,6 +526,22 @@ class ScanDataModule(L.LightningDataModule):
             self.cfg.normal_only = True
         if self.cfg.normal_only:  # TIP is then the only source of anomalies: half the crops get one
             self.cfg.augment.tip_rate = max(self.cfg.augment.tip_rate, 0.5)
+        self._say_splits_without_anomalies()
+
+    def _say_splits_without_anomalies(self) -> None:
+        """Warn when a labelled set's anomalous scans all lie outside validation or test: their figures are then
+        n/a and best.ckpt cannot be ranked, which a seeded split does quietly to a label of 3 scans or fewer."""
+        bare = [s for s in ("val", "test") if self.splits[s] and not any(r.label == 1 for r in self.splits[s])]
+        n = {s: sum(r.label == 1 for r in self.splits[s]) for s in SPLITS}
+        if not self.require_train or not bare or not any(r.label == 1 for r in self.records):
+            return
+        how = ("the manifest's split column" if any(r.split for r in self.records) else
+               "the seeded split (round(n x data.val_fraction or data.test_fraction) of each label's scans, none of "
+               "a label with 2 or fewer)")
+        rank_zero_warn(f"the {' and '.join(bare)} split{'s have' if len(bare) > 1 else ' has'} no anomalous scans "
+                       f"(train {n['train']}, val {n['val']}, test {n['test']}) by {how}: validation and test AUROC and detection are n/a, "
+                       "best.ckpt is the latest epoch and the thresholds rest on normal scans alone; put one or more "
+                       "anomalous scans in split=val (and split=test) to measure them")
 
     def _loader(self, ds: Dataset, batch: int, shuffle: bool, collate=None) -> DataLoader:
         w = self.cfg.workers if self.cfg.workers != "auto" else auto_workers(torch.cuda.is_available())

@@ -173,7 +173,9 @@ def intervals(labels, scores, failed=None, level: float = 0.95) -> dict:
     counted as INSPECT as in the figures themselves; an interval is None where its figure is (e.g. a failed normal
     scan uses up the 1 % of alarms that 25 normal scans allow). Each holds its figure, and detection's at least the
     Wilson interval of its count: at 0 or 100 % every resampled test set reads the same, and 20 of 20 anomalies
-    found read "100 - 100 %" where 20 scans allow 84 %."""
+    found read "100 - 100 %" where 20 scans allow 84 %. AUROC's, where every resample reads the same (0 or 1, or one
+    anomaly: "0.000-0.000"), is the Wilson interval of its figure over the smaller class, whose size bounds its
+    variance (A(1-A)/min(n0, n1), van Dantzig); elsewhere that bound is looser than the bootstrap, so unused."""
     y, s, f = _arrays(labels, scores, failed)
     out: dict = {"level": level}
     for name, metric in (("auroc", auroc), ("detection_at_1pct", detection_at_1pct)):
@@ -181,6 +183,9 @@ def intervals(labels, scores, failed=None, level: float = 0.95) -> dict:
         iv = None if point is None else bootstrap_interval(y, s, metric, level=level, failed=f)
         if iv is not None and name == "detection_at_1pct":
             n = int((y == 1).sum())
+            iv = _hull(iv, rate_interval(round(point * n), n, _z(level)))
+        elif iv is not None and iv[0] == iv[1]:
+            n = int(min((y == 0).sum(), (y == 1).sum()))
             iv = _hull(iv, rate_interval(round(point * n), n, _z(level)))
         out[name] = None if iv is None else _hull(iv, (point, point))
     return out

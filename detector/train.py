@@ -282,9 +282,9 @@ def within_noise(select: float, top: float, n_anomalous: int, se: float) -> bool
     0.1 (5 anomalies) on 50. Such a later epoch becomes best.ckpt: on a small validation set the highest
     detection at 1 % false alarms is mostly luck (its threshold is the top normal score or two, whose own
     noise that error leaves out), and picking it picked an earlier, less annealed epoch that tested worse
-    than the last one (docs/experiments.md)."""
-    tolerance = se * math.sqrt(0.5 / n_anomalous) if n_anomalous > 0 else 0.0
-    return select >= top - tolerance
+    than the last one (docs/experiments.md). Without validation anomalies there is no detection figure, and the
+    lowest normal scores picked the first, barely trained epoch: every epoch is then within noise (the latest kept)."""
+    return n_anomalous <= 0 or select >= top - se * math.sqrt(0.5 / n_anomalous)
 
 
 # ---------------------------------------------------------------- fit
@@ -363,6 +363,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
             raise ScanError(e.path, f"{e.reason}; {out / 'skipped_scans.csv'} lists the {n} unreadable scans") from None
         _clear_earlier_results(out, fresh=resume is None)   # only now: a run stopped while caching leaves them
         cfg.model.in_channels = dm.channels
+        val_anomalies = sum(r.label == 1 for r in dm.splits["val"])
         cfg.data.channels = dm.channels
         cfg.data.normal_only = dm.cfg.normal_only          # switched on when no training scan is anomalous
         saved = {**to_dict(cfg), "trainer": asked}
@@ -401,7 +402,10 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         if cfg.trainer.max_minutes > 0:
             callbacks.append(TimeBudget(cfg.trainer.max_minutes, started=t0))
         early = EarlyStopping("val/progress", mode="max", patience=cfg.trainer.patience)
-        if cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
+        if cfg.trainer.patience > 0 and not val_anomalies:
+            _rank_zero_warn(f"trainer.patience {cfg.trainer.patience} ignored: validation has no anomalous scans, so "
+                            "there is no detection figure to stop on (its normal scores rise as the network learns)")
+        elif cfg.trainer.patience > 0:  # 0 = off: stopping early also cuts the cosine schedule before it anneals
             callbacks.append(early)
         if cfg.data.mine_share > 0 and cfg.data.hard_negative_fraction > 0:
             callbacks.append(HardNegativeMiner(share=cfg.data.mine_share))   # mines with the live weights
@@ -447,6 +451,7 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         result = {"name": cfg.name, "best_checkpoint": str(best), "epochs": trainer.current_epoch,
                   "max_epochs": cfg.trainer.max_epochs, "max_minutes": cfg.trainer.max_minutes,
                   "train_time_s": train_s, "epoch_s": timer.seconds, "validation": best_info["validation"],
+                  "best_epoch": read_checkpoint(best)["epoch"] + 1, "selection": selection(cfg.trainer, val_anomalies),
                   "stopped": stopped_by(cfg.trainer, trainer.current_epoch, early.stopped_epoch > 0),
                   "thresholds": best_info["thresholds"], "normal_scores": best_info["normal_scores"],
                   "data_fingerprint": info["data_fingerprint"], "initialised_from": info.get("initialised_from"),
@@ -470,6 +475,14 @@ def hold_run_folder(out: Path):
                                "or give another --out")
     except BlockingIOError as e:
         raise ConfigError(str(e)) from None
+
+
+def selection(t: TrainerConfig, val_anomalies: int) -> str:
+    """How best.ckpt was chosen, for metrics.json: a user of a small validation set must know what it rests on."""
+    if not val_anomalies:
+        return "the latest validated epoch: validation has no anomalous scans, so nothing to rank epochs by"
+    return (f"the latest validated epoch within {t.select_se:g} standard errors (trainer.select_se) of the best "
+            f"detection at 1 % false alarms on {val_anomalies} validation anomal{'y' if val_anomalies == 1 else 'ies'}")
 
 
 def stopped_by(t: TrainerConfig, epochs: int, early: bool) -> str | None:
@@ -672,8 +685,10 @@ def main(args) -> int:
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     cut = f" of {res['max_epochs']}: {res['stopped']}" if res.get("stopped") else ""
+    why = " (validation has no anomalous scans)" if v.get("n_normal") and not v.get("n_anomalous") else ""
     print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
-          f" AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; -> {res['best_checkpoint']}")
+          f"{why} AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; "
+          f"{'best.ckpt: epoch %d ' % res['best_epoch'] if res.get('best_epoch') else ''}-> {res['best_checkpoint']}")
     run = Path(res["best_checkpoint"]).parent
     if (short := unresolved_warning(res["thresholds"])) is not None:
         print(f"warning: {short}", file=sys.stderr)

@@ -926,3 +926,29 @@ def test_only_transparent_images_get_a_new_cache_key_since_alpha_is_laid_over_ai
     monkeypatch.setattr(scan_cache, "file_view", lambda path: (1, False))   # as the key was made before
     old = {n: cache._key(Record(str(tmp_path / n), 0)) for n in keys}
     assert [n for n in keys if keys[n] != old[n]] == ["rgba.png", "trns.png", "ga.tiff"]
+
+
+def test_a_split_left_without_anomalies_is_said(tmp_path):
+    """A first labelled set: 21 normal scans and 3 seizures, no split column. The seeded split rounds each label's
+    share (3 x 0.15 -> 0), so all 3 train and validation and test have none: their figures are n/a and best.ckpt
+    cannot be ranked on them. That was said nowhere; a warning now names the splits and the counts."""
+    root = write_dataset(tmp_path / "d", n=24)
+    rows = list(csv.DictReader(open(root / "manifest.csv")))
+    rows = [{**r, "split": ""} for r in rows if r["label"] == "0" or r["path"] in ("images/s1.tiff", "images/s3.tiff",
+                                                                                   "images/s5.tiff")]
+    write_manifest(root, rows)
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    dm.prepare_data()
+    with pytest.warns(UserWarning, match=r"the val and test splits have no anomalous scans \(train 3, val 0, "
+                                         r"test 0\).*seeded split.*n/a.*split=val"):
+        dm.setup("fit")
+    assert [sum(r.label for r in dm.splits[s]) for s in ("train", "val", "test")] == [3, 0, 0]
+    rows = [{**r, "split": "val" if r["path"] in ("images/s1.tiff", "images/s0.tiff", "images/s2.tiff") else ""}
+            for r in rows]
+    write_manifest(root, rows)    # one seizure in validation: the split column then decides, and nothing is missing
+    dm = ScanDataModule(root, DataConfig(workers=0), Preprocessing(), tmp_path / "cache")
+    dm.prepare_data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    assert not [w for w in caught if "no anomalous scans" in str(w.message)]

@@ -208,3 +208,18 @@ def test_detection_interval_at_0_and_100_percent_is_not_a_point():
     assert lo == 0.0 and hi == pytest.approx(calibration.rate_interval(0, 20)[1], abs=1e-4) and hi > 0.15
     lo, hi = found["auroc"]
     assert lo <= M.auroc(y, [0.1] * 100 + [0.9] * 20) <= hi   # 1.0, not under an upper end of 0.9999999999999999
+
+
+def test_auroc_interval_of_a_few_anomalies_is_not_a_point():
+    """eval of a first site's test set, 6 clean trucks and its one seizure scored below them: 'AUROC 0.0000 (95%
+    0.000-0.000)', as if one anomaly pinned it down (every resample holds the same one anomaly). AUROC's interval
+    now holds at least the Wilson interval of its figure over the smaller class (its variance is at most
+    A(1-A)/min(n0, n1), van Dantzig) where the bootstrap reads one value: 0-79 % for one anomaly, and 20 anomalies
+    all above 100 clean ones 84-100 %."""
+    lo, hi = M.intervals([0] * 6 + [1], [0.5] * 6 + [0.1])["auroc"]
+    assert lo == 0.0 and hi == pytest.approx(calibration.rate_interval(0, 1)[1], abs=1e-4) and hi > 0.7
+    lo, hi = M.intervals([0] * 100 + [1] * 20, [0.1] * 100 + [0.9] * 20)["auroc"]
+    assert hi == 1.0 and lo == pytest.approx(calibration.rate_interval(20, 20)[0], abs=1e-4)
+    rng = np.random.default_rng(0)   # elsewhere the bootstrap's own spread: that bound is looser, and unused
+    y, s = [0] * 300 + [1] * 50, np.r_[rng.normal(0, 1, 300), rng.normal(2, 1, 50)]
+    assert M.intervals(y, s)["auroc"] == pytest.approx(M.bootstrap_interval(y, s, M.auroc))

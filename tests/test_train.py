@@ -236,7 +236,7 @@ def test_best_checkpoint_is_the_latest_epoch_within_noise_of_the_best():
     assert chosen(w64, n=50, se=1.0) == 33 and chosen(w64, n=50) == 43
     assert chosen([(1, 0.9), (2, 0.5), (3, 0.65)], n=50) == 1                 # a real decline keeps the earlier
     assert within_noise(0.7 - 0.099, 0.7, 50, 1.0) and not within_noise(0.7 - 0.101, 0.7, 50, 1.0)
-    assert not within_noise(-0.002, -0.001, 0, 1.0)                          # no anomalies: strictly lower normals
+    assert within_noise(-0.002, -0.001, 0, 1.0)         # no anomalies: nothing to rank by, the latest is kept
 
 
 def test_test_scores_keep_every_float32_digit(tmp_path):
@@ -1178,3 +1178,35 @@ def test_exporting_the_best_checkpoint_of_a_run_that_did_not_finish_says_so(tmp_
     assert (f"warning: {run / 'best.ckpt'} is from a run that has not finished: {run / 'last.ckpt'} holds 1 of its 3 "
             f"epochs and there is no {run / 'metrics.json'}") in err, err
     assert f"--resume {run / 'last.ckpt'}" in err
+
+
+def test_no_anomalous_validation_scans_keeps_the_latest_epoch_and_says_so(tmp_path, capsys):
+    """A first labelled set with every seizure in training: validation has normal scans only, so detection at 1 %
+    is undefined. best.ckpt was the epoch with the lowest normal scores, the first, barely trained one (a run of 6
+    quick.yaml epochs exported epoch 1); it is now the latest validated epoch, and metrics.json and the summary say
+    so. Early stopping, which had only the normal scores to follow, is off with a warning."""
+    from types import SimpleNamespace
+
+    from detector.train import main, run_training, within_noise
+
+    assert within_noise(-0.002, -0.001, 0, 2.0)   # no anomalies: no figure to prefer an earlier epoch by
+    root = write_dataset(tmp_path / "d", n=12)
+    rows = list(csv.DictReader(open(root / "manifest.csv")))
+    for r in rows:
+        if r["split"] == "val" and r["label"] == "1":
+            r["split"] = "train"
+    write_manifest(root, rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_training(None, root, tmp_path / "run", [*TINY, "trainer.max_epochs=3", "trainer.patience=1",
+                                                         "trainer.val_every=1", "trainer.max_minutes=0"], quiet=True)
+    assert res["epochs"] == 3 and res["stopped"] is None            # patience 1 did not stop it after epoch 2
+    assert res["best_epoch"] == 3 and "no anomalous" in res["selection"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_epoch"] == 3
+    said = [str(w.message) for w in caught]
+    assert any("trainer.patience" in m and "no anomalous" in m for m in said), said
+    args = SimpleNamespace(config=None, data=str(root), out=str(tmp_path / "run2"), resume=None, accelerator=None,
+                           init=None, overrides=[*TINY, "trainer.max_epochs=1", "trainer.max_minutes=0"])
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trained"))
+    assert "val AUROC n/a (validation has no anomalous scans)" in line and "best.ckpt: epoch 1" in line, line
