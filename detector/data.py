@@ -539,9 +539,9 @@ class ScanDataModule(L.LightningDataModule):
                "the seeded split (round(n x data.val_fraction or data.test_fraction) of each label's scans, none of "
                "a label with 2 or fewer)")
         rank_zero_warn(f"the {' and '.join(bare)} split{'s have' if len(bare) > 1 else ' has'} no anomalous scans "
-                       f"(train {n['train']}, val {n['val']}, test {n['test']}) by {how}: validation and test AUROC and detection are n/a, "
-                       "best.ckpt is the latest epoch and the thresholds rest on normal scans alone; put one or more "
-                       "anomalous scans in split=val (and split=test) to measure them")
+                       f"(train {n['train']}, val {n['val']}, test {n['test']}) by {how}: validation and test AUROC "
+                       "and detection are n/a, best.ckpt is the latest epoch and the thresholds rest on normal scans "
+                       "alone; put one or more anomalous scans in split=val (and split=test) to measure them")
 
     def _loader(self, ds: Dataset, batch: int, shuffle: bool, collate=None) -> DataLoader:
         w = self.cfg.workers if self.cfg.workers != "auto" else auto_workers(torch.cuda.is_available())
