@@ -51,6 +51,7 @@ from detector.scan import ScanError
 from detector.score import hold_lock
 
 CALIBRATION_RATES = (0.01, 0.005, 0.001)
+FEW_VAL_ANOMALIES = 10   # the summary line says how few validation scans its figures rest on, below this
 
 
 # ---------------------------------------------------------------- losses
@@ -685,7 +686,9 @@ def main(args) -> int:
     v, th = res["validation"], {f"{r['false_alarm_rate']:.1%}": round(r["threshold"], 4) for r in res["thresholds"]}
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     cut = f" of {res['max_epochs']}: {res['stopped']}" if res.get("stopped") else ""
-    why = " (validation has no anomalous scans)" if v.get("n_normal") and not v.get("n_anomalous") else ""
+    na, nn = v.get("n_anomalous") or 0, v.get("n_normal") or 0
+    why = (" (validation has no anomalous scans)" if nn and not na else
+           f" (on {na} anomalous and {nn} normal validation scans)" if 0 < na < FEW_VAL_ANOMALIES else "")
     print(f"trained {res['name']} in {res['train_time_s']:.0f}s ({res['epochs']} epochs{cut}): val AUROC {fmt(v.get('auroc'))}"
           f"{why} AP {fmt(v.get('ap'))} det@1% {fmt(v.get('det_at_1pct'))}; thresholds {th}; "
           f"{'best.ckpt: epoch %d ' % res['best_epoch'] if res.get('best_epoch') else ''}-> {res['best_checkpoint']}")

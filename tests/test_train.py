@@ -883,6 +883,24 @@ def test_the_summary_says_what_cut_the_run_short(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] == "early stopping, trainer.patience 1"
 
 
+def test_the_summary_says_how_few_validation_scans_its_figures_rest_on(tmp_path, monkeypatch, capsys):
+    """One seizure in validation printed "val AUROC 1.000 det@1% 1.000" like a measured model; below
+    FEW_VAL_ANOMALIES the line now gives the counts, and says when there are none."""
+    from detector import train as train_mod
+    from detector.cli import main
+    res = {"name": "quick", "train_time_s": 12.0, "epochs": 2, "max_epochs": 2, "stopped": None, "thresholds": [],
+           "best_checkpoint": str(tmp_path / "run" / "best.ckpt"), "best_epoch": 2}
+    lines = {}
+    for na, nn in ((1, 6), (0, 6), (50, 50)):
+        v = {"auroc": 1.0 if na else None, "ap": None, "det_at_1pct": None, "n_anomalous": na, "n_normal": nn}
+        monkeypatch.setattr(train_mod, "run_training", lambda *a, v=v, **k: {**res, "validation": v})
+        assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 0
+        lines[na] = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trained "))
+    assert "val AUROC 1.000 (on 1 anomalous and 6 normal validation scans)" in lines[1], lines[1]
+    assert "val AUROC n/a (validation has no anomalous scans)" in lines[0], lines[0]
+    assert "validation scans" not in lines[50] and "val AUROC 1.000 AP" in lines[50], lines[50]
+
+
 def test_a_manifest_mistake_is_refused_before_the_run_folder_is_touched(tmp_path, capsys):
     """A manifest cell that cannot be used (a label 'yes', a misspelt column) stopped training only once the run folder
     was made and an earlier run's metrics.json, test_scores.csv and hard negatives in it were deleted: fixing the
