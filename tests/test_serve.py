@@ -458,6 +458,34 @@ def test_ignored_request_parts_inspect(tmp_path, parts):
     assert svc.audit.count() == 2
 
 
+async def _post_raw(svc, body: bytes, boundary: str = "B") -> httpx.Response:
+    """`body` posted to `svc`'s /v1/inspect as it is, as a station client's own multipart writer sends it."""
+    from detector.serve import create_app
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+        return await c.post("/v1/inspect", content=body,
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _part(disposition: bytes, data: bytes, ctype: bytes | None = None) -> bytes:
+    return (b"--B\r\nContent-Disposition: " + disposition + b"\r\n" + (b"Content-Type: " + ctype + b"\r\n" if ctype
+            else b"") + b"\r\n" + data + b"\r\n")
+
+
+@pytest.mark.parametrize("tail", [b"", b"--B\r\n", b"--B"], ids=["cut-after-meta", "open-part", "no-dashes"])
+def test_a_body_without_its_closing_boundary_inspects_and_says_so(tmp_path, tail):
+    """A station's own multipart writer that leaves out the closing `--B--` (or a body cut short with a clean end):
+    the parser dropped the last part unseen, so a meta carrying a forcing risk flag was lost and the truck RELEASEd."""
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    body = (_part(b'form-data; name="scan"; filename="V7.tiff"', b"123")
+            + _part(b'form-data; name="meta"', b'{"vehicle_id": "V7", "risk_flags": ["intel_hit"]}')[:-2] + tail)
+    r = asyncio.run(_post_raw(svc, body))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT", r.json()
+    assert "closing boundary" in r.json()["reason"], r.json()
+    whole = asyncio.run(_post_raw(svc, body[:-len(tail) or None] + b"\r\n--B--\r\n"))
+    assert whole.json()["decision"] == "INSPECT" and "intel_hit" in whole.json()["reason"], whole.json()
+    assert svc.audit.count() == 2
+
+
 def _serve_args(model, tmp_path) -> SimpleNamespace:
     return SimpleNamespace(model=str(model), host="127.0.0.1", port=0, audit=str(tmp_path / "a.sqlite"), policy=None,
                            threads=1, max_upload_mb=1.0, max_queue=1, concurrency=1, deadline_ms=1000.0)
