@@ -1,17 +1,74 @@
-"""The service's multipart parser for /v1/inspect: starlette's, refusing a body that ends before its closing boundary.
+"""The service's multipart parser for /v1/inspect: starlette's, taking the `scan` part as station clients send it and
+refusing a body that ends before its closing boundary.
 
 python-multipart's parser never checks that the body it was fed ended (its finalize() is a no-op): a station's own
 multipart writer that leaves out the closing `--BOUNDARY--`, or a body cut short where the HTTP message still ended
 cleanly, lost its last part unseen, so a `meta` carrying a forcing risk flag was dropped and the truck released.
+starlette takes a part for a file only by its `filename` parameter: a scan part sent without one (.NET's
+ByteArrayContent, Java's addBinaryBody(name, bytes)) or with only RFC 5987's `filename*` was read as text, and every
+truck went to INSPECT; .NET's non-ASCII names were kept as the MIME word it puts in `filename` beside `filename*`.
 """
 from __future__ import annotations
 
-from starlette.datastructures import FormData
-from starlette.formparsers import MultiPartException, MultiPartParser
+import re
+from tempfile import SpooledTemporaryFile
+from urllib.parse import unquote
+
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser, MultipartPart
+
+SCAN_FIELD = "scan"
+# one `; name=value` parameter of a header, its value a quoted string (with backslash escapes) or a token
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def extended_filename(disposition: bytes | None) -> str | None:
+    """A Content-Disposition's RFC 5987 `filename*` (charset'language'percent-encoded text) decoded; None where it
+    has none, or one that cannot be decoded (then its plain `filename` names the part)."""
+    text = (disposition or b"").decode("latin-1")
+    pos = text.find(";")
+    while 0 <= pos < len(text):
+        m = _PARAM.match(text, pos)
+        if not m:
+            return None
+        if m.group(1).lower() == "filename*":
+            value = m.group(2).strip().strip('"')
+            if value.count("'") < 2:
+                return None
+            charset, _, rest = value.partition("'")
+            try:
+                return unquote(rest.partition("'")[2], encoding=charset or "utf-8", errors="strict")
+            except (LookupError, UnicodeDecodeError):
+                return None
+        pos = m.end()
+    return None
 
 
 class ScanFormParser(MultiPartParser):
-    """starlette's MultiPartParser that raises MultiPartException for a body without its closing boundary."""
+    """starlette's MultiPartParser that reads the part named `scan` as a file, named by its `filename*` where it
+    has one, and raises MultiPartException for a body without its closing boundary."""
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        part = self._current_part
+        if part.field_name != SCAN_FIELD:
+            return
+        if part.file is None:   # no `filename`: starlette would read the scan as text, 1 MB at most
+            self._current_fields -= 1
+            part.file = self._spooled_file(part)
+        named = extended_filename(part.content_disposition)
+        if named is not None:
+            part.file.filename = named
+
+    def _spooled_file(self, part: MultipartPart) -> UploadFile:
+        """An UploadFile for `part`, counted and spooled as starlette does for a part with a `filename`."""
+        self._current_files += 1
+        if self._current_files > self.max_files:
+            raise MultiPartException(f"Too many files. Maximum number of files is {self.max_files}.")
+        spool = SpooledTemporaryFile(max_size=self.spool_max_size)
+        self._files_to_close_on_error.append(spool)
+        headers = Headers(raw=part.item_headers)
+        return UploadFile(file=spool, size=0, filename=None, headers=headers)  # type: ignore[arg-type]
 
     def on_end(self) -> None:
         """python-multipart calls it only on reading the closing boundary."""

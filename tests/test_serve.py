@@ -486,6 +486,28 @@ def test_a_body_without_its_closing_boundary_inspects_and_says_so(tmp_path, tail
     assert svc.audit.count() == 2
 
 
+@pytest.mark.parametrize("disposition, stored", [
+    (b"form-data; name=scan; filename*=UTF-8''%E5%8D%A1%E8%BD%A6.tiff", "\u5361\u8f66.tiff"),    # RFC 5987 alone
+    (b'form-data; name="scan"; filename="=?utf-8?B?5Y2h6L2mLnRpZmY=?="; filename*=utf-8\'\'%E5%8D%A1%E8%BD%A6.tiff',
+     "\u5361\u8f66.tiff"),                                                          # .NET's MultipartFormDataContent
+    (b"form-data; name=scan; filename*=iso-8859-1'de'Gr%FCn.tiff", "Gr\u00fcn.tiff"),
+    (b"form-data; name=scan", "scan"),                    # .NET's ByteArrayContent, Java's addBinaryBody(name, bytes)
+    (b'form-data; name=scan; filename="a; filename*=UTF-8\'\'b.tiff"', "a; filename*=UTF-8''b.tiff"),
+], ids=["filename*", "dotnet", "latin-1", "no-filename", "quoted"])
+def test_a_scan_part_named_as_other_languages_clients_name_it_is_routed_and_audited_under_its_name(
+        tmp_path, disposition, stored):
+    """A scan part with only an RFC 5987 `filename*`, or none at all, was read as a text field: every truck INSPECT
+    ("no file in form field 'scan'", or "Part exceeded maximum size of 1024KB" past 1 MB); .NET's non-ASCII names were
+    audited as the MIME word of its `filename` ("=?utf-8?B?...?="). The part named scan is the scan, and its name is
+    its `filename*` where one is given."""
+    svc = _service(tmp_path, _NameRecorder(score=0.2))
+    data = b"\x00\xff" * 600_000                          # over 1 MB, and not text
+    r = asyncio.run(_post_raw(svc, _part(disposition, data, b"application/octet-stream") + b"--B--\r\n"))
+    assert r.status_code == 200 and r.json()["decision"] == "RELEASE", r.json()
+    row = svc.audit._db.execute("SELECT file_name, file_bytes, file_sha256 FROM verdicts").fetchone()
+    assert svc.inspector.names[-1] == stored and row == (stored, len(data), hashlib.sha256(data).hexdigest()), row
+
+
 def _serve_args(model, tmp_path) -> SimpleNamespace:
     return SimpleNamespace(model=str(model), host="127.0.0.1", port=0, audit=str(tmp_path / "a.sqlite"), policy=None,
                            threads=1, max_upload_mb=1.0, max_queue=1, concurrency=1, deadline_ms=1000.0)
