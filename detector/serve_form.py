@@ -11,14 +11,18 @@ truck went to INSPECT; .NET's non-ASCII names were kept as the MIME word it puts
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from tempfile import SpooledTemporaryFile
 from urllib.parse import unquote
 
 from starlette.datastructures import FormData, Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser, MultipartPart
+# python-multipart's parse error as starlette imported it (the module is python_multipart, or multipart before 0.0.13)
+from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, MultipartPart
 
 SCAN_FIELD = "scan"
 # one `; name=value` parameter of a header, its value a quoted string (with backslash escapes) or a token
+# where python-multipart's messages say a position: within the chunk it was handed, not the body
+_POSITION = re.compile(r"\s*(\(\d+\)|at (index )?\d+)$")
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 
@@ -70,13 +74,29 @@ class ScanFormParser(MultiPartParser):
         headers = Headers(raw=part.item_headers)
         return UploadFile(file=spool, size=0, filename=None, headers=headers)  # type: ignore[arg-type]
 
+    async def _counted(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`stream`, keeping in self._fed how many bytes came before the chunk being parsed."""
+        async for chunk in stream:
+            self._fed += self._chunk
+            self._chunk = len(chunk)
+            yield chunk
+
     def on_end(self) -> None:
         """python-multipart calls it only on reading the closing boundary."""
         self._closed = True
 
     async def parse(self) -> FormData:
-        self._closed = False
-        form = await super().parse()
+        self._closed, self._fed, self._chunk = False, 0, 0
+        self.stream = self._counted(self.stream)
+        try:
+            form = await super().parse()
+        except MultiPartException as e:   # starlette's "Invalid multipart data." alone named nothing to change
+            if not isinstance(e.__cause__, FormParserError):
+                raise
+            offset = self._fed + (getattr(e.__cause__, "offset", None) or 0)
+            raise MultiPartException(f"malformed at byte {offset} ({_POSITION.sub('', str(e.__cause__))}): each "
+                                     "boundary line and part header (Name: value) ends in CRLF, and the body starts "
+                                     "with --BOUNDARY") from e.__cause__
         if not self._closed:   # the last part was dropped, or is a part cut short: neither may be routed on
             await form.close()
             raise MultiPartException("the body ended before its closing boundary (--BOUNDARY--): a part may be "

@@ -508,6 +508,20 @@ def test_a_scan_part_named_as_other_languages_clients_name_it_is_routed_and_audi
     assert svc.inspector.names[-1] == stored and row == (stored, len(data), hashlib.sha256(data).hexdigest()), row
 
 
+@pytest.mark.parametrize("body, named", [
+    (b'--B\nContent-Disposition: form-data; name="scan"; filename="a.tiff"\n\n123\n--B--\n', "CRLF"),
+    (b'preamble\r\n' + _part(b'form-data; name="scan"; filename="a.tiff"', b"123") + b"--B--\r\n", "boundary"),
+], ids=["lf-only", "preamble"])
+def test_a_malformed_multipart_body_is_inspected_with_what_is_wrong(tmp_path, body, named):
+    """A body with bare LF line ends (a hand-written writer on Linux), or text before the first boundary, was answered
+    'Invalid multipart data.' alone: an integrator could not tell what to change. The reason now says where the parser
+    stopped, and what it expects."""
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    r = asyncio.run(_post_raw(svc, body))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT", r.json()
+    assert named in r.json()["reason"] and "at byte" in r.json()["reason"], r.json()["reason"]
+
+
 def _serve_args(model, tmp_path) -> SimpleNamespace:
     return SimpleNamespace(model=str(model), host="127.0.0.1", port=0, audit=str(tmp_path / "a.sqlite"), policy=None,
                            threads=1, max_upload_mb=1.0, max_queue=1, concurrency=1, deadline_ms=1000.0)
