@@ -28,19 +28,20 @@ import uuid
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from detector.audit import (MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeError, UnknownRequest, network_filesystem,
                             utc_now)
 from detector.cpus import quota_words, usable_cpus
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
+from detector.serve_form import ScanFormParser
 from detector.serve_metrics import Metrics
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
 
@@ -245,8 +246,7 @@ class Service:
             # admission for good, and a few of them answered 429 to every truck after
             left_s = max(0.0, self.cfg.deadline_ms / 1000.0 - (time.perf_counter() - t0))
             try:
-                form = await asyncio.wait_for(Request(request.scope, _limited(request.receive, self.max_bytes)).form(
-                    max_files=2, max_fields=4), left_s)
+                form = await asyncio.wait_for(_parse_form(request, self.max_bytes), left_s)
             except UploadTooLarge:
                 raise
             except asyncio.TimeoutError:
@@ -620,6 +620,13 @@ async def _outcome_body(request: Request) -> dict:
     if unknown:
         raise OutcomeError(unknown)
     return body
+
+
+async def _parse_form(request: Request, limit: int) -> FormData:
+    """The upload's multipart form, cut off past `limit` bytes (UploadTooLarge); MultiPartException when malformed,
+    or when it ends before its closing boundary (serve_form)."""
+    async with aclosing(Request(request.scope, _limited(request.receive, limit)).stream()) as stream:
+        return await ScanFormParser(request.headers, stream, max_files=2, max_fields=4).parse()
 
 
 def _limited(receive: Any, limit: int) -> Any:

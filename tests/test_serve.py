@@ -458,6 +458,70 @@ def test_ignored_request_parts_inspect(tmp_path, parts):
     assert svc.audit.count() == 2
 
 
+async def _post_raw(svc, body: bytes, boundary: str = "B") -> httpx.Response:
+    """`body` posted to `svc`'s /v1/inspect as it is, as a station client's own multipart writer sends it."""
+    from detector.serve import create_app
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)), base_url="http://t") as c:
+        return await c.post("/v1/inspect", content=body,
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _part(disposition: bytes, data: bytes, ctype: bytes | None = None) -> bytes:
+    return (b"--B\r\nContent-Disposition: " + disposition + b"\r\n" + (b"Content-Type: " + ctype + b"\r\n" if ctype
+            else b"") + b"\r\n" + data + b"\r\n")
+
+
+@pytest.mark.parametrize("tail", [b"", b"--B\r\n", b"--B"], ids=["cut-after-meta", "open-part", "no-dashes"])
+def test_a_body_without_its_closing_boundary_inspects_and_says_so(tmp_path, tail):
+    """A station's own multipart writer that leaves out the closing `--B--` (or a body cut short with a clean end):
+    the parser dropped the last part unseen, so a meta carrying a forcing risk flag was lost and the truck RELEASEd."""
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    body = (_part(b'form-data; name="scan"; filename="V7.tiff"', b"123")
+            + _part(b'form-data; name="meta"', b'{"vehicle_id": "V7", "risk_flags": ["intel_hit"]}')[:-2] + tail)
+    r = asyncio.run(_post_raw(svc, body))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT", r.json()
+    assert "closing boundary" in r.json()["reason"], r.json()
+    whole = asyncio.run(_post_raw(svc, body[:-len(tail) or None] + b"\r\n--B--\r\n"))
+    assert whole.json()["decision"] == "INSPECT" and "intel_hit" in whole.json()["reason"], whole.json()
+    assert svc.audit.count() == 2
+
+
+@pytest.mark.parametrize("disposition, stored", [
+    (b"form-data; name=scan; filename*=UTF-8''%E5%8D%A1%E8%BD%A6.tiff", "\u5361\u8f66.tiff"),    # RFC 5987 alone
+    (b'form-data; name="scan"; filename="=?utf-8?B?5Y2h6L2mLnRpZmY=?="; filename*=utf-8\'\'%E5%8D%A1%E8%BD%A6.tiff',
+     "\u5361\u8f66.tiff"),                                                          # .NET's MultipartFormDataContent
+    (b"form-data; name=scan; filename*=iso-8859-1'de'Gr%FCn.tiff", "Gr\u00fcn.tiff"),
+    (b"form-data; name=scan", "scan"),                    # .NET's ByteArrayContent, Java's addBinaryBody(name, bytes)
+    (b'form-data; name=scan; filename="a; filename*=UTF-8\'\'b.tiff"', "a; filename*=UTF-8''b.tiff"),
+], ids=["filename*", "dotnet", "latin-1", "no-filename", "quoted"])
+def test_a_scan_part_named_as_other_languages_clients_name_it_is_routed_and_audited_under_its_name(
+        tmp_path, disposition, stored):
+    """A scan part with only an RFC 5987 `filename*`, or none at all, was read as a text field: every truck INSPECT
+    ("no file in form field 'scan'", or "Part exceeded maximum size of 1024KB" past 1 MB); .NET's non-ASCII names were
+    audited as the MIME word of its `filename` ("=?utf-8?B?...?="). The part named scan is the scan, and its name is
+    its `filename*` where one is given."""
+    svc = _service(tmp_path, _NameRecorder(score=0.2))
+    data = b"\x00\xff" * 600_000                          # over 1 MB, and not text
+    r = asyncio.run(_post_raw(svc, _part(disposition, data, b"application/octet-stream") + b"--B--\r\n"))
+    assert r.status_code == 200 and r.json()["decision"] == "RELEASE", r.json()
+    row = svc.audit._db.execute("SELECT file_name, file_bytes, file_sha256 FROM verdicts").fetchone()
+    assert svc.inspector.names[-1] == stored and row == (stored, len(data), hashlib.sha256(data).hexdigest()), row
+
+
+@pytest.mark.parametrize("body, named", [
+    (b'--B\nContent-Disposition: form-data; name="scan"; filename="a.tiff"\n\n123\n--B--\n', "CRLF"),
+    (b'preamble\r\n' + _part(b'form-data; name="scan"; filename="a.tiff"', b"123") + b"--B--\r\n", "boundary"),
+], ids=["lf-only", "preamble"])
+def test_a_malformed_multipart_body_is_inspected_with_what_is_wrong(tmp_path, body, named):
+    """A body with bare LF line ends (a hand-written writer on Linux), or text before the first boundary, was answered
+    'Invalid multipart data.' alone: an integrator could not tell what to change. The reason now says where the parser
+    stopped, and what it expects."""
+    svc = _service(tmp_path, _FakeInspector(score=0.2))
+    r = asyncio.run(_post_raw(svc, body))
+    assert r.status_code == 200 and r.json()["decision"] == "INSPECT", r.json()
+    assert named in r.json()["reason"] and "at byte" in r.json()["reason"], r.json()["reason"]
+
+
 def _serve_args(model, tmp_path) -> SimpleNamespace:
     return SimpleNamespace(model=str(model), host="127.0.0.1", port=0, audit=str(tmp_path / "a.sqlite"), policy=None,
                            threads=1, max_upload_mb=1.0, max_queue=1, concurrency=1, deadline_ms=1000.0)
