@@ -41,7 +41,7 @@ from detector.audit import (MAX_NOTE, MAX_OFFICER, OUTCOMES, AuditLog, OutcomeEr
                             utc_now)
 from detector.cpus import quota_words, usable_cpus
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
-from detector.serve_form import ScanFormParser
+from detector.serve_form import ScanFormParser, check_parser
 from detector.serve_metrics import Metrics
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
 
@@ -765,6 +765,7 @@ def main(args) -> int:
                           concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token(),
                           pitch_mm=getattr(args, "pitch_mm", None),
                           auth_fail_limit=getattr(args, "auth_fail_limit", FAIL_LIMIT))
+        check_parser()   # before the model loads: a parser that cannot read uploads would INSPECT every truck
         svc = build_service(cfg)
     except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
         print(f"detector serve: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ truck went to INSPECT; .NET's non-ASCII names were kept as the MIME word it puts
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from tempfile import SpooledTemporaryFile
@@ -102,3 +103,40 @@ class ScanFormParser(MultiPartParser):
             raise MultiPartException("the body ended before its closing boundary (--BOUNDARY--): a part may be "
                                      "missing or cut short; end the body with the boundary followed by --")
         return form
+
+
+class ParserUnsupported(ValueError):
+    """This starlette's multipart parser cannot be used as ScanFormParser needs (a private name it reaches changed)."""
+
+
+def check_parser() -> None:
+    """ParserUnsupported unless ScanFormParser reads a station's upload as it must: it reaches into starlette's
+    parser, whose private names an upgrade may change, and then every truck would be answered INSPECT by a service
+    that looks healthy; `detector serve` refuses to start instead."""
+    head = Headers({"content-type": "multipart/form-data; boundary=B"})
+    whole = (b"--B\r\nContent-Disposition: form-data; name=scan\r\n\r\nSCAN\r\n"
+             b'--B\r\nContent-Disposition: form-data; name="meta"\r\n\r\n{}\r\n--B--\r\n')
+
+    async def parse(body: bytes) -> tuple:
+        async def stream() -> AsyncIterator[bytes]:
+            yield body
+        form = await ScanFormParser(head, stream(), max_files=2, max_fields=4).parse()
+        scan = form.get(SCAN_FIELD)
+        got = (await scan.read() if isinstance(scan, UploadFile) else scan), form.get("meta")
+        await form.close()
+        return got
+
+    try:
+        read = asyncio.run(parse(whole))
+        try:
+            asyncio.run(parse(whole[:-7]))   # without its closing boundary: must be refused
+            cut = "accepted"
+        except MultiPartException:
+            cut = "refused"
+    except Exception as e:   # any failure inside starlette's parser is what this guards against
+        raise ParserUnsupported(f"the multipart parser of this starlette cannot read a station's upload "
+                                f"({type(e).__name__}: {e}); install the starlette version the tests pass with") from None
+    if read != (b"SCAN", "{}") or cut != "refused":
+        raise ParserUnsupported(f"the multipart parser of this starlette reads a station's upload wrongly (scan and "
+                                f"meta {read!r}, a body without its closing boundary {cut}); install the starlette "
+                                "version the tests pass with")

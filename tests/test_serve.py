@@ -1461,3 +1461,29 @@ def test_an_audit_log_on_a_network_share_is_warned_about_at_start(heuristic_mode
     assert f"warning: audit log {share / 'a.sqlite'} is on a network filesystem (nfs4)" in err
     assert serve.main(_serve_args(heuristic_model, tmp_path)) == 0   # a local disk: no warning
     assert "network filesystem" not in capsys.readouterr().err
+
+
+def test_serve_refuses_to_start_when_starlettes_parser_cannot_read_an_upload(heuristic_model, tmp_path, monkeypatch,
+                                                                             capsys):
+    """serve_form.ScanFormParser reaches into starlette's multipart parser: were a starlette upgrade to rename what it
+    uses, every truck would be answered INSPECT by a service that looks healthy. The service now checks its parser
+    at start and refuses, in one line, where it reads an upload wrongly or not at all."""
+    import uvicorn
+    from starlette.formparsers import MultiPartParser
+
+    from detector import serve, serve_form
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.delenv("DETECTOR_TOKEN", raising=False)
+    serve_form.check_parser()   # today's starlette: reads the scan as a file, refuses a body cut short
+    ours = serve_form.ScanFormParser.on_headers_finished
+    for broken in (MultiPartParser.on_headers_finished,   # a scan part without a filename read as text
+                   lambda self: self.no_such_attribute):   # a private name gone
+        monkeypatch.setattr(serve_form.ScanFormParser, "on_headers_finished", broken)
+        assert serve.main(_serve_args(heuristic_model, tmp_path)) == 2 and not started
+        err = capsys.readouterr().err
+        assert err.startswith("detector serve: the multipart parser of this starlette") and "install" in err, err
+    monkeypatch.setattr(serve_form.ScanFormParser, "on_headers_finished", ours)
+    monkeypatch.setattr(serve_form.ScanFormParser, "on_end", lambda self: None)   # the closing boundary unseen
+    assert serve.main(_serve_args(heuristic_model, tmp_path)) == 2 and not started
+    assert capsys.readouterr().err.startswith("detector serve: the multipart parser of this starlette")
