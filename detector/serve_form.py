@@ -14,11 +14,19 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from tempfile import SpooledTemporaryFile
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from starlette.datastructures import FormData, Headers, UploadFile
-# python-multipart's parse error as starlette imported it (the module is python_multipart, or multipart before 0.0.13)
-from starlette.formparsers import FormParserError, MultiPartException, MultiPartParser, MultipartPart
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+try:   # python-multipart's parse error from python-multipart itself: starlette.formparsers imports it only lately
+    from python_multipart.exceptions import FormParserError
+except ModuleNotFoundError:   # python-multipart before 0.0.13
+    from multipart.exceptions import FormParserError
+
+if TYPE_CHECKING:   # a part as starlette's parser keeps it: for type hints only (older starlettes do not name it)
+    from starlette.formparsers import MultipartPart
 
 SCAN_FIELD = "scan"
 # one `; name=value` parameter of a header, its value a quoted string (with backslash escapes) or a token

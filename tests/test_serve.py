@@ -1487,3 +1487,19 @@ def test_serve_refuses_to_start_when_starlettes_parser_cannot_read_an_upload(heu
     monkeypatch.setattr(serve_form.ScanFormParser, "on_end", lambda self: None)   # the closing boundary unseen
     assert serve.main(_serve_args(heuristic_model, tmp_path)) == 2 and not started
     assert capsys.readouterr().err.startswith("detector serve: the multipart parser of this starlette")
+
+
+def test_serve_form_imports_where_starlettes_formparsers_lacks_formparsererror(tmp_path):
+    """serve_form took FormParserError from starlette.formparsers, which imports it only in its recent releases
+    (fastapi>=0.110 allows starlette 0.36, whose formparsers has no such name): `detector serve` then died on an
+    ImportError traceback before check_parser could refuse in one line. It now takes python-multipart's error from
+    python-multipart, and the parser check decides."""
+    code = ("import starlette.formparsers as f\n"
+            "del f.FormParserError\n"   # as an older starlette's module
+            "from detector import serve_form\n"
+            "serve_form.check_parser()\n"
+            "print('parser ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert res.returncode == 0 and res.stdout.strip() == "parser ok", res.stderr[-600:]
