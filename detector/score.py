@@ -371,11 +371,17 @@ def _csv_fields(row: dict) -> list[str]:
             row["error"].replace("\n", " ")]
 
 
+SHOWN_FAILURES, SHOWN_OVERLAY_ERRORS = 10, 5   # the summary's lines; the error column has every failure
+
+
 @dataclass
 class Counts:
+    """A run's counts and the first few failures and overlays not written: all of them held ~200 bytes each for the
+    whole run, which on an archive of millions of files with a share down grew without bound."""
     scanned: int = 0
     flagged: int = 0
     failed: int = 0
+    overlays_missing: int = 0
     failures: list[str] = field(default_factory=list)
     overlay_errors: list[str] = field(default_factory=list)
 
@@ -462,7 +468,8 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
             counts.flagged += row["decision"] != "RELEASE"
             if error:
                 counts.failed += 1
-                counts.failures.append(f"{item.path}: {error}")
+                if len(counts.failures) < SHOWN_FAILURES:
+                    counts.failures.append(f"{item.path}: {error}")
             if on_row:
                 on_row(row)
             del scan, verdict
@@ -475,7 +482,9 @@ def score_items(items: list[Item], inspector, out: Path, *, jsonl: Path | None =
 
 def _note(counts: Counts, overlay_error: str | None) -> None:
     if overlay_error:
-        counts.overlay_errors.append(overlay_error)
+        counts.overlays_missing += 1
+        if len(counts.overlay_errors) < SHOWN_OVERLAY_ERRORS:
+            counts.overlay_errors.append(overlay_error)
 
 
 @contextmanager
@@ -618,19 +627,19 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     dt = time.perf_counter() - t0
     for line in converted:
         print(f"warning: {line}", file=sys.stderr)
-    for line in c.failures[:10]:
+    for line in c.failures:
         print(f"failed: {line}", file=sys.stderr)
-    if len(c.failures) > 10:
-        print(f"... and {len(c.failures) - 10} more failures (see the error column)", file=sys.stderr)
-    for line in c.overlay_errors[:5]:
+    if c.failed > len(c.failures):
+        print(f"... and {c.failed - len(c.failures)} more failures (see the error column)", file=sys.stderr)
+    for line in c.overlay_errors:
         print(f"warning: {line}", file=sys.stderr)
-    if len(c.overlay_errors) > 5:
-        print(f"... and {len(c.overlay_errors) - 5} more overlays not written", file=sys.stderr)
+    if c.overlays_missing > len(c.overlay_errors):
+        print(f"... and {c.overlays_missing - len(c.overlay_errors)} more overlays not written", file=sys.stderr)
     if unlisted:   # warned before the run began, hours of progress bar ago: its summary says so again
         print(f"warning: {len(unlisted)} folder(s) could not be listed, their scans not scored (e.g. {unlisted[0]}): "
               "make them readable and run the same command again", file=sys.stderr)
     where = f"{out}" + (f", {args.jsonl}" if args.jsonl else "") + (f", overlays in {args.overlays}" if args.overlays else "")
-    missing = f", {len(c.overlay_errors)} overlays not written" if c.overlay_errors else ""
+    missing = f", {c.overlays_missing} overlays not written" if c.overlays_missing else ""
     missing += f", {len(unlisted)} folder(s) not listed" if unlisted else ""
     print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}{missing}, "
           f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")

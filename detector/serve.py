@@ -647,6 +647,7 @@ def _limited(receive: Any, limit: int) -> Any:
 
 def create_app(svc: Service) -> FastAPI:
     """The ASGI app around a Service (warm-up runs after start, so /healthz answers at once)."""
+    from detector.serve_protocol import CloseUnreadContinue
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -662,6 +663,9 @@ def create_app(svc: Service) -> FastAPI:
         print(svc.summary(), flush=True)
 
     app = FastAPI(title="detector", summary="Cargo X-ray anomaly routing (fail-closed)", lifespan=lifespan)
+    # a refusal before the body (401/413/429) to a client waiting for 100 Continue closes its connection; past this
+    # wrapper only an unexpected error's answer goes out, and uvicorn closes the connection after that one itself
+    app.add_middleware(CloseUnreadContinue)
 
     @app.exception_handler(Exception)
     async def fail_closed(request: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,8 @@
 uvicorn times a connection out only between requests (keep-alive, after a response), and any byte resets that timer,
 so a connection that never sends a request, or trickles its headers, holds a file descriptor for good: a station's
 service with 1024 of them answered nobody until they closed (a slowloris). A request's body is the service's own
-deadline's (serve.py); this bounds what comes before it.
+deadline's (serve.py); this bounds what comes before it. CloseUnreadContinue closes a connection whose request
+waited for a 100 Continue that never came (answered before its body).
 """
 from __future__ import annotations
 
@@ -56,3 +57,36 @@ class HeadDeadlineProtocol(H11Protocol):
         self._head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+
+class CloseUnreadContinue:
+    """ASGI wrapper: an answer to an `Expect: 100-continue` request whose body the app never asked for (a 401, 413 or
+    429 before the body) says `Connection: close`, so uvicorn closes the connection after it. uvicorn sends the 100
+    only when the body is first read; without the header the client (rightly) sent no body, the service waited its
+    keep-alive for one, and a client reusing the connection had its next request read as that body."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _expects_continue(scope):
+            return await self.app(scope, receive, send)
+        asked = False
+
+        async def receive_body() -> dict:
+            nonlocal asked
+            asked = True   # uvicorn sends the 100 now: the client sends its body, which h11 reads to the end
+            return await receive()
+
+        async def send_answer(message: dict) -> None:
+            headers = list(message.get("headers", []))
+            if message["type"] == "http.response.start" and not asked and (b"connection", b"close") not in headers:
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_body, send_answer)
+
+
+def _expects_continue(scope: dict) -> bool:
+    """Whether the request's client waits for 100 Continue before sending its body."""
+    return any(k == b"expect" and v.strip().lower() == b"100-continue" for k, v in scope.get("headers", []))

@@ -192,9 +192,10 @@ class AnomalyModule(L.LightningModule):
         self.info.update({"thresholds": threshold_table(normal, CALIBRATION_RATES) if normal else [],
                           "normal_scores": [float(v) for v in normal], "validation": m})
         # every rank computed the same figures from the gathered rows: syncing averages equal values
-        self.log_dict({"val/auroc": m["auroc"] or 0.0, "val/ap": m["ap"] or 0.0,
-                       "val/det_at_1pct": m["det_at_1pct"] or 0.0, "val/select": m["select"]},
-                      prog_bar=True, sync_dist=True)
+        # a figure undefined here (no anomalous validation scan) is left out: logged as 0.0 it drew a measured zero
+        # in the curves where metrics.json and the summary say n/a; val/select and val/progress are always defined
+        figures = {f"val/{k}": m[k] for k in ("auroc", "ap", "det_at_1pct") if m[k] is not None}
+        self.log_dict({**figures, "val/select": m["select"]}, prog_bar=True, sync_dist=True)
         self.log("val/progress", m["progress"], prog_bar=False, sync_dist=True)
         # best.ckpt follows val/choice: this epoch's number if it is within noise of the best so far, else -1
         self._top_select = max(self._top_select, m["select"])

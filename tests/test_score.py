@@ -130,6 +130,35 @@ def test_inference_error_is_a_failed_row(tmp_path, normal_scan_path):
     assert row["decision"] == "INSPECT" and row["error"] == "RuntimeError: onnxruntime fell over"
 
 
+def test_a_run_keeps_the_count_and_the_first_few_failures_not_all_of_them(tmp_path, heuristic_model, normal_scan_path,
+                                                                          monkeypatch):
+    """Every failure's text (~200 bytes) and every overlay not written were held for the whole run though the summary
+    prints 10 and 5: on an archive of millions of files with a share down, memory grew with the failures. The run
+    keeps their counts and the first few (the error column has them all)."""
+    import errno
+    import os
+
+    from detector.runtime import Inspector
+
+    class Broken:
+        metadata, threshold = {}, 0.5
+
+        def inspect(self, scan, threshold=None):
+            raise RuntimeError("onnxruntime fell over")
+    items = [score.Item(normal_scan_path) for _ in range(30)]
+    c = score.score_items(items, Broken(), tmp_path / "r.csv", progress=False)
+    assert (c.scanned, c.failed) == (30, 30) and len(c.failures) == 10   # the summary prints 10
+    assert c.failures[0] == f"{normal_scan_path}: RuntimeError: onnxruntime fell over"
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    items = [score.Item(normal_scan_path) for _ in range(8)]
+    c = score.score_items(items, Inspector(heuristic_model), tmp_path / "o.csv", overlays=tmp_path / "ov",
+                          progress=False)
+    assert len(c.overlay_errors) == 5 and c.overlays_missing == 8        # and 5 of these
+
+
 def test_policy_decides_with_manifest_tier_and_flags(tmp_path, normal_scan_path):
     class Fixed:
         asked: list = []

@@ -1503,3 +1503,57 @@ def test_serve_form_imports_where_starlettes_formparsers_lacks_formparsererror(t
                          cwd=Path(__file__).resolve().parent.parent,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert res.returncode == 0 and res.stdout.strip() == "parser ok", res.stderr[-600:]
+
+
+def _exchange(port: int, head: bytes, body: bytes | None = None, then: bytes = b"") -> tuple[bytes, float | None]:
+    """Send a request head (Expect: 100-continue), its body only after a 100 Continue, then `then` on the same
+    connection; returns what came back and the seconds from the first final answer to the close (None: still open
+    after 3 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall(head)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(65536)
+        if got.startswith(b"HTTP/1.1 100") and body is not None:
+            s.sendall(body)
+            while not (b'"decision"' in got and got.endswith(b"}")):   # the verdict, whole
+                got += s.recv(65536)
+        t0 = time.monotonic()
+        if then:
+            s.sendall(then)
+        try:
+            while True:
+                more = s.recv(65536)
+                if not more:
+                    return got, time.monotonic() - t0
+                got += more
+        except ConnectionResetError:   # closed before `then` arrived: the kernel answers it with a reset
+            return got, time.monotonic() - t0
+        except socket.timeout:
+            return got, None
+
+
+def _continue_head(port: int, length: int, token: str | None, ctype: str = "multipart/form-data; boundary=B") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: {ctype}\r\n"
+            f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode()
+
+
+def test_a_refusal_before_the_body_of_an_expect_100_continue_request_closes_its_connection(server, normal_scan_path):
+    """A 401 or 413 answered to a client waiting for 100 Continue (curl, .NET, libcurl-based station software) came
+    without `Connection: close`: the client rightly sends no body, the service waited its keep-alive (~5 s) for one,
+    and a client reusing the connection had its next request read as that body, unanswered until the close. Such a
+    refusal now closes the connection; a request whose body was asked for (100 sent) keeps it for the next one."""
+    port = server.port
+    healthz = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    for token, length, code in ((None, 100, b"401"), (TOKEN, 5_000_000, b"413")):
+        got, closed = _exchange(port, _continue_head(port, length, token), then=healthz)
+        head = got.split(b"\r\n\r\n", 1)[0].lower()
+        assert got.startswith(b"HTTP/1.1 " + code) and b"connection: close" in head, got
+        assert b"HTTP/1.1 100" not in got and got.count(b"HTTP/1.1 ") == 1, got   # the GET is not read as a body
+        assert closed is not None and closed < 1.5, closed
+    part = (b"--B\r\nContent-Disposition: form-data; name=\"scan\"; filename=\"n.tiff\"\r\n\r\n"
+            + normal_scan_path.read_bytes() + b"\r\n--B--\r\n")
+    got, closed = _exchange(port, _continue_head(port, len(part), TOKEN), part, then=healthz)
+    assert got.startswith(b"HTTP/1.1 100") and b'"decision"' in got and b'{"status":"ok"}' in got, got
+    assert b"connection: close" not in got.lower() and closed is None

@@ -270,6 +270,7 @@ def test_train_end_to_end_and_load_checkpoint(tmp_path):
     logged = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
     validated = {int(r["epoch"]) for r in logged if r["val/select"]}
     assert validated == {1, 2}                       # 3 % 2 != 0: Lightning alone would skip the final epoch
+    assert all(0 <= float(r[k]) <= 1 for r in logged if r["val/select"] for k in ("val/auroc", "val/ap"))
     epoch_means = [r for r in logged if r.get("train/loss_epoch")]   # summed per step, logged once an epoch
     assert sorted(int(r["epoch"]) for r in epoch_means) == [0, 1, 2]
     assert all(np.isfinite(float(r[f"train/{k}_epoch"])) for r in epoch_means for k in ("pixel", "dice", "mil"))
@@ -1223,6 +1224,13 @@ def test_no_anomalous_validation_scans_keeps_the_latest_epoch_and_says_so(tmp_pa
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_epoch"] == 3
     said = [str(w.message) for w in caught]
     assert any("trainer.patience" in m and "no anomalous" in m for m in said), said
+    # the undefined figures are left out of the curves, not drawn as a measured 0.0; what selects and stops is logged
+    logged = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")) if r.get("val/select")]
+    assert len(logged) == 3 and all(r.get("val/progress") and r.get("val/choice") for r in logged), logged
+    assert not any(r.get(k) for r in logged for k in ("val/auroc", "val/ap", "val/det_at_1pct")), logged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Tags()["scalars"]
+    assert "val/select" in tags and not {"val/auroc", "val/ap", "val/det_at_1pct"} & set(tags), tags
     args = SimpleNamespace(config=None, data=str(root), out=str(tmp_path / "run2"), resume=None, accelerator=None,
                            init=None, overrides=[*TINY, "trainer.max_epochs=1", "trainer.max_minutes=0"])
     assert main(args) == 0
