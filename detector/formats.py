@@ -7,6 +7,7 @@ and pitch from those headers alone.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -353,6 +354,16 @@ def _unpacked_size(compression: int, segment: bytes, most: int) -> int | None:
     return n
 
 
+@functools.lru_cache(maxsize=1)
+def opencv_turns_tiff() -> bool:
+    """Whether this OpenCV turns a TIFF page by its Orientation tag when it decodes it (5.x does, even unchanged; older
+    releases may not), probed once on a tiny page: _tiff_pages_opencv turns back only what it turned."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((3, 4), np.uint16), extratags=[(274, "H", 1, 6, True)])
+    ok, pages = cv2.imdecodemulti(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)
+    return bool(ok) and pages[0].shape == (4, 3)
+
+
 def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np.ndarray]:
     """The pages of a TIFF whose compression tifffile cannot decode without imagecodecs, through OpenCV
     (colour pages in tifffile's RGB order), each the shape and type its header says: OpenCV read a dual-energy
@@ -360,8 +371,8 @@ def _tiff_pages_opencv(data: bytes, name: str, tiff_pages: list[Any]) -> list[np
     ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if not ok or len(pages) != len(tiff_pages):
         raise ScanError(name, "compressed TIFF that neither tifffile (without imagecodecs) nor OpenCV can decode")
-    # libtiff turns each page as its Orientation tag says: turned back to the stored pixels tifffile gives
-    pages = [orient_jpeg(p, {6: 8, 8: 6}.get(o, o)) for p, o in zip(pages, map(tiff_orientation, tiff_pages))]
+    if opencv_turns_tiff():   # its libtiff turned each page as its Orientation tag says: back to the stored pixels
+        pages = [orient_jpeg(p, {6: 8, 8: 6}.get(o, o)) for p, o in zip(pages, map(tiff_orientation, tiff_pages))]
     for got, page in zip(pages, tiff_pages):
         if got.shape != tuple(page.shape) or got.dtype != page.dtype:
             raise ScanError(name, f"compressed TIFF page of {tuple(page.shape)} {page.dtype} that tifffile cannot "

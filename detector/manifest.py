@@ -19,7 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detector.formats import jpeg_orientation, orient_jpeg, png_cut_short, png_orientation
+from detector.formats import (file_view, jpeg_orientation, opencv_turns_tiff, orient_jpeg, png_cut_short,
+                              png_orientation)
 from detector.scan import PITCH_RANGE_MM, SCAN_SUFFIXES, ScanError, valid_pitch
 
 LAYOUT = ((0, "normal"), (1, "anomalous"))
@@ -311,9 +312,11 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if m is None:
         raise ScanError(path, "unreadable mask PNG")
-    # turned as its scan is (EXIF orientation): a JPEG or PNG mask here, a TIFF one by OpenCV's libtiff already
+    # turned as its scan is (EXIF orientation): a JPEG or PNG mask here, a TIFF one too where OpenCV's libtiff did not
     if data.startswith(b"\xff\xd8"):
         m = orient_jpeg(m, jpeg_orientation(data))
     elif data.startswith(b"\x89PNG"):
         m = orient_jpeg(m, png_orientation(data))
+    elif data[:4] in (b"II*\x00", b"MM\x00*") and not opencv_turns_tiff():
+        m = orient_jpeg(m, file_view(path)[0])
     return m[..., :3].max(-1) if m.ndim == 3 else m

@@ -890,6 +890,40 @@ def test_png_and_tiff_orientation_is_read_as_a_viewer_shows_it(tmp_path, orienta
         assert scan_geometry(path)[:2] == viewer.shape
 
 
+@pytest.mark.parametrize("orientation", (2, 6))
+def test_a_compressed_turned_tiff_reads_alike_whether_or_not_opencv_turns_it(tmp_path, monkeypatch, orientation):
+    """A TIFF tifffile cannot decode (LZW without imagecodecs) is read through OpenCV, whose libtiff turns its pages
+    by the Orientation tag in 5.x; the reader turned them back unconditionally, so an OpenCV that leaves them as
+    stored (older releases) had them mis-turned (2: mirrored twice) or refused (6: the wrong size). The reader now
+    probes what this OpenCV does and turns back only what it turned."""
+    from PIL import Image
+
+    from detector import formats
+    stored, shown = _turned_bag(tmp_path / "bag.png", _exif_png, orientation)
+    path = tmp_path / "bag.tiff"
+    Image.fromarray(stored.astype(np.uint16) * 257).save(path, compression="tiff_lzw", tiffinfo={274: orientation})
+    real = cv2.imdecodemulti
+
+    def unturning(data, flags):   # an OpenCV that leaves TIFF pages as stored (the probe's page included)
+        ok, pages = real(data, flags)
+        probe = tifffile.TiffFile(io.BytesIO(data.tobytes())).pages.first.asarray() if pages[0].size == 12 else None
+        return ok, [probe if probe is not None else stored.astype(np.uint16) * 257 for _ in pages]
+
+    from detector.manifest import read_mask
+    marked = (stored < 128).astype(np.uint8) * 255   # a TIFF mask stored, and tagged, as its scan
+    Image.fromarray(marked).save(tmp_path / "mask.tiff", compression="tiff_lzw", tiffinfo={274: orientation})
+    decode = cv2.imdecode
+    for turns in (True, False):
+        formats.opencv_turns_tiff.cache_clear()
+        if not turns:
+            monkeypatch.setattr(formats.cv2, "imdecodemulti", unturning)
+            monkeypatch.setattr(cv2, "imdecode", lambda d, f: marked if bytes(d[:2]) == b"II" else decode(d, f))
+        assert formats.opencv_turns_tiff() is turns
+        np.testing.assert_array_equal(read_scan(path).counts[0], shown.astype(np.uint16) * 257)
+        np.testing.assert_array_equal(read_mask(tmp_path / "mask.tiff") > 0, shown < 128)
+    formats.opencv_turns_tiff.cache_clear()
+
+
 def test_a_scanners_tiff_without_orientation_or_with_1_reads_as_before(tmp_path):
     """A scanner's TIFF carries Orientation 1 or none: its pixels stay as stored, every page, byte for byte."""
     pages = make_scan_counts(height=48, width=80, channels=2, seed=3)
