@@ -29,6 +29,11 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         if path.is_file():   # the previous file's permissions, which writing it in place kept (an audit CSV's 0600)
             os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is not None and os.fspath(e.filename) == os.fspath(tmp):   # name the file the user asked for
+            raise type(e)(e.errno, f"{e.strerror} (writing it through {tmp.name} beside it)", str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

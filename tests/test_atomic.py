@@ -74,6 +74,17 @@ def test_replacing_writes_whole_or_leaves_the_previous_file(tmp_path):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["out.json"]
 
 
+def test_a_failed_write_names_the_file_asked_for_not_the_hidden_temporary(tmp_path):
+    """An error writing the temporary (a folder that is missing or read-only, a full disk) named
+    `.metrics.json.1234.9f3a.tmp`, a file the user never asked for; it now names the target, and the temporary."""
+    from detector.atomic import replacing
+    target = tmp_path / "gone" / "metrics.json"
+    with pytest.raises(FileNotFoundError) as e:
+        with replacing(target) as tmp:
+            tmp.write_text("{}")
+    assert e.value.filename == str(target) and tmp.name in str(e.value) and not target.parent.exists()
+
+
 def test_replacing_keeps_links_permissions_and_writes_pipes_in_place(tmp_path):
     """Writing in place kept a link (the file it names was written), the file's permissions (an audit CSV made
     private) and wrote into a pipe or /dev/stdout: replacing does the same."""
