@@ -462,7 +462,8 @@ class Service:
     def summary(self) -> str:
         m = self.metrics
         lost = f", {m.audit_failures} audit rows NOT stored (see stderr)" if m.audit_failures else ""
-        lost += f", {len(self.audit_backlog)} in {self.audit.spool} until the next start" if self.audit_backlog else ""
+        lost += (f", {len(self.audit_backlog)} in {self.audit.spool} until a service on that log commits them"
+                 if self.audit_backlog else "")
         return (f"served {m.latency.count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
                 f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}) -> audit {self.cfg.audit}")
 
@@ -477,13 +478,15 @@ class Service:
 
     def close(self) -> None:
         """Finish running work, give queued audit rows a last chance, then leave any still locked out in the
-        spool (committed at the next start), or log them as not stored where it cannot be written."""
+        spool (committed by a service running on this log, else at the next start), or log them as not stored where it
+        cannot be written."""
         self.pool.shutdown(wait=True)
         self.audit_pool.shutdown(wait=True)
         self._flush_backlog(AUDIT_CLOSE_WAIT_S)
         if self.audit_backlog and self._respool(set()):
             _say(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
-                 f"kept in {self.audit.spool}; the next start commits them")
+                 f"kept in {self.audit.spool}; a service running on this audit log commits them once the lock is "
+                 "gone, else the next start")
         elif self.audit_backlog:
             while self.audit_backlog:
                 self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))

@@ -903,6 +903,28 @@ def test_committing_another_lanes_rows_is_bounded_per_retry(tmp_path, monkeypatc
     lane_a.close()
 
 
+def test_a_lane_stopped_while_locked_says_the_running_lane_commits_its_rows(tmp_path, monkeypatch, capsys):
+    # its shutdown line said only "the next start commits them": an operator restarted a lane to get them in
+    from detector import serve
+    monkeypatch.setattr(serve, "AUDIT_CLOSE_WAIT_S", 0.1)
+    db = tmp_path / "a.sqlite"
+    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        rid = asyncio.run(_burst(lane_b, 1))[0].json()["request_id"]
+        lane_b.close()   # stopped while the lock is held
+        assert "in " + str(lane_b.audit.spool) + " until a service on that log commits them" in lane_b.summary()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "a service running on this audit log commits them once the lock is gone" in capsys.readouterr().err
+    asyncio.run(lane_a.flush_audit())
+    assert [r[0] for r in lane_a.audit._db.execute("SELECT request_id FROM verdicts")] == [rid]
+    lane_a.close()
+
+
 def test_unwritable_spool_keeps_the_row_in_memory(tmp_path, monkeypatch, capsys):
     db = tmp_path / "a.sqlite"
     svc = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
