@@ -7,7 +7,8 @@ answered INSPECT at once, and its row (saying so) is first appended, fsync'ed, t
 database (`<audit>.pending.jsonl`, JSON lines), then retried until committed (see serve.Service._audit).
 The spool is rewritten without the rows committed (a service takes out only its own: two lanes' services on one
 database share it, and an flock on `<spool>.lock` keeps their writes apart); opening the log commits what an earlier run
-left in it (by request_id, so a row committed just before a crash is not stored twice). Where the spool
+left in it, and a running service the rows a stopped lane left there (commit_spooled; by request_id, so a row committed
+just before a crash, or by both lanes, is not stored twice). Where the spool
 cannot be written either (disk full), the row is kept in memory and logged to stderr in full.
 
 Beside the verdicts, the `outcomes` table records what the manual inspection of a truck found (`found`: contraband
@@ -21,10 +22,11 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 try:
     import fcntl
@@ -142,10 +144,11 @@ class AuditLog:
             for name in missing_columns(db):
                 db.execute(f"ALTER TABLE verdicts ADD COLUMN {name} {LATER_COLUMNS[name]}")
 
-    def write(self, record: dict[str, Any], wait_s: float | None = None, replay: bool = False) -> None:
-        """Insert one verdict and commit (durable on return). A database locked by another connection is
-        waited for up to `wait_s` (default BUSY_TIMEOUT_S), then sqlite3.OperationalError("database is locked").
-        `replay`: a deferred row that may already be stored (committed before a crash) is skipped, not an error."""
+    def write(self, record: dict[str, Any], wait_s: float | None = None, replay: bool = False) -> bool:
+        """Insert one verdict and commit (durable on return); True when stored, False for a `replay` row already there.
+        A database locked by another connection is waited for up to `wait_s` (default BUSY_TIMEOUT_S), then
+        sqlite3.OperationalError("database is locked"). `replay`: a deferred row that may already be stored (committed
+        before a crash, or by another lane's service from the shared spool) is skipped, not an error."""
         row = dict(record)
         row.setdefault("time", utc_now())
         if not isinstance(row.get("risk_flags"), (str, type(None))):
@@ -156,7 +159,7 @@ class AuditLog:
         if replay:   # not OR IGNORE: that would also drop a row breaking NOT NULL, silently
             sql += " ON CONFLICT(request_id) DO NOTHING"
         with self._transaction(wait_s) as db:
-            db.execute(sql, values)
+            return db.execute(sql, values).rowcount == 1
 
     def record_outcome(self, request_id: str, outcome: str, officer: str | None = None, note: str | None = None,
                        wait_s: float | None = None) -> dict[str, Any]:
@@ -276,40 +279,56 @@ class AuditLog:
         database refused (they stay spooled). Unreadable lines and rows are reported on stderr and dropped."""
         if not self.spool.exists():   # the usual start: no lock file made
             return []
+        stored, left = self.commit_spooled(wait_s=REPLAY_WAIT_S)
+        if stored or left:
+            print(f"detector audit: {stored} deferred rows from {self.spool} now in {self.path}"
+                  + (f", {len(left)} still pending (database locked)" if left else ""), file=sys.stderr, flush=True)
+        return left
+
+    def commit_spooled(self, held: Collection[str] = (), wait_s: float = REPLAY_WAIT_S,
+                       budget_s: float | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """Commit the spool's rows but those `held` (queued in the caller's memory: it commits them itself), oldest
+        first, until the database refuses one (still locked) or `budget_s` is spent; take the rows done out of the
+        spool. Returns (rows stored, rows left). By request_id: a row already stored (by the lane that spooled it, which
+        may still be retrying it, or by another) is taken out, never stored twice. Unreadable lines are reported on
+        stderr and dropped; so is a row that can never be stored, in full."""
         try:
             with self._spool_locked():
                 rows = self._read_spool()
         except OSError as e:   # the lock file cannot be made: a read-only folder, which the database's WAL refuses too
             print(f"detector audit: {self.spool}: cannot read the spool of deferred rows ({e}); left as it is",
                   file=sys.stderr, flush=True)
-            return []
+            return 0, []
         if rows is None:
-            return []
-        left: list[dict[str, Any]] = []
-        done: set[str] = set()
-        stored = 0
-        for n, row in rows:
-            if left:
-                left.append(row)
-                continue
-            try:
-                self.write(row, wait_s=REPLAY_WAIT_S, replay=True)
-                done.add(row["request_id"])
-                stored += 1
-            except sqlite3.OperationalError:   # still locked: the service's retry commits it
-                left.append(row)
-            except (sqlite3.Error, ValueError, TypeError) as e:   # would fail every time: say so, keep going
-                done.add(row["request_id"])
-                print(f"detector audit: {self.spool}: line {n}: row not stored ({e}): {json.dumps(row)}",
-                      file=sys.stderr, flush=True)
-        try:   # only the rows replayed leave it: another lane's service may have spooled more meanwhile
+            return 0, []
+        rows = [(n, row) for n, row in rows if row["request_id"] not in held]
+        until = None if budget_s is None else time.monotonic() + budget_s
+        done, stored = self._commit_rows(rows, wait_s, until)
+        left = [row for _, row in rows if row["request_id"] not in done]
+        try:   # only the rows done leave it: another lane's service may have spooled more meanwhile
             self.spool_update(done, drop_unreadable=True)
         except OSError as e:   # committed rows stay in it; the next replay skips them
             print(f"detector audit: {self.spool}: cannot rewrite the spool ({e})", file=sys.stderr, flush=True)
-        if rows:
-            print(f"detector audit: {stored} deferred rows from {self.spool} now in {self.path}"
-                  + (f", {len(left)} still pending (database locked)" if left else ""), file=sys.stderr, flush=True)
-        return left
+        return stored, left
+
+    def _commit_rows(self, rows: list[tuple[int, dict[str, Any]]], wait_s: float,
+                     until: float | None) -> tuple[set[str], int]:
+        """Commit spooled (line, row)s in order until the database refuses one or the monotonic time `until` has
+        passed; returns the request_ids done (committed, already stored, or never storable) and how many were stored."""
+        done: set[str] = set()
+        stored = 0
+        for n, row in rows:
+            if done and until is not None and time.monotonic() > until:   # one row at least: progress each time
+                break
+            try:
+                stored += self.write(row, wait_s=wait_s, replay=True)
+            except sqlite3.OperationalError:   # still locked: a later retry commits it
+                break
+            except (sqlite3.Error, ValueError, TypeError) as e:   # would fail every time: say so, keep going
+                print(f"detector audit: {self.spool}: line {n}: row not stored ({e}): {json.dumps(row)}",
+                      file=sys.stderr, flush=True)
+            done.add(row["request_id"])
+        return done, stored
 
     def _read_spool(self) -> list[tuple[int, dict[str, Any]]] | None:
         """The spool's rows with their line numbers; None when there is no spool or it cannot be read

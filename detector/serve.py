@@ -56,6 +56,9 @@ AUDIT_MIN_WAIT_S = 0.2
 AUDIT_RETRY_S = 0.5          # how often rows queued behind a locked database are retried
 AUDIT_RETRY_WAIT_S = 0.05    # how long each retry waits for the lock (the writer thread is busy meanwhile)
 AUDIT_CLOSE_WAIT_S = 10.0    # at shutdown, how long the last retry of queued rows waits for the lock
+# how long one retry spends committing spooled rows no service holds (a stopped lane's): each is a commit (an fsync),
+# and fresh verdicts wait behind them in the one audit thread
+AUDIT_ADOPT_BUDGET_S = 0.1
 # how long an outcome's write waits for a locked database before 503 (the officer's client retries); short, as
 # verdicts wait behind it in the one audit thread
 AUDIT_OUTCOME_WAIT_S = 2.0
@@ -393,16 +396,36 @@ class Service:
         while self.audit_backlog:
             record = self.audit_backlog[0]
             try:
-                self.audit.write(record, wait_s=wait_s, replay=True)
+                stored = self.audit.write(record, wait_s=wait_s, replay=True)
             except sqlite3.OperationalError:
                 break
             except Exception as e:
                 self._lost(record, e)
-            else:
-                _say(f"detector serve: queued audit row for {record['request_id']} written")
+            else:   # not stored: another service on this log committed it from the spool first
+                _say(f"detector serve: queued audit row for {record['request_id']} "
+                     + ("written" if stored else "already committed from the spool by another service"))
             done.add(self.audit_backlog.popleft()["request_id"])
         if done:
             self._respool(done)
+
+    def _retry_audit(self, wait_s: float) -> None:
+        """In the audit thread: the retry tick; this service's queued rows first, then (with none left, so the
+        database takes writes) the spooled rows it does not hold."""
+        self._flush_backlog(wait_s)
+        if not self.audit_backlog:
+            self._commit_spooled(wait_s)
+
+    def _commit_spooled(self, wait_s: float) -> None:
+        """In the audit thread: commit the spool's rows this service does not queue (another lane's, left when it was
+        killed or stopped while the database was locked; an earlier run's), AUDIT_ADOPT_BUDGET_S at a time. Until
+        then they are missing from the log, and an outcome for one is 503. A row the lane that spooled it is still
+        retrying is stored once: by request_id, whichever commits it first; the other skips it."""
+        if not self.audit.spool.exists():   # the usual case: a stat, no lock file made, nothing read
+            return
+        held = {r["request_id"] for r in self.audit_backlog}   # none at the retry tick; kept apart all the same
+        stored, _ = self.audit.commit_spooled(held, wait_s, AUDIT_ADOPT_BUDGET_S)
+        if stored:
+            _say(f"detector serve: {stored} audit rows another service left in {self.audit.spool} committed")
 
     def _respool(self, done: set[str]) -> bool:
         """Take the rows `done` out of the spool and put the queued ones it lacks in (rows another service on this
@@ -422,9 +445,10 @@ class Service:
              f"{json.dumps(record)}")
 
     async def flush_audit(self, wait_s: float = AUDIT_RETRY_WAIT_S) -> None:
-        """Retry the rows queued behind a locked database (in the audit thread, between fresh writes)."""
-        if self.audit_backlog:
-            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._flush_backlog, wait_s)
+        """Retry the rows queued behind a locked database, and those spooled by a service that stopped (in the audit
+        thread, between fresh writes); with nothing queued and no spool, a stat."""
+        if self.audit_backlog or self.audit.spool.exists():
+            await asyncio.get_running_loop().run_in_executor(self.audit_pool, self._retry_audit, wait_s)
 
     async def retry_audit(self, every_s: float = AUDIT_RETRY_S) -> None:
         """Background task: keep retrying queued audit rows until each is written, whatever one retry raises."""
@@ -438,7 +462,8 @@ class Service:
     def summary(self) -> str:
         m = self.metrics
         lost = f", {m.audit_failures} audit rows NOT stored (see stderr)" if m.audit_failures else ""
-        lost += f", {len(self.audit_backlog)} in {self.audit.spool} until the next start" if self.audit_backlog else ""
+        lost += (f", {len(self.audit_backlog)} in {self.audit.spool} until a service on that log commits them"
+                 if self.audit_backlog else "")
         return (f"served {m.latency.count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
                 f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}) -> audit {self.cfg.audit}")
 
@@ -453,13 +478,15 @@ class Service:
 
     def close(self) -> None:
         """Finish running work, give queued audit rows a last chance, then leave any still locked out in the
-        spool (committed at the next start), or log them as not stored where it cannot be written."""
+        spool (committed by a service running on this log, else at the next start), or log them as not stored where it
+        cannot be written."""
         self.pool.shutdown(wait=True)
         self.audit_pool.shutdown(wait=True)
         self._flush_backlog(AUDIT_CLOSE_WAIT_S)
         if self.audit_backlog and self._respool(set()):
             _say(f"detector serve: {len(self.audit_backlog)} audit rows still not committed (database locked) are "
-                 f"kept in {self.audit.spool}; the next start commits them")
+                 f"kept in {self.audit.spool}; a service running on this audit log commits them once the lock is "
+                 "gone, else the next start")
         elif self.audit_backlog:
             while self.audit_backlog:
                 self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))

@@ -118,6 +118,22 @@ def test_spool_with_a_truncated_last_line_is_replayed(tmp_path, capsys):
     again.close()
 
 
+def test_committing_the_spool_skips_held_rows_and_stores_none_twice(tmp_path):
+    # a running service commits the rows another lane left in the shared spool; the rows it queues itself it commits
+    # in its own order, and a row the other lane committed meanwhile is taken out, not stored again
+    log = AuditLog(tmp_path / "audit.sqlite")
+    rows = [_row(f"s{i}", f"2026-11-01T08:00:0{i}.000+00:00", "INSPECT") for i in range(3)]
+    assert log.write(rows[0]) is True and log.write(rows[0], replay=True) is False
+    log.spool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        assert log.commit_spooled(held={"s2"}, wait_s=0.1) == (1, [])   # s0 already stored, s1 stored, s2 held
+        assert [r["request_id"] for r in map(json.loads, log.spool.read_text().splitlines())] == ["s2"]
+        assert [r[0] for r in log._db.execute("SELECT request_id FROM verdicts ORDER BY id")] == ["s0", "s1"]
+        assert log.commit_spooled(wait_s=0.1) == (1, []) and not log.spool.exists() and log.count() == 3
+    finally:
+        log.close()
+
+
 def _outcomes(db) -> list[tuple]:
     return db.execute("SELECT request_id, outcome, officer, note FROM outcomes ORDER BY id").fetchall()
 
