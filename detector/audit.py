@@ -239,17 +239,22 @@ class AuditLog:
     def spool_update(self, done: set[str], queued: Iterable[dict[str, Any]] = (), drop_unreadable: bool = False) -> None:
         """Take the rows `done` names (committed, or never storable) out of the spool and add those of `queued` it lacks
         (kept in memory only when an append failed), atomically; removed when empty. Rows other processes spooled stay:
-        rewriting it to this process's queue erased the rows a stopped lane had left there. OSError if it cannot be."""
+        rewriting it to this process's queue erased the rows a stopped lane had left there. Left as it is when nothing
+        would change (a retry while the database stays locked: no rewrite, no fsync, every 0.5 s). OSError if it
+        cannot be."""
         tmp = self.spool.with_name(self.spool.name + ".tmp")
         with self._spool_locked():
+            lines = self._spool_lines()
             kept, held = [], set()
-            for _, line, row in self._spool_lines():
+            for _, line, row in lines:
                 if row is None and drop_unreadable:
                     continue
                 if row is None or row["request_id"] not in done:
                     kept.append(line)
                     held |= {row["request_id"]} if row else set()
             kept += [json.dumps(r).encode() for r in queued if r["request_id"] not in held | done]
+            if kept and kept == [line for _, line, _ in lines]:
+                return
             try:
                 if kept:
                     with open(tmp, "wb") as f:

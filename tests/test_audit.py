@@ -134,6 +134,34 @@ def test_committing_the_spool_skips_held_rows_and_stores_none_twice(tmp_path):
         log.close()
 
 
+def test_a_spool_nothing_left_is_not_rewritten_at_each_retry(tmp_path, monkeypatch, capsys):
+    # a running service retries another lane's spooled rows every 0.5 s; while the database stays locked none leaves
+    # the spool, which was rewritten all the same (two fsyncs under the lock the other lane's appends wait for), and
+    # where it could not be (a full disk) each retry said so on stderr
+    log = AuditLog(tmp_path / "audit.sqlite")
+    log.spool_append(_row("other-lane", "2026-11-01T08:00:00.000+00:00", "INSPECT"))
+    before = log.spool.stat()
+    other = sqlite3.connect(str(log.path), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        assert log.commit_spooled(wait_s=0.01, budget_s=0.1) == (0, [json.loads(log.spool.read_text())])
+        after = log.spool.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+        def full(*_):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(audit.os, "replace", full)
+        for _ in range(3):
+            assert log.commit_spooled(wait_s=0.01, budget_s=0.1)[0] == 0
+        assert "cannot rewrite the spool" not in capsys.readouterr().err
+        monkeypatch.undo()
+        other.execute("ROLLBACK")
+        assert log.commit_spooled(wait_s=0.1) == (1, []) and not log.spool.exists() and log.count() == 1
+    finally:
+        other.close()
+        log.close()
+
+
 def _outcomes(db) -> list[tuple]:
     return db.execute("SELECT request_id, outcome, officer, note FROM outcomes ORDER BY id").fetchall()
 
