@@ -425,7 +425,8 @@ class Service:
         held = {r["request_id"] for r in self.audit_backlog}   # none at the retry tick; kept apart all the same
         stored, _ = self.audit.commit_spooled(held, wait_s, AUDIT_ADOPT_BUDGET_S)
         if stored:
-            _say(f"detector serve: {stored} audit rows another service left in {self.audit.spool} committed")
+            _say(f"detector serve: {stored} audit rows from the shared spool {self.audit.spool} committed (another "
+                 "service's on this log, running or stopped)")
 
     def _respool(self, done: set[str]) -> bool:
         """Take the rows `done` out of the spool and put the queued ones it lacks in (rows another service on this
