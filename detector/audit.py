@@ -349,7 +349,7 @@ class AuditLog:
         rows = []
         for n, line, row in lines:
             if row is None:
-                why = _unreadable(line)
+                why = _spool_row(line)[1]
                 print(f"detector audit: {self.spool}: line {n} unreadable ({why}), skipped: "
                       f"{line.decode('ascii', 'backslashreplace')!r}", file=sys.stderr, flush=True)
                 continue
@@ -363,8 +363,7 @@ class AuditLog:
             lines = self.spool.read_bytes().split(b"\n")
         except FileNotFoundError:
             return []
-        return [(n, line, None if _unreadable(line) else json.loads(line.decode("ascii")))
-                for n, line in enumerate(lines, 1) if line.strip()]
+        return [(n, line, _spool_row(line)[0]) for n, line in enumerate(lines, 1) if line.strip()]
 
     def count(self) -> int:
         with self._lock:
@@ -426,15 +425,15 @@ def network_filesystem(path: str | Path) -> str | None:
     return kind if kind in NETWORK_FS else None
 
 
-def _unreadable(line: bytes) -> str | None:
-    """Why a spool line is not a row (half written when a service died, damaged); None when it is one."""
+def _spool_row(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the row, None) for a spool line that is one, else (None, why): half written when a service died, damaged."""
     try:
         row = json.loads(line.decode("ascii"))   # json.dumps writes ASCII: any other byte is damage
     except ValueError as e:
-        return str(e)
+        return None, str(e)
     if not isinstance(row, dict) or not isinstance(row.get("request_id"), str):
-        return "not a row with a request_id"
-    return None
+        return None, "not a row with a request_id"
+    return row, None
 
 
 def _write_all(fd: int, data: bytes) -> None:
