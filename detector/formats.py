@@ -19,7 +19,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -103,13 +103,16 @@ def read_png(data: bytes, name: str, max_pixels: int | None):
 def png_orientation(data: bytes) -> int:
     """The EXIF Orientation (1-8) of a PNG's eXIf chunk (before its pixels, as the PNG spec places it), 1 where there
     is none or it cannot be read: viewers and OpenCV's colour or grey read turn the picture as it says."""
+    return next((_exif_orientation(body) for kind, body in _png_head_chunks(data) if kind == b"eXIf"), 1)
+
+
+def _png_head_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a PNG before its pixels (IDAT) or its end, as far as `data` (a header) holds."""
     i = 8
     while i + 8 <= len(data) and data[i + 4:i + 8] not in (b"IDAT", b"IEND"):
         size = struct.unpack(">I", data[i:i + 4])[0]
-        if data[i + 4:i + 8] == b"eXIf":
-            return _exif_orientation(data[i + 8:i + 8 + size])
+        yield data[i + 4:i + 8], data[i + 8:i + 8 + size]
         i += 12 + size
-    return 1
 
 
 def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
@@ -809,14 +812,7 @@ def png_has_alpha(data: bytes) -> bool:
     """Whether OpenCV reads a PNG with an alpha channel (which read_png composites over air): grey+alpha or RGBA
     (colour type 4, 6), or an RGB or palette PNG (2, 3) with a tRNS chunk before its pixels (a grey one's is ignored)."""
     color = data[25] if len(data) >= 26 else 0
-    if color in (4, 6):
-        return True
-    i = 8 if color in (2, 3) else len(data)
-    while i + 8 <= len(data) and data[i + 4:i + 8] not in (b"IDAT", b"IEND"):
-        if data[i + 4:i + 8] == b"tRNS":
-            return True
-        i += 12 + struct.unpack(">I", data[i:i + 4])[0]
-    return False
+    return color in (4, 6) or (color in (2, 3) and any(kind == b"tRNS" for kind, _ in _png_head_chunks(data)))
 
 
 def _squared_geometry(h: int, w: int, spacing: tuple[float, float]) -> tuple[int, int, float, int, int]:
