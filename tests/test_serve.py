@@ -810,12 +810,15 @@ def test_spool_left_while_the_database_is_still_locked_is_retried(tmp_path):
     again.close()
 
 
+def _two_lanes(tmp_path):
+    """Two lanes' services on one audit database (tmp_path/a.sqlite) and its spool, at a 0.3 s deadline."""
+    return (tmp_path / "a.sqlite", *(_service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300) for _ in "ab"))
+
+
 def test_two_lanes_on_one_audit_log_keep_each_others_spooled_rows(tmp_path):
     # two services (two lanes) share one database, so one spool: a lane whose rows were committed rewrote the spool to
     # its own queue, erasing the rows the other lane (stopped, or restarting onto a new model) had left there
-    db = tmp_path / "a.sqlite"
-    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
-    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    db, lane_a, lane_b = _two_lanes(tmp_path)
     other = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
     other.execute("BEGIN EXCLUSIVE")   # a backup holds the write lock
     try:
@@ -838,9 +841,7 @@ def test_two_lanes_on_one_audit_log_keep_each_others_spooled_rows(tmp_path):
 def test_outcome_at_one_lane_for_a_verdict_the_other_lane_still_queues_is_503_not_404(tmp_path):
     # the officer's desk posts to lane B for a truck lane A answered while the database was locked: B answered 404 "no
     # verdict with that request_id" (a client gives up on a 404) though the row was spooled and would be committed
-    db = tmp_path / "a.sqlite"
-    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
-    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    db, lane_a, lane_b = _two_lanes(tmp_path)
     rid = _answer_while_locked(lane_a, db)["request_id"]
     r = asyncio.run(_post_outcome(lane_b, {"request_id": rid, "outcome": "clear"}))
     assert r.status_code == 503 and "still queued" in r.json()["detail"]
@@ -854,9 +855,7 @@ def test_outcome_at_one_lane_for_a_verdict_the_other_lane_still_queues_is_503_no
 def test_a_running_lane_commits_the_rows_a_stopped_lane_left_in_the_spool(tmp_path):
     # lane B was killed while a backup held the database: its row waited in the shared spool until some service next
     # started (missing from exports, summary and calibrate), and lane A answered its outcome 503 "retry" for good
-    db = tmp_path / "a.sqlite"
-    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
-    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    db, lane_a, lane_b = _two_lanes(tmp_path)
     v = _answer_while_locked(lane_b, db)
     lane_b.audit.close()   # killed: no retry, no shutdown flush
     asyncio.run(lane_a.flush_audit())   # lane A's retry tick, its own queue empty
@@ -870,9 +869,7 @@ def test_a_running_lane_commits_the_rows_a_stopped_lane_left_in_the_spool(tmp_pa
 
 
 def test_a_row_both_lanes_retry_is_stored_once_and_the_loser_takes_it_as_done(tmp_path, capsys):
-    db = tmp_path / "a.sqlite"
-    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
-    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    db, lane_a, lane_b = _two_lanes(tmp_path)
     rid = _answer_while_locked(lane_b, db)["request_id"]
     assert [r["request_id"] for r in lane_b.audit_backlog] == [rid]
     asyncio.run(lane_a.flush_audit())   # lane A commits lane B's spooled row first
@@ -889,9 +886,7 @@ def test_committing_another_lanes_rows_is_bounded_per_retry(tmp_path, monkeypatc
     # fresh verdicts wait behind these commits in the one audit thread: a big spool is taken a slice per retry tick
     from detector import serve
     monkeypatch.setattr(serve, "AUDIT_ADOPT_BUDGET_S", 0.0)
-    db = tmp_path / "a.sqlite"
-    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
-    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    db, lane_a, lane_b = _two_lanes(tmp_path)
     rids = [_answer_while_locked(lane_b, db)["request_id"] for _ in range(3)]
     lane_b.audit.close()
     counts = []
@@ -907,9 +902,7 @@ def test_a_lane_stopped_while_locked_says_the_running_lane_commits_its_rows(tmp_
     # its shutdown line said only "the next start commits them": an operator restarted a lane to get them in
     from detector import serve
     monkeypatch.setattr(serve, "AUDIT_CLOSE_WAIT_S", 0.1)
-    db = tmp_path / "a.sqlite"
-    lane_a = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
-    lane_b = _service(tmp_path, _FakeInspector(score=0.2), deadline_ms=300)
+    db, lane_a, lane_b = _two_lanes(tmp_path)
     other = sqlite3.connect(str(db), isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:
