@@ -1,7 +1,7 @@
 """The `detector` command: one verb per job, each with an example in its --help.
 
 Verb modules are imported only when their verb runs, so `detector --help` and the torch-free
-verbs (synth, score, eval, calibrate, info, serve, audit) start fast and never import torch.
+verbs (synth, score, eval, calibrate, manifest, info, serve, audit) start fast and never import torch.
 """
 from __future__ import annotations
 
@@ -157,6 +157,26 @@ def _audit(p: argparse.ArgumentParser) -> None:
                 "the outcomes come from the station: POST /v1/outcome to `detector serve` (see the README)")
 
 
+def _manifest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a labelling tool's export: a COCO JSON (CVAT, Label Studio, Roboflow), a folder of "
+                               "Pascal VOC XML or LabelMe JSON, a YOLO folder (labels/ + images/, classes.txt or "
+                               "data.yaml), or a CVAT for images 1.1 XML")
+    p.add_argument("--out", required=True, help="dataset folder to write (manifest.csv, masks/, left_out.csv)")
+    p.add_argument("--images", default=None,
+                   help="folder of the images the export names (default: beside the export, or its images/)")
+    p.add_argument("--format", default=None, choices=["coco", "voc", "labelme", "yolo", "cvat"],
+                   help="the export's format (default: detected from its files)")
+    p.add_argument("--split", default=None, help="write this value in the manifest's split column (train, val, test)")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated categories that count as anomalies; shapes of the others are ignored "
+                        "(an image with no other shape is then normal)")
+    p.add_argument("--force", action="store_true", help="replace an existing DATASET/manifest.csv")
+    p.epilog = ("example:\n  detector manifest export/annotations/instances_default.json --images export/images "
+                "--out site/\n  detector train --config configs/quick.yaml --data site/ --out runs/mine\n"
+                "images the export lists without shapes are normal (label 0), with shapes anomalous; images beside "
+                "them\nthat it does not list are left out, and left_out.csv says which and why")
+
+
 def _info(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model bundle (.onnx) written by `detector export` or `detector calibrate`")
     p.add_argument("--json", action="store_true", help="print the metadata as stored (with the file's SHA-256)")
@@ -178,6 +198,8 @@ VERBS: dict[str, tuple[str, Builder, str, str]] = {
              "detector eval results.csv --truth data/test --out report/"),
     "calibrate": ("detector.site_calibration", _calibrate, "re-threshold a model on a site's own cleared traffic",
                   "detector calibrate cleared.csv --model model.onnx --out site.onnx"),
+    "manifest": ("detector.labels_to_dataset", _manifest, "a labelling tool's export (COCO, VOC, LabelMe, YOLO, "
+                 "CVAT) -> a dataset's manifest.csv", "detector manifest export/instances.json --out site/"),
     "info": ("detector.bundle_info", _info, "what a model bundle is: its training, validation and thresholds",
              "detector info model.onnx"),
     "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",

@@ -12,7 +12,8 @@ CORE = ["detector.scan", "detector.formats", "detector.sources", "detector.prepr
         "detector.serve", "detector.audit", "detector.audit_report", "detector.cli", "detector.manifest", "detector.site_calibration",
         "detector.bundle_info", "detector.serve_metrics", "detector.serve_protocol", "detector.serve_throttle",
         "detector.serve_form",
-        "detector.records", "detector.atomic", "detector.cpus", "detector.shipped"]
+        "detector.records", "detector.atomic", "detector.cpus", "detector.shipped", "detector.annotations",
+        "detector.labels_to_dataset"]
 
 
 def test_core_modules_import_without_torch():
@@ -25,7 +26,8 @@ def test_cli_help_lists_every_verb_with_an_example():
     out = subprocess.run([sys.executable, "-m", "detector.cli", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
-    verbs = ("demo", "synth", "train", "export", "score", "eval", "calibrate", "info", "serve", "audit")
+    verbs = ("demo", "synth", "train", "export", "score", "eval", "calibrate", "manifest", "info", "serve",
+             "audit")
     for verb in verbs:
         assert f"  {verb} " in out.stdout
     assert out.stdout.count("e.g. detector") == len(verbs)

@@ -1,0 +1,257 @@
+"""The `manifest` verb: a labelling tool's export (detector.annotations) written as a dataset folder, manifest.csv and
+masks/ for polygons and RLE, that `train --data`, `eval --truth` and `score` read as they are (core; no torch).
+
+Each image is checked against its file as the readers see it (size from the header, EXIF orientation applied); an
+image that cannot be placed (missing, unreadable, another size, a shape far outside it, a malformed entry) is left
+out with its reason, and the others are converted. Images beside the listed ones that the export does not list are
+left out too: nobody said they are normal."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from detector.annotations import FORMATS, Annotated, Export, Shape, decode_rle, read_export
+from detector.atomic import replacing
+from detector.formats import file_geometry
+from detector.manifest import SPLIT_ALIASES, shown
+from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, read_scan
+
+SLACK = 0.02        # a shape may pass the edge by this share of the side (at least 2 px): clipped; more: refused
+SHOWN = 20          # left-out images named on the terminal (all of them in left_out.csv)
+NEXT = "detector train --config configs/quick.yaml --data {out} --out runs/mine"
+
+
+@dataclass
+class Summary:
+    fmt: str
+    rows: list[dict] = field(default_factory=list)
+    left_out: list[tuple[str, str, str]] = field(default_factory=list)   # (file, kind, why)
+    unlisted: list[Path] = field(default_factory=list)
+    ignored_shapes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self, src: str, out: Path) -> str:
+        """The one-line summary of the conversion."""
+        anomalous = [r for r in self.rows if r["label"] == 1]
+        masks = sum(1 for r in anomalous if r["mask"])
+        kinds = ", ".join(f"{n} {k}" for k, n in Counter(k for _, k, _ in self.left_out).most_common())
+        return (f"{FORMATS[self.fmt]} {src}: {len(self.rows)} images ({len(self.rows) - len(anomalous)} normal, "
+                f"{len(anomalous)} anomalous: {len(anomalous) - masks} with boxes, {masks} with masks); left out: "
+                f"{len(self.left_out)} listed{f' ({kinds})' if kinds else ''}, {len(self.unlisted)} not in the "
+                f"export; {self.ignored_shapes} shape(s) of other classes ignored -> {out / 'manifest.csv'}")
+
+
+def convert(src: str | Path, out: str | Path, images: str | Path | None = None, fmt: str | None = None,
+            split: str | None = None, classes: list[str] | None = None, force: bool = False) -> Summary:
+    """Write the export at `src` as the dataset folder `out` (manifest.csv, masks/, left_out.csv)."""
+    out = Path(out)
+    if (out / "manifest.csv").exists() and not force:
+        raise ScanError(out / "manifest.csv", "exists: pass --force to replace it, or another --out")
+    if split is not None and split.strip().lower() not in SPLIT_ALIASES:
+        raise ScanError(src, f"--split {split!r} is not one of {', '.join(sorted(SPLIT_ALIASES))}")
+    export = read_export(src, fmt)
+    _check_classes(export, classes, src)
+    roots = [Path(images)] if images else export.roots
+    if images and not Path(images).is_dir():
+        raise ScanError(images, "no such --images folder")
+    summary, used, names, listed = Summary(export.fmt, notes=list(export.notes)), {}, set(), set()
+    for im in export.images:
+        path = _locate(im, roots, bool(images))
+        listed |= {path.resolve()} if path else set()
+        why = _row(im, path, out, summary, used, names, classes)
+        if why:
+            summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
+    summary.unlisted = _unlisted(images, listed, out)
+    if not summary.rows:
+        raise ScanError(src, f"no image of the export could be used ({len(summary.left_out)} left out: "
+                             f"{'; '.join(f'{f}: {w}' for f, _, w in summary.left_out[:3]) or 'none listed'})")
+    _write(out, summary, split)
+    return summary
+
+
+def _check_classes(export: Export, classes: list[str] | None, src) -> None:
+    """ScanError naming a --classes name the export has no category of: a typo would make every image normal."""
+    unknown = [c for c in classes or [] if c not in export.categories]
+    if unknown:
+        raise ScanError(src, f"--classes {', '.join(unknown)}: no such category in the export (it has "
+                             f"{', '.join(sorted(export.categories)) or 'none'})")
+
+
+def _locate(im: Annotated, roots: list[Path], given: bool) -> Path | None:
+    """The image file an entry names: under the export's own folder unless --images is given, then each root, by
+    its name as given and by its file name alone; a name without a scan suffix (YOLO's stems) with each suffix."""
+    name = Path(im.file.replace("\\", "/"))
+    tries = ([] if given else [im.base / name]) + [p for r in roots for p in (r / name, r / name.name)]
+    for p in tries:
+        suffixes = [""] if p.suffix.lower() in SCAN_SUFFIXES else [s for x in SCAN_SUFFIXES for s in (x, x.upper())]
+        for q in (p.with_name(p.name + s) for s in suffixes):
+            if q.is_file():
+                return q
+    return None
+
+
+def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: dict, names: set,
+         classes: list[str] | None) -> tuple[str, str] | None:
+    """Add the image's manifest row to the summary; (kind, why) where it is left out."""
+    if im.problem:
+        return "malformed", f"{shown(im.source)}: {im.problem}"
+    if path is None:
+        return "missing image", f"no such image file (listed in {shown(im.source)}; --images names their folder)"
+    real = path.resolve()
+    if real in used:
+        return "listed again", f"listed again in {shown(im.source)} (first in {shown(used[real])})"
+    try:
+        w, h = _image_size(path)
+    except ScanError as e:
+        return "unreadable", e.reason
+    if im.size is not None and tuple(im.size) != (w, h):
+        turned = " (turned by a quarter: its EXIF orientation, which the tool did not apply)" if im.size == (h, w) \
+            else ""
+        return "size mismatch", (f"{shown(im.source)} says {im.size[0]}x{im.size[1]}, the image is {w}x{h} as "
+                                 f"read{turned}")
+    kept = [_scaled(s, w, h) for s in im.shapes if classes is None or s.category in classes]
+    summary.ignored_shapes += len(im.shapes) - len(kept)
+    try:
+        boxes = [_box_in(s, w, h) for s in kept]
+    except ValueError as e:
+        return "outside the image", f"{shown(im.source)}: {e}"
+    used[real] = im.source
+    mask = _write_mask(out, path, kept, boxes, w, h, names) if any(s.box is None for s in kept) else ""
+    summary.rows.append({"path": os.path.relpath(real, out.resolve()).replace(os.sep, "/"), "label": int(bool(kept)),
+                         "mask": mask, "boxes": str(boxes).replace(" ", "") if boxes else "",
+                         "anomaly_type": "+".join(sorted({s.category for s in kept})) or "none"})
+    return None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the picture the readers give (turned by its orientation): from the header, else read."""
+    g = file_geometry(path)
+    if g is not None:
+        return g.file_width, g.file_height
+    h, w = file_shape(read_scan(path))
+    return w, h
+
+
+def _scaled(s: Shape, w: int, h: int) -> Shape:
+    """A shape in pixels: a normalised one (YOLO) scaled by the image's size."""
+    if not s.normalised:
+        return s
+    box = None if s.box is None else (s.box[0] * w, s.box[1] * h, s.box[2] * w, s.box[3] * h)
+    return Shape(s.category, box, [p * (w, h) for p in s.polygons])
+
+
+def _box_in(s: Shape, w: int, h: int) -> list[int]:
+    """The shape's box in whole pixels (outward; 0.01 px of rounding forgiven) clipped to the image; ValueError where
+    the shape lies further outside than SLACK, covers no pixel, or is an RLE of another size."""
+    if s.rle is not None and [int(v) for v in s.rle["size"]] != [h, w]:
+        raise ValueError(f"{s.category} RLE of size {s.rle['size'][1]}x{s.rle['size'][0]} on a {w}x{h} image")
+    x0, y0, x1, y1 = (float(v) for v in s.bounds())
+    sx, sy = max(2.0, SLACK * w), max(2.0, SLACK * h)
+    rounded = [round(v, 2) for v in (x0, y0, x1, y1)]
+    if x0 < -sx or y0 < -sy or x1 > w + sx or y1 > h + sy:
+        raise ValueError(f"{s.category} shape {rounded} lies outside the {w}x{h} image")
+    box = [max(0, math.floor(x0 + 0.01)), max(0, math.floor(y0 + 0.01)),
+           min(w, math.ceil(x1 - 0.01)), min(h, math.ceil(y1 - 0.01))]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"{s.category} shape {rounded} covers no pixel of the {w}x{h} image")
+    return box
+
+
+def draw_mask(shapes: list[Shape], boxes: list[list[int]], w: int, h: int) -> np.ndarray:
+    """(h, w) uint8 0/255: each polygon's pixels whose centre lies inside it, each RLE's marked pixels, each box."""
+    m = np.zeros((h, w), bool)
+    for s, (x0, y0, x1, y1) in zip(shapes, boxes):
+        if s.rle is not None:
+            m |= decode_rle(s.rle)
+        elif s.polygons:
+            for poly in s.polygons:
+                m[y0:y1, x0:x1] |= _inside(poly, x0, y0, x1, y1)
+        else:
+            m[y0:y1, x0:x1] = True
+    return m.astype(np.uint8) * 255
+
+
+def _inside(poly: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Which pixels of the window [x0, x1) x [y0, y1) have their centre inside the polygon."""
+    from matplotlib.path import Path as Outline   # imported when a polygon is drawn: most exports are boxes
+    gy, gx = np.mgrid[y0:y1, x0:x1]
+    return Outline(poly).contains_points(np.c_[gx.ravel() + 0.5, gy.ravel() + 0.5]).reshape(gy.shape)
+
+
+def _write_mask(out: Path, image: Path, shapes: list[Shape], boxes: list[list[int]], w: int, h: int,
+                names: set) -> str:
+    """Write masks/<stem>.png (a -2, -3 ... where another image took the stem); its path in the manifest."""
+    stem, n = image.stem, 1
+    while f"{stem}.png" in names:
+        n += 1
+        stem = f"{image.stem}-{n}"
+    names.add(f"{stem}.png")
+    ok, png = cv2.imencode(".png", draw_mask(shapes, boxes, w, h))
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    with replacing(out / "masks" / f"{stem}.png") as tmp:
+        tmp.write_bytes(png.tobytes())
+    return f"masks/{stem}.png"
+
+
+def _unlisted(images: str | Path | None, listed: set[Path], out: Path) -> list[Path]:
+    """Scan files the export does not list: below --images, else beside the listed ones (its masks/ aside)."""
+    folders = [(Path(images), True)] if images else [(f, False) for f in {p.parent for p in listed}]
+    found = {p.resolve() for f, deep in folders for p in (f.rglob("*") if deep else f.glob("*"))
+             if p.suffix.lower() in SCAN_SUFFIXES and p.is_file() and not p.name.startswith(".")}
+    masks = (out / "masks").resolve()
+    return sorted(p for p in found - listed if masks not in p.parents)
+
+
+def _write(out: Path, summary: Summary, split: str | None) -> None:
+    """manifest.csv (and left_out.csv, where anything was left out), each written whole."""
+    cols = ["path", "label", "mask", "boxes", "anomaly_type"] + (["split"] if split else [])
+    rows = [{**r, "split": SPLIT_ALIASES[split.strip().lower()]} if split else r for r in summary.rows]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "manifest.csv", cols, rows)
+    left = [{"file": f, "reason": f"{k}: {w}"} for f, k, w in summary.left_out]
+    left += [{"file": shown(p), "reason": "not in the export"} for p in summary.unlisted]
+    if left:
+        _write_csv(out / "left_out.csv", ["file", "reason"], left)
+    else:
+        (out / "left_out.csv").unlink(missing_ok=True)
+
+
+def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with replacing(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def main(args) -> int:
+    """CLI entry: convert, name what was left out, print the summary and the next command."""
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        s = convert(args.src, args.out, args.images, args.format, args.split, classes, args.force)
+    except (ScanError, OSError) as e:
+        print(f"detector manifest: {e}", file=sys.stderr)
+        return 2
+    for note in s.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for f, kind, why in s.left_out[:SHOWN]:
+        print(f"warning: {f}: left out, {kind}: {why}", file=sys.stderr)
+    more = len(s.left_out) - SHOWN
+    if more > 0 or s.unlisted:
+        extra = f"{more} more left out, " if more > 0 else ""
+        print(f"warning: {extra}{len(s.unlisted)} image(s) not in the export left out (e.g. "
+              f"{shown(s.unlisted[0]) if s.unlisted else '-'}): all in {Path(args.out) / 'left_out.csv'}",
+              file=sys.stderr)
+    print(s.line(args.src, Path(args.out)))
+    print(f"next: {NEXT.format(out=args.out)}")
+    return 0
