@@ -18,6 +18,7 @@ from detector.serve_throttle import FAIL_LIMIT
 Builder = Callable[[argparse.ArgumentParser], None]
 # the `train` extra of pyproject.toml: what the training verbs import and a station does not install
 TRAIN_PACKAGES = ("torch", "torchvision", "lightning", "albumentations", "onnx", "onnxscript", "tensorboard", "rich")
+TRAIN_VERBS = ("demo", "train", "export")   # the verbs that need the training extras; a station install runs the rest
 
 
 def _demo(p: argparse.ArgumentParser) -> None:
@@ -263,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:   # a station install (no extras) running a training verb
         if (e.name or "").split(".")[0] not in TRAIN_PACKAGES:
             raise
+        core = [v for v in VERBS if v not in TRAIN_VERBS]
         print(f"detector {verb}: needs the training extras ({e.name} is not installed); a station install "
-              f"runs synth, score, eval, calibrate, info, serve and audit. Install them with: "
+              f"runs {', '.join(core[:-1])} and {core[-1]}. Install them with: "
               f"pip install 'detector[train]'", file=sys.stderr)
         return 2
 
