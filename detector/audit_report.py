@@ -241,6 +241,18 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _trend(audit: str, by: str, since: str | None) -> dict[str, Any]:
+    """`summary --by`'s figures per period (detector.audit_trend, imported here: it builds on this module)."""
+    from detector.audit_trend import trend
+    return trend(audit, by, since)
+
+
+def _trend_text(result: dict[str, Any]) -> str:
+    """The per-period table and its flags after the summary (with --by and verdicts to show), else nothing."""
+    from detector.audit_trend import format_trend
+    return f"\n\n{format_trend(result['trend'])}" if result.get("trend", {}).get("periods") else ""
+
+
 def main(args) -> int:
     """CLI entry: `detector audit export [--audit audit.sqlite] [--since T] --out audit.csv`, or
     `detector audit summary [--audit audit.sqlite] [--since T] [--json]`."""
@@ -248,15 +260,17 @@ def main(args) -> int:
         print(f"detector audit: unknown action {args.action!r}", file=sys.stderr)
         return 2
     summary = args.action == "summary"
-    as_json = getattr(args, "json", False)
-    if (args.out is None) != summary or (as_json and not summary):   # an option the action would ignore
-        print("detector audit: export writes --out (a .csv); summary prints, as a table or with --json",
-              file=sys.stderr)
+    as_json, by = getattr(args, "json", False), getattr(args, "by", None)
+    if (args.out is None) != summary or ((as_json or by) and not summary):   # an option the action would ignore
+        print("detector audit: export writes --out (a .csv); summary prints, as a table or with --json, "
+              "per period with --by", file=sys.stderr)
         return 2
     # exit 2 for an input it cannot use (no database there, a file that is none), as the other verbs; 1 for a read
     # that failed (a lock held past the timeout, an I/O error)
     try:
         result = summarise(args.audit, args.since) if summary else export_csv(args.audit, args.out, args.since)
+        if by:
+            result["trend"] = _trend(args.audit, by, args.since)
     except (FileNotFoundError, FileExistsError) as e:
         print(f"detector audit: {e}", file=sys.stderr)
         return 2
@@ -267,7 +281,7 @@ def main(args) -> int:
         print(f"detector audit: {args.audit}: not a readable audit database ({e})", file=sys.stderr)
         return 1 if isinstance(e, sqlite3.OperationalError) else 2
     if summary:
-        print(json.dumps(result, indent=2) if as_json else format_summary(result))
+        print(json.dumps(result, indent=2) if as_json else format_summary(result) + _trend_text(result))
         return 0
     since = f" since {parse_time(args.since)}" if args.since else ""
     print(f"exported {result} verdicts{since} from {args.audit} -> {args.out}")

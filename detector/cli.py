@@ -153,8 +153,12 @@ def _audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", default=None, help="ISO date/time, UTC if no zone, e.g. 2026-11-28T00:00")
     p.add_argument("--out", default=None, help="audit.csv (export; required there)")
     p.add_argument("--json", action="store_true", help="summary: print the figures as JSON")
+    p.add_argument("--by", choices=["day", "week", "month"], default=None,
+                   help="summary: also a row per UTC day, ISO week or month (per model), flagging a period whose "
+                        "INSPECT share departs from the expected")
     p.epilog = ("example:\n  detector audit export --since 2026-11-01 --out audit.csv\n"
                 "  detector audit summary --since 2026-11-01\n"
+                "  detector audit summary --since 2026-09-01 --by week\n"
                 "the outcomes come from the station: POST /v1/outcome to `detector serve` (see the README)")
 
 
