@@ -438,21 +438,27 @@ class Inspector:
 
     def _regions(self, heatmap: np.ndarray, cell_yx: tuple[float, float], h: int, w: int,
                  cut: float) -> list[Region]:
-        """Connected components at or above `cut` -> boxes in the file's pixels (h x w, cells of cell_yx), best
-        first."""
-        mask = (heatmap >= cut).astype(np.uint8)
-        if not mask.any():
-            return []
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        out = []
-        for i in range(1, n):
-            x, y, bw, bh = (int(v) for v in stats[i, :4])
-            peak = float(heatmap[labels == i].max())
-            box = (int(x * cell_yx[1]), int(y * cell_yx[0]),
-                   min(w, int(math.ceil((x + bw) * cell_yx[1]))), min(h, int(math.ceil((y + bh) * cell_yx[0]))))
-            out.append(Region(box=box, score=peak))
-        out.sort(key=lambda r: -r.score)
-        return out[: self.max_regions]
+        """The heatmap's regions at or above `cut`, at most max_regions (heatmap_regions)."""
+        return heatmap_regions(heatmap, cell_yx, h, w, cut, self.max_regions)
+
+
+def heatmap_regions(heatmap: np.ndarray, cell_yx: tuple[float, float], h: int, w: int, cut: float,
+                    max_regions: int) -> list[Region]:
+    """Connected components at or above `cut` -> boxes in the file's pixels (h x w, cells of cell_yx), best first:
+    the station's regions, also drawn by a training run's review (detector.run_review)."""
+    mask = (heatmap >= cut).astype(np.uint8)
+    if not mask.any():
+        return []
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    out = []
+    for i in range(1, n):
+        x, y, bw, bh = (int(v) for v in stats[i, :4])
+        peak = float(heatmap[labels == i].max())
+        box = (int(x * cell_yx[1]), int(y * cell_yx[0]),
+               min(w, int(math.ceil((x + bw) * cell_yx[1]))), min(h, int(math.ceil((y + bh) * cell_yx[0]))))
+        out.append(Region(box=box, score=peak))
+    out.sort(key=lambda r: -r.score)
+    return out[:max_regions]
 
 
 def _after_fork_in_child() -> None:

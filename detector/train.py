@@ -1,8 +1,8 @@
 """Training: the LightningModule (pixel + MIL losses), calibration on validation, the fit and the `train` verb.
 
 `detector train --config configs/quick.yaml --data DIR --out RUN key=value ...` writes RUN/best.ckpt,
-RUN/last.ckpt, RUN/config.yaml, RUN/metrics.json (+ RUN/test_scores.csv with a test split) and
-CSV/TensorBoard logs. Every validation calibrates thresholds on the normal validation scores
+RUN/last.ckpt, RUN/config.yaml, RUN/metrics.json (+ RUN/test_scores.csv with a test split),
+CSV/TensorBoard logs, and the run's pictures RUN/curves.png and RUN/review/ (detector.run_review). Every validation calibrates thresholds on the normal validation scores
 (detector.calibration), so each checkpoint carries what the ONNX bundle needs; `load_checkpoint`
 returns it (detector.checkpoint); the config is detector.config's.
 """
@@ -42,6 +42,8 @@ from detector.config import Config, ConfigError, TrainerConfig, flatten, from_di
 from detector.cpus import quota_words, usable_cpus
 from detector.data import ScanDataModule
 from detector.records import fingerprint, load_records
+from detector.run_review import clear as clear_review
+from detector.run_review import curves_when_stopped, review_quietly
 from detector.hard_negatives import HardNegativeMiner
 from detector.hard_types import smooth, type_hardness, type_weights, write_atomic
 from detector.hardware import (check_hardware, cpu_threads, ddp_without_step_buffer_sync, resolve_cpu_processes,
@@ -111,6 +113,7 @@ class AnomalyModule(L.LightningModule):
         self._top_select = float("-inf")          # the highest val/select so far (checkpoint selection)
         self._epoch_sum: torch.Tensor | None = None  # this epoch's batch-weighted sums of LOSS_PARTS, this rank
         self._epoch_n = 0
+        self._val_scores: list[dict] | None = None   # the last validation's per-scan scores (run_review picks from)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(x)
@@ -202,6 +205,15 @@ class AnomalyModule(L.LightningModule):
         keep = within_noise(m["select"], self._top_select, m["n_anomalous"], self.cfg.trainer.select_se)
         self.log("val/choice", float(self.current_epoch) if keep else -1.0, prog_bar=False, sync_dist=True)
         self._write_hard_types(rows)
+        self._keep_val_scores(rows)
+
+    def _keep_val_scores(self, rows: list[dict]) -> None:
+        """Each validation scan's path, label and score, for the checkpoints: the run's review draws the normal scans
+        that set the threshold and the missed anomalies of best.ckpt's own validation (detector.run_review)."""
+        recs = getattr(getattr(self.trainer, "datamodule", None), "splits", {}).get("val")
+        if recs is not None:
+            self._val_scores = [{"path": recs[r["index"]].path, "label": r["label"], "score": r["score"]}
+                                for r in sorted(rows, key=lambda r: r["index"])]
 
     def _write_hard_types(self, rows: list[dict]) -> None:
         """RUN/hard_types.json: per-type hardness on this validation (smoothed) and the crop workers'
@@ -222,6 +234,8 @@ class AnomalyModule(L.LightningModule):
         checkpoint["detector_info"] = json.loads(json.dumps(self.info))
         checkpoint["detector_top_select"] = self._top_select
         checkpoint["detector_hardness"] = dict(self._hardness)   # smoothed over validations: a resume smooths on
+        if self._val_scores is not None:
+            checkpoint["detector_val_scores"] = self._val_scores
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # the last validation carries on; what describes the run (its config, data, scans) is this run's, which a resume
@@ -230,6 +244,7 @@ class AnomalyModule(L.LightningModule):
         self.info.update({k: saved[k] for k in ("thresholds", "normal_scores", "validation") if k in saved})
         self._top_select = checkpoint.get("detector_top_select", self._top_select)
         self._hardness = dict(checkpoint.get("detector_hardness", self._hardness))
+        self._val_scores = checkpoint.get("detector_val_scores", self._val_scores)
 
     def configure_optimizers(self) -> dict:
         o = self.cfg.optim
@@ -429,8 +444,12 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
                                 check_val_every_n_epoch=cfg.trainer.val_every,
                                 enable_progress_bar=not quiet, enable_model_summary=not quiet, deterministic=False)
             kept_log = _set_log_aside(out / "logs" / "metrics.csv") if resume and trainer.is_global_zero else None
-            with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}", found, resume):
-                trainer.fit(module, datamodule=dm, ckpt_path=resume)
+            try:
+                with stopped_by_signal(trainer, out, "in epoch {epoch} of {epochs}", found, resume):
+                    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+            except TrainingInterrupted:   # rank 0: what it logged is drawn
+                curves_when_stopped(out)
+                raise
         if kept_log is not None:
             _merge_logs(kept_log, out / "logs" / "metrics.csv")
             kept_log.unlink()
@@ -461,9 +480,16 @@ def run_training(config: Config | str | Path | None, data_dir: str | Path, out_d
         if tested:
             result["test"] = module.test_metrics
             write_test_scores(out / "test_scores.csv", module.test_rows, dm.splits["test"])
+        result["review"] = review_quietly(out, best, dm, tensorboard(trainer), trainer.global_step)
         with replacing(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(result, indent=2))
         return result
+
+
+def tensorboard(trainer: L.Trainer):
+    """The SummaryWriter of the run's TensorBoard logger, None where it has none."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 def hold_run_folder(out: Path):
@@ -620,6 +646,7 @@ def _clear_earlier_results(out: Path, fresh: bool) -> None:
     earlier model. Called once the data is ready, so a run stopped while caching leaves the folder as it was."""
     for old in ("metrics.json", "test_scores.csv"):
         (out / old).unlink(missing_ok=True)
+    clear_review(out)   # curves.png and review/: drawn again at the end, from this run's best.ckpt
     if not fresh:
         return
     (out / "hard_negatives.json").unlink(missing_ok=True)
@@ -671,6 +698,15 @@ def write_test_scores(path: Path, rows: list[dict], records: list) -> None:
             w.writerow([records[r["index"]].path, r["label"], r["type"], f"{r['score']:.9g}", hit])
 
 
+def review_line(review: dict | None, run: Path) -> str:
+    """The summary's line on the run's pictures: where they are, and why a role has none."""
+    if not review:
+        return f"review: not drawn (see the warning above); curves in {run / 'logs' / 'metrics.csv'}"
+    why = next((n.split(": ", 1)[1] for n in review["notes"] if n.startswith("review: validation has no")), "")
+    return (f"review: {len(review['pictures'])} validation scan(s) at the 1 % threshold in {review['folder']}, curves "
+            f"in {run / 'curves.png'}" + (f" ({why})" if why else ""))
+
+
 def main(args) -> int:
     """The `train` verb."""
     try:
@@ -699,5 +735,6 @@ def main(args) -> int:
     if res.get("skipped_scans"):
         print(f"left out {res['skipped_scans']} unreadable scan(s): {run / 'skipped_scans.csv'} says which and why",
               file=sys.stderr)
+    print(review_line(res.get("review"), run))
     print(f"next: detector export {shlex.quote(str(run / 'best.ckpt'))} --out {shlex.quote(str(run / 'model.onnx'))}")
     return 0

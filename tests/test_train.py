@@ -69,6 +69,16 @@ def write_dataset(root: Path, n: int = 12, seed: int = 0, sizes=((70, 150), (90,
     return write_manifest(root, rows)
 
 
+def no_val_anomalies(root: Path) -> Path:
+    """The dataset at root with its anomalous validation scans moved to training; returns root."""
+    rows = list(csv.DictReader(open(root / "manifest.csv")))
+    for r in rows:
+        if r["split"] == "val" and r["label"] == "1":
+            r["split"] = "train"
+    write_manifest(root, rows)
+    return root
+
+
 def write_manifest(root: Path, rows: list[dict]) -> Path:
     """root/manifest.csv of the rows (the first row's keys are the columns); returns root."""
     with open(root / "manifest.csv", "w", newline="") as f:
@@ -650,6 +660,8 @@ def test_ddp_over_two_cpu_processes_trains_mines_and_tests_each_scan_once(tmp_pa
     assert m["epochs"] == 2 and "time budget" in p.stdout and "(2 epochs of 3: time budget 0.0001 min)" in p.stdout
     hard = json.loads((run / "hard_negatives.json").read_text())
     assert len(hard) == 4                           # all 4 training scans: each rank mined 2, one file
+    assert m["review"]["pictures"] and not m["review"]["notes"]   # rank 0 drew them, once
+    assert sorted(f.name for f in (run / "review").iterdir()) == sorted(p["file"] for p in m["review"]["pictures"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["cpu_processes"] == 2 and saved["data"]["batch_size"] == 8
 
@@ -780,9 +792,12 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_says_so_and_how_to_resume(tmp_path, 
     assert said.startswith(f"detector train: stopped by {how} in epoch 2 of 3; {run / 'last.ckpt'} holds the 1 "
                            "epoch(s) before it"), said
     assert f"--resume {run / 'last.ckpt'}" in said
+    assert cv2.imread(str(run / "curves.png")) is not None and not (run / "review").exists()   # the epoch it logged
     monkeypatch.undo()
     assert main([*argv, "--resume", str(run / "last.ckpt")]) == 0
-    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["epochs"] == 3 and m["review"]["pictures"] and (run / "review" / m["review"]["pictures"][0]["file"]).is_file()
+    assert f"review: {len(m['review']['pictures'])} validation scan(s)" in capsys.readouterr().out
 
 
 def test_train_verb_takes_overrides_before_and_after_its_options(tmp_path, capsys):
@@ -1209,12 +1224,7 @@ def test_no_anomalous_validation_scans_keeps_the_latest_epoch_and_says_so(tmp_pa
     from detector.train import main, run_training, within_noise
 
     assert within_noise(-0.002, -0.001, 0, 2.0)   # no anomalies: no figure to prefer an earlier epoch by
-    root = write_dataset(tmp_path / "d", n=12)
-    rows = list(csv.DictReader(open(root / "manifest.csv")))
-    for r in rows:
-        if r["split"] == "val" and r["label"] == "1":
-            r["split"] = "train"
-    write_manifest(root, rows)
+    root = no_val_anomalies(write_dataset(tmp_path / "d", n=12))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = run_training(None, root, tmp_path / "run", [*TINY, "trainer.max_epochs=3", "trainer.patience=1",
