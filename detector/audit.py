@@ -14,6 +14,7 @@ cannot be written either (disk full), the row is kept in memory and logged to st
 Beside the verdicts, the `outcomes` table records what the manual inspection of a truck found (`found`: contraband
 or undeclared goods, `clear`: nothing), so a site can measure the routing's hit rate and collect its own labelled
 scans. It is append-only (triggers refuse UPDATE and DELETE): a correction is a new row; a request's latest counts.
+The `shadow_verdicts` table holds a candidate model's verdicts on the same trucks (serve --shadow, serve_shadow).
 """
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ MOUNTS = "/proc/self/mounts"   # Linux: device, mount point, filesystem type per
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "davfs",
               "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs", "fuse.rclone")
 REPLAY_WAIT_S = 1.0   # at open, how long replaying the spool waits for a locked database (the rest stays spooled)
+# a candidate model's verdicts on the trucks the live one routed (serve --shadow): request_id names the live verdict;
+# regions a JSON list as in the answer, error the candidate's own failure, untagged_pitch_mm and score_rule as in
+# verdicts (what `detector calibrate --model CANDIDATE` needs). Never spooled: see serve_shadow
+SHADOW_COLUMNS = ("time", "request_id", "model_sha256", "score", "decision", "threshold", "regions", "latency_ms",
+                  "error", "untagged_pitch_mm", "score_rule")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -68,6 +74,11 @@ CREATE TABLE IF NOT EXISTS outcomes (
     time TEXT NOT NULL, request_id TEXT NOT NULL, outcome TEXT NOT NULL CHECK (outcome IN ('found', 'clear')),
     officer TEXT, note TEXT);
 CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes(request_id, id);
+CREATE TABLE IF NOT EXISTS shadow_verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL, request_id TEXT NOT NULL, model_sha256 TEXT NOT NULL, score REAL, decision TEXT NOT NULL,
+    threshold REAL, regions TEXT, latency_ms REAL, error TEXT, untagged_pitch_mm REAL, score_rule TEXT,
+    UNIQUE (request_id, model_sha256));
 CREATE TRIGGER IF NOT EXISTS outcomes_no_update BEFORE UPDATE ON outcomes
     BEGIN SELECT RAISE(ABORT, 'outcomes are append-only: record a correction as a new row'); END;
 CREATE TRIGGER IF NOT EXISTS outcomes_no_delete BEFORE DELETE ON outcomes
@@ -160,6 +171,15 @@ class AuditLog:
             sql += " ON CONFLICT(request_id) DO NOTHING"
         with self._transaction(wait_s) as db:
             return db.execute(sql, values).rowcount == 1
+
+    def write_shadow(self, rows: list[dict[str, Any]], wait_s: float = 0.0) -> int:
+        """Insert a candidate model's verdicts (SHADOW_COLUMNS) in one commit; returns how many were new (a row
+        already stored for its request and model is skipped). Waits `wait_s` for a lock (default none: a live row may
+        be queued behind it), then sqlite3.OperationalError as write() does."""
+        sql = (f"INSERT INTO shadow_verdicts ({', '.join(SHADOW_COLUMNS)}) VALUES "
+               f"({', '.join('?' * len(SHADOW_COLUMNS))}) ON CONFLICT(request_id, model_sha256) DO NOTHING")
+        with self._transaction(wait_s) as db:
+            return sum(db.execute(sql, [r.get(c) for c in SHADOW_COLUMNS]).rowcount for r in rows)
 
     def record_outcome(self, request_id: str, outcome: str, officer: str | None = None, note: str | None = None,
                        wait_s: float | None = None) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def summarise(audit: str | Path, since: str | None = None) -> dict[str, Any]:
     return {"audit": str(audit), "since": parse_time(since) if since else None,
             "first": min((r[5] for r in rows), default=None), "last": max((r[6] for r in rows), default=None),
             "all": _figures(sum(models.values(), Counter())),
-            "models": [{"model_sha256": m, **_figures(c)} for m, c in models.items()]}
+            "models": [{"model_sha256": m, **_figures(c)} for m, c in models.items()], **shadow_section(audit, since)}
 
 
 # what the model's score alone decided: a risk flag's forced INSPECT of a truck it scored under the threshold is its
@@ -185,7 +185,7 @@ def format_summary(s: dict[str, Any]) -> str:
                   f"INSPECTs left out): hit rate {_pct(a['score_hit_rate'])} ({a['score_found']} found of "
                   f"{a['score_checked']}), misses {a['score_missed']} found of {a['score_released_checked']} checked "
                   f"<- {s['audit']}"]
-    return "\n".join(lines)
+    return "\n".join(lines + format_shadow(s))
 
 
 def _pct(x: float | None) -> str:
@@ -195,6 +195,97 @@ def _pct(x: float | None) -> str:
 def _interval(figures: dict[str, Any]) -> str:
     lo_hi = figures["hit_rate_interval"]
     return "-" if lo_hi is None else f"{_pct(lo_hi[0])} - {_pct(lo_hi[1])}"
+
+
+# each candidate row (serve --shadow) with the live verdict of its truck and that truck's latest outcome
+_SHADOW = ("shadow_verdicts s JOIN verdicts v ON v.request_id = s.request_id LEFT JOIN outcomes o ON o.id = "
+           "(SELECT MAX(id) FROM outcomes WHERE request_id = v.request_id)")
+
+
+def _has_shadow(db: sqlite3.Connection) -> bool:
+    """Whether the database has the shadow_verdicts table (none where no service of this version opened it since)."""
+    return bool(db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shadow_verdicts'").fetchone())
+
+
+def shadow_section(audit: str | Path, since: str | None = None) -> dict[str, Any]:
+    """{"shadow": [figures per (live model, candidate)]} where the log holds candidate rows (serve --shadow) of
+    verdicts at or after `since`, else {}: on the trucks both judged, the INSPECT share of each, agreement, the trucks
+    each alone would inspect, and from the latest outcomes the finds each would have inspected and the finds the
+    candidate would have released."""
+    db = _reader(Path(audit))
+    try:
+        if not _has_shadow(db):
+            return {}
+        where, params = _since(since)
+        rows = db.execute(f"SELECT v.model_sha256, s.model_sha256, v.decision, s.decision, s.error IS NOT NULL, "
+                          f"o.outcome, COUNT(*), MIN(s.time) FROM {_SHADOW}{where} GROUP BY 1, 2, 3, 4, 5, 6 "
+                          "ORDER BY 8", params).fetchall()
+    finally:
+        db.close()
+    pairs: dict[tuple[str, str], Counter] = {}
+    for live, cand, d_live, d_cand, failed, outcome, n, _ in rows:
+        pairs.setdefault((live or "", cand), Counter())[d_live, d_cand, bool(failed), outcome] += n
+    return {"shadow": [{"live_sha256": live, "shadow_sha256": cand, **_shadow_figures(c)}
+                       for (live, cand), c in pairs.items()]} if pairs else {}
+
+
+def _shadow_figures(tally: Counter) -> dict[str, Any]:
+    """shadow_section's figures from a count of trucks by (live decision, candidate's, candidate failed, outcome)."""
+    def count(test: Any) -> int:
+        return sum(k for key, k in tally.items() if test(*key))
+    n = count(lambda *_: True)
+    live, cand = count(lambda a, b, f, o: a == "INSPECT"), count(lambda a, b, f, o: b == "INSPECT")
+    agree = count(lambda a, b, f, o: a == b)
+    return {"trucks": n, "live_inspect": live, "live_inspect_share": live / n,
+            "shadow_inspect": cand, "shadow_inspect_share": cand / n, "agree": agree, "agreement": agree / n,
+            "live_only_inspect": count(lambda a, b, f, o: a == "INSPECT" and b == "RELEASE"),
+            "shadow_only_inspect": count(lambda a, b, f, o: a == "RELEASE" and b == "INSPECT"),
+            "shadow_failed": count(lambda a, b, f, o: f),
+            "outcomes": count(lambda a, b, f, o: o is not None), "found": count(lambda a, b, f, o: o == "found"),
+            "live_found": count(lambda a, b, f, o: o == "found" and a == "INSPECT"),
+            "shadow_found": count(lambda a, b, f, o: o == "found" and b == "INSPECT"),
+            "shadow_released_found": count(lambda a, b, f, o: o == "found" and b == "RELEASE")}
+
+
+def format_shadow(s: dict[str, Any]) -> list[str]:
+    """The summary's shadow lines (none without candidate rows): a row per live model and candidate, and how to read
+    the finds."""
+    if not s.get("shadow"):
+        return []
+    table = [("shadow: live vs candidate", "trucks", "live INSPECT", "candidate INSPECT", "agree", "live only",
+              "candidate only", "candidate failed", "found: live / candidate", "found, candidate RELEASE")]
+    table += [(f"{f['live_sha256'][:12] or '?'} vs {f['shadow_sha256'][:12]}", str(f["trucks"]),
+               f"{f['live_inspect']} ({_pct(f['live_inspect_share'])})",
+               f"{f['shadow_inspect']} ({_pct(f['shadow_inspect_share'])})", _pct(f["agreement"]),
+               str(f["live_only_inspect"]), str(f["shadow_only_inspect"]), str(f["shadow_failed"]),
+               f"{f['live_found']} / {f['shadow_found']} of {f['found']}", str(f["shadow_released_found"]))
+              for f in s["shadow"]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["", *("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                   for r in table)]
+    lines.append("shadow: the trucks both models judged, each routed by the same policy at its own thresholds; finds "
+                 "come from the recorded outcomes, so a truck the live model released is known only where it was "
+                 "checked anyway")
+    return lines
+
+
+def shadow_verdicts(source: str | Path, since: str | None = None) -> list[dict[str, Any]]:
+    """Each candidate row (serve --shadow) of an audit database at or after `since`, as served_verdicts gives a
+    verdict (SERVED): the candidate's model, score, pitch and rule, with the decision its truck was served (whether
+    it was inspected) and its latest outcome; [] for an export CSV or a database without such rows."""
+    source = Path(source)
+    if not _head(source).startswith(SQLITE_MAGIC):
+        return []
+    db = _reader(source)
+    try:
+        if not _has_shadow(db):
+            return []
+        where, params = _since(since)
+        rows = db.execute(f"SELECT s.time, s.model_sha256, v.decision, s.score, o.outcome, s.untagged_pitch_mm, "
+                          f"s.score_rule FROM {_SHADOW}{where} ORDER BY s.time, s.id", params).fetchall()
+    finally:
+        db.close()
+    return [dict(zip(SERVED, r)) for r in rows]
 
 
 def is_audit_log(path: str | Path) -> bool:

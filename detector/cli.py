@@ -137,12 +137,18 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-fail-limit", type=int, default=FAIL_LIMIT,
                    help="wrong tokens from one address within 60 s before it is locked out for 60 s (429); "
                         "0: none, for a service behind a reverse proxy that limits (every client has its address)")
+    p.add_argument("--shadow", default=None, metavar="CANDIDATE.onnx",
+                   help="a candidate model that scores the same trucks after each live answer, routing none; its "
+                        "verdicts go to the audit log's shadow_verdicts table (compare: detector audit summary)")
+    p.add_argument("--shadow-threads", type=int, default=1,
+                   help="onnxruntime threads of the --shadow model (default 1: the live model keeps the cores)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level")
     p.epilog = ("env DETECTOR_TOKEN: when set, requests need 'Authorization: Bearer <token>'\n"
                 "  (an empty DETECTOR_TOKEN is refused).\n"
                 "example:\n  detector serve --model model.onnx --port 8080 --policy configs/policy.yaml\n"
-                "  curl -F scan=@truck.tiff -F 'meta={\"tier\":\"standard\"}' http://127.0.0.1:8080/v1/inspect")
+                "  curl -F scan=@truck.tiff -F 'meta={\"tier\":\"standard\"}' http://127.0.0.1:8080/v1/inspect\n"
+                "  detector serve --model live.onnx --shadow candidate.onnx   (candidate beside the live model)")
 
 
 def _audit(p: argparse.ArgumentParser) -> None:

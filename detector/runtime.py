@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import cv2
 import numpy as np
@@ -202,11 +202,12 @@ class Inspector:
         return self._inspect(src, threshold, deadline=None)
 
     def inspect_safe(self, src: Source, deadline_ms: float | None = None,
-                     threshold: float | None = None) -> Verdict:
-        """Fail-closed inspect: any error or a deadline overrun gives INSPECT with the reason; never raises."""
+                     threshold: float | None = None, *, on_scan: Callable[[Scan], Any] | None = None) -> Verdict:
+        """Fail-closed inspect: any error or a deadline overrun gives INSPECT with the reason; never raises.
+        `on_scan`: called with the Scan once read (serve's shadow model scores that very scan; nothing read twice)."""
         t0 = time.perf_counter()
         try:
-            return self._inspect(src, threshold, deadline=_deadline(t0, deadline_ms), t0=t0)
+            return self._inspect(src, threshold, deadline=_deadline(t0, deadline_ms), t0=t0, on_scan=on_scan)
         except Exception as e:  # fail closed: the truck goes to manual inspection
             reason = str(e) if isinstance(e, (ScanError, BundleError, InspectionError)) else f"{type(e).__name__}: {e}"
             try:
@@ -298,10 +299,12 @@ class Inspector:
         raise ScanError(repr(src)[:60], "expected a path, a Scan, (bytes, name) or a counts array")
 
     def _inspect(self, src: Source, threshold: float | None, deadline: float | None,
-                 t0: float | None = None) -> Verdict:
+                 t0: float | None = None, on_scan: Callable[[Scan], Any] | None = None) -> Verdict:
         t0 = time.perf_counter() if t0 is None else t0
         timings: dict[str, float] = {}
         scan = self._read(src)
+        if on_scan is not None:
+            on_scan(scan)
         t1 = time.perf_counter()
         timings["read"] = (t1 - t0) * 1000.0
         _check_deadline(deadline, t0, "read")

@@ -43,6 +43,7 @@ from detector.cpus import quota_words, usable_cpus
 from detector.policy import Policy, PolicyError, load_policy, parse_flags
 from detector.serve_form import ScanFormParser, check_parser
 from detector.serve_metrics import Metrics
+from detector.serve_shadow import Shadow, build_shadow
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
 
 TOKEN_ENV = "DETECTOR_TOKEN"
@@ -88,6 +89,8 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)   # never in a logged config's repr
     pitch_mm: float | None = None   # pitch of scan files that carry none; None: the bundle's, else 5 mm
     auth_fail_limit: int = FAIL_LIMIT   # wrong tokens from one address per window before a lock-out; 0 = no lock-out
+    shadow: str | None = None   # a candidate model scoring the same trucks after each live answer (serve_shadow)
+    shadow_threads: int = 1     # its onnxruntime threads: the live model keeps the cores
 
     def __post_init__(self) -> None:
         """Refuse a deadline or upload limit that routes no truck: a deadline of 0, below 0 or NaN answered every truck
@@ -102,6 +105,8 @@ class ServeConfig:
                              f"got {self.auth_fail_limit!r}")
         if self.threads is not None and self.threads < 1:   # else onnxruntime was handed -2
             raise ValueError(f"--threads must be >= 1 (or left out: the usable cores per slot), got {self.threads}")
+        if not (isinstance(self.shadow_threads, int) and self.shadow_threads >= 1):
+            raise ValueError(f"--shadow-threads must be a whole number >= 1, got {self.shadow_threads!r}")
         from detector.runtime import InspectionError, valid_default_pitch
         try:   # before the model loads: a wrong pitch would misread (or refuse) every untagged truck
             valid_default_pitch(self.pitch_mm)
@@ -116,8 +121,8 @@ class UploadTooLarge(Exception):
 class Service:
     """The loaded model, policy and audit log, plus admission control for /v1/inspect."""
 
-    def __init__(self, cfg: ServeConfig, inspector: Any, policy: Policy, audit: AuditLog):
-        self.cfg, self.inspector, self.policy, self.audit = cfg, inspector, policy, audit
+    def __init__(self, cfg: ServeConfig, inspector: Any, policy: Policy, audit: AuditLog, shadow: Shadow | None = None):
+        self.cfg, self.inspector, self.policy, self.audit, self.shadow = cfg, inspector, policy, audit, shadow
         self.model_sha256 = str(inspector.model_sha256)
         meta = inspector.metadata
         self.model_version = str(meta.get("model_version") or meta.get("created") or meta.get("package_version") or "")
@@ -272,13 +277,19 @@ class Service:
                 meta, meta_error = _parse_meta(metas[0] if metas else None)
             error = error or meta_error or _unknown("form field", form.keys(), FORM_FIELDS)
             await form.close()  # delete spooled temp files now, not at garbage collection
-        verdict, sha = None, None
+        verdict, sha, request_error = None, None, error
+        seen: list | None = [] if self.shadow is not None else None   # the Scan the live model read, for the shadow
         if data is not None:
-            verdict, sha, timeout = await self._infer(data, name, meta.get("tier"), t0)
+            verdict, sha, timeout = await self._infer(data, name, meta.get("tier"), t0, seen)
             error = error or timeout or getattr(verdict, "error", None)
-        return await self._answer(rid, t0, meta, verdict, sha, (name, len(data) if data is not None else None), error)
+        response = await self._answer(rid, t0, meta, verdict, sha, (name, len(data) if data is not None else None),
+                                      error)
+        if self.shadow is not None:   # after the answer has left; a timed-out live thread's scan is not waited for
+            self.shadow.follow(response, rid, seen if verdict is not None else [], meta, request_error)
+        return response
 
-    async def _infer(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None, str | None]:
+    async def _infer(self, data: bytes, name: str, tier: Any, t0: float,
+                     seen: list | None = None) -> tuple[Any, str | None, str | None]:
         """Hash the upload and run inspect_safe in the pool under the deadline; returns (verdict, sha256, timeout).
 
         Where the time goes on an upload near max_upload_mb (64 MB, 2-core station, h11 parser): receiving and
@@ -289,12 +300,13 @@ class Service:
         runs beside inference, so it delays the answer only when the upload itself used up the deadline)."""
         loop = asyncio.get_running_loop()
         sha = loop.run_in_executor(None, _sha, data)   # hashlib drops the GIL: runs beside the decode
-        verdict, timeout = await self._run_inspector(data, name, tier, t0)
+        verdict, timeout = await self._run_inspector(data, name, tier, t0, seen)
         return verdict, await sha, timeout
 
-    async def _run_inspector(self, data: bytes, name: str, tier: Any, t0: float) -> tuple[Any, str | None]:
+    async def _run_inspector(self, data: bytes, name: str, tier: Any, t0: float,
+                             seen: list | None = None) -> tuple[Any, str | None]:
         """(verdict, None), or (None, why the deadline was missed); the slot is held until the thread ends,
-        even after the answer has left."""
+        even after the answer has left. `seen` (a list) gets the Scan read, for the shadow model."""
         budget_s = self.cfg.deadline_ms / 1000.0
         deadline = f"deadline of {self.cfg.deadline_ms:g} ms exceeded"
         if budget_s - (time.perf_counter() - t0) <= 0:   # no thread: inspect_safe would decode, then give up
@@ -306,7 +318,7 @@ class Service:
             return None, f"{deadline} while queued"
         left_s = max(0.001, budget_s - (time.perf_counter() - t0))
         fut = asyncio.get_running_loop().run_in_executor(self.pool, _run, self.inspector, data, name,
-                                                         left_s * 1000.0, thr)
+                                                         left_s * 1000.0, thr, seen)
         fut.add_done_callback(lambda _: self.slots.release())
         try:
             # inspect_safe checks the deadline between stages; one it cannot interrupt (decoding) runs on
@@ -465,8 +477,9 @@ class Service:
         lost = f", {m.audit_failures} audit rows NOT stored (see stderr)" if m.audit_failures else ""
         lost += (f", {len(self.audit_backlog)} in {self.audit.spool} until a service on that log commits them"
                  if self.audit_backlog else "")
+        shadow = self.shadow.summary() if self.shadow is not None else ""
         return (f"served {m.latency.count} verdicts ({m.decisions.get('RELEASE', 0)} RELEASE, "
-                f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}) -> audit {self.cfg.audit}")
+                f"{m.decisions.get('INSPECT', 0)} INSPECT, {m.errors} errors{lost}){shadow} -> audit {self.cfg.audit}")
 
     async def trim_when_idle(self, every_s: float = 0.5) -> None:
         """Background task: after traffic, once the queue is empty, return freed heap to the OS."""
@@ -491,6 +504,8 @@ class Service:
         elif self.audit_backlog:
             while self.audit_backlog:
                 self._lost(self.audit_backlog.popleft(), sqlite3.OperationalError("database still locked at shutdown"))
+        if self.shadow is not None:   # after the live rows: the candidate's never go first
+            self.shadow.close(self.audit)
         self.audit.close()
 
 
@@ -557,8 +572,10 @@ def _peer(request: Request) -> str:
     return _file_name(request.client.host) if request.client else "unknown"
 
 
-def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float) -> Any:
-    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold)
+def _run(inspector: Any, data: bytes, name: str, deadline_ms: float, threshold: float, seen: list | None = None) -> Any:
+    if seen is None:   # no shadow: as ever
+        return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold)
+    return inspector.inspect_safe((data, name), deadline_ms=deadline_ms, threshold=threshold, on_scan=seen.append)
 
 
 def _sha(data: bytes) -> str:
@@ -682,10 +699,14 @@ def create_app(svc: Service) -> FastAPI:
         task = asyncio.get_running_loop().run_in_executor(svc.pool, svc.warm)
         trimmer = asyncio.create_task(svc.trim_when_idle())
         retrier = asyncio.create_task(svc.retry_audit())
+        tasks = [trimmer, retrier]
+        if svc.shadow is not None:
+            tasks.append(asyncio.create_task(svc.shadow.write_every(svc.audit_pool, svc.audit,
+                                                                    lambda: bool(svc.audit_backlog))))
         yield
-        trimmer.cancel()
-        retrier.cancel()
-        await asyncio.gather(task, trimmer, retrier, return_exceptions=True)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(task, *tasks, return_exceptions=True)
         svc.close()
         # here, not after uvicorn.run: uvicorn re-raises SIGTERM/SIGINT once shut down
         print(svc.summary(), flush=True)
@@ -769,7 +790,13 @@ def build_service(cfg: ServeConfig) -> Service:
     inspector = Inspector(cfg.model, threads=slot_threads(cfg), default_pitch_mm=cfg.pitch_mm)
     policy = load_policy(cfg.policy)
     policy.bind(inspector)
-    return Service(cfg, inspector, policy, AuditLog(cfg.audit))
+    shadow = build_shadow(cfg.shadow, cfg.policy, cfg.shadow_threads, cfg.pitch_mm) if cfg.shadow else None
+    try:
+        return Service(cfg, inspector, policy, AuditLog(cfg.audit), shadow)
+    except BaseException:
+        if shadow is not None:   # its worker thread and session
+            shadow.discard()
+        raise
 
 
 def env_token() -> str | None:
@@ -796,7 +823,8 @@ def main(args) -> int:
                           threads=args.threads, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                           concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token(),
                           pitch_mm=getattr(args, "pitch_mm", None),
-                          auth_fail_limit=getattr(args, "auth_fail_limit", FAIL_LIMIT))
+                          auth_fail_limit=getattr(args, "auth_fail_limit", FAIL_LIMIT),
+                          shadow=getattr(args, "shadow", None), shadow_threads=getattr(args, "shadow_threads", 1))
         check_parser()   # before the model loads: a parser that cannot read uploads would INSPECT every truck
         svc = build_service(cfg)
     except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
@@ -816,8 +844,8 @@ def main(args) -> int:
               file=sys.stderr)
     files = open_files_words(*raise_open_files())
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
-          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, {threads_words(cfg)}, "
-          f"audit {cfg.audit}{files}, "
+          f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, {threads_words(cfg)}"
+          f"{svc.shadow.describe() if svc.shadow is not None else ''}, audit {cfg.audit}{files}, "
           f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
     from detector.scan import ScanWarning
     from detector.serve_protocol import HeadDeadlineProtocol

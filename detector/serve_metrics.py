@@ -106,4 +106,6 @@ class Metrics:
                 "# TYPE detector_ready gauge", f"detector_ready {int(svc.ready)}",
                 "# HELP detector_model_info The served model bundle.", "# TYPE detector_model_info gauge",
                 f'detector_model_info{{sha256="{esc(svc.model_sha256)}",version="{esc(svc.model_version)}"}} 1']
+        if getattr(svc, "shadow", None) is not None:   # serve --shadow: the candidate's counters
+            out += svc.shadow.metrics_lines()
         return "\n".join(out) + "\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.audit import parse_time
-from detector.audit_report import is_audit_log, served_verdicts
+from detector.audit_report import is_audit_log, served_verdicts, shadow_verdicts
 from detector.bundle import (BundleError, read_metadata, rewrite_metadata, rule_words, score_rule, unrecorded_rule,
                              untagged_pitch_mm)
 from detector.calibration import rate_interval, threshold_table, threshold_texts
@@ -47,6 +47,7 @@ class SiteScores:
     other_model: int = 0   # audit log: verdicts another model served
     unchecked: int = 0     # audit log: INSPECTed trucks with no recorded outcome, taken as cleared (kept)
     pitch_mm: float | None = None   # the pitch their files without one were read at (score --pitch-mm); None: unknown
+    shadow: bool = False   # audit log: the model's scores as a candidate in shadow (serve --shadow), not served ones
 
     def left_out(self) -> dict[str, int]:
         """The rows not calibrated on, by why."""
@@ -111,17 +112,22 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
     are this model's (itself, and the one it was calibrated from: the graph is the same). Their pitch_mm: the one pitch
     their files without one were read at (serve --pitch-mm; None where none recorded it); CalibrationError for two.
     `rules`: (the bundle's score_rule, its unrecorded_rule): CalibrationError for a score of another rule, or of
-    none known; None: not checked."""
+    none known; None: not checked. A model that served no verdict there but scored trucks as a candidate in shadow
+    (serve --shadow) is calibrated on those scores (`shadow` True), by the outcomes of the trucks they judged."""
     try:
         start = parse_time(since) if since else None
     except ValueError:
         raise CalibrationError(f"--since {since!r}: not an ISO date or time (e.g. 2026-11-01 or "
                                "2026-11-01T06:00)") from None
     try:
-        rows = served_verdicts(audit, start)
+        rows, shadow = served_verdicts(audit, start), False
+        if not any(r["model_sha256"] in model_sha256s for r in rows):   # never served: a candidate in shadow?
+            scored = shadow_verdicts(audit, start)
+            if any(r["model_sha256"] in model_sha256s for r in scored):
+                rows, shadow = scored, True
     except sqlite3.DatabaseError as e:
         raise CalibrationError(f"{audit}: not a readable audit database ({e})") from None
-    site, pitches, other_rule = SiteScores([], len(rows)), {}, None
+    site, pitches, other_rule = SiteScores([], len(rows), shadow=shadow), {}, None
     for r in rows:
         if r["model_sha256"] not in model_sha256s:
             site.other_model += 1
@@ -194,6 +200,7 @@ def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, tr
     new["site_calibration"] = {
         "results": source, "truth": truth, "since": since, "scans": n, "scored_with_sha256": model_sha256,
         "left_out": site.left_out(), "default_pitch_mm": site.pitch_mm, "score_rule": score_rule,
+        "shadow": site.shadow,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "previous": {"thresholds": meta["thresholds"], "normal_scans": len(meta["normal_scores"]),
                      "source": old["results"] if old else "training validation"}}
@@ -268,7 +275,8 @@ def main(args) -> int:
                "; released and inspected-clear trucks")
     else:
         how = "" if args.truth else "; all taken as cleared traffic (give --truth to leave labelled anomalies out)"
-    print(f"{n} cleared scans from {args.results}" + (f" ({', '.join(left)} left out)" if left else "") + how)
+    source = " (this model's scores in shadow beside the live model: serve --shadow)" if site.shadow else ""
+    print(f"{n} cleared scans from {args.results}{source}" + (f" ({', '.join(left)} left out)" if left else "") + how)
     print(f"{'rate':>7}  {'threshold (was)':>19}  site scans inspected: at the old threshold -> at the new")
     for r in rows:
         pair = threshold_texts(r["threshold"], *([r["old_threshold"]] if "old_threshold" in r else []))
