@@ -330,8 +330,12 @@ def read_yolo(src: Path) -> Export:
     the image's size, or `class x y x y ...` (a polygon, YOLO segmentation); an empty file: an image with nothing.
     Class names from classes.txt or data.yaml's names, else the class numbers."""
     labels = src / "labels" if (src / "labels").is_dir() else src
-    names = _yolo_names(src)
-    out = Export("yolo", [], set(names.values()), [src / "images", src])
+    return read_yolo_labels(labels, [src / "images", src], _yolo_names(src))
+
+
+def read_yolo_labels(labels: Path, roots: list[Path], names: dict[int, str]) -> Export:
+    """The YOLO label files below `labels`, of the images below `roots`, classes named by `names`."""
+    out = Export("yolo", [], set(names.values()), roots)
     for path in sorted(p for p in labels.rglob("*.txt") if p.name != "classes.txt"):
         rel = path.relative_to(labels).with_suffix("")
         im = Annotated(rel.as_posix(), labels, path, None)
@@ -359,8 +363,13 @@ def _yolo_names(src: Path) -> dict[int, str]:
                     got = (yaml.safe_load((folder / name).read_text(encoding="utf-8")) or {}).get("names")
                 except (yaml.YAMLError, AttributeError) as e:
                     raise ScanError(folder / name, f"malformed YAML ({e})") from None
-                return {int(k): str(v) for k, v in (got.items() if isinstance(got, dict) else enumerate(got or []))}
+                return yolo_names(got)
     return {}
+
+
+def yolo_names(got) -> dict[int, str]:
+    """A data.yaml's `names` (a list, or a mapping of class number to name) as class number -> name."""
+    return {int(k): str(v) for k, v in (got.items() if isinstance(got, dict) else enumerate(got or []))}
 
 
 def _yolo_shape(line: str, names: dict[int, str]) -> Shape:

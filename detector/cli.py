@@ -181,9 +181,14 @@ def _manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None,
                    help="comma-separated categories that count as anomalies; shapes of the others are ignored "
                         "(an image with no other shape is then normal)")
-    p.add_argument("--force", action="store_true", help="replace an existing DATASET/manifest.csv")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing DATASET/manifest.csv (and the masks its earlier run wrote)")
+    p.add_argument("--append", action="store_true",
+                   help="add the export's images to an existing DATASET/manifest.csv (a second batch of labels); "
+                        "an image it already lists is left out, named with its row")
     p.epilog = ("example:\n  detector manifest export/annotations/instances_default.json --images export/images "
-                "--out site/\n  detector train --config configs/quick.yaml --data site/ --out runs/mine\n"
+                "--out site/\n  detector manifest roboflow_export/ --out site/   (train/, valid/, test/: the split column)"
+                "\n  detector train --config configs/quick.yaml --data site/ --out runs/mine\n"
                 "images the export lists without shapes are normal (label 0), with shapes anomalous; images beside "
                 "them\nthat it does not list are left out, and left_out.csv says which and why")
 

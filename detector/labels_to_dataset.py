@@ -11,7 +11,10 @@ import csv
 import io
 import math
 import os
+import re
+import struct
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +22,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detector.annotations import FORMATS, Annotated, Export, Shape, decode_rle, read_export
+from detector.annotations import FORMATS, Annotated, Export, Shape, decode_rle
 from detector.atomic import replacing
+from detector.export_splits import read_parts
 from detector.formats import file_geometry
 from detector.manifest import SPLIT_ALIASES, shown
 from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, read_scan
 
 SLACK = 0.02        # a shape may pass the edge by this share of the side (at least 2 px): clipped; more: refused
 SHOWN = 20          # left-out images named on the terminal (all of them in left_out.csv)
+MARK = b"Software\x00detector manifest"   # in each mask's PNG: the masks --force may clear
 NEXT = "detector train --config configs/quick.yaml --data {out} --out runs/mine"
 
 
@@ -38,6 +43,8 @@ class Summary:
     unlisted: list[Path] = field(default_factory=list)
     ignored_shapes: int = 0
     notes: list[str] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)   # --append: the rows the dataset had, as they were
+    split_from: str = ""                             # what the split column says: "--split", "the export's folders"
 
     def line(self, src: str, out: Path) -> str:
         """The one-line summary of the conversion."""
@@ -47,35 +54,93 @@ class Summary:
         return (f"{FORMATS[self.fmt]} {src}: {len(self.rows)} images ({len(self.rows) - len(anomalous)} normal, "
                 f"{len(anomalous)} anomalous: {len(anomalous) - masks} with boxes, {masks} with masks); left out: "
                 f"{len(self.left_out)} listed{f' ({kinds})' if kinds else ''}, {len(self.unlisted)} not in the "
-                f"export; {self.ignored_shapes} shape(s) of other classes ignored -> {out / 'manifest.csv'}")
+                f"export; {self.ignored_shapes} shape(s) of other classes ignored{self._splits()}"
+                f"{f', added to {len(self.kept)} rows there' if self.kept else ''} -> {out / 'manifest.csv'}")
+
+    def _splits(self) -> str:
+        """How many rows of each split, and where the split came from ("" with no split column)."""
+        n = Counter(r.get("split", "") for r in self.rows)
+        return f"; split ({self.split_from}): {', '.join(f'{n[k]} {k}' for k in sorted(n))}" if any(n) else ""
 
 
 def convert(src: str | Path, out: str | Path, images: str | Path | None = None, fmt: str | None = None,
-            split: str | None = None, classes: list[str] | None = None, force: bool = False) -> Summary:
-    """Write the export at `src` as the dataset folder `out` (manifest.csv, masks/, left_out.csv)."""
+            split: str | None = None, classes: list[str] | None = None, force: bool = False,
+            append: bool = False) -> Summary:
+    """Write the export at `src` as the dataset folder `out` (manifest.csv, masks/, left_out.csv); `append`: add its
+    rows to the manifest.csv there."""
     out = Path(out)
-    if (out / "manifest.csv").exists() and not force:
-        raise ScanError(out / "manifest.csv", "exists: pass --force to replace it, or another --out")
+    if (out / "manifest.csv").exists() and not (force or append):
+        raise ScanError(out / "manifest.csv", "exists: pass --force to replace it, --append to add to it, or another "
+                                              "--out")
     if split is not None and split.strip().lower() not in SPLIT_ALIASES:
         raise ScanError(src, f"--split {split!r} is not one of {', '.join(sorted(SPLIT_ALIASES))}")
-    export = read_export(src, fmt)
-    _check_classes(export, classes, src)
-    roots = [Path(images)] if images else export.roots
+    parts = read_parts(src, fmt)
+    _check_classes(Export("", [], set().union(*(e.categories for _, e in parts)), []), classes, src)
     if images and not Path(images).is_dir():
         raise ScanError(images, "no such --images folder")
-    summary, used, names, listed = Summary(export.fmt, notes=list(export.notes)), {}, set(), set()
-    for im in export.images:
-        path = _locate(im, roots, bool(images))
-        listed |= {path.resolve()} if path else set()
-        why = _row(im, path, out, summary, used, names, classes)
-        if why:
-            summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
+    summary = Summary(parts[0][1].fmt, notes=[n for _, e in parts for n in e.notes])
+    summary.split_from = "--split" if split else "the export's folders" if parts[0][0] else ""
+    kept, stale = _existing(out, append)
+    used, names, listed = _taken(out, kept, stale)
+    summary.kept = [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept]
+    for part, export in parts:
+        for im in export.images:
+            path = _locate(im, [Path(images)] if images else export.roots, bool(images))
+            listed |= {path.resolve()} if path else set()
+            why = _row(im, path, out, summary, used, names, classes)
+            if why:
+                summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
+            elif split or part:
+                summary.rows[-1]["split"] = SPLIT_ALIASES[(split or part).strip().lower()]
     summary.unlisted = _unlisted(images, listed, out)
     if not summary.rows:
         raise ScanError(src, f"no image of the export could be used ({len(summary.left_out)} left out: "
                              f"{'; '.join(f'{f}: {w}' for f, _, w in summary.left_out[:3]) or 'none listed'})")
-    _write(out, summary, split)
+    _write(out, summary)
+    _clear(out, stale - {r["mask"] for r in summary.rows})
     return summary
+
+
+def _existing(out: Path, append: bool) -> tuple[list[dict], set[str]]:
+    """The rows of the manifest.csv at `out` that --append keeps (each with its `_row`), and the masks a replaced one
+    names that this verb wrote (masks/NAME.png marked as its own): stale unless this run writes them again."""
+    path = out / "manifest.csv"
+    if not path.is_file():
+        return [], set()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [{**r, "_row": n} for n, r in enumerate(csv.DictReader(f), start=2)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        if append:
+            raise ScanError(path, f"unreadable, cannot add to it ({e})") from None
+        return [], set()
+    if append:
+        return rows, set()
+    named = {r.get("mask") or "" for r in rows}
+    return [], {m for m in named if re.fullmatch(r"masks/[^/\\]+\.png", m) and _ours(out / m)}
+
+
+def _taken(out: Path, kept: list[dict], stale: set[str]) -> tuple[dict, set[str], set[Path]]:
+    """What the new rows must not take: the kept rows' files (-> where they are listed), the mask names on disk (a
+    user's own mask, another run's) but the stale ones, and the kept files as listed (not 'unlisted')."""
+    used = {(out / r["path"]).resolve(): f"{out / 'manifest.csv'} row {r['_row']}" for r in kept if r.get("path")}
+    names = {p.name for p in (out / "masks").glob("*")} - {Path(m).name for m in stale}
+    return used, names, set(used)
+
+
+def _ours(mask: Path) -> bool:
+    """Whether the PNG at `mask` is one this verb wrote (its MARK chunk)."""
+    try:
+        with open(mask, "rb") as f:
+            return MARK in f.read(256)
+    except OSError:
+        return False
+
+
+def _clear(out: Path, stale: set[str]) -> None:
+    """Remove the masks an earlier run of this verb wrote that the manifest now written names no more."""
+    for m in sorted(stale):
+        (out / m).unlink(missing_ok=True)
 
 
 def _check_classes(export: Export, classes: list[str] | None, src) -> None:
@@ -198,8 +263,14 @@ def _write_mask(out: Path, image: Path, shapes: list[Shape], boxes: list[list[in
     ok, png = cv2.imencode(".png", draw_mask(shapes, boxes, w, h))
     (out / "masks").mkdir(parents=True, exist_ok=True)
     with replacing(out / "masks" / f"{stem}.png") as tmp:
-        tmp.write_bytes(png.tobytes())
+        tmp.write_bytes(_marked(png.tobytes()))
     return f"masks/{stem}.png"
+
+
+def _marked(png: bytes) -> bytes:
+    """The PNG with a tEXt chunk after its header saying this verb wrote it: --force then clears only its own masks."""
+    chunk = b"tEXt" + MARK
+    return png[:33] + struct.pack(">I", len(MARK)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
 
 
 def _unlisted(images: str | Path | None, listed: set[Path], out: Path) -> list[Path]:
@@ -211,18 +282,30 @@ def _unlisted(images: str | Path | None, listed: set[Path], out: Path) -> list[P
     return sorted(p for p in found - listed if masks not in p.parents)
 
 
-def _write(out: Path, summary: Summary, split: str | None) -> None:
-    """manifest.csv (and left_out.csv, where anything was left out), each written whole."""
-    cols = ["path", "label", "mask", "boxes", "anomaly_type"] + (["split"] if split else [])
-    rows = [{**r, "split": SPLIT_ALIASES[split.strip().lower()]} if split else r for r in summary.rows]
+def _write(out: Path, summary: Summary) -> None:
+    """manifest.csv, the kept rows and then the new ones (and left_out.csv, where anything was left out), each
+    written whole; a split column where any row has a split."""
+    rows = summary.kept + summary.rows
+    cols = ["path", "label", "mask", "boxes", "anomaly_type"] + (["split"] if any(r.get("split") for r in rows) else [])
+    cols += [k for k in dict.fromkeys(k for r in summary.kept for k in r) if k not in cols]
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "manifest.csv", cols, rows)
-    left = [{"file": f, "reason": f"{k}: {w}"} for f, k, w in summary.left_out]
+    left = _csv_rows(out / "left_out.csv") if summary.kept else []
+    left += [{"file": f, "reason": f"{k}: {w}"} for f, k, w in summary.left_out]
     left += [{"file": shown(p), "reason": "not in the export"} for p in summary.unlisted]
     if left:
         _write_csv(out / "left_out.csv", ["file", "reason"], left)
     else:
         (out / "left_out.csv").unlink(missing_ok=True)
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """The rows of a CSV this verb wrote, [] where there is none."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
 
 
 def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
@@ -238,7 +321,7 @@ def main(args) -> int:
     """CLI entry: convert, name what was left out, print the summary and the next command."""
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
-        s = convert(args.src, args.out, args.images, args.format, args.split, classes, args.force)
+        s = convert(args.src, args.out, args.images, args.format, args.split, classes, args.force, args.append)
     except (ScanError, OSError) as e:
         print(f"detector manifest: {e}", file=sys.stderr)
         return 2
