@@ -352,19 +352,28 @@ def read_yolo_labels(labels: Path, roots: list[Path], names: dict[int, str]) -> 
 
 
 def _yolo_names(src: Path) -> dict[int, str]:
-    """Class number -> name from classes.txt (a name a line) or data.yaml (names: a list or a mapping)."""
+    """Class number -> name from classes.txt (a name a line) or data.yaml (names: a list or a mapping), the first
+    folder that has either; ScanError where it has both and they differ (which would be a guess)."""
     for folder in (src, src.parent, src / "labels"):
-        if (folder / "classes.txt").is_file():
-            lines = (folder / "classes.txt").read_text(encoding="utf-8").splitlines()
-            return {i: s.strip() for i, s in enumerate(lines) if s.strip()}
-        for name in ("data.yaml", "dataset.yaml"):
-            if (folder / name).is_file():
-                try:
-                    got = (yaml.safe_load((folder / name).read_text(encoding="utf-8")) or {}).get("names")
-                except (yaml.YAMLError, AttributeError) as e:
-                    raise ScanError(folder / name, f"malformed YAML ({e})") from None
-                return yolo_names(got)
+        found = [(p, names) for p in (folder / n for n in ("classes.txt", "data.yaml", "dataset.yaml"))
+                 if p.is_file() for names in [_names_in(p)] if names]
+        if any(names != found[0][1] for _, names in found):
+            raise ScanError(found[0][0], f"names the classes {found[0][1]}, {found[1][0].name} beside it "
+                                         f"{found[1][1]}: make them agree")
+        if found:
+            return found[0][1]
     return {}
+
+
+def _names_in(path: Path) -> dict[int, str]:
+    """The class names of a classes.txt (a name a line) or a data.yaml (its `names`)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return {i: s.strip() for i, s in enumerate(text.splitlines()) if s.strip()}
+    try:
+        return yolo_names((yaml.safe_load(text) or {}).get("names"))
+    except (yaml.YAMLError, AttributeError) as e:
+        raise ScanError(path, f"malformed YAML ({e})") from None
 
 
 def yolo_names(got) -> dict[int, str]:

@@ -55,7 +55,7 @@ def _yolo_parts(yml: Path) -> list[tuple[str, Export]]:
     read as Ultralytics does, from the yaml's own folder) whose labels are in the folder named labels in its place."""
     data = _load(yml)
     base = yml.parent / str(data["path"]) if data.get("path") else yml.parent
-    names = yolo_names(data["names"]) if data.get("names") else _yolo_names(yml.parent)
+    names = (yml.name not in YAMLS and yolo_names(data.get("names"))) or _yolo_names(yml.parent)
     parts = []
     for key in _split_keys(yml):
         for entry in data[key] if isinstance(data[key], list) else [data[key]]:

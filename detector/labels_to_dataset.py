@@ -152,10 +152,14 @@ def _check_classes(export: Export, classes: list[str] | None, src) -> None:
 
 
 def _locate(im: Annotated, roots: list[Path], given: bool) -> Path | None:
-    """The image file an entry names: under the export's own folder unless --images is given, then each root, by
-    its name as given and by its file name alone; a name without a scan suffix (YOLO's stems) with each suffix."""
+    """The image file an entry names: under the export's own folder (by its name, then its file name alone: LabelMe's
+    imagePath from another machine) unless --images is given, then each root, by its name as given, its file name
+    alone and that without Label Studio's upload prefix (HASH-name.tiff: the original's name); a name without a scan
+    suffix (YOLO's stems) with each suffix."""
     name = Path(im.file.replace("\\", "/"))
-    tries = ([] if given else [im.base / name]) + [p for r in roots for p in (r / name, r / name.name)]
+    bare = re.sub(r"^[0-9a-f]{8}-", "", name.name)
+    tries = ([] if given else [im.base / name, im.base / name.name])
+    tries += [p for r in roots for p in (r / name, r / name.name, r / bare)]
     for p in tries:
         suffixes = [""] if p.suffix.lower() in SCAN_SUFFIXES else [s for x in SCAN_SUFFIXES for s in (x, x.upper())]
         for q in (p.with_name(p.name + s) for s in suffixes):

@@ -1,0 +1,79 @@
+"""`detector manifest` on the quirks of exports as the tools write them: Label Studio's and CVAT's COCO, LabelMe's
+Windows paths, YOLO's class names, VOC's flags and suffix-less file names."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from detector.labels_to_dataset import convert
+from detector.scan import ScanError
+from test_annotations import H, W, _ann, _coco, _im, _rows, _scans
+
+
+def test_label_studio_names_with_its_upload_hash_and_windows_folders_find_the_original_images(tmp_path):
+    _scans(tmp_path / "scans", 2)
+    src = _coco(tmp_path / "export" / "result.json",
+                [_im(0, "images\\cb0618f6-s0.tiff"),   # "Export COCO" before 1.16: images\HASH-NAME
+                 _im(1, "..\\..\\label-studio\\media\\upload\\4\\1a2b3c4d-s1.tiff")], [_ann(1)])   # 1.16 on
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s0.tiff", "0"),
+                                                                         ("../scans/s1.tiff", "1")]
+    assert s.left_out == []
+
+
+def test_cvat_coco_boxes_with_empty_segmentation_and_attributes(tmp_path):
+    _scans(tmp_path / "images", 2)
+    ann = {"id": 1, "image_id": 2, "category_id": 1, "segmentation": [], "area": 1200.0, "bbox": [10, 20, 30, 40],
+           "iscrowd": 0, "attributes": {"occluded": False, "rotation": 0.0}}
+    src = _coco(tmp_path / "annotations" / "instances_default.json",
+                [{**_im(1, "s0.tiff"), "license": 0, "flickr_url": "", "coco_url": "", "date_captured": 0},
+                 _im(2, "s1.tiff")], [ann])   # CVAT's image ids start at 1
+    convert(src, tmp_path / "ds")
+    assert [(r["label"], r["boxes"], r["mask"]) for r in _rows(tmp_path / "ds")] == [
+        ("0", "", ""), ("1", "[[10,20,40,60]]", "")]
+
+
+def test_labelme_with_a_windows_absolute_image_path_finds_the_image_beside_its_json(tmp_path):
+    _scans(tmp_path / "lm", 1)
+    (tmp_path / "lm" / "s0.json").write_text(json.dumps({
+        "imagePath": "C:\\Users\\officer\\Desktop\\scans\\s0.tiff", "imageWidth": W, "imageHeight": H,
+        "imageData": None, "shapes": [{"label": "gun", "shape_type": "rectangle", "points": [[5, 5], [25, 25]]}]}))
+    convert(tmp_path / "lm", tmp_path / "ds")
+    assert [(r["path"], r["boxes"]) for r in _rows(tmp_path / "ds")] == [("../lm/s0.tiff", "[[5,5,25,25]]")]
+
+
+def test_yolo_classes_txt_and_data_yaml_that_disagree_are_refused_naming_both(tmp_path):
+    _scans(tmp_path / "images", 1)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "s0.txt").write_text("1 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "classes.txt").write_text("gun\ndrugs\n")
+    (tmp_path / "data.yaml").write_text("names:\n  0: gun\n  1: drugs\n")   # the same classes, as a mapping
+    convert(tmp_path, tmp_path / "ds")
+    assert _rows(tmp_path / "ds")[0]["anomaly_type"] == "drugs"
+    (tmp_path / "data.yaml").write_text("names: [drugs, gun]\n")
+    with pytest.raises(ScanError, match=r"classes\.txt.*data\.yaml|data\.yaml.*classes\.txt"):
+        convert(tmp_path, tmp_path / "ds", force=True)
+
+
+def test_voc_difficult_and_truncated_objects_count_and_a_filename_without_suffix_is_found(tmp_path):
+    _scans(tmp_path / "JPEGImages", 1)
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "s0.xml").write_text(
+        f"<annotation><folder>x</folder><filename>s0</filename><size><width>{W}</width><height>{H}</height>"
+        "<depth>1</depth></size><object><name>gun</name><pose>Unspecified</pose><truncated>1</truncated>"
+        "<difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>20</xmax><ymax>10</ymax></bndbox>"
+        "</object></annotation>")
+    convert(tmp_path / "Annotations", tmp_path / "ds")   # a hard-to-see anomaly is still one
+    assert [(r["path"], r["label"], r["boxes"]) for r in _rows(tmp_path / "ds")] == [
+        ("../JPEGImages/s0.tiff", "1", "[[0,0,20,10]]")]
+
+
+def test_a_data_yaml_of_splits_alone_leaves_the_names_to_classes_txt(tmp_path):
+    _scans(tmp_path / "images", 1)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "s0.txt").write_text("1 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "classes.txt").write_text("gun\ndrugs\n")
+    (tmp_path / "data.yaml").write_text("nc: 2\n")
+    convert(tmp_path, tmp_path / "ds")
+    assert _rows(tmp_path / "ds")[0]["anomaly_type"] == "drugs"
