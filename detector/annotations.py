@@ -157,6 +157,7 @@ def read_coco(path: Path) -> Export:
             and isinstance(data.get("annotations"), list)):
         raise ScanError(path, "not a COCO export: no 'images' and 'annotations' lists")
     cats = {c.get("id"): str(c.get("name")) for c in data.get("categories") or [] if isinstance(c, dict)}
+    cats = _without_group_rows(data, cats)
     images: dict = {}
     out = Export("coco", [], set(cats.values()), [path.parent, path.parent / "images", path.parent.parent / "images"])
     for i, im in enumerate(data["images"]):
@@ -179,6 +180,15 @@ def read_coco(path: Path) -> Export:
         out.notes.append(f"{orphans} annotation(s) of no listed image: ignored")
     out.images = list(images.values())
     return out
+
+
+def _without_group_rows(data: dict, cats: dict) -> dict:
+    """`cats` less Roboflow's dataset-name row (category 0 "contraband", the supercategory of every real class): no
+    annotation uses it, and `--classes contraband` accepted it and then matched no shape, so every image was normal."""
+    used = {a.get("category_id") for a in data["annotations"] if isinstance(a, dict)}
+    groups = {str(c.get("supercategory")) for c in data.get("categories") or []   # of another class, not its own
+              if isinstance(c, dict) and c.get("supercategory") != c.get("name")}
+    return {k: v for k, v in cats.items() if k in used or v not in groups}
 
 
 def _coco_shape(a: dict, cats: dict) -> Shape:
@@ -209,7 +219,7 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 def _rle_from_string(s: str) -> list[int]:
     """COCO's compressed RLE string (pycocotools' rleFrString): each count in 5-bit groups, char - 48, 0x20 marks
-    more groups, 0x10 in the last group the sign; from the third count on, each is stored less the count two back."""
+    more groups, 0x10 in the last group the sign; from the fourth count (index 3) on, each is stored less the count two back."""
     counts: list[int] = []
     p = 0
     while p < len(s):

@@ -132,3 +132,19 @@ def test_an_existing_manifest_is_kept_without_force_or_append(tmp_path):
     with pytest.raises(ScanError, match="exists: pass --force to replace it, --append to add to it"):
         convert(src, tmp_path / "ds")
     assert np.array_equal([r["path"] for r in _rows(tmp_path / "ds")], ["../s0.tiff"]) and W and H
+
+
+def test_roboflows_dataset_name_row_is_no_class_for_classes(tmp_path):
+    """Roboflow's category 0 (the dataset's name, every class's supercategory, used by no annotation) was a category:
+    `--classes contraband` was accepted, matched no shape, and every image came out normal. COCO's own rows, whose
+    supercategory is their own name ("person"), stay classes even where no annotation uses them."""
+    _scans(tmp_path / "e", 2)
+    cats = [{"id": 0, "name": "contraband", "supercategory": "none"},
+            {"id": 1, "name": "gun", "supercategory": "contraband"},
+            {"id": 2, "name": "knife", "supercategory": "knife"}]
+    (tmp_path / "e" / "c.json").write_text(json.dumps({"images": [_im(0), _im(1)], "annotations": [_ann(1, 1)],
+                                                       "categories": cats}))
+    with pytest.raises(ScanError, match="--classes contraband: no such category"):
+        convert(tmp_path / "e" / "c.json", tmp_path / "ds", classes=["contraband"])
+    convert(tmp_path / "e" / "c.json", tmp_path / "ds2", classes=["gun", "knife"])
+    assert [r["label"] for r in _rows(tmp_path / "ds2")] == ["0", "1"]
