@@ -219,7 +219,8 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 def _rle_from_string(s: str) -> list[int]:
     """COCO's compressed RLE string (pycocotools' rleFrString): each count in 5-bit groups, char - 48, 0x20 marks
-    more groups, 0x10 in the last group the sign; from the fourth count (index 3) on, each is stored less the count two back."""
+    more groups, 0x10 in the last group the sign; from the fourth count (index 3) on, each is stored less the count
+    two back."""
     counts: list[int] = []
     p = 0
     while p < len(s):

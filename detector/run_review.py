@@ -178,7 +178,8 @@ def draw_review(out: Path, best: Path, dm: Any, tb: Any = None, step: int = 0) -
             try:
                 img = scan_picture(model, ds, where[s["path"]], stride, s["score"], threshold, role)
                 images.append((f"review/{name[:-4]}", report.write_png(out / "review" / name, img)))
-                pictures.append({"file": name, "role": role, "scan": s["path"], "label": s["label"], "score": s["score"]})
+                pictures.append({"file": name, "role": role, "scan": s["path"], "label": s["label"],
+                                 "score": s["score"]})
             except Exception as e:   # noqa: BLE001
                 notes.append(f"review/{name}: {e}")
     _to_tensorboard(tb, images, step, notes)
