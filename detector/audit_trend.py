@@ -25,6 +25,9 @@ _START = {"day": "date(v.time)", "week": "date(v.time, 'weekday 0', '-6 days')",
 QUANTILES = (50, 90, 99)   # score percentiles per period (nearest rank: the score of the verdict at that rank)
 ALPHA = 0.01   # chance that a window without drift shows any flag at all (Bonferroni over the periods tested)
 MAX_FLAG_LINES = 10   # the table marks every flagged period; the lines after it name the first ones
+# |z| where the expectation has no spread (a tier calibrated at rate 0 or 1) and the count departs from it: over any
+# bound the test can set, and a number --json can write (Infinity is no JSON)
+Z_MAX = 99.0
 _RATE_TEXT = " at false-alarm rate "   # policy.decide's reason for a score's verdict ends with it and the tier's rate
 
 
@@ -192,9 +195,12 @@ def _expect(model: str | None, tier: dict[str, Any], rates: dict[tuple, float],
 
 
 def _z(k: int, mean: float, var: float) -> float:
-    """Signed z score of a count against its expectation, with a continuity correction (counts are whole)."""
+    """Signed z score of a count against its expectation, with a continuity correction (counts are whole); +-Z_MAX
+    for a count an expectation without spread rules out."""
     gap = k - mean
-    return math.copysign(max(0.0, abs(gap) - 0.5), gap) / math.sqrt(var) if var > 0 else (0.0 if gap == 0 else math.inf)
+    if var <= 0:
+        return 0.0 if gap == 0 else math.copysign(Z_MAX, gap)
+    return math.copysign(min(Z_MAX, max(0.0, abs(gap) - 0.5) / math.sqrt(var)), gap)
 
 
 def _flags(rows: list[dict[str, Any]], by: str) -> list[str]:
