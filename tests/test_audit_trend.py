@@ -230,3 +230,11 @@ def test_a_tier_calibrated_at_rate_zero_is_flagged_in_json_any_parser_reads(tmp_
     periods = json.loads(capsys.readouterr().out, parse_constant=refuse)["trend"]["periods"]
     assert [r["drift"] for r in periods] == [False, False, True]
     assert periods[2]["z"] > 30 and periods[0]["z"] == 0
+
+
+def test_the_rate_is_read_from_the_end_of_the_reason_whatever_the_tier_is_called(tmp_path):
+    """A tier whose name holds the reason's own wording ("... at false-alarm rate ...") is still held to the rate its
+    reasons end with, not left uncompared (its first week) or compared with its earlier weeks only."""
+    _weeks(tmp_path / "a.sqlite", [(300, 0.04)] * 3, rate=0.04, tier="B at false-alarm rate 0.5")
+    periods = trend(tmp_path / "a.sqlite", "week")["periods"]
+    assert [(r["expected_from"], r["expected_share"]) for r in periods] == [("calibrated", pytest.approx(0.04))] * 3
