@@ -25,7 +25,11 @@ _START = {"day": "date(v.time)", "week": "date(v.time, 'weekday 0', '-6 days')",
 QUANTILES = (50, 90, 99)   # score percentiles per period (nearest rank: the score of the verdict at that rank)
 ALPHA = 0.01   # chance that a window without drift shows any flag at all (Bonferroni over the periods tested)
 MAX_FLAG_LINES = 10   # the table marks every flagged period; the lines after it name the first ones
+# |z| where the expectation has no spread (a tier calibrated at rate 0 or 1) and the count departs from it: over any
+# bound the test can set, and a number --json can write (Infinity is no JSON)
+Z_MAX = 99.0
 _RATE_TEXT = " at false-alarm rate "   # policy.decide's reason for a score's verdict ends with it and the tier's rate
+_RATE_TAIL = len(_RATE_TEXT) + 24      # characters at a reason's end that hold the marker and the rate ({rate:g})
 
 
 def trend(audit: str | Path, by: str, since: str | None = None) -> dict[str, Any]:
@@ -67,16 +71,16 @@ def _quantiles(db: sqlite3.Connection, by: str, where: str, params: list[str]) -
 
 def _recorded_rates(db: sqlite3.Connection, where: str, params: list[str]) -> dict[tuple, float]:
     """{(model, tier, threshold): the false-alarm rate its threshold was set for}, from the reasons of the verdicts a
-    score decided under a tier with its own rate (a tier at "the model's default rate" records none)."""
-    rate = f"substr(v.reason, instr(v.reason, ?) + {len(_RATE_TEXT)})"
+    score decided under a tier with its own rate (a tier at "the model's default rate" records none). The rate is
+    read after the marker's last occurrence, in the reason's tail: a tier name or a quoted request may hold it too."""
     cond = f"{where + ' AND' if where else ' WHERE'} v.score IS NOT NULL AND instr(v.reason, ?) > 0"
-    rows = db.execute(f"SELECT v.model_sha256, v.tier, v.threshold, {rate} FROM verdicts v{cond} GROUP BY 1, 2, 3",
-                      [_RATE_TEXT, *params, _RATE_TEXT]).fetchall()
+    rows = db.execute(f"SELECT v.model_sha256, v.tier, v.threshold, substr(v.reason, -{_RATE_TAIL}) FROM verdicts v"
+                      f"{cond} GROUP BY 1, 2, 3", [*params, _RATE_TEXT]).fetchall()
     out = {}
-    for model, tier, threshold, text in rows:
+    for model, tier, threshold, tail in rows:
         try:
-            rate = float(text)
-        except ValueError:   # a reason worded otherwise: that tier is compared with its earlier periods
+            rate = float(tail.rsplit(_RATE_TEXT, 1)[1])
+        except (IndexError, ValueError):   # a reason worded otherwise: that tier is compared with its earlier periods
             continue
         if 0.0 <= rate <= 1.0:
             out[model or "", tier or "", threshold] = rate
@@ -192,9 +196,12 @@ def _expect(model: str | None, tier: dict[str, Any], rates: dict[tuple, float],
 
 
 def _z(k: int, mean: float, var: float) -> float:
-    """Signed z score of a count against its expectation, with a continuity correction (counts are whole)."""
+    """Signed z score of a count against its expectation, with a continuity correction (counts are whole); +-Z_MAX
+    for a count an expectation without spread rules out."""
     gap = k - mean
-    return math.copysign(max(0.0, abs(gap) - 0.5), gap) / math.sqrt(var) if var > 0 else (0.0 if gap == 0 else math.inf)
+    if var <= 0:
+        return 0.0 if gap == 0 else math.copysign(Z_MAX, gap)
+    return math.copysign(min(Z_MAX, max(0.0, abs(gap) - 0.5) / math.sqrt(var)), gap)
 
 
 def _flags(rows: list[dict[str, Any]], by: str) -> list[str]:

@@ -214,3 +214,27 @@ def test_two_hundred_thousand_verdicts_summarise_by_week_in_seconds(tmp_path):
         assert sum(r["verdicts"] for r in result["trend"]["periods"]) == 200_000
         assert sum(r["outcomes"] for r in result["trend"]["periods"]) == 4000
     assert date.fromisoformat(result["trend"]["periods"][-1]["start"]) == date(2026, 12, 1)
+
+
+def test_a_tier_calibrated_at_rate_zero_is_flagged_in_json_any_parser_reads(tmp_path, capsys):
+    """A tier at false-alarm rate 0 gives its expectation no spread: scores over its threshold are still a flag, and
+    --json stays JSON (its z a finite number: `Infinity` is no JSON, and jq or a browser refused the whole output)."""
+    _write(tmp_path / "a.sqlite", [_verdict(f"r{d}-{i}", f"2026-01-0{d + 1}T10:{i:02d}:00.000+00:00",
+                                            0.9 if d == 2 and i < 3 else 0.1, tier="low", rate=0)
+                                   for d in range(3) for i in range(50)])
+    args = dict(action="summary", audit=str(tmp_path / "a.sqlite"), since=None, out=None, by="day", json=True)
+    assert audit_report.main(Namespace(**args)) == 0
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+    periods = json.loads(capsys.readouterr().out, parse_constant=refuse)["trend"]["periods"]
+    assert [r["drift"] for r in periods] == [False, False, True]
+    assert periods[2]["z"] > 30 and periods[0]["z"] == 0
+
+
+def test_the_rate_is_read_from_the_end_of_the_reason_whatever_the_tier_is_called(tmp_path):
+    """A tier whose name holds the reason's own wording ("... at false-alarm rate ...") is still held to the rate its
+    reasons end with, not left uncompared (its first week) or compared with its earlier weeks only."""
+    _weeks(tmp_path / "a.sqlite", [(300, 0.04)] * 3, rate=0.04, tier="B at false-alarm rate 0.5")
+    periods = trend(tmp_path / "a.sqlite", "week")["periods"]
+    assert [(r["expected_from"], r["expected_share"]) for r in periods] == [("calibrated", pytest.approx(0.04))] * 3
