@@ -171,10 +171,12 @@ def _audit(p: argparse.ArgumentParser) -> None:
 def _manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a labelling tool's export: a COCO JSON (CVAT, Label Studio, Roboflow), a folder of "
                                "Pascal VOC XML or LabelMe JSON, a YOLO folder (labels/ + images/, classes.txt or "
-                               "data.yaml), or a CVAT for images 1.1 XML")
+                               "data.yaml), or a CVAT for images 1.1 XML; or a station's audit log (audit.sqlite, or "
+                               "its `detector audit export` CSV) with --images ARCHIVE")
     p.add_argument("--out", required=True, help="dataset folder to write (manifest.csv, masks/, left_out.csv)")
     p.add_argument("--images", default=None,
-                   help="folder of the images the export names (default: beside the export, or its images/)")
+                   help="folder of the images the export names (default: beside the export, or its images/); "
+                        "for an audit log, the scanner's archive (required)")
     p.add_argument("--format", default=None, choices=["coco", "voc", "labelme", "yolo", "cvat"],
                    help="the export's format (default: detected from its files)")
     p.add_argument("--split", default=None, help="write this value in the manifest's split column (train, val, test)")
@@ -186,11 +188,17 @@ def _manifest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", action="store_true",
                    help="add the export's images to an existing DATASET/manifest.csv (a second batch of labels); "
                         "an image it already lists is left out, named with its row")
+    p.add_argument("--since", default=None, help="audit log: only verdicts at or after this ISO date/time (UTC if naive)")
+    p.add_argument("--until", default=None, help="audit log: only verdicts before this ISO date/time (UTC if naive)")
     p.epilog = ("example:\n  detector manifest export/annotations/instances_default.json --images export/images "
                 "--out site/\n  detector manifest roboflow_export/ --out site/   (train/, valid/, test/: the split column)"
                 "\n  detector train --config configs/quick.yaml --data site/ --out runs/mine\n"
                 "images the export lists without shapes are normal (label 0), with shapes anomalous; images beside "
-                "them\nthat it does not list are left out, and left_out.csv says which and why")
+                "them\nthat it does not list are left out, and left_out.csv says which and why\n"
+                "  detector manifest audit.sqlite --images /archive/scans --out verified/ --since 2026-11-01\n"
+                "a station's audit log (or its `audit export` CSV): each truck with an inspection outcome, its scan "
+                "found in\nthe archive by content (sha256), label 1 found, 0 clear; trucks without an outcome are "
+                "left out")
 
 
 def _info(p: argparse.ArgumentParser) -> None:
@@ -215,7 +223,7 @@ VERBS: dict[str, tuple[str, Builder, str, str]] = {
     "calibrate": ("detector.site_calibration", _calibrate, "re-threshold a model on a site's own cleared traffic",
                   "detector calibrate cleared.csv --model model.onnx --out site.onnx"),
     "manifest": ("detector.labels_to_dataset", _manifest, "a labelling tool's export (COCO, VOC, LabelMe, YOLO, "
-                 "CVAT) -> a dataset's manifest.csv", "detector manifest export/instances.json --out site/"),
+                 "CVAT) or a station's audit log -> a dataset's manifest.csv", "detector manifest export/instances.json --out site/"),
     "info": ("detector.bundle_info", _info, "what a model bundle is: its training, validation and thresholds",
              "detector info model.onnx"),
     "serve": ("detector.serve", _serve, "HTTP inspection service for a scanning station",

@@ -24,6 +24,7 @@ import numpy as np
 
 from detector.annotations import FORMATS, Annotated, Export, Shape, decode_rle
 from detector.atomic import replacing
+from detector.audit_report import is_audit_log
 from detector.export_splits import read_parts
 from detector.formats import file_geometry
 from detector.manifest import SPLIT_ALIASES, shown
@@ -323,6 +324,9 @@ def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
 
 def main(args) -> int:
     """CLI entry: convert, name what was left out, print the summary and the next command."""
+    if args.since or args.until or is_audit_log(args.src):   # a station's verified trucks: detector.audit_dataset
+        from detector.audit_dataset import main as from_audit_log
+        return from_audit_log(args)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         s = convert(args.src, args.out, args.images, args.format, args.split, classes, args.force, args.append)
