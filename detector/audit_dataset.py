@@ -296,7 +296,8 @@ def main(args) -> int:
         print(f"detector manifest: --since/--until select the verdicts of an audit log; {args.src} is none",
               file=sys.stderr)
         return 2
-    wrong = [o for o, given in (("--format", args.format), ("--classes", args.classes)) if given]
+    wrong = [o for o, given in (("--format", args.format), ("--classes", args.classes),
+                                ("--append", getattr(args, "append", False))) if given]
     if wrong or not args.images:
         print(f"detector manifest: {args.src} is an audit log: "
               + (f"{' and '.join(wrong)} apply to a labelling tool's export" if wrong else

@@ -169,6 +169,8 @@ def test_cli_refuses_options_that_do_not_apply(site, tmp_path, capsys):
     assert cli(["manifest", str(log.path), "--images", str(archive), "--classes", "gun", "--out",
                 str(tmp_path / "ds")]) == 2
     assert "--classes apply to a labelling tool's export" in capsys.readouterr().err
+    assert cli(["manifest", str(log.path), "--images", str(archive), "--append", "--out", str(tmp_path / "ds")]) == 2
+    assert "--append apply to a labelling tool's export" in capsys.readouterr().err   # was silently ignored
     coco = tmp_path / "instances.json"
     coco.write_text('{"images": [], "annotations": [], "categories": []}')
     assert cli(["manifest", str(coco), "--since", "2026-11-01", "--out", str(tmp_path / "ds")]) == 2
