@@ -9,6 +9,10 @@ count how many answered verdicts have their row (all must) and whether SQLite's 
     .venv/bin/python benchmarks/serve_load.py --duration 15
     .venv/bin/python benchmarks/serve_load.py --model model.onnx --scan a.tiff --scan b.tiff --clients 8
     .venv/bin/python benchmarks/serve_load.py --model model.onnx --kill-after 20   # crash test
+    .venv/bin/python benchmarks/serve_load.py --model live.onnx --shadow cand.onnx --clients 1 --interval 2
+
+--shadow runs a candidate beside the live model (serve --shadow) and counts its rows in the audit log against the
+verdicts; --interval paces each client (one post every S s, a station's trucks) instead of posting back to back.
 """
 from __future__ import annotations
 
@@ -64,6 +68,8 @@ def start_server(args, model: Path, work: Path) -> tuple[subprocess.Popen, str]:
         cmd += ["--threads", str(args.threads)]
     if args.policy:
         cmd += ["--policy", args.policy]
+    if args.shadow:
+        cmd += ["--shadow", args.shadow]
     proc = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
     url = f"http://127.0.0.1:{port}"
@@ -82,8 +88,9 @@ def start_server(args, model: Path, work: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds: float, token: str | None,
-             ids: list[str] | None = None):
-    """Each client posts the payloads round-robin until time is up; returns (latencies s, codes, decisions).
+             ids: list[str] | None = None, interval: float = 0.0):
+    """Each client posts the payloads round-robin until time is up (one post every `interval` s where > 0, else back
+    to back); returns (latencies s, codes, decisions).
 
     ids, when given, collects the request_id of every answered verdict (for the crash test)."""
     lat: list[float] = []
@@ -95,8 +102,13 @@ def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds:
 
     def client(i: int) -> None:
         with httpx.Client(timeout=60, headers=headers) as c:
-            k = i
+            k, due = i, time.monotonic() + interval * i / max(1, clients)
             while time.monotonic() < end:
+                if interval > 0:   # a station's pace: the next truck arrives on time, whatever this one took
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    due += interval
+                    if time.monotonic() >= end:
+                        break
                 name, data = payloads[k % len(payloads)]
                 k += 1
                 t0 = time.perf_counter()
@@ -125,6 +137,20 @@ def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds:
     for t in threads:
         t.join()
     return lat, codes, decisions
+
+
+def shadow_rows(db: Path) -> str:
+    """The candidate's rows against the verdicts in the audit log (warm-up included), after the server stopped."""
+    con = sqlite3.connect(str(db))
+    try:
+        verdicts = con.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+        rows, failed = con.execute("SELECT COUNT(*), COUNT(error) FROM shadow_verdicts").fetchone()
+        agree = con.execute("SELECT COUNT(*) FROM shadow_verdicts s JOIN verdicts v USING (request_id) "
+                            "WHERE s.decision = v.decision").fetchone()[0]
+    finally:
+        con.close()
+    return (f"{rows} candidate rows for {verdicts} verdicts ({rows / max(1, verdicts):.0%}; warm-up included), "
+            f"{failed} failed, {agree} agreeing")
 
 
 def crash_test(args, model: Path, payloads: list[tuple[str, bytes]], work: Path, token: str | None) -> None:
@@ -171,6 +197,9 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--policy", default=None)
+    ap.add_argument("--shadow", default=None, help="a candidate bundle to serve in shadow (serve --shadow)")
+    ap.add_argument("--interval", type=float, default=0.0,
+                    help="seconds between one client's posts (a station's pace); 0: back to back")
     ap.add_argument("--kill-after", type=float, default=None,
                     help="crash test: SIGKILL the server this many seconds into the load, then count audit rows")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (generated model, scans, audit log)")
@@ -195,6 +224,8 @@ def load_test(args: argparse.Namespace, work: Path) -> None:
     model = Path(args.model).resolve() if args.model else None
     if args.policy:
         args.policy = str(Path(args.policy).resolve())
+    if args.shadow:
+        args.shadow = str(Path(args.shadow).resolve())
     scans = [Path(s) for s in args.scan or []]
     if (model is None and not args.url) or not scans:   # --url without --scan still needs scans to post
         gen_model, gen_scans = make_inputs(work, args.height, args.width)
@@ -222,7 +253,7 @@ def load_test(args: argparse.Namespace, work: Path) -> None:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0 = time.monotonic()
-        lat, codes, decisions = run_load(url, payloads, args.clients, args.duration, token)
+        lat, codes, decisions = run_load(url, payloads, args.clients, args.duration, token, interval=args.interval)
         wall = time.monotonic() - t0
         done.set()
         time.sleep(1.0)
@@ -244,7 +275,10 @@ def load_test(args: argparse.Namespace, work: Path) -> None:
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
         print(f"  {ms.size / wall:.1f} verdicts/s   latency ms p50 {p50:.1f}  p95 {p95:.1f}  p99 {p99:.1f}  "
               f"max {ms.max():.1f}")
-    print(f"  status {dict(codes)}   decisions {dict(decisions)}")
+    print(f"  status {dict(codes)}   decisions {dict(decisions)}" + (f"   interval {args.interval:g} s per client"
+                                                                    if args.interval > 0 else ""))
+    if args.shadow and proc is not None:
+        print(f"  shadow: {shadow_rows(work / 'audit.sqlite')}")
     if pid:
         print(f"  server RSS idle after warm-up {rss0:.1f} MB, idle at end {rss1:.1f} MB ({rss1 - rss0:+.1f} MB); "
               f"under load: {' '.join(f'{v:.0f}' for v in samples)}")

@@ -116,6 +116,20 @@ def test_serve_load_prints_throughput_latency_and_server_memory(tmp_path):
     one_line_error(bench("serve_load.py", "--scan", str(tmp_path / "none.tiff")), "no such scan file")
 
 
+def test_serve_load_paces_its_clients_and_counts_the_shadow_rows(tmp_path):
+    """--interval posts one truck every S s per client (a station's pace); --shadow serves a candidate beside the live
+    model and counts its rows against the verdicts."""
+    from conftest import make_heuristic_bundle
+    cand = make_heuristic_bundle(tmp_path / "cand.onnx")
+    p = bench("serve_load.py", "--duration", "2", "--warmup", "0", "--clients", "1", "--interval", "0.5", "--height",
+              "200", "--width", "400", "--shadow", str(cand))
+    assert p.returncode == 0, p.stderr
+    n = int(re.search(r"status \{200: (\d+)\}", p.stdout)[1])
+    assert 3 <= n <= 4 and "interval 0.5 s per client" in p.stdout, p.stdout   # back to back it posts dozens
+    rows = re.search(r"shadow: (\d+) candidate rows for (\d+) verdicts", p.stdout)
+    assert rows and int(rows[2]) >= n and 1 <= int(rows[1]) <= int(rows[2]), p.stdout
+
+
 def test_windows_hold_the_anomaly_and_the_labels_only_manifest_drops_the_training_masks(tmp_path):
     """benchmarks/windows.py (labels alone on scans that fit in a crop): each anomalous window holds its anomaly,
     each normal scan gives two windows, every window is size x size, and training anomalies lose their masks."""
