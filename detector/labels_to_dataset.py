@@ -180,7 +180,7 @@ def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: di
     if real in used:
         return "listed again", f"listed again in {shown(im.source)} (first in {shown(used[real])})"
     try:
-        w, h = _image_size(path)
+        w, h = image_size(path)
     except ScanError as e:
         return "unreadable", e.reason
     if im.size is not None and tuple(im.size) != (w, h):
@@ -202,7 +202,7 @@ def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: di
     return None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of the picture the readers give (turned by its orientation): from the header, else read."""
     g = file_geometry(path)
     if g is not None:
