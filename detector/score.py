@@ -9,6 +9,7 @@ resumable: re-running skips the paths already in the output (`--retry-failed` sc
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import shlex
@@ -582,6 +583,26 @@ def _bad_coco_options(args) -> str | None:
         return "--coco-min-score applies to --coco: give both"
     if least is not None and not 0 <= least <= 1:
         return f"--coco-min-score must be in [0, 1] (region scores lie in [0, 1]), got {least}"
+    return _bad_coco_images(args)
+
+
+def _bad_coco_images(args) -> str | None:
+    """Why --coco-images cannot be used as given, else None: without --coco, a file, or SRC's folder (its renderings
+    would sit among the scans, a PNG scan's replaced) or a folder inside a scanned one (the next run scores them)."""
+    images = getattr(args, "coco_images", None)
+    if not images:
+        return None
+    if not getattr(args, "coco", None):
+        return "--coco-images applies to --coco: give both"
+    if Path(images).exists() and not Path(images).is_dir():
+        return f"--coco-images {images} is a file: give a folder for the PNGs"
+    from detector.preannotate import coco_root
+    root, where = coco_root(args.src).resolve(), Path(images).resolve()
+    scanned = Path(args.src).is_dir() or glob.has_magic(args.src)
+    if where == root or (scanned and where.is_relative_to(root)):
+        return (f"--coco-images {images} is {'SRC' if where == root else 'inside SRC'} ({root}): the renderings "
+                f"would be {'scored as scans by the next run' if scanned else 'mixed with the scans'}: give a "
+                f"folder of their own, e.g. {root.parent / (root.name + '_labelling')}")
     return None
 
 
@@ -591,12 +612,14 @@ def _write_coco(args, out: Path) -> str:
     from detector.preannotate import coco_root, write_coco
     root = coco_root(args.src)
     rows = _result_rows(out)
-    coco, left_out = write_coco(rows, Path(args.coco), root, getattr(args, "coco_min_score", None))
+    images = Path(args.coco_images) if getattr(args, "coco_images", None) else None
+    coco, left_out = write_coco(rows, Path(args.coco), root, getattr(args, "coco_min_score", None), images)
     for line in left_out[:SHOWN_FAILURES]:
         print(f"warning: --coco leaves out {line}", file=sys.stderr)
     failed = sum(1 for r in rows if r[-1])
-    return (f"; {args.coco}: {len(coco['images'])} scans, {len(coco['annotations'])} boxes (file names relative "
-            f"to {root}; {failed} failed and {len(left_out)} unreadable scans left out)")
+    names = f"PNGs drawn in {images}, names relative to it" if images else f"file names relative to {root}"
+    return (f"; {args.coco}: {len(coco['images'])} scans, {len(coco['annotations'])} boxes ({names}; {failed} "
+            f"failed and {len(left_out)} unreadable scans left out)")
 
 
 def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict,
