@@ -84,6 +84,15 @@ def _score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="results.csv")
     p.add_argument("--jsonl", default=None, help="also write results as JSON lines")
+    p.add_argument("--coco", default=None,
+                   help="also write the regions of every scored row as a COCO JSON, pre-annotations for a labelling "
+                        "tool (CVAT, Label Studio); file names relative to SRC's folder")
+    p.add_argument("--coco-images", default=None, metavar="DIR",
+                   help="--coco: also draw each scan there as an 8-bit PNG a labelling tool shows (16-bit scans are "
+                        "black or white there), at the file's pixel size, named like it (sub/a.tiff -> sub/a.png); "
+                        "the COCO names them. detector manifest --images SCANS takes the original scans back")
+    p.add_argument("--coco-min-score", type=float, default=None,
+                   help="--coco: only the regions scoring at least this (default: every region in the results)")
     p.add_argument("--overlays", default=None, help="folder for overlay PNGs")
     p.add_argument("--overlays-flagged", action="store_true", help="overlays only for INSPECT")
     p.add_argument("--policy", default=None, help="routing policy YAML (tiers, risk flags); without it the "

@@ -33,6 +33,7 @@ from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, read_scan
 SLACK = 0.02        # a shape may pass the edge by this share of the side (at least 2 px): clipped; more: refused
 SHOWN = 20          # left-out images named on the terminal (all of them in left_out.csv)
 MARK = b"Software\x00detector manifest"   # in each mask's PNG: the masks --force may clear
+RENDERING = b"Software\x00detector score --coco-images"   # in each 8-bit rendering: never a scan to train on
 NEXT = "detector train --config configs/quick.yaml --data {out} --out runs/mine"
 
 
@@ -86,9 +87,9 @@ def convert(src: str | Path, out: str | Path, images: str | Path | None = None, 
     summary.kept = [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept]
     for part, export in parts:
         for im in export.images:
-            path = _locate(im, [Path(images)] if images else export.roots, bool(images))
+            path, missing = _locate(im, [Path(images)] if images else export.roots, bool(images))
             listed |= {path.resolve()} if path else set()
-            why = _row(im, path, out, summary, used, names, classes)
+            why = missing or _row(im, path, out, summary, used, names, classes)
             if why:
                 summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
             elif split or part:
@@ -131,9 +132,14 @@ def _taken(out: Path, kept: list[dict], stale: set[str]) -> tuple[dict, set[str]
 
 def _ours(mask: Path) -> bool:
     """Whether the PNG at `mask` is one this verb wrote (its MARK chunk)."""
+    return _has_mark(mask, MARK)
+
+
+def _has_mark(path: Path, mark: bytes) -> bool:
+    """Whether the PNG at `path` carries `mark` (marked's tEXt chunk, right after its header); False if unreadable."""
     try:
-        with open(mask, "rb") as f:
-            return MARK in f.read(256)
+        with open(path, "rb") as f:
+            return mark in f.read(256)
     except OSError:
         return False
 
@@ -152,21 +158,54 @@ def _check_classes(export: Export, classes: list[str] | None, src) -> None:
                              f"{', '.join(sorted(export.categories)) or 'none'})")
 
 
-def _locate(im: Annotated, roots: list[Path], given: bool) -> Path | None:
+def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None, tuple[str, str] | None]:
     """The image file an entry names: under the export's own folder (by its name, then its file name alone: LabelMe's
     imagePath from another machine) unless --images is given, then each root, by its name as given, its file name
     alone and that without Label Studio's upload prefix (HASH-name.tiff: the original's name); a name without a scan
-    suffix (YOLO's stems) with each suffix."""
+    suffix (YOLO's stems) with each suffix. A PNG that is not there, or is an 8-bit rendering (score --coco-images),
+    stands for its original scan (originals). None and (kind, why) where only a rendering or two originals are found."""
     name = Path(im.file.replace("\\", "/"))
     bare = re.sub(r"^[0-9a-f]{8}-", "", name.name)
     tries = ([] if given else [im.base / name, im.base / name.name])
     tries += [p for r in roots for p in (r / name, r / name.name, r / bare)]
+    drawn = None
     for p in tries:
         suffixes = [""] if p.suffix.lower() in SCAN_SUFFIXES else [s for x in SCAN_SUFFIXES for s in (x, x.upper())]
         for q in (p.with_name(p.name + s) for s in suffixes):
-            if q.is_file():
-                return q
-    return None
+            if q.is_file() and not is_rendering(q):
+                return q, None
+            found = originals(q) if p.suffix.lower() == ".png" else []   # a name given as .png, not a YOLO stem
+            if len(found) > 1:
+                return None, ("ambiguous", f"{shown(q)} may stand for {' or '.join(map(shown, found))}: rename one")
+            if found:
+                return found[0], None
+            drawn = drawn or (q if q.is_file() else None)
+    if drawn:
+        return None, ("rendering", f"{shown(drawn)} is an 8-bit picture drawn by score --coco-images, not a scan, and "
+                                   "no scan of its name is there: --images names the original scans' folder")
+    return None, None
+
+
+def originals(png: Path) -> list[Path]:
+    """The scans a rendering named `png` stands for (score --coco-images names sub/a.tiff's sub/a.png, or a.tiff.png
+    where two scans shared the stem): the scan files of its name with another scan suffix, or without .png."""
+    inner = png.with_name(png.name[:-4])
+    names = [inner] if inner.suffix.lower() in SCAN_SUFFIXES else \
+        [inner.with_name(inner.name + s) for x in SCAN_SUFFIXES if x != ".png" for s in dict.fromkeys((x, x.upper()))]
+    found: dict[tuple[int, int], Path] = {}
+    for q in names:
+        try:
+            st = q.stat()   # one file under two spellings (x.tiff, x.TIFF on a case-blind disk) is one original
+        except OSError:
+            continue
+        if q.is_file() and not is_rendering(q):
+            found.setdefault((st.st_dev, st.st_ino), q)
+    return list(found.values())
+
+
+def is_rendering(path: Path) -> bool:
+    """Whether the file at `path` is an 8-bit picture of a scan drawn by score --coco-images (its RENDERING mark)."""
+    return _has_mark(path, RENDERING)
 
 
 def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: dict, names: set,
@@ -180,7 +219,7 @@ def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: di
     if real in used:
         return "listed again", f"listed again in {shown(im.source)} (first in {shown(used[real])})"
     try:
-        w, h = _image_size(path)
+        w, h = image_size(path)
     except ScanError as e:
         return "unreadable", e.reason
     if im.size is not None and tuple(im.size) != (w, h):
@@ -202,7 +241,7 @@ def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: di
     return None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of the picture the readers give (turned by its orientation): from the header, else read."""
     g = file_geometry(path)
     if g is not None:
@@ -268,21 +307,24 @@ def _write_mask(out: Path, image: Path, shapes: list[Shape], boxes: list[list[in
     ok, png = cv2.imencode(".png", draw_mask(shapes, boxes, w, h))
     (out / "masks").mkdir(parents=True, exist_ok=True)
     with replacing(out / "masks" / f"{stem}.png") as tmp:
-        tmp.write_bytes(_marked(png.tobytes()))
+        tmp.write_bytes(marked(png.tobytes()))
     return f"masks/{stem}.png"
 
 
-def _marked(png: bytes) -> bytes:
-    """The PNG with a tEXt chunk after its header saying this verb wrote it: --force then clears only its own masks."""
-    chunk = b"tEXt" + MARK
-    return png[:33] + struct.pack(">I", len(MARK)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
+def marked(png: bytes, mark: bytes = MARK) -> bytes:
+    """The PNG with a tEXt chunk after its header saying who wrote it: this verb (--force then clears only its own
+    masks), or score --coco-images (RENDERING: this verb never takes the picture for the scan)."""
+    chunk = b"tEXt" + mark
+    return png[:33] + struct.pack(">I", len(mark)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
 
 
 def _unlisted(images: str | Path | None, listed: set[Path], out: Path) -> list[Path]:
-    """Scan files the export does not list: below --images, else beside the listed ones (its masks/ aside)."""
+    """Scan files the export does not list: below --images, else beside the listed ones (its masks/ and the PNGs
+    score --coco-images drew there aside: pictures of the listed scans, no scans)."""
     folders = [(Path(images), True)] if images else [(f, False) for f in {p.parent for p in listed}]
     found = {p.resolve() for f, deep in folders for p in (f.rglob("*") if deep else f.glob("*"))
-             if p.suffix.lower() in SCAN_SUFFIXES and p.is_file() and not p.name.startswith(".")}
+             if p.suffix.lower() in SCAN_SUFFIXES and p.is_file() and not p.name.startswith(".")
+             and not (p.suffix.lower() == ".png" and is_rendering(p))}
     masks = (out / "masks").resolve()
     return sorted(p for p in found - listed if masks not in p.parents)
 

@@ -9,6 +9,7 @@ resumable: re-running skips the paths already in the output (`--retry-failed` sc
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import shlex
@@ -518,6 +519,10 @@ def main(args) -> int:
             print(f"detector score: --{flag} must be a count (0 for the default), got {getattr(args, flag)}",
                   file=sys.stderr)
             return 2
+    bad = _bad_coco_options(args)
+    if bad:
+        print(f"detector score: {bad}", file=sys.stderr)
+        return 2
     unlisted: list[str] = []   # folders that cannot be listed: warned now, repeated after a long run
     try:
         items, how = discover(args.src, unlisted)
@@ -567,6 +572,54 @@ def main(args) -> int:
         return 2
     with lock:
         return _run(args, out, items, how, inspector, policy, routing, unlisted)
+
+
+def _bad_coco_options(args) -> str | None:
+    """Why --coco / --coco-min-score cannot be used as given (a folder, a score outside [0, 1]), else None."""
+    coco, least = getattr(args, "coco", None), getattr(args, "coco_min_score", None)
+    if coco and Path(coco).is_dir():
+        return f"--coco {coco} is a folder: give the JSON file, e.g. {Path(coco) / 'preds.json'}"
+    if least is not None and not coco:
+        return "--coco-min-score applies to --coco: give both"
+    if least is not None and not 0 <= least <= 1:
+        return f"--coco-min-score must be in [0, 1] (region scores lie in [0, 1]), got {least}"
+    return _bad_coco_images(args)
+
+
+def _bad_coco_images(args) -> str | None:
+    """Why --coco-images cannot be used as given, else None: without --coco, a file, or SRC's folder (its renderings
+    would sit among the scans, a PNG scan's replaced) or a folder inside a scanned one (the next run scores them)."""
+    images = getattr(args, "coco_images", None)
+    if not images:
+        return None
+    if not getattr(args, "coco", None):
+        return "--coco-images applies to --coco: give both"
+    if Path(images).exists() and not Path(images).is_dir():
+        return f"--coco-images {images} is a file: give a folder for the PNGs"
+    from detector.preannotate import coco_root
+    root, where = coco_root(args.src).resolve(), Path(images).resolve()
+    scanned = Path(args.src).is_dir() or glob.has_magic(args.src)
+    if where == root or (scanned and where.is_relative_to(root)):
+        return (f"--coco-images {images} is {'SRC' if where == root else 'inside SRC'} ({root}): the renderings "
+                f"would be {'scored as scans by the next run' if scanned else 'mixed with the scans'}: give a "
+                f"folder of their own, e.g. {root.parent / (root.name + '_labelling')}")
+    return None
+
+
+def _write_coco(args, out: Path) -> str:
+    """--coco: the regions of every scored row of `out` (a resumed run's earlier rows too) as a COCO JSON, written
+    whole; the summary's words on it ('' without --coco). Failed rows have no regions and are left out."""
+    from detector.preannotate import coco_root, write_coco
+    root = coco_root(args.src)
+    rows = _result_rows(out)
+    images = Path(args.coco_images) if getattr(args, "coco_images", None) else None
+    coco, left_out = write_coco(rows, Path(args.coco), root, getattr(args, "coco_min_score", None), images)
+    for line in left_out[:SHOWN_FAILURES]:
+        print(f"warning: --coco leaves out {line}", file=sys.stderr)
+    failed = sum(1 for r in rows if r[-1])
+    names = f"PNGs drawn in {images}, names relative to it" if images else f"file names relative to {root}"
+    return (f"; {args.coco}: {len(coco['images'])} scans, {len(coco['annotations'])} boxes ({names}; {failed} "
+            f"failed and {len(left_out)} unreadable scans left out)")
 
 
 def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routing: dict,
@@ -625,6 +678,12 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
               "reconnect the share) and run the same command again to resume", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
+    try:
+        coco = _write_coco(args, out) if getattr(args, "coco", None) else ""
+    except OSError as e:
+        print(f"detector score: cannot write --coco {args.coco}: {e}; the results in {out} are complete: fix that "
+              "and run the same command again (it scores nothing more and writes it)", file=sys.stderr)
+        return 2
     for line in converted:
         print(f"warning: {line}", file=sys.stderr)
     for line in c.failures:
@@ -642,7 +701,7 @@ def _run(args, out: Path, items: list[Item], how: str, inspector, policy, routin
     missing = f", {c.overlays_missing} overlays not written" if c.overlays_missing else ""
     missing += f", {len(unlisted)} folder(s) not listed" if unlisted else ""
     print(f"scanned {c.scanned} ({how}), flagged {c.flagged} INSPECT, failed {c.failed}{missing}, "
-          f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}")
+          f"{c.scanned / dt if dt > 0 else 0:.1f} scans/s -> {where}{coco}")
     src = Path(args.src)
     manifest = src / "manifest.csv" if src.is_dir() else src
     labelled = has_layout(src) or (manifest.suffix.lower() == ".csv" and manifest.is_file() and has_labels(manifest))

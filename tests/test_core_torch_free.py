@@ -13,7 +13,7 @@ CORE = ["detector.scan", "detector.formats", "detector.sources", "detector.prepr
         "detector.bundle_info", "detector.serve_metrics", "detector.serve_protocol", "detector.serve_throttle",
         "detector.serve_form", "detector.serve_shadow",
         "detector.records", "detector.atomic", "detector.cpus", "detector.shipped", "detector.annotations",
-        "detector.labels_to_dataset", "detector.export_splits", "detector.audit_dataset"]
+        "detector.labels_to_dataset", "detector.export_splits", "detector.audit_dataset", "detector.preannotate"]
 
 
 def test_core_modules_import_without_torch():
