@@ -305,11 +305,11 @@ def main(args) -> int:
         return 2
     try:
         s = convert(args.src, args.images, args.out, args.since, args.until, args.split, args.force)
+    except (ScanError, OSError, sqlite3.DatabaseError) as e:   # first: a ScanError is a ValueError too
+        print(f"detector manifest: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"detector manifest: --since/--until is not an ISO date/time ({e})", file=sys.stderr)
-        return 2
-    except (ScanError, OSError, sqlite3.DatabaseError) as e:
-        print(f"detector manifest: {e}", file=sys.stderr)
         return 2
     for f, kind, why in s.left_out[:SHOWN]:
         print(f"warning: {f}: left out, {kind}: {why}", file=sys.stderr)

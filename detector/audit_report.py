@@ -356,6 +356,10 @@ def main(args) -> int:
         print("detector audit: export writes --out (a .csv); summary prints, as a table or with --json, "
               "per period with --by", file=sys.stderr)
         return 2
+    if not summary and Path(args.out).is_dir():   # a site's exports/ folder: name the file to give, as score does
+        print(f"detector audit: --out {args.out} is a folder: give the export file, e.g. "
+              f"{Path(args.out) / 'audit.csv'}", file=sys.stderr)
+        return 2
     # exit 2 for an input it cannot use (no database there, a file that is none), as the other verbs; 1 for a read
     # that failed (a lock held past the timeout, an I/O error)
     try:
@@ -365,6 +369,9 @@ def main(args) -> int:
     except (FileNotFoundError, FileExistsError) as e:
         print(f"detector audit: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # the export could not be written (a file where its folder should be, a full disk)
+        print(f"detector audit: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"detector audit: --since {args.since!r} is not an ISO date/time ({e})", file=sys.stderr)
         return 2

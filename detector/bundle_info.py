@@ -129,9 +129,18 @@ def describe(path: str | Path, meta: dict | None = None) -> list[str]:
         left = site.get("left_out") or {}
         lines.append(f"  site        calibrated {site.get('created', '?')} on {site['scans']} cleared scans of "
                      f"{site.get('results', '?')}" + (f" since {site['since']}" if site.get("since") else "")
-                     + f" ({sum(int(v or 0) for v in left.values())} left out); before: "
+                     + f" ({sum(int(v or 0) for v in left.values())} left out){_scored_by(site)}; before: "
                      f"{site['previous']['normal_scans']} scans of {site['previous']['source']}")
     return lines
+
+
+def _scored_by(site: dict) -> str:
+    """Which bundle's scores a site calibration rests on, by the sha256 prefix `audit summary` names models by, and
+    whether they were a candidate's in shadow (serve --shadow) rather than verdicts it served."""
+    sha = str(site.get("scored_with_sha256") or "")[:12]
+    if not sha:
+        return ""
+    return f", scored by {sha}" + (" in shadow (serve --shadow)" if site.get("shadow") else "")
 
 
 def next_step(path: Path, meta: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.audit import parse_time
-from detector.audit_report import is_audit_log, served_verdicts, shadow_verdicts
+from detector.audit_report import SQLITE_MAGIC, _head, is_audit_log, served_verdicts, shadow_verdicts
 from detector.bundle import (BundleError, read_metadata, rewrite_metadata, rule_words, score_rule, unrecorded_rule,
                              untagged_pitch_mm)
 from detector.calibration import rate_interval, threshold_table, threshold_texts
@@ -149,7 +149,7 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
         since_text = f" since {since}" if since else ""
         raise CalibrationError(f"{audit}: no verdict of this model with a score to calibrate on{since_text} "
                                f"({site.rows} verdicts: {site.other_model} by another model, {site.failed} failed, "
-                               f"{site.anomalous} found something)")
+                               f"{site.anomalous} found something)" + _no_shadow_hint(audit, site))
     if len(pitches) > 1:   # scores of files read at two pitches: no one default pitch makes the thresholds hold
         *_, (last, since_last) = pitches.items()
         raise CalibrationError(f"{audit}: these verdicts read files without a pitch of their own at "
@@ -158,6 +158,14 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
                                f"those at {last:g} mm with --since {since_last}")
     site.pitch_mm = next(iter(pitches), None)
     return site
+
+
+def _no_shadow_hint(audit: str | Path, site: SiteScores) -> str:
+    """Where an export CSV holds only other models' verdicts: a candidate's shadow scores are in the database alone."""
+    if site.other_model < site.rows or _head(Path(audit)).startswith(SQLITE_MAGIC):
+        return ""
+    return ("; an `audit export` CSV holds no shadow rows: to calibrate a candidate that ran in shadow "
+            "(serve --shadow), give the audit database")
 
 
 def _refuse_rule(audit: str | Path, last: dict, rows: list[dict], rule: str) -> None:

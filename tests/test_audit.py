@@ -391,3 +391,25 @@ def test_export_defuses_spreadsheet_formulas(tmp_path):
     # numbers and the columns calibrate reads back stay as they are
     assert (got["score"], got["decision"], got["outcome"], got["request_id"]) == ("0.1", "RELEASE", "clear", "r1")
     assert audit_report.served_verdicts(out)[0]["score"] == 0.1
+
+
+def test_export_to_a_folder_or_an_unwritable_place_is_one_line(log, tmp_path, capsys, monkeypatch):
+    """`detector audit export --out exports/` (a folder, as a site keeps its exports) ended in an IsADirectoryError
+    traceback, where `score` and `calibrate` name the file to give; a write that fails is one line too."""
+    (tmp_path / "exports").mkdir()
+    args = dict(action="export", audit=str(log.path), since=None)
+    assert audit_report.main(Namespace(out=str(tmp_path / "exports"), **args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("detector audit: --out ") and "is a folder" in err and "audit.csv" in err
+    assert list((tmp_path / "exports").iterdir()) == []
+    assert audit_report.main(Namespace(out=str(tmp_path / "none" / "sub" / "x.csv"), **args)) == 0   # made
+    (tmp_path / "plain").write_text("a file, not a folder\n")
+    assert audit_report.main(Namespace(out=str(tmp_path / "plain" / "x.csv"), **args)) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.startswith("detector audit: ") and "plain" in err and "Traceback" not in err
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(audit_report, "replacing", full_disk)
+    assert audit_report.main(Namespace(out=str(tmp_path / "y.csv"), **args)) == 1
+    assert capsys.readouterr().err.startswith("detector audit: [Errno 28] No space left on device")

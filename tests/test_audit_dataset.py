@@ -178,3 +178,23 @@ def test_cli_refuses_options_that_do_not_apply(site, tmp_path, capsys):
     assert cli(["manifest", str(log.path), "--images", str(archive), "--since", "yesterday", "--out",
                 str(tmp_path / "ds")]) == 2
     assert "not an ISO date/time" in capsys.readouterr().err
+
+
+def test_cli_names_the_reason_a_dataset_is_refused(site, tmp_path, capsys):
+    """Every refusal of the conversion (a ScanError is a ValueError) was printed as "--since/--until is not an ISO
+    date/time": a weekly re-run into the same --out, or a log without outcomes, named a time nobody gave."""
+    log, archive, s = site
+    _serve(log, "r0", s[0])
+    out = tmp_path / "ds"
+    assert cli(["manifest", str(log.path), "--images", str(archive), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has an outcome" in err and "ISO" not in err
+    log.record_outcome("r0", "clear")
+    assert cli(["manifest", str(log.path), "--images", str(archive), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli(["manifest", str(log.path), "--images", str(archive), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists: pass --force" in err and "ISO" not in err
+    assert cli(["manifest", str(log.path), "--images", str(archive), "--since", "yesterday", "--out",
+                str(tmp_path / "ds2")]) == 2
+    assert "--since/--until is not an ISO date/time" in capsys.readouterr().err

@@ -318,6 +318,18 @@ def test_calibrate_takes_a_candidates_shadow_scores_of_cleared_traffic(candidate
     meta = read_metadata(out)
     assert meta["normal_scores"] == pytest.approx(sorted(want))
     assert meta["site_calibration"]["shadow"] is True
+    # `detector info` says what the thresholds rest on: the candidate's scores in shadow, by the sha256 that
+    # `audit summary` names it by (it said only "cleared scans of audit.sqlite", as for the site's own verdicts)
+    from detector.bundle_info import describe
+    site_line = next(ln for ln in describe(out) if ln.strip().startswith("site "))
+    assert f"scored by {sha[:12]} in shadow (serve --shadow)" in site_line
+    # its `audit export` CSV holds no shadow rows: the refusal said only "300 by another model"
+    from detector.audit_report import export_csv
+    export_csv(tmp_path / "audit.sqlite", tmp_path / "audit.csv")
+    args.results, args.out = str(tmp_path / "audit.csv"), str(tmp_path / "site2.onnx")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "300 by another model" in err and "holds no shadow rows" in err and "give the audit database" in err
 
 
 def test_a_running_service_writes_shadow_rows_at_its_tick_and_says_so_at_shutdown(heuristic_model, candidate,
