@@ -140,7 +140,9 @@ def _scored_by(site: dict) -> str:
     sha = str(site.get("scored_with_sha256") or "")[:12]
     if not sha:
         return ""
-    return f", scored by {sha}" + (" in shadow (serve --shadow)" if site.get("shadow") else "")
+    some = int(site.get("shadow_scores") or 0)
+    return f", scored by {sha}" + (" in shadow (serve --shadow)" if site.get("shadow") else
+                                   f" ({some} of them in shadow, serve --shadow)" if some else "")
 
 
 def next_step(path: Path, meta: dict) -> str:

@@ -48,6 +48,7 @@ class SiteScores:
     unchecked: int = 0     # audit log: INSPECTed trucks with no recorded outcome, taken as cleared (kept)
     pitch_mm: float | None = None   # the pitch their files without one were read at (score --pitch-mm); None: unknown
     shadow: bool = False   # audit log: the model's scores as a candidate in shadow (serve --shadow), not served ones
+    shadow_scores: int = 0   # audit log: of `scores`, those it gave in shadow (all of them where `shadow`)
 
     def left_out(self) -> dict[str, int]:
         """The rows not calibrated on, by why."""
@@ -113,7 +114,8 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
     their files without one were read at (serve --pitch-mm; None where none recorded it); CalibrationError for two.
     `rules`: (the bundle's score_rule, its unrecorded_rule): CalibrationError for a score of another rule, or of
     none known; None: not checked. A model that served no verdict there but scored trucks as a candidate in shadow
-    (serve --shadow) is calibrated on those scores (`shadow` True), by the outcomes of the trucks they judged."""
+    (serve --shadow) is calibrated on those scores (`shadow` True), by the outcomes of the trucks they judged; one
+    promoted since, on the trucks it scored in shadow and those it served (`shadow_scores` of them the former)."""
     try:
         start = parse_time(since) if since else None
     except ValueError:
@@ -121,10 +123,13 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
                                "2026-11-01T06:00)") from None
     try:
         rows, shadow = served_verdicts(audit, start), False
+        scored = shadow_verdicts(audit, start)
         if not any(r["model_sha256"] in model_sha256s for r in rows):   # never served: a candidate in shadow?
-            scored = shadow_verdicts(audit, start)
             if any(r["model_sha256"] in model_sha256s for r in scored):
-                rows, shadow = scored, True
+                rows, shadow = [{**r, "_shadow": True} for r in scored], True
+        else:   # promoted from shadow: its scores as a candidate are its scores too (the same graph, the same scans)
+            mine = [{**r, "_shadow": True} for r in scored if r["model_sha256"] in model_sha256s]
+            rows = sorted(rows + mine, key=lambda r: r["time"]) if mine else rows
     except sqlite3.DatabaseError as e:
         raise CalibrationError(f"{audit}: not a readable audit database ({e})") from None
     site, pitches, other_rule = SiteScores([], len(rows), shadow=shadow), {}, None
@@ -139,6 +144,7 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
             raise CalibrationError(f"{audit}: verdict of {r['time']}: score {r['score']:g} is outside [0, 1]")
         else:
             site.scores.append(float(r["score"]))
+            site.shadow_scores += bool(r.get("_shadow"))
             site.unchecked += r["decision"] == "INSPECT" and r["outcome"] is None
             _note_pitch(pitches, r)
             if rules and (r["score_rule"] or rules[1]) != rules[0]:
@@ -209,6 +215,7 @@ def recalibrate(meta: dict, site: SiteScores, source: str, model_sha256: str, tr
         "results": source, "truth": truth, "since": since, "scans": n, "scored_with_sha256": model_sha256,
         "left_out": site.left_out(), "default_pitch_mm": site.pitch_mm, "score_rule": score_rule,
         "shadow": site.shadow,
+        "shadow_scores": site.shadow_scores,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "previous": {"thresholds": meta["thresholds"], "normal_scans": len(meta["normal_scores"]),
                      "source": old["results"] if old else "training validation"}}
@@ -283,7 +290,9 @@ def main(args) -> int:
                "; released and inspected-clear trucks")
     else:
         how = "" if args.truth else "; all taken as cleared traffic (give --truth to leave labelled anomalies out)"
-    source = " (this model's scores in shadow beside the live model: serve --shadow)" if site.shadow else ""
+    source = (" (this model's scores in shadow beside the live model: serve --shadow)" if site.shadow else
+              f" ({site.shadow_scores} of them scored by this model in shadow before it served: serve --shadow)"
+              if site.shadow_scores else "")
     print(f"{n} cleared scans from {args.results}{source}" + (f" ({', '.join(left)} left out)" if left else "") + how)
     print(f"{'rate':>7}  {'threshold (was)':>19}  site scans inspected: at the old threshold -> at the new")
     for r in rows:

@@ -352,3 +352,38 @@ def test_a_running_service_writes_shadow_rows_at_its_tick_and_says_so_at_shutdow
 
     assert len(asyncio.run(run())) == 1
     assert "; shadow " in capsys.readouterr().out and "1 scored, 0 failed, 0 skipped, 1 disagreeing" in svc.summary()
+
+
+def test_calibrate_takes_a_promoted_models_shadow_scores_with_its_served_ones(candidate, tmp_path, capsys):
+    """A candidate promoted to live after its shadow weeks was calibrated on its own served verdicts alone: its 150
+    shadow scores of the same graph were ignored without a word, and 150 served trucks were refused as too few for
+    a 1 % rate where 300 were there."""
+    import hashlib
+
+    from detector.audit import AuditLog
+    from detector.bundle import read_metadata
+    from detector.bundle_info import describe
+    from detector.site_calibration import main
+    sha = hashlib.sha256(candidate.read_bytes()).hexdigest()
+    log = AuditLog(tmp_path / "audit.sqlite")
+    rng = np.random.default_rng(1)
+    want = []
+    for i in range(150):   # weeks 1-2: L live, the candidate in shadow
+        log.write(_verdict(f"s{i}", "L" * 64, "RELEASE"))
+        want.append(float(rng.uniform(0.0, 0.5)))
+        log.write_shadow([_shadow(f"s{i}", sha, "RELEASE", want[-1])])
+    for i in range(150):   # weeks 3-4: the candidate promoted, served live
+        row = {**_verdict(f"p{i}", sha, "RELEASE"), "score": float(rng.uniform(0.0, 0.5))}
+        log.write(row)
+        want.append(row["score"])
+    log.close()
+    out = tmp_path / "site.onnx"
+    args = SimpleNamespace(results=str(tmp_path / "audit.sqlite"), model=str(candidate), out=str(out), truth=None,
+                           since=None)
+    assert main(args) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "300 cleared scans" in said and "150 of them scored by this model in shadow before it served" in said
+    meta = read_metadata(out)
+    assert meta["normal_scores"] == pytest.approx(sorted(want))
+    assert meta["site_calibration"]["shadow"] is False and meta["site_calibration"]["shadow_scores"] == 150
+    assert "(150 of them in shadow, serve --shadow)" in next(ln for ln in describe(out) if ln.strip().startswith("site "))
