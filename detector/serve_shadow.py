@@ -91,7 +91,10 @@ class Shadow:
             live = json.loads(response.body)["decision"]
         except Exception:   # the answer is the live path's; the candidate only follows it
             live = "INSPECT"
-        job = ShadowJob(rid, seen[0], live, meta.get("tier"), meta.get("risk_flags"), request_error) if seen else None
+        # the scan less its original counts (the candidate reads the attenuation alone): a third of a queued truck's
+        # memory, ~60 MB for a 64 MB upload
+        scan = dataclasses.replace(seen[0], counts=None) if seen else None
+        job = ShadowJob(rid, scan, live, meta.get("tier"), meta.get("risk_flags"), request_error) if seen else None
 
         async def offer() -> None:
             self.offer(job)

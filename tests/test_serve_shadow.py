@@ -189,6 +189,9 @@ def test_a_full_shadow_queue_skips_the_truck_for_the_candidate_and_counts_it(heu
         assert blocking.started.wait(10)   # the worker holds the first truck
         more = asyncio.run(_posts(svc, [normal_scan_path] * (SHADOW_QUEUE + 2)))
         assert svc.shadow.skipped["queue_full"] == 2
+        # the trucks waiting hold the attenuation the candidate reads, not the file's original counts beside it
+        waiting = [j.scan for j in list(svc.shadow.jobs.queue)]
+        assert len(waiting) == SHADOW_QUEUE and all(s.counts is None and s.attenuation.size for s in waiting)
         assert all(r.status_code == 200 and r.json()["decision"] == "RELEASE" for r in first + more)
         blocking.go.set()
         _settle(svc)
