@@ -4,8 +4,9 @@
 
 Reads each run's test_scores.csv (written by training with a test split, e.g. benchmarks/quality.py),
 matches the scans by path and prints both runs' AUROC and detection at 1 % and 0.1 % false alarms, then B - A
-with a 95 % interval over resampled test sets, and how many anomalies both miss at 1 %. Both runs are
-resampled together, so the luck of the test set cancels: on 600 synthetic scans the AUROC difference of
+with a 95 % interval over resampled test sets, and how many anomalies both miss at 1 % (detector.metrics'
+paired_difference and missed_at_far: `detector eval NEW.csv --baseline OLD.csv` compares two models' results
+the same way). Both runs are resampled together, so the luck of the test set cancels: on 600 synthetic scans the AUROC difference of
 two default-sized runs came out +-0.023, each run's own interval +-0.03. Differences inside that are not
 a reason to change a config.
 The interval covers the test set, not the training seed: a CPU rerun with the same seed reproduces
@@ -94,8 +95,7 @@ def compare(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, resamples: 
         return
     # the same misses in both: those anomalies are hard for this kind of model (a longer run or an ensemble of
     # the two is unlikely to find them); different misses: the runs differ by luck more than by design
-    miss_a = (y == 1) & (score_a < metrics.threshold_at_far(y, score_a, 0.01))
-    miss_b = (y == 1) & (score_b < metrics.threshold_at_far(y, score_b, 0.01))
+    miss_a, miss_b = metrics.missed_at_far(y, score_a, 0.01), metrics.missed_at_far(y, score_b, 0.01)
     print(f"missed at 1 %: A {miss_a.sum()}, B {miss_b.sum()}, both {(miss_a & miss_b).sum()} "
           f"of {int(y.sum())} anomalies")
 

@@ -111,6 +111,12 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results.csv from `detector score`")
     p.add_argument("--truth", required=True, help="dataset folder or manifest.csv with labels")
     p.add_argument("--out", required=True, help="folder for metrics.json, roc.png, report.html")
+    p.add_argument("--baseline", default=None, metavar="OLD.csv",
+                   help="results.csv of the model deployed now, on the same scans: adds a paired comparison (new - "
+                        "baseline with 95%% intervals) to metrics.json, the report and the summary line")
+    p.epilog = ("example:\n  detector eval results.csv --truth data/test --out report/\n"
+                "  detector eval new.csv --truth data/test --out report/ --baseline old.csv\n"
+                "    (is the new model better? both scored on the same labelled scans)")
 
 
 def _calibrate(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detector import eval_baseline
 from detector import metrics as M
 from detector.atomic import replacing
 from detector.manifest import (SPLIT_ALIASES, boxes_of, has_layout, label_of, layout_files, not_a_dataset, on_disk,
@@ -280,8 +281,10 @@ def _group(groups: dict) -> dict:
     return out
 
 
-def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Path, thumbs: bool = True) -> dict:
-    """Compute metrics, write metrics.json, roc.png, hist.png and report.html; return the metrics."""
+def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Path, thumbs: bool = True,
+             baseline: str | Path | None = None) -> dict:
+    """Compute metrics, write metrics.json, roc.png, hist.png and report.html; return the metrics. With a baseline's
+    results on the same truth, also the paired comparison with it (eval_baseline: metrics.json's `comparison`)."""
     from detector import report
     out_dir = Path(out_dir)
     results = load_results(results_path)
@@ -292,6 +295,7 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         raise ValueError(f"{results_path}: {e}") from None
     if not pairs:
         raise ValueError(f"no result in {results_path} matches a scan of {truth_file}")
+    base = None if baseline is None else eval_baseline.load(baseline, truth, truth_file)
     out_dir.mkdir(parents=True, exist_ok=True)   # only once the inputs are good: a mistake leaves no empty report/
     y = np.array([t.label for _, t in pairs])
     f = np.array([r.failed for r, _ in pairs])
@@ -367,6 +371,8 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
          "failures": [{"path": r.path, "label": t.label, "error": r.error or "no score"} for r, t in pairs if r.failed],
          "unmatched_results": len(orphans), "unscored_truth": len(missing),
          "unscored": [shown(t.rel) for t in missing], "unmatched": [r.path for r in orphans]}   # which, to score them
+    if base is not None:
+        m["comparison"] = eval_baseline.compare(pairs, *base, truth, results_path, baseline)
     with replacing(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(m, indent=2), encoding="utf-8")
 
@@ -388,6 +394,10 @@ def evaluate(results_path: str | Path, truth_src: str | Path, out_dir: str | Pat
         images["roc"] = report.plot_roc(curves, out_dir / "roc.png", marks)
     else:   # one class, no curve: an earlier run's roc.png in this folder would pass for this one's
         (out_dir / "roc.png").unlink(missing_ok=True)
+    if base is None or (roc := eval_baseline.plot(m["comparison"], pairs, base[0], out_dir)) is None:
+        (out_dir / eval_baseline.FILE).unlink(missing_ok=True)   # an earlier comparison's would pass for this one's
+    else:
+        images["comparison"] = roc
     thr = [r.threshold for r, _ in pairs if r.threshold is not None]
     lines = [(float(np.median(thr)), "model threshold")] if thr else []
     images["histogram"] = report.plot_histogram(s[(y == 0) & ~f], s[(y == 1) & ~f], out_dir / "hist.png", lines)
@@ -452,7 +462,7 @@ def main(args) -> int:
               f"{OUTPUTS[-1]}", file=sys.stderr)
         return 2
     try:
-        m = evaluate(args.results, args.truth, args.out)
+        m = evaluate(args.results, args.truth, args.out, baseline=getattr(args, "baseline", None))
     except (FileNotFoundError, ValueError) as e:
         print(f"detector eval: {e}", file=sys.stderr)
         return 2
@@ -461,10 +471,12 @@ def main(args) -> int:
     ci = o["intervals"]["auroc"]
     if ci:
         auroc += f" (95% {ci[0]:.3f}-{ci[1]:.3f})"
-    for note in o["notes"] + m["notes"]:
+    c = m.get("comparison")
+    for note in o["notes"] + m["notes"] + (c["notes"] if c else []):
         print(f"note: {note}", file=sys.stderr)
-    files = ", ".join(n for n in OUTPUTS if (Path(args.out) / n).is_file())
+    files = ", ".join(n for n in (*OUTPUTS, eval_baseline.FILE) if (Path(args.out) / n).is_file())
+    vs = f"; {eval_baseline.headline(c)}" if c else ""
     print(f"evaluated {o['n']} scans ({o['n_normal']} normal, {o['n_anomalous']} anomalous, {o['n_failed']} failed): "
           f"AUROC {auroc}, {detection_phrase(o)}, localisation {_pct(m['localisation']['hit_rate'])} "
-          f"(IoU>=0.1) -> {Path(args.out)}/ ({files})")
+          f"(IoU>=0.1){vs} -> {Path(args.out)}/ ({files})")
     return 0

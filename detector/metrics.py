@@ -208,7 +208,8 @@ def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: 
     pairing cancels the test set's own luck, so it separates configs that unpaired intervals cannot.
     2-D scores (one row per training seed, row i of A paired with row i of B) give the mean difference over
     the seeds, every pair resampled alike: one seed's luck weighs less. Returns {difference, low, high,
-    p_better (share of resamples where B beats A)}; None without both classes."""
+    p_better and p_worse (shares of resamples where B's figure is above A's, below it)}; None without both classes
+    (or where no resample gives both a figure)."""
     y = np.asarray(labels, dtype=np.int64).ravel()
     a = np.atleast_2d(np.asarray(scores_a, dtype=np.float64))
     b = np.atleast_2d(np.asarray(scores_b, dtype=np.float64))
@@ -227,10 +228,61 @@ def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: 
             diffs.append(mb - ma)
         return float(np.mean(diffs))
 
-    d = [v for v in (mean_difference(pick) for pick in _class_resamples(y, n, seed)) if v is not None]
+    d = np.array([v for v in (mean_difference(pick) for pick in _class_resamples(y, n, seed)) if v is not None])
+    if not d.size:
+        return None
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
     return {"difference": mean_difference(np.arange(len(y))), "low": float(lo), "high": float(hi),
-            "p_better": float(np.mean(np.array(d) > 0))}
+            "p_better": float(np.mean(d > 0)), "p_worse": float(np.mean(d < 0))}
+
+
+def missed_at_far(labels, scores, rate: float = 0.01) -> np.ndarray | None:
+    """The anomalies released (score under the threshold for false-alarm rate `rate` on these normals), as a mask
+    over the scans; None without normal scans. Two models' masks side by side show whether they miss the same
+    anomalies (hard for this kind of model) or different ones (luck more than design)."""
+    y, s, _ = _arrays(labels, scores)
+    t = threshold_at_far(y, s, rate)
+    return None if t is None else (y == 1) & (s < t)
+
+
+def _flag_rate(cls: int):
+    """The share of class `cls` flagged, as a metric(labels, flags) of 0/1 INSPECT flags (1: detection, 0: false
+    alarms)."""
+    def rate(labels, flags) -> float | None:
+        sel = np.asarray(labels).ravel() == cls
+        return float(np.asarray(flags, dtype=np.float64).ravel()[sel].mean()) if sel.any() else None
+    return rate
+
+
+def _far_detection(rate: float):
+    """Detection at false-alarm rate `rate` as a metric(labels, scores)."""
+    return lambda labels, scores: detection_at_far(labels, scores, rate)["detection_rate"]
+
+
+COMPARE_RESAMPLES = 1000   # paired resamples of a baseline comparison, drawn from COMPARE_SEED: the same every run
+COMPARE_SEED = 0
+
+
+def paired_figures(labels, old, new, flags_old=None, flags_new=None, n: int = COMPARE_RESAMPLES,
+                   seed: int = COMPARE_SEED, level: float = 0.95) -> dict:
+    """Two models scored on the same scans (none failed), figure by figure: each one's AUROC, AP, detection at
+    FAR_TARGETS and, given each model's INSPECT flags at its own shipped threshold, detection and false alarms as
+    shipped; and new - old with its interval over the same n resampled test sets (paired_difference: the test set's
+    luck cancels). `better` says which way is ahead, `p_new_ahead` the share of resamples where new is. Figures are
+    None where undefined (one class; no flags)."""
+    figures = [("auroc", auroc, old, new, "higher"), ("ap", average_precision, old, new, "higher")]
+    figures += [(f"detection_at_{r * 100:g}pct", _far_detection(r), old, new, "higher") for r in FAR_TARGETS]
+    if flags_old is not None and flags_new is not None:
+        figures += [("shipped_detection", _flag_rate(1), flags_old, flags_new, "higher"),
+                    ("shipped_false_alarm", _flag_rate(0), flags_old, flags_new, "lower")]
+    out = {}
+    for name, metric, a, b, better in figures:
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        d = paired_difference(labels, a, b, metric, n=n, level=level, seed=seed) or {}
+        out[name] = {"baseline": metric(labels, a), "new": metric(labels, b), "difference": d.get("difference"),
+                     "low": d.get("low"), "high": d.get("high"), "better": better,
+                     "p_new_ahead": d.get("p_better" if better == "higher" else "p_worse")}
+    return out
 
 
 def far_at_detection(labels, scores, target: float, failed=None) -> dict:

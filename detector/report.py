@@ -210,13 +210,14 @@ def merged_marks(marks: Sequence[tuple[float, float, str]]) -> list[tuple[float,
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
-             marks: Sequence[tuple[float, float, str]] = ()) -> Path:
+             marks: Sequence[tuple[float, float, str]] = (), title: str = "ROC", dashed: Sequence[str] = ()) -> Path:
     """ROC (detection vs false-alarm rate, log x so the 0.1-1% operating range is visible), operating points marked as
-    black rings."""
+    black rings; the curves named in `dashed` drawn dashed (a baseline beside a new model, apart in any colour)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for name, (far, det) in curves.items():
-        ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=_plain(name), drawstyle="steps-post")
+        ax.plot(np.maximum(far, 1e-4), det, lw=1.6, label=_plain(name), drawstyle="steps-post",
+                ls="--" if name in dashed else "-")
     for far, det, label in merged_marks(marks):
         ax.plot([max(far, 1e-4)], [det], "o", ms=6, color="k", mfc="white", mew=1.5, zorder=3)
         ax.annotate(_plain(label), (max(far, 1e-4), det), textcoords="offset points", xytext=(6, -12), fontsize=8)
@@ -227,7 +228,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.set_ylabel("detection rate")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("ROC")
+    ax.set_title(_plain(title))
     return _save_figure(plt, fig, path)
 
 
@@ -310,6 +311,39 @@ def _model(model: dict | None) -> str:
     return f"model: <code>{html.escape(model['path'])}</code> (sha256 {html.escape(model['sha256'][:12])})"
 
 
+FIGURES = {"auroc": "AUROC", "ap": "AP", "detection_at_1pct": "detection at 1% false alarms",
+           "detection_at_0.5pct": "detection at 0.5% false alarms", "detection_at_0.1pct": "detection at 0.1% false alarms",
+           "shipped_detection": "detection as shipped (own threshold)",
+           "shipped_false_alarm": "false alarms as shipped (own threshold)"}
+
+
+def _comparison(c: dict, roc: str | Path | None) -> str:
+    """The report's section on new against baseline: the paired figures, what was left out, the misses at 1 %."""
+    span = lambda f: "n/a" if f["low"] is None else f"{f['low']:+.4f} .. {f['high']:+.4f}"  # noqa: E731
+    rows = [{"figure": FIGURES.get(k, k), "baseline": f["baseline"], "new": f["new"],
+             "new - baseline": None if f["difference"] is None else f"{f['difference']:+.4f}",
+             "95% interval": span(f), "new ahead in": None if f["p_new_ahead"] is None else f"{f['p_new_ahead']:.0%}",
+             "better": f["better"]} for k, f in c["figures"].items()]
+    base = c["baseline"]
+    parts = ["<h2>Against the baseline</h2>",
+             f"<p>baseline: <code>{html.escape(base['results'])}</code> &middot; {_model(base['model'])}. Paired over "
+             f"the {c['n']} scans both scored ({c['n_normal']} normal, {c['n_anomalous']} anomalous): both models "
+             f"resampled on the same {c['resamples']} test sets (seed {c['seed']}), so the test set's luck cancels; "
+             "an interval that excludes 0 is a real difference.</p>",
+             _table(rows, ["figure", "baseline", "new", "new - baseline", "95% interval", "new ahead in", "better"]),
+             _table([c["left_out"]], list(c["left_out"]))]
+    miss = c.get("misses_at_1pct")
+    if miss:
+        parts.append(f"<p>Anomalies missed at 1% false alarms (each model at its own threshold): new "
+                     f"{miss['new']}, baseline {miss['baseline']}, both {miss['both']}; missed by the new model and "
+                     f"found by the baseline {len(miss['new_only'])}, the reverse {len(miss['baseline_only'])} "
+                     "(listed in metrics.json).</p>")
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in c.get("notes", [])]
+    if roc:
+        parts.append(f"<img alt='ROC, new and baseline' src='{png_data_uri(roc)}'>")
+    return "".join(parts)
+
+
 def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
                 thumbs: dict[str, list[tuple[np.ndarray, str]]], title: str = "detector evaluation") -> Path:
     """Write a self-contained HTML page: metric tables, plots and thumbnails, all inlined."""
@@ -329,6 +363,8 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
          "detection at 1%, 95% interval"]))
     for note in ov.get("notes", []) + m.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    if m.get("comparison"):
+        parts.append(_comparison(m["comparison"], images.get("comparison")))
     parts.append("<h2>Detection at a fixed false-alarm rate</h2>" + _table(
         _thresholds_apart(ov["detection_at_far"]),
         ["false_alarm_rate", "threshold", "detection_rate", "achieved_rate", "resolvable"]))
@@ -357,7 +393,7 @@ def html_report(path: str | Path, metrics: dict, images: dict[str, str | Path],
             parts.append(f"<h2>{name} ({len(m[key])}, left out{_first(m[key])})</h2>"
                          + _table([{"path": p} for p in m[key][:ROWS_SHOWN]], ["path"]))
     parts.append("<h2>Plots</h2>" + "".join(
-        f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items()))
+        f"<img alt='{html.escape(k)}' src='{png_data_uri(p)}'> " for k, p in images.items() if k != "comparison"))
     if any(thumbs.values()):
         parts.append(f"<p>{THUMB_KEY}</p>")
     for section, items in thumbs.items():

@@ -9,6 +9,7 @@ from conftest import run_without
 CORE = ["detector.scan", "detector.formats", "detector.sources", "detector.preprocess", "detector.calibration",
         "detector.bundle", "detector.physics", "detector.tip", "detector.synth", "detector.runtime",
         "detector.policy", "detector.metrics", "detector.report", "detector.score", "detector.evaluate",
+        "detector.eval_baseline",
         "detector.serve", "detector.audit", "detector.audit_report", "detector.audit_trend", "detector.cli", "detector.manifest", "detector.site_calibration",
         "detector.bundle_info", "detector.serve_metrics", "detector.serve_protocol", "detector.serve_throttle",
         "detector.serve_form", "detector.serve_shadow",
