@@ -13,6 +13,12 @@ count how many answered verdicts have their row (all must) and whether SQLite's 
 
 --shadow runs a candidate beside the live model (serve --shadow) and counts its rows in the audit log against the
 verdicts; --interval paces each client (one post every S s, a station's trucks) instead of posting back to back.
+--tls-cert/--tls-key (and --tls-client-ca) serve https (its certificate must name 127.0.0.1); the clients trust
+--cacert (default: the --tls-cert itself, a self-signed one) and present --cert/--key where client certificates are
+required:
+
+    .venv/bin/python benchmarks/serve_load.py --tls-cert station.pem --tls-key station.key --cacert site-ca.pem \
+        --tls-client-ca lanes-ca.pem --cert lane1.pem --key lane1.key
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -70,15 +77,18 @@ def start_server(args, model: Path, work: Path) -> tuple[subprocess.Popen, str]:
         cmd += ["--policy", args.policy]
     if args.shadow:
         cmd += ["--shadow", args.shadow]
+    for option in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, option):
+            cmd += [f"--{option.replace('_', '-')}", getattr(args, option)]
     proc = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if args.tls_cert else 'http'}://127.0.0.1:{port}"
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:
         if proc.poll() is not None:
             sys.exit(f"server exited: {(work / 'server.log').read_text()}")
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+            if httpx.get(url + "/readyz", timeout=1, verify=args.verify).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -87,8 +97,18 @@ def start_server(args, model: Path, work: Path) -> tuple[subprocess.Popen, str]:
     sys.exit("server not ready in 60 s")
 
 
+def client_tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """What the clients verify an https server with (--cacert, else --tls-cert) and present to it (--cert/--key)."""
+    if not (args.cacert or args.tls_cert or args.cert):
+        return True
+    ctx = ssl.create_default_context(cafile=args.cacert or args.tls_cert)
+    if args.cert:
+        ctx.load_cert_chain(args.cert, args.key)
+    return ctx
+
+
 def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds: float, token: str | None,
-             ids: list[str] | None = None, interval: float = 0.0):
+             ids: list[str] | None = None, interval: float = 0.0, verify: ssl.SSLContext | bool = True):
     """Each client posts the payloads round-robin until time is up (one post every `interval` s where > 0, else back
     to back); returns (latencies s, codes, decisions).
 
@@ -101,7 +121,7 @@ def run_load(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def client(i: int) -> None:
-        with httpx.Client(timeout=60, headers=headers) as c:
+        with httpx.Client(timeout=60, headers=headers, verify=verify) as c:
             k, due = i, time.monotonic() + interval * i / max(1, clients)
             while time.monotonic() < end:
                 if interval > 0:   # a station's pace: the next truck arrives on time, whatever this one took
@@ -159,12 +179,12 @@ def crash_test(args, model: Path, payloads: list[tuple[str, bytes]], work: Path,
     answered: list[str] = []
     killer = threading.Timer(args.kill_after, proc.kill)  # SIGKILL: no shutdown hook, no final flush
     killer.start()
-    _, codes, _ = run_load(url, payloads, args.clients, args.kill_after + 2.0, token, answered)
+    _, codes, _ = run_load(url, payloads, args.clients, args.kill_after + 2.0, token, answered, verify=args.verify)
     proc.wait()
     proc2, url2 = start_server(args, model, work)  # a station restarting on its audit log
     try:
         r = httpx.post(url2 + "/v1/inspect", files={"scan": payloads[0]},
-                       headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60)
+                       headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60, verify=args.verify)
         after = r.status_code
     finally:
         proc2.terminate()
@@ -202,10 +222,23 @@ def main() -> None:
                     help="seconds between one client's posts (a station's pace); 0: back to back")
     ap.add_argument("--kill-after", type=float, default=None,
                     help="crash test: SIGKILL the server this many seconds into the load, then count audit rows")
+    ap.add_argument("--tls-cert", default=None, help="serve https with this certificate (serve --tls-cert)")
+    ap.add_argument("--tls-key", default=None, help="its key (serve --tls-key)")
+    ap.add_argument("--tls-client-ca", default=None, help="require client certificates of this CA (serve "
+                                                          "--tls-client-ca)")
+    ap.add_argument("--cacert", default=None, help="https: the CA the clients trust (default: --tls-cert)")
+    ap.add_argument("--cert", default=None, help="https: the clients' certificate (with --key)")
+    ap.add_argument("--key", default=None, help="https: the clients' key")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (generated model, scans, audit log)")
     args = ap.parse_args()
     if args.kill_after is not None and args.url:
         sys.exit("--kill-after needs a server this script starts (no --url)")
+    if bool(args.cert) != bool(args.key):
+        sys.exit("--cert and --key go together (the clients' certificate and its key)")
+    args.verify = client_tls(args)
+    for option in ("tls_cert", "tls_key", "tls_client_ca"):   # absolute: the server runs in the work dir
+        if getattr(args, option):
+            setattr(args, option, str(Path(getattr(args, option)).resolve()))
     if missing := [s for s in args.scan or [] if not Path(s).is_file()]:
         sys.exit(f"serve_load: no such scan file: {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
@@ -240,7 +273,7 @@ def load_test(args: argparse.Namespace, work: Path) -> None:
         proc, url = start_server(args, model, work)
         pid = proc.pid
     try:
-        run_load(url, payloads, args.clients, args.warmup, token)
+        run_load(url, payloads, args.clients, args.warmup, token, verify=args.verify)
         time.sleep(1.0)  # idle RSS: in-flight scans (uploads, decoded arrays) are not counted
         rss0 = rss_mb(pid) if pid else float("nan")
         samples: list[float] = []
@@ -253,7 +286,8 @@ def load_test(args: argparse.Namespace, work: Path) -> None:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0 = time.monotonic()
-        lat, codes, decisions = run_load(url, payloads, args.clients, args.duration, token, interval=args.interval)
+        lat, codes, decisions = run_load(url, payloads, args.clients, args.duration, token, interval=args.interval,
+                                         verify=args.verify)
         wall = time.monotonic() - t0
         done.set()
         time.sleep(1.0)

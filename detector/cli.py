@@ -157,13 +157,24 @@ def _serve(p: argparse.ArgumentParser) -> None:
                         "verdicts go to the audit log's shadow_verdicts table (compare: detector audit summary)")
     p.add_argument("--shadow-threads", type=int, default=1,
                    help="onnxruntime threads of the --shadow model (default 1: the live model keeps the cores)")
+    p.add_argument("--tls-cert", default=None, metavar="CERT.pem",
+                   help="serve https with this PEM certificate (chain, the service's first); needs --tls-key")
+    p.add_argument("--tls-key", default=None, metavar="KEY.pem", help="the certificate's private key (PEM, no "
+                                                                     "passphrase)")
+    p.add_argument("--tls-client-ca", default=None, metavar="CA.pem",
+                   help="mutual TLS: require a client certificate signed by this CA (a lane PC without one is refused "
+                        "at the handshake)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level")
     p.epilog = ("env DETECTOR_TOKEN: when set, requests need 'Authorization: Bearer <token>'\n"
                 "  (an empty DETECTOR_TOKEN is refused).\n"
                 "example:\n  detector serve --model model.onnx --port 8080 --policy configs/policy.yaml\n"
                 "  curl -F scan=@truck.tiff -F 'meta={\"tier\":\"standard\"}' http://127.0.0.1:8080/v1/inspect\n"
-                "  detector serve --model live.onnx --shadow candidate.onnx   (candidate beside the live model)")
+                "  detector serve --model live.onnx --shadow candidate.onnx   (candidate beside the live model)\n"
+                "  detector serve --model model.onnx --host 0.0.0.0 --tls-cert station.pem --tls-key station.key "
+                "--tls-client-ca lanes-ca.pem\n"
+                "  curl --cacert site-ca.pem --cert lane1.pem --key lane1.key -F scan=@truck.tiff "
+                "https://station:8080/v1/inspect")
 
 
 def _audit(p: argparse.ArgumentParser) -> None:

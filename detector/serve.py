@@ -45,6 +45,7 @@ from detector.serve_form import ScanFormParser, check_parser
 from detector.serve_metrics import Metrics
 from detector.serve_shadow import Shadow, build_shadow
 from detector.serve_throttle import FAIL_LIMIT, AuthThrottle
+from detector.serve_tls import TlsFiles, check_tls, tls_files
 
 TOKEN_ENV = "DETECTOR_TOKEN"
 FORM_FIELDS = ("scan", "meta")
@@ -91,6 +92,9 @@ class ServeConfig:
     auth_fail_limit: int = FAIL_LIMIT   # wrong tokens from one address per window before a lock-out; 0 = no lock-out
     shadow: str | None = None   # a candidate model scoring the same trucks after each live answer (serve_shadow)
     shadow_threads: int = 1     # its onnxruntime threads: the live model keeps the cores
+    tls_cert: str | None = None        # PEM certificate (chain) and key: serve https (serve_tls)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None   # CA of the lane PCs' client certificates: mutual TLS, none without one
 
     def __post_init__(self) -> None:
         """Refuse a deadline or upload limit that routes no truck: a deadline of 0, below 0 or NaN answered every truck
@@ -107,11 +111,17 @@ class ServeConfig:
             raise ValueError(f"--threads must be >= 1 (or left out: the usable cores per slot), got {self.threads}")
         if not (isinstance(self.shadow_threads, int) and self.shadow_threads >= 1):
             raise ValueError(f"--shadow-threads must be a whole number >= 1, got {self.shadow_threads!r}")
+        tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)   # a certificate alone: no TLS, or none at all
         from detector.runtime import InspectionError, valid_default_pitch
         try:   # before the model loads: a wrong pitch would misread (or refuse) every untagged truck
             valid_default_pitch(self.pitch_mm)
         except InspectionError as e:
             raise ValueError(f"--pitch-mm: {e}") from None
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The TLS files, None for plain HTTP; ValueError for a certificate or key given alone."""
+        return tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 class UploadTooLarge(Exception):
@@ -824,7 +834,11 @@ def main(args) -> int:
                           concurrency=args.concurrency, deadline_ms=args.deadline_ms, token=env_token(),
                           pitch_mm=getattr(args, "pitch_mm", None),
                           auth_fail_limit=getattr(args, "auth_fail_limit", FAIL_LIMIT),
-                          shadow=getattr(args, "shadow", None), shadow_threads=getattr(args, "shadow_threads", 1))
+                          shadow=getattr(args, "shadow", None), shadow_threads=getattr(args, "shadow_threads", 1),
+                          tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
+                          tls_client_ca=getattr(args, "tls_client_ca", None))
+        tls = cfg.tls   # before the model loads, as the parser: a bad file would end the start after it
+        tls_warnings = check_tls(tls) if tls is not None else []
         check_parser()   # before the model loads: a parser that cannot read uploads would INSPECT every truck
         svc = build_service(cfg)
     except (PolicyError, ValueError, OSError, sqlite3.Error) as e:
@@ -832,6 +846,11 @@ def main(args) -> int:
         return 2
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
         print(f"detector serve: warning: listening on {cfg.host} without a token (set {TOKEN_ENV})", file=sys.stderr)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token and tls is None:
+        print(f"detector serve: warning: listening on {cfg.host} over plain HTTP: {TOKEN_ENV}, the scans and the "
+              "verdicts cross the network in clear (serve TLS: --tls-cert, --tls-key)", file=sys.stderr)
+    for words in tls_warnings:
+        print(f"detector serve: warning: {words}", file=sys.stderr)
     if cfg.token and len(cfg.token) < SHORT_TOKEN:
         print(f"detector serve: warning: {TOKEN_ENV} is {len(cfg.token)} characters: a station network's token should "
               f"be {SHORT_TOKEN} or more random ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
@@ -846,12 +865,14 @@ def main(args) -> int:
     print(f"detector serve: model {cfg.model} (sha256 {svc.model_sha256[:12]}), tiers {svc.policy.describe()}, "
           f"scans without a pitch at {svc.inspector.default_pitch_mm:g} mm, {threads_words(cfg)}"
           f"{svc.shadow.describe() if svc.shadow is not None else ''}, audit {cfg.audit}{files}, "
-          f"http://{cfg.host}:{cfg.port}/v1/inspect", file=sys.stderr, flush=True)
+          f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}/v1/inspect{f' ({tls.describe()})' if tls else ''}",
+          file=sys.stderr, flush=True)
     from detector.scan import ScanWarning
     from detector.serve_protocol import HeadDeadlineProtocol
     # shown as before (each names its file, so each was new), but not remembered: Python's "default" action keeps
     # every text it has shown, one entry per truck for as long as the service runs
     warnings.filterwarnings("always", category=ScanWarning)
     uvicorn.run(create_app(svc), host=cfg.host, port=cfg.port, log_level=getattr(args, "log_level", "warning"),
-                access_log=False, http=HeadDeadlineProtocol, proxy_headers=False)
+                access_log=False, http=HeadDeadlineProtocol, proxy_headers=False,
+                **(tls.uvicorn_kwargs() if tls is not None else {}))
     return 0

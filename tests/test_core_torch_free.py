@@ -12,7 +12,7 @@ CORE = ["detector.scan", "detector.formats", "detector.sources", "detector.prepr
         "detector.eval_baseline",
         "detector.serve", "detector.audit", "detector.audit_report", "detector.audit_trend", "detector.cli", "detector.manifest", "detector.site_calibration",
         "detector.bundle_info", "detector.serve_metrics", "detector.serve_protocol", "detector.serve_throttle",
-        "detector.serve_form", "detector.serve_shadow",
+        "detector.serve_form", "detector.serve_shadow", "detector.serve_tls",
         "detector.records", "detector.atomic", "detector.cpus", "detector.shipped", "detector.annotations",
         "detector.labels_to_dataset", "detector.export_splits", "detector.audit_dataset", "detector.preannotate"]
 

@@ -15,6 +15,7 @@ import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import numpy as np
@@ -53,9 +54,10 @@ class Server:
     """`python -m detector.cli serve` on a free loopback port; always killed by stop()."""
 
     def __init__(self, model: Path, workdir: Path, *extra: str, token: str | None = None,
-                 open_files: tuple[int, int] | None = None):
+                 open_files: tuple[int, int] | None = None, tls: Any = None):
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls   # an ssl.SSLContext trusting the server (and holding a client certificate): an https server
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.audit = workdir / "audit.sqlite"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("DETECTOR_TOKEN", None)
@@ -77,7 +79,7 @@ class Server:
                 raise RuntimeError(f"server exited {self.proc.returncode}: "
                                    f"{(workdir / f'server-{self.port}.log').read_text()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/readyz", timeout=1, verify=self.tls or True).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
