@@ -292,6 +292,17 @@ def test_an_older_database_gains_the_shadow_table_at_open_and_reads_without_it(t
     assert [r["model_sha256"] for r in shadow_verdicts(db)] == ["C" * 64]
 
 
+def _calibrated(tmp_path, candidate, capsys) -> tuple:
+    """`detector calibrate tmp_path/audit.sqlite --model candidate --out tmp_path/site.onnx`: (out, its args, what it
+    printed)."""
+    from detector.site_calibration import main
+    out = tmp_path / "site.onnx"
+    args = SimpleNamespace(results=str(tmp_path / "audit.sqlite"), model=str(candidate), out=str(out), truth=None,
+                           since=None)
+    assert main(args) == 0, capsys.readouterr().err
+    return out, args, capsys.readouterr().out
+
+
 def test_calibrate_takes_a_candidates_shadow_scores_of_cleared_traffic(candidate, tmp_path, capsys):
     import hashlib
 
@@ -312,11 +323,7 @@ def test_calibrate_takes_a_candidates_shadow_scores_of_cleared_traffic(candidate
             want.append(score)
     log.write_shadow([_shadow("r-x", "D" * 64, "RELEASE", 0.9)])   # another candidate's: not this model's
     log.close()
-    out = tmp_path / "site.onnx"
-    args = SimpleNamespace(results=str(tmp_path / "audit.sqlite"), model=str(candidate), out=str(out), truth=None,
-                           since=None)
-    assert main(args) == 0, capsys.readouterr().err
-    said = capsys.readouterr().out
+    out, args, said = _calibrated(tmp_path, candidate, capsys)
     assert "290 cleared scans" in said and "shadow" in said and "10 found something" in said
     meta = read_metadata(out)
     assert meta["normal_scores"] == pytest.approx(sorted(want))
@@ -366,7 +373,6 @@ def test_calibrate_takes_a_promoted_models_shadow_scores_with_its_served_ones(ca
     from detector.audit import AuditLog
     from detector.bundle import read_metadata
     from detector.bundle_info import describe
-    from detector.site_calibration import main
     sha = hashlib.sha256(candidate.read_bytes()).hexdigest()
     log = AuditLog(tmp_path / "audit.sqlite")
     rng = np.random.default_rng(1)
@@ -380,11 +386,7 @@ def test_calibrate_takes_a_promoted_models_shadow_scores_with_its_served_ones(ca
         log.write(row)
         want.append(row["score"])
     log.close()
-    out = tmp_path / "site.onnx"
-    args = SimpleNamespace(results=str(tmp_path / "audit.sqlite"), model=str(candidate), out=str(out), truth=None,
-                           since=None)
-    assert main(args) == 0, capsys.readouterr().err
-    said = capsys.readouterr().out
+    out, _, said = _calibrated(tmp_path, candidate, capsys)
     assert "300 cleared scans" in said and "150 of them scored by this model in shadow before it served" in said
     meta = read_metadata(out)
     assert meta["normal_scores"] == pytest.approx(sorted(want))
