@@ -161,13 +161,14 @@ def _check_classes(export: Export, classes: list[str] | None, src) -> None:
 def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None, tuple[str, str] | None]:
     """The image file an entry names: under the export's own folder (by its name, then its file name alone: LabelMe's
     imagePath from another machine) unless --images is given, then each root, by its name as given, its file name
-    alone and that without Label Studio's upload prefix (HASH-name.tiff: the original's name); a name without a scan
+    alone and that without Label Studio's upload prefix (HASH-name.tiff: the original's name), the file name alone only
+    where the name's folder is not there (_by_name); a name without a scan
     suffix (YOLO's stems) with each suffix. A PNG that is not there, or is an 8-bit rendering (score --coco-images),
     stands for its original scan (originals). None and (kind, why) where only a rendering or two originals are found."""
     name = Path(im.file.replace("\\", "/"))
     bare = re.sub(r"^[0-9a-f]{8}-", "", name.name)
-    tries = ([] if given else [im.base / name, im.base / name.name])
-    tries += [p for r in roots for p in (r / name, r / name.name, r / bare)]
+    tries = ([] if given else [im.base / name, *_by_name(im.base, name)])
+    tries += [p for r in roots for p in (r / name, *_by_name(r, name, bare))]
     drawn = None
     for p in tries:
         suffixes = [""] if p.suffix.lower() in SCAN_SUFFIXES else [s for x in SCAN_SUFFIXES for s in (x, x.upper())]
@@ -184,6 +185,14 @@ def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None,
         return None, ("rendering", f"{shown(drawn)} is an 8-bit picture drawn by score --coco-images, not a scan, and "
                                    "no scan of its name is there: --images names the original scans' folder")
     return None, None
+
+
+def _by_name(root: Path, name: Path, *others: str) -> list[Path]:
+    """`name`'s file name alone (and `others`) in `root`, where its folder is not there (another machine's, a tool's
+    upload folder); none where it is: the file missing there is missing, never another truck's scan of that name."""
+    if name.parent != Path(".") and (root / name.parent).is_dir():
+        return []
+    return [root / n for n in (name.name, *others)]
 
 
 def originals(png: Path) -> list[Path]:

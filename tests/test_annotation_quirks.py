@@ -77,3 +77,15 @@ def test_a_data_yaml_of_splits_alone_leaves_the_names_to_classes_txt(tmp_path):
     (tmp_path / "data.yaml").write_text("nc: 2\n")
     convert(tmp_path, tmp_path / "ds")
     assert _rows(tmp_path / "ds")[0]["anomaly_type"] == "drugs"
+
+
+def test_a_name_whose_folder_is_there_is_never_taken_for_a_scan_of_its_file_name_elsewhere(tmp_path):
+    """scans/sub/s0.tiff deleted since it was labelled: its box is never put on scans/s0.tiff, another truck of that
+    file name (the file-name-alone fallback is for a tool's folders that are not there: Windows, upload paths)."""
+    _scans(tmp_path / "scans", 2)
+    (tmp_path / "scans" / "sub").mkdir()
+    src = _coco(tmp_path / "export" / "result.json", [_im(1, "sub/s0.tiff"), _im(2, "s1.tiff")], [_ann(1)])
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
+    assert [k for _, k, _ in s.left_out] == ["missing image"]
+
