@@ -166,7 +166,7 @@ def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None,
     suffix (YOLO's stems) with each suffix. A PNG that is not there, or is an 8-bit rendering (score --coco-images),
     stands for its original scan (originals). None and (kind, why) where only a rendering or two originals are found."""
     name = Path(im.file.replace("\\", "/"))
-    bare = re.sub(r"^[0-9a-f]{8}-", "", name.name)
+    bare = _without_upload_hash(name)
     tries = ([] if given else [im.base / name, *_by_name(im.base, name)])
     tries += [p for r in roots for p in (r / name, *_by_name(r, name, bare))]
     drawn = None
@@ -185,6 +185,13 @@ def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None,
         return None, ("rendering", f"{shown(drawn)} is an 8-bit picture drawn by score --coco-images, not a scan, and "
                                    "no scan of its name is there: --images names the original scans' folder")
     return None, None
+
+
+def _without_upload_hash(name: Path) -> str:
+    """The file name without Label Studio's upload prefix (HASH-name: 8 hex digits of a uuid4); an all-digit prefix
+    (a scanner's date, 20240101-0001.tiff) is one only in Label Studio's upload folder, else the name is its own."""
+    hashed = r"[0-9a-f]{8}-" if "upload" in name.parts[:-1] else r"(?=[0-9]*[a-f])[0-9a-f]{8}-"
+    return re.sub("^" + hashed, "", name.name)
 
 
 def _by_name(root: Path, name: Path, *others: str) -> list[Path]:

@@ -89,3 +89,14 @@ def test_a_name_whose_folder_is_there_is_never_taken_for_a_scan_of_its_file_name
     assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
     assert [k for _, k, _ in s.left_out] == ["missing image"]
 
+
+def test_a_date_prefix_is_no_label_studio_upload_hash(tmp_path):
+    """20240101-s0.tiff (a scanner's date-named file, since moved) is not Label Studio's HASH-s0.tiff: never s0.tiff;
+    an all-digit hash is still taken inside Label Studio's upload folder."""
+    _scans(tmp_path / "scans", 2)
+    src = _coco(tmp_path / "export" / "result.json",
+                [_im(1, "20240101-s0.tiff"), _im(2, "/data/upload/3/20240102-s1.tiff")], [_ann(1)])
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
+    assert [k for _, k, _ in s.left_out] == ["missing image"]
+
