@@ -17,7 +17,7 @@ import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -85,15 +85,16 @@ def convert(src: str | Path, out: str | Path, images: str | Path | None = None, 
     kept, stale = _existing(out, append)
     used, names, listed = _taken(out, kept, stale)
     summary.kept = [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept]
-    for part, export in parts:
-        for im in export.images:
-            path, missing = _locate(im, [Path(images)] if images else export.roots, bool(images))
-            listed |= {path.resolve()} if path else set()
-            why = missing or _row(im, path, out, summary, used, names, classes)
-            if why:
-                summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
-            elif split or part:
-                summary.rows[-1]["split"] = SPLIT_ALIASES[(split or part).strip().lower()]
+    found = [(part, im, *_locate(im, [Path(images)] if images else e.roots, bool(images)))
+             for part, e in parts for im in e.images]
+    claims = _claims(found)
+    for part, im, path, missing in found:
+        listed |= {path.resolve()} if path else set()
+        why = missing or _contested(path, claims) or _row(im, path, out, summary, used, names, classes)
+        if why:
+            summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
+        elif split or part:
+            summary.rows[-1]["split"] = SPLIT_ALIASES[(split or part).strip().lower()]
     summary.unlisted = _unlisted(images, listed, out)
     if not summary.rows:
         raise ScanError(src, f"no image of the export could be used ({len(summary.left_out)} left out: "
@@ -101,6 +102,26 @@ def convert(src: str | Path, out: str | Path, images: str | Path | None = None, 
     _write(out, summary)
     _clear(out, stale - {r["mask"] for r in summary.rows})
     return summary
+
+
+def _claims(found: list[tuple]) -> dict[Path, list[str]]:
+    """For each image file found, the different names of the export that reached it (a name listed twice is one)."""
+    claims: dict[Path, dict[tuple, str]] = {}
+    for _, im, path, _ in found:
+        if path is not None:
+            key = (im.base, PurePosixPath(im.file.replace("\\", "/")))
+            claims.setdefault(path.resolve(), {}).setdefault(key, im.file)
+    return {p: list(names.values()) for p, names in claims.items()}
+
+
+def _contested(path: Path | None, claims: dict[Path, list[str]]) -> tuple[str, str] | None:
+    """(kind, why) where different names reached the file (two trucks' s0.tiff uploaded from two folders, both found
+    as --images' s0.tiff): which truck it is is unknown, so none of them labels it."""
+    names = claims.get(path.resolve(), []) if path else []
+    if len(names) < 2:
+        return None
+    return "ambiguous", (f"{len(names)} different names of the export ({', '.join(names)}) reach this one file: which "
+                         f"of them it is is unknown; give --images the folders that tell them apart")
 
 
 def _existing(out: Path, append: bool) -> tuple[list[dict], set[str]]:

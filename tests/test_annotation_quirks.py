@@ -100,3 +100,15 @@ def test_a_date_prefix_is_no_label_studio_upload_hash(tmp_path):
     assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
     assert [k for _, k, _ in s.left_out] == ["missing image"]
 
+
+def test_two_names_that_find_one_scan_are_both_left_out(tmp_path):
+    """Two uploads of one file name (two trucks' s0.tiff from two folders, cb0618f6-s0.tiff and 1a2b3c4d-s0.tiff) both
+    reach --images' s0.tiff: which is that truck is unknown, so neither labels it (the first used to)."""
+    _scans(tmp_path / "scans", 2)
+    src = _coco(tmp_path / "export" / "result.json",
+                [_im(1, "images\\cb0618f6-s0.tiff"), _im(2, "images\\1a2b3c4d-s0.tiff"), _im(3, "s1.tiff"),
+                 _im(4, "s1.tiff")], [_ann(1)])
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
+    assert [k for _, k, _ in s.left_out] == ["ambiguous", "ambiguous", "listed again"]
+    assert "cb0618f6-s0.tiff" in s.left_out[0][2] and "1a2b3c4d-s0.tiff" in s.left_out[0][2]
