@@ -17,7 +17,7 @@ import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -85,15 +85,16 @@ def convert(src: str | Path, out: str | Path, images: str | Path | None = None, 
     kept, stale = _existing(out, append)
     used, names, listed = _taken(out, kept, stale)
     summary.kept = [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept]
-    for part, export in parts:
-        for im in export.images:
-            path, missing = _locate(im, [Path(images)] if images else export.roots, bool(images))
-            listed |= {path.resolve()} if path else set()
-            why = missing or _row(im, path, out, summary, used, names, classes)
-            if why:
-                summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
-            elif split or part:
-                summary.rows[-1]["split"] = SPLIT_ALIASES[(split or part).strip().lower()]
+    found = [(part, im, *_locate(im, [Path(images)] if images else e.roots, bool(images)))
+             for part, e in parts for im in e.images]
+    claims = _claims(found)
+    for part, im, path, missing in found:
+        listed |= {path.resolve()} if path else set()
+        why = missing or _contested(path, claims) or _row(im, path, out, summary, used, names, classes)
+        if why:
+            summary.left_out.append((shown(path or Path(im.base, im.file)), *why))
+        elif split or part:
+            summary.rows[-1]["split"] = SPLIT_ALIASES[(split or part).strip().lower()]
     summary.unlisted = _unlisted(images, listed, out)
     if not summary.rows:
         raise ScanError(src, f"no image of the export could be used ({len(summary.left_out)} left out: "
@@ -101,6 +102,26 @@ def convert(src: str | Path, out: str | Path, images: str | Path | None = None, 
     _write(out, summary)
     _clear(out, stale - {r["mask"] for r in summary.rows})
     return summary
+
+
+def _claims(found: list[tuple]) -> dict[Path, list[str]]:
+    """For each image file found, the different names of the export that reached it (a name listed twice is one)."""
+    claims: dict[Path, dict[tuple, str]] = {}
+    for _, im, path, _ in found:
+        if path is not None:
+            key = (im.base, PurePosixPath(im.file.replace("\\", "/")))
+            claims.setdefault(path.resolve(), {}).setdefault(key, im.file)
+    return {p: list(names.values()) for p, names in claims.items()}
+
+
+def _contested(path: Path | None, claims: dict[Path, list[str]]) -> tuple[str, str] | None:
+    """(kind, why) where different names reached the file (two trucks' s0.tiff uploaded from two folders, both found
+    as --images' s0.tiff): which truck it is is unknown, so none of them labels it."""
+    names = claims.get(path.resolve(), []) if path else []
+    if len(names) < 2:
+        return None
+    return "ambiguous", (f"{len(names)} different names of the export ({', '.join(names)}) reach this one file: which "
+                         f"of them it is is unknown; give --images the folders that tell them apart")
 
 
 def _existing(out: Path, append: bool) -> tuple[list[dict], set[str]]:
@@ -161,13 +182,14 @@ def _check_classes(export: Export, classes: list[str] | None, src) -> None:
 def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None, tuple[str, str] | None]:
     """The image file an entry names: under the export's own folder (by its name, then its file name alone: LabelMe's
     imagePath from another machine) unless --images is given, then each root, by its name as given, its file name
-    alone and that without Label Studio's upload prefix (HASH-name.tiff: the original's name); a name without a scan
+    alone and that without Label Studio's upload prefix (HASH-name.tiff: the original's name), the file name alone only
+    where the name's folder is not there (_by_name); a name without a scan
     suffix (YOLO's stems) with each suffix. A PNG that is not there, or is an 8-bit rendering (score --coco-images),
     stands for its original scan (originals). None and (kind, why) where only a rendering or two originals are found."""
     name = Path(im.file.replace("\\", "/"))
-    bare = re.sub(r"^[0-9a-f]{8}-", "", name.name)
-    tries = ([] if given else [im.base / name, im.base / name.name])
-    tries += [p for r in roots for p in (r / name, r / name.name, r / bare)]
+    bare = _without_upload_hash(name)
+    tries = ([] if given else [im.base / name, *_by_name(im.base, name)])
+    tries += [p for r in roots for p in (r / name, *_by_name(r, name, bare))]
     drawn = None
     for p in tries:
         suffixes = [""] if p.suffix.lower() in SCAN_SUFFIXES else [s for x in SCAN_SUFFIXES for s in (x, x.upper())]
@@ -184,6 +206,21 @@ def _locate(im: Annotated, roots: list[Path], given: bool) -> tuple[Path | None,
         return None, ("rendering", f"{shown(drawn)} is an 8-bit picture drawn by score --coco-images, not a scan, and "
                                    "no scan of its name is there: --images names the original scans' folder")
     return None, None
+
+
+def _without_upload_hash(name: Path) -> str:
+    """The file name without Label Studio's upload prefix (HASH-name: 8 hex digits of a uuid4); an all-digit prefix
+    (a scanner's date, 20240101-0001.tiff) is one only in Label Studio's upload folder, else the name is its own."""
+    hashed = r"[0-9a-f]{8}-" if "upload" in name.parts[:-1] else r"(?=[0-9]*[a-f])[0-9a-f]{8}-"
+    return re.sub("^" + hashed, "", name.name)
+
+
+def _by_name(root: Path, name: Path, *others: str) -> list[Path]:
+    """`name`'s file name alone (and `others`) in `root`, where its folder is not there (another machine's, a tool's
+    upload folder); none where it is: the file missing there is missing, never another truck's scan of that name."""
+    if name.parent != Path(".") and (root / name.parent).is_dir():
+        return []
+    return [root / n for n in (name.name, *others)]
 
 
 def originals(png: Path) -> list[Path]:

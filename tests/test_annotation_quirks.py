@@ -77,3 +77,38 @@ def test_a_data_yaml_of_splits_alone_leaves_the_names_to_classes_txt(tmp_path):
     (tmp_path / "data.yaml").write_text("nc: 2\n")
     convert(tmp_path, tmp_path / "ds")
     assert _rows(tmp_path / "ds")[0]["anomaly_type"] == "drugs"
+
+
+def test_a_name_whose_folder_is_there_is_never_taken_for_a_scan_of_its_file_name_elsewhere(tmp_path):
+    """scans/sub/s0.tiff deleted since it was labelled: its box is never put on scans/s0.tiff, another truck of that
+    file name (the file-name-alone fallback is for a tool's folders that are not there: Windows, upload paths)."""
+    _scans(tmp_path / "scans", 2)
+    (tmp_path / "scans" / "sub").mkdir()
+    src = _coco(tmp_path / "export" / "result.json", [_im(1, "sub/s0.tiff"), _im(2, "s1.tiff")], [_ann(1)])
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
+    assert [k for _, k, _ in s.left_out] == ["missing image"]
+
+
+def test_a_date_prefix_is_no_label_studio_upload_hash(tmp_path):
+    """20240101-s0.tiff (a scanner's date-named file, since moved) is not Label Studio's HASH-s0.tiff: never s0.tiff;
+    an all-digit hash is still taken inside Label Studio's upload folder."""
+    _scans(tmp_path / "scans", 2)
+    src = _coco(tmp_path / "export" / "result.json",
+                [_im(1, "20240101-s0.tiff"), _im(2, "/data/upload/3/20240102-s1.tiff")], [_ann(1)])
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
+    assert [k for _, k, _ in s.left_out] == ["missing image"]
+
+
+def test_two_names_that_find_one_scan_are_both_left_out(tmp_path):
+    """Two uploads of one file name (two trucks' s0.tiff from two folders, cb0618f6-s0.tiff and 1a2b3c4d-s0.tiff) both
+    reach --images' s0.tiff: which is that truck is unknown, so neither labels it (the first used to)."""
+    _scans(tmp_path / "scans", 2)
+    src = _coco(tmp_path / "export" / "result.json",
+                [_im(1, "images\\cb0618f6-s0.tiff"), _im(2, "images\\1a2b3c4d-s0.tiff"), _im(3, "s1.tiff"),
+                 _im(4, "s1.tiff")], [_ann(1)])
+    s = convert(src, tmp_path / "ds", images=tmp_path / "scans")
+    assert [(r["path"], r["label"]) for r in _rows(tmp_path / "ds")] == [("../scans/s1.tiff", "0")]
+    assert [k for _, k, _ in s.left_out] == ["ambiguous", "ambiguous", "listed again"]
+    assert "cb0618f6-s0.tiff" in s.left_out[0][2] and "1a2b3c4d-s0.tiff" in s.left_out[0][2]
