@@ -65,7 +65,7 @@ def compare(pairs: list, base_pairs: list, base_orphans: list, truth: list, resu
            "resamples": M.COMPARE_RESAMPLES, "seed": M.COMPARE_SEED, "level": 0.95,
            "left_out": {k: len(v) for k, v in left_out.items()} | {"baseline_without_truth": len(base_orphans)},
            "left_out_scans": left_out,
-           "figures": M.paired_figures(y, s_old, s_new, f_old, f_new) if paired else {},
+           "figures": M.paired_figures(y, s_old, s_new, f_old, f_new, progress=True) if paired else {},
            "misses_at_1pct": _misses(y, s_old, s_new, paired)}
     out["notes"] = _notes(out)
     return out

@@ -203,13 +203,13 @@ def _z(level: float) -> float:
 
 
 def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> dict | None:
+                      seed: int = 0, tick=None) -> dict | None:
     """metric(B) - metric(A) of two models scored on the same scans, over the same resampled test sets:
     pairing cancels the test set's own luck, so it separates configs that unpaired intervals cannot.
     2-D scores (one row per training seed, row i of A paired with row i of B) give the mean difference over
     the seeds, every pair resampled alike: one seed's luck weighs less. Returns {difference, low, high,
     p_better and p_worse (shares of resamples where B's figure is above A's, below it)}; None without both classes
-    (or where no resample gives both a figure)."""
+    (or where no resample gives both a figure). `tick`: called once per resample (a progress bar's update)."""
     y = np.asarray(labels, dtype=np.int64).ravel()
     a = np.atleast_2d(np.asarray(scores_a, dtype=np.float64))
     b = np.atleast_2d(np.asarray(scores_b, dtype=np.float64))
@@ -228,7 +228,13 @@ def paired_difference(labels, scores_a, scores_b, metric, n: int = 1000, level: 
             diffs.append(mb - ma)
         return float(np.mean(diffs))
 
-    d = np.array([v for v in (mean_difference(pick) for pick in _class_resamples(y, n, seed)) if v is not None])
+    d = []
+    for pick in _class_resamples(y, n, seed):
+        v = mean_difference(pick)
+        d += [] if v is None else [v]
+        if tick is not None:
+            tick()
+    d = np.array(d)
     if not d.size:
         return None
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
@@ -264,24 +270,29 @@ COMPARE_SEED = 0
 
 
 def paired_figures(labels, old, new, flags_old=None, flags_new=None, n: int = COMPARE_RESAMPLES,
-                   seed: int = COMPARE_SEED, level: float = 0.95) -> dict:
+                   seed: int = COMPARE_SEED, level: float = 0.95, progress: bool = False) -> dict:
     """Two models scored on the same scans (none failed), figure by figure: each one's AUROC, AP, detection at
     FAR_TARGETS and, given each model's INSPECT flags at its own shipped threshold, detection and false alarms as
     shipped; and new - old with its interval over the same n resampled test sets (paired_difference: the test set's
     luck cancels). `better` says which way is ahead, `p_new_ahead` the share of resamples where new is. Figures are
-    None where undefined (one class; no flags)."""
+    None where undefined (one class; no flags). `progress`: a progress bar on a terminal (20,000 scans take ~45 s
+    here, most of it scikit-learn's AUROC and AP of 2 x n resamples)."""
     figures = [("auroc", auroc, old, new, "higher"), ("ap", average_precision, old, new, "higher")]
     figures += [(f"detection_at_{r * 100:g}pct", _far_detection(r), old, new, "higher") for r in FAR_TARGETS]
     if flags_old is not None and flags_new is not None:
         figures += [("shipped_detection", _flag_rate(1), flags_old, flags_new, "higher"),
                     ("shipped_false_alarm", _flag_rate(0), flags_old, flags_new, "lower")]
+    from tqdm import tqdm
     out = {}
+    bar = tqdm(total=n * len(figures), desc="paired resamples", unit="resample", leave=False,
+               disable=None if progress else True)   # None: only on a terminal
     for name, metric, a, b, better in figures:
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        d = paired_difference(labels, a, b, metric, n=n, level=level, seed=seed) or {}
+        d = paired_difference(labels, a, b, metric, n=n, level=level, seed=seed, tick=bar.update) or {}
         out[name] = {"baseline": metric(labels, a), "new": metric(labels, b), "difference": d.get("difference"),
                      "low": d.get("low"), "high": d.get("high"), "better": better,
                      "p_new_ahead": d.get("p_better" if better == "higher" else "p_worse")}
+    bar.close()
     return out
 
 
