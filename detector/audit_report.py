@@ -60,7 +60,7 @@ def _cell(value: Any) -> Any:
 
 # what served_verdicts gives of each verdict; pitch_mm: the pitch its file was read at where the file carried none;
 # score_rule: how its score was made (None: not recorded)
-SERVED = ("time", "model_sha256", "decision", "score", "outcome", "pitch_mm", "score_rule")
+SERVED = ("time", "model_sha256", "decision", "score", "outcome", "pitch_mm", "score_rule", "request_id")
 
 
 def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[str, Any]]:
@@ -73,8 +73,8 @@ def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
         try:
             where, params = _since(since)
             pitch, rule = (_later(db)[list(LATER_COLUMNS).index(c)] for c in ("untagged_pitch_mm", "score_rule"))
-            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome, {pitch}, {rule} "
-                              f"FROM {_LATEST}{where} ORDER BY v.time, v.id", params).fetchall()
+            rows = db.execute(f"SELECT v.time, v.model_sha256, v.decision, v.score, o.outcome, {pitch}, {rule}, "
+                              f"v.request_id FROM {_LATEST}{where} ORDER BY v.time, v.id", params).fetchall()
         finally:
             db.close()
         return [dict(zip(SERVED, r)) for r in rows]
@@ -91,7 +91,7 @@ def served_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
             score, pitch = (_number(source, i, name, r.get(name)) for name in ("score", "untagged_pitch_mm"))
             out.append({"time": r["time"], "model_sha256": r["model_sha256"], "decision": r["decision"],
                         "score": score, "outcome": r.get("outcome") or None, "pitch_mm": pitch,
-                        "score_rule": r.get("score_rule") or None})
+                        "score_rule": r.get("score_rule") or None, "request_id": r.get("request_id") or None})
         return out
 
 
@@ -282,7 +282,7 @@ def shadow_verdicts(source: str | Path, since: str | None = None) -> list[dict[s
             return []
         where, params = _since(since)
         rows = db.execute(f"SELECT s.time, s.model_sha256, v.decision, s.score, o.outcome, s.untagged_pitch_mm, "
-                          f"s.score_rule FROM {_SHADOW}{where} ORDER BY s.time, s.id", params).fetchall()
+                          f"s.score_rule, s.request_id FROM {_SHADOW}{where} ORDER BY s.time, s.id", params).fetchall()
     finally:
         db.close()
     return [dict(zip(SERVED, r)) for r in rows]

@@ -115,23 +115,50 @@ def _no_passphrase() -> str:
 
 
 def _check_client_ca(path: str, now: datetime) -> list[str]:
-    """ValueError unless the file holds a CA certificate valid now (else every client would be refused); warnings
-    for one expiring soon."""
+    """ValueError unless the file holds a CA certificate valid now whose issuers up to a self-signed root are in it and
+    valid too (else every client would be refused); warnings for one expiring soon."""
     _read("--tls-client-ca", path, CERT_BEGIN)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         ctx.load_verify_locations(cafile=path)
     except ssl.SSLError as e:
         raise ValueError(f"--tls-client-ca {path}: cannot be loaded ({e})") from None
-    cas = [(_cert_time(c["notBefore"]), _cert_time(c["notAfter"])) for c in ctx.get_ca_certs()]
+    cas = ctx.get_ca_certs()
     if not cas:
         raise ValueError(f"--tls-client-ca {path}: holds no CA certificate (basicConstraints CA:TRUE), so no client "
                          "certificate could be verified")
-    valid = [(nb, na) for nb, na in cas if nb <= now < na]
+    by_subject = {c["subject"]: c for c in cas}
+    chains = [chain for chain in (_to_root(c, by_subject) for c in cas) if chain]
+    if not chains:   # OpenSSL verifies a client up to a self-signed root: an intermediate alone verifies no one
+        c = cas[0]
+        raise ValueError(f"--tls-client-ca {path}: its CA {_name(c['subject'])} is issued by {_name(c['issuer'])}, "
+                         "which is not in the file, and a client certificate is verified up to a self-signed root, "
+                         "so every client would be refused: append the issuer's certificate (up to the root) to it")
+    spans = [(max(nb for nb, _ in span), min(na for _, na in span))
+             for span in ([(_cert_time(c["notBefore"]), _cert_time(c["notAfter"])) for c in chain] for chain in chains)]
+    valid = [(nb, na) for nb, na in spans if nb <= now < na]
     if not valid:
-        raise ValueError(f"--tls-client-ca {path}: no CA certificate in it is valid now (expired or not yet valid), "
-                         "so every client certificate would be refused")
+        raise ValueError(f"--tls-client-ca {path}: no CA certificate in it is valid now (expired or not yet valid, "
+                         "or its issuer is), so every client certificate would be refused")
     return _validity_words("--tls-client-ca", path, *max(valid, key=lambda v: v[1]), now)
+
+
+def _to_root(ca: dict, by_subject: dict) -> list[dict]:
+    """The CA and its issuers up to a self-signed one, as get_ca_certs gives them; [] where one is not in the file."""
+    chain = [ca]
+    while chain[-1]["issuer"] != chain[-1]["subject"]:
+        issuer = by_subject.get(chain[-1]["issuer"])
+        if issuer is None or issuer in chain:
+            return []
+        chain.append(issuer)
+    return chain
+
+
+def _name(rdns: tuple) -> str:
+    """A certificate's subject or issuer as get_ca_certs gives it, written as openssl does (CN=..., O=...)."""
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+             "localityName": "L", "stateOrProvinceName": "ST"}
+    return ", ".join(f"{short.get(k, k)}={v}" for rdn in rdns for k, v in rdn) or "(no name)"
 
 
 def _validity_words(option: str, path: str, not_before: datetime, not_after: datetime, now: datetime) -> list[str]:

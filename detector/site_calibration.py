@@ -115,7 +115,8 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
     `rules`: (the bundle's score_rule, its unrecorded_rule): CalibrationError for a score of another rule, or of
     none known; None: not checked. A model that served no verdict there but scored trucks as a candidate in shadow
     (serve --shadow) is calibrated on those scores (`shadow` True), by the outcomes of the trucks they judged; one
-    promoted since, on the trucks it scored in shadow and those it served (`shadow_scores` of them the former)."""
+    promoted since, on the trucks it scored in shadow and those it served (`shadow_scores` of them the former); a truck
+    both served and shadowed by these bundles (serve --model C --shadow C's site bundle) counts once, as served."""
     try:
         start = parse_time(since) if since else None
     except ValueError:
@@ -128,7 +129,9 @@ def load_audit_scores(audit: str | Path, model_sha256s: set[str], since: str | N
             if any(r["model_sha256"] in model_sha256s for r in scored):
                 rows, shadow = [{**r, "_shadow": True} for r in scored], True
         else:   # promoted from shadow: its scores as a candidate are its scores too (the same graph, the same scans)
-            mine = [{**r, "_shadow": True} for r in scored if r["model_sha256"] in model_sha256s]
+            served = {r["request_id"] for r in rows if r["model_sha256"] in model_sha256s}
+            mine = [{**r, "_shadow": True} for r in scored   # a truck it served and shadowed counts once: as served
+                    if r["model_sha256"] in model_sha256s and r["request_id"] not in served]
             rows = sorted(rows + mine, key=lambda r: r["time"]) if mine else rows
     except sqlite3.DatabaseError as e:
         raise CalibrationError(f"{audit}: not a readable audit database ({e})") from None

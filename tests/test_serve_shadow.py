@@ -392,3 +392,41 @@ def test_calibrate_takes_a_promoted_models_shadow_scores_with_its_served_ones(ca
     assert meta["normal_scores"] == pytest.approx(sorted(want))
     assert meta["site_calibration"]["shadow"] is False and meta["site_calibration"]["shadow_scores"] == 150
     assert "(150 of them in shadow, serve --shadow)" in next(ln for ln in describe(out) if ln.strip().startswith("site "))
+
+
+def test_calibrate_counts_a_truck_once_where_the_model_served_it_and_its_site_bundle_shadowed_it(candidate,
+                                                                                                 tmp_path, capsys):
+    """`serve --model C --shadow C_site` (the site's thresholds tried in shadow before the switch): calibrating C_site
+    took C's served verdict and C_site's shadow row of each truck, the same graph on the same scan, so every truck
+    counted twice: 150 trucks read as 300 cleared scans, enough for a 1 % rate they cannot support."""
+    import hashlib
+
+    from detector.audit import AuditLog
+    from detector.bundle import read_metadata
+    from detector.site_calibration import main
+    sha = hashlib.sha256(candidate.read_bytes()).hexdigest()
+    first = AuditLog(tmp_path / "first.sqlite")   # C served: its site bundle calibrated from those verdicts
+    rng = np.random.default_rng(2)
+    for i in range(150):
+        first.write({**_verdict(f"f{i}", sha, "RELEASE"), "score": float(rng.uniform(0.0, 0.5))})
+    first.close()
+    site1 = tmp_path / "site1.onnx"
+    args = SimpleNamespace(results=str(tmp_path / "first.sqlite"), model=str(candidate), out=str(site1), truth=None,
+                           since=None)
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    site_sha = hashlib.sha256(site1.read_bytes()).hexdigest()
+    log = AuditLog(tmp_path / "audit.sqlite")   # then: C live, C_site in shadow on the same trucks
+    want = []
+    for i in range(150):
+        score = float(rng.uniform(0.0, 0.5))
+        log.write({**_verdict(f"t{i}", sha, "RELEASE"), "score": score})
+        log.write_shadow([_shadow(f"t{i}", site_sha, "RELEASE", score)])
+        want.append(score)
+    log.close()
+    args = SimpleNamespace(results=str(tmp_path / "audit.sqlite"), model=str(site1), out=str(tmp_path / "s2.onnx"),
+                           truth=None, since=None)
+    assert main(args) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "150 cleared scans" in said, said
+    assert read_metadata(tmp_path / "s2.onnx")["normal_scores"] == pytest.approx(sorted(want))

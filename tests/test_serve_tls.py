@@ -257,3 +257,60 @@ def test_serve_load_benchmark_over_mutual_tls(pki):
               "--key", str(pki / "lane1.key"))
     assert p.returncode == 0, p.stderr
     assert "on https://127.0.0.1:" in p.stdout and re.search(r"status \{200: \d+\}", p.stdout), p.stdout
+
+
+def _lane_answer(pki: Path, client_ca: Path, lane: str) -> bytes:
+    """What a lane presenting `lane`.pem gets from a uvicorn TLS server asking for certificates of `client_ca`."""
+    import uvicorn
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> bytes:
+        files = TlsFiles(str(pki / "server.pem"), str(pki / "server.key"), str(client_ca))
+        cfg = uvicorn.Config(app, lifespan="off", log_level="critical", **files.uvicorn_kwargs())
+        cfg.load()
+        server = uvicorn.Server(cfg)
+        srv = await asyncio.get_running_loop().create_server(
+            lambda: cfg.http_protocol_class(config=cfg, server_state=server.server_state, app_state={}),
+            "127.0.0.1", 0, ssl=cfg.ssl)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1], ssl=_client(pki, lane),
+                                                 server_hostname="localhost")
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(r.readuntil(b"ok"), 3.0)
+            w.close()
+            return answer
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            return b""
+        finally:
+            srv.close()
+
+    return asyncio.run(run())
+
+
+def test_a_client_ca_that_is_an_intermediate_without_its_root_is_refused_at_start(pki, tmp_path):
+    """A site's two-tier PKI: the lanes' certificates are issued by an intermediate 'lanes' CA under the site root.
+    Given that intermediate alone as --tls-client-ca, the start passed, said client certificates signed by it were
+    required, and then every lane was refused at the handshake (OpenSSL verifies a client up to a self-signed root):
+    no truck routed. It is refused at start, naming the issuer to append; with the root appended lanes connect."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "lanes_ca.key",
+             "-out", "lanes_ca.csr", "-subj", "/CN=lanes_ca", cwd=tmp_path)
+    (tmp_path / "lanes_ca.ext").write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n")
+    _openssl("x509", "-req", "-in", "lanes_ca.csr", "-CA", str(pki / "ca.pem"), "-CAkey", str(pki / "ca.key"),
+             "-CAcreateserial", "-CAserial", "ca.srl", "-days", "200", "-out", "lanes_ca.pem",
+             "-extfile", "lanes_ca.ext", cwd=tmp_path)
+    for name in ("server.pem", "server.key", "ca.pem"):   # _lane_answer's server, and the CA its lanes trust
+        shutil.copy(pki / name, tmp_path / name)
+    _signed(tmp_path, "lane2", "lanes_ca")
+    assert _lane_answer(tmp_path, tmp_path / "lanes_ca.pem", "lane2") == b""   # what the start let through
+    files = TlsFiles(str(pki / "server.pem"), str(pki / "server.key"), str(tmp_path / "lanes_ca.pem"))
+    with pytest.raises(ValueError, match=f"--tls-client-ca {tmp_path / 'lanes_ca.pem'}: .*CN=lanes_ca.* issued by "
+                                         r"CN=ca, .*not in the file.*append"):
+        check_tls(files)
+    both = tmp_path / "lanes_and_root.pem"
+    both.write_text((tmp_path / "lanes_ca.pem").read_text() + (pki / "ca.pem").read_text())
+    assert check_tls(TlsFiles(files.cert, files.key, str(both))) == []
+    assert _lane_answer(tmp_path, both, "lane2").startswith(b"HTTP/1.1 200")
