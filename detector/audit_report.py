@@ -360,6 +360,11 @@ def main(args) -> int:
         print(f"detector audit: --out {args.out} is a folder: give the export file, e.g. "
               f"{Path(args.out) / 'audit.csv'}", file=sys.stderr)
         return 2
+    try:
+        parse_time(args.since) if args.since else None
+    except ValueError as e:
+        print(f"detector audit: --since {args.since!r} is not an ISO date/time ({e})", file=sys.stderr)
+        return 2
     # exit 2 for an input it cannot use (no database there, a file that is none), as the other verbs; 1 for a read
     # that failed (a lock held past the timeout, an I/O error)
     try:
@@ -372,8 +377,8 @@ def main(args) -> int:
     except OSError as e:   # the export could not be written (a file where its folder should be, a full disk)
         print(f"detector audit: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:
-        print(f"detector audit: --since {args.since!r} is not an ISO date/time ({e})", file=sys.stderr)
+    except ValueError as e:   # --since was read above: this is the log's own (a malformed export CSV)
+        print(f"detector audit: {args.audit}: {e}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as e:
         print(f"detector audit: {args.audit}: not a readable audit database ({e})", file=sys.stderr)

@@ -56,6 +56,7 @@ def test_cli_export(log, tmp_path, capsys):
     assert audit_report.main(Namespace(action="export", audit=str(log.path), since="2026-11-03", out=str(out))) == 0
     assert "exported 1 verdicts" in capsys.readouterr().out
     assert audit_report.main(Namespace(action="export", audit=str(log.path), since="yesterday", out=str(out))) == 2
+    assert "--since 'yesterday' is not an ISO date/time" in capsys.readouterr().err
     missing = tmp_path / "none.sqlite"
     assert audit_report.main(Namespace(action="export", audit=str(missing), since=None, out=str(out))) == 2
     assert not missing.exists()  # export never creates an empty database
@@ -413,3 +414,14 @@ def test_export_to_a_folder_or_an_unwritable_place_is_one_line(log, tmp_path, ca
     monkeypatch.setattr(audit_report, "replacing", full_disk)
     assert audit_report.main(Namespace(out=str(tmp_path / "y.csv"), **args)) == 1
     assert capsys.readouterr().err.startswith("detector audit: [Errno 28] No space left on device")
+
+
+def test_an_error_of_the_log_itself_is_not_blamed_on_a_since_never_given(log, monkeypatch, capsys):
+    """Every ValueError of `detector audit` was printed as "--since None is not an ISO date/time", as manifest's
+    audit source did before 1a82d97: a reader of the log that raises one says what it is."""
+    def broken(*_):
+        raise ValueError("row 7: score 'abc' is not a number")
+    monkeypatch.setattr(audit_report, "summarise", broken)
+    assert audit_report.main(Namespace(action="summary", audit=str(log.path), since=None, out=None)) == 2
+    err = capsys.readouterr().err
+    assert "--since" not in err and f"{log.path}: row 7: score 'abc' is not a number" in err
