@@ -61,9 +61,10 @@ class Shadow:
         self.pending: deque[dict] = deque()
         self._lock = threading.Lock()   # pending: filled by the worker, taken by the audit thread
         # each counter changes in one thread: skipped in the event loop, scored/failed/disagree in the worker,
-        # dropped under _lock
+        # written/dropped under _lock
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
         self.scored = self.failed = self.written = self.dropped = 0
+        self.writing = 0   # rows taken out of pending by the audit thread, being committed (under _lock)
         self.disagree: dict[tuple[str, str], int] = {("INSPECT", "RELEASE"): 0, ("RELEASE", "INSPECT"): 0}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="shadow", daemon=True)
@@ -183,6 +184,7 @@ class Shadow:
         with self._lock:
             rows = list(self.pending)
             self.pending.clear()
+            self.writing = len(rows)
         if not rows:
             return 0
         try:
@@ -190,6 +192,7 @@ class Shadow:
         except sqlite3.OperationalError:   # locked, or busy: the next tick
             with self._lock:
                 self.pending.extendleft(reversed(rows))
+                self.writing = 0
                 while len(self.pending) > SHADOW_PENDING_MAX:
                     self.pending.popleft()
                     self.dropped += 1
@@ -197,9 +200,12 @@ class Shadow:
         except Exception as e:
             with self._lock:
                 self.dropped += len(rows)
+                self.writing = 0
             _say(f"detector serve: {len(rows)} shadow rows not stored ({type(e).__name__}: {e})")
             return 0
-        self.written += stored
+        with self._lock:
+            self.written += stored
+            self.writing = 0
         return stored
 
     async def write_every(self, pool: Executor, audit: AuditLog, live_queued: Callable[[], bool],
@@ -266,9 +272,16 @@ class Shadow:
                 "verdict.", "# TYPE detector_shadow_disagreements_total counter"]
         out += [f'detector_shadow_disagreements_total{{live="{a}",shadow="{b}"}} {n}'
                 for (a, b), n in self.disagree.items()]
-        out += ["# HELP detector_shadow_rows_dropped_total Shadow rows not stored in the audit log (database locked "
+        with self._lock:   # one moment's figures: written + pending + dropped = scored + failed
+            written, pending, dropped = self.written, len(self.pending) + self.writing, self.dropped
+        out += ["# HELP detector_shadow_rows_written_total Shadow rows stored in the audit log.",
+                "# TYPE detector_shadow_rows_written_total counter", f"detector_shadow_rows_written_total {written}",
+                "# HELP detector_shadow_rows_pending Shadow rows scored, waiting in memory for the audit database "
+                f"(locked); past {SHADOW_PENDING_MAX} the oldest are dropped.",
+                "# TYPE detector_shadow_rows_pending gauge", f"detector_shadow_rows_pending {pending}",
+                "# HELP detector_shadow_rows_dropped_total Shadow rows not stored in the audit log (database locked "
                 "too long, or at shutdown).", "# TYPE detector_shadow_rows_dropped_total counter",
-                f"detector_shadow_rows_dropped_total {self.dropped}",
+                f"detector_shadow_rows_dropped_total {dropped}",
                 "# HELP detector_shadow_queue Trucks waiting for the shadow model.",
                 "# TYPE detector_shadow_queue gauge", f"detector_shadow_queue {self.jobs.qsize()}",
                 "# HELP detector_shadow_model_info The shadow (candidate) model bundle.",

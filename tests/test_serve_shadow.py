@@ -221,6 +221,28 @@ def test_shadow_rows_wait_out_a_locked_database_and_never_hold_a_live_row(heuris
     assert len(_rows(db, "shadow_verdicts")) == 1 and svc.shadow.dropped == 0
 
 
+def test_metrics_show_shadow_rows_waiting_for_a_locked_database_and_written_after(heuristic_model, candidate,
+                                                                                   normal_scan_path, tmp_path):
+    """/metrics accounts for every candidate row while a backup holds the database: pending, then written."""
+    svc = _build(tmp_path, heuristic_model, shadow=candidate)
+    db = tmp_path / "audit.sqlite"
+    try:
+        asyncio.run(_posts(svc, [normal_scan_path, normal_scan_path]))
+        assert svc.shadow.wait_idle(30)
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        svc.shadow.write_pending(svc.audit)
+        held = svc.metrics.render(svc)
+        lock.execute("ROLLBACK")
+        lock.close()
+        svc.shadow.write_pending(svc.audit)
+        free = svc.metrics.render(svc)
+    finally:
+        svc.close()
+    assert "detector_shadow_rows_pending 2\n" in held and "detector_shadow_rows_written_total 0\n" in held
+    assert "detector_shadow_rows_pending 0\n" in free and "detector_shadow_rows_written_total 2\n" in free
+
+
 def _verdict(rid: str, model: str, decision: str, score: float = 0.3) -> dict:
     return {"request_id": rid, "model_sha256": model, "decision": decision, "score": score, "threshold": 0.4,
             "reason": "r", "score_rule": "heatmap_logits"}
