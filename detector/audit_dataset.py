@@ -11,7 +11,6 @@ latest outcome), an archive holding one scan twice one row; each of these is lis
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import sqlite3
@@ -22,12 +21,12 @@ from pathlib import Path
 
 from detector.audit import OUTCOMES, parse_time
 from detector.audit_report import _LATEST, FORMULA_START, SQLITE_MAGIC, _head, _later, _reader, is_audit_log
+from detector.bundle import file_sha256
 from detector.labels_to_dataset import _write_csv
 from detector.manifest import SPLIT_ALIASES, read_text, shown
 from detector.scan import SCAN_SUFFIXES, ScanError
 
 FOUND, CLEAR = OUTCOMES
-CHUNK = 1 << 20   # bytes read at a time while hashing: a scan is never held whole
 SHOWN = 20        # left-out trucks named on the terminal (all of them in left_out.csv)
 # manifest columns: those detector reads, then three for the lab that no step reads (manifest.COLUMNS lacks them, and
 # misspelt_column takes none for one of its): the verdict's request_id (its row in the audit log), the decision served
@@ -214,15 +213,12 @@ def _size(path: Path) -> int:
 
 
 def _sha256(path: Path) -> str:
-    """A file's SHA-256 hex digest, streamed; "" where it cannot be read (it then matches no verdict)."""
-    h = hashlib.sha256()
+    """A file's SHA-256 hex digest, streamed (bundle.file_sha256); "" where it cannot be read (it then matches no
+    verdict)."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 def _progress(paths: list[Path], desc: str):
