@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from detector.audit import OUTCOMES, parse_time
-from detector.audit_report import _LATEST, FORMULA_START, SQLITE_MAGIC, _head, _later, _reader, is_audit_log
+from detector.audit_report import (_LATEST, FORMULA_START, SQLITE_MAGIC, _head, _later, _number, _reader,
+                                   is_audit_log)
 from detector.bundle import file_sha256
 from detector.labels_to_dataset import _write_csv
 from detector.manifest import SPLIT_ALIASES, read_text, shown
@@ -130,14 +131,6 @@ def _from_export(src: Path) -> list[Verdict]:
                            None if size is None else int(size), r["decision"], r.get("outcome") or None,
                            r.get("outcome_time") or "", 0, _text(r.get("outcome_note") or ""), pitch))
     return out
-
-
-def _number(src: Path, line: int, name: str, text: str | None) -> float | None:
-    """An export's number cell; None where empty or absent; ScanError naming the line if it is not one."""
-    try:
-        return float(text) if text else None
-    except ValueError:
-        raise ScanError(src, f"line {line}: {name} {text!r} is not a number") from None
 
 
 def _text(cell: str) -> str:
@@ -300,12 +293,14 @@ def main(args) -> int:
                  "--images names the scanner's archive, where its scans are found by content"), file=sys.stderr)
         return 2
     try:
-        s = convert(args.src, args.images, args.out, args.since, args.until, args.split, args.force)
-    except (ScanError, OSError, sqlite3.DatabaseError) as e:   # first: a ScanError is a ValueError too
-        print(f"detector manifest: {e}", file=sys.stderr)
-        return 2
+        [parse_time(t) for t in (args.since, args.until) if t]
     except ValueError as e:
         print(f"detector manifest: --since/--until is not an ISO date/time ({e})", file=sys.stderr)
+        return 2
+    try:   # the times were read above: a ValueError here (a ScanError is one) is the log's or the dataset's own
+        s = convert(args.src, args.images, args.out, args.since, args.until, args.split, args.force)
+    except (ValueError, OSError, sqlite3.DatabaseError) as e:
+        print(f"detector manifest: {e}", file=sys.stderr)
         return 2
     for f, kind, why in s.left_out[:SHOWN]:
         print(f"warning: {f}: left out, {kind}: {why}", file=sys.stderr)
