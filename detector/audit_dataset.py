@@ -24,7 +24,7 @@ from detector.audit_report import (_LATEST, FORMULA_START, SQLITE_MAGIC, _head, 
                                    is_audit_log)
 from detector.bundle import file_sha256
 from detector.labels_to_dataset import _write_csv
-from detector.manifest import SPLIT_ALIASES, read_text, shown
+from detector.manifest import SPLIT_ALIASES, read_text, relative_name, shown
 from detector.scan import SCAN_SUFFIXES, ScanError
 
 FOUND, CLEAR = OUTCOMES
@@ -241,7 +241,7 @@ def _add(group: list[Verdict], files: list[Path], archive: Archive, out: Path, s
     for p in files[1:]:
         summary.left_out.append((shown(p), "duplicate file", f"the same scan as {shown(files[0])} (request "
                                                              f"{v.request_id}), which gives its one row"))
-    summary.rows.append({"path": os.path.relpath(files[0].resolve(), out.resolve()).replace(os.sep, "/"),
+    summary.rows.append({"path": relative_name(files[0].resolve(), out.resolve()),
                          "label": int(v.outcome == FOUND), "mask": "", "boxes": "",
                          "anomaly_type": FOUND if v.outcome == FOUND else "none",
                          "pitch_mm": "" if v.pitch_mm is None else f"{v.pitch_mm:g}", "request_id": v.request_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 import struct
 import sys
@@ -27,7 +26,7 @@ from detector.atomic import replacing
 from detector.audit_report import is_audit_log
 from detector.export_splits import read_parts
 from detector.formats import file_geometry
-from detector.manifest import SPLIT_ALIASES, shown
+from detector.manifest import SPLIT_ALIASES, relative_name, shown
 from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, read_scan
 
 SLACK = 0.02        # a shape may pass the edge by this share of the side (at least 2 px): clipped; more: refused
@@ -272,7 +271,7 @@ def _row(im: Annotated, path: Path | None, out: Path, summary: Summary, used: di
         return "outside the image", f"{shown(im.source)}: {e}"
     used[real] = im.source
     mask = _write_mask(out, path, kept, boxes, w, h, names) if any(s.box is None for s in kept) else ""
-    summary.rows.append({"path": os.path.relpath(real, out.resolve()).replace(os.sep, "/"), "label": int(bool(kept)),
+    summary.rows.append({"path": relative_name(real, out.resolve()), "label": int(bool(kept)),
                          "mask": mask, "boxes": str(boxes).replace(" ", "") if boxes else "",
                          "anomaly_type": "+".join(sorted({s.category for s in kept})) or "none"})
     return None

@@ -133,6 +133,16 @@ def on_disk(path: Path) -> Path:
     return found
 
 
+def relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` as a dataset or export names it from the folder `root`: relative, / between folders, `..` where it lies
+    outside; absolute where no relative path reaches it (another Windows drive), which a manifest reads as it is."""
+    try:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    except ValueError:
+        rel = os.path.abspath(path)
+    return rel.replace(os.sep, "/")
+
+
 def shown(text: str | os.PathLike) -> str:
     """A path (or a text naming one) as any UTF-8 file can hold it: the bytes of a name that are not UTF-8 (a scan
     copied from a Latin-1 system, b'tr\\xfcck.tiff') escaped as \\xfc, where writing them raised UnicodeEncodeError.

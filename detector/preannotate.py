@@ -27,6 +27,7 @@ import numpy as np
 from detector import __version__
 from detector.atomic import replacing
 from detector.labels_to_dataset import RENDERING, image_size, is_rendering, marked
+from detector.manifest import relative_name
 from detector.report import window
 from detector.scan import SCAN_SUFFIXES, ScanError, file_shape, read_scan
 
@@ -49,16 +50,6 @@ def coco_root(src: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def file_name(path: str, root: Path) -> str:
-    """A scan's name relative to `root`, with / between folders (`..` where it lies outside; absolute where no
-    relative path reaches it, another Windows drive)."""
-    try:
-        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-    except ValueError:
-        rel = os.path.abspath(path)
-    return rel.replace(os.sep, "/")
-
-
 def coco_json(rows: list[list[str]], root: Path, min_score: float | None = None,
               images_dir: Path | None = None) -> tuple[dict, list[str]]:
     """The COCO dict of the scored rows of a results CSV (path, ..., regions at 4, error last), and a reason for
@@ -71,7 +62,7 @@ def coco_json(rows: list[list[str]], root: Path, min_score: float | None = None,
     for row in _drawing(scored, images_dir):
         try:
             w, h = image_size(Path(row[0]))
-            name = file_name(row[0], root)
+            name = relative_name(row[0], root)
             if images_dir:
                 name = names[row[0]]
                 draw_rendering(Path(row[0]), Path(images_dir) / name, (w, h), inputs)
@@ -126,7 +117,7 @@ def rendering_names(paths: list[str], root: Path) -> dict[str, str]:
     -> sub/a.png), a `..` as `_up_` (kept inside the folder). A scan with another of its stem beside it (a.tiff and
     a.npy or a.png, scored or not) keeps its whole name (a.tiff.png), as do two scans that would take one name:
     `detector manifest` takes a.png for the scan a.png, else the one scan a.*, and a.tiff.png for a.tiff."""
-    rel = {p: _inside(file_name(p, root)) for p in paths}
+    rel = {p: _inside(relative_name(p, root)) for p in paths}
     short = {p: str(r.with_suffix(".png")) for p, r in rel.items()}
     seen = Counter(short.values())
     return {p: n if seen[n] == 1 and _alone(Path(p)) else str(rel[p].with_name(rel[p].name + ".png"))
