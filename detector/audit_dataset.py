@@ -23,12 +23,11 @@ from detector.audit import OUTCOMES, parse_time
 from detector.audit_report import (_LATEST, FORMULA_START, SQLITE_MAGIC, _head, _later, _number, _reader,
                                    is_audit_log)
 from detector.bundle import file_sha256
-from detector.labels_to_dataset import _write_csv
+from detector.labels_to_dataset import SHOWN, _write_csv, write_left_out
 from detector.manifest import SPLIT_ALIASES, read_text, relative_name, shown
 from detector.scan import SCAN_SUFFIXES, ScanError
 
 FOUND, CLEAR = OUTCOMES
-SHOWN = 20        # left-out trucks named on the terminal (all of them in left_out.csv)
 # manifest columns: those detector reads, then three for the lab that no step reads (manifest.COLUMNS lacks them, and
 # misspelt_column takes none for one of its): the verdict's request_id (its row in the audit log), the decision served
 # (a found truck that was RELEASEd is a miss) and the officer's note. The score is left out: a feature no model may learn
@@ -264,11 +263,7 @@ def _write(out: Path, summary: Summary, split: str | None) -> None:
     rows = [{**r, "split": SPLIT_ALIASES[split.strip().lower()]} if split else r for r in summary.rows]
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "manifest.csv", cols, rows)
-    if summary.left_out:
-        _write_csv(out / "left_out.csv", ["file", "reason"],
-                   [{"file": f, "reason": f"{k}: {w}"} for f, k, w in summary.left_out])
-    else:
-        (out / "left_out.csv").unlink(missing_ok=True)
+    write_left_out(out, [{"file": f, "reason": f"{k}: {w}"} for f, k, w in summary.left_out])
 
 
 def found_note(found: int) -> str:

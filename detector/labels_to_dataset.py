@@ -376,8 +376,14 @@ def _write(out: Path, summary: Summary) -> None:
     left = _csv_rows(out / "left_out.csv") if summary.kept else []
     left += [{"file": f, "reason": f"{k}: {w}"} for f, k, w in summary.left_out]
     left += [{"file": shown(p), "reason": "not in the export"} for p in summary.unlisted]
-    if left:
-        _write_csv(out / "left_out.csv", ["file", "reason"], left)
+    write_left_out(out, left)
+
+
+def write_left_out(out: Path, rows: list[dict]) -> None:
+    """DATASET/left_out.csv (file, reason) of what a conversion left out; none where nothing was (an earlier one's
+    removed, so it never describes another run)."""
+    if rows:
+        _write_csv(out / "left_out.csv", ["file", "reason"], rows)
     else:
         (out / "left_out.csv").unlink(missing_ok=True)
 
