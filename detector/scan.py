@@ -34,6 +34,13 @@ PITCH_RANGE_MM = (0.01, 100.0)    # a pixel pitch outside this is a metadata err
 BLANK_ATTENUATION = 0.05          # below this (transmission > 95 %) a pixel reads as open beam
 BLANK_SHARE = 0.001               # a scan with fewer pixels above it than this share shows no object
 SCAN_WARNINGS_KEPT = 1000         # ScanWarning texts remembered as shown (the "default" action's once per text)
+# Energy order. Every material attenuates the high energy less than the low one, at a cargo linac's MeV (Compton, plus
+# pair production for high Z) as at a baggage scanner's keV (photoabsorption): R = A_high / A_low < 1 (organic ~0.68,
+# steel ~0.78, lead ~0.91 at 4/2 MeV; whole generator scans 0.70-0.78). A median R at or above 0.99 is no transmission
+# scan of real matter: the energies swapped (1.28-1.44), the same energy twice (1.000) or an inverted image (1.01-1.14).
+ENERGY_RATIO_MAX = 0.99
+RATIO_BAND = (0.2, 8.0)   # attenuations where both energies give a ratio: above the noise, below the counts' floor
+RATIO_SAMPLES = 500       # fewer such pixels on the 4x grid (a nearly empty lane): the order is not judged
 
 
 class ScanError(ValueError):
@@ -214,21 +221,34 @@ def attenuation_to_counts(att: np.ndarray, i0: float | tuple[float, ...], dtype=
 
 
 def estimate_i0(counts: np.ndarray, dtype_max: float) -> tuple[float, ...]:
-    """Open-beam I0 per channel from the air above the vehicle (top rows), else the dtype max.
-
-    The top rows count as air when they are bright (above half the range) and flat (robust spread
-    under 5 %); their median is then the open-beam reading.
-    """
+    """Open-beam I0 per channel from the air above the vehicle (top rows, `open_beam`), else the dtype max."""
     out = []
     for ch in counts:
-        top = ch[: max(1, min(AIR_ROWS, ch.shape[0] // 10 or 1))].astype(np.float64)
-        med = float(np.median(top))
-        mad = float(np.median(np.abs(top - med)))
-        if med > 0.5 * dtype_max and mad < 0.05 * med:
-            out.append(med)
-        else:
-            out.append(float(dtype_max))
+        med = open_beam(ch[:_edge_rows(ch)], ch, dtype_max)
+        out.append(float(dtype_max) if med is None else med)
     return tuple(out)
+
+
+def _edge_rows(image: np.ndarray) -> int:
+    """How many rows at the top (or bottom) of an image are judged as open beam: AIR_ROWS, at most a tenth of it."""
+    return max(1, min(AIR_ROWS, image.shape[0] // 10 or 1))
+
+
+def open_beam(band: np.ndarray, image: np.ndarray, dtype_max: float) -> float | None:
+    """The median of a band of rows when it is open beam, else None. Open beam is flat (robust spread under 5 %) and
+    either bright (above half the range) or the brightest part of the image, within the band's own noise (its median
+    plus 3 robust sigmas at or above the image's 99th percentile): a 12- or 14-bit detector's air in a 16-bit
+    container reads ~3300 or ~13000 of 65535, still the brightest pixels. The 99th, not the maximum: hot pixels and
+    noise spikes exceed the air; a flat dense top (a scan cropped at a container roof) stays below the air elsewhere."""
+    band = band.astype(np.float64)
+    med = float(np.median(band))
+    mad = float(np.median(np.abs(band - med)))
+    if not mad < 0.05 * med:
+        return None
+    if med > 0.5 * dtype_max:
+        return med
+    brightest = float(np.percentile(image[::4, ::4], 99))
+    return med if med + 3 * 1.4826 * mad >= brightest else None
 
 
 def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None = None,

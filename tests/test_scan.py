@@ -87,8 +87,9 @@ def test_attenuation_physics_and_i0():
     assert scan.i0 == (float(I0),)  # estimated from the air rows
     assert abs(float(scan.attenuation[0, 0, 0])) < 1e-6
     assert scan.attenuation[0, 30, 5] == pytest.approx(2.0, abs=1e-3)
-    # without bright flat air rows, I0 falls back to the dtype maximum
+    # without flat air rows that are bright or the brightest part of the scan, I0 falls back to the dtype maximum
     dark = np.full((1, 40, 40), 1000, dtype=np.uint16)
+    dark[0, 20:] = 3000
     assert estimate_i0(dark, 65535.0) == (65535.0,)
     # metadata I0 wins over the estimate; counts above I0 clip to attenuation 0
     s2 = scan_from_counts(counts, i0=40000)
