@@ -302,6 +302,7 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         counts, i0, energies = np.ascontiguousarray(counts[::-1]), i0[::-1], tuple(energies)[::-1]
     att = counts_to_attenuation(counts, i0)
     _check_not_blank(src, counts, att, i0)
+    check_energy_order(src, att)
     brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
     if brightest is not None and brightest < 0.5 * dtype_max:
         warn_scan(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
@@ -339,7 +340,36 @@ def check_scan(scan: Scan) -> Scan:
     if not np.isfinite(att).all():   # ~1 ms on a 2-energy 640x2400 scan
         raise ScanError(src, "attenuation contains NaN or infinity")
     _check_not_blank(src, att if scan.counts is None else scan.counts, att, tuple(scan.i0) or (1.0,))
+    check_energy_order(src, att)
     return scan
+
+
+def energy_ratio(att: np.ndarray) -> float | None:
+    """Median A_high / A_low of a dual-energy scan over the pixels where both energies attenuate (RATIO_BAND, on a 4x
+    grid: ~1 ms); None for one energy, or with fewer than RATIO_SAMPLES such pixels (too little in the beam to say)."""
+    if att.shape[0] != 2:
+        return None
+    high, low = att[0, ::4, ::4], att[1, ::4, ::4]
+    lo, hi = RATIO_BAND
+    both = (high >= lo) & (high <= hi) & (low >= lo) & (low <= hi)
+    if np.count_nonzero(both) < RATIO_SAMPLES:
+        return None
+    return float(np.median(high[both] / low[both]))
+
+
+def check_energy_order(src: str, att: np.ndarray) -> None:
+    """ScanError for a dual-energy scan whose first energy does not attenuate less than the second (ENERGY_RATIO_MAX):
+    the model, trained on (high, low), then released about half the clean and half the anomalous trucks at random.
+    Not turned around: an inverted image (dense reads bright) gives the same ratio as a swap."""
+    ratio = energy_ratio(att)
+    if ratio is None or ratio < ENERGY_RATIO_MAX:
+        return
+    if ratio < 1.01:
+        raise ScanError(src, f"both energies read alike (ratio {ratio:.3f}): the same energy written twice?")
+    raise ScanError(src, f"the first energy attenuates more than the second (median A1/A2 = {ratio:.2f}; in a "
+                         "transmission scan the high energy attenuates 0.6-0.95 of the low): the low energy came "
+                         "first, or the image is inverted (dense reads bright); name the energies in the file's "
+                         "metadata (how: the README's Scan formats) or write the high energy first")
 
 
 def channels_last(shape: tuple[int, ...]) -> bool:

@@ -25,8 +25,8 @@ def test_normalize_clips_and_scales():
 
 
 def test_prepare_pads_with_air_and_reports_scale():
-    counts = np.full((2, 101, 333), 20000, np.uint16)
-    counts[:, 40:60, 100:200] = 8000   # something in the beam: a blank image is refused
+    counts = np.array([20000, 15000], np.uint16)[:, None, None].repeat(101, 1).repeat(333, 2)   # low attenuates more
+    counts[:, 40:60, 100:200] = np.array([8000, 4500], np.uint16)[:, None, None]   # a blank image is refused
     scan = scan_from_counts(counts, i0=50000, pitch_mm=5.0)
     p = prepare(scan, Preprocessing(), channels=2)
     h, w = p.valid_hw

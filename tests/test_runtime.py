@@ -444,7 +444,8 @@ def test_the_score_pools_the_scans_own_cells_not_the_padding(heuristic_model, tm
     from detector.scan import scan_from_counts
 
     model = _edited(heuristic_model, tmp_path / "air.onnx", graph=_air_lights_up)
-    counts = np.random.default_rng(0).poisson(np.full((2, 208, 624), I0 * np.exp(-3.0))).astype(np.uint16)
+    dense = np.full((2, 208, 624), 3.0) * np.array([1.0, 1.3])[:, None, None]   # the low energy attenuates more
+    counts = np.random.default_rng(0).poisson(I0 * np.exp(-dense)).astype(np.uint16)
     # dense to the edges: 104 x 312 model px, whole cells (no cell straddles the padding)
     v = Inspector(model, threads=1, max_width=max_width, warmup=False).inspect(scan_from_counts(counts, i0=(I0, I0)))
     assert v.heatmap.shape == (13, 39)                              # the graph saw 128 x 320: 16 x 40 cells
@@ -506,7 +507,8 @@ def test_an_int8_graph_scores_a_scan_alike_whole_and_in_tiles(heuristic_model, t
     att = np.full((208, 1792), 0.6)
     att[80:96, 800:816] = DENSE_ATT + 8 / SLOPE        # one cell at logit 8
     att[80:96, 816:864] = DENSE_ATT                    # three at logit 0
-    counts = np.round(I0 * np.exp(-np.stack([att, att]))).astype(np.uint16)
+    pair = np.stack([att, att * 1.3]) / 1.15           # high and low (it attenuates more), their mean att
+    counts = np.round(I0 * np.exp(-pair)).astype(np.uint16)
     inspector = Inspector(model, threads=1, max_width=max_width, tile_overlap=64, threshold=0.95, warmup=False)
     assert inspector.logits_name == "logit"                                  # the Sigmoid's input, past the QDQ
     v = inspector.inspect(scan_from_counts(counts, i0=(I0, I0)))

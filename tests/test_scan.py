@@ -27,10 +27,11 @@ I0 = 53000
 
 
 def make_counts(channels: int = 2, h: int = 64, w: int = 160, seed: int = 0) -> np.ndarray:
-    """Air on top (open beam ~I0), cargo below with varied transmission."""
+    """Air on top (open beam ~I0), cargo below with varied transmission; a second energy is the low one (it
+    attenuates 1.3 times the high, as real matter does)."""
     rng = np.random.default_rng(seed)
     att = np.zeros((channels, h, w))
-    att[:, 12:, :] = rng.uniform(0.2, 6.0, size=(channels, h - 12, w))
+    att[:, 12:, :] = rng.uniform(0.2, 6.0, size=(h - 12, w)) * np.array([1.0, 1.3][:channels])[:, None, None]
     counts = rng.poisson(I0 * np.exp(-att)).astype(np.uint16)
     counts[:, :8, :] = I0  # flat open beam
     return counts

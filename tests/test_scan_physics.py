@@ -2,11 +2,22 @@
 and a scan upside down."""
 from __future__ import annotations
 
+import csv
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from detector.scan import estimate_i0, scan_from_counts
-from detector.synth.scene import generate_scan
+from conftest import make_scan_counts
+from detector.cli import main as cli
+from detector.runtime import Inspector
+from detector.scan import (ENERGY_RATIO_MAX, ScanError, check_scan, energy_ratio, estimate_i0, read_scan,
+                           scan_from_counts, write_scan)
+from detector.synth import cargo, vehicles
+from detector.synth.scene import VEHICLE_CARGOS, generate_scan
+
+SWAPPED = "the first energy attenuates more than the second"
+ALIKE = r"both energies read alike \(ratio 1\.000\): the same energy written twice\?"
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +55,75 @@ def test_flat_brightest_top_of_fewer_bits_is_air():
     img[:, :20] = rng.poisson(3300, (1, 20, 200))                 # the air above it, 12-bit
     (i0,) = estimate_i0(img, 65535.0)
     assert abs(i0 - 3300) < 10
+
+
+def _kinds() -> list[tuple[int, str, str]]:
+    """(seed, vehicle, cargo): every vehicle, and every cargo on a vehicle that carries it."""
+    kinds = [(10 + i, v, None) for i, v in enumerate(vehicles.VEHICLES)]
+    return kinds + [(20 + i, "tractor_40ft" if c not in VEHICLE_CARGOS["flatbed"] else "flatbed", c)
+                    for i, c in enumerate(cargo.CARGOS)]
+
+
+@pytest.mark.parametrize("seed,vehicle,load", _kinds())
+def test_generator_scans_obey_the_physics_and_pass(seed, vehicle, load):
+    """Every vehicle and cargo kind, with and without an anomaly, read as a file without I0 would be: accepted, and
+    the high energy attenuates less than the low one (median ratio well under ENERGY_RATIO_MAX)."""
+    s = generate_scan(seed, anomaly=bool(seed % 2), vehicle=vehicle, cargo=load)
+    scan = scan_from_counts(s.counts, source=f"{vehicle}-{load}")
+    ratio = energy_ratio(scan.attenuation)
+    assert ratio is not None and 0.6 < ratio < ENERGY_RATIO_MAX - 0.15, ratio
+
+
+@pytest.mark.parametrize("order,why", [((1, 0), SWAPPED), ((0, 0), ALIKE), ((1, 1), ALIKE)])
+def test_swapped_or_duplicated_energies_are_refused(truck, order, why):
+    """Low energy first (AUROC 0.55: half the trucks released at random), the same energy twice (0.77, 0.65)."""
+    with pytest.raises(ScanError, match=why) as err:
+        scan_from_counts(truck.counts[list(order)], source="lane3.tiff")
+    assert err.value.path == "lane3.tiff"
+
+
+def test_an_inverted_image_is_refused_as_such(truck):
+    """65535 - counts: dense reads bright (AUROC 0.52); the diagnosis names inversion beside a swap."""
+    with pytest.raises(ScanError, match=SWAPPED + ".*inverted"):
+        scan_from_counts(65535 - truck.counts)
+
+
+def test_a_file_naming_its_low_energy_first_is_turned_around_and_accepted(truck, tmp_path):
+    """A file whose metadata says (low, high) is turned around before the check, as before; unnamed, it is refused."""
+    ref = scan_from_counts(truck.counts, i0=truck.i0)
+    named = read_scan(write_scan(tmp_path / "lf.tiff", truck.counts[::-1].copy(), i0=truck.i0,
+                                 energies=("low", "high")))
+    np.testing.assert_array_equal(named.attenuation, ref.attenuation)
+    with pytest.raises(ScanError, match=SWAPPED):
+        read_scan(write_scan(tmp_path / "unnamed.tiff", truck.counts[::-1].copy(), i0=truck.i0))
+
+
+def test_a_scan_built_in_memory_is_checked_too(truck):
+    """check_scan (a station's own Scan): swapped refused, the same named (low, high) turned around and accepted."""
+    ref = scan_from_counts(truck.counts, i0=truck.i0)
+    swapped = replace(ref, attenuation=ref.attenuation[::-1].copy(), counts=None, source="station")
+    with pytest.raises(ScanError, match=SWAPPED):
+        check_scan(swapped)
+    turned = check_scan(replace(swapped, energies=("low", "high")))
+    np.testing.assert_array_equal(turned.attenuation, ref.attenuation)
+
+
+def test_a_nearly_empty_lane_is_not_judged():
+    """Fewer than RATIO_SAMPLES attenuating pixels on the 4x grid: too little to say, accepted."""
+    counts = np.full((2, 200, 400), 53000, np.uint16)
+    counts[:, 150:170, 100:150] = 9000   # 5 x 13 grid samples, the same in both energies
+    assert scan_from_counts(counts).channels == 2
+
+
+def test_score_and_the_inspector_route_a_swapped_scan_to_inspect(heuristic_model, tmp_path):
+    """Both paths of a real file: `score` writes an INSPECT row with the diagnosis, inspect_safe answers INSPECT."""
+    path = write_scan(tmp_path / "in" / "swapped.tiff", make_scan_counts(dense=True)[::-1].copy())
+    write_scan(tmp_path / "in" / "upright.tiff", make_scan_counts(dense=True))
+    out = tmp_path / "results.csv"
+    assert cli(["score", str(path.parent), "--model", str(heuristic_model), "--out", str(out), "--workers", "1"]) == 0
+    with open(out, newline="") as f:
+        rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
+    assert rows["swapped.tiff"]["decision"] == "INSPECT" and SWAPPED in rows["swapped.tiff"]["error"]
+    assert rows["upright.tiff"]["error"] == ""
+    verdict = Inspector(heuristic_model).inspect_safe(path)
+    assert verdict.decision == "INSPECT" and SWAPPED in verdict.reason
