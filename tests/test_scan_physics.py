@@ -17,6 +17,7 @@ from detector.synth import cargo, vehicles
 from detector.synth.scene import VEHICLE_CARGOS, generate_scan
 
 SWAPPED = "the first energy attenuates more than the second"
+UPSIDE_DOWN = "open beam along the bottom rows and none at the top: the scan is upside down?"
 ALIKE = r"both energies read alike \(ratio 1\.000\): the same energy written twice\?"
 
 
@@ -115,15 +116,53 @@ def test_a_nearly_empty_lane_is_not_judged():
     assert scan_from_counts(counts).channels == 2
 
 
+@pytest.mark.parametrize("seed", [3, 4, 5, 6])
+def test_a_scan_upside_down_is_refused(seed):
+    """Rows reversed (wheels at the top, the air at the bottom): the model released trucks at random (AUROC 0.76)."""
+    s = generate_scan(seed, anomaly=bool(seed % 2))
+    with pytest.raises(ScanError, match=UPSIDE_DOWN.replace("?", r"\?")):
+        scan_from_counts(s.counts[:, ::-1].copy(), source="flipped.tiff")
+
+
+def test_a_small_car_in_a_tall_frame_is_not_refused(truck):
+    """Air at the top AND the bottom (a small vehicle in a tall detector array) is upright whichever way round."""
+    rng = np.random.default_rng(2)
+    air = rng.poisson(truck.i0, (2, 60, truck.counts.shape[2])).astype(np.uint16)
+    tall = np.concatenate([truck.counts, air], axis=1)
+    assert scan_from_counts(tall).channels == 2
+    assert scan_from_counts(tall[:, ::-1].copy()).channels == 2
+
+
+def test_upside_down_is_judged_on_16_bit_counts_only(truck):
+    """An 8-bit picture (a baggage X-ray, a rendering) may have a bag touching its top edge with air below."""
+    picture = (truck.counts[:1, ::-1] >> 8).astype(np.uint8)
+    assert scan_from_counts(picture).channels == 1
+    with pytest.raises(ScanError, match="upside down"):
+        scan_from_counts(truck.counts[:1, ::-1].copy())
+
+
+def test_a_scan_built_in_memory_upside_down_is_refused(truck):
+    """check_scan judges the counts a station's Scan carries."""
+    flipped = scan_from_counts(truck.counts, i0=truck.i0)
+    flipped = replace(flipped, attenuation=flipped.attenuation[:, ::-1].copy(), counts=truck.counts[:, ::-1].copy())
+    with pytest.raises(ScanError, match="upside down"):
+        check_scan(flipped)
+
+
 def test_score_and_the_inspector_route_a_swapped_scan_to_inspect(heuristic_model, tmp_path):
     """Both paths of a real file: `score` writes an INSPECT row with the diagnosis, inspect_safe answers INSPECT."""
     path = write_scan(tmp_path / "in" / "swapped.tiff", make_scan_counts(dense=True)[::-1].copy())
     write_scan(tmp_path / "in" / "upright.tiff", make_scan_counts(dense=True))
+    flipped = write_scan(tmp_path / "in" / "flipped.tiff", generate_scan(4).counts[:, ::-1].copy())
     out = tmp_path / "results.csv"
     assert cli(["score", str(path.parent), "--model", str(heuristic_model), "--out", str(out), "--workers", "1"]) == 0
     with open(out, newline="") as f:
         rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
     assert rows["swapped.tiff"]["decision"] == "INSPECT" and SWAPPED in rows["swapped.tiff"]["error"]
     assert rows["upright.tiff"]["error"] == ""
-    verdict = Inspector(heuristic_model).inspect_safe(path)
+    assert rows["flipped.tiff"]["decision"] == "INSPECT" and UPSIDE_DOWN in rows["flipped.tiff"]["error"]
+    inspector = Inspector(heuristic_model)
+    verdict = inspector.inspect_safe(path)
     assert verdict.decision == "INSPECT" and SWAPPED in verdict.reason
+    verdict = inspector.inspect_safe(flipped)
+    assert verdict.decision == "INSPECT" and UPSIDE_DOWN in verdict.reason
