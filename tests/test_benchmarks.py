@@ -300,3 +300,19 @@ def test_quality_reads_its_figures_again_above_each_visibility_floor(tmp_path):
     assert out["floors"]["0.5"]["auroc"] == pytest.approx((3 * 40 + 36) / (4 * 40))   # 0.455 beats 36 clean of 40
     assert out["floors"]["0.5"]["top_region"] == 0.75 and out["floors"]["0.5"]["det_at_1pct"] == 0.75
     assert (out["visible_auroc"], out["n_visible"]) == (1.0, 2)
+
+
+def test_input_checks_prints_each_variant_refused_or_scored_and_a_missing_folder_in_one_line(tmp_path):
+    from detector.synth.dataset import write_dataset
+    data = tmp_path / "data"
+    write_dataset(data, 2, seed=3, anomaly_fraction=0.5, workers=1, height=240, progress=False)
+    model = make_heuristic_bundle(tmp_path / "m.onnx")
+    p = bench("input_checks.py", "--model", str(model), "--data", str(data), "--n", "2")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"checks [\d.]+ ms a scan", p.stdout)
+    lines = {line[:22].strip(): line for line in p.stdout.splitlines()[2:]}
+    assert len(lines) == 8 and " 0/2 " in lines["as is"]
+    for name in ("swapped (low, high)", "(high, high)", "inverted (65535 - I)"):
+        assert " 2/2 " in lines[name], lines[name]
+    assert " 0/2 " not in lines["upside down"]   # a 240 px scan may have too few air rows at its top to tell
+    one_line_error(bench("input_checks.py", "--model", str(model), "--data", str(tmp_path / "none")), "not found")
