@@ -41,6 +41,7 @@ SCAN_WARNINGS_KEPT = 1000         # ScanWarning texts remembered as shown (the "
 ENERGY_RATIO_MAX = 0.99
 RATIO_BAND = (0.2, 8.0)   # attenuations where both energies give a ratio: above the noise, below the counts' floor
 RATIO_SAMPLES = 500       # fewer such pixels on the 4x grid (a nearly empty lane): the order is not judged
+UPRIGHT_MIN_HEIGHT_MM = 2000.0   # a scan judged upright or not spans a vehicle: this tall, and at least as long
 
 
 class ScanError(ValueError):
@@ -306,7 +307,7 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
     att = counts_to_attenuation(counts, i0)
     _check_not_blank(src, counts, att, i0)
     check_energy_order(src, att)
-    check_upright(src, counts, dtype_max, None if guessed else i0[0])
+    check_upright(src, counts, dtype_max, None if guessed else i0[0], pitch)
     brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
     if brightest is not None and brightest < 0.5 * dtype_max:
         warn_scan(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
@@ -347,7 +348,8 @@ def check_scan(scan: Scan) -> Scan:
     check_energy_order(src, att)
     counts = scan.counts
     if isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.shape[1:] == att.shape[1:]:
-        check_upright(src, counts, float(np.iinfo(np.uint16).max), float(scan.i0[0]) if scan.i0 else None)
+        check_upright(src, counts, float(np.iinfo(np.uint16).max), float(scan.i0[0]) if scan.i0 else None,
+                      scan.pitch_mm)
     return scan
 
 
@@ -379,14 +381,17 @@ def check_energy_order(src: str, att: np.ndarray) -> None:
                          "metadata (how: the README's Scan formats) or write the high energy first")
 
 
-def check_upright(src: str, counts: np.ndarray, dtype_max: float, i0: float | None = None) -> None:
+def check_upright(src: str, counts: np.ndarray, dtype_max: float, i0: float | None = None,
+                  pitch_mm: float = DEFAULT_PITCH_MM) -> None:
     """ScanError for 16-bit counts whose bottom rows are open beam across the width while something dense cuts the
     top rows: a cargo scan has the road at the bottom (wheels cut its rows) and air above, so it came upside down
     (the model then released trucks at random: AUROC 0.76). A small car in a tall frame (air at both ends) passes,
     and so does a scan without air, where light cargo may read as flat at its bottom as air. 8-bit pictures (baggage
     X-rays, renderings) are not judged: a bag may touch the top edge with air below. `i0`: the first energy's open
-    beam where the file gives it."""
-    if counts.dtype != np.uint16:
+    beam where the file gives it. Only a whole vehicle is judged (UPRIGHT_MIN_HEIGHT_MM tall, at least as long as
+    tall): a window cut from under a chassis has air below and steel above, the right way up."""
+    height, width = counts.shape[-2:]
+    if counts.dtype != np.uint16 or height * pitch_mm < UPRIGHT_MIN_HEIGHT_MM or width < height:
         return
     image = counts[0]
     rows = _edge_rows(image)

@@ -133,6 +133,16 @@ def test_a_small_car_in_a_tall_frame_is_not_refused(truck):
     assert scan_from_counts(tall[:, ::-1].copy()).channels == 2
 
 
+def test_a_window_smaller_than_a_vehicle_is_not_judged_upright(truck):
+    """The bottom 200 rows of a flipped truck (air below, the load above) is 1 m tall at 5 mm: a window
+    cut from under a chassis looks so the right way up, so it is read. At 15 mm the same band spans 3 m, a vehicle."""
+    band = truck.counts[:, ::-1][:, -200:].copy()
+    assert scan_from_counts(band, i0=truck.i0, pitch_mm=5.0).channels == 2
+    with pytest.raises(ScanError, match="upside down"):
+        scan_from_counts(band, i0=truck.i0, pitch_mm=15.0)
+    assert scan_from_counts(band[:, :, :150].copy(), i0=truck.i0, pitch_mm=15.0).channels == 2   # taller than long
+
+
 def test_upside_down_is_judged_on_16_bit_counts_only(truck):
     """An 8-bit picture (a baggage X-ray, a rendering) may have a bag touching its top edge with air below."""
     picture = (truck.counts[:1, ::-1] >> 8).astype(np.uint8)
