@@ -1,6 +1,6 @@
 """What a station's model does with misconfigured input, and what the reader's physics checks refuse: each scan of a
-synthetic test folder read as it is and as seven common mistakes (energies swapped, one energy twice, an inverted
-image, 12- and 14-bit counts without I0, upside down).
+synthetic test folder read as it is and as nine common mistakes (energies swapped, one energy twice, an inverted
+image, inverted and swapped, a log-scaled display image, 12- and 14-bit counts without I0, upside down).
 
     .venv/bin/python benchmarks/input_checks.py --model model.onnx --data runs/quality/DATA/test [--n 100]
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from detector.metrics import auroc
 from detector.runtime import InspectionError, Inspector
-from detector.scan import ScanError, check_energy_order, check_upright, read_scan, scan_from_counts
+from detector.scan import ScanError, check_energy_order, check_polarity, check_upright, read_scan, scan_from_counts
 
 VARIANTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], bool]] = {   # name: (counts -> counts, keeps I0)
     "as is": (lambda c: c, True),
@@ -28,6 +28,8 @@ VARIANTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], bool]] = {   # nam
     "(high, high)": (lambda c: c[[0, 0]], True),
     "(low, low)": (lambda c: c[[1, 1]], True),
     "inverted (65535 - I)": (lambda c: 65535 - c, False),
+    "inverted and swapped": (lambda c: (65535 - c)[::-1], False),
+    "log-scaled display": (lambda c: (np.log(np.maximum(c, 1)) * (65535 / np.log(65535))).astype(np.uint16), False),
     "12-bit, no I0 (>> 4)": (lambda c: c >> 4, False),
     "14-bit, no I0 (>> 2)": (lambda c: c >> 2, False),
     "upside down": (lambda c: c[:, ::-1], True),
@@ -62,10 +64,11 @@ def run_variant(inspector: Inspector, scans: list[tuple], make: Callable, keep_i
 
 
 def check_ms(scans: list[tuple]) -> float:
-    """Median milliseconds of the energy-order and upside-down checks on a scan as it is."""
+    """Median milliseconds of the polarity, energy-order and upside-down checks on a scan as it is."""
     times = []
     for scan, _ in scans:
         t = time.perf_counter()
+        check_polarity("x", scan.counts)
         check_energy_order("x", scan.attenuation)
         check_upright("x", scan.counts, 65535.0, scan.i0[0])
         times.append((time.perf_counter() - t) * 1000)

@@ -311,8 +311,9 @@ def test_input_checks_prints_each_variant_refused_or_scored_and_a_missing_folder
     assert p.returncode == 0, p.stderr
     assert re.search(r"checks [\d.]+ ms a scan", p.stdout)
     lines = {line[:22].strip(): line for line in p.stdout.splitlines()[2:]}
-    assert len(lines) == 8 and " 0/2 " in lines["as is"]
-    for name in ("swapped (low, high)", "(high, high)", "inverted (65535 - I)"):
+    assert len(lines) == 10 and " 0/2 " in lines["as is"]
+    for name in ("swapped (low, high)", "(high, high)", "inverted (65535 - I)", "inverted and swapped",
+                 "log-scaled display"):
         assert " 2/2 " in lines[name], lines[name]
     assert " 0/2 " not in lines["upside down"]   # a 240 px scan may have too few air rows at its top to tell
     one_line_error(bench("input_checks.py", "--model", str(model), "--data", str(tmp_path / "none")), "not found")

@@ -5,19 +5,21 @@ from __future__ import annotations
 import csv
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 
 from conftest import make_scan_counts
 from detector.cli import main as cli
 from detector.runtime import Inspector
-from detector.scan import (ENERGY_RATIO_MAX, ScanError, check_scan, energy_ratio, estimate_i0, read_scan,
-                           scan_from_counts, write_scan)
+from detector.scan import (ENERGY_RATIO_MAX, NOISE_RATIO_MIN, ScanError, check_scan, energy_ratio, estimate_i0,
+                           noise_ratio, read_scan, scan_from_counts, write_scan)
 from detector.synth import cargo, vehicles
 from detector.synth.scene import VEHICLE_CARGOS, generate_scan
 
 SWAPPED = "the first energy attenuates more than the second"
 UPSIDE_DOWN = "open beam along the bottom rows and none at the top: the scan is upside down?"
+INVERTED = "the noise is lowest where the image reads brightest"
 ALIKE = r"both energies read alike \(ratio 1\.000\): the same energy written twice\?"
 
 
@@ -83,10 +85,66 @@ def test_swapped_or_duplicated_energies_are_refused(truck, order, why):
     assert err.value.path == "lane3.tiff"
 
 
-def test_an_inverted_image_is_refused_as_such(truck):
-    """65535 - counts: dense reads bright (AUROC 0.52); the diagnosis names inversion beside a swap."""
-    with pytest.raises(ScanError, match=SWAPPED + ".*inverted"):
-        scan_from_counts(65535 - truck.counts)
+@pytest.mark.parametrize("seed", [3, 4, 5, 6])
+@pytest.mark.parametrize("make", [lambda c: 65535 - c, lambda c: (65535 - c)[::-1], lambda c: (65535 - c)[:1],
+                                  lambda c: 4095 - (c >> 4)], ids=["inverted", "inverted+swapped", "one energy",
+                                                                   "12-bit"])
+def test_an_inverted_image_is_refused_by_its_noise(seed, make):
+    """Dense reads bright (AUROC 0.52): the photon noise, which grows with the counts, is lowest where the image is
+    brightest. Caught whatever the energies (inverted and swapped reads as upright to the energy order) and in one
+    energy, where no ratio can tell."""
+    counts = np.ascontiguousarray(make(generate_scan(seed, anomaly=bool(seed % 2)).counts))
+    assert noise_ratio(counts[0]) < NOISE_RATIO_MIN / 2
+    with pytest.raises(ScanError, match=INVERTED) as err:
+        scan_from_counts(counts, source="lane3.tiff")
+    assert err.value.path == "lane3.tiff"
+
+
+def test_a_log_scaled_display_image_is_refused(truck):
+    """Counts written as log(I) (a display export): the noise is largest in the dark, as in an inverted image."""
+    logged = (np.log(np.maximum(truck.counts, 1)) * (65535 / np.log(65535))).astype(np.uint16)
+    with pytest.raises(ScanError, match=INVERTED + ".*log-scaled"):
+        scan_from_counts(logged)
+
+
+def test_denoised_clipped_and_quantised_counts_keep_their_polarity(truck):
+    """What vendors do to upright counts leaves the bright end at least as noisy as the dark: a 5x5 Gaussian
+    denoise, open beam painted one flat value (a plateau, left out) with a hot pixel above it, 8-bit data in a
+    16-bit file. All read; their inverses (the blurred one, the painted one) are refused."""
+    blurred = np.stack([cv2.GaussianBlur(ch, (5, 5), 1.5) for ch in truck.counts])
+    painted = truck.counts.copy()
+    painted[truck.counts > 0.95 * truck.i0] = 60000
+    painted[:, 5, 5] = 65000
+    for upright in (blurred, painted, truck.counts >> 8):
+        assert noise_ratio(upright[0]) > 2 * NOISE_RATIO_MIN
+        assert scan_from_counts(upright).channels == 2
+    for inverted in (blurred, painted):
+        with pytest.raises(ScanError, match=INVERTED):
+            scan_from_counts(65535 - inverted)
+
+
+def test_polarity_is_not_judged_without_noise_or_on_8_bit_pictures(truck):
+    """A noise-free rendering of two values has no pairs off its plateaus (None), nor is a window under
+    NOISE_MIN_ROWS rows judged; an 8-bit picture inverted (a
+    baggage X-ray export, compressed: its noise says little) is not judged."""
+    flat = np.full((1, 256, 1024), 30000, np.uint16)
+    flat[:, 64:224, 128:896] = 9000
+    assert noise_ratio(flat[0]) is None and scan_from_counts(flat).channels == 1
+    assert noise_ratio((65535 - truck.counts[0])[300:427]) is None   # a window of a few rows: texture may outweigh noise
+    assert noise_ratio((65535 - truck.counts[0])[300:428]) < NOISE_RATIO_MIN
+    picture = 255 - (truck.counts[:1] >> 8).astype(np.uint8)
+    assert scan_from_counts(picture).channels == 1
+
+
+def test_an_inverted_scan_built_in_memory_is_refused(truck):
+    """check_scan judges the counts a station's Scan carries; without counts, the energy order still refuses it."""
+    upright = scan_from_counts(truck.counts, i0=truck.i0)
+    inverted = scan_from_counts(truck.counts, i0=truck.i0)
+    inverted = replace(inverted, counts=(65535 - truck.counts), attenuation=upright.attenuation[::-1].copy())
+    with pytest.raises(ScanError, match=INVERTED):
+        check_scan(inverted)
+    with pytest.raises(ScanError, match=SWAPPED):
+        check_scan(replace(inverted, counts=None))
 
 
 def test_a_file_naming_its_low_energy_first_is_turned_around_and_accepted(truck, tmp_path):
@@ -164,6 +222,7 @@ def test_score_and_the_inspector_route_a_swapped_scan_to_inspect(heuristic_model
     path = write_scan(tmp_path / "in" / "swapped.tiff", make_scan_counts(dense=True)[::-1].copy())
     write_scan(tmp_path / "in" / "upright.tiff", make_scan_counts(dense=True))
     flipped = write_scan(tmp_path / "in" / "flipped.tiff", generate_scan(4).counts[:, ::-1].copy())
+    write_scan(tmp_path / "in" / "inverted.tiff", 65535 - generate_scan(5).counts)
     out = tmp_path / "results.csv"
     assert cli(["score", str(path.parent), "--model", str(heuristic_model), "--out", str(out), "--workers", "1"]) == 0
     with open(out, newline="") as f:
@@ -171,6 +230,7 @@ def test_score_and_the_inspector_route_a_swapped_scan_to_inspect(heuristic_model
     assert rows["swapped.tiff"]["decision"] == "INSPECT" and SWAPPED in rows["swapped.tiff"]["error"]
     assert rows["upright.tiff"]["error"] == ""
     assert rows["flipped.tiff"]["decision"] == "INSPECT" and UPSIDE_DOWN in rows["flipped.tiff"]["error"]
+    assert rows["inverted.tiff"]["decision"] == "INSPECT" and INVERTED in rows["inverted.tiff"]["error"]
     inspector = Inspector(heuristic_model)
     verdict = inspector.inspect_safe(path)
     assert verdict.decision == "INSPECT" and SWAPPED in verdict.reason
