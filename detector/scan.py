@@ -42,9 +42,9 @@ ENERGY_RATIO_MAX = 0.99
 RATIO_BAND = (0.2, 8.0)   # attenuations where both energies give a ratio: above the noise, below the counts' floor
 RATIO_SAMPLES = 500       # fewer such pixels on the 4x grid (a nearly empty lane): the order is not judged
 # Polarity. Photon noise grows with the counts (sigma ~ sqrt(I)), so in linear counts, air bright, the brightest tenth
-# of a scan is noisier than its darkest tenth: a ratio of 3-60 on generator scans, 2 in 8-bit data in a 16-bit file,
-# ~1 where a vendor denoised. Inverted (dense reads bright: 0.01-0.33) or log-scaled (a display image: 0.03-0.09)
-# counts turn it round; the model scored inverted scans at chance (AUROC 0.52).
+# of a scan is noisier than its darkest tenth: 5.7-106 on 300 generator scans, 3-104 denoised, 2 in 8-bit data in a
+# 16-bit file. Inverted (dense reads bright: 0.009-0.33, denoised ones included) or log-scaled (a display image:
+# 0.03-0.18) counts turn it round; the model scored inverted scans at chance (AUROC 0.52).
 NOISE_RATIO_MIN = 0.5
 PLATEAU_SHARE = 0.01      # a value this common is clipped or painted (saturated air, a padded border): no noise in it
 NOISE_MIN_ROWS = 128      # a smaller window, or fewer pixel pairs off the plateaus, is not judged: in a few rows the
@@ -355,10 +355,11 @@ def check_scan(scan: Scan) -> Scan:
         raise ScanError(src, "attenuation contains NaN or infinity")
     _check_not_blank(src, att if scan.counts is None else scan.counts, att, tuple(scan.i0) or (1.0,))
     counts = scan.counts
-    if isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.shape[1:] == att.shape[1:]:
+    has_counts = isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.shape[1:] == att.shape[1:]
+    if has_counts:
         check_polarity(src, counts)
     check_energy_order(src, att)
-    if isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.shape[1:] == att.shape[1:]:
+    if has_counts:
         check_upright(src, counts, float(np.iinfo(np.uint16).max), float(scan.i0[0]) if scan.i0 else None,
                       scan.pitch_mm)
     return scan
