@@ -41,6 +41,12 @@ SCAN_WARNINGS_KEPT = 1000         # ScanWarning texts remembered as shown (the "
 ENERGY_RATIO_MAX = 0.99
 RATIO_BAND = (0.2, 8.0)   # attenuations where both energies give a ratio: above the noise, below the counts' floor
 RATIO_SAMPLES = 500       # fewer such pixels on the 4x grid (a nearly empty lane): the order is not judged
+# A scanner's counts have a floor (scatter, dark current, a 12-bit detector's last counts: 0.2 % of I0 reads A ~6.2)
+# where both energies read alike: steel coils or lead filling the bay put most pixels there and a valid scan read
+# 1.00, "the same energy twice". Pixels under 4x the floor's counts (A within ln 4 of the channel's 99.5th percentile
+# attenuation, the floor when it holds that many pixels) are left out of the ratio.
+RATIO_FLOOR_PERCENTILE = 99.5
+RATIO_FLOOR_MARGIN = math.log(4.0)
 # Polarity. Photon noise grows with the counts (sigma ~ sqrt(I)), so in linear counts, air bright, the brightest tenth
 # of a scan is noisier than its darkest tenth: 5.7-106 on 300 generator scans, 3-104 denoised, 2 in 8-bit data in a
 # 16-bit file. Inverted (dense reads bright: 0.009-0.33, denoised ones included) or log-scaled (a display image:
@@ -406,15 +412,24 @@ def check_polarity(src: str, counts: np.ndarray) -> None:
 
 def energy_ratio(att: np.ndarray) -> float | None:
     """Median A_high / A_low of a dual-energy scan over the pixels where both energies attenuate (RATIO_BAND, on a 4x
-    grid: ~1 ms); None for one energy, or with fewer than RATIO_SAMPLES such pixels (too little in the beam to say)."""
+    grid: ~1 ms) and read above their counts' floor (RATIO_FLOOR_MARGIN, the floor found on an 8x grid); None for one
+    energy, or with fewer than RATIO_SAMPLES such pixels (too little in the beam to say)."""
     if att.shape[0] != 2:
         return None
     high, low = att[0, ::4, ::4], att[1, ::4, ::4]
-    lo, hi = RATIO_BAND
-    both = (high >= lo) & (high <= hi) & (low >= lo) & (low <= hi)
+    lo = RATIO_BAND[0]
+    top_high, top_low = (min(RATIO_BAND[1], _percentile(a[::2, ::2], RATIO_FLOOR_PERCENTILE) - RATIO_FLOOR_MARGIN)
+                         for a in (high, low))
+    both = (high >= lo) & (high <= top_high) & (low >= lo) & (low <= top_low)
     if np.count_nonzero(both) < RATIO_SAMPLES:
         return None
     return float(np.median(high[both] / low[both]))
+
+
+def _percentile(a: np.ndarray, q: float) -> float:
+    """The q-th percentile of an array, nearest rank (one partition: half np.percentile's time)."""
+    k = min(a.size - 1, int(a.size * q / 100))
+    return float(np.partition(a.ravel(), k)[k])
 
 
 def check_energy_order(src: str, att: np.ndarray) -> None:
