@@ -54,9 +54,9 @@ def truck_with_bad_rows(dead: int | slice = 70, hot: int = 60, hot_level: float 
     from detector.synth.render import DetectorModel, detect
 
     clean = np.zeros((2, 120, 400), np.float32)
-    clean[:, 30:110, 60:340] = 0.6                       # cargo
-    clean[:, 50:95, 100:300] = [[[3.0]], [[3.6]]]        # dense block (low energy attenuates more)
-    clean[:, 30, 60:340] = 2.0                           # roof plate seen edge-on: one row, truck length
+    clean[:, 30:110, 60:340] = [[[0.6]], [[0.78]]]       # cargo (the low energy attenuates more, as in all matter)
+    clean[:, 50:95, 100:300] = [[[3.0]], [[3.6]]]        # dense block
+    clean[:, 30, 60:340] = [[2.0], [2.5]]                # roof plate seen edge-on: one row, truck length
     counts = detect(clean, np.random.default_rng(0), DetectorModel(i0=I0, dead_rows=0, hot_rows=0, psf_sigma=0))
     counts = counts.astype(np.float64)
     counts[:, dead] *= 0.02                              # as detector.synth.render.detect makes them
