@@ -54,7 +54,7 @@ RATIO_FLOOR_MARGIN = math.log(4.0)
 # display image: 0.07-0.30) counts turn it round; the model scored inverted scans at chance (AUROC 0.52).
 NOISE_RATIO_MIN = 0.5
 PLATEAU_SHARE = 0.01      # a value this common is clipped or painted (saturated air, a padded border): no noise in it
-NOISE_MIN_ROWS = 128      # a smaller window, or fewer pixel pairs off the plateaus, is not judged: in a few rows the
+NOISE_MIN_ROWS = 128      # a smaller window, or fewer pixel triples off the plateaus, is not judged: in a few rows the
 NOISE_PAIRS = 10000       # texture can outweigh the noise (test images of 40-64 rows of i.i.d. texture, resampled, read 0.2)
 UPRIGHT_MIN_HEIGHT_MM = 2000.0   # a scan judged upright or not spans a vehicle: this tall, and at least as long
 
