@@ -54,8 +54,10 @@ RATIO_FLOOR_MARGIN = math.log(4.0)
 # display image: 0.07-0.30) counts turn it round; the model scored inverted scans at chance (AUROC 0.52).
 NOISE_RATIO_MIN = 0.5
 PLATEAU_SHARE = 0.01      # a value this common is clipped or painted (saturated air, a padded border): no noise in it
-NOISE_MIN_ROWS = 128      # a smaller window, or fewer pixel triples off the plateaus, is not judged: in a few rows the
-NOISE_PAIRS = 10000       # texture can outweigh the noise (test images of 40-64 rows of i.i.d. texture, resampled, read 0.2)
+# A window of fewer rows, or with fewer pixel triples off the plateaus, is not judged: in a few rows the texture can
+# outweigh the noise (test images of 40-64 rows of i.i.d. texture, resampled, read 0.2).
+NOISE_MIN_ROWS = 128
+NOISE_TRIPLES = 10000
 UPRIGHT_MIN_HEIGHT_MM = 2000.0   # a scan judged upright or not spans a vehicle: this tall, and at least as long
 
 
@@ -321,9 +323,7 @@ def scan_from_counts(counts: np.ndarray, *, i0: float | tuple[float, ...] | None
         counts, i0, energies = np.ascontiguousarray(counts[::-1]), i0[::-1], tuple(energies)[::-1]
     att = counts_to_attenuation(counts, i0)
     _check_not_blank(src, counts, att, i0)
-    check_polarity(src, counts)
-    check_energy_order(src, att)
-    check_upright(src, counts, dtype_max, None if guessed else i0[0], pitch)
+    check_physics(src, att, counts, dtype_max, None if guessed else i0[0], pitch)
     brightest = float(counts.max()) if guessed and counts.dtype == np.uint16 and min(i0) == dtype_max else None
     if brightest is not None and brightest < 0.5 * dtype_max:
         warn_scan(ScanWarning(src, f"no open beam at the top and the brightest pixel reads {brightest:g} of "
@@ -362,14 +362,23 @@ def check_scan(scan: Scan) -> Scan:
         raise ScanError(src, "attenuation contains NaN or infinity")
     _check_not_blank(src, att if scan.counts is None else scan.counts, att, tuple(scan.i0) or (1.0,))
     counts = scan.counts
-    has_counts = isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.shape[1:] == att.shape[1:]
-    if has_counts:
+    if not (isinstance(counts, np.ndarray) and counts.ndim == 3 and counts.shape[1:] == att.shape[1:]):
+        counts = None
+    check_physics(src, att, counts, float(np.iinfo(np.uint16).max), float(scan.i0[0]) if scan.i0 else None,
+                  scan.pitch_mm)
+    return scan
+
+
+def check_physics(src: str, att: np.ndarray, counts: np.ndarray | None, dtype_max: float, i0: float | None,
+                  pitch_mm: float) -> None:
+    """The physics checks, in their order: polarity before the energy order (which reads an inverted dual-energy
+    scan as swapped), then upright; the checks on counts are skipped without them. `i0`: the first energy's open
+    beam where it is given."""
+    if counts is not None:
         check_polarity(src, counts)
     check_energy_order(src, att)
-    if has_counts:
-        check_upright(src, counts, float(np.iinfo(np.uint16).max), float(scan.i0[0]) if scan.i0 else None,
-                      scan.pitch_mm)
-    return scan
+    if counts is not None:
+        check_upright(src, counts, dtype_max, i0, pitch_mm)
 
 
 def noise_ratio(image: np.ndarray) -> float | None:
@@ -379,7 +388,7 @@ def noise_ratio(image: np.ndarray) -> float | None:
     the non-zero ones, not the median: a vendor's smoothing leaves the noise in the quiet pixels and structure in the
     rest (a 3-pixel Gaussian blur read 0.19 with first differences' median, 0.88 so), and median filtering leaves
     flat steps of zero difference. Values common enough to be plateaus (PLATEAU_SHARE) are left out; None under
-    NOISE_MIN_ROWS rows, with fewer than NOISE_PAIRS triples, or with no difference at all (a noise-free rendering);
+    NOISE_MIN_ROWS rows, with fewer than NOISE_TRIPLES triples, or with no difference at all (a noise-free rendering);
     inf when only the bright end varies."""
     h, w = image.shape
     if h < NOISE_MIN_ROWS:
@@ -390,12 +399,12 @@ def noise_ratio(image: np.ndarray) -> float | None:
     a, b, c = rows[:, 0:-2:step], rows[:, 1:-1:step], rows[:, 2::step]
     keep = ~(plateau[a] | plateau[b] | plateau[c])
     a, b, c = (x[keep].astype(np.int32) for x in (a, b, c))
-    if a.size < NOISE_PAIRS:
+    if a.size < NOISE_TRIPLES:
         return None
     level, diff = a + b + c, np.abs(a - 2 * b + c)
     n = level.size // 10
     order = np.argpartition(level, (n, level.size - n - 1))
-    bright, dark = (_quiet(diff[order[-n:]]), _quiet(diff[order[:n]]))
+    bright, dark = _quiet(diff[order[-n:]]), _quiet(diff[order[:n]])
     if dark == 0:
         return None if bright == 0 else float("inf")
     return bright / dark
